@@ -1,0 +1,111 @@
+// CPU kernel of fused_optim::rmsprop_.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "cpu/multi_tensor_cpu.h"
+#include "cpu/vectorized_loop.h"
+#include "fused_optim/update_rules.h"
+#include "fused_optim/bool_switch.h"
+#include "op_inputs.h"
+
+namespace fused_optim::cpu {
+namespace {
+
+constexpr const char* kOp = "fused_optim.rmsprop_";
+enum RmspropOperand : size_t {
+  kParam,
+  kGrad,
+  kSquareAvg,
+  kGradAvg,
+  kMomentumBuffer
+};
+
+template <typename scalar_t, bool kCentered, bool kMomentum, WeightDecay kDecay>
+void rmsprop_range(const DenseOperands& operands, size_t tensor, int64_t begin,
+                   int64_t end,
+                   const RmspropScalars<at::opmath_type<scalar_t>>& s) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  auto at = [&](size_t operand) {
+    return reinterpret_cast<scalar_t*>(operands.data(operand, tensor)) + begin;
+  };
+  scalar_t* param = at(kParam);
+  const scalar_t* grad = at(kGrad);
+  scalar_t* square_avg = at(kSquareAvg);
+  scalar_t* grad_avg = kCentered ? at(kGradAvg) : nullptr;
+  scalar_t* buffer = kMomentum ? at(kMomentumBuffer) : nullptr;
+  vectorized_loop(end - begin, [=](int64_t i) {
+    opmath_t p = param[i];
+    opmath_t sq = square_avg[i];
+    opmath_t ga = kCentered ? opmath_t(grad_avg[i]) : opmath_t(0);
+    opmath_t b = kMomentum ? opmath_t(buffer[i]) : opmath_t(0);
+    rmsprop_update<kCentered, kMomentum, kDecay>(p, opmath_t(grad[i]), sq, ga,
+                                                 b, s);
+    param[i] = p;
+    square_avg[i] = sq;
+    if (kCentered) grad_avg[i] = ga;
+    if (kMomentum) buffer[i] = b;
+  });
+}
+
+void rmsprop_cpu(at::TensorList params, at::TensorList grads,
+                 at::TensorList square_avgs, at::TensorList grad_avgs,
+                 at::TensorList momentum_buffers, at::TensorList state_steps,
+                 at::IntArrayRef group_index, at::ArrayRef<double> lr,
+                 at::ArrayRef<double> alpha, at::ArrayRef<double> eps,
+                 at::ArrayRef<double> weight_decay,
+                 at::ArrayRef<double> momentum, bool centered, bool maximize) {
+  const std::vector<TensorListArg> lists = {
+      {"params", params, /*written=*/true, /*optional=*/false},
+      {"grads", grads, false, false},
+      {"square_avgs", square_avgs, true, false},
+      {"grad_avgs", grad_avgs, true, /*optional=*/!centered},
+      {"momentum_buffers", momentum_buffers, true, /*optional=*/true},
+  };
+  check_tensor_lists(kOp, lists);
+  TORCH_CHECK(centered || grad_avgs.empty(), kOp,
+              ": grad_avgs must be empty when centered=False");
+  const int64_t n = params.size();
+  check_groups(kOp, n, group_index,
+               {{"lr", lr}, {"alpha", alpha}, {"eps", eps},
+                {"weight_decay", weight_decay}, {"momentum", momentum}});
+  check_state_steps(kOp, state_steps, n);
+  if (n == 0) return;
+  TORCH_CHECK(params[0].is_cpu(), kOp, ": expected CPU tensors");
+  const bool use_momentum = !momentum_buffers.empty();
+
+  // Every check has passed: from here on we write. RMSprop's update does not
+  // depend on the step count, but torch keeps (and checkpoints) it.
+  increment_state_steps(state_steps);
+  DenseOperands operands(lists);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, params[0].scalar_type(), kOp, [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const auto scalars = per_tensor_scalars<RmspropScalars<opmath_t>>(
+            group_index, {}, [&](int64_t g, double) {
+              return RmspropScalars<opmath_t>(lr[g], alpha[g], eps[g],
+                                              weight_decay[g], momentum[g],
+                                              maximize);
+            });
+        FO_BOOL_SWITCH(centered, kCentered, [&] {
+          FO_BOOL_SWITCH(use_momentum, kMomentum, [&] {
+            parallel_for_each_range(
+                numels_of(params), [&](size_t t, int64_t begin, int64_t end) {
+                  FO_L2_WEIGHT_DECAY_SWITCH(
+                      weight_decay[group_index[t]] != 0.0, kDecay, [&] {
+                        rmsprop_range<scalar_t, kCentered, kMomentum, kDecay>(
+                            operands, t, begin, end, scalars[t]);
+                      });
+                });
+          });
+        });
+      });
+  operands.write_back();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("rmsprop_", &rmsprop_cpu); }
+
+}  // namespace fused_optim::cpu

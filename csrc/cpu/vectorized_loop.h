@@ -1,0 +1,54 @@
+// An element loop that the compiler vectorizes for the widest SIMD the CPU
+// running it has, chosen at run time.
+//
+// Why not -march=native: a wheel or a cached build moved to an older CPU
+// dies with SIGILL (DeepSpeed's CPU Adam has such reports). Why not
+// at::vec::Vectorized: outside ATen's own per-ISA build it compiles to its
+// generic fallback. Instead the same loop is compiled twice, for baseline
+// x86-64 (SSE2) and for AVX2 + F16C, with GCC's per-function target
+// attribute, and we branch once per range. The loop body is the shared
+// scalar update rule (update_rules.h); GCC's auto-vectorizer turns it into
+// SIMD (the build passes -O3 -fno-math-errno so that sqrt vectorizes).
+//
+// FMA is deliberately NOT enabled: contracting `a * b + c` changes rounding,
+// and we keep fp32 results within a bit or two of torch.optim's.
+#pragma once
+
+#include <cstdint>
+
+namespace fused_optim::cpu {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+template <typename Body>
+__attribute__((target("avx2,f16c"))) void loop_avx2(int64_t n,
+                                                    const Body& body) {
+  for (int64_t i = 0; i < n; ++i) body(i);
+}
+
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+
+#endif
+
+template <typename Body>
+void loop_baseline(int64_t n, const Body& body) {
+  for (int64_t i = 0; i < n; ++i) body(i);
+}
+
+// Calls body(i) for i in [0, n).
+template <typename Body>
+void vectorized_loop(int64_t n, const Body& body) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_avx2()) {
+    loop_avx2(n, body);
+    return;
+  }
+#endif
+  loop_baseline(n, body);
+}
+
+}  // namespace fused_optim::cpu

@@ -1,0 +1,271 @@
+// The update rules of every optimizer, written once.
+//
+// Each rule updates ONE element held in registers, in the compute type `T`
+// (float for fp16/bf16/fp32 params, double for fp64). The CPU loops
+// (csrc/cpu) and the CUDA kernels (csrc/cuda) load an element, call the rule,
+// and store the result; neither has a copy of the math.
+//
+// Operation order follows torch.optim's single-tensor implementation op by op
+// (e.g. `v = v * beta2 + ((1 - beta2) * g) * g` is addcmul's evaluation order)
+// so that fp32 results agree with torch.optim to the last bit or two. Where a
+// torch op rounds an intermediate to the parameter dtype (bf16/fp16), we do
+// not: the whole rule runs in fp32 and rounds once, on the store.
+//
+// The per-tensor scalars (`*Scalars`) are derived on the host, in double, from
+// the param group's hyperparameters and the tensor's step count, exactly as
+// torch.optim derives them in Python (`1 - beta1 ** step` etc.), then narrowed
+// to `T`: see make_*_scalars below.
+#pragma once
+
+#include <cmath>
+
+#include "fused_optim/macros.h"
+
+namespace fused_optim {
+
+// How a mode changes weight decay: none (the term is skipped, so an inf
+// param cannot turn 0 * inf into NaN), L2 (added to the gradient, "coupled"),
+// or decoupled (the param shrinks before the update, AdamW).
+enum class WeightDecay { kNone, kL2, kDecoupled };
+
+// torch.lerp's formula (ATen/native/Lerp.h): for small weights it anchors at
+// `start`, for large ones at `end`, which keeps lerp exact at both ends.
+// Written as a select of the anchor so that a loop over it stays branch-free
+// (and so vectorizes); the arithmetic is bit-identical to
+//   w < 0.5 ? start + w * (end - start) : end - (end - start) * (1 - w).
+template <typename T>
+struct LerpWeight {
+  bool from_start;  // w < 0.5
+  T coefficient;    // w, or -(1 - w)
+
+  LerpWeight() = default;
+  explicit LerpWeight(double w)
+      : from_start(w < 0.5), coefficient(T(w < 0.5 ? w : -(1.0 - T(w)))) {}
+};
+
+template <typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE T lerp(T start, T end, const LerpWeight<T>& w) {
+  return (w.from_start ? start : end) + w.coefficient * (end - start);
+}
+
+template <typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE T max_of(T a, T b) {
+  // NaN-propagating like torch.maximum: if either is NaN the result is NaN.
+  return (a != a || a > b) ? a : b;
+}
+
+// Every rule below takes the gradient sign as a multiplier (`grad_sign`, -1
+// for maximize=True): multiplying by +-1 is exact and keeps the loop
+// branch-free.
+
+// ---------------------------------------------------------------------------
+// Adam / AdamW
+// ---------------------------------------------------------------------------
+
+// Host-side, double-precision per-tensor scalars for one Adam step, derived
+// as torch.optim derives them in Python.
+struct AdamStepScalars {
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  double step_size;              // lr / (1 - beta1^t)
+  double bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  double decay_factor;           // 1 - lr * weight_decay (decoupled decay)
+  bool maximize;
+};
+
+// `step` is the step count AFTER this step's increment (t >= 1).
+inline AdamStepScalars make_adam_scalars(double lr, double beta1, double beta2,
+                                         double eps, double weight_decay,
+                                         bool maximize, double step) {
+  AdamStepScalars s;
+  s.beta1 = beta1;
+  s.beta2 = beta2;
+  s.eps = eps;
+  s.weight_decay = weight_decay;
+  s.step_size = lr / (1.0 - std::pow(beta1, step));
+  s.bias_correction2_sqrt = std::sqrt(1.0 - std::pow(beta2, step));
+  s.decay_factor = 1.0 - lr * weight_decay;
+  s.maximize = maximize;
+  return s;
+}
+
+// The same scalars narrowed to the compute type, as torch narrows a Python
+// float scalar when it multiplies a tensor of that type.
+template <typename T>
+struct AdamScalars {
+  T grad_sign;
+  LerpWeight<T> exp_avg_weight;  // 1 - beta1
+  T beta2;
+  T one_minus_beta2;
+  T eps;
+  T weight_decay;
+  T neg_step_size;
+  T bias_correction2_sqrt;
+  T decay_factor;
+
+  AdamScalars() = default;
+  explicit AdamScalars(const AdamStepScalars& s)
+      : grad_sign(s.maximize ? T(-1) : T(1)),
+        exp_avg_weight(1.0 - s.beta1),
+        beta2(T(s.beta2)),
+        one_minus_beta2(T(1.0 - s.beta2)),
+        eps(T(s.eps)),
+        weight_decay(T(s.weight_decay)),
+        neg_step_size(T(-s.step_size)),
+        bias_correction2_sqrt(T(s.bias_correction2_sqrt)),
+        decay_factor(T(s.decay_factor)) {}
+};
+
+// One Adam / AdamW element update. `max_exp_avg_sq` is used only when
+// kAmsgrad.
+template <bool kAmsgrad, WeightDecay kDecay, typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE void adam_update(T& param, T grad, T& exp_avg,
+                                                T& exp_avg_sq,
+                                                T& max_exp_avg_sq,
+                                                const AdamScalars<T>& s) {
+  grad = grad * s.grad_sign;
+  if (kDecay == WeightDecay::kDecoupled) param = param * s.decay_factor;
+  if (kDecay == WeightDecay::kL2) grad = grad + s.weight_decay * param;
+  exp_avg = lerp(exp_avg, grad, s.exp_avg_weight);
+  exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * grad * grad;
+  T second_moment = exp_avg_sq;
+  if (kAmsgrad) {
+    max_exp_avg_sq = max_of(max_exp_avg_sq, exp_avg_sq);
+    second_moment = max_exp_avg_sq;
+  }
+  const T denom = std::sqrt(second_moment) / s.bias_correction2_sqrt + s.eps;
+  param = param + s.neg_step_size * exp_avg / denom;
+}
+
+// ---------------------------------------------------------------------------
+// SGD (with optional momentum, dampening, Nesterov)
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct SgdScalars {
+  T grad_sign;
+  T neg_lr;
+  T weight_decay;
+  T momentum;  // for Nesterov's look-ahead
+  // buf = buf * buffer_decay + grad_weight * grad. On the step that creates
+  // the buffer (zero-filled) these are 0 and 1, so buf = grad exactly, as
+  // torch's `buf = grad.clone()`; afterwards momentum and 1 - dampening.
+  T buffer_decay;
+  T grad_weight;
+
+  SgdScalars() = default;
+  SgdScalars(double lr, double momentum_, double dampening,
+             double weight_decay_, bool maximize, bool new_buffer)
+      : grad_sign(maximize ? T(-1) : T(1)),
+        neg_lr(T(-lr)),
+        weight_decay(T(weight_decay_)),
+        momentum(T(momentum_)),
+        buffer_decay(new_buffer ? T(0) : T(momentum_)),
+        grad_weight(new_buffer ? T(1) : T(1.0 - dampening)) {}
+};
+
+// kMomentum: a momentum buffer exists (momentum != 0); kNesterov implies it.
+template <bool kMomentum, bool kNesterov, WeightDecay kDecay, typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE void sgd_update(T& param, T grad,
+                                               T& momentum_buffer,
+                                               const SgdScalars<T>& s) {
+  static_assert(kDecay != WeightDecay::kDecoupled, "SGD decay is L2");
+  grad = grad * s.grad_sign;
+  if (kDecay == WeightDecay::kL2) grad = grad + s.weight_decay * param;
+  if (kMomentum) {
+    momentum_buffer = momentum_buffer * s.buffer_decay + s.grad_weight * grad;
+    grad = kNesterov ? grad + s.momentum * momentum_buffer : momentum_buffer;
+  }
+  param = param + s.neg_lr * grad;
+}
+
+// ---------------------------------------------------------------------------
+// Adagrad
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct AdagradScalars {
+  T grad_sign;
+  T neg_clr;  // -lr / (1 + (t - 1) * lr_decay)
+  T eps;
+  T weight_decay;
+
+  AdagradScalars() = default;
+  // `step` is the step count after this step's increment (t >= 1).
+  AdagradScalars(double lr, double lr_decay, double eps_, double weight_decay_,
+                 bool maximize, double step)
+      : grad_sign(maximize ? T(-1) : T(1)),
+        neg_clr(T(-(lr / (1.0 + (step - 1.0) * lr_decay)))),
+        eps(T(eps_)),
+        weight_decay(T(weight_decay_)) {}
+};
+
+template <WeightDecay kDecay, typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE void adagrad_update(T& param, T grad, T& sum,
+                                                   const AdagradScalars<T>& s) {
+  static_assert(kDecay != WeightDecay::kDecoupled, "Adagrad decay is L2");
+  grad = grad * s.grad_sign;
+  if (kDecay == WeightDecay::kL2) grad = grad + s.weight_decay * param;
+  sum = sum + grad * grad;
+  const T std_dev = std::sqrt(sum) + s.eps;
+  param = param + s.neg_clr * grad / std_dev;
+}
+
+// ---------------------------------------------------------------------------
+// RMSprop (with optional centering and momentum)
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct RmspropScalars {
+  T grad_sign;
+  T neg_lr;
+  T alpha;
+  T one_minus_alpha;
+  LerpWeight<T> grad_avg_weight;  // 1 - alpha
+  T eps;
+  T weight_decay;
+  T momentum;
+
+  RmspropScalars() = default;
+  RmspropScalars(double lr, double alpha_, double eps_, double weight_decay_,
+                 double momentum_, bool maximize)
+      : grad_sign(maximize ? T(-1) : T(1)),
+        neg_lr(T(-lr)),
+        alpha(T(alpha_)),
+        one_minus_alpha(T(1.0 - alpha_)),
+        grad_avg_weight(1.0 - alpha_),
+        eps(T(eps_)),
+        weight_decay(T(weight_decay_)),
+        momentum(T(momentum_)) {}
+};
+
+// kCentered: grad_avg is kept and its square subtracted from square_avg.
+// kMomentum: momentum_buffer is kept (momentum > 0).
+template <bool kCentered, bool kMomentum, WeightDecay kDecay, typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE void rmsprop_update(T& param, T grad,
+                                                   T& square_avg, T& grad_avg,
+                                                   T& momentum_buffer,
+                                                   const RmspropScalars<T>& s) {
+  static_assert(kDecay != WeightDecay::kDecoupled, "RMSprop decay is L2");
+  grad = grad * s.grad_sign;
+  if (kDecay == WeightDecay::kL2) grad = grad + s.weight_decay * param;
+  square_avg = square_avg * s.alpha + s.one_minus_alpha * grad * grad;
+  T avg;
+  if (kCentered) {
+    grad_avg = lerp(grad_avg, grad, s.grad_avg_weight);
+    avg = std::sqrt(square_avg + T(-1) * grad_avg * grad_avg);
+  } else {
+    avg = std::sqrt(square_avg);
+  }
+  avg = avg + s.eps;
+  if (kMomentum) {
+    momentum_buffer = momentum_buffer * s.momentum + grad / avg;
+    param = param + s.neg_lr * momentum_buffer;
+  } else {
+    param = param + s.neg_lr * grad / avg;
+  }
+}
+
+}  // namespace fused_optim

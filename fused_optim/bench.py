@@ -1,0 +1,805 @@
+"""Throughput benchmark: fused_optim against torch.optim (and DeepSpeed on CPU).
+
+Run ``python -m fused_optim.bench --help`` for the options.
+
+Method (the protocol of BENCHMARKS.md):
+
+* Every implementation gets its own parameters, filled with the same random
+  (never zero) values, and gradients set once (``p.grad = random``) and reused
+  by every step. Only ``optimizer.step()`` is timed: ``time.perf_counter`` on
+  CPU; on CUDA a pair of CUDA events around the step, which starts on an idle
+  stream. Gradient generation and ``zero_grad`` are never in the timed region.
+* Each implementation first runs a few warm-up steps (lazy state, first-touch
+  allocation, extension load). Then the implementations are *interleaved*
+  (A B C D, B C D A, ...) for ``--repeats`` rounds, so that drifts of a shared,
+  noisy machine hit all of them alike, and the *median* step time is reported.
+* Caches start cold, as in training, where forward and backward run between
+  two steps: the reference pass below runs once per round, so it streams
+  through the caches between any two steps on the same parameters. On CUDA,
+  when a parameter set is small enough to live in L2 (50 MB on H100/H200),
+  each implementation also rotates among several parameter sets.
+* Throughput is bytes moved per step (the byte budget of DESIGN.md section 5:
+  the bytes an ideal single pass must read and write, scaled by the element
+  size) divided by the step time, and is shown as a fraction of a reference
+  bandwidth: an in-place ``mul_`` over a 512 MiB buffer on CPU, a 512 MiB
+  device-to-device copy on CUDA, read + write counted. The reference pass is
+  one more entry of the interleaved rounds, so each fraction compares
+  measurements taken under the same conditions (shared machines drift).
+  The load average is recorded: other work on the machine skews everything.
+* ``peer/ours`` is the peer's median step time divided by fused_optim's:
+  above 1 means fused_optim is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+# --------------------------------------------------------------------------
+# What is measured
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    class_name: str  # same name in torch.optim and fused_optim
+    kwargs: dict  # hyperparameters given to every implementation
+    fp32_bytes_per_elem: int  # byte budget, DESIGN.md section 5
+    state_tensors: int  # state tensors per param (memory footprint only)
+    torch_has_fused: bool  # torch.optim.X accepts fused=True
+
+
+OPTIMIZERS = {
+    "sgd": OptimizerSpec("SGD", {"lr": 1e-3, "momentum": 0.9}, 20, 1, True),
+    "adagrad": OptimizerSpec("Adagrad", {"lr": 1e-2}, 20, 1, True),
+    # No momentum, not centered: 20 bytes (28 centered, +8 with momentum).
+    "rmsprop": OptimizerSpec("RMSprop", {"lr": 1e-3}, 20, 1, False),
+    "adam": OptimizerSpec("Adam", {"lr": 1e-3}, 28, 2, True),
+    "adamw": OptimizerSpec("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, 28, 2, True),
+}
+
+IMPLS = ("fused_optim", "torch-fused", "torch-foreach", "torch-forloop", "deepspeed")
+OURS = IMPLS[0]
+PEERS = IMPLS[1:]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+L2_BYTES = 50 * 2**20  # H100/H200 L2; the device's own value is used when known
+# Why 4x: one step streams its whole working set; after 4x L2 of other data,
+# nothing of a parameter set is left in L2 when its turn comes again.
+L2_FLUSH_FACTOR = 4
+MAX_ROTATION = 32
+
+# Why 512 MiB: 10x any L2/L3 here, and a pass takes long enough (~20 ms CPU,
+# ~0.3 ms H100) for the timer to be exact; small next to a 1B-param workload.
+BANDWIDTH_BUFFER_BYTES = 512 * 2**20
+PROBE = "bandwidth"  # the reference pass's entry in the interleaved rounds
+
+# Load average per CPU above which the run is flagged as noisy.
+BUSY_LOAD = 0.5
+
+DEFAULT_REPEATS = {"cpu": 9, "cuda": 50}
+DEFAULT_WARMUP = 3
+
+
+# --------------------------------------------------------------------------
+# Workloads: shapes only; tensors are made per implementation
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GroupSpec:
+    shapes: list[tuple[int, ...]]
+    lr_scale: float = 1.0
+    weight_decay: float | None = None  # None: the optimizer's own default
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    groups: list[GroupSpec]
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for g in self.groups for s in g.shapes)
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(g.shapes) for g in self.groups)
+
+
+def large_workload(device: str, scale: float) -> Workload:
+    """~50M params (CPU) or ~1B (CUDA) in 200 tensors of varied sizes."""
+    total = (50e6 if device == "cpu" else 1e9) * scale
+    count = 200
+    rng = torch.Generator().manual_seed(0)
+    # Sizes spread over [0.5, 1.5] x mean, multiples of 16: no two alike.
+    factors = 0.5 + torch.rand(count, generator=rng)
+    sizes = (factors / factors.sum() * total / 16).round().clamp(min=1) * 16
+    return Workload("large", [GroupSpec([(int(n),) for n in sizes])])
+
+
+def many_small_workload(device: str, scale: float) -> Workload:
+    """~2000 tensors of 256 to 4096 elements (LayerNorm/bias-heavy models)."""
+    count = max(1, round(2000 * scale))
+    rng = torch.Generator().manual_seed(1)
+    log_sizes = torch.empty(count).uniform_(math.log(256), math.log(4096), generator=rng)
+    return Workload("many-small", [GroupSpec([(int(n),) for n in log_sizes.exp()])])
+
+
+def many_groups_workload(device: str, scale: float) -> Workload:
+    """A GPT-like model in 26 param groups with layer-wise LR decay.
+
+    Each of the 12 layers has a decay group (matrices) and a no-decay group
+    (biases, LayerNorm); the embeddings and the final LayerNorm have their own.
+    LR of layer i is lr * 0.9 ** (13 - i), embeddings 0.9 ** 13.
+    """
+    layers, lr_decay, weight_decay = 12, 0.9, 1e-2
+    d0, vocab0, ctx = (256, 8192, 512) if device == "cpu" else (1024, 50304, 2048)
+    # Both sides of the matrices grow with sqrt(scale): elements grow with scale.
+    d = max(64, round(d0 * math.sqrt(scale) / 64) * 64)
+    vocab = max(64, round(vocab0 * math.sqrt(scale)))
+    groups = [GroupSpec([(vocab, d), (ctx, d)], lr_decay ** (layers + 1), 0.0)]
+    for i in range(1, layers + 1):
+        lr_scale = lr_decay ** (layers + 1 - i)
+        matrices = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
+        vectors = [(d,), (d,), (3 * d,), (d,), (d,), (d,), (4 * d,), (d,)]
+        groups.append(GroupSpec(matrices, lr_scale, weight_decay))
+        groups.append(GroupSpec(vectors, lr_scale, 0.0))
+    groups.append(GroupSpec([(d,), (d,)], 1.0, 0.0))
+    return Workload("many-groups", groups)
+
+
+WORKLOADS = {
+    "large": large_workload,
+    "many-small": many_small_workload,
+    "many-groups": many_groups_workload,
+}
+
+
+@dataclasses.dataclass
+class Block:
+    """One optimizer on one workload in one dtype: the unit timed side by side."""
+
+    optimizer: str
+    workload: Workload
+    dtype_name: str
+
+    @property
+    def spec(self) -> OptimizerSpec:
+        return OPTIMIZERS[self.optimizer]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def label(self) -> str:
+        return f"{self.optimizer} {self.workload.name} {self.dtype_name}"
+
+
+def bytes_per_step(spec: OptimizerSpec, workload: Workload, dtype: torch.dtype) -> float:
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return workload.numel * spec.fp32_bytes_per_elem * element_size / 4
+
+
+# --------------------------------------------------------------------------
+# Tensors and optimizers
+# --------------------------------------------------------------------------
+
+
+def fill_random(tensors: list[torch.Tensor], seed: int) -> None:
+    """Same seed, same values, on any device: uniform in [-1, 1), never zeros."""
+    generator = torch.Generator(device=tensors[0].device).manual_seed(seed)
+    for t in tensors:
+        t.uniform_(-1.0, 1.0, generator=generator)
+
+
+class ParamSet:
+    """One copy of a workload's params, with grads set once and kept."""
+
+    def __init__(self, workload: Workload, dtype: torch.dtype, device: str, seed: int):
+        self.seed = seed
+        self.groups = [
+            [torch.empty(s, dtype=dtype, device=device) for s in g.shapes]
+            for g in workload.groups
+        ]
+        self.params = [p for group in self.groups for p in group]
+        grads = [torch.empty_like(p) for p in self.params]
+        fill_random(grads, seed + 1)
+        for p, grad in zip(self.params, grads):
+            p.grad = grad
+
+    def reset(self) -> None:
+        """Back to the initial values, so that every block starts the same."""
+        fill_random(self.params, self.seed)
+
+
+class ParamPool:
+    """ParamSets of one workload and dtype, made on first use, kept across optimizers.
+
+    Set k of every implementation has the same values (same seed).
+    """
+
+    def __init__(self, workload: Workload, dtype: torch.dtype, device: str):
+        self.workload, self.dtype, self.device = workload, dtype, device
+        self.sets: dict[tuple[str, int], ParamSet] = {}
+
+    def get(self, impl: str, k: int) -> ParamSet:
+        if (impl, k) not in self.sets:
+            self.sets[(impl, k)] = ParamSet(self.workload, self.dtype, self.device, seed=1000 * k)
+        param_set = self.sets[(impl, k)]
+        param_set.reset()
+        return param_set
+
+
+def param_groups(spec: OptimizerSpec, workload: Workload, param_set: ParamSet) -> list[dict]:
+    groups = []
+    for group_spec, params in zip(workload.groups, param_set.groups):
+        group = {"params": params, "lr": spec.kwargs["lr"] * group_spec.lr_scale}
+        if group_spec.weight_decay is not None:
+            group["weight_decay"] = group_spec.weight_decay
+        groups.append(group)
+    return groups
+
+
+def optimizer_class(impl: str, spec: OptimizerSpec, ours_module) -> tuple[type, dict]:
+    """The class to build for `impl`, and its implementation-selecting kwargs."""
+    if impl == OURS:
+        return getattr(ours_module, spec.class_name), {}
+    if impl == "deepspeed":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam, {"adamw_mode": spec.class_name == "AdamW"}
+    cls = getattr(torch.optim, spec.class_name)
+    if impl == "torch-fused":
+        return cls, {"fused": True}
+    if impl == "torch-foreach":
+        return cls, {"foreach": True}
+    extra = {"foreach": False}
+    if spec.torch_has_fused:
+        extra["fused"] = False
+    return cls, extra
+
+
+def make_optimizer(impl, spec, workload, param_set, ours_module) -> torch.optim.Optimizer:
+    cls, impl_kwargs = optimizer_class(impl, spec, ours_module)
+    return cls(param_groups(spec, workload, param_set), **spec.kwargs, **impl_kwargs)
+
+
+class TorchFusedAsOurs:
+    """Stand-in for fused_optim while it does not import (--ours torch-fused)."""
+
+    def __getattr__(self, class_name):
+        cls = getattr(torch.optim, class_name)
+        fast = {"foreach": True} if class_name == "RMSprop" else {"fused": True}
+        return lambda params, **kwargs: cls(params, **fast, **kwargs)
+
+
+def load_ours(which: str):
+    if which == "torch-fused":
+        return TorchFusedAsOurs()
+    return importlib.import_module("fused_optim")
+
+
+def deepspeed_available() -> bool:
+    try:
+        importlib.import_module("deepspeed.ops.adam")
+        return True
+    except Exception:  # ImportError, or a broken install raising anything else
+        return False
+
+
+def impls_for(spec, device, dtype, requested, notes) -> list[str]:
+    """The implementations to time for one optimizer, with notes on those left out."""
+    impls = []
+    for impl in requested:
+        reason = None
+        if impl == "torch-fused" and not spec.torch_has_fused:
+            reason = f"torch.optim.{spec.class_name} has no fused=True"
+        elif impl == "deepspeed":
+            if device != "cpu" or spec.class_name not in ("Adam", "AdamW"):
+                continue  # not a peer here: no note
+            if dtype != torch.float32:
+                reason = "DeepSpeedCPUAdam timed for fp32 only"
+            elif not deepspeed_available():
+                reason = "deepspeed not importable: DeepSpeedCPUAdam skipped"
+        if reason is None:
+            impls.append(impl)
+        elif reason not in notes:
+            notes.append(reason)
+    return impls
+
+
+# --------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------
+
+
+def time_call_cpu(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def time_call_cuda(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()  # start from an idle stream: launch cost counts
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def timer_for(device: str) -> Callable[[Callable[[], object]], float]:
+    return time_call_cpu if device == "cpu" else time_call_cuda
+
+
+class BandwidthProbe:
+    """The streaming pass whose bandwidth the steps are compared to."""
+
+    def __init__(self, device: str):
+        if device == "cpu":
+            buf = torch.empty(BANDWIDTH_BUFFER_BYTES // 4)
+            fill_random([buf], 0)
+            # Alternate x2 and x0.5: exact, so the values never drift.
+            self.passes = [lambda: buf.mul_(2.0), lambda: buf.mul_(0.5)]
+            self.bytes_moved = 2 * buf.nbytes
+            self.description = "in-place mul_ over 512 MiB, read + write counted"
+        else:
+            src = torch.empty(BANDWIDTH_BUFFER_BYTES // 4, device=device)
+            dst = torch.empty_like(src)
+            fill_random([src], 0)
+            self.passes = [lambda: dst.copy_(src)]
+            self.bytes_moved = 2 * src.nbytes
+            self.description = "512 MiB device-to-device copy, read + write counted"
+
+        for run_pass in self.passes * 2:  # first touch, lazy CUDA init
+            run_pass()
+
+    def bandwidth(self, times_s: list[float]) -> float:
+        """Bytes/s from the pass times of one block."""
+        return self.bytes_moved / statistics.median(times_s)
+
+
+def rotation_count(block: Block, device: str) -> int:
+    """How many param sets each implementation cycles through (CUDA only)."""
+    if device == "cpu":
+        return 1
+    element_size = torch.empty((), dtype=block.dtype).element_size()
+    footprint = block.workload.numel * element_size * (2 + block.spec.state_tensors)
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or L2_BYTES
+    return min(MAX_ROTATION, max(1, math.ceil(L2_FLUSH_FACTOR * l2 / footprint)))
+
+
+def interleaved_times(entries: dict[str, list[Callable]], repeats: int, timer) -> dict:
+    """Time rounds A B C D, B C D A, C D A B, ...: each entry once per round.
+
+    An entry is a list of equivalent calls (one optimizer's step per rotated
+    param set) used in turn. Returns the times of each entry, in seconds.
+    """
+    order = list(entries)
+    times = {name: [] for name in order}
+    for r in range(repeats):
+        shift = r % len(order)
+        for name in order[shift:] + order[:shift]:
+            calls = entries[name]
+            times[name].append(timer(calls[r % len(calls)]))
+    return times
+
+
+# --------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    optimizer: str
+    workload: str
+    dtype: str
+    impl: str
+    numel: int
+    tensors: int
+    groups: int
+    bytes_per_step: float
+    times_s: list[float]
+    bandwidth_gb_per_s: float  # the reference pass, interleaved with these steps
+    median_s: float = 0.0
+    elems_per_s: float = 0.0
+    gb_per_s: float = 0.0
+    bandwidth_fraction: float = 0.0
+    peer_over_ours: float | None = None  # this impl's median / fused_optim's
+
+    def summarize(self, ours_median: float | None) -> None:
+        self.median_s = statistics.median(self.times_s)
+        self.elems_per_s = self.numel / self.median_s
+        self.gb_per_s = self.bytes_per_step / self.median_s / 1e9
+        self.bandwidth_fraction = self.gb_per_s / self.bandwidth_gb_per_s
+        if ours_median:
+            self.peer_over_ours = self.median_s / ours_median
+
+
+def warmed_up_steps(impl, block, pool, rotation, warmup, ours_module) -> list[Callable]:
+    """Build one implementation's optimizers and run their warm-up steps."""
+    steps = []
+    for k in range(rotation):
+        optimizer = make_optimizer(impl, block.spec, block.workload, pool.get(impl, k), ours_module)
+        for _ in range(warmup):
+            optimizer.step()
+        steps.append(optimizer.step)
+    return steps
+
+
+def prepare_entries(block, pool, impls, args, ours_module, notes) -> dict[str, list[Callable]]:
+    """The warmed-up steps of every implementation that works; notes the others."""
+    rotation = rotation_count(block, args.device)
+    entries = {}
+    for impl in impls:
+        try:
+            entries[impl] = warmed_up_steps(impl, block, pool, rotation, args.warmup, ours_module)
+        except Exception as error:  # one broken implementation must not end the run
+            note = f"{impl} failed on {block.label}: {type(error).__name__}: {error}"
+            notes.append(note)
+            log(note)
+            free_memory(args.device)
+    return entries
+
+
+def measure_block(block, pool, impls, args, ours_module, probe, notes) -> list[Result]:
+    """Time every implementation of one block, interleaved with the reference pass."""
+    entries = prepare_entries(block, pool, impls, args, ours_module, notes)
+    if not entries:
+        return []
+    entries[PROBE] = probe.passes
+    times = interleaved_times(entries, args.repeats, timer_for(args.device))
+    del entries  # frees the optimizer states
+    bandwidth = probe.bandwidth(times.pop(PROBE))
+    results = [
+        Result(
+            block.optimizer, block.workload.name, block.dtype_name, impl, block.workload.numel,
+            block.workload.num_tensors, len(block.workload.groups),
+            bytes_per_step(block.spec, block.workload, block.dtype), impl_times, bandwidth / 1e9,
+        )
+        for impl, impl_times in times.items()
+    ]
+    ours_median = statistics.median(times[OURS]) if OURS in times else None
+    for result in results:
+        result.summarize(ours_median)
+    return results
+
+
+def progress_line(index: int, total: int, block: Block, results: list[Result]) -> str:
+    parts = [
+        f"{r.impl} {r.median_s * 1e3:.2f} ms"
+        + (f" ({r.peer_over_ours:.2f}x)" if r.impl != OURS and r.peer_over_ours else "")
+        for r in results
+    ]
+    if results:
+        parts.append(f"ref {results[0].bandwidth_gb_per_s:.0f} GB/s")
+    return f"[{index}/{total}] {block.label}: " + (" | ".join(parts) or "nothing ran")
+
+
+def run_all(args, ours_module, probe, notes) -> list[Result]:
+    plan = [(w, d, o) for w in args.workloads for d in args.dtypes for o in args.optimizers]
+    results, pool = [], None
+    for index, (workload_name, dtype_name, optimizer) in enumerate(plan, 1):
+        block = Block(optimizer, WORKLOADS[workload_name](args.device, args.scale), dtype_name)
+        if pool is None or (pool.workload.name, pool.dtype) != (workload_name, block.dtype):
+            pool = None  # free the previous workload's tensors first
+            free_memory(args.device)
+            pool = ParamPool(block.workload, block.dtype, args.device)
+        impls = impls_for(block.spec, args.device, block.dtype, args.impls, notes)
+        try:
+            block_results = measure_block(block, pool, impls, args, ours_module, probe, notes)
+        except torch.OutOfMemoryError:
+            note = f"{block.label}: out of memory while timing, skipped"
+            notes.append(note)
+            log(f"[{index}/{len(plan)}] {note}")
+            free_memory(args.device)
+            continue
+        results.extend(block_results)
+        log(progress_line(index, len(plan), block, block_results))
+    return results
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device != "cpu":
+        torch.cuda.empty_cache()
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# Run metadata
+# --------------------------------------------------------------------------
+
+
+def git_commit() -> str | None:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=repo,
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: str) -> dict:
+    info = {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count()}
+    if device != "cpu":
+        info["device"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def load_average() -> float | None:
+    """1-minute load average (runnable processes), None where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def run_metadata(args, probe, results, notes, elapsed, load_before) -> dict:
+    references = [r.bandwidth_gb_per_s for r in results]
+    return {
+        "command": shlex.join(["python", "-m", "fused_optim.bench", *sys.argv[1:]]),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(args.device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "ours": args.ours,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "scale": args.scale,
+        "bandwidth_reference": probe.description,
+        "bandwidth_gb_per_s_median": statistics.median(references) if references else None,
+        "elapsed_s": elapsed,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "notes": notes,
+    }
+
+
+# --------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------
+
+
+def fmt_load(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def console_table(results: list[Result]) -> str:
+    header = (
+        f"{'optimizer':<9} {'workload':<11} {'dtype':<5} {'impl':<13} "
+        f"{'median ms':>10} {'Gelem/s':>8} {'GB/s':>7} {'ref GB/s':>8} {'% BW':>6} "
+        f"{'peer/ours':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r.optimizer:<9} {r.workload:<11} {r.dtype:<5} {r.impl:<13} "
+            f"{r.median_s * 1e3:>10.3f} {r.elems_per_s / 1e9:>8.3f} {r.gb_per_s:>7.1f} "
+            f"{r.bandwidth_gb_per_s:>8.1f} {r.bandwidth_fraction:>6.0%} "
+            f"{fmt_ratio(r.peer_over_ours):>9}"
+        )
+    return "\n".join(lines)
+
+
+def blocks(results: list[Result]) -> dict[tuple, dict[str, Result]]:
+    grouped: dict[tuple, dict[str, Result]] = {}
+    for r in results:
+        grouped.setdefault((r.optimizer, r.workload, r.dtype), {})[r.impl] = r
+    return grouped
+
+
+def summary_markdown(results: list[Result]) -> list[str]:
+    peers = [p for p in PEERS if any(r.impl == p for r in results)]
+    lines = [
+        "| optimizer | workload | dtype | params | tensors | groups | ours ms | GB/s | ref GB/s "
+        "| % BW | " + " | ".join(f"vs {p}" for p in peers) + " |",
+        "|" + "---|" * (10 + len(peers)),
+    ]
+    for (optimizer, workload, dtype), by_impl in blocks(results).items():
+        ours = by_impl.get(OURS)
+        if ours is None:
+            continue
+        ratios = [fmt_ratio(by_impl[p].peer_over_ours) if p in by_impl else "-" for p in peers]
+        lines.append(
+            f"| {optimizer} | {workload} | {dtype} | {ours.numel / 1e6:.1f}M | {ours.tensors} "
+            f"| {ours.groups} | {ours.median_s * 1e3:.3f} | {ours.gb_per_s:.1f} "
+            f"| {ours.bandwidth_gb_per_s:.1f} | {ours.bandwidth_fraction:.0%} | "
+            + " | ".join(ratios) + " |"
+        )
+    return lines
+
+
+def detail_markdown(results: list[Result]) -> list[str]:
+    lines = [
+        "| optimizer | workload | dtype | impl | median ms | Gelem/s | GB/s | ref GB/s | % BW "
+        "| peer/ours |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.optimizer} | {r.workload} | {r.dtype} | {r.impl} | {r.median_s * 1e3:.3f} "
+            f"| {r.elems_per_s / 1e9:.3f} | {r.gb_per_s:.1f} | {r.bandwidth_gb_per_s:.1f} "
+            f"| {r.bandwidth_fraction:.0%} "
+            f"| {fmt_ratio(r.peer_over_ours)} |"
+        )
+    return lines
+
+
+def markdown_report(meta: dict, results: list[Result]) -> str:
+    machine = meta["machine"]
+    where = machine.get("device") or f"{machine['cpu']} ({machine['cpu_count']} CPUs)"
+    lines = [
+        f"# fused_optim benchmark: {where}",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- commit: `{meta['commit']}`",
+        f"- date: {meta['date']}",
+        f"- machine: {machine['platform']}; CPU {machine['cpu']}"
+        + (f"; {machine['device']} (CUDA {machine['cuda']})" if "device" in machine else ""),
+        f"- torch {meta['torch']}, {meta['threads']} threads, device `{meta['device']}`",
+        f"- bandwidth reference: {meta['bandwidth_reference']}, timed in every round "
+        f"(ref GB/s; median over the run {meta['bandwidth_gb_per_s_median']:.1f} GB/s)",
+        f"- {meta['repeats']} interleaved repeats after {meta['warmup']} warm-up steps, "
+        f"medians; run took {meta['elapsed_s']:.0f} s; load average before/after "
+        f"{fmt_load(meta['load_average_before'])}/{fmt_load(meta['load_average_after'])}",
+        "",
+        "`vs X` = X's step time / fused_optim's (above 1: fused_optim is faster). "
+        "GB/s and % BW use the byte budget (DESIGN.md section 5).",
+        "",
+        *summary_markdown(results),
+        "",
+        "## All measurements",
+        "",
+        *detail_markdown(results),
+    ]
+    if meta["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in meta["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(args, meta: dict, results: list[Result]) -> None:
+    if args.json:
+        payload = {**meta, "results": [dataclasses.asdict(r) for r in results]}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_report(meta, results))
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def name_list(choices):
+    def parse(text: str) -> list[str]:
+        names = list(choices) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {unknown or text!r}; choose from {', '.join(choices)} or 'all'"
+            )
+        return names
+
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m fused_optim.bench",
+        description="Step throughput of fused_optim vs torch.optim (see the module docstring).",
+    )
+    parser.add_argument("--optimizers", type=name_list(OPTIMIZERS), default=list(OPTIMIZERS),
+                        help="comma-separated, or 'all' (default: all)")
+    parser.add_argument("--workloads", type=name_list(WORKLOADS), default=list(WORKLOADS),
+                        help="comma-separated, or 'all' (default: all)")
+    parser.add_argument("--dtypes", type=name_list(DTYPES), default=["fp32"],
+                        help="comma-separated: fp32, bf16 (default: fp32)")
+    parser.add_argument("--impls", type=name_list(IMPLS), default=list(IMPLS),
+                        help="implementations to time (default: all that apply)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiplies every workload's number of elements (default: 1)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed steps per implementation "
+                             f"(default: {DEFAULT_REPEATS['cpu']} CPU, {DEFAULT_REPEATS['cuda']} CUDA)")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+                        help=f"untimed steps first (default: {DEFAULT_WARMUP})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's default)")
+    parser.add_argument("--json", metavar="PATH", help="write results and metadata as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="write a Markdown report")
+    parser.add_argument("--ours", choices=("fused_optim", "torch-fused"), default="fused_optim",
+                        help="development only: time torch fused as 'ours'")
+    args = parser.parse_args(argv)
+    if args.scale <= 0:
+        parser.error("--scale must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch has no CUDA device")
+    device_kind = "cpu" if args.device == "cpu" else "cuda"
+    args.repeats = args.repeats or DEFAULT_REPEATS[device_kind]
+    if OURS not in args.impls:
+        args.impls.insert(0, OURS)  # ratios are relative to it
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        torch.cuda.set_device(args.device)
+    ours_module = load_ours(args.ours)
+    notes = [] if args.ours == "fused_optim" else ["'fused_optim' rows are torch fused (--ours torch-fused)"]
+    log(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
+    load_before = load_average()
+    if load_before is not None and load_before > BUSY_LOAD * (os.cpu_count() or 1):
+        notes.append(f"machine busy at start (load average {load_before:.1f}): noisy results")
+        log(f"warning: {notes[-1]}")
+    probe = BandwidthProbe(args.device)
+    results = run_all(args, ours_module, probe, notes)
+    meta = run_metadata(args, probe, results, notes, time.perf_counter() - started, load_before)
+    print(console_table(results))
+    print()
+    print("\n".join(summary_markdown(results)))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"bandwidth reference: {probe.description}; total {meta['elapsed_s']:.0f} s")
+    write_outputs(args, meta, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Build of fused_optim's C++ (and, when available, CUDA) extension.
+
+Options come from the environment, never from sys.argv:
+  FUSED_OPTIM_CPU_ONLY=1   build the CPU kernels only, even if CUDA is present
+  FORCE_CUDA=1             build the CUDA kernels or fail loudly trying
+  TORCH_CUDA_ARCH_LIST     CUDA architectures (torch's variable), e.g. "8.0;9.0"
+  MAX_JOBS                 parallel compile jobs (torch's variable)
+
+Install with `pip install --no-build-isolation .`: a torch extension must be
+compiled against the torch that will import it, so the build uses the torch
+already installed rather than one pip would fetch into an isolated build env.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda():
+    """Decide whether to build the CUDA kernels, failing loudly when forced."""
+    if _flag("FUSED_OPTIM_CPU_ONLY"):
+        if _flag("FORCE_CUDA"):
+            sys.exit("fused_optim: FORCE_CUDA=1 and FUSED_OPTIM_CPU_ONLY=1 contradict each other")
+        return False, "FUSED_OPTIM_CPU_ONLY=1"
+    import torch
+
+    have_nvcc = cpp_extension.CUDA_HOME is not None
+    have_cuda_torch = torch.version.cuda is not None
+    if have_nvcc and have_cuda_torch:
+        return True, f"nvcc at {cpp_extension.CUDA_HOME}, torch built with CUDA {torch.version.cuda}"
+    why = []
+    if not have_nvcc:
+        why.append("no CUDA toolkit (nvcc) found")
+    if not have_cuda_torch:
+        why.append(f"torch {torch.__version__} is a CPU-only build")
+    if _flag("FORCE_CUDA"):
+        sys.exit("fused_optim: FORCE_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(why))
+    return False, "; ".join(why)
+
+
+def _extension():
+    cxx_flags = [
+        "-O3",
+        "-std=c++17",
+        # Lets GCC vectorize sqrt (it cannot set errno from SIMD code). It does
+        # not change any result.
+        "-fno-math-errno",
+    ]
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    build_cuda, reason = _want_cuda()
+    if build_cuda:
+        sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
+        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+        ext = cpp_extension.CUDAExtension(
+            "fused_optim._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("FUSED_OPTIM_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "fused_optim._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    print(f"fused_optim: building CPU kernels{' and CUDA kernels' if build_cuda else ''} "
+          f"({'CUDA: ' + reason if build_cuda else 'CPU only: ' + reason})", flush=True)
+    for s in sources:
+        print(f"fused_optim:   {s}", flush=True)
+    return ext, build_cuda
+
+
+_EXT, _BUILD_CUDA = _extension()
+
+
+def _write_build_info():
+    path = os.path.join(ROOT, "fused_optim", "_build_info.py")
+    text = f'"""Written by setup.py: what this build contains."""\n\nCUDA_BUILT = {_BUILD_CUDA}\n'
+    with open(path, "w") as f:
+        f.write(text)
+
+
+_write_build_info()
+
+setup(
+    ext_modules=[_EXT],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

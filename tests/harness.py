@@ -1,0 +1,426 @@
+"""Drivers shared by the test modules.
+
+A `Run` owns one optimizer and its parameters. Two runs built from the same
+specs and seed have bit-identical parameters (same values AND same memory
+layout: views, offsets, strides), and `Run.set_grads(step, ...)` gives both the
+same gradient values, so a torch.optim run and a fused_optim run can be
+stepped in lockstep and compared after every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.testing import assert_close
+
+from optim_configs import (
+    LOW_PRECISION_RATIO,
+    OptimConfig,
+    low_precision_floor,
+)
+
+# ---------------------------------------------------------------------------
+# Parameter and gradient construction
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class P:
+    """How to build one parameter (and its gradients).
+
+    layout:      "contiguous" | "offset" (view at storage_offset 1 of a bigger
+                 buffer: misaligned for every vector width) | "transposed"
+                 (2-D, column-major) | "strided" (every 3rd element of a
+                 buffer)
+    grad_layout: "contiguous" | "transposed" (2-D) | "strided"
+    dtype:       overrides the run's dtype for this parameter (mixed buckets)
+    """
+
+    shape: tuple[int, ...]
+    layout: str = "contiguous"
+    grad_layout: str = "contiguous"
+    dtype: torch.dtype | None = None
+
+
+def _values(shape, seed: int, dtype: torch.dtype, quantize: torch.dtype | None, device):
+    """Random normal values (never zeros) of `shape`, generated on the CPU in
+    a fixed precision so that every dtype and device sees the same numbers,
+    rounded through `quantize` when given, then stored as `dtype`."""
+    gen = torch.Generator().manual_seed(seed)
+    if dtype.is_complex:
+        vals = torch.randn(shape, generator=gen, dtype=torch.complex128)
+    else:
+        vals = torch.randn(shape, generator=gen, dtype=torch.float64)
+        # Keep values away from 0 so that relative checks stay meaningful.
+        vals = vals + 0.1 * torch.sign(vals)
+    if quantize is not None:
+        vals = vals.to(quantize)
+    return vals.to(dtype).to(device)
+
+
+def _arrange(vals: torch.Tensor, layout: str) -> torch.Tensor:
+    """A tensor equal to `vals` with the requested memory layout."""
+    if layout == "contiguous":
+        return vals.clone()
+    if layout == "transposed":
+        assert vals.dim() == 2, "transposed layout needs a 2-D shape"
+        return vals.t().contiguous().t()
+    if layout == "strided":
+        buf = torch.empty(vals.shape + (3,), dtype=vals.dtype, device=vals.device)
+        buf.fill_(7.0)  # never read: only the [..., 1] slice is the tensor
+        t = buf[..., 1]
+        t.copy_(vals)
+        return t
+    if layout == "offset":
+        n = vals.numel()
+        buf = torch.empty(n + 2, dtype=vals.dtype, device=vals.device)
+        buf.fill_(-3.0)  # the guard elements before and after the view
+        t = buf[1 : n + 1].view(vals.shape)
+        t.copy_(vals)
+        return t
+    raise ValueError(layout)
+
+
+def make_param(spec: P, seed: int, dtype, device, quantize=None) -> torch.Tensor:
+    dt = spec.dtype or dtype
+    q = quantize if spec.dtype is None else None
+    p = _arrange(_values(spec.shape, seed, dt, q, device), spec.layout)
+    return p.requires_grad_()
+
+
+def make_grad(spec: P, p: torch.Tensor, step: int, index: int, grad_seed: int = 0,
+              quantize=None) -> torch.Tensor:
+    """Gradient of param `index` at `step`: a fixed per-param direction plus
+    per-step noise, so parameters travel (a skipped update shows as an error
+    far larger than rounding) and moments see fresh values every step."""
+    q = quantize if spec.dtype is None else None
+    direction = _values(p.shape, 20_000_000 + 100_000 * grad_seed + index, p.dtype, None, p.device)
+    noise = _values(p.shape, 10_000_000 + 100_000 * grad_seed + 1000 * step + index, p.dtype,
+                    None, p.device)
+    vals = direction + 0.5 * noise
+    if q is not None:
+        vals = vals.to(q).to(p.dtype)
+    return _arrange(vals, spec.grad_layout)
+
+
+def always(step: int, index: int) -> bool:
+    return True
+
+
+def sometimes_none(step: int, index: int) -> bool:
+    """Grad schedule with None grads: param 1 gets its first grad at step 3,
+    param 2 has none at steps 4 and 7, param 3 never has one."""
+    if index == 1:
+        return step >= 3
+    if index == 2:
+        return step not in (4, 7)
+    if index == 3:
+        return False
+    return True
+
+
+def _clone_tensors(obj):
+    """Deep copy with tensors cloned, so two optimizers never share e.g. a
+    tensor lr that a scheduler updates in place."""
+    return copy.deepcopy(obj)
+
+
+GroupSpec = tuple[dict[str, Any], Sequence[P]]
+
+
+class Run:
+    """One optimizer over freshly built parameters."""
+
+    def __init__(
+        self,
+        cls,
+        groups: Sequence[GroupSpec],
+        kwargs: dict[str, Any],
+        *,
+        dtype=torch.float32,
+        device="cpu",
+        seed: int = 0,
+        quantize: torch.dtype | None = None,
+        grad_seed: int = 0,
+    ):
+        self.dtype, self.device, self.seed, self.quantize = dtype, device, seed, quantize
+        self.grad_seed = grad_seed
+        self.params: list[torch.Tensor] = []
+        self.specs: list[P] = []
+        param_groups = [self._build_group(overrides, specs) for overrides, specs in groups]
+        self.opt = cls(param_groups, **_clone_tensors(kwargs))
+
+    def _build_group(self, overrides, specs):
+        params = []
+        for spec in specs:
+            i = len(self.params)
+            p = make_param(spec, 1000 * self.seed + i, self.dtype, self.device, self.quantize)
+            self.params.append(p)
+            self.specs.append(spec)
+            params.append(p)
+        return {"params": params, **_clone_tensors(overrides)}
+
+    def add_group(self, overrides, specs):
+        self.opt.add_param_group(self._build_group(overrides, specs))
+
+    def set_grads(self, step: int, has_grad: Callable[[int, int], bool] = always):
+        for i, (p, spec) in enumerate(zip(self.params, self.specs)):
+            if has_grad(step, i):
+                p.grad = make_grad(spec, p, step, i, self.grad_seed, self.quantize)
+            else:
+                p.grad = None
+
+    def copy_params_from(self, other: "Run"):
+        with torch.no_grad():
+            for p, q in zip(self.params, other.params):
+                p.copy_(q)
+
+    def state_of(self, i: int) -> dict:
+        return self.opt.state.get(self.params[i], {})
+
+
+# ---------------------------------------------------------------------------
+# Comparisons
+# ---------------------------------------------------------------------------
+
+
+def _dense(t):
+    return t.to_dense() if isinstance(t, torch.Tensor) and t.is_sparse else t
+
+
+def check_step_tensor(value, ref, where):
+    assert isinstance(value, torch.Tensor), f"{where}: step is {type(value)}, not a tensor"
+    assert value.dtype == torch.float32, f"{where}: step dtype {value.dtype}"
+    assert value.dim() == 0, f"{where}: step has shape {tuple(value.shape)}"
+    assert value.device == ref.device, f"{where}: step on {value.device}, torch's on {ref.device}"
+    assert value.item() == ref.item(), f"{where}: step {value.item()} != torch's {ref.item()}"
+
+
+def assert_same_state(ours: dict, ref: dict, where: str, *, close=True, check_layout=True):
+    """Same state names; `step` identical; every other tensor has torch's
+    dtype, shape and device and (close=True) values within assert_close."""
+    assert set(ours) == set(ref), f"{where}: state keys {sorted(ours)} != torch's {sorted(ref)}"
+    for k, r in ref.items():
+        v = ours[k]
+        w = f"{where} state[{k!r}]"
+        if k == "step":
+            check_step_tensor(v, r, w)
+            continue
+        assert isinstance(v, torch.Tensor), f"{w}: {type(v)}"
+        assert v.dtype == r.dtype, f"{w}: dtype {v.dtype} != torch's {r.dtype}"
+        assert v.shape == r.shape, f"{w}: shape {tuple(v.shape)} != torch's {tuple(r.shape)}"
+        assert v.device == r.device, f"{w}: device {v.device} != torch's {r.device}"
+        if close:
+            assert_close(_dense(v), _dense(r), msg=lambda m: f"{w}: {m}")
+
+
+def assert_runs_close(ours: Run, ref: Run, where: str):
+    for i, (po, pr) in enumerate(zip(ours.params, ref.params)):
+        w = f"{where} param {i} {ours.specs[i]}"
+        assert po.dtype == pr.dtype and po.shape == pr.shape
+        assert_close(po.detach(), pr.detach(), msg=lambda m: f"{w}: {m}")
+        if pr._base is not None:
+            # The whole buffer: catches writes outside the view.
+            assert_close(po._base, pr._base, msg=lambda m: f"{w} (whole base buffer): {m}")
+        assert_same_state(ours.state_of(i), ref.state_of(i), w)
+
+
+def snapshot_params(run: Run):
+    return [p.detach().clone() for p in run.params]
+
+
+def assert_moved(run: Run, initial, where="", indices=None):
+    """The test itself is meaningful: parameters that received updates
+    changed (a no-op optimizer must fail the parity tests)."""
+    indices = range(len(run.params)) if indices is None else indices
+    for i in indices:
+        p, p0 = run.params[i], initial[i]
+        if p.numel() and torch.equal(p.detach(), p0):
+            raise AssertionError(f"{where}: param {i} {run.specs[i]} did not move")
+
+
+def run_parity(
+    cfg: OptimConfig,
+    groups: Sequence[GroupSpec],
+    steps: int,
+    *,
+    dtype=torch.float32,
+    device="cpu",
+    has_grad=always,
+    before_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+):
+    """Step torch.optim (foreach=False) and ours in lockstep on identical
+    inputs; compare params and every state tensor after each step."""
+    kw = dict(cfg.kwargs if kwargs is None else kwargs)
+    ref = Run(cfg.torch_cls, groups, {**kw, "foreach": False}, dtype=dtype, device=device)
+    ours = Run(cfg.ours_cls, groups, kw, dtype=dtype, device=device)
+    assert_runs_close(ours, ref, f"{cfg} after construction")
+    initial = snapshot_params(ours)
+    scheds = [scheduler(r.opt) for r in (ref, ours)] if scheduler else None
+    for s in range(steps):
+        for r in (ref, ours):
+            r.set_grads(s, has_grad)
+            if before_step is not None:
+                before_step(s, r.opt)
+        ref.opt.step()
+        ours.opt.step()
+        if scheds:
+            for sch in scheds:
+                sch.step()
+        assert_runs_close(ours, ref, f"{cfg} {dtype} step {s}")
+    ever = [i for i in range(len(ours.params)) if any(has_grad(s, i) for s in range(steps))]
+    assert_moved(ours, initial, str(cfg), ever)
+    return ref, ours
+
+
+# ---------------------------------------------------------------------------
+# Low precision: the 2x-of-torch error rule
+# ---------------------------------------------------------------------------
+
+
+def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if x.numel() == 0:
+        return 0.0
+    return (_dense(x).detach().to(torch.float64) - _dense(ref).detach()).abs().max().item()
+
+
+def _pooled_named_tensors(run: Run):
+    """{kind: [tensor per param]}, kind = "param" or a state name."""
+    out: dict[str, list] = {"param": list(run.params)}
+    for i in range(len(run.params)):
+        for k, v in run.state_of(i).items():
+            if k != "step":
+                out.setdefault(k, []).append((i, v))
+    return out
+
+
+def run_low_precision(
+    cfg: OptimConfig,
+    groups: Sequence[GroupSpec],
+    steps: int,
+    dtype: torch.dtype,
+    *,
+    device="cpu",
+    has_grad=always,
+):
+    """ours(dtype) and torch.optim(dtype) against torch.optim(float64), all
+    three from the same (dtype-representable) starting values and gradients.
+
+    After every step, for the params and for each state name, pooled over all
+    tensors of the run: max|ours - f64| <= max(RATIO * max|torch - f64|, floor).
+    """
+    kw = dict(cfg.kwargs)
+    tref = Run(cfg.torch_cls, groups, {**kw, "foreach": False}, dtype=dtype, device=device,
+               quantize=dtype)
+    ours = Run(cfg.ours_cls, groups, kw, dtype=dtype, device=device, quantize=dtype)
+    f64 = Run(cfg.torch_cls, groups, {**kw, "foreach": False}, dtype=torch.float64,
+              device=device, quantize=dtype)
+    initial = [p.detach().clone() for p in f64.params]
+    for s in range(steps):
+        for r in (tref, ours, f64):
+            r.set_grads(s, has_grad)
+            r.opt.step()
+        for i in range(len(ours.params)):
+            assert_same_state(ours.state_of(i), tref.state_of(i), f"{cfg} {dtype} step {s} param {i}",
+                              close=False)
+        ref_kinds = _pooled_named_tensors(f64)
+        t_kinds = _pooled_named_tensors(tref)
+        o_kinds = _pooled_named_tensors(ours)
+        assert set(o_kinds) == set(ref_kinds)
+        for kind in ref_kinds:
+            if kind == "param":
+                triples = [(o, t, r) for o, t, r in zip(o_kinds[kind], t_kinds[kind], ref_kinds[kind])]
+            else:
+                tmap, omap = dict(t_kinds[kind]), dict(o_kinds[kind])
+                triples = [(omap[i], tmap[i], r) for i, r in ref_kinds[kind]]
+            err_t = max((_max_err(t, r) for _, t, r in triples), default=0.0)
+            err_o = max((_max_err(o, r) for o, _, r in triples), default=0.0)
+            floor = max((low_precision_floor(dtype, _dense(r)) for _, _, r in triples), default=0.0)
+            bound = max(LOW_PRECISION_RATIO * err_t, floor)
+            assert err_o <= bound, (
+                f"{cfg} {dtype} step {s} {kind}: ours' max error vs float64 {err_o:.3e} > "
+                f"bound {bound:.3e} (torch.optim's own {dtype} error {err_t:.3e}, floor {floor:.3e})"
+            )
+            if kind == "param":
+                param_bound = bound
+    # The rule is meaningful only if the float64 trajectory moved every
+    # updated parameter by more than the allowed error: a skipped update
+    # (e.g. a whole SIMD block left unwritten) must fail it.
+    for i, p0 in enumerate(initial):
+        if p0.numel() == 0 or not any(has_grad(s, i) for s in range(steps)):
+            continue
+        movement = (f64.params[i].detach() - p0).abs().median().item()
+        assert movement > param_bound, (
+            f"{cfg} {dtype} param {i}: the float64 run moved params by a median {movement:.3e}, "
+            f"not more than the allowed error {param_bound:.3e}; the test could not see a "
+            f"skipped update"
+        )
+    return tref, ours, f64
+
+
+# ---------------------------------------------------------------------------
+# Bit-exact snapshots (atomicity tests)
+# ---------------------------------------------------------------------------
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor whose equality means bit-identity of `t` (NaN-safe, -0.0)."""
+    t = _dense(t).detach()
+    if t.device.type == "meta":
+        return t
+    t = t.cpu().clone()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.contiguous().view(ints[t.element_size()]) if t.dtype.is_floating_point else t
+
+
+def snapshot_optimizer(opt: torch.optim.Optimizer):
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for i, p in enumerate(params):
+        st = opt.state.get(p)
+        if st:
+            state[i] = {k: (bits(v) if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+                        for k, v in st.items()}
+    groups = [{k: (bits(v) if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+               for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    sizes = [len(g["params"]) for g in opt.param_groups]
+    return dict(params=[bits(p) for p in params], state=state, groups=groups, sizes=sizes,
+                param_ids=[id(p) for p in params])
+
+
+def _eq(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.device.type == "meta" or b.device.type == "meta":
+            return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+def assert_optimizer_unchanged(opt, snap, where, *, allow_new_state=False):
+    now = snapshot_optimizer(opt)
+    assert now["sizes"] == snap["sizes"], f"{where}: group sizes changed"
+    assert now["param_ids"] == snap["param_ids"], f"{where}: param objects changed"
+    for i, (a, b) in enumerate(zip(now["params"], snap["params"])):
+        assert _eq(a, b), f"{where}: param {i} was written"
+    for gi, (a, b) in enumerate(zip(now["groups"], snap["groups"])):
+        assert set(a) == set(b), f"{where}: group {gi} keys changed"
+        for k in b:
+            assert _eq(a[k], b[k]), f"{where}: group {gi} {k!r} changed: {b[k]} -> {a[k]}"
+    for i, st in snap["state"].items():
+        assert i in now["state"], f"{where}: state of param {i} removed"
+        assert set(now["state"][i]) == set(st), f"{where}: state keys of param {i} changed"
+        for k in st:
+            assert _eq(now["state"][i][k], st[k]), f"{where}: state[{k!r}] of param {i} was written"
+    if not allow_new_state:
+        assert set(now["state"]) == set(snap["state"]), (
+            f"{where}: state created for params {sorted(set(now['state']) - set(snap['state']))}"
+        )

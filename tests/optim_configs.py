@@ -1,0 +1,331 @@
+"""The data the test suite runs on: ONE table of optimizer configurations and
+ONE table of error inputs (DESIGN.md section 7: tests are data-driven, every
+tolerance is reviewed data).
+
+Test modules import from here; nothing in this file asserts anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import torch
+
+import fused_optim
+
+OPTIMIZER_NAMES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW")
+
+
+# ---------------------------------------------------------------------------
+# Optimizer configurations
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """One way of constructing an optimizer.
+
+    `kwargs` are passed unchanged to both `torch.optim.<name>` and
+    `fused_optim.<name>`; the torch side additionally gets `foreach=False`
+    (its single-tensor for-loop, the reference of DESIGN.md section 3).
+    """
+
+    id: str
+    name: str
+    kwargs: dict[str, Any]
+    # Included in the 1_000_003-element runs (one feature-rich config per
+    # optimizer, to keep CI fast).
+    large: bool = False
+
+    @property
+    def torch_cls(self):
+        return getattr(torch.optim, self.name)
+
+    @property
+    def ours_cls(self):
+        return getattr(fused_optim, self.name)
+
+    @property
+    def lr(self):
+        return self.kwargs.get("lr", default_kwarg(self.name, "lr"))
+
+    def __str__(self):
+        return self.id
+
+
+def default_kwarg(name: str, kwarg: str):
+    import inspect
+
+    return inspect.signature(getattr(torch.optim, name)).parameters[kwarg].default
+
+
+# Every constructor option of every optimizer appears in at least one row.
+# Learning rates are larger than the defaults so that parameters move by many
+# ulps per step and a skipped or wrong update cannot hide under a tolerance.
+OPTIM_CONFIGS: list[OptimConfig] = [
+    # SGD: momentum, dampening, nesterov, weight_decay, maximize
+    OptimConfig("sgd", "SGD", dict(lr=0.1)),
+    OptimConfig("sgd_momentum", "SGD", dict(lr=0.1, momentum=0.9)),
+    OptimConfig(
+        "sgd_momentum_dampening_wd",
+        "SGD",
+        dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01),
+    ),
+    OptimConfig(
+        "sgd_nesterov_wd_maximize",
+        "SGD",
+        dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.02, maximize=True),
+        large=True,
+    ),
+    OptimConfig("sgd_wd_maximize", "SGD", dict(lr=0.1, weight_decay=0.1, maximize=True)),
+    # Adagrad: lr_decay, weight_decay, initial_accumulator_value, eps, maximize
+    OptimConfig("adagrad", "Adagrad", dict(lr=0.1)),
+    OptimConfig(
+        "adagrad_decay_wd_init_eps",
+        "Adagrad",
+        dict(lr=0.1, lr_decay=0.01, weight_decay=0.05, initial_accumulator_value=0.1, eps=1e-6),
+        large=True,
+    ),
+    OptimConfig(
+        "adagrad_maximize_init",
+        "Adagrad",
+        dict(lr=0.05, maximize=True, initial_accumulator_value=0.5),
+    ),
+    # RMSprop: alpha, eps, weight_decay, momentum, centered, maximize
+    OptimConfig("rmsprop", "RMSprop", dict(lr=0.01)),
+    OptimConfig("rmsprop_centered", "RMSprop", dict(lr=0.01, alpha=0.9, eps=1e-6, centered=True)),
+    OptimConfig("rmsprop_momentum_wd", "RMSprop", dict(lr=0.01, momentum=0.9, weight_decay=0.01)),
+    OptimConfig(
+        "rmsprop_all",
+        "RMSprop",
+        dict(
+            lr=0.005,
+            alpha=0.95,
+            eps=1e-5,
+            weight_decay=0.05,
+            momentum=0.5,
+            centered=True,
+            maximize=True,
+        ),
+        large=True,
+    ),
+    # Adam: betas, eps, weight_decay, amsgrad, maximize
+    OptimConfig("adam", "Adam", dict(lr=0.01)),
+    OptimConfig(
+        "adam_wd_amsgrad",
+        "Adam",
+        dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True),
+        large=True,
+    ),
+    OptimConfig("adam_maximize_wd", "Adam", dict(lr=0.02, weight_decay=0.01, maximize=True)),
+    # AdamW: same options, decoupled decay
+    OptimConfig("adamw", "AdamW", dict(lr=0.01)),
+    OptimConfig(
+        "adamw_all",
+        "AdamW",
+        dict(
+            lr=0.02,
+            betas=(0.85, 0.95),
+            eps=1e-7,
+            weight_decay=0.2,
+            amsgrad=True,
+            maximize=True,
+        ),
+        large=True,
+    ),
+]
+
+CONFIGS_BY_ID = {c.id: c for c in OPTIM_CONFIGS}
+LARGE_CONFIGS = [c for c in OPTIM_CONFIGS if c.large]
+# One feature-rich config per optimizer, for the more expensive tests.
+ONE_PER_OPTIMIZER = LARGE_CONFIGS
+assert sorted(c.name for c in ONE_PER_OPTIMIZER) == sorted(OPTIMIZER_NAMES)
+
+# Per-group overrides used by the multi-group tests: groups 2 and 3 differ
+# from the constructor defaults in numeric hyperparameters AND in the mode
+# flags (amsgrad, nesterov, centered, maximize, momentum on/off), which the
+# ops take per call, so the classes must split such groups across calls.
+GROUP_OVERRIDES: dict[str, list[dict[str, Any]]] = {
+    "SGD": [
+        dict(lr=0.03, momentum=0.5, dampening=0.0, nesterov=True, weight_decay=0.05),
+        dict(lr=0.2, momentum=0.0, nesterov=False, weight_decay=0.0, maximize=True),
+    ],
+    "Adagrad": [
+        dict(lr=0.03, lr_decay=0.1, eps=1e-5),
+        dict(lr=0.2, weight_decay=0.1, maximize=True),
+    ],
+    "RMSprop": [
+        dict(lr=0.003, momentum=0.5, centered=True),
+        dict(lr=0.02, alpha=0.8, eps=1e-4, weight_decay=0.1, momentum=0.0, centered=False, maximize=True),
+    ],
+    "Adam": [
+        dict(lr=0.003, betas=(0.5, 0.9), eps=1e-5, weight_decay=0.0, amsgrad=True),
+        dict(lr=0.03, betas=(0.95, 0.999), weight_decay=0.2, amsgrad=False, maximize=True),
+    ],
+    "AdamW": [
+        dict(lr=0.003, betas=(0.5, 0.9), eps=1e-5, weight_decay=0.0, amsgrad=True),
+        dict(lr=0.03, betas=(0.95, 0.999), weight_decay=0.5, amsgrad=False, maximize=False),
+    ],
+}
+
+# Names of the per-parameter state of each optimizer (torch's names).
+STATE_NAMES = {
+    "SGD": {"momentum_buffer"},
+    "Adagrad": {"step", "sum"},
+    "RMSprop": {"step", "square_avg", "momentum_buffer", "grad_avg"},
+    "Adam": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+    "AdamW": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+}
+
+# Group keys that torch.optim's __setstate__ fills in with setdefault when a
+# (old) checkpoint lacks them; ours must do the same.
+SETSTATE_DEFAULTED_KEYS = {
+    "SGD": ["nesterov", "maximize", "foreach", "differentiable", "fused"],
+    "Adagrad": ["foreach", "maximize", "differentiable", "fused"],
+    "RMSprop": ["momentum", "centered", "foreach", "maximize", "differentiable", "capturable"],
+    "Adam": ["amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+             "decoupled_weight_decay"],
+    "AdamW": ["amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"],
+}
+
+# Keyword arguments that ours may have beyond torch 2.13's signature: torch's
+# RMSprop has no `fused`, but ours accepts fused=None/True on every optimizer.
+EXTRA_KWARGS_ALLOWED = {"fused": None}
+
+# Optimizers whose torch counterpart takes a `capturable` keyword.
+HAS_CAPTURABLE = ("RMSprop", "Adam", "AdamW")
+
+# Optimizers that accept sparse gradients (like torch); the others raise.
+SPARSE_OK = ("SGD", "Adagrad")
+SPARSE_REJECTED = ("RMSprop", "Adam", "AdamW")
+
+
+# ---------------------------------------------------------------------------
+# Numerics policy (DESIGN.md section 3)
+# ---------------------------------------------------------------------------
+
+# fp32/fp64: torch.testing.assert_close defaults, on params and every state
+# tensor, after every step.
+EXACT_DTYPES = (torch.float32, torch.float64)
+
+# fp16/bf16: ours' max-abs error against a float64 torch.optim run from the
+# same starting values must be at most LOW_PRECISION_RATIO x torch.optim's own
+# same-dtype error against that run (flash-attention's rule).
+LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
+LOW_PRECISION_RATIO = 2.0
+
+
+def low_precision_floor(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    """Error that no implementation storing `dtype` can be asked to beat.
+
+    Why: a value stored in `dtype` is rounded once, to within eps/2 relative.
+    When torch.optim happens to round every element exactly like the float64
+    run its error is 0 (or a sliver of an ulp) and 2x that would demand
+    bit-exactness with float64, which is not a property of the math. One eps
+    of the largest magnitude (2 half-ulps) is the floor.
+    """
+    if ref.numel() == 0:
+        return 0.0
+    return torch.finfo(dtype).eps * ref.abs().max().item()
+
+
+# ---------------------------------------------------------------------------
+# Error inputs
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorCase:
+    id: str
+    name: str  # optimizer class name
+    kwargs: dict[str, Any]
+    exc: type
+    match: str  # regex searched in str(exception)
+    # True: torch.optim raises the same exception with this message (checked
+    # by test_error_table_is_torchs), so ours must too. False: a contract of
+    # ours only (keywords we accept but cannot honour).
+    from_torch: bool = True
+
+
+def _msg(text: str) -> str:
+    return "^" + re.escape(text) + "$"
+
+
+def _constructor_errors() -> list[ErrorCase]:
+    cases: list[ErrorCase] = []
+    two_lrs = torch.tensor([0.1, 0.2])
+    common = [
+        ("neg_lr", dict(lr=-1), "Invalid learning rate: -1"),
+        ("neg_lr_float", dict(lr=-0.5), "Invalid learning rate: -0.5"),
+        ("lr_tensor_2_elements", dict(lr=two_lrs), "Tensor lr must be 1-element"),
+    ]
+    specific = {
+        "SGD": [
+            ("neg_momentum", dict(momentum=-0.5), "Invalid momentum value: -0.5"),
+            ("neg_weight_decay", dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+            ("nesterov_no_momentum", dict(nesterov=True),
+             "Nesterov momentum requires a momentum and zero dampening"),
+            ("nesterov_dampening", dict(nesterov=True, momentum=0.9, dampening=0.1),
+             "Nesterov momentum requires a momentum and zero dampening"),
+        ],
+        "Adagrad": [
+            ("neg_lr_decay", dict(lr_decay=-1), "Invalid lr_decay value: -1"),
+            ("neg_weight_decay", dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+            ("neg_initial_accumulator_value", dict(initial_accumulator_value=-1.5),
+             "Invalid initial_accumulator_value value: -1.5"),
+            ("neg_eps", dict(eps=-1e-10), "Invalid epsilon value: -1e-10"),
+        ],
+        "RMSprop": [
+            ("neg_eps", dict(eps=-1e-8), "Invalid epsilon value: -1e-08"),
+            ("neg_momentum", dict(momentum=-0.9), "Invalid momentum value: -0.9"),
+            ("neg_weight_decay", dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+            ("neg_alpha", dict(alpha=-0.1), "Invalid alpha value: -0.1"),
+        ],
+    }
+    adam_like = [
+        ("neg_eps", dict(eps=-1e-8), "Invalid epsilon value: -1e-08"),
+        ("beta0_one", dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+        ("beta0_neg", dict(betas=(-0.1, 0.999)), "Invalid beta parameter at index 0: -0.1"),
+        ("beta1_one", dict(betas=(0.9, 1.0)), "Invalid beta parameter at index 1: 1.0"),
+        ("beta1_neg", dict(betas=(0.9, -0.5)), "Invalid beta parameter at index 1: -0.5"),
+        ("neg_weight_decay", dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+        ("betas_mixed_types", dict(betas=(torch.tensor(0.9), 0.999)),
+         "betas must be either both floats or both Tensors"),
+    ]
+    specific["Adam"] = adam_like
+    specific["AdamW"] = adam_like
+    for name in OPTIMIZER_NAMES:
+        for cid, kw, text in common + specific[name]:
+            cases.append(ErrorCase(f"{name}-{cid}", name, kw, ValueError, _msg(text)))
+        # Keywords accepted for compatibility but not honoured: a clear error,
+        # never silently ignored (DESIGN.md section 2).
+        cases.append(ErrorCase(f"{name}-fused_false", name, dict(fused=False), ValueError,
+                               "fused", from_torch=False))
+        cases.append(ErrorCase(f"{name}-differentiable", name, dict(differentiable=True),
+                               ValueError, "differentiable", from_torch=False))
+        if name in HAS_CAPTURABLE:
+            cases.append(ErrorCase(f"{name}-capturable", name, dict(capturable=True),
+                                   ValueError, "capturable", from_torch=False))
+    return cases
+
+
+CONSTRUCTOR_ERRORS: list[ErrorCase] = _constructor_errors()
+
+# Keywords that are accepted with these values (and must not raise).
+ACCEPTED_KWARGS: list[dict[str, Any]] = [
+    dict(foreach=None),
+    dict(foreach=True),
+    dict(foreach=False),
+    dict(fused=None),
+    dict(fused=True),
+    dict(differentiable=False),
+]
+
+# Step-time errors: (what is wrong, exception types accepted, message regex).
+# The message of the sparse errors is torch's (it contains "sparse"); the
+# layout errors have no torch counterpart message, so any clear exception is
+# accepted but it MUST be raised before anything is written.
+STEP_ERROR_EXCEPTIONS = (RuntimeError, ValueError, TypeError, NotImplementedError)
+SPARSE_STEP_ERROR = (RuntimeError, "sparse")

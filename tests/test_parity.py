@@ -1,0 +1,270 @@
+"""fused_optim.X against torch.optim.X(foreach=False), step by step, on the
+params AND every state tensor (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import LambdaLR, StepLR
+
+from harness import (
+    P,
+    Run,
+    assert_runs_close,
+    run_low_precision,
+    run_parity,
+    sometimes_none,
+)
+from optim_configs import (
+    GROUP_OVERRIDES,
+    LARGE_CONFIGS,
+    LOW_PRECISION_DTYPES,
+    ONE_PER_OPTIMIZER,
+    OPTIM_CONFIGS,
+)
+
+ALL = pytest.mark.parametrize("cfg", OPTIM_CONFIGS, ids=str)
+ONE_EACH = pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+LARGE = pytest.mark.parametrize("cfg", LARGE_CONFIGS, ids=str)
+EXACT = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+LOW = pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=str)
+
+STEPS = 10
+
+# Sizes that hit the SIMD body and the tail (DESIGN.md section 3), and 2-D/3-D.
+SIZES = [(0,), (1,), (7,), (8,), (9,), (4099,), (7, 9), (3, 5, 7), (2, 0, 3)]
+# Layouts: misaligned views, transposed param or grad, strided slices.
+LAYOUTS = [
+    P((4099,), layout="offset"),
+    P((7,), layout="offset"),
+    P((9, 17), layout="offset"),
+    P((33, 65), layout="transposed"),  # transposed param, contiguous grad
+    P((33, 65), grad_layout="transposed"),  # contiguous param, transposed grad
+    P((33, 65), layout="transposed", grad_layout="transposed"),
+    P((1001,), layout="strided"),  # every 3rd element of a buffer
+    P((1001,), grad_layout="strided"),
+    P((5, 7), layout="strided", grad_layout="strided"),
+    P((4099,), layout="offset", grad_layout="strided"),
+]
+
+
+def one_group(specs):
+    return [({}, specs)]
+
+
+@ALL
+@EXACT
+def test_sizes_and_shapes(cfg, dtype, device):
+    run_parity(cfg, one_group([P(s) for s in SIZES]), STEPS, dtype=dtype, device=device)
+
+
+@LARGE
+def test_large_tensor(cfg, device):
+    # 1_000_003 elements: many SIMD blocks and work units plus a ragged tail;
+    # few steps to keep CI fast.
+    run_parity(cfg, one_group([P((1_000_003,)), P((9,))]), 3, device=device)
+
+
+@ALL
+def test_none_grads(cfg, device):
+    # Param 1 gets its first grad at step 3 (lazy state then), param 2 skips
+    # steps 4 and 7 (its step counter must not advance), param 3 never has one.
+    specs = [P((9,)), P((3, 4)), P((8,)), P((5,)), P((4099,))]
+    run_parity(cfg, one_group(specs), STEPS, device=device, has_grad=sometimes_none)
+
+
+@ALL
+def test_lr_changed_mid_run(cfg, device):
+    def before_step(step, opt):
+        if step == 5:
+            for g in opt.param_groups:
+                g["lr"] = g["lr"] * 0.3
+
+    run_parity(cfg, one_group([P((7,)), P((4099,))]), STEPS, device=device,
+               before_step=before_step)
+
+
+SCHEDULERS = {
+    "StepLR": lambda opt: StepLR(opt, step_size=3, gamma=0.5),
+    "LambdaLR": lambda opt: LambdaLR(opt, lambda epoch: 1.0 / (1.0 + epoch)),
+}
+
+
+@ALL
+@pytest.mark.parametrize("sched", list(SCHEDULERS))
+def test_lr_scheduler(cfg, sched, device):
+    run_parity(cfg, one_group([P((7,)), P((4099,))]), STEPS, device=device,
+               scheduler=SCHEDULERS[sched])
+
+
+@ALL
+def test_tensor_lr_with_scheduler(cfg, device):
+    # lr as a 1-element tensor; StepLR updates it in place (fill_), so the
+    # value must be read at every step, not captured once.
+    kwargs = {**cfg.kwargs, "lr": torch.tensor(cfg.lr)}
+    run_parity(cfg, one_group([P((7,)), P((4099,))]), STEPS, device=device, kwargs=kwargs,
+               scheduler=lambda opt: StepLR(opt, step_size=2, gamma=0.5))
+
+
+@ALL
+def test_param_groups_with_different_hyperparameters(cfg, device):
+    o1, o2 = GROUP_OVERRIDES[cfg.name]
+    groups = [
+        ({}, [P((7,)), P((4099,))]),
+        (o1, [P((9,)), P((3, 5))]),
+        (o2, [P((8,)), P((1,)), P((1031,))]),
+    ]
+    run_parity(cfg, groups, STEPS, device=device)
+
+
+@ALL
+def test_param_groups_with_none_grads(cfg, device):
+    o1, o2 = GROUP_OVERRIDES[cfg.name]
+    groups = [({}, [P((7,))]), (o1, [P((9,)), P((3, 5))]), (o2, [P((8,)), P((100,))])]
+    run_parity(cfg, groups, STEPS, device=device, has_grad=sometimes_none)
+
+
+@ALL
+def test_mixed_dtypes_in_one_group(cfg, device):
+    # One group holding fp32 and fp64 tensors: the classes bucket by dtype.
+    specs = [P((7,)), P((4099,), dtype=torch.float64), P((9,)), P((8,), dtype=torch.float64)]
+    o1, _ = GROUP_OVERRIDES[cfg.name]
+    run_parity(cfg, [({}, specs), (o1, [P((5,), dtype=torch.float64), P((6,))])], STEPS,
+               device=device)
+
+
+@ALL
+@EXACT
+def test_layouts(cfg, dtype, device):
+    ref, ours = run_parity(cfg, one_group(LAYOUTS), STEPS, dtype=dtype, device=device)
+    # Updates are in place: the params are still the views they were.
+    for p, spec in zip(ours.params, ours.specs):
+        if spec.layout != "contiguous":
+            assert p._base is not None
+
+
+@ALL
+@LOW
+def test_low_precision(cfg, dtype, device):
+    specs = [P((1,)), P((7,)), P((8,)), P((9,)), P((4099,)), P((33, 65))]
+    run_low_precision(cfg, one_group(specs), STEPS, dtype, device=device)
+
+
+@ALL
+@LOW
+def test_low_precision_layouts(cfg, dtype, device):
+    run_low_precision(cfg, one_group(LAYOUTS), STEPS, dtype, device=device)
+
+
+@LARGE
+@LOW
+def test_low_precision_large(cfg, dtype, device):
+    # Large fp16/bf16 tensors with non-zero grads: torch once shipped a CPU
+    # fused SGD that skipped whole SIMD blocks of fp16/bf16 (pytorch#191763).
+    run_low_precision(cfg, one_group([P((1_000_003,)), P((9,))]), 3, dtype, device=device)
+
+
+@ALL
+def test_low_precision_param_groups(cfg, device):
+    o1, o2 = GROUP_OVERRIDES[cfg.name]
+    groups = [({}, [P((7,)), P((4099,))]), (o1, [P((9,))]), (o2, [P((1031,))])]
+    run_low_precision(cfg, groups, STEPS, torch.bfloat16, device=device)
+
+
+def _many_tensor_groups(name, n=500, seed=0):
+    rng = random.Random(seed)
+    o1, o2 = GROUP_OVERRIDES[name]
+    overrides = [{}, o1, o2]
+    specs = [[], [], []]
+    for i in range(n):
+        size = rng.choice([0, 1, 3, 8, 9, 64, 100, 257, 1000, 2049])
+        shape = (size,) if i % 4 else (max(size // 8, 1), 8)
+        specs[i % 3].append(P(shape))
+    return list(zip(overrides, specs))
+
+
+@ONE_EACH
+def test_many_tensors(cfg, device):
+    # ~500 tensors of mixed sizes in 3 groups with different hyperparameters
+    # (one call per (device, dtype, mode flags) bucket, per-tensor hyperparameters).
+    run_parity(cfg, _many_tensor_groups(cfg.name), 4, device=device)
+
+
+# ---------------------------------------------------------------------------
+# Determinism
+# ---------------------------------------------------------------------------
+
+DET_SPECS = [P((1_000_003,)), P((4099,))] + [P((i % 37 + 1,)) for i in range(200)]
+
+
+def _run_ours(cfg, device, threads, steps=3):
+    torch.set_num_threads(threads)
+    o1, o2 = GROUP_OVERRIDES[cfg.name]
+    groups = [({}, DET_SPECS[:100]), (o1, DET_SPECS[100:]), (o2, [P((5000,))])]
+    run = Run(cfg.ours_cls, groups, cfg.kwargs, device=device)
+    for s in range(steps):
+        run.set_grads(s)
+        run.opt.step()
+    return run
+
+
+def _assert_bitwise_equal(a: Run, b: Run, where):
+    from harness import bits
+
+    for i, (pa, pb) in enumerate(zip(a.params, b.params)):
+        assert torch.equal(bits(pa), bits(pb)), f"{where}: param {i} differs"
+        sa, sb = a.state_of(i), b.state_of(i)
+        assert set(sa) == set(sb)
+        for k in sa:
+            assert torch.equal(bits(sa[k]), bits(sb[k])), f"{where}: state {k} of param {i} differs"
+
+
+@ONE_EACH
+def test_deterministic_run_after_run(cfg, device):
+    threads = max(torch.get_num_threads(), 2)
+    a = _run_ours(cfg, device, threads)
+    b = _run_ours(cfg, device, threads)
+    _assert_bitwise_equal(a, b, "two identical runs")
+
+
+@ONE_EACH
+def test_independent_of_thread_count(cfg, device):
+    a = _run_ours(cfg, device, 1)
+    b = _run_ours(cfg, device, 2)
+    _assert_bitwise_equal(a, b, "1 thread vs 2 threads")
+
+
+# ---------------------------------------------------------------------------
+# AMP GradScaler
+# ---------------------------------------------------------------------------
+
+
+@ONE_EACH
+def test_grad_scaler_with_inf_step(cfg, device):
+    """GradScaler drives ours exactly as it drives torch.optim: same
+    trajectory, and the step with an inf gradient is skipped entirely (params
+    and state unchanged, step counters not advanced)."""
+    groups = one_group([P((7,)), P((4099,)), P((3, 5))])
+    ref = Run(cfg.torch_cls, groups, {**cfg.kwargs, "foreach": False}, device=device)
+    ours = Run(cfg.ours_cls, groups, cfg.kwargs, device=device)
+    scalers = [torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2)
+               for _ in (ref, ours)]
+    weights = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(device)
+               for i, p in enumerate(ref.params)]
+    for s in range(6):
+        for run, scaler in zip((ref, ours), scalers):
+            run.opt.zero_grad()
+            loss = sum(((p * w) ** 2).sum() + (p * w).sum() for p, w in zip(run.params, weights))
+            scaler.scale(loss).backward()
+            if s == 2:
+                with torch.no_grad():
+                    run.params[1].grad.view(-1)[5] = float("inf")
+            scaler.step(run.opt)
+            scaler.update()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        assert_runs_close(ours, ref, f"{cfg} GradScaler step {s}")
+        if cfg.name != "SGD":
+            steps_done = ours.state_of(0)["step"].item()
+            assert steps_done == (s if s >= 2 else s + 1), "the inf step must not count"
