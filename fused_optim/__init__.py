@@ -1,4 +1,17 @@
-"""fused_optim: fused optimizer kernels for PyTorch, drop-in for torch.optim."""
+"""fused_optim: fused optimizer kernels for PyTorch, drop-in for torch.optim.
+
+    from fused_optim import AdamW          # was: from torch.optim import AdamW
+    opt = AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+"""
+
 import torch  # noqa: F401  (loads libtorch before our extension)
 
-from fused_optim import _C  # noqa: F401  (registers torch.ops.fused_optim.*)
+from fused_optim import _C  # noqa: F401  (registers the torch.ops.fused_optim ops)
+from fused_optim._build import cuda_built
+from fused_optim.adagrad import Adagrad
+from fused_optim.adam import Adam, AdamW
+from fused_optim.rmsprop import RMSprop
+from fused_optim.sgd import SGD
+
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "cuda_built"]
+__version__ = "0.1.0"

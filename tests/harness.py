@@ -17,6 +17,7 @@ import torch
 from torch.testing import assert_close
 
 from optim_configs import (
+    LOW_PRECISION_PARAM_SCALE,
     LOW_PRECISION_RATIO,
     OptimConfig,
     low_precision_floor,
@@ -45,7 +46,8 @@ class P:
     dtype: torch.dtype | None = None
 
 
-def _values(shape, seed: int, dtype: torch.dtype, quantize: torch.dtype | None, device):
+def _values(shape, seed: int, dtype: torch.dtype, quantize: torch.dtype | None, device,
+            scale: float = 1.0):
     """Random normal values (never zeros) of `shape`, generated on the CPU in
     a fixed precision so that every dtype and device sees the same numbers,
     rounded through `quantize` when given, then stored as `dtype`."""
@@ -56,6 +58,7 @@ def _values(shape, seed: int, dtype: torch.dtype, quantize: torch.dtype | None, 
         vals = torch.randn(shape, generator=gen, dtype=torch.float64)
         # Keep values away from 0 so that relative checks stay meaningful.
         vals = vals + 0.1 * torch.sign(vals)
+    vals = vals * scale
     if quantize is not None:
         vals = vals.to(quantize)
     return vals.to(dtype).to(device)
@@ -84,26 +87,38 @@ def _arrange(vals: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(layout)
 
 
-def make_param(spec: P, seed: int, dtype, device, quantize=None) -> torch.Tensor:
+def make_param(spec: P, seed: int, dtype, device, quantize=None, scale=1.0) -> torch.Tensor:
     dt = spec.dtype or dtype
     q = quantize if spec.dtype is None else None
-    p = _arrange(_values(spec.shape, seed, dt, q, device), spec.layout)
+    p = _arrange(_values(spec.shape, seed, dt, q, device, scale), spec.layout)
     return p.requires_grad_()
 
 
 def make_grad(spec: P, p: torch.Tensor, step: int, index: int, grad_seed: int = 0,
               quantize=None) -> torch.Tensor:
-    """Gradient of param `index` at `step`: a fixed per-param direction plus
-    per-step noise, so parameters travel (a skipped update shows as an error
-    far larger than rounding) and moments see fresh values every step."""
+    """Gradient of param `index` at `step`: a fixed per-param direction of
+    magnitude >= 0.5 plus per-step noise in [-0.25, 0.25], so that
+
+    - parameters travel (a skipped update shows as an error far larger than
+      rounding) while the moments still see fresh values every step;
+    - no element is near 0 (never zeros): |g| >= 0.25, so fp16 second
+      moments (0.001 * g^2) stay normal numbers in torch's own fp16 run too.
+    """
     q = quantize if spec.dtype is None else None
-    direction = _values(p.shape, 20_000_000 + 100_000 * grad_seed + index, p.dtype, None, p.device)
-    noise = _values(p.shape, 10_000_000 + 100_000 * grad_seed + 1000 * step + index, p.dtype,
-                    None, p.device)
-    vals = direction + 0.5 * noise
+    g_dir = torch.Generator().manual_seed(20_000_000 + 100_000 * grad_seed + index)
+    g_noise = torch.Generator().manual_seed(10_000_000 + 100_000 * grad_seed + 1000 * step + index)
+    shape = tuple(p.shape)
+    if p.dtype.is_complex:
+        shape = shape + (2,)
+    d = torch.randn(shape, generator=g_dir, dtype=torch.float64)
+    direction = torch.where(d >= 0, 1.0, -1.0) * (0.5 + 0.5 * d.abs())
+    noise = 0.25 * (2 * torch.rand(shape, generator=g_noise, dtype=torch.float64) - 1)
+    vals = direction + noise
+    if p.dtype.is_complex:
+        vals = torch.view_as_complex(vals.contiguous())
     if q is not None:
-        vals = vals.to(q).to(p.dtype)
-    return _arrange(vals, spec.grad_layout)
+        vals = vals.to(q)
+    return _arrange(vals.to(p.dtype).to(p.device), spec.grad_layout)
 
 
 def always(step: int, index: int) -> bool:
@@ -145,8 +160,10 @@ class Run:
         seed: int = 0,
         quantize: torch.dtype | None = None,
         grad_seed: int = 0,
+        param_scale: float = 1.0,
     ):
         self.dtype, self.device, self.seed, self.quantize = dtype, device, seed, quantize
+        self.param_scale = param_scale
         self.grad_seed = grad_seed
         self.params: list[torch.Tensor] = []
         self.specs: list[P] = []
@@ -157,7 +174,8 @@ class Run:
         params = []
         for spec in specs:
             i = len(self.params)
-            p = make_param(spec, 1000 * self.seed + i, self.dtype, self.device, self.quantize)
+            p = make_param(spec, 1000 * self.seed + i, self.dtype, self.device, self.quantize,
+                           self.param_scale)
             self.params.append(p)
             self.specs.append(spec)
             params.append(p)
@@ -315,11 +333,10 @@ def run_low_precision(
     tensors of the run: max|ours - f64| <= max(RATIO * max|torch - f64|, floor).
     """
     kw = dict(cfg.kwargs)
-    tref = Run(cfg.torch_cls, groups, {**kw, "foreach": False}, dtype=dtype, device=device,
-               quantize=dtype)
-    ours = Run(cfg.ours_cls, groups, kw, dtype=dtype, device=device, quantize=dtype)
-    f64 = Run(cfg.torch_cls, groups, {**kw, "foreach": False}, dtype=torch.float64,
-              device=device, quantize=dtype)
+    common = dict(device=device, quantize=dtype, param_scale=LOW_PRECISION_PARAM_SCALE)
+    tref = Run(cfg.torch_cls, groups, {**kw, "foreach": False}, dtype=dtype, **common)
+    ours = Run(cfg.ours_cls, groups, kw, dtype=dtype, **common)
+    f64 = Run(cfg.torch_cls, groups, {**kw, "foreach": False}, dtype=torch.float64, **common)
     initial = [p.detach().clone() for p in f64.params]
     for s in range(steps):
         for r in (tref, ours, f64):

@@ -13,6 +13,7 @@
 #include <array>
 #include <vector>
 
+#include "dense_operands.h"
 #include "op_inputs.h"
 
 namespace fused_optim::cpu {
@@ -23,34 +24,9 @@ namespace fused_optim::cpu {
 // elements still splits over all threads.
 constexpr int64_t kGrainSize = 32 * 1024;
 
-// Gives the operands of each tensor one common dense memory layout, so the
-// kernels can walk them as flat arrays in memory order.
-//
-// Fast path (the usual case): the param is dense (contiguous, or a permuted
-// layout like a transposed weight) and every operand has its strides; the
-// kernel then reads and writes the tensors themselves. Otherwise the
-// mismatched operands are staged into a dense copy in the param's layout
-// before the kernel and written back after it. This costs extra passes but is
-// correct: a transposed param with a contiguous grad must not be updated
-// element-against-wrong-element (torch's own fused CPU Adam does exactly that).
-class DenseOperands {
- public:
-  explicit DenseOperands(const std::vector<TensorListArg>& lists);
-
-  // Base pointer of operand `list` of tensor `tensor`, or nullptr for an
-  // unused (empty) list.
-  char* data(size_t list, size_t tensor) const {
-    return pointers_[list][tensor];
-  }
-
-  // Copies staged operands that the kernel wrote back into their tensors.
-  void write_back();
-
- private:
-  std::vector<std::vector<char*>> pointers_;
-  std::vector<std::pair<at::Tensor, at::Tensor>> write_backs_;  // {dst, src}
-  std::vector<at::Tensor> keep_alive_;
-};
+// The dense-layout staging of the operands is backend-neutral
+// (csrc/dense_operands.h); the CPU kernels name it unqualified.
+using ::fused_optim::DenseOperands;
 
 // Calls `fn(tensor, begin, end)` for disjoint element ranges [begin, end) of
 // each tensor, covering every element once, from the threads of

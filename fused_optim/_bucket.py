@@ -1,0 +1,96 @@
+"""Groups the tensors of ALL param groups into op calls, cached between steps.
+
+A *bucket* is the set of tensors that one op call updates: same device, same
+dtype, same mode flags (the flags that select a different kernel, e.g.
+amsgrad or nesterov). Each tensor keeps its own group's hyperparameters
+through ``group_index``, so ten param groups with different learning rates
+still take one call.
+
+Building a bucket walks every param in Python; a step must not. So the plan
+(the list of buckets) is built once and reused until something it was built
+from changes: the param groups (added, resized, or a mode flag changed), the
+set of params with state, or the state itself (``load_state_dict``). A step
+then only gathers the gradients (``p.grad`` for each param, unavoidable since
+``zero_grad(set_to_none=True)`` makes new gradient tensors every step) and
+reads each group's hyperparameters.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Bucket:
+    """The tensors of one op call, as aligned lists."""
+
+    device: torch.device
+    dtype: torch.dtype
+    mode: tuple
+    params: list = field(default_factory=list)
+    # state name -> tensors aligned with params (only the names the op uses)
+    states: dict = field(default_factory=dict)
+    steps: list = field(default_factory=list)
+    group_index: list = field(default_factory=list)
+    # (group, position in group["params"]) of each tensor, for error messages
+    positions: list = field(default_factory=list)
+    # indices of tensors whose state was created for the coming step (SGD's
+    # momentum buffer starts as the gradient itself on its first step)
+    new_state: list = field(default_factory=list)
+
+    @property
+    def is_complex(self) -> bool:
+        return self.dtype.is_complex
+
+
+@dataclass
+class Plan:
+    buckets: list
+    # params that have no state yet (no gradient seen): checked every step
+    stateless: list
+    signature: tuple
+
+
+def groups_signature(optimizer, mode_of) -> tuple:
+    """What the plan depends on, cheap to recompute each step (one entry per
+    group, not per param)."""
+    return (
+        id(optimizer.state),
+        len(optimizer.state),
+        tuple(
+            (id(group["params"]), len(group["params"]), mode_of(group))
+            for group in optimizer.param_groups
+        ),
+    )
+
+
+def gather_grads(params: list) -> tuple[list, bool]:
+    """Returns (grads, all_present). ``None in grads`` would call
+    ``Tensor.__eq__`` on each entry (milliseconds for thousands of tensors),
+    so we count identities instead."""
+    grads = [p.grad for p in params]
+    missing = sum(map(operator.is_, grads, [None] * len(grads)))
+    return grads, missing == 0
+
+
+def select(bucket: Bucket, grads: list) -> tuple[Bucket, list]:
+    """The sub-bucket of the tensors that have a gradient this step."""
+    keep = [i for i, g in enumerate(grads) if g is not None]
+    sub = Bucket(bucket.device, bucket.dtype, bucket.mode)
+    sub.params = [bucket.params[i] for i in keep]
+    sub.states = {k: [v[i] for i in keep] for k, v in bucket.states.items()}
+    sub.steps = [bucket.steps[i] for i in keep] if bucket.steps else []
+    sub.group_index = [bucket.group_index[i] for i in keep]
+    sub.positions = [bucket.positions[i] for i in keep]
+    position_of = {old: new for new, old in enumerate(keep)}
+    sub.new_state = [position_of[i] for i in bucket.new_state if i in position_of]
+    return sub, [grads[i] for i in keep]
+
+
+def as_real(tensors: list) -> list:
+    """view_as_real of each complex tensor: complex params are updated as
+    pairs of reals, exactly as torch.optim does."""
+    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]

@@ -1,0 +1,176 @@
+"""Adagrad: drop-in replacement for torch.optim.Adagrad."""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim import _docs
+from fused_optim._base import FusedOptimizer, check_implementation_keywords, new_step, to_float
+
+__all__ = ["Adagrad"]
+
+
+class Adagrad(FusedOptimizer):
+    _supports_sparse = True
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        # Same checks, order and messages as torch.optim.Adagrad.
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        check_implementation_keywords(
+            "Adagrad", foreach=foreach, fused=fused, capturable=False, differentiable=differentiable
+        )
+        defaults = {
+            "lr": lr,
+            "lr_decay": lr_decay,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "initial_accumulator_value": initial_accumulator_value,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(params, defaults)
+        # As torch.optim.Adagrad, state exists from construction on.
+        for group in self.param_groups:
+            for param in group["params"]:
+                self._init_state(param, group, self.state[param])
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+
+    def share_memory(self) -> None:
+        """Calls tensor.share_memory_() on the state sum tensors."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                self.state[param]["sum"].share_memory_()
+
+    def _mode(self, group) -> tuple:
+        return (bool(group["maximize"]),)
+
+    def _state_names(self, mode) -> tuple:
+        return ("sum",)
+
+    def _init_state(self, param, group, state) -> bool:
+        state.setdefault("step", new_step())
+        if "sum" not in state:
+            # The group's own value (torch.optim uses the constructor's value
+            # for every group, ignoring a group's override).
+            value = group.get("initial_accumulator_value", self.defaults["initial_accumulator_value"])
+            if param.is_complex():
+                value = complex(value, value)
+            state["sum"] = torch.full_like(param, value, memory_format=torch.preserve_format)
+        return False
+
+    def _hyperparameters(self, group) -> tuple:
+        return (
+            to_float(group["lr"]),
+            to_float(group["lr_decay"]),
+            to_float(group["weight_decay"]),
+            to_float(group["eps"]),
+        )
+
+    def _launch(self, bucket, grads, hyper) -> None:
+        (maximize,) = bucket.mode
+        params, grads, states = self._op_lists(bucket, grads)
+        torch.ops.fused_optim.adagrad_(
+            params, grads, states[0], bucket.steps, bucket.group_index, *hyper, maximize=maximize
+        )
+
+    def _check_sparse(self, group, param, grad) -> None:
+        if group["weight_decay"] != 0:
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+
+    def _sparse_step(self, group, params, grads, is_new) -> None:
+        # Sparse gradients go through torch.optim's own single-tensor Adagrad:
+        # a sparse update touches few rows, so there is nothing to fuse.
+        states = [self.state[p] for p in params]
+        torch.optim.adagrad.adagrad(
+            params,
+            grads,
+            [s["sum"] for s in states],
+            [s["step"] for s in states],
+            has_sparse_grad=True,
+            foreach=False,
+            lr=to_float(group["lr"]),
+            weight_decay=to_float(group["weight_decay"]),
+            lr_decay=group["lr_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
+
+
+Adagrad.__doc__ = (
+    r"""Adagrad (Duchi et al., 2011), fused: drop-in for :class:`torch.optim.Adagrad`.
+
+    .. math::
+       \begin{aligned}
+            &g_t \leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1}
+                \quad (-\text{ if } \textit{maximize}) \\
+            &\tilde\gamma_t \leftarrow \gamma / (1 + (t-1)\eta) \\
+            &s_t \leftarrow s_{t-1} + g_t^2 \\
+            &\theta_t \leftarrow \theta_{t-1} - \tilde\gamma_t\, g_t / (\sqrt{s_t} + \epsilon)
+       \end{aligned}
+
+    Symbols: :math:`\gamma` ``lr``, :math:`\eta` ``lr_decay``, :math:`\lambda`
+    ``weight_decay``, :math:`\epsilon` ``eps``, :math:`s_0`
+    ``initial_accumulator_value``; state :math:`s` ``sum``, :math:`t` ``step``.
+
+    Conventions: :math:`\epsilon` is added outside the square root (as
+    torch.optim; optax adds it inside). The state exists from construction
+    on, as in torch.optim; params added later with ``add_param_group`` start
+    from their own group's ``initial_accumulator_value``.
+
+    Args:
+        """
+    + _docs.PARAMS
+    + r"""
+        lr (float, Tensor, optional): learning rate :math:`\gamma` (default: 1e-2).
+        lr_decay (float, optional): :math:`\eta` (default: 0).
+        weight_decay (float, optional): :math:`\lambda`, L2 penalty (default: 0).
+        initial_accumulator_value (float, optional): :math:`s_0` (default: 0).
+        eps (float, optional): :math:`\epsilon` (default: 1e-10).
+        """
+    + _docs.MAXIMIZE
+    + "\n        "
+    + _docs.IMPLEMENTATION
+    + r"""
+
+    Sparse gradients are supported as in torch.optim (through its
+    single-tensor implementation, unfused); as there, not with weight decay.
+"""
+    + _docs.FUSED_NOTE.format(op="adagrad_")
+    + """
+    References: Duchi, Hazan & Singer, "Adaptive Subgradient Methods for
+    Online Learning and Stochastic Optimization", JMLR 2011.
+"""
+)

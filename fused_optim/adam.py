@@ -1,0 +1,245 @@
+"""Adam and AdamW: drop-in replacements for torch.optim.Adam / AdamW."""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim import _docs
+from fused_optim._base import FusedOptimizer, check_implementation_keywords, new_step, to_float
+
+__all__ = ["Adam", "AdamW"]
+
+
+class Adam(FusedOptimizer):
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        # Same checks, order and messages as torch.optim.Adam.
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not (
+            (isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))
+        ):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i, beta in enumerate(betas):
+            if isinstance(beta, torch.Tensor) and beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        check_implementation_keywords(
+            type(self).__name__,
+            foreach=foreach,
+            fused=fused,
+            capturable=capturable,
+            differentiable=differentiable,
+        )
+        betas = tuple(to_float(b) if isinstance(b, torch.Tensor) else b for b in betas)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("fused", None)
+
+    def _mode(self, group) -> tuple:
+        return (bool(group["amsgrad"]), bool(group["decoupled_weight_decay"]), bool(group["maximize"]))
+
+    def _state_names(self, mode) -> tuple:
+        amsgrad = mode[0]
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+
+    def _init_state(self, param, group, state) -> bool:
+        state.setdefault("step", new_step())
+        for name in self._state_names(self._mode(group)):
+            if name not in state:
+                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return False
+
+    def _hyperparameters(self, group) -> tuple:
+        beta1, beta2 = group["betas"]
+        return (
+            to_float(group["lr"]),
+            to_float(beta1),
+            to_float(beta2),
+            to_float(group["eps"]),
+            to_float(group["weight_decay"]),
+        )
+
+    def _launch(self, bucket, grads, hyper) -> None:
+        amsgrad, decoupled, maximize = bucket.mode
+        params, grads, states = self._op_lists(bucket, grads)
+        torch.ops.fused_optim.adam_(
+            params,
+            grads,
+            states[0],
+            states[1],
+            states[2] if amsgrad else [],
+            bucket.steps,
+            bucket.group_index,
+            *hyper,
+            amsgrad=amsgrad,
+            decoupled_weight_decay=decoupled,
+            maximize=maximize,
+        )
+
+
+class AdamW(Adam):
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+        )
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # As torch.optim.AdamW: loading any state keeps the decay decoupled.
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+_ADAM_MATH = r"""
+    .. math::
+       \begin{aligned}
+            &g_t \leftarrow \pm\nabla_\theta f_t(\theta_{t-1})
+                \quad (-\text{ if } \textit{maximize}) \\
+            &\textbf{if } \textit{decoupled}: \theta_{t-1} \leftarrow
+                \theta_{t-1}(1 - \gamma\lambda)
+             \quad \textbf{else}: g_t \leftarrow g_t + \lambda\theta_{t-1} \\
+            &m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+            &v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+            &\textbf{if } \textit{amsgrad}: \hat v_t \leftarrow
+                \max(\hat v_{t-1}, v_t) \quad \textbf{else}: \hat v_t \leftarrow v_t \\
+            &\theta_t \leftarrow \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,
+                \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+       \end{aligned}
+
+    Symbols: :math:`\gamma` ``lr``, :math:`\beta_1, \beta_2` ``betas``,
+    :math:`\epsilon` ``eps``, :math:`\lambda` ``weight_decay``; state
+    :math:`m` ``exp_avg``, :math:`v` ``exp_avg_sq``, :math:`\hat v`
+    ``max_exp_avg_sq`` (amsgrad only), :math:`t` ``step``.
+
+    Conventions: :math:`\epsilon` is added to the bias-corrected
+    :math:`\sqrt{\hat v_t}`, as in torch.optim and the paper's Algorithm 1
+    (not to the uncorrected :math:`\sqrt{v_t}`, as in the paper's
+    "efficient" form and in optax's ``eps_root``-free default). With
+    amsgrad the maximum is taken over the uncorrected :math:`v_t`, as in
+    torch.optim.
+"""
+
+_ARGS = rf"""
+    Args:
+        {_docs.PARAMS}
+        lr (float, Tensor, optional): learning rate :math:`\gamma` (default: 1e-3).
+        betas (tuple[float, float], optional): :math:`(\beta_1, \beta_2)`,
+            decay rates of the first and second moment averages
+            (default: (0.9, 0.999)).
+        eps (float, optional): :math:`\epsilon`, added to the denominator for
+            numerical stability (default: 1e-8).
+        weight_decay (float, optional): :math:`\lambda` (default: {{wd}}).
+        amsgrad (bool, optional): use the AMSGrad variant (default: False).
+        {_docs.MAXIMIZE}
+        {_docs.IMPLEMENTATION}
+"""
+
+Adam.__doc__ = (
+    r"""Adam (Kingma & Ba, 2015), fused: drop-in for :class:`torch.optim.Adam`.
+"""
+    + _ADAM_MATH
+    + _ARGS.replace("{wd}", "0")
+    + r"""        decoupled_weight_decay (bool, optional): decay the params directly
+            (AdamW) instead of adding :math:`\lambda\theta` to the gradient
+            (default: False).
+"""
+    + _docs.FUSED_NOTE.format(op="adam_")
+    + """
+    References: Kingma & Ba, "Adam: A Method for Stochastic Optimization",
+    ICLR 2015, https://arxiv.org/abs/1412.6980; Reddi et al., "On the
+    Convergence of Adam and Beyond", ICLR 2018 (AMSGrad).
+"""
+)
+
+AdamW.__doc__ = (
+    r"""AdamW (Loshchilov & Hutter, 2019), fused: drop-in for :class:`torch.optim.AdamW`.
+
+    Adam with decoupled weight decay: the params shrink by
+    :math:`(1 - \gamma\lambda)` each step instead of :math:`\lambda\theta`
+    being added to the gradient (so the decay does not pass through the
+    adaptive scaling).
+"""
+    + _ADAM_MATH
+    + _ARGS.replace("{wd}", "1e-2")
+    + _docs.FUSED_NOTE.format(op="adam_")
+    + """
+    Conventions: the decay is scaled by the learning rate (torch.optim's
+    convention), not applied as the paper's schedule-multiplier-only
+    :math:`\\eta_t\\lambda`.
+
+    References: Loshchilov & Hutter, "Decoupled Weight Decay
+    Regularization", ICLR 2019, https://arxiv.org/abs/1711.05101.
+"""
+)

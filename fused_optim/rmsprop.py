@@ -1,0 +1,162 @@
+"""RMSprop: drop-in replacement for torch.optim.RMSprop."""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim import _docs
+from fused_optim._base import FusedOptimizer, check_implementation_keywords, new_step, to_float
+
+__all__ = ["RMSprop"]
+
+
+class RMSprop(FusedOptimizer):
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        # Same checks, order and messages as torch.optim.RMSprop.
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= alpha:
+            raise ValueError(f"Invalid alpha value: {alpha}")
+        check_implementation_keywords(
+            "RMSprop", foreach=foreach, fused=None, capturable=capturable, differentiable=differentiable
+        )
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "alpha": alpha,
+            "eps": eps,
+            "centered": centered,
+            "weight_decay": weight_decay,
+            "capturable": capturable,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("momentum", 0)
+            group.setdefault("centered", False)
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+
+    def _mode(self, group) -> tuple:
+        return (bool(group["centered"]), group["momentum"] > 0, bool(group["maximize"]))
+
+    def _state_names(self, mode) -> tuple:
+        centered, uses_momentum, _ = mode
+        return (
+            ("square_avg",)
+            + (("grad_avg",) if centered else ())
+            + (("momentum_buffer",) if uses_momentum else ())
+        )
+
+    def _init_state(self, param, group, state) -> bool:
+        state.setdefault("step", new_step())
+        for name in self._state_names(self._mode(group)):
+            if name not in state:
+                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return False
+
+    def _hyperparameters(self, group) -> tuple:
+        return (
+            to_float(group["lr"]),
+            to_float(group["alpha"]),
+            to_float(group["eps"]),
+            to_float(group["weight_decay"]),
+            to_float(group["momentum"]),
+        )
+
+    def _launch(self, bucket, grads, hyper) -> None:
+        centered, uses_momentum, maximize = bucket.mode
+        params, grads, states = self._op_lists(bucket, grads)
+        by_name = dict(zip(bucket.states, states))
+        torch.ops.fused_optim.rmsprop_(
+            params,
+            grads,
+            by_name["square_avg"],
+            by_name.get("grad_avg", []),
+            by_name.get("momentum_buffer", []),
+            bucket.steps,
+            bucket.group_index,
+            *hyper,
+            centered=centered,
+            maximize=maximize,
+        )
+
+
+RMSprop.__doc__ = (
+    r"""RMSprop (Hinton, 2012), fused: drop-in for :class:`torch.optim.RMSprop`.
+
+    torch.optim has no fused RMSprop; its for-each version makes several
+    passes over memory per step, this one makes one.
+
+    .. math::
+       \begin{aligned}
+            &g_t \leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1}
+                \quad (-\text{ if } \textit{maximize}) \\
+            &v_t \leftarrow \alpha v_{t-1} + (1-\alpha) g_t^2 \\
+            &\textbf{if } \textit{centered}: \bar g_t \leftarrow \alpha \bar g_{t-1}
+                + (1-\alpha) g_t, \quad d_t \leftarrow \sqrt{v_t - \bar g_t^2} + \epsilon
+             \quad \textbf{else}: d_t \leftarrow \sqrt{v_t} + \epsilon \\
+            &\textbf{if } \mu > 0: b_t \leftarrow \mu b_{t-1} + g_t / d_t, \quad
+                \theta_t \leftarrow \theta_{t-1} - \gamma b_t
+             \quad \textbf{else}: \theta_t \leftarrow \theta_{t-1} - \gamma g_t / d_t
+       \end{aligned}
+
+    Symbols: :math:`\gamma` ``lr``, :math:`\alpha` ``alpha``, :math:`\epsilon`
+    ``eps``, :math:`\lambda` ``weight_decay``, :math:`\mu` ``momentum``;
+    state :math:`v` ``square_avg``, :math:`\bar g` ``grad_avg`` (centered),
+    :math:`b` ``momentum_buffer`` (momentum > 0), ``step`` (counted, as in
+    torch, though the update does not use it).
+
+    Conventions: :math:`\epsilon` is added outside the square root (as
+    torch.optim and Keras; TensorFlow v1 adds it inside).
+
+    Args:
+        """
+    + _docs.PARAMS
+    + r"""
+        lr (float, Tensor, optional): learning rate :math:`\gamma` (default: 1e-2).
+        alpha (float, optional): smoothing constant :math:`\alpha` (default: 0.99).
+        eps (float, optional): :math:`\epsilon` (default: 1e-8).
+        weight_decay (float, optional): :math:`\lambda`, L2 penalty (default: 0).
+        momentum (float, optional): :math:`\mu` (default: 0).
+        centered (bool, optional): normalize by an estimate of the gradient's
+            variance instead of its second moment (default: False).
+        """
+    + _docs.MAXIMIZE
+    + "\n        "
+    + _docs.IMPLEMENTATION
+    + _docs.FUSED_NOTE.format(op="rmsprop_")
+    + """
+    References: Hinton, Srivastava & Swersky, "Neural Networks for Machine
+    Learning", lecture 6e, 2012; Graves, "Generating Sequences With Recurrent
+    Neural Networks", 2013 (centered variant).
+"""
+)

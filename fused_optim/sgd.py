@@ -1,0 +1,178 @@
+"""SGD: drop-in replacement for torch.optim.SGD."""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim import _docs
+from fused_optim._base import FusedOptimizer, check_implementation_keywords, to_float
+
+__all__ = ["SGD"]
+
+
+class SGD(FusedOptimizer):
+    _has_step = False
+    _supports_sparse = True
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | torch.Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        # Same checks, order and messages as torch.optim.SGD.
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        check_implementation_keywords(
+            "SGD", foreach=foreach, fused=fused, capturable=False, differentiable=differentiable
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
+
+    def _mode(self, group) -> tuple:
+        uses_momentum = group["momentum"] != 0
+        return (uses_momentum, bool(group["nesterov"]), bool(group["maximize"]))
+
+    def _state_names(self, mode) -> tuple:
+        return ("momentum_buffer",) if mode[0] else ()
+
+    def _init_state(self, param, group, state) -> bool:
+        # torch.optim creates the buffer on the first step as a copy of the
+        # (decayed) gradient. We allocate it zero-filled and tell the op it is
+        # new, so the kernel writes the gradient into it in the same pass.
+        state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return True
+
+    def _hyperparameters(self, group) -> tuple:
+        return (
+            to_float(group["lr"]),
+            to_float(group["momentum"]),
+            to_float(group["dampening"]),
+            to_float(group["weight_decay"]),
+        )
+
+    def _launch(self, bucket, grads, hyper) -> None:
+        uses_momentum, nesterov, maximize = bucket.mode
+        params, grads, states = self._op_lists(bucket, grads)
+        torch.ops.fused_optim.sgd_(
+            params,
+            grads,
+            states[0] if uses_momentum else [],
+            bucket.group_index,
+            *hyper,
+            bucket.new_state if uses_momentum else [],
+            nesterov=nesterov,
+            maximize=maximize,
+        )
+
+    def _sparse_step(self, group, params, grads, is_new) -> None:
+        # Sparse gradients go through torch.optim's own single-tensor SGD:
+        # a sparse update touches few rows, so there is nothing to fuse.
+        uses_momentum = group["momentum"] != 0
+        buffers = [
+            None if (new or not uses_momentum) else self.state[p]["momentum_buffer"]
+            for p, new in zip(params, is_new)
+        ]
+        torch.optim.sgd.sgd(
+            params,
+            grads,
+            buffers,
+            has_sparse_grad=True,
+            foreach=False,
+            weight_decay=to_float(group["weight_decay"]),
+            momentum=group["momentum"],
+            lr=to_float(group["lr"]),
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        if uses_momentum:
+            for p, buffer in zip(params, buffers):
+                self.state[p]["momentum_buffer"] = buffer
+
+
+SGD.__doc__ = (
+    r"""Stochastic gradient descent with momentum, fused: drop-in for
+    :class:`torch.optim.SGD`.
+
+    .. math::
+       \begin{aligned}
+            &g_t \leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1}
+                \quad (-\text{ if } \textit{maximize}) \\
+            &\textbf{if } \mu \neq 0: \quad
+                b_t \leftarrow \begin{cases} g_t & t = 1 \\
+                    \mu b_{t-1} + (1-\tau) g_t & t > 1 \end{cases}, \quad
+                g_t \leftarrow \begin{cases} g_t + \mu b_t & \textit{nesterov} \\
+                    b_t & \text{otherwise} \end{cases} \\
+            &\theta_t \leftarrow \theta_{t-1} - \gamma g_t
+       \end{aligned}
+
+    Symbols: :math:`\gamma` ``lr``, :math:`\mu` ``momentum``, :math:`\tau`
+    ``dampening``, :math:`\lambda` ``weight_decay``; state :math:`b`
+    ``momentum_buffer`` (only when momentum is non-zero; SGD keeps no
+    ``step``).
+
+    Conventions: as torch.optim (and unlike Sutskever et al.), the learning
+    rate multiplies the buffer rather than being folded into it, so changing
+    ``lr`` mid-run does not rescale past momentum; the first step sets the
+    buffer to the gradient, undamped.
+
+    Args:
+        """
+    + _docs.PARAMS
+    + r"""
+        lr (float, Tensor, optional): learning rate :math:`\gamma` (default: 1e-3).
+        momentum (float, optional): :math:`\mu` (default: 0).
+        dampening (float, optional): :math:`\tau` (default: 0).
+        weight_decay (float, optional): :math:`\lambda`, L2 penalty (default: 0).
+        nesterov (bool, optional): Nesterov momentum (default: False).
+        """
+    + _docs.MAXIMIZE
+    + "\n        "
+    + _docs.IMPLEMENTATION
+    + r"""
+
+    Sparse gradients are supported as in torch.optim (through its
+    single-tensor implementation, unfused).
+"""
+    + _docs.FUSED_NOTE.format(op="sgd_")
+    + """
+    References: Sutskever et al., "On the importance of initialization and
+    momentum in deep learning", ICML 2013.
+"""
+)

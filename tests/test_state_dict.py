@@ -1,0 +1,394 @@
+"""Checkpoints, param groups and the rest of the torch.optim.Optimizer API
+(DESIGN.md section 2: same state_dict layout, interchangeable checkpoints,
+hooks, closures, __setstate__ defaults)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from harness import (
+    P,
+    Run,
+    assert_optimizer_unchanged,
+    assert_runs_close,
+    assert_same_state,
+    check_step_tensor,
+    snapshot_optimizer,
+)
+from optim_configs import (
+    GROUP_OVERRIDES,
+    ONE_PER_OPTIMIZER,
+    OPTIM_CONFIGS,
+    SETSTATE_DEFAULTED_KEYS,
+    STATE_NAMES,
+)
+
+ALL = pytest.mark.parametrize("cfg", OPTIM_CONFIGS, ids=str)
+ONE_EACH = pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+
+
+def _groups(cfg):
+    o1, _ = GROUP_OVERRIDES[cfg.name]
+    return [({}, [P((7,)), P((4099,)), P((3, 5))]), (o1, [P((9,)), P((1,))])]
+
+
+def _pair(cfg, device, groups=None, **kw):
+    groups = _groups(cfg) if groups is None else groups
+    ref = Run(cfg.torch_cls, groups, {**cfg.kwargs, "foreach": False}, device=device, **kw)
+    ours = Run(cfg.ours_cls, groups, cfg.kwargs, device=device, **kw)
+    return ref, ours
+
+
+def _step(runs, s, has_grad=None):
+    for r in runs:
+        if has_grad is None:
+            r.set_grads(s)
+        else:
+            r.set_grads(s, has_grad)
+        r.opt.step()
+
+
+def _save_load(sd):
+    """torch.save / torch.load(weights_only=True): a checkpoint of ours must
+    contain nothing but tensors and plain Python values."""
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _fresh(cfg_cls, cfg, device, like: Run):
+    kw = {**cfg.kwargs, "foreach": False} if cfg_cls is cfg.torch_cls else cfg.kwargs
+    run = Run(cfg_cls, _groups(cfg), kw, device=device)
+    run.copy_params_from(like)
+    return run
+
+
+def _assert_layout_like_torch(sd_ours, sd_torch, cfg):
+    assert set(sd_ours) == {"state", "param_groups"}
+    assert len(sd_ours["param_groups"]) == len(sd_torch["param_groups"])
+    for go, gt in zip(sd_ours["param_groups"], sd_torch["param_groups"]):
+        assert go["params"] == gt["params"], "param ids of the state_dict differ from torch's"
+        extra = set(go) - set(gt)
+        # torch's RMSprop has no `fused` keyword; ours accepts one.
+        allowed = {"fused"} if cfg.name == "RMSprop" else set()
+        assert set(gt) <= set(go) and extra <= allowed, (
+            f"param_groups keys: ours {sorted(go)} vs torch {sorted(gt)}"
+        )
+        for k in gt:
+            # The torch reference runs with foreach=False; `fused` is ours.
+            if k not in ("params", "fused", "foreach"):
+                assert go[k] == gt[k], f"group[{k!r}]: ours {go[k]!r} vs torch {gt[k]!r}"
+    assert set(sd_ours["state"]) == set(sd_torch["state"])
+    for idx, st in sd_torch["state"].items():
+        so = sd_ours["state"][idx]
+        assert set(so) <= STATE_NAMES[cfg.name] | set(st)
+        assert_same_state(so, st, f"state_dict state[{idx}]")
+
+
+@ALL
+def test_state_dict_round_trips(cfg, device):
+    """torch -> ours, ours -> torch and ours -> ours: all continue on the
+    trajectory of an uninterrupted torch.optim run."""
+    ref, ours = _pair(cfg, device)
+    for s in range(4):
+        _step((ref, ours), s)
+    sd_torch = copy.deepcopy(ref.opt.state_dict())
+    sd_ours = ours.opt.state_dict()
+    _assert_layout_like_torch(sd_ours, sd_torch, cfg)
+    sd_ours = _save_load(sd_ours)
+
+    a = _fresh(cfg.ours_cls, cfg, device, ref)  # torch -> ours
+    a.opt.load_state_dict(copy.deepcopy(sd_torch))
+    b = _fresh(cfg.torch_cls, cfg, device, ours)  # ours -> torch
+    b.opt.load_state_dict(copy.deepcopy(sd_ours))
+    c = _fresh(cfg.ours_cls, cfg, device, ours)  # ours -> ours
+    c.opt.load_state_dict(copy.deepcopy(sd_ours))
+    for name, run in (("torch->ours", a), ("ours->torch", b), ("ours->ours", c)):
+        assert_runs_close(run, ref, f"{cfg} {name} right after load")
+    for s in range(4, 8):
+        _step((ref, ours, a, b, c), s)
+        for name, run in (("uninterrupted ours", ours), ("torch->ours", a),
+                          ("ours->torch", b), ("ours->ours", c)):
+            assert_runs_close(run, ref, f"{cfg} {name} step {s}")
+
+
+@ALL
+def test_load_into_a_warm_optimizer(cfg, device):
+    """load_state_dict into an optimizer that has already stepped (on a
+    different trajectory): the loaded state is used, not cached tensors."""
+    ref = Run(cfg.torch_cls, _groups(cfg), {**cfg.kwargs, "foreach": False}, device=device)
+    ours = Run(cfg.ours_cls, _groups(cfg), cfg.kwargs, device=device, grad_seed=7)
+    for s in range(3):
+        _step((ref, ours), s)  # different grads: different state
+    ours.opt.load_state_dict(copy.deepcopy(ref.opt.state_dict()))
+    ours.copy_params_from(ref)
+    ours.grad_seed = 0
+    assert_runs_close(ours, ref, f"{cfg} after load")
+    for s in range(3, 7):
+        _step((ref, ours), s)
+        assert_runs_close(ours, ref, f"{cfg} step {s}")
+
+
+@ALL
+def test_param_data_and_state_tensors_replaced(cfg, device):
+    """Users (and FSDP, AMP master weights, ...) rebind p.data and state
+    tensors; a cached bucket must not keep writing the old storage."""
+    ref, ours = _pair(cfg, device)
+    for s in range(3):
+        _step((ref, ours), s)
+    for run in (ref, ours):
+        with torch.no_grad():
+            for p in run.params[::2]:
+                p.data = p.data.clone()
+            for p in run.params[1::2]:
+                st = run.opt.state[p]
+                for k in list(st):
+                    if k != "step":
+                        st[k] = st[k].clone()
+    for s in range(3, 7):
+        _step((ref, ours), s)
+        assert_runs_close(ours, ref, f"{cfg} step {s}")
+
+
+@ALL
+def test_state_layout_matches_torch(cfg, device):
+    ref, ours = _pair(cfg, device)
+    # Adagrad creates its state in the constructor (torch does too).
+    for i in range(len(ref.params)):
+        assert_same_state(ours.state_of(i), ref.state_of(i), f"{cfg} before any step, param {i}",
+                          close=False)
+    _step((ref, ours), 0)
+    for i in range(len(ref.params)):
+        st = ours.state_of(i)
+        assert_same_state(st, ref.state_of(i), f"{cfg} param {i}")
+        for k, v in st.items():
+            if k != "step":
+                assert v.data_ptr() != ours.params[i].data_ptr()
+        if "step" in st:
+            check_step_tensor(st["step"], ref.state_of(i)["step"], f"{cfg} param {i}")
+            assert st["step"].device.type == "cpu"
+
+
+@ALL
+def test_param_group_keys_and_defaults_match_torch(cfg):
+    t = cfg.torch_cls([torch.zeros(3, requires_grad=True)], **cfg.kwargs)
+    o = cfg.ours_cls([torch.zeros(3, requires_grad=True)], **cfg.kwargs)
+    allowed_extra = {"fused"} if cfg.name == "RMSprop" else set()
+    for name, ours_d, torch_d in (("param_groups[0]", o.param_groups[0], t.param_groups[0]),
+                                  ("defaults", o.defaults, t.defaults)):
+        assert set(torch_d) <= set(ours_d) and set(ours_d) - set(torch_d) <= allowed_extra, (
+            f"{name} keys: ours {sorted(ours_d)} vs torch {sorted(torch_d)}"
+        )
+        for k in torch_d:
+            if k not in ("params", "fused"):
+                assert ours_d[k] == torch_d[k], f"{name}[{k!r}]: {ours_d[k]!r} vs {torch_d[k]!r}"
+
+
+@ALL
+def test_add_param_group_after_steps(cfg, device):
+    o1, o2 = GROUP_OVERRIDES[cfg.name]
+    ref, ours = _pair(cfg, device, groups=[({}, [P((7,)), P((4099,))])])
+    for s in range(3):
+        _step((ref, ours), s)
+        assert_runs_close(ours, ref, f"{cfg} step {s}")
+    for run in (ref, ours):
+        run.add_group(o1, [P((9,)), P((3, 5))])
+    for s in range(3, 6):
+        _step((ref, ours), s)
+        assert_runs_close(ours, ref, f"{cfg} step {s} (2 groups)")
+    for run in (ref, ours):
+        run.add_group(o2, [P((1031,))])
+    for s in range(6, 9):
+        _step((ref, ours), s)
+        assert_runs_close(ours, ref, f"{cfg} step {s} (3 groups)")
+
+
+@ALL
+def test_old_checkpoint_missing_group_keys(cfg, device):
+    """A checkpoint lacking the group keys that torch's __setstate__ fills in
+    (older torch versions) and with float `step`s loads into ours like into
+    torch."""
+    ref, ours = _pair(cfg, device)
+    for s in range(3):
+        _step((ref, ours), s)
+    sd = copy.deepcopy(ref.opt.state_dict())
+    for g in sd["param_groups"]:
+        for k in SETSTATE_DEFAULTED_KEYS[cfg.name]:
+            g.pop(k, None)
+    for st in sd["state"].values():
+        if "step" in st:
+            st["step"] = float(st["step"])
+    a = _fresh(cfg.torch_cls, cfg, device, ref)
+    a.opt.load_state_dict(copy.deepcopy(sd))
+    b = _fresh(cfg.ours_cls, cfg, device, ref)
+    b.opt.load_state_dict(copy.deepcopy(sd))
+    for s in range(3, 6):
+        _step((a, b), s)
+        assert_runs_close(b, a, f"{cfg} step {s}")
+    for gb, ga in zip(b.opt.param_groups, a.opt.param_groups):
+        for k in SETSTATE_DEFAULTED_KEYS[cfg.name]:
+            if k != "fused":
+                assert gb[k] == ga[k], f"group[{k!r}] defaulted to {gb[k]!r}, torch {ga[k]!r}"
+
+
+# ---------------------------------------------------------------------------
+# zero_grad, closure, hooks
+# ---------------------------------------------------------------------------
+
+
+@ONE_EACH
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad(cfg, set_to_none, device):
+    ref, ours = _pair(cfg, device)
+    for s in range(2):
+        _step((ref, ours), s)
+    for run in (ref, ours):
+        grads = [p.grad for p in run.params]
+        run.opt.zero_grad(set_to_none=set_to_none)
+        for p, g in zip(run.params, grads):
+            if set_to_none:
+                assert p.grad is None
+            else:
+                assert p.grad is g and torch.count_nonzero(p.grad) == 0
+        # Accumulate into the zeroed grads (what backward does), then step.
+        zeroed = [p.grad for p in run.params]
+        run.set_grads(2)
+        for p, z in zip(run.params, zeroed):
+            if z is not None:
+                z.add_(p.grad)
+                p.grad = z
+        run.opt.step()
+    assert_runs_close(ours, ref, f"{cfg} after zero_grad(set_to_none={set_to_none})")
+
+
+@ONE_EACH
+def test_step_with_closure(cfg, device):
+    ref, ours = _pair(cfg, device)
+    weights = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(device)
+               for i, p in enumerate(ref.params)]
+    for s in range(3):
+        for run in (ref, ours):
+            calls = []
+
+            def closure(run=run, calls=calls):
+                run.opt.zero_grad()
+                loss = sum(((p * w) ** 2).sum() + (p * w).sum() for p, w in zip(run.params, weights))
+                loss.backward()
+                calls.append(loss)
+                return loss
+
+            # torch runs the closure with grad enabled even inside no_grad.
+            with torch.no_grad():
+                loss = run.opt.step(closure)
+            assert len(calls) == 1, f"closure called {len(calls)} times"
+            assert loss is calls[0], "step(closure) must return the closure's loss"
+        assert_runs_close(ours, ref, f"{cfg} closure step {s}")
+    ours.set_grads(3)
+    assert ours.opt.step() is None
+
+
+@ONE_EACH
+def test_step_hooks(cfg, device):
+    ref, ours = _pair(cfg, device)
+    events = []
+    before = []
+
+    def pre(opt, args, kwargs):
+        events.append("pre")
+        before.append([p.detach().clone() for p in ours.params])
+
+    def post(opt, args, kwargs):
+        events.append("post")
+        assert any(not torch.equal(p, b) for p, b in zip(ours.params, before[-1]))
+
+    def global_pre(opt, args, kwargs):
+        events.append("global_pre")
+
+    h1 = ours.opt.register_step_pre_hook(pre)
+    h2 = ours.opt.register_step_post_hook(post)
+    h3 = register_optimizer_step_pre_hook(global_pre)
+    try:
+        ours.set_grads(0)
+        ours.opt.step()
+        assert events == ["global_pre", "pre", "post"], events
+    finally:
+        h1.remove()
+        h2.remove()
+        h3.remove()
+    ours.set_grads(1)
+    ours.opt.step()
+    assert events == ["global_pre", "pre", "post"], "removed hooks still fire"
+
+
+@ONE_EACH
+def test_state_dict_hooks(cfg, device):
+    _, ours = _pair(cfg, device)
+    ours.set_grads(0)
+    ours.opt.step()
+    seen = []
+    ours.opt.register_state_dict_pre_hook(lambda opt: seen.append("sd_pre"))
+
+    def sd_post(opt, sd):
+        seen.append("sd_post")
+        sd["extra"] = 1
+        return sd
+
+    ours.opt.register_state_dict_post_hook(sd_post)
+    ours.opt.register_load_state_dict_pre_hook(lambda opt, sd: seen.append("load_pre"))
+    ours.opt.register_load_state_dict_post_hook(lambda opt: seen.append("load_post"))
+    sd = ours.opt.state_dict()
+    assert sd.get("extra") == 1 and seen == ["sd_pre", "sd_post"]
+    sd.pop("extra")
+    ours.opt.load_state_dict(sd)
+    assert seen == ["sd_pre", "sd_post", "load_pre", "load_post"], seen
+
+
+# ---------------------------------------------------------------------------
+# deepcopy / pickle
+# ---------------------------------------------------------------------------
+
+
+def _clone_run(run: Run, opt_copy):
+    twin = Run.__new__(Run)
+    twin.__dict__.update(run.__dict__)
+    twin.opt = opt_copy
+    twin.params = [p for g in opt_copy.param_groups for p in g["params"]]
+    return twin
+
+
+@ONE_EACH
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_optimizer_is_independent(cfg, how, device):
+    """A deepcopy/pickle round trip of the optimizer is a working optimizer
+    over the copied params; neither copy writes the other's tensors (no
+    bucket cache shared or pointing at the old storage)."""
+    ref, ours = _pair(cfg, device)
+    for s in range(3):
+        _step((ref, ours), s)
+    opt2 = copy.deepcopy(ours.opt) if how == "deepcopy" else pickle.loads(pickle.dumps(ours.opt))
+    twin = _clone_run(ours, opt2)
+    for p, q in zip(twin.params, ours.params):
+        assert p is not q and p.data_ptr() != q.data_ptr()
+    assert_runs_close(twin, ref, f"{cfg} {how} copy")
+
+    snap = snapshot_optimizer(ours.opt)
+    _step((twin,), 3)
+    assert_optimizer_unchanged(ours.opt, snap, f"stepping the {how} copy changed the original")
+    _step((ref,), 3)
+    assert_runs_close(twin, ref, f"{cfg} {how} copy stepped")
+
+    snap = snapshot_optimizer(twin.opt)
+    _step((ours,), 3)
+    assert_optimizer_unchanged(twin.opt, snap, f"stepping the original changed the {how} copy")
+    assert_runs_close(ours, ref, f"{cfg} original stepped")
+    for s in range(4, 6):
+        _step((twin, ours, ref), s)
+        assert_runs_close(twin, ref, f"{cfg} {how} copy step {s}")
+        assert_runs_close(ours, ref, f"{cfg} original step {s}")
