@@ -177,6 +177,9 @@ class FusedOptimizer(Optimizer):
             if not complete:
                 bucket, grads = _bucket.select(bucket, grads)
             if bucket.params:
+                # Only buckets that are stepped need kernels: torch.optim
+                # skips gradient-less params whatever their device.
+                require_device_supported(bucket.device, type(self).__name__)
                 calls.append((bucket, grads))
         if len(calls) > 1:
             for bucket, grads in calls:
@@ -202,7 +205,7 @@ class FusedOptimizer(Optimizer):
         """(params, grads, [state list per name]) as the op takes them:
         complex tensors as real views, like torch.optim's view_as_real."""
         params = bucket.params
-        states = list(bucket.states.values())
+        states = bucket.state_lists()
         if bucket.is_complex:
             params = _bucket.as_real(params)
             grads = _bucket.as_real(grads)
@@ -307,19 +310,15 @@ class FusedOptimizer(Optimizer):
                 key = (param.device, param.dtype, mode)
                 bucket = buckets.get(key)
                 if bucket is None:
-                    bucket = buckets[key] = Bucket(param.device, param.dtype, mode)
-                    bucket.states = {name: [] for name in names}
+                    bucket = buckets[key] = Bucket(
+                        param.device, param.dtype, mode, state_names=names, has_step=self._has_step
+                    )
                 if is_new:
                     bucket.new_state.append(len(bucket.params))
                 bucket.params.append(param)
-                for name in names:
-                    bucket.states[name].append(state[name])
-                if self._has_step:
-                    bucket.steps.append(state["step"])
+                bucket.state_dicts.append(state)
                 bucket.group_index.append(gi)
                 bucket.positions.append((gi, pi))
-        for bucket in buckets.values():
-            require_device_supported(bucket.device, type(self).__name__)
         plan = Plan(list(buckets.values()), stateless, _bucket.groups_signature(self, self._mode))
         self._plan = plan
         return plan

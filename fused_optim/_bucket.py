@@ -31,9 +31,13 @@ class Bucket:
     dtype: torch.dtype
     mode: tuple
     params: list = field(default_factory=list)
-    # state name -> tensors aligned with params (only the names the op uses)
-    states: dict = field(default_factory=dict)
-    steps: list = field(default_factory=list)
+    # names of the state tensors the op uses, in op order
+    state_names: tuple = ()
+    # the per-param state dicts, aligned with params: a step reads the
+    # tensors from them (torch.optim reads the state every step too, so
+    # `opt.state[p]["exp_avg"] = t` takes effect at the next step)
+    state_dicts: list = field(default_factory=list)
+    has_step: bool = False
     group_index: list = field(default_factory=list)
     # (group, position in group["params"]) of each tensor, for error messages
     positions: list = field(default_factory=list)
@@ -44,6 +48,15 @@ class Bucket:
     @property
     def is_complex(self) -> bool:
         return self.dtype.is_complex
+
+    def state_lists(self) -> list:
+        """One list of tensors per state name, read from the state dicts now."""
+        return [list(map(operator.itemgetter(name), self.state_dicts)) for name in self.state_names]
+
+    def steps(self) -> list:
+        if not self.has_step:
+            return []
+        return list(map(operator.itemgetter("step"), self.state_dicts))
 
 
 @dataclass
@@ -79,10 +92,10 @@ def gather_grads(params: list) -> tuple[list, bool]:
 def select(bucket: Bucket, grads: list) -> tuple[Bucket, list]:
     """The sub-bucket of the tensors that have a gradient this step."""
     keep = [i for i, g in enumerate(grads) if g is not None]
-    sub = Bucket(bucket.device, bucket.dtype, bucket.mode)
+    sub = Bucket(bucket.device, bucket.dtype, bucket.mode, state_names=bucket.state_names,
+                 has_step=bucket.has_step)
     sub.params = [bucket.params[i] for i in keep]
-    sub.states = {k: [v[i] for i in keep] for k, v in bucket.states.items()}
-    sub.steps = [bucket.steps[i] for i in keep] if bucket.steps else []
+    sub.state_dicts = [bucket.state_dicts[i] for i in keep]
     sub.group_index = [bucket.group_index[i] for i in keep]
     sub.positions = [bucket.positions[i] for i in keep]
     position_of = {old: new for new, old in enumerate(keep)}

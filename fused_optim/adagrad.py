@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.optim.adagrad import adagrad as _torch_adagrad
 
 from fused_optim import _docs
 from fused_optim._base import FusedOptimizer, check_implementation_keywords, new_step, to_float
@@ -103,7 +104,7 @@ class Adagrad(FusedOptimizer):
         (maximize,) = bucket.mode
         params, grads, states = self._op_lists(bucket, grads)
         torch.ops.fused_optim.adagrad_(
-            params, grads, states[0], bucket.steps, bucket.group_index, *hyper, maximize=maximize
+            params, grads, states[0], bucket.steps(), bucket.group_index, *hyper, maximize=maximize
         )
 
     def _check_sparse(self, group, param, grad) -> None:
@@ -114,7 +115,7 @@ class Adagrad(FusedOptimizer):
         # Sparse gradients go through torch.optim's own single-tensor Adagrad:
         # a sparse update touches few rows, so there is nothing to fuse.
         states = [self.state[p] for p in params]
-        torch.optim.adagrad.adagrad(
+        _torch_adagrad(
             params,
             grads,
             [s["sum"] for s in states],

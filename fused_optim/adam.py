@@ -115,7 +115,7 @@ class Adam(FusedOptimizer):
             states[0],
             states[1],
             states[2] if amsgrad else [],
-            bucket.steps,
+            bucket.steps(),
             bucket.group_index,
             *hyper,
             amsgrad=amsgrad,

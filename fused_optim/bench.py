@@ -41,6 +41,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -314,10 +315,10 @@ def impls_for(spec, device, dtype, requested, notes) -> list[str]:
         elif impl == "deepspeed":
             if device != "cpu" or spec.class_name not in ("Adam", "AdamW"):
                 continue  # not a peer here: no note
-            if dtype != torch.float32:
-                reason = "DeepSpeedCPUAdam timed for fp32 only"
-            elif not deepspeed_available():
+            if not deepspeed_available():
                 reason = "deepspeed not importable: DeepSpeedCPUAdam skipped"
+            elif dtype != torch.float32:
+                reason = "DeepSpeedCPUAdam timed for fp32 only"
         if reason is None:
             impls.append(impl)
         elif reason not in notes:
@@ -469,7 +470,8 @@ def measure_block(block, pool, impls, args, ours_module, probe, notes) -> list[R
         return []
     entries[PROBE] = probe.passes
     times = interleaved_times(entries, args.repeats, timer_for(args.device))
-    del entries  # frees the optimizer states
+    del entries
+    free_memory(args.device)  # the optimizer states, before the next block allocates its own
     bandwidth = probe.bandwidth(times.pop(PROBE))
     results = [
         Result(
@@ -485,7 +487,7 @@ def measure_block(block, pool, impls, args, ours_module, probe, notes) -> list[R
     return results
 
 
-def progress_line(index: int, total: int, block: Block, results: list[Result]) -> str:
+def progress_line(index: int, total: int, block: Block, results: list[Result], seconds) -> str:
     parts = [
         f"{r.impl} {r.median_s * 1e3:.2f} ms"
         + (f" ({r.peer_over_ours:.2f}x)" if r.impl != OURS and r.peer_over_ours else "")
@@ -493,13 +495,16 @@ def progress_line(index: int, total: int, block: Block, results: list[Result]) -
     ]
     if results:
         parts.append(f"ref {results[0].bandwidth_gb_per_s:.0f} GB/s")
-    return f"[{index}/{total}] {block.label}: " + (" | ".join(parts) or "nothing ran")
+    return (
+        f"[{index}/{total}] {block.label} ({seconds:.1f} s): " + (" | ".join(parts) or "nothing ran")
+    )
 
 
 def run_all(args, ours_module, probe, notes) -> list[Result]:
     plan = [(w, d, o) for w in args.workloads for d in args.dtypes for o in args.optimizers]
     results, pool = [], None
     for index, (workload_name, dtype_name, optimizer) in enumerate(plan, 1):
+        block_start = time.perf_counter()
         block = Block(optimizer, WORKLOADS[workload_name](args.device, args.scale), dtype_name)
         if pool is None or (pool.workload.name, pool.dtype) != (workload_name, block.dtype):
             pool = None  # free the previous workload's tensors first
@@ -509,13 +514,15 @@ def run_all(args, ours_module, probe, notes) -> list[Result]:
         try:
             block_results = measure_block(block, pool, impls, args, ours_module, probe, notes)
         except torch.OutOfMemoryError:
-            note = f"{block.label}: out of memory while timing, skipped"
-            notes.append(note)
-            log(f"[{index}/{len(plan)}] {note}")
+            block_results = None
+        if block_results is None:  # outside `except`: its traceback pins the tensors
+            notes.append(f"{block.label}: out of memory while timing, skipped")
+            log(f"[{index}/{len(plan)}] {notes[-1]}")
             free_memory(args.device)
             continue
         results.extend(block_results)
-        log(progress_line(index, len(plan), block, block_results))
+        seconds = time.perf_counter() - block_start
+        log(progress_line(index, len(plan), block, block_results, seconds))
     return results
 
 
@@ -534,20 +541,23 @@ def log(line: str) -> None:
 # --------------------------------------------------------------------------
 
 
+def git_output(args: list[str], cwd: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+
+
 def git_commit() -> str | None:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=repo,
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("-dirty" if dirty else "")
+    """Short commit of the checkout this package (else the working directory) is in."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for where in (package_parent, os.getcwd()):
+        try:
+            head = git_output(["rev-parse", "--short", "HEAD"], where)
+            dirty = git_output(["status", "--porcelain", "--untracked-files=no"], where)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        return head + ("-dirty" if dirty else "")
+    return None
 
 
 def cpu_model() -> str:
@@ -766,8 +776,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.scale <= 0:
         parser.error("--scale must be positive")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
+        parser.error("--device must be cpu, cuda or cuda:N")
+    if args.device != "cpu" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch has no CUDA device")
+    if args.device == "cuda":
+        args.device = f"cuda:{torch.cuda.current_device()}"  # set_device needs an index
     device_kind = "cpu" if args.device == "cpu" else "cuda"
     args.repeats = args.repeats or DEFAULT_REPEATS[device_kind]
     if OURS not in args.impls:

@@ -95,14 +95,14 @@ class RMSprop(FusedOptimizer):
     def _launch(self, bucket, grads, hyper) -> None:
         centered, uses_momentum, maximize = bucket.mode
         params, grads, states = self._op_lists(bucket, grads)
-        by_name = dict(zip(bucket.states, states))
+        by_name = dict(zip(bucket.state_names, states))
         torch.ops.fused_optim.rmsprop_(
             params,
             grads,
             by_name["square_avg"],
             by_name.get("grad_avg", []),
             by_name.get("momentum_buffer", []),
-            bucket.steps,
+            bucket.steps(),
             bucket.group_index,
             *hyper,
             centered=centered,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.optim.sgd import sgd as _torch_sgd
 
 from fused_optim import _docs
 from fused_optim._base import FusedOptimizer, check_implementation_keywords, to_float
@@ -100,6 +101,12 @@ class SGD(FusedOptimizer):
             maximize=maximize,
         )
 
+    def _check_sparse(self, group, param, grad) -> None:
+        # torch.optim fails here too ("add(sparse, dense) is not supported"),
+        # but only after updating the params before this one.
+        if group["weight_decay"] != 0:
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+
     def _sparse_step(self, group, params, grads, is_new) -> None:
         # Sparse gradients go through torch.optim's own single-tensor SGD:
         # a sparse update touches few rows, so there is nothing to fuse.
@@ -108,7 +115,7 @@ class SGD(FusedOptimizer):
             None if (new or not uses_momentum) else self.state[p]["momentum_buffer"]
             for p, new in zip(params, is_new)
         ]
-        torch.optim.sgd.sgd(
+        _torch_sgd(
             params,
             grads,
             buffers,

@@ -29,3 +29,9 @@ def _seed_and_restore_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    # torch.optim's own sparse Adagrad path builds COO tensors without opting
+    # in or out of invariant checks; the warning is torch's, not ours.
+    config.addinivalue_line("filterwarnings", "ignore:Sparse invariant checks:UserWarning")

@@ -170,6 +170,18 @@ GROUP_OVERRIDES: dict[str, list[dict[str, Any]]] = {
     ],
 }
 
+# Hyperparameters written into every group mid-run (torch.optim reads them at
+# every step, so must ours; a plan cached by mode flags must notice). Plus
+# `maximize` toggled. Only changes torch itself supports mid-run: e.g. turning
+# RMSprop momentum or Adam amsgrad on mid-run is a KeyError in torch.
+MID_RUN_CHANGES: dict[str, dict[str, Any]] = {
+    "SGD": dict(momentum=0.5, weight_decay=0.05),  # momentum 0 -> 0.5 creates buffers
+    "Adagrad": dict(lr_decay=0.05, weight_decay=0.02, eps=1e-4),
+    "RMSprop": dict(alpha=0.9, eps=1e-4, weight_decay=0.02),
+    "Adam": dict(betas=(0.7, 0.95), eps=1e-4, weight_decay=0.05),
+    "AdamW": dict(betas=(0.7, 0.95), eps=1e-4, weight_decay=0.05),
+}
+
 # Names of the per-parameter state of each optimizer (torch's names).
 STATE_NAMES = {
     "SGD": {"momentum_buffer"},
@@ -190,9 +202,9 @@ SETSTATE_DEFAULTED_KEYS = {
     "AdamW": ["amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"],
 }
 
-# Keyword arguments that ours may have beyond torch 2.13's signature: torch's
-# RMSprop has no `fused`, but ours accepts fused=None/True on every optimizer.
-EXTRA_KWARGS_ALLOWED = {"fused": None}
+# Optimizers whose torch 2.13 constructor takes `fused` (torch's RMSprop does
+# not, and ours has exactly torch's signatures, so neither does ours).
+HAS_FUSED = ("SGD", "Adagrad", "Adam", "AdamW")
 
 # Optimizers whose torch counterpart takes a `capturable` keyword.
 HAS_CAPTURABLE = ("RMSprop", "Adam", "AdamW")
@@ -308,8 +320,9 @@ def _constructor_errors() -> list[ErrorCase]:
             cases.append(ErrorCase(f"{name}-{cid}", name, kw, ValueError, _msg(text)))
         # Keywords accepted for compatibility but not honoured: a clear error,
         # never silently ignored (DESIGN.md section 2).
-        cases.append(ErrorCase(f"{name}-fused_false", name, dict(fused=False), ValueError,
-                               "fused", from_torch=False))
+        if name in HAS_FUSED:
+            cases.append(ErrorCase(f"{name}-fused_false", name, dict(fused=False), ValueError,
+                                   "fused", from_torch=False))
         cases.append(ErrorCase(f"{name}-differentiable", name, dict(differentiable=True),
                                ValueError, "differentiable", from_torch=False))
         if name in HAS_CAPTURABLE:
@@ -320,7 +333,8 @@ def _constructor_errors() -> list[ErrorCase]:
 
 CONSTRUCTOR_ERRORS: list[ErrorCase] = _constructor_errors()
 
-# Keywords that are accepted with these values (and must not raise).
+# Keywords that are accepted with these values (and must not raise); the
+# `fused` ones only where torch has the keyword (HAS_FUSED).
 ACCEPTED_KWARGS: list[dict[str, Any]] = [
     dict(foreach=None),
     dict(foreach=True),

@@ -13,12 +13,15 @@ from harness import (
     P,
     Run,
     assert_runs_close,
+    assert_same_state,
+    bits,
     run_low_precision,
     run_parity,
     sometimes_none,
 )
 from optim_configs import (
     GROUP_OVERRIDES,
+    MID_RUN_CHANGES,
     LARGE_CONFIGS,
     LOW_PRECISION_DTYPES,
     ONE_PER_OPTIMIZER,
@@ -86,6 +89,19 @@ def test_lr_changed_mid_run(cfg, device):
                before_step=before_step)
 
 
+@ALL
+def test_hyperparameters_and_maximize_changed_mid_run(cfg, device):
+    def before_step(step, opt):
+        if step == 4:
+            for g in opt.param_groups:
+                g.update(MID_RUN_CHANGES[cfg.name])
+                g["maximize"] = not g["maximize"]
+
+    o1, _ = GROUP_OVERRIDES[cfg.name]
+    run_parity(cfg, [({}, [P((7,)), P((4099,))]), (o1, [P((9,))])], STEPS, device=device,
+               before_step=before_step)
+
+
 SCHEDULERS = {
     "StepLR": lambda opt: StepLR(opt, step_size=3, gamma=0.5),
     "LambdaLR": lambda opt: LambdaLR(opt, lambda epoch: 1.0 / (1.0 + epoch)),
@@ -106,6 +122,14 @@ def test_tensor_lr_with_scheduler(cfg, device):
     kwargs = {**cfg.kwargs, "lr": torch.tensor(cfg.lr)}
     run_parity(cfg, one_group([P((7,)), P((4099,))]), STEPS, device=device, kwargs=kwargs,
                scheduler=lambda opt: StepLR(opt, step_size=2, gamma=0.5))
+
+
+@pytest.mark.parametrize("cfg", [c for c in OPTIM_CONFIGS if c.name in ("Adam", "AdamW")], ids=str)
+def test_tensor_betas(cfg, device):
+    # torch accepts betas as a pair of 1-element tensors (and converts them).
+    b1, b2 = cfg.kwargs.get("betas", (0.9, 0.999))
+    kwargs = {**cfg.kwargs, "betas": (torch.tensor(b1), torch.tensor(b2))}
+    run_parity(cfg, one_group([P((7,)), P((4099,))]), STEPS, device=device, kwargs=kwargs)
 
 
 @ALL
@@ -138,11 +162,17 @@ def test_mixed_dtypes_in_one_group(cfg, device):
 @ALL
 @EXACT
 def test_layouts(cfg, dtype, device):
-    ref, ours = run_parity(cfg, one_group(LAYOUTS), STEPS, dtype=dtype, device=device)
-    # Updates are in place: the params are still the views they were.
-    for p, spec in zip(ours.params, ours.specs):
-        if spec.layout != "contiguous":
-            assert p._base is not None
+    ptrs = []
+
+    def record(step, opt):
+        if step == 0:
+            ptrs.append([p.data_ptr() for g in opt.param_groups for p in g["params"]])
+
+    ref, ours = run_parity(cfg, one_group(LAYOUTS), STEPS, dtype=dtype, device=device,
+                           before_step=record)
+    # Updates are in place: every param still lives where it did (its view's
+    # base buffer is compared with torch's by run_parity after every step).
+    assert [p.data_ptr() for p in ours.params] == ptrs[1]
 
 
 @ALL
@@ -211,8 +241,6 @@ def _run_ours(cfg, device, threads, steps=3):
 
 
 def _assert_bitwise_equal(a: Run, b: Run, where):
-    from harness import bits
-
     for i, (pa, pb) in enumerate(zip(a.params, b.params)):
         assert torch.equal(bits(pa), bits(pb)), f"{where}: param {i} differs"
         sa, sb = a.state_of(i), b.state_of(i)
@@ -268,3 +296,48 @@ def test_grad_scaler_with_inf_step(cfg, device):
         if cfg.name != "SGD":
             steps_done = ours.state_of(0)["step"].item()
             assert steps_done == (s if s >= 2 else s + 1), "the inf step must not count"
+
+
+# ---------------------------------------------------------------------------
+# Params and grads that are views into one flat buffer
+# ---------------------------------------------------------------------------
+
+
+@ALL
+def test_params_and_grads_views_of_flat_buffers(cfg, device):
+    """Adjacent, non-overlapping views of one flat param buffer, with grads
+    that are views of one flat grad buffer (DDP's gradient_as_bucket_view,
+    flat-parameter wrappers): sizes chosen so that views start misaligned."""
+    shapes = [(7,), (33, 5), (9,), (4099,), (1,), (8, 3)]
+    numels = [torch.Size(s).numel() for s in shapes]
+    total = sum(numels)
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(total, generator=gen, dtype=torch.float64).to(torch.float32).to(device)
+
+    def build(cls, kw):
+        flat = init.clone()
+        flat_grad = torch.zeros_like(flat)
+        params, grads, off = [], [], 0
+        for shape, n in zip(shapes, numels):
+            p = flat[off:off + n].view(shape).requires_grad_()
+            params.append(p)
+            grads.append(flat_grad[off:off + n].view(shape))
+            off += n
+        o1, _ = GROUP_OVERRIDES[cfg.name]
+        opt = cls([{"params": params[:3]}, {"params": params[3:], **o1}], **kw)
+        return flat, flat_grad, params, grads, opt
+
+    runs = [build(cfg.torch_cls, {**cfg.kwargs, "foreach": False}), build(cfg.ours_cls, cfg.kwargs)]
+    for s in range(STEPS):
+        g = torch.randn(total, generator=torch.Generator().manual_seed(100 + s),
+                        dtype=torch.float64).to(torch.float32).to(device)
+        for flat, flat_grad, params, grads, opt in runs:
+            flat_grad.copy_(g)
+            for p, gv in zip(params, grads):
+                p.grad = gv
+            opt.step()
+        (ft, _, pt, _, ot), (fo, _, po, _, oo) = runs
+        torch.testing.assert_close(fo, ft, msg=lambda m: f"{cfg} step {s} flat buffer: {m}")
+        for i, (a, b) in enumerate(zip(po, pt)):
+            assert_same_state(oo.state.get(a, {}), ot.state.get(b, {}), f"{cfg} step {s} param {i}")
+    assert not torch.equal(runs[1][0], init)

@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "cpu/convert.h"
 #include "cpu/multi_tensor_cpu.h"
 #include "cpu/vectorized_loop.h"
 #include "fused_optim/update_rules.h"
@@ -28,11 +29,11 @@ void adagrad_range(const DenseOperands& operands, size_t tensor, int64_t begin,
   const scalar_t* grad = at(kGrad);
   scalar_t* sum = at(kSum);
   vectorized_loop(end - begin, [=](int64_t i) {
-    opmath_t p = param[i];
-    opmath_t acc = sum[i];
-    adagrad_update<kDecay>(p, opmath_t(grad[i]), acc, s);
-    param[i] = p;
-    sum[i] = acc;
+    opmath_t p = to_compute(param[i]);
+    opmath_t acc = to_compute(sum[i]);
+    adagrad_update<kDecay>(p, to_compute(grad[i]), acc, s);
+    param[i] = from_compute<scalar_t>(p);
+    sum[i] = from_compute<scalar_t>(acc);
   });
 }
 

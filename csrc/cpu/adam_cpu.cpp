@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "cpu/convert.h"
 #include "cpu/multi_tensor_cpu.h"
 #include "cpu/vectorized_loop.h"
 #include "fused_optim/bool_switch.h"
@@ -29,15 +30,15 @@ void adam_range(const DenseOperands& operands, size_t tensor, int64_t begin,
   scalar_t* exp_avg_sq = at(kExpAvgSq);
   scalar_t* max_exp_avg_sq = kAmsgrad ? at(kMaxExpAvgSq) : nullptr;
   vectorized_loop(end - begin, [=](int64_t i) {
-    opmath_t p = param[i];
-    opmath_t m = exp_avg[i];
-    opmath_t v = exp_avg_sq[i];
-    opmath_t v_max = kAmsgrad ? opmath_t(max_exp_avg_sq[i]) : opmath_t(0);
-    adam_update<kAmsgrad, kDecay>(p, opmath_t(grad[i]), m, v, v_max, s);
-    param[i] = p;
-    exp_avg[i] = m;
-    exp_avg_sq[i] = v;
-    if (kAmsgrad) max_exp_avg_sq[i] = v_max;
+    opmath_t p = to_compute(param[i]);
+    opmath_t m = to_compute(exp_avg[i]);
+    opmath_t v = to_compute(exp_avg_sq[i]);
+    opmath_t v_max = kAmsgrad ? to_compute(max_exp_avg_sq[i]) : opmath_t(0);
+    adam_update<kAmsgrad, kDecay>(p, to_compute(grad[i]), m, v, v_max, s);
+    param[i] = from_compute<scalar_t>(p);
+    exp_avg[i] = from_compute<scalar_t>(m);
+    exp_avg_sq[i] = from_compute<scalar_t>(v);
+    if (kAmsgrad) max_exp_avg_sq[i] = from_compute<scalar_t>(v_max);
   });
 }
 

@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "cpu/convert.h"
 #include "cpu/multi_tensor_cpu.h"
 #include "cpu/vectorized_loop.h"
 #include "fused_optim/update_rules.h"
@@ -36,16 +37,16 @@ void rmsprop_range(const DenseOperands& operands, size_t tensor, int64_t begin,
   scalar_t* grad_avg = kCentered ? at(kGradAvg) : nullptr;
   scalar_t* buffer = kMomentum ? at(kMomentumBuffer) : nullptr;
   vectorized_loop(end - begin, [=](int64_t i) {
-    opmath_t p = param[i];
-    opmath_t sq = square_avg[i];
-    opmath_t ga = kCentered ? opmath_t(grad_avg[i]) : opmath_t(0);
-    opmath_t b = kMomentum ? opmath_t(buffer[i]) : opmath_t(0);
-    rmsprop_update<kCentered, kMomentum, kDecay>(p, opmath_t(grad[i]), sq, ga,
+    opmath_t p = to_compute(param[i]);
+    opmath_t sq = to_compute(square_avg[i]);
+    opmath_t ga = kCentered ? to_compute(grad_avg[i]) : opmath_t(0);
+    opmath_t b = kMomentum ? to_compute(buffer[i]) : opmath_t(0);
+    rmsprop_update<kCentered, kMomentum, kDecay>(p, to_compute(grad[i]), sq, ga,
                                                  b, s);
-    param[i] = p;
-    square_avg[i] = sq;
-    if (kCentered) grad_avg[i] = ga;
-    if (kMomentum) buffer[i] = b;
+    param[i] = from_compute<scalar_t>(p);
+    square_avg[i] = from_compute<scalar_t>(sq);
+    if (kCentered) grad_avg[i] = from_compute<scalar_t>(ga);
+    if (kMomentum) buffer[i] = from_compute<scalar_t>(b);
   });
 }
 

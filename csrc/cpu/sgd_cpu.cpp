@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "cpu/convert.h"
 #include "cpu/multi_tensor_cpu.h"
 #include "cpu/vectorized_loop.h"
 #include "fused_optim/update_rules.h"
@@ -27,11 +28,11 @@ void sgd_range(const DenseOperands& operands, size_t tensor, int64_t begin,
   const scalar_t* grad = at(kGrad);
   scalar_t* buffer = kMomentum ? at(kMomentumBuffer) : nullptr;
   vectorized_loop(end - begin, [=](int64_t i) {
-    opmath_t p = param[i];
-    opmath_t b = kMomentum ? opmath_t(buffer[i]) : opmath_t(0);
-    sgd_update<kMomentum, kNesterov, kDecay>(p, opmath_t(grad[i]), b, s);
-    param[i] = p;
-    if (kMomentum) buffer[i] = b;
+    opmath_t p = to_compute(param[i]);
+    opmath_t b = kMomentum ? to_compute(buffer[i]) : opmath_t(0);
+    sgd_update<kMomentum, kNesterov, kDecay>(p, to_compute(grad[i]), b, s);
+    param[i] = from_compute<scalar_t>(p);
+    if (kMomentum) buffer[i] = from_compute<scalar_t>(b);
   });
 }
 

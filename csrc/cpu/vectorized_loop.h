@@ -20,10 +20,23 @@ namespace fused_optim::cpu {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 
+// Note [ivdep]: every operand of an update is indexed by the same i and the
+// operands of one tensor are distinct tensors (or staged copies), so no
+// iteration reads what another writes. Saying so spares GCC the run-time
+// alias checks it otherwise needs between each pair of 4-6 pointers, beyond
+// whose limit (10 checks) it gives up vectorizing.
+//
+// Note [local body]: the loop runs a local copy of the body. The caller's
+// closure lives in memory the stores could alias (its captured scalars are
+// floats too), which would force a reload of every captured value on each
+// iteration; a local copy whose address never escapes is split into
+// registers instead.
 template <typename Body>
 __attribute__((target("avx2,f16c"))) void loop_avx2(int64_t n,
                                                     const Body& body) {
-  for (int64_t i = 0; i < n; ++i) body(i);
+  const Body local = body;  // Note [local body]
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) local(i);
 }
 
 inline bool cpu_has_avx2() {
@@ -36,7 +49,9 @@ inline bool cpu_has_avx2() {
 
 template <typename Body>
 void loop_baseline(int64_t n, const Body& body) {
-  for (int64_t i = 0; i < n; ++i) body(i);
+  const Body local = body;  // Note [local body]
+#pragma GCC ivdep  // Note [ivdep]
+  for (int64_t i = 0; i < n; ++i) local(i);
 }
 
 // Calls body(i) for i in [0, n).

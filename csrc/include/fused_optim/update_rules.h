@@ -18,6 +18,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #include "fused_optim/macros.h"
 
@@ -28,30 +30,60 @@ namespace fused_optim {
 // or decoupled (the param shrinks before the update, AdamW).
 enum class WeightDecay { kNone, kL2, kDecoupled };
 
+// Chooses a or b by a mask of all ones (a) or all zeros (b), on the bits:
+// a select that GCC vectorizes in loops mixing 16- and 32-bit types, where a
+// `cond ? a : b` on a loop-invariant bool stops its vectorizer.
+template <typename T>
+struct BitsOf;
+template <>
+struct BitsOf<float> {
+  using type = uint32_t;
+};
+template <>
+struct BitsOf<double> {
+  using type = uint64_t;
+};
+
+template <typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE T select_by_mask(typename BitsOf<T>::type mask,
+                                                T a, T b) {
+  typename BitsOf<T>::type ua, ub;
+  memcpy(&ua, &a, sizeof(T));
+  memcpy(&ub, &b, sizeof(T));
+  const typename BitsOf<T>::type bits = (ua & mask) | (ub & ~mask);
+  T out;
+  memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
 // torch.lerp's formula (ATen/native/Lerp.h): for small weights it anchors at
-// `start`, for large ones at `end`, which keeps lerp exact at both ends.
-// Written as a select of the anchor so that a loop over it stays branch-free
-// (and so vectorizes); the arithmetic is bit-identical to
+// `start`, for large ones at `end`, which keeps lerp exact at both ends. We
+// choose the anchor once per tensor, on the host; the arithmetic is
+// bit-identical to
 //   w < 0.5 ? start + w * (end - start) : end - (end - start) * (1 - w).
 template <typename T>
 struct LerpWeight {
-  bool from_start;  // w < 0.5
-  T coefficient;    // w, or -(1 - w)
+  typename BitsOf<T>::type from_start;  // all ones if w < 0.5, else zero
+  T coefficient;                        // w, or -(1 - w)
 
   LerpWeight() = default;
   explicit LerpWeight(double w)
-      : from_start(w < 0.5), coefficient(T(w < 0.5 ? w : -(1.0 - T(w)))) {}
+      : from_start(w < 0.5 ? ~typename BitsOf<T>::type(0)
+                           : typename BitsOf<T>::type(0)),
+        coefficient(T(w < 0.5 ? w : -(1.0 - T(w)))) {}
 };
 
 template <typename T>
 FO_HOST_DEVICE FO_FORCE_INLINE T lerp(T start, T end, const LerpWeight<T>& w) {
-  return (w.from_start ? start : end) + w.coefficient * (end - start);
+  return select_by_mask(w.from_start, start, end) +
+         w.coefficient * (end - start);
 }
 
 template <typename T>
 FO_HOST_DEVICE FO_FORCE_INLINE T max_of(T a, T b) {
   // NaN-propagating like torch.maximum: if either is NaN the result is NaN.
-  return (a != a || a > b) ? a : b;
+  // `|`, not `||`: no short-circuit branch, so loops over it vectorize.
+  return ((a != a) | (a > b)) ? a : b;
 }
 
 // Every rule below takes the gradient sign as a multiplier (`grad_sign`, -1

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sets up everything fused_optim needs on a fresh machine, idempotently:
+# a virtualenv in .venv (Python 3.11), the pinned CPU torch, build and test
+# tools, and an in-place build of the extension. Re-running it rebuilds only
+# what changed (ninja).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+VENV="${FUSED_OPTIM_VENV:-.venv}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "bootstrap: creating $VENV with $("$PYTHON" --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+# torch is pinned: this machine's torch==2.13.0 is the CPU wheel; an unpinned
+# torch would pull several GB of CUDA packages.
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+  "torch==2.13.0" numpy pytest ninja setuptools wheel
+# --no-build-isolation: the extension must be compiled against the torch
+# that will import it. -e: the compiled module lands in fused_optim/, so the
+# tests and the benchmark run from this checkout.
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+  --no-build-isolation -e .
+"$VENV/bin/python" -c "import fused_optim, torch; print(f'bootstrap: fused_optim ready (torch {torch.__version__}, CUDA kernels built: {fused_optim.cuda_built()})')"

@@ -1,0 +1,318 @@
+"""Argument validation and atomicity: a constructor, step() or
+load_state_dict() that raises leaves every param and every state tensor of
+every group bit-identical (each check happens before anything is written)."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+
+import fused_optim
+from harness import (
+    P,
+    Run,
+    assert_optimizer_unchanged,
+    assert_runs_close,
+    snapshot_optimizer,
+)
+from optim_configs import (
+    ACCEPTED_KWARGS,
+    CONSTRUCTOR_ERRORS,
+    HAS_FUSED,
+    GROUP_OVERRIDES,
+    ONE_PER_OPTIMIZER,
+    OPTIM_CONFIGS,
+    OPTIMIZER_NAMES,
+    SPARSE_OK,
+    SPARSE_REJECTED,
+    SPARSE_STEP_ERROR,
+    STEP_ERROR_EXCEPTIONS,
+)
+
+ONE_EACH = pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+ALL = pytest.mark.parametrize("cfg", OPTIM_CONFIGS, ids=str)
+
+
+def _params():
+    return [torch.randn(3, requires_grad=True), torch.randn(2, 2, requires_grad=True)]
+
+
+# ---------------------------------------------------------------------------
+# Constructors
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CONSTRUCTOR_ERRORS, ids=lambda c: c.id)
+def test_constructor_errors(case):
+    with pytest.raises(case.exc, match=case.match):
+        getattr(fused_optim, case.name)(_params(), **case.kwargs)
+
+
+@pytest.mark.parametrize("case", [c for c in CONSTRUCTOR_ERRORS if c.from_torch],
+                         ids=lambda c: c.id)
+def test_error_table_is_torchs(case):
+    """The table's messages are torch.optim's own (so ours match torch)."""
+    with pytest.raises(case.exc, match=case.match):
+        getattr(torch.optim, case.name)(_params(), **case.kwargs)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+@pytest.mark.parametrize("kwargs", ACCEPTED_KWARGS, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()))
+def test_compat_keywords_accepted(name, kwargs):
+    if "fused" in kwargs and name not in HAS_FUSED:
+        with pytest.raises(TypeError):  # like torch: no such keyword
+            getattr(fused_optim, name)(_params(), lr=0.01, **kwargs)
+        return
+    p = _params()
+    opt = getattr(fused_optim, name)(p, lr=0.01, **kwargs)
+    for t in p:
+        t.grad = torch.randn_like(t)
+    opt.step()
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_tensor_lr_accepted(name):
+    p = _params()
+    opt = getattr(fused_optim, name)(p, lr=torch.tensor(0.01))
+    for t in p:
+        t.grad = torch.randn_like(t)
+    opt.step()
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_signature_matches_torch(name):
+    """Same parameter names, order, kinds and defaults as torch 2.13."""
+    ts = inspect.signature(getattr(torch.optim, name).__init__).parameters
+    os_ = inspect.signature(getattr(fused_optim, name).__init__).parameters
+    assert list(os_) == list(ts)
+    for n, tp in ts.items():
+        op = os_[n]
+        assert op.kind == tp.kind, f"{name}({n}): kind {op.kind} vs torch {tp.kind}"
+        assert op.default == tp.default, f"{name}({n}): default {op.default!r} vs torch {tp.default!r}"
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_is_a_torch_optimizer(name):
+    cls = getattr(fused_optim, name)
+    assert issubclass(cls, torch.optim.Optimizer)
+    assert cls.__name__ == name
+
+
+def test_cuda_built_is_bool():
+    built = fused_optim.cuda_built()
+    assert isinstance(built, bool)
+    if torch.version.cuda is None:
+        assert built is False, "a CPU-only torch cannot have a CUDA build of ours"
+
+
+# ---------------------------------------------------------------------------
+# step(): nothing is written when it raises
+# ---------------------------------------------------------------------------
+
+
+def _bad_param(kind: str, dtype=torch.float32):
+    """(param, install): a param, and a function that gives it the grad that
+    makes step() raise; `kind` names what is wrong."""
+    if kind == "sparse":
+        p = torch.randn(10, 3, dtype=dtype, requires_grad=True)
+        idx = torch.tensor([[1, 4, 1, 7]])
+        g = torch.sparse_coo_tensor(idx, torch.randn(4, 3, dtype=dtype), (10, 3),
+                                    check_invariants=True)
+        return p, lambda: setattr(p, "grad", g)
+    if kind == "meta_param":
+        p = torch.randn(4, 3, dtype=dtype, device="meta", requires_grad=True)
+        return p, lambda: setattr(p, "grad", torch.randn(4, 3, dtype=dtype, device="meta"))
+    bad = {
+        "grad_dtype": lambda: torch.randn(4, 3, dtype=torch.float64),
+        "grad_shape": lambda: torch.randn(3, 4, dtype=dtype),  # same numel, other shape
+        "grad_numel": lambda: torch.randn(5, 3, dtype=dtype),
+    }[kind]
+    p = torch.randn(4, 3, dtype=dtype, requires_grad=True)
+
+    def install():
+        # The grad setter refuses such grads; `.data` does not (and autograd
+        # hooks, DDP or user code can produce them the same way).
+        p.grad = torch.randn(4, 3, dtype=dtype)
+        p.grad.data = bad()
+
+    return p, install
+
+
+LAYOUT_ERRORS = ["grad_dtype", "grad_shape", "grad_numel", "meta_param"]
+
+
+class _WithExtra(Run):
+    """A Run whose group `extra_group` also holds `extra` (not in .params, so
+    set_grads never gives it a grad)."""
+
+    def __init__(self, *args, extra=None, extra_group=1, extra_first=False, **kwargs):
+        self._extra = (extra, extra_group, extra_first)
+        self.opt_groups_built = 0
+        super().__init__(*args, **kwargs)
+
+    def _build_group(self, overrides, specs):
+        group = super()._build_group(overrides, specs)
+        extra, gi, first = self._extra
+        if extra is not None and self.opt_groups_built == gi:
+            group["params"] = [extra] + group["params"] if first else group["params"] + [extra]
+        self.opt_groups_built += 1
+        return group
+
+
+def _warm_pair(cfg, group2_overrides=None, steps=2, extra=None, extra_group=1, extra_first=False):
+    """torch and ours after `steps` steps on two dense groups (state exists);
+    ours' group `extra_group` also holds `extra`, which has no grad yet."""
+    o1, _ = GROUP_OVERRIDES[cfg.name]
+    o1 = {**o1, **(group2_overrides or {})}
+    groups = [({}, [P((7,)), P((4099,))]), (o1, [P((9,)), P((3, 5))])]
+    ref = Run(cfg.torch_cls, groups, {**cfg.kwargs, "foreach": False})
+    ours = _WithExtra(cfg.ours_cls, groups, cfg.kwargs, extra=extra, extra_group=extra_group,
+                      extra_first=extra_first)
+    for s in range(steps):
+        for r in (ref, ours):
+            r.set_grads(s)
+            r.opt.step()
+    return ref, ours
+
+
+def _check_raises_atomically(cfg, kind, exc, match, *, where, group2_overrides=None, steps=2,
+                             extra_group=1, extra_first=False):
+    """Group 2 (or `extra_group`) also holds a bad param; after `steps` good
+    steps, give every param a grad and the bad one its bad grad, step, expect
+    the error and no write. Then drop the bad grad and check that the
+    optimizer continues exactly like torch.optim that never had the bad param."""
+    bad, install = _bad_param(kind)
+    # A meta param joins its group after the warm-up steps: a gradless param
+    # on an unsupported device is a separate case
+    # (test_gradless_param_on_unsupported_device_is_skipped).
+    late = kind == "meta_param"
+    ref, ours = _warm_pair(cfg, group2_overrides, steps, extra=None if late else bad,
+                           extra_group=extra_group, extra_first=extra_first)
+    if late:
+        group_params = ours.opt.param_groups[extra_group]["params"]
+        group_params.insert(0 if extra_first else len(group_params), bad)
+    ours.set_grads(steps)
+    install()
+    snap = snapshot_optimizer(ours.opt)
+    with pytest.raises(exc, match=match):
+        ours.opt.step()
+    assert_optimizer_unchanged(ours.opt, snap, f"{cfg} {where}", allow_new_state=(steps == 0))
+    # Recovery: without the bad grad the next step is the step torch takes.
+    bad.grad = None
+    ours.opt.step()
+    ref.set_grads(steps)
+    ref.opt.step()
+    assert_runs_close(ours, ref, f"{cfg} {where}: step after the failed one")
+
+
+@pytest.mark.parametrize("cfg", [c for c in OPTIM_CONFIGS if c.name in SPARSE_REJECTED], ids=str)
+@pytest.mark.parametrize("steps", [2, 0], ids=["warm", "first_step"])
+def test_sparse_grad_rejected_atomically(cfg, steps):
+    exc, match = SPARSE_STEP_ERROR
+    _check_raises_atomically(cfg, "sparse", exc, match, where="sparse grad in group 2",
+                             steps=steps)
+
+
+@pytest.mark.parametrize("cfg", [c for c in OPTIM_CONFIGS if c.name in SPARSE_OK], ids=str)
+def test_sparse_grad_with_weight_decay_rejected_atomically(cfg):
+    # torch: Adagrad "weight_decay option is not compatible with sparse
+    # gradients"; SGD "add(sparse, dense) is not supported".
+    exc, match = SPARSE_STEP_ERROR
+    _check_raises_atomically(cfg, "sparse", exc, match,
+                             where="sparse grad with weight_decay in group 2",
+                             group2_overrides={"weight_decay": 0.1})
+
+
+@ALL
+@pytest.mark.parametrize("kind", LAYOUT_ERRORS)
+def test_bad_grad_or_param_rejected_atomically(cfg, kind):
+    _check_raises_atomically(cfg, kind, STEP_ERROR_EXCEPTIONS, None, where=f"{kind} in group 2")
+
+
+@ONE_EACH
+@pytest.mark.parametrize("kind", LAYOUT_ERRORS)
+def test_bad_param_rejected_on_first_step(cfg, kind):
+    _check_raises_atomically(cfg, kind, STEP_ERROR_EXCEPTIONS, None,
+                             where=f"{kind} in group 2, first step", steps=0)
+
+
+@ONE_EACH
+@pytest.mark.parametrize("kind", ["grad_dtype", "meta_param"])
+def test_bad_param_first_in_group_1(cfg, kind):
+    """The bad tensor first, in group 1: the rest of group 1 and group 2 must
+    not be updated either (no partial progress in any order)."""
+    _check_raises_atomically(cfg, kind, STEP_ERROR_EXCEPTIONS, None,
+                             where=f"{kind} first in group 1", extra_group=0, extra_first=True)
+
+
+@ONE_EACH
+def test_gradless_param_on_unsupported_device_is_skipped(cfg):
+    """torch.optim skips params without a grad whatever their device; a
+    frozen meta-device param in a group must not stop the others' step."""
+    meta = torch.randn(4, 3, device="meta", requires_grad=True)
+    ref, ours = _warm_pair(cfg, steps=0, extra=meta)
+    for s in range(3):
+        for r in (ref, ours):
+            r.set_grads(s)
+            r.opt.step()
+        assert_runs_close(ours, ref, f"{cfg} step {s}")
+
+
+# ---------------------------------------------------------------------------
+# load_state_dict(): mismatched layouts raise ValueError and change nothing
+# ---------------------------------------------------------------------------
+
+
+def _mismatches(cfg):
+    """(name, state_dict) pairs that must not load into `_warm_pair`'s ours
+    (groups of sizes 2 and 2, after 2 steps)."""
+    o1, o2 = GROUP_OVERRIDES[cfg.name]
+    out = []
+    # Other number of groups.
+    three = Run(cfg.torch_cls, [({}, [P((7,)), P((4099,))]), (o1, [P((9,))]), (o2, [P((3, 5))])],
+                {**cfg.kwargs, "foreach": False})
+    out.append(("three_groups", three.opt.state_dict()))
+    one = Run(cfg.torch_cls, [({}, [P((7,)), P((4099,)), P((9,)), P((3, 5))])],
+              {**cfg.kwargs, "foreach": False})
+    out.append(("one_group", one.opt.state_dict()))
+    # Same number of params, other group sizes (3 + 1 instead of 2 + 2).
+    sizes = Run(cfg.torch_cls, [({}, [P((7,)), P((4099,)), P((9,))]), (o1, [P((3, 5))])],
+                {**cfg.kwargs, "foreach": False})
+    out.append(("group_sizes", sizes.opt.state_dict()))
+    # Right layout, a state tensor of the wrong shape (and a new lr, which
+    # must not be applied either).
+    ref, _ = _warm_pair(cfg, steps=3)
+    for label, idx_to_break, shape_fn in (("state_truncated", 1, lambda t: t[:-1]),
+                                          ("state_flattened", 3, lambda t: t.reshape(-1)),
+                                          ("state_doubled", 0, lambda t: torch.cat([t, t]))):
+        sd = copy.deepcopy(ref.opt.state_dict())
+        st = sd["state"][idx_to_break]
+        name = next(k for k in sorted(st) if k != "step")
+        st[name] = shape_fn(st[name]).clone()
+        for g in sd["param_groups"]:
+            g["lr"] = 123.0
+        out.append((label, sd))
+    return dict(out)
+
+
+MISMATCHES = ["three_groups", "one_group", "group_sizes", "state_truncated", "state_flattened",
+              "state_doubled"]
+
+
+@ONE_EACH
+@pytest.mark.parametrize("name", MISMATCHES)
+def test_load_state_dict_mismatch(cfg, name):
+    sd = _mismatches(cfg)[name]
+    ref, ours = _warm_pair(cfg)
+    snap = snapshot_optimizer(ours.opt)
+    with pytest.raises(ValueError):
+        ours.opt.load_state_dict(sd)
+    assert_optimizer_unchanged(ours.opt, snap, f"{cfg} load_state_dict({name})")
+    # And it still steps like torch.
+    for r in (ref, ours):
+        r.set_grads(2)
+        r.opt.step()
+    assert_runs_close(ours, ref, f"{cfg} step after failed load_state_dict({name})")
