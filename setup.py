@@ -66,7 +66,12 @@ def _extension():
     build_cuda, reason = _want_cuda()
     if build_cuda:
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
-        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+        # --fmad=false: no contraction of a * b + c into one FMA, so the CUDA
+        # kernels round exactly like the CPU kernels (same update rules, IEEE
+        # div/sqrt on both): fp32/fp64 results agree bit for bit across
+        # devices. The kernels are memory-bound; the extra instructions are
+        # free. scripts/check_cuda_kernels.sh uses the same flags.
+        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--fmad=false"]
         ext = cpp_extension.CUDAExtension(
             "fused_optim._C",
             sources,

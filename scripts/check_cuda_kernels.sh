@@ -156,7 +156,9 @@ else
   echo "== glue syntax check: ${glue[*]}"
   mkdir -p "$WORK/stub/c10/cuda/impl"
   printf '#pragma once\n' >"$WORK/stub/c10/cuda/impl/cuda_cmake_macros.h"
-  cuda_include="$(dirname "$(command -v "$NVCC")")/../include"
+  # Where nvcc finds cuda_runtime.h (nvcc may be a wrapper script, so ask it).
+  cuda_include="$("$NVCC" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 |
+    sed -n 's/^#\$ INCLUDES="-I\([^"]*\)".*/\1/p' | head -n 1)"
   include_flags=(-I "$WORK/stub")
   while IFS= read -r dir; do include_flags+=(-isystem "$dir"); done <<<"$torch_includes"
   include_flags+=(-isystem "$cuda_include" -I csrc/include -I csrc)
