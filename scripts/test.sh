@@ -6,12 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-if command -v nvcc >/dev/null 2>&1 && [ -x scripts/check_cuda_kernels.sh ]; then
-  bash scripts/check_cuda_kernels.sh
+VENV="${FUSED_OPTIM_VENV:-.venv}"
+if command -v nvcc >/dev/null 2>&1 && [ -f scripts/check_cuda_kernels.sh ]; then
+  PYTHON="$VENV/bin/python" bash scripts/check_cuda_kernels.sh
 elif [ "${FUSED_OPTIM_REQUIRE_NVCC:-0}" = "1" ]; then
   echo "test: FUSED_OPTIM_REQUIRE_NVCC=1 but nvcc or scripts/check_cuda_kernels.sh is missing" >&2
   exit 1
 else
   echo "test: nvcc not found; skipping the CUDA kernel compile check"
 fi
-exec "${FUSED_OPTIM_VENV:-.venv}/bin/python" -m pytest -q "$@" tests
+exec "$VENV/bin/python" -m pytest -q "$@" tests
