@@ -9,6 +9,7 @@
 #include "cpu/vectorized_loop.h"
 #include "fused_optim/update_rules.h"
 #include "fused_optim/bool_switch.h"
+#include "op_args.h"
 #include "op_inputs.h"
 
 namespace fused_optim::cpu {
@@ -43,23 +44,18 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads,
                  at::ArrayRef<double> lr_decay,
                  at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps,
                  bool maximize) {
-  const std::vector<TensorListArg> lists = {
-      {"params", params, /*written=*/true, /*optional=*/false},
-      {"grads", grads, false, false},
-      {"state_sums", state_sums, true, false},
-  };
-  check_tensor_lists(kOp, lists);
+  const std::vector<TensorListArg> lists = check_adagrad_args(
+      params, grads, state_sums, state_steps, group_index, lr, lr_decay,
+      weight_decay, eps);
+  check_backend(kOp, params, at::kCPU);
   const int64_t n = params.size();
-  check_groups(kOp, n, group_index,
-               {{"lr", lr}, {"lr_decay", lr_decay},
-                {"weight_decay", weight_decay}, {"eps", eps}});
-  check_state_steps(kOp, state_steps, n);
   if (n == 0) return;
-  TORCH_CHECK(params[0].is_cpu(), kOp, ": expected CPU tensors");
+  // Staging allocates and copies but writes no input: it goes before the
+  // first write, so that even an allocation failure loses nothing.
+  DenseOperands operands(lists);
 
   // Every check has passed: from here on we write.
   const std::vector<double> steps = increment_state_steps(state_steps);
-  DenseOperands operands(lists);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), kOp, [&] {
         using opmath_t = at::opmath_type<scalar_t>;

@@ -9,6 +9,7 @@
 #include "cpu/vectorized_loop.h"
 #include "fused_optim/bool_switch.h"
 #include "fused_optim/update_rules.h"
+#include "op_args.h"
 #include "op_inputs.h"
 
 namespace fused_optim::cpu {
@@ -49,27 +50,18 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
               at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
               at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
               bool amsgrad, bool decoupled_weight_decay, bool maximize) {
-  const std::vector<TensorListArg> lists = {
-      {"params", params, /*written=*/true, /*optional=*/false},
-      {"grads", grads, false, false},
-      {"exp_avgs", exp_avgs, true, false},
-      {"exp_avg_sqs", exp_avg_sqs, true, false},
-      {"max_exp_avg_sqs", max_exp_avg_sqs, true, /*optional=*/!amsgrad},
-  };
-  check_tensor_lists(kOp, lists);
-  TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), kOp,
-              ": max_exp_avg_sqs must be empty when amsgrad=False");
+  const std::vector<TensorListArg> lists = check_adam_args(
+      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+      group_index, lr, beta1, beta2, eps, weight_decay, amsgrad);
+  check_backend(kOp, params, at::kCPU);
   const int64_t n = params.size();
-  check_groups(kOp, n, group_index,
-               {{"lr", lr}, {"beta1", beta1}, {"beta2", beta2}, {"eps", eps},
-                {"weight_decay", weight_decay}});
-  check_state_steps(kOp, state_steps, n);
   if (n == 0) return;
-  TORCH_CHECK(params[0].is_cpu(), kOp, ": expected CPU tensors");
+  // Staging allocates and copies but writes no input: it goes before the
+  // first write, so that even an allocation failure loses nothing.
+  DenseOperands operands(lists);
 
   // Every check has passed: from here on we write.
   const std::vector<double> steps = increment_state_steps(state_steps);
-  DenseOperands operands(lists);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), kOp, [&] {
         using opmath_t = at::opmath_type<scalar_t>;

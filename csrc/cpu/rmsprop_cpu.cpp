@@ -9,6 +9,7 @@
 #include "cpu/vectorized_loop.h"
 #include "fused_optim/update_rules.h"
 #include "fused_optim/bool_switch.h"
+#include "op_args.h"
 #include "op_inputs.h"
 
 namespace fused_optim::cpu {
@@ -57,29 +58,20 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads,
                  at::ArrayRef<double> alpha, at::ArrayRef<double> eps,
                  at::ArrayRef<double> weight_decay,
                  at::ArrayRef<double> momentum, bool centered, bool maximize) {
-  const std::vector<TensorListArg> lists = {
-      {"params", params, /*written=*/true, /*optional=*/false},
-      {"grads", grads, false, false},
-      {"square_avgs", square_avgs, true, false},
-      {"grad_avgs", grad_avgs, true, /*optional=*/!centered},
-      {"momentum_buffers", momentum_buffers, true, /*optional=*/true},
-  };
-  check_tensor_lists(kOp, lists);
-  TORCH_CHECK(centered || grad_avgs.empty(), kOp,
-              ": grad_avgs must be empty when centered=False");
+  const std::vector<TensorListArg> lists = check_rmsprop_args(
+      params, grads, square_avgs, grad_avgs, momentum_buffers,
+      state_steps, group_index, lr, alpha, eps, weight_decay, momentum,
+      centered);
+  check_backend(kOp, params, at::kCPU);
   const int64_t n = params.size();
-  check_groups(kOp, n, group_index,
-               {{"lr", lr}, {"alpha", alpha}, {"eps", eps},
-                {"weight_decay", weight_decay}, {"momentum", momentum}});
-  check_state_steps(kOp, state_steps, n);
   if (n == 0) return;
-  TORCH_CHECK(params[0].is_cpu(), kOp, ": expected CPU tensors");
+  // Staging allocates and copies but writes no input: it goes before the
+  // first write, so that even an allocation failure loses nothing.
+  DenseOperands operands(lists);
   const bool use_momentum = !momentum_buffers.empty();
-
   // Every check has passed: from here on we write. RMSprop's update does not
   // depend on the step count, but torch keeps (and checkpoints) it.
   increment_state_steps(state_steps);
-  DenseOperands operands(lists);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), kOp, [&] {
         using opmath_t = at::opmath_type<scalar_t>;

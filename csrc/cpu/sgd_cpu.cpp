@@ -9,6 +9,7 @@
 #include "cpu/vectorized_loop.h"
 #include "fused_optim/update_rules.h"
 #include "fused_optim/bool_switch.h"
+#include "op_args.h"
 #include "op_inputs.h"
 
 namespace fused_optim::cpu {
@@ -42,28 +43,19 @@ void sgd_cpu(at::TensorList params, at::TensorList grads,
              at::ArrayRef<double> dampening, at::ArrayRef<double> weight_decay,
              at::IntArrayRef new_momentum_buffers, bool nesterov,
              bool maximize) {
-  const std::vector<TensorListArg> lists = {
-      {"params", params, /*written=*/true, /*optional=*/false},
-      {"grads", grads, false, false},
-      {"momentum_buffers", momentum_buffers, true, /*optional=*/true},
-  };
-  check_tensor_lists(kOp, lists);
+  const std::vector<TensorListArg> lists = check_sgd_args(
+      params, grads, momentum_buffers, group_index, lr, momentum,
+      dampening, weight_decay, new_momentum_buffers, nesterov);
+  check_backend(kOp, params, at::kCPU);
   const int64_t n = params.size();
-  const bool use_momentum = !momentum_buffers.empty() && n > 0;
-  TORCH_CHECK(!nesterov || use_momentum || n == 0, kOp,
-              ": nesterov=True needs momentum buffers");
-  check_groups(kOp, n, group_index,
-               {{"lr", lr}, {"momentum", momentum}, {"dampening", dampening},
-                {"weight_decay", weight_decay}});
-  check_tensor_indices(kOp, "new_momentum_buffers", new_momentum_buffers,
-                       use_momentum ? n : 0);
   if (n == 0) return;
-  TORCH_CHECK(params[0].is_cpu(), kOp, ": expected CPU tensors");
+  // Staging allocates and copies but writes no input: it goes before the
+  // first write, so that even an allocation failure loses nothing.
+  DenseOperands operands(lists);
 
-  // Every check has passed: from here on we write.
+  const bool use_momentum = !momentum_buffers.empty();
   std::vector<bool> is_new(n, false);
   for (int64_t i : new_momentum_buffers) is_new[i] = true;
-  DenseOperands operands(lists);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), kOp, [&] {
         using opmath_t = at::opmath_type<scalar_t>;

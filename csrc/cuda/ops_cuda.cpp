@@ -1,7 +1,7 @@
 // CUDA registrations of the fused_optim ops: the only CUDA file that sees
 // torch. For each op it
-//   1. validates every argument (op_inputs.h, the same checks as the CPU
-//      kernels) before anything is written;
+//   1. validates every argument (op_args.h, the very checks the CPU kernels
+//      run) before anything is written;
 //   2. increments the step counters, 0-d CPU tensors read and written on the
 //      host (no device synchronisation);
 //   3. under a device guard for params[0]'s device, brings each tensor's
@@ -23,6 +23,7 @@
 #include "cuda/launch.h"
 #include "dense_operands.h"
 #include "fused_optim/update_rules.h"
+#include "op_args.h"
 #include "op_inputs.h"
 
 namespace fused_optim::cuda {
@@ -83,11 +84,6 @@ WeightDecay decay_mode(double weight_decay, bool decoupled) {
   return decoupled ? WeightDecay::kDecoupled : WeightDecay::kL2;
 }
 
-void check_cuda(const char* op, const at::Tensor& param) {
-  TORCH_CHECK(param.is_cuda(), op, ": expected CUDA tensors, got params[0] on ",
-              param.device());
-}
-
 // ---------------------------------------------------------------------------
 // adam_
 // ---------------------------------------------------------------------------
@@ -100,29 +96,20 @@ void adam_cuda(at::TensorList params, at::TensorList grads,
                at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
                bool amsgrad, bool decoupled_weight_decay, bool maximize) {
   constexpr const char* kOp = "fused_optim.adam_";
-  const std::vector<TensorListArg> lists = {
-      {"params", params, /*written=*/true, /*optional=*/false},
-      {"grads", grads, false, false},
-      {"exp_avgs", exp_avgs, true, false},
-      {"exp_avg_sqs", exp_avg_sqs, true, false},
-      {"max_exp_avg_sqs", max_exp_avg_sqs, true, /*optional=*/!amsgrad},
-  };
-  check_tensor_lists(kOp, lists);
-  TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), kOp,
-              ": max_exp_avg_sqs must be empty when amsgrad=False");
+  const std::vector<TensorListArg> lists = check_adam_args(
+      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+      group_index, lr, beta1, beta2, eps, weight_decay, amsgrad);
+  check_backend(kOp, params, at::kCUDA);
   const int64_t n = params.size();
-  check_groups(kOp, n, group_index,
-               {{"lr", lr}, {"beta1", beta1}, {"beta2", beta2}, {"eps", eps},
-                {"weight_decay", weight_decay}});
-  check_state_steps(kOp, state_steps, n);
   if (n == 0) return;
-  check_cuda(kOp, params[0]);
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  // Staging allocates and copies but writes no input: it goes before the
+  // first write, so that even an allocation failure loses nothing.
+  DenseOperands operands(lists);
 
   // Every check has passed: from here on we write.
   const std::vector<double> steps = increment_state_steps(state_steps);
-  const c10::cuda::CUDAGuard device_guard(params[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  DenseOperands operands(lists);
   with_compute_type(params[0].scalar_type(), [&](auto zero) {
     using T = decltype(zero);
     MultiTensorArgs<AdamScalars<T>> args =
@@ -154,30 +141,20 @@ void sgd_cuda(at::TensorList params, at::TensorList grads,
               at::IntArrayRef new_momentum_buffers, bool nesterov,
               bool maximize) {
   constexpr const char* kOp = "fused_optim.sgd_";
-  const std::vector<TensorListArg> lists = {
-      {"params", params, /*written=*/true, /*optional=*/false},
-      {"grads", grads, false, false},
-      {"momentum_buffers", momentum_buffers, true, /*optional=*/true},
-  };
-  check_tensor_lists(kOp, lists);
+  const std::vector<TensorListArg> lists = check_sgd_args(
+      params, grads, momentum_buffers, group_index, lr, momentum,
+      dampening, weight_decay, new_momentum_buffers, nesterov);
+  check_backend(kOp, params, at::kCUDA);
   const int64_t n = params.size();
-  const bool use_momentum = !momentum_buffers.empty() && n > 0;
-  TORCH_CHECK(!nesterov || use_momentum || n == 0, kOp,
-              ": nesterov=True needs momentum buffers");
-  check_groups(kOp, n, group_index,
-               {{"lr", lr}, {"momentum", momentum}, {"dampening", dampening},
-                {"weight_decay", weight_decay}});
-  check_tensor_indices(kOp, "new_momentum_buffers", new_momentum_buffers,
-                       use_momentum ? n : 0);
   if (n == 0) return;
-  check_cuda(kOp, params[0]);
-
-  // Every check has passed: from here on we write.
-  std::vector<bool> is_new(n, false);
-  for (int64_t i : new_momentum_buffers) is_new[i] = true;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  // Staging allocates and copies but writes no input: it goes before the
+  // first write, so that even an allocation failure loses nothing.
   DenseOperands operands(lists);
+  const bool use_momentum = !momentum_buffers.empty();
+  std::vector<bool> is_new(n, false);
+  for (int64_t i : new_momentum_buffers) is_new[i] = true;
   with_compute_type(params[0].scalar_type(), [&](auto zero) {
     using T = decltype(zero);
     MultiTensorArgs<SgdScalars<T>> args =
@@ -210,25 +187,20 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads,
                   at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps,
                   bool maximize) {
   constexpr const char* kOp = "fused_optim.adagrad_";
-  const std::vector<TensorListArg> lists = {
-      {"params", params, /*written=*/true, /*optional=*/false},
-      {"grads", grads, false, false},
-      {"state_sums", state_sums, true, false},
-  };
-  check_tensor_lists(kOp, lists);
+  const std::vector<TensorListArg> lists = check_adagrad_args(
+      params, grads, state_sums, state_steps, group_index, lr, lr_decay,
+      weight_decay, eps);
+  check_backend(kOp, params, at::kCUDA);
   const int64_t n = params.size();
-  check_groups(kOp, n, group_index,
-               {{"lr", lr}, {"lr_decay", lr_decay},
-                {"weight_decay", weight_decay}, {"eps", eps}});
-  check_state_steps(kOp, state_steps, n);
   if (n == 0) return;
-  check_cuda(kOp, params[0]);
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  // Staging allocates and copies but writes no input: it goes before the
+  // first write, so that even an allocation failure loses nothing.
+  DenseOperands operands(lists);
 
   // Every check has passed: from here on we write.
   const std::vector<double> steps = increment_state_steps(state_steps);
-  const c10::cuda::CUDAGuard device_guard(params[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  DenseOperands operands(lists);
   with_compute_type(params[0].scalar_type(), [&](auto zero) {
     using T = decltype(zero);
     MultiTensorArgs<AdagradScalars<T>> args =
@@ -260,31 +232,23 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads,
                   at::ArrayRef<double> weight_decay,
                   at::ArrayRef<double> momentum, bool centered, bool maximize) {
   constexpr const char* kOp = "fused_optim.rmsprop_";
-  const std::vector<TensorListArg> lists = {
-      {"params", params, /*written=*/true, /*optional=*/false},
-      {"grads", grads, false, false},
-      {"square_avgs", square_avgs, true, false},
-      {"grad_avgs", grad_avgs, true, /*optional=*/!centered},
-      {"momentum_buffers", momentum_buffers, true, /*optional=*/true},
-  };
-  check_tensor_lists(kOp, lists);
-  TORCH_CHECK(centered || grad_avgs.empty(), kOp,
-              ": grad_avgs must be empty when centered=False");
+  const std::vector<TensorListArg> lists = check_rmsprop_args(
+      params, grads, square_avgs, grad_avgs, momentum_buffers,
+      state_steps, group_index, lr, alpha, eps, weight_decay, momentum,
+      centered);
+  check_backend(kOp, params, at::kCUDA);
   const int64_t n = params.size();
-  check_groups(kOp, n, group_index,
-               {{"lr", lr}, {"alpha", alpha}, {"eps", eps},
-                {"weight_decay", weight_decay}, {"momentum", momentum}});
-  check_state_steps(kOp, state_steps, n);
   if (n == 0) return;
-  check_cuda(kOp, params[0]);
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  // Staging allocates and copies but writes no input: it goes before the
+  // first write, so that even an allocation failure loses nothing.
+  DenseOperands operands(lists);
   const bool use_momentum = !momentum_buffers.empty();
 
   // Every check has passed: from here on we write. RMSprop's update does not
   // depend on the step count, but torch keeps (and checkpoints) it.
   increment_state_steps(state_steps);
-  const c10::cuda::CUDAGuard device_guard(params[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  DenseOperands operands(lists);
   with_compute_type(params[0].scalar_type(), [&](auto zero) {
     using T = decltype(zero);
     MultiTensorArgs<RmspropScalars<T>> args =
