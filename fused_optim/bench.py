@@ -93,7 +93,7 @@ PROBE = "bandwidth"  # the reference pass's entry in the interleaved rounds
 # Load average per CPU above which the run is flagged as noisy.
 BUSY_LOAD = 0.5
 
-DEFAULT_REPEATS = {"cpu": 9, "cuda": 50}
+DEFAULT_REPEATS = {"cpu": 45, "cuda": 51}  # CPU: the default run takes ~2 min on 2 cores
 DEFAULT_WARMUP = 3
 
 
@@ -616,7 +616,7 @@ def run_metadata(args, probe, results, notes, elapsed, load_before) -> dict:
 # --------------------------------------------------------------------------
 
 
-def fmt_load(value: float | None) -> str:
+def fmt_number(value: float | None) -> str:
     return "?" if value is None else f"{value:.1f}"
 
 
@@ -651,9 +651,9 @@ def blocks(results: list[Result]) -> dict[tuple, dict[str, Result]]:
 def summary_markdown(results: list[Result]) -> list[str]:
     peers = [p for p in PEERS if any(r.impl == p for r in results)]
     lines = [
-        "| optimizer | workload | dtype | params | tensors | groups | ours ms | GB/s | ref GB/s "
-        "| % BW | " + " | ".join(f"vs {p}" for p in peers) + " |",
-        "|" + "---|" * (10 + len(peers)),
+        "| optimizer | workload | dtype | params | tensors | groups | B/elem | ours ms | GB/s "
+        "| ref GB/s | % BW | " + " | ".join(f"vs {p}" for p in peers) + " |",
+        "|" + "---|" * (11 + len(peers)),
     ]
     for (optimizer, workload, dtype), by_impl in blocks(results).items():
         ours = by_impl.get(OURS)
@@ -662,7 +662,8 @@ def summary_markdown(results: list[Result]) -> list[str]:
         ratios = [fmt_ratio(by_impl[p].peer_over_ours) if p in by_impl else "-" for p in peers]
         lines.append(
             f"| {optimizer} | {workload} | {dtype} | {ours.numel / 1e6:.1f}M | {ours.tensors} "
-            f"| {ours.groups} | {ours.median_s * 1e3:.3f} | {ours.gb_per_s:.1f} "
+            f"| {ours.groups} | {ours.bytes_per_step / ours.numel:g} "
+            f"| {ours.median_s * 1e3:.3f} | {ours.gb_per_s:.1f} "
             f"| {ours.bandwidth_gb_per_s:.1f} | {ours.bandwidth_fraction:.0%} | "
             + " | ".join(ratios) + " |"
         )
@@ -698,10 +699,10 @@ def markdown_report(meta: dict, results: list[Result]) -> str:
         + (f"; {machine['device']} (CUDA {machine['cuda']})" if "device" in machine else ""),
         f"- torch {meta['torch']}, {meta['threads']} threads, device `{meta['device']}`",
         f"- bandwidth reference: {meta['bandwidth_reference']}, timed in every round "
-        f"(ref GB/s; median over the run {meta['bandwidth_gb_per_s_median']:.1f} GB/s)",
+        f"(ref GB/s; median over the run {fmt_number(meta['bandwidth_gb_per_s_median'])} GB/s)",
         f"- {meta['repeats']} interleaved repeats after {meta['warmup']} warm-up steps, "
         f"medians; run took {meta['elapsed_s']:.0f} s; load average before/after "
-        f"{fmt_load(meta['load_average_before'])}/{fmt_load(meta['load_average_after'])}",
+        f"{fmt_number(meta['load_average_before'])}/{fmt_number(meta['load_average_after'])}",
         "",
         "`vs X` = X's step time / fused_optim's (above 1: fused_optim is faster). "
         "GB/s and % BW use the byte budget (DESIGN.md section 5).",
