@@ -60,7 +60,21 @@ def _extension():
         # no FP exception is ever enabled or read, errno is never read.
         "-fno-math-errno",
         "-fno-trapping-math",
+        # No FMA contraction, even in the AVX-512 loops (AVX-512F implies FMA):
+        # `a * b + c` must round twice, as in torch.optim and in our other
+        # code paths, or an element's result would depend on whether it fell
+        # in a vector body or a scalar tail, i.e. on the thread count.
+        "-ffp-contract=off",
     ]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a header template whose OpenMP body only exists
+        # when WE compile with -fopenmp; without it every "parallel" loop runs
+        # on one thread. The libgomp this links is the one torch has already
+        # loaded (same soname), so there is one OpenMP runtime, and
+        # torch.set_num_threads governs our loops too.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     build_cuda, reason = _want_cuda()
@@ -78,6 +92,7 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=[("FUSED_OPTIM_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     else:
         ext = cpp_extension.CppExtension(
@@ -85,6 +100,7 @@ def _extension():
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     print(f"fused_optim: building CPU kernels{' and CUDA kernels' if build_cuda else ''} "
           f"({'CUDA: ' + reason if build_cuda else 'CPU only: ' + reason})", flush=True)
