@@ -16,20 +16,7 @@
 //   groups that differ in them into different calls.
 // - Every list the op writes is annotated (a!), and ops return nothing, so
 //   torch.library.opcheck and torch.compile see the mutations.
-#include <Python.h>
 #include <torch/library.h>
-
-// The Python module `fused_optim._C` has no functions of its own: importing
-// it loads this library, whose static initialisers register the ops with the
-// dispatcher (the extension-cpp pattern).
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
-  };
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(fused_optim, m) {
   m.def(

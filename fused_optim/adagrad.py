@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim.adagrad import adagrad as _torch_adagrad
 
-from fused_optim import _docs
+from fused_optim import _C, _docs
 from fused_optim._base import FusedOptimizer, check_implementation_keywords, new_step, to_float
 
 __all__ = ["Adagrad"]
@@ -103,8 +103,8 @@ class Adagrad(FusedOptimizer):
     def _launch(self, bucket, grads, hyper) -> None:
         (maximize,) = bucket.mode
         params, grads, states = self._op_lists(bucket, grads)
-        torch.ops.fused_optim.adagrad_(
-            params, grads, states[0], bucket.steps(), bucket.group_index, *hyper, maximize=maximize
+        _C.adagrad_(
+            params, grads, states[0], bucket.steps(), bucket.group_index, *hyper, maximize
         )
 
     def _check_sparse(self, group, param, grad) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim import _docs
+from fused_optim import _C, _docs
 from fused_optim._base import FusedOptimizer, check_implementation_keywords, new_step, to_float
 
 __all__ = ["Adam", "AdamW"]
@@ -109,7 +109,7 @@ class Adam(FusedOptimizer):
     def _launch(self, bucket, grads, hyper) -> None:
         amsgrad, decoupled, maximize = bucket.mode
         params, grads, states = self._op_lists(bucket, grads)
-        torch.ops.fused_optim.adam_(
+        _C.adam_(
             params,
             grads,
             states[0],
@@ -118,9 +118,9 @@ class Adam(FusedOptimizer):
             bucket.steps(),
             bucket.group_index,
             *hyper,
-            amsgrad=amsgrad,
-            decoupled_weight_decay=decoupled,
-            maximize=maximize,
+            amsgrad,
+            decoupled,
+            maximize,
         )
 
 

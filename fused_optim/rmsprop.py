@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim import _docs
+from fused_optim import _C, _docs
 from fused_optim._base import FusedOptimizer, check_implementation_keywords, new_step, to_float
 
 __all__ = ["RMSprop"]
@@ -96,7 +96,7 @@ class RMSprop(FusedOptimizer):
         centered, uses_momentum, maximize = bucket.mode
         params, grads, states = self._op_lists(bucket, grads)
         by_name = dict(zip(bucket.state_names, states))
-        torch.ops.fused_optim.rmsprop_(
+        _C.rmsprop_(
             params,
             grads,
             by_name["square_avg"],
@@ -105,8 +105,8 @@ class RMSprop(FusedOptimizer):
             bucket.steps(),
             bucket.group_index,
             *hyper,
-            centered=centered,
-            maximize=maximize,
+            centered,
+            maximize,
         )
 
 

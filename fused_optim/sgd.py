@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
-from fused_optim import _docs
+from fused_optim import _C, _docs
 from fused_optim._base import FusedOptimizer, check_implementation_keywords, to_float
 
 __all__ = ["SGD"]
@@ -90,15 +90,15 @@ class SGD(FusedOptimizer):
     def _launch(self, bucket, grads, hyper) -> None:
         uses_momentum, nesterov, maximize = bucket.mode
         params, grads, states = self._op_lists(bucket, grads)
-        torch.ops.fused_optim.sgd_(
+        _C.sgd_(
             params,
             grads,
             states[0] if uses_momentum else [],
             bucket.group_index,
             *hyper,
             bucket.new_state if uses_momentum else [],
-            nesterov=nesterov,
-            maximize=maximize,
+            nesterov,
+            maximize,
         )
 
     def _check_sparse(self, group, param, grad) -> None:
