@@ -175,7 +175,6 @@ class FusedOptimizer(Optimizer):
             plan = self._build_plan(created)
         hyper = self._hyperparameter_lists()
         calls = []
-        sparse = []
         for bucket in plan.buckets:
             grads, complete = _bucket.gather_grads(bucket.params)
             if not complete:
@@ -188,17 +187,23 @@ class FusedOptimizer(Optimizer):
         if len(calls) > 1:
             for bucket, grads in calls:
                 self._check_call(bucket, grads)
-        if self._supports_sparse:
-            calls, sparse = self._split_sparse(calls)
+        sparse = []
         try:
             for bucket, grads in calls:
                 try:
                     self._launch(bucket, grads, hyper)
                 except RuntimeError:
-                    # A friendlier message naming the group and param, if we
-                    # find the cause; the op wrote nothing (it validates first).
-                    self._check_call(bucket, grads)
-                    raise
+                    # The op wrote nothing (it validates first). Sparse
+                    # gradients land here too: finding them up front would
+                    # cost a Python check per tensor per step.
+                    if not (self._supports_sparse and any(g.is_sparse for g in grads)):
+                        # A friendlier message naming the group and param.
+                        self._check_call(bucket, grads)
+                        raise
+                    dense, sparse_here = self._split_sparse(bucket, grads)
+                    if dense is not None:
+                        self._launch(*dense, hyper)
+                    sparse += sparse_here
         finally:
             for bucket in plan.buckets:
                 bucket.new_state.clear()
@@ -220,30 +225,27 @@ class FusedOptimizer(Optimizer):
         per_group = [self._hyperparameters(g) for g in self.param_groups]
         return [list(values) for values in zip(*per_group)]
 
-    def _split_sparse(self, calls):
-        """Takes the tensors with sparse gradients out of the op calls. They
-        are validated here, before any call runs."""
-        dense_calls, sparse = [], {}
-        for bucket, grads in calls:
-            if not any(g.is_sparse for g in grads):
-                dense_calls.append((bucket, grads))
-                continue
-            dense = [None if g.is_sparse else g for g in grads]
-            new_state = set(bucket.new_state)
-            for i, g in enumerate(grads):
-                if g.is_sparse:
-                    gi, _ = bucket.positions[i]
-                    group = self.param_groups[gi]
-                    self._check_sparse(group, bucket.params[i], g)
-                    entry = sparse.setdefault(gi, (group, [], [], []))
-                    entry[1].append(bucket.params[i])
-                    entry[2].append(g)
-                    entry[3].append(i in new_state)
-            sub, sub_grads = _bucket.select(bucket, dense)
-            if sub.params:
-                self._check_call(sub, sub_grads)
-                dense_calls.append((sub, sub_grads))
-        return dense_calls, list(sparse.values())
+    def _split_sparse(self, bucket: Bucket, grads: list):
+        """Splits one call into (its dense part or None, [(group, params,
+        grads, is_new)] of its sparse part), validating both before either
+        runs."""
+        dense = [None if g.is_sparse else g for g in grads]
+        new_state = set(bucket.new_state)
+        by_group = {}
+        for i, g in enumerate(grads):
+            if g.is_sparse:
+                gi, _ = bucket.positions[i]
+                group = self.param_groups[gi]
+                self._check_sparse(group, bucket.params[i], g)
+                entry = by_group.setdefault(gi, (group, [], [], []))
+                entry[1].append(bucket.params[i])
+                entry[2].append(g)
+                entry[3].append(i in new_state)
+        sub, sub_grads = _bucket.select(bucket, dense)
+        if not sub.params:
+            return None, list(by_group.values())
+        self._check_call(sub, sub_grads)
+        return (sub, sub_grads), list(by_group.values())
 
     def _check_call(self, bucket: Bucket, grads: list) -> None:
         """Python-side validation of one call, with messages that name the
@@ -254,6 +256,7 @@ class FusedOptimizer(Optimizer):
             where = f"param {pi} of param group {gi}"
             if grad.is_sparse:
                 if self._supports_sparse:
+                    self._check_sparse(self.param_groups[gi], param, grad)
                     continue
                 raise RuntimeError(
                     f"fused_optim.{name} does not support sparse gradients ({where})"
