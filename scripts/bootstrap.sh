@@ -19,7 +19,14 @@ fi
   "torch==2.13.0" numpy pytest ninja setuptools wheel
 # --no-build-isolation: the extension must be compiled against the torch
 # that will import it. -e: the compiled module lands in fused_optim/, so the
-# tests and the benchmark run from this checkout.
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-  --no-build-isolation -e .
+# tests and the benchmark run from this checkout. Skipped when the built
+# module is newer than every source it is built from.
+SO="$(ls fused_optim/_C*.so 2>/dev/null | head -n 1 || true)"
+if [ -n "$SO" ] && [ -z "$(find csrc setup.py pyproject.toml -newer "$SO" -print -quit)" ] \
+    && "$VENV/bin/python" -c "import fused_optim" 2>/dev/null; then
+  echo "bootstrap: extension up to date ($SO)"
+else
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+    --no-build-isolation -e .
+fi
 "$VENV/bin/python" -c "import fused_optim, torch; print(f'bootstrap: fused_optim ready (torch {torch.__version__}, CUDA kernels built: {fused_optim.cuda_built()})')"
