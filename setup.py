@@ -43,7 +43,7 @@ def _want_cuda():
         return True, f"nvcc at {cpp_extension.CUDA_HOME}, torch built with CUDA {torch.version.cuda}"
     why = []
     if not have_nvcc:
-        why.append("no CUDA toolkit (nvcc) found")
+        why.append("torch found no CUDA toolkit (set CUDA_HOME to one with nvcc)")
     if not have_cuda_torch:
         why.append(f"torch {torch.__version__} is a CPU-only build")
     if _flag("FORCE_CUDA"):

@@ -10,9 +10,15 @@ Building a bucket walks every param in Python; a step must not. So the plan
 (the list of buckets) is built once and reused until something it was built
 from changes: the param groups (added, resized, or a mode flag changed), the
 set of params with state, or the state itself (``load_state_dict``). A step
-then only gathers the gradients (``p.grad`` for each param, unavoidable since
-``zero_grad(set_to_none=True)`` makes new gradient tensors every step) and
-reads each group's hyperparameters.
+then only gathers, with C-speed list operations, the gradients (``p.grad`` for
+each param, unavoidable since ``zero_grad(set_to_none=True)`` makes new
+gradient tensors every step) and the state tensors from the cached per-param
+state dicts (so a state tensor replaced by the user is the one updated, as in
+torch.optim), and reads each group's hyperparameters.
+
+Not detected: replacing a param's whole state dict (``opt.state[p] = {...}``
+for a param that already had state) behind the optimizer's back; call
+``load_state_dict`` for that, as torch's own checkpoint tools do.
 """
 
 from __future__ import annotations
