@@ -27,10 +27,6 @@ from fused_optim import _bucket
 from fused_optim._bucket import Bucket, Plan
 from fused_optim._build import require_device_supported
 
-# Names of the torch.optim keywords that select an implementation.
-_IMPLEMENTATION_KEYWORDS = ("foreach", "fused", "capturable", "differentiable")
-
-
 def check_implementation_keywords(name: str, *, foreach, fused, capturable, differentiable):
     """Accepts the torch.optim implementation keywords that we can honour and
     rejects, clearly, those we cannot (never ignore them silently)."""

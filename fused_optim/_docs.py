@@ -7,16 +7,25 @@ PARAMS = """params (iterable): iterable of parameters or named parameters to
 MAXIMIZE = """maximize (bool, optional): maximize the objective with respect to
             the params instead of minimizing it (default: False)."""
 
-IMPLEMENTATION = """foreach (bool, optional): accepted for compatibility with
+_KEYWORD_DOCS = {
+    "foreach": """foreach (bool, optional): accepted for compatibility with
             torch.optim; the fused step already updates all tensors in one
-            pass, whatever its value (default: None).
-        fused (bool, optional): None or True (the step is always fused);
+            pass, whatever its value (default: None).""",
+    "fused": """fused (bool, optional): None or True (the step is always fused);
             False raises ValueError, since it asks for torch's unfused
-            implementation (default: None).
-        capturable (bool, optional): must be False; CUDA graph capture of the
-            step is not supported yet (default: False).
-        differentiable (bool, optional): must be False; the fused step is not
-            recorded by autograd (default: False)."""
+            implementation (default: None).""",
+    "capturable": """capturable (bool, optional): must be False; CUDA graph capture of the
+            step is not supported yet (default: False).""",
+    "differentiable": """differentiable (bool, optional): must be False; the fused step is not
+            recorded by autograd (default: False).""",
+}
+
+
+def implementation(*keywords: str) -> str:
+    """The Args entries of the torch.optim implementation keywords a class
+    takes (its signature's, in its order)."""
+    return "\n        ".join(_KEYWORD_DOCS[k] for k in keywords)
+
 
 FUSED_NOTE = """
     How it runs: the tensors of all param groups are grouped by (device,

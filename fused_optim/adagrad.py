@@ -163,7 +163,7 @@ Adagrad.__doc__ = (
         """
     + _docs.MAXIMIZE
     + "\n        "
-    + _docs.IMPLEMENTATION
+    + _docs.implementation("foreach", "differentiable", "fused")
     + r"""
 
     Sparse gradients are supported as in torch.optim (through its

@@ -203,7 +203,7 @@ _ARGS = rf"""
         weight_decay (float, optional): :math:`\lambda` (default: {{wd}}).
         amsgrad (bool, optional): use the AMSGrad variant (default: False).
         {_docs.MAXIMIZE}
-        {_docs.IMPLEMENTATION}
+        {_docs.implementation("foreach", "capturable", "differentiable", "fused")}
 """
 
 Adam.__doc__ = (

@@ -152,7 +152,7 @@ RMSprop.__doc__ = (
         """
     + _docs.MAXIMIZE
     + "\n        "
-    + _docs.IMPLEMENTATION
+    + _docs.implementation("capturable", "foreach", "differentiable")
     + _docs.FUSED_NOTE.format(op="rmsprop_")
     + """
     References: Hinton, Srivastava & Swersky, "Neural Networks for Machine
