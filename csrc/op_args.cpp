@@ -2,7 +2,22 @@
 
 namespace fused_optim {
 
+namespace {
+
+// The dispatcher sends a call to the backend of its tensors' highest-priority
+// device; params on another device (e.g. a mix) are an error.
+void check_backend(const char* op, at::TensorList params,
+                   at::DeviceType device_type) {
+  if (params.empty()) return;
+  TORCH_CHECK(params[0].device().type() == device_type, op, ": expected ",
+              at::DeviceTypeName(device_type, /*lower_case=*/true),
+              " tensors, got params[0] on ", params[0].device());
+}
+
+}  // namespace
+
 std::vector<TensorListArg> check_adam_args(
+    at::DeviceType backend,
     at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
     at::TensorList state_steps, at::IntArrayRef group_index,
@@ -10,6 +25,7 @@ std::vector<TensorListArg> check_adam_args(
     at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
     at::ArrayRef<double> weight_decay, bool amsgrad) {
   constexpr const char* kOp = "fused_optim.adam_";
+  check_backend(kOp, params, backend);
   std::vector<TensorListArg> lists = {
       {"params", params, /*written=*/true, /*optional=*/false},
       {"grads", grads, false, false},
@@ -29,12 +45,14 @@ std::vector<TensorListArg> check_adam_args(
 }
 
 std::vector<TensorListArg> check_sgd_args(
+    at::DeviceType backend,
     at::TensorList params, at::TensorList grads,
     at::TensorList momentum_buffers, at::IntArrayRef group_index,
     at::ArrayRef<double> lr, at::ArrayRef<double> momentum,
     at::ArrayRef<double> dampening, at::ArrayRef<double> weight_decay,
     at::IntArrayRef new_momentum_buffers, bool nesterov) {
   constexpr const char* kOp = "fused_optim.sgd_";
+  check_backend(kOp, params, backend);
   std::vector<TensorListArg> lists = {
       {"params", params, /*written=*/true, /*optional=*/false},
       {"grads", grads, false, false},
@@ -54,11 +72,13 @@ std::vector<TensorListArg> check_sgd_args(
 }
 
 std::vector<TensorListArg> check_adagrad_args(
+    at::DeviceType backend,
     at::TensorList params, at::TensorList grads, at::TensorList state_sums,
     at::TensorList state_steps, at::IntArrayRef group_index,
     at::ArrayRef<double> lr, at::ArrayRef<double> lr_decay,
     at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps) {
   constexpr const char* kOp = "fused_optim.adagrad_";
+  check_backend(kOp, params, backend);
   std::vector<TensorListArg> lists = {
       {"params", params, /*written=*/true, /*optional=*/false},
       {"grads", grads, false, false},
@@ -74,6 +94,7 @@ std::vector<TensorListArg> check_adagrad_args(
 }
 
 std::vector<TensorListArg> check_rmsprop_args(
+    at::DeviceType backend,
     at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
     at::TensorList grad_avgs, at::TensorList momentum_buffers,
     at::TensorList state_steps, at::IntArrayRef group_index,
@@ -81,6 +102,7 @@ std::vector<TensorListArg> check_rmsprop_args(
     at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
     at::ArrayRef<double> momentum, bool centered) {
   constexpr const char* kOp = "fused_optim.rmsprop_";
+  check_backend(kOp, params, backend);
   std::vector<TensorListArg> lists = {
       {"params", params, /*written=*/true, /*optional=*/false},
       {"grads", grads, false, false},
@@ -97,14 +119,6 @@ std::vector<TensorListArg> check_rmsprop_args(
                 {"weight_decay", weight_decay}, {"momentum", momentum}});
   check_state_steps(kOp, state_steps, n);
   return lists;
-}
-
-void check_backend(const char* op, at::TensorList params,
-                   at::DeviceType device_type) {
-  if (params.empty()) return;
-  TORCH_CHECK(params[0].device().type() == device_type, op, ": expected ",
-              at::DeviceTypeName(device_type, /*lower_case=*/true),
-              " tensors, got params[0] on ", params[0].device());
 }
 
 }  // namespace fused_optim

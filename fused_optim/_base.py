@@ -80,9 +80,16 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _init_state(self, param, group, state: dict) -> bool:
-        """Fills a new param's state. Returns True if the op must treat the
-        state as new (SGD's first momentum step)."""
-        raise NotImplementedError
+        """Fills in a param's missing state: the step counter and a zero
+        tensor per state name (torch.optim's initial state for Adam, AdamW
+        and RMSprop; SGD and Adagrad override). Returns True if the op must
+        treat the state as new (SGD's first momentum step)."""
+        if self._has_step:
+            state.setdefault("step", new_step())
+        for name in self._state_names(self._mode(group)):
+            if name not in state:
+                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return False
 
     def _needs_state_for(self, group, state: dict) -> bool:
         """Whether a param that has a gradient needs (more) state created:
@@ -258,26 +265,18 @@ class FusedOptimizer(Optimizer):
                     f"fused_optim.{name} does not support sparse gradients ({where})"
                     + (", please consider SparseAdam instead" if "Adam" in name else "")
                 )
-            if grad.layout != torch.strided:
-                raise RuntimeError(
-                    f"fused_optim.{name}: the gradient of {where} has layout "
-                    f"{grad.layout}; only dense gradients are supported"
-                )
-            if grad.dtype != param.dtype:
-                raise RuntimeError(
-                    f"fused_optim.{name}: the gradient of {where} has dtype "
-                    f"{grad.dtype} but the param has dtype {param.dtype}"
-                )
-            if grad.shape != param.shape:
-                raise RuntimeError(
-                    f"fused_optim.{name}: the gradient of {where} has shape "
-                    f"{tuple(grad.shape)} but the param has shape {tuple(param.shape)}"
-                )
-            if grad.device != param.device:
-                raise RuntimeError(
-                    f"fused_optim.{name}: the gradient of {where} is on {grad.device} "
-                    f"but the param is on {param.device}"
-                )
+            for mismatch in (
+                grad.layout != torch.strided
+                and f"has layout {grad.layout}; only dense gradients are supported",
+                grad.dtype != param.dtype
+                and f"has dtype {grad.dtype} but the param has dtype {param.dtype}",
+                grad.shape != param.shape
+                and f"has shape {tuple(grad.shape)} but the param has shape {tuple(param.shape)}",
+                grad.device != param.device
+                and f"is on {grad.device} but the param is on {param.device}",
+            ):
+                if mismatch:
+                    raise RuntimeError(f"fused_optim.{name}: the gradient of {where} {mismatch}")
 
     # ----- planning -----------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fused_optim import _C, _docs
-from fused_optim._base import FusedOptimizer, check_implementation_keywords, new_step, to_float
+from fused_optim._base import FusedOptimizer, check_implementation_keywords, to_float
 
 __all__ = ["Adam", "AdamW"]
 
@@ -88,13 +88,6 @@ class Adam(FusedOptimizer):
     def _state_names(self, mode) -> tuple:
         amsgrad = mode[0]
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-
-    def _init_state(self, param, group, state) -> bool:
-        state.setdefault("step", new_step())
-        for name in self._state_names(self._mode(group)):
-            if name not in state:
-                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return False
 
     def _hyperparameters(self, group) -> tuple:
         beta1, beta2 = group["betas"]

@@ -23,8 +23,8 @@ void adagrad_range(const DenseOperands& operands, size_t tensor, int64_t begin,
                    int64_t end,
                    const AdagradScalars<at::opmath_type<scalar_t>>& s) {
   using opmath_t = at::opmath_type<scalar_t>;
-  auto at = [&](size_t operand) {
-    return reinterpret_cast<scalar_t*>(operands.data(operand, tensor)) + begin;
+  auto at = [&](size_t list) {
+    return range_start<scalar_t>(operands, list, tensor, begin);
   };
   scalar_t* param = at(kParam);
   const scalar_t* grad = at(kGrad);
@@ -45,9 +45,8 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads,
                  at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps,
                  bool maximize) {
   const std::vector<TensorListArg> lists = check_adagrad_args(
-      params, grads, state_sums, state_steps, group_index, lr, lr_decay,
-      weight_decay, eps);
-  check_backend(kOp, params, at::kCPU);
+      at::kCPU, params, grads, state_sums, state_steps, group_index, lr,
+      lr_decay, weight_decay, eps);
   const int64_t n = params.size();
   if (n == 0) return;
   // Staging allocates and copies but writes no input: it goes before the

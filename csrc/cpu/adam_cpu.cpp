@@ -22,8 +22,8 @@ template <typename scalar_t, bool kAmsgrad, WeightDecay kDecay>
 void adam_range(const DenseOperands& operands, size_t tensor, int64_t begin,
                 int64_t end, const AdamScalars<at::opmath_type<scalar_t>>& s) {
   using opmath_t = at::opmath_type<scalar_t>;
-  auto at = [&](size_t operand) {
-    return reinterpret_cast<scalar_t*>(operands.data(operand, tensor)) + begin;
+  auto at = [&](size_t list) {
+    return range_start<scalar_t>(operands, list, tensor, begin);
   };
   scalar_t* param = at(kParam);
   const scalar_t* grad = at(kGrad);
@@ -51,9 +51,9 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
               at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
               bool amsgrad, bool decoupled_weight_decay, bool maximize) {
   const std::vector<TensorListArg> lists = check_adam_args(
-      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-      group_index, lr, beta1, beta2, eps, weight_decay, amsgrad);
-  check_backend(kOp, params, at::kCPU);
+      at::kCPU, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+      state_steps, group_index, lr, beta1, beta2, eps, weight_decay,
+      amsgrad);
   const int64_t n = params.size();
   if (n == 0) return;
   // Staging allocates and copies but writes no input: it goes before the

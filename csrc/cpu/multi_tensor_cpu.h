@@ -54,6 +54,16 @@ void parallel_for_each_range(const std::vector<int64_t>& numels, const Fn& fn) {
 
 std::vector<int64_t> numels_of(at::TensorList tensors);
 
+// Where the range [begin, ...) of tensor `tensor` starts in operand list
+// `list`, typed; nullptr for a list the call does not use.
+template <typename scalar_t>
+scalar_t* range_start(const DenseOperands& operands, size_t list,
+                      size_t tensor, int64_t begin) {
+  char* base = operands.data(list, tensor);
+  return base == nullptr ? nullptr
+                         : reinterpret_cast<scalar_t*>(base) + begin;
+}
+
 // Memoises per-tensor scalars by (group, step): tensors of one group at one
 // step share them, so a bucket of thousands of tensors derives them (pow,
 // sqrt) a handful of times, not thousands.

@@ -29,8 +29,8 @@ void rmsprop_range(const DenseOperands& operands, size_t tensor, int64_t begin,
                    int64_t end,
                    const RmspropScalars<at::opmath_type<scalar_t>>& s) {
   using opmath_t = at::opmath_type<scalar_t>;
-  auto at = [&](size_t operand) {
-    return reinterpret_cast<scalar_t*>(operands.data(operand, tensor)) + begin;
+  auto at = [&](size_t list) {
+    return range_start<scalar_t>(operands, list, tensor, begin);
   };
   scalar_t* param = at(kParam);
   const scalar_t* grad = at(kGrad);
@@ -59,10 +59,9 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads,
                  at::ArrayRef<double> weight_decay,
                  at::ArrayRef<double> momentum, bool centered, bool maximize) {
   const std::vector<TensorListArg> lists = check_rmsprop_args(
-      params, grads, square_avgs, grad_avgs, momentum_buffers,
+      at::kCPU, params, grads, square_avgs, grad_avgs, momentum_buffers,
       state_steps, group_index, lr, alpha, eps, weight_decay, momentum,
       centered);
-  check_backend(kOp, params, at::kCPU);
   const int64_t n = params.size();
   if (n == 0) return;
   // Staging allocates and copies but writes no input: it goes before the

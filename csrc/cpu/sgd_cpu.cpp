@@ -22,8 +22,8 @@ template <typename scalar_t, bool kMomentum, bool kNesterov, WeightDecay kDecay>
 void sgd_range(const DenseOperands& operands, size_t tensor, int64_t begin,
                int64_t end, const SgdScalars<at::opmath_type<scalar_t>>& s) {
   using opmath_t = at::opmath_type<scalar_t>;
-  auto at = [&](size_t operand) {
-    return reinterpret_cast<scalar_t*>(operands.data(operand, tensor)) + begin;
+  auto at = [&](size_t list) {
+    return range_start<scalar_t>(operands, list, tensor, begin);
   };
   scalar_t* param = at(kParam);
   const scalar_t* grad = at(kGrad);
@@ -44,9 +44,8 @@ void sgd_cpu(at::TensorList params, at::TensorList grads,
              at::IntArrayRef new_momentum_buffers, bool nesterov,
              bool maximize) {
   const std::vector<TensorListArg> lists = check_sgd_args(
-      params, grads, momentum_buffers, group_index, lr, momentum,
-      dampening, weight_decay, new_momentum_buffers, nesterov);
-  check_backend(kOp, params, at::kCPU);
+      at::kCPU, params, grads, momentum_buffers, group_index, lr,
+      momentum, dampening, weight_decay, new_momentum_buffers, nesterov);
   const int64_t n = params.size();
   if (n == 0) return;
   // Staging allocates and copies but writes no input: it goes before the

@@ -97,9 +97,9 @@ void adam_cuda(at::TensorList params, at::TensorList grads,
                bool amsgrad, bool decoupled_weight_decay, bool maximize) {
   constexpr const char* kOp = "fused_optim.adam_";
   const std::vector<TensorListArg> lists = check_adam_args(
-      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-      group_index, lr, beta1, beta2, eps, weight_decay, amsgrad);
-  check_backend(kOp, params, at::kCUDA);
+      at::kCUDA, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+      state_steps, group_index, lr, beta1, beta2, eps, weight_decay,
+      amsgrad);
   const int64_t n = params.size();
   if (n == 0) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
@@ -142,9 +142,8 @@ void sgd_cuda(at::TensorList params, at::TensorList grads,
               bool maximize) {
   constexpr const char* kOp = "fused_optim.sgd_";
   const std::vector<TensorListArg> lists = check_sgd_args(
-      params, grads, momentum_buffers, group_index, lr, momentum,
-      dampening, weight_decay, new_momentum_buffers, nesterov);
-  check_backend(kOp, params, at::kCUDA);
+      at::kCUDA, params, grads, momentum_buffers, group_index, lr,
+      momentum, dampening, weight_decay, new_momentum_buffers, nesterov);
   const int64_t n = params.size();
   if (n == 0) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
@@ -188,9 +187,8 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads,
                   bool maximize) {
   constexpr const char* kOp = "fused_optim.adagrad_";
   const std::vector<TensorListArg> lists = check_adagrad_args(
-      params, grads, state_sums, state_steps, group_index, lr, lr_decay,
-      weight_decay, eps);
-  check_backend(kOp, params, at::kCUDA);
+      at::kCUDA, params, grads, state_sums, state_steps, group_index, lr,
+      lr_decay, weight_decay, eps);
   const int64_t n = params.size();
   if (n == 0) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
@@ -233,10 +231,9 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads,
                   at::ArrayRef<double> momentum, bool centered, bool maximize) {
   constexpr const char* kOp = "fused_optim.rmsprop_";
   const std::vector<TensorListArg> lists = check_rmsprop_args(
-      params, grads, square_avgs, grad_avgs, momentum_buffers,
+      at::kCUDA, params, grads, square_avgs, grad_avgs, momentum_buffers,
       state_steps, group_index, lr, alpha, eps, weight_decay, momentum,
       centered);
-  check_backend(kOp, params, at::kCUDA);
   const int64_t n = params.size();
   if (n == 0) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
