@@ -1,8 +1,14 @@
 // Each op's arguments, checked once for every backend: the CPU kernels
 // (csrc/cpu) and the CUDA glue (csrc/cuda/ops_cuda.cpp) call these first, with
-// their own device type, and write nothing until they return. Each returns
-// the op's tensor lists in schema order (params first), for DenseOperands and
-// the launchers.
+// their own device type, and write nothing until they return.
+//
+// Arguments every op shares (see ops.cpp for the schemas):
+//   master_params   float32 master weights of fp16/bf16 params, or empty
+//   lr_tensors      per-group learning rates as tensors (capturable), or empty
+//   grad_scale, found_inf   torch.amp.GradScaler's, or undefined
+//   stochastic_rounding     round bf16 param writes stochastically
+// The step counters must be on the CPU for the CPU kernels and on the
+// params' device for the CUDA kernels (check_state_steps).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,37 +19,58 @@
 
 namespace fused_optim {
 
-std::vector<TensorListArg> check_adam_args(
-    at::DeviceType backend,
-    at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-    at::TensorList state_steps, at::IntArrayRef group_index,
-    at::ArrayRef<double> lr, at::ArrayRef<double> beta1,
-    at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
-    at::ArrayRef<double> weight_decay, bool amsgrad);
+// A call that passed its checks.
+struct CheckedCall {
+  // The op's tensor lists in schema order: params, grads, the state lists,
+  // then master_params (always last; empty without master weights). Step
+  // counters are not among them.
+  std::vector<TensorListArg> lists;
+  CallPrecision precision;
+  // Index in `lists` of master_params.
+  size_t master_list() const { return lists.size() - 1; }
+};
 
-std::vector<TensorListArg> check_sgd_args(
-    at::DeviceType backend,
-    at::TensorList params, at::TensorList grads,
-    at::TensorList momentum_buffers, at::IntArrayRef group_index,
+// The options shared by every op, bundled for the checks.
+struct SharedArgs {
+  at::TensorList master_params;
+  at::TensorList lr_tensors;
+  const c10::optional<at::Tensor>& grad_scale;
+  const c10::optional<at::Tensor>& found_inf;
+  bool stochastic_rounding;
+};
+
+CheckedCall check_adam_args(
+    at::DeviceType backend, at::TensorList params, at::TensorList grads,
+    at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+    at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+    at::IntArrayRef group_index, at::ArrayRef<double> lr,
+    at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
+    at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
+    bool amsgrad, const SharedArgs& shared);
+
+CheckedCall check_sgd_args(
+    at::DeviceType backend, at::TensorList params, at::TensorList grads,
+    at::TensorList momentum_buffers, at::TensorList state_steps,
+    at::IntArrayRef group_index,
     at::ArrayRef<double> lr, at::ArrayRef<double> momentum,
     at::ArrayRef<double> dampening, at::ArrayRef<double> weight_decay,
-    at::IntArrayRef new_momentum_buffers, bool nesterov);
+    at::IntArrayRef new_momentum_buffers, bool nesterov,
+    const SharedArgs& shared);
 
-std::vector<TensorListArg> check_adagrad_args(
-    at::DeviceType backend,
-    at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-    at::TensorList state_steps, at::IntArrayRef group_index,
-    at::ArrayRef<double> lr, at::ArrayRef<double> lr_decay,
-    at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps);
+CheckedCall check_adagrad_args(
+    at::DeviceType backend, at::TensorList params, at::TensorList grads,
+    at::TensorList state_sums, at::TensorList state_steps,
+    at::IntArrayRef group_index, at::ArrayRef<double> lr,
+    at::ArrayRef<double> lr_decay, at::ArrayRef<double> weight_decay,
+    at::ArrayRef<double> eps, const SharedArgs& shared);
 
-std::vector<TensorListArg> check_rmsprop_args(
-    at::DeviceType backend,
-    at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-    at::TensorList grad_avgs, at::TensorList momentum_buffers,
-    at::TensorList state_steps, at::IntArrayRef group_index,
-    at::ArrayRef<double> lr, at::ArrayRef<double> alpha,
-    at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
-    at::ArrayRef<double> momentum, bool centered);
+CheckedCall check_rmsprop_args(
+    at::DeviceType backend, at::TensorList params, at::TensorList grads,
+    at::TensorList square_avgs, at::TensorList grad_avgs,
+    at::TensorList momentum_buffers, at::TensorList state_steps,
+    at::IntArrayRef group_index, at::ArrayRef<double> lr,
+    at::ArrayRef<double> alpha, at::ArrayRef<double> eps,
+    at::ArrayRef<double> weight_decay, at::ArrayRef<double> momentum,
+    bool centered, const SharedArgs& shared);
 
 }  // namespace fused_optim

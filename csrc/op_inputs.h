@@ -9,6 +9,13 @@
 
 namespace fused_optim {
 
+// Which dtype the tensors of a list must have.
+enum class ListDtype {
+  kParam,    // the params' dtype (params, grads)
+  kState,    // the call's state dtype: one dtype for every state list
+  kFloat32,  // always float32 (master weights)
+};
+
 // One aligned tensor-list argument of an op.
 struct TensorListArg {
   const char* name;
@@ -17,13 +24,44 @@ struct TensorListArg {
   // An optional list may be empty (state the call does not use); a
   // non-empty one must have one entry per param.
   bool optional;
+  ListDtype dtype;
+};
+
+// The storage precision of a call, as check_tensor_lists found it.
+struct CallPrecision {
+  at::ScalarType param_dtype = at::kFloat;
+  // Of every state list; the param dtype when the call uses no state.
+  at::ScalarType state_dtype = at::kFloat;
+  // The call has master weights (a non-empty float32 master_params list):
+  // the update reads and writes them and only writes the params.
+  bool master_weights = false;
+  bool stochastic_rounding = false;
 };
 
 // Checks every list against `params` (length, layout, device, dtype, shape,
-// no internal overlap where written) and the param dtypes against the
-// floating types we support. Throws with the list name and tensor index.
+// no internal overlap where written), and the storage precision: params
+// float16, bfloat16, float32 or float64; state in the param dtype, float32
+// or bfloat16 (float64 params: float64 only); master weights only for
+// float16/bfloat16 params; stochastic rounding only for bfloat16 params
+// without master weights. Throws with the list name and tensor index.
 // `lists[0]` must be the params.
-void check_tensor_lists(const char* op, const std::vector<TensorListArg>& lists);
+CallPrecision check_tensor_lists(const char* op,
+                                 const std::vector<TensorListArg>& lists,
+                                 bool stochastic_rounding);
+
+// AMP's GradScaler inputs (torch.amp.GradScaler hands them to optimizers
+// with `_step_supports_amp_scaling`): each undefined, or a one-element
+// float32 tensor on `device`. `grad_scale` is the factor the gradients are
+// scaled by (the kernels divide it out and write the unscaled gradients
+// back); a non-zero `found_inf` skips the whole step.
+void check_amp_args(const char* op, const c10::optional<at::Tensor>& grad_scale,
+                    const c10::optional<at::Tensor>& found_inf,
+                    at::Device device);
+
+// Learning rates given as tensors (capturable steps): empty, or one
+// one-element float32/float64 tensor per group, on `device`.
+void check_lr_tensors(const char* op, at::TensorList lr_tensors,
+                      int64_t num_groups, at::Device device);
 
 // Checks that `group_index` has one entry per tensor, each naming one of
 // `num_groups` groups, and that every per-group list has num_groups entries.
@@ -32,9 +70,11 @@ void check_groups(const char* op, int64_t num_tensors,
                   const std::vector<std::pair<const char*, at::ArrayRef<double>>>&
                       per_group);
 
-// Checks that each step counter is a 0-d float32/float64 tensor on the CPU.
+// Checks that each step counter is a 0-d float32/float64 tensor on
+// `device` (the CPU for the CPU kernels; the params' GPU for the CUDA
+// kernels, which read and increment them there).
 void check_state_steps(const char* op, at::TensorList state_steps,
-                       int64_t num_tensors);
+                       int64_t num_tensors, at::Device device);
 
 // Increments every step counter by one, as torch.optim's `step_t += 1` does
 // (in the counter's own dtype), and returns the new values. Call only after

@@ -19,87 +19,11 @@
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/multi_tensor_plan.h"
 #include "fused_optim/bool_switch.h"
+#include "fused_optim/element_ops.h"
 #include "fused_optim/macros.h"
 #include "fused_optim/update_rules.h"
 
 namespace fused_optim::cuda {
-
-// Operands: param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq if amsgrad].
-template <bool kAmsgrad>
-struct AdamOp {
-  static constexpr int kNumOperands = kAmsgrad ? 5 : 4;
-  static constexpr bool kAllowsDecoupledDecay = true;
-  FO_HOST_DEVICE static constexpr bool is_written(int k) { return k != 1; }
-
-  template <WeightDecay kDecay, typename T>
-  FO_HOST_DEVICE FO_FORCE_INLINE static void update(T (&x)[kNumOperands],
-                                                    const AdamScalars<T>& s) {
-    if constexpr (kAmsgrad) {
-      adam_update<true, kDecay>(x[0], x[1], x[2], x[3], x[4], s);
-    } else {
-      T unused = T(0);
-      adam_update<false, kDecay>(x[0], x[1], x[2], x[3], unused, s);
-    }
-  }
-};
-
-// Operands: param, grad[, momentum_buffer if kMomentum].
-// kNesterov implies kMomentum (the launcher never instantiates it without).
-template <bool kMomentum, bool kNesterov>
-struct SgdOp {
-  static_assert(kMomentum || !kNesterov, "Nesterov needs momentum");
-  static constexpr int kNumOperands = kMomentum ? 3 : 2;
-  static constexpr bool kAllowsDecoupledDecay = false;
-  FO_HOST_DEVICE static constexpr bool is_written(int k) { return k != 1; }
-
-  template <WeightDecay kDecay, typename T>
-  FO_HOST_DEVICE FO_FORCE_INLINE static void update(T (&x)[kNumOperands],
-                                                    const SgdScalars<T>& s) {
-    if constexpr (kMomentum) {
-      sgd_update<true, kNesterov, kDecay>(x[0], x[1], x[2], s);
-    } else {
-      T unused = T(0);
-      sgd_update<false, false, kDecay>(x[0], x[1], unused, s);
-    }
-  }
-};
-
-// Operands: param, grad, state_sum.
-struct AdagradOp {
-  static constexpr int kNumOperands = 3;
-  static constexpr bool kAllowsDecoupledDecay = false;
-  FO_HOST_DEVICE static constexpr bool is_written(int k) { return k != 1; }
-
-  template <WeightDecay kDecay, typename T>
-  FO_HOST_DEVICE FO_FORCE_INLINE static void update(
-      T (&x)[kNumOperands], const AdagradScalars<T>& s) {
-    adagrad_update<kDecay>(x[0], x[1], x[2], s);
-  }
-};
-
-// Operands: param, grad, square_avg[, grad_avg if kCentered]
-// [, momentum_buffer if kMomentum].
-template <bool kCentered, bool kMomentum>
-struct RmspropOp {
-  static constexpr int kGradAvg = 3;                   // if kCentered
-  static constexpr int kMomentumBuffer = kCentered ? 4 : 3;  // if kMomentum
-  static constexpr int kNumOperands = 3 + int(kCentered) + int(kMomentum);
-  static constexpr bool kAllowsDecoupledDecay = false;
-  FO_HOST_DEVICE static constexpr bool is_written(int k) { return k != 1; }
-
-  template <WeightDecay kDecay, typename T>
-  FO_HOST_DEVICE FO_FORCE_INLINE static void update(
-      T (&x)[kNumOperands], const RmspropScalars<T>& s) {
-    T unused_grad_avg = T(0);
-    T unused_buffer = T(0);
-    T* grad_avg = &unused_grad_avg;
-    T* buffer = &unused_buffer;
-    if constexpr (kCentered) grad_avg = &x[kGradAvg];
-    if constexpr (kMomentum) buffer = &x[kMomentumBuffer];
-    rmsprop_update<kCentered, kMomentum, kDecay>(x[0], x[1], x[2], *grad_avg,
-                                                 *buffer, s);
-  }
-};
 
 // ---------------------------------------------------------------------------
 // Dispatch: dtype and mode flags -> (Op, storage type) -> exec.run.

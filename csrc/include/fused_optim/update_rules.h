@@ -11,10 +11,13 @@
 // torch op rounds an intermediate to the parameter dtype (bf16/fp16), we do
 // not: the whole rule runs in fp32 and rounds once, on the store.
 //
-// The per-tensor scalars (`*Scalars`) are derived on the host, in double, from
-// the param group's hyperparameters and the tensor's step count, exactly as
-// torch.optim derives them in Python (`1 - beta1 ** step` etc.), then narrowed
-// to `T`: see make_*_scalars below.
+// The per-tensor scalars (`*Scalars`) are derived in double from the param
+// group's hyperparameters and the tensor's step count, exactly as torch.optim
+// derives them in Python (`1 - beta1 ** step` etc.), then narrowed to `T`:
+// see make_*_scalars below. The CPU derives them on the host; the CUDA
+// kernels, whose step counters live on the device (so that AMP's skipped
+// steps and CUDA graphs need no host sync), derive them on the device with
+// the same functions.
 #pragma once
 
 #include <cmath>
@@ -67,7 +70,7 @@ struct LerpWeight {
   T coefficient;                        // w, or -(1 - w)
 
   LerpWeight() = default;
-  explicit LerpWeight(double w)
+  FO_HOST_DEVICE explicit LerpWeight(double w)
       : from_start(w < 0.5 ? ~typename BitsOf<T>::type(0)
                            : typename BitsOf<T>::type(0)),
         coefficient(T(w < 0.5 ? w : -(1.0 - T(w)))) {}
@@ -108,7 +111,7 @@ struct AdamStepScalars {
 };
 
 // `step` is the step count AFTER this step's increment (t >= 1).
-inline AdamStepScalars make_adam_scalars(double lr, double beta1, double beta2,
+FO_HOST_DEVICE inline AdamStepScalars make_adam_scalars(double lr, double beta1, double beta2,
                                          double eps, double weight_decay,
                                          bool maximize, double step) {
   AdamStepScalars s;
@@ -138,7 +141,7 @@ struct AdamScalars {
   T decay_factor;
 
   AdamScalars() = default;
-  explicit AdamScalars(const AdamStepScalars& s)
+  FO_HOST_DEVICE explicit AdamScalars(const AdamStepScalars& s)
       : grad_sign(s.maximize ? T(-1) : T(1)),
         exp_avg_weight(1.0 - s.beta1),
         beta2(T(s.beta2)),
@@ -188,7 +191,7 @@ struct SgdScalars {
   T grad_weight;
 
   SgdScalars() = default;
-  SgdScalars(double lr, double momentum_, double dampening,
+  FO_HOST_DEVICE SgdScalars(double lr, double momentum_, double dampening,
              double weight_decay_, bool maximize, bool new_buffer)
       : grad_sign(maximize ? T(-1) : T(1)),
         neg_lr(T(-lr)),
@@ -226,7 +229,7 @@ struct AdagradScalars {
 
   AdagradScalars() = default;
   // `step` is the step count after this step's increment (t >= 1).
-  AdagradScalars(double lr, double lr_decay, double eps_, double weight_decay_,
+  FO_HOST_DEVICE AdagradScalars(double lr, double lr_decay, double eps_, double weight_decay_,
                  bool maximize, double step)
       : grad_sign(maximize ? T(-1) : T(1)),
         neg_clr(T(-(lr / (1.0 + (step - 1.0) * lr_decay)))),
@@ -261,7 +264,7 @@ struct RmspropScalars {
   T momentum;
 
   RmspropScalars() = default;
-  RmspropScalars(double lr, double alpha_, double eps_, double weight_decay_,
+  FO_HOST_DEVICE RmspropScalars(double lr, double alpha_, double eps_, double weight_decay_,
                  double momentum_, bool maximize)
       : grad_sign(maximize ? T(-1) : T(1)),
         neg_lr(T(-lr)),
