@@ -6,9 +6,11 @@ Method (the protocol of BENCHMARKS.md):
 
 * Every implementation gets its own parameters, filled with the same random
   (never zero) values, and gradients set once (``p.grad = random``) and reused
-  by every step. Only ``optimizer.step()`` is timed: ``time.perf_counter`` on
-  CPU; on CUDA a pair of CUDA events around the step, which starts on an idle
-  stream. Gradient generation and ``zero_grad`` are never in the timed region.
+  by every step (AMP steps unscale them in place: the scale alternates
+  between 2 and 1/2, so they stay where they were). Only ``optimizer.step()``
+  is timed: ``time.perf_counter`` on CPU; on CUDA a pair of CUDA events
+  around the step, which starts on an idle stream. Gradient generation and
+  ``zero_grad`` are never in the timed region.
 * Each implementation first runs a few warm-up steps (lazy state, first-touch
   allocation, extension load). Then the implementations are *interleaved*
   (A B C D, B C D A, ...) for ``--repeats`` rounds, so that drifts of a shared,
@@ -18,9 +20,19 @@ Method (the protocol of BENCHMARKS.md):
   through the caches between any two steps on the same parameters. On CUDA,
   when a parameter set is small enough to live in L2 (50 MB on H100/H200),
   each implementation also rotates among several parameter sets.
-* Throughput is bytes moved per step (the byte budget of DESIGN.md section 5:
-  the bytes an ideal single pass must read and write, scaled by the element
-  size) divided by the step time, and is shown as a fraction of a reference
+* Precisions (``--precisions``): fused_optim runs the param dtype and the
+  mixed-precision options named (master weights, state dtype, stochastic
+  rounding, AMP); the torch.optim peers run the same param dtype with
+  torch's own behaviour (state in the param dtype, no master weights), the
+  closest thing torch has, so ``peer/ours`` then compares two different
+  amounts of work: the tables say what each ran. With AMP, optimizers whose
+  step unscales (``_step_supports_amp_scaling``) get GradScaler's
+  ``grad_scale``/``found_inf``; the others get GradScaler's separate
+  unscale pass, timed with their step.
+* Throughput is bytes moved per step (the byte budget of DESIGN.md section 5,
+  ``bytes_per_element``: the bytes an ideal single pass over the param,
+  grad, master weights and state, at their dtypes, must read and write)
+  divided by the step time, and is shown as a fraction of a reference
   bandwidth: an in-place ``mul_`` over a 512 MiB buffer on CPU, a 512 MiB
   device-to-device copy on CUDA, read + write counted. The reference pass is
   one more entry of the interleaved rounds, so each fraction compares
@@ -60,24 +72,140 @@ import torch
 class OptimizerSpec:
     class_name: str  # same name in torch.optim and fused_optim
     kwargs: dict  # hyperparameters given to every implementation
-    fp32_bytes_per_elem: int  # byte budget, DESIGN.md section 5
-    state_tensors: int  # state tensors per param (memory footprint only)
+    state_tensors: int  # state tensors per param, each read and written once per step
     torch_has_fused: bool  # torch.optim.X accepts fused=True
 
 
 OPTIMIZERS = {
-    "sgd": OptimizerSpec("SGD", {"lr": 1e-3, "momentum": 0.9}, 20, 1, True),
-    "adagrad": OptimizerSpec("Adagrad", {"lr": 1e-2}, 20, 1, True),
-    # No momentum, not centered: 20 bytes (28 centered, +8 with momentum).
-    "rmsprop": OptimizerSpec("RMSprop", {"lr": 1e-3}, 20, 1, False),
-    "adam": OptimizerSpec("Adam", {"lr": 1e-3}, 28, 2, True),
-    "adamw": OptimizerSpec("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, 28, 2, True),
+    # fp32 byte budgets (DESIGN.md section 5), from bytes_per_element below:
+    # SGD with momentum, Adagrad, RMSprop 20; Adam, AdamW 28.
+    "sgd": OptimizerSpec("SGD", {"lr": 1e-3, "momentum": 0.9}, 1, True),
+    "adagrad": OptimizerSpec("Adagrad", {"lr": 1e-2}, 1, True),
+    # No momentum, not centered: square_avg only (centered adds grad_avg,
+    # momentum adds momentum_buffer).
+    "rmsprop": OptimizerSpec("RMSprop", {"lr": 1e-3}, 1, False),
+    "adam": OptimizerSpec("Adam", {"lr": 1e-3}, 2, True),
+    "adamw": OptimizerSpec("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, 2, True),
 }
 
 IMPLS = ("fused_optim", "torch-fused", "torch-foreach", "torch-forloop", "deepspeed")
 OURS = IMPLS[0]
 PEERS = IMPLS[1:]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """Param dtype and fused_optim's mixed-precision options for one run.
+
+    The torch.optim peers run the same param dtype without the options
+    torch.optim lacks (master weights, a state dtype other than the param's,
+    stochastic rounding): see ``torch_equivalent``.
+    """
+
+    name: str
+    param_dtype: torch.dtype
+    master_weights: bool = False
+    state_dtype: torch.dtype | None = None  # None: the param dtype (float32 with master weights)
+    stochastic_rounding: bool = False
+    # GradScaler's grad_scale/found_inf handed to the step: the gradient is
+    # unscaled in the step and written back.
+    amp: bool = False
+
+    @property
+    def resolved_state_dtype(self) -> torch.dtype:
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return torch.float32 if self.master_weights else self.param_dtype
+
+    def ours_kwargs(self) -> dict:
+        """Constructor keywords of fused_optim's classes for this precision."""
+        kwargs = {}
+        if self.master_weights:
+            kwargs["master_weights"] = True
+        if self.state_dtype is not None:
+            kwargs["state_dtype"] = self.state_dtype
+        if self.stochastic_rounding:
+            kwargs["stochastic_rounding"] = True
+        return kwargs
+
+    def torch_equivalent(self) -> "Precision":
+        """What torch.optim runs for this precision: same params (and AMP),
+        state in the param dtype, no master weights, round-to-nearest."""
+        return Precision(f"torch {DTYPE_NAMES[self.param_dtype]}", self.param_dtype, amp=self.amp)
+
+    def describe(self) -> str:
+        parts = [f"{DTYPE_NAMES[self.param_dtype]} params"]
+        if self.master_weights:
+            parts.append("fp32 master")
+        parts.append(f"{DTYPE_NAMES[self.resolved_state_dtype]} state")
+        if self.stochastic_rounding:
+            parts.append("stochastic rounding")
+        if self.amp:
+            parts.append("AMP")
+        return ", ".join(parts)
+
+
+PRECISIONS = {
+    p.name: p
+    for p in (
+        Precision("fp32", torch.float32),
+        Precision("bf16", torch.bfloat16),
+        Precision("fp32-state-bf16", torch.float32, state_dtype=torch.bfloat16),
+        Precision("bf16-state-fp32", torch.bfloat16, state_dtype=torch.float32),
+        Precision("bf16-master", torch.bfloat16, master_weights=True),
+        Precision("bf16-master-state-bf16", torch.bfloat16, master_weights=True,
+                  state_dtype=torch.bfloat16),
+        Precision("bf16-sr", torch.bfloat16, stochastic_rounding=True),
+        Precision("fp32-amp", torch.float32, amp=True),
+        Precision("bf16-master-amp", torch.bfloat16, master_weights=True, amp=True),
+    )
+}
+# Named sets for --precisions.
+PRECISION_SETS = {
+    # bf16 params with every option, with fp32 and plain bf16 for reference.
+    "mixed": ["fp32", "bf16", "bf16-master", "bf16-master-state-bf16", "bf16-state-fp32",
+              "bf16-sr", "fp32-state-bf16"],
+    "amp": ["fp32-amp", "bf16-master-amp"],
+}
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def bytes_per_element(spec: OptimizerSpec, precision: Precision) -> int:
+    """Bytes one ideal single pass moves per param element (DESIGN.md section 5).
+
+    The gradient (in the param dtype) is read, and written back once more when
+    the step unscales it (AMP). Each state tensor is read and written. The
+    param is read and written; with master weights the fp32 master is read
+    and written instead and the param is only written.
+    Adam fp32: 4 + (4 + 4) + 2 * (4 + 4) = 28; bf16 params with fp32 master
+    and fp32 state: 2 + (4 + 4 + 2) + 2 * (4 + 4) = 28; bf16: 14.
+    """
+    param = element_size(precision.param_dtype)
+    grad = param * (2 if precision.amp else 1)
+    if precision.master_weights:
+        weights = 2 * element_size(torch.float32) + param
+    else:
+        weights = 2 * param
+    state = 2 * spec.state_tensors * element_size(precision.resolved_state_dtype)
+    return grad + weights + state
+
+
+def memory_per_element(spec: OptimizerSpec, precision: Precision) -> int:
+    """Bytes held per param element: param, grad, master copy, state."""
+    param = element_size(precision.param_dtype)
+    master = element_size(torch.float32) if precision.master_weights else 0
+    return 2 * param + master + spec.state_tensors * element_size(precision.resolved_state_dtype)
+
+
+# Why powers of two: dividing the gradients by them is exact, and alternating
+# 2 and 1/2 keeps them where they started (never zero, never denormal) over
+# any number of steps.
+AMP_SCALES = (2.0, 0.5)
 
 L2_BYTES = 50 * 2**20  # H100/H200 L2; the device's own value is used when known
 # Why 4x: one step streams its whole working set; after 4x L2 of other data,
@@ -174,28 +302,35 @@ WORKLOADS = {
 
 @dataclasses.dataclass
 class Block:
-    """One optimizer on one workload in one dtype: the unit timed side by side."""
+    """One optimizer on one workload in one precision: the unit timed side by side."""
 
     optimizer: str
     workload: Workload
-    dtype_name: str
+    precision_name: str
 
     @property
     def spec(self) -> OptimizerSpec:
         return OPTIMIZERS[self.optimizer]
 
     @property
+    def precision(self) -> Precision:
+        return PRECISIONS[self.precision_name]
+
+    @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype_name]
+        return self.precision.param_dtype
 
     @property
     def label(self) -> str:
-        return f"{self.optimizer} {self.workload.name} {self.dtype_name}"
+        return f"{self.optimizer} {self.workload.name} {self.precision_name}"
+
+    def precision_of(self, impl: str) -> Precision:
+        """The precision `impl` runs: ours as asked, the peers torch.optim's."""
+        return self.precision if impl == OURS else self.precision.torch_equivalent()
 
 
-def bytes_per_step(spec: OptimizerSpec, workload: Workload, dtype: torch.dtype) -> float:
-    element_size = torch.empty((), dtype=dtype).element_size()
-    return workload.numel * spec.fp32_bytes_per_elem * element_size / 4
+def bytes_per_step(spec: OptimizerSpec, workload: Workload, precision: Precision) -> float:
+    return workload.numel * bytes_per_element(spec, precision)
 
 
 # --------------------------------------------------------------------------
@@ -220,14 +355,18 @@ class ParamSet:
             for g in workload.groups
         ]
         self.params = [p for group in self.groups for p in group]
-        grads = [torch.empty_like(p) for p in self.params]
-        fill_random(grads, seed + 1)
-        for p, grad in zip(self.params, grads):
+        self.grads = [torch.empty_like(p) for p in self.params]
+        fill_random(self.grads, seed + 1)
+        for p, grad in zip(self.params, self.grads):
             p.grad = grad
+        self.grads_written = False  # an AMP step unscaled the grads in place
 
     def reset(self) -> None:
         """Back to the initial values, so that every block starts the same."""
         fill_random(self.params, self.seed)
+        if self.grads_written:
+            fill_random(self.grads, self.seed + 1)
+            self.grads_written = False
 
 
 class ParamPool:
@@ -277,9 +416,51 @@ def optimizer_class(impl: str, spec: OptimizerSpec, ours_module) -> tuple[type, 
     return cls, extra
 
 
-def make_optimizer(impl, spec, workload, param_set, ours_module) -> torch.optim.Optimizer:
+def make_optimizer(
+    impl, spec, workload, param_set, ours_module, precision
+) -> torch.optim.Optimizer:
     cls, impl_kwargs = optimizer_class(impl, spec, ours_module)
+    if impl == OURS:
+        impl_kwargs = {**impl_kwargs, **precision.ours_kwargs()}
     return cls(param_groups(spec, workload, param_set), **spec.kwargs, **impl_kwargs)
+
+
+def amp_step(optimizer, param_set: ParamSet) -> Callable[[], object]:
+    """One AMP step as torch.amp.GradScaler.step makes it for this optimizer.
+
+    Optimizers whose step unscales (``_step_supports_amp_scaling``: ours and
+    torch's fused ones) get GradScaler's ``grad_scale``/``found_inf``
+    attributes; the others get GradScaler's separate unscale pass
+    (``torch._amp_foreach_non_finite_check_and_unscale_``, in place) before
+    the step. GradScaler's own inf check and its bookkeeping are not timed.
+    The scale alternates between AMP_SCALES.
+    """
+    device = param_set.params[0].device
+    found_inf = torch.zeros((), device=device)
+    scales = [torch.full((), s, device=device) for s in AMP_SCALES]
+    inverse_scales = [torch.full((), 1.0 / s, device=device) for s in AMP_SCALES]
+    calls = [0]
+    param_set.grads_written = True
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = found_inf
+
+        def step():
+            optimizer.grad_scale = scales[calls[0] % 2]
+            calls[0] += 1
+            return optimizer.step()
+
+        step.amp_path = "unscaled in the step"
+    else:
+        grads = param_set.grads
+
+        def step():
+            inverse = inverse_scales[calls[0] % 2]
+            calls[0] += 1
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inverse)
+            return optimizer.step()
+
+        step.amp_path = "GradScaler's unscale pass, then the step"
+    return step
 
 
 class TorchFusedAsOurs:
@@ -305,7 +486,7 @@ def deepspeed_available() -> bool:
         return False
 
 
-def impls_for(spec, device, dtype, requested, notes) -> list[str]:
+def impls_for(spec, device, precision, requested, notes) -> list[str]:
     """The implementations to time for one optimizer, with notes on those left out."""
     impls = []
     for impl in requested:
@@ -317,7 +498,7 @@ def impls_for(spec, device, dtype, requested, notes) -> list[str]:
                 continue  # not a peer here: no note
             if not deepspeed_available():
                 reason = "deepspeed not importable: DeepSpeedCPUAdam skipped"
-            elif dtype != torch.float32:
+            elif precision.name != "fp32":
                 reason = "DeepSpeedCPUAdam timed for fp32 only"
         if reason is None:
             impls.append(impl)
@@ -383,8 +564,9 @@ def rotation_count(block: Block, device: str) -> int:
     """How many param sets each implementation cycles through (CUDA only)."""
     if device == "cpu":
         return 1
-    element_size = torch.empty((), dtype=block.dtype).element_size()
-    footprint = block.workload.numel * element_size * (2 + block.spec.state_tensors)
+    footprint = block.workload.numel * max(
+        memory_per_element(block.spec, block.precision_of(impl)) for impl in (OURS, PEERS[0])
+    )
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or L2_BYTES
     return min(MAX_ROTATION, max(1, math.ceil(L2_FLUSH_FACTOR * l2 / footprint)))
 
@@ -414,7 +596,9 @@ def interleaved_times(entries: dict[str, list[Callable]], repeats: int, timer) -
 class Result:
     optimizer: str
     workload: str
-    dtype: str
+    precision: str  # the --precisions name of the block
+    dtype: str  # param dtype
+    config: str  # what this implementation ran (peers: torch.optim's equivalent)
     impl: str
     numel: int
     tensors: int
@@ -441,15 +625,23 @@ def warmed_up_steps(impl, block, pool, rotation, warmup, ours_module) -> list[Ca
     """Build one implementation's optimizers and run their warm-up steps."""
     steps = []
     for k in range(rotation):
-        optimizer = make_optimizer(impl, block.spec, block.workload, pool.get(impl, k), ours_module)
+        param_set = pool.get(impl, k)
+        optimizer = make_optimizer(
+            impl, block.spec, block.workload, param_set, ours_module, block.precision
+        )
+        step = amp_step(optimizer, param_set) if block.precision.amp else optimizer.step
         for _ in range(warmup):
-            optimizer.step()
-        steps.append(optimizer.step)
+            step()
+        steps.append(step)
     return steps
 
 
 def prepare_entries(block, pool, impls, args, ours_module, notes) -> dict[str, list[Callable]]:
-    """The warmed-up steps of every implementation that works; notes the others."""
+    """The warmed-up steps of every implementation that works; notes the others.
+
+    Without fused_optim's steps there is nothing to compare: the peers are
+    then not timed either.
+    """
     rotation = rotation_count(block, args.device)
     entries = {}
     for impl in impls:
@@ -460,7 +652,16 @@ def prepare_entries(block, pool, impls, args, ours_module, notes) -> dict[str, l
             notes.append(note)
             log(note)
             free_memory(args.device)
+            if impl == OURS:
+                return {}
     return entries
+
+
+def config_of(block: Block, impl: str, steps: list[Callable]) -> str:
+    """What `impl` ran in `block`, in words."""
+    config = block.precision_of(impl).describe()
+    amp_path = getattr(steps[0], "amp_path", None)
+    return f"{config} ({amp_path})" if amp_path else config
 
 
 def measure_block(block, pool, impls, args, ours_module, probe, notes) -> list[Result]:
@@ -468,6 +669,7 @@ def measure_block(block, pool, impls, args, ours_module, probe, notes) -> list[R
     entries = prepare_entries(block, pool, impls, args, ours_module, notes)
     if not entries:
         return []
+    configs = {impl: config_of(block, impl, steps) for impl, steps in entries.items()}
     entries[PROBE] = probe.passes
     times = interleaved_times(entries, args.repeats, timer_for(args.device))
     del entries
@@ -475,9 +677,11 @@ def measure_block(block, pool, impls, args, ours_module, probe, notes) -> list[R
     bandwidth = probe.bandwidth(times.pop(PROBE))
     results = [
         Result(
-            block.optimizer, block.workload.name, block.dtype_name, impl, block.workload.numel,
-            block.workload.num_tensors, len(block.workload.groups),
-            bytes_per_step(block.spec, block.workload, block.dtype), impl_times, bandwidth / 1e9,
+            block.optimizer, block.workload.name, block.precision_name,
+            DTYPE_NAMES[block.dtype], configs[impl], impl,
+            block.workload.numel, block.workload.num_tensors, len(block.workload.groups),
+            bytes_per_step(block.spec, block.workload, block.precision_of(impl)), impl_times,
+            bandwidth / 1e9,
         )
         for impl, impl_times in times.items()
     ]
@@ -501,16 +705,19 @@ def progress_line(index: int, total: int, block: Block, results: list[Result], s
 
 
 def run_all(args, ours_module, probe, notes) -> list[Result]:
-    plan = [(w, d, o) for w in args.workloads for d in args.dtypes for o in args.optimizers]
+    # Precisions with the same param dtype are adjacent, so their blocks share
+    # one ParamPool (made once per workload and param dtype).
+    precisions = sorted(args.precisions, key=lambda n: PRECISIONS[n].param_dtype != torch.float32)
+    plan = [(w, p, o) for w in args.workloads for p in precisions for o in args.optimizers]
     results, pool = [], None
-    for index, (workload_name, dtype_name, optimizer) in enumerate(plan, 1):
+    for index, (workload_name, precision_name, optimizer) in enumerate(plan, 1):
         block_start = time.perf_counter()
-        block = Block(optimizer, WORKLOADS[workload_name](args.device, args.scale), dtype_name)
+        block = Block(optimizer, WORKLOADS[workload_name](args.device, args.scale), precision_name)
         if pool is None or (pool.workload.name, pool.dtype) != (workload_name, block.dtype):
             pool = None  # free the previous workload's tensors first
             free_memory(args.device)
             pool = ParamPool(block.workload, block.dtype, args.device)
-        impls = impls_for(block.spec, args.device, block.dtype, args.impls, notes)
+        impls = impls_for(block.spec, args.device, block.precision, args.impls, notes)
         try:
             block_results = measure_block(block, pool, impls, args, ours_module, probe, notes)
         except torch.OutOfMemoryError:
@@ -602,6 +809,7 @@ def run_metadata(args, probe, results, notes, elapsed, load_before) -> dict:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "scale": args.scale,
+        "precisions": args.precisions,
         "bandwidth_reference": probe.description,
         "bandwidth_gb_per_s_median": statistics.median(references) if references else None,
         "elapsed_s": elapsed,
@@ -625,15 +833,17 @@ def fmt_ratio(value: float | None) -> str:
 
 
 def console_table(results: list[Result]) -> str:
+    width = max([9] + [len(r.precision) for r in results])
     header = (
-        f"{'optimizer':<9} {'workload':<11} {'dtype':<5} {'impl':<13} "
-        f"{'median ms':>10} {'Gelem/s':>8} {'GB/s':>7} {'ref GB/s':>8} {'% BW':>6} "
-        f"{'peer/ours':>9}"
+        f"{'optimizer':<9} {'workload':<11} {'precision':<{width}} {'impl':<13} "
+        f"{'B/elem':>6} {'median ms':>10} {'Gelem/s':>8} {'GB/s':>7} {'ref GB/s':>8} "
+        f"{'% BW':>6} {'peer/ours':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(
-            f"{r.optimizer:<9} {r.workload:<11} {r.dtype:<5} {r.impl:<13} "
+            f"{r.optimizer:<9} {r.workload:<11} {r.precision:<{width}} {r.impl:<13} "
+            f"{r.bytes_per_step / r.numel:>6g} "
             f"{r.median_s * 1e3:>10.3f} {r.elems_per_s / 1e9:>8.3f} {r.gb_per_s:>7.1f} "
             f"{r.bandwidth_gb_per_s:>8.1f} {r.bandwidth_fraction:>6.0%} "
             f"{fmt_ratio(r.peer_over_ours):>9}"
@@ -644,44 +854,79 @@ def console_table(results: list[Result]) -> str:
 def blocks(results: list[Result]) -> dict[tuple, dict[str, Result]]:
     grouped: dict[tuple, dict[str, Result]] = {}
     for r in results:
-        grouped.setdefault((r.optimizer, r.workload, r.dtype), {})[r.impl] = r
+        grouped.setdefault((r.optimizer, r.workload, r.precision), {})[r.impl] = r
     return grouped
+
+
+def peer_config(optimizer: str, precision_name: str) -> str:
+    """What the torch.optim peers of a block run, with their byte budget."""
+    peer = PRECISIONS[precision_name].torch_equivalent()
+    return f"{peer.describe()} ({bytes_per_element(OPTIMIZERS[optimizer], peer)})"
 
 
 def summary_markdown(results: list[Result]) -> list[str]:
     peers = [p for p in PEERS if any(r.impl == p for r in results)]
     lines = [
-        "| optimizer | workload | dtype | params | tensors | groups | B/elem | ours ms | GB/s "
-        "| ref GB/s | % BW | " + " | ".join(f"vs {p}" for p in peers) + " |",
-        "|" + "---|" * (11 + len(peers)),
+        "| optimizer | workload | precision | params | tensors | groups | B/elem | ours ms "
+        "| GB/s | ref GB/s | % BW | torch peers ran (B/elem) | "
+        + " | ".join(f"vs {p}" for p in peers) + " |",
+        "|" + "---|" * (12 + len(peers)),
     ]
-    for (optimizer, workload, dtype), by_impl in blocks(results).items():
+    for (optimizer, workload, precision), by_impl in blocks(results).items():
         ours = by_impl.get(OURS)
         if ours is None:
             continue
         ratios = [fmt_ratio(by_impl[p].peer_over_ours) if p in by_impl else "-" for p in peers]
         lines.append(
-            f"| {optimizer} | {workload} | {dtype} | {ours.numel / 1e6:.1f}M | {ours.tensors} "
+            f"| {optimizer} | {workload} | {precision} | {ours.numel / 1e6:.1f}M | {ours.tensors} "
             f"| {ours.groups} | {ours.bytes_per_step / ours.numel:g} "
             f"| {ours.median_s * 1e3:.3f} | {ours.gb_per_s:.1f} "
-            f"| {ours.bandwidth_gb_per_s:.1f} | {ours.bandwidth_fraction:.0%} | "
-            + " | ".join(ratios) + " |"
+            f"| {ours.bandwidth_gb_per_s:.1f} | {ours.bandwidth_fraction:.0%} "
+            f"| {peer_config(optimizer, precision)} | " + " | ".join(ratios) + " |"
         )
     return lines
 
 
 def detail_markdown(results: list[Result]) -> list[str]:
     lines = [
-        "| optimizer | workload | dtype | impl | median ms | Gelem/s | GB/s | ref GB/s | % BW "
-        "| peer/ours |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| optimizer | workload | precision | impl | ran | B/elem | median ms | Gelem/s | GB/s "
+        "| ref GB/s | % BW | peer/ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r.optimizer} | {r.workload} | {r.dtype} | {r.impl} | {r.median_s * 1e3:.3f} "
+            f"| {r.optimizer} | {r.workload} | {r.precision} | {r.impl} | {r.config} "
+            f"| {r.bytes_per_step / r.numel:g} | {r.median_s * 1e3:.3f} "
             f"| {r.elems_per_s / 1e9:.3f} | {r.gb_per_s:.1f} | {r.bandwidth_gb_per_s:.1f} "
             f"| {r.bandwidth_fraction:.0%} "
             f"| {fmt_ratio(r.peer_over_ours)} |"
+        )
+    return lines
+
+
+def precisions_markdown(names: list[str]) -> list[str]:
+    """The configurations of a run: our keywords, what the peers ran, byte budgets."""
+    lines = [
+        "| precision | fused_optim ran | constructor keywords | torch peers ran "
+        "| B/elem ours (SGD, Adagrad, RMSprop / Adam, AdamW) | B/elem peers |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        precision = PRECISIONS[name]
+        peer = precision.torch_equivalent()
+        kwargs = ", ".join(
+            f"{k}={'torch.' + str(v).split('.')[-1] if isinstance(v, torch.dtype) else v}"
+            for k, v in precision.ours_kwargs().items()
+        ) or "(none)"
+        if precision.amp:
+            kwargs += "; GradScaler's grad_scale/found_inf"
+        ours_bytes = "/".join(
+            str(bytes_per_element(OPTIMIZERS[o], precision)) for o in ("sgd", "adam")
+        )
+        peer_bytes = "/".join(str(bytes_per_element(OPTIMIZERS[o], peer)) for o in ("sgd", "adam"))
+        lines.append(
+            f"| {name} | {precision.describe()} | {kwargs} | {peer.describe()} "
+            f"| {ours_bytes} | {peer_bytes} |"
         )
     return lines
 
@@ -705,8 +950,10 @@ def markdown_report(meta: dict, results: list[Result]) -> str:
         f"{fmt_number(meta['load_average_before'])}/{fmt_number(meta['load_average_after'])}",
         "",
         "`vs X` = X's step time / fused_optim's (above 1: fused_optim is faster). "
-        "GB/s and % BW use the byte budget (DESIGN.md section 5).",
+        "GB/s and % BW use the byte budget (DESIGN.md section 5) of what each "
+        "implementation ran: B/elem, bytes read and written per param element.",
         "",
+        *(precisions_markdown(meta["precisions"]) + [""] if meta["precisions"] != ["fp32"] else []),
         *summary_markdown(results),
         "",
         "## All measurements",
@@ -747,6 +994,25 @@ def name_list(choices):
     return parse
 
 
+def precision_list(text: str) -> list[str]:
+    """--precisions: names and set names, expanded, duplicates dropped."""
+    names = []
+    for item in (n.strip() for n in text.split(",")):
+        if not item:
+            continue
+        for name in PRECISION_SETS.get(item, list(PRECISIONS) if item == "all" else [item]):
+            if name not in PRECISIONS:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {name!r}; choose from {', '.join(PRECISIONS)}, "
+                    f"a set ({', '.join(PRECISION_SETS)}) or 'all'"
+                )
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise argparse.ArgumentTypeError("no precision given")
+    return names
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fused_optim.bench",
@@ -756,8 +1022,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated, or 'all' (default: all)")
     parser.add_argument("--workloads", type=name_list(WORKLOADS), default=list(WORKLOADS),
                         help="comma-separated, or 'all' (default: all)")
-    parser.add_argument("--dtypes", type=name_list(DTYPES), default=["fp32"],
-                        help="comma-separated: fp32, bf16 (default: fp32)")
+    parser.add_argument("--precisions", "--dtypes", dest="precisions",
+                        type=precision_list, default=["fp32"],
+                        help="param dtypes and mixed-precision options, comma-separated: "
+                             + ", ".join(PRECISIONS)
+                             + "; or a set: "
+                             + "; ".join(f"{k} = {','.join(v)}" for k, v in PRECISION_SETS.items())
+                             + "; or 'all' (default: fp32). fused_optim runs each as named; "
+                             "the torch.optim peers run the same param dtype with their own "
+                             "defaults (state in the param dtype, no master weights); "
+                             "amp hands GradScaler's grad_scale/found_inf to the step")
     parser.add_argument("--impls", type=name_list(IMPLS), default=list(IMPLS),
                         help="implementations to time (default: all that apply)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
