@@ -88,7 +88,8 @@ wait
 demangle() { if command -v c++filt >/dev/null 2>&1; then c++filt; else cat; fi; }
 
 # One line per kernel: registers, spills, and a short name such as
-# "AdamOp<true> __half" (from the demangled multi_tensor_kernel<Op, T, Meta>).
+# "AdamOp<true> bf16 fp32" (element op, param dtype, state dtype; from the
+# demangled multi_tensor_kernel<Op, P, S, Meta>).
 report() {  # report LOG
   awk '
     /Compiling entry function/ {
@@ -99,7 +100,9 @@ report() {  # report LOG
       for (i = 1; i <= NF; i++) if ($i == "Used") regs = $(i + 1)
       printf "%s\t%s\t%s\t%s\n", regs, stores, loads, name
     }' "$1" | demangle |
-    sed -E 's/void fused_optim::cuda::multi_tensor_kernel<fused_optim::cuda::([^,]*(<[^>]*>)?), ([A-Za-z_0-9]+), .*/\1 \3/'
+    sed -E -e 's/void fused_optim::cuda::multi_tensor_kernel<fused_optim::([^,]*(<[^>]*>)?), ([A-Za-z_0-9]+), ([A-Za-z_0-9]+), .*/\1 \3 \4/' \
+      -e 's/void fused_optim::cuda::step_kernel<.*/step_kernel/' \
+      -e 's/__nv_bfloat16/bf16/g; s/__half/fp16/g; s/ float/ fp32/g; s/ double/ fp64/g'
 }
 
 spills=0
@@ -112,7 +115,7 @@ for src in "${sources[@]}"; do
       failed=1
       continue
     fi
-    echo "-- $src sm_$arch  (registers / spill stores / spill loads / kernel)"
+    echo "-- $src sm_$arch  (registers / spill stores / spill loads / kernel param state)"
     while IFS=$'\t' read -r regs stores loads name; do
       printf '   %4s  %4s  %4s  %s\n' "$regs" "$stores" "$loads" "$name"
       if [[ "$stores" != 0 || "$loads" != 0 ]]; then spills=$((spills + 1)); fi

@@ -1,15 +1,23 @@
 // The CUDA multi-tensor apply: one kernel launch updates many tensors, each
 // with its own hyperparameters (multi_tensor_plan.h explains the metadata).
 //
-// The per-element math is NOT here: an op (ops.cuh) loads nothing and stores
-// nothing, it only calls its update rule from update_rules.h on values in
-// registers. This file moves the bytes:
-//   - aligned tensors (every operand 16-byte aligned): 16-byte vector loads
-//     and stores (4 fp32, 8 fp16/bf16, 2 fp64 elements), then a scalar tail;
-//   - misaligned tensors (e.g. views at an odd storage offset): scalar
-//     accesses, still coalesced across the threads of a warp.
-// Compute type: float for fp16/bf16/fp32, double for fp64, as on the CPU.
-// Indexing is int64 everywhere: a tensor may have more than 2^31 elements.
+// The per-element math is NOT here: an element op (element_ops.h) loads
+// nothing and stores nothing, it only calls its update rule from
+// update_rules.h on values in registers. This file moves the bytes, and
+// converts between storage and compute types:
+//   - param/grad dtype P and state dtype S may differ (bf16 params with fp32
+//     state, fp32 params with bf16 state, ...), with optional float32 master
+//     weights: a thread takes kElems = 16 / max(sizeof P, sizeof S) elements
+//     per iteration, and loads each operand in as many 16-byte (or one
+//     8-byte) vectors as those elements need;
+//   - aligned tensors (every operand 16-byte aligned) take that vector path,
+//     then a scalar tail; misaligned tensors (e.g. views at an odd storage
+//     offset) take scalar accesses, still coalesced across a warp;
+//   - AMP: grads are unscaled in registers (and written back), a non-zero
+//     found_inf skips the launch; stochastic rounding of bf16 param writes.
+// Compute type: float for fp16/bf16/fp32 params, double for fp64, as on the
+// CPU. Indexing is int64 everywhere: a tensor may have more than 2^31
+// elements.
 //
 // Includes CUDA headers and our own only (no torch): CI compile-checks this
 // with plain nvcc against a CPU-only torch.
@@ -25,11 +33,14 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <type_traits>
 
 #include "cuda/multi_tensor_plan.h"
+#include "cuda/hyperparams.h"
 #include "fused_optim/macros.h"
+#include "fused_optim/precision.h"
 #include "fused_optim/update_rules.h"
 
 namespace fused_optim::cuda {
@@ -83,206 +94,418 @@ FO_HOST_DEVICE FO_FORCE_INLINE __nv_bfloat16 from_compute<__nv_bfloat16>(
   return __float2bfloat16_rn(x);
 }
 
-// One 16-byte vector of elements. alignas(16) makes a load/store of the
-// whole struct a single 128-bit access (LDG.E.128 / STG.E.128).
-template <typename scalar_t>
-struct alignas(kVectorBytes) Vec {
-  static constexpr int kSize = static_cast<int>(kVectorBytes / sizeof(scalar_t));
-  scalar_t v[kSize];
-};
-static_assert(sizeof(Vec<float>) == 16 && Vec<float>::kSize == 4);
-static_assert(sizeof(Vec<double>) == 16 && Vec<double>::kSize == 2);
-static_assert(sizeof(Vec<__half>) == 16 && Vec<__half>::kSize == 8);
-static_assert(sizeof(Vec<__nv_bfloat16>) == 16 &&
-              Vec<__nv_bfloat16>::kSize == 8);
-static_assert(kChunkSize % Vec<__half>::kSize == 0);
+// The bf16 whose bits are `bits`.
+FO_HOST_DEVICE FO_FORCE_INLINE __nv_bfloat16 bf16_from_bits(uint16_t bits) {
+  __nv_bfloat16_raw raw;
+  raw.x = bits;
+  return __nv_bfloat16(raw);
+}
 
-// Calls fn(TypeTag<scalar_t>{}) for the storage type `dtype` of a call whose
-// scalars are computed in T (float: fp32/fp16/bf16; double: fp64), and
-// returns its result.
+// ---------------------------------------------------------------------------
+// Vectors
+// ---------------------------------------------------------------------------
+
+// Elements a thread takes per iteration of the vector path: one 16-byte
+// vector of the widest operand type, the float32 master weights included
+// when the call has them (4 for fp32 params with bf16 state, 8 for bf16/fp16
+// params with bf16/fp16 state and no master weights, 2 for fp64). Narrower
+// operands then load 8 bytes (e.g. 4 bf16).
+template <typename P, typename S, bool kMaster = false>
+constexpr int kElems = static_cast<int>(
+    kVectorBytes / (sizeof(P) > sizeof(S) ? (kMaster && sizeof(P) < 4 ? 4 : sizeof(P))
+                                          : (kMaster && sizeof(S) < 4 ? 4 : sizeof(S))));
+
+// kE elements of one operand, aligned so that a load or store of the whole
+// struct compiles to 16-byte (or, below 16 bytes, one 8-byte) accesses:
+// LDG.E.128 / LDG.E.64.
+template <typename U, int kE>
+struct alignas(kE * sizeof(U) < kVectorBytes ? kE * sizeof(U) : kVectorBytes)
+    Pack {
+  U v[kE];
+};
+static_assert(sizeof(Pack<__nv_bfloat16, 4>) == 8 &&
+              alignof(Pack<__nv_bfloat16, 4>) == 8);
+static_assert(sizeof(Pack<float, 8>) == 32 && alignof(Pack<float, 8>) == 16);
+static_assert(kElems<__half, float> == 4 &&
+              kElems<__nv_bfloat16, __nv_bfloat16> == 8 &&
+              kElems<__nv_bfloat16, __nv_bfloat16, true> == 4);
+static_assert(kChunkSize % 8 == 0, "chunks start on vector boundaries");
+
+template <typename U, int kE>
+FO_HOST_DEVICE FO_FORCE_INLINE Pack<U, kE> load_pack(const U* p) {
+  return *reinterpret_cast<const Pack<U, kE>*>(p);
+}
+template <typename U, int kE>
+FO_HOST_DEVICE FO_FORCE_INLINE void store_pack(U* p, const Pack<U, kE>& x) {
+  *reinterpret_cast<Pack<U, kE>*>(p) = x;
+}
+
+// Calls fn(TypeTag<P>{}, TypeTag<S>{}) for the storage dtypes of a call:
+// the eight supported (param, state) pairs (multi_tensor_plan.h), or, for a
+// mode without state (`has_state` false), the four with S = P.
 template <typename T>
 struct TypeTag {
   using type = T;
 };
-template <typename T, typename Fn>
-cudaError_t with_storage_type(ScalarType dtype, const Fn& fn) {
-  if constexpr (std::is_same_v<T, double>) {
-    if (dtype == ScalarType::kDouble) return fn(TypeTag<double>{});
-  } else {
-    static_assert(std::is_same_v<T, float>);
-    switch (dtype) {
-      case ScalarType::kFloat:
-        return fn(TypeTag<float>{});
-      case ScalarType::kHalf:
-        return fn(TypeTag<__half>{});
-      case ScalarType::kBFloat16:
-        return fn(TypeTag<__nv_bfloat16>{});
-      case ScalarType::kDouble:
-        break;
-    }
+template <typename Fn>
+cudaError_t with_storage_types(ScalarType param, ScalarType state,
+                               bool has_state, const Fn& fn) {
+  using F = float;
+  using D = double;
+  using H = __half;
+  using B = __nv_bfloat16;
+  if (!has_state && state != param) state = ScalarType::kDouble;  // rejected
+  switch (param) {
+    case ScalarType::kFloat:
+      if (state == ScalarType::kFloat) return fn(TypeTag<F>{}, TypeTag<F>{});
+      if (has_state && state == ScalarType::kBFloat16) {
+        return fn(TypeTag<F>{}, TypeTag<B>{});
+      }
+      break;
+    case ScalarType::kDouble:
+      if (state == ScalarType::kDouble) return fn(TypeTag<D>{}, TypeTag<D>{});
+      break;
+    case ScalarType::kHalf:
+      if (state == ScalarType::kHalf) return fn(TypeTag<H>{}, TypeTag<H>{});
+      if (has_state && state == ScalarType::kFloat) {
+        return fn(TypeTag<H>{}, TypeTag<F>{});
+      }
+      if (has_state && state == ScalarType::kBFloat16) {
+        return fn(TypeTag<H>{}, TypeTag<B>{});
+      }
+      break;
+    case ScalarType::kBFloat16:
+      if (state == ScalarType::kBFloat16) return fn(TypeTag<B>{}, TypeTag<B>{});
+      if (has_state && state == ScalarType::kFloat) {
+        return fn(TypeTag<B>{}, TypeTag<F>{});
+      }
+      break;
   }
   throw std::invalid_argument(
-      "fused_optim CUDA launch: the params' dtype does not match the "
-      "compute type of the scalars");
+      "fused_optim CUDA launch: unsupported (param, state) dtype pair");
 }
 
 // ---------------------------------------------------------------------------
 // The block body
 // ---------------------------------------------------------------------------
 
+// How the param is loaded and stored. Uniform across a launch; a template
+// parameter of the chunk loop (the loop is compiled once per mode the param
+// type allows), because each mode keeps different values live: as a
+// run-time branch inside one loop, the float32 master vector and the
+// rounding counter would cost registers in every mode (ptxas then spilled
+// hundreds of bytes in the fp16/bf16 kernels).
+enum class ParamMode {
+  kPlain,       // load and store the param (round to nearest)
+  kMaster,      // load the float32 master copy; store it and the param
+                // rounded to nearest (fp16/bf16 params)
+  kStochastic,  // load the param, store it rounded stochastically (bf16)
+};
+
+// What else is uniform across a launch (read once per block) and a chunk.
+struct ElementFlags {
+  bool unscale = false;  // grad *= inv_scale, and written back
+  float inv_scale = 1.0f;
+  uint32_t rounding_key = 0;  // per chunk: key(tensor's index, step)
+};
+
+// One element: param p (or master m), grad g, state st[] in storage types,
+// updated in place. `element` is its 0-based index in its tensor (the
+// stochastic-rounding counter).
+template <typename Op, WeightDecay kDecay, ParamMode kMode, typename P,
+          typename S, int kNS, typename Scalars>
+FO_HOST_DEVICE FO_FORCE_INLINE void update_element(P& p, P& g, S (&st)[kNS],
+                                                   float& m,
+                                                   const Scalars& s,
+                                                   const ElementFlags& f,
+                                                   int64_t element) {
+  using T = compute_t<P>;
+  constexpr int kN = Op::kNumOperands;
+  T r[kN];
+  if constexpr (kMode == ParamMode::kMaster) {
+    r[0] = m;
+  } else {
+    r[0] = to_compute(p);
+  }
+  r[1] = to_compute(g);
+  if (f.unscale) {
+    // Unscaled in the compute type; the update uses this value, and the
+    // grad tensor gets it rounded to its dtype.
+    r[1] = r[1] * static_cast<T>(f.inv_scale);
+    g = from_compute<P>(r[1]);
+  }
+#pragma unroll
+  for (int k = 2; k < kN; ++k) r[k] = to_compute(st[k - 2]);
+  Op::template update<kDecay>(r, s);
+  if constexpr (kMode == ParamMode::kMaster) m = r[0];
+  if constexpr (kMode == ParamMode::kStochastic) {
+    static_assert(std::is_same_v<P, __nv_bfloat16>);
+    p = bf16_from_bits(bf16_bits_round_stochastic(
+        r[0], stochastic_rounding_bits(f.rounding_key, element)));
+  } else {
+    p = from_compute<P>(r[0]);
+  }
+#pragma unroll
+  for (int k = 2; k < kN; ++k) {
+    if (Op::is_written(k)) st[k - 2] = from_compute<S>(r[k]);
+  }
+}
+
 // Updates elements [begin, end) of tensor `tensor` of `meta` (one chunk, so
 // end - begin <= kChunkSize) with the threads `thread` of `num_threads` of
-// one block.
+// one block, with the tensor's scalars `s`.
 //
 // Offsets: the chunk's start `begin` is int64 (a tensor may have more than
 // 2^31 elements) and is added to each operand's base address once per chunk;
 // offsets inside the chunk are below kChunkSize and use int32, which saves
 // the registers of 64-bit index arithmetic in the loops.
 //
-// An op (ops.cuh) provides:
-//   kNumOperands             operands per element (param first, grad second)
-//   is_written(k)            whether operand k is stored back (grad is not)
+// An element op (element_ops.h) provides:
+//   kNumOperands             operands per element (param, grad, state...)
+//   is_written(k)            whether operand k is stored back
 //   update<kDecay>(x, s)     the update rule on x[kNumOperands] in registers
-template <typename Op, typename scalar_t, WeightDecay kDecay, typename Meta>
-FO_HOST_DEVICE FO_FORCE_INLINE void update_range(const Meta& meta,
-                                                 int32_t tensor, int64_t begin,
-                                                 int64_t end, int32_t thread,
-                                                 int32_t num_threads) {
+template <typename Op, typename P, typename S, WeightDecay kDecay,
+          ParamMode kMode, typename Meta, typename Scalars>
+FO_HOST_DEVICE FO_FORCE_INLINE void update_range(
+    const Meta& meta, int32_t tensor, int64_t begin, int64_t end,
+    const Scalars& s, const ElementFlags& f, int32_t thread,
+    int32_t num_threads) {
   static_assert(kChunkSize <= (int64_t{1} << 30),
                 "offsets inside a chunk must fit int32");
-  using T = compute_t<scalar_t>;
-  using V = Vec<scalar_t>;
   constexpr int kN = Op::kNumOperands;
-  constexpr int kVec = V::kSize;
-  const auto& s = meta.scalars[meta.slot[tensor]];
-  // ptr[k][i] is element begin + i of operand k.
-  scalar_t* ptr[kN];
+  constexpr int kNS = kN > 2 ? kN - 2 : 1;  // state operands (>= 1 entry)
+  constexpr bool kMaster = kMode == ParamMode::kMaster;
+  constexpr int kE = kElems<P, S, kMaster>;
+  P* const param = static_cast<P*>(meta.data[0][tensor]) + begin;
+  P* const grad = static_cast<P*>(meta.data[1][tensor]) + begin;
+  S* state[kNS];
 #pragma unroll
-  for (int k = 0; k < kN; ++k) {
-    ptr[k] = static_cast<scalar_t*>(meta.data[k][tensor]) + begin;
+  for (int k = 2; k < kN; ++k) {
+    state[k - 2] = static_cast<S*>(meta.data[k][tensor]) + begin;
   }
+  float* const master = kMaster ? meta.master[tensor] + begin : nullptr;
   const int32_t count = static_cast<int32_t>(end - begin);  // <= kChunkSize
 
   int32_t scalar_begin = 0;
   if (meta.aligned[tensor]) {
     // Every operand base is 16-byte aligned and `begin` is a multiple of
-    // kChunkSize (a multiple of kVec), so each ptr[k] + j * kVec starts a
-    // 16-byte vector. Vector j covers chunk elements [j * kVec, (j+1) * kVec);
-    // consecutive threads take consecutive vectors, so a warp moves 512
-    // contiguous bytes per operand.
-    const int32_t num_vecs = count / kVec;
+    // kChunkSize (a multiple of kE), so each operand + j * kE starts an
+    // aligned Pack. Consecutive threads take consecutive packs, so a warp
+    // moves 256-512 contiguous bytes per operand.
+    const int32_t num_packs = count / kE;
 #pragma unroll 1
-    for (int32_t j = thread; j < num_vecs; j += num_threads) {
-      V x[kN];
-#pragma unroll
-      for (int k = 0; k < kN; ++k) {
-        x[k] = *reinterpret_cast<const V*>(ptr[k] + j * kVec);
+    for (int32_t j = thread; j < num_packs; j += num_threads) {
+      const int32_t o = j * kE;
+      Pack<P, kE> xp;
+      Pack<float, kE> xm;
+      if constexpr (kMaster) {
+        xm = load_pack<float, kE>(master + o);  // the param is not read
+      } else {
+        xp = load_pack<P, kE>(param + o);
       }
+      Pack<P, kE> xg = load_pack<P, kE>(grad + o);
+      Pack<S, kE> xs[kNS];
 #pragma unroll
-      for (int l = 0; l < kVec; ++l) {
-        T r[kN];
+      for (int k = 2; k < kN; ++k) xs[k - 2] = load_pack<S, kE>(state[k - 2] + o);
 #pragma unroll
-        for (int k = 0; k < kN; ++k) r[k] = to_compute(x[k].v[l]);
-        Op::template update<kDecay>(r, s);
+      for (int l = 0; l < kE; ++l) {
+        S st[kNS];
 #pragma unroll
-        for (int k = 0; k < kN; ++k) {
-          if (Op::is_written(k)) x[k].v[l] = from_compute<scalar_t>(r[k]);
-        }
+        for (int k = 2; k < kN; ++k) st[k - 2] = xs[k - 2].v[l];
+        update_element<Op, kDecay, kMode>(xp.v[l], xg.v[l], st, xm.v[l], s,
+                                          f, begin + o + l);
+#pragma unroll
+        for (int k = 2; k < kN; ++k) xs[k - 2].v[l] = st[k - 2];
       }
+      store_pack<P, kE>(param + o, xp);
+      if constexpr (kMaster) store_pack<float, kE>(master + o, xm);
+      if (f.unscale) store_pack<P, kE>(grad + o, xg);
 #pragma unroll
-      for (int k = 0; k < kN; ++k) {
-        if (Op::is_written(k)) *reinterpret_cast<V*>(ptr[k] + j * kVec) = x[k];
+      for (int k = 2; k < kN; ++k) {
+        if (Op::is_written(k)) store_pack<S, kE>(state[k - 2] + o, xs[k - 2]);
       }
     }
-    // The tail (fewer than kVec elements, only in a tensor's last chunk).
-    scalar_begin = num_vecs * kVec;
+    // The tail (fewer than kE elements, only in a tensor's last chunk).
+    scalar_begin = num_packs * kE;
   }
 
   // Scalar path: the tail of an aligned chunk, or all of a misaligned one.
 #pragma unroll 1
   for (int32_t i = scalar_begin + thread; i < count; i += num_threads) {
-    T r[kN];
+    P xp;
+    float xm = 0.0f;
+    if constexpr (kMaster) {
+      xm = master[i];
+    } else {
+      xp = param[i];
+    }
+    P xg = grad[i];
+    S st[kNS];
 #pragma unroll
-    for (int k = 0; k < kN; ++k) r[k] = to_compute(ptr[k][i]);
-    Op::template update<kDecay>(r, s);
+    for (int k = 2; k < kN; ++k) st[k - 2] = state[k - 2][i];
+    update_element<Op, kDecay, kMode>(xp, xg, st, xm, s, f, begin + i);
+    param[i] = xp;
+    if constexpr (kMaster) master[i] = xm;
+    if (f.unscale) grad[i] = xg;
 #pragma unroll
-    for (int k = 0; k < kN; ++k) {
-      if (Op::is_written(k)) ptr[k][i] = from_compute<scalar_t>(r[k]);
+    for (int k = 2; k < kN; ++k) {
+      if (Op::is_written(k)) state[k - 2][i] = st[k - 2];
     }
   }
 }
 
-// The work of block `block` of `num_blocks`: chunks block, block +
-// num_blocks, ... of the launch. The weight-decay mode is per tensor (it
-// comes from the tensor's param group) and selects one of the compiled
-// variants per chunk: uniform across the block, so no divergence, and one
-// launch serves groups with and without decay.
-template <typename Op, typename scalar_t, typename Meta>
-FO_HOST_DEVICE FO_FORCE_INLINE void run_block(const Meta& meta, int64_t block,
-                                              int64_t num_blocks,
-                                              int32_t thread,
-                                              int32_t num_threads) {
+// The chunks of a launch for one param mode (see run_block).
+template <typename Op, typename P, typename S, ParamMode kMode, typename Meta>
+FO_HOST_DEVICE FO_FORCE_INLINE void run_chunks(const Meta& meta, int64_t block,
+                                               int64_t num_blocks,
+                                               int32_t thread,
+                                               int32_t num_threads,
+                                               ElementFlags f) {
+  using T = compute_t<P>;
+  using Hyper = typename Meta::HyperType;
   for (int64_t chunk = block; chunk < meta.num_chunks; chunk += num_blocks) {
     const ChunkRange r = locate_chunk(meta, chunk);
-    switch (static_cast<WeightDecay>(meta.decay[meta.slot[r.tensor]])) {
+    const int slot = meta.slot[r.tensor];
+    const Hyper& h = meta.hyper[slot];
+    double step = 0.0;  // SGD: no counter (its rounding key uses step 0)
+    if constexpr (Hyper::kHasSteps) {
+      step = read_step(meta.step[r.tensor], meta.step_is_double[r.tensor] != 0);
+    }
+    const auto s = h.template scalars<T>(h.lr.read(), step);
+    if constexpr (kMode == ParamMode::kStochastic) {
+      f.rounding_key = stochastic_rounding_key(
+          static_cast<uint32_t>(meta.index[r.tensor]), step);
+    }
+    switch (static_cast<WeightDecay>(meta.decay[slot])) {
       case WeightDecay::kNone:
-        update_range<Op, scalar_t, WeightDecay::kNone>(
-            meta, r.tensor, r.begin, r.end, thread, num_threads);
+        update_range<Op, P, S, WeightDecay::kNone, kMode>(
+            meta, r.tensor, r.begin, r.end, s, f, thread, num_threads);
         break;
       case WeightDecay::kL2:
-        update_range<Op, scalar_t, WeightDecay::kL2>(
-            meta, r.tensor, r.begin, r.end, thread, num_threads);
+        update_range<Op, P, S, WeightDecay::kL2, kMode>(
+            meta, r.tensor, r.begin, r.end, s, f, thread, num_threads);
         break;
       case WeightDecay::kDecoupled:
         // check_multi_tensor_args rejects this mode for ops without it.
         if constexpr (Op::kAllowsDecoupledDecay) {
-          update_range<Op, scalar_t, WeightDecay::kDecoupled>(
-              meta, r.tensor, r.begin, r.end, thread, num_threads);
+          update_range<Op, P, S, WeightDecay::kDecoupled, kMode>(
+              meta, r.tensor, r.begin, r.end, s, f, thread, num_threads);
         }
         break;
     }
   }
 }
 
+// The work of block `block` of `num_blocks`: chunks block, block +
+// num_blocks, ... of the launch.
+//
+// Per chunk, the tensor's scalars are derived here, on the device, from its
+// group's hyperparameters, the lr (a host float, or read from the group's
+// lr tensor) and its step counter (already incremented by the step kernel):
+// hyperparams.h. Uniform across the block, like the weight-decay mode, which
+// selects one of the compiled variants per chunk: no divergence, and one
+// launch serves groups with and without decay.
+template <typename Op, typename P, typename S, typename Meta>
+FO_HOST_DEVICE FO_FORCE_INLINE void run_block(const Meta& meta, int64_t block,
+                                              int64_t num_blocks,
+                                              int32_t thread,
+                                              int32_t num_threads) {
+  // Note [found_inf early exit]: AMP found an inf/NaN gradient, so the step
+  // is skipped: nothing is written (no grad write-back either), and the step
+  // kernel did not advance the counters.
+  if (meta.found_inf != nullptr && *meta.found_inf != 0.0f) return;
+  ElementFlags f;
+  f.unscale = meta.grad_scale != nullptr;
+  if (f.unscale) f.inv_scale = inverse_grad_scale(*meta.grad_scale);
+  // check_multi_tensor_args allows master weights only for fp16/bf16 params
+  // and stochastic rounding only for bf16 params without them.
+  if constexpr (sizeof(P) == 2) {
+    if (meta.master_weights) {
+      run_chunks<Op, P, S, ParamMode::kMaster>(meta, block, num_blocks, thread,
+                                               num_threads, f);
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<P, __nv_bfloat16>) {
+    if (meta.stochastic_rounding) {
+      run_chunks<Op, P, S, ParamMode::kStochastic>(meta, block, num_blocks,
+                                                   thread, num_threads, f);
+      return;
+    }
+  }
+  run_chunks<Op, P, S, ParamMode::kPlain>(meta, block, num_blocks, thread,
+                                          num_threads, f);
+}
+
 // Blocks per SM that ptxas must fit (the second __launch_bounds__
 // argument), which caps the registers per thread at 65536 / (256 * blocks).
-// Why 4 for fp32/fp16/bf16: 64 registers, the budget torch's fused AdamW
-// was brought down to (pytorch#117872); every float kernel fits without
-// spilling (README.md has the numbers). Why 2 for fp64: doubles take two
-// registers each and IEEE fp64 div/sqrt need more temporaries; at 64 the
-// fp64 kernels spill, at 128 they do not, and 2 x 256 threads with five
-// 16-byte loads in flight each still cover the memory latency of an SM.
-template <typename scalar_t>
+// Why 4 (64 registers) for fp32/fp16/bf16 params: the budget torch's fused
+// AdamW was brought down to (pytorch#117872); SGD, Adagrad and RMSprop fit
+// it with at most a few dozen bytes of spills (README.md has the numbers).
+// Why 3 (80 registers) for Adam's: its scalars are derived on the device
+// (hyperparams.h), so its nine scalars sit in registers instead of being
+// read from the parameter space; at 64 registers ptxas spilled up to 500
+// bytes (amsgrad), at 80 nothing or a few dozen. 3 x 256 threads with four
+// or five vector loads in flight each still cover an SM's memory latency.
+// Why 2 for fp64: doubles take two registers each and IEEE fp64 div/sqrt
+// need more temporaries; at 64 the fp64 kernels spill, at 128 they do not.
+template <typename P, typename Hyper>
 constexpr int kMinBlocksPerSm =
-    std::is_same_v<compute_t<scalar_t>, double> ? 2 : 4;
+    std::is_same_v<compute_t<P>, double>
+        ? 2
+        : (std::is_same_v<Hyper, AdamHyper> ? 3 : 4);
 
 // Why __grid_constant__: the metadata is indexed with run-time tensor
 // numbers; without it nvcc copies the whole (4 KB) parameter struct to each
 // thread's local memory to take its address. With it, the accesses read the
 // parameter space (constant bank) directly. Needs sm_70+.
-template <typename Op, typename scalar_t, typename Meta>
-__global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm<scalar_t>)
+template <typename Op, typename P, typename S, typename Meta>
+__global__ void __launch_bounds__(
+    kBlockSize, kMinBlocksPerSm<P, typename Meta::HyperType>)
     multi_tensor_kernel(const __grid_constant__ Meta meta) {
-  run_block<Op, scalar_t>(meta, blockIdx.x, gridDim.x,
-                          static_cast<int32_t>(threadIdx.x),
-                          static_cast<int32_t>(blockDim.x));
+  run_block<Op, P, S>(meta, blockIdx.x, gridDim.x,
+                      static_cast<int32_t>(threadIdx.x),
+                      static_cast<int32_t>(blockDim.x));
 }
 
-// Launches Op over all tensors of `args` on `stream`: as many launches as the
-// metadata needs, no allocation, no host-device synchronisation. Returns the
-// first launch error (cudaSuccess if none). Throws std::invalid_argument on
-// malformed args (a bug of the caller).
-template <typename Op, typename scalar_t, typename Scalars>
-cudaError_t multi_tensor_apply(const MultiTensorArgs<Scalars>& args,
+// The step kernel (a template only so that every .cu including this header
+// may instantiate it without a duplicate host stub).
+template <typename Meta>
+__global__ void __launch_bounds__(kStepBlockSize)
+    step_kernel(const __grid_constant__ Meta meta) {
+  increment_steps(meta,
+                  static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                  static_cast<int64_t>(gridDim.x) * blockDim.x);
+}
+
+// Launches Op over all tensors of `args` on `stream`: first the step kernel
+// (if the op has step counters), then as many launches of the main kernel
+// as the metadata needs; stream order makes the main kernel read the
+// incremented counters. No allocation, no host-device synchronisation, and
+// nothing depends on tensor values, so the launches can be captured in a
+// CUDA graph. Returns the first launch error (cudaSuccess if none). Throws
+// std::invalid_argument on malformed args (a bug of the caller).
+template <typename Op, typename P, typename S, typename Hyper>
+cudaError_t multi_tensor_apply(const MultiTensorArgs<Hyper>& args,
                                cudaStream_t stream) {
   constexpr int kN = Op::kNumOperands;
-  using Meta = TensorListMeta<kN, Scalars>;
+  using Meta = TensorListMeta<kN, Hyper>;
   check_multi_tensor_args(args, kN, Op::kAllowsDecoupledDecay);
   cudaError_t error = cudaSuccess;
+  if constexpr (Hyper::kHasSteps) {
+    plan_step_launches(args.steps, args.found_inf,
+                       [&](const StepListMeta& meta, int64_t blocks) {
+                         if (error != cudaSuccess) return;
+                         step_kernel<StepListMeta>
+                             <<<static_cast<unsigned>(blocks), kStepBlockSize,
+                                0, stream>>>(meta);
+                         error = cudaGetLastError();
+                       });
+  }
   plan_launches<kN>(args, [&](const Meta& meta) {
     if (error != cudaSuccess) return;
     const unsigned blocks = static_cast<unsigned>(launch_blocks(meta));
-    multi_tensor_kernel<Op, scalar_t, Meta>
+    multi_tensor_kernel<Op, P, S, Meta>
         <<<blocks, kBlockSize, 0, stream>>>(meta);
     error = cudaGetLastError();
   });
@@ -294,11 +517,10 @@ cudaError_t multi_tensor_apply(const MultiTensorArgs<Scalars>& args,
 struct CudaLauncher {
   cudaStream_t stream;
 
-  template <typename Op, typename scalar_t, typename Scalars>
-  cudaError_t run(const MultiTensorArgs<Scalars>& args) const {
-    return multi_tensor_apply<Op, scalar_t>(args, stream);
+  template <typename Op, typename P, typename S, typename Hyper>
+  cudaError_t run(const MultiTensorArgs<Hyper>& args) const {
+    return multi_tensor_apply<Op, P, S>(args, stream);
   }
 };
-
 
 }  // namespace fused_optim::cuda

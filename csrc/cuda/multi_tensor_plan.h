@@ -7,17 +7,29 @@
 //
 // How one op call becomes kernel launches:
 //
+//   step counters ──plan_step_launches──> StepListMeta #0, #1, ...
+//                                          (the step kernel: +1 each, unless
+//                                           found_inf; launched first)
 //   tensors of the call ──plan_launches──> TensorListMeta #0, #1, ...
 //                                          (one per launch, passed BY VALUE as
 //                                           the kernel's only parameter)
 //
 // A TensorListMeta lists up to kMaxTensors non-empty tensors: for each, the
-// base address of every operand (param, grad, state...), its element count
-// (int64), its first chunk number, whether all its operands are 16-byte
-// aligned, and a slot into a small table of per-tensor scalars (the narrowed
-// *Scalars structs of update_rules.h, plus the weight-decay mode). Tensors of
-// one param group at one step share a slot, so param groups cost table
-// entries, not launches.
+// base address of every operand (param, grad, state..., and the float32
+// master weights when the call has them), its element count (int64), its
+// first chunk number, whether all its operands are 16-byte aligned, its step
+// counter, its position in the call, and a slot into a small table of
+// per-group hyperparameters (hyperparams.h: host floats and, for capturable
+// steps, the address of the group's lr tensor) plus the weight-decay mode.
+// The kernel derives each tensor's scalars from its slot, the lr and its
+// step ON THE DEVICE. Tensors of one param group share a slot, so param
+// groups cost table entries, not launches. Launch-wide: the AMP pointers
+// (grad_scale, found_inf) and the master-weights and stochastic-rounding
+// flags.
+//
+// Nothing in a plan depends on tensor VALUES (only on addresses, element
+// counts, dtypes, flags and host floats), so a captured CUDA graph replays
+// correctly whatever the values become.
 //
 // The chunks of a launch are numbered 0 .. num_chunks-1 across its tensors in
 // order (tensor t owns chunks first_chunk[t] .. first_chunk[t+1]-1); a block
@@ -37,6 +49,7 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/hyperparams.h"
 #include "fused_optim/macros.h"
 #include "fused_optim/update_rules.h"
 
@@ -70,96 +83,132 @@ constexpr uintptr_t kVectorBytes = 16;
 
 static_assert(kChunkSize % 8 == 0, "a chunk must hold whole vectors");
 
-// Element type of the tensors of a call, as the launchers see it.
+// Element type of an operand, as the launchers see it.
 enum class ScalarType : uint8_t { kFloat, kDouble, kHalf, kBFloat16 };
 
-// Everything a launcher needs from one op call, in host memory.
-// `Scalars` is the narrowed per-tensor scalar struct, e.g.
-// AdamScalars<float> (fp16/bf16/fp32 params) or AdamScalars<double> (fp64).
-template <typename Scalars>
+// Everything a launcher needs from one op call, in host memory. `Hyper` is
+// the op's per-group hyperparameter struct (hyperparams.h).
+//
+// Storage precision (csrc/op_inputs.h checks it for the user; the launchers
+// re-check it, see check_multi_tensor_args): params and grads in
+// `param_dtype`, every state operand in `state_dtype`:
+//   fp32 params: fp32 or bf16 state      fp64 params: fp64 state
+//   fp16 params: fp16, fp32 or bf16      bf16 params: bf16 or fp32
+// `master`: empty, or one float32 master copy per tensor (fp16/bf16 params
+// only): the update reads the param from it, and writes it and the param
+// (rounded to nearest). `stochastic_rounding` (bf16 params without master
+// weights): param writes round stochastically (precision.h).
+template <typename Hyper>
 struct MultiTensorArgs {
-  ScalarType dtype = ScalarType::kFloat;
+  ScalarType param_dtype = ScalarType::kFloat;
+  // Of every state operand; the param dtype when the mode has no state.
+  ScalarType state_dtype = ScalarType::kFloat;
   // operands[k][i]: base address of operand k of tensor i, all operands of
   // tensor i laid out alike (dense, same strides), so element e of the
   // update is element e of every operand in memory order. The operand order
-  // is the op's (launch.h); unused state lists are left out.
+  // is the op's (launch.h); unused state lists and the master weights are
+  // left out.
   std::vector<std::vector<void*>> operands;
-  std::vector<int64_t> numels;        // per tensor; 0 = skipped
-  std::vector<int32_t> scalar_set;    // per tensor: index into scalars/decay
-  std::vector<Scalars> scalars;       // per distinct set
-  std::vector<WeightDecay> decay;     // per distinct set
+  std::vector<void*> master;         // empty, or float32 per tensor
+  std::vector<StepCounter> steps;    // per tensor iff Hyper::kHasSteps
+  std::vector<int64_t> numels;       // per tensor; 0 = no update (the
+                                     // step counter still advances)
+  std::vector<int32_t> hyper_set;    // per tensor: index into hypers/decay
+  std::vector<Hyper> hypers;         // per distinct set
+  std::vector<WeightDecay> decay;    // per distinct set
+  // AMP (torch.amp.GradScaler), device addresses of float32 scalars, or
+  // null: grads are multiplied by inverse_grad_scale(*grad_scale) and the
+  // unscaled grads written back; a non-zero *found_inf skips everything.
+  const float* grad_scale = nullptr;
+  const float* found_inf = nullptr;
+  bool stochastic_rounding = false;
 };
 
-// Fills args.scalar_set, args.scalars and args.decay for `n` tensors: tensors
+// Fills args.hyper_set, args.hypers and args.decay for `n` tensors: tensors
 // whose `key_of(i)` are equal share one set, made once by `make(i)`, which
-// returns {Scalars, WeightDecay}. Keys are e.g. (group, step): the scalars
-// depend on nothing else, and deriving them (pow, sqrt in double) once per
-// group rather than per tensor keeps thousands of tensors cheap.
-template <typename Scalars, typename KeyOf, typename Make>
-void assign_scalar_sets(MultiTensorArgs<Scalars>& args, int64_t n,
-                        const KeyOf& key_of, const Make& make) {
+// returns {Hyper, WeightDecay}. Keys are e.g. the group index: nothing else
+// is per group (SGD adds the new-momentum-buffer flag).
+template <typename Hyper, typename KeyOf, typename Make>
+void assign_hyper_sets(MultiTensorArgs<Hyper>& args, int64_t n,
+                       const KeyOf& key_of, const Make& make) {
   using Key = std::decay_t<decltype(key_of(int64_t{0}))>;
   std::map<Key, int32_t> set_of_key;
-  args.scalar_set.assign(static_cast<size_t>(n), 0);
-  args.scalars.clear();
+  args.hyper_set.assign(static_cast<size_t>(n), 0);
+  args.hypers.clear();
   args.decay.clear();
   for (int64_t i = 0; i < n; ++i) {
     const auto [it, inserted] = set_of_key.try_emplace(
-        key_of(i), static_cast<int32_t>(args.scalars.size()));
+        key_of(i), static_cast<int32_t>(args.hypers.size()));
     if (inserted) {
-      const std::pair<Scalars, WeightDecay> made = make(i);
-      args.scalars.push_back(made.first);
+      const std::pair<Hyper, WeightDecay> made = make(i);
+      args.hypers.push_back(made.first);
       args.decay.push_back(made.second);
     }
-    args.scalar_set[static_cast<size_t>(i)] = it->second;
+    args.hyper_set[static_cast<size_t>(i)] = it->second;
   }
 }
 
-// Slots of the per-launch scalar table. Why this budget: about a sixth of
-// the parameter space, so 16 float sets (Adam: 40 bytes each) or 8 double
-// sets fit beside 60-80 tensors; a launch then covers 8-16 param groups
-// (e.g. layer-wise learning rates) before a new one starts.
-template <typename Scalars>
-constexpr int max_scalar_slots() {
+// Slots of the per-launch hyperparameter table. Why this budget: about a
+// sixth of the parameter space, so 8-11 sets (48-64 bytes each) fit beside
+// 40-70 tensors; a launch then covers that many param groups (e.g.
+// layer-wise learning rates) before a new one starts.
+template <typename Hyper>
+constexpr int max_hyper_slots() {
   constexpr size_t kBudgetBytes = 640;
-  constexpr size_t slots = kBudgetBytes / sizeof(Scalars);
+  constexpr size_t slots = kBudgetBytes / sizeof(Hyper);
   return slots < 4 ? 4 : (slots > 16 ? 16 : static_cast<int>(slots));
 }
 
 // How many tensors fit in the metadata: the parameter space minus the slot
-// table and the counters, divided by the bytes per tensor. The 32 spare
-// bytes cover alignment padding between the arrays; the static_assert below
-// checks the result against the real struct.
-template <int kNumOperands, typename Scalars>
+// table and the launch-wide fields, divided by the bytes per tensor. The 32
+// spare bytes cover alignment padding between the arrays; the static_assert
+// in plan_launches checks the result against the real struct.
+template <int kNumOperands, typename Hyper>
 constexpr int max_tensors_per_launch() {
-  constexpr size_t kPerTensor = kNumOperands * sizeof(void*)  // data
-                                + sizeof(int64_t)             // numel
-                                + sizeof(int64_t)             // first_chunk
-                                + 2;                          // slot, aligned
+  constexpr size_t kPerTensor =
+      (kNumOperands + 1) * sizeof(void*)                  // data, master
+      + sizeof(int64_t)                                   // numel
+      + sizeof(int64_t)                                   // first_chunk
+      + (Hyper::kHasSteps ? sizeof(void*) + 1 : 0)        // step, its dtype
+      + sizeof(int32_t)                                   // index
+      + 2;                                                // slot, aligned
   constexpr size_t kFixed =
-      max_scalar_slots<Scalars>() * (sizeof(Scalars) + 1)  // scalars, decay
-      + sizeof(int64_t) + sizeof(int32_t)                  // counters
-      + 32;                                                // padding
+      max_hyper_slots<Hyper>() * (sizeof(Hyper) + 1)  // hyper, decay
+      + 2 * sizeof(void*)                             // grad_scale, found_inf
+      + sizeof(int64_t) + sizeof(int32_t) + 2         // counters, flags
+      + 2 * (sizeof(void*) + 1)                       // step arrays of SGD
+      + 32;                                           // padding
   return static_cast<int>((kMaxKernelParamBytes - kFixed) / kPerTensor);
 }
 
 // The kernel's only parameter: one launch's tensors. Plain data, copied to
 // the GPU with the launch (no allocation, no copy, no sync).
-template <int kNumOperands, typename Scalars>
+template <int kNumOperands, typename Hyper>
 struct TensorListMeta {
-  static constexpr int kMaxSlots = max_scalar_slots<Scalars>();
+  using HyperType = Hyper;
+  static constexpr int kMaxSlots = max_hyper_slots<Hyper>();
   static constexpr int kMaxTensors =
-      max_tensors_per_launch<kNumOperands, Scalars>();
+      max_tensors_per_launch<kNumOperands, Hyper>();
+  // SGD has no step counters: a one-entry dummy array.
+  static constexpr int kStepEntries = Hyper::kHasSteps ? kMaxTensors : 1;
 
   void* data[kNumOperands][kMaxTensors];  // base address of each operand
+  float* master[kMaxTensors];             // float32 master weights, or null
   int64_t numel[kMaxTensors];             // > 0
   int64_t first_chunk[kMaxTensors];       // strictly increasing
-  Scalars scalars[kMaxSlots];
-  int64_t num_chunks;  // chunks of all tensors of this launch
+  void* step[kStepEntries];               // the tensor's step counter
+  Hyper hyper[kMaxSlots];
+  const float* grad_scale;  // AMP, or null
+  const float* found_inf;   // AMP, or null
+  int64_t num_chunks;       // chunks of all tensors of this launch
+  int32_t index[kMaxTensors];  // position in the op call (rounding key)
   int32_t num_tensors;
-  uint8_t slot[kMaxTensors];     // index into scalars / decay
+  uint8_t slot[kMaxTensors];     // index into hyper / decay
   uint8_t aligned[kMaxTensors];  // all operands 16-byte aligned
+  uint8_t step_is_double[kStepEntries];
   uint8_t decay[kMaxSlots];      // a WeightDecay
+  uint8_t master_weights;        // master[] is set (the call has them)
+  uint8_t stochastic_rounding;
 };
 
 // One chunk's elements: [begin, end) of tensor `tensor` of a launch.
@@ -201,11 +250,38 @@ int64_t launch_blocks(const Meta& meta) {
   return std::min(meta.num_chunks, kMaxBlocksPerLaunch);
 }
 
+inline size_t element_size(ScalarType t) {
+  switch (t) {
+    case ScalarType::kDouble:
+      return 8;
+    case ScalarType::kFloat:
+      return 4;
+    default:
+      return 2;
+  }
+}
+
+// Whether (param, state) storage dtypes are a supported pair (see
+// MultiTensorArgs). A mode without state has state_dtype == param_dtype.
+inline bool is_supported_precision(ScalarType param, ScalarType state) {
+  switch (param) {
+    case ScalarType::kFloat:
+      return state == ScalarType::kFloat || state == ScalarType::kBFloat16;
+    case ScalarType::kDouble:
+      return state == ScalarType::kDouble;
+    case ScalarType::kHalf:
+      return state != ScalarType::kDouble;
+    case ScalarType::kBFloat16:
+      return state == ScalarType::kBFloat16 || state == ScalarType::kFloat;
+  }
+  return false;
+}
+
 // Checks what the kernels rely on and throws std::invalid_argument with the
 // reason: these are programming errors of the caller (the glue), not user
 // errors, which op_inputs.h has reported already.
-template <typename Scalars>
-void check_multi_tensor_args(const MultiTensorArgs<Scalars>& args,
+template <typename Hyper>
+void check_multi_tensor_args(const MultiTensorArgs<Hyper>& args,
                              int num_operands, bool allows_decoupled_decay) {
   const size_t n = args.numels.size();
   auto fail = [](const std::string& what) {
@@ -218,21 +294,44 @@ void check_multi_tensor_args(const MultiTensorArgs<Scalars>& args,
   for (const std::vector<void*>& list : args.operands) {
     if (list.size() != n) fail("an operand list has the wrong length");
   }
-  if (args.scalar_set.size() != n) fail("scalar_set has the wrong length");
-  if (args.decay.size() != args.scalars.size()) {
-    fail("decay and scalars differ in length");
+  if (!is_supported_precision(args.param_dtype, args.state_dtype) ||
+      (num_operands <= 2 && args.state_dtype != args.param_dtype)) {
+    fail("unsupported (param, state) dtype pair");
+  }
+  const bool master = !args.master.empty();
+  if (master && args.master.size() != n) fail("master has the wrong length");
+  if (master && element_size(args.param_dtype) != 2) {
+    fail("master weights need fp16/bf16 params");
+  }
+  if (args.stochastic_rounding &&
+      (args.param_dtype != ScalarType::kBFloat16 || master)) {
+    fail("stochastic rounding needs bf16 params without master weights");
+  }
+  if (args.steps.size() != (Hyper::kHasSteps ? n : 0)) {
+    fail("steps has the wrong length");
+  }
+  for (const StepCounter& step : args.steps) {
+    if (step.data == nullptr) fail("null step counter");
+  }
+  if (args.hyper_set.size() != n) fail("hyper_set has the wrong length");
+  if (args.decay.size() != args.hypers.size()) {
+    fail("decay and hypers differ in length");
   }
   for (size_t i = 0; i < n; ++i) {
     if (args.numels[i] < 0) fail("negative numel");
     if (args.numels[i] == 0) continue;
-    if (args.scalar_set[i] < 0 ||
-        static_cast<size_t>(args.scalar_set[i]) >= args.scalars.size()) {
-      fail("scalar_set out of range");
+    if (args.hyper_set[i] < 0 ||
+        static_cast<size_t>(args.hyper_set[i]) >= args.hypers.size()) {
+      fail("hyper_set out of range");
     }
     for (const std::vector<void*>& list : args.operands) {
       if (list[i] == nullptr) fail("null operand of a non-empty tensor");
     }
+    if (master && args.master[i] == nullptr) {
+      fail("null master weight of a non-empty tensor");
+    }
   }
+  if (n > static_cast<size_t>(INT32_MAX)) fail("too many tensors");
   for (WeightDecay d : args.decay) {
     if (d == WeightDecay::kDecoupled && !allows_decoupled_decay) {
       fail("decoupled weight decay requested for an op without it");
@@ -243,18 +342,27 @@ void check_multi_tensor_args(const MultiTensorArgs<Scalars>& args,
 // Splits the tensors of `args` into launches and calls `launch(meta)` for
 // each, in tensor order. Empty tensors are skipped. `args` must have passed
 // check_multi_tensor_args.
-template <int kNumOperands, typename Scalars, typename Launch>
-void plan_launches(const MultiTensorArgs<Scalars>& args, const Launch& launch) {
-  using Meta = TensorListMeta<kNumOperands, Scalars>;
+template <int kNumOperands, typename Hyper, typename Launch>
+void plan_launches(const MultiTensorArgs<Hyper>& args, const Launch& launch) {
+  using Meta = TensorListMeta<kNumOperands, Hyper>;
   static_assert(sizeof(Meta) <= kMaxKernelParamBytes,
                 "kernel metadata exceeds the kernel parameter space");
   static_assert(std::is_trivially_copyable_v<Meta>,
                 "kernel parameters are copied bytewise");
   static_assert(Meta::kMaxTensors > 0 && Meta::kMaxSlots <= 255);
 
-  Meta meta{};  // value-initialised: all zero
+  const bool master = !args.master.empty();
+  auto fresh = [&] {
+    Meta m{};  // value-initialised: all zero
+    m.grad_scale = args.grad_scale;
+    m.found_inf = args.found_inf;
+    m.master_weights = master ? 1 : 0;
+    m.stochastic_rounding = args.stochastic_rounding ? 1 : 0;
+    return m;
+  };
+  Meta meta = fresh();
   int num_slots = 0;
-  std::vector<int> slot_of_set(args.scalars.size(), -1);  // in `meta`
+  std::vector<int> slot_of_set(args.hypers.size(), -1);  // in `meta`
   std::vector<int32_t> sets_in_meta;
 
   auto flush = [&] {
@@ -263,13 +371,16 @@ void plan_launches(const MultiTensorArgs<Scalars>& args, const Launch& launch) {
     for (int32_t set : sets_in_meta) slot_of_set[set] = -1;
     sets_in_meta.clear();
     num_slots = 0;
-    meta = Meta{};
+    meta = fresh();
   };
 
+  auto is_aligned = [](const void* p) {
+    return reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0;
+  };
   for (size_t i = 0; i < args.numels.size(); ++i) {
     const int64_t numel = args.numels[i];
     if (numel == 0) continue;
-    const int32_t set = args.scalar_set[i];
+    const int32_t set = args.hyper_set[i];
     const bool needs_slot = slot_of_set[set] < 0;
     if (meta.num_tensors == Meta::kMaxTensors ||
         (needs_slot && num_slots == Meta::kMaxSlots)) {
@@ -278,7 +389,7 @@ void plan_launches(const MultiTensorArgs<Scalars>& args, const Launch& launch) {
     if (slot_of_set[set] < 0) {  // (again: flush() frees every slot)
       slot_of_set[set] = num_slots;
       sets_in_meta.push_back(set);
-      meta.scalars[num_slots] = args.scalars[set];
+      meta.hyper[num_slots] = args.hypers[set];
       meta.decay[num_slots] = static_cast<uint8_t>(args.decay[set]);
       ++num_slots;
     }
@@ -287,15 +398,84 @@ void plan_launches(const MultiTensorArgs<Scalars>& args, const Launch& launch) {
     for (int k = 0; k < kNumOperands; ++k) {
       void* const p = args.operands[k][i];
       meta.data[k][t] = p;
-      aligned = aligned && reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0;
+      aligned = aligned && is_aligned(p);
+    }
+    if (master) {
+      meta.master[t] = static_cast<float*>(args.master[i]);
+      aligned = aligned && is_aligned(args.master[i]);
+    }
+    if constexpr (Hyper::kHasSteps) {
+      meta.step[t] = args.steps[i].data;
+      meta.step_is_double[t] = args.steps[i].is_double ? 1 : 0;
     }
     meta.numel[t] = numel;
     meta.first_chunk[t] = meta.num_chunks;
     meta.num_chunks += (numel + kChunkSize - 1) / kChunkSize;
+    meta.index[t] = static_cast<int32_t>(i);
     meta.slot[t] = static_cast<uint8_t>(slot_of_set[set]);
     meta.aligned[t] = aligned ? 1 : 0;
   }
   flush();
+}
+
+// ---------------------------------------------------------------------------
+// The step kernel's metadata
+// ---------------------------------------------------------------------------
+
+// Threads per block of the step kernel.
+constexpr int kStepBlockSize = 128;
+
+// One launch of the step kernel: up to kMaxSteps counters, each incremented
+// by one in its own dtype (torch.optim's `step_t += 1`), unless *found_inf
+// is non-zero.
+struct StepListMeta {
+  static constexpr int kMaxSteps = static_cast<int>(
+      (kMaxKernelParamBytes - sizeof(void*) - sizeof(int32_t) - 16) /
+      (sizeof(void*) + 1));
+  void* step[kMaxSteps];
+  const float* found_inf;
+  int32_t count;
+  uint8_t is_double[kMaxSteps];
+};
+static_assert(sizeof(StepListMeta) <= kMaxKernelParamBytes);
+
+// Splits `steps` (ALL the call's counters, empty tensors' included: torch
+// advances them too) into step-kernel launches, calling launch(meta, blocks).
+template <typename Launch>
+void plan_step_launches(const std::vector<StepCounter>& steps,
+                        const float* found_inf, const Launch& launch) {
+  StepListMeta meta{};
+  auto flush = [&] {
+    if (meta.count == 0) return;
+    const int64_t blocks = (meta.count + kStepBlockSize - 1) / kStepBlockSize;
+    launch(static_cast<const StepListMeta&>(meta), blocks);
+    meta = StepListMeta{};
+  };
+  for (const StepCounter& s : steps) {
+    if (meta.count == StepListMeta::kMaxSteps) flush();
+    meta.found_inf = found_inf;
+    meta.step[meta.count] = s.data;
+    meta.is_double[meta.count] = s.is_double ? 1 : 0;
+    ++meta.count;
+  }
+  flush();
+}
+
+// The step kernel's body for thread `thread` of `num_threads` (all blocks).
+FO_HOST_DEVICE FO_FORCE_INLINE void increment_steps(const StepListMeta& meta,
+                                                    int64_t thread,
+                                                    int64_t num_threads) {
+  // Note [found_inf early exit]: a non-zero found_inf (AMP found an inf or
+  // NaN gradient) skips the whole step, step counters included, as
+  // torch.optim's skipped step does; read on the device, so no host sync.
+  if (meta.found_inf != nullptr && *meta.found_inf != 0.0f) return;
+  for (int64_t i = thread; i < meta.count; i += num_threads) {
+    if (meta.is_double[i]) {
+      *static_cast<double*>(meta.step[i]) += 1.0;
+    } else {
+      *static_cast<float*>(meta.step[i]) += 1.0f;
+    }
+  }
 }
 
 }  // namespace fused_optim::cuda

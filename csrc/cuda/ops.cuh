@@ -1,21 +1,23 @@
-// The element ops of the CUDA kernels: for each optimizer, which operands an
-// element has (in the order of launch.h) and which update rule of
-// update_rules.h runs on them. No math here, and no memory access:
-// multi_tensor_apply.cuh loads the operands into x[], calls update(), and
-// stores the written ones back.
-//
-// Operand 0 is always the param and operand 1 the grad (read only). State
-// that a mode does not use is not an operand at all (nothing is loaded for
-// it); the update rule then gets a dummy register.
-//
-// The dispatch_* functions at the end turn an op call's run-time dtype and
-// mode flags into one (Op, storage type) pair and hand it to an executor:
+// Dispatch of the CUDA kernels: an op call's run-time storage dtypes and mode
+// flags -> one (element op, param type, state type), handed to an executor:
 // CudaLauncher in the launchers (*.cu), a host emulator in the tests, so the
 // tests run the same dispatch as production.
+//
+// The element ops (which operands, which update rule) are shared with the
+// CPU kernels: fused_optim/element_ops.h.
+//
+// Instantiation matrix: per op, the mode flags below times the storage
+// pairs of with_storage_types (8 with state, 4 without). The weight-decay
+// mode is not among them: it is per tensor, chosen per chunk inside the
+// kernel. Master weights, stochastic rounding and AMP unscaling are run-time
+// flags uniform across a launch (branches every thread takes alike cost
+// next to nothing), not template parameters: that keeps the kernel count,
+// and the build time on 2-core CI, in check.
 #pragma once
 
 #include <stdexcept>
 
+#include "cuda/hyperparams.h"
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/multi_tensor_plan.h"
 #include "fused_optim/bool_switch.h"
@@ -25,64 +27,68 @@
 
 namespace fused_optim::cuda {
 
-// ---------------------------------------------------------------------------
-// Dispatch: dtype and mode flags -> (Op, storage type) -> exec.run.
-// Each instantiates the kernels of its op: {fp32, fp16, bf16} with T = float,
-// fp64 with T = double, times the mode flags below. The weight-decay mode is
-// not among them: it is per tensor, chosen per chunk inside the kernel.
-// ---------------------------------------------------------------------------
-
-template <typename T, typename Exec>
-cudaError_t dispatch_adam(const MultiTensorArgs<AdamScalars<T>>& args,
+template <typename Exec>
+cudaError_t dispatch_adam(const MultiTensorArgs<AdamHyper>& args,
                           bool amsgrad, const Exec& exec) {
-  return with_storage_type<T>(args.dtype, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    return FO_BOOL_SWITCH(amsgrad, kAmsgrad, [&] {
-      return exec.template run<AdamOp<kAmsgrad>, scalar_t>(args);
-    });
-  });
+  return with_storage_types(
+      args.param_dtype, args.state_dtype, /*has_state=*/true,
+      [&](auto p, auto s) {
+        using P = typename decltype(p)::type;
+        using S = typename decltype(s)::type;
+        return FO_BOOL_SWITCH(amsgrad, kAmsgrad, [&] {
+          return exec.template run<AdamOp<kAmsgrad>, P, S>(args);
+        });
+      });
 }
 
 // Modes: no momentum, momentum, Nesterov momentum (needs momentum).
-template <typename T, typename Exec>
-cudaError_t dispatch_sgd(const MultiTensorArgs<SgdScalars<T>>& args,
-                         bool momentum, bool nesterov, const Exec& exec) {
+template <typename Exec>
+cudaError_t dispatch_sgd(const MultiTensorArgs<SgdHyper>& args, bool momentum,
+                         bool nesterov, const Exec& exec) {
   if (nesterov && !momentum) {
     throw std::invalid_argument(
         "fused_optim CUDA launch: sgd_ with nesterov needs momentum");
   }
-  return with_storage_type<T>(args.dtype, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    return FO_BOOL_SWITCH(momentum, kMomentum, [&] {
-      return FO_BOOL_SWITCH(nesterov, kNesterov, [&] {
-        return exec.template run<SgdOp<kMomentum, kMomentum && kNesterov>,
-                                 scalar_t>(args);
-      });
-    });
+  return FO_BOOL_SWITCH(momentum, kMomentum, [&] {
+    return with_storage_types(
+        args.param_dtype, args.state_dtype, /*has_state=*/kMomentum,
+        [&](auto p, auto s) {
+          using P = typename decltype(p)::type;
+          using S = typename decltype(s)::type;
+          return FO_BOOL_SWITCH(nesterov, kNesterov, [&] {
+            return exec.template run<SgdOp<kMomentum, kMomentum && kNesterov>,
+                                     P, S>(args);
+          });
+        });
   });
 }
 
-template <typename T, typename Exec>
-cudaError_t dispatch_adagrad(const MultiTensorArgs<AdagradScalars<T>>& args,
+template <typename Exec>
+cudaError_t dispatch_adagrad(const MultiTensorArgs<AdagradHyper>& args,
                              const Exec& exec) {
-  return with_storage_type<T>(args.dtype, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    return exec.template run<AdagradOp, scalar_t>(args);
-  });
+  return with_storage_types(args.param_dtype, args.state_dtype,
+                            /*has_state=*/true, [&](auto p, auto s) {
+                              using P = typename decltype(p)::type;
+                              using S = typename decltype(s)::type;
+                              return exec.template run<AdagradOp, P, S>(args);
+                            });
 }
 
-template <typename T, typename Exec>
-cudaError_t dispatch_rmsprop(const MultiTensorArgs<RmspropScalars<T>>& args,
+template <typename Exec>
+cudaError_t dispatch_rmsprop(const MultiTensorArgs<RmspropHyper>& args,
                              bool centered, bool momentum, const Exec& exec) {
-  return with_storage_type<T>(args.dtype, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    return FO_BOOL_SWITCH(centered, kCentered, [&] {
-      return FO_BOOL_SWITCH(momentum, kMomentum, [&] {
-        return exec.template run<RmspropOp<kCentered, kMomentum>, scalar_t>(
-            args);
+  return with_storage_types(
+      args.param_dtype, args.state_dtype, /*has_state=*/true,
+      [&](auto p, auto s) {
+        using P = typename decltype(p)::type;
+        using S = typename decltype(s)::type;
+        return FO_BOOL_SWITCH(centered, kCentered, [&] {
+          return FO_BOOL_SWITCH(momentum, kMomentum, [&] {
+            return exec.template run<RmspropOp<kCentered, kMomentum>, P, S>(
+                args);
+          });
+        });
       });
-    });
-  });
 }
 
 }  // namespace fused_optim::cuda

@@ -1,20 +1,30 @@
 // Host-side tests of the CUDA multi-tensor machinery; no GPU needed.
 //
 // Built and run by scripts/check_cuda_kernels.sh with nvcc as HOST code:
-//   1. the launch planner (multi_tensor_plan.h): every non-empty tensor in
+//   1. the launch planners (multi_tensor_plan.h): every non-empty tensor in
 //      exactly one launch, in order; capacities respected; slots map to the
-//      right scalars and decay modes; alignment flags; every element of every
-//      tensor covered by exactly one chunk (also for a 3e9-element tensor);
-//   2. the kernels' block body, run_block (multi_tensor_apply.cuh), emulated
-//      by looping over blocks and threads, through the same dispatch as
-//      production (ops.cuh: dtype x mode flags -> Op), for every op, mode and
-//      dtype, on aligned and misaligned tensors of sizes that hit the vector
-//      body and the tails, with several param groups (hyperparameters and
-//      weight-decay modes) in one call. Results must equal, bit for bit, a
-//      plain element loop that calls the update rules of update_rules.h
-//      directly (same compute type, same rounding); guard elements around
-//      every tensor must be untouched, and grads must not be written;
-//   3. 64-bit offsets: chunks past element 2^31 of a (virtual) 3e9-element
+//      right hyperparameters and decay modes; step counters, positions in
+//      the call, master weights and AMP pointers carried; alignment flags;
+//      every element of every tensor covered by exactly one chunk (also for
+//      a 3e9-element tensor); every step counter in one step launch;
+//   2. the kernels, emulated: the step kernel's body (increment_steps) and
+//      the main kernel's block body (run_block, multi_tensor_apply.cuh), run
+//      by looping over blocks and threads, in launch order, through the same
+//      dispatch as production (ops.cuh: dtypes x mode flags -> Op, P, S), for
+//      every op, mode and (param, state) dtype pair, on aligned and
+//      misaligned tensors of sizes that hit the vector body and the tails,
+//      with several param groups (hyperparameters and weight-decay modes)
+//      and mixed float32/float64 step counters in one call; with master
+//      weights, stochastic rounding, AMP unscaling (grads written back),
+//      found_inf (nothing written, no step advanced) and lr tensors. Results
+//      must equal, bit for bit, a plain element loop that derives each
+//      tensor's scalars on the host from the update_rules.h constructors
+//      (as the CPU kernels do) and calls the update rules and precision.h
+//      directly; guard elements around every tensor must be untouched;
+//   3. stochastic rounding through the kernel is unbiased: the mean of many
+//      rounded updates too small for round-to-nearest matches the exact
+//      value;
+//   4. 64-bit offsets: chunks past element 2^31 of a (virtual) 3e9-element
 //      tensor land on the right addresses.
 // What this cannot test: the GPU itself (launches, the parameter space,
 // __grid_constant__, the current stream); see csrc/cuda/README.md.
@@ -28,9 +38,11 @@
 #include <string>
 #include <vector>
 
+#include "cuda/hyperparams.h"
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/multi_tensor_plan.h"
 #include "cuda/ops.cuh"
+#include "fused_optim/precision.h"
 #include "fused_optim/update_rules.h"
 
 using namespace fused_optim;
@@ -53,23 +65,33 @@ int g_checks = 0;
     }                                                              \
   } while (0)
 
-// Runs the kernel's block body for every block and thread of every launch,
-// with the grid capped at max_blocks (a small cap exercises the grid-stride
-// loop over chunks).
+// Runs what multi_tensor_apply launches, in its order: the step kernel's
+// body for every thread of every step launch, then the main kernel's block
+// body for every block and thread of every launch, with the grid capped at
+// max_blocks (a small cap exercises the grid-stride loop over chunks).
 struct HostEmulator {
   int64_t max_blocks = kMaxBlocksPerLaunch;
   int64_t* launches = nullptr;
 
-  template <typename Op, typename scalar_t, typename Scalars>
-  cudaError_t run(const MultiTensorArgs<Scalars>& args) const {
+  template <typename Op, typename P, typename S, typename Hyper>
+  cudaError_t run(const MultiTensorArgs<Hyper>& args) const {
     constexpr int kN = Op::kNumOperands;
     check_multi_tensor_args(args, kN, Op::kAllowsDecoupledDecay);
-    plan_launches<kN>(args, [&](const TensorListMeta<kN, Scalars>& meta) {
+    if constexpr (Hyper::kHasSteps) {
+      plan_step_launches(args.steps, args.found_inf,
+                         [&](const StepListMeta& meta, int64_t blocks) {
+                           const int64_t threads = blocks * kStepBlockSize;
+                           for (int64_t t = 0; t < threads; ++t) {
+                             increment_steps(meta, t, threads);
+                           }
+                         });
+    }
+    plan_launches<kN>(args, [&](const TensorListMeta<kN, Hyper>& meta) {
       if (launches != nullptr) ++*launches;
       const int64_t blocks = std::min(launch_blocks(meta), max_blocks);
       for (int64_t b = 0; b < blocks; ++b) {
         for (int32_t t = 0; t < kBlockSize; ++t) {
-          run_block<Op, scalar_t>(meta, b, blocks, t, kBlockSize);
+          run_block<Op, P, S>(meta, b, blocks, t, kBlockSize);
         }
       }
     });
@@ -82,9 +104,9 @@ struct HostEmulator {
 // ---------------------------------------------------------------------------
 
 void test_plan() {
-  using Scalars = AdagradScalars<float>;
+  using Hyper = AdagradHyper;
   constexpr int kN = 3;
-  using Meta = TensorListMeta<kN, Scalars>;
+  using Meta = TensorListMeta<kN, Hyper>;
 
   std::vector<int64_t> numels = {0,          1,          7,
                                  8,          9,          4099,
@@ -94,8 +116,12 @@ void test_plan() {
   for (int i = 0; i < 2 * Meta::kMaxTensors; ++i) numels.push_back(1 + i % 37);
   constexpr int kSets = 40;  // more than the slot table holds
 
-  MultiTensorArgs<Scalars> args;
-  args.dtype = ScalarType::kFloat;
+  MultiTensorArgs<Hyper> args;
+  args.param_dtype = ScalarType::kHalf;
+  args.state_dtype = ScalarType::kFloat;
+  const float fake_scale = 0.0f, fake_inf = 0.0f;
+  args.grad_scale = &fake_scale;
+  args.found_inf = &fake_inf;
   // The first 2 * kMaxTensors + 12 tensors share set 0 (the tensor list
   // overflows); then sets change every 3 tensors and cycle (the slot table
   // overflows, and slots are re-used in later launches).
@@ -116,16 +142,23 @@ void test_plan() {
       if (k == 2 && i % 4 == 3) a += 2;
       args.operands[k][i] = reinterpret_cast<void*>(a);
     }
+    // Master weights: misaligned for tensors i % 8 == 6.
+    args.master.push_back(reinterpret_cast<void*>(
+        0x80000000u + static_cast<uintptr_t>(i) * 0x1000u +
+        (i % 8 == 6 ? 4 : 0)));
+    args.steps.push_back(StepCounter{
+        reinterpret_cast<void*>(0x90000000u + static_cast<uintptr_t>(i) * 8),
+        i % 3 == 1});
   }
-  assign_scalar_sets(args, n, set_of,
-                     [&](int64_t i) {
-                       const int64_t set = set_of(i);
-                       Scalars s{};
-                       s.neg_clr = -static_cast<float>(set);
-                       return std::make_pair(
-                           s, set % 2 ? WeightDecay::kL2 : WeightDecay::kNone);
-                     });
-  EXPECT(args.scalars.size() == kSets, "%zu sets", args.scalars.size());
+  assign_hyper_sets(args, n, set_of,
+                    [&](int64_t i) {
+                      const int64_t set = set_of(i);
+                      Hyper h{};
+                      h.lr.value = -static_cast<double>(set);
+                      return std::make_pair(
+                          h, set % 2 ? WeightDecay::kL2 : WeightDecay::kNone);
+                    });
+  EXPECT(args.hypers.size() == kSets, "%zu sets", args.hypers.size());
   check_multi_tensor_args(args, kN, false);
 
   std::vector<int64_t> seen;  // tensors in launch order
@@ -154,13 +187,23 @@ void test_plan() {
         aligned = aligned &&
                   reinterpret_cast<uintptr_t>(args.operands[k][i]) % 16 == 0;
       }
+      EXPECT(meta.master[t] == args.master[i], "master of %lld",
+             static_cast<long long>(i));
+      aligned = aligned && reinterpret_cast<uintptr_t>(args.master[i]) % 16 == 0;
       EXPECT(meta.aligned[t] == (aligned ? 1 : 0), "aligned of %lld",
              static_cast<long long>(i));
-      const int set = args.scalar_set[i];
+      EXPECT(meta.step[t] == args.steps[i].data &&
+                 meta.step_is_double[t] == (args.steps[i].is_double ? 1 : 0),
+             "step of %lld", static_cast<long long>(i));
+      EXPECT(meta.index[t] == i, "index of %lld", static_cast<long long>(i));
+      EXPECT(meta.grad_scale == &fake_scale && meta.found_inf == &fake_inf &&
+                 meta.master_weights == 1 && meta.stochastic_rounding == 0,
+             "launch-wide fields");
+      const int set = args.hyper_set[i];
       EXPECT(meta.slot[t] < Meta::kMaxSlots, "slot %d", meta.slot[t]);
       max_slot = std::max<int>(max_slot, meta.slot[t]);
-      EXPECT(meta.scalars[meta.slot[t]].neg_clr == -static_cast<float>(set),
-             "scalars of tensor %lld", static_cast<long long>(i));
+      EXPECT(meta.hyper[meta.slot[t]].lr.value == -static_cast<double>(set),
+             "hyper of tensor %lld", static_cast<long long>(i));
       EXPECT(meta.decay[meta.slot[t]] ==
                  static_cast<uint8_t>(args.decay[set]),
              "decay of tensor %lld", static_cast<long long>(i));
@@ -201,7 +244,7 @@ void test_plan() {
              (seen.empty() || seen.back() < n),
          "%zu tensors planned, %lld non-empty", seen.size(),
          static_cast<long long>(non_empty));
-  // Two full tensor lists, then 40 sets of 3 tensors in slot tables of 16.
+  // Two full tensor lists, then 40 sets of 3 tensors in slot tables of <= 16.
   EXPECT(launches >= 5, "expected several launches, got %lld",
          static_cast<long long>(launches));
   std::printf("  %lld tensors in %lld launches\n", static_cast<long long>(n),
@@ -217,33 +260,62 @@ void test_plan() {
 #define SHOW(N, S)                                                      \
   show(#S " x" #N, TensorListMeta<N, S>::kMaxTensors,                   \
        TensorListMeta<N, S>::kMaxSlots, sizeof(TensorListMeta<N, S>))
-  SHOW(4, AdamScalars<float>);
-  SHOW(5, AdamScalars<float>);
-  SHOW(5, AdamScalars<double>);
-  SHOW(2, SgdScalars<float>);
-  SHOW(3, SgdScalars<double>);
-  SHOW(3, AdagradScalars<float>);
-  SHOW(5, RmspropScalars<float>);
-  SHOW(5, RmspropScalars<double>);
+  SHOW(4, AdamHyper);
+  SHOW(5, AdamHyper);
+  SHOW(2, SgdHyper);
+  SHOW(3, SgdHyper);
+  SHOW(3, AdagradHyper);
+  SHOW(3, RmspropHyper);
+  SHOW(5, RmspropHyper);
 #undef SHOW
+  std::printf("    %-30s %3d        %zu\n", "step counters",
+              StepListMeta::kMaxSteps, sizeof(StepListMeta));
+}
+
+void test_plan_steps() {
+  // Every counter in exactly one step launch, in order, with enough threads.
+  std::vector<StepCounter> steps;
+  for (int i = 0; i < 2 * StepListMeta::kMaxSteps + 5; ++i) {
+    steps.push_back(StepCounter{reinterpret_cast<void*>(uintptr_t{8} * (i + 1)),
+                                i % 2 == 1});
+  }
+  const float inf = 0.0f;
+  size_t next = 0;
+  int launches = 0;
+  plan_step_launches(steps, &inf, [&](const StepListMeta& meta, int64_t blocks) {
+    ++launches;
+    EXPECT(meta.found_inf == &inf, "found_inf");
+    EXPECT(blocks * kStepBlockSize >= meta.count, "threads");
+    for (int32_t j = 0; j < meta.count; ++j, ++next) {
+      EXPECT(meta.step[j] == steps[next].data &&
+                 meta.is_double[j] == (steps[next].is_double ? 1 : 0),
+             "step %zu", next);
+    }
+  });
+  EXPECT(next == steps.size() && launches == 3, "%zu steps in %d launches",
+         next, launches);
 }
 
 void test_empty_and_errors() {
   // No tensors, or only empty ones: no launch.
-  MultiTensorArgs<AdagradScalars<float>> args;
+  MultiTensorArgs<AdagradHyper> args;
   args.operands.assign(3, {});
   int64_t launches = 0;
   HostEmulator emu;
   emu.launches = &launches;
   dispatch_adagrad(args, emu);
+  // Empty tensors: no main launch, but their step counters still advance.
+  float steps[2] = {3.0f, 0.0f};
   args.numels = {0, 0};
   args.operands.assign(3, std::vector<void*>(2, nullptr));
-  args.scalar_set = {0, 0};
-  args.scalars.resize(1);
+  args.steps = {StepCounter{&steps[0], false}, StepCounter{&steps[1], false}};
+  args.hyper_set = {0, 0};
+  args.hypers.resize(1);
   args.decay = {WeightDecay::kNone};
   dispatch_adagrad(args, emu);
   EXPECT(launches == 0, "%lld launches for empty tensors",
          static_cast<long long>(launches));
+  EXPECT(steps[0] == 4.0f && steps[1] == 1.0f, "steps of empty tensors");
 
   auto throws = [](const std::function<void()>& fn) {
     try {
@@ -253,44 +325,81 @@ void test_empty_and_errors() {
     }
     return false;
   };
-  // Wrong operand count, decoupled decay on a coupled-only op, dtype that
-  // does not match the compute type, Nesterov without momentum.
-  MultiTensorArgs<SgdScalars<float>> sgd;
+  // Wrong operand count, decoupled decay on a coupled-only op, Nesterov
+  // without momentum, unsupported dtype pairs, master weights and
+  // stochastic rounding where they are not allowed, missing steps.
+  MultiTensorArgs<SgdHyper> sgd;
   sgd.operands.assign(3, {});
   EXPECT(throws([&] { dispatch_sgd(sgd, false, false, emu); }),
          "operand count");
   sgd.operands.assign(2, {});
+  EXPECT(!throws([&] { dispatch_sgd(sgd, false, false, emu); }), "valid");
   sgd.decay = {WeightDecay::kDecoupled};
-  sgd.scalars.resize(1);
+  sgd.hypers.resize(1);
   EXPECT(throws([&] { dispatch_sgd(sgd, false, false, emu); }),
          "decoupled decay");
   EXPECT(throws([&] { dispatch_sgd(sgd, false, true, emu); }), "nesterov");
-  MultiTensorArgs<SgdScalars<double>> sgd_d;
-  sgd_d.operands.assign(2, {});
-  sgd_d.dtype = ScalarType::kFloat;
-  EXPECT(throws([&] { dispatch_sgd(sgd_d, false, false, emu); }), "dtype");
+  sgd.decay = {WeightDecay::kNone};
+  sgd.state_dtype = ScalarType::kBFloat16;  // no state: must be the param's
+  EXPECT(throws([&] { dispatch_sgd(sgd, false, false, emu); }),
+         "stateless dtype pair");
+  MultiTensorArgs<AdamHyper> adam;
+  adam.operands.assign(4, {});
+  auto adam_throws = [&] {
+    return throws([&] { dispatch_adam(adam, false, emu); });
+  };
+  EXPECT(!adam_throws(), "valid adam");
+  const std::pair<ScalarType, ScalarType> bad_pairs[] = {
+      {ScalarType::kFloat, ScalarType::kHalf},
+      {ScalarType::kFloat, ScalarType::kDouble},
+      {ScalarType::kDouble, ScalarType::kFloat},
+      {ScalarType::kBFloat16, ScalarType::kHalf},
+      {ScalarType::kHalf, ScalarType::kDouble}};
+  for (const auto& [p, st] : bad_pairs) {
+    adam.param_dtype = p;
+    adam.state_dtype = st;
+    EXPECT(adam_throws(), "dtype pair %d/%d", int(p), int(st));
+  }
+  float fake = 0.0f;
+  adam.param_dtype = adam.state_dtype = ScalarType::kFloat;
+  adam.numels = {1};
+  adam.operands.assign(4, std::vector<void*>(1, &fake));
+  adam.hyper_set = {0};
+  adam.hypers.resize(1);
+  adam.decay = {WeightDecay::kNone};
+  EXPECT(adam_throws(), "missing step counters");
+  adam.steps = {StepCounter{&fake, false}};
+  adam.master = {&fake};
+  EXPECT(adam_throws(), "master weights of fp32 params");
+  adam.master.clear();
+  adam.stochastic_rounding = true;
+  EXPECT(adam_throws(), "stochastic rounding of fp32 params");
+  adam.param_dtype = ScalarType::kBFloat16;
+  adam.state_dtype = ScalarType::kBFloat16;
+  adam.master = {&fake};
+  EXPECT(adam_throws(), "stochastic rounding with master weights");
 }
 
 // ---------------------------------------------------------------------------
 // 2. The emulated kernels against a plain element loop
 // ---------------------------------------------------------------------------
 
-template <typename scalar_t>
+template <typename U>
 const char* dtype_name() {
-  if constexpr (std::is_same_v<scalar_t, float>) return "fp32";
-  if constexpr (std::is_same_v<scalar_t, double>) return "fp64";
-  if constexpr (std::is_same_v<scalar_t, __half>) return "fp16";
+  if constexpr (std::is_same_v<U, float>) return "fp32";
+  if constexpr (std::is_same_v<U, double>) return "fp64";
+  if constexpr (std::is_same_v<U, __half>) return "fp16";
   return "bf16";
 }
-template <typename scalar_t>
+template <typename U>
 ScalarType dtype_of() {
-  if constexpr (std::is_same_v<scalar_t, float>) return ScalarType::kFloat;
-  if constexpr (std::is_same_v<scalar_t, double>) return ScalarType::kDouble;
-  if constexpr (std::is_same_v<scalar_t, __half>) return ScalarType::kHalf;
+  if constexpr (std::is_same_v<U, float>) return ScalarType::kFloat;
+  if constexpr (std::is_same_v<U, double>) return ScalarType::kDouble;
+  if constexpr (std::is_same_v<U, __half>) return ScalarType::kHalf;
   return ScalarType::kBFloat16;
 }
 
-// Calls fn.template operator()<kDecay>() for a run-time mode.
+// Calls fn(integral_constant<WeightDecay, d>) for a run-time mode.
 template <typename Fn>
 void with_decay(WeightDecay d, const Fn& fn) {
   switch (d) {
@@ -306,11 +415,11 @@ void with_decay(WeightDecay d, const Fn& fn) {
   }
 }
 
-// The operands of one tensor, each in its own buffer with kGuard guard
-// elements on both sides; `shift` elements past a 16-byte boundary.
+// The storage of one operand of one tensor, with kGuard guard elements on
+// both sides; `shift` elements past a 16-byte boundary.
 constexpr int64_t kGuard = 16;
 
-template <typename scalar_t>
+template <typename U>
 struct Operand {
   std::vector<unsigned char> storage;
   int64_t numel = 0;
@@ -318,137 +427,319 @@ struct Operand {
 
   Operand(int64_t n, int shift_, std::mt19937& rng, bool non_negative)
       : numel(n), shift(shift_) {
-    storage.resize((n + 2 * kGuard + 8) * sizeof(scalar_t) + 32);
+    storage.resize((n + 2 * kGuard + 8) * sizeof(U) + 32);
     std::uniform_real_distribution<float> dist(non_negative ? 0.01f : -2.0f,
                                                2.0f);
-    scalar_t* all = base() - kGuard;
+    U* all = base() - kGuard;
     for (int64_t e = 0; e < n + 2 * kGuard; ++e) {
-      all[e] = from_compute<scalar_t>(
-          static_cast<compute_t<scalar_t>>(dist(rng)));
+      all[e] = from_compute<U>(static_cast<compute_t<U>>(dist(rng)));
     }
   }
-  scalar_t* base() {
+  U* base() {
     uintptr_t a = reinterpret_cast<uintptr_t>(storage.data()) +
-                  kGuard * sizeof(scalar_t);
-    a = (a + 15) / 16 * 16 + shift * sizeof(scalar_t);
-    return reinterpret_cast<scalar_t*>(a);
+                  kGuard * sizeof(U);
+    a = (a + 15) / 16 * 16 + shift * sizeof(U);
+    return reinterpret_cast<U*>(a);
   }
 };
 
-// One test case: tensors of `sizes`, operands as the op's operand order,
-// scalars per tensor from `groups`, run through dispatch with the emulator
-// and through `reference` on a copy; compare all bytes.
-template <typename scalar_t, typename Scalars, typename Dispatch,
-          typename Reference>
+// How a case runs.
+struct CaseOptions {
+  ParamMode mode = ParamMode::kPlain;  // master weights / stochastic rounding
+  bool unscale = false;                // grad_scale given
+  bool found_inf = false;              // found_inf given and non-zero
+  bool lr_tensor = false;              // lr from per-group lr tensors
+  int64_t max_blocks = kMaxBlocksPerLaunch;
+};
+
+std::string describe(const CaseOptions& o) {
+  std::string s;
+  if (o.mode == ParamMode::kMaster) s += " master";
+  if (o.mode == ParamMode::kStochastic) s += " stochastic";
+  if (o.unscale) s += " unscale";
+  if (o.found_inf) s += " found_inf";
+  if (o.lr_tensor) s += " lr_tensor";
+  if (o.max_blocks < kMaxBlocksPerLaunch) s += " grid-capped";
+  return s;
+}
+
+// One test case: tensors of `sizes`, operands in the op's operand order
+// (param and grad of type P, state of type S), hyperparameters per tensor
+// from `groups` (tensor i in group i % groups), run through the production
+// dispatch with the emulator, and through a plain element loop on a copy
+// that derives the scalars on the host with `host_scalars(hyper, lr, step)`
+// (written with the update_rules.h constructors, as the CPU kernels derive
+// them) and calls `reference(decay, x, scalars)`. All bytes must match:
+// operands with their guards, master weights, step counters.
+template <typename P, typename S, typename Hyper, typename HostScalars,
+          typename Dispatch, typename Reference>
 void run_case(const std::string& name, int num_operands,
               const std::vector<bool>& non_negative,
-              const std::vector<std::pair<Scalars, WeightDecay>>& groups,
-              const Dispatch& dispatch, const Reference& reference,
-              int64_t max_blocks) {
-  using T = compute_t<scalar_t>;
+              const std::vector<std::pair<Hyper, WeightDecay>>& groups,
+              const CaseOptions& o, const HostScalars& host_scalars,
+              const Dispatch& dispatch, const Reference& reference) {
+  using T = compute_t<P>;
+  // Sizes hit the vector body and every tail length; the empty tensor makes
+  // positions in the call differ from positions in a launch.
   const std::vector<int64_t> sizes = {1,    7,    8,    9,  33, 4099,
                                       kChunkSize + 3,  0, 2 * kChunkSize + 17,
-                                      16,   kChunkSize};
+                                      16,   kChunkSize, 5};
   std::mt19937 rng(1234);
   const int64_t n = static_cast<int64_t>(sizes.size());
-  // Misalignment patterns, by tensor: all aligned; param shifted; only the
-  // grad shifted; everything shifted alike.
+  const int64_t num_groups = static_cast<int64_t>(groups.size());
+  const bool master = o.mode == ParamMode::kMaster;
+  // Misalignment patterns, by tensor (shifts in elements of each operand's
+  // own type, so e.g. a 1-element shift misaligns bf16 by 2 bytes and fp32
+  // by 4): all aligned; param shifted; only the grad shifted; everything
+  // shifted alike; only a state (or the master) shifted.
   auto shift_of = [&](int64_t i, int k) {
-    switch (i % 4) {
+    switch (i % 5) {
       case 1: return k == 0 ? 1 : 0;
       case 2: return k == 1 ? 3 : 0;
       case 3: return 1;
+      case 4: return k == num_operands - 1 ? 2 : 0;
       default: return 0;
     }
   };
-  std::vector<std::vector<Operand<scalar_t>>> ops(num_operands);
-  for (int k = 0; k < num_operands; ++k) {
-    for (int64_t i = 0; i < n; ++i) {
-      ops[k].emplace_back(sizes[i], shift_of(i, k), rng, non_negative[k]);
+  std::vector<std::vector<Operand<P>>> pg(2);         // param, grad
+  std::vector<std::vector<Operand<S>>> st(num_operands - 2);
+  std::vector<Operand<float>> ms;                     // master weights
+  for (int64_t i = 0; i < n; ++i) {
+    for (int k = 0; k < num_operands; ++k) {
+      if (k < 2) {
+        pg[k].emplace_back(sizes[i], shift_of(i, k), rng, non_negative[k]);
+      } else {
+        st[k - 2].emplace_back(sizes[i], shift_of(i, k), rng, non_negative[k]);
+      }
+    }
+    ms.emplace_back(sizes[i], shift_of(i, num_operands - 1), rng, false);
+    if (master) {
+      // The param is never read with master weights: poison it.
+      P* p = pg[0][i].base();
+      for (int64_t e = 0; e < sizes[i]; ++e) p[e] = from_compute<P>(T(NAN));
     }
   }
-  auto expected = ops;  // deep copy (vectors of bytes)
+  // Step counters: float32 or float64 (every third tensor), at different
+  // counts; lr tensors: float32 or float64 by group.
+  std::vector<float> step_f(n);
+  std::vector<double> step_d(n);
+  for (int64_t i = 0; i < n; ++i) {
+    step_f[i] = static_cast<float>(1 + i % 4 + 10 * (i % num_groups));
+    step_d[i] = 2.0 + static_cast<double>(i);
+  }
+  auto step_is_double = [](int64_t i) { return i % 3 == 1; };
+  std::vector<float> lr_f(num_groups);
+  std::vector<double> lr_d(num_groups);
+  for (int64_t g = 0; g < num_groups; ++g) {
+    lr_f[g] = static_cast<float>(groups[g].first.lr.value * 0.75);
+    lr_d[g] = groups[g].first.lr.value * 1.25;
+  }
+  const float grad_scale = 3.0f;  // not a power of two: inverse rounds
+  const float found_inf = o.found_inf ? 1.0f : 0.0f;
 
-  MultiTensorArgs<Scalars> args;
-  args.dtype = dtype_of<scalar_t>();
+  auto want_pg = pg;
+  auto want_st = st;
+  auto want_ms = ms;
+  auto want_step_f = step_f;
+  auto want_step_d = step_d;
+
+  MultiTensorArgs<Hyper> args;
+  args.param_dtype = dtype_of<P>();
+  args.state_dtype = num_operands > 2 ? dtype_of<S>() : dtype_of<P>();
   args.numels = sizes;
   args.operands.assign(num_operands, std::vector<void*>(n));
   for (int k = 0; k < num_operands; ++k) {
     for (int64_t i = 0; i < n; ++i) {
-      args.operands[k][i] = sizes[i] ? ops[k][i].base() : nullptr;
+      void* base = k < 2 ? static_cast<void*>(pg[k][i].base())
+                         : static_cast<void*>(st[k - 2][i].base());
+      args.operands[k][i] = sizes[i] ? base : nullptr;
     }
   }
-  // Tensor i belongs to group i % groups (so groups interleave).
-  const int64_t num_groups = static_cast<int64_t>(groups.size());
-  assign_scalar_sets(args, n, [&](int64_t i) { return i % num_groups; },
-                     [&](int64_t i) { return groups[i % num_groups]; });
+  if (master) {
+    for (int64_t i = 0; i < n; ++i) {
+      args.master.push_back(sizes[i] ? ms[i].base() : nullptr);
+    }
+  }
+  if constexpr (Hyper::kHasSteps) {
+    for (int64_t i = 0; i < n; ++i) {
+      args.steps.push_back(
+          step_is_double(i) ? StepCounter{&step_d[i], true}
+                            : StepCounter{&step_f[i], false});
+    }
+  }
+  assign_hyper_sets(args, n, [&](int64_t i) { return i % num_groups; },
+                    [&](int64_t i) {
+                      const int64_t g = i % num_groups;
+                      std::pair<Hyper, WeightDecay> h = groups[g];
+                      if (o.lr_tensor) {
+                        // The host value must not be used.
+                        h.first.lr.value = 1e30;
+                        h.first.lr.tensor_is_double = g % 2 == 1;
+                        h.first.lr.tensor =
+                            g % 2 ? static_cast<const void*>(&lr_d[g])
+                                  : static_cast<const void*>(&lr_f[g]);
+                      }
+                      return h;
+                    });
+  if (o.unscale) args.grad_scale = &grad_scale;
+  if (o.found_inf || o.unscale) args.found_inf = &found_inf;
+  args.stochastic_rounding = o.mode == ParamMode::kStochastic;
 
   HostEmulator emu;
-  emu.max_blocks = max_blocks;
+  emu.max_blocks = o.max_blocks;
   dispatch(args, emu);
 
-  for (int64_t i = 0; i < n; ++i) {
-    const Scalars& s = groups[i % num_groups].first;
-    const WeightDecay decay = groups[i % num_groups].second;
-    std::vector<scalar_t*> p(num_operands);
-    for (int k = 0; k < num_operands; ++k) p[k] = expected[k][i].base();
-    for (int64_t e = 0; e < sizes[i]; ++e) {
-      T x[8];
-      for (int k = 0; k < num_operands; ++k) x[k] = to_compute(p[k][e]);
-      with_decay(decay, [&](auto d) { reference(d, x, s); });
-      for (int k = 0; k < num_operands; ++k) {
-        if (k != 1) p[k][e] = from_compute<scalar_t>(x[k]);
-      }
-    }
-  }
-  int64_t mismatches = 0;
-  for (int k = 0; k < num_operands; ++k) {
+  // The reference.
+  if (!o.found_inf) {
     for (int64_t i = 0; i < n; ++i) {
-      const auto& got = ops[k][i].storage;
-      const auto& want = expected[k][i].storage;
-      if (got != want) {
-        ++mismatches;
-        if (mismatches <= 3) {
-          size_t b = 0;
-          while (got[b] == want[b]) ++b;
-          std::printf("    %s: operand %d of tensor %lld (numel %lld) "
-                      "differs at byte %zu\n",
-                      name.c_str(), k, static_cast<long long>(i),
-                      static_cast<long long>(sizes[i]), b);
+      double step = 0.0;
+      if constexpr (Hyper::kHasSteps) {
+        if (step_is_double(i)) {
+          step = want_step_d[i] += 1.0;
+        } else {
+          step = want_step_f[i] += 1.0f;
+        }
+      }
+      const int64_t g = i % num_groups;
+      const Hyper& h = groups[g].first;
+      const double lr =
+          !o.lr_tensor ? h.lr.value
+                       : (g % 2 ? lr_d[g] : static_cast<double>(lr_f[g]));
+      const auto s = host_scalars(h, lr, step);
+      const WeightDecay decay = groups[g].second;
+      const uint32_t key =
+          stochastic_rounding_key(static_cast<uint32_t>(i), step);
+      P* p = want_pg[0][i].base();
+      P* gr = want_pg[1][i].base();
+      float* m = want_ms[i].base();
+      for (int64_t e = 0; e < sizes[i]; ++e) {
+        T x[8];
+        x[0] = master ? static_cast<T>(m[e]) : to_compute(p[e]);
+        x[1] = to_compute(gr[e]);
+        if (o.unscale) {
+          x[1] = x[1] * static_cast<T>(inverse_grad_scale(grad_scale));
+          gr[e] = from_compute<P>(x[1]);
+        }
+        for (int k = 2; k < num_operands; ++k) {
+          x[k] = to_compute(want_st[k - 2][i].base()[e]);
+        }
+        with_decay(decay, [&](auto d) { reference(d, x, s); });
+        if (master) m[e] = static_cast<float>(x[0]);
+        if constexpr (std::is_same_v<P, __nv_bfloat16>) {
+          if (o.mode == ParamMode::kStochastic) {
+            p[e] = bf16_from_bits(bf16_bits_round_stochastic(
+                static_cast<float>(x[0]), stochastic_rounding_bits(key, e)));
+          } else {
+            p[e] = from_compute<P>(x[0]);
+          }
+        } else {
+          p[e] = from_compute<P>(x[0]);
+        }
+        for (int k = 2; k < num_operands; ++k) {
+          want_st[k - 2][i].base()[e] = from_compute<S>(x[k]);
         }
       }
     }
   }
-  EXPECT(mismatches == 0, "%s (grid cap %lld): %lld operand buffers differ",
-         name.c_str(), static_cast<long long>(max_blocks),
-         static_cast<long long>(mismatches));
+
+  int64_t mismatches = 0;
+  auto compare = [&](const std::vector<unsigned char>& got,
+                     const std::vector<unsigned char>& want, const char* what,
+                     int64_t i) {
+    if (got == want) return;
+    ++mismatches;
+    if (mismatches <= 3) {
+      size_t b = 0;
+      while (got[b] == want[b]) ++b;
+      std::printf("    %s%s: %s of tensor %lld (numel %lld) differs at byte "
+                  "%zu\n",
+                  name.c_str(), describe(o).c_str(), what,
+                  static_cast<long long>(i), static_cast<long long>(sizes[i]),
+                  b);
+    }
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    compare(pg[0][i].storage, want_pg[0][i].storage, "param", i);
+    compare(pg[1][i].storage, want_pg[1][i].storage, "grad", i);
+    for (int k = 2; k < num_operands; ++k) {
+      compare(st[k - 2][i].storage, want_st[k - 2][i].storage, "state", i);
+    }
+    compare(ms[i].storage, want_ms[i].storage, "master", i);
+  }
+  EXPECT(mismatches == 0, "%s%s: %lld buffers differ", name.c_str(),
+         describe(o).c_str(), static_cast<long long>(mismatches));
+  EXPECT(step_f == want_step_f && step_d == want_step_d, "%s%s: step counters",
+         name.c_str(), describe(o).c_str());
 }
 
-template <typename scalar_t>
+// The options each (P, S) pair runs with: plain (full grid; then grid-capped
+// with AMP unscaling and lr tensors), master weights (fp16/bf16 params),
+// stochastic rounding (bf16 params); found_inf once per op and mode.
+template <typename P, typename S>
+std::vector<CaseOptions> case_options(bool with_found_inf) {
+  std::vector<CaseOptions> out;
+  out.push_back(CaseOptions{});
+  CaseOptions amp;
+  amp.unscale = true;
+  amp.lr_tensor = true;
+  amp.max_blocks = 3;
+  out.push_back(amp);
+  if constexpr (sizeof(P) == 2) {
+    CaseOptions m;
+    m.mode = ParamMode::kMaster;
+    m.unscale = true;
+    out.push_back(m);
+  }
+  if constexpr (std::is_same_v<P, __nv_bfloat16>) {
+    CaseOptions sr;
+    sr.mode = ParamMode::kStochastic;
+    sr.lr_tensor = true;
+    out.push_back(sr);
+  }
+  if (with_found_inf) {
+    CaseOptions inf;
+    inf.unscale = true;
+    inf.found_inf = true;
+    out.push_back(inf);
+  }
+  return out;
+}
+
+template <typename P, typename S>
 void test_ops() {
-  using T = compute_t<scalar_t>;
-  const std::string dt = dtype_name<scalar_t>();
-  for (int64_t max_blocks : {kMaxBlocksPerLaunch, int64_t{3}}) {
-    for (bool maximize : {false, true}) {
-      const std::string suffix =
-          dt + (maximize ? " maximize" : "");
-      // Adam / AdamW: groups with every decay mode, different steps.
-      for (bool amsgrad : {false, true}) {
-        std::vector<std::pair<AdamScalars<T>, WeightDecay>> groups = {
-            {AdamScalars<T>(make_adam_scalars(1e-3, 0.9, 0.999, 1e-8, 0.0,
-                                              maximize, 1)),
-             WeightDecay::kNone},
-            {AdamScalars<T>(make_adam_scalars(3e-2, 0.8, 0.99, 1e-6, 0.1,
-                                              maximize, 7)),
-             WeightDecay::kDecoupled},
-            {AdamScalars<T>(make_adam_scalars(5e-3, 0.95, 0.9, 1e-3, 0.05,
-                                              maximize, 3)),
-             WeightDecay::kL2},
-        };
-        const int num = amsgrad ? 5 : 4;
-        run_case<scalar_t>(
-            "adam" + std::string(amsgrad ? " amsgrad " : " ") + suffix, num,
-            {false, false, false, true, true}, groups,
+  using T = compute_t<P>;
+  const std::string dt =
+      std::string(dtype_name<P>()) + "/" + dtype_name<S>() + " state";
+  const bool with_found_inf = std::is_same_v<P, float> && std::is_same_v<S, float>;
+  const std::vector<CaseOptions> options = case_options<P, S>(with_found_inf);
+  for (bool maximize : {false, true}) {
+    const std::string suffix = dt + (maximize ? " maximize" : "");
+    // Adam / AdamW: groups with every decay mode.
+    for (bool amsgrad : {false, true}) {
+      auto adam = [&](double lr, double b1, double b2, double eps, double wd) {
+        AdamHyper h;
+        h.lr.value = lr;
+        h.beta1 = b1;
+        h.beta2 = b2;
+        h.eps = eps;
+        h.weight_decay = wd;
+        h.maximize = maximize;
+        return h;
+      };
+      const std::vector<std::pair<AdamHyper, WeightDecay>> groups = {
+          {adam(1e-3, 0.9, 0.999, 1e-8, 0.0), WeightDecay::kNone},
+          {adam(3e-2, 0.8, 0.99, 1e-6, 0.1), WeightDecay::kDecoupled},
+          {adam(5e-3, 0.95, 0.9, 1e-3, 0.05), WeightDecay::kL2},
+      };
+      for (const CaseOptions& o : options) {
+        run_case<P, S>(
+            "adam" + std::string(amsgrad ? " amsgrad " : " ") + suffix,
+            amsgrad ? 5 : 4, {false, false, false, true, true}, groups, o,
+            [](const AdamHyper& h, double lr, double step) {
+              return AdamScalars<T>(make_adam_scalars(
+                  lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.maximize,
+                  step));
+            },
             [&](const auto& args, const HostEmulator& emu) {
               dispatch_adam(args, amsgrad, emu);
             },
@@ -460,28 +751,40 @@ void test_ops() {
               } else {
                 adam_update<false, kD>(x[0], x[1], x[2], x[3], unused, s);
               }
-            },
-            max_blocks);
+            });
       }
-      // SGD: no momentum, momentum (one group on its first step), Nesterov.
-      for (int mode = 0; mode < 3; ++mode) {
-        const bool momentum = mode > 0;
-        const bool nesterov = mode == 2;
-        std::vector<std::pair<SgdScalars<T>, WeightDecay>> groups = {
-            {SgdScalars<T>(0.1, 0.9, 0.0, 0.0, maximize, false),
-             WeightDecay::kNone},
-            {SgdScalars<T>(0.01, 0.5, 0.1, 1e-2, maximize, true),
-             WeightDecay::kL2},
-            {SgdScalars<T>(0.03, 0.7, 0.0, 1e-3, maximize, false),
-             WeightDecay::kL2},
-        };
-        if (nesterov) {
+    }
+    // SGD: no momentum (state type = param type), momentum (one group on
+    // its first step), Nesterov.
+    for (int mode = 0; mode < 3; ++mode) {
+      const bool momentum = mode > 0;
+      const bool nesterov = mode == 2;
+      if (!momentum && !std::is_same_v<P, S>) continue;
+      auto sgd = [&](double lr, double mom, double damp, double wd,
+                     bool new_buffer) {
+        SgdHyper h;
+        h.lr.value = lr;
+        h.momentum = mom;
+        h.dampening = damp;
+        h.weight_decay = wd;
+        h.maximize = maximize;
+        h.new_buffer = new_buffer;
+        return h;
+      };
+      const std::vector<std::pair<SgdHyper, WeightDecay>> groups = {
+          {sgd(0.1, 0.9, 0.0, 0.0, false), WeightDecay::kNone},
           // Nesterov needs dampening 0.
-          groups[1].first = SgdScalars<T>(0.01, 0.5, 0.0, 1e-2, maximize, true);
-        }
-        run_case<scalar_t>(
+          {sgd(0.01, 0.5, nesterov ? 0.0 : 0.1, 1e-2, true), WeightDecay::kL2},
+          {sgd(0.03, 0.7, 0.0, 1e-3, false), WeightDecay::kL2},
+      };
+      for (const CaseOptions& o : options) {
+        run_case<P, S>(
             "sgd mode " + std::to_string(mode) + " " + suffix,
-            momentum ? 3 : 2, {false, false, false}, groups,
+            momentum ? 3 : 2, {false, false, false}, groups, o,
+            [](const SgdHyper& h, double lr, double) {
+              return SgdScalars<T>(lr, h.momentum, h.dampening,
+                                   h.weight_decay, h.maximize, h.new_buffer);
+            },
             [&](const auto& args, const HostEmulator& emu) {
               dispatch_sgd(args, momentum, nesterov, emu);
             },
@@ -497,19 +800,31 @@ void test_ops() {
                   sgd_update<false, false, kD>(x[0], x[1], unused, s);
                 }
               }
-            },
-            max_blocks);
+            });
       }
-      // Adagrad.
-      {
-        std::vector<std::pair<AdagradScalars<T>, WeightDecay>> groups = {
-            {AdagradScalars<T>(1e-2, 0.0, 1e-10, 0.0, maximize, 1),
-             WeightDecay::kNone},
-            {AdagradScalars<T>(5e-2, 1e-3, 1e-8, 1e-2, maximize, 9),
-             WeightDecay::kL2},
-        };
-        run_case<scalar_t>(
-            "adagrad " + suffix, 3, {false, false, true}, groups,
+    }
+    // Adagrad.
+    {
+      auto adagrad = [&](double lr, double lr_decay, double eps, double wd) {
+        AdagradHyper h;
+        h.lr.value = lr;
+        h.lr_decay = lr_decay;
+        h.eps = eps;
+        h.weight_decay = wd;
+        h.maximize = maximize;
+        return h;
+      };
+      const std::vector<std::pair<AdagradHyper, WeightDecay>> groups = {
+          {adagrad(1e-2, 0.0, 1e-10, 0.0), WeightDecay::kNone},
+          {adagrad(5e-2, 1e-3, 1e-8, 1e-2), WeightDecay::kL2},
+      };
+      for (const CaseOptions& o : options) {
+        run_case<P, S>(
+            "adagrad " + suffix, 3, {false, false, true}, groups, o,
+            [](const AdagradHyper& h, double lr, double step) {
+              return AdagradScalars<T>(lr, h.lr_decay, h.eps, h.weight_decay,
+                                       h.maximize, step);
+            },
             [&](const auto& args, const HostEmulator& emu) {
               dispatch_adagrad(args, emu);
             },
@@ -518,26 +833,40 @@ void test_ops() {
               if constexpr (kD != WeightDecay::kDecoupled) {
                 adagrad_update<kD>(x[0], x[1], x[2], s);
               }
-            },
-            max_blocks);
+            });
       }
-      // RMSprop: centered x momentum.
-      for (bool centered : {false, true}) {
-        for (bool momentum : {false, true}) {
-          std::vector<std::pair<RmspropScalars<T>, WeightDecay>> groups = {
-              {RmspropScalars<T>(1e-2, 0.99, 1e-8, 0.0, 0.9, maximize),
-               WeightDecay::kNone},
-              {RmspropScalars<T>(3e-3, 0.9, 1e-6, 1e-2, 0.5, maximize),
-               WeightDecay::kL2},
-          };
-          const int num = 3 + int(centered) + int(momentum);
-          // The grad_avg is signed; square_avg (and, centered, the
-          // difference) stays mostly positive.
-          std::vector<bool> non_negative = {false, false, true, false, false};
-          run_case<scalar_t>(
+    }
+    // RMSprop: centered x momentum.
+    for (bool centered : {false, true}) {
+      for (bool momentum : {false, true}) {
+        auto rmsprop = [&](double lr, double alpha, double eps, double wd,
+                           double mom) {
+          RmspropHyper h;
+          h.lr.value = lr;
+          h.alpha = alpha;
+          h.eps = eps;
+          h.weight_decay = wd;
+          h.momentum = mom;
+          h.maximize = maximize;
+          return h;
+        };
+        const std::vector<std::pair<RmspropHyper, WeightDecay>> groups = {
+            {rmsprop(1e-2, 0.99, 1e-8, 0.0, 0.9), WeightDecay::kNone},
+            {rmsprop(3e-3, 0.9, 1e-6, 1e-2, 0.5), WeightDecay::kL2},
+        };
+        const int num = 3 + int(centered) + int(momentum);
+        // The grad_avg is signed; square_avg stays positive.
+        const std::vector<bool> non_negative = {false, false, true, false,
+                                                false};
+        for (const CaseOptions& o : options) {
+          run_case<P, S>(
               std::string("rmsprop") + (centered ? " centered" : "") +
                   (momentum ? " momentum " : " ") + suffix,
-              num, non_negative, groups,
+              num, non_negative, groups, o,
+              [](const RmspropHyper& h, double lr, double) {
+                return RmspropScalars<T>(lr, h.alpha, h.eps, h.weight_decay,
+                                         h.momentum, h.maximize);
+              },
               [&](const auto& args, const HostEmulator& emu) {
                 dispatch_rmsprop(args, centered, momentum, emu);
               },
@@ -554,8 +883,8 @@ void test_ops() {
                     rmsprop_update<true, true, kD>(x[0], x[1], x[2], grad_avg,
                                                    buf, s);
                   } else if (centered) {
-                    rmsprop_update<true, false, kD>(x[0], x[1], x[2], grad_avg,
-                                                    buf, s);
+                    rmsprop_update<true, false, kD>(x[0], x[1], x[2],
+                                                    grad_avg, buf, s);
                   } else if (momentum) {
                     rmsprop_update<false, true, kD>(x[0], x[1], x[2],
                                                     grad_avg, buf, s);
@@ -564,8 +893,7 @@ void test_ops() {
                                                      grad_avg, buf, s);
                   }
                 }
-              },
-              max_blocks);
+              });
         }
       }
     }
@@ -573,7 +901,58 @@ void test_ops() {
 }
 
 // ---------------------------------------------------------------------------
-// 3. 64-bit offsets
+// 3. Stochastic rounding is unbiased
+// ---------------------------------------------------------------------------
+
+// SGD on bf16 params of 1.0 with lr * grad = 1e-3, far below half a bf16
+// ulp (2^-9 just below 1): round-to-nearest leaves every param at 1.0, and
+// stochastic rounding must move them to 0.999 on average (the two bf16
+// neighbours are 1 - 2^-8 and 1). Also over steps: the key changes with
+// the tensor's position, so two tensors draw different bits.
+void test_stochastic_rounding_is_unbiased() {
+  const int64_t n = 200003;
+  for (int round_stochastically = 0; round_stochastically < 2;
+       ++round_stochastically) {
+    std::vector<__nv_bfloat16> params(2 * n, from_compute<__nv_bfloat16>(1.0f));
+    std::vector<__nv_bfloat16> grads(2 * n, from_compute<__nv_bfloat16>(1.0f));
+    MultiTensorArgs<SgdHyper> args;
+    args.param_dtype = args.state_dtype = ScalarType::kBFloat16;
+    args.numels = {n, n};
+    args.operands = {{params.data(), params.data() + n},
+                     {grads.data(), grads.data() + n}};
+    SgdHyper h;
+    h.lr.value = 1e-3;
+    args.hyper_set = {0, 0};
+    args.hypers = {h};
+    args.decay = {WeightDecay::kNone};
+    args.stochastic_rounding = round_stochastically != 0;
+    HostEmulator emu;
+    dispatch_sgd(args, false, false, emu);
+    const double exact = 1.0 - static_cast<double>(static_cast<float>(1e-3));
+    for (int t = 0; t < 2; ++t) {
+      double sum = 0.0;
+      for (int64_t e = 0; e < n; ++e) sum += to_compute(params[t * n + e]);
+      const double mean = sum / static_cast<double>(n);
+      if (round_stochastically) {
+        // Each rounding has standard deviation < 2^-9; the mean of n has
+        // < 2^-9 / sqrt(n) = 4.4e-6. 5e-5 is more than 10 of those.
+        EXPECT(std::fabs(mean - exact) < 5e-5,
+               "stochastic rounding mean %.8f vs %.8f (tensor %d)", mean,
+               exact, t);
+      } else {
+        EXPECT(mean == 1.0, "round to nearest: mean %.8f", mean);
+      }
+    }
+    if (round_stochastically) {
+      EXPECT(std::memcmp(params.data(), params.data() + n,
+                         n * sizeof(__nv_bfloat16)) != 0,
+             "two tensors drew the same rounding bits");
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 4. 64-bit offsets
 // ---------------------------------------------------------------------------
 
 // A virtual tensor of 3e9 + 5 elements whose operands' base addresses are
@@ -585,6 +964,7 @@ void test_ops() {
 template <typename scalar_t>
 void test_large_offsets() {
   using T = compute_t<scalar_t>;
+  using Meta = TensorListMeta<4, AdamHyper>;
   const int64_t numel = 3000000000LL + 5;
   const int64_t num_chunks = (numel + kChunkSize - 1) / kChunkSize;
   // Windows: the chunk starting at 2^31, and the last chunk (with a tail).
@@ -598,8 +978,8 @@ void test_large_offsets() {
     for (int k = 0; k < 4; ++k) ops.emplace_back(window, 0, rng, k == 3);
     auto expected = ops;
 
-    MultiTensorArgs<AdamScalars<T>> args;
-    args.dtype = dtype_of<scalar_t>();
+    MultiTensorArgs<AdamHyper> args;
+    args.param_dtype = args.state_dtype = dtype_of<scalar_t>();
     args.numels = {numel};
     args.operands.assign(4, std::vector<void*>(1));
     for (int k = 0; k < 4; ++k) {
@@ -609,14 +989,24 @@ void test_large_offsets() {
                                  sizeof(scalar_t);
       args.operands[k][0] = reinterpret_cast<void*>(base);
     }
+    // The step kernel is not run here: the counter already holds the
+    // incremented count, 5.
+    float step = 5.0f;
+    args.steps = {StepCounter{&step, false}};
     const AdamScalars<T> s(
         make_adam_scalars(1e-3, 0.9, 0.999, 1e-8, 0.1, false, 5));
-    args.scalar_set = {0};
-    args.scalars = {s};
+    AdamHyper h;
+    h.lr.value = 1e-3;
+    h.beta1 = 0.9;
+    h.beta2 = 0.999;
+    h.eps = 1e-8;
+    h.weight_decay = 0.1;
+    args.hyper_set = {0};
+    args.hypers = {h};
     args.decay = {WeightDecay::kDecoupled};
     check_multi_tensor_args(args, 4, true);
     int64_t launches = 0;
-    plan_launches<4>(args, [&](const TensorListMeta<4, AdamScalars<T>>& meta) {
+    plan_launches<4>(args, [&](const Meta& meta) {
       ++launches;
       EXPECT(meta.num_chunks == num_chunks, "num_chunks");
       const ChunkRange r = locate_chunk(meta, chunk);
@@ -624,8 +1014,8 @@ void test_large_offsets() {
                  r.end == window_begin + window,
              "range of chunk %lld", static_cast<long long>(chunk));
       for (int32_t t = 0; t < kBlockSize; ++t) {
-        run_block<AdamOp<false>, scalar_t>(meta, chunk, num_chunks, t,
-                                           kBlockSize);
+        run_block<AdamOp<false>, scalar_t, scalar_t>(meta, chunk, num_chunks,
+                                                     t, kBlockSize);
       }
     });
     EXPECT(launches == 1, "one launch for one tensor");
@@ -652,12 +1042,23 @@ int main() {
   std::setvbuf(stdout, nullptr, _IONBF, 0);  // keep output if a bug crashes us
   std::printf("planner\n");
   test_plan();
+  test_plan_steps();
   test_empty_and_errors();
   std::printf("emulated kernels\n");
-  test_ops<float>();
-  test_ops<double>();
-  test_ops<__half>();
-  test_ops<__nv_bfloat16>();
+  using F = float;
+  using D = double;
+  using H = __half;
+  using B = __nv_bfloat16;
+  test_ops<F, F>();
+  test_ops<F, B>();
+  test_ops<D, D>();
+  test_ops<H, H>();
+  test_ops<H, F>();
+  test_ops<H, B>();
+  test_ops<B, B>();
+  test_ops<B, F>();
+  std::printf("stochastic rounding\n");
+  test_stochastic_rounding_is_unbiased();
   std::printf("64-bit offsets\n");
   test_large_offsets<float>();
   test_large_offsets<__nv_bfloat16>();

@@ -1,0 +1,130 @@
+// Per-group hyperparameters as the CUDA kernels receive them, and the
+// derivation of the narrowed per-tensor scalars (update_rules.h) from them ON
+// THE DEVICE.
+//
+// Why on the device: the step counters live on the GPU (so that AMP's skipped
+// steps and CUDA graph replays advance them without a host sync), and so may
+// the learning rate (`lr_tensors`, capturable steps). The scalars depend on
+// both, so the kernel derives them, per chunk, from the values it reads: in
+// double, with the very functions the CPU kernels call on the host
+// (make_adam_scalars, AdagradScalars(...), ...), then narrowed to the compute
+// type. Same inputs, same functions, same bits (up to the device's double
+// pow, see csrc/cuda/README.md).
+//
+// Plain C++17 (FO_HOST_DEVICE): the host tests call the same derivation.
+#pragma once
+
+#include <cstdint>
+
+#include "fused_optim/macros.h"
+#include "fused_optim/update_rules.h"
+
+namespace fused_optim::cuda {
+
+// A group's learning rate: the host float `value`, or, when `tensor` is set,
+// the one-element float32 (or float64) tensor it points to, read by the
+// kernel (capturable steps: a scheduler's `lr.fill_(...)` is seen on replay).
+struct LrSource {
+  double value = 0.0;
+  const void* tensor = nullptr;
+  bool tensor_is_double = false;
+
+  FO_HOST_DEVICE FO_FORCE_INLINE double read() const {
+    if (tensor == nullptr) return value;
+    return tensor_is_double ? *static_cast<const double*>(tensor)
+                            : static_cast<double>(*static_cast<const float*>(tensor));
+  }
+};
+
+// A step counter: a 0-d float32 or float64 tensor on the device.
+struct StepCounter {
+  void* data = nullptr;
+  bool is_double = false;
+};
+
+FO_HOST_DEVICE FO_FORCE_INLINE double read_step(const void* data,
+                                                bool is_double) {
+  return is_double ? *static_cast<const double*>(data)
+                   : static_cast<double>(*static_cast<const float*>(data));
+}
+
+// Each *Hyper: what one param group passes (the op's float[] lists at the
+// group's index), `kHasSteps` (the op has step counters: the step kernel
+// increments them and the main kernel reads them, for the scalars and for
+// the stochastic-rounding key), and scalars<T>(lr, step): the narrowed
+// scalars of a tensor of the group, `step` being its counter after this
+// step's increment.
+
+struct AdamHyper {
+  static constexpr bool kHasSteps = true;
+  LrSource lr;
+  double beta1 = 0.0;
+  double beta2 = 0.0;
+  double eps = 0.0;
+  double weight_decay = 0.0;
+  bool maximize = false;
+
+  template <typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE AdamScalars<T> scalars(double lr_value,
+                                                        double step) const {
+    return AdamScalars<T>(make_adam_scalars(lr_value, beta1, beta2, eps,
+                                            weight_decay, maximize, step));
+  }
+};
+
+// SGD has no step counter; its scalars depend on whether the tensor's
+// momentum buffer is new this step (`new_buffer`), so the host keys its
+// slots by (group, new_buffer).
+struct SgdHyper {
+  static constexpr bool kHasSteps = false;
+  LrSource lr;
+  double momentum = 0.0;
+  double dampening = 0.0;
+  double weight_decay = 0.0;
+  bool maximize = false;
+  bool new_buffer = false;
+
+  template <typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE SgdScalars<T> scalars(double lr_value,
+                                                       double /*step*/) const {
+    return SgdScalars<T>(lr_value, momentum, dampening, weight_decay, maximize,
+                         new_buffer);
+  }
+};
+
+struct AdagradHyper {
+  static constexpr bool kHasSteps = true;
+  LrSource lr;
+  double lr_decay = 0.0;
+  double eps = 0.0;
+  double weight_decay = 0.0;
+  bool maximize = false;
+
+  template <typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE AdagradScalars<T> scalars(double lr_value,
+                                                           double step) const {
+    return AdagradScalars<T>(lr_value, lr_decay, eps, weight_decay, maximize,
+                             step);
+  }
+};
+
+// RMSprop's scalars do not depend on the step; torch keeps (and
+// checkpoints) the counter, and stochastic rounding keys on it.
+struct RmspropHyper {
+  static constexpr bool kHasSteps = true;
+  LrSource lr;
+  double alpha = 0.0;
+  double eps = 0.0;
+  double weight_decay = 0.0;
+  double momentum = 0.0;
+  bool maximize = false;
+
+  template <typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE RmspropScalars<T> scalars(double lr_value,
+                                                           double /*step*/) const {
+    return RmspropScalars<T>(lr_value, alpha, eps, weight_decay, momentum,
+                             maximize);
+  }
+};
+
+}  // namespace fused_optim::cuda
