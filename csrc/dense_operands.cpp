@@ -30,8 +30,10 @@ DenseOperands::DenseOperands(const std::vector<TensorListArg>& lists)
         pointers_[k][i] = static_cast<char*>(t.data_ptr());
         continue;
       }
-      at::Tensor staged = at::empty_strided(layout.sizes(), layout.strides(),
-                                            layout.options());
+      // Each operand keeps its own dtype (state and master weights may
+      // differ from the params').
+      at::Tensor staged = at::empty_strided(
+          layout.sizes(), layout.strides(), t.options());
       staged.copy_(t);
       pointers_[k][i] = static_cast<char*>(staged.data_ptr());
       if (lists[k].written) write_backs_.emplace_back(t, staged);

@@ -14,51 +14,90 @@ void check_backend(const char* op, at::TensorList params,
               " tensors, got params[0] on ", params[0].device());
 }
 
+// Where the scalar inputs of a call must live: with the params on CUDA
+// (read by the kernels there), on the CPU for the CPU kernels.
+at::Device scalar_device(at::DeviceType backend, at::TensorList params) {
+  return backend == at::kCPU || params.empty() ? at::Device(at::kCPU)
+                                                : params[0].device();
+}
+
+// The checks every op shares, after its own lists are in `lists` (params
+// first): appends master_params, checks all lists, the AMP inputs and the
+// learning-rate tensors.
+CheckedCall check_shared(const char* op, at::DeviceType backend,
+                         std::vector<TensorListArg> lists,
+                         int64_t num_groups, const SharedArgs& shared) {
+  check_backend(op, lists[0].tensors, backend);
+  lists.push_back({"master_params", shared.master_params, /*written=*/true,
+                   /*optional=*/true, ListDtype::kFloat32});
+  CheckedCall call;
+  call.precision = check_tensor_lists(op, lists, shared.stochastic_rounding);
+  call.lists = std::move(lists);
+  const at::Device device = scalar_device(backend, call.lists[0].tensors);
+  check_amp_args(op, shared.grad_scale, shared.found_inf, device);
+  check_lr_tensors(op, shared.lr_tensors, num_groups, device);
+  return call;
+}
+
+// The grads are written (unscaled, in place) only when AMP scaled them.
+TensorListArg grads_arg(at::TensorList grads, const SharedArgs& shared) {
+  const bool unscaled =
+      shared.grad_scale.has_value() && shared.grad_scale->defined();
+  return {"grads", grads, /*written=*/unscaled, /*optional=*/false,
+          ListDtype::kParam};
+}
+
+TensorListArg params_arg(at::TensorList params) {
+  return {"params", params, /*written=*/true, /*optional=*/false,
+          ListDtype::kParam};
+}
+
+TensorListArg state_arg(const char* name, at::TensorList tensors,
+                        bool optional) {
+  return {name, tensors, /*written=*/true, optional, ListDtype::kState};
+}
+
 }  // namespace
 
-std::vector<TensorListArg> check_adam_args(
-    at::DeviceType backend,
-    at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-    at::TensorList state_steps, at::IntArrayRef group_index,
-    at::ArrayRef<double> lr, at::ArrayRef<double> beta1,
-    at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
-    at::ArrayRef<double> weight_decay, bool amsgrad) {
+CheckedCall check_adam_args(
+    at::DeviceType backend, at::TensorList params, at::TensorList grads,
+    at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+    at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+    at::IntArrayRef group_index, at::ArrayRef<double> lr,
+    at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
+    at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
+    bool amsgrad, const SharedArgs& shared) {
   constexpr const char* kOp = "fused_optim.adam_";
-  check_backend(kOp, params, backend);
-  std::vector<TensorListArg> lists = {
-      {"params", params, /*written=*/true, /*optional=*/false},
-      {"grads", grads, false, false},
-      {"exp_avgs", exp_avgs, true, false},
-      {"exp_avg_sqs", exp_avg_sqs, true, false},
-      {"max_exp_avg_sqs", max_exp_avg_sqs, true, /*optional=*/!amsgrad},
-  };
-  check_tensor_lists(kOp, lists);
+  CheckedCall call = check_shared(
+      kOp, backend,
+      {params_arg(params), grads_arg(grads, shared),
+       state_arg("exp_avgs", exp_avgs, false),
+       state_arg("exp_avg_sqs", exp_avg_sqs, false),
+       state_arg("max_exp_avg_sqs", max_exp_avg_sqs, !amsgrad)},
+      lr.size(), shared);
   TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), kOp,
               ": max_exp_avg_sqs must be empty when amsgrad=False");
   const int64_t n = params.size();
   check_groups(kOp, n, group_index,
                {{"lr", lr}, {"beta1", beta1}, {"beta2", beta2}, {"eps", eps},
                 {"weight_decay", weight_decay}});
-  check_state_steps(kOp, state_steps, n);
-  return lists;
+  check_state_steps(kOp, state_steps, n, scalar_device(backend, params));
+  return call;
 }
 
-std::vector<TensorListArg> check_sgd_args(
-    at::DeviceType backend,
-    at::TensorList params, at::TensorList grads,
-    at::TensorList momentum_buffers, at::IntArrayRef group_index,
-    at::ArrayRef<double> lr, at::ArrayRef<double> momentum,
-    at::ArrayRef<double> dampening, at::ArrayRef<double> weight_decay,
-    at::IntArrayRef new_momentum_buffers, bool nesterov) {
+CheckedCall check_sgd_args(
+    at::DeviceType backend, at::TensorList params, at::TensorList grads,
+    at::TensorList momentum_buffers, at::TensorList state_steps,
+    at::IntArrayRef group_index, at::ArrayRef<double> lr,
+    at::ArrayRef<double> momentum, at::ArrayRef<double> dampening,
+    at::ArrayRef<double> weight_decay, at::IntArrayRef new_momentum_buffers,
+    bool nesterov, const SharedArgs& shared) {
   constexpr const char* kOp = "fused_optim.sgd_";
-  check_backend(kOp, params, backend);
-  std::vector<TensorListArg> lists = {
-      {"params", params, /*written=*/true, /*optional=*/false},
-      {"grads", grads, false, false},
-      {"momentum_buffers", momentum_buffers, true, /*optional=*/true},
-  };
-  check_tensor_lists(kOp, lists);
+  CheckedCall call = check_shared(
+      kOp, backend,
+      {params_arg(params), grads_arg(grads, shared),
+       state_arg("momentum_buffers", momentum_buffers, true)},
+      lr.size(), shared);
   const int64_t n = params.size();
   const bool use_momentum = !momentum_buffers.empty();
   TORCH_CHECK(!nesterov || use_momentum || n == 0, kOp,
@@ -68,57 +107,57 @@ std::vector<TensorListArg> check_sgd_args(
                 {"weight_decay", weight_decay}});
   check_tensor_indices(kOp, "new_momentum_buffers", new_momentum_buffers,
                        use_momentum ? n : 0);
-  return lists;
+  // SGD keeps step counters only with stochastic rounding (ops.cpp).
+  if (!state_steps.empty() || shared.stochastic_rounding) {
+    check_state_steps(kOp, state_steps, n, scalar_device(backend, params));
+  }
+  return call;
 }
 
-std::vector<TensorListArg> check_adagrad_args(
-    at::DeviceType backend,
-    at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-    at::TensorList state_steps, at::IntArrayRef group_index,
-    at::ArrayRef<double> lr, at::ArrayRef<double> lr_decay,
-    at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps) {
+CheckedCall check_adagrad_args(
+    at::DeviceType backend, at::TensorList params, at::TensorList grads,
+    at::TensorList state_sums, at::TensorList state_steps,
+    at::IntArrayRef group_index, at::ArrayRef<double> lr,
+    at::ArrayRef<double> lr_decay, at::ArrayRef<double> weight_decay,
+    at::ArrayRef<double> eps, const SharedArgs& shared) {
   constexpr const char* kOp = "fused_optim.adagrad_";
-  check_backend(kOp, params, backend);
-  std::vector<TensorListArg> lists = {
-      {"params", params, /*written=*/true, /*optional=*/false},
-      {"grads", grads, false, false},
-      {"state_sums", state_sums, true, false},
-  };
-  check_tensor_lists(kOp, lists);
+  CheckedCall call = check_shared(
+      kOp, backend,
+      {params_arg(params), grads_arg(grads, shared),
+       state_arg("state_sums", state_sums, false)},
+      lr.size(), shared);
   const int64_t n = params.size();
   check_groups(kOp, n, group_index,
                {{"lr", lr}, {"lr_decay", lr_decay},
                 {"weight_decay", weight_decay}, {"eps", eps}});
-  check_state_steps(kOp, state_steps, n);
-  return lists;
+  check_state_steps(kOp, state_steps, n, scalar_device(backend, params));
+  return call;
 }
 
-std::vector<TensorListArg> check_rmsprop_args(
-    at::DeviceType backend,
-    at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-    at::TensorList grad_avgs, at::TensorList momentum_buffers,
-    at::TensorList state_steps, at::IntArrayRef group_index,
-    at::ArrayRef<double> lr, at::ArrayRef<double> alpha,
-    at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
-    at::ArrayRef<double> momentum, bool centered) {
+CheckedCall check_rmsprop_args(
+    at::DeviceType backend, at::TensorList params, at::TensorList grads,
+    at::TensorList square_avgs, at::TensorList grad_avgs,
+    at::TensorList momentum_buffers, at::TensorList state_steps,
+    at::IntArrayRef group_index, at::ArrayRef<double> lr,
+    at::ArrayRef<double> alpha, at::ArrayRef<double> eps,
+    at::ArrayRef<double> weight_decay, at::ArrayRef<double> momentum,
+    bool centered, const SharedArgs& shared) {
   constexpr const char* kOp = "fused_optim.rmsprop_";
-  check_backend(kOp, params, backend);
-  std::vector<TensorListArg> lists = {
-      {"params", params, /*written=*/true, /*optional=*/false},
-      {"grads", grads, false, false},
-      {"square_avgs", square_avgs, true, false},
-      {"grad_avgs", grad_avgs, true, /*optional=*/!centered},
-      {"momentum_buffers", momentum_buffers, true, /*optional=*/true},
-  };
-  check_tensor_lists(kOp, lists);
+  CheckedCall call = check_shared(
+      kOp, backend,
+      {params_arg(params), grads_arg(grads, shared),
+       state_arg("square_avgs", square_avgs, false),
+       state_arg("grad_avgs", grad_avgs, !centered),
+       state_arg("momentum_buffers", momentum_buffers, true)},
+      lr.size(), shared);
   TORCH_CHECK(centered || grad_avgs.empty(), kOp,
               ": grad_avgs must be empty when centered=False");
   const int64_t n = params.size();
   check_groups(kOp, n, group_index,
                {{"lr", lr}, {"alpha", alpha}, {"eps", eps},
                 {"weight_decay", weight_decay}, {"momentum", momentum}});
-  check_state_steps(kOp, state_steps, n);
-  return lists;
+  check_state_steps(kOp, state_steps, n, scalar_device(backend, params));
+  return call;
 }
 
 }  // namespace fused_optim

@@ -13,8 +13,32 @@ bool is_supported_param_dtype(at::ScalarType t) {
 
 }  // namespace
 
-void check_tensor_lists(const char* op,
-                        const std::vector<TensorListArg>& lists) {
+namespace {
+
+const char* dtype_rule(ListDtype rule) {
+  switch (rule) {
+    case ListDtype::kParam:
+      return "the params' dtype";
+    case ListDtype::kState:
+      return "the dtype of the other state tensors";
+    case ListDtype::kFloat32:
+      return "float32";
+  }
+  return "";
+}
+
+// The state dtypes a param dtype may be paired with: its own, float32 or
+// bfloat16 (float64 params: float64 only, the compute type).
+bool is_supported_state_dtype(at::ScalarType param, at::ScalarType state) {
+  if (param == at::kDouble) return state == at::kDouble;
+  return state == param || state == at::kFloat || state == at::kBFloat16;
+}
+
+}  // namespace
+
+CallPrecision check_tensor_lists(const char* op,
+                                 const std::vector<TensorListArg>& lists,
+                                 bool stochastic_rounding) {
   TORCH_INTERNAL_ASSERT(!lists.empty());
   const at::TensorList params = lists[0].tensors;
   const size_t n = params.size();
@@ -24,12 +48,41 @@ void check_tensor_lists(const char* op,
                 op, ": ", list.name, " has ", list.tensors.size(),
                 " tensors but params has ", n);
   }
-  if (n == 0) return;
+  CallPrecision precision;
+  precision.stochastic_rounding = stochastic_rounding;
+  if (n == 0) return precision;
   const at::Device device = params[0].device();
   const at::ScalarType dtype = params[0].scalar_type();
   TORCH_CHECK(is_supported_param_dtype(dtype), op,
               ": params must be float16, bfloat16, float32 or float64, got ",
               dtype, " (params[0])");
+  precision.param_dtype = dtype;
+  precision.state_dtype = dtype;
+  for (const TensorListArg& list : lists) {
+    if (list.dtype == ListDtype::kState && !list.tensors.empty()) {
+      precision.state_dtype = list.tensors[0].scalar_type();
+      break;
+    }
+  }
+  TORCH_CHECK(is_supported_state_dtype(dtype, precision.state_dtype), op,
+              ": state tensors of ", dtype, " params must be ",
+              dtype == at::kDouble ? "float64"
+                                   : "float32, bfloat16 or the params' dtype",
+              ", got ", precision.state_dtype);
+  for (const TensorListArg& list : lists) {
+    if (list.dtype == ListDtype::kFloat32 && !list.tensors.empty()) {
+      TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, op, ": ",
+                  list.name, " (master weights) are for float16 and bfloat16 "
+                  "params; the params are ", dtype);
+      precision.master_weights = true;
+    }
+  }
+  TORCH_CHECK(!stochastic_rounding || dtype == at::kBFloat16, op,
+              ": stochastic_rounding is for bfloat16 params; the params are ",
+              dtype);
+  TORCH_CHECK(!(stochastic_rounding && precision.master_weights), op,
+              ": stochastic_rounding and master weights exclude each other "
+              "(the master copy already keeps the low bits)");
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& param = params[i];
     for (const TensorListArg& list : lists) {
@@ -42,9 +95,13 @@ void check_tensor_lists(const char* op,
       TORCH_CHECK(t.device() == device, op, ": ", list.name, "[", i,
                   "] is on ", t.device(), " but params[0] is on ", device,
                   "; all tensors of one call must be on one device");
-      TORCH_CHECK(t.scalar_type() == dtype, op, ": ", list.name, "[", i,
-                  "] has dtype ", t.scalar_type(), " but params[0] has dtype ",
-                  dtype, "; all tensors of one call must share a dtype");
+      const at::ScalarType expected =
+          list.dtype == ListDtype::kParam   ? dtype
+          : list.dtype == ListDtype::kState ? precision.state_dtype
+                                            : at::kFloat;
+      TORCH_CHECK(t.scalar_type() == expected, op, ": ", list.name, "[", i,
+                  "] has dtype ", t.scalar_type(), " but must have ",
+                  dtype_rule(list.dtype), ", ", expected);
       TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", list.name, "[", i,
                   "] has shape ", t.sizes(), " but params[", i, "] has shape ",
                   param.sizes());
@@ -55,6 +112,47 @@ void check_tensor_lists(const char* op,
                     "cannot be updated in place");
       }
     }
+  }
+  return precision;
+}
+
+namespace {
+
+void check_one_element_float(const char* op, const char* name,
+                             const at::Tensor& t, at::Device device,
+                             bool allow_double) {
+  TORCH_CHECK(t.numel() == 1 && t.layout() == at::kStrided, op, ": ", name,
+              " must be a one-element tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat ||
+                  (allow_double && t.scalar_type() == at::kDouble),
+              op, ": ", name, " must be float32", allow_double ? " or float64" : "",
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(),
+              " but the params are on ", device);
+}
+
+}  // namespace
+
+void check_amp_args(const char* op, const c10::optional<at::Tensor>& grad_scale,
+                    const c10::optional<at::Tensor>& found_inf,
+                    at::Device device) {
+  if (grad_scale.has_value() && grad_scale->defined()) {
+    check_one_element_float(op, "grad_scale", *grad_scale, device, false);
+  }
+  if (found_inf.has_value() && found_inf->defined()) {
+    check_one_element_float(op, "found_inf", *found_inf, device, false);
+  }
+}
+
+void check_lr_tensors(const char* op, at::TensorList lr_tensors,
+                      int64_t num_groups, at::Device device) {
+  if (lr_tensors.empty()) return;
+  TORCH_CHECK(static_cast<int64_t>(lr_tensors.size()) == num_groups, op,
+              ": lr_tensors has ", lr_tensors.size(), " entries but there are ",
+              num_groups, " groups");
+  for (const at::Tensor& lr : lr_tensors) {
+    TORCH_CHECK(lr.defined(), op, ": an lr tensor is undefined");
+    check_one_element_float(op, "each lr tensor", lr, device, true);
   }
 }
 
@@ -81,17 +179,19 @@ void check_groups(
 }
 
 void check_state_steps(const char* op, at::TensorList state_steps,
-                       int64_t num_tensors) {
+                       int64_t num_tensors, at::Device device) {
   TORCH_CHECK(static_cast<int64_t>(state_steps.size()) == num_tensors, op,
               ": state_steps has ", state_steps.size(),
               " tensors but params has ", num_tensors);
   for (int64_t i = 0; i < num_tensors; ++i) {
     const at::Tensor& step = state_steps[i];
-    TORCH_CHECK(step.defined() && step.dim() == 0 && step.is_cpu() &&
+    TORCH_CHECK(step.defined() && step.dim() == 0 &&
+                    step.device() == device &&
                     (step.scalar_type() == at::kFloat ||
                      step.scalar_type() == at::kDouble),
                 op, ": state_steps[", i,
-                "] must be a 0-d float32 or float64 CPU tensor, got ",
+                "] must be a 0-d float32 or float64 tensor on ", device,
+                ", got ",
                 step.defined() ? step.toString() : "undefined", " of shape ",
                 step.defined() ? step.sizes() : at::IntArrayRef{}, " on ",
                 step.defined() ? step.device() : at::Device(at::kCPU));

@@ -41,6 +41,10 @@ template <>
 struct PyArg<at::ArrayRef<double>> {
   using type = std::vector<double>;
 };
+template <>
+struct PyArg<const std::optional<at::Tensor>&> {
+  using type = std::optional<at::Tensor>;
+};
 
 template <typename T>
 void bump_versions_if_list(const T&) {}
@@ -77,17 +81,22 @@ void def_fast_call(pybind11::module& m, const char* name) {
 using TL = at::TensorList;
 using Ints = at::IntArrayRef;
 using Floats = at::ArrayRef<double>;
+using OptT = const std::optional<at::Tensor>&;
 
 }  // namespace
 
+// Argument lists as in ops.cpp: every op ends with
+// (..., lr_tensors, grad_scale, found_inf, <mode flags>, stochastic_rounding).
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fused_optim's compiled ops (see torch.ops.fused_optim)";
-  def_fast_call<TL, TL, TL, TL, TL, TL, Ints, Floats, Floats, Floats, Floats,
-                Floats, bool, bool, bool>(m, "adam_");
-  def_fast_call<TL, TL, TL, Ints, Floats, Floats, Floats, Floats, Ints, bool,
-                bool>(m, "sgd_");
-  def_fast_call<TL, TL, TL, TL, Ints, Floats, Floats, Floats, Floats, bool>(
-      m, "adagrad_");
-  def_fast_call<TL, TL, TL, TL, TL, TL, Ints, Floats, Floats, Floats, Floats,
-                Floats, bool, bool>(m, "rmsprop_");
+  def_fast_call<TL, TL, TL, TL, TL, TL, TL, Ints, Floats, Floats, Floats,
+                Floats, Floats, TL, OptT, OptT, bool, bool, bool, bool>(
+      m, "adam_");
+  def_fast_call<TL, TL, TL, TL, TL, Ints, Floats, Floats, Floats, Floats, Ints,
+                TL, OptT, OptT, bool, bool, bool>(m, "sgd_");
+  def_fast_call<TL, TL, TL, TL, TL, Ints, Floats, Floats, Floats, Floats, TL,
+                OptT, OptT, bool, bool>(m, "adagrad_");
+  def_fast_call<TL, TL, TL, TL, TL, TL, TL, Ints, Floats, Floats, Floats,
+                Floats, Floats, TL, OptT, OptT, bool, bool, bool>(
+      m, "rmsprop_");
 }

@@ -20,12 +20,20 @@ created for this step is removed again if the step fails.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 from torch.optim import Optimizer
 
 from fused_optim import _bucket
-from fused_optim._bucket import Bucket, Plan
+from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._build import require_device_supported
+
+# Group options of ours (not torch.optim's) that every fused optimizer takes.
+PRECISION_DEFAULTS = {"master_weights": False, "state_dtype": None, "stochastic_rounding": False}
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def check_implementation_keywords(name: str, *, foreach, fused, capturable, differentiable):
     """Accepts the torch.optim implementation keywords that we can honour and
@@ -43,13 +51,59 @@ def check_implementation_keywords(name: str, *, foreach, fused, capturable, diff
             f"fused_optim.{name} does not support differentiable=True: the fused "
             f"step is not recorded by autograd; use torch.optim.{name}"
         )
-    if capturable:
-        raise ValueError(
-            f"fused_optim.{name} does not support capturable=True yet (CUDA graph "
-            f"capture of the step); use torch.optim.{name}(capturable=True)"
-        )
+    # capturable=True is honoured on CUDA (checked per param at the step:
+    # torch.optim checks there too); on CUDA our step counters always live on
+    # the device, so capturable only changes what is allowed.
     # foreach=True/False/None: an implementation hint that the fused step
     # already supersedes (it processes all tensors in one pass); accepted.
+
+
+def check_precision_keywords(master_weights, state_dtype, stochastic_rounding) -> dict:
+    """Validates the mixed-precision keywords; returns them as group options."""
+    if state_dtype not in _STATE_DTYPES:
+        raise ValueError(
+            f"state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype}"
+        )
+    if master_weights and stochastic_rounding:
+        raise ValueError(
+            "master_weights=True and stochastic_rounding=True exclude each other: the "
+            "float32 master copy already keeps the bits that stochastic rounding saves"
+        )
+    return {
+        "master_weights": bool(master_weights),
+        "state_dtype": state_dtype,
+        "stochastic_rounding": bool(stochastic_rounding),
+    }
+
+
+def precision_of(group, dtype: torch.dtype) -> Precision:
+    """How a param of `dtype` in `group` is stored: master weights only for
+    fp16/bf16 params, stochastic rounding only for bf16 params without them;
+    the state in ``state_dtype``, else float32 with master weights, else the
+    param dtype. (Complex params are updated as real views of their dtype.)"""
+    low = dtype in _LOW_PRECISION
+    master = low and bool(group.get("master_weights", False))
+    state_dtype = group.get("state_dtype")
+    if state_dtype is None:
+        state_dtype = torch.float32 if master else dtype
+    rounding = dtype == torch.bfloat16 and bool(group.get("stochastic_rounding", False))
+    return Precision(master, state_dtype, rounding)
+
+
+class OpExtras(NamedTuple):
+    """The op arguments every op shares (csrc/op_args.h)."""
+
+    master_params: list
+    lr_tensors: list
+    grad_scale: torch.Tensor | None
+    found_inf: torch.Tensor | None
+    stochastic_rounding: bool
+
+    @property
+    def tail(self) -> tuple:
+        """(lr_tensors, grad_scale, found_inf): the op's arguments after the
+        per-group hyperparameters."""
+        return (self.lr_tensors, self.grad_scale, self.found_inf)
 
 
 def to_float(value) -> float:
@@ -64,6 +118,10 @@ class FusedOptimizer(Optimizer):
     _has_step = True
     # Whether sparse gradients are supported (through torch's functional API).
     _supports_sparse = False
+    # torch.amp.GradScaler hands ``grad_scale`` and ``found_inf`` to step()
+    # (as attributes) instead of unscaling the gradients itself: the kernels
+    # unscale in registers and skip the step on inf/NaN without a host sync.
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults):
         self._plan: Plan | None = None
@@ -79,33 +137,54 @@ class FusedOptimizer(Optimizer):
         """Dense state tensors the op takes, in op order, for this mode."""
         raise NotImplementedError
 
-    def _init_state(self, param, group, state: dict) -> bool:
+    def _init_state(self, param, group, state: dict, dtype: torch.dtype) -> bool:
         """Fills in a param's missing state: the step counter and a zero
-        tensor per state name (torch.optim's initial state for Adam, AdamW
-        and RMSprop; SGD and Adagrad override). Returns True if the op must
-        treat the state as new (SGD's first momentum step)."""
-        if self._has_step:
-            state.setdefault("step", new_step())
+        tensor of ``dtype`` (the state dtype) per state name (torch.optim's
+        initial state for Adam, AdamW and RMSprop; SGD and Adagrad
+        override). Returns True if the op must treat the state as new (SGD's
+        first momentum step)."""
+        if self._keeps_step(group):
+            state.setdefault("step", new_step(param.device))
         for name in self._state_names(self._mode(group)):
             if name not in state:
-                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         return False
+
+    def _keeps_step(self, group) -> bool:
+        """Whether params of this group have a ``step`` counter."""
+        return self._has_step
 
     def _needs_state_for(self, group, state: dict) -> bool:
         """Whether a param that has a gradient needs (more) state created:
         some state this group's mode uses is missing."""
         names = self._state_names(self._mode(group))
         return any(name not in state for name in names) or (
-            self._has_step and "step" not in state
+            self._keeps_step(group) and "step" not in state
         )
+
+    def _group_key(self, group) -> tuple:
+        """Everything of a group that decides its buckets: the kernel mode
+        and the precision options."""
+        return (self._mode(group),) + tuple(group.get(k) for k in PRECISION_DEFAULTS)
+
+    def _lr(self, group) -> float:
+        """The group's lr as a float for the op, unless it is a tensor on an
+        accelerator: the kernel reads that one itself (``lr_tensors``), so
+        the step needs no host sync and a captured CUDA graph sees the
+        scheduler's updates; NaN is then a placeholder nobody reads."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
+            return math.nan
+        return to_float(lr)
 
     def _hyperparameters(self, group) -> tuple:
         """This group's per-group op arguments, as floats, in op order."""
         raise NotImplementedError
 
-    def _launch(self, bucket: Bucket, grads: list, hyper: list) -> None:
+    def _launch(self, bucket: Bucket, grads: list, hyper: list, extras: OpExtras) -> None:
         """Calls the op on one bucket. ``hyper`` holds one list per
-        hyperparameter with one entry per group. The classes call the op
+        hyperparameter with one entry per group; ``extras`` the arguments
+        every op shares. The classes call the op
         through fused_optim._C.<op> (positional arguments, the op's schema):
         the same kernel as torch.ops.fused_optim.<op>, with a cheaper
         crossing for thousands of tensors (csrc/python_module.cpp, Note
@@ -128,12 +207,21 @@ class FusedOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict):
         self._check_state_dict(state_dict)
+        # torch.optim's load replaces each group with the saved one: options
+        # of ours that a torch.optim checkpoint lacks keep their values.
+        ours = [{k: g[k] for k in PRECISION_DEFAULTS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, options in zip(self.param_groups, ours):
+            for key, value in options.items():
+                group.setdefault(key, value)
         self._plan = None
-        self._normalize_state()
+        self._normalize_state(state_dict)
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in PRECISION_DEFAULTS.items():
+                group.setdefault(key, value)
         self._plan = None
 
     def __getstate__(self):
@@ -177,6 +265,9 @@ class FusedOptimizer(Optimizer):
         if any(p.grad is not None for p in plan.stateless):
             plan = self._build_plan(created)
         hyper = self._hyperparameter_lists()
+        lr_tensors = self._lr_tensors()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         calls = []
         for bucket in plan.buckets:
             grads, complete = _bucket.gather_grads(bucket.params)
@@ -190,11 +281,28 @@ class FusedOptimizer(Optimizer):
         if len(calls) > 1:
             for bucket, grads in calls:
                 self._check_call(bucket, grads)
+        amp_on_device = {}  # device -> (grad_scale, found_inf) there
+
+        def extras(bucket: Bucket) -> OpExtras:
+            amp = amp_on_device.get(bucket.device)
+            if amp is None:
+                amp = amp_on_device[bucket.device] = tuple(
+                    None if t is None else t.to(bucket.device, non_blocking=True)
+                    for t in (grad_scale, found_inf)
+                )
+            return OpExtras(
+                bucket.master_params(),
+                lr_tensors,
+                *amp,
+                bucket.precision.stochastic_rounding,
+            )
+
         sparse = []
+        skipped = None  # whether AMP skipped this step, if asked
         try:
             for bucket, grads in calls:
                 try:
-                    self._launch(bucket, grads, hyper)
+                    self._launch(bucket, grads, hyper, extras(bucket))
                 except RuntimeError:
                     # The op wrote nothing (it validates first). Sparse
                     # gradients land here too: finding them up front would
@@ -205,10 +313,18 @@ class FusedOptimizer(Optimizer):
                         raise
                     dense, sparse_here = self._split_sparse(bucket, grads)
                     if dense is not None:
-                        self._launch(*dense, hyper)
+                        self._launch(*dense, hyper, extras(dense[0]))
                     sparse += sparse_here
         finally:
             for bucket in plan.buckets:
+                if bucket.new_state and found_inf is not None:
+                    # State made for a step that AMP skipped is still new
+                    # (SGD's first momentum step must take the gradient as
+                    # is). Read only in a param's first step: no sync after.
+                    if skipped is None:
+                        skipped = bool(found_inf.item())
+                    if skipped:
+                        continue
                 bucket.new_state.clear()
         for group, params, grads, is_new in sparse:
             self._sparse_step(group, params, grads, is_new)
@@ -228,10 +344,36 @@ class FusedOptimizer(Optimizer):
         per_group = [self._hyperparameters(g) for g in self.param_groups]
         return [list(values) for values in zip(*per_group)]
 
+    def _lr_tensors(self) -> list:
+        """The groups' lr tensors for the op to read on the device: all of
+        them when every group's lr is a tensor on an accelerator, else none
+        (then the lrs go as floats; see _lr)."""
+        lrs = [g["lr"] for g in self.param_groups]
+        on_device = [isinstance(lr, torch.Tensor) and lr.device.type != "cpu" for lr in lrs]
+        if all(on_device):
+            return lrs
+        if any(on_device):
+            raise ValueError(
+                f"fused_optim.{type(self).__name__}: some param groups have their lr as a "
+                "tensor on an accelerator and others not; give every group's lr as a tensor "
+                "on the params' device (read by the kernel, capturable) or none"
+            )
+        return []
+
     def _split_sparse(self, bucket: Bucket, grads: list):
         """Splits one call into (its dense part or None, [(group, params,
         grads, is_new)] of its sparse part), validating both before either
         runs."""
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError(
+                f"fused_optim.{type(self).__name__}: sparse gradients are not supported "
+                "with torch.amp.GradScaler"
+            )
+        if bucket.precision != Precision(False, bucket.dtype, False):
+            raise RuntimeError(
+                f"fused_optim.{type(self).__name__}: sparse gradients are not supported with "
+                "master_weights, state_dtype or stochastic_rounding"
+            )
         dense = [None if g.is_sparse else g for g in grads]
         new_state = set(bucket.new_state)
         by_group = {}
@@ -282,7 +424,7 @@ class FusedOptimizer(Optimizer):
 
     def _current_plan(self) -> Plan:
         plan = self._plan
-        if plan is None or plan.signature != _bucket.groups_signature(self, self._mode):
+        if plan is None or plan.signature != _bucket.groups_signature(self, self._group_key):
             plan = self._build_plan([])
         return plan
 
@@ -298,22 +440,30 @@ class FusedOptimizer(Optimizer):
             for pi, param in enumerate(group["params"]):
                 state = self.state[param] if param in self.state else None
                 has_grad = param.grad is not None
-                is_new = False
-                if has_grad:
-                    self._check_param(param, gi, pi)
-                    if self._needs_state_for(group, state or {}):
-                        created.append((param, None if state is None else set(state)))
-                        state = self.state[param]
-                        is_new = self._init_state(param, group, state)
                 if not has_grad and not state:
                     stateless.append(param)
                     continue
+                if has_grad:
+                    # (torch.optim skips gradless params whatever they are)
+                    self._check_param(param, group, gi, pi)
+                precision = precision_of(group, _real_dtype(param))
+                is_new = False
+                if has_grad and self._needs_state_for(group, state or {}):
+                    created.append((param, None if state is None else set(state)))
+                    state = self.state[param]
+                    is_new = self._init_state(param, group, state, _state_dtype(param, precision))
                 state = state if state is not None else {}
-                key = (param.device, param.dtype, mode)
+                self._conform_state(param, group, precision, state)
+                key = (param.device, param.dtype, mode, precision)
                 bucket = buckets.get(key)
                 if bucket is None:
                     bucket = buckets[key] = Bucket(
-                        param.device, param.dtype, mode, state_names=names, has_step=self._has_step
+                        param.device,
+                        param.dtype,
+                        mode,
+                        state_names=names,
+                        has_step=self._keeps_step(group),
+                        precision=precision,
                     )
                 if is_new:
                     bucket.new_state.append(len(bucket.params))
@@ -321,23 +471,63 @@ class FusedOptimizer(Optimizer):
                 bucket.state_dicts.append(state)
                 bucket.group_index.append(gi)
                 bucket.positions.append((gi, pi))
-        plan = Plan(list(buckets.values()), stateless, _bucket.groups_signature(self, self._mode))
+        plan = Plan(list(buckets.values()), stateless, _bucket.groups_signature(self, self._group_key))
         self._plan = plan
         return plan
 
-    def _check_param(self, param, gi, pi) -> None:
+    def _check_param(self, param, group, gi, pi) -> None:
         name = type(self).__name__
+        where = f"fused_optim.{name}: param {pi} of param group {gi}"
         if not (param.is_floating_point() or param.is_complex()):
             raise ValueError(
-                f"fused_optim.{name}: param {pi} of param group {gi} has dtype "
-                f"{param.dtype}; only floating point and complex params are supported"
+                f"{where} has dtype {param.dtype}; only floating point and complex "
+                "params are supported"
             )
         if param.is_complex() and param.dtype == torch.complex32:
-            raise ValueError(
-                f"fused_optim.{name}: param {pi} of param group {gi} is complex32, "
-                "which is not supported"
-            )
+            raise ValueError(f"{where} is complex32, which is not supported")
         require_device_supported(param.device, name)
+        if group.get("capturable") and param.device.type != "cuda":
+            raise ValueError(
+                f"{where} is on {param.device}: capturable=True (CUDA graph capture of "
+                "the step) needs CUDA params"
+            )
+        state_dtype = group.get("state_dtype")
+        real = _real_dtype(param)
+        if state_dtype is not None and state_dtype != real and (
+            param.is_complex() or real == torch.float64
+        ):
+            raise ValueError(
+                f"{where} has dtype {param.dtype}, whose state stays in {real}; "
+                f"state_dtype={state_dtype} is for float32, float16 and bfloat16 params"
+            )
+        if group.get("stochastic_rounding") and real == torch.float16:
+            raise ValueError(
+                f"{where} is float16: stochastic_rounding is implemented for bfloat16 "
+                "params (use master_weights=True for float16)"
+            )
+
+    def _conform_state(self, param, group, precision: Precision, state) -> None:
+        """Brings a param's existing state to the group's precision options:
+        state tensors to the state dtype, the float32 master copy created
+        from the param where master weights are on (a checkpoint of
+        torch.optim has none) and dropped where they are off, the step
+        counter to the device the op reads it on."""
+        if not state:
+            return
+        dtype = _state_dtype(param, precision)
+        for key, value in list(state.items()):
+            if key in ("step", "master_param") or not isinstance(value, torch.Tensor):
+                continue
+            if value.dtype != dtype:
+                state[key] = value.to(dtype)
+        if precision.master_weights:
+            if "master_param" not in state:
+                state["master_param"] = param.detach().to(torch.float32, copy=True)
+        else:
+            state.pop("master_param", None)
+        step = state.get("step")
+        if isinstance(step, torch.Tensor) and step.device != _step_device(param):
+            state["step"] = step.to(_step_device(param), torch.float32)
 
     # ----- checkpoints ----------------------------------------------------------
 
@@ -370,20 +560,55 @@ class FusedOptimizer(Optimizer):
                         f"{tuple(value.shape)} for a param of shape {tuple(param.shape)}"
                     )
 
-    def _normalize_state(self) -> None:
-        """After loading: step counters become 0-d CPU tensors (torch keeps
-        them on the param's device for its fused/capturable paths; our ops
-        read them on the host)."""
-        if not self._has_step:
-            return
-        for state in self.state.values():
+    def _normalize_state(self, state_dict) -> None:
+        """After loading: torch.optim's load casts every state tensor to its
+        param's dtype, which would round a float32 master copy or float32
+        moments of bf16 params to bf16. Those are taken again from the
+        loaded dict, at full precision. Step counters become 0-d tensors on
+        the device the op reads them on: the CPU for CPU params, the param's
+        device otherwise (torch keeps them there for its fused and
+        capturable paths only)."""
+        saved = {}
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for param, key in zip(group["params"], saved_group["params"]):
+                if key in state_dict["state"]:
+                    saved[param] = (group, state_dict["state"][key])
+        for param, state in self.state.items():
+            group, source = saved.get(param, (None, {}))
+            if group is not None and param.is_floating_point():
+                precision = precision_of(group, param.dtype)
+                for key, value in source.items():
+                    loaded = state.get(key)
+                    if key == "step" or not isinstance(loaded, torch.Tensor):
+                        continue
+                    dtype = torch.float32 if key == "master_param" else precision.state_dtype
+                    if loaded.dtype != dtype and value.is_floating_point():
+                        state[key] = value.to(device=loaded.device, dtype=dtype, copy=True)
             step = state.get("step")
             if step is None:
                 continue
             if not isinstance(step, torch.Tensor):
-                state["step"] = torch.tensor(float(step), dtype=_step_dtype())
-            elif step.device.type != "cpu" or step.dtype not in (torch.float32, torch.float64):
-                state["step"] = step.detach().to("cpu", torch.float32)
+                step = torch.tensor(float(step), dtype=_step_dtype())
+            device = _step_device(param)
+            if step.device != device or step.dtype not in (torch.float32, torch.float64):
+                step = step.detach().to(device, torch.float32)
+            state["step"] = step
+
+
+def _real_dtype(param) -> torch.dtype:
+    """The dtype the kernels see: complex params are updated as real views."""
+    return param.real.dtype if param.is_complex() else param.dtype
+
+
+def _state_dtype(param, precision: Precision) -> torch.dtype:
+    """The dtype of a param's state tensors (complex params: complex)."""
+    return param.dtype if param.is_complex() else precision.state_dtype
+
+
+def _step_device(param) -> torch.device:
+    # The CPU kernels read the counters on the host; the CUDA kernels on the
+    # device (no sync for AMP's skipped steps; capturable).
+    return torch.device("cpu") if param.device.type == "cpu" else param.device
 
 
 def _step_dtype() -> torch.dtype:
@@ -393,5 +618,10 @@ def _step_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def new_step() -> torch.Tensor:
-    return torch.zeros((), dtype=_step_dtype())
+def new_step(device=None) -> torch.Tensor:
+    """A new step counter: 0-d, float32 (float64 under a float64 default
+    dtype, as torch.optim) on the CPU for CPU params; float32 on the
+    param's device for other devices (as torch's fused optimizers)."""
+    if device is None or torch.device(device).type == "cpu":
+        return torch.zeros((), dtype=_step_dtype())
+    return torch.zeros((), dtype=torch.float32, device=device)

@@ -25,8 +25,20 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+
+
+class Precision(NamedTuple):
+    """How the tensors of a bucket are stored (see _base.precision_of)."""
+
+    # a float32 copy of each fp16/bf16 param in state["master_param"]
+    master_weights: bool
+    # dtype of the state tensors (the param dtype unless chosen)
+    state_dtype: torch.dtype
+    # bf16 param writes rounded stochastically
+    stochastic_rounding: bool
 
 
 @dataclass
@@ -50,6 +62,7 @@ class Bucket:
     # indices of tensors whose state was created for the coming step (SGD's
     # momentum buffer starts as the gradient itself on its first step)
     new_state: list = field(default_factory=list)
+    precision: Precision | None = None
 
     @property
     def is_complex(self) -> bool:
@@ -58,6 +71,12 @@ class Bucket:
     def state_lists(self) -> list:
         """One list of tensors per state name, read from the state dicts now."""
         return [list(map(operator.itemgetter(name), self.state_dicts)) for name in self.state_names]
+
+    def master_params(self) -> list:
+        """The float32 master copies, or [] without master weights."""
+        if not self.precision.master_weights:
+            return []
+        return list(map(operator.itemgetter("master_param"), self.state_dicts))
 
     def steps(self) -> list:
         if not self.has_step:
@@ -73,14 +92,14 @@ class Plan:
     signature: tuple
 
 
-def groups_signature(optimizer, mode_of) -> tuple:
+def groups_signature(optimizer, key_of) -> tuple:
     """What the plan depends on, cheap to recompute each step (one entry per
     group, not per param)."""
     return (
         id(optimizer.state),
         len(optimizer.state),
         tuple(
-            (id(group["params"]), len(group["params"]), mode_of(group))
+            (id(group["params"]), len(group["params"]), key_of(group))
             for group in optimizer.param_groups
         ),
     )
@@ -99,7 +118,7 @@ def select(bucket: Bucket, grads: list) -> tuple[Bucket, list]:
     """The sub-bucket of the tensors that have a gradient this step."""
     keep = [i for i, g in enumerate(grads) if g is not None]
     sub = Bucket(bucket.device, bucket.dtype, bucket.mode, state_names=bucket.state_names,
-                 has_step=bucket.has_step)
+                 has_step=bucket.has_step, precision=bucket.precision)
     sub.params = [bucket.params[i] for i in keep]
     sub.state_dicts = [bucket.state_dicts[i] for i in keep]
     sub.group_index = [bucket.group_index[i] for i in keep]

@@ -6,7 +6,14 @@ import torch
 from torch.optim.adagrad import adagrad as _torch_adagrad
 
 from fused_optim import _C, _docs
-from fused_optim._base import FusedOptimizer, check_implementation_keywords, new_step, to_float
+from fused_optim._base import (
+    FusedOptimizer,
+    check_implementation_keywords,
+    check_precision_keywords,
+    new_step,
+    precision_of,
+    to_float,
+)
 
 __all__ = ["Adagrad"]
 
@@ -27,6 +34,9 @@ class Adagrad(FusedOptimizer):
         maximize: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         # Same checks, order and messages as torch.optim.Adagrad.
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -54,12 +64,15 @@ class Adagrad(FusedOptimizer):
             "maximize": maximize,
             "differentiable": differentiable,
             "fused": fused,
+            **check_precision_keywords(master_weights, state_dtype, stochastic_rounding),
         }
         super().__init__(params, defaults)
-        # As torch.optim.Adagrad, state exists from construction on.
+        # As torch.optim.Adagrad, state exists from construction on (its
+        # master copy, if any, is made at the first step).
         for group in self.param_groups:
             for param in group["params"]:
-                self._init_state(param, group, self.state[param])
+                dtype = param.dtype if param.is_complex() else precision_of(group, param.dtype).state_dtype
+                self._init_state(param, group, self.state[param], dtype)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -81,30 +94,39 @@ class Adagrad(FusedOptimizer):
     def _state_names(self, mode) -> tuple:
         return ("sum",)
 
-    def _init_state(self, param, group, state) -> bool:
-        state.setdefault("step", new_step())
+    def _init_state(self, param, group, state, dtype) -> bool:
+        state.setdefault("step", new_step(param.device))
         if "sum" not in state:
             # The group's own value (torch.optim uses the constructor's value
             # for every group, ignoring a group's override).
             value = group.get("initial_accumulator_value", self.defaults["initial_accumulator_value"])
             if param.is_complex():
                 value = complex(value, value)
-            state["sum"] = torch.full_like(param, value, memory_format=torch.preserve_format)
+            state["sum"] = torch.full_like(param, value, dtype=dtype, memory_format=torch.preserve_format)
         return False
 
     def _hyperparameters(self, group) -> tuple:
         return (
-            to_float(group["lr"]),
+            self._lr(group),
             to_float(group["lr_decay"]),
             to_float(group["weight_decay"]),
             to_float(group["eps"]),
         )
 
-    def _launch(self, bucket, grads, hyper) -> None:
+    def _launch(self, bucket, grads, hyper, extras) -> None:
         (maximize,) = bucket.mode
         params, grads, states = self._op_lists(bucket, grads)
         _C.adagrad_(
-            params, grads, states[0], bucket.steps(), bucket.group_index, *hyper, maximize
+            params,
+            grads,
+            states[0],
+            extras.master_params,
+            bucket.steps(),
+            bucket.group_index,
+            *hyper,
+            *extras.tail,
+            maximize,
+            extras.stochastic_rounding,
         )
 
     def _check_sparse(self, group, param, grad) -> None:

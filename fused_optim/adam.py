@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from fused_optim import _C, _docs
-from fused_optim._base import FusedOptimizer, check_implementation_keywords, to_float
+from fused_optim._base import (
+    FusedOptimizer,
+    check_implementation_keywords,
+    check_precision_keywords,
+    to_float,
+)
 
 __all__ = ["Adam", "AdamW"]
 
@@ -26,6 +31,9 @@ class Adam(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         # Same checks, order and messages as torch.optim.Adam.
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -68,6 +76,7 @@ class Adam(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
+            **check_precision_keywords(master_weights, state_dtype, stochastic_rounding),
         }
         super().__init__(params, defaults)
 
@@ -92,14 +101,14 @@ class Adam(FusedOptimizer):
     def _hyperparameters(self, group) -> tuple:
         beta1, beta2 = group["betas"]
         return (
-            to_float(group["lr"]),
+            self._lr(group),
             to_float(beta1),
             to_float(beta2),
             to_float(group["eps"]),
             to_float(group["weight_decay"]),
         )
 
-    def _launch(self, bucket, grads, hyper) -> None:
+    def _launch(self, bucket, grads, hyper, extras) -> None:
         amsgrad, decoupled, maximize = bucket.mode
         params, grads, states = self._op_lists(bucket, grads)
         _C.adam_(
@@ -108,12 +117,15 @@ class Adam(FusedOptimizer):
             states[0],
             states[1],
             states[2] if amsgrad else [],
+            extras.master_params,
             bucket.steps(),
             bucket.group_index,
             *hyper,
+            *extras.tail,
             amsgrad,
             decoupled,
             maximize,
+            extras.stochastic_rounding,
         )
 
 
@@ -132,6 +144,9 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -146,6 +161,9 @@ class AdamW(Adam):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def __setstate__(self, state):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from fused_optim import _C, _docs
-from fused_optim._base import FusedOptimizer, check_implementation_keywords, to_float
+from fused_optim._base import (
+    FusedOptimizer,
+    check_implementation_keywords,
+    check_precision_keywords,
+    to_float,
+)
 
 __all__ = ["RMSprop"]
 
@@ -24,6 +29,10 @@ class RMSprop(FusedOptimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         differentiable: bool = False,
+        *,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         # Same checks, order and messages as torch.optim.RMSprop.
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -52,6 +61,7 @@ class RMSprop(FusedOptimizer):
             "foreach": foreach,
             "maximize": maximize,
             "differentiable": differentiable,
+            **check_precision_keywords(master_weights, state_dtype, stochastic_rounding),
         }
         super().__init__(params, defaults)
 
@@ -78,14 +88,14 @@ class RMSprop(FusedOptimizer):
 
     def _hyperparameters(self, group) -> tuple:
         return (
-            to_float(group["lr"]),
+            self._lr(group),
             to_float(group["alpha"]),
             to_float(group["eps"]),
             to_float(group["weight_decay"]),
             to_float(group["momentum"]),
         )
 
-    def _launch(self, bucket, grads, hyper) -> None:
+    def _launch(self, bucket, grads, hyper, extras) -> None:
         centered, uses_momentum, maximize = bucket.mode
         params, grads, states = self._op_lists(bucket, grads)
         by_name = dict(zip(bucket.state_names, states))
@@ -95,11 +105,14 @@ class RMSprop(FusedOptimizer):
             by_name["square_avg"],
             by_name.get("grad_avg", []),
             by_name.get("momentum_buffer", []),
+            extras.master_params,
             bucket.steps(),
             bucket.group_index,
             *hyper,
+            *extras.tail,
             centered,
             maximize,
+            extras.stochastic_rounding,
         )
 
 

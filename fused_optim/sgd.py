@@ -6,7 +6,13 @@ import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
 from fused_optim import _C, _docs
-from fused_optim._base import FusedOptimizer, check_implementation_keywords, to_float
+from fused_optim._base import (
+    FusedOptimizer,
+    check_implementation_keywords,
+    check_precision_keywords,
+    new_step,
+    to_float,
+)
 
 __all__ = ["SGD"]
 
@@ -28,6 +34,9 @@ class SGD(FusedOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         # Same checks, order and messages as torch.optim.SGD.
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -48,6 +57,7 @@ class SGD(FusedOptimizer):
             "foreach": foreach,
             "differentiable": differentiable,
             "fused": fused,
+            **check_precision_keywords(master_weights, state_dtype, stochastic_rounding),
         }
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
@@ -72,33 +82,47 @@ class SGD(FusedOptimizer):
     def _state_names(self, mode) -> tuple:
         return ("momentum_buffer",) if mode[0] else ()
 
-    def _init_state(self, param, group, state) -> bool:
+    def _keeps_step(self, group) -> bool:
+        # torch.optim.SGD keeps no counter. With stochastic rounding we keep
+        # one (our own state, saved under "step"): the rounding's random bits
+        # are drawn by it, so they change from step to step.
+        return bool(group.get("stochastic_rounding"))
+
+    def _init_state(self, param, group, state, dtype) -> bool:
+        if self._keeps_step(group):
+            state.setdefault("step", new_step(param.device))
+        if not self._mode(group)[0] or "momentum_buffer" in state:
+            return False
         # torch.optim creates the buffer on the first step as a copy of the
         # (decayed) gradient. We allocate it zero-filled and tell the op it is
         # new, so the kernel writes the gradient into it in the same pass.
-        state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["momentum_buffer"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         return True
 
     def _hyperparameters(self, group) -> tuple:
         return (
-            to_float(group["lr"]),
+            self._lr(group),
             to_float(group["momentum"]),
             to_float(group["dampening"]),
             to_float(group["weight_decay"]),
         )
 
-    def _launch(self, bucket, grads, hyper) -> None:
+    def _launch(self, bucket, grads, hyper, extras) -> None:
         uses_momentum, nesterov, maximize = bucket.mode
         params, grads, states = self._op_lists(bucket, grads)
         _C.sgd_(
             params,
             grads,
             states[0] if uses_momentum else [],
+            extras.master_params,
+            bucket.steps(),
             bucket.group_index,
             *hyper,
             bucket.new_state if uses_momentum else [],
+            *extras.tail,
             nesterov,
             maximize,
+            extras.stochastic_rounding,
         )
 
     def _check_sparse(self, group, param, grad) -> None:

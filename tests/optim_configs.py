@@ -206,6 +206,11 @@ SETSTATE_DEFAULTED_KEYS = {
 # not, and ours has exactly torch's signatures, so neither does ours).
 HAS_FUSED = ("SGD", "Adagrad", "Adam", "AdamW")
 
+# Keywords of ours beyond torch.optim's (the mixed-precision options), with
+# their defaults: every class takes them, keyword-only, after torch's, and
+# they are param_group keys.
+OUR_KEYWORDS = {"master_weights": False, "state_dtype": None, "stochastic_rounding": False}
+
 # Optimizers whose torch counterpart takes a `capturable` keyword.
 HAS_CAPTURABLE = ("RMSprop", "Adam", "AdamW")
 
@@ -325,9 +330,6 @@ def _constructor_errors() -> list[ErrorCase]:
                                    "fused", from_torch=False))
         cases.append(ErrorCase(f"{name}-differentiable", name, dict(differentiable=True),
                                ValueError, "differentiable", from_torch=False))
-        if name in HAS_CAPTURABLE:
-            cases.append(ErrorCase(f"{name}-capturable", name, dict(capturable=True),
-                                   ValueError, "capturable", from_torch=False))
     return cases
 
 

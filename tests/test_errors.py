@@ -19,6 +19,7 @@ from harness import (
     snapshot_optimizer,
 )
 from optim_configs import (
+    OUR_KEYWORDS,
     ACCEPTED_KWARGS,
     CONSTRUCTOR_ERRORS,
     HAS_FUSED,
@@ -87,7 +88,10 @@ def test_signature_matches_torch(name):
     """Same parameter names, order, kinds and defaults as torch 2.13."""
     ts = inspect.signature(getattr(torch.optim, name).__init__).parameters
     os_ = inspect.signature(getattr(fused_optim, name).__init__).parameters
-    assert list(os_) == list(ts)
+    assert list(os_) == list(ts) + list(OUR_KEYWORDS)
+    for n, default in OUR_KEYWORDS.items():
+        assert os_[n].kind == inspect.Parameter.KEYWORD_ONLY, f"{name}({n}) must be keyword-only"
+        assert os_[n].default == default
     for n, tp in ts.items():
         op = os_[n]
         assert op.kind == tp.kind, f"{name}({n}): kind {op.kind} vs torch {tp.kind}"

@@ -20,25 +20,29 @@ def _adam_args(seed):
     tensors += [[torch.rand(n) for n in sizes] for _ in range(2)]
     steps = [torch.tensor(3.0) for _ in sizes]
     hyper = [[1e-2, 1e-3], [0.9, 0.8], [0.999, 0.99], [1e-8, 1e-6], [0.1, 0.0]]
-    return tensors + [steps, [0, 1, 0]] + hyper
+    # (no master weights; lr_tensors, grad_scale, found_inf: none)
+    return tensors + [[], steps, [0, 1, 0]] + hyper + [[], None, None]
 
 
 def test_fast_call_equals_torch_ops():
     a, b = _adam_args(0), _adam_args(0)
-    _C.adam_(*a, True, False, True)
-    torch.ops.fused_optim.adam_(*b, amsgrad=True, decoupled_weight_decay=False, maximize=True)
-    for list_a, list_b in zip(a[:6], b[:6]):
+    _C.adam_(*a, True, False, True, False)
+    torch.ops.fused_optim.adam_(*b, amsgrad=True, decoupled_weight_decay=False, maximize=True,
+                                stochastic_rounding=False)
+    for list_a, list_b in zip(a[:7], b[:7]):
         for x, y in zip(list_a, list_b):
             assert not x.isnan().any()
             assert torch.equal(x, y)
 
 
-def test_fast_call_bumps_versions_of_written_tensors_only():
+def test_fast_call_bumps_versions_of_annotated_lists():
     args = _adam_args(1)
-    before = [[t._version for t in lst] for lst in args[:6]]
-    _C.adam_(*args, True, True, False)
-    after = [[t._version for t in lst] for lst in args[:6]]
-    written = [True, False, True, True, True, True]  # grads are read only
+    before = [[t._version for t in lst] for lst in args[:7]]
+    _C.adam_(*args, True, True, False, False)
+    after = [[t._version for t in lst] for lst in args[:7]]
+    # grads are annotated as written (they are, when AMP unscales them), so
+    # their versions move too, as the schema says
+    written = [True, True, True, True, True, True, True]
     for lst_before, lst_after, is_written in zip(before, after, written):
         for v0, v1 in zip(lst_before, lst_after):
             assert v1 == v0 + (1 if is_written else 0)

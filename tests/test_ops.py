@@ -34,6 +34,10 @@ def _tensors(seed, dtype, device, positive=False):
     return [_rand(s, 1000 * seed + i, dtype, device, positive) for i, s in enumerate(SHAPES)]
 
 
+# The arguments every op shares, all off (test_mixed_precision.py covers them).
+SHARED_NONE = dict(lr_tensors=[], grad_scale=None, found_inf=None, stochastic_rounding=False)
+
+
 def _steps():
     return [torch.tensor(s, dtype=torch.float32) for s in STEPS0]
 
@@ -47,6 +51,7 @@ def adam_inputs(dtype, device, amsgrad, decoupled, maximize):
         exp_avg_sqs,
         [v + _rand(v.shape, 50 + i, dtype, device, positive=True) for i, v in enumerate(exp_avg_sqs)]
         if amsgrad else [],
+        [],  # master_params
         _steps(),
         GROUP_INDEX,
         [1e-2, 3e-3, 2e-2],  # lr
@@ -55,7 +60,8 @@ def adam_inputs(dtype, device, amsgrad, decoupled, maximize):
         [1e-8, 1e-6, 1e-5],  # eps
         [0.0, 0.1, 0.01],  # weight_decay
     )
-    return args, dict(amsgrad=amsgrad, decoupled_weight_decay=decoupled, maximize=maximize)
+    return args, dict(amsgrad=amsgrad, decoupled_weight_decay=decoupled, maximize=maximize,
+                      **SHARED_NONE)
 
 
 def sgd_inputs(dtype, device, momentum_on, nesterov, maximize):
@@ -63,6 +69,8 @@ def sgd_inputs(dtype, device, momentum_on, nesterov, maximize):
         _tensors(1, dtype, device),
         _tensors(2, dtype, device),
         _tensors(3, dtype, device) if momentum_on else [],
+        [],  # master_params
+        [],  # state_steps (SGD keeps none without stochastic rounding)
         GROUP_INDEX,
         [0.1, 0.05, 0.01],  # lr
         [0.9, 0.5, 0.8] if momentum_on else [0.0, 0.0, 0.0],  # momentum
@@ -70,7 +78,7 @@ def sgd_inputs(dtype, device, momentum_on, nesterov, maximize):
         [0.0, 0.01, 0.1],  # weight_decay
         [0, 3] if momentum_on else [],  # new_momentum_buffers
     )
-    return args, dict(nesterov=nesterov, maximize=maximize)
+    return args, dict(nesterov=nesterov, maximize=maximize, **SHARED_NONE)
 
 
 def adagrad_inputs(dtype, device, maximize):
@@ -78,6 +86,7 @@ def adagrad_inputs(dtype, device, maximize):
         _tensors(1, dtype, device),
         _tensors(2, dtype, device),
         _tensors(3, dtype, device, positive=True),  # state_sums
+        [],  # master_params
         _steps(),
         GROUP_INDEX,
         [0.1, 0.05, 0.01],  # lr
@@ -85,7 +94,7 @@ def adagrad_inputs(dtype, device, maximize):
         [0.0, 0.1, 0.01],  # weight_decay
         [1e-10, 1e-6, 1e-5],  # eps
     )
-    return args, dict(maximize=maximize)
+    return args, dict(maximize=maximize, **SHARED_NONE)
 
 
 def rmsprop_inputs(dtype, device, centered, momentum_on, maximize):
@@ -98,6 +107,7 @@ def rmsprop_inputs(dtype, device, centered, momentum_on, maximize):
         [0.1 * _rand(s.shape, 60 + i, dtype, device) for i, s in enumerate(square_avgs)]
         if centered else [],
         _tensors(4, dtype, device) if momentum_on else [],
+        [],  # master_params
         _steps(),
         GROUP_INDEX,
         [1e-2, 3e-3, 2e-2],  # lr
@@ -106,7 +116,7 @@ def rmsprop_inputs(dtype, device, centered, momentum_on, maximize):
         [0.0, 0.1, 0.01],  # weight_decay
         [0.9, 0.5, 0.1] if momentum_on else [0.0, 0.0, 0.0],  # momentum
     )
-    return args, dict(centered=centered, maximize=maximize)
+    return args, dict(centered=centered, maximize=maximize, **SHARED_NONE)
 
 
 B = [False, True]
@@ -146,24 +156,29 @@ def test_opcheck(case, dtype, device):
 
 
 def test_schemas():
+    shared = "Tensor[] lr_tensors, Tensor? grad_scale, Tensor? found_inf, "
     expected = {
-        "adam_": "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-                 "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
+        "adam_": "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+                 "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, "
+                 "Tensor(f!)[] master_params, Tensor(g!)[] state_steps, "
                  "int[] group_index, float[] lr, float[] beta1, float[] beta2, float[] eps, "
-                 "float[] weight_decay, *, bool amsgrad, bool decoupled_weight_decay, "
-                 "bool maximize) -> ()",
-        "sgd_": "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+                 "float[] weight_decay, " + shared + "*, bool amsgrad, "
+                 "bool decoupled_weight_decay, bool maximize, bool stochastic_rounding) -> ()",
+        "sgd_": "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
+                "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, "
                 "int[] group_index, float[] lr, float[] momentum, float[] dampening, "
-                "float[] weight_decay, int[] new_momentum_buffers, *, bool nesterov, "
-                "bool maximize) -> ()",
-        "adagrad_": "adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, "
-                    "Tensor(c!)[] state_steps, int[] group_index, float[] lr, float[] lr_decay, "
-                    "float[] weight_decay, float[] eps, *, bool maximize) -> ()",
-        "rmsprop_": "rmsprop_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, "
-                    "Tensor(c!)[] grad_avgs, Tensor(d!)[] momentum_buffers, "
-                    "Tensor(e!)[] state_steps, int[] group_index, float[] lr, float[] alpha, "
-                    "float[] eps, float[] weight_decay, float[] momentum, *, bool centered, "
-                    "bool maximize) -> ()",
+                "float[] weight_decay, int[] new_momentum_buffers, " + shared + "*, "
+                "bool nesterov, bool maximize, bool stochastic_rounding) -> ()",
+        "adagrad_": "adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
+                    "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
+                    "float[] lr, float[] lr_decay, float[] weight_decay, float[] eps, "
+                    + shared + "*, bool maximize, bool stochastic_rounding) -> ()",
+        "rmsprop_": "rmsprop_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
+                    "Tensor(d!)[] grad_avgs, Tensor(e!)[] momentum_buffers, "
+                    "Tensor(f!)[] master_params, Tensor(g!)[] state_steps, int[] group_index, "
+                    "float[] lr, float[] alpha, float[] eps, float[] weight_decay, "
+                    "float[] momentum, " + shared + "*, bool centered, bool maximize, "
+                    "bool stochastic_rounding) -> ()",
     }
     for name, schema in expected.items():
         got = str(_op(name)._schema)
@@ -185,7 +200,7 @@ def _reference(op, args, kwargs):
     """The same update with torch.optim's single-tensor functional code."""
     args = _clone(args)
     if op == "adam_":
-        p, g, m, v, mx, st, gi, lr, b1, b2, eps, wd = args
+        p, g, m, v, mx, _, st, gi, lr, b1, b2, eps, wd = args
         for i in range(len(p)):
             k = gi[i]
             adam_fn(
@@ -195,7 +210,7 @@ def _reference(op, args, kwargs):
                 weight_decay=wd[k], eps=eps[k], maximize=kwargs["maximize"])
         return p, m, v, mx, st
     if op == "sgd_":
-        p, g, bufs, gi, lr, mom, damp, wd, new = args
+        p, g, bufs, _, _, gi, lr, mom, damp, wd, new = args
         for i in range(len(p)):
             k = gi[i]
             blist = [None if i in new else bufs[i]] if bufs else [None]
@@ -206,7 +221,7 @@ def _reference(op, args, kwargs):
                 bufs[i] = blist[0]
         return p, bufs
     if op == "adagrad_":
-        p, g, sums, st, gi, lr, lrd, wd, eps = args
+        p, g, sums, _, st, gi, lr, lrd, wd, eps = args
         for i in range(len(p)):
             k = gi[i]
             adagrad_fn([p[i]], [g[i]], [sums[i]], [st[i]], foreach=False,
@@ -214,7 +229,7 @@ def _reference(op, args, kwargs):
                                         eps=eps[k], maximize=kwargs["maximize"])
         return p, sums, st
     if op == "rmsprop_":
-        p, g, sq, ga, mb, st, gi, lr, alpha, eps, wd, mom = args
+        p, g, sq, ga, mb, _, st, gi, lr, alpha, eps, wd, mom = args
         for i in range(len(p)):
             k = gi[i]
             rmsprop_fn(
@@ -227,12 +242,12 @@ def _reference(op, args, kwargs):
 
 def _mutated(op, args):
     if op == "adam_":
-        return args[0], args[2], args[3], args[4], args[5]
+        return args[0], args[2], args[3], args[4], args[6]
     if op == "sgd_":
         return args[0], args[2]
     if op == "adagrad_":
-        return args[0], args[2], args[3]
-    return args[0], args[2], args[3], args[4], args[5]
+        return args[0], args[2], args[4]
+    return args[0], args[2], args[3], args[4], args[6]
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -248,7 +263,7 @@ def test_op_values_match_torch_functional(case, dtype, device):
         for ti, (a, b) in enumerate(zip(got, exp)):
             assert_close(a, b, msg=lambda m: f"{op} list {li} tensor {ti}: {m}")
     for g, g0 in zip(args[1], grads_before):
-        assert torch.equal(g, g0), "grads are not annotated as mutated and must not be written"
+        assert torch.equal(g, g0), "grads are written only to unscale them (grad_scale)"
 
 
 # ---------------------------------------------------------------------------
@@ -260,7 +275,7 @@ OP_ERRORS = (RuntimeError, ValueError, IndexError)
 
 def _bad_variants(op, args):
     args = list(args)
-    gi_pos = {"adam_": 6, "sgd_": 3, "adagrad_": 4, "rmsprop_": 6}[op]
+    gi_pos = {"adam_": 7, "sgd_": 5, "adagrad_": 5, "rmsprop_": 7}[op]
     out = {}
     a = list(args)
     a[1] = a[1][:-1]

@@ -23,6 +23,7 @@ from harness import (
     snapshot_optimizer,
 )
 from optim_configs import (
+    OUR_KEYWORDS,
     GROUP_OVERRIDES,
     ONE_PER_OPTIMIZER,
     OPTIM_CONFIGS,
@@ -76,7 +77,11 @@ def _assert_layout_like_torch(sd_ours, sd_torch, cfg):
     assert len(sd_ours["param_groups"]) == len(sd_torch["param_groups"])
     for go, gt in zip(sd_ours["param_groups"], sd_torch["param_groups"]):
         assert go["params"] == gt["params"], "param ids of the state_dict differ from torch's"
-        assert set(go) == set(gt), f"param_groups keys: ours {sorted(go)} vs torch {sorted(gt)}"
+        assert set(go) == set(gt) | set(OUR_KEYWORDS), (
+            f"param_groups keys: ours {sorted(go)} vs torch {sorted(gt)}"
+        )
+        for k, default in OUR_KEYWORDS.items():
+            assert go[k] == default, f"group[{k!r}]: {go[k]!r}, expected the default {default!r}"
         for k in gt:
             # The torch reference runs with foreach=False.
             if k not in ("params", "foreach"):
@@ -214,9 +219,11 @@ def test_param_group_keys_and_defaults_match_torch(cfg):
     o = cfg.ours_cls([torch.zeros(3, requires_grad=True)], **cfg.kwargs)
     for name, ours_d, torch_d in (("param_groups[0]", o.param_groups[0], t.param_groups[0]),
                                   ("defaults", o.defaults, t.defaults)):
-        assert set(ours_d) == set(torch_d), (
+        assert set(ours_d) == set(torch_d) | set(OUR_KEYWORDS), (
             f"{name} keys: ours {sorted(ours_d)} vs torch {sorted(torch_d)}"
         )
+        for k, default in OUR_KEYWORDS.items():
+            assert ours_d[k] == default, f"{name}[{k!r}]: {ours_d[k]!r}, expected {default!r}"
         for k in torch_d:
             if k not in ("params",):
                 assert ours_d[k] == torch_d[k], f"{name}[{k!r}]: {ours_d[k]!r} vs {torch_d[k]!r}"

@@ -1,79 +1,62 @@
 // CPU kernel of fused_optim::sgd_.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include "cpu/convert.h"
-#include "cpu/multi_tensor_cpu.h"
-#include "cpu/vectorized_loop.h"
-#include "fused_optim/update_rules.h"
-#include "fused_optim/bool_switch.h"
-#include "op_args.h"
-#include "op_inputs.h"
+#include "cpu/apply.h"
 
 namespace fused_optim::cpu {
 namespace {
 
-constexpr const char* kOp = "fused_optim.sgd_";
-enum SgdOperand : size_t { kParam, kGrad, kMomentumBuffer };
-
-template <typename scalar_t, bool kMomentum, bool kNesterov, WeightDecay kDecay>
-void sgd_range(const DenseOperands& operands, size_t tensor, int64_t begin,
-               int64_t end, const SgdScalars<at::opmath_type<scalar_t>>& s) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  auto at = [&](size_t list) {
-    return range_start<scalar_t>(operands, list, tensor, begin);
-  };
-  scalar_t* param = at(kParam);
-  const scalar_t* grad = at(kGrad);
-  scalar_t* buffer = kMomentum ? at(kMomentumBuffer) : nullptr;
-  vectorized_loop(end - begin, [=](int64_t i) {
-    opmath_t p = to_compute(param[i]);
-    opmath_t b = kMomentum ? to_compute(buffer[i]) : opmath_t(0);
-    sgd_update<kMomentum, kNesterov, kDecay>(p, to_compute(grad[i]), b, s);
-    param[i] = from_compute<scalar_t>(p);
-    if (kMomentum) buffer[i] = from_compute<scalar_t>(b);
-  });
-}
-
 void sgd_cpu(at::TensorList params, at::TensorList grads,
-             at::TensorList momentum_buffers, at::IntArrayRef group_index,
+             at::TensorList momentum_buffers, at::TensorList master_params,
+             at::TensorList state_steps, at::IntArrayRef group_index,
              at::ArrayRef<double> lr, at::ArrayRef<double> momentum,
              at::ArrayRef<double> dampening, at::ArrayRef<double> weight_decay,
-             at::IntArrayRef new_momentum_buffers, bool nesterov,
-             bool maximize) {
-  const std::vector<TensorListArg> lists = check_sgd_args(
-      at::kCPU, params, grads, momentum_buffers, group_index, lr,
-      momentum, dampening, weight_decay, new_momentum_buffers, nesterov);
-  const int64_t n = params.size();
-  if (n == 0) return;
+             at::IntArrayRef new_momentum_buffers, at::TensorList lr_tensors,
+             const c10::optional<at::Tensor>& grad_scale,
+             const c10::optional<at::Tensor>& found_inf, bool nesterov,
+             bool maximize, bool stochastic_rounding) {
+  const SharedArgs shared{master_params, lr_tensors, grad_scale, found_inf,
+                          stochastic_rounding};
+  const CheckedCall call = check_sgd_args(
+      at::kCPU, params, grads, momentum_buffers, state_steps, group_index, lr,
+      momentum, dampening, weight_decay, new_momentum_buffers, nesterov,
+      shared);
+  const size_t n = params.size();
+  if (n == 0 || amp_skips_step(found_inf)) return;
   // Staging allocates and copies but writes no input: it goes before the
   // first write, so that even an allocation failure loses nothing.
-  DenseOperands operands(lists);
-
+  DenseOperands operands(call.lists);
+  const std::vector<double> lrs = learning_rates(lr, lr_tensors);
   const bool use_momentum = !momentum_buffers.empty();
   std::vector<bool> is_new(n, false);
   for (int64_t i : new_momentum_buffers) is_new[i] = true;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, params[0].scalar_type(), kOp, [&] {
-        using opmath_t = at::opmath_type<scalar_t>;
-        FO_BOOL_SWITCH(use_momentum, kMomentum, [&] {
-          FO_BOOL_SWITCH(nesterov, kNesterov, [&] {
-            parallel_for_each_range(
-                numels_of(params), [&](size_t t, int64_t begin, int64_t end) {
-                  const int64_t g = group_index[t];
-                  const SgdScalars<opmath_t> s(lr[g], momentum[g], dampening[g],
-                                               weight_decay[g], maximize,
-                                               is_new[t]);
-                  FO_L2_WEIGHT_DECAY_SWITCH(weight_decay[g] != 0.0, kDecay, [&] {
-                    sgd_range<scalar_t, kMomentum, kMomentum && kNesterov,
-                              kDecay>(operands, t, begin, end, s);
-                  });
-                });
-          });
-        });
+
+  // Every check has passed: from here on we write. SGD's counters exist
+  // only for stochastic rounding's random bits.
+  const std::vector<double> steps = increment_state_steps(state_steps);
+  with_storage(call.precision, has_grad_scale(grad_scale), [&](auto storage) {
+    using S = decltype(storage);
+    using T = typename S::compute_t;
+    std::vector<SgdScalars<T>> scalars(n);
+    for (size_t t = 0; t < n; ++t) {
+      const int64_t g = group_index[t];
+      scalars[t] = SgdScalars<T>(lrs[g], momentum[g], dampening[g],
+                                 weight_decay[g], maximize, is_new[t]);
+    }
+    const auto inputs =
+        element_inputs<T>(n, grad_scale, stochastic_rounding, steps);
+    const auto decay_of = [&](size_t t) {
+      return weight_decay_mode(weight_decay[group_index[t]], false);
+    };
+    FO_BOOL_SWITCH(use_momentum, kMomentum, [&] {
+      FO_BOOL_SWITCH(nesterov && use_momentum, kNesterov, [&] {
+        if constexpr (kMomentum || !kNesterov) {
+          apply_op<SgdOp<kMomentum, kNesterov>, S>(call, operands, scalars,
+                                                   inputs, decay_of);
+        }
       });
+    });
+  });
   operands.write_back();
 }
 

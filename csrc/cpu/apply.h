@@ -1,0 +1,256 @@
+// The CPU element loop shared by every op: load an element's operands in
+// their storage types, run the op's update rule (element_ops.h) in the
+// compute type, store the results. The storage side of a call (mixed
+// precision, AMP, stochastic rounding) is here, once, for every optimizer.
+//
+//   param    read from the float32 master copy when the call has master
+//            weights (then the param is only written: rounded from the
+//            master, to nearest); otherwise read, and written rounded to
+//            nearest or, with stochastic rounding, stochastically;
+//   grad     divided by AMP's grad scale (multiplied by its inverse) and
+//            written back unscaled when the call has a grad scale;
+//   state    one storage dtype for all state tensors of the call.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/convert.h"
+#include "cpu/multi_tensor_cpu.h"
+#include "cpu/vectorized_loop.h"
+#include "fused_optim/bool_switch.h"
+#include "fused_optim/element_ops.h"
+#include "fused_optim/precision.h"
+#include "fused_optim/update_rules.h"
+#include "op_args.h"
+
+namespace fused_optim::cpu {
+
+// The storage of one call, as types and flags.
+template <typename Param, typename State, bool kMaster, bool kStochastic,
+          bool kUnscale>
+struct Storage {
+  using param_t = Param;
+  using state_t = State;
+  using compute_t = at::opmath_type<Param>;
+  static constexpr bool kMasterWeights = kMaster;
+  static constexpr bool kStochasticRounding = kStochastic;
+  static constexpr bool kUnscaleGrads = kUnscale;
+};
+
+// What a tensor's element loop needs besides its operands and scalars.
+template <typename T>
+struct ElementInputs {
+  T inverse_grad_scale = T(1);   // used only with kUnscaleGrads
+  uint32_t rounding_key = 0;     // used only with kStochasticRounding
+};
+
+// Updates elements [begin, end) of one tensor. `operand[k]` points at
+// element 0 of operand k of the op (element_ops.h's order), `master` at the
+// master copy's (or nullptr).
+template <typename Op, typename S, WeightDecay kDecay, typename Scalars>
+void apply_range(char* const* operand, float* master_base, int64_t begin,
+                 int64_t end, const Scalars& s,
+                 const ElementInputs<typename S::compute_t>& in) {
+  using T = typename S::compute_t;
+  using param_t = typename S::param_t;
+  using state_t = typename S::state_t;
+  constexpr int kN = Op::kNumOperands;
+  param_t* const param = reinterpret_cast<param_t*>(operand[0]) + begin;
+  param_t* const grad = reinterpret_cast<param_t*>(operand[1]) + begin;
+  float* const master = S::kMasterWeights ? master_base + begin : nullptr;
+  state_t* state[kN];  // [2, kN) used
+  for (int k = 2; k < kN; ++k) {
+    state[k] = reinterpret_cast<state_t*>(operand[k]) + begin;
+  }
+  const T inverse_grad_scale = in.inverse_grad_scale;
+  const uint32_t key = in.rounding_key;
+  vectorized_loop(end - begin, [=](int64_t i) {
+    T x[kN];
+    if constexpr (S::kMasterWeights) {
+      x[0] = master[i];
+    } else {
+      x[0] = to_compute(param[i]);
+    }
+    x[1] = to_compute(grad[i]);
+    if constexpr (S::kUnscaleGrads) {
+      x[1] = x[1] * inverse_grad_scale;
+      grad[i] = from_compute<param_t>(x[1]);
+    }
+    for (int k = 2; k < kN; ++k) x[k] = to_compute(state[k][i]);
+    Op::template update<kDecay>(x, s);
+    if constexpr (S::kMasterWeights) master[i] = x[0];
+    if constexpr (S::kStochasticRounding) {
+      static_assert(std::is_same_v<param_t, c10::BFloat16>);
+      param[i] = c10::BFloat16(
+          bf16_bits_round_stochastic(
+              x[0], stochastic_rounding_bits(key, begin + i)),
+          c10::BFloat16::from_bits());
+    } else {
+      param[i] = from_compute<param_t>(x[0]);
+    }
+    for (int k = 2; k < kN; ++k) state[k][i] = from_compute<state_t>(x[k]);
+  });
+}
+
+// Calls fn(State{}) with State the storage type of `dtype`, among the state
+// dtypes check_tensor_lists allows with Param params.
+template <typename Param, typename Fn>
+void with_state_type(at::ScalarType dtype, const Fn& fn) {
+  if constexpr (std::is_same_v<Param, double>) {
+    fn(double{});
+  } else {
+    switch (dtype) {
+      case at::kFloat:
+        return fn(float{});
+      case at::kBFloat16:
+        return fn(c10::BFloat16{});
+      default:
+        TORCH_INTERNAL_ASSERT(dtype == c10::CppTypeToScalarType<Param>::value,
+                              "unexpected state dtype ", dtype);
+        return fn(Param{});
+    }
+  }
+}
+
+// Calls fn(Storage<...>{}) for a call's precision. Combinations that
+// check_tensor_lists rejects are not instantiated.
+template <typename Fn>
+void with_storage(const CallPrecision& p, bool unscale, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, p.param_dtype, "fused_optim", [&] {
+        using Param = scalar_t;
+        constexpr bool kLowPrecision = std::is_same_v<Param, at::Half> ||
+                                       std::is_same_v<Param, at::BFloat16>;
+        with_state_type<Param>(p.state_dtype, [&](auto state_tag) {
+          using State = decltype(state_tag);
+          FO_BOOL_SWITCH(p.master_weights, kMaster, [&] {
+            FO_BOOL_SWITCH(p.stochastic_rounding, kStochastic, [&] {
+              FO_BOOL_SWITCH(unscale, kUnscale, [&] {
+                constexpr bool kValid =
+                    (!kMaster || kLowPrecision) &&
+                    (!kStochastic ||
+                     (std::is_same_v<Param, at::BFloat16> && !kMaster));
+                if constexpr (kValid) {
+                  fn(Storage<Param, State, kMaster, kStochastic, kUnscale>{});
+                } else {
+                  TORCH_INTERNAL_ASSERT(false, "unchecked precision");
+                }
+              });
+            });
+          });
+        });
+      });
+}
+
+// One op call's operands as the element loops see them.
+struct CallOperands {
+  // operand_lists[k]: the list (in CheckedCall::lists) of operand k.
+  std::vector<size_t> operand_lists;
+  size_t master_list;
+  bool master_weights;
+};
+
+inline CallOperands call_operands(const CheckedCall& call) {
+  CallOperands out;
+  out.master_list = call.master_list();
+  out.master_weights = call.precision.master_weights;
+  for (size_t k = 0; k < out.master_list; ++k) {
+    if (!call.lists[k].tensors.empty()) out.operand_lists.push_back(k);
+  }
+  return out;
+}
+
+// Runs Op over every element of every tensor of a call, in parallel.
+// `scalars[t]` and `inputs[t]` are tensor t's; `decay_of(t)` its group's
+// weight-decay mode.
+template <typename Op, typename S, typename Scalars, typename DecayOf>
+void apply_op(const CheckedCall& call, const DenseOperands& operands,
+              const std::vector<Scalars>& scalars,
+              const std::vector<ElementInputs<typename S::compute_t>>& inputs,
+              const DecayOf& decay_of) {
+  constexpr int kN = Op::kNumOperands;
+  const CallOperands layout = call_operands(call);
+  TORCH_INTERNAL_ASSERT(layout.operand_lists.size() == size_t(kN));
+  parallel_for_each_range(
+      numels_of(call.lists[0].tensors),
+      [&](size_t t, int64_t begin, int64_t end) {
+        char* operand[kN];
+        for (int k = 0; k < kN; ++k) {
+          operand[k] = operands.data(layout.operand_lists[k], t);
+        }
+        float* master =
+            S::kMasterWeights
+                ? reinterpret_cast<float*>(operands.data(layout.master_list, t))
+                : nullptr;
+        switch (decay_of(t)) {
+          case WeightDecay::kNone:
+            return apply_range<Op, S, WeightDecay::kNone>(
+                operand, master, begin, end, scalars[t], inputs[t]);
+          case WeightDecay::kL2:
+            return apply_range<Op, S, WeightDecay::kL2>(
+                operand, master, begin, end, scalars[t], inputs[t]);
+          case WeightDecay::kDecoupled:
+            if constexpr (Op::kAllowsDecoupledDecay) {
+              return apply_range<Op, S, WeightDecay::kDecoupled>(
+                  operand, master, begin, end, scalars[t], inputs[t]);
+            }
+            TORCH_INTERNAL_ASSERT(false, "decoupled decay for an L2-only op");
+        }
+      });
+}
+
+// The AMP and rounding inputs of each tensor of a call. `steps` are the
+// counters after this step's increment (empty: 0 for every tensor).
+template <typename T>
+std::vector<ElementInputs<T>> element_inputs(
+    size_t num_tensors, const c10::optional<at::Tensor>& grad_scale,
+    bool stochastic_rounding, const std::vector<double>& steps) {
+  ElementInputs<T> common;
+  if (grad_scale.has_value() && grad_scale->defined()) {
+    common.inverse_grad_scale =
+        T(inverse_grad_scale(grad_scale->item<float>()));
+  }
+  std::vector<ElementInputs<T>> out(num_tensors, common);
+  if (stochastic_rounding) {
+    for (size_t t = 0; t < num_tensors; ++t) {
+      out[t].rounding_key = stochastic_rounding_key(
+          static_cast<uint32_t>(t), steps.empty() ? 0.0 : steps[t]);
+    }
+  }
+  return out;
+}
+
+// The weight-decay mode of a group.
+inline WeightDecay weight_decay_mode(double weight_decay, bool decoupled) {
+  if (weight_decay == 0.0) return WeightDecay::kNone;
+  return decoupled ? WeightDecay::kDecoupled : WeightDecay::kL2;
+}
+
+// Whether AMP found an inf or NaN in the gradients: then the call is
+// skipped whole (torch's fused optimizers do the same). On the CPU reading
+// the flag costs nothing.
+inline bool amp_skips_step(const c10::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && found_inf->defined() &&
+         found_inf->item<float>() != 0.0f;
+}
+
+inline bool has_grad_scale(const c10::optional<at::Tensor>& grad_scale) {
+  return grad_scale.has_value() && grad_scale->defined();
+}
+
+// The per-group learning rates: `lr`, or the values of `lr_tensors`.
+inline std::vector<double> learning_rates(at::ArrayRef<double> lr,
+                                          at::TensorList lr_tensors) {
+  if (lr_tensors.empty()) return lr.vec();
+  std::vector<double> out;
+  out.reserve(lr_tensors.size());
+  for (const at::Tensor& t : lr_tensors) out.push_back(t.item<double>());
+  return out;
+}
+
+}  // namespace fused_optim::cpu
