@@ -49,14 +49,15 @@ FO_HOST_DEVICE FO_FORCE_INLINE double read_step(const void* data,
 }
 
 // Each *Hyper: what one param group passes (the op's float[] lists at the
-// group's index), `kHasSteps` (the op has step counters: the step kernel
-// increments them and the main kernel reads them, for the scalars and for
-// the stochastic-rounding key), and scalars<T>(lr, step): the narrowed
-// scalars of a tensor of the group, `step` being its counter after this
-// step's increment.
+// group's index), `kStepsOptional` (whether the op's step counters may be
+// absent; the step kernel increments those given, and the main kernel reads
+// them, for the scalars and for the stochastic-rounding key; an absent
+// counter reads as 0), and scalars<T>(lr, step): the narrowed scalars of a
+// tensor of the group, `step` being its counter after this step's
+// increment.
 
 struct AdamHyper {
-  static constexpr bool kHasSteps = true;
+  static constexpr bool kStepsOptional = false;
   LrSource lr;
   double beta1 = 0.0;
   double beta2 = 0.0;
@@ -72,11 +73,13 @@ struct AdamHyper {
   }
 };
 
-// SGD has no step counter; its scalars depend on whether the tensor's
+// SGD's scalars depend on no step count but on whether the tensor's
 // momentum buffer is new this step (`new_buffer`), so the host keys its
-// slots by (group, new_buffer).
+// slots by (group, new_buffer). torch's SGD keeps no step counter; ours
+// exist only with stochastic rounding, whose bits must change from step to
+// step (ops.cpp). Without them the rounding key uses step 0.
 struct SgdHyper {
-  static constexpr bool kHasSteps = false;
+  static constexpr bool kStepsOptional = true;
   LrSource lr;
   double momentum = 0.0;
   double dampening = 0.0;
@@ -93,7 +96,7 @@ struct SgdHyper {
 };
 
 struct AdagradHyper {
-  static constexpr bool kHasSteps = true;
+  static constexpr bool kStepsOptional = false;
   LrSource lr;
   double lr_decay = 0.0;
   double eps = 0.0;
@@ -111,7 +114,7 @@ struct AdagradHyper {
 // RMSprop's scalars do not depend on the step; torch keeps (and
 // checkpoints) the counter, and stochastic rounding keys on it.
 struct RmspropHyper {
-  static constexpr bool kHasSteps = true;
+  static constexpr bool kStepsOptional = false;
   LrSource lr;
   double alpha = 0.0;
   double eps = 0.0;

@@ -367,8 +367,8 @@ FO_HOST_DEVICE FO_FORCE_INLINE void run_chunks(const Meta& meta, int64_t block,
     const ChunkRange r = locate_chunk(meta, chunk);
     const int slot = meta.slot[r.tensor];
     const Hyper& h = meta.hyper[slot];
-    double step = 0.0;  // SGD: no counter (its rounding key uses step 0)
-    if constexpr (Hyper::kHasSteps) {
+    double step = 0.0;  // SGD without counters (its rounding key uses 0)
+    if (meta.step[r.tensor] != nullptr) {
       step = read_step(meta.step[r.tensor], meta.step_is_double[r.tensor] != 0);
     }
     const auto s = h.template scalars<T>(h.lr.read(), step);
@@ -479,7 +479,7 @@ __global__ void __launch_bounds__(kStepBlockSize)
 }
 
 // Launches Op over all tensors of `args` on `stream`: first the step kernel
-// (if the op has step counters), then as many launches of the main kernel
+// (if the call has step counters), then as many launches of the main kernel
 // as the metadata needs; stream order makes the main kernel read the
 // incremented counters. No allocation, no host-device synchronisation, and
 // nothing depends on tensor values, so the launches can be captured in a
@@ -492,16 +492,14 @@ cudaError_t multi_tensor_apply(const MultiTensorArgs<Hyper>& args,
   using Meta = TensorListMeta<kN, Hyper>;
   check_multi_tensor_args(args, kN, Op::kAllowsDecoupledDecay);
   cudaError_t error = cudaSuccess;
-  if constexpr (Hyper::kHasSteps) {
-    plan_step_launches(args.steps, args.found_inf,
-                       [&](const StepListMeta& meta, int64_t blocks) {
-                         if (error != cudaSuccess) return;
-                         step_kernel<StepListMeta>
-                             <<<static_cast<unsigned>(blocks), kStepBlockSize,
-                                0, stream>>>(meta);
-                         error = cudaGetLastError();
-                       });
-  }
+  plan_step_launches(args.steps, args.found_inf,
+                     [&](const StepListMeta& meta, int64_t blocks) {
+                       if (error != cudaSuccess) return;
+                       step_kernel<StepListMeta>
+                           <<<static_cast<unsigned>(blocks), kStepBlockSize, 0,
+                              stream>>>(meta);
+                       error = cudaGetLastError();
+                     });
   plan_launches<kN>(args, [&](const Meta& meta) {
     if (error != cudaSuccess) return;
     const unsigned blocks = static_cast<unsigned>(launch_blocks(meta));

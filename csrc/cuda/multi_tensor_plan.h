@@ -110,7 +110,7 @@ struct MultiTensorArgs {
   // left out.
   std::vector<std::vector<void*>> operands;
   std::vector<void*> master;         // empty, or float32 per tensor
-  std::vector<StepCounter> steps;    // per tensor iff Hyper::kHasSteps
+  std::vector<StepCounter> steps;    // per tensor (SGD: or empty)
   std::vector<int64_t> numels;       // per tensor; 0 = no update (the
                                      // step counter still advances)
   std::vector<int32_t> hyper_set;    // per tensor: index into hypers/decay
@@ -169,14 +169,13 @@ constexpr int max_tensors_per_launch() {
       (kNumOperands + 1) * sizeof(void*)                  // data, master
       + sizeof(int64_t)                                   // numel
       + sizeof(int64_t)                                   // first_chunk
-      + (Hyper::kHasSteps ? sizeof(void*) + 1 : 0)        // step, its dtype
+      + sizeof(void*) + 1                                 // step, its dtype
       + sizeof(int32_t)                                   // index
       + 2;                                                // slot, aligned
   constexpr size_t kFixed =
       max_hyper_slots<Hyper>() * (sizeof(Hyper) + 1)  // hyper, decay
       + 2 * sizeof(void*)                             // grad_scale, found_inf
       + sizeof(int64_t) + sizeof(int32_t) + 2         // counters, flags
-      + 2 * (sizeof(void*) + 1)                       // step arrays of SGD
       + 32;                                           // padding
   return static_cast<int>((kMaxKernelParamBytes - kFixed) / kPerTensor);
 }
@@ -189,14 +188,12 @@ struct TensorListMeta {
   static constexpr int kMaxSlots = max_hyper_slots<Hyper>();
   static constexpr int kMaxTensors =
       max_tensors_per_launch<kNumOperands, Hyper>();
-  // SGD has no step counters: a one-entry dummy array.
-  static constexpr int kStepEntries = Hyper::kHasSteps ? kMaxTensors : 1;
 
   void* data[kNumOperands][kMaxTensors];  // base address of each operand
   float* master[kMaxTensors];             // float32 master weights, or null
   int64_t numel[kMaxTensors];             // > 0
   int64_t first_chunk[kMaxTensors];       // strictly increasing
-  void* step[kStepEntries];               // the tensor's step counter
+  void* step[kMaxTensors];                // its step counter, or null
   Hyper hyper[kMaxSlots];
   const float* grad_scale;  // AMP, or null
   const float* found_inf;   // AMP, or null
@@ -205,7 +202,7 @@ struct TensorListMeta {
   int32_t num_tensors;
   uint8_t slot[kMaxTensors];     // index into hyper / decay
   uint8_t aligned[kMaxTensors];  // all operands 16-byte aligned
-  uint8_t step_is_double[kStepEntries];
+  uint8_t step_is_double[kMaxTensors];
   uint8_t decay[kMaxSlots];      // a WeightDecay
   uint8_t master_weights;        // master[] is set (the call has them)
   uint8_t stochastic_rounding;
@@ -307,7 +304,8 @@ void check_multi_tensor_args(const MultiTensorArgs<Hyper>& args,
       (args.param_dtype != ScalarType::kBFloat16 || master)) {
     fail("stochastic rounding needs bf16 params without master weights");
   }
-  if (args.steps.size() != (Hyper::kHasSteps ? n : 0)) {
+  if (args.steps.size() != n &&
+      !(Hyper::kStepsOptional && args.steps.empty())) {
     fail("steps has the wrong length");
   }
   for (const StepCounter& step : args.steps) {
@@ -404,7 +402,7 @@ void plan_launches(const MultiTensorArgs<Hyper>& args, const Launch& launch) {
       meta.master[t] = static_cast<float*>(args.master[i]);
       aligned = aligned && is_aligned(args.master[i]);
     }
-    if constexpr (Hyper::kHasSteps) {
+    if (!args.steps.empty()) {
       meta.step[t] = args.steps[i].data;
       meta.step_is_double[t] = args.steps[i].is_double ? 1 : 0;
     }

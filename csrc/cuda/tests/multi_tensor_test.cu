@@ -77,15 +77,13 @@ struct HostEmulator {
   cudaError_t run(const MultiTensorArgs<Hyper>& args) const {
     constexpr int kN = Op::kNumOperands;
     check_multi_tensor_args(args, kN, Op::kAllowsDecoupledDecay);
-    if constexpr (Hyper::kHasSteps) {
-      plan_step_launches(args.steps, args.found_inf,
-                         [&](const StepListMeta& meta, int64_t blocks) {
-                           const int64_t threads = blocks * kStepBlockSize;
-                           for (int64_t t = 0; t < threads; ++t) {
-                             increment_steps(meta, t, threads);
-                           }
-                         });
-    }
+    plan_step_launches(args.steps, args.found_inf,
+                       [&](const StepListMeta& meta, int64_t blocks) {
+                         const int64_t threads = blocks * kStepBlockSize;
+                         for (int64_t t = 0; t < threads; ++t) {
+                           increment_steps(meta, t, threads);
+                         }
+                       });
     plan_launches<kN>(args, [&](const TensorListMeta<kN, Hyper>& meta) {
       if (launches != nullptr) ++*launches;
       const int64_t blocks = std::min(launch_blocks(meta), max_blocks);
@@ -535,6 +533,10 @@ void run_case(const std::string& name, int num_operands,
     lr_d[g] = groups[g].first.lr.value * 1.25;
   }
   const float grad_scale = 3.0f;  // not a power of two: inverse rounds
+  // SGD's counters are optional (given with stochastic rounding): run it
+  // both ways.
+  const bool with_steps = !Hyper::kStepsOptional ||
+                          o.mode == ParamMode::kStochastic || o.unscale;
   const float found_inf = o.found_inf ? 1.0f : 0.0f;
 
   auto want_pg = pg;
@@ -560,7 +562,7 @@ void run_case(const std::string& name, int num_operands,
       args.master.push_back(sizes[i] ? ms[i].base() : nullptr);
     }
   }
-  if constexpr (Hyper::kHasSteps) {
+  if (with_steps) {
     for (int64_t i = 0; i < n; ++i) {
       args.steps.push_back(
           step_is_double(i) ? StepCounter{&step_d[i], true}
@@ -593,7 +595,7 @@ void run_case(const std::string& name, int num_operands,
   if (!o.found_inf) {
     for (int64_t i = 0; i < n; ++i) {
       double step = 0.0;
-      if constexpr (Hyper::kHasSteps) {
+      if (with_steps) {
         if (step_is_double(i)) {
           step = want_step_d[i] += 1.0;
         } else {
