@@ -1,15 +1,21 @@
 // CUDA registrations of the fused_optim ops: the only CUDA file that sees
 // torch. For each op it
 //   1. validates every argument (op_args.h, the very checks the CPU kernels
-//      run) before anything is written;
-//   2. increments the step counters, 0-d CPU tensors read and written on the
-//      host (no device synchronisation);
-//   3. under a device guard for params[0]'s device, brings each tensor's
+//      run, with the step counters, lr tensors and AMP scalars required on
+//      the params' GPU) before anything is written;
+//   2. under a device guard for params[0]'s device, brings each tensor's
 //      operands to one dense layout (dense_operands.h; copies run on the
-//      current stream), derives the per-tensor scalars in double on the host
-//      as torch.optim does, narrows them (update_rules.h), and calls the
-//      torch-free launchers of launch.h on the current stream;
+//      current stream, each operand keeps its dtype);
+//   3. hands the launchers of launch.h the addresses, element counts, the
+//      per-group host hyperparameters (and lr tensor addresses), the step
+//      counters' addresses and the AMP scalars' addresses. The launchers
+//      increment the step counters and derive the per-tensor scalars ON THE
+//      DEVICE (hyperparams.h), on the current stream;
 //   4. copies staged operands back (again on the current stream).
+// Nothing here reads a tensor's value on the host: no .item(), no
+// device-to-host copy, no synchronisation. With lr given as tensors, a step
+// is therefore capturable in a CUDA graph (README.md says what a capture
+// bakes in).
 // Compiled only in CUDA builds (setup.py), with FUSED_OPTIM_WITH_CUDA=1.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -17,12 +23,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <utility>
 #include <vector>
 
+#include "cuda/hyperparams.h"
 #include "cuda/launch.h"
 #include "dense_operands.h"
-#include "fused_optim/update_rules.h"
 #include "op_args.h"
 #include "op_inputs.h"
 
@@ -45,36 +52,63 @@ ScalarType launch_dtype(at::ScalarType dtype) {
   }
 }
 
-// Calls fn(T{}) with T the compute type of the params: double for fp64,
-// float for fp32/fp16/bf16 (the CPU kernels' at::opmath_type).
-template <typename Fn>
-void with_compute_type(at::ScalarType dtype, const Fn& fn) {
-  if (dtype == at::kDouble) {
-    fn(double{});
-  } else {
-    fn(float{});
-  }
+// Device address of an optional one-element float32 tensor, or null.
+const float* optional_data(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
 }
 
-// The launch arguments of one call except the scalars: the addresses of the
-// operand lists in use (the non-empty ones, in schema order: launch.h's
-// operand order) in their dense layout, and the element counts.
-template <typename Scalars>
-MultiTensorArgs<Scalars> make_args(const std::vector<TensorListArg>& lists,
-                                   const DenseOperands& operands) {
+// The launch arguments of one call except the hyperparameters: the
+// addresses of the operand lists in use (the non-empty ones, in schema
+// order: launch.h's operand order) in their dense layout, the master
+// weights, the element counts, the step counters, the AMP scalars.
+template <typename Hyper>
+MultiTensorArgs<Hyper> make_args(const CheckedCall& call,
+                                 const DenseOperands& operands,
+                                 at::TensorList state_steps,
+                                 const SharedArgs& shared) {
+  const std::vector<TensorListArg>& lists = call.lists;
   const at::TensorList params = lists[0].tensors;
   const size_t n = params.size();
-  MultiTensorArgs<Scalars> args;
-  args.dtype = launch_dtype(params[0].scalar_type());
-  for (size_t k = 0; k < lists.size(); ++k) {
+  const size_t master_list = call.master_list();
+  MultiTensorArgs<Hyper> args;
+  args.param_dtype = launch_dtype(call.precision.param_dtype);
+  args.state_dtype = launch_dtype(call.precision.state_dtype);
+  for (size_t k = 0; k < master_list; ++k) {
     if (lists[k].tensors.empty()) continue;  // state this call does not use
     std::vector<void*> data(n);
     for (size_t i = 0; i < n; ++i) data[i] = operands.data(k, i);
     args.operands.push_back(std::move(data));
   }
+  if (call.precision.master_weights) {
+    args.master.resize(n);
+    for (size_t i = 0; i < n; ++i) args.master[i] = operands.data(master_list, i);
+  }
   args.numels.resize(n);
   for (size_t i = 0; i < n; ++i) args.numels[i] = params[i].numel();
+  if (!state_steps.empty()) {  // (sgd_'s may be empty)
+    args.steps.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      args.steps[i] = StepCounter{state_steps[i].data_ptr(),
+                                  state_steps[i].scalar_type() == at::kDouble};
+    }
+  }
+  args.grad_scale = optional_data(shared.grad_scale);
+  args.found_inf = optional_data(shared.found_inf);
+  args.stochastic_rounding = call.precision.stochastic_rounding;
   return args;
+}
+
+// Group g's learning rate: its lr tensor when the call has them, else the
+// host float.
+LrSource lr_source(at::ArrayRef<double> lr, at::TensorList lr_tensors,
+                   int64_t g) {
+  LrSource source;
+  source.value = lr[g];
+  if (!lr_tensors.empty()) {
+    source.tensor = lr_tensors[g].data_ptr();
+    source.tensor_is_double = lr_tensors[g].scalar_type() == at::kDouble;
+  }
+  return source;
 }
 
 // The weight-decay mode of a group, as the CPU kernels choose it: none when
@@ -90,43 +124,46 @@ WeightDecay decay_mode(double weight_decay, bool decoupled) {
 
 void adam_cuda(at::TensorList params, at::TensorList grads,
                at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-               at::IntArrayRef group_index, at::ArrayRef<double> lr,
-               at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
-               at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
-               bool amsgrad, bool decoupled_weight_decay, bool maximize) {
-  constexpr const char* kOp = "fused_optim.adam_";
-  const std::vector<TensorListArg> lists = check_adam_args(
+               at::TensorList max_exp_avg_sqs, at::TensorList master_params,
+               at::TensorList state_steps, at::IntArrayRef group_index,
+               at::ArrayRef<double> lr, at::ArrayRef<double> beta1,
+               at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
+               at::ArrayRef<double> weight_decay, at::TensorList lr_tensors,
+               const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf, bool amsgrad,
+               bool decoupled_weight_decay, bool maximize,
+               bool stochastic_rounding) {
+  const SharedArgs shared{master_params, lr_tensors, grad_scale, found_inf,
+                          stochastic_rounding};
+  const CheckedCall call = check_adam_args(
       at::kCUDA, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-      state_steps, group_index, lr, beta1, beta2, eps, weight_decay,
-      amsgrad);
+      state_steps, group_index, lr, beta1, beta2, eps, weight_decay, amsgrad,
+      shared);
   const int64_t n = params.size();
   if (n == 0) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   // Staging allocates and copies but writes no input: it goes before the
   // first write, so that even an allocation failure loses nothing.
-  DenseOperands operands(lists);
-
-  // Every check has passed: from here on we write.
-  const std::vector<double> steps = increment_state_steps(state_steps);
-  with_compute_type(params[0].scalar_type(), [&](auto zero) {
-    using T = decltype(zero);
-    MultiTensorArgs<AdamScalars<T>> args =
-        make_args<AdamScalars<T>>(lists, operands);
-    assign_scalar_sets(
-        args, n,
-        [&](int64_t i) { return std::make_pair(group_index[i], steps[i]); },
-        [&](int64_t i) {
-          const int64_t g = group_index[i];
-          return std::make_pair(
-              AdamScalars<T>(make_adam_scalars(lr[g], beta1[g], beta2[g],
-                                               eps[g], weight_decay[g],
-                                               maximize, steps[i])),
-              decay_mode(weight_decay[g], decoupled_weight_decay));
-        });
-    C10_CUDA_CHECK(launch_adam(args, amsgrad, stream));
-  });
+  DenseOperands operands(call.lists);
+  MultiTensorArgs<AdamHyper> args =
+      make_args<AdamHyper>(call, operands, state_steps, shared);
+  assign_hyper_sets(
+      args, n, [&](int64_t i) { return group_index[i]; },
+      [&](int64_t i) {
+        const int64_t g = group_index[i];
+        AdamHyper h;
+        h.lr = lr_source(lr, lr_tensors, g);
+        h.beta1 = beta1[g];
+        h.beta2 = beta2[g];
+        h.eps = eps[g];
+        h.weight_decay = weight_decay[g];
+        h.maximize = maximize;
+        return std::make_pair(
+            h, decay_mode(weight_decay[g], decoupled_weight_decay));
+      });
+  // Every check has passed: from here on we write (on the device).
+  C10_CUDA_CHECK(launch_adam(args, amsgrad, stream));
   operands.write_back();
 }
 
@@ -135,43 +172,49 @@ void adam_cuda(at::TensorList params, at::TensorList grads,
 // ---------------------------------------------------------------------------
 
 void sgd_cuda(at::TensorList params, at::TensorList grads,
-              at::TensorList momentum_buffers, at::IntArrayRef group_index,
-              at::ArrayRef<double> lr, at::ArrayRef<double> momentum,
-              at::ArrayRef<double> dampening, at::ArrayRef<double> weight_decay,
-              at::IntArrayRef new_momentum_buffers, bool nesterov,
-              bool maximize) {
-  constexpr const char* kOp = "fused_optim.sgd_";
-  const std::vector<TensorListArg> lists = check_sgd_args(
-      at::kCUDA, params, grads, momentum_buffers, group_index, lr,
-      momentum, dampening, weight_decay, new_momentum_buffers, nesterov);
+              at::TensorList momentum_buffers, at::TensorList master_params,
+              at::TensorList state_steps, at::IntArrayRef group_index,
+              at::ArrayRef<double> lr,
+              at::ArrayRef<double> momentum, at::ArrayRef<double> dampening,
+              at::ArrayRef<double> weight_decay,
+              at::IntArrayRef new_momentum_buffers, at::TensorList lr_tensors,
+              const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, bool nesterov,
+              bool maximize, bool stochastic_rounding) {
+  const SharedArgs shared{master_params, lr_tensors, grad_scale, found_inf,
+                          stochastic_rounding};
+  const CheckedCall call = check_sgd_args(
+      at::kCUDA, params, grads, momentum_buffers, state_steps, group_index,
+      lr, momentum, dampening, weight_decay, new_momentum_buffers, nesterov,
+      shared);
   const int64_t n = params.size();
   if (n == 0) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  // Staging allocates and copies but writes no input: it goes before the
-  // first write, so that even an allocation failure loses nothing.
-  DenseOperands operands(lists);
+  DenseOperands operands(call.lists);
   const bool use_momentum = !momentum_buffers.empty();
   std::vector<bool> is_new(n, false);
   for (int64_t i : new_momentum_buffers) is_new[i] = true;
-  with_compute_type(params[0].scalar_type(), [&](auto zero) {
-    using T = decltype(zero);
-    MultiTensorArgs<SgdScalars<T>> args =
-        make_args<SgdScalars<T>>(lists, operands);
-    assign_scalar_sets(
-        args, n,
-        [&](int64_t i) {
-          return std::make_pair(group_index[i], static_cast<bool>(is_new[i]));
-        },
-        [&](int64_t i) {
-          const int64_t g = group_index[i];
-          return std::make_pair(
-              SgdScalars<T>(lr[g], momentum[g], dampening[g], weight_decay[g],
-                            maximize, is_new[i]),
-              decay_mode(weight_decay[g], /*decoupled=*/false));
-        });
-    C10_CUDA_CHECK(launch_sgd(args, use_momentum, nesterov, stream));
-  });
+  // SGD's step counters exist only with stochastic rounding (ops.cpp).
+  MultiTensorArgs<SgdHyper> args =
+      make_args<SgdHyper>(call, operands, state_steps, shared);
+  assign_hyper_sets(
+      args, n,
+      [&](int64_t i) {
+        return std::make_pair(group_index[i], static_cast<bool>(is_new[i]));
+      },
+      [&](int64_t i) {
+        const int64_t g = group_index[i];
+        SgdHyper h;
+        h.lr = lr_source(lr, lr_tensors, g);
+        h.momentum = momentum[g];
+        h.dampening = dampening[g];
+        h.weight_decay = weight_decay[g];
+        h.maximize = maximize;
+        h.new_buffer = is_new[i];
+        return std::make_pair(h, decay_mode(weight_decay[g], false));
+      });
+  C10_CUDA_CHECK(launch_sgd(args, use_momentum, nesterov, stream));
   operands.write_back();
 }
 
@@ -180,41 +223,39 @@ void sgd_cuda(at::TensorList params, at::TensorList grads,
 // ---------------------------------------------------------------------------
 
 void adagrad_cuda(at::TensorList params, at::TensorList grads,
-                  at::TensorList state_sums, at::TensorList state_steps,
-                  at::IntArrayRef group_index, at::ArrayRef<double> lr,
-                  at::ArrayRef<double> lr_decay,
+                  at::TensorList state_sums, at::TensorList master_params,
+                  at::TensorList state_steps, at::IntArrayRef group_index,
+                  at::ArrayRef<double> lr, at::ArrayRef<double> lr_decay,
                   at::ArrayRef<double> weight_decay, at::ArrayRef<double> eps,
-                  bool maximize) {
-  constexpr const char* kOp = "fused_optim.adagrad_";
-  const std::vector<TensorListArg> lists = check_adagrad_args(
+                  at::TensorList lr_tensors,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf, bool maximize,
+                  bool stochastic_rounding) {
+  const SharedArgs shared{master_params, lr_tensors, grad_scale, found_inf,
+                          stochastic_rounding};
+  const CheckedCall call = check_adagrad_args(
       at::kCUDA, params, grads, state_sums, state_steps, group_index, lr,
-      lr_decay, weight_decay, eps);
+      lr_decay, weight_decay, eps, shared);
   const int64_t n = params.size();
   if (n == 0) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  // Staging allocates and copies but writes no input: it goes before the
-  // first write, so that even an allocation failure loses nothing.
-  DenseOperands operands(lists);
-
-  // Every check has passed: from here on we write.
-  const std::vector<double> steps = increment_state_steps(state_steps);
-  with_compute_type(params[0].scalar_type(), [&](auto zero) {
-    using T = decltype(zero);
-    MultiTensorArgs<AdagradScalars<T>> args =
-        make_args<AdagradScalars<T>>(lists, operands);
-    assign_scalar_sets(
-        args, n,
-        [&](int64_t i) { return std::make_pair(group_index[i], steps[i]); },
-        [&](int64_t i) {
-          const int64_t g = group_index[i];
-          return std::make_pair(
-              AdagradScalars<T>(lr[g], lr_decay[g], eps[g], weight_decay[g],
-                                maximize, steps[i]),
-              decay_mode(weight_decay[g], /*decoupled=*/false));
-        });
-    C10_CUDA_CHECK(launch_adagrad(args, stream));
-  });
+  DenseOperands operands(call.lists);
+  MultiTensorArgs<AdagradHyper> args =
+      make_args<AdagradHyper>(call, operands, state_steps, shared);
+  assign_hyper_sets(
+      args, n, [&](int64_t i) { return group_index[i]; },
+      [&](int64_t i) {
+        const int64_t g = group_index[i];
+        AdagradHyper h;
+        h.lr = lr_source(lr, lr_tensors, g);
+        h.lr_decay = lr_decay[g];
+        h.eps = eps[g];
+        h.weight_decay = weight_decay[g];
+        h.maximize = maximize;
+        return std::make_pair(h, decay_mode(weight_decay[g], false));
+      });
+  C10_CUDA_CHECK(launch_adagrad(args, stream));
   operands.write_back();
 }
 
@@ -224,43 +265,45 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads,
 
 void rmsprop_cuda(at::TensorList params, at::TensorList grads,
                   at::TensorList square_avgs, at::TensorList grad_avgs,
-                  at::TensorList momentum_buffers, at::TensorList state_steps,
+                  at::TensorList momentum_buffers,
+                  at::TensorList master_params, at::TensorList state_steps,
                   at::IntArrayRef group_index, at::ArrayRef<double> lr,
                   at::ArrayRef<double> alpha, at::ArrayRef<double> eps,
                   at::ArrayRef<double> weight_decay,
-                  at::ArrayRef<double> momentum, bool centered, bool maximize) {
-  constexpr const char* kOp = "fused_optim.rmsprop_";
-  const std::vector<TensorListArg> lists = check_rmsprop_args(
+                  at::ArrayRef<double> momentum, at::TensorList lr_tensors,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf, bool centered,
+                  bool maximize, bool stochastic_rounding) {
+  const SharedArgs shared{master_params, lr_tensors, grad_scale, found_inf,
+                          stochastic_rounding};
+  const CheckedCall call = check_rmsprop_args(
       at::kCUDA, params, grads, square_avgs, grad_avgs, momentum_buffers,
       state_steps, group_index, lr, alpha, eps, weight_decay, momentum,
-      centered);
+      centered, shared);
   const int64_t n = params.size();
   if (n == 0) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  // Staging allocates and copies but writes no input: it goes before the
-  // first write, so that even an allocation failure loses nothing.
-  DenseOperands operands(lists);
+  DenseOperands operands(call.lists);
   const bool use_momentum = !momentum_buffers.empty();
-
-  // Every check has passed: from here on we write. RMSprop's update does not
-  // depend on the step count, but torch keeps (and checkpoints) it.
-  increment_state_steps(state_steps);
-  with_compute_type(params[0].scalar_type(), [&](auto zero) {
-    using T = decltype(zero);
-    MultiTensorArgs<RmspropScalars<T>> args =
-        make_args<RmspropScalars<T>>(lists, operands);
-    assign_scalar_sets(
-        args, n, [&](int64_t i) { return group_index[i]; },
-        [&](int64_t i) {
-          const int64_t g = group_index[i];
-          return std::make_pair(
-              RmspropScalars<T>(lr[g], alpha[g], eps[g], weight_decay[g],
-                                momentum[g], maximize),
-              decay_mode(weight_decay[g], /*decoupled=*/false));
-        });
-    C10_CUDA_CHECK(launch_rmsprop(args, centered, use_momentum, stream));
-  });
+  // RMSprop's update does not depend on the step count, but torch keeps
+  // (and checkpoints) it, and stochastic rounding keys on it.
+  MultiTensorArgs<RmspropHyper> args =
+      make_args<RmspropHyper>(call, operands, state_steps, shared);
+  assign_hyper_sets(
+      args, n, [&](int64_t i) { return group_index[i]; },
+      [&](int64_t i) {
+        const int64_t g = group_index[i];
+        RmspropHyper h;
+        h.lr = lr_source(lr, lr_tensors, g);
+        h.alpha = alpha[g];
+        h.eps = eps[g];
+        h.weight_decay = weight_decay[g];
+        h.momentum = momentum[g];
+        h.maximize = maximize;
+        return std::make_pair(h, decay_mode(weight_decay[g], false));
+      });
+  C10_CUDA_CHECK(launch_rmsprop(args, centered, use_momentum, stream));
   operands.write_back();
 }
 
