@@ -211,9 +211,10 @@ class FusedOptimizer(Optimizer):
         # of ours that a torch.optim checkpoint lacks keep their values.
         ours = [{k: g[k] for k in PRECISION_DEFAULTS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, options in zip(self.param_groups, ours):
+        for group, saved, options in zip(self.param_groups, state_dict["param_groups"], ours):
             for key, value in options.items():
-                group.setdefault(key, value)
+                if key not in saved:
+                    group[key] = value
         self._plan = None
         self._normalize_state(state_dict)
 

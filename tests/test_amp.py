@@ -1,0 +1,152 @@
+"""AMP: torch.amp.GradScaler drives our optimizers through
+``_step_supports_amp_scaling`` (it hands ``grad_scale`` and ``found_inf`` to
+the step; the kernels unscale in registers, write the unscaled gradients back
+and skip the step when an inf/NaN was found). The reference is torch.optim's
+single-tensor step driven by its own GradScaler, which unscales the gradients
+itself and does not call step() on a skipped step: params, state, step
+counters and the scale must follow the same trajectory (torch's own fused
+Adam got this wrong for a while: pytorch#88258, #96755)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import fused_optim
+from harness import assert_optimizer_unchanged, bits, snapshot_optimizer
+from optim_configs import ONE_PER_OPTIMIZER
+
+SHAPES = [(1,), (7,), (9,), (4099,), (33, 65)]
+# Steps whose gradients hold an inf or a NaN: the scaler halves its scale and
+# the step is skipped. Two in a row, and one at the very first step (state
+# made for a skipped step must behave like state made for the next one).
+BAD_STEPS = {0: float("inf"), 3: float("nan"), 4: float("-inf"), 8: float("inf")}
+STEPS = 11
+
+
+def _grad(shape, step, index):
+    g = torch.Generator().manual_seed(1000 * step + index)
+    return torch.randn(shape, generator=g) + 0.5
+
+
+class AmpRun:
+    def __init__(self, cls, kwargs, unscale_first, dtype=torch.float32):
+        g = torch.Generator().manual_seed(7)
+        self.params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+        self.opt = cls(self.params, **kwargs)
+        # growth_interval=2: the scale also grows during the run
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+        self.unscale_first = unscale_first
+
+    def step(self, step):
+        # (what scaler.scale(loss).backward() does to the gradients, with
+        # gradients chosen here)
+        self.scaler.scale(torch.ones(()))
+        scale = self.scaler.get_scale()
+        for i, p in enumerate(self.params):
+            grad = _grad(p.shape, step, i) * scale  # a power of two: exact
+            if step in BAD_STEPS and i == 2:
+                grad.view(-1)[3] = BAD_STEPS[step]
+            p.grad = grad.to(p.dtype)
+        if self.unscale_first:
+            self.scaler.unscale_(self.opt)  # e.g. for gradient clipping
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+
+def _compare(ours, ref, where):
+    assert ours.scaler.get_scale() == ref.scaler.get_scale(), where
+    for i, (p, r) in enumerate(zip(ours.params, ref.params)):
+        assert_close(p, r, msg=lambda m: f"{where} param {i}: {m}")
+        st, rt = ours.opt.state.get(p, {}), ref.opt.state.get(r, {})
+        for key, value in rt.items():
+            if key == "step":
+                # torch never saw the skipped steps; ours skipped them
+                assert float(st[key]) == float(value), f"{where} param {i} step"
+            else:
+                assert_close(st[key], value, msg=lambda m: f"{where} {key}[{i}]: {m}")
+
+
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["scaler_step", "unscale_then_step"])
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+def test_grad_scaler_matches_torch(cfg, unscale_first):
+    ours = AmpRun(cfg.ours_cls, cfg.kwargs, unscale_first)
+    ref = AmpRun(cfg.torch_cls, {**cfg.kwargs, "foreach": False}, unscale_first)
+    for step in range(STEPS):
+        ours.step(step)
+        ref.step(step)
+        _compare(ours, ref, f"{cfg} step {step}")
+        if step not in BAD_STEPS:
+            # the gradients the optimizer saw, written back unscaled
+            for i, (p, r) in enumerate(zip(ours.params, ref.params)):
+                assert torch.equal(p.grad, r.grad), f"{cfg} step {step}: grad {i} not unscaled"
+
+
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+def test_skipped_step_writes_nothing(cfg):
+    """A step with found_inf set leaves params, state, step counters and
+    (scaled) grads exactly as they were."""
+    ours = AmpRun(cfg.ours_cls, cfg.kwargs, unscale_first=False)
+    for step in range(2):
+        ours.step(step + 1)  # (step 0 is a bad one)
+    snap = snapshot_optimizer(ours.opt)
+    ours.scaler.scale(torch.ones(()))
+    for i, p in enumerate(ours.params):
+        p.grad = _grad(p.shape, 5, i) * 64
+    ours.params[1].grad[0] = float("nan")
+    grads = [p.grad.clone() for p in ours.params]
+    ours.scaler.step(ours.opt)
+    assert_optimizer_unchanged(ours.opt, snap, f"{cfg} skipped step")
+    for p, g in zip(ours.params, grads):
+        assert torch.equal(bits(p.grad), bits(g)), "a skipped step must not write the grads"
+
+
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+def test_grad_scaler_with_master_weights_equals_manual_unscale(cfg):
+    """bf16 params with master weights under AMP take the same steps as
+    without AMP, fed the unscaled gradients and skipping the bad steps."""
+    kwargs = {**cfg.kwargs, "master_weights": True}
+    amp = AmpRun(cfg.ours_cls, kwargs, unscale_first=False, dtype=torch.bfloat16)
+    plain = AmpRun(cfg.ours_cls, kwargs, unscale_first=False, dtype=torch.bfloat16)
+    for step in range(STEPS):
+        amp.step(step)
+        if step in BAD_STEPS:
+            continue
+        for i, p in enumerate(plain.params):
+            p.grad = _grad(p.shape, step, i).to(p.dtype)
+        plain.opt.step()
+    for p, q in zip(amp.params, plain.params):
+        assert torch.equal(p, q)
+        for key, value in plain.opt.state[q].items():
+            assert torch.equal(amp.opt.state[p][key], value), key
+
+
+def test_found_inf_on_first_sgd_step_keeps_the_buffer_new():
+    """SGD's first momentum step takes the gradient as the buffer (with
+    dampening it differs from momentum * 0 + (1 - dampening) * g). A first
+    step skipped by AMP must leave it new for the next one, as torch.optim
+    (whose step() a skipped step never calls) does."""
+    kwargs = dict(lr=0.1, momentum=0.9, dampening=0.5)
+    ours = AmpRun(fused_optim.SGD, kwargs, unscale_first=False)
+    ref = AmpRun(torch.optim.SGD, {**kwargs, "foreach": False}, unscale_first=False)
+    for step in range(3):  # step 0 is a bad step
+        ours.step(step)
+        ref.step(step)
+        _compare(ours, ref, f"step {step}")
+
+
+def test_op_rejects_bad_grad_scale_before_writing():
+    p, g = torch.randn(5), torch.randn(5)
+    m, v = torch.zeros(5), torch.zeros(5)
+    step = torch.tensor(0.0)
+    before = [t.clone() for t in (p, g, m, v, step)]
+    for bad, match in ((torch.tensor([2.0], dtype=torch.float64), "grad_scale must be float32"),
+                       (torch.tensor([2.0, 4.0]), "grad_scale must be a one-element")):
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.fused_optim.adam_(
+                [p], [g], [m], [v], [], [], [step], [0], [1e-3], [0.9], [0.999], [1e-8], [0.0],
+                [], bad, None, amsgrad=False, decoupled_weight_decay=False, maximize=False,
+                stochastic_rounding=False)
+    for t, t0 in zip((p, g, m, v, step), before):
+        assert torch.equal(t, t0)

@@ -1,0 +1,410 @@
+"""Mixed precision: master weights, low-precision state, stochastic rounding.
+
+References. torch.optim has none of these options, so the reference is
+torch.optim's float32 single-tensor step on float32 copies, with the rounding
+each option implies applied after every step:
+- ``master_weights``: the float32 run IS the master copy; the bf16/fp16
+  param must be the master rounded to nearest;
+- ``state_dtype=torch.bfloat16``: the state is rounded to bf16 after each
+  step (the kernel computes in fp32 and rounds on the store, the same thing);
+- bf16 params without master weights: the param is rounded to bf16 after
+  each step.
+Stochastic rounding has no torch counterpart: its bits are checked against
+a NumPy re-implementation of csrc/include/fused_optim/precision.h, and its
+statistics against what it promises (unbiased rounding).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+import fused_optim
+from harness import assert_optimizer_unchanged, bits, snapshot_optimizer
+from optim_configs import ONE_PER_OPTIMIZER
+
+# Sizes that hit the vector bodies and the tails of every SIMD width.
+SHAPES = [(1,), (7,), (8,), (9,), (4099,), (33, 65)]
+STEPS = 8
+
+
+def _grad(shape, step, index):
+    """A fixed direction plus noise, |g| >= 0.25 (as harness.make_grad: no
+    element near 0, where Adam's m / (sqrt(v) + eps) turns rounding
+    differences of either side into large ones)."""
+    d = torch.randn(shape, generator=torch.Generator().manual_seed(77 + index))
+    noise = torch.rand(shape, generator=torch.Generator().manual_seed(1000 * step + index))
+    return d.sign() * (0.5 + 0.5 * d.abs()) + 0.25 * (2 * noise - 1)
+
+
+def _params(dtype, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+
+
+class Emulated:
+    """torch.optim in float32, rounded as an option implies after each step."""
+
+    def __init__(self, cfg, params, round_params_to=None, round_state_to=None):
+        self.params = [p.detach().float().clone().requires_grad_() for p in params]
+        self.opt = cfg.torch_cls(self.params, **{**cfg.kwargs, "foreach": False})
+        self.round_params_to = round_params_to
+        self.round_state_to = round_state_to
+
+    def step(self, grads):
+        for p, g in zip(self.params, grads):
+            p.grad = g.float().clone()
+        self.opt.step()
+        with torch.no_grad():
+            for p in self.params:
+                if self.round_params_to is not None:
+                    p.copy_(p.to(self.round_params_to))
+                if self.round_state_to is not None:
+                    for key, value in self.opt.state[p].items():
+                        if key != "step":
+                            value.copy_(value.to(self.round_state_to))
+
+
+def _run_pair(cfg, dtype, options, **emulation):
+    ours_params = _params(dtype)
+    ours = cfg.ours_cls(ours_params, **cfg.kwargs, **options)
+    ref = Emulated(cfg, ours_params, **emulation)
+    for step in range(STEPS):
+        grads = [_grad(p.shape, step, i).to(dtype) for i, p in enumerate(ours_params)]
+        for p, g in zip(ours_params, grads):
+            p.grad = g
+        ours.step()
+        ref.step(grads)
+        yield step, ours, ours_params, ref
+
+
+def _param_tol(cfg, state_dtype, step):
+    """fp32 state: torch's fp32 tolerances (assert_close defaults). bf16
+    state: ours and the emulation round fp32 values that may differ in the
+    last fp32 bit, so a state element can land one bf16 ulp apart (2^-8
+    relative), which changes that element's update by at most about that
+    much, every step after: |dp| <= (steps so far) * lr * 2^-8."""
+    if state_dtype == torch.float32:
+        return {}
+    return dict(rtol=1.3e-6, atol=(step + 1) * cfg.lr * 2.0**-8)
+
+
+STATE_TOL = {torch.float32: {}, torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5)}
+
+
+def _assert_state_close(ours_state, ref_state, state_dtype, where):
+    for key, value in ref_state.items():
+        if key == "step":
+            assert float(ours_state[key]) == float(value), f"{where} step"
+            continue
+        got = ours_state[key]
+        assert got.dtype == state_dtype, f"{where} {key} has dtype {got.dtype}"
+        assert_close(got.float(), value, **STATE_TOL[state_dtype],
+                     msg=lambda m: f"{where} {key}: {m}")
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+def test_master_weights(cfg, dtype, state_dtype):
+    options = dict(master_weights=True, state_dtype=state_dtype)
+    rounding = None if state_dtype == torch.float32 else state_dtype
+    for step, ours, params, ref in _run_pair(cfg, dtype, options, round_state_to=rounding):
+        for i, (p, r) in enumerate(zip(params, ref.params)):
+            where = f"{cfg} {dtype} step {step} param {i}"
+            state = ours.state[p]
+            master = state["master_param"]
+            assert master.dtype == torch.float32
+            assert_close(master, r.detach(), **_param_tol(cfg, state_dtype, step),
+                         msg=lambda m: f"{where} master: {m}")
+            # the param is the master rounded to nearest, bit for bit
+            assert torch.equal(bits(p.detach()), bits(master.to(dtype))), where
+            _assert_state_close({k: v for k, v in state.items() if k != "master_param"},
+                                ref.opt.state[r], state_dtype, where)
+
+
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+def test_bf16_state_for_fp32_params(cfg):
+    for step, ours, params, ref in _run_pair(cfg, torch.float32, dict(state_dtype=torch.bfloat16),
+                                             round_state_to=torch.bfloat16):
+        for i, (p, r) in enumerate(zip(params, ref.params)):
+            where = f"{cfg} step {step} param {i}"
+            assert_close(p, r, **_param_tol(cfg, torch.bfloat16, step),
+                         msg=lambda m: f"{where}: {m}")
+            _assert_state_close(ours.state[p], ref.opt.state[r], torch.bfloat16, where)
+
+
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+def test_fp32_state_for_bf16_params(cfg):
+    for step, ours, params, ref in _run_pair(cfg, torch.bfloat16, dict(state_dtype=torch.float32),
+                                             round_params_to=torch.bfloat16):
+        for i, (p, r) in enumerate(zip(params, ref.params)):
+            where = f"{cfg} step {step} param {i}"
+            assert_close(p, r.to(torch.bfloat16), msg=lambda m: f"{where}: {m}")
+            _assert_state_close(ours.state[p], ref.opt.state[r], torch.float32, where)
+
+
+# ---------------------------------------------------------------------------
+# Stochastic rounding
+# ---------------------------------------------------------------------------
+
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def _mix32(x):
+    x = x.astype(np.uint64) & _M32
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & _M32
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & _M32
+    x ^= x >> np.uint64(16)
+    return x
+
+
+def _rounding_bits(tensor_index, step, n):
+    """precision.h's stochastic_rounding_key and _bits, in NumPy."""
+    s = np.uint64(step)
+    key = (_mix32(np.array([(s & _M32) ^ np.uint64(0x243F6A88)]))
+           + ((s >> np.uint64(32)) * np.uint64(0x85EBCA6B))
+           + np.uint64(tensor_index) * np.uint64(0x9E3779B9)) & _M32
+    key = _mix32(key)
+    e = np.arange(n, dtype=np.uint64)
+    inner = _mix32(((e & _M32) + (e >> np.uint64(32)) * np.uint64(0xC2B2AE35)) & _M32)
+    return _mix32(key ^ inner)
+
+
+def _round_stochastic(x: torch.Tensor, random: np.ndarray) -> torch.Tensor:
+    u = x.contiguous().view(torch.int32).numpy().view(np.uint32).astype(np.uint64).reshape(-1)
+    rounded = ((u + (random & np.uint64(0xFFFF))) & _M32) >> np.uint64(16)
+    nan = (u & np.uint64(0x7FFFFFFF)) > np.uint64(0x7F800000)
+    out = np.where(nan, (u >> np.uint64(16)) | np.uint64(0x40), rounded).astype(np.uint16)
+    return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).reshape(x.shape)
+
+
+def test_stochastic_rounding_bits_match_precision_h():
+    """Two SGD steps (no momentum, so the fp32 result is p - lr * g) on bf16
+    params: every written bit is the documented stochastic rounding."""
+    params = _params(torch.bfloat16)
+    lr = 0.01
+    opt = fused_optim.SGD(params, lr=lr, stochastic_rounding=True)
+    for step in (1, 2):
+        grads = [_grad(p.shape, step, i).to(torch.bfloat16) for i, p in enumerate(params)]
+        before = [p.detach().clone() for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for t, (p, p0, g) in enumerate(zip(params, before, grads)):
+            exact = p0.float() + g.float() * torch.tensor(-lr, dtype=torch.float32)
+            expected = _round_stochastic(exact, _rounding_bits(t, step, p.numel()))
+            assert torch.equal(bits(p.detach()), bits(expected)), f"step {step} tensor {t}"
+            assert float(opt.state[p]["step"]) == step
+
+
+def test_stochastic_rounding_is_unbiased():
+    """Updates far below half a bf16 ulp: round-to-nearest loses all of
+    them, stochastic rounding keeps their sum in expectation."""
+    n, steps, delta = 200_000, 20, 1e-3  # bf16 ulp at 1.0 is 2**-7 = 7.8e-3
+    for rounding, expected in ((False, 1.0), (True, 1.0 + steps * delta)):
+        p = torch.ones(n, dtype=torch.bfloat16, requires_grad=True)
+        opt = fused_optim.SGD([p], lr=1.0, stochastic_rounding=rounding)
+        for _ in range(steps):
+            p.grad = torch.full((n,), -delta, dtype=torch.bfloat16)
+            opt.step()
+        mean = p.detach().double().mean().item()
+        # per element a sum of bounded independent roundings: sd <= ulp/2
+        # per step; 6 standard errors of the mean
+        tol = 6 * (2**-7 / 2) * (steps**0.5) / n**0.5
+        assert abs(mean - expected) < tol, (rounding, mean, expected)
+
+
+def _sr_run(threads, name="AdamW"):
+    torch.manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        params = [torch.randn(s).to(torch.bfloat16).requires_grad_() for s in [(100_003,), (7,)]]
+        opt = getattr(fused_optim, name)(params, lr=1e-3, stochastic_rounding=True)
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = _grad(p.shape, step, i).to(torch.bfloat16)
+            opt.step()
+        return [bits(p.detach()) for p in params]
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "AdamW"])
+def test_stochastic_rounding_is_deterministic(name):
+    """Same bits run after run, whatever the thread count."""
+    a, b, c = _sr_run(1, name), _sr_run(1, name), _sr_run(2, name)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+
+def _round_trip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+def test_master_weights_survive_state_dict(cfg):
+    """The float32 master copy and float32 moments come back exactly (torch's
+    load_state_dict alone would cast them to the bf16 param dtype), and the
+    run continues bit for bit as if uninterrupted."""
+    kwargs = dict(master_weights=True)
+    params = _params(torch.bfloat16)
+    opt = cfg.ours_cls(params, **cfg.kwargs, **kwargs)
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    for step in range(3):
+        for i, p in enumerate(params):
+            p.grad = _grad(p.shape, step, i).to(torch.bfloat16)
+        opt.step()
+    sd = _round_trip(opt.state_dict())
+    for st in sd["state"].values():
+        assert st["master_param"].dtype == torch.float32
+    with torch.no_grad():
+        for t, p in zip(twin_params, params):
+            t.copy_(p)
+    twin = cfg.ours_cls(twin_params, **cfg.kwargs, **kwargs)
+    twin.load_state_dict(sd)
+    for p, t in zip(params, twin_params):
+        for key, value in opt.state[p].items():
+            assert torch.equal(bits(twin.state[t][key]), bits(value)), key
+    for step in range(3, 6):
+        for run_params, run in ((params, opt), (twin_params, twin)):
+            for i, p in enumerate(run_params):
+                p.grad = _grad(p.shape, step, i).to(torch.bfloat16)
+            run.step()
+        for p, t in zip(params, twin_params):
+            assert torch.equal(bits(p.detach()), bits(t.detach()))
+
+
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+def test_torch_checkpoint_into_master_weights_and_back(cfg):
+    """A torch.optim checkpoint (bf16 state, no master copy) loads into a
+    master-weights optimizer: the master is made from the params and the
+    state is upcast. Ours saves a checkpoint that torch.optim loads."""
+    params = _params(torch.bfloat16)
+    ref = cfg.torch_cls(params, **{**cfg.kwargs, "foreach": False})
+    for step in range(2):
+        for i, p in enumerate(params):
+            p.grad = _grad(p.shape, step, i).to(torch.bfloat16)
+        ref.step()
+    ours = cfg.ours_cls(params, **cfg.kwargs, master_weights=True)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for i, p in enumerate(params):
+        p.grad = _grad(p.shape, 2, i).to(torch.bfloat16)
+    before = [p.detach().float() for p in params]
+    ours.step()
+    for p, p0 in zip(params, before):
+        st = ours.state[p]
+        assert st["master_param"].dtype == torch.float32
+        assert all(v.dtype == torch.float32 for k, v in st.items()
+                   if k not in ("step", "master_param"))
+        assert not torch.equal(p.detach().float(), p0), "the step moved nothing"
+    back = cfg.torch_cls(params, **{**cfg.kwargs, "foreach": False})
+    back.load_state_dict(_round_trip(ours.state_dict()))
+    back.step()  # torch continues from our state
+
+
+def test_changing_state_dtype_converts_the_state():
+    params = _params(torch.float32)
+    opt = fused_optim.AdamW(params, lr=1e-2)
+    for step in range(2):
+        for i, p in enumerate(params):
+            p.grad = _grad(p.shape, step, i)
+        opt.step()
+    opt.param_groups[0]["state_dtype"] = torch.bfloat16
+    opt.step()
+    for p in params:
+        assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+        assert opt.state[p]["exp_avg_sq"].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------
+# Errors: clear, and nothing written
+# ---------------------------------------------------------------------------
+
+CONSTRUCTOR_ERRORS = [
+    (dict(state_dtype=torch.float16), "state_dtype must be None, torch.float32 or torch.bfloat16"),
+    (dict(state_dtype=torch.float64), "state_dtype must be"),
+    (dict(master_weights=True, stochastic_rounding=True), "exclude each other"),
+]
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"])
+@pytest.mark.parametrize("kwargs,match", CONSTRUCTOR_ERRORS)
+def test_constructor_errors(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        getattr(fused_optim, name)([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+STEP_ERRORS = [
+    ("fp64_bf16_state", torch.float64, dict(state_dtype=torch.bfloat16), "state_dtype"),
+    ("fp16_stochastic", torch.float16, dict(stochastic_rounding=True), "stochastic_rounding"),
+    ("cpu_capturable", torch.float32, dict(capturable=True), "capturable"),
+]
+
+
+@pytest.mark.parametrize("case", STEP_ERRORS, ids=lambda c: c[0])
+def test_step_errors_write_nothing(case):
+    _, bad_dtype, kwargs, match = case
+    good = _params(torch.float32)
+    bad = torch.randn(5, dtype=bad_dtype, requires_grad=True)
+    opt = fused_optim.Adam([{"params": good}, {"params": [bad], **kwargs}], lr=0.1)
+    for i, p in enumerate(good):
+        p.grad = _grad(p.shape, 0, i)
+    opt.step()
+    snap = snapshot_optimizer(opt)
+    for p in good + [bad]:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, case[0])
+
+
+def _adam_op(params, grads, states, master, *, stochastic_rounding=False):
+    steps = [torch.tensor(0.0) for _ in params]
+    torch.ops.fused_optim.adam_(
+        params, grads, states[0], states[1], [], master, steps, [0] * len(params), [1e-3], [0.9],
+        [0.999], [1e-8], [0.0], [], None, None, amsgrad=False, decoupled_weight_decay=False,
+        maximize=False, stochastic_rounding=stochastic_rounding)
+
+
+OP_ERRORS = {
+    "state_dtypes_differ": (torch.float32, [torch.bfloat16, torch.float32], False, False,
+                            "must have the dtype of the other state tensors"),
+    "fp16_state_for_fp32": (torch.float32, [torch.float16, torch.float16], False, False,
+                            "must be float32, bfloat16 or the params' dtype"),
+    "master_for_fp32": (torch.float32, [torch.float32] * 2, True, False,
+                        "master weights\\) are for float16 and bfloat16"),
+    "sr_for_fp32": (torch.float32, [torch.float32] * 2, False, True,
+                    "stochastic_rounding is for bfloat16"),
+    "sr_with_master": (torch.bfloat16, [torch.float32] * 2, True, True, "exclude each other"),
+}
+
+
+@pytest.mark.parametrize("case", OP_ERRORS, ids=str)
+def test_op_rejects_bad_precision_before_writing(case):
+    dtype, state_dtypes, with_master, rounding, match = OP_ERRORS[case]
+    params = [torch.randn(9).to(dtype) for _ in range(2)]
+    grads = [torch.randn(9).to(dtype) for _ in range(2)]
+    states = [[torch.rand(9).to(d) for _ in range(2)] for d in state_dtypes]
+    master = [p.float() for p in params] if with_master else []
+    before = [bits(t) for t in params + grads + states[0] + states[1] + master]
+    with pytest.raises(RuntimeError, match=match):
+        _adam_op(params, grads, states, master, stochastic_rounding=rounding)
+    after = [bits(t) for t in params + grads + states[0] + states[1] + master]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
