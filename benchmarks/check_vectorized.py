@@ -23,9 +23,16 @@ def loop_functions(disassembly: str):
     for function in re.split(r"\n(?=[0-9a-f]+ <)", disassembly):
         head = function.split("\n", 1)[0]
         isa = re.search(r"loop_(avx2|avx512)<", head)
-        kernel = re.search(r"(\w+)_range<([^,>]+(?:<[^>]*>)?),\s*([^>]*)>\(", head)
-        if isa and kernel:
-            yield isa.group(1), kernel.group(1), kernel.group(2), kernel.group(3), function
+        # apply_subrange<Op, Storage<param, state, master, rounding, unscale>, decay, ...>
+        kernel = re.search(
+            r"apply_subrange<fused_optim::(\w+(?:<[^>]*>)?), fused_optim::cpu::Storage<([^>]*)>, "
+            r"\(fused_optim::WeightDecay\)(\d)", head)
+        # (PLT entries carry the name too: one indirect jump, no body)
+        lines = function.split("\n")
+        plt_stub = len(lines) > 1 and re.match(r"\s*[0-9a-f]+:\s*jmp\s+\*", lines[1]) is not None
+        if isa and kernel and not plt_stub:
+            storage = kernel.group(2).replace("c10::", "").replace(" ", "")
+            yield isa.group(1), kernel.group(1), storage, "decay" + kernel.group(3), function
 
 
 def main() -> int:
@@ -48,7 +55,7 @@ def main() -> int:
         missed = [flags for flags, packed in variants if not packed]
         scalar_loops += len(missed)
         status = "all vectorized" if not missed else "NOT vectorized: " + "; ".join(missed)
-        print(f"{kernel:8s} {dtype:14s} {isa:7s} {len(variants) - len(missed)}/{len(variants)}  {status}")
+        print(f"{kernel:22s} {dtype:44s} {isa:7s} {len(variants) - len(missed)}/{len(variants)}  {status}")
     print(f"{scalar_loops} loop instantiation(s) without packed SIMD arithmetic")
     return 0
 

@@ -14,11 +14,36 @@ _KEYWORD_DOCS = {
     "fused": """fused (bool, optional): None or True (the step is always fused);
             False raises ValueError, since it asks for torch's unfused
             implementation (default: None).""",
-    "capturable": """capturable (bool, optional): must be False; CUDA graph capture of the
-            step is not supported yet (default: False).""",
+    "capturable": """capturable (bool, optional): CUDA params only. On CUDA the step
+            never syncs with the host whatever this flag (step counters live
+            on the device, AMP's skip is decided on the device); give ``lr``
+            as a CUDA tensor, updated in place by schedulers, for a captured
+            CUDA graph to see learning-rate changes (float hyperparameters
+            are baked into a capture). True on CPU params raises ValueError
+            at the step, as torch.optim fails there (default: False).""",
     "differentiable": """differentiable (bool, optional): must be False; the fused step is not
             recorded by autograd (default: False).""",
 }
+
+
+PRECISION = """master_weights (bool, optional): keep a float32 copy of each
+            float16/bfloat16 param in ``state["master_param"]``; the kernel
+            updates it and writes the param rounded to nearest, in the same
+            pass. Saved and loaded with the state; loading a torch.optim
+            checkpoint makes it from the params. The master copy is the truth:
+            write to it (or load a state dict), not to the param, to change
+            weights. No effect on float32/float64 params (default: False).
+        state_dtype (torch.dtype, optional): storage dtype of the optimizer
+            state (moments, momentum buffers, sums): torch.float32 or
+            torch.bfloat16; math still runs in float32. None: the param dtype,
+            or float32 with master_weights. float64 and complex params keep
+            their own dtype (another raises ValueError) (default: None).
+        stochastic_rounding (bool, optional): write bfloat16 params (without
+            master weights) with stochastic rounding, unbiased, so that
+            updates below half a bf16 ulp still add up; the random bits are a
+            hash of (step, tensor, element): deterministic, the same on CPU
+            and CUDA. float16 params raise ValueError; float32/float64 params
+            are unaffected (default: False)."""
 
 
 def implementation(*keywords: str) -> str:
@@ -36,5 +61,12 @@ FUSED_NOTE = """
     fp32 for fp16/bf16/fp32 params and in fp64 for fp64 params; low-precision
     params are rounded once per step, not after every sub-operation as in
     torch.optim. The state and ``state_dict`` layout is torch.optim's, so
-    checkpoints move between the two in both directions.
+    checkpoints move between the two in both directions (our extra state,
+    ``master_param``, under its own key).
+
+    AMP: ``torch.amp.GradScaler`` hands its scale and inf flag to the step
+    (``_step_supports_amp_scaling``); the kernel divides the gradients by
+    the scale in registers, writes them back unscaled, and skips the whole
+    step, step counters included, when an inf/NaN was found: no extra pass
+    and, on CUDA, no host sync.
 """

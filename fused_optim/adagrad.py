@@ -186,6 +186,8 @@ Adagrad.__doc__ = (
     + _docs.MAXIMIZE
     + "\n        "
     + _docs.implementation("foreach", "differentiable", "fused")
+    + "\n        "
+    + _docs.PRECISION
     + r"""
 
     Sparse gradients are supported as in torch.optim (through its

@@ -215,6 +215,7 @@ _ARGS = rf"""
         amsgrad (bool, optional): use the AMSGrad variant (default: False).
         {_docs.MAXIMIZE}
         {_docs.implementation("foreach", "capturable", "differentiable", "fused")}
+        {_docs.PRECISION}
 """
 
 Adam.__doc__ = (

@@ -159,6 +159,8 @@ RMSprop.__doc__ = (
     + _docs.MAXIMIZE
     + "\n        "
     + _docs.implementation("capturable", "foreach", "differentiable")
+    + "\n        "
+    + _docs.PRECISION
     + _docs.FUSED_NOTE.format(op="rmsprop_")
     + """
     References: Hinton, Srivastava & Swersky, "Neural Networks for Machine

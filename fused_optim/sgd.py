@@ -196,6 +196,13 @@ SGD.__doc__ = (
     + _docs.MAXIMIZE
     + "\n        "
     + _docs.implementation("foreach", "differentiable", "fused")
+    + "\n        "
+    + _docs.PRECISION
+    + """
+
+    With ``stochastic_rounding`` SGD keeps a ``state["step"]`` counter
+    (torch.optim.SGD has none): it draws the rounding's random bits.
+"""
     + r"""
 
     Sparse gradients are supported as in torch.optim (through its

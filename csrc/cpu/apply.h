@@ -15,6 +15,7 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -49,13 +50,14 @@ struct ElementInputs {
   uint32_t rounding_key = 0;     // used only with kStochasticRounding
 };
 
-// Updates elements [begin, end) of one tensor. `operand[k]` points at
-// element 0 of operand k of the op (element_ops.h's order), `master` at the
-// master copy's (or nullptr).
+// Updates elements [begin, end) of one tensor, a range within which the
+// element indices share their high 32 bits (see apply_range below).
+// `operand[k]` points at element 0 of operand k of the op (element_ops.h's
+// order), `master` at the master copy's (or nullptr).
 template <typename Op, typename S, WeightDecay kDecay, typename Scalars>
-void apply_range(char* const* operand, float* master_base, int64_t begin,
-                 int64_t end, const Scalars& s,
-                 const ElementInputs<typename S::compute_t>& in) {
+void apply_subrange(char* const* operand, float* master_base, int64_t begin,
+                    int64_t end, const Scalars& s,
+                    const ElementInputs<typename S::compute_t>& in) {
   using T = typename S::compute_t;
   using param_t = typename S::param_t;
   using state_t = typename S::state_t;
@@ -69,6 +71,8 @@ void apply_range(char* const* operand, float* master_base, int64_t begin,
   }
   const T inverse_grad_scale = in.inverse_grad_scale;
   const uint32_t key = in.rounding_key;
+  const uint32_t element_low = static_cast<uint32_t>(begin);
+  const uint32_t element_high = static_cast<uint32_t>(begin >> 32);
   vectorized_loop(end - begin, [=](int64_t i) {
     T x[kN];
     if constexpr (S::kMasterWeights) {
@@ -88,13 +92,30 @@ void apply_range(char* const* operand, float* master_base, int64_t begin,
       static_assert(std::is_same_v<param_t, c10::BFloat16>);
       param[i] = c10::BFloat16(
           bf16_bits_round_stochastic(
-              x[0], stochastic_rounding_bits(key, begin + i)),
+              x[0], stochastic_rounding_bits(
+                        key, element_low + static_cast<uint32_t>(i),
+                        element_high)),
           c10::BFloat16::from_bits());
     } else {
       param[i] = from_compute<param_t>(x[0]);
     }
     for (int k = 2; k < kN; ++k) state[k][i] = from_compute<state_t>(x[k]);
   });
+}
+
+// Updates elements [begin, end) of one tensor: apply_subrange on pieces
+// that do not cross a multiple of 2^32 elements (only tensors of more than
+// 2^32 elements have such a crossing).
+template <typename Op, typename S, WeightDecay kDecay, typename Scalars>
+void apply_range(char* const* operand, float* master, int64_t begin,
+                 int64_t end, const Scalars& s,
+                 const ElementInputs<typename S::compute_t>& in) {
+  constexpr int64_t kLowSpan = int64_t{1} << 32;
+  while (begin < end) {
+    const int64_t stop = std::min(end, (begin / kLowSpan + 1) * kLowSpan);
+    apply_subrange<Op, S, kDecay>(operand, master, begin, stop, s, in);
+    begin = stop;
+  }
 }
 
 // Calls fn(State{}) with State the storage type of `dtype`, among the state

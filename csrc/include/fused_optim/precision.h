@@ -59,12 +59,20 @@ FO_HOST_DEVICE FO_FORCE_INLINE uint32_t stochastic_rounding_key(uint32_t tensor,
 }
 
 // 32 random bits for element `element` (0-based, in memory order) of the
-// tensor whose key is `key`.
+// tensor whose key is `key`, the element index given as its low and high
+// 32 bits: a loop whose elements share the high half (the CPU loops split
+// ranges at multiples of 2^32) then runs on 32-bit lanes only, which
+// vectorizes.
+FO_HOST_DEVICE FO_FORCE_INLINE uint32_t stochastic_rounding_bits(
+    uint32_t key, uint32_t element_low, uint32_t element_high) {
+  return mix32(key ^ mix32(element_low + element_high * 0xc2b2ae35U));
+}
+
 FO_HOST_DEVICE FO_FORCE_INLINE uint32_t stochastic_rounding_bits(
     uint32_t key, int64_t element) {
   const uint64_t e = static_cast<uint64_t>(element);
-  return mix32(key ^ mix32(static_cast<uint32_t>(e) +
-                           static_cast<uint32_t>(e >> 32) * 0xc2b2ae35U));
+  return stochastic_rounding_bits(key, static_cast<uint32_t>(e),
+                                  static_cast<uint32_t>(e >> 32));
 }
 
 // The bits of `x` rounded to bf16 stochastically: x's float bits plus 16
@@ -80,10 +88,9 @@ FO_HOST_DEVICE FO_FORCE_INLINE uint16_t bf16_bits_round_stochastic(
   memcpy(&bits, &x, sizeof bits);
   const uint32_t rounded = (bits + (random & 0xFFFFU)) >> 16;
   const uint32_t quiet_nan = (bits >> 16) | 0x0040U;
-  // `|` and a select on a comparison: branch-free, so it vectorizes.
-  return static_cast<uint16_t>(((bits & 0x7FFFFFFFU) > 0x7F800000U)
-                                   ? quiet_nan
-                                   : rounded);
+  // A select on a float comparison (x != x: NaN), as the round-to-nearest
+  // conversion of the CPU loops (csrc/cpu/convert.h) does: it vectorizes.
+  return static_cast<uint16_t>(x != x ? quiet_nan : rounded);
 }
 
 }  // namespace fused_optim
