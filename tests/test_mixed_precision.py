@@ -408,3 +408,34 @@ def test_op_rejects_bad_precision_before_writing(case):
         _adam_op(params, grads, states, master, stochastic_rounding=rounding)
     after = [bits(t) for t in params + grads + states[0] + states[1] + master]
     assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+# ---------------------------------------------------------------------------
+# The schema: opcheck with every shared argument in use
+# ---------------------------------------------------------------------------
+
+OPCHECK_CASES = {
+    # (param dtype, state dtype, master weights, stochastic rounding, AMP)
+    "bf16_master_fp32_state_amp": (torch.bfloat16, torch.float32, True, False, True),
+    "bf16_bf16_state_stochastic": (torch.bfloat16, torch.bfloat16, False, True, False),
+    "fp32_bf16_state_amp": (torch.float32, torch.bfloat16, False, False, True),
+}
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
+def test_opcheck_mixed_precision(case):
+    """Mutation annotations hold when grads (AMP unscale) and master weights
+    are written too."""
+    dtype, state_dtype, master, rounding, amp = OPCHECK_CASES[case]
+    shapes = [(7,), (4099,), (3, 5)]
+    params = [torch.randn(s).to(dtype) for s in shapes]
+    grads = [torch.randn(s).to(dtype) for s in shapes]
+    states = [[torch.rand(s).to(state_dtype) for s in shapes] for _ in range(2)]
+    masters = [p.float() for p in params] if master else []
+    steps = [torch.tensor(float(i)) for i in range(len(shapes))]
+    args = (params, grads, states[0], states[1], [], masters, steps, [0, 1, 0], [1e-2, 1e-3],
+            [0.9, 0.8], [0.999, 0.99], [1e-8, 1e-6], [0.0, 0.1], [],
+            torch.tensor([1024.0]) if amp else None, torch.tensor([0.0]) if amp else None)
+    kwargs = dict(amsgrad=False, decoupled_weight_decay=True, maximize=False,
+                  stochastic_rounding=rounding)
+    torch.library.opcheck(torch.ops.fused_optim.adam_.default, args, kwargs)
