@@ -365,16 +365,7 @@ class FusedOptimizer(Optimizer):
         """Splits one call into (its dense part or None, [(group, params,
         grads, is_new)] of its sparse part), validating both before either
         runs."""
-        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
-            raise RuntimeError(
-                f"fused_optim.{type(self).__name__}: sparse gradients are not supported "
-                "with torch.amp.GradScaler"
-            )
-        if bucket.precision != Precision(False, bucket.dtype, False):
-            raise RuntimeError(
-                f"fused_optim.{type(self).__name__}: sparse gradients are not supported with "
-                "master_weights, state_dtype or stochastic_rounding"
-            )
+        self._check_sparse_options(bucket)
         dense = [None if g.is_sparse else g for g in grads]
         new_state = set(bucket.new_state)
         by_group = {}
@@ -393,6 +384,20 @@ class FusedOptimizer(Optimizer):
         self._check_call(sub, sub_grads)
         return (sub, sub_grads), list(by_group.values())
 
+    def _check_sparse_options(self, bucket: Bucket) -> None:
+        """Sparse gradients go through torch's unfused code, which has no
+        AMP unscale, master weights or other storage precision."""
+        name = type(self).__name__
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError(
+                f"fused_optim.{name}: sparse gradients are not supported with torch.amp.GradScaler"
+            )
+        if bucket.precision != Precision(False, bucket.dtype, False):
+            raise RuntimeError(
+                f"fused_optim.{name}: sparse gradients are not supported with "
+                "master_weights, state_dtype or stochastic_rounding"
+            )
+
     def _check_call(self, bucket: Bucket, grads: list) -> None:
         """Python-side validation of one call, with messages that name the
         param group and the param. Mirrors the op's own checks."""
@@ -402,6 +407,7 @@ class FusedOptimizer(Optimizer):
             where = f"param {pi} of param group {gi}"
             if grad.is_sparse:
                 if self._supports_sparse:
+                    self._check_sparse_options(bucket)
                     self._check_sparse(self.param_groups[gi], param, grad)
                     continue
                 raise RuntimeError(

@@ -166,12 +166,13 @@ def _mix32(x):
     return x
 
 
-def _rounding_bits(tensor_index, step, n):
-    """precision.h's stochastic_rounding_key and _bits, in NumPy."""
+def _rounding_bits(position, group, step, n):
+    """precision.h's stochastic_rounding_stream, _key and _bits, in NumPy."""
+    stream = np.uint64(position) ^ _mix32(np.array([group + 0x3C6EF372]))
     s = np.uint64(step)
     key = (_mix32(np.array([(s & _M32) ^ np.uint64(0x243F6A88)]))
            + ((s >> np.uint64(32)) * np.uint64(0x85EBCA6B))
-           + np.uint64(tensor_index) * np.uint64(0x9E3779B9)) & _M32
+           + stream * np.uint64(0x9E3779B9)) & _M32
     key = _mix32(key)
     e = np.arange(n, dtype=np.uint64)
     inner = _mix32(((e & _M32) + (e >> np.uint64(32)) * np.uint64(0xC2B2AE35)) & _M32)
@@ -188,10 +189,12 @@ def _round_stochastic(x: torch.Tensor, random: np.ndarray) -> torch.Tensor:
 
 def test_stochastic_rounding_bits_match_precision_h():
     """Two SGD steps (no momentum, so the fp32 result is p - lr * g) on bf16
-    params: every written bit is the documented stochastic rounding."""
+    params in two groups: every written bit is the documented stochastic
+    rounding."""
     params = _params(torch.bfloat16)
     lr = 0.01
-    opt = fused_optim.SGD(params, lr=lr, stochastic_rounding=True)
+    opt = fused_optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=lr,
+                          stochastic_rounding=True)
     for step in (1, 2):
         grads = [_grad(p.shape, step, i).to(torch.bfloat16) for i, p in enumerate(params)]
         before = [p.detach().clone() for p in params]
@@ -200,7 +203,8 @@ def test_stochastic_rounding_bits_match_precision_h():
         opt.step()
         for t, (p, p0, g) in enumerate(zip(params, before, grads)):
             exact = p0.float() + g.float() * torch.tensor(-lr, dtype=torch.float32)
-            expected = _round_stochastic(exact, _rounding_bits(t, step, p.numel()))
+            group = 0 if t < 2 else 1
+            expected = _round_stochastic(exact, _rounding_bits(t, group, step, p.numel()))
             assert torch.equal(bits(p.detach()), bits(expected)), f"step {step} tensor {t}"
             assert float(opt.state[p]["step"]) == step
 
@@ -236,6 +240,18 @@ def _sr_run(threads, name="AdamW"):
         return [bits(p.detach()) for p in params]
     finally:
         torch.set_num_threads(old)
+
+
+def test_stochastic_rounding_streams_differ_between_calls():
+    """Two equal params in groups that differ in a mode flag (so in two op
+    calls, each at position 0) round with different bits."""
+    a, b = (torch.full((4099,), 1.0, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    opt = fused_optim.AdamW([{"params": [a]}, {"params": [b], "amsgrad": True}], lr=1e-3,
+                            stochastic_rounding=True)
+    for p in (a, b):
+        p.grad = torch.full_like(p, 0.3)
+    opt.step()
+    assert not torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "AdamW"])
@@ -439,3 +455,22 @@ def test_opcheck_mixed_precision(case):
     kwargs = dict(amsgrad=False, decoupled_weight_decay=True, maximize=False,
                   stochastic_rounding=rounding)
     torch.library.opcheck(torch.ops.fused_optim.adam_.default, args, kwargs)
+
+
+@pytest.mark.parametrize("options", [dict(state_dtype=torch.bfloat16), "amp"], ids=str)
+def test_sparse_grad_with_precision_options_rejected_atomically(options):
+    """Sparse gradients take torch's unfused path, which has none of these:
+    a clear error, raised before any bucket (the dense float16 one first in
+    plan order here) is stepped."""
+    dense = torch.randn(6, dtype=torch.float16, requires_grad=True)
+    table = torch.randn(10, 3, requires_grad=True)
+    kwargs = options if isinstance(options, dict) else {}
+    opt = fused_optim.SGD([dense, table], lr=0.1, **kwargs)
+    dense.grad = torch.ones_like(dense)
+    table.grad = torch.sparse_coo_tensor([[1, 4]], torch.ones(2, 3), (10, 3))
+    if options == "amp":
+        opt.grad_scale, opt.found_inf = torch.tensor([1.0]), torch.tensor([0.0])
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(RuntimeError, match="sparse gradients are not supported with"):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, str(options))

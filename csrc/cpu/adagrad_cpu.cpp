@@ -36,7 +36,7 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads,
           return AdagradScalars<T>(lrs[g], lr_decay[g], eps[g],
                                    weight_decay[g], maximize, step);
         });
-    const auto inputs = element_inputs<T>(params.size(), grad_scale,
+    const auto inputs = element_inputs<T>(group_index, grad_scale,
                                           stochastic_rounding, steps);
     apply_op<AdagradOp, S>(call, operands, scalars, inputs, [&](size_t t) {
       return weight_decay_mode(weight_decay[group_index[t]], false);

@@ -40,7 +40,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
                                                   eps[g], weight_decay[g],
                                                   maximize, step));
         });
-    const auto inputs = element_inputs<T>(params.size(), grad_scale,
+    const auto inputs = element_inputs<T>(group_index, grad_scale,
                                           stochastic_rounding, steps);
     FO_BOOL_SWITCH(amsgrad, kAmsgrad, [&] {
       apply_op<AdamOp<kAmsgrad>, S>(call, operands, scalars, inputs,

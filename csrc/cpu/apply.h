@@ -229,8 +229,9 @@ void apply_op(const CheckedCall& call, const DenseOperands& operands,
 // counters after this step's increment (empty: 0 for every tensor).
 template <typename T>
 std::vector<ElementInputs<T>> element_inputs(
-    size_t num_tensors, const c10::optional<at::Tensor>& grad_scale,
+    at::IntArrayRef group_index, const c10::optional<at::Tensor>& grad_scale,
     bool stochastic_rounding, const std::vector<double>& steps) {
+  const size_t num_tensors = group_index.size();
   ElementInputs<T> common;
   if (grad_scale.has_value() && grad_scale->defined()) {
     common.inverse_grad_scale =
@@ -240,7 +241,9 @@ std::vector<ElementInputs<T>> element_inputs(
   if (stochastic_rounding) {
     for (size_t t = 0; t < num_tensors; ++t) {
       out[t].rounding_key = stochastic_rounding_key(
-          static_cast<uint32_t>(t), steps.empty() ? 0.0 : steps[t]);
+          stochastic_rounding_stream(static_cast<uint32_t>(t),
+                                     static_cast<uint32_t>(group_index[t])),
+          steps.empty() ? 0.0 : steps[t]);
     }
   }
   return out;

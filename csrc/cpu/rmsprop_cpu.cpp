@@ -41,7 +41,7 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads,
           return RmspropScalars<T>(lrs[g], alpha[g], eps[g], weight_decay[g],
                                    momentum[g], maximize);
         });
-    const auto inputs = element_inputs<T>(params.size(), grad_scale,
+    const auto inputs = element_inputs<T>(group_index, grad_scale,
                                           stochastic_rounding, steps);
     FO_BOOL_SWITCH(centered, kCentered, [&] {
       FO_BOOL_SWITCH(use_momentum, kMomentum, [&] {

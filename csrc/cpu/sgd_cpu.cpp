@@ -44,7 +44,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads,
                                  weight_decay[g], maximize, is_new[t]);
     }
     const auto inputs =
-        element_inputs<T>(n, grad_scale, stochastic_rounding, steps);
+        element_inputs<T>(group_index, grad_scale, stochastic_rounding, steps);
     const auto decay_of = [&](size_t t) {
       return weight_decay_mode(weight_decay[group_index[t]], false);
     };

@@ -122,6 +122,10 @@ struct MultiTensorArgs {
   const float* grad_scale = nullptr;
   const float* found_inf = nullptr;
   bool stochastic_rounding = false;
+  // Per tensor, the stochastic-rounding stream (precision.h's
+  // stochastic_rounding_stream of its position and group); empty: the
+  // tensor's position in the call.
+  std::vector<uint32_t> rounding_streams;
 };
 
 // Fills args.hyper_set, args.hypers and args.decay for `n` tensors: tensors
@@ -198,7 +202,7 @@ struct TensorListMeta {
   const float* grad_scale;  // AMP, or null
   const float* found_inf;   // AMP, or null
   int64_t num_chunks;       // chunks of all tensors of this launch
-  int32_t index[kMaxTensors];  // position in the op call (rounding key)
+  int32_t index[kMaxTensors];  // rounding stream (position in the call, group)
   int32_t num_tensors;
   uint8_t slot[kMaxTensors];     // index into hyper / decay
   uint8_t aligned[kMaxTensors];  // all operands 16-byte aligned
@@ -409,7 +413,9 @@ void plan_launches(const MultiTensorArgs<Hyper>& args, const Launch& launch) {
     meta.numel[t] = numel;
     meta.first_chunk[t] = meta.num_chunks;
     meta.num_chunks += (numel + kChunkSize - 1) / kChunkSize;
-    meta.index[t] = static_cast<int32_t>(i);
+    meta.index[t] = static_cast<int32_t>(
+        args.rounding_streams.empty() ? static_cast<uint32_t>(i)
+                                      : args.rounding_streams[i]);
     meta.slot[t] = static_cast<uint8_t>(slot_of_set[set]);
     meta.aligned[t] = aligned ? 1 : 0;
   }

@@ -65,6 +65,7 @@ template <typename Hyper>
 MultiTensorArgs<Hyper> make_args(const CheckedCall& call,
                                  const DenseOperands& operands,
                                  at::TensorList state_steps,
+                                 at::IntArrayRef group_index,
                                  const SharedArgs& shared) {
   const std::vector<TensorListArg>& lists = call.lists;
   const at::TensorList params = lists[0].tensors;
@@ -85,6 +86,13 @@ MultiTensorArgs<Hyper> make_args(const CheckedCall& call,
   }
   args.numels.resize(n);
   for (size_t i = 0; i < n; ++i) args.numels[i] = params[i].numel();
+  if (shared.stochastic_rounding) {
+    args.rounding_streams.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      args.rounding_streams[i] = stochastic_rounding_stream(
+          static_cast<uint32_t>(i), static_cast<uint32_t>(group_index[i]));
+    }
+  }
   if (!state_steps.empty()) {  // (sgd_'s may be empty)
     args.steps.resize(n);
     for (size_t i = 0; i < n; ++i) {
@@ -147,7 +155,7 @@ void adam_cuda(at::TensorList params, at::TensorList grads,
   // first write, so that even an allocation failure loses nothing.
   DenseOperands operands(call.lists);
   MultiTensorArgs<AdamHyper> args =
-      make_args<AdamHyper>(call, operands, state_steps, shared);
+      make_args<AdamHyper>(call, operands, state_steps, group_index, shared);
   assign_hyper_sets(
       args, n, [&](int64_t i) { return group_index[i]; },
       [&](int64_t i) {
@@ -197,7 +205,7 @@ void sgd_cuda(at::TensorList params, at::TensorList grads,
   for (int64_t i : new_momentum_buffers) is_new[i] = true;
   // SGD's step counters exist only with stochastic rounding (ops.cpp).
   MultiTensorArgs<SgdHyper> args =
-      make_args<SgdHyper>(call, operands, state_steps, shared);
+      make_args<SgdHyper>(call, operands, state_steps, group_index, shared);
   assign_hyper_sets(
       args, n,
       [&](int64_t i) {
@@ -242,7 +250,7 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   DenseOperands operands(call.lists);
   MultiTensorArgs<AdagradHyper> args =
-      make_args<AdagradHyper>(call, operands, state_steps, shared);
+      make_args<AdagradHyper>(call, operands, state_steps, group_index, shared);
   assign_hyper_sets(
       args, n, [&](int64_t i) { return group_index[i]; },
       [&](int64_t i) {
@@ -289,7 +297,7 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads,
   // RMSprop's update does not depend on the step count, but torch keeps
   // (and checkpoints) it, and stochastic rounding keys on it.
   MultiTensorArgs<RmspropHyper> args =
-      make_args<RmspropHyper>(call, operands, state_steps, shared);
+      make_args<RmspropHyper>(call, operands, state_steps, group_index, shared);
   assign_hyper_sets(
       args, n, [&](int64_t i) { return group_index[i]; },
       [&](int64_t i) {

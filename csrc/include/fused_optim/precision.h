@@ -47,9 +47,19 @@ FO_HOST_DEVICE FO_FORCE_INLINE uint32_t mix32(uint32_t x) {
   return x;
 }
 
+// Which random stream a tensor draws from: its position in its op call and
+// its param group. Groups that differ in a mode flag (amsgrad, ...) go to
+// different calls, where positions start again at 0: the group keeps the
+// bits of their tensors apart.
+FO_HOST_DEVICE FO_FORCE_INLINE uint32_t stochastic_rounding_stream(
+    uint32_t position, uint32_t group) {
+  return position ^ mix32(group + 0x3c6ef372U);
+}
+
 // The key of one tensor's rounding at one step. `tensor` is the tensor's
-// position in its op call; `step` the step count after this step's increment
-// (an integer held in a float, as torch.optim's counters are).
+// stream (stochastic_rounding_stream); `step` the step count after this
+// step's increment (an integer held in a float, as torch.optim's counters
+// are).
 FO_HOST_DEVICE FO_FORCE_INLINE uint32_t stochastic_rounding_key(uint32_t tensor,
                                                                 double step) {
   const uint64_t s = static_cast<uint64_t>(step);
