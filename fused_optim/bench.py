@@ -36,7 +36,9 @@ Method (the protocol of BENCHMARKS.md):
   bandwidth: an in-place ``mul_`` over a 512 MiB buffer on CPU, a 512 MiB
   device-to-device copy on CUDA, read + write counted. The reference pass is
   one more entry of the interleaved rounds, so each fraction compares
-  measurements taken under the same conditions (shared machines drift).
+  measurements taken under the same conditions (shared machines drift);
+  the per-round fraction pairs each step with the reference pass of its own
+  round, for machines whose bandwidth changes level within a block.
   The load average is recorded: other work on the machine skews everything.
 * ``peer/ours`` is the peer's median step time divided by fused_optim's:
   above 1 means fused_optim is faster.
@@ -606,10 +608,17 @@ class Result:
     bytes_per_step: float
     times_s: list[float]
     bandwidth_gb_per_s: float  # the reference pass, interleaved with these steps
+    # The reference pass's bandwidth in each round, in the order of times_s.
+    round_bandwidths_gb_per_s: list[float]
     median_s: float = 0.0
     elems_per_s: float = 0.0
     gb_per_s: float = 0.0
     bandwidth_fraction: float = 0.0
+    # Median over the rounds of (this round's GB/s / this round's reference):
+    # each step is compared with the reference pass run next to it, so a
+    # machine whose bandwidth changes mode during a block (this VM switches
+    # between about 55 and 85 GB/s) still gives the right fraction.
+    bandwidth_fraction_per_round: float = 0.0
     peer_over_ours: float | None = None  # this impl's median / fused_optim's
 
     def summarize(self, ours_median: float | None) -> None:
@@ -617,6 +626,10 @@ class Result:
         self.elems_per_s = self.numel / self.median_s
         self.gb_per_s = self.bytes_per_step / self.median_s / 1e9
         self.bandwidth_fraction = self.gb_per_s / self.bandwidth_gb_per_s
+        self.bandwidth_fraction_per_round = statistics.median(
+            self.bytes_per_step / t / 1e9 / reference
+            for t, reference in zip(self.times_s, self.round_bandwidths_gb_per_s)
+        )
         if ours_median:
             self.peer_over_ours = self.median_s / ours_median
 
@@ -674,14 +687,16 @@ def measure_block(block, pool, impls, args, ours_module, probe, notes) -> list[R
     times = interleaved_times(entries, args.repeats, timer_for(args.device))
     del entries
     free_memory(args.device)  # the optimizer states, before the next block allocates its own
-    bandwidth = probe.bandwidth(times.pop(PROBE))
+    probe_times = times.pop(PROBE)
+    bandwidth = probe.bandwidth(probe_times)
+    round_bandwidths = [probe.bytes_moved / t / 1e9 for t in probe_times]
     results = [
         Result(
             block.optimizer, block.workload.name, block.precision_name,
             DTYPE_NAMES[block.dtype], configs[impl], impl,
             block.workload.numel, block.workload.num_tensors, len(block.workload.groups),
             bytes_per_step(block.spec, block.workload, block.precision_of(impl)), impl_times,
-            bandwidth / 1e9,
+            bandwidth / 1e9, round_bandwidths,
         )
         for impl, impl_times in times.items()
     ]
@@ -794,11 +809,11 @@ def load_average() -> float | None:
         return None
 
 
-def run_metadata(args, probe, results, notes, elapsed, load_before) -> dict:
+def run_metadata(args, probe, results, notes, elapsed, load_before, commit) -> dict:
     references = [r.bandwidth_gb_per_s for r in results]
     return {
         "command": shlex.join(["python", "-m", "fused_optim.bench", *sys.argv[1:]]),
-        "commit": git_commit(),
+        "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(args.device),
         "torch": torch.__version__,
@@ -837,7 +852,7 @@ def console_table(results: list[Result]) -> str:
     header = (
         f"{'optimizer':<9} {'workload':<11} {'precision':<{width}} {'impl':<13} "
         f"{'B/elem':>6} {'median ms':>10} {'Gelem/s':>8} {'GB/s':>7} {'ref GB/s':>8} "
-        f"{'% BW':>6} {'peer/ours':>9}"
+        f"{'% BW':>6} {'%BW/rd':>6} {'peer/ours':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
@@ -846,7 +861,7 @@ def console_table(results: list[Result]) -> str:
             f"{r.bytes_per_step / r.numel:>6g} "
             f"{r.median_s * 1e3:>10.3f} {r.elems_per_s / 1e9:>8.3f} {r.gb_per_s:>7.1f} "
             f"{r.bandwidth_gb_per_s:>8.1f} {r.bandwidth_fraction:>6.0%} "
-            f"{fmt_ratio(r.peer_over_ours):>9}"
+            f"{r.bandwidth_fraction_per_round:>6.0%} {fmt_ratio(r.peer_over_ours):>9}"
         )
     return "\n".join(lines)
 
@@ -868,9 +883,9 @@ def summary_markdown(results: list[Result]) -> list[str]:
     peers = [p for p in PEERS if any(r.impl == p for r in results)]
     lines = [
         "| optimizer | workload | precision | params | tensors | groups | B/elem | ours ms "
-        "| GB/s | ref GB/s | % BW | torch peers ran (B/elem) | "
+        "| GB/s | ref GB/s | % BW | % BW per round | torch peers ran (B/elem) | "
         + " | ".join(f"vs {p}" for p in peers) + " |",
-        "|" + "---|" * (12 + len(peers)),
+        "|" + "---|" * (13 + len(peers)),
     ]
     for (optimizer, workload, precision), by_impl in blocks(results).items():
         ours = by_impl.get(OURS)
@@ -882,6 +897,7 @@ def summary_markdown(results: list[Result]) -> list[str]:
             f"| {ours.groups} | {ours.bytes_per_step / ours.numel:g} "
             f"| {ours.median_s * 1e3:.3f} | {ours.gb_per_s:.1f} "
             f"| {ours.bandwidth_gb_per_s:.1f} | {ours.bandwidth_fraction:.0%} "
+            f"| {ours.bandwidth_fraction_per_round:.0%} "
             f"| {peer_config(optimizer, precision)} | " + " | ".join(ratios) + " |"
         )
     return lines
@@ -890,15 +906,15 @@ def summary_markdown(results: list[Result]) -> list[str]:
 def detail_markdown(results: list[Result]) -> list[str]:
     lines = [
         "| optimizer | workload | precision | impl | ran | B/elem | median ms | Gelem/s | GB/s "
-        "| ref GB/s | % BW | peer/ours |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ref GB/s | % BW | % BW per round | peer/ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.optimizer} | {r.workload} | {r.precision} | {r.impl} | {r.config} "
             f"| {r.bytes_per_step / r.numel:g} | {r.median_s * 1e3:.3f} "
             f"| {r.elems_per_s / 1e9:.3f} | {r.gb_per_s:.1f} | {r.bandwidth_gb_per_s:.1f} "
-            f"| {r.bandwidth_fraction:.0%} "
+            f"| {r.bandwidth_fraction:.0%} | {r.bandwidth_fraction_per_round:.0%} "
             f"| {fmt_ratio(r.peer_over_ours)} |"
         )
     return lines
@@ -951,7 +967,9 @@ def markdown_report(meta: dict, results: list[Result]) -> str:
         "",
         "`vs X` = X's step time / fused_optim's (above 1: fused_optim is faster). "
         "GB/s and % BW use the byte budget (DESIGN.md section 5) of what each "
-        "implementation ran: B/elem, bytes read and written per param element.",
+        "implementation ran: B/elem, bytes read and written per param element. "
+        "% BW = median GB/s / median ref GB/s; % BW per round = median over the rounds "
+        "of each step's GB/s / the reference pass of the same round.",
         "",
         *(precisions_markdown(meta["precisions"]) + [""] if meta["precisions"] != ["fp32"] else []),
         *summary_markdown(results),
@@ -1067,6 +1085,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
+    commit = git_commit()  # at the start: the checkout may move during a long run
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device != "cpu":
@@ -1080,7 +1099,9 @@ def main(argv=None) -> None:
         log(f"warning: {notes[-1]}")
     probe = BandwidthProbe(args.device)
     results = run_all(args, ours_module, probe, notes)
-    meta = run_metadata(args, probe, results, notes, time.perf_counter() - started, load_before)
+    meta = run_metadata(
+        args, probe, results, notes, time.perf_counter() - started, load_before, commit
+    )
     print(console_table(results))
     print()
     print("\n".join(summary_markdown(results)))
