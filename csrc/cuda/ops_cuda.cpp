@@ -30,6 +30,7 @@
 #include "cuda/hyperparams.h"
 #include "cuda/launch.h"
 #include "dense_operands.h"
+#include "fused_optim/precision.h"
 #include "op_args.h"
 #include "op_inputs.h"
 
