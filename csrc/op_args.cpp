@@ -160,4 +160,93 @@ CheckedCall check_rmsprop_args(
   return call;
 }
 
+namespace {
+
+// Group g's learning rate: its lr tensor when the call has them, else the
+// float.
+LrSource lr_source(at::ArrayRef<double> lr, at::TensorList lr_tensors,
+                   size_t g) {
+  LrSource source;
+  source.value = lr[g];
+  if (!lr_tensors.empty()) {
+    source.tensor = lr_tensors[g].data_ptr();
+    source.tensor_is_double = lr_tensors[g].scalar_type() == at::kDouble;
+  }
+  return source;
+}
+
+}  // namespace
+
+std::vector<AdamHyper> adam_hypers(at::ArrayRef<double> lr,
+                                   at::TensorList lr_tensors,
+                                   at::ArrayRef<double> beta1,
+                                   at::ArrayRef<double> beta2,
+                                   at::ArrayRef<double> eps,
+                                   at::ArrayRef<double> weight_decay,
+                                   bool maximize) {
+  std::vector<AdamHyper> out(lr.size());
+  for (size_t g = 0; g < out.size(); ++g) {
+    out[g].lr = lr_source(lr, lr_tensors, g);
+    out[g].beta1 = beta1[g];
+    out[g].beta2 = beta2[g];
+    out[g].eps = eps[g];
+    out[g].weight_decay = weight_decay[g];
+    out[g].maximize = maximize;
+  }
+  return out;
+}
+
+std::vector<SgdHyper> sgd_hypers(at::ArrayRef<double> lr,
+                                 at::TensorList lr_tensors,
+                                 at::ArrayRef<double> momentum,
+                                 at::ArrayRef<double> dampening,
+                                 at::ArrayRef<double> weight_decay,
+                                 bool maximize) {
+  std::vector<SgdHyper> out(lr.size());
+  for (size_t g = 0; g < out.size(); ++g) {
+    out[g].lr = lr_source(lr, lr_tensors, g);
+    out[g].momentum = momentum[g];
+    out[g].dampening = dampening[g];
+    out[g].weight_decay = weight_decay[g];
+    out[g].maximize = maximize;
+  }
+  return out;
+}
+
+std::vector<AdagradHyper> adagrad_hypers(at::ArrayRef<double> lr,
+                                         at::TensorList lr_tensors,
+                                         at::ArrayRef<double> lr_decay,
+                                         at::ArrayRef<double> weight_decay,
+                                         at::ArrayRef<double> eps,
+                                         bool maximize) {
+  std::vector<AdagradHyper> out(lr.size());
+  for (size_t g = 0; g < out.size(); ++g) {
+    out[g].lr = lr_source(lr, lr_tensors, g);
+    out[g].lr_decay = lr_decay[g];
+    out[g].eps = eps[g];
+    out[g].weight_decay = weight_decay[g];
+    out[g].maximize = maximize;
+  }
+  return out;
+}
+
+std::vector<RmspropHyper> rmsprop_hypers(at::ArrayRef<double> lr,
+                                         at::TensorList lr_tensors,
+                                         at::ArrayRef<double> alpha,
+                                         at::ArrayRef<double> eps,
+                                         at::ArrayRef<double> weight_decay,
+                                         at::ArrayRef<double> momentum,
+                                         bool maximize) {
+  std::vector<RmspropHyper> out(lr.size());
+  for (size_t g = 0; g < out.size(); ++g) {
+    out[g].lr = lr_source(lr, lr_tensors, g);
+    out[g].alpha = alpha[g];
+    out[g].eps = eps[g];
+    out[g].weight_decay = weight_decay[g];
+    out[g].momentum = momentum[g];
+    out[g].maximize = maximize;
+  }
+  return out;
+}
+
 }  // namespace fused_optim

@@ -15,6 +15,7 @@
 
 #include <vector>
 
+#include "fused_optim/hyperparams.h"
 #include "op_inputs.h"
 
 namespace fused_optim {
@@ -72,5 +73,41 @@ CheckedCall check_rmsprop_args(
     at::ArrayRef<double> alpha, at::ArrayRef<double> eps,
     at::ArrayRef<double> weight_decay, at::ArrayRef<double> momentum,
     bool centered, const SharedArgs& shared);
+
+// Each op's per-group hyperparameters (fused_optim/hyperparams.h), one per
+// group, built from the op's per-group lists, for both backends. A group's
+// lr is its `lr_tensors` entry when the call has them (read by the kernel
+// where the tensor lives), else its float.
+std::vector<AdamHyper> adam_hypers(at::ArrayRef<double> lr,
+                                   at::TensorList lr_tensors,
+                                   at::ArrayRef<double> beta1,
+                                   at::ArrayRef<double> beta2,
+                                   at::ArrayRef<double> eps,
+                                   at::ArrayRef<double> weight_decay,
+                                   bool maximize);
+
+// `new_buffer` is false in every entry: it is per tensor (SGD's first
+// momentum step), set by the caller.
+std::vector<SgdHyper> sgd_hypers(at::ArrayRef<double> lr,
+                                 at::TensorList lr_tensors,
+                                 at::ArrayRef<double> momentum,
+                                 at::ArrayRef<double> dampening,
+                                 at::ArrayRef<double> weight_decay,
+                                 bool maximize);
+
+std::vector<AdagradHyper> adagrad_hypers(at::ArrayRef<double> lr,
+                                         at::TensorList lr_tensors,
+                                         at::ArrayRef<double> lr_decay,
+                                         at::ArrayRef<double> weight_decay,
+                                         at::ArrayRef<double> eps,
+                                         bool maximize);
+
+std::vector<RmspropHyper> rmsprop_hypers(at::ArrayRef<double> lr,
+                                         at::TensorList lr_tensors,
+                                         at::ArrayRef<double> alpha,
+                                         at::ArrayRef<double> eps,
+                                         at::ArrayRef<double> weight_decay,
+                                         at::ArrayRef<double> momentum,
+                                         bool maximize);
 
 }  // namespace fused_optim

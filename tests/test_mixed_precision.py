@@ -332,7 +332,15 @@ def test_torch_checkpoint_into_master_weights_and_back(cfg):
         assert not torch.equal(p.detach().float(), p0), "the step moved nothing"
     back = cfg.torch_cls(params, **{**cfg.kwargs, "foreach": False})
     back.load_state_dict(_round_trip(ours.state_dict()))
+    for p in params:
+        for key, value in back.state[p].items():
+            # torch casts our fp32 state to its param dtype on load
+            expected = ours.state[p][key]
+            expected = expected if key == "step" else expected.to(p.dtype)
+            assert torch.equal(bits(value), bits(expected)), key
+    before = [p.detach().clone() for p in params]
     back.step()  # torch continues from our state
+    assert any(not torch.equal(p, p0) for p, p0 in zip(params, before))
 
 
 def test_changing_state_dtype_converts_the_state():

@@ -24,18 +24,15 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads,
   // Staging allocates and copies but writes no input: it goes before the
   // first write, so that even an allocation failure loses nothing.
   DenseOperands operands(call.lists);
-  const std::vector<double> lrs = learning_rates(lr, lr_tensors);
+  const std::vector<AdagradHyper> hypers = adagrad_hypers(
+      lr, lr_tensors, lr_decay, weight_decay, eps, maximize);
 
   // Every check has passed: from here on we write.
   const std::vector<double> steps = increment_state_steps(state_steps);
   with_storage(call.precision, has_grad_scale(grad_scale), [&](auto storage) {
     using S = decltype(storage);
     using T = typename S::compute_t;
-    const auto scalars = per_tensor_scalars<AdagradScalars<T>>(
-        group_index, steps, [&](int64_t g, double step) {
-          return AdagradScalars<T>(lrs[g], lr_decay[g], eps[g],
-                                   weight_decay[g], maximize, step);
-        });
+    const auto scalars = scalars_of<T>(hypers, group_index, steps);
     const auto inputs = element_inputs<T>(group_index, grad_scale,
                                           stochastic_rounding, steps);
     apply_op<AdagradOp, S>(call, operands, scalars, inputs, [&](size_t t) {

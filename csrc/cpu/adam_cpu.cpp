@@ -27,19 +27,15 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
   // Staging allocates and copies but writes no input: it goes before the
   // first write, so that even an allocation failure loses nothing.
   DenseOperands operands(call.lists);
-  const std::vector<double> lrs = learning_rates(lr, lr_tensors);
+  const std::vector<AdamHyper> hypers = adam_hypers(
+      lr, lr_tensors, beta1, beta2, eps, weight_decay, maximize);
 
   // Every check has passed: from here on we write.
   const std::vector<double> steps = increment_state_steps(state_steps);
   with_storage(call.precision, has_grad_scale(grad_scale), [&](auto storage) {
     using S = decltype(storage);
     using T = typename S::compute_t;
-    const auto scalars = per_tensor_scalars<AdamScalars<T>>(
-        group_index, steps, [&](int64_t g, double step) {
-          return AdamScalars<T>(make_adam_scalars(lrs[g], beta1[g], beta2[g],
-                                                  eps[g], weight_decay[g],
-                                                  maximize, step));
-        });
+    const auto scalars = scalars_of<T>(hypers, group_index, steps);
     const auto inputs = element_inputs<T>(group_index, grad_scale,
                                           stochastic_rounding, steps);
     FO_BOOL_SWITCH(amsgrad, kAmsgrad, [&] {

@@ -249,10 +249,17 @@ std::vector<ElementInputs<T>> element_inputs(
   return out;
 }
 
-// The weight-decay mode of a group.
-inline WeightDecay weight_decay_mode(double weight_decay, bool decoupled) {
-  if (weight_decay == 0.0) return WeightDecay::kNone;
-  return decoupled ? WeightDecay::kDecoupled : WeightDecay::kL2;
+// Each tensor's scalars: its group's hyperparameters (hyperparams.h) at its
+// step count, memoised by (group, step) as per_tensor_scalars does. `steps`
+// may be empty (scalars that do not depend on the step).
+template <typename T, typename Hyper>
+auto scalars_of(const std::vector<Hyper>& hypers, at::IntArrayRef group_index,
+                const std::vector<double>& steps) {
+  using Scalars = decltype(hypers[0].template scalars<T>(0.0, 0.0));
+  return per_tensor_scalars<Scalars>(
+      group_index, steps, [&](int64_t g, double step) {
+        return hypers[g].template scalars<T>(hypers[g].lr.read(), step);
+      });
 }
 
 // Whether AMP found an inf or NaN in the gradients: then the call is
@@ -265,16 +272,6 @@ inline bool amp_skips_step(const c10::optional<at::Tensor>& found_inf) {
 
 inline bool has_grad_scale(const c10::optional<at::Tensor>& grad_scale) {
   return grad_scale.has_value() && grad_scale->defined();
-}
-
-// The per-group learning rates: `lr`, or the values of `lr_tensors`.
-inline std::vector<double> learning_rates(at::ArrayRef<double> lr,
-                                          at::TensorList lr_tensors) {
-  if (lr_tensors.empty()) return lr.vec();
-  std::vector<double> out;
-  out.reserve(lr_tensors.size());
-  for (const at::Tensor& t : lr_tensors) out.push_back(t.item<double>());
-  return out;
 }
 
 }  // namespace fused_optim::cpu

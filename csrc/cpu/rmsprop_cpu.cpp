@@ -26,7 +26,8 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads,
   // Staging allocates and copies but writes no input: it goes before the
   // first write, so that even an allocation failure loses nothing.
   DenseOperands operands(call.lists);
-  const std::vector<double> lrs = learning_rates(lr, lr_tensors);
+  const std::vector<RmspropHyper> hypers = rmsprop_hypers(
+      lr, lr_tensors, alpha, eps, weight_decay, momentum, maximize);
   const bool use_momentum = !momentum_buffers.empty();
 
   // Every check has passed: from here on we write. RMSprop's update does not
@@ -36,11 +37,8 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads,
   with_storage(call.precision, has_grad_scale(grad_scale), [&](auto storage) {
     using S = decltype(storage);
     using T = typename S::compute_t;
-    const auto scalars = per_tensor_scalars<RmspropScalars<T>>(
-        group_index, {}, [&](int64_t g, double) {
-          return RmspropScalars<T>(lrs[g], alpha[g], eps[g], weight_decay[g],
-                                   momentum[g], maximize);
-        });
+    // (memoised per group: the scalars do not depend on the step)
+    const auto scalars = scalars_of<T>(hypers, group_index, {});
     const auto inputs = element_inputs<T>(group_index, grad_scale,
                                           stochastic_rounding, steps);
     FO_BOOL_SWITCH(centered, kCentered, [&] {

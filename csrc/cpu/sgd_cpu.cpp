@@ -26,7 +26,8 @@ void sgd_cpu(at::TensorList params, at::TensorList grads,
   // Staging allocates and copies but writes no input: it goes before the
   // first write, so that even an allocation failure loses nothing.
   DenseOperands operands(call.lists);
-  const std::vector<double> lrs = learning_rates(lr, lr_tensors);
+  const std::vector<SgdHyper> hypers =
+      sgd_hypers(lr, lr_tensors, momentum, dampening, weight_decay, maximize);
   const bool use_momentum = !momentum_buffers.empty();
   std::vector<bool> is_new(n, false);
   for (int64_t i : new_momentum_buffers) is_new[i] = true;
@@ -39,9 +40,9 @@ void sgd_cpu(at::TensorList params, at::TensorList grads,
     using T = typename S::compute_t;
     std::vector<SgdScalars<T>> scalars(n);
     for (size_t t = 0; t < n; ++t) {
-      const int64_t g = group_index[t];
-      scalars[t] = SgdScalars<T>(lrs[g], momentum[g], dampening[g],
-                                 weight_decay[g], maximize, is_new[t]);
+      SgdHyper h = hypers[group_index[t]];
+      h.new_buffer = is_new[t];  // (per tensor, not per group)
+      scalars[t] = h.template scalars<T>(h.lr.read(), 0.0);
     }
     const auto inputs =
         element_inputs<T>(group_index, grad_scale, stochastic_rounding, steps);

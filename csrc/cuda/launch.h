@@ -25,7 +25,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "cuda/hyperparams.h"
+#include "fused_optim/hyperparams.h"
 #include "cuda/multi_tensor_plan.h"
 
 namespace fused_optim::cuda {

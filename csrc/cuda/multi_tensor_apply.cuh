@@ -38,7 +38,7 @@
 #include <type_traits>
 
 #include "cuda/multi_tensor_plan.h"
-#include "cuda/hyperparams.h"
+#include "fused_optim/hyperparams.h"
 #include "fused_optim/macros.h"
 #include "fused_optim/precision.h"
 #include "fused_optim/update_rules.h"

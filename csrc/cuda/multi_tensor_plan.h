@@ -49,7 +49,7 @@
 #include <utility>
 #include <vector>
 
-#include "cuda/hyperparams.h"
+#include "fused_optim/hyperparams.h"
 #include "fused_optim/macros.h"
 #include "fused_optim/update_rules.h"
 

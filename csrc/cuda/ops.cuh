@@ -17,7 +17,7 @@
 
 #include <stdexcept>
 
-#include "cuda/hyperparams.h"
+#include "fused_optim/hyperparams.h"
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/multi_tensor_plan.h"
 #include "fused_optim/bool_switch.h"

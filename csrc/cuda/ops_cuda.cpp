@@ -27,7 +27,7 @@
 #include <utility>
 #include <vector>
 
-#include "cuda/hyperparams.h"
+#include "fused_optim/hyperparams.h"
 #include "cuda/launch.h"
 #include "dense_operands.h"
 #include "fused_optim/precision.h"
@@ -107,26 +107,6 @@ MultiTensorArgs<Hyper> make_args(const CheckedCall& call,
   return args;
 }
 
-// Group g's learning rate: its lr tensor when the call has them, else the
-// host float.
-LrSource lr_source(at::ArrayRef<double> lr, at::TensorList lr_tensors,
-                   int64_t g) {
-  LrSource source;
-  source.value = lr[g];
-  if (!lr_tensors.empty()) {
-    source.tensor = lr_tensors[g].data_ptr();
-    source.tensor_is_double = lr_tensors[g].scalar_type() == at::kDouble;
-  }
-  return source;
-}
-
-// The weight-decay mode of a group, as the CPU kernels choose it: none when
-// the decay is 0 (so an inf param cannot make 0 * inf = NaN).
-WeightDecay decay_mode(double weight_decay, bool decoupled) {
-  if (weight_decay == 0.0) return WeightDecay::kNone;
-  return decoupled ? WeightDecay::kDecoupled : WeightDecay::kL2;
-}
-
 // ---------------------------------------------------------------------------
 // adam_
 // ---------------------------------------------------------------------------
@@ -155,21 +135,17 @@ void adam_cuda(at::TensorList params, at::TensorList grads,
   // Staging allocates and copies but writes no input: it goes before the
   // first write, so that even an allocation failure loses nothing.
   DenseOperands operands(call.lists);
+  const std::vector<AdamHyper> hypers = adam_hypers(
+      lr, lr_tensors, beta1, beta2, eps, weight_decay, maximize);
   MultiTensorArgs<AdamHyper> args =
       make_args<AdamHyper>(call, operands, state_steps, group_index, shared);
   assign_hyper_sets(
       args, n, [&](int64_t i) { return group_index[i]; },
       [&](int64_t i) {
         const int64_t g = group_index[i];
-        AdamHyper h;
-        h.lr = lr_source(lr, lr_tensors, g);
-        h.beta1 = beta1[g];
-        h.beta2 = beta2[g];
-        h.eps = eps[g];
-        h.weight_decay = weight_decay[g];
-        h.maximize = maximize;
         return std::make_pair(
-            h, decay_mode(weight_decay[g], decoupled_weight_decay));
+            hypers[g],
+            weight_decay_mode(weight_decay[g], decoupled_weight_decay));
       });
   // Every check has passed: from here on we write (on the device).
   C10_CUDA_CHECK(launch_adam(args, amsgrad, stream));
@@ -205,6 +181,8 @@ void sgd_cuda(at::TensorList params, at::TensorList grads,
   std::vector<bool> is_new(n, false);
   for (int64_t i : new_momentum_buffers) is_new[i] = true;
   // SGD's step counters exist only with stochastic rounding (ops.cpp).
+  const std::vector<SgdHyper> hypers =
+      sgd_hypers(lr, lr_tensors, momentum, dampening, weight_decay, maximize);
   MultiTensorArgs<SgdHyper> args =
       make_args<SgdHyper>(call, operands, state_steps, group_index, shared);
   assign_hyper_sets(
@@ -214,14 +192,9 @@ void sgd_cuda(at::TensorList params, at::TensorList grads,
       },
       [&](int64_t i) {
         const int64_t g = group_index[i];
-        SgdHyper h;
-        h.lr = lr_source(lr, lr_tensors, g);
-        h.momentum = momentum[g];
-        h.dampening = dampening[g];
-        h.weight_decay = weight_decay[g];
-        h.maximize = maximize;
-        h.new_buffer = is_new[i];
-        return std::make_pair(h, decay_mode(weight_decay[g], false));
+        SgdHyper h = hypers[g];
+        h.new_buffer = is_new[i];  // (per tensor, not per group)
+        return std::make_pair(h, weight_decay_mode(weight_decay[g], false));
       });
   C10_CUDA_CHECK(launch_sgd(args, use_momentum, nesterov, stream));
   operands.write_back();
@@ -250,19 +223,16 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads,
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   DenseOperands operands(call.lists);
+  const std::vector<AdagradHyper> hypers = adagrad_hypers(
+      lr, lr_tensors, lr_decay, weight_decay, eps, maximize);
   MultiTensorArgs<AdagradHyper> args =
       make_args<AdagradHyper>(call, operands, state_steps, group_index, shared);
   assign_hyper_sets(
       args, n, [&](int64_t i) { return group_index[i]; },
       [&](int64_t i) {
         const int64_t g = group_index[i];
-        AdagradHyper h;
-        h.lr = lr_source(lr, lr_tensors, g);
-        h.lr_decay = lr_decay[g];
-        h.eps = eps[g];
-        h.weight_decay = weight_decay[g];
-        h.maximize = maximize;
-        return std::make_pair(h, decay_mode(weight_decay[g], false));
+        return std::make_pair(hypers[g],
+                              weight_decay_mode(weight_decay[g], false));
       });
   C10_CUDA_CHECK(launch_adagrad(args, stream));
   operands.write_back();
@@ -297,20 +267,16 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads,
   const bool use_momentum = !momentum_buffers.empty();
   // RMSprop's update does not depend on the step count, but torch keeps
   // (and checkpoints) it, and stochastic rounding keys on it.
+  const std::vector<RmspropHyper> hypers = rmsprop_hypers(
+      lr, lr_tensors, alpha, eps, weight_decay, momentum, maximize);
   MultiTensorArgs<RmspropHyper> args =
       make_args<RmspropHyper>(call, operands, state_steps, group_index, shared);
   assign_hyper_sets(
       args, n, [&](int64_t i) { return group_index[i]; },
       [&](int64_t i) {
         const int64_t g = group_index[i];
-        RmspropHyper h;
-        h.lr = lr_source(lr, lr_tensors, g);
-        h.alpha = alpha[g];
-        h.eps = eps[g];
-        h.weight_decay = weight_decay[g];
-        h.momentum = momentum[g];
-        h.maximize = maximize;
-        return std::make_pair(h, decay_mode(weight_decay[g], false));
+        return std::make_pair(hypers[g],
+                              weight_decay_mode(weight_decay[g], false));
       });
   C10_CUDA_CHECK(launch_rmsprop(args, centered, use_momentum, stream));
   operands.write_back();

@@ -38,7 +38,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/hyperparams.h"
+#include "fused_optim/hyperparams.h"
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/multi_tensor_plan.h"
 #include "cuda/ops.cuh"

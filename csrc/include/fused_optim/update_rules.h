@@ -33,6 +33,14 @@ namespace fused_optim {
 // or decoupled (the param shrinks before the update, AdamW).
 enum class WeightDecay { kNone, kL2, kDecoupled };
 
+// A group's weight-decay mode: none when the decay is 0 (so an inf param
+// cannot make 0 * inf = NaN), else decoupled or L2 as the op says.
+FO_HOST_DEVICE inline WeightDecay weight_decay_mode(double weight_decay,
+                                                   bool decoupled) {
+  if (weight_decay == 0.0) return WeightDecay::kNone;
+  return decoupled ? WeightDecay::kDecoupled : WeightDecay::kL2;
+}
+
 // Chooses a or b by a mask of all ones (a) or all zeros (b), on the bits:
 // a select that GCC vectorizes in loops mixing 16- and 32-bit types, where a
 // `cond ? a : b` on a loop-invariant bool stops its vectorizer.

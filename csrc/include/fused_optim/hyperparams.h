@@ -1,17 +1,16 @@
-// Per-group hyperparameters as the CUDA kernels receive them, and the
-// derivation of the narrowed per-tensor scalars (update_rules.h) from them ON
-// THE DEVICE.
+// Per-group hyperparameters of each op, and the derivation of a tensor's
+// narrowed scalars (update_rules.h) from them, its group's lr and its step
+// count: written once, for both backends. (op_args.h builds them from an op
+// call's per-group lists.)
 //
-// Why on the device: the step counters live on the GPU (so that AMP's skipped
-// steps and CUDA graph replays advance them without a host sync), and so may
-// the learning rate (`lr_tensors`, capturable steps). The scalars depend on
-// both, so the kernel derives them, per chunk, from the values it reads: in
-// double, with the very functions the CPU kernels call on the host
-// (make_adam_scalars, AdagradScalars(...), ...), then narrowed to the compute
-// type. Same inputs, same functions, same bits (up to the device's double
-// pow, see csrc/cuda/README.md).
+// The CPU kernels derive the scalars on the host. The CUDA kernels derive
+// them ON THE DEVICE, per chunk: the step counters live on the GPU (so that
+// AMP's skipped steps and CUDA graph replays advance them without a host
+// sync), and so may the learning rate (`lr_tensors`, capturable steps). Same
+// inputs, same functions, same bits (up to the device's double pow, see
+// csrc/cuda/README.md).
 //
-// Plain C++17 (FO_HOST_DEVICE): the host tests call the same derivation.
+// Plain C++17 (FO_HOST_DEVICE): no torch, no CUDA header.
 #pragma once
 
 #include <cstdint>
@@ -19,11 +18,12 @@
 #include "fused_optim/macros.h"
 #include "fused_optim/update_rules.h"
 
-namespace fused_optim::cuda {
+namespace fused_optim {
 
 // A group's learning rate: the host float `value`, or, when `tensor` is set,
 // the one-element float32 (or float64) tensor it points to, read by the
-// kernel (capturable steps: a scheduler's `lr.fill_(...)` is seen on replay).
+// kernel where the tensor lives (on CUDA, capturable steps: a scheduler's
+// `lr.fill_(...)` is seen on replay).
 struct LrSource {
   double value = 0.0;
   const void* tensor = nullptr;
@@ -130,4 +130,4 @@ struct RmspropHyper {
   }
 };
 
-}  // namespace fused_optim::cuda
+}  // namespace fused_optim
