@@ -19,6 +19,7 @@
 #include <torch/extension.h>
 
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -68,11 +69,29 @@ void def_fast_call(pybind11::module& m, const char* name) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       op.call(Args(args)...);
     }
+    // Written lists get their versions bumped, except `grads`, which the op
+    // writes only to store AMP's unscaled gradients (when grad_scale is
+    // given): torch.optim never bumps a gradient's version otherwise, and an
+    // autograd graph that saved a gradient must survive a step.
     const auto& arguments = op.schema().arguments();
+    bool writes_grads = false;
     size_t index = 0;
+    auto note_grad_scale = [&](const auto& arg) {
+      if constexpr (std::is_same_v<std::decay_t<decltype(arg)>,
+                                   std::optional<at::Tensor>>) {
+        if (arguments[index].name() == "grad_scale")
+          writes_grads = arg.has_value();
+      }
+      ++index;
+    };
+    (note_grad_scale(args), ...);
+    index = 0;
     auto bump_if_written = [&](const auto& arg) {
-      const auto& alias = arguments[index++].alias_info();
-      if (alias && alias->isWrite()) bump_versions_if_list(arg);
+      const auto& argument = arguments[index++];
+      const auto& alias = argument.alias_info();
+      if (!alias || !alias->isWrite()) return;
+      if (argument.name() == "grads" && !writes_grads) return;
+      bump_versions_if_list(arg);
     };
     (bump_if_written(args), ...);
   });

@@ -20,13 +20,16 @@ created for this step is removed again if the step fails.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _use_grad_for_differentiable
 
-from fused_optim import _bucket
+from fused_optim import _bucket, _ops, _torch_path
 from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._build import require_device_supported
 
@@ -35,27 +38,45 @@ PRECISION_DEFAULTS = {"master_weights": False, "state_dtype": None, "stochastic_
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-def check_implementation_keywords(name: str, *, foreach, fused, capturable, differentiable):
-    """Accepts the torch.optim implementation keywords that we can honour and
-    rejects, clearly, those we cannot (never ignore them silently)."""
-    if fused is False:
+def check_implementation_keywords(name: str, *, foreach, fused, differentiable, precision: dict):
+    """torch.optim's checks of the implementation keywords (same exception
+    types and messages), and ours for combining them with our precision
+    options. What each keyword then does: Note [implementation keywords]."""
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    check_torch_path_precision(name, {"fused": fused, "differentiable": differentiable, **precision})
+
+
+# Note [implementation keywords]
+# - fused=None or True: our fused step (the only thing fused can mean here).
+# - foreach=True with fused=None: also the fused step. foreach asks for a
+#   multi-tensor implementation; ours is one, and a strictly faster one,
+#   with the same math and state. (torch.optim refuses a tensor lr with
+#   foreach=True and capturable=False only because its foreach code cannot
+#   read one; ours can, so we accept it.)
+# - fused=False: torch.optim's own unfused step for that group, with
+#   foreach as given (None lets torch choose, as it would): the user asked
+#   for torch's code, so it runs (_torch_path.py). Same for
+#   differentiable=True, which only torch's code can honour.
+# - capturable=True: honoured on CUDA (checked per param at the step, as
+#   torch does); our CUDA step counters always live on the device.
+
+
+def check_torch_path_precision(name: str, group) -> None:
+    """Our precision options live in our kernels only: a group that runs
+    torch.optim's implementation cannot have them."""
+    if not _torch_path.uses_torch_path(group):
+        return
+    chosen = [k for k, v in PRECISION_DEFAULTS.items() if group.get(k, v) not in (v, None, False)]
+    if chosen:
+        asked = "fused=False" if group.get("fused") is False else "differentiable=True"
         raise ValueError(
-            f"fused_optim.{name} is always fused; fused=False asks for torch's "
-            f"unfused implementation: use torch.optim.{name} for that"
+            f"fused_optim.{name}: {', '.join(chosen)} need(s) the fused step, but "
+            f"{asked} runs torch.optim's implementation, which has no such option"
         )
-    if fused and foreach:
-        # torch.optim's own message and type for this combination
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    if differentiable:
-        raise ValueError(
-            f"fused_optim.{name} does not support differentiable=True: the fused "
-            f"step is not recorded by autograd; use torch.optim.{name}"
-        )
-    # capturable=True is honoured on CUDA (checked per param at the step:
-    # torch.optim checks there too); on CUDA our step counters always live on
-    # the device, so capturable only changes what is allowed.
-    # foreach=True/False/None: an implementation hint that the fused step
-    # already supersedes (it processes all tensors in one pass); accepted.
 
 
 def check_precision_keywords(master_weights, state_dtype, stochastic_rounding) -> dict:
@@ -123,9 +144,17 @@ class FusedOptimizer(Optimizer):
     # unscale in registers and skip the step on inf/NaN without a host sync.
     _step_supports_amp_scaling = True
 
+    # The op (fused_optim._ops.OP_NAMES) and the torch.optim class whose
+    # step runs groups with fused=False or differentiable=True.
+    _op_name: str
+    _torch_class: type
+
     def __init__(self, params, defaults):
         self._plan: Plan | None = None
         super().__init__(params, defaults)
+        if _torch_path.uses_torch_path(self.defaults):
+            # As torch.optim: GradScaler unscales for an unfused optimizer.
+            self._step_supports_amp_scaling = False
 
     # ----- subclass interface -------------------------------------------------
 
@@ -165,6 +194,8 @@ class FusedOptimizer(Optimizer):
     def _group_key(self, group) -> tuple:
         """Everything of a group that decides its buckets: the kernel mode
         and the precision options."""
+        if _torch_path.uses_torch_path(group):
+            return None
         return (self._mode(group),) + tuple(group.get(k) for k in PRECISION_DEFAULTS)
 
     def _lr(self, group) -> float:
@@ -173,7 +204,9 @@ class FusedOptimizer(Optimizer):
         the step needs no host sync and a captured CUDA graph sees the
         scheduler's updates; NaN is then a placeholder nobody reads."""
         lr = group["lr"]
-        if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
+        if isinstance(lr, torch.Tensor) and (
+            lr.device.type != "cpu" or torch.compiler.is_compiling()
+        ):
             return math.nan
         return to_float(lr)
 
@@ -181,15 +214,26 @@ class FusedOptimizer(Optimizer):
         """This group's per-group op arguments, as floats, in op order."""
         raise NotImplementedError
 
-    def _launch(self, bucket: Bucket, grads: list, hyper: list, extras: OpExtras) -> None:
-        """Calls the op on one bucket. ``hyper`` holds one list per
-        hyperparameter with one entry per group; ``extras`` the arguments
-        every op shares. The classes call the op
-        through fused_optim._C.<op> (positional arguments, the op's schema):
-        the same kernel as torch.ops.fused_optim.<op>, with a cheaper
-        crossing for thousands of tensors (csrc/python_module.cpp, Note
-        [fast op call])."""
+    def _op_arguments(self, mode, params, grads, states, steps, group_index, new_state, hyper, extras) -> tuple:
+        """The op's positional arguments (its schema's order, mode flags
+        last) for one call: ``states`` holds one list per state name of
+        ``mode``, ``steps`` the step counters (or []), ``new_state`` the
+        indices of tensors whose state is new this step, ``hyper`` one list
+        per hyperparameter with one entry per group, ``extras`` the
+        arguments every op shares."""
         raise NotImplementedError
+
+    def _launch(self, bucket: Bucket, grads: list, hyper: list, extras: OpExtras) -> None:
+        """Calls the op on one bucket, through fused_optim._C (the same
+        kernel as torch.ops.fused_optim.<op>, with a cheaper crossing for
+        thousands of tensors: Note [fast op call] in
+        csrc/python_module.cpp)."""
+        params, grads, states = self._op_lists(bucket, grads)
+        args = self._op_arguments(
+            bucket.mode, params, grads, states, bucket.steps(), bucket.group_index,
+            bucket.new_state, hyper, extras,
+        )
+        _ops.call_fast(self._op_name, args)
 
     def _sparse_step(self, group, params, grads, is_new) -> None:
         """Updates params with sparse gradients (SGD, Adagrad); ``is_new[i]``
@@ -205,18 +249,53 @@ class FusedOptimizer(Optimizer):
         super().add_param_group(param_group)
         self._plan = None
 
+    def state_dict(self):
+        """torch.optim's ``state_dict``, in torch.optim's layout: our
+        precision options (master_weights, state_dtype, stochastic_rounding)
+        are configuration, like the constructor's arguments, and are not in
+        the param groups, so that a checkpoint of ours has the keys of
+        torch.optim's and torch.distributed.checkpoint loads a torch.optim
+        checkpoint into ours (its default planner requires every key of
+        ours to be in the checkpoint). Our extra state (``master_param``)
+        stays in ``state``. Hooks run as in torch.optim; post-hooks see the
+        final dict."""
+        with _hooks_set_aside(self, "_optimizer_state_dict_post_hooks") as (post_hooks,):
+            state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key in PRECISION_DEFAULTS:
+                group.pop(key, None)
+        for hook in post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
     def load_state_dict(self, state_dict):
+        """torch.optim's ``load_state_dict`` (pre-hooks, then the load, then
+        post-hooks), with the loaded layout checked before anything changes
+        (Note [validate before mutating]) and the state brought to this
+        optimizer's precision options afterwards. Param groups keep their
+        precision options unless the checkpoint has them (older ones of
+        ours did)."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         self._check_state_dict(state_dict)
-        # torch.optim's load replaces each group with the saved one: options
-        # of ours that a torch.optim checkpoint lacks keep their values.
         ours = [{k: g[k] for k in PRECISION_DEFAULTS if k in g} for g in self.param_groups]
-        super().load_state_dict(state_dict)
+        with _hooks_set_aside(
+            self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
+        ) as (_, post_hooks):
+            super().load_state_dict(state_dict)
         for group, saved, options in zip(self.param_groups, state_dict["param_groups"], ours):
             for key, value in options.items():
                 if key not in saved:
                     group[key] = value
         self._plan = None
         self._normalize_state(state_dict)
+        for hook in post_hooks.values():
+            hook(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -230,7 +309,7 @@ class FusedOptimizer(Optimizer):
         state.pop("_plan", None)
         return state
 
-    @torch.no_grad()
+    @_use_grad_for_differentiable
     def step(self, closure=None):
         """Performs a single optimization step.
 
@@ -242,6 +321,9 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            self._traced_step()
+            return loss
         created = []  # (param, state keys it had before, or None)
         try:
             self._step(created)
@@ -254,17 +336,21 @@ class FusedOptimizer(Optimizer):
                     state = self.state[param]
                     for key in [k for k in state if k not in previous_keys]:
                         del state[key]
-            if created:
-                self._plan = None
+            self._plan = None
             raise
         return loss
 
     # ----- the step ---------------------------------------------------------------
 
     def _step(self, created: list) -> None:
-        plan = self._current_plan()
+        plan = self._current_plan(created)
         if any(p.grad is not None for p in plan.stateless):
             plan = self._build_plan(created)
+        torch_groups = [
+            (gi, g) for gi, g in enumerate(self.param_groups) if _torch_path.uses_torch_path(g)
+        ]
+        for gi, group in torch_groups:
+            self._check_torch_group(gi, group)
         hyper = self._hyperparameter_lists()
         lr_tensors = self._lr_tensors()
         grad_scale = getattr(self, "grad_scale", None)
@@ -329,6 +415,16 @@ class FusedOptimizer(Optimizer):
                 bucket.new_state.clear()
         for group, params, grads, is_new in sparse:
             self._sparse_step(group, params, grads, is_new)
+        if torch_groups:
+            _torch_path.torch_step(self, [group for _, group in torch_groups])
+
+    def _check_torch_group(self, gi: int, group) -> None:
+        """Validates a group that torch.optim's step will update, before
+        anything is written (torch's own checks run again inside)."""
+        check_torch_path_precision(type(self).__name__, group)
+        for pi, param in enumerate(group["params"]):
+            if param.grad is not None:
+                self._check_grad(gi, pi, param, param.grad)
 
     def _op_lists(self, bucket: Bucket, grads: list) -> tuple[list, list, list]:
         """(params, grads, [state list per name]) as the op takes them:
@@ -401,38 +497,144 @@ class FusedOptimizer(Optimizer):
     def _check_call(self, bucket: Bucket, grads: list) -> None:
         """Python-side validation of one call, with messages that name the
         param group and the param. Mirrors the op's own checks."""
-        name = type(self).__name__
         for i, (param, grad) in enumerate(zip(bucket.params, grads)):
             gi, pi = bucket.positions[i]
-            where = f"param {pi} of param group {gi}"
-            if grad.is_sparse:
-                if self._supports_sparse:
-                    self._check_sparse_options(bucket)
-                    self._check_sparse(self.param_groups[gi], param, grad)
-                    continue
-                raise RuntimeError(
-                    f"fused_optim.{name} does not support sparse gradients ({where})"
-                    + (", please consider SparseAdam instead" if "Adam" in name else "")
+            if grad.is_sparse and self._supports_sparse:
+                self._check_sparse_options(bucket)
+                self._check_sparse(self.param_groups[gi], param, grad)
+                continue
+            self._check_grad(gi, pi, param, grad)
+
+    def _check_grad(self, gi: int, pi: int, param, grad) -> None:
+        """Raises if ``grad`` cannot update ``param`` (param ``pi`` of group
+        ``gi``): sparse where unsupported, or a layout, dtype, shape or
+        device that differs from the param's."""
+        name = type(self).__name__
+        where = f"param {pi} of param group {gi}"
+        if grad.is_sparse:
+            if self._supports_sparse:
+                return
+            raise RuntimeError(
+                f"fused_optim.{name} does not support sparse gradients ({where})"
+                + (", please consider SparseAdam instead" if "Adam" in name else "")
+            )
+        for mismatch in (
+            grad.layout != torch.strided
+            and f"has layout {grad.layout}; only dense gradients are supported",
+            grad.dtype != param.dtype
+            and f"has dtype {grad.dtype} but the param has dtype {param.dtype}",
+            grad.shape != param.shape
+            and f"has shape {tuple(grad.shape)} but the param has shape {tuple(param.shape)}",
+            grad.device != param.device
+            and f"is on {grad.device} but the param is on {param.device}",
+        ):
+            if mismatch:
+                raise RuntimeError(f"fused_optim.{name}: the gradient of {where} {mismatch}")
+
+    # ----- the step under torch.compile --------------------------------------------
+
+    # Note [traced step]
+    # Under torch.compile the step is traced into the graph, which the plan
+    # (Python objects cached across steps) and the pybind call would break.
+    # So a traced step takes torch.optim's shape: per param group, an eager
+    # ``_init_group`` (Dynamo runs a method of that name outside the graph,
+    # as for torch.optim, and guards on the state it made) fills lists of
+    # the tensors that have gradients, and the public op
+    # torch.ops.fused_optim.<op> updates them, one call per (device, dtype)
+    # of the group. Same kernel and same math as eager, so the same bits.
+    # Dynamo marks every group ``capturable=True`` in its traced copy of
+    # the param groups; the traced code therefore never reads capturable
+    # (_init_group sees the real groups). A tensor ``lr`` is read by the
+    # kernel (``lr_tensors``), so a scheduler changing it recompiles
+    # nothing, as torch's compiled-optimizer recipe expects.
+
+    def _init_group(self, group, params, grads, states, masters, steps):
+        """The eager half of a traced step for one group: validates, creates
+        missing state, and appends to the (empty) lists the tensors of the
+        params that have gradients, grouped by (device, dtype); ``states``
+        gets each param's state tensors in ``_state_names`` order, flat.
+        Returns one tuple per op call: (start, end, start in ``masters`` or
+        -1 without master weights, stochastic rounding, indices of new
+        state, complex)."""
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        mode = self._mode(group)
+        names = self._state_names(mode)
+        kinds: dict = {}
+        for pi, param in enumerate(group["params"]):
+            if param.grad is not None:
+                self._check_param(param, group, gi, pi)
+                if param.grad.is_sparse:
+                    raise RuntimeError(
+                        f"fused_optim.{type(self).__name__}: sparse gradients are not supported "
+                        "under torch.compile"
+                    )
+                self._check_grad(gi, pi, param, param.grad)
+                kinds.setdefault((param.device, param.dtype), []).append(param)
+        calls = []
+        for kind_params in kinds.values():
+            start, master_start, new_state = len(params), len(masters), []
+            for param in kind_params:
+                precision = precision_of(group, _real_dtype(param))
+                state = self.state[param]
+                if self._needs_state_for(group, state):
+                    if self._init_state(param, group, state, _state_dtype(param, precision)):
+                        new_state.append(len(params) - start)
+                self._conform_state(param, group, precision, state)
+                params.append(param)
+                grads.append(param.grad)
+                states.extend(state[name] for name in names)
+                if precision.master_weights:
+                    masters.append(state["master_param"])
+                if self._keeps_step(group):
+                    steps.append(state["step"])
+            if not precision.master_weights:
+                master_start = -1
+            calls.append((start, len(params), master_start, precision.stochastic_rounding,
+                          tuple(new_state), kind_params[0].is_complex()))
+        return tuple(calls)
+
+    def _traced_step(self) -> None:
+        """The step as torch.compile traces it: Note [traced step]."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            if _torch_path.uses_torch_path(group):
+                _torch_path.torch_step(self, [group])
+                continue
+            params, grads, states, masters, steps = [], [], [], [], []
+            calls = self._init_group(group, params, grads, states, masters, steps)
+            mode = self._mode(group)
+            count = len(self._state_names(mode))
+            lr = group["lr"]
+            lr_tensors = [lr] if isinstance(lr, torch.Tensor) else []
+            hyper = [[value] for value in self._hyperparameters(group)]
+            for start, end, master_start, rounding, new_state, is_complex in calls:
+                call_params, call_grads = params[start:end], grads[start:end]
+                call_states = [states[start * count + k:end * count:count] for k in range(count)]
+                if is_complex:
+                    call_params, call_grads = _bucket.as_real(call_params), _bucket.as_real(call_grads)
+                    call_states = [_bucket.as_real(s) for s in call_states]
+                device = call_params[0].device
+                extras = OpExtras(
+                    [] if master_start < 0 else masters[master_start:master_start + end - start],
+                    lr_tensors,
+                    None if grad_scale is None else grad_scale.to(device),
+                    None if found_inf is None else found_inf.to(device),
+                    rounding,
                 )
-            for mismatch in (
-                grad.layout != torch.strided
-                and f"has layout {grad.layout}; only dense gradients are supported",
-                grad.dtype != param.dtype
-                and f"has dtype {grad.dtype} but the param has dtype {param.dtype}",
-                grad.shape != param.shape
-                and f"has shape {tuple(grad.shape)} but the param has shape {tuple(param.shape)}",
-                grad.device != param.device
-                and f"is on {grad.device} but the param is on {param.device}",
-            ):
-                if mismatch:
-                    raise RuntimeError(f"fused_optim.{name}: the gradient of {where} {mismatch}")
+                args = self._op_arguments(
+                    mode, call_params, call_grads, call_states,
+                    steps[start:end] if steps else [], [0] * (end - start),
+                    list(new_state), hyper, extras,
+                )
+                _ops.call_public(self._op_name, args)
 
     # ----- planning -----------------------------------------------------------
 
-    def _current_plan(self) -> Plan:
+    def _current_plan(self, created: list) -> Plan:
         plan = self._plan
         if plan is None or plan.signature != _bucket.groups_signature(self, self._group_key):
-            plan = self._build_plan([])
+            plan = self._build_plan(created)
         return plan
 
     def _build_plan(self, created: list) -> Plan:
@@ -442,6 +644,8 @@ class FusedOptimizer(Optimizer):
         buckets: dict = {}
         stateless = []
         for gi, group in enumerate(self.param_groups):
+            if _torch_path.uses_torch_path(group):
+                continue  # stepped by torch.optim's code (_torch_path.py)
             mode = self._mode(group)
             names = self._state_names(mode)
             for pi, param in enumerate(group["params"]):
@@ -581,6 +785,8 @@ class FusedOptimizer(Optimizer):
                 if key in state_dict["state"]:
                     saved[param] = (group, state_dict["state"][key])
         for param, state in self.state.items():
+            if not isinstance(param, torch.Tensor) or not isinstance(state, dict):
+                continue  # torch allows other entries (flags of hooks): kept as loaded
             group, source = saved.get(param, (None, {}))
             if group is not None and param.is_floating_point():
                 precision = precision_of(group, param.dtype)
@@ -600,6 +806,21 @@ class FusedOptimizer(Optimizer):
             if step.device != device or step.dtype not in (torch.float32, torch.float64):
                 step = step.detach().to(device, torch.float32)
             state["step"] = step
+
+
+@contextlib.contextmanager
+def _hooks_set_aside(optimizer, *names: str):
+    """Empties the named hook dicts of ``optimizer`` for the duration and
+    yields their contents, so that the caller runs them itself at the point
+    where torch.optim would (around our additions to its method)."""
+    saved = tuple(getattr(optimizer, name) for name in names)
+    for name in names:
+        setattr(optimizer, name, OrderedDict())
+    try:
+        yield saved
+    finally:
+        for name, hooks in zip(names, saved):
+            setattr(optimizer, name, hooks)
 
 
 def _real_dtype(param) -> torch.dtype:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim.adagrad import adagrad as _torch_adagrad
 
-from fused_optim import _C, _docs
+from fused_optim import _docs
 from fused_optim._base import (
     FusedOptimizer,
     check_implementation_keywords,
@@ -19,6 +19,8 @@ __all__ = ["Adagrad"]
 
 
 class Adagrad(FusedOptimizer):
+    _op_name = "adagrad_"
+    _torch_class = torch.optim.Adagrad
     _supports_sparse = True
 
     def __init__(
@@ -51,8 +53,9 @@ class Adagrad(FusedOptimizer):
             raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
+        precision = check_precision_keywords(master_weights, state_dtype, stochastic_rounding)
         check_implementation_keywords(
-            "Adagrad", foreach=foreach, fused=fused, capturable=False, differentiable=differentiable
+            "Adagrad", foreach=foreach, fused=fused, differentiable=differentiable, precision=precision
         )
         defaults = {
             "lr": lr,
@@ -64,7 +67,7 @@ class Adagrad(FusedOptimizer):
             "maximize": maximize,
             "differentiable": differentiable,
             "fused": fused,
-            **check_precision_keywords(master_weights, state_dtype, stochastic_rounding),
+            **precision,
         }
         super().__init__(params, defaults)
         # As torch.optim.Adagrad, state exists from construction on (its
@@ -113,16 +116,15 @@ class Adagrad(FusedOptimizer):
             to_float(group["eps"]),
         )
 
-    def _launch(self, bucket, grads, hyper, extras) -> None:
-        (maximize,) = bucket.mode
-        params, grads, states = self._op_lists(bucket, grads)
-        _C.adagrad_(
+    def _op_arguments(self, mode, params, grads, states, steps, group_index, new_state, hyper, extras) -> tuple:
+        (maximize,) = mode
+        return (
             params,
             grads,
             states[0],
             extras.master_params,
-            bucket.steps(),
-            bucket.group_index,
+            steps,
+            group_index,
             *hyper,
             *extras.tail,
             maximize,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim import _C, _docs
+from fused_optim import _docs
 from fused_optim._base import (
     FusedOptimizer,
     check_implementation_keywords,
@@ -16,6 +16,9 @@ __all__ = ["Adam", "AdamW"]
 
 
 class Adam(FusedOptimizer):
+    _op_name = "adam_"
+    _torch_class = torch.optim.Adam
+
     def __init__(
         self,
         params,
@@ -56,12 +59,21 @@ class Adam(FusedOptimizer):
         for i, beta in enumerate(betas):
             if isinstance(beta, torch.Tensor) and beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        if fused is False and foreach and not capturable:
+            # torch's foreach code, which fused=False runs, reads no tensor
+            # lr or betas (our fused step does: accepted there).
+            for value, name in ((lr, "lr"), (betas[0], "betas[0]"), (betas[1], "betas[1]")):
+                if isinstance(value, torch.Tensor):
+                    raise ValueError(
+                        f"{name} as a Tensor is not supported for capturable=False and foreach=True"
+                    )
+        precision = check_precision_keywords(master_weights, state_dtype, stochastic_rounding)
         check_implementation_keywords(
             type(self).__name__,
             foreach=foreach,
             fused=fused,
-            capturable=capturable,
             differentiable=differentiable,
+            precision=precision,
         )
         betas = tuple(to_float(b) if isinstance(b, torch.Tensor) else b for b in betas)
         defaults = {
@@ -76,7 +88,7 @@ class Adam(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
-            **check_precision_keywords(master_weights, state_dtype, stochastic_rounding),
+            **precision,
         }
         super().__init__(params, defaults)
 
@@ -108,18 +120,17 @@ class Adam(FusedOptimizer):
             to_float(group["weight_decay"]),
         )
 
-    def _launch(self, bucket, grads, hyper, extras) -> None:
-        amsgrad, decoupled, maximize = bucket.mode
-        params, grads, states = self._op_lists(bucket, grads)
-        _C.adam_(
+    def _op_arguments(self, mode, params, grads, states, steps, group_index, new_state, hyper, extras) -> tuple:
+        amsgrad, decoupled, maximize = mode
+        return (
             params,
             grads,
             states[0],
             states[1],
             states[2] if amsgrad else [],
             extras.master_params,
-            bucket.steps(),
-            bucket.group_index,
+            steps,
+            group_index,
             *hyper,
             *extras.tail,
             amsgrad,

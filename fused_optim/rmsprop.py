@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim import _C, _docs
+from fused_optim import _docs
 from fused_optim._base import (
     FusedOptimizer,
     check_implementation_keywords,
@@ -16,6 +16,9 @@ __all__ = ["RMSprop"]
 
 
 class RMSprop(FusedOptimizer):
+    _op_name = "rmsprop_"
+    _torch_class = torch.optim.RMSprop
+
     def __init__(
         self,
         params,
@@ -47,8 +50,10 @@ class RMSprop(FusedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if not 0.0 <= alpha:
             raise ValueError(f"Invalid alpha value: {alpha}")
+        precision = check_precision_keywords(master_weights, state_dtype, stochastic_rounding)
+        # (torch.optim.RMSprop has no fused keyword: its fused step is ours)
         check_implementation_keywords(
-            "RMSprop", foreach=foreach, fused=None, capturable=capturable, differentiable=differentiable
+            "RMSprop", foreach=foreach, fused=None, differentiable=differentiable, precision=precision
         )
         defaults = {
             "lr": lr,
@@ -61,7 +66,7 @@ class RMSprop(FusedOptimizer):
             "foreach": foreach,
             "maximize": maximize,
             "differentiable": differentiable,
-            **check_precision_keywords(master_weights, state_dtype, stochastic_rounding),
+            **precision,
         }
         super().__init__(params, defaults)
 
@@ -95,19 +100,18 @@ class RMSprop(FusedOptimizer):
             to_float(group["momentum"]),
         )
 
-    def _launch(self, bucket, grads, hyper, extras) -> None:
-        centered, uses_momentum, maximize = bucket.mode
-        params, grads, states = self._op_lists(bucket, grads)
-        by_name = dict(zip(bucket.state_names, states))
-        _C.rmsprop_(
+    def _op_arguments(self, mode, params, grads, states, steps, group_index, new_state, hyper, extras) -> tuple:
+        centered, uses_momentum, maximize = mode
+        by_name = dict(zip(self._state_names(mode), states))
+        return (
             params,
             grads,
             by_name["square_avg"],
             by_name.get("grad_avg", []),
             by_name.get("momentum_buffer", []),
             extras.master_params,
-            bucket.steps(),
-            bucket.group_index,
+            steps,
+            group_index,
             *hyper,
             *extras.tail,
             centered,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
-from fused_optim import _C, _docs
+from fused_optim import _docs
 from fused_optim._base import (
     FusedOptimizer,
     check_implementation_keywords,
@@ -18,6 +18,8 @@ __all__ = ["SGD"]
 
 
 class SGD(FusedOptimizer):
+    _op_name = "sgd_"
+    _torch_class = torch.optim.SGD
     _has_step = False
     _supports_sparse = True
 
@@ -47,6 +49,7 @@ class SGD(FusedOptimizer):
             raise ValueError(f"Invalid momentum value: {momentum}")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        precision = check_precision_keywords(master_weights, state_dtype, stochastic_rounding)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -57,12 +60,12 @@ class SGD(FusedOptimizer):
             "foreach": foreach,
             "differentiable": differentiable,
             "fused": fused,
-            **check_precision_keywords(master_weights, state_dtype, stochastic_rounding),
+            **precision,
         }
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_implementation_keywords(
-            "SGD", foreach=foreach, fused=fused, capturable=False, differentiable=differentiable
+            "SGD", foreach=foreach, fused=fused, differentiable=differentiable, precision=precision
         )
         super().__init__(params, defaults)
 
@@ -107,18 +110,17 @@ class SGD(FusedOptimizer):
             to_float(group["weight_decay"]),
         )
 
-    def _launch(self, bucket, grads, hyper, extras) -> None:
-        uses_momentum, nesterov, maximize = bucket.mode
-        params, grads, states = self._op_lists(bucket, grads)
-        _C.sgd_(
+    def _op_arguments(self, mode, params, grads, states, steps, group_index, new_state, hyper, extras) -> tuple:
+        uses_momentum, nesterov, maximize = mode
+        return (
             params,
             grads,
             states[0] if uses_momentum else [],
             extras.master_params,
-            bucket.steps(),
-            bucket.group_index,
+            steps,
+            group_index,
             *hyper,
-            bucket.new_state if uses_momentum else [],
+            new_state if uses_momentum else [],
             *extras.tail,
             nesterov,
             maximize,

@@ -323,13 +323,26 @@ def _constructor_errors() -> list[ErrorCase]:
     for name in OPTIMIZER_NAMES:
         for cid, kw, text in common + specific[name]:
             cases.append(ErrorCase(f"{name}-{cid}", name, kw, ValueError, _msg(text)))
-        # Keywords accepted for compatibility but not honoured: a clear error,
-        # never silently ignored (DESIGN.md section 2).
+        # Implementation keywords: torch's own refusals, same type and text.
         if name in HAS_FUSED:
-            cases.append(ErrorCase(f"{name}-fused_false", name, dict(fused=False), ValueError,
-                                   "fused", from_torch=False))
-        cases.append(ErrorCase(f"{name}-differentiable", name, dict(differentiable=True),
-                               ValueError, "differentiable", from_torch=False))
+            cases.append(ErrorCase(f"{name}-fused_foreach", name, dict(fused=True, foreach=True),
+                                   RuntimeError, _msg("`fused` and `foreach` cannot be `True` together.")))
+            cases.append(ErrorCase(f"{name}-fused_differentiable", name,
+                                   dict(fused=True, differentiable=True), RuntimeError,
+                                   _msg("`fused` does not support `differentiable`")))
+            # Ours: the precision options live in the fused kernels only.
+            cases.append(ErrorCase(f"{name}-unfused_master_weights", name,
+                                   dict(fused=False, master_weights=True), ValueError,
+                                   "master_weights need.*fused=False", from_torch=False))
+        cases.append(ErrorCase(f"{name}-differentiable_state_dtype", name,
+                               dict(differentiable=True, state_dtype=torch.bfloat16), ValueError,
+                               "state_dtype need.*differentiable=True", from_torch=False))
+    for name in ("Adam", "AdamW"):
+        # fused=False with foreach=True runs torch's foreach code, which
+        # reads no tensor lr: refused as torch does (our fused step takes one).
+        cases.append(ErrorCase(f"{name}-unfused_foreach_tensor_lr", name,
+                               dict(fused=False, foreach=True, lr=torch.tensor(0.01)), ValueError,
+                               _msg("lr as a Tensor is not supported for capturable=False and foreach=True")))
     return cases
 
 
@@ -343,7 +356,12 @@ ACCEPTED_KWARGS: list[dict[str, Any]] = [
     dict(foreach=False),
     dict(fused=None),
     dict(fused=True),
+    dict(fused=False),
+    dict(fused=False, foreach=True),
+    dict(fused=False, foreach=False),
     dict(differentiable=False),
+    dict(differentiable=True),
+    dict(differentiable=True, foreach=False),
 ]
 
 # Step-time errors: (what is wrong, exception types accepted, message regex).

@@ -67,11 +67,25 @@ def test_compat_keywords_accepted(name, kwargs):
         with pytest.raises(TypeError):  # like torch: no such keyword
             getattr(fused_optim, name)(_params(), lr=0.01, **kwargs)
         return
+    # Accepted, and stepping as torch.optim does with the same keywords.
+    torch.manual_seed(0)
     p = _params()
+    ref = [t.detach().clone().requires_grad_() for t in p]
     opt = getattr(fused_optim, name)(p, lr=0.01, **kwargs)
-    for t in p:
-        t.grad = torch.randn_like(t)
-    opt.step()
+    ref_opt = getattr(torch.optim, name)(ref, lr=0.01, **kwargs)
+    for _ in range(3):
+        for t, r in zip(p, ref):
+            t.grad = torch.randn_like(t)
+            r.grad = t.grad.clone()
+        try:
+            ref_opt.step()
+        except Exception as error:  # e.g. differentiable=True on leaf params
+            with pytest.raises(type(error)):
+                opt.step()
+            return
+        opt.step()
+    for t, r in zip(p, ref):
+        torch.testing.assert_close(t, r)
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)

@@ -2,7 +2,8 @@
 csrc/python_module.cpp), below the autograd dispatch keys. These tests hold
 that entry to the public one: same results as torch.ops.fused_optim, and the
 version counters of written tensors bumped, as any in-place op does (else
-autograd could not detect a param modified after it was saved)."""
+autograd could not detect a param modified after it was saved), and only
+those: gradients only when AMP's unscale writes them."""
 
 import pytest
 import torch
@@ -35,17 +36,35 @@ def test_fast_call_equals_torch_ops():
             assert torch.equal(x, y)
 
 
-def test_fast_call_bumps_versions_of_annotated_lists():
+@pytest.mark.parametrize("amp", [False, True])
+def test_fast_call_bumps_versions_of_written_lists(amp):
     args = _adam_args(1)
+    if amp:  # grad_scale given: the op writes the unscaled gradients
+        args[-2] = torch.tensor(4.0)
     before = [[t._version for t in lst] for lst in args[:7]]
     _C.adam_(*args, True, True, False, False)
     after = [[t._version for t in lst] for lst in args[:7]]
-    # grads are annotated as written (they are, when AMP unscales them), so
-    # their versions move too, as the schema says
-    written = [True, True, True, True, True, True, True]
+    # params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
+    # state_steps: grads only when AMP writes them back, as torch.optim
+    written = [True, amp, True, True, True, True, True]
     for lst_before, lst_after, is_written in zip(before, after, written):
         for v0, v1 in zip(lst_before, lst_after):
             assert v1 == v0 + (1 if is_written else 0)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"])
+def test_step_leaves_a_saved_gradient_usable(name):
+    # torch.optim never writes a gradient (without GradScaler), so a graph
+    # that saved one (e.g. a gradient penalty) still runs backward after a
+    # step.
+    w = torch.nn.Parameter(torch.randn(4))
+    w.grad = torch.randn(4, requires_grad=True)
+    penalty = (w.grad * w.grad).sum()  # saves the gradient
+    version = w.grad._version
+    getattr(fused_optim, name)([w], lr=0.1).step()
+    assert w.grad._version == version
+    penalty.backward()
+    assert w.grad.grad is not None
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"])

@@ -77,11 +77,12 @@ def _assert_layout_like_torch(sd_ours, sd_torch, cfg):
     assert len(sd_ours["param_groups"]) == len(sd_torch["param_groups"])
     for go, gt in zip(sd_ours["param_groups"], sd_torch["param_groups"]):
         assert go["params"] == gt["params"], "param ids of the state_dict differ from torch's"
-        assert set(go) == set(gt) | set(OUR_KEYWORDS), (
+        # exactly torch's keys: our precision options are configuration,
+        # not saved (so torch.distributed.checkpoint loads either into the
+        # other with its default planner)
+        assert set(go) == set(gt), (
             f"param_groups keys: ours {sorted(go)} vs torch {sorted(gt)}"
         )
-        for k, default in OUR_KEYWORDS.items():
-            assert go[k] == default, f"group[{k!r}]: {go[k]!r}, expected the default {default!r}"
         for k in gt:
             # The torch reference runs with foreach=False.
             if k not in ("params", "foreach"):

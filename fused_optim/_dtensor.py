@@ -1,0 +1,142 @@
+"""DTensor support for the public ops: ``torch.ops.fused_optim.*`` on the
+DTensors of FSDP2 (``fully_shard``) and tensor parallelism.
+
+An optimizer update is pointwise: element i of a param depends only on
+element i of its gradient and state. So a call whose tensor i is sharded the
+same way in every list (same mesh, same placements) is the same call on the
+local shards, with no communication. That is the whole rule, registered as
+DTensor's handler for our ops (the dispatcher consults it before sharding
+propagation): check the placements, unwrap, call the op on the local
+tensors. One fused call still covers all the shards of a bucket.
+
+- Tensors aligned with ``params`` (gradients, state, master weights) must
+  be DTensors exactly where the param is one, on its mesh with its
+  placements; anything else raises before a tensor is written (a
+  redistribution would update a copy).
+- Per-call tensors (``state_steps``, ``lr_tensors``, ``grad_scale``,
+  ``found_inf``) may be plain tensors (torch.optim keeps FSDP2 step
+  counters plain) or replicated DTensors.
+- Partial placements are refused: a pending reduction is not a value to
+  update.
+
+Importing torch.distributed.tensor costs about half a second, so the
+handler is registered when that module is imported, by whoever imports it
+(or at once, if it already was).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+
+import torch
+
+from fused_optim._ops import OP_NAMES
+
+_MODULE = "torch.distributed.tensor"
+# Per-call tensor arguments: not aligned with the params.
+_PER_CALL = ("state_steps", "lr_tensors", "grad_scale", "found_inf")
+
+
+def _local_call(op, args, kwargs):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    arguments = op._schema.arguments
+    values = list(args) + [kwargs[a.name] for a in arguments[len(args):]]
+    names = [a.name for a in arguments]
+    params = values[names.index("params")]
+    where = f"{op._schema.name}"
+
+    def replicated(name, t):
+        if not isinstance(t, DTensor):
+            return t
+        if any(p != Replicate() for p in t.placements):
+            raise RuntimeError(
+                f"{where}: {name} is a DTensor with placements {t.placements}; "
+                "per-call tensors must be plain tensors or replicated"
+            )
+        return t.to_local()
+
+    def aligned(name, tensors):
+        if len(tensors) not in (0, len(params)):
+            return tensors  # the op's own length check reports it
+        local = []
+        for i, (t, p) in enumerate(zip(tensors, params)):
+            if isinstance(p, DTensor) != isinstance(t, DTensor):
+                raise RuntimeError(
+                    f"{where}: params[{i}] is {'a DTensor' if isinstance(p, DTensor) else 'a plain tensor'}"
+                    f" but {name}[{i}] is {'a DTensor' if isinstance(t, DTensor) else 'a plain tensor'}; "
+                    "the tensors of one param must all be DTensors or all plain"
+                )
+            if isinstance(t, DTensor):
+                if t.device_mesh != p.device_mesh or t.placements != p.placements:
+                    raise RuntimeError(
+                        f"{where}: {name}[{i}] has mesh {t.device_mesh} and placements "
+                        f"{t.placements}, but params[{i}] has {p.device_mesh} and "
+                        f"{p.placements}; an update is pointwise and needs them equal"
+                    )
+                if any(placement.is_partial() for placement in t.placements):
+                    raise RuntimeError(
+                        f"{where}: {name}[{i}] has a Partial placement {t.placements}; "
+                        "reduce it (redistribute) before the optimizer step"
+                    )
+                if t.shape != p.shape:
+                    raise RuntimeError(
+                        f"{where}: {name}[{i}] has shape {tuple(t.shape)} but params[{i}] "
+                        f"has shape {tuple(p.shape)}"
+                    )
+                t = t._local_tensor
+            local.append(t)
+        return local
+
+    local_values = []
+    for argument, value in zip(arguments, values):
+        if argument.name in _PER_CALL:
+            value = [replicated(argument.name, t) for t in value] if isinstance(value, list) else replicated(argument.name, value)
+        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            value = aligned(argument.name, value)
+        local_values.append(value)
+    positional = [v for a, v in zip(arguments, local_values) if not a.kwarg_only]
+    keywords = {a.name: v for a, v in zip(arguments, local_values) if a.kwarg_only}
+    return op(*positional, **keywords)
+
+
+def register() -> None:
+    """Makes DTensor dispatch our ops through ``_local_call``."""
+    from torch.distributed.tensor import DTensor
+
+    handlers = DTensor._op_dispatcher._custom_op_handlers
+    for name in OP_NAMES:
+        handlers[getattr(torch.ops.fused_optim, name).default] = _local_call
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Registers the handler right after torch.distributed.tensor is
+    imported (and steps aside: the other finders find the module)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            register()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def register_when_imported() -> None:
+    if not torch.distributed.is_available():
+        return
+    if _MODULE in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+

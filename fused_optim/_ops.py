@@ -1,0 +1,41 @@
+"""The two ways the classes call an op, and the one list of op names.
+
+Eager steps call ``fused_optim._C.<op>`` (Note [fast op call] in
+csrc/python_module.cpp): positional arguments in schema order, converted
+while holding the GIL. Traced steps (torch.compile) call
+``torch.ops.fused_optim.<op>``, the public op, which takes its mode flags as
+keywords (they follow ``*`` in the schema). Both take the same positional
+tuple here, so a class builds its arguments once (``_op_arguments``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim import _C
+
+OP_NAMES = ("adam_", "sgd_", "adagrad_", "rmsprop_")
+
+
+def _keyword_names(name: str) -> tuple[int, tuple]:
+    """(number of positional arguments, names of the keyword-only ones)."""
+    arguments = getattr(torch.ops.fused_optim, name).default._schema.arguments
+    keywords = tuple(a.name for a in arguments if a.kwarg_only)
+    return len(arguments) - len(keywords), keywords
+
+
+_SCHEMAS = {name: _keyword_names(name) for name in OP_NAMES}
+
+
+def call_fast(name: str, args: tuple) -> None:
+    """The eager entry: the backend kernel without the dispatcher's
+    per-tensor boxing (DTensors still reach their handler, _dtensor.py)."""
+    getattr(_C, name)(*args)
+
+
+def call_public(name: str, args: tuple) -> None:
+    """The public, traceable op with the same positional tuple."""
+    positional, keywords = _SCHEMAS[name]
+    getattr(torch.ops.fused_optim, name)(
+        *args[:positional], **dict(zip(keywords, args[positional:]))
+    )

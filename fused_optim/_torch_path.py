@@ -1,0 +1,58 @@
+"""``fused=False`` and ``differentiable=True``: torch.optim's own step.
+
+A user who passes ``fused=False`` asks for torch's unfused implementation
+(the single-tensor or foreach code, chosen by ``foreach`` as torch chooses),
+and ``differentiable=True`` asks for a step that autograd records. Neither
+is ours to reimplement: the groups that ask for them are stepped by
+``torch.optim.X.step`` itself, run on a stand-in optimizer that shares this
+optimizer's ``defaults``, ``state`` and those param group dicts. Our state
+layout is torch's, so the two paths can even alternate on one param.
+
+The stand-in has no hooks: the step's hooks are this optimizer's and run
+once, around its whole step. (torch wraps a class's ``step`` with the hook
+runner when the first instance is made; that wrapper is peeled off.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def uses_torch_path(group) -> bool:
+    """Whether a group asks for torch.optim's implementation."""
+    return group.get("fused") is False or bool(group.get("differentiable"))
+
+
+def _without_hooks(step):
+    while getattr(step, "hooked", False):
+        step = step.__wrapped__
+    return step
+
+
+def torch_step(optimizer, groups: list) -> None:
+    """Steps ``groups`` (param group dicts of ``optimizer``) with
+    ``optimizer._torch_class``'s step, on ``optimizer.state``.
+
+    Under torch.amp.GradScaler (which hands us its scale because our fused
+    path unscales in the kernel) the gradients of these groups are
+    unscaled here, as GradScaler.unscale_ would, or the step skipped on
+    inf/NaN: torch's unfused code takes no scale."""
+    grad_scale = getattr(optimizer, "grad_scale", None)
+    found_inf = getattr(optimizer, "found_inf", None)
+    if found_inf is not None and bool(found_inf.item()):
+        return
+    if grad_scale is not None:
+        grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+        inverse = grad_scale.double().reciprocal().float()
+        by_device: dict = {}
+        for grad in grads:
+            by_device.setdefault(grad.device, []).append(grad)
+        with torch.no_grad():
+            for device, tensors in by_device.items():
+                torch._foreach_mul_(tensors, inverse.to(device))
+    cls = optimizer._torch_class
+    stand_in = cls.__new__(cls)
+    stand_in.__dict__.update(
+        defaults=optimizer.defaults, state=optimizer.state, param_groups=groups
+    )
+    _without_hooks(cls.step)(stand_in)
