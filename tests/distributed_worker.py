@@ -1,0 +1,345 @@
+"""The scenarios of test_fsdp.py, run in 2 gloo processes on CPU.
+
+Each scenario runs on both ranks and compares inside the processes
+(full tensors, gathered); its outcome per rank ("ok" or the traceback) is
+written to a JSON file that the tests read. Processes are expensive to
+start, so one pair runs every scenario of a phase: phase "main" runs all
+scenarios and saves checkpoints; phase "resume" runs in new processes and
+resumes from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    parallelize_module,
+)
+from torch.nn.parallel import DistributedDataParallel
+
+import fused_optim
+
+WORLD = 2
+OPTIMIZERS = {
+    "SGD": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "Adagrad": dict(lr=0.05, lr_decay=0.01, weight_decay=0.01),
+    "RMSprop": dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.01),
+    "Adam": dict(lr=0.01, weight_decay=0.01, amsgrad=True),
+    "AdamW": dict(lr=0.01, weight_decay=0.1),
+}
+STEPS = 10
+SCENARIOS: dict = {}
+
+
+def scenario(phase):
+    def register(fn):
+        SCENARIOS.setdefault(phase, []).append(fn)
+        return fn
+
+    return register
+
+
+# ----- helpers ----------------------------------------------------------------
+
+
+def _model(dtype=torch.float32):
+    # 33 and 3 rows: uneven shards on 2 ranks (one rank gets 1 of 3 rows)
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 33), torch.nn.Tanh(), torch.nn.Linear(33, 3)
+    ).to(dtype)
+
+
+def _fsdp(model, mesh, **kwargs):
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh, **kwargs)
+    return fully_shard(model, mesh=mesh, **kwargs)
+
+
+def _groups(model):
+    # two param groups with different hyperparameters
+    return [
+        {"params": list(model[0].parameters())},
+        {"params": list(model[2].parameters()), "lr": 0.02, "weight_decay": 0.0},
+    ]
+
+
+def _full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _train(model, opt, steps, seed, dtype=torch.float32):
+    """Steps on this rank's batches (seeded per rank and step)."""
+    for i in range(steps):
+        torch.manual_seed(1000 * seed + 10 * i + dist.get_rank())
+        opt.zero_grad()
+        model(torch.randn(8, 16, dtype=dtype)).square().mean().backward()
+        opt.step()
+
+
+def _full_state(opt):
+    """{param index: {name: full tensor}} of an optimizer's state_dict."""
+    return {
+        k: {n: _full(v) for n, v in s.items() if isinstance(v, torch.Tensor)}
+        for k, s in opt.state_dict()["state"].items()
+    }
+
+
+def _assert_same_run(model_a, opt_a, model_b, opt_b, **tol):
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(_full(a), _full(b), **tol)
+    state_a, state_b = _full_state(opt_a), _full_state(opt_b)
+    assert state_a.keys() == state_b.keys(), (state_a.keys(), state_b.keys())
+    for k in state_a:
+        common = state_a[k].keys() & state_b[k].keys()
+        assert common, f"no common state for param {k}"
+        for name in common:
+            torch.testing.assert_close(
+                state_a[k][name].to(state_b[k][name].dtype), state_b[k][name], **tol,
+                msg=lambda m, k=k, name=name: f"state[{k}][{name!r}]: {m}",
+            )
+
+
+# ----- FSDP2 against torch.optim under the same FSDP2 run -----------------------
+
+
+def _fsdp_against_torch(mesh, name, mp_policy=None):
+    runs = []
+    for cls in (getattr(torch.optim, name), getattr(fused_optim, name)):
+        kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
+        model = _fsdp(_model(), mesh, **kwargs)
+        opt = cls(_groups(model), **OPTIMIZERS[name])
+        _train(model, opt, STEPS, seed=1)
+        runs.append((model, opt))
+    assert isinstance(next(runs[1][0].parameters()), DTensor)
+    _assert_same_run(*runs[1], *runs[0])
+
+
+for _name in OPTIMIZERS:
+
+    def _against_torch(mesh, tmp, name=_name):
+        _fsdp_against_torch(mesh, name)
+
+    _against_torch.__name__ = f"fsdp2_{_name}_equals_torch"
+    scenario("main")(_against_torch)
+
+
+@scenario("main")
+def fsdp2_mixed_precision_policy_equals_torch(mesh, tmp):
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    _fsdp_against_torch(mesh, "AdamW", mp_policy=policy)
+
+
+def _synthetic_grads(params, step, mesh=None):
+    """The same full gradient on every rank, sharded like each param."""
+    for i, p in enumerate(params):
+        torch.manual_seed(100 * step + i)
+        full = torch.randn(p.shape, dtype=torch.float32).to(p.dtype)
+        p.grad = distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full
+
+
+@scenario("main")
+def fsdp2_master_weights_and_bf16_state_equal_unsharded(mesh, tmp):
+    # The sharded step is the unsharded step on each shard: bf16 params with
+    # fp32 master weights and bf16 state, fed the same full gradients.
+    for options in (dict(master_weights=True), dict(state_dtype=torch.bfloat16),
+                    dict(master_weights=True, state_dtype=torch.bfloat16)):
+        sharded = _fsdp(_model(torch.bfloat16), mesh)
+        plain = _model(torch.bfloat16)
+        opts = [fused_optim.AdamW(_groups(m), lr=0.01, **options) for m in (sharded, plain)]
+        for step in range(STEPS):
+            for m, opt in zip((sharded, plain), opts):
+                _synthetic_grads(list(m.parameters()), step)
+                opt.step()
+        _assert_same_run(sharded, opts[0], plain, opts[1], atol=0, rtol=0)
+        if options.get("master_weights"):
+            master = next(iter(opts[0].state.values()))["master_param"]
+            assert isinstance(master, DTensor) and master.dtype == torch.float32
+
+
+@scenario("main")
+def public_op_on_dtensors(mesh, tmp):
+    # torch.ops.fused_optim.* itself takes DTensors: the same as the op on
+    # the full tensors; mismatched placements are refused before writing.
+    torch.manual_seed(5)
+    full = [torch.randn(7, 3), torch.randn(5)]
+    lists = [[t.clone() for t in full]] + [[torch.randn_like(t) for t in full]] + [
+        [torch.zeros_like(t) for t in full] for _ in range(2)
+    ]
+    sharded = [[distribute_tensor(t, mesh, [Shard(0)]) for t in lst] for lst in lists]
+    steps = [[torch.tensor(0.0) for _ in full] for _ in range(2)]
+    hyper = [[1e-2], [0.9], [0.999], [1e-8], [0.1]]
+    for lst, step in ((lists, steps[0]), (sharded, steps[1])):
+        torch.ops.fused_optim.adam_(*lst, [], [], step, [0, 0], *hyper, [], None, None,
+                                    amsgrad=False, decoupled_weight_decay=True,
+                                    maximize=False, stochastic_rounding=False)
+    for a, b in zip(lists, sharded):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y.full_tensor())
+    bad = [distribute_tensor(t, mesh, [Replicate()]) for t in lists[1]]
+    before = [t.full_tensor().clone() for t in sharded[0]]
+    try:
+        torch.ops.fused_optim.adam_(sharded[0], bad, *sharded[2:], [], [], steps[1], [0, 0],
+                                    *hyper, [], None, None, amsgrad=False,
+                                    decoupled_weight_decay=True, maximize=False,
+                                    stochastic_rounding=False)
+    except RuntimeError as error:
+        assert "placements" in str(error), error
+    else:
+        raise AssertionError("mismatched placements were accepted")
+    assert all(torch.equal(a, b.full_tensor()) for a, b in zip(before, sharded[0]))
+
+
+@scenario("main")
+def tensor_parallel_equals_torch(mesh, tmp):
+    runs = []
+    for cls in (torch.optim.Adam, fused_optim.Adam):
+        torch.manual_seed(0)  # even shards: tensor parallelism needs them
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+        parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        opt = cls(_groups(model), lr=0.01, weight_decay=0.01)
+        # the same batch on both ranks, as tensor parallelism expects
+        for i in range(STEPS):
+            torch.manual_seed(10 * i)
+            opt.zero_grad()
+            model(torch.randn(8, 16)).square().mean().backward()
+            opt.step()
+        runs.append((model, opt))
+    assert isinstance(next(runs[1][0].parameters()), DTensor)
+    _assert_same_run(*runs[1], *runs[0])
+
+
+# ----- distributed checkpoints ----------------------------------------------------
+
+
+def _wrap(kind, model, mesh):
+    return _fsdp(model, mesh) if kind == "fsdp2" else DistributedDataParallel(model)
+
+
+def _inner(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _dcp_save(model, opt, path):
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+
+
+def _dcp_load(model, opt, path):
+    # what a user writes: templates from the model and the optimizer, the
+    # default planner (no allow_partial_load)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+@scenario("main")
+def dcp_both_ways_with_torch(mesh, tmp):
+    # torch.optim saves, we resume (and the reverse); the resumed run must
+    # end where the saver's uninterrupted run ends.
+    for kind in ("ddp", "fsdp2"):
+        for name in ("Adam", "SGD", "Adagrad"):
+            for saver, loader in (("torch", "fused"), ("fused", "torch")):
+                classes = {"torch": getattr(torch.optim, name), "fused": getattr(fused_optim, name)}
+                path = os.path.join(tmp, f"{kind}-{name}-{saver}")
+                model = _wrap(kind, _model(), mesh)
+                opt = classes[saver](_groups(_inner(model)), **OPTIMIZERS[name])
+                _train(model, opt, 4, seed=2)
+                _dcp_save(model, opt, path)
+                _train(model, opt, 4, seed=3)
+                torch.manual_seed(99)  # a fresh model, other weights
+                resumed = _wrap(kind, torch.nn.Sequential(
+                    torch.nn.Linear(16, 33), torch.nn.Tanh(), torch.nn.Linear(33, 3)), mesh)
+                restart = classes[loader](_groups(_inner(resumed)), **OPTIMIZERS[name])
+                _dcp_load(resumed, restart, path)
+                _train(resumed, restart, 4, seed=3)
+                _assert_same_run(_inner(resumed), restart, _inner(model), opt)
+
+
+_RESUME_OPTIONS = {
+    "plain": ("Adam", {}),
+    "master_bf16_state": ("AdamW", dict(master_weights=True, state_dtype=torch.bfloat16)),
+    "sgd": ("SGD", {}),
+}
+
+
+def _resume_model(key, mesh):
+    dtype = torch.bfloat16 if key == "master_bf16_state" else torch.float32
+    return _fsdp(_model(dtype), mesh), dtype
+
+
+@scenario("main")
+def dcp_resume_save(mesh, tmp):
+    # Saves model and optimizer after 5 steps, goes on for 5 more; the
+    # "resume" phase loads in new processes and must end where this ends.
+    for key, (name, options) in _RESUME_OPTIONS.items():
+        model, dtype = _resume_model(key, mesh)
+        opt = getattr(fused_optim, name)(_groups(model), **OPTIMIZERS[name], **options)
+        _train(model, opt, 5, seed=4, dtype=dtype)
+        dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=os.path.join(tmp, f"resume-{key}"))
+        _train(model, opt, 5, seed=5, dtype=dtype)
+        final = {"params": [_full(p) for p in model.parameters()], "state": _full_state(opt)}
+        if dist.get_rank() == 0:
+            torch.save(final, os.path.join(tmp, f"resume-{key}-final.pt"))
+
+
+@scenario("resume")
+def dcp_resume_equals_uninterrupted(mesh, tmp):
+    for key, (name, options) in _RESUME_OPTIONS.items():
+        model, dtype = _resume_model(key, mesh)
+        opt = getattr(fused_optim, name)(_groups(model), **OPTIMIZERS[name], **options)
+        state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=os.path.join(tmp, f"resume-{key}"))
+        model.load_state_dict(state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        _train(model, opt, 5, seed=5, dtype=dtype)
+        final = torch.load(os.path.join(tmp, f"resume-{key}-final.pt"))
+        for p, q in zip(model.parameters(), final["params"]):
+            assert torch.equal(_full(p), q), f"{key}: params differ from the uninterrupted run"
+        state = _full_state(opt)
+        assert state.keys() == final["state"].keys()
+        for k in state:
+            assert state[k].keys() == final["state"][k].keys(), (key, state[k].keys())
+            for n in state[k]:
+                assert torch.equal(state[k][n], final["state"][k][n]), f"{key}: state[{k}][{n}]"
+
+
+# ----- the process entry ----------------------------------------------------------
+
+
+def run(rank, phase, port, tmp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    mesh = init_device_mesh("cpu", (WORLD,))
+    outcomes = {}
+    for fn in SCENARIOS[phase]:
+        try:
+            fn(mesh, tmp)
+            outcomes[fn.__name__] = "ok"
+        except Exception:
+            outcomes[fn.__name__] = traceback.format_exc()
+        dist.barrier()
+    with open(os.path.join(tmp, f"outcomes-{phase}-{rank}.json"), "w") as f:
+        json.dump(outcomes, f)
+    dist.destroy_process_group()
