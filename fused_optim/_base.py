@@ -576,13 +576,20 @@ class FusedOptimizer(Optimizer):
             for param in kind_params:
                 precision = precision_of(group, _real_dtype(param))
                 state = self.state[param]
+                made = {}
                 if self._needs_state_for(group, state):
+                    before = set(state)
                     if self._init_state(param, group, state, _state_dtype(param, precision)):
                         new_state.append(len(params) - start)
+                        # Kept out of the state until the traced code stores
+                        # it after the op: Dynamo guards on the state as this
+                        # method leaves it, so the next step then recompiles
+                        # without this call's "new" flags (as torch's SGD).
+                        made = {k: state.pop(k) for k in set(state) - before}
                 self._conform_state(param, group, precision, state)
                 params.append(param)
                 grads.append(param.grad)
-                states.extend(state[name] for name in names)
+                states.extend(made[name] if name in made else state[name] for name in names)
                 if precision.master_weights:
                     masters.append(state["master_param"])
                 if self._keeps_step(group):
@@ -628,6 +635,12 @@ class FusedOptimizer(Optimizer):
                     list(new_state), hyper, extras,
                 )
                 _ops.call_public(self._op_name, args)
+                for i in new_state:
+                    state = self.state[params[start + i]]
+                    for k, name in enumerate(self._state_names(mode)):
+                        state[name] = states[(start + i) * count + k]
+                    if steps and "step" not in state:
+                        state["step"] = steps[start + i]
 
     # ----- planning -----------------------------------------------------------
 

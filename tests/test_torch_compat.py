@@ -1,0 +1,392 @@
+"""torch.optim's behaviour as the contract, where it is not about the math:
+the implementation keywords (fused=False, foreach, differentiable=True run
+torch's own code), gradients left alone, state_dict / load_state_dict with
+every hook and with non-param entries, a failed first step that changes
+nothing, and torch.compile putting our op in the graph."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fused_optim
+from fused_optim import _ops
+from harness import assert_optimizer_unchanged, snapshot_optimizer
+from optim_configs import HAS_FUSED, ONE_PER_OPTIMIZER, OPTIM_CONFIGS, OPTIMIZER_NAMES
+
+ONE_EACH = pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+
+
+def _model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(7, 33), torch.nn.Tanh(), torch.nn.Linear(33, 5)
+    ).to(dtype)
+
+
+def _groups(model, **second):
+    return [
+        {"params": list(model[0].parameters())},
+        {"params": list(model[2].parameters()), **second},
+    ]
+
+
+def _set_grads(models, step):
+    for i, params in enumerate(zip(*(m.parameters() for m in models))):
+        torch.manual_seed(100 * step + i)
+        g = torch.randn_like(params[0])
+        for p in params:
+            p.grad = g.clone()
+
+
+def _assert_equal_runs(model_a, opt_a, model_b, opt_b, exact=True):
+    check = (lambda a, b: torch.equal(a, b)) if exact else None
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        if exact:
+            assert torch.equal(a, b), (a - b).abs().max()
+        else:
+            torch.testing.assert_close(a, b)
+    sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].keys() == sb[k].keys(), (k, sa[k].keys(), sb[k].keys())
+        for n in sa[k]:
+            if exact:
+                assert check(sa[k][n], sb[k][n]), f"state[{k}][{n}]"
+            else:
+                torch.testing.assert_close(sa[k][n], sb[k][n])
+
+
+# ----- implementation keywords ------------------------------------------------------
+
+
+UNFUSED = [c for c in OPTIM_CONFIGS if c.name in HAS_FUSED]
+
+
+@pytest.mark.parametrize("foreach", [None, False, True])
+@pytest.mark.parametrize("cfg", UNFUSED, ids=str)
+def test_fused_false_is_torchs_unfused_step(cfg, foreach):
+    # fused=False runs torch.optim's own code: the same bits as
+    # torch.optim.X(fused=False, foreach=...), params and state.
+    models = [_model(), _model()]
+    kwargs = dict(cfg.kwargs, fused=False, foreach=foreach)
+    ours = cfg.ours_cls(_groups(models[0], lr=cfg.lr / 2), **kwargs)
+    ref = cfg.torch_cls(_groups(models[1], lr=cfg.lr / 2), **kwargs)
+    assert not ours._step_supports_amp_scaling  # GradScaler unscales, as for torch's
+    for step in range(6):
+        _set_grads(models, step)
+        ours.step()
+        ref.step()
+    _assert_equal_runs(models[0], ours, models[1], ref)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_differentiable_step_is_torchs(name):
+    # differentiable=True: the step is recorded by autograd, as torch's:
+    # the same values and the same gradients through two steps, with
+    # respect to the initial params and to the gradients.
+    results = []
+    for cls in (getattr(torch.optim, name), getattr(fused_optim, name)):
+        torch.manual_seed(0)
+        w0 = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        p = w0.clone()  # non-leaf, as differentiable optimizers are used
+        kwargs = dict(lr=0.1, differentiable=True)
+        if name == "SGD":
+            kwargs["momentum"] = 0.9
+        opt = cls([p], **kwargs)
+        for _ in range(2):
+            p.grad = g * 1.5
+            opt.step()
+        out = (p * torch.arange(6.0, dtype=torch.float64)).sum()
+        results.append((p.detach().clone(), torch.autograd.grad(out, (w0, g))))
+    (p_ref, grads_ref), (p_ours, grads_ours) = results
+    torch.testing.assert_close(p_ours, p_ref, rtol=0, atol=0)
+    for a, b in zip(grads_ours, grads_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(HAS_FUSED))
+def test_one_unfused_group_among_fused_ones(name):
+    # fused is a per-group option in torch: a group with fused=False runs
+    # torch's code, the others our kernels; both as torch.optim does.
+    models = [_model(), _model()]
+    ours = getattr(fused_optim, name)(_groups(models[0], fused=False, foreach=False), lr=0.05)
+    ref = getattr(torch.optim, name)(_groups(models[1], fused=False, foreach=False), lr=0.05,
+                                     foreach=False)
+    for step in range(5):
+        _set_grads(models, step)
+        ours.step()
+        ref.step()
+    # group 1 is torch's code in both: bitwise
+    for a, b in zip(models[0][2].parameters(), models[1][2].parameters()):
+        assert torch.equal(a, b)
+    _assert_equal_runs(models[0], ours, models[1], ref, exact=False)
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["all_unfused", "one_group_unfused"])
+def test_unfused_groups_under_grad_scaler(mixed):
+    # GradScaler: for an unfused optimizer it unscales itself (as for
+    # torch's); with fused groups too it hands us the scale, and the
+    # unfused group's gradients are unscaled here. Inf steps are skipped.
+    models = [_model(), _model()]
+    if mixed:
+        ours = fused_optim.Adam(_groups(models[0], fused=False), lr=0.01)
+    else:
+        ours = fused_optim.Adam(_groups(models[0]), lr=0.01, fused=False)
+    ref = torch.optim.Adam(_groups(models[1], fused=False), lr=0.01, fused=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2) for _ in range(2)]
+    for step in range(7):
+        for model in models:
+            model.zero_grad()
+            torch.manual_seed(step)
+            x = torch.randn(4, 7)
+            if step == 3:
+                x[0, 0] = float("inf")
+            loss = model(x).square().mean()
+            scalers[models.index(model)].scale(loss).backward()
+        for scaler, opt in zip(scalers, (ours, ref)):
+            scaler.step(opt)
+            scaler.update()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+    _assert_equal_runs(models[0], ours, models[1], ref, exact=not mixed)
+
+
+def test_foreach_true_with_fused_none_is_our_fused_step(monkeypatch):
+    # foreach=True asks for a multi-tensor step: ours (Note
+    # [implementation keywords]); a tensor lr is fine there.
+    calls = []
+    monkeypatch.setattr(_ops, "call_fast", lambda name, args: calls.append(name))
+    model = _model()
+    opt = fused_optim.Adam(model.parameters(), lr=torch.tensor(0.01), foreach=True)
+    _set_grads([model], 0)
+    opt.step()
+    assert calls == ["adam_"]
+
+
+# ----- gradients are not written ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_gradient_versions_unchanged_by_a_step(name):
+    model = _model()
+    opt = getattr(fused_optim, name)(model.parameters(), lr=0.01)
+    _set_grads([model], 0)
+    versions = [p.grad._version for p in model.parameters()]
+    opt.step()
+    assert [p.grad._version for p in model.parameters()] == versions
+
+
+# ----- state_dict / load_state_dict: non-param entries, hooks ------------------------------
+
+
+@ONE_EACH
+def test_non_param_state_entries_as_torch(cfg):
+    # torch keeps non-param keys of `state` (hooks put flags there) through
+    # state_dict and load_state_dict; so do we, and the step ignores them.
+    dicts = []
+    for cls in (cfg.torch_cls, cfg.ours_cls):
+        model = _model()
+        opt = cls(_groups(model), **cfg.kwargs)
+        _set_grads([model], 0)
+        opt.step()
+        opt.state["flag"] = True
+        sd = opt.state_dict()
+        fresh = cls(_groups(_model(1)), **cfg.kwargs)
+        fresh.register_load_state_dict_post_hook(lambda o: o.state.__setitem__("loaded", 1))
+        fresh.load_state_dict(sd)
+        assert fresh.state["flag"] is True and fresh.state["loaded"] == 1
+        _set_grads([model], 1)
+        fresh.step()
+        dicts.append(sorted(map(str, fresh.state_dict()["state"])))
+    assert dicts[0] == dicts[1]
+
+
+def test_state_dict_hooks_run_as_torchs():
+    outputs = []
+    for cls in (torch.optim.Adam, fused_optim.Adam):
+        model = _model()
+        opt = cls(_groups(model), lr=0.01)
+        _set_grads([model], 0)
+        opt.step()
+        seen = []
+        opt.register_state_dict_pre_hook(lambda o: seen.append("pre"))
+        opt.register_state_dict_post_hook(lambda o, sd: seen.append(sorted(sd["param_groups"][0])))
+
+        def replace(o, sd):
+            sd = dict(sd)
+            sd["extra"] = "added by a hook"
+            return sd
+
+        opt.register_state_dict_post_hook(replace)
+        sd = opt.state_dict()
+        outputs.append((seen, sorted(sd), sd["extra"]))
+    assert outputs[0] == outputs[1]
+
+
+def test_load_state_dict_hooks_run_as_torchs():
+    # pre-hooks run first and may replace the dict (our checks see the
+    # replaced one); post-hooks run last and see the loaded, converted state.
+    model = _model(dtype=torch.bfloat16)
+    opt = fused_optim.AdamW(_groups(model), lr=0.01, master_weights=True)
+    _set_grads([model], 0)
+    opt.step()
+    sd = opt.state_dict()
+    broken = dict(sd, param_groups=sd["param_groups"][:1])  # one group short
+
+    target = fused_optim.AdamW(_groups(_model(1, torch.bfloat16)), lr=0.01, master_weights=True)
+    order = []
+    target.register_load_state_dict_pre_hook(lambda o, d: order.append("pre 1") or sd)
+    target.register_load_state_dict_pre_hook(
+        lambda o, d: order.append(("pre 2", len(d["param_groups"]))))
+
+    def post(o):
+        master = next(iter(o.state.values()))["master_param"]
+        order.append(("post", master.dtype))
+
+    target.register_load_state_dict_post_hook(post)
+    target.load_state_dict(broken)
+    assert order == ["pre 1", ("pre 2", 2), ("post", torch.float32)]
+
+
+def test_failed_load_after_pre_hooks_changes_nothing():
+    model = _model()
+    opt = fused_optim.Adam(_groups(model), lr=0.01)
+    _set_grads([model], 0)
+    opt.step()
+    snap = snapshot_optimizer(opt)
+    sd = opt.state_dict()
+    opt.register_load_state_dict_pre_hook(
+        lambda o, d: dict(d, param_groups=d["param_groups"][:1]))
+    with pytest.raises(ValueError, match="number of parameter groups"):
+        opt.load_state_dict(sd)
+    assert_optimizer_unchanged(opt, snap, "failed load")
+
+
+# ----- a failed first step changes nothing ------------------------------------------------
+
+
+def _bad_second_group(model):
+    # A sparse gradient: refused by Adam, AdamW and RMSprop, and with
+    # weight decay (the group has some) by SGD and Adagrad, as torch does.
+    model[2].weight.grad = model[2].weight.grad.to_sparse()
+
+
+REBUILDS = {
+    "first_step": lambda opt, model: None,
+    "group_added": lambda opt, model: opt.add_param_group(
+        {"params": [torch.nn.Parameter(torch.randn(4))]}),
+    "mode_changed": lambda opt, model: opt.param_groups[1].__setitem__(
+        "maximize", not opt.param_groups[1]["maximize"]),
+}
+
+
+@pytest.mark.parametrize("rebuild", sorted(REBUILDS))
+@pytest.mark.parametrize("cfg", [c for c in OPTIM_CONFIGS if c.large
+                                 or c.id == "sgd_momentum_dampening_wd"], ids=str)
+def test_failed_first_step_changes_nothing(cfg, rebuild):
+    # Whatever made the plan be rebuilt, a step that raises leaves the
+    # optimizer as it was, and the next good step is a never-failed run's.
+    models = [_model(), _model()]
+    opts = [cfg.ours_cls(_groups(m, weight_decay=0.01), **cfg.kwargs) for m in models]
+    for opt, model in zip(opts, models):
+        REBUILDS[rebuild](opt, model)
+    snap = snapshot_optimizer(opts[0])
+    _set_grads([models[0]], 0)
+    _bad_second_group(models[0])
+    with pytest.raises(RuntimeError, match="sparse"):
+        opts[0].step()
+    assert_optimizer_unchanged(opts[0], snap, "failed first step")
+    for step in range(3):
+        _set_grads(models, step)
+        for opt in opts:
+            opt.step()
+    _assert_equal_runs(models[0], opts[0], models[1], opts[1])
+
+
+# ----- torch.compile ----------------------------------------------------------------------
+
+
+def _lr_schedule(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_compiled_step_equals_eager(name):
+    # torch's compiled-optimizer recipe: a tensor lr (a scheduler changes it
+    # in place, no recompile), torch.compile(opt.step). The op is in the
+    # graph, no graph break inside our step, same bits as eager.
+    torch._dynamo.reset()
+    models = [_model(), _model()]
+    kwargs = dict(lr=torch.tensor(0.01))
+    if name == "SGD":
+        kwargs["momentum"] = 0.9
+    opts = [getattr(fused_optim, name)(_groups(m), **kwargs) for m in models]
+    scheds = [_lr_schedule(o) for o in opts]
+    compiled = torch.compile(opts[0].step, backend="aot_eager")
+    _set_grads(models, 0)
+    explained = torch._dynamo.explain(opts[1].step)()  # (steps models[1] eagerly)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert any(f"fused_optim.{_ops_name(name)}" in g.code for g in explained.graphs)
+    compiled()
+    for s in scheds:
+        s.step()
+    for step in range(1, 4):
+        _set_grads(models, step)
+        compiled()
+        opts[1].step()
+        for s in scheds:
+            s.step()
+    _assert_equal_runs(models[0], opts[0], models[1], opts[1])
+
+
+def _ops_name(name):
+    return getattr(fused_optim, name)._op_name
+
+
+def test_fullgraph_fails_only_at_torchs_use_grad_break():
+    # torch.optim's step has the same two graph breaks (_use_grad, around
+    # the step, so that AOT sees a no_grad graph); under fullgraph=True they
+    # are the failure, for torch's optimizers and ours alike.
+    for cls in (torch.optim.Adam, fused_optim.Adam):
+        torch._dynamo.reset()
+        model = _model()
+        opt = cls(model.parameters(), lr=torch.tensor(0.01))
+        _set_grads([model], 0)
+        with pytest.raises(Exception, match="graph_break") as info:
+            torch.compile(opt.step, fullgraph=True, backend="aot_eager")()
+        assert "_use_grad" in str(info.value) or "optimizer.py" in str(info.value)
+
+
+def test_compiled_train_step_with_inductor_equals_eager():
+    torch._dynamo.reset()
+    models = [_model(), _model()]
+    opts = [fused_optim.AdamW(m.parameters(), lr=torch.tensor(0.01)) for m in models]
+
+    def train_step(model, opt, x):
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    compiled = torch.compile(train_step)
+    for step in range(3):
+        torch.manual_seed(step)
+        x = torch.randn(4, 7)
+        compiled(models[0], opts[0], x)
+        train_step(models[1], opts[1], x)
+    _assert_equal_runs(models[0], opts[0], models[1], opts[1], exact=False)
+
+
+def test_eager_step_keeps_the_fast_call(monkeypatch):
+    def refuse(name, args):
+        raise AssertionError("eager step went through torch.ops")
+
+    monkeypatch.setattr(_ops, "call_public", refuse)
+    model = _model()
+    opt = fused_optim.Adam(model.parameters(), lr=0.01)
+    _set_grads([model], 0)
+    opt.step()
