@@ -61,8 +61,10 @@ def check_implementation_keywords(name: str, *, foreach, fused, differentiable, 
 #   foreach as given (None lets torch choose, as it would): the user asked
 #   for torch's code, so it runs (_torch_path.py). Same for
 #   differentiable=True, which only torch's code can honour.
-# - capturable=True: honoured on CUDA (checked per param at the step, as
-#   torch does); our CUDA step counters always live on the device.
+# - capturable=True: on CUDA our step never syncs with the host whatever
+#   the flag; on CPU params it changes nothing, as for torch's fused step
+#   (torch's foreach and single-tensor code refuse CPU params with it, a
+#   limit of that code, not of the request).
 
 
 def check_torch_path_precision(name: str, group) -> None:
@@ -183,12 +185,15 @@ class FusedOptimizer(Optimizer):
         """Whether params of this group have a ``step`` counter."""
         return self._has_step
 
-    def _needs_state_for(self, group, state: dict) -> bool:
+    def _needs_state_for(self, group, state: dict, precision: Precision) -> bool:
         """Whether a param that has a gradient needs (more) state created:
-        some state this group's mode uses is missing."""
+        some state this group's mode uses is missing, or its master copy
+        (SGD without momentum has no other state)."""
         names = self._state_names(self._mode(group))
-        return any(name not in state for name in names) or (
-            self._keeps_step(group) and "step" not in state
+        return (
+            any(name not in state for name in names)
+            or (self._keeps_step(group) and "step" not in state)
+            or (precision.master_weights and "master_param" not in state)
         )
 
     def _group_key(self, group) -> tuple:
@@ -577,16 +582,18 @@ class FusedOptimizer(Optimizer):
                 precision = precision_of(group, _real_dtype(param))
                 state = self.state[param]
                 made = {}
-                if self._needs_state_for(group, state):
-                    before = set(state)
-                    if self._init_state(param, group, state, _state_dtype(param, precision)):
-                        new_state.append(len(params) - start)
-                        # Kept out of the state until the traced code stores
-                        # it after the op: Dynamo guards on the state as this
-                        # method leaves it, so the next step then recompiles
-                        # without this call's "new" flags (as torch's SGD).
-                        made = {k: state.pop(k) for k in set(state) - before}
+                before = set(state)
+                is_new = self._needs_state_for(group, state, precision) and self._init_state(
+                    param, group, state, _state_dtype(param, precision)
+                )
                 self._conform_state(param, group, precision, state)
+                if is_new:
+                    new_state.append(len(params) - start)
+                    # Kept out of the state until the traced code stores it
+                    # after the op: Dynamo guards on the state as this
+                    # method leaves it, so the next step then recompiles
+                    # without this call's "new" flags (as torch's SGD).
+                    made = {k: state.pop(k) for k in set(state) - before if k != "master_param"}
                 params.append(param)
                 grads.append(param.grad)
                 states.extend(made[name] if name in made else state[name] for name in names)
@@ -606,7 +613,9 @@ class FusedOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             if _torch_path.uses_torch_path(group):
-                _torch_path.torch_step(self, [group])
+                # torch's own code, run as eager torch runs it (traced, it
+                # would take its capturable branch: other rounding)
+                _torch_step_eagerly(self, [group])
                 continue
             params, grads, states, masters, steps = [], [], [], [], []
             calls = self._init_group(group, params, grads, states, masters, steps)
@@ -634,7 +643,13 @@ class FusedOptimizer(Optimizer):
                     steps[start:end] if steps else [], [0] * (end - start),
                     list(new_state), hyper, extras,
                 )
-                _ops.call_public(self._op_name, args)
+                if is_complex:
+                    # Functionalization cannot yet replay a custom op's
+                    # writes through view_as_real views: this call runs
+                    # eagerly (a graph break, complex params only).
+                    _call_public_eagerly(self._op_name, args)
+                else:
+                    _ops.call_public(self._op_name, args)
                 for i in new_state:
                     state = self.state[params[start + i]]
                     for k, name in enumerate(self._state_names(mode)):
@@ -672,7 +687,7 @@ class FusedOptimizer(Optimizer):
                     self._check_param(param, group, gi, pi)
                 precision = precision_of(group, _real_dtype(param))
                 is_new = False
-                if has_grad and self._needs_state_for(group, state or {}):
+                if has_grad and self._needs_state_for(group, state or {}, precision):
                     created.append((param, None if state is None else set(state)))
                     state = self.state[param]
                     is_new = self._init_state(param, group, state, _state_dtype(param, precision))
@@ -710,11 +725,6 @@ class FusedOptimizer(Optimizer):
         if param.is_complex() and param.dtype == torch.complex32:
             raise ValueError(f"{where} is complex32, which is not supported")
         require_device_supported(param.device, name)
-        if group.get("capturable") and param.device.type != "cuda":
-            raise ValueError(
-                f"{where} is on {param.device}: capturable=True (CUDA graph capture of "
-                "the step) needs CUDA params"
-            )
         state_dtype = group.get("state_dtype")
         real = _real_dtype(param)
         if state_dtype is not None and state_dtype != real and (
@@ -736,8 +746,6 @@ class FusedOptimizer(Optimizer):
         from the param where master weights are on (a checkpoint of
         torch.optim has none) and dropped where they are off, the step
         counter to the device the op reads it on."""
-        if not state:
-            return
         dtype = _state_dtype(param, precision)
         for key, value in list(state.items()):
             if key in ("step", "master_param") or not isinstance(value, torch.Tensor):
@@ -819,6 +827,10 @@ class FusedOptimizer(Optimizer):
             if step.device != device or step.dtype not in (torch.float32, torch.float64):
                 step = step.detach().to(device, torch.float32)
             state["step"] = step
+
+
+_torch_step_eagerly = torch._disable_dynamo(_torch_path.torch_step)
+_call_public_eagerly = torch._disable_dynamo(_ops.call_public)
 
 
 @contextlib.contextmanager

@@ -8,21 +8,32 @@ MAXIMIZE = """maximize (bool, optional): maximize the objective with respect to
             the params instead of minimizing it (default: False)."""
 
 _KEYWORD_DOCS = {
-    "foreach": """foreach (bool, optional): accepted for compatibility with
-            torch.optim; the fused step already updates all tensors in one
-            pass, whatever its value (default: None).""",
-    "fused": """fused (bool, optional): None or True (the step is always fused);
-            False raises ValueError, since it asks for torch's unfused
-            implementation (default: None).""",
-    "capturable": """capturable (bool, optional): CUDA params only. On CUDA the step
-            never syncs with the host whatever this flag (step counters live
-            on the device, AMP's skip is decided on the device); give ``lr``
-            as a CUDA tensor, updated in place by schedulers, for a captured
-            CUDA graph to see learning-rate changes (float hyperparameters
-            are baked into a capture). True on CPU params raises ValueError
-            at the step, as torch.optim fails there (default: False).""",
-    "differentiable": """differentiable (bool, optional): must be False; the fused step is not
-            recorded by autograd (default: False).""",
+    "foreach": """foreach (bool, optional): with ``fused`` None or True, accepted and
+            the step is our fused one, which already updates all tensors in
+            one pass (a multi-tensor step, which is what foreach asks for;
+            unlike torch's foreach code it also takes a tensor ``lr``). With
+            ``fused=False`` or ``differentiable=True`` it chooses torch's
+            implementation, as in torch.optim (default: None).""",
+    "fused": """fused (bool, optional): None or True: our fused step. False:
+            the group is stepped by torch.optim's own unfused implementation
+            (single-tensor or foreach, chosen by ``foreach`` as torch
+            chooses), with the same state, so results are torch's
+            ``fused=False`` results exactly; our precision options are then
+            unavailable. True with ``foreach=True`` or
+            ``differentiable=True`` raises RuntimeError, as torch
+            (default: None).""",
+    "capturable": """capturable (bool, optional): for CUDA graph capture. On CUDA our
+            step never syncs with the host whatever this flag (step counters
+            live on the device, AMP's skip is decided on the device); give
+            ``lr`` as a CUDA tensor, updated in place by schedulers, for a
+            captured CUDA graph to see learning-rate changes (float
+            hyperparameters are baked into a capture). On CPU params it
+            changes nothing, as for torch's fused step (default: False).""",
+    "differentiable": """differentiable (bool, optional): True makes the step
+            differentiable (autograd records it, e.g. for meta-learning): the
+            group is stepped by torch.optim's own implementation, which is
+            what records it, with the same state and results; our precision
+            options are then unavailable (default: False).""",
 }
 
 

@@ -59,9 +59,11 @@ class Adam(FusedOptimizer):
         for i, beta in enumerate(betas):
             if isinstance(beta, torch.Tensor) and beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
-        if fused is False and foreach and not capturable:
-            # torch's foreach code, which fused=False runs, reads no tensor
-            # lr or betas (our fused step does: accepted there).
+        if foreach and not capturable and (fused is not None or differentiable):
+            # torch's foreach code, which fused=False and differentiable=True
+            # run, reads no tensor lr or betas (our fused step does, so
+            # foreach=True is accepted with fused=None); fused=True with
+            # foreach=True is refused below, and torch checks this first.
             for value, name in ((lr, "lr"), (betas[0], "betas[0]"), (betas[1], "betas[1]")):
                 if isinstance(value, torch.Tensor):
                     raise ValueError(

@@ -378,7 +378,6 @@ def test_constructor_errors(name, kwargs, match):
 STEP_ERRORS = [
     ("fp64_bf16_state", torch.float64, dict(state_dtype=torch.bfloat16), "state_dtype"),
     ("fp16_stochastic", torch.float16, dict(stochastic_rounding=True), "stochastic_rounding"),
-    ("cpu_capturable", torch.float32, dict(capturable=True), "capturable"),
 ]
 
 
@@ -482,3 +481,24 @@ def test_sparse_grad_with_precision_options_rejected_atomically(options):
     with pytest.raises(RuntimeError, match="sparse gradients are not supported with"):
         opt.step()
     assert_optimizer_unchanged(opt, snap, str(options))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sgd_master_weights_without_momentum(dtype):
+    # SGD without momentum keeps no other state: the master copy is still
+    # made (it was not, and every step raised KeyError), and the run equals
+    # float32 SGD on the master rounded to the param dtype.
+    torch.manual_seed(0)
+    p = torch.randn(1000, dtype=dtype, requires_grad=True)
+    ref = p.detach().float().clone().requires_grad_()
+    opt = fused_optim.SGD([p], lr=0.1, weight_decay=0.01, master_weights=True)
+    ref_opt = torch.optim.SGD([ref], lr=0.1, weight_decay=0.01, foreach=False)
+    for step in range(5):
+        g = _grad(p.shape, step, 0).to(dtype)
+        p.grad, ref.grad = g, g.float()
+        opt.step()
+        ref_opt.step()
+    master = opt.state[p]["master_param"]
+    assert master.dtype == torch.float32
+    torch.testing.assert_close(master, ref.detach())
+    assert torch.equal(p.detach(), master.to(dtype))

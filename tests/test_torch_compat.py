@@ -390,3 +390,144 @@ def test_eager_step_keeps_the_fast_call(monkeypatch):
     opt = fused_optim.Adam(model.parameters(), lr=0.01)
     _set_grads([model], 0)
     opt.step()
+
+
+# ----- every keyword combination -----------------------------------------------------------
+
+# Where torch refuses only because its own foreach / single-tensor code
+# cannot do something that our fused step does, we accept (documented in
+# Note [implementation keywords]); these are those refusals.
+OURS_BETTER = (
+    (AssertionError, "If capturable=True, params and state_steps must be on supported devices"),
+    (ValueError, "lr as a Tensor is not supported for capturable=False and foreach=True"),
+)
+
+
+def _keyword_combinations():
+    import inspect
+    import itertools
+
+    for name in OPTIMIZER_NAMES:
+        signature = inspect.signature(getattr(torch.optim, name)).parameters
+        axes = {"foreach": [None, True, False], "differentiable": [False, True]}
+        for keyword, values in (("fused", [None, True, False]), ("capturable", [False, True])):
+            if keyword in signature:
+                axes[keyword] = values
+        axes["lr"] = [0.01, "tensor"]
+        for values in itertools.product(*axes.values()):
+            yield name, dict(zip(axes, values))
+
+
+def _outcome(cls, kwargs):
+    torch.manual_seed(0)
+    params = [torch.randn(3, 2, requires_grad=True), torch.randn(4, requires_grad=True)]
+    kwargs = dict(kwargs)
+    if kwargs["lr"] == "tensor":
+        kwargs["lr"] = torch.tensor(0.01)
+    try:
+        opt = cls(params, **kwargs)
+    except Exception as error:  # noqa: BLE001 (any type: compared with torch's)
+        return "constructor", error
+    try:
+        for step in range(2):
+            for p in params:
+                p.grad = torch.full_like(p, 0.5 + step)
+            opt.step()
+    except Exception as error:  # noqa: BLE001
+        return "step", error
+    return "ok", [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("name,kwargs", list(_keyword_combinations()),
+                         ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={v}" for k, v in v.items()))
+def test_keyword_combination_as_torch(name, kwargs):
+    # Every combination torch accepts, we accept, with its results; every
+    # one it refuses we refuse with its exception type, at the same point
+    # (constructor or step), except OURS_BETTER.
+    (where_ref, ref), (where, ours) = (
+        _outcome(getattr(torch.optim, name), kwargs),
+        _outcome(getattr(fused_optim, name), kwargs),
+    )
+    if where_ref == "ok":
+        assert where == "ok", ours
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b)
+    elif (where, type(ours)) == (where_ref, type(ref)):
+        pass  # refused alike
+    elif (kwargs.get("fused") is not False and not kwargs["differentiable"]
+          and any(isinstance(ref, t) and text in str(ref) for t, text in OURS_BETTER)):
+        # (with fused=False or differentiable=True we run torch's code,
+        # which refuses as torch does)
+        assert where == "ok", ours
+        plain = {k: v for k, v in kwargs.items() if k not in ("foreach", "capturable")}
+        (_, same) = _outcome(getattr(fused_optim, name), plain)
+        for a, b in zip(ours, same):
+            assert torch.equal(a, b)
+    else:
+        raise AssertionError(f"torch: {where_ref} {ref!r}; ours: {where} {ours!r}")
+
+
+def _bf16_params():
+    return [torch.randn(5, 3, dtype=torch.bfloat16, requires_grad=True),
+            torch.randn(7, dtype=torch.bfloat16, requires_grad=True)]
+
+
+def _fp32_params():
+    return [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+
+
+def _complex_params():
+    return [torch.randn(5, 3, dtype=torch.complex64, requires_grad=True),
+            torch.randn(7, requires_grad=True)]
+
+
+COMPILED_VARIANTS = {
+    "adamw_master_weights": (fused_optim.AdamW, dict(master_weights=True), _bf16_params, False),
+    "adamw_stochastic_rounding": (fused_optim.AdamW, dict(stochastic_rounding=True),
+                                  _bf16_params, False),
+    "sgd_momentum_master_weights": (fused_optim.SGD, dict(momentum=0.9, master_weights=True),
+                                    _bf16_params, False),
+    "adam_bf16_state": (fused_optim.Adam, dict(state_dtype=torch.bfloat16), _fp32_params, False),
+    "adam_complex": (fused_optim.Adam, {}, _complex_params, False),
+    "sgd_momentum_complex": (fused_optim.SGD, dict(momentum=0.9), _complex_params, False),
+    "adam_unfused": (fused_optim.Adam, dict(fused=False), _fp32_params, False),
+    "rmsprop_amp": (fused_optim.RMSprop, dict(momentum=0.5), _fp32_params, True),
+    "adagrad_amp": (fused_optim.Adagrad, {}, _fp32_params, True),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(COMPILED_VARIANTS))
+def test_compiled_step_variants_equal_eager(variant):
+    # Precision options, complex params, unfused groups and AMP's
+    # grad_scale / found_inf under torch.compile: the same bits as eager.
+    cls, kwargs, make, amp = COMPILED_VARIANTS[variant]
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = make()
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opts = [cls(ps, lr=0.01, **kwargs) for ps in (ours, ref)]
+    compiled = torch.compile(opts[0].step, backend="aot_eager")
+    for step in range(4):
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            torch.manual_seed(10 * step + i)
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        if amp:
+            for opt in opts:
+                opt.grad_scale = torch.tensor(4.0)
+                opt.found_inf = torch.tensor(1.0 if step == 2 else 0.0)
+        compiled()
+        opts[1].step()
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q), variant
+    _assert_equal_runs_params_state(opts[0], opts[1])
+
+
+def _assert_equal_runs_params_state(opt_a, opt_b):
+    sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].keys() == sb[k].keys()
+        for n in sa[k]:
+            assert torch.equal(sa[k][n], sb[k][n]), f"state[{k}][{n}]"
