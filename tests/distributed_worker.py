@@ -1,4 +1,6 @@
-"""The scenarios of test_fsdp.py, run in 2 gloo processes on CPU.
+"""The scenarios of test_fsdp.py, run in 2 gloo processes on CPU (and, on
+a machine with CUDA, with NCCL and CUDA params: 2 processes on 2 GPUs, one
+process on one GPU).
 
 Each scenario runs on both ranks and compares inside the processes
 (full tensors, gathered); its outcome per rank ("ok" or the traceback) is
@@ -37,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 import fused_optim
 
 WORLD = 2
+DEVICE = "cpu"  # set by run()
 OPTIMIZERS = {
     "SGD": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
     "Adagrad": dict(lr=0.05, lr_decay=0.01, weight_decay=0.01),
@@ -59,12 +62,20 @@ def scenario(phase):
 # ----- helpers ----------------------------------------------------------------
 
 
-def _model(dtype=torch.float32):
+def world_size(device: str) -> int:
+    return WORLD if device == "cpu" else min(WORLD, torch.cuda.device_count())
+
+
+def _model(dtype=torch.float32, seed=0):
     # 33 and 3 rows: uneven shards on 2 ranks (one rank gets 1 of 3 rows)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return torch.nn.Sequential(
         torch.nn.Linear(16, 33), torch.nn.Tanh(), torch.nn.Linear(33, 3)
-    ).to(dtype)
+    ).to(DEVICE, dtype)
+
+
+def _randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype).to(DEVICE)
 
 
 def _fsdp(model, mesh, **kwargs):
@@ -91,7 +102,7 @@ def _train(model, opt, steps, seed, dtype=torch.float32):
     for i in range(steps):
         torch.manual_seed(1000 * seed + 10 * i + dist.get_rank())
         opt.zero_grad()
-        model(torch.randn(8, 16, dtype=dtype)).square().mean().backward()
+        model(_randn(8, 16, dtype=dtype)).square().mean().backward()
         opt.step()
 
 
@@ -152,7 +163,7 @@ def _synthetic_grads(params, step, mesh=None):
     """The same full gradient on every rank, sharded like each param."""
     for i, p in enumerate(params):
         torch.manual_seed(100 * step + i)
-        full = torch.randn(p.shape, dtype=torch.float32).to(p.dtype)
+        full = torch.randn(p.shape, dtype=torch.float32).to(p.device, p.dtype)
         p.grad = distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full
 
 
@@ -180,7 +191,7 @@ def public_op_on_dtensors(mesh, tmp):
     # torch.ops.fused_optim.* itself takes DTensors: the same as the op on
     # the full tensors; mismatched placements are refused before writing.
     torch.manual_seed(5)
-    full = [torch.randn(7, 3), torch.randn(5)]
+    full = [_randn(7, 3), _randn(5)]
     lists = [[t.clone() for t in full]] + [[torch.randn_like(t) for t in full]] + [
         [torch.zeros_like(t) for t in full] for _ in range(2)
     ]
@@ -213,14 +224,15 @@ def tensor_parallel_equals_torch(mesh, tmp):
     runs = []
     for cls in (torch.optim.Adam, fused_optim.Adam):
         torch.manual_seed(0)  # even shards: tensor parallelism needs them
-        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+        model = torch.nn.Sequential(
+            torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(DEVICE)
         parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
         opt = cls(_groups(model), lr=0.01, weight_decay=0.01)
         # the same batch on both ranks, as tensor parallelism expects
         for i in range(STEPS):
             torch.manual_seed(10 * i)
             opt.zero_grad()
-            model(torch.randn(8, 16)).square().mean().backward()
+            model(_randn(8, 16)).square().mean().backward()
             opt.step()
         runs.append((model, opt))
     assert isinstance(next(runs[1][0].parameters()), DTensor)
@@ -266,9 +278,7 @@ def dcp_both_ways_with_torch(mesh, tmp):
                 _train(model, opt, 4, seed=2)
                 _dcp_save(model, opt, path)
                 _train(model, opt, 4, seed=3)
-                torch.manual_seed(99)  # a fresh model, other weights
-                resumed = _wrap(kind, torch.nn.Sequential(
-                    torch.nn.Linear(16, 33), torch.nn.Tanh(), torch.nn.Linear(33, 3)), mesh)
+                resumed = _wrap(kind, _model(seed=99), mesh)  # other weights
                 restart = classes[loader](_groups(_inner(resumed)), **OPTIMIZERS[name])
                 _dcp_load(resumed, restart, path)
                 _train(resumed, restart, 4, seed=3)
@@ -313,7 +323,7 @@ def dcp_resume_equals_uninterrupted(mesh, tmp):
         model.load_state_dict(state["model"])
         set_optimizer_state_dict(model, opt, state["optim"])
         _train(model, opt, 5, seed=5, dtype=dtype)
-        final = torch.load(os.path.join(tmp, f"resume-{key}-final.pt"))
+        final = torch.load(os.path.join(tmp, f"resume-{key}-final.pt"), map_location=DEVICE)
         for p, q in zip(model.parameters(), final["params"]):
             assert torch.equal(_full(p), q), f"{key}: params differ from the uninterrupted run"
         state = _full_state(opt)
@@ -327,11 +337,17 @@ def dcp_resume_equals_uninterrupted(mesh, tmp):
 # ----- the process entry ----------------------------------------------------------
 
 
-def run(rank, phase, port, tmp):
+def run(rank, phase, port, tmp, device="cpu"):
+    global DEVICE
+    DEVICE = device
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
-    mesh = init_device_mesh("cpu", (WORLD,))
+    world = world_size(device)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("gloo" if device == "cpu" else "nccl", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    mesh = init_device_mesh(device, (world,))
     outcomes = {}
     for fn in SCENARIOS[phase]:
         try:
@@ -340,6 +356,6 @@ def run(rank, phase, port, tmp):
         except Exception:
             outcomes[fn.__name__] = traceback.format_exc()
         dist.barrier()
-    with open(os.path.join(tmp, f"outcomes-{phase}-{rank}.json"), "w") as f:
+    with open(os.path.join(tmp, f"outcomes-{device}-{phase}-{rank}.json"), "w") as f:
         json.dump(outcomes, f)
     dist.destroy_process_group()

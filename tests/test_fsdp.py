@@ -33,32 +33,43 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run_phase(phase, tmp):
-    mp.spawn(distributed_worker.run, args=(phase, _free_port(), str(tmp)),
-             nprocs=distributed_worker.WORLD, join=True)
+def _run_phase(phase, tmp, device):
+    world = distributed_worker.world_size(device)
+    mp.spawn(distributed_worker.run, args=(phase, _free_port(), str(tmp), device),
+             nprocs=world, join=True)
     outcomes = {}
-    for rank in range(distributed_worker.WORLD):
-        with open(os.path.join(tmp, f"outcomes-{phase}-{rank}.json")) as f:
+    for rank in range(world):
+        with open(os.path.join(tmp, f"outcomes-{device}-{phase}-{rank}.json")) as f:
             for name, outcome in json.load(f).items():
                 outcomes.setdefault(name, {})[rank] = outcome
     return outcomes
 
 
+_OUTCOMES: dict = {}
+
+
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dcp")
-    result = _run_phase("main", tmp)
-    # new processes, resuming from the checkpoints the main phase saved
-    result.update(_run_phase("resume", tmp))
-    return result
+def outcomes_on(tmp_path_factory):
+    """device -> {scenario: {rank: outcome}}, run once per device."""
+
+    def get(device):
+        if device not in _OUTCOMES:
+            tmp = tmp_path_factory.mktemp(f"dcp-{device}")
+            result = _run_phase("main", tmp, device)
+            # new processes, resuming from the checkpoints the main phase saved
+            result.update(_run_phase("resume", tmp, device))
+            _OUTCOMES[device] = result
+        return _OUTCOMES[device]
+
+    return get
 
 
 ALL = [fn.__name__ for phase in ("main", "resume") for fn in distributed_worker.SCENARIOS[phase]]
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_scenario(outcomes, name):
-    per_rank = outcomes[name]
-    assert set(per_rank) == set(range(distributed_worker.WORLD))
+def test_scenario(outcomes_on, device, name):
+    per_rank = outcomes_on(device)[name]
+    assert set(per_rank) == set(range(distributed_worker.world_size(device)))
     failures = {rank: text for rank, text in per_rank.items() if text != "ok"}
     assert not failures, "\n".join(f"rank {r}:\n{t}" for r, t in failures.items())

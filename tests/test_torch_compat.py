@@ -314,13 +314,13 @@ def _lr_schedule(opt):
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
-def test_compiled_step_equals_eager(name):
+def test_compiled_step_equals_eager(name, device):
     # torch's compiled-optimizer recipe: a tensor lr (a scheduler changes it
     # in place, no recompile), torch.compile(opt.step). The op is in the
     # graph, no graph break inside our step, same bits as eager.
     torch._dynamo.reset()
-    models = [_model(), _model()]
-    kwargs = dict(lr=torch.tensor(0.01))
+    models = [_model().to(device), _model().to(device)]
+    kwargs = dict(lr=torch.tensor(0.01, device=device))
     if name == "SGD":
         kwargs["momentum"] = 0.9
     opts = [getattr(fused_optim, name)(_groups(m), **kwargs) for m in models]
