@@ -1,4 +1,4 @@
-"""The scenarios of test_fsdp.py, run in 2 gloo processes on CPU (and, on
+"""The scenarios of test_distributed_2proc.py, run in 2 gloo processes on CPU (and, on
 a machine with CUDA, with NCCL and CUDA params: 2 processes on 2 GPUs, one
 process on one GPU).
 
@@ -237,6 +237,31 @@ def tensor_parallel_equals_torch(mesh, tmp):
         runs.append((model, opt))
     assert isinstance(next(runs[1][0].parameters()), DTensor)
     _assert_same_run(*runs[1], *runs[0])
+
+
+@scenario("main")
+def ddp_zero_redundancy_equals_torch(mesh, tmp):
+    # ZeroRedundancyOptimizer shards the params across the 2 ranks, each
+    # stepping its shard with optimizer_class; its state dict is
+    # consolidated on rank 0 and loaded back.
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    for name in ("SGD", "Adam"):
+        runs = []
+        for cls in (getattr(torch.optim, name), getattr(fused_optim, name)):
+            model = DistributedDataParallel(_model())
+            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls,
+                                          **OPTIMIZERS[name])
+            _train(model, opt, 5, seed=6)
+            opt.consolidate_state_dict(to=0)
+            state = opt.state_dict() if dist.get_rank() == 0 else None
+            objects = [state]
+            dist.broadcast_object_list(objects, src=0)
+            opt.load_state_dict(objects[0])
+            _train(model, opt, 5, seed=7)
+            runs.append(model)
+        for a, b in zip(runs[1].parameters(), runs[0].parameters()):
+            torch.testing.assert_close(a, b)
 
 
 # ----- distributed checkpoints ----------------------------------------------------
