@@ -308,6 +308,8 @@ class FusedOptimizer(Optimizer):
             for key, value in PRECISION_DEFAULTS.items():
                 group.setdefault(key, value)
         self._plan = None
+        if _torch_path.uses_torch_path(self.defaults):
+            self._step_supports_amp_scaling = False
 
     def __getstate__(self):
         state = super().__getstate__()

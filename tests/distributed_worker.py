@@ -310,6 +310,37 @@ def dcp_both_ways_with_torch(mesh, tmp):
                 _assert_same_run(_inner(resumed), restart, _inner(model), opt)
 
 
+@scenario("main")
+def dcp_torch_checkpoint_into_master_weights(mesh, tmp):
+    # The documented route for a torch.optim checkpoint into an optimizer
+    # with master weights (whose template asks for master_param): load the
+    # model first, then the optimizer with allow_partial_load; the master
+    # copy is the loaded params, the moments are the checkpoint's.
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    path = os.path.join(tmp, "torch-bf16-adamw")
+    model = _fsdp(_model(torch.bfloat16), mesh)
+    opt = torch.optim.AdamW(_groups(model), lr=0.01)
+    _train(model, opt, 3, seed=8, dtype=torch.bfloat16)
+    _dcp_save(model, opt, path)
+    saved = _full_state(opt)
+
+    resumed = _fsdp(_model(torch.bfloat16, seed=99), mesh)
+    state = {"model": get_model_state_dict(resumed)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(resumed, state["model"])
+    ours = fused_optim.AdamW(_groups(resumed), lr=0.01, master_weights=True)
+    state = {"optim": get_optimizer_state_dict(resumed, ours)}
+    dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(resumed, ours, state["optim"])
+    for (k, st), p in zip(sorted(_full_state(ours).items()), resumed.parameters()):
+        assert torch.equal(st["master_param"], _full(p).float()), k
+        assert st["exp_avg"].dtype == torch.float32  # master weights keep fp32 moments
+        assert torch.equal(st["exp_avg"], saved[k]["exp_avg"].float())
+        assert torch.equal(st["step"], saved[k]["step"])
+    _train(resumed, ours, 2, seed=9, dtype=torch.bfloat16)
+
+
 _RESUME_OPTIONS = {
     "plain": ("Adam", {}),
     "master_bf16_state": ("AdamW", dict(master_weights=True, state_dtype=torch.bfloat16)),

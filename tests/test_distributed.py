@@ -62,3 +62,22 @@ def test_zero_redundancy_and_ddp_match_torch(process_group, name):
         results[-1] += _train(model, opt, steps=2)
     for ours, ref in zip(results[1], results[0]):
         torch.testing.assert_close(ours, ref)
+
+
+def test_dtensor_rule_registered_whichever_is_imported_first():
+    # torch.distributed.tensor is imported lazily (it costs ~0.5 s): the
+    # rule is registered when it is, before or after fused_optim.
+    import subprocess
+    import sys
+
+    check = (
+        "from torch.distributed.tensor import DTensor; "
+        "handlers = DTensor._op_dispatcher._custom_op_handlers; "
+        "import torch; "
+        "assert all(getattr(torch.ops.fused_optim, n).default in handlers "
+        "for n in ('adam_', 'sgd_', 'adagrad_', 'rmsprop_')); print('registered')"
+    )
+    for first in ("import fused_optim; import torch.distributed.tensor", "import torch.distributed.tensor; import fused_optim"):
+        out = subprocess.run([sys.executable, "-c", f"{first}; {check}"], capture_output=True,
+                             text=True, timeout=120)
+        assert out.stdout.strip() == "registered", out.stderr

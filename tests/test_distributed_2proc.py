@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -35,8 +36,19 @@ def _free_port():
 
 def _run_phase(phase, tmp, device):
     world = distributed_worker.world_size(device)
-    mp.spawn(distributed_worker.run, args=(phase, _free_port(), str(tmp), device),
-             nprocs=world, join=True)
+    try:
+        mp.spawn(distributed_worker.run, args=(phase, _free_port(), str(tmp), device),
+                 nprocs=world, join=True)
+    except mp.ProcessExitedException as error:
+        # A process killed by a signal (seen once in ~30 runs on a loaded
+        # 2-core machine, a gloo teardown abort) is retried once, on a new
+        # port; a scenario that fails is recorded as its outcome, not here,
+        # and a second crash fails.
+        if error.signal_name is None:
+            raise
+        warnings.warn(f"{phase} phase: {error}; retrying once")
+        mp.spawn(distributed_worker.run, args=(phase, _free_port(), str(tmp), device),
+                 nprocs=world, join=True)
     outcomes = {}
     for rank in range(world):
         with open(os.path.join(tmp, f"outcomes-{device}-{phase}-{rank}.json")) as f:
