@@ -23,21 +23,24 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict
-from typing import NamedTuple
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from fused_optim import _bucket, _ops, _torch_path
+from fused_optim._traced import TracedStep
 from fused_optim._bucket import Bucket, Plan, Precision
+from fused_optim._ops import OpExtras
+from fused_optim._precision import (
+    PRECISION_DEFAULTS,
+    precision_of,
+    real_dtype,
+    state_dtype_of,
+)
 from fused_optim._build import require_device_supported
 
 # Group options of ours (not torch.optim's) that every fused optimizer takes.
-PRECISION_DEFAULTS = {"master_weights": False, "state_dtype": None, "stochastic_rounding": False}
-_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 def check_implementation_keywords(name: str, *, foreach, fused, differentiable, precision: dict):
     """torch.optim's checks of the implementation keywords (same exception
     types and messages), and ours for combining them with our precision
@@ -81,60 +84,12 @@ def check_torch_path_precision(name: str, group) -> None:
         )
 
 
-def check_precision_keywords(master_weights, state_dtype, stochastic_rounding) -> dict:
-    """Validates the mixed-precision keywords; returns them as group options."""
-    if state_dtype not in _STATE_DTYPES:
-        raise ValueError(
-            f"state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype}"
-        )
-    if master_weights and stochastic_rounding:
-        raise ValueError(
-            "master_weights=True and stochastic_rounding=True exclude each other: the "
-            "float32 master copy already keeps the bits that stochastic rounding saves"
-        )
-    return {
-        "master_weights": bool(master_weights),
-        "state_dtype": state_dtype,
-        "stochastic_rounding": bool(stochastic_rounding),
-    }
-
-
-def precision_of(group, dtype: torch.dtype) -> Precision:
-    """How a param of `dtype` in `group` is stored: master weights only for
-    fp16/bf16 params, stochastic rounding only for bf16 params without them;
-    the state in ``state_dtype``, else float32 with master weights, else the
-    param dtype. (Complex params are updated as real views of their dtype.)"""
-    low = dtype in _LOW_PRECISION
-    master = low and bool(group.get("master_weights", False))
-    state_dtype = group.get("state_dtype")
-    if state_dtype is None:
-        state_dtype = torch.float32 if master else dtype
-    rounding = dtype == torch.bfloat16 and bool(group.get("stochastic_rounding", False))
-    return Precision(master, state_dtype, rounding)
-
-
-class OpExtras(NamedTuple):
-    """The op arguments every op shares (csrc/op_args.h)."""
-
-    master_params: list
-    lr_tensors: list
-    grad_scale: torch.Tensor | None
-    found_inf: torch.Tensor | None
-    stochastic_rounding: bool
-
-    @property
-    def tail(self) -> tuple:
-        """(lr_tensors, grad_scale, found_inf): the op's arguments after the
-        per-group hyperparameters."""
-        return (self.lr_tensors, self.grad_scale, self.found_inf)
-
-
 def to_float(value) -> float:
     """A hyperparameter as a Python float (torch allows 1-element tensors)."""
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
-class FusedOptimizer(Optimizer):
+class FusedOptimizer(TracedStep, Optimizer):
     """Base class of the fused optimizers. Not for direct use."""
 
     # Whether the optimizer keeps a per-param ``step`` counter (SGD does not).
@@ -538,127 +493,6 @@ class FusedOptimizer(Optimizer):
             if mismatch:
                 raise RuntimeError(f"fused_optim.{name}: the gradient of {where} {mismatch}")
 
-    # ----- the step under torch.compile --------------------------------------------
-
-    # Note [traced step]
-    # Under torch.compile the step is traced into the graph, which the plan
-    # (Python objects cached across steps) and the pybind call would break.
-    # So a traced step takes torch.optim's shape: per param group, an eager
-    # ``_init_group`` (Dynamo runs a method of that name outside the graph,
-    # as for torch.optim, and guards on the state it made) fills lists of
-    # the tensors that have gradients, and the public op
-    # torch.ops.fused_optim.<op> updates them, one call per (device, dtype)
-    # of the group. Same kernel and same math as eager, so the same bits.
-    # Dynamo marks every group ``capturable=True`` in its traced copy of
-    # the param groups; the traced code therefore never reads capturable
-    # (_init_group sees the real groups). A tensor ``lr`` is read by the
-    # kernel (``lr_tensors``), so a scheduler changing it recompiles
-    # nothing, as torch's compiled-optimizer recipe expects.
-
-    def _init_group(self, group, params, grads, states, masters, steps):
-        """The eager half of a traced step for one group: validates, creates
-        missing state, and appends to the (empty) lists the tensors of the
-        params that have gradients, grouped by (device, dtype); ``states``
-        gets each param's state tensors in ``_state_names`` order, flat.
-        Returns one tuple per op call: (start, end, start in ``masters`` or
-        -1 without master weights, stochastic rounding, indices of new
-        state, complex)."""
-        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
-        mode = self._mode(group)
-        names = self._state_names(mode)
-        kinds: dict = {}
-        for pi, param in enumerate(group["params"]):
-            if param.grad is not None:
-                self._check_param(param, group, gi, pi)
-                if param.grad.is_sparse:
-                    raise RuntimeError(
-                        f"fused_optim.{type(self).__name__}: sparse gradients are not supported "
-                        "under torch.compile"
-                    )
-                self._check_grad(gi, pi, param, param.grad)
-                kinds.setdefault((param.device, param.dtype), []).append(param)
-        calls = []
-        for kind_params in kinds.values():
-            start, master_start, new_state = len(params), len(masters), []
-            for param in kind_params:
-                precision = precision_of(group, _real_dtype(param))
-                state = self.state[param]
-                made = {}
-                before = set(state)
-                is_new = self._needs_state_for(group, state, precision) and self._init_state(
-                    param, group, state, _state_dtype(param, precision)
-                )
-                self._conform_state(param, group, precision, state)
-                if is_new:
-                    new_state.append(len(params) - start)
-                    # Kept out of the state until the traced code stores it
-                    # after the op: Dynamo guards on the state as this
-                    # method leaves it, so the next step then recompiles
-                    # without this call's "new" flags (as torch's SGD).
-                    made = {k: state.pop(k) for k in set(state) - before if k != "master_param"}
-                params.append(param)
-                grads.append(param.grad)
-                states.extend(made[name] if name in made else state[name] for name in names)
-                if precision.master_weights:
-                    masters.append(state["master_param"])
-                if self._keeps_step(group):
-                    steps.append(state["step"])
-            if not precision.master_weights:
-                master_start = -1
-            calls.append((start, len(params), master_start, precision.stochastic_rounding,
-                          tuple(new_state), kind_params[0].is_complex()))
-        return tuple(calls)
-
-    def _traced_step(self) -> None:
-        """The step as torch.compile traces it: Note [traced step]."""
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            if _torch_path.uses_torch_path(group):
-                # torch's own code, run as eager torch runs it (traced, it
-                # would take its capturable branch: other rounding)
-                _torch_step_eagerly(self, [group])
-                continue
-            params, grads, states, masters, steps = [], [], [], [], []
-            calls = self._init_group(group, params, grads, states, masters, steps)
-            mode = self._mode(group)
-            count = len(self._state_names(mode))
-            lr = group["lr"]
-            lr_tensors = [lr] if isinstance(lr, torch.Tensor) else []
-            hyper = [[value] for value in self._hyperparameters(group)]
-            for start, end, master_start, rounding, new_state, is_complex in calls:
-                call_params, call_grads = params[start:end], grads[start:end]
-                call_states = [states[start * count + k:end * count:count] for k in range(count)]
-                if is_complex:
-                    call_params, call_grads = _bucket.as_real(call_params), _bucket.as_real(call_grads)
-                    call_states = [_bucket.as_real(s) for s in call_states]
-                device = call_params[0].device
-                extras = OpExtras(
-                    [] if master_start < 0 else masters[master_start:master_start + end - start],
-                    lr_tensors,
-                    None if grad_scale is None else grad_scale.to(device),
-                    None if found_inf is None else found_inf.to(device),
-                    rounding,
-                )
-                args = self._op_arguments(
-                    mode, call_params, call_grads, call_states,
-                    steps[start:end] if steps else [], [0] * (end - start),
-                    list(new_state), hyper, extras,
-                )
-                if is_complex:
-                    # Functionalization cannot yet replay a custom op's
-                    # writes through view_as_real views: this call runs
-                    # eagerly (a graph break, complex params only).
-                    _call_public_eagerly(self._op_name, args)
-                else:
-                    _ops.call_public(self._op_name, args)
-                for i in new_state:
-                    state = self.state[params[start + i]]
-                    for k, name in enumerate(self._state_names(mode)):
-                        state[name] = states[(start + i) * count + k]
-                    if steps and "step" not in state:
-                        state["step"] = steps[start + i]
-
     # ----- planning -----------------------------------------------------------
 
     def _current_plan(self, created: list) -> Plan:
@@ -687,12 +521,12 @@ class FusedOptimizer(Optimizer):
                 if has_grad:
                     # (torch.optim skips gradless params whatever they are)
                     self._check_param(param, group, gi, pi)
-                precision = precision_of(group, _real_dtype(param))
+                precision = precision_of(group, real_dtype(param))
                 is_new = False
                 if has_grad and self._needs_state_for(group, state or {}, precision):
                     created.append((param, None if state is None else set(state)))
                     state = self.state[param]
-                    is_new = self._init_state(param, group, state, _state_dtype(param, precision))
+                    is_new = self._init_state(param, group, state, state_dtype_of(param, precision))
                 state = state if state is not None else {}
                 self._conform_state(param, group, precision, state)
                 key = (param.device, param.dtype, mode, precision)
@@ -728,7 +562,7 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"{where} is complex32, which is not supported")
         require_device_supported(param.device, name)
         state_dtype = group.get("state_dtype")
-        real = _real_dtype(param)
+        real = real_dtype(param)
         if state_dtype is not None and state_dtype != real and (
             param.is_complex() or real == torch.float64
         ):
@@ -748,7 +582,7 @@ class FusedOptimizer(Optimizer):
         from the param where master weights are on (a checkpoint of
         torch.optim has none) and dropped where they are off, the step
         counter to the device the op reads it on."""
-        dtype = _state_dtype(param, precision)
+        dtype = state_dtype_of(param, precision)
         for key, value in list(state.items()):
             if key in ("step", "master_param") or not isinstance(value, torch.Tensor):
                 continue
@@ -831,10 +665,6 @@ class FusedOptimizer(Optimizer):
             state["step"] = step
 
 
-_torch_step_eagerly = torch._disable_dynamo(_torch_path.torch_step)
-_call_public_eagerly = torch._disable_dynamo(_ops.call_public)
-
-
 @contextlib.contextmanager
 def _hooks_set_aside(optimizer, *names: str):
     """Empties the named hook dicts of ``optimizer`` for the duration and
@@ -848,16 +678,6 @@ def _hooks_set_aside(optimizer, *names: str):
     finally:
         for name, hooks in zip(names, saved):
             setattr(optimizer, name, hooks)
-
-
-def _real_dtype(param) -> torch.dtype:
-    """The dtype the kernels see: complex params are updated as real views."""
-    return param.real.dtype if param.is_complex() else param.dtype
-
-
-def _state_dtype(param, precision: Precision) -> torch.dtype:
-    """The dtype of a param's state tensors (complex params: complex)."""
-    return param.dtype if param.is_complex() else precision.state_dtype
 
 
 def _step_device(param) -> torch.device:

@@ -31,7 +31,7 @@ import torch
 
 
 class Precision(NamedTuple):
-    """How the tensors of a bucket are stored (see _base.precision_of)."""
+    """How the tensors of a bucket are stored (see _precision.precision_of)."""
 
     # a float32 copy of each fp16/bf16 param in state["master_param"]
     master_weights: bool

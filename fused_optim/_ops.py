@@ -10,6 +10,8 @@ tuple here, so a class builds its arguments once (``_op_arguments``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fused_optim import _C
@@ -39,3 +41,19 @@ def call_public(name: str, args: tuple) -> None:
     getattr(torch.ops.fused_optim, name)(
         *args[:positional], **dict(zip(keywords, args[positional:]))
     )
+
+
+class OpExtras(NamedTuple):
+    """The op arguments every op shares (csrc/op_args.h)."""
+
+    master_params: list
+    lr_tensors: list
+    grad_scale: torch.Tensor | None
+    found_inf: torch.Tensor | None
+    stochastic_rounding: bool
+
+    @property
+    def tail(self) -> tuple:
+        """(lr_tensors, grad_scale, found_inf): the op's arguments after the
+        per-group hyperparameters."""
+        return (self.lr_tensors, self.grad_scale, self.found_inf)

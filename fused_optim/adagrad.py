@@ -9,11 +9,10 @@ from fused_optim import _docs
 from fused_optim._base import (
     FusedOptimizer,
     check_implementation_keywords,
-    check_precision_keywords,
     new_step,
-    precision_of,
     to_float,
 )
+from fused_optim._precision import check_precision_keywords, precision_of
 
 __all__ = ["Adagrad"]
 

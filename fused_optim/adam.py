@@ -8,9 +8,9 @@ from fused_optim import _docs
 from fused_optim._base import (
     FusedOptimizer,
     check_implementation_keywords,
-    check_precision_keywords,
     to_float,
 )
+from fused_optim._precision import check_precision_keywords
 
 __all__ = ["Adam", "AdamW"]
 

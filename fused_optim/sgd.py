@@ -9,10 +9,10 @@ from fused_optim import _docs
 from fused_optim._base import (
     FusedOptimizer,
     check_implementation_keywords,
-    check_precision_keywords,
     new_step,
     to_float,
 )
+from fused_optim._precision import check_precision_keywords
 
 __all__ = ["SGD"]
 

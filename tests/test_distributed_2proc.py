@@ -17,7 +17,6 @@ import socket
 import warnings
 
 import pytest
-import torch
 import torch.distributed as dist
 
 if not dist.is_available():

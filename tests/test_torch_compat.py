@@ -6,7 +6,6 @@ nothing, and torch.compile putting our op in the graph."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -1,0 +1,56 @@
+"""The precision policy: our mixed-precision options (master weights, state
+dtype, stochastic rounding), how they are validated, and how they decide
+the storage of a param's update (``Precision``)."""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim._bucket import Precision
+
+# Group options of ours (not torch.optim's) that every fused optimizer takes.
+PRECISION_DEFAULTS = {"master_weights": False, "state_dtype": None, "stochastic_rounding": False}
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_precision_keywords(master_weights, state_dtype, stochastic_rounding) -> dict:
+    """Validates the mixed-precision keywords; returns them as group options."""
+    if state_dtype not in _STATE_DTYPES:
+        raise ValueError(
+            f"state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype}"
+        )
+    if master_weights and stochastic_rounding:
+        raise ValueError(
+            "master_weights=True and stochastic_rounding=True exclude each other: the "
+            "float32 master copy already keeps the bits that stochastic rounding saves"
+        )
+    return {
+        "master_weights": bool(master_weights),
+        "state_dtype": state_dtype,
+        "stochastic_rounding": bool(stochastic_rounding),
+    }
+
+
+def precision_of(group, dtype: torch.dtype) -> Precision:
+    """How a param of `dtype` in `group` is stored: master weights only for
+    fp16/bf16 params, stochastic rounding only for bf16 params without them;
+    the state in ``state_dtype``, else float32 with master weights, else the
+    param dtype. (Complex params are updated as real views of their dtype.)"""
+    low = dtype in _LOW_PRECISION
+    master = low and bool(group.get("master_weights", False))
+    state_dtype = group.get("state_dtype")
+    if state_dtype is None:
+        state_dtype = torch.float32 if master else dtype
+    rounding = dtype == torch.bfloat16 and bool(group.get("stochastic_rounding", False))
+    return Precision(master, state_dtype, rounding)
+
+
+def real_dtype(param) -> torch.dtype:
+    """The dtype the kernels see: complex params are updated as real views."""
+    return param.real.dtype if param.is_complex() else param.dtype
+
+
+def state_dtype_of(param, precision: Precision) -> torch.dtype:
+    """The dtype of a param's state tensors (complex params: complex)."""
+    return param.dtype if param.is_complex() else precision.state_dtype

@@ -1,0 +1,138 @@
+"""The optimizer step under torch.compile: Note [traced step]."""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim import _bucket, _ops, _torch_path
+from fused_optim._ops import OpExtras
+from fused_optim._precision import precision_of, real_dtype, state_dtype_of
+
+# Run eagerly inside a compiled step (a graph break each): see _traced_step.
+_torch_step_eagerly = torch._disable_dynamo(_torch_path.torch_step)
+_call_public_eagerly = torch._disable_dynamo(_ops.call_public)
+
+
+class TracedStep:
+    """The traced step of FusedOptimizer (a mixin: it uses the optimizer's
+    planning helpers and its ``_op_arguments``)."""
+
+    # Note [traced step]
+    # Under torch.compile the step is traced into the graph, which the plan
+    # (Python objects cached across steps) and the pybind call would break.
+    # So a traced step takes torch.optim's shape: per param group, an eager
+    # ``_init_group`` (Dynamo runs a method of that name outside the graph,
+    # as for torch.optim, and guards on the state it made) fills lists of
+    # the tensors that have gradients, and the public op
+    # torch.ops.fused_optim.<op> updates them, one call per (device, dtype)
+    # of the group. Same kernel and same math as eager, so the same bits.
+    # Dynamo marks every group ``capturable=True`` in its traced copy of
+    # the param groups; the traced code therefore never reads capturable
+    # (_init_group sees the real groups). A tensor ``lr`` is read by the
+    # kernel (``lr_tensors``), so a scheduler changing it recompiles
+    # nothing, as torch's compiled-optimizer recipe expects.
+
+    def _init_group(self, group, params, grads, states, masters, steps):
+        """The eager half of a traced step for one group: validates, creates
+        missing state, and appends to the (empty) lists the tensors of the
+        params that have gradients, grouped by (device, dtype); ``states``
+        gets each param's state tensors in ``_state_names`` order, flat.
+        Returns one tuple per op call: (start, end, start in ``masters`` or
+        -1 without master weights, stochastic rounding, indices of new
+        state, complex)."""
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        mode = self._mode(group)
+        names = self._state_names(mode)
+        kinds: dict = {}
+        for pi, param in enumerate(group["params"]):
+            if param.grad is not None:
+                self._check_param(param, group, gi, pi)
+                if param.grad.is_sparse:
+                    raise RuntimeError(
+                        f"fused_optim.{type(self).__name__}: sparse gradients are not supported "
+                        "under torch.compile"
+                    )
+                self._check_grad(gi, pi, param, param.grad)
+                kinds.setdefault((param.device, param.dtype), []).append(param)
+        calls = []
+        for kind_params in kinds.values():
+            start, master_start, new_state = len(params), len(masters), []
+            for param in kind_params:
+                precision = precision_of(group, real_dtype(param))
+                state = self.state[param]
+                made = {}
+                before = set(state)
+                is_new = self._needs_state_for(group, state, precision) and self._init_state(
+                    param, group, state, state_dtype_of(param, precision)
+                )
+                self._conform_state(param, group, precision, state)
+                if is_new:
+                    new_state.append(len(params) - start)
+                    # Kept out of the state until the traced code stores it
+                    # after the op: Dynamo guards on the state as this
+                    # method leaves it, so the next step then recompiles
+                    # without this call's "new" flags (as torch's SGD).
+                    made = {k: state.pop(k) for k in set(state) - before if k != "master_param"}
+                params.append(param)
+                grads.append(param.grad)
+                states.extend(made[name] if name in made else state[name] for name in names)
+                if precision.master_weights:
+                    masters.append(state["master_param"])
+                if self._keeps_step(group):
+                    steps.append(state["step"])
+            if not precision.master_weights:
+                master_start = -1
+            calls.append((start, len(params), master_start, precision.stochastic_rounding,
+                          tuple(new_state), kind_params[0].is_complex()))
+        return tuple(calls)
+
+    def _traced_step(self) -> None:
+        """The step as torch.compile traces it: Note [traced step]."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            if _torch_path.uses_torch_path(group):
+                # torch's own code, run as eager torch runs it (traced, it
+                # would take its capturable branch: other rounding)
+                _torch_step_eagerly(self, [group])
+                continue
+            params, grads, states, masters, steps = [], [], [], [], []
+            calls = self._init_group(group, params, grads, states, masters, steps)
+            mode = self._mode(group)
+            count = len(self._state_names(mode))
+            lr = group["lr"]
+            lr_tensors = [lr] if isinstance(lr, torch.Tensor) else []
+            hyper = [[value] for value in self._hyperparameters(group)]
+            for start, end, master_start, rounding, new_state, is_complex in calls:
+                call_params, call_grads = params[start:end], grads[start:end]
+                call_states = [states[start * count + k:end * count:count] for k in range(count)]
+                if is_complex:
+                    call_params, call_grads = _bucket.as_real(call_params), _bucket.as_real(call_grads)
+                    call_states = [_bucket.as_real(s) for s in call_states]
+                device = call_params[0].device
+                extras = OpExtras(
+                    [] if master_start < 0 else masters[master_start:master_start + end - start],
+                    lr_tensors,
+                    None if grad_scale is None else grad_scale.to(device),
+                    None if found_inf is None else found_inf.to(device),
+                    rounding,
+                )
+                args = self._op_arguments(
+                    mode, call_params, call_grads, call_states,
+                    steps[start:end] if steps else [], [0] * (end - start),
+                    list(new_state), hyper, extras,
+                )
+                if is_complex:
+                    # Functionalization cannot yet replay a custom op's
+                    # writes through view_as_real views: this call runs
+                    # eagerly (a graph break, complex params only).
+                    _call_public_eagerly(self._op_name, args)
+                else:
+                    _ops.call_public(self._op_name, args)
+                for i in new_state:
+                    state = self.state[params[start + i]]
+                    for k, name in enumerate(self._state_names(mode)):
+                        state[name] = states[(start + i) * count + k]
+                    if steps and "step" not in state:
+                        state["step"] = steps[start + i]
+
