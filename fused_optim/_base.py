@@ -89,6 +89,17 @@ def to_float(value) -> float:
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
+# Note [implementation keywords on load]
+# torch.optim's load_state_dict replaces a group's options with the saved
+# ones, implementation keywords included, so a checkpoint of
+# torch.optim.AdamW(fused=False) (build-nanogpt on CPU writes such) would
+# quietly put a fused_optim optimizer on torch's unfused path. How this
+# optimizer runs is its own choice, not training state: loading keeps its
+# foreach, fused, capturable and differentiable (strictly better; the
+# hyperparameters are loaded as torch loads them).
+_IMPLEMENTATION_KEYWORDS = ("foreach", "fused", "capturable", "differentiable")
+
+
 class FusedOptimizer(TracedStep, Optimizer):
     """Base class of the fused optimizers. Not for direct use."""
 
@@ -244,14 +255,21 @@ class FusedOptimizer(TracedStep, Optimizer):
                 state_dict = result
         self._check_state_dict(state_dict)
         ours = [{k: g[k] for k in PRECISION_DEFAULTS if k in g} for g in self.param_groups]
+        implementation = [
+            {k: g[k] for k in _IMPLEMENTATION_KEYWORDS if k in g} for g in self.param_groups
+        ]
         with _hooks_set_aside(
             self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
         ) as (_, post_hooks):
             super().load_state_dict(state_dict)
-        for group, saved, options in zip(self.param_groups, state_dict["param_groups"], ours):
+        for group, saved, options, keywords in zip(
+            self.param_groups, state_dict["param_groups"], ours, implementation
+        ):
             for key, value in options.items():
                 if key not in saved:
                     group[key] = value
+            # Note [implementation keywords on load]
+            group.update(keywords)
         self._plan = None
         self._normalize_state(state_dict)
         for hook in post_hooks.values():

@@ -76,7 +76,7 @@ class SGD(FusedOptimizer):
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
+            group.setdefault("fused", None)  # (torch: False; None is our fused step)
 
     def _mode(self, group) -> tuple:
         uses_momentum = group["momentum"] != 0

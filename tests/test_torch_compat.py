@@ -6,6 +6,7 @@ nothing, and torch.compile putting our op in the graph."""
 
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
@@ -530,3 +531,28 @@ def _assert_equal_runs_params_state(opt_a, opt_b):
         assert sa[k].keys() == sb[k].keys()
         for n in sa[k]:
             assert torch.equal(sa[k][n], sb[k][n]), f"state[{k}][{n}]"
+
+
+def test_loading_keeps_our_implementation_keywords(monkeypatch):
+    # Note [implementation keywords on load]: a torch checkpoint saved with
+    # fused=False (and foreach=False) loads its state and hyperparameters,
+    # not its implementation choice: the step stays our fused call.
+    models = [_model(), _model()]
+    ref = torch.optim.AdamW(models[0].parameters(), lr=0.02, fused=False, foreach=False)
+    _set_grads([models[0]], 0)
+    ref.step()
+    ours = fused_optim.AdamW(models[1].parameters(), lr=0.01)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))  # (a load aliases tensors)
+    group = ours.param_groups[0]
+    assert (group["fused"], group["foreach"], group["lr"]) == (None, None, 0.02)
+    calls = []
+    real = _ops.call_fast
+    monkeypatch.setattr(_ops, "call_fast", lambda name, args: calls.append(name) or real(name, args))
+    with torch.no_grad():
+        for p, q in zip(models[1].parameters(), models[0].parameters()):
+            p.copy_(q)
+    _set_grads(models, 1)
+    ours.step()
+    ref.step()
+    assert calls == ["adam_"]
+    _assert_equal_runs(models[1], ours, models[0], ref, exact=False)
