@@ -230,6 +230,27 @@ std::vector<AdagradHyper> adagrad_hypers(at::ArrayRef<double> lr,
   return out;
 }
 
+std::vector<at::Tensor> grads_read_after_decoupled_decay(
+    at::TensorList params, at::TensorList grads, at::IntArrayRef group_index,
+    at::ArrayRef<double> lr, at::TensorList lr_tensors,
+    at::ArrayRef<double> weight_decay) {
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t g = group_index[i];
+    const at::Tensor& p = params[i];
+    const at::Tensor& grad = grads[i];
+    if (weight_decay[g] == 0.0 || p.numel() == 0 ||
+        grad.data_ptr() != p.data_ptr() || grad.strides() != p.strides()) {
+      continue;
+    }
+    if (out.empty()) out = grads.vec();
+    out[i] = lr_tensors.empty()
+                 ? p.mul(1.0 - lr[g] * weight_decay[g])
+                 : p.mul(1.0 - lr_tensors[g].to(p.device()) * weight_decay[g]);
+  }
+  return out;
+}
+
 std::vector<RmspropHyper> rmsprop_hypers(at::ArrayRef<double> lr,
                                          at::TensorList lr_tensors,
                                          at::ArrayRef<double> alpha,

@@ -74,6 +74,21 @@ CheckedCall check_rmsprop_args(
     at::ArrayRef<double> weight_decay, at::ArrayRef<double> momentum,
     bool centered, const SharedArgs& shared);
 
+// Note [a gradient that aliases its param]
+// torch.optim's AdamW decays the param in place and then reads the
+// gradient, so a gradient that is the param's own memory (p.grad = p.data:
+// rare, but legal) is read decayed. Our kernels read both before writing
+// either, so for such a call the aliased gradients are replaced by the
+// decayed param, computed as torch computes it (param * (1 - lr * wd), in
+// the param's dtype). Returns the replaced gradient list, or an empty one
+// when no gradient aliases its param (the usual case, a pointer compare per
+// tensor). Only for decoupled decay without maximize: with maximize torch
+// negates the gradient into a new tensor before decaying.
+std::vector<at::Tensor> grads_read_after_decoupled_decay(
+    at::TensorList params, at::TensorList grads, at::IntArrayRef group_index,
+    at::ArrayRef<double> lr, at::TensorList lr_tensors,
+    at::ArrayRef<double> weight_decay);
+
 // Each op's per-group hyperparameters (fused_optim/hyperparams.h), one per
 // group, built from the op's per-group lists, for both backends. A group's
 // lr is its `lr_tensors` entry when the call has them (read by the kernel

@@ -2,7 +2,25 @@
 
 #include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+
 namespace fused_optim {
+
+namespace {
+
+thread_local bool validate_only_flag = false;
+
+}  // namespace
+
+bool validate_only() { return validate_only_flag; }
+
+ValidateOnlyGuard::ValidateOnlyGuard() : previous_(validate_only_flag) {
+  validate_only_flag = true;
+}
+
+ValidateOnlyGuard::~ValidateOnlyGuard() { validate_only_flag = previous_; }
 
 namespace {
 
@@ -32,6 +50,56 @@ const char* dtype_rule(ListDtype rule) {
 bool is_supported_state_dtype(at::ScalarType param, at::ScalarType state) {
   if (param == at::kDouble) return state == at::kDouble;
   return state == param || state == at::kFloat || state == at::kBFloat16;
+}
+
+// Note [overlapping tensors]
+// Two written tensors of one call that share memory (params that are
+// overlapping views of one buffer, a state tensor aliasing a param) would
+// be updated by several threads at once: lost updates, a different result
+// on every run. torch.optim updates such params one after the other; we
+// refuse them, before anything is written. Byte ranges are sorted by start
+// and each is compared with the furthest-reaching one before it; ranges
+// that intersect are refused unless ATen proves the tensors disjoint
+// (interleaved views, such as the even and odd columns of one matrix, that
+// ATen cannot decide are refused too: "may overlap").
+void check_no_shared_memory(const char* op,
+                            const std::vector<TensorListArg>& lists) {
+  struct Range {
+    uintptr_t begin, end;
+    size_t list, index;
+  };
+  std::vector<Range> ranges;
+  for (size_t l = 0; l < lists.size(); ++l) {
+    if (!lists[l].written) continue;
+    for (size_t i = 0; i < lists[l].tensors.size(); ++i) {
+      const at::Tensor& t = lists[l].tensors[i];
+      if (t.numel() == 0) continue;
+      int64_t extent = 1;  // in elements, from the first to past the last
+      for (int64_t d = 0; d < t.dim(); ++d) {
+        extent += (t.size(d) - 1) * std::abs(t.stride(d));
+      }
+      const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+      ranges.push_back({begin, begin + extent * t.element_size(), l, i});
+    }
+  }
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  const Range* furthest = nullptr;
+  for (const Range& r : ranges) {
+    if (furthest != nullptr && r.begin < furthest->end) {
+      const at::Tensor& a = lists[furthest->list].tensors[furthest->index];
+      const at::Tensor& b = lists[r.list].tensors[r.index];
+      const at::MemOverlapStatus status = at::get_overlap_status(a, b);
+      TORCH_CHECK(status == at::MemOverlapStatus::No, op, ": ",
+                  lists[furthest->list].name, "[", furthest->index, "] and ",
+                  lists[r.list].name, "[", r.index, "] ",
+                  status == at::MemOverlapStatus::TooHard ? "may share" : "share",
+                  " memory; tensors updated by one step must not overlap "
+                  "(torch.optim would update them one after the other; here "
+                  "they would race). Give each param its own memory.");
+    }
+    if (furthest == nullptr || r.end > furthest->end) furthest = &r;
+  }
 }
 
 }  // namespace
@@ -113,6 +181,7 @@ CallPrecision check_tensor_lists(const char* op,
       }
     }
   }
+  check_no_shared_memory(op, lists);
   return precision;
 }
 

@@ -38,8 +38,28 @@ struct CallPrecision {
   bool stochastic_rounding = false;
 };
 
+// Note [validate only]
+// A step of several op calls (buckets) checks every call before the first
+// writes anything: the caller sets this thread's validate-only flag (the
+// fast call's validate_<op>), and each kernel returns right after its
+// checks. The same checks as a real call, so nothing a call would reject
+// slips through after an earlier call was written.
+bool validate_only();
+
+class ValidateOnlyGuard {
+ public:
+  ValidateOnlyGuard();
+  ~ValidateOnlyGuard();
+  ValidateOnlyGuard(const ValidateOnlyGuard&) = delete;
+  ValidateOnlyGuard& operator=(const ValidateOnlyGuard&) = delete;
+
+ private:
+  bool previous_;
+};
+
 // Checks every list against `params` (length, layout, device, dtype, shape,
-// no internal overlap where written), and the storage precision: params
+// no internal overlap where written, no two written tensors sharing
+// memory: Note [overlapping tensors]), and the storage precision: params
 // float16, bfloat16, float32 or float64; state in the param dtype, float32
 // or bfloat16 (float64 params: float64 only); master weights only for
 // float16/bfloat16 params; stochastic rounding only for bfloat16 params

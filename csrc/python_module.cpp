@@ -18,6 +18,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/extension.h>
 
+#include "op_inputs.h"
+
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -54,7 +56,9 @@ void bump_versions_if_list(const std::vector<at::Tensor>& tensors) {
 }
 
 // Defines m.<name>(...) calling torch.ops.fused_optim.<name> (whose C++
-// signature is void(Args...)) as Note [fast op call] describes.
+// signature is void(Args...)) as Note [fast op call] describes, and
+// m.validate_<name>(...), the same call that only checks its arguments and
+// writes nothing (Note [validate only] in op_inputs.h).
 template <typename... Args>
 void def_fast_call(pybind11::module& m, const char* name) {
   // The ops are registered by this library's static initialisers, which
@@ -95,6 +99,13 @@ void def_fast_call(pybind11::module& m, const char* name) {
     };
     (bump_if_written(args), ...);
   });
+  m.def(("validate_" + std::string(name)).c_str(),
+        [op](typename PyArg<Args>::type... args) {
+          pybind11::gil_scoped_release no_gil;
+          at::AutoDispatchBelowADInplaceOrView below_autograd;
+          fused_optim::ValidateOnlyGuard validate_only;
+          op.call(Args(args)...);
+        });
 }
 
 using TL = at::TensorList;

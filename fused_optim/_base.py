@@ -10,12 +10,15 @@ group, and how to call its op. This class does the bookkeeping:
 3. one op call per bucket; the op increments the step counters itself.
 
 Note [validate before mutating]
-A step that raises leaves every param and every state tensor as it was
-(torch.optim does not: its Adam updates the first group before it notices a
-sparse gradient in the second). The ops check all of their inputs before
-writing any. With more than one bucket the second call could still fail after
-the first succeeded, so then all buckets are checked here first. State
-created for this step is removed again if the step fails.
+A step that raises leaves every param, gradient, state tensor, step counter
+and group option as it was (torch.optim does not: its Adam updates the
+first group before it notices a sparse gradient in the second). The ops
+check all of their inputs before writing any; with more than one call per
+step every call is checked first (the op's own checks, run alone: Note
+[validate only] in csrc/op_inputs.h), then all are made. What the step
+changes before its first write (state created for new params, state
+brought to the precision options) goes through a journal (_journal.py)
+and is taken back if the step raises.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 from fused_optim import _bucket, _ops, _torch_path
 from fused_optim._traced import TracedStep
 from fused_optim._bucket import Bucket, Plan, Precision
+from fused_optim._journal import Journal
 from fused_optim._ops import OpExtras
 from fused_optim._precision import (
     PRECISION_DEFAULTS,
@@ -194,17 +198,18 @@ class FusedOptimizer(TracedStep, Optimizer):
         arguments every op shares."""
         raise NotImplementedError
 
-    def _launch(self, bucket: Bucket, grads: list, hyper: list, extras: OpExtras) -> None:
+    def _launch(self, bucket: Bucket, grads: list, hyper: list, extras: OpExtras,
+                validate: bool = False) -> None:
         """Calls the op on one bucket, through fused_optim._C (the same
         kernel as torch.ops.fused_optim.<op>, with a cheaper crossing for
         thousands of tensors: Note [fast op call] in
-        csrc/python_module.cpp)."""
+        csrc/python_module.cpp); with ``validate``, only its checks."""
         params, grads, states = self._op_lists(bucket, grads)
         args = self._op_arguments(
             bucket.mode, params, grads, states, bucket.steps(), bucket.group_index,
             bucket.new_state, hyper, extras,
         )
-        _ops.call_fast(self._op_name, args)
+        (_ops.call_validate if validate else _ops.call_fast)(self._op_name, args)
 
     def _sparse_step(self, group, params, grads, is_new) -> None:
         """Updates params with sparse gradients (SGD, Adagrad); ``is_new[i]``
@@ -304,28 +309,50 @@ class FusedOptimizer(TracedStep, Optimizer):
         if torch.compiler.is_compiling():
             self._traced_step()
             return loss
-        created = []  # (param, state keys it had before, or None)
+        journal = Journal(self.state)
         try:
-            self._step(created)
+            self._step(journal)
         except BaseException:
-            # Note [validate before mutating]: forget state made for this step.
-            for param, previous_keys in created:
-                if previous_keys is None:
-                    self.state.pop(param, None)
-                else:
-                    state = self.state[param]
-                    for key in [k for k in state if k not in previous_keys]:
-                        del state[key]
+            # Note [validate before mutating]: take back what this step
+            # changed before it raised (state made, precision conversions).
+            journal.undo()
             self._plan = None
             raise
         return loss
 
     # ----- the step ---------------------------------------------------------------
 
-    def _step(self, created: list) -> None:
-        plan = self._current_plan(created)
+    def _step(self, journal: Journal) -> None:
+        plan, cached = self._current_plan(journal)
         if any(p.grad is not None for p in plan.stateless):
-            plan = self._build_plan(created)
+            plan, cached = self._build_plan(journal), False
+        progress = {"written": False}
+        try:
+            self._apply(plan, progress)
+        except RuntimeError:
+            if progress["written"] or not cached:
+                raise
+            # Note [stale plans]: a cached plan whose call is refused may
+            # predate a change to a param (its dtype, device or memory)
+            # that the plan's signature does not see. Nothing was written:
+            # plan afresh and try once more; a real error raises again.
+            self._apply(self._build_plan(journal), progress)
+
+    # Note [stale plans]
+    # The plan is cached on what can be checked in O(groups) per step (the
+    # groups, their options, the number of params with state). A param
+    # changed behind the optimizer's back (``p.data = p.data.double()``,
+    # ``model.to(...)``, a param rebound to other memory) is not seen there;
+    # it is seen by the op, which refuses a call whose tensors do not fit
+    # together (dtype, device, shape, overlap) before writing anything. A
+    # refused call of a cached plan therefore rebuilds the plan and runs
+    # again. Checking every param's dtype each step would cost about as
+    # much as the rest of a small step.
+
+    def _apply(self, plan: Plan, progress: dict) -> None:
+        """Validates every call of ``plan`` (and the groups stepped by
+        torch's code) before the first write, then makes them; sets
+        ``progress["written"]`` before writing."""
         torch_groups = [
             (gi, g) for gi, g in enumerate(self.param_groups) if _torch_path.uses_torch_path(g)
         ]
@@ -345,9 +372,6 @@ class FusedOptimizer(TracedStep, Optimizer):
                 # skips gradient-less params whatever their device.
                 require_device_supported(bucket.device, type(self).__name__)
                 calls.append((bucket, grads))
-        if len(calls) > 1:
-            for bucket, grads in calls:
-                self._check_call(bucket, grads)
         amp_on_device = {}  # device -> (grad_scale, found_inf) there
 
         def extras(bucket: Bucket) -> OpExtras:
@@ -364,24 +388,31 @@ class FusedOptimizer(TracedStep, Optimizer):
                 bucket.precision.stochastic_rounding,
             )
 
+        prepared = None  # [(dense call or None, sparse parts)], all validated
+        if len(calls) > 1 or torch_groups:
+            # Note [validate before mutating]: every call is checked (the
+            # op's own checks, Note [validate only]) before any writes.
+            prepared = [self._prepare(bucket, grads, hyper, extras) for bucket, grads in calls]
         sparse = []
         skipped = None  # whether AMP skipped this step, if asked
         try:
-            for bucket, grads in calls:
+            if prepared is None and calls:
+                # One call: the op checks everything before it writes, so
+                # it is its own validation (no second pass over the lists).
+                bucket, grads = calls[0]
                 try:
                     self._launch(bucket, grads, hyper, extras(bucket))
+                    progress["written"] = True
                 except RuntimeError:
-                    # The op wrote nothing (it validates first). Sparse
-                    # gradients land here too: finding them up front would
-                    # cost a Python check per tensor per step.
-                    if not (self._supports_sparse and any(g.is_sparse for g in grads)):
-                        # A friendlier message naming the group and param.
-                        self._check_call(bucket, grads)
-                        raise
-                    dense, sparse_here = self._split_sparse(bucket, grads)
-                    if dense is not None:
-                        self._launch(*dense, hyper, extras(dense[0]))
-                    sparse += sparse_here
+                    # Nothing was written. Sparse gradients land here too:
+                    # finding them up front would cost a Python check per
+                    # tensor per step.
+                    prepared = [self._prepare(bucket, grads, hyper, extras)]
+            for dense, sparse_here in prepared or ():
+                progress["written"] = True
+                if dense is not None:
+                    self._launch(*dense, hyper, extras(dense[0]))
+                sparse += sparse_here
         finally:
             for bucket in plan.buckets:
                 if bucket.new_state and found_inf is not None:
@@ -393,10 +424,31 @@ class FusedOptimizer(TracedStep, Optimizer):
                     if skipped:
                         continue
                 bucket.new_state.clear()
+        progress["written"] = True
         for group, params, grads, is_new in sparse:
             self._sparse_step(group, params, grads, is_new)
         if torch_groups:
             _torch_path.torch_step(self, [group for _, group in torch_groups])
+
+    def _prepare(self, bucket: Bucket, grads: list, hyper: list, extras) -> tuple:
+        """Checks one call without writing anything: returns (the dense call
+        or None, [(group, params, grads, is_new)] of its sparse gradients),
+        or raises, naming the group and param where it can."""
+        try:
+            self._launch(bucket, grads, hyper, extras(bucket), validate=True)
+            return (bucket, grads), []
+        except RuntimeError:
+            if not (self._supports_sparse and any(g.is_sparse for g in grads)):
+                self._check_call(bucket, grads)  # a friendlier message
+                raise
+        dense, sparse = self._split_sparse(bucket, grads)
+        if dense is not None:
+            try:
+                self._launch(*dense, hyper, extras(dense[0]), validate=True)
+            except RuntimeError:
+                self._check_call(*dense)
+                raise
+        return dense, sparse
 
     def _check_torch_group(self, gi: int, group) -> None:
         """Validates a group that torch.optim's step will update, before
@@ -447,8 +499,9 @@ class FusedOptimizer(TracedStep, Optimizer):
         by_group = {}
         for i, g in enumerate(grads):
             if g.is_sparse:
-                gi, _ = bucket.positions[i]
+                gi, pi = bucket.positions[i]
                 group = self.param_groups[gi]
+                self._check_grad(gi, pi, bucket.params[i], g)
                 self._check_sparse(group, bucket.params[i], g)
                 entry = by_group.setdefault(gi, (group, [], [], []))
                 entry[1].append(bucket.params[i])
@@ -457,7 +510,6 @@ class FusedOptimizer(TracedStep, Optimizer):
         sub, sub_grads = _bucket.select(bucket, dense)
         if not sub.params:
             return None, list(by_group.values())
-        self._check_call(sub, sub_grads)
         return (sub, sub_grads), list(by_group.values())
 
     def _check_sparse_options(self, bucket: Bucket) -> None:
@@ -479,11 +531,10 @@ class FusedOptimizer(TracedStep, Optimizer):
         param group and the param. Mirrors the op's own checks."""
         for i, (param, grad) in enumerate(zip(bucket.params, grads)):
             gi, pi = bucket.positions[i]
-            if grad.is_sparse and self._supports_sparse:
+            self._check_grad(gi, pi, param, grad)
+            if grad.is_sparse:
                 self._check_sparse_options(bucket)
                 self._check_sparse(self.param_groups[gi], param, grad)
-                continue
-            self._check_grad(gi, pi, param, grad)
 
     def _check_grad(self, gi: int, pi: int, param, grad) -> None:
         """Raises if ``grad`` cannot update ``param`` (param ``pi`` of group
@@ -491,15 +542,13 @@ class FusedOptimizer(TracedStep, Optimizer):
         device that differs from the param's."""
         name = type(self).__name__
         where = f"param {pi} of param group {gi}"
-        if grad.is_sparse:
-            if self._supports_sparse:
-                return
+        if grad.is_sparse and not self._supports_sparse:
             raise RuntimeError(
                 f"fused_optim.{name} does not support sparse gradients ({where})"
                 + (", please consider SparseAdam instead" if "Adam" in name else "")
             )
         for mismatch in (
-            grad.layout != torch.strided
+            not grad.is_sparse and grad.layout != torch.strided
             and f"has layout {grad.layout}; only dense gradients are supported",
             grad.dtype != param.dtype
             and f"has dtype {grad.dtype} but the param has dtype {param.dtype}",
@@ -513,13 +562,14 @@ class FusedOptimizer(TracedStep, Optimizer):
 
     # ----- planning -----------------------------------------------------------
 
-    def _current_plan(self, created: list) -> Plan:
+    def _current_plan(self, journal: Journal) -> tuple[Plan, bool]:
+        """(the plan, whether it is the cached one)."""
         plan = self._plan
         if plan is None or plan.signature != _bucket.groups_signature(self, self._group_key):
-            plan = self._build_plan(created)
-        return plan
+            return self._build_plan(journal), False
+        return plan, True
 
-    def _build_plan(self, created: list) -> Plan:
+    def _build_plan(self, journal: Journal) -> Plan:
         """Buckets every param that has state, creating state for params that
         got a gradient. Devices and dtypes are validated here, before the
         first op call."""
@@ -542,11 +592,10 @@ class FusedOptimizer(TracedStep, Optimizer):
                 precision = precision_of(group, real_dtype(param))
                 is_new = False
                 if has_grad and self._needs_state_for(group, state or {}, precision):
-                    created.append((param, None if state is None else set(state)))
-                    state = self.state[param]
+                    state = journal.state_for(param)
                     is_new = self._init_state(param, group, state, state_dtype_of(param, precision))
                 state = state if state is not None else {}
-                self._conform_state(param, group, precision, state)
+                self._conform_state(param, group, precision, state, journal)
                 key = (param.device, param.dtype, mode, precision)
                 bucket = buckets.get(key)
                 if bucket is None:
@@ -594,26 +643,30 @@ class FusedOptimizer(TracedStep, Optimizer):
                 "params (use master_weights=True for float16)"
             )
 
-    def _conform_state(self, param, group, precision: Precision, state) -> None:
+    def _conform_state(self, param, group, precision: Precision, state, journal: Journal) -> None:
         """Brings a param's existing state to the group's precision options:
         state tensors to the state dtype, the float32 master copy created
         from the param where master weights are on (a checkpoint of
         torch.optim has none) and dropped where they are off, the step
-        counter to the device the op reads it on."""
+        counter to the device the op reads it on. Through ``journal``, so a
+        step that then fails takes it all back."""
         dtype = state_dtype_of(param, precision)
         for key, value in list(state.items()):
             if key in ("step", "master_param") or not isinstance(value, torch.Tensor):
                 continue
             if value.dtype != dtype:
-                state[key] = value.to(dtype)
+                journal.set(state, key, value.to(dtype))
         if precision.master_weights:
             if "master_param" not in state:
-                state["master_param"] = param.detach().to(torch.float32, copy=True)
+                journal.set(state, "master_param", param.detach().to(torch.float32, copy=True))
         else:
-            state.pop("master_param", None)
+            journal.pop(state, "master_param")
         step = state.get("step")
-        if isinstance(step, torch.Tensor) and step.device != _step_device(param):
-            state["step"] = step.to(_step_device(param), torch.float32)
+        if isinstance(step, torch.Tensor) and (
+            step.device != _step_device(param) or not step.is_floating_point()
+        ):
+            # (torch accepts an integer counter, e.g. hand-edited: made float32)
+            journal.set(state, "step", step.to(_step_device(param), torch.float32))
 
     # ----- checkpoints ----------------------------------------------------------
 

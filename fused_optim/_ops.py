@@ -35,6 +35,12 @@ def call_fast(name: str, args: tuple) -> None:
     getattr(_C, name)(*args)
 
 
+def call_validate(name: str, args: tuple) -> None:
+    """The eager entry's checks alone: raises what ``call_fast`` would
+    raise, writes nothing (Note [validate only] in csrc/op_inputs.h)."""
+    getattr(_C, "validate_" + name)(*args)
+
+
 def call_public(name: str, args: tuple) -> None:
     """The public, traceable op with the same positional tuple."""
     positional, keywords = _SCHEMAS[name]

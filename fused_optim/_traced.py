@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fused_optim import _bucket, _ops, _torch_path
+from fused_optim._journal import Journal
 from fused_optim._ops import OpExtras
 from fused_optim._precision import precision_of, real_dtype, state_dtype_of
 
@@ -65,7 +66,7 @@ class TracedStep:
                 is_new = self._needs_state_for(group, state, precision) and self._init_state(
                     param, group, state, state_dtype_of(param, precision)
                 )
-                self._conform_state(param, group, precision, state)
+                self._conform_state(param, group, precision, state, Journal(self.state))
                 if is_new:
                     new_state.append(len(params) - start)
                     # Kept out of the state until the traced code stores it

@@ -77,7 +77,6 @@ class Adam(FusedOptimizer):
             differentiable=differentiable,
             precision=precision,
         )
-        betas = tuple(to_float(b) if isinstance(b, torch.Tensor) else b for b in betas)
         defaults = {
             "lr": lr,
             "betas": betas,

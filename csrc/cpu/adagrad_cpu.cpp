@@ -20,7 +20,7 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads,
   const CheckedCall call = check_adagrad_args(
       at::kCPU, params, grads, state_sums, state_steps, group_index, lr,
       lr_decay, weight_decay, eps, shared);
-  if (params.empty() || amp_skips_step(found_inf)) return;
+  if (params.empty() || validate_only() || amp_skips_step(found_inf)) return;
   // Staging allocates and copies but writes no input: it goes before the
   // first write, so that even an allocation failure loses nothing.
   DenseOperands operands(call.lists);

@@ -19,11 +19,17 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
               bool stochastic_rounding) {
   const SharedArgs shared{master_params, lr_tensors, grad_scale, found_inf,
                           stochastic_rounding};
-  const CheckedCall call = check_adam_args(
+  CheckedCall call = check_adam_args(
       at::kCPU, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
       state_steps, group_index, lr, beta1, beta2, eps, weight_decay, amsgrad,
       shared);
-  if (params.empty() || amp_skips_step(found_inf)) return;
+  if (params.empty() || validate_only() || amp_skips_step(found_inf)) return;
+  std::vector<at::Tensor> decayed_grads;  // Note [a gradient that aliases its param]
+  if (decoupled_weight_decay && !maximize) {
+    decayed_grads = grads_read_after_decoupled_decay(
+        params, grads, group_index, lr, lr_tensors, weight_decay);
+    if (!decayed_grads.empty()) call.lists[1].tensors = decayed_grads;
+  }
   // Staging allocates and copies but writes no input: it goes before the
   // first write, so that even an allocation failure loses nothing.
   DenseOperands operands(call.lists);

@@ -22,7 +22,7 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads,
       at::kCPU, params, grads, square_avgs, grad_avgs, momentum_buffers,
       state_steps, group_index, lr, alpha, eps, weight_decay, momentum,
       centered, shared);
-  if (params.empty() || amp_skips_step(found_inf)) return;
+  if (params.empty() || validate_only() || amp_skips_step(found_inf)) return;
   // Staging allocates and copies but writes no input: it goes before the
   // first write, so that even an allocation failure loses nothing.
   DenseOperands operands(call.lists);

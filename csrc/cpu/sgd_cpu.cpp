@@ -22,7 +22,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads,
       momentum, dampening, weight_decay, new_momentum_buffers, nesterov,
       shared);
   const size_t n = params.size();
-  if (n == 0 || amp_skips_step(found_inf)) return;
+  if (n == 0 || validate_only() || amp_skips_step(found_inf)) return;
   // Staging allocates and copies but writes no input: it goes before the
   // first write, so that even an allocation failure loses nothing.
   DenseOperands operands(call.lists);

@@ -124,12 +124,18 @@ void adam_cuda(at::TensorList params, at::TensorList grads,
                bool stochastic_rounding) {
   const SharedArgs shared{master_params, lr_tensors, grad_scale, found_inf,
                           stochastic_rounding};
-  const CheckedCall call = check_adam_args(
+  CheckedCall call = check_adam_args(
       at::kCUDA, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
       state_steps, group_index, lr, beta1, beta2, eps, weight_decay, amsgrad,
       shared);
   const int64_t n = params.size();
-  if (n == 0) return;
+  if (n == 0 || validate_only()) return;
+  std::vector<at::Tensor> decayed_grads;  // Note [a gradient that aliases its param]
+  if (decoupled_weight_decay && !maximize) {
+    decayed_grads = grads_read_after_decoupled_decay(
+        params, grads, group_index, lr, lr_tensors, weight_decay);
+    if (!decayed_grads.empty()) call.lists[1].tensors = decayed_grads;
+  }
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   // Staging allocates and copies but writes no input: it goes before the
@@ -173,7 +179,7 @@ void sgd_cuda(at::TensorList params, at::TensorList grads,
       lr, momentum, dampening, weight_decay, new_momentum_buffers, nesterov,
       shared);
   const int64_t n = params.size();
-  if (n == 0) return;
+  if (n == 0 || validate_only()) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   DenseOperands operands(call.lists);
@@ -219,7 +225,7 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads,
       at::kCUDA, params, grads, state_sums, state_steps, group_index, lr,
       lr_decay, weight_decay, eps, shared);
   const int64_t n = params.size();
-  if (n == 0) return;
+  if (n == 0 || validate_only()) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   DenseOperands operands(call.lists);
@@ -260,7 +266,7 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads,
       state_steps, group_index, lr, alpha, eps, weight_decay, momentum,
       centered, shared);
   const int64_t n = params.size();
-  if (n == 0) return;
+  if (n == 0 || validate_only()) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   DenseOperands operands(call.lists);

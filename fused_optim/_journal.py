@@ -1,0 +1,60 @@
+"""What a step changed in the optimizer before it wrote any tensor, so that
+a step that raises can take it back (Note [validate before mutating] in
+_base.py).
+
+Before its first write a step may create state for params that got their
+first gradient, and bring existing state to the group's precision options
+(cast moments to ``state_dtype``, make or drop the master copy, move a step
+counter). Each such change goes through the journal; ``undo`` restores the
+state dicts exactly, in reverse order: the same dict objects, the same
+tensor objects, so a float32 master dropped by a step that then failed is
+the same master afterwards.
+"""
+
+from __future__ import annotations
+
+_MISSING = object()
+
+
+class Journal:
+    def __init__(self, optimizer_state) -> None:
+        self._optimizer_state = optimizer_state
+        self._entries: list = []
+
+    def state_for(self, param) -> dict:
+        """The param's state dict, created if missing; new keys the step
+        adds to it are removed again by ``undo``."""
+        state = self._optimizer_state
+        previous = set(state[param]) if param in state else None
+        self._entries.append(("state", param, previous))
+        return state[param]
+
+    def set(self, state: dict, key, value) -> None:
+        self._entries.append(("key", state, key, state.get(key, _MISSING)))
+        state[key] = value
+
+    def pop(self, state: dict, key) -> None:
+        if key in state:
+            self._entries.append(("key", state, key, state[key]))
+            del state[key]
+
+    def undo(self) -> None:
+        for entry in reversed(self._entries):
+            if entry[0] == "key":
+                _, state, key, old = entry
+                if old is _MISSING:
+                    state.pop(key, None)
+                else:
+                    state[key] = old
+            else:
+                _, param, previous = entry
+                if previous is None:
+                    self._optimizer_state.pop(param, None)
+                else:
+                    state = self._optimizer_state[param]
+                    for key in [k for k in state if k not in previous]:
+                        del state[key]
+        self._entries.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)

@@ -1,0 +1,267 @@
+"""A step that raises changes nothing, whichever call of the step finds the
+bad input; the cached plan follows changes made to params between steps;
+overlapping params are refused; tensor betas are read every step; a
+gradient that aliases its param is read as torch reads it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_optim
+from harness import assert_optimizer_unchanged, snapshot_optimizer
+
+
+def _two_bucket_groups(seed=0, dtype=torch.float32):
+    # Two calls per step: the groups differ in a mode flag (maximize).
+    torch.manual_seed(seed)
+    first = [torch.randn(4, 3, dtype=dtype, requires_grad=True), torch.randn(5, dtype=dtype, requires_grad=True)]
+    second = [torch.randn(6, dtype=dtype, requires_grad=True), torch.randn(2, 2, dtype=dtype, requires_grad=True)]
+    return first, second
+
+
+def _set_grads(params, step):
+    for i, p in enumerate(params):
+        torch.manual_seed(1000 * step + i)
+        p.grad = torch.randn_like(p)
+
+
+def _optimizer(name, first, second, **kwargs):
+    cls = getattr(fused_optim, name)
+    kwargs.setdefault("lr", 0.05)
+    if name == "SGD":
+        kwargs.setdefault("momentum", 0.9)
+    return cls([{"params": first}, {"params": second, "maximize": True}], **kwargs)
+
+
+NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+
+
+def _break_state_shape(opt, p):
+    name = next(k for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim() > 0)
+    opt.state[p][name] = torch.zeros(3)
+
+
+def _break_step_dtype(opt, p):
+    opt.state[p]["step"] = torch.tensor(5, dtype=torch.int32)
+
+
+# In the second call (the second group), after the first call would have
+# been written: each must be refused before anything is written.
+LATE_ERRORS = {
+    "state_of_wrong_shape": (_break_state_shape, "shape"),
+}
+
+
+@pytest.mark.parametrize("error", sorted(LATE_ERRORS))
+@pytest.mark.parametrize("name", NAMES)
+def test_error_in_a_later_call_writes_nothing(name, error):
+    first, second = _two_bucket_groups()
+    opt = _optimizer(name, first, second)
+    _set_grads(first + second, 0)
+    opt.step()
+    breaker, match = LATE_ERRORS[error]
+    breaker(opt, second[0])
+    _set_grads(first + second, 1)
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, error)
+
+
+def test_expanded_param_in_a_later_call_writes_nothing():
+    torch.manual_seed(0)
+    first = [torch.randn(8, requires_grad=True)]
+    expanded = torch.nn.Parameter(torch.randn(1).expand(5))
+    opt = fused_optim.Adam([{"params": first}, {"params": [expanded], "amsgrad": True}], lr=0.1)
+    _set_grads(first, 0)
+    expanded.grad = torch.ones(5)
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(RuntimeError, match="overlapping memory"):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, "expanded param")
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_int_step_counter_is_accepted_as_torch(name):
+    # torch accepts a step counter of an integer dtype (a hand-edited
+    # checkpoint): so do we, converting it to float32 like a loaded one.
+    runs = []
+    for cls in (getattr(torch.optim, name), getattr(fused_optim, name)):
+        torch.manual_seed(0)
+        p = torch.randn(10, requires_grad=True)
+        opt = cls([p], lr=0.05, **({"momentum": 0.9} if name == "SGD" else {}))
+        _set_grads([p], 0)
+        opt.step()
+        if "step" in opt.state[p]:
+            opt.state[p]["step"] = torch.tensor(1, dtype=torch.int64)
+        _set_grads([p], 1)
+        opt.step()
+        runs.append(p.detach().clone())
+    torch.testing.assert_close(runs[1], runs[0])
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_sparse_gradient_of_wrong_shape_writes_nothing(name):
+    torch.manual_seed(0)
+    dense = torch.randn(4, 3, requires_grad=True)
+    table = torch.randn(10, 3, requires_grad=True)
+    opt = getattr(fused_optim, name)([dense, table], lr=0.1)
+    _set_grads([dense], 0)
+    bad = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.ones(2, 4), (10, 4))
+    table.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.ones(2, 3), (10, 3))
+    table.grad.data = bad  # (the grad setter would refuse the shape)
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(RuntimeError, match="shape"):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, "sparse gradient of the wrong shape")
+
+
+# ----- the plan follows changes to params ----------------------------------------------
+
+
+def test_param_dtype_changed_between_steps():
+    # p.data = p.data.double() on one param: torch keeps working, so do we.
+    runs = []
+    for cls in (torch.optim.SGD, fused_optim.SGD):
+        torch.manual_seed(0)
+        params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
+        opt = cls(params, lr=0.1)
+        _set_grads(params, 0)
+        opt.step()
+        params[1].data = params[1].data.double()
+        for step in range(1, 4):
+            _set_grads(params, step)
+            opt.step()
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
+
+
+def test_model_double_after_steps():
+    runs = []
+    for cls in (torch.optim.SGD, fused_optim.SGD):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = cls(model.parameters(), lr=0.1, momentum=0.9)
+        for step in range(3):
+            if step == 1:
+                model.double()
+            opt.zero_grad()
+            model(torch.randn(2, 4, dtype=model.weight.dtype)).square().sum().backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b)
+
+
+# ----- precision changes are taken back with a failed step ------------------------------
+
+
+def _bf16_master_run():
+    torch.manual_seed(0)
+    good = [torch.randn(6, dtype=torch.bfloat16, requires_grad=True)]
+    other = [torch.randn(4, dtype=torch.bfloat16, requires_grad=True)]
+    opt = fused_optim.AdamW([{"params": good}, {"params": other, "amsgrad": True}], lr=0.01,
+                            master_weights=True)
+    _set_grads(good + other, 0)
+    opt.step()
+    return opt, good, other
+
+
+def _break_grad_dtype(p):
+    p.grad = torch.ones_like(p)
+    p.grad.data = torch.ones(p.shape, dtype=torch.float64)  # (the setter checks dtypes)
+
+
+def test_master_weights_survive_a_failed_step_that_switched_them_off():
+    opt, good, other = _bf16_master_run()
+    master = opt.state[good[0]]["master_param"]
+    bits = master.clone()
+    opt.param_groups[0]["master_weights"] = False
+    _set_grads(good, 1)
+    _break_grad_dtype(other[0])
+    with pytest.raises(RuntimeError, match="dtype"):
+        opt.step()
+    opt.param_groups[0]["master_weights"] = True
+    assert opt.state[good[0]]["master_param"] is master
+    assert torch.equal(master, bits)
+
+
+def test_state_dtype_change_is_taken_back_with_a_failed_step():
+    opt, good, other = _bf16_master_run()
+    moments = {k: v for k, v in opt.state[good[0]].items()}
+    opt.param_groups[0]["state_dtype"] = torch.bfloat16
+    _set_grads(good, 1)
+    _break_grad_dtype(other[0])
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(RuntimeError, match="dtype"):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, "state_dtype switched, failed step")
+    for k, v in moments.items():
+        assert opt.state[good[0]][k] is v
+
+
+# ----- overlapping params ------------------------------------------------------------------
+
+
+def test_overlapping_params_are_refused_before_writing():
+    # torch updates overlapping views one after the other; run in parallel
+    # they would race. Refused, clearly, with nothing written.
+    buffer = torch.randn(1000)
+    a = torch.nn.Parameter(buffer[:600])
+    b = torch.nn.Parameter(buffer[400:])
+    opt = fused_optim.Adam([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(600), torch.ones(600)
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(RuntimeError, match="share memory"):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, "overlapping params")
+
+
+def test_disjoint_views_of_one_buffer_are_fine():
+    runs = []
+    for cls in (torch.optim.Adam, fused_optim.Adam):
+        torch.manual_seed(0)
+        buffer = torch.randn(1000)
+        params = [torch.nn.Parameter(buffer[:400]), torch.nn.Parameter(buffer[400:])]
+        opt = cls(params, lr=0.1)
+        for step in range(3):
+            _set_grads(params, step)
+            opt.step()
+        runs.append(buffer.clone())
+    torch.testing.assert_close(runs[1], runs[0])
+
+
+# ----- tensor betas, aliased gradients ---------------------------------------------------------
+
+
+def test_tensor_betas_are_read_every_step():
+    runs = []
+    for cls in (torch.optim.Adam, fused_optim.Adam):
+        torch.manual_seed(0)
+        p = torch.randn(20, requires_grad=True)
+        betas = (torch.tensor(0.9), torch.tensor(0.999))
+        opt = cls([p], lr=0.01, betas=betas)
+        for step in range(4):
+            betas[0].fill_(0.9 - 0.1 * step)  # a schedule on beta1, in place
+            _set_grads([p], step)
+            opt.step()
+        runs.append(p.detach().clone())
+    torch.testing.assert_close(runs[1], runs[0])
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_gradient_aliasing_its_param_as_torch(maximize):
+    # Note [a gradient that aliases its param]
+    runs = []
+    for cls in (torch.optim.AdamW, fused_optim.AdamW):
+        torch.manual_seed(0)
+        p = torch.randn(50, requires_grad=True)
+        opt = cls([p], lr=0.1, weight_decay=0.5, maximize=maximize)
+        for _ in range(3):
+            p.grad = p.data  # the param's own memory
+            opt.step()
+        runs.append(p.detach().clone())
+    torch.testing.assert_close(runs[1], runs[0])
