@@ -80,7 +80,9 @@ class SGD(FusedOptimizer):
 
     def _mode(self, group) -> tuple:
         uses_momentum = group["momentum"] != 0
-        return (uses_momentum, bool(group["nesterov"]), bool(group["maximize"]))
+        # (a group may set momentum 0 under a nesterov default: torch then
+        # ignores nesterov, and so do we)
+        return (uses_momentum, uses_momentum and bool(group["nesterov"]), bool(group["maximize"]))
 
     def _state_names(self, mode) -> tuple:
         return ("momentum_buffer",) if mode[0] else ()

@@ -16,7 +16,7 @@ fi
 # torch is pinned: this machine's torch==2.13.0 is the CPU wheel; an unpinned
 # torch would pull several GB of CUDA packages.
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-  "torch==2.13.0" numpy pytest ninja setuptools wheel
+  "torch==2.13.0" numpy pytest hypothesis ninja setuptools wheel
 # --no-build-isolation: the extension must be compiled against the torch
 # that will import it. -e: the compiled module lands in fused_optim/, so the
 # tests and the benchmark run from this checkout. Skipped when the built

@@ -265,3 +265,20 @@ def test_gradient_aliasing_its_param_as_torch(maximize):
             opt.step()
         runs.append(p.detach().clone())
     torch.testing.assert_close(runs[1], runs[0])
+
+
+def test_group_without_momentum_under_a_nesterov_default():
+    # Found by the property test: torch ignores nesterov in a group whose
+    # momentum is 0; we refused the call.
+    runs = []
+    for cls in (torch.optim.SGD, fused_optim.SGD):
+        torch.manual_seed(0)
+        a, b = torch.randn(4, requires_grad=True), torch.randn(3, requires_grad=True)
+        opt = cls([{"params": [a]}, {"params": [b], "momentum": 0.0}], lr=0.1, momentum=0.9,
+                  nesterov=True)
+        for step in range(3):
+            _set_grads([a, b], step)
+            opt.step()
+        runs.append([a.detach().clone(), b.detach().clone()])
+    for x, y in zip(*runs):
+        torch.testing.assert_close(x, y)

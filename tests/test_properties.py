@@ -1,0 +1,252 @@
+"""Property-based tests (hypothesis).
+
+The rule of Note [validate before mutating], over random optimizers,
+options, param groups, dtypes, layouts and a random bad input injected at a
+random step: the step that raises leaves every param, gradient, state
+tensor, step counter and group option bit-identical to before, and after
+the input is repaired the next step equals that of a run that never failed,
+bit for bit.
+
+Examples are derandomized (the same ones every run, so CI is stable);
+EXAMPLES of them run in CI. Set FUSED_OPTIM_HYPOTHESIS_EXAMPLES to run
+more, e.g. 5000 locally.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fused_optim  # noqa: E402
+from harness import assert_optimizer_unchanged, bits, snapshot_optimizer  # noqa: E402
+
+EXAMPLES = int(os.environ.get("FUSED_OPTIM_HYPOTHESIS_EXAMPLES", "400"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                    suppress_health_check=list(HealthCheck))
+
+NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+
+
+@st.composite
+def options(draw, name):
+    o = {"lr": draw(st.sampled_from([1e-3, 0.05, 0.5]))}
+    o["weight_decay"] = draw(st.sampled_from([0.0, 0.01]))
+    o["maximize"] = draw(st.booleans())
+    if name == "SGD":
+        o["momentum"] = draw(st.sampled_from([0.0, 0.9]))
+        if o["momentum"]:
+            o["nesterov"] = draw(st.booleans())
+            o["dampening"] = 0.0 if o["nesterov"] else draw(st.sampled_from([0.0, 0.3]))
+    elif name == "RMSprop":
+        o["momentum"] = draw(st.sampled_from([0.0, 0.5]))
+        o["centered"] = draw(st.booleans())
+    elif name in ("Adam", "AdamW"):
+        o["amsgrad"] = draw(st.booleans())
+    elif name == "Adagrad":
+        o["lr_decay"] = draw(st.sampled_from([0.0, 0.1]))
+    return o
+
+
+# (param dtype, precision options of its group)
+STORAGE = [
+    (torch.float32, {}),
+    (torch.float64, {}),
+    (torch.float32, {"state_dtype": torch.bfloat16}),
+    (torch.bfloat16, {"master_weights": True}),
+    (torch.bfloat16, {"stochastic_rounding": True}),
+    (torch.float16, {}),
+]
+LAYOUTS = ["contiguous", "transposed", "sliced"]
+
+
+def _make_param(shape, layout, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "transposed":
+        t = torch.randn(shape[::-1], generator=g).t()
+    elif layout == "sliced":
+        t = torch.randn(shape[0], shape[1] * 2, generator=g)[:, ::2]
+    else:
+        t = torch.randn(shape, generator=g)
+    return torch.nn.Parameter(t.to(dtype))
+
+
+@st.composite
+def setups(draw):
+    name = draw(st.sampled_from(NAMES))
+    base = draw(options(name))
+    groups = []
+    for gi in range(draw(st.integers(1, 3))):
+        dtype, precision = draw(st.sampled_from(STORAGE))
+        specs = [(draw(st.sampled_from([(1, 1), (3, 5), (17, 9)])), draw(st.sampled_from(LAYOUTS)))
+                 for _ in range(draw(st.integers(1, 3)))]
+        overrides = draw(options(name)) if draw(st.booleans()) else {}
+        groups.append((dtype, precision, specs, overrides))
+    good_steps = draw(st.integers(0, 2))
+    bad = draw(st.sampled_from(BAD_INPUTS))
+    target = draw(st.integers(0, 100))
+    return name, base, groups, good_steps, bad, target
+
+
+def _build(name, base, groups):
+    seed = 0
+    param_groups = []
+    for dtype, precision, specs, overrides in groups:
+        params = []
+        for shape, layout in specs:
+            params.append(_make_param(shape, layout, dtype, seed))
+            seed += 1
+        param_groups.append({"params": params, **overrides, **precision})
+    return getattr(fused_optim, name)(param_groups, **base)
+
+
+def _grads(opt, step):
+    for i, p in enumerate(q for g in opt.param_groups for q in g["params"]):
+        gen = torch.Generator().manual_seed(10_000 * step + i)
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+# ----- bad inputs: each returns an undo function, or None where it does not apply ----------
+
+
+def _pick(opt, target, where=lambda p, g: True):
+    pairs = [(p, g) for g in opt.param_groups for p in g["params"] if where(p, g)]
+    return pairs[target % len(pairs)] if pairs else (None, None)
+
+
+def grad_wrong_dtype(opt, target):
+    p, _ = _pick(opt, target)
+    good = p.grad
+    p.grad = good.clone()
+    p.grad.data = torch.zeros(p.shape, dtype=torch.float64 if p.dtype != torch.float64 else torch.float32)
+    return lambda: setattr(p, "grad", good)
+
+
+def grad_wrong_shape(opt, target):
+    p, _ = _pick(opt, target)
+    good = p.grad
+    p.grad = good.clone()
+    p.grad.data = torch.zeros(p.numel() + 1, dtype=p.dtype)
+    return lambda: setattr(p, "grad", good)
+
+
+def sparse_grad(opt, target):
+    # refused by Adam, AdamW, RMSprop; by SGD and Adagrad with weight decay
+    # or our precision options
+    p, g = _pick(opt, target)
+    name = type(opt).__name__
+    if name in ("SGD", "Adagrad") and g["weight_decay"] == 0 and p.dtype != torch.bfloat16 \
+            and g.get("state_dtype") is None:
+        g_old = g["weight_decay"]
+        g["weight_decay"] = 0.01
+        restore_wd = lambda: g.__setitem__("weight_decay", g_old)  # noqa: E731
+    else:
+        restore_wd = lambda: None  # noqa: E731
+    good = p.grad
+    p.grad = good.to_sparse()
+    return lambda: (setattr(p, "grad", good), restore_wd())
+
+
+def state_wrong_shape(opt, target):
+    candidates = [(p, k) for p, s in opt.state.items() for k, v in s.items()
+                  if torch.is_tensor(v) and v.dim() > 0]
+    if not candidates:
+        return None
+    p, key = candidates[target % len(candidates)]
+    good = opt.state[p][key]
+    opt.state[p][key] = torch.zeros(good.numel() + 2, dtype=good.dtype)
+    return lambda: opt.state[p].__setitem__(key, good)
+
+
+def expanded_param(opt, target):
+    p, _ = _pick(opt, target, lambda p, g: p.numel() > 1)
+    if p is None:
+        return None
+    good = p.data
+    p.data = good.reshape(-1)[:1].expand(p.shape)
+    return lambda: setattr(p, "data", good)
+
+
+def overlapping_params(opt, target):
+    # two params of the same group, shape and dtype made views of one buffer
+    for g in opt.param_groups:
+        ps = g["params"]
+        for i in range(len(ps)):
+            for j in range(i + 1, len(ps)):
+                if ps[i].shape == ps[j].shape and ps[i].numel() > 1:
+                    good = ps[j].data
+                    ps[j].data = ps[i].data
+                    return lambda p=ps[j], good=good: setattr(p, "data", good)
+    return None
+
+
+def bad_group_option(opt, target):
+    # options that are refused at the step for this group's params
+    _, g = _pick(opt, target)
+    dtypes = {p.dtype for p in g["params"]}
+    if torch.float64 in dtypes:
+        changes = {"state_dtype": torch.bfloat16}
+    elif torch.float16 in dtypes:
+        changes = {"stochastic_rounding": True}
+    elif g.get("master_weights") or g.get("state_dtype") or g.get("stochastic_rounding"):
+        changes = {"fused": False}  # torch's code has no precision options
+    else:
+        changes = {"fused": False, "master_weights": True}
+    _MISSING = object()
+    old = {k: g.get(k, _MISSING) for k in changes}
+    g.update(changes)
+
+    def undo():
+        for k, v in old.items():
+            if v is _MISSING:
+                del g[k]
+            else:
+                g[k] = v
+    return undo
+
+
+BAD_INPUTS = [grad_wrong_dtype, grad_wrong_shape, sparse_grad, state_wrong_shape,
+              expanded_param, overlapping_params, bad_group_option]
+
+
+def _grad_bits(opt):
+    return [None if p.grad is None else (p.grad.layout, bits(p.grad.to_dense()))
+            for g in opt.param_groups for p in g["params"]]
+
+
+@SETTINGS
+@given(setups())
+def test_a_step_that_raises_changes_nothing(setup):
+    name, base, groups, good_steps, bad, target = setup
+    opt, twin = _build(name, base, groups), _build(name, base, groups)
+    for step in range(good_steps):
+        for o in (opt, twin):
+            _grads(o, step)
+            o.step()
+    _grads(opt, good_steps)
+    _grads(twin, good_steps)
+    undo = bad(opt, target)
+    hypothesis.event(f"{bad.__name__}{'' if undo else ' (does not apply)'}")
+    if undo is None:
+        return  # this bad input does not apply to this setup
+    snap, grads = snapshot_optimizer(opt), _grad_bits(opt)
+    with pytest.raises((RuntimeError, ValueError)):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, f"{bad.__name__}")
+    for a, b in zip(_grad_bits(opt), grads):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]), "a gradient was written"
+    undo()
+    opt.step()
+    twin.step()
+    for p, q in zip((p for g in opt.param_groups for p in g["params"]),
+                    (q for g in twin.param_groups for q in g["params"])):
+        assert torch.equal(bits(p), bits(q)), f"after {bad.__name__}: differs from a run that never failed"
+    twin_snap = snapshot_optimizer(twin)
+    assert_optimizer_unchanged(opt, {**twin_snap, "param_ids": [id(p) for g in opt.param_groups
+                                                                for p in g["params"]]},
+                               "state after recovery")
