@@ -13,9 +13,12 @@
 // Adam on the 2-core EPYC (Zen 4) we benchmark on; the step is memory-bound,
 // so wider vectors mostly mean fewer instructions in flight per byte.
 //
-// FMA contraction is off (-ffp-contract=off in setup.py): contracting
-// `a * b + c` changes rounding, and we keep fp32 results within a bit or two
-// of torch.optim's and bit-identical across thread counts.
+// FMA contraction is off (-ffp-contract=off in setup.py): the update rules
+// spell out each fused multiply-add torch's kernels compute (Note [fused
+// multiply-add] in update_rules.h) and nothing else is fused, so results
+// are the same on every ISA and thread count. The AVX2 and AVX-512 loops
+// enable the FMA instructions; the baseline loop calls libm's fma (correct,
+// slow: only for CPUs without AVX2).
 #pragma once
 
 #include <cstdint>
@@ -43,14 +46,14 @@ namespace fused_optim::cpu {
 #if defined(__x86_64__) && defined(__GNUC__)
 
 template <typename Body>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,"
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma,"
                       "prefer-vector-width=512"))) void
 loop_avx512(int64_t n, const Body& body) {
   FO_ELEMENT_LOOP(n, body);
 }
 
 template <typename Body>
-__attribute__((target("avx2,f16c"))) void loop_avx2(int64_t n,
+__attribute__((target("avx2,f16c,fma"))) void loop_avx2(int64_t n,
                                                     const Body& body) {
   FO_ELEMENT_LOOP(n, body);
 }
@@ -60,13 +63,15 @@ inline bool cpu_has_avx512() {
                           __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("f16c") &&
+                          __builtin_cpu_supports("fma");
   return has;
 }
 
 inline bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") &&
-                          __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("f16c") &&
+                          __builtin_cpu_supports("fma");
   return has;
 }
 
