@@ -171,8 +171,15 @@ Adagrad.__doc__ = (
 
     Conventions: :math:`\epsilon` is added outside the square root (as
     torch.optim; optax adds it inside). The state exists from construction
-    on, as in torch.optim; params added later with ``add_param_group`` start
-    from their own group's ``initial_accumulator_value``.
+    on, as in torch.optim.
+
+    Difference from torch.optim, on purpose: each param's sum starts from
+    its own group's ``initial_accumulator_value``. torch.optim.Adagrad
+    starts every param from the constructor's value, ignoring a value given
+    in a param group (at construction or through ``add_param_group``),
+    although it keeps that value in the group; we honour what the group
+    says. Groups that do not set it start from the constructor's value, as
+    in torch.
 
     Args:
         """

@@ -282,3 +282,18 @@ def test_group_without_momentum_under_a_nesterov_default():
         runs.append([a.detach().clone(), b.detach().clone()])
     for x, y in zip(*runs):
         torch.testing.assert_close(x, y)
+
+
+def test_adagrad_honours_a_groups_initial_accumulator_value():
+    # Documented difference from torch.optim (which uses the constructor's
+    # value for every group).
+    a, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    c = torch.randn(3, requires_grad=True)
+    opt = fused_optim.Adagrad([{"params": [a]}, {"params": [b], "initial_accumulator_value": 2.0}],
+                              lr=0.1, initial_accumulator_value=0.5)
+    opt.add_param_group({"params": [c], "initial_accumulator_value": 3.0})
+    for p in (a, b, c):
+        p.grad = torch.ones(3)
+    opt.step()
+    for p, start in ((a, 0.5), (b, 2.0), (c, 3.0)):
+        assert torch.equal(opt.state[p]["sum"], torch.full((3,), start + 1.0))
