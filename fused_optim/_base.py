@@ -590,12 +590,11 @@ class FusedOptimizer(TracedStep, Optimizer):
                     # (torch.optim skips gradless params whatever they are)
                     self._check_param(param, group, gi, pi)
                 precision = precision_of(group, real_dtype(param))
-                is_new = False
-                if has_grad and self._needs_state_for(group, state or {}, precision):
-                    state = journal.state_for(param)
-                    is_new = self._init_state(param, group, state, state_dtype_of(param, precision))
-                state = state if state is not None else {}
-                self._conform_state(param, group, precision, state, journal)
+                if has_grad:
+                    state, is_new = self._ready_state(param, group, precision, journal)
+                else:
+                    is_new = False
+                    self._conform_state(param, group, precision, state, journal)
                 key = (param.device, param.dtype, mode, precision)
                 bucket = buckets.get(key)
                 if bucket is None:
@@ -642,6 +641,19 @@ class FusedOptimizer(TracedStep, Optimizer):
                 f"{where} is float16: stochastic_rounding is implemented for bfloat16 "
                 "params (use master_weights=True for float16)"
             )
+
+    def _ready_state(self, param, group, precision: Precision, journal: Journal) -> tuple[dict, bool]:
+        """The state of a param about to be stepped: missing state created
+        (``_init_state``) and all of it brought to the group's precision
+        options (``_conform_state``), through ``journal``. Returns (its
+        state dict, whether the op must treat the state as new)."""
+        state = self.state[param] if param in self.state else {}
+        is_new = False
+        if self._needs_state_for(group, state, precision):
+            state = journal.state_for(param)
+            is_new = self._init_state(param, group, state, state_dtype_of(param, precision))
+        self._conform_state(param, group, precision, state, journal)
+        return state, is_new
 
     def _conform_state(self, param, group, precision: Precision, state, journal: Journal) -> None:
         """Brings a param's existing state to the group's precision options:

@@ -7,7 +7,7 @@ import torch
 from fused_optim import _bucket, _ops, _torch_path
 from fused_optim._journal import Journal
 from fused_optim._ops import OpExtras
-from fused_optim._precision import precision_of, real_dtype, state_dtype_of
+from fused_optim._precision import precision_of, real_dtype
 
 # Run eagerly inside a compiled step (a graph break each): see _traced_step.
 _torch_step_eagerly = torch._disable_dynamo(_torch_path.torch_step)
@@ -60,13 +60,9 @@ class TracedStep:
             start, master_start, new_state = len(params), len(masters), []
             for param in kind_params:
                 precision = precision_of(group, real_dtype(param))
-                state = self.state[param]
+                before = set(self.state.get(param, ()))
+                state, is_new = self._ready_state(param, group, precision, Journal(self.state))
                 made = {}
-                before = set(state)
-                is_new = self._needs_state_for(group, state, precision) and self._init_state(
-                    param, group, state, state_dtype_of(param, precision)
-                )
-                self._conform_state(param, group, precision, state, Journal(self.state))
                 if is_new:
                     new_state.append(len(params) - start)
                     # Kept out of the state until the traced code stores it

@@ -2,7 +2,7 @@
 
 Run ``python -m fused_optim.bench --help`` for the options.
 
-Method (the protocol of BENCHMARKS.md):
+Method (benchmarks/README.md says how to run and read it):
 
 * Every implementation gets its own parameters, filled with the same random
   (never zero) values, and gradients set once (``p.grad = random``) and reused
@@ -29,7 +29,7 @@ Method (the protocol of BENCHMARKS.md):
   step unscales (``_step_supports_amp_scaling``) get GradScaler's
   ``grad_scale``/``found_inf``; the others get GradScaler's separate
   unscale pass, timed with their step.
-* Throughput is bytes moved per step (the byte budget of DESIGN.md section 5,
+* Throughput is bytes moved per step (the byte budget,
   ``bytes_per_element``: the bytes an ideal single pass over the param,
   grad, master weights and state, at their dtypes, must read and write)
   divided by the step time, and is shown as a fraction of a reference
@@ -79,7 +79,7 @@ class OptimizerSpec:
 
 
 OPTIMIZERS = {
-    # fp32 byte budgets (DESIGN.md section 5), from bytes_per_element below:
+    # fp32 byte budgets, from bytes_per_element below:
     # SGD with momentum, Adagrad, RMSprop 20; Adam, AdamW 28.
     "sgd": OptimizerSpec("SGD", {"lr": 1e-3, "momentum": 0.9}, 1, True),
     "adagrad": OptimizerSpec("Adagrad", {"lr": 1e-2}, 1, True),
@@ -178,7 +178,7 @@ def element_size(dtype: torch.dtype) -> int:
 
 
 def bytes_per_element(spec: OptimizerSpec, precision: Precision) -> int:
-    """Bytes one ideal single pass moves per param element (DESIGN.md section 5).
+    """Bytes one ideal single pass moves per param element.
 
     The gradient (in the param dtype) is read, and written back once more when
     the step unscales it (AMP). Each state tensor is read and written. The
@@ -966,7 +966,7 @@ def markdown_report(meta: dict, results: list[Result]) -> str:
         f"{fmt_number(meta['load_average_before'])}/{fmt_number(meta['load_average_after'])}",
         "",
         "`vs X` = X's step time / fused_optim's (above 1: fused_optim is faster). "
-        "GB/s and % BW use the byte budget (DESIGN.md section 5) of what each "
+        "GB/s and % BW use the byte budget (bytes_per_element) of what each "
         "implementation ran: B/elem, bytes read and written per param element. "
         "% BW = median GB/s / median ref GB/s; % BW per round = median over the rounds "
         "of each step's GB/s / the reference pass of the same round.",

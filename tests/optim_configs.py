@@ -1,5 +1,5 @@
 """The data the test suite runs on: ONE table of optimizer configurations and
-ONE table of error inputs (DESIGN.md section 7: tests are data-driven, every
+ONE table of error inputs (tests are data-driven, every
 tolerance is reviewed data).
 
 Test modules import from here; nothing in this file asserts anything.
@@ -29,7 +29,7 @@ class OptimConfig:
 
     `kwargs` are passed unchanged to both `torch.optim.<name>` and
     `fused_optim.<name>`; the torch side additionally gets `foreach=False`
-    (its single-tensor for-loop, the reference of DESIGN.md section 3).
+    (its single-tensor for-loop, the reference of the numerics policy below).
     """
 
     id: str
@@ -220,7 +220,7 @@ SPARSE_REJECTED = ("RMSprop", "Adam", "AdamW")
 
 
 # ---------------------------------------------------------------------------
-# Numerics policy (DESIGN.md section 3)
+# Numerics policy
 # ---------------------------------------------------------------------------
 
 # fp32/fp64: torch.testing.assert_close defaults, on params and every state

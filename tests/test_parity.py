@@ -1,5 +1,5 @@
 """fused_optim.X against torch.optim.X(foreach=False), step by step, on the
-params AND every state tensor (DESIGN.md section 3)."""
+params AND every state tensor (the numerics policy: tests/optim_configs.py)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ LOW = pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=str)
 
 STEPS = 10
 
-# Sizes that hit the SIMD body and the tail (DESIGN.md section 3), and 2-D/3-D.
+# Sizes that hit the SIMD body and the tail, and 2-D/3-D.
 SIZES = [(0,), (1,), (7,), (8,), (9,), (4099,), (7, 9), (3, 5, 7), (2, 0, 3)]
 # Layouts: misaligned views, transposed param or grad, strided slices.
 LAYOUTS = [

@@ -1,5 +1,5 @@
 """Checkpoints, param groups and the rest of the torch.optim.Optimizer API
-(DESIGN.md section 2: same state_dict layout, interchangeable checkpoints,
+(same state_dict layout, interchangeable checkpoints,
 hooks, closures, __setstate__ defaults)."""
 
 from __future__ import annotations
