@@ -35,6 +35,7 @@ from fused_optim import _bucket, _ops, _torch_path
 from fused_optim._traced import TracedStep
 from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._journal import Journal
+from fused_optim._state import OptimizerState
 from fused_optim._ops import OpExtras
 from fused_optim._precision import (
     PRECISION_DEFAULTS,
@@ -124,6 +125,7 @@ class FusedOptimizer(TracedStep, Optimizer):
     def __init__(self, params, defaults):
         self._plan: Plan | None = None
         super().__init__(params, defaults)
+        self.state = OptimizerState(self.state)
         if _torch_path.uses_torch_path(self.defaults):
             # As torch.optim: GradScaler unscales for an unfused optimizer.
             self._step_supports_amp_scaling = False
@@ -282,6 +284,8 @@ class FusedOptimizer(TracedStep, Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        if not isinstance(self.state, OptimizerState):
+            self.state = OptimizerState(self.state)
         for group in self.param_groups:
             for key, value in PRECISION_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -309,6 +313,9 @@ class FusedOptimizer(TracedStep, Optimizer):
         if torch.compiler.is_compiling():
             self._traced_step()
             return loss
+        if type(self.state) is not OptimizerState:
+            # (replaced by the user or a wrapper: see _state.py)
+            self.state = OptimizerState(self.state)
         journal = Journal(self.state)
         try:
             self._step(journal)
@@ -565,7 +572,11 @@ class FusedOptimizer(TracedStep, Optimizer):
     def _current_plan(self, journal: Journal) -> tuple[Plan, bool]:
         """(the plan, whether it is the cached one)."""
         plan = self._plan
-        if plan is None or plan.signature != _bucket.groups_signature(self, self._group_key):
+        if (
+            plan is None
+            or plan.signature != _bucket.groups_signature(self, self._group_key)
+            or not plan.same_params(self.param_groups)
+        ):
             return self._build_plan(journal), False
         return plan, True
 
@@ -612,7 +623,12 @@ class FusedOptimizer(TracedStep, Optimizer):
                 bucket.state_dicts.append(state)
                 bucket.group_index.append(gi)
                 bucket.positions.append((gi, pi))
-        plan = Plan(list(buckets.values()), stateless, _bucket.groups_signature(self, self._group_key))
+        plan = Plan(
+            list(buckets.values()),
+            stateless,
+            _bucket.groups_signature(self, self._group_key),
+            [tuple(group["params"]) for group in self.param_groups],
+        )
         self._plan = plan
         return plan
 

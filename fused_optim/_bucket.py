@@ -16,9 +16,11 @@ gradient tensors every step) and the state tensors from the cached per-param
 state dicts (so a state tensor replaced by the user is the one updated, as in
 torch.optim), and reads each group's hyperparameters.
 
-Not detected: replacing a param's whole state dict (``opt.state[p] = {...}``
-for a param that already had state) behind the optimizer's back; call
-``load_state_dict`` for that, as torch's own checkpoint tools do.
+A param's whole state dict replaced (``opt.state[p] = {...}``) is seen
+through the write count of ``optimizer.state`` (_state.py); a param replaced
+inside its group (``group["params"][i] = q``) by an identity check of the
+planned params. Changes to a param itself (its dtype, device or memory) are
+seen by the op: Note [stale plans] in _base.py.
 """
 
 from __future__ import annotations
@@ -90,6 +92,18 @@ class Plan:
     # params that have no state yet (no gradient seen): checked every step
     stateless: list
     signature: tuple
+    # each group's params when planned: a param replaced in place
+    # (``group["params"][i] = q``) leaves the signature as it was
+    params: list
+
+    def same_params(self, param_groups) -> bool:
+        """Whether every group still holds the planned params (by identity:
+        about 20 us per 1000 params, C-speed)."""
+        return all(
+            len(group["params"]) == len(planned)
+            and all(map(operator.is_, group["params"], planned))
+            for group, planned in zip(param_groups, self.params)
+        )
 
 
 def groups_signature(optimizer, key_of) -> tuple:
@@ -98,6 +112,8 @@ def groups_signature(optimizer, key_of) -> tuple:
     return (
         id(optimizer.state),
         len(optimizer.state),
+        # every write to the mapping (a param's state dict replaced): _state.py
+        optimizer.state.writes,
         tuple(
             (id(group["params"]), len(group["params"]), key_of(group))
             for group in optimizer.param_groups

@@ -156,6 +156,68 @@ def test_model_double_after_steps():
         torch.testing.assert_close(a, b)
 
 
+def _replace_first_param(opt):
+    group = opt.param_groups[0]
+    group["params"][0] = torch.nn.Parameter(group["params"][0].detach() + 1)
+
+
+def _replace_first_state_dict(opt):
+    # A hand-made restore: the same values, new dict and tensors, moments doubled.
+    p = opt.param_groups[0]["params"][0]
+    opt.state[p] = {k: v.clone() * (2 if torch.is_tensor(v) and v.dim() else 1)
+                    for k, v in opt.state[p].items()}
+
+
+def _pop_then_restore_state(opt):
+    p = opt.param_groups[0]["params"][0]
+    saved = opt.state.pop(p)
+    opt.state.update({p: {k: v.clone() for k, v in saved.items()}})
+
+
+@pytest.mark.parametrize("change", [_replace_first_param, _replace_first_state_dict,
+                                    _pop_then_restore_state])
+@pytest.mark.parametrize("name", NAMES)
+def test_plan_follows_params_and_state_dicts_replaced_between_steps(name, change):
+    # torch.optim reads group["params"] and opt.state[p] every step; a plan
+    # that cached the old param or the old state dict would update those.
+    runs = []
+    for module in (torch.optim, fused_optim):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+        kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
+        opt = getattr(module, name)(params, lr=0.1, **kwargs)
+        for step in range(4):
+            _set_grads(opt.param_groups[0]["params"], step)
+            opt.step()
+            if step == 1:
+                change(opt)
+        runs.append(opt)
+    ref, ours = runs
+    for p, q in zip(ref.param_groups[0]["params"], ours.param_groups[0]["params"]):
+        # (defaults: RMSprop's sqrt rounds differently, test_properties.py)
+        torch.testing.assert_close(q, p)
+        assert ref.state[p].keys() == ours.state[q].keys()
+        for key in ref.state[p]:
+            torch.testing.assert_close(ours.state[q][key], ref.state[p][key], check_dtype=False)
+
+
+def test_state_replaced_wholesale_is_followed():
+    # opt.state = defaultdict(dict) (as some wrappers do) starts over, as in torch.
+    from collections import defaultdict
+    runs = []
+    for module in (torch.optim, fused_optim):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5))]
+        opt = module.Adam(params, lr=0.1)
+        for step in range(4):
+            _set_grads(params, step)
+            opt.step()
+            if step == 1:
+                opt.state = defaultdict(dict)
+        runs.append((params[0].detach().clone(), float(opt.state[params[0]]["step"])))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1] == 2.0
+
+
 # ----- precision changes are taken back with a failed step ------------------------------
 
 

@@ -255,8 +255,11 @@ def test_a_step_that_raises_changes_nothing(setup):
 # ----- parity with torch.optim's for-loop over random valid configurations ---------------------
 
 # Recorded: the seed and the number of examples CI runs (derandomized runs
-# of this seed; FUSED_OPTIM_HYPOTHESIS_EXAMPLES raises the count).
-PARITY_SEED = 20261203
+# of this seed; FUSED_OPTIM_HYPOTHESIS_EXAMPLES raises the count,
+# FUSED_OPTIM_PARITY_SEED changes the seed). Also run by hand on 2026-12-03,
+# all passing: this seed with 3,000 examples, seeds 1 and 2 with 2,000 each,
+# and 2,000 RMSprop-only examples.
+PARITY_SEED = int(os.environ.get("FUSED_OPTIM_PARITY_SEED", "20261203"))
 PARITY_EXAMPLES = int(os.environ.get("FUSED_OPTIM_HYPOTHESIS_EXAMPLES", "300"))
 
 
@@ -294,14 +297,6 @@ def parity_setups(draw):
     # a rounding residual (NaN for half of the elements, in torch too).
     hypothesis.assume(not (name == "AdamW" and kw["lr"] * kw["weight_decay"] > 1))
     hypothesis.assume(not (name == "RMSprop" and kw.get("centered") and kw["alpha"] == 0.0))
-    # Open (issue 10): RMSprop is not yet within these bounds at the
-    # extremes (fp32 elements 2e-5 apart with alpha 0.9999, eps 1e-12 and
-    # 1e-6 gradients, where lr / sqrt(v) amplifies a one-ulp difference;
-    # an fp16 inf that torch does not have). The fp32 part traces to sqrt:
-    # torch 2.13's CPU float sqrt is not correctly rounded (about 18% of
-    # elements one ulp from IEEE sqrt, measured here), ours is. RMSprop is
-    # held by test_parity.py's fixed configurations meanwhile.
-    hypothesis.assume(name != "RMSprop")
     # fp16 / bf16 are compared with float64 (2x torch's distance), which is
     # meaningful where a step is not ruled by one rounding: with lr near 1
     # an Adam step divides by sqrt(v), turning v's last-ulp luck into an
@@ -311,6 +306,43 @@ def parity_setups(draw):
     if dtype in (torch.float16, torch.bfloat16):
         hypothesis.assume(kw["lr"] <= 0.01 and grad_scale >= 1.0)
     return name, kw, dtype, sizes, grad_scale, steps
+
+
+class IEEESqrt(torch.overrides.TorchFunctionMode):
+    """torch's sqrt, correctly rounded as IEEE 754 asks (and as ours is).
+
+    torch 2.13's CPU sqrt is not: about 15% of float32 and 1% of float64
+    results are one ulp off (test_reference_sqrt_is_not_correctly_rounded).
+    With alpha 0.9999, eps 1e-12 and tiny gradients RMSprop's lr / sqrt(v)
+    turns that ulp into differences far above assert_close's tolerances, so
+    the reference runs torch.optim's own code with this sqrt. float32 is
+    rounded once from the float64 root (exact: 53 >= 2 * 24 + 2 bits);
+    float64 comes from numpy, whose sqrt is the IEEE instruction.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.sqrt, torch.Tensor.sqrt, torch.Tensor.sqrt_) and not kwargs:
+            x = args[0]
+            if x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
+                root = correctly_rounded_sqrt(x)
+                return x.copy_(root) if func is torch.Tensor.sqrt_ else root
+        return func(*args, **kwargs)
+
+
+def correctly_rounded_sqrt(x: torch.Tensor) -> torch.Tensor:
+    import numpy as np
+    wide = x.detach().cpu().double().numpy()  # float32 -> float64 is exact
+    return torch.from_numpy(np.sqrt(wide)).to(dtype=x.dtype, device=x.device)
+
+
+def test_reference_sqrt_is_not_correctly_rounded():
+    # Why IEEESqrt exists; fails (and IEEESqrt can go) once torch's sqrt is
+    # correctly rounded.
+    x = torch.rand(4096, generator=torch.Generator().manual_seed(0)) * 10
+    assert not torch.equal(x.sqrt(), correctly_rounded_sqrt(x))
+    with IEEESqrt():
+        assert torch.equal(x.sqrt(), correctly_rounded_sqrt(x))
 
 
 def _parity_runs(name, kw, dtype, sizes, grad_scale, steps):
@@ -325,13 +357,17 @@ def _parity_runs(name, kw, dtype, sizes, grad_scale, steps):
             g = torch.Generator().manual_seed(i)
             start = (torch.randn(n, generator=g) * (0.1 if low else 1.0)).to(dtype)
             params.append(torch.nn.Parameter(start.to(run_dtype)))
-        extra = {} if cls.__module__.startswith("fused_optim") else {"foreach": False}
-        opt = cls(params, **kw, **extra)
+        ours = cls.__module__.startswith("fused_optim")
+        opt = cls(params, **kw, **({} if ours else {"foreach": False}))
         for step in range(steps):
             for i, p in enumerate(params):
                 g = torch.Generator().manual_seed(1000 * step + i)
                 p.grad = (torch.randn(p.shape, generator=g) * grad_scale).to(dtype).to(run_dtype)
-            opt.step()
+            if ours:
+                opt.step()
+            else:
+                with IEEESqrt():
+                    opt.step()
         state = [{k: v.detach().clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
                  for p in params]
         out.append(([p.detach().clone() for p in params], state))
