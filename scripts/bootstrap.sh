@@ -15,8 +15,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # torch is pinned: this machine's torch==2.13.0 is the CPU wheel; an unpinned
 # torch would pull several GB of CUDA packages.
+# matplotlib, scikit-learn (its bundled digits) and optuna are for
+# fused_optim.sweep (plots, the example, distributed search); none of them
+# depends on torch.
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-  "torch==2.13.0" numpy pytest hypothesis ninja setuptools wheel
+  "torch==2.13.0" numpy pytest hypothesis ninja setuptools wheel \
+  matplotlib scikit-learn optuna
 # --no-build-isolation: the extension must be compiled against the torch
 # that will import it. -e: the compiled module lands in fused_optim/, so the
 # tests and the benchmark run from this checkout. Skipped when the built
