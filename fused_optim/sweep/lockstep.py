@@ -20,7 +20,12 @@ hyperparameters, which torch.optim cannot give one stacked tensor):
   the others (``index_select``) and moves their optimizer state over
   unchanged, so the remaining steps cost less and the kept configurations
   continue bit for bit as if nothing had been dropped (each slice's
-  arithmetic does not depend on K; tested).
+  arithmetic does not depend on K; tested). Not with dropout: one draw
+  makes the masks of all K slices, so after a drop the others draw
+  different (equally distributed) masks.
+
+Not supported: tied weights (one param under two names; ``stack_module_state``
+stacks it once), and models whose forward depends on the batch of configs.
 
 A run that starts with one configuration skips vmap and calls a copy of the
 module whose params are the slices (as cheap as a plain training loop); it
@@ -226,11 +231,14 @@ class Lockstep:
             "schedulers": [self.schedulers[k] for k in slots],
         }
         with torch.no_grad():
+            # (the gradients too: a configuration may be dropped between
+            # backward and update, when it diverged)
+            grads = {n: t.grad.index_select(0, index) for n, t in self.params.items()}
             self.params = {n: t.detach().index_select(0, index).requires_grad_()
                            for n, t in self.params.items()}
             self.buffers = {n: t.index_select(0, index) for n, t in self.buffers.items()}
-        for t in self.params.values():
-            t.grad = torch.zeros_like(t)
+        for name, t in self.params.items():
+            t.grad = grads[name]
         self.configs = [self.configs[k] for k in slots]
         self._build_optimizers(previous)
 

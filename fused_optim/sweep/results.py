@@ -102,8 +102,10 @@ class SweepResult:
         return sorted(self.results, key=lambda r: (_ORDER[r.stop_reason], -r.steps_trained, r.score()))
 
     @property
-    def best(self) -> ConfigResult:
-        return self.ranked()[0]
+    def best(self) -> ConfigResult | None:
+        """The first of ``ranked()`` (None for a sweep of no configurations)."""
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
 
     def leaderboard(self, top: int | None = None) -> str:
         """A text table: rank, configuration, final train/validation loss,
@@ -137,7 +139,7 @@ class SweepResult:
             "steps": self.steps,
             "seconds": self.seconds,
             "metric": self.metric_name,
-            "best": self.best.index,
+            "best": self.best.index if self.results else None,
             "ranking": [r.index for r in self.ranked()],
             "configurations": [r.as_dict() for r in self.results],
         }

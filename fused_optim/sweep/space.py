@@ -13,7 +13,8 @@ exactly as they would be passed to it, plus a few keys about the run::
   configuration's param group gets it, so ``Config.kwargs`` rebuilds the
   same optimizer: ``fused_optim.AdamW(model.parameters(), **best.kwargs)``.
 - ``RUN_KEYS``: how the configuration is trained, not the optimizer:
-  ``warmup_steps`` (linear warmup from 0), ``schedule`` (``"constant"`` or
+  ``warmup_steps`` (the lr grows linearly over that many steps: lr / warmup
+  at the first, full at step warmup), ``schedule`` (``"constant"`` or
   ``"cosine"``: cosine decay to 0 over the run after the warmup; or a
   callable ``optimizer -> torch.optim.lr_scheduler.LRScheduler``, stepped
   once per training step), ``clip_grad_norm`` (clip the configuration's
@@ -96,7 +97,7 @@ def make_config(spec: dict | Config, index: int = 0) -> Config:
 
 def _check_run_keys(run: dict, where: str) -> None:
     warmup = run.get("warmup_steps", 0)
-    if not isinstance(warmup, int) or warmup < 0:
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"{where}: warmup_steps must be an int >= 0, got {warmup!r}")
     schedule = run.get("schedule", "constant")
     if not (callable(schedule) or schedule in SCHEDULES):
@@ -105,10 +106,10 @@ def _check_run_keys(run: dict, where: str) -> None:
             f"optimizer -> LRScheduler, got {schedule!r}"
         )
     clip = run.get("clip_grad_norm")
-    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+    if clip is not None and (isinstance(clip, bool) or not (isinstance(clip, (int, float)) and clip > 0)):
         raise ValueError(f"{where}: clip_grad_norm must be a number > 0, got {clip!r}")
     seed = run.get("init_seed")
-    if seed is not None and not isinstance(seed, int):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"{where}: init_seed must be an int, got {seed!r}")
 
 

@@ -56,6 +56,9 @@ def batches(data, batch_size: int, seed: int) -> Iterable:
     iterable of batches (a DataLoader), epoch after epoch."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
         x, y = data
+        if len(x) != len(y) or not 1 <= batch_size <= len(x):
+            raise ValueError(f"training data of {len(x)} inputs and {len(y)} targets cannot be "
+                             f"cut into batches of {batch_size}")
         generator = torch.Generator().manual_seed(seed)
         while True:
             order = torch.randperm(len(x), generator=generator)
@@ -155,10 +158,14 @@ def run(model, configs, train, *, loss_fn=F.cross_entropy, val=None, steps: int 
             r.val_loss.append(losses[k])
             if metrics is not None:
                 r.val_metric.append(metrics[k])
+        # (an update can make the weights NaN after the last finite training loss)
+        stop({k: (DIVERGED, f"validation loss {loss} at step {step}")
+              for k, loss in enumerate(losses) if not math.isfinite(loss)})
 
     data = batches(train, batch_size, seed)
+    first = next(data)  # (bad data raises here, before any training)
     for step in range(1, steps + 1):
-        x, y = next(data)
+        x, y = first if step == 1 else next(data)
         x, y = x.to(lockstep.device), y.to(lockstep.device)
         losses = lockstep.backward(x, y).tolist()
         diverged = {}
