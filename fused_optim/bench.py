@@ -1035,6 +1035,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fused_optim.bench",
         description="Step throughput of fused_optim vs torch.optim (see the module docstring).",
+        epilog="--sweep as the first argument runs the lockstep sweep benchmark instead, with its "
+               "own options (python -m fused_optim.bench --sweep --help).",
     )
     parser.add_argument("--optimizers", type=name_list(OPTIMIZERS), default=list(OPTIMIZERS),
                         help="comma-separated, or 'all' (default: all)")
@@ -1083,6 +1085,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--sweep"]:
+        from fused_optim.sweep import bench as sweep_bench
+
+        sweep_bench.main(argv[1:])
+        return
     args = parse_args(argv)
     started = time.perf_counter()
     commit = git_commit()  # at the start: the checkout may move during a long run

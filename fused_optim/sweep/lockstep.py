@@ -159,15 +159,13 @@ class Lockstep:
 
     def _single_module(self, module: nn.Module) -> nn.Module:
         """One configuration: a copy of the module whose params and buffers
-        are the (only) slices of the stacked ones, called directly (as cheap
-        as a plain training loop). Its params' gradients are the slices of
-        the stacked gradients, which autograd accumulates into in place."""
+        are the (only) slices of the stacked ones, called directly, its
+        params handed to the optimizer: as cheap as a plain training loop
+        (autograd hands each gradient over without a copy)."""
         single = copy.deepcopy(module)
         for name, stacked_param in self.params.items():
             owner, _, leaf = name.rpartition(".")
-            param = nn.Parameter(stacked_param.detach()[0])
-            param.grad = stacked_param.grad[0]
-            setattr(single.get_submodule(owner), leaf, param)
+            setattr(single.get_submodule(owner), leaf, nn.Parameter(stacked_param.detach()[0]))
         for name, stacked_buffer in self.buffers.items():
             owner, _, leaf = name.rpartition(".")
             setattr(single.get_submodule(owner), leaf, stacked_buffer[0])
@@ -179,12 +177,15 @@ class Lockstep:
         """One fused optimizer per optimizer type; configuration k is param
         group k's views. ``previous`` (old views, old optimizers) moves the
         kept configurations' state over to the new views."""
-        per_slot = [
-            [t.detach()[k] for t in self.params.values()] for k in range(len(self.configs))
-        ]
-        for views, k in zip(per_slot, range(len(self.configs))):
-            for view, t in zip(views, self.params.values()):
-                view.grad = t.grad[k]
+        if not self.batched:  # the module's own params (views too): a plain training loop
+            per_slot = [[self._single.get_parameter(n) for n in self.params]]
+        else:
+            per_slot = [
+                [t.detach()[k] for t in self.params.values()] for k in range(len(self.configs))
+            ]
+            for views, k in zip(per_slot, range(len(self.configs))):
+                for view, t in zip(views, self.params.values()):
+                    view.grad = t.grad[k]
         groups_of: dict[str, list] = {}
         self.groups: list[dict] = []
         for k, config in enumerate(self.configs):
@@ -262,6 +263,8 @@ class Lockstep:
         return vmap(self.loss_fn, in_dims=(0, None))(out, y), out
 
     def _train_mode(self, mode: bool) -> None:
+        if self.template.training == mode:  # (Module.train walks every submodule)
+            return
         self.template.train(mode)
         if not self.batched:
             self._single.train(mode)
@@ -270,10 +273,22 @@ class Lockstep:
         """Forward and backward on one batch; returns the K losses
         (detached). Gradients land in each configuration's ``.grad`` views."""
         self._train_mode(True)
+        if not self.batched:
+            for param in self.views[0]:
+                param.grad = None
+            loss = self.loss_fn(self._single(x), y)
+            loss.backward()
+            return loss.detach().unsqueeze(0)
         torch._foreach_zero_([t.grad for t in self.params.values()])
         losses, _ = self.forward(x, y)
         losses.sum().backward()
         return losses.detach()
+
+    def _stacked_grads(self) -> list:
+        """Each param's gradients of all configurations, (K, ...)."""
+        if self.batched:
+            return [t.grad for t in self.params.values()]
+        return [p.grad.unsqueeze(0) for p in self.views[0] if p.grad is not None]
 
     def clip_gradients(self) -> None:
         """Per configuration, scales its gradients to at most its
@@ -281,7 +296,9 @@ class Lockstep:
         (coefficient max_norm / (norm + 1e-6), capped at 1)."""
         if self._clip is None:
             return
-        grads = [t.grad for t in self.params.values()]
+        grads = self._stacked_grads()
+        if not grads:
+            return
         squares = torch.stack([g.flatten(1).float().square().sum(1) for g in grads]).sum(0)
         coefficient = (self._clip / (squares.sqrt() + 1e-6)).clamp(max=1.0)
         for g in grads:
