@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lrs", type=int, default=5, choices=range(1, 6),
                         help="learning rates per optimizer in the 'optimizers' space (default: 5)")
     parser.add_argument("--k", type=int, default=16, help="configurations of an lr-range space")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
+    parser.add_argument("--steps", type=int, default=3000, help="training steps (default: 3000)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--halving", default="none",

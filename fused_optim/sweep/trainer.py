@@ -78,13 +78,16 @@ def batches(data, batch_size: int, seed: int) -> Iterable:
 class _Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.enabled, self.start = total, enabled, time.perf_counter()
+        self.shown = 0.0
 
     def update(self, step: int, alive: int, k: int, best: str) -> None:
-        if not self.enabled:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.shown < 0.2 and step < self.total):
             return
+        self.shown = now
         width = 24
         done = int(width * step / self.total)
-        rate = step / max(1e-9, time.perf_counter() - self.start)
+        rate = step / max(1e-9, now - self.start)
         sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] step {step}/{self.total} "
                          f"| {alive}/{k} training | {rate:.0f} steps/s | best: {best[:60]:<60}")
         sys.stderr.flush()
