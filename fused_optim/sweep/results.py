@@ -252,4 +252,6 @@ def _smooth(values: list, window: int = 10) -> list:
 
 
 def _fmt(value: float) -> str:
-    return f"{value:.4f}" if math.isfinite(value) else "-"
+    if not math.isfinite(value):
+        return "-"
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3e}"
