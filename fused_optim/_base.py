@@ -173,7 +173,7 @@ class FusedOptimizer(TracedStep, Optimizer):
         and the precision options."""
         if _torch_path.uses_torch_path(group):
             return None
-        return (self._mode(group),) + tuple(group.get(k) for k in PRECISION_DEFAULTS)
+        return (self._mode(group), *map(group.get, PRECISION_DEFAULTS))
 
     def _lr(self, group) -> float:
         """The group's lr as a float for the op, unless it is a tensor on an
