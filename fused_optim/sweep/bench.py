@@ -15,8 +15,9 @@ batches of 64 from the digits data, cross-entropy:
   first, then outwards), so every K > 1 mixes optimizer types; K = 1 is
   AdamW with lr 1e-3. Both sides train the same configurations from the same
   initial weights on the same batches for the same number of steps.
-* Lockstep step: ``lockstep.backward(x, y); lockstep.update()`` (one vmapped
-  forward and backward for all K, one fused_optim call per optimizer type).
+* Lockstep step: ``lockstep.backward(x, y); lockstep.update()`` (one batched
+  forward and backward for all K: ``baddbmm`` for the MLP, vmap for the
+  CNN; one fused_optim call per optimizer type).
 * Sequential step: for each of K separate models (copies of the initial
   module), each with its own torch.optim optimizer: ``zero_grad(set_to_none=
   True)``, forward, loss, backward, ``optimizer.step()``.
