@@ -885,3 +885,23 @@ def test_digits_optimizer_space_and_models():
     for factory in (digits.cnn, digits.mlp):
         assert factory()(x).shape == (5, 10)
     assert sum(p.numel() for p in digits.mlp().parameters()) == 8970
+
+
+def test_over_seeds_ranks_configurations_by_their_mean_over_initializations():
+    torch.manual_seed(0)
+    train, val = make_data(), make_data(seed=2)
+    configs = [{"optimizer": "Adam", "lr": lr, "init_seed": s} for lr in (1e-4, 3e-2) for s in (0, 1, 2)]
+    result = sweep.run(mlp, configs, train, val=val, steps=12, batch_size=32, eval_every=6)
+    table = result.over_seeds().splitlines()
+    assert len(table) == 2 + 2  # header, rule, one row per configuration
+    means = {}
+    for lr in (1e-4, 3e-2):
+        members = [r for r in result.results if r.config.kwargs["lr"] == lr]
+        losses = [r.final_val_loss for r in members]
+        means[lr] = sum(losses) / 3
+        row = next(line for line in table[2:] if f"lr={lr:.3g} " in line + " ")
+        assert " 3 " in row and f"{means[lr]:.4f}" in row
+        assert f"{min(losses):.4f}-{max(losses):.4f}" in row
+        assert len({tuple(r.state_dict["0.weight"].flatten()[:3].tolist()) for r in members}) == 3
+    best_lr = min(means, key=means.get)
+    assert f"lr={best_lr:.3g} " in table[2] + " " and table[2].startswith("1 ")

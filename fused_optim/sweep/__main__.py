@@ -78,6 +78,9 @@ def main(argv=None) -> None:
                  seed=args.seed, device=args.device, progress=not args.no_progress)
     seconds = time.perf_counter() - started
     print(result.leaderboard())
+    if args.init_seeds > 1:
+        print(f"\nover {args.init_seeds} initializations:")
+        print(result.over_seeds())
     best = result.best
     print(f"\nbest: {best.name}  (validation loss {best.final_val_loss:.4f}, "
           f"accuracy {best.final_metric:.4f})")

@@ -134,6 +134,36 @@ class SweepResult:
                          f"| {_fmt(r.final_metric)} | {r.steps_trained} | {stop} |")
         return "\n".join(lines)
 
+    def over_seeds(self) -> str:
+        """With configurations repeated over ``init_seed``: a text table of
+        each configuration's mean final validation loss (training loss
+        without validation) and metric over its initializations, with the
+        spread (min-max) of the loss, best mean first. A ranking by one
+        initialization can put close configurations in either order."""
+        groups: dict = {}
+        for r in self.results:
+            key = {k: v for k, v in r.config.as_dict().items() if k not in ("init_seed", "name")}
+            label = r.config.name.replace(f" init_seed={r.config.run.get('init_seed')}", "")
+            groups.setdefault(repr(sorted(key.items(), key=lambda kv: kv[0])), (label, []))[1].append(r)
+        rows = []
+        for label, members in groups.values():
+            losses = [m.final_val_loss if m.val_loss else m.final_train_loss for m in members]
+            metrics = [m.final_metric for m in members]
+            mean = sum(losses) / len(losses)
+            rows.append((mean if math.isfinite(mean) else math.inf, label, losses, metrics))
+        rows.sort(key=lambda row: row[0])
+        metric = self.metric_name or "metric"
+        table = [("rank", "configuration", "seeds", "mean loss", "min-max loss", f"mean {metric}")]
+        for rank, (mean, label, losses, metrics) in enumerate(rows, 1):
+            finite = [v for v in losses if math.isfinite(v)]
+            spread = f"{_fmt(min(finite))}-{_fmt(max(finite))}" if finite else "-"
+            table.append((str(rank), label, str(len(losses)), _fmt(mean), spread,
+                          _fmt(sum(metrics) / len(metrics))))
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
     def as_dict(self) -> dict:
         return {
             "steps": self.steps,
