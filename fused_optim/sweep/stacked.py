@@ -74,12 +74,14 @@ def _linear(prefix: str, has_bias: bool) -> Layer:
     def linear(h: torch.Tensor, params: dict) -> torch.Tensor:
         weight = params[weight_name].transpose(1, 2)  # (K, in, out)
         shape = h.shape
-        flat = h.reshape(shape[0], -1, shape[-1])  # (K, B * ..., in)
+        flat = h if h.dim() == 3 else h.reshape(shape[0], -1, shape[-1])  # (K, B * ..., in)
         if has_bias:
             out = torch.baddbmm(params[bias_name].unsqueeze(1), flat, weight)
         else:
             out = torch.bmm(flat, weight)
-        return out.view(*shape[:-1], out.shape[-1])
+        # (no view when none is needed: an in-place ReLU on a view would
+        # make autograd copy the whole base back in its backward)
+        return out if h.dim() == 3 else out.view(*shape[:-1], out.shape[-1])
 
     return linear
 
