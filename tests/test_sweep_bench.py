@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from fused_optim import bench
 from fused_optim.sweep import bench as sweep_bench
 from fused_optim.sweep.space import make_configs
@@ -36,11 +38,15 @@ def test_every_family_has_a_torch_implementation_to_calibrate():
 
 def test_tiny_run_end_to_end_through_the_main_benchmark(tmp_path):
     json_path, md_path = tmp_path / "sweep.json", tmp_path / "sweep.md"
-    bench.main([
-        "--sweep", "--models", "mlp", "--ks", "2", "--rounds", "2", "--steps", "1",
-        "--calibration-steps", "1", "--rss-steps", "2", "--threads", "1",
-        "--json", str(json_path), "--markdown", str(md_path),
-    ])
+    threads = torch.get_num_threads()
+    try:
+        bench.main([
+            "--sweep", "--models", "mlp", "--ks", "2", "--rounds", "2", "--steps", "1",
+            "--calibration-steps", "1", "--rss-steps", "2", "--threads", "1",
+            "--json", str(json_path), "--markdown", str(md_path),
+        ])
+    finally:
+        torch.set_num_threads(threads)  # (--threads sets it for the process)
     report = json.loads(json_path.read_text())
     assert [(r["model"], r["k"]) for r in report["results"]] == [("mlp", 2)]
     for row in report["results"]:
