@@ -46,9 +46,10 @@ class OptimizerState(defaultdict):
         self._written()
         return result
 
-    def pop(self, *args):
-        self._written()
-        return super().pop(*args)
+    def pop(self, key, *default):
+        if key in self:
+            self._written()
+        return super().pop(key, *default)
 
     def popitem(self):
         self._written()
@@ -63,5 +64,6 @@ class OptimizerState(defaultdict):
         self._written()
 
     def setdefault(self, key, default=None):
-        self._written()
+        if key not in self:
+            self._written()
         return super().setdefault(key, default)

@@ -359,3 +359,26 @@ def test_adagrad_honours_a_groups_initial_accumulator_value():
     opt.step()
     for p, start in ((a, 0.5), (b, 2.0), (c, 3.0)):
         assert torch.equal(opt.state[p]["sum"], torch.full((3,), start + 1.0))
+
+
+def test_optimizer_state_counts_exactly_the_writes():
+    # Every write to the mapping must reach the plan's signature; reads and
+    # no-op calls must not (they would rebuild the plan every step).
+    from fused_optim._state import OptimizerState
+    state = OptimizerState()
+    counts = [state.writes]
+    state["a"]["x"] = 1                  # created by __missing__: a write
+    state.setdefault("a", {})            # present: no write
+    state.pop("missing", None)           # absent: no write
+    _ = state["a"], "a" in state, state.get("b")
+    counts.append(state.writes)
+    state.setdefault("b", {})
+    state.update({"c": {}})
+    state |= {"d": {}}
+    state.pop("d")
+    del state["c"]
+    state.popitem()
+    state.clear()
+    counts.append(state.writes)
+    assert counts == [0, 1, 8]
+    assert type(state) is OptimizerState

@@ -100,6 +100,7 @@ from fused_optim.bench import (
 )
 from fused_optim.sweep import digits
 from fused_optim.sweep.lockstep import Lockstep
+from fused_optim.sweep.results import text_table
 from fused_optim.sweep.space import Config, make_config, make_configs
 from fused_optim.sweep.trainer import batches
 
@@ -491,10 +492,7 @@ def table_cells(row: Row) -> list[str]:
 def console_table(rows: list[Row]) -> str:
     cells = [list(CONSOLE_COLUMNS.values())]
     cells += [[table_cells(r)[i] for i in CONSOLE_COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(CONSOLE_COLUMNS))]
-    lines = ["  ".join(c.rjust(w) if i > 0 else c.ljust(w) for i, (c, w) in
-                       enumerate(zip(line, widths))) for line in cells]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = [text_table(cells, right=True)]
     lines += ["", "ms: per training step of all K (medians); per round: the median of each "
               "round's ratio; RSS: peak MiB (+ above the baseline after imports and data)"]
     for r in rows:

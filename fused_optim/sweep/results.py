@@ -118,10 +118,7 @@ class SweepResult:
                 _fmt(r.final_metric), str(r.steps_trained),
                 r.stop_reason + (f" ({r.stop_detail})" if r.stop_detail else ""),
             ))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return text_table(rows)
 
     def markdown(self, top: int | None = None) -> str:
         """The leaderboard as a Markdown table."""
@@ -159,10 +156,7 @@ class SweepResult:
             spread = f"{_fmt(min(finite))}-{_fmt(max(finite))}" if finite else "-"
             table.append((str(rank), label, str(len(losses)), _fmt(mean), spread,
                           _fmt(sum(metrics) / len(metrics))))
-        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return text_table(table)
 
     def as_dict(self) -> dict:
         return {
@@ -268,6 +262,20 @@ def _families(results: list) -> dict:
 def _lr(r: ConfigResult) -> float:
     lr = r.config.kwargs.get("lr", math.nan)
     return float(lr)
+
+
+def text_table(rows: list, right: bool = False) -> str:
+    """Rows of strings (the first the header) as aligned columns with a rule
+    under the header; ``right`` aligns every column but the first right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(row) -> str:
+        return "  ".join(cell.rjust(w) if right and i else cell.ljust(w)
+                         for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+
+    lines = [line(row) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _smooth(values: list, window: int = 10) -> list:

@@ -80,16 +80,17 @@ class _Progress:
         self.total, self.enabled, self.start = total, enabled, time.perf_counter()
         self.shown = 0.0
 
-    def update(self, step: int, alive: int, k: int, best: str) -> None:
+    def update(self, step: int, alive: list, k: int) -> None:
         now = time.perf_counter()
         if not self.enabled or (now - self.shown < 0.2 and step < self.total):
             return
+        best = min(alive, key=lambda r: r.score()).name
         self.shown = now
         width = 24
         done = int(width * step / self.total)
         rate = step / max(1e-9, now - self.start)
         sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] step {step}/{self.total} "
-                         f"| {alive}/{k} training | {rate:.0f} steps/s | best: {best[:60]:<60}")
+                         f"| {len(alive)}/{k} training | {rate:.0f} steps/s | best: {best[:60]:<60}")
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -194,7 +195,7 @@ def run(model, configs, train, *, loss_fn=F.cross_entropy, val=None, steps: int 
             n_drop = min(len(alive) - halving.min_keep, math.floor(len(alive) * halving.drop))
             stop({k: (HALVED, f"rung at step {step}") for k in ranked[len(ranked) - n_drop:]})
         if alive:
-            bar.update(step, len(alive), len(results), min(alive, key=lambda r: r.score()).name)
+            bar.update(step, alive, len(results))
         else:
             break
     bar.close()
