@@ -1,0 +1,5 @@
+"""``python -m fused_optim.bench``: see ``--help``."""
+
+from fused_optim.bench import main
+
+main()
