@@ -13,6 +13,7 @@ already installed rather than one pip would fetch into an isolated build env.
 
 import glob
 import os
+import subprocess
 import sys
 
 from setuptools import setup
@@ -112,9 +113,30 @@ def _extension():
 _EXT, _BUILD_CUDA = _extension()
 
 
+def _git(*args):
+    """git's output in ROOT, or None without git or outside a checkout (an sdist)."""
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _write_build_info():
+    # The commit goes into the build so that an installed copy, far from any
+    # checkout, can still say what it was built from (the benchmark reports).
+    # (setup.py itself must be tracked: an unpacked sdist inside some other
+    # checkout is not that checkout's code.)
+    tracked = _git("ls-files", "--error-unmatch", "setup.py") is not None
+    commit = _git("rev-parse", "--short", "HEAD") if tracked else None
+    dirty = None if commit is None else bool(_git("status", "--porcelain", "--untracked-files=no"))
     path = os.path.join(ROOT, "fused_optim", "_build_info.py")
-    text = f'"""Written by setup.py: what this build contains."""\n\nCUDA_BUILT = {_BUILD_CUDA}\n'
+    text = (
+        '"""Written by setup.py: what this build contains."""\n\n'
+        f"CUDA_BUILT = {_BUILD_CUDA}\n"
+        f"GIT_COMMIT = {commit!r}  # None: built without git or outside a checkout\n"
+        f"GIT_DIRTY = {dirty!r}  # tracked files differed from GIT_COMMIT\n"
+    )
     with open(path, "w") as f:
         f.write(text)
 

@@ -1,5 +1,5 @@
 """``python -m fused_optim.bench``: see ``--help``."""
 
-from fused_optim.bench import main
+from fused_optim.bench.cli import main
 
 main()

@@ -1,0 +1,137 @@
+"""Building each implementation's optimizer (ours, torch.optim fused /
+foreach / for-loop, DeepSpeedCPUAdam) and the step that is timed."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from fused_optim.bench.specs import OURS, OptimizerSpec
+from fused_optim.bench.workloads import ParamSet, Workload
+
+# Why powers of two: dividing the gradients by them is exact, and alternating
+# 2 and 1/2 keeps them where they started (never zero, never denormal) over
+# any number of steps.
+AMP_SCALES = (2.0, 0.5)
+
+
+def param_groups(spec: OptimizerSpec, workload: Workload, param_set: ParamSet) -> list[dict]:
+    groups = []
+    for group_spec, params in zip(workload.groups, param_set.groups):
+        group = {"params": params, "lr": spec.kwargs["lr"] * group_spec.lr_scale}
+        if group_spec.weight_decay is not None:
+            group["weight_decay"] = group_spec.weight_decay
+        groups.append(group)
+    return groups
+
+
+def optimizer_class(impl: str, spec: OptimizerSpec, ours_module) -> tuple[type, dict]:
+    """The class to build for `impl`, and its implementation-selecting kwargs."""
+    if impl == OURS:
+        return getattr(ours_module, spec.class_name), {}
+    if impl == "deepspeed":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam, {"adamw_mode": spec.class_name == "AdamW"}
+    cls = getattr(torch.optim, spec.class_name)
+    if impl == "torch-fused":
+        return cls, {"fused": True}
+    if impl == "torch-foreach":
+        return cls, {"foreach": True}
+    extra = {"foreach": False}
+    if spec.torch_has_fused:
+        extra["fused"] = False
+    return cls, extra
+
+
+def make_optimizer(
+    impl, spec, workload, param_set, ours_module, precision
+) -> torch.optim.Optimizer:
+    cls, impl_kwargs = optimizer_class(impl, spec, ours_module)
+    if impl == OURS:
+        impl_kwargs = {**impl_kwargs, **precision.ours_kwargs()}
+    return cls(param_groups(spec, workload, param_set), **spec.kwargs, **impl_kwargs)
+
+
+def amp_step(optimizer, param_set: ParamSet) -> Callable[[], object]:
+    """One AMP step as torch.amp.GradScaler.step makes it for this optimizer.
+
+    Optimizers whose step unscales (``_step_supports_amp_scaling``: ours and
+    torch's fused ones) get GradScaler's ``grad_scale``/``found_inf``
+    attributes; the others get GradScaler's separate unscale pass
+    (``torch._amp_foreach_non_finite_check_and_unscale_``, in place) before
+    the step. GradScaler's own inf check and its bookkeeping are not timed.
+    The scale alternates between AMP_SCALES.
+    """
+    device = param_set.params[0].device
+    found_inf = torch.zeros((), device=device)
+    scales = [torch.full((), s, device=device) for s in AMP_SCALES]
+    inverse_scales = [torch.full((), 1.0 / s, device=device) for s in AMP_SCALES]
+    calls = [0]
+    param_set.grads_written = True
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = found_inf
+
+        def step():
+            optimizer.grad_scale = scales[calls[0] % 2]
+            calls[0] += 1
+            return optimizer.step()
+
+        step.amp_path = "unscaled in the step"
+    else:
+        grads = param_set.grads
+
+        def step():
+            inverse = inverse_scales[calls[0] % 2]
+            calls[0] += 1
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inverse)
+            return optimizer.step()
+
+        step.amp_path = "GradScaler's unscale pass, then the step"
+    return step
+
+
+class TorchFusedAsOurs:
+    """Stand-in for fused_optim while it does not import (--ours torch-fused)."""
+
+    def __getattr__(self, class_name):
+        cls = getattr(torch.optim, class_name)
+        fast = {"foreach": True} if class_name == "RMSprop" else {"fused": True}
+        return lambda params, **kwargs: cls(params, **fast, **kwargs)
+
+
+def load_ours(which: str):
+    if which == "torch-fused":
+        return TorchFusedAsOurs()
+    return importlib.import_module("fused_optim")
+
+
+def deepspeed_available() -> bool:
+    try:
+        importlib.import_module("deepspeed.ops.adam")
+        return True
+    except Exception:  # ImportError, or a broken install raising anything else
+        return False
+
+
+def impls_for(spec, device, precision, requested, notes) -> list[str]:
+    """The implementations to time for one optimizer, with notes on those left out."""
+    impls = []
+    for impl in requested:
+        reason = None
+        if impl == "torch-fused" and not spec.torch_has_fused:
+            reason = f"torch.optim.{spec.class_name} has no fused=True"
+        elif impl == "deepspeed":
+            if device != "cpu" or spec.class_name not in ("Adam", "AdamW"):
+                continue  # not a peer here: no note
+            if not deepspeed_available():
+                reason = "deepspeed not importable: DeepSpeedCPUAdam skipped"
+            elif precision.name != "fp32":
+                reason = "DeepSpeedCPUAdam timed for fp32 only"
+        if reason is None:
+            impls.append(impl)
+        elif reason not in notes:
+            notes.append(reason)
+    return impls

@@ -1,0 +1,157 @@
+"""What is measured: the optimizers, the implementations timed against each
+other, the precisions, and the byte budget that turns a step time into GB/s.
+
+These tables are the single source of the names: the command line's choices
+and ``--help`` are generated from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    class_name: str  # same name in torch.optim and fused_optim
+    kwargs: dict  # hyperparameters given to every implementation
+    state_tensors: int  # state tensors per param, each read and written once per step
+    torch_has_fused: bool  # torch.optim.X accepts fused=True
+
+    def describe(self) -> str:
+        return f"{self.class_name}({', '.join(f'{k}={v}' for k, v in self.kwargs.items())})"
+
+
+OPTIMIZERS = {
+    # fp32 byte budgets, from bytes_per_element below:
+    # SGD with momentum, Adagrad, RMSprop 20; Adam, AdamW 28.
+    "sgd": OptimizerSpec("SGD", {"lr": 1e-3, "momentum": 0.9}, 1, True),
+    "adagrad": OptimizerSpec("Adagrad", {"lr": 1e-2}, 1, True),
+    # No momentum, not centered: square_avg only (centered adds grad_avg,
+    # momentum adds momentum_buffer).
+    "rmsprop": OptimizerSpec("RMSprop", {"lr": 1e-3}, 1, False),
+    "adam": OptimizerSpec("Adam", {"lr": 1e-3}, 2, True),
+    "adamw": OptimizerSpec("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, 2, True),
+}
+
+# The implementations, ours first: every ratio is a peer's time over ours.
+IMPL_DESCRIPTIONS = {
+    "fused_optim": "this package (always timed: the ratios are relative to it)",
+    "torch-fused": "torch.optim with fused=True (torch has none for RMSprop)",
+    "torch-foreach": "torch.optim with foreach=True",
+    "torch-forloop": "torch.optim with foreach=False, torch's CPU default",
+    "deepspeed": "DeepSpeedCPUAdam: Adam and AdamW, CPU, fp32, when deepspeed is installed",
+}
+IMPLS = tuple(IMPL_DESCRIPTIONS)
+OURS = IMPLS[0]
+PEERS = IMPLS[1:]
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """Param dtype and fused_optim's mixed-precision options for one run.
+
+    The torch.optim peers run the same param dtype without the options
+    torch.optim lacks (master weights, a state dtype other than the param's,
+    stochastic rounding): see ``torch_equivalent``.
+    """
+
+    name: str
+    param_dtype: torch.dtype
+    master_weights: bool = False
+    state_dtype: torch.dtype | None = None  # None: the param dtype (float32 with master weights)
+    stochastic_rounding: bool = False
+    # GradScaler's grad_scale/found_inf handed to the step: the gradient is
+    # unscaled in the step and written back.
+    amp: bool = False
+
+    @property
+    def resolved_state_dtype(self) -> torch.dtype:
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return torch.float32 if self.master_weights else self.param_dtype
+
+    def ours_kwargs(self) -> dict:
+        """Constructor keywords of fused_optim's classes for this precision."""
+        kwargs = {}
+        if self.master_weights:
+            kwargs["master_weights"] = True
+        if self.state_dtype is not None:
+            kwargs["state_dtype"] = self.state_dtype
+        if self.stochastic_rounding:
+            kwargs["stochastic_rounding"] = True
+        return kwargs
+
+    def torch_equivalent(self) -> "Precision":
+        """What torch.optim runs for this precision: same params (and AMP),
+        state in the param dtype, no master weights, round-to-nearest."""
+        return Precision(f"torch {DTYPE_NAMES[self.param_dtype]}", self.param_dtype, amp=self.amp)
+
+    def describe(self) -> str:
+        parts = [f"{DTYPE_NAMES[self.param_dtype]} params"]
+        if self.master_weights:
+            parts.append("fp32 master")
+        parts.append(f"{DTYPE_NAMES[self.resolved_state_dtype]} state")
+        if self.stochastic_rounding:
+            parts.append("stochastic rounding")
+        if self.amp:
+            parts.append("AMP")
+        return ", ".join(parts)
+
+
+PRECISIONS = {
+    p.name: p
+    for p in (
+        Precision("fp32", torch.float32),
+        Precision("bf16", torch.bfloat16),
+        Precision("fp32-state-bf16", torch.float32, state_dtype=torch.bfloat16),
+        Precision("bf16-state-fp32", torch.bfloat16, state_dtype=torch.float32),
+        Precision("bf16-master", torch.bfloat16, master_weights=True),
+        Precision("bf16-master-state-bf16", torch.bfloat16, master_weights=True,
+                  state_dtype=torch.bfloat16),
+        Precision("bf16-sr", torch.bfloat16, stochastic_rounding=True),
+        Precision("fp32-amp", torch.float32, amp=True),
+        Precision("bf16-master-amp", torch.bfloat16, master_weights=True, amp=True),
+    )
+}
+# Named sets for --precisions.
+PRECISION_SETS = {
+    # bf16 params with every option, with fp32 and plain bf16 for reference.
+    "mixed": ["fp32", "bf16", "bf16-master", "bf16-master-state-bf16", "bf16-state-fp32",
+              "bf16-sr", "fp32-state-bf16"],
+    "amp": ["fp32-amp", "bf16-master-amp"],
+}
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def bytes_per_element(spec: OptimizerSpec, precision: Precision) -> int:
+    """Bytes one ideal single pass moves per param element.
+
+    The gradient (in the param dtype) is read, and written back once more when
+    the step unscales it (AMP). Each state tensor is read and written. The
+    param is read and written; with master weights the fp32 master is read
+    and written instead and the param is only written.
+    Adam fp32: 4 + (4 + 4) + 2 * (4 + 4) = 28; bf16 params with fp32 master
+    and fp32 state: 2 + (4 + 4 + 2) + 2 * (4 + 4) = 28; bf16: 14.
+    """
+    param = element_size(precision.param_dtype)
+    grad = param * (2 if precision.amp else 1)
+    if precision.master_weights:
+        weights = 2 * element_size(torch.float32) + param
+    else:
+        weights = 2 * param
+    state = 2 * spec.state_tensors * element_size(precision.resolved_state_dtype)
+    return grad + weights + state
+
+
+def memory_per_element(spec: OptimizerSpec, precision: Precision) -> int:
+    """Bytes held per param element: param, grad, master copy, state."""
+    param = element_size(precision.param_dtype)
+    master = element_size(torch.float32) if precision.master_weights else 0
+    return 2 * param + master + spec.state_tensors * element_size(precision.resolved_state_dtype)

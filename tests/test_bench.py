@@ -1,0 +1,245 @@
+"""fused_optim.bench (the step-throughput benchmark): its command line (help,
+rejected values), its progress reports, where its commit comes from, and a
+tiny real run that writes every output. Timings are not checked (CI machines
+are noisy); only that the run is complete."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_optim.bench import cli, metadata, progress, report
+from fused_optim.bench.measure import Result
+from fused_optim.bench.specs import IMPLS, OPTIMIZERS, PEERS, PRECISION_SETS, PRECISIONS
+from fused_optim.bench.workloads import WORKLOADS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def test_help_lists_every_name_of_the_tables_and_the_run_time():
+    # Through `python -m`: the package's __main__ is what scripts/bench.sh runs.
+    help_text = subprocess.run(
+        [sys.executable, "-m", "fused_optim.bench", "--help"],
+        capture_output=True, text=True, check=True, cwd=REPO, timeout=120,
+    ).stdout
+    names = [*OPTIMIZERS, *WORKLOADS, *PRECISIONS, *PRECISION_SETS, *IMPLS]
+    missing = [n for n in names if not re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", help_text)]
+    assert missing == []
+    assert re.search(r"about [\d to]+ minutes on a\s+2-core CPU", help_text)
+    assert "--repeats" in help_text and "--scale" in help_text  # how it scales
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--repeats", "0"), ("--repeats", "-3"), ("--repeats", "many"), ("--repeats", "2.5"),
+    ("--warmup", "-1"), ("--warmup", "x"),
+    ("--scale", "0"), ("--scale", "-0.5"), ("--scale", "nan"), ("--scale", "inf"),
+    ("--scale", "big"),
+    ("--threads", "0"), ("--threads", "-2"),
+    ("--optimizers", "adamx"), ("--optimizers", ","), ("--optimizers", "adam,lion"),
+    ("--workloads", "huge"),
+    ("--precisions", "fp16"), ("--precisions", "mixed,fp8"), ("--dtypes", ""),
+    ("--impls", "jax"),
+    ("--device", "tpu"), ("--device", "cuda:x"),
+    ("--ours", "jax"),
+])
+def test_invalid_values_are_rejected_naming_the_option(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args([option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"argument [-/\w]*{re.escape(option)}", err), err
+
+
+def test_valid_limits_and_defaults():
+    args = cli.parse_args(["--repeats", "1", "--warmup", "0", "--scale", "1e-4",
+                           "--optimizers", "adam,adam", "--impls", "torch-fused"])
+    assert (args.repeats, args.warmup, args.scale) == (1, 0, 1e-4)
+    assert args.optimizers == ["adam"]  # duplicates dropped
+    assert args.impls == ["fused_optim", "torch-fused"]  # ours always timed
+    assert cli.parse_args([]).repeats == cli.DEFAULT_REPEATS["cpu"]
+
+
+def test_sweep_hands_over_to_the_sweep_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--sweep", "--help"])
+    assert exit_info.value.code == 0
+    assert "fused_optim.sweep.bench" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def run_block(reporter, clock, rounds, seconds_per_round, warmup_s=0.0):
+    reporter.start("block 2/3 adam large fp32")
+    reporter.phase("warm-up fused_optim (1/2)")
+    clock.now += warmup_s
+    reporter.begin_rounds(rounds)
+    for done in range(1, rounds + 1):
+        clock.now += seconds_per_round
+        reporter.round_done(done)
+    reporter.finish("[2/3] adam large fp32: done")
+
+
+def test_progress_in_a_log_is_a_line_every_few_seconds_during_a_block():
+    clock, stream = FakeClock(), io.StringIO()
+    reporter = progress.BlockProgress(stream, clock, every_s=10)
+    assert not reporter.live  # (a StringIO is no terminal)
+    run_block(reporter, clock, rounds=10, seconds_per_round=4, warmup_s=2)
+    assert stream.getvalue().splitlines() == [
+        "block 2/3 adam large fp32: round 2/10, 10 s, ~32 s left",
+        "block 2/3 adam large fp32: round 5/10, 22 s, ~20 s left",
+        "block 2/3 adam large fp32: round 8/10, 34 s, ~8 s left",
+        "[2/3] adam large fp32: done",
+    ]
+
+
+def test_progress_in_a_log_adds_nothing_to_a_short_block():
+    clock, stream = FakeClock(), io.StringIO()
+    run_block(progress.BlockProgress(stream, clock, every_s=10), clock, 5, 0.5)
+    assert stream.getvalue() == "[2/3] adam large fp32: done\n"
+
+
+def test_progress_on_a_terminal_rewrites_one_line_then_clears_it():
+    clock, stream = FakeClock(), Terminal()
+    reporter = progress.BlockProgress(stream, clock)
+    assert reporter.live and reporter.every_s == progress.LIVE_EVERY_S
+    run_block(reporter, clock, rounds=3, seconds_per_round=1)
+    updates = stream.getvalue().split("\r")
+    assert updates[1] == "block 2/3 adam large fp32: warm-up fused_optim (1/2), 0 s"
+    assert updates[2].startswith("block 2/3 adam large fp32: round 1/3, 1 s, ~2 s left")
+    assert updates[3].startswith("block 2/3 adam large fp32: round 2/3, 2 s, ~1 s left")
+    assert updates[4].strip() == ""  # the progress line is blanked out ...
+    assert updates[5] == "[2/3] adam large fp32: done\n"  # ... for the result line
+
+
+# --------------------------------------------------------------------------
+# Commit
+# --------------------------------------------------------------------------
+
+
+def write_build_info(directory: Path, text: str) -> None:
+    (directory / "_build_info.py").write_text(text)
+
+
+def test_build_commit_reads_the_build_info_old_or_new(tmp_path, monkeypatch):
+    monkeypatch.setattr(metadata, "PACKAGE_DIR", tmp_path)
+    assert metadata.build_commit() is None  # never built
+    write_build_info(tmp_path, "CUDA_BUILT = False\n")  # built before the commit was recorded
+    assert metadata.build_commit() is None
+    write_build_info(tmp_path, "CUDA_BUILT = False\nGIT_COMMIT = None\nGIT_DIRTY = None\n")
+    assert metadata.build_commit() is None  # built without git
+    write_build_info(tmp_path, "CUDA_BUILT = False\nGIT_COMMIT = 'abc1234'\nGIT_DIRTY = True\n")
+    assert metadata.build_commit() == "abc1234-dirty"
+
+
+def test_commit_from_the_checkout_else_the_build_else_unknown(tmp_path, monkeypatch):
+    # An installed copy: its directory is in no checkout.
+    monkeypatch.setattr(metadata, "PACKAGE_DIR", tmp_path)
+    assert metadata.commit_and_source()[0] == "unknown"
+    write_build_info(tmp_path, "CUDA_BUILT = False\nGIT_COMMIT = 'abc1234'\nGIT_DIRTY = False\n")
+    assert metadata.commit_and_source() == ("abc1234", "recorded at build time")
+    monkeypatch.setattr(metadata, "checkout_commit", lambda: "def5678")
+    assert metadata.commit_and_source() == ("def5678", "git checkout")
+
+
+def test_checkout_commit_is_the_head_of_this_checkout():
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("not a git checkout")
+    assert metadata.checkout_commit() in (head, head + "-dirty")
+
+
+# --------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------
+
+
+def fake_results() -> list[Result]:
+    results = []
+    for impl, step_s in [("fused_optim", 1e-3), ("torch-fused", 2e-3)]:
+        result = Result("adam", "large", "fp32", "fp32", "fp32 params, fp32 state", impl,
+                        1000, 2, 1, 28e3, [step_s] * 3, 50.0, [50.0] * 3)
+        result.summarize(1e-3)
+        results.append(result)
+    return results
+
+
+def test_without_matplotlib_the_reports_are_written_with_a_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    args = cli.parse_args(["--json", str(tmp_path / "r.json"),
+                           "--markdown", str(tmp_path / "r.md")])
+    probe = types.SimpleNamespace(description="a fake reference pass")
+    meta = metadata.run_metadata([], args, probe, fake_results(), [], 1.0, None,
+                                 ("abc1234", "test"))
+    written = report.write_outputs(args, meta, fake_results())
+    assert written == [tmp_path / "r.json", tmp_path / "r.md"]
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert "![" not in (tmp_path / "r.md").read_text()
+
+
+def test_tiny_run_writes_json_markdown_and_plot_with_progress(tmp_path, monkeypatch, capsys):
+    # Every round reported, so that a 3-round block shows its progress.
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
+    threads = torch.get_num_threads()
+    try:
+        cli.main([
+            "--scale", "0.001", "--optimizers", "adam", "--workloads", "many-small",
+            "--repeats", "3", "--warmup", "1", "--threads", "1",
+            "--json", str(tmp_path / "run.json"), "--markdown", str(tmp_path / "run.md"),
+        ])
+    finally:
+        torch.set_num_threads(threads)  # (--threads sets it for the process)
+    out, err = capsys.readouterr()
+    rounds_line = err.index("block 1/1 adam many-small fp32: round 2/3")
+    assert err.index("block 1/1 adam many-small fp32: warm-up fused_optim") < rounds_line
+    assert rounds_line < err.index("[1/1] adam many-small fp32")  # during the block
+    assert "| adam | many-small | fp32 |" in out and "wrote " in out
+
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{7,}(-dirty)?|unknown", run["commit"])
+    assert run["commit_source"]
+    assert run["command"].endswith("--markdown " + str(tmp_path / "run.md"))
+    assert (run["repeats"], run["warmup"], run["threads"]) == (3, 1, 1)
+    by_impl = {r["impl"]: r for r in run["results"]}
+    assert {"fused_optim", *PEERS} - {"deepspeed"} <= set(by_impl)
+    for impl, result in by_impl.items():
+        assert len(result["times_s"]) == 3 and result["median_s"] > 0
+        assert result["bandwidth_fraction_per_round"] > 0
+        assert result["peer_over_ours"] > 0  # (fused_optim's own: 1)
+
+    markdown = (tmp_path / "run.md").read_text()
+    assert f"- commit: `{run['commit']}`" in markdown
+    assert "![step times and bandwidth fractions](run.png)" in markdown
+    assert (tmp_path / "run.png").read_bytes().startswith(b"\x89PNG")
+    svg = (tmp_path / "run.svg").read_text()
+    assert "<svg" in svg and "median step time (ms)" in svg
