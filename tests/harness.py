@@ -4,7 +4,8 @@ A `Run` owns one optimizer and its parameters. Two runs built from the same
 specs and seed have bit-identical parameters (same values AND same memory
 layout: views, offsets, strides), and `Run.set_grads(step, ...)` gives both the
 same gradient values, so a torch.optim run and a fused_optim run can be
-stepped in lockstep and compared after every step.
+stepped in lockstep and compared after every step. Values are drawn on the
+CPU and then moved, so runs on different devices get the same numbers too.
 """
 
 from __future__ import annotations
@@ -217,23 +218,43 @@ def _dense(t):
     return t.to_dense() if isinstance(t, torch.Tensor) and t.is_sparse else t
 
 
-def check_step_tensor(value, ref, where):
+def step_device_of(param: torch.Tensor) -> torch.device:
+    """Where ours keeps a param's step counter: on the CPU for CPU params, on
+    the param's device otherwise (the CUDA kernels read and advance it there:
+    no host sync for AMP's skipped steps, CUDA graphs). torch.optim's unfused,
+    non-capturable steps stay on the CPU whatever the param's device."""
+    return torch.device("cpu") if param.device.type == "cpu" else param.device
+
+
+def check_step_tensor(value, ref, where, device=None):
+    """Ours' step counter `value` against torch's `ref`: a 0-d float32 tensor
+    of the same value, on `device` (step_device_of(param)) when given. Without
+    `device`: on torch's device, or, when torch's is on the CPU, on the CPU or
+    an accelerator (ours keeps an accelerator param's step there; the callers
+    that know the param pass `device` for the exact check)."""
     assert isinstance(value, torch.Tensor), f"{where}: step is {type(value)}, not a tensor"
     assert value.dtype == torch.float32, f"{where}: step dtype {value.dtype}"
     assert value.dim() == 0, f"{where}: step has shape {tuple(value.shape)}"
-    assert value.device == ref.device, f"{where}: step on {value.device}, torch's on {ref.device}"
+    if device is not None:
+        expected = torch.device(device)
+        assert value.device == expected, (
+            f"{where}: step on {value.device}, expected on {expected} (torch's on {ref.device})"
+        )
+    elif not (ref.device.type == "cpu" and value.device.type != "cpu"):
+        assert value.device == ref.device, f"{where}: step on {value.device}, torch's on {ref.device}"
     assert value.item() == ref.item(), f"{where}: step {value.item()} != torch's {ref.item()}"
 
 
-def assert_same_state(ours: dict, ref: dict, where: str, *, close=True):
-    """Same state names; `step` identical; every other tensor has torch's
-    dtype, shape and device and (close=True) values within assert_close."""
+def assert_same_state(ours: dict, ref: dict, where: str, *, close=True, step_device=None):
+    """Same state names; `step` identical (on `step_device` when given, see
+    check_step_tensor); every other tensor has torch's dtype, shape and
+    device and (close=True) values within assert_close."""
     assert set(ours) == set(ref), f"{where}: state keys {sorted(ours)} != torch's {sorted(ref)}"
     for k, r in ref.items():
         v = ours[k]
         w = f"{where} state[{k!r}]"
         if k == "step":
-            check_step_tensor(v, r, w)
+            check_step_tensor(v, r, w, step_device)
             continue
         assert isinstance(v, torch.Tensor), f"{w}: {type(v)}"
         assert v.dtype == r.dtype, f"{w}: dtype {v.dtype} != torch's {r.dtype}"
@@ -251,7 +272,7 @@ def assert_runs_close(ours: Run, ref: Run, where: str):
         if pr._base is not None:
             # The whole buffer: catches writes outside the view.
             assert_close(po._base, pr._base, msg=lambda m: f"{w} (whole base buffer): {m}")
-        assert_same_state(ours.state_of(i), ref.state_of(i), w)
+        assert_same_state(ours.state_of(i), ref.state_of(i), w, step_device=step_device_of(po))
 
 
 def snapshot_params(run: Run):
@@ -352,7 +373,7 @@ def run_low_precision(
             r.opt.step()
         for i in range(len(ours.params)):
             assert_same_state(ours.state_of(i), tref.state_of(i), f"{cfg} {dtype} step {s} param {i}",
-                              close=False)
+                              close=False, step_device=step_device_of(ours.params[i]))
         ref_kinds = _pooled_named_tensors(f64)
         t_kinds = _pooled_named_tensors(tref)
         o_kinds = _pooled_named_tensors(ours)
