@@ -14,6 +14,21 @@ thread_local bool validate_only_flag = false;
 
 }  // namespace
 
+std::optional<Dtype> storage_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return Dtype::kFloat;
+    case at::kDouble:
+      return Dtype::kDouble;
+    case at::kHalf:
+      return Dtype::kHalf;
+    case at::kBFloat16:
+      return Dtype::kBFloat16;
+    default:
+      return std::nullopt;
+  }
+}
+
 bool validate_only() { return validate_only_flag; }
 
 ValidateOnlyGuard::ValidateOnlyGuard() : previous_(validate_only_flag) {
@@ -21,15 +36,6 @@ ValidateOnlyGuard::ValidateOnlyGuard() : previous_(validate_only_flag) {
 }
 
 ValidateOnlyGuard::~ValidateOnlyGuard() { validate_only_flag = previous_; }
-
-namespace {
-
-bool is_supported_param_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf ||
-         t == at::kBFloat16;
-}
-
-}  // namespace
 
 namespace {
 
@@ -43,13 +49,6 @@ const char* dtype_rule(ListDtype rule) {
       return "float32";
   }
   return "";
-}
-
-// The state dtypes a param dtype may be paired with: its own, float32 or
-// bfloat16 (float64 params: float64 only, the compute type).
-bool is_supported_state_dtype(at::ScalarType param, at::ScalarType state) {
-  if (param == at::kDouble) return state == at::kDouble;
-  return state == param || state == at::kFloat || state == at::kBFloat16;
 }
 
 // Note [overlapping tensors]
@@ -124,7 +123,8 @@ CallPrecision check_tensor_lists(const char* op,
   if (n == 0) return precision;
   const at::Device device = params[0].device();
   const at::ScalarType dtype = params[0].scalar_type();
-  TORCH_CHECK(is_supported_param_dtype(dtype), op,
+  const std::optional<Dtype> param_dtype = storage_dtype(dtype);
+  TORCH_CHECK(param_dtype.has_value(), op,
               ": params must be float16, bfloat16, float32 or float64, got ",
               dtype, " (params[0])");
   precision.param_dtype = dtype;
@@ -135,23 +135,27 @@ CallPrecision check_tensor_lists(const char* op,
       break;
     }
   }
-  TORCH_CHECK(is_supported_state_dtype(dtype, precision.state_dtype), op,
-              ": state tensors of ", dtype, " params must be ",
+  const std::optional<Dtype> state_dtype = storage_dtype(precision.state_dtype);
+  TORCH_CHECK(state_dtype.has_value() &&
+                  legal_state_dtype(*param_dtype, *state_dtype),
+              op, ": state tensors of ", dtype, " params must be ",
               dtype == at::kDouble ? "float64"
                                    : "float32, bfloat16 or the params' dtype",
               ", got ", precision.state_dtype);
   for (const TensorListArg& list : lists) {
     if (list.dtype == ListDtype::kFloat32 && !list.tensors.empty()) {
-      TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, op, ": ",
-                  list.name, " (master weights) are for float16 and bfloat16 "
+      TORCH_CHECK(legal_master_weights(*param_dtype), op, ": ", list.name,
+                  " (master weights) are for float16 and bfloat16 "
                   "params; the params are ", dtype);
       precision.master_weights = true;
     }
   }
-  TORCH_CHECK(!stochastic_rounding || dtype == at::kBFloat16, op,
+  TORCH_CHECK(!stochastic_rounding || *param_dtype == Dtype::kBFloat16, op,
               ": stochastic_rounding is for bfloat16 params; the params are ",
               dtype);
-  TORCH_CHECK(!(stochastic_rounding && precision.master_weights), op,
+  TORCH_CHECK(legal_stochastic_rounding(*param_dtype, precision.master_weights) ||
+                  !stochastic_rounding,
+              op,
               ": stochastic_rounding and master weights exclude each other "
               "(the master copy already keeps the low bits)");
   for (size_t i = 0; i < n; ++i) {
@@ -217,11 +221,7 @@ void check_amp_args(const char* op, const c10::optional<at::Tensor>& grad_scale,
 }
 
 void check_lr_tensors(const char* op, at::TensorList lr_tensors,
-                      int64_t num_groups, at::Device device) {
-  if (lr_tensors.empty()) return;
-  TORCH_CHECK(static_cast<int64_t>(lr_tensors.size()) == num_groups, op,
-              ": lr_tensors has ", lr_tensors.size(), " entries but there are ",
-              num_groups, " groups");
+                      at::Device device) {
   for (const at::Tensor& lr : lr_tensors) {
     TORCH_CHECK(lr.defined(), op, ": an lr tensor is undefined");
     check_one_element_float(op, "each lr tensor", lr, device, true);
@@ -230,18 +230,16 @@ void check_lr_tensors(const char* op, at::TensorList lr_tensors,
 
 void check_groups(
     const char* op, int64_t num_tensors, at::IntArrayRef group_index,
-    const std::vector<std::pair<const char*, at::ArrayRef<double>>>&
-        per_group) {
+    const std::vector<std::pair<const char*, int64_t>>& per_group_lengths) {
   TORCH_CHECK(static_cast<int64_t>(group_index.size()) == num_tensors, op,
               ": group_index has ", group_index.size(),
               " entries but there are ", num_tensors, " tensors");
-  TORCH_INTERNAL_ASSERT(!per_group.empty());
-  const int64_t num_groups = per_group[0].second.size();
-  for (const auto& [name, values] : per_group) {
-    TORCH_CHECK(static_cast<int64_t>(values.size()) == num_groups, op, ": ",
-                name, " has ", values.size(), " entries but ",
-                per_group[0].first, " has ", num_groups,
-                "; every hyperparameter list has one entry per group");
+  TORCH_INTERNAL_ASSERT(!per_group_lengths.empty());
+  const int64_t num_groups = per_group_lengths[0].second;
+  for (const auto& [name, length] : per_group_lengths) {
+    TORCH_CHECK(length == num_groups, op, ": ", name, " has ", length,
+                " entries but ", per_group_lengths[0].first, " has ",
+                num_groups, "; every per-group list has one entry per group");
   }
   for (int64_t i = 0; i < num_tensors; ++i) {
     TORCH_CHECK(group_index[i] >= 0 && group_index[i] < num_groups, op,

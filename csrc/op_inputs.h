@@ -5,7 +5,11 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <utility>
 #include <vector>
+
+#include "fused_optim/storage_table.h"
 
 namespace fused_optim {
 
@@ -38,6 +42,10 @@ struct CallPrecision {
   bool stochastic_rounding = false;
 };
 
+// The storage dtype of a torch dtype, or nothing for a dtype no op stores
+// (storage_table.h).
+std::optional<Dtype> storage_dtype(at::ScalarType dtype);
+
 // Note [validate only]
 // A step of several op calls (buckets) checks every call before the first
 // writes anything: the caller sets this thread's validate-only flag (the
@@ -59,11 +67,8 @@ class ValidateOnlyGuard {
 
 // Checks every list against `params` (length, layout, device, dtype, shape,
 // no internal overlap where written, no two written tensors sharing
-// memory: Note [overlapping tensors]), and the storage precision: params
-// float16, bfloat16, float32 or float64; state in the param dtype, float32
-// or bfloat16 (float64 params: float64 only); master weights only for
-// float16/bfloat16 params; stochastic rounding only for bfloat16 params
-// without master weights. Throws with the list name and tensor index.
+// memory: Note [overlapping tensors]), and the storage precision against
+// the table of storage_table.h. Throws with the list name and tensor index.
 // `lists[0]` must be the params.
 CallPrecision check_tensor_lists(const char* op,
                                  const std::vector<TensorListArg>& lists,
@@ -78,17 +83,17 @@ void check_amp_args(const char* op, const c10::optional<at::Tensor>& grad_scale,
                     const c10::optional<at::Tensor>& found_inf,
                     at::Device device);
 
-// Learning rates given as tensors (capturable steps): empty, or one
+// Learning rates given as tensors (the `tensor_lr` overloads): one
 // one-element float32/float64 tensor per group, on `device`.
 void check_lr_tensors(const char* op, at::TensorList lr_tensors,
-                      int64_t num_groups, at::Device device);
+                      at::Device device);
 
 // Checks that `group_index` has one entry per tensor, each naming one of
-// `num_groups` groups, and that every per-group list has num_groups entries.
-void check_groups(const char* op, int64_t num_tensors,
-                  at::IntArrayRef group_index,
-                  const std::vector<std::pair<const char*, at::ArrayRef<double>>>&
-                      per_group);
+// the groups, and that every per-group list (name, length) has one entry
+// per group; the first list's length is the number of groups.
+void check_groups(
+    const char* op, int64_t num_tensors, at::IntArrayRef group_index,
+    const std::vector<std::pair<const char*, int64_t>>& per_group_lengths);
 
 // Checks that each step counter is a 0-d float32/float64 tensor on
 // `device` (the CPU for the CPU kernels; the params' GPU for the CUDA

@@ -18,6 +18,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/extension.h>
 
+#include "fused_optim/storage_table.h"
+#include "op_front.h"
 #include "op_inputs.h"
 
 #include <tuple>
@@ -48,6 +50,23 @@ template <>
 struct PyArg<const std::optional<at::Tensor>&> {
   using type = std::optional<at::Tensor>;
 };
+template <>
+struct PyArg<const c10::List<bool>&> {
+  using type = std::vector<bool>;
+};
+
+// The schema argument made from what pybind converted.
+template <typename Arg>
+decltype(auto) to_schema_arg(const typename PyArg<Arg>::type& value) {
+  if constexpr (std::is_same_v<Arg, const c10::List<bool>&>) {
+    c10::List<bool> list;
+    list.reserve(value.size());
+    for (bool b : value) list.push_back(b);
+    return list;
+  } else {
+    return Arg(value);
+  }
+}
 
 template <typename T>
 void bump_versions_if_list(const T&) {}
@@ -58,20 +77,28 @@ void bump_versions_if_list(const std::vector<at::Tensor>& tensors) {
 // Defines m.<name>(...) calling torch.ops.fused_optim.<name> (whose C++
 // signature is void(Args...)) as Note [fast op call] describes, and
 // m.validate_<name>(...), the same call that only checks its arguments and
-// writes nothing (Note [validate only] in op_inputs.h).
+// writes nothing (Note [validate only] in op_inputs.h). `name` may name an
+// overload ("adam_.tensor_lr"); the Python name then has "__" for the dot.
 template <typename... Args>
-void def_fast_call(pybind11::module& m, const char* name) {
+void def_fast_call(pybind11::module& m, const std::string& name,
+                   void (*)(Args...)) {
   // The ops are registered by this library's static initialisers, which
   // have run by the time Python initialises the module.
+  const size_t dot = name.find('.');
+  const std::string op_name = name.substr(0, dot);
+  const std::string overload =
+      dot == std::string::npos ? "" : name.substr(dot + 1);
+  const std::string py_name =
+      overload.empty() ? op_name : op_name + "_" + overload;
   const auto op = c10::Dispatcher::singleton()
-                      .findSchemaOrThrow(
-                          (std::string("fused_optim::") + name).c_str(), "")
+                      .findSchemaOrThrow(("fused_optim::" + op_name).c_str(),
+                                         overload.c_str())
                       .typed<void(Args...)>();
-  m.def(name, [op](typename PyArg<Args>::type... args) {
+  m.def(py_name.c_str(), [op](typename PyArg<Args>::type... args) {
     {
       pybind11::gil_scoped_release no_gil;
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      op.call(Args(args)...);
+      op.call(to_schema_arg<Args>(args)...);
     }
     // Written lists get their versions bumped, except `grads`, which the op
     // writes only to store AMP's unscaled gradients (when grad_scale is
@@ -99,34 +126,59 @@ void def_fast_call(pybind11::module& m, const char* name) {
     };
     (bump_if_written(args), ...);
   });
-  m.def(("validate_" + std::string(name)).c_str(),
+  m.def(("validate_" + py_name).c_str(),
         [op](typename PyArg<Args>::type... args) {
           pybind11::gil_scoped_release no_gil;
           at::AutoDispatchBelowADInplaceOrView below_autograd;
           fused_optim::ValidateOnlyGuard validate_only;
-          op.call(Args(args)...);
+          op.call(to_schema_arg<Args>(args)...);
         });
 }
 
-using TL = at::TensorList;
-using Ints = at::IntArrayRef;
-using Floats = at::ArrayRef<double>;
-using OptT = const std::optional<at::Tensor>&;
+// A backend that is never called: the fast call only needs the kernel's
+// function type, which is the same for every backend.
+void no_backend(const fused_optim::OpCall&) {}
+
+template <typename Spec>
+void def_fast_calls(pybind11::module& m) {
+  using fused_optim::Kernel;
+  using fused_optim::LrKind;
+  def_fast_call(m, Spec::kName, &Kernel<Spec, LrKind::kFloats, &no_backend>::call);
+  def_fast_call(m, std::string(Spec::kName) + ".tensor_lr",
+                &Kernel<Spec, LrKind::kTensors, &no_backend>::call);
+}
+
+// The storage table (storage_table.h) as Python sees it: every legal
+// (param dtype, state dtype, master weights, stochastic rounding), by
+// dtype name.
+pybind11::list storage_table() {
+  using namespace fused_optim;
+  pybind11::list out;
+  for (Dtype param : kAllDtypes) {
+    for (Dtype state : kAllDtypes) {
+      for (bool master : {false, true}) {
+        for (bool rounding : {false, true}) {
+          if (legal_storage(param, state, /*has_state=*/true, master, rounding)) {
+            out.append(pybind11::make_tuple(dtype_name(param), dtype_name(state),
+                                            master, rounding));
+          }
+        }
+      }
+    }
+  }
+  return out;
+}
 
 }  // namespace
 
-// Argument lists as in ops.cpp: every op ends with
-// (..., lr_tensors, grad_scale, found_inf, <mode flags>, stochastic_rounding).
+// One fast call (and its validate_ twin) per op and lr overload, with the
+// kernel's own signature (op_front.h), so no argument list is written here.
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fused_optim's compiled ops (see torch.ops.fused_optim)";
-  def_fast_call<TL, TL, TL, TL, TL, TL, TL, Ints, Floats, Floats, Floats,
-                Floats, Floats, TL, OptT, OptT, bool, bool, bool, bool>(
-      m, "adam_");
-  def_fast_call<TL, TL, TL, TL, TL, Ints, Floats, Floats, Floats, Floats, Ints,
-                TL, OptT, OptT, bool, bool, bool>(m, "sgd_");
-  def_fast_call<TL, TL, TL, TL, TL, Ints, Floats, Floats, Floats, Floats, TL,
-                OptT, OptT, bool, bool>(m, "adagrad_");
-  def_fast_call<TL, TL, TL, TL, TL, TL, TL, Ints, Floats, Floats, Floats,
-                Floats, Floats, TL, OptT, OptT, bool, bool, bool>(
-      m, "rmsprop_");
+#define FO_DEF_FAST_CALLS(Spec) def_fast_calls<Spec>(m);
+  FO_FOR_EACH_OP(FO_DEF_FAST_CALLS)
+#undef FO_DEF_FAST_CALLS
+  m.def("storage_table", &storage_table,
+        "Every legal (param dtype, state dtype, master_weights, "
+        "stochastic_rounding) of an op call");
 }

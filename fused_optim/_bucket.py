@@ -20,7 +20,7 @@ A param's whole state dict replaced (``opt.state[p] = {...}``) is seen
 through the write count of ``optimizer.state`` (_state.py); a param replaced
 inside its group (``group["params"][i] = q``) by an identity check of the
 planned params. Changes to a param itself (its dtype, device or memory) are
-seen by the op: Note [stale plans] in _base.py.
+seen by the op: Note [stale plans] in _step.py.
 """
 
 from __future__ import annotations

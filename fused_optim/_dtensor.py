@@ -13,7 +13,7 @@ tensors. One fused call still covers all the shards of a bucket.
   be DTensors exactly where the param is one, on its mesh with its
   placements; anything else raises before a tensor is written (a
   redistribution would update a copy).
-- Per-call tensors (``state_steps``, ``lr_tensors``, ``grad_scale``,
+- Per-call tensors (``state_steps``, ``lr`` as tensors, ``grad_scale``,
   ``found_inf``) may be plain tensors (torch.optim keeps FSDP2 step
   counters plain) or replicated DTensors.
 - Partial placements are refused: a pending reduction is not a value to
@@ -32,11 +32,11 @@ import sys
 
 import torch
 
-from fused_optim._ops import OP_NAMES
+from fused_optim._ops import OP_NAMES, public_op
 
 _MODULE = "torch.distributed.tensor"
 # Per-call tensor arguments: not aligned with the params.
-_PER_CALL = ("state_steps", "lr_tensors", "grad_scale", "found_inf")
+_PER_CALL = ("state_steps", "lr", "grad_scale", "found_inf")
 
 
 def _local_call(op, args, kwargs):
@@ -93,7 +93,10 @@ def _local_call(op, args, kwargs):
     local_values = []
     for argument, value in zip(arguments, values):
         if argument.name in _PER_CALL:
-            value = [replicated(argument.name, t) for t in value] if isinstance(value, list) else replicated(argument.name, value)
+            if isinstance(value, list):
+                value = [replicated(argument.name, t) if isinstance(t, torch.Tensor) else t for t in value]
+            else:
+                value = replicated(argument.name, value)
         elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
             value = aligned(argument.name, value)
         local_values.append(value)
@@ -108,7 +111,8 @@ def register() -> None:
 
     handlers = DTensor._op_dispatcher._custom_op_handlers
     for name in OP_NAMES:
-        handlers[getattr(torch.ops.fused_optim, name).default] = _local_call
+        for tensor_lr in (False, True):
+            handlers[public_op(name, tensor_lr)] = _local_call
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):

@@ -1,6 +1,6 @@
 """What a step changed in the optimizer before it wrote any tensor, so that
 a step that raises can take it back (Note [validate before mutating] in
-_base.py).
+_step.py).
 
 Before its first write a step may create state for params that got their
 first gradient, and bring existing state to the group's precision options

@@ -1,11 +1,23 @@
-"""The two ways the classes call an op, and the one list of op names.
+"""The op calls of the optimizer classes, built by name from the ops' schemas.
+
+Each op's argument list is written once, in C++: its spec
+(csrc/include/fused_optim/op_specs.h), from which csrc/op_schema.cpp makes the
+schema. Every op's schema has one shape (params, grads, the state lists,
+master_params, state_steps, group_index, lr, the per-group hyperparameters,
+the per-group flags, [the new-state list], grad_scale, found_inf, then the
+keyword-only mode flags and stochastic_rounding); ``OpSignature`` reads the
+names from the schema, checks that shape, and builds a call's positional
+tuple from named values. A state list is named after its state key plus
+"s" (``exp_avg`` -> ``exp_avgs``, ``sum`` -> ``sums``).
+
+Two overloads per op: ``float[] lr`` (``.default``) and ``Tensor[] lr``
+(``.tensor_lr``: the kernel reads each group's lr tensor where it lives).
 
 Eager steps call ``fused_optim._C.<op>`` (Note [fast op call] in
 csrc/python_module.cpp): positional arguments in schema order, converted
 while holding the GIL. Traced steps (torch.compile) call
 ``torch.ops.fused_optim.<op>``, the public op, which takes its mode flags as
-keywords (they follow ``*`` in the schema). Both take the same positional
-tuple here, so a class builds its arguments once (``_op_arguments``).
+keywords (they follow ``*`` in the schema). Both take the same tuple here.
 """
 
 from __future__ import annotations
@@ -17,49 +29,115 @@ import torch
 from fused_optim import _C
 
 OP_NAMES = ("adam_", "sgd_", "adagrad_", "rmsprop_")
+OVERLOADS = ("default", "tensor_lr")
 
 
-def _keyword_names(name: str) -> tuple[int, tuple]:
-    """(number of positional arguments, names of the keyword-only ones)."""
-    arguments = getattr(torch.ops.fused_optim, name).default._schema.arguments
-    keywords = tuple(a.name for a in arguments if a.kwarg_only)
-    return len(arguments) - len(keywords), keywords
+class OpSignature:
+    """An op's arguments by role, read from its schema."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        arguments = getattr(torch.ops.fused_optim, name).default._schema.arguments
+        names = [a.name for a in arguments]
+        types = {a.name: str(a.type) for a in arguments}
+        first_state, master = names.index("grads") + 1, names.index("master_params")
+        lr = names.index("lr")
+        self.state_lists = tuple(names[first_state:master])
+        self.hyperparameters = tuple(n for n in names[lr + 1:] if types[n] == "List[float]")
+        self.group_flags = tuple(n for n in names if types[n] == "List[bool]")
+        self.new_state = next((n for n in names[lr + 1:] if types[n] == "List[int]"), None)
+        self.keywords = tuple(a.name for a in arguments if a.kwarg_only)
+        self.modes = self.keywords[:-1]
+        self.num_positional = len(names) - len(self.keywords)
+        expected = (
+            ["params", "grads", *self.state_lists, "master_params", "state_steps",
+             "group_index", "lr", *self.hyperparameters, *self.group_flags]
+            + ([self.new_state] if self.new_state else [])
+            + ["grad_scale", "found_inf", *self.modes, "stochastic_rounding"]
+        )
+        if names != expected:  # (the shape csrc/op_schema.cpp writes)
+            raise RuntimeError(f"fused_optim.{name}: unexpected schema {names}")
+
+    def arguments(self, *, params, grads, states: dict, master_params, steps, group_index,
+                  lr, hyper: dict, group_flags: dict, new_state, grad_scale, found_inf,
+                  modes: dict, stochastic_rounding: bool) -> tuple:
+        """The call's arguments in schema order (keywords last). ``states``
+        maps state list names to lists (a name left out: an empty list),
+        ``hyper`` and ``group_flags`` map names to per-group lists,
+        ``modes`` the mode flags to bools."""
+        return (
+            params,
+            grads,
+            *[states.get(n, []) for n in self.state_lists],
+            master_params,
+            steps,
+            group_index,
+            lr,
+            *[hyper[n] for n in self.hyperparameters],
+            *[group_flags[n] for n in self.group_flags],
+            *([new_state] if self.new_state else []),
+            grad_scale,
+            found_inf,
+            *[modes[n] for n in self.modes],
+            stochastic_rounding,
+        )
 
 
-_SCHEMAS = {name: _keyword_names(name) for name in OP_NAMES}
+SIGNATURES = {name: OpSignature(name) for name in OP_NAMES}
 
 
-def call_fast(name: str, args: tuple) -> None:
+def state_list_name(key: str) -> str:
+    """The op's list of a state key: ``exp_avg`` -> ``exp_avgs``."""
+    return key + "s"
+
+
+class OpCall(NamedTuple):
+    """One op call: the op, whether its lr is a tensor list, its arguments."""
+
+    name: str
+    tensor_lr: bool
+    args: tuple
+
+
+def call_fast(call: OpCall) -> None:
     """The eager entry: the backend kernel without the dispatcher's
     per-tensor boxing (DTensors still reach their handler, _dtensor.py)."""
-    getattr(_C, name)(*args)
+    getattr(_C, call.name + ("_tensor_lr" if call.tensor_lr else ""))(*call.args)
 
 
-def call_validate(name: str, args: tuple) -> None:
+def call_validate(call: OpCall) -> None:
     """The eager entry's checks alone: raises what ``call_fast`` would
     raise, writes nothing (Note [validate only] in csrc/op_inputs.h)."""
-    getattr(_C, "validate_" + name)(*args)
+    getattr(_C, "validate_" + call.name + ("_tensor_lr" if call.tensor_lr else ""))(*call.args)
 
 
-def call_public(name: str, args: tuple) -> None:
-    """The public, traceable op with the same positional tuple."""
-    positional, keywords = _SCHEMAS[name]
-    getattr(torch.ops.fused_optim, name)(
-        *args[:positional], **dict(zip(keywords, args[positional:]))
+def public_op(name: str, tensor_lr: bool):
+    """torch.ops.fused_optim.<name>.default or .tensor_lr."""
+    return getattr(getattr(torch.ops.fused_optim, name), "tensor_lr" if tensor_lr else "default")
+
+
+def call_public(call: OpCall) -> None:
+    """The public, traceable op with the same arguments."""
+    signature = SIGNATURES[call.name]
+    positional = signature.num_positional
+    public_op(call.name, call.tensor_lr)(
+        *call.args[:positional], **dict(zip(signature.keywords, call.args[positional:]))
     )
 
 
 class OpExtras(NamedTuple):
-    """The op arguments every op shares (csrc/op_args.h)."""
+    """The per-call arguments every op shares besides its tensors."""
 
     master_params: list
-    lr_tensors: list
     grad_scale: torch.Tensor | None
     found_inf: torch.Tensor | None
     stochastic_rounding: bool
 
-    @property
-    def tail(self) -> tuple:
-        """(lr_tensors, grad_scale, found_inf): the op's arguments after the
-        per-group hyperparameters."""
-        return (self.lr_tensors, self.grad_scale, self.found_inf)
+
+class GroupArguments(NamedTuple):
+    """The per-group arguments of a step's op calls (one entry per group)."""
+
+    lr: list  # floats, or tensors when tensor_lr
+    tensor_lr: bool
+    hyper: dict  # name -> list of floats
+    flags: dict  # name -> list of bools (maximize, decoupled_weight_decay)

@@ -6,7 +6,7 @@ import torch
 
 from fused_optim import _bucket, _ops, _torch_path
 from fused_optim._journal import Journal
-from fused_optim._ops import OpExtras
+from fused_optim._ops import GroupArguments, OpExtras
 from fused_optim._precision import precision_of, real_dtype
 
 # Run eagerly inside a compiled step (a graph break each): see _traced_step.
@@ -16,7 +16,7 @@ _call_public_eagerly = torch._disable_dynamo(_ops.call_public)
 
 class TracedStep:
     """The traced step of FusedOptimizer (a mixin: it uses the optimizer's
-    planning helpers and its ``_op_arguments``)."""
+    planning helpers and its ``_op_call_of``)."""
 
     # Note [traced step]
     # Under torch.compile the step is traced into the graph, which the plan
@@ -30,7 +30,7 @@ class TracedStep:
     # Dynamo marks every group ``capturable=True`` in its traced copy of
     # the param groups; the traced code therefore never reads capturable
     # (_init_group sees the real groups). A tensor ``lr`` is read by the
-    # kernel (``lr_tensors``), so a scheduler changing it recompiles
+    # kernel (the op's ``tensor_lr`` overload), so a scheduler changing it recompiles
     # nothing, as torch's compiled-optimizer recipe expects.
 
     def _init_group(self, group, params, grads, states, masters, steps):
@@ -96,10 +96,17 @@ class TracedStep:
             params, grads, states, masters, steps = [], [], [], [], []
             calls = self._init_group(group, params, grads, states, masters, steps)
             mode = self._mode(group)
-            count = len(self._state_names(mode))
+            names = self._state_names(mode)
+            count = len(names)
             lr = group["lr"]
-            lr_tensors = [lr] if isinstance(lr, torch.Tensor) else []
-            hyper = [[value] for value in self._hyperparameters(group)]
+            tensor_lr = isinstance(lr, torch.Tensor)
+            group_args = GroupArguments(
+                [lr] if tensor_lr else [float(lr)],
+                tensor_lr,
+                {name: [value] for name, value in self._hyperparameters(group).items()},
+                {name: [bool(group.get(name, False))]
+                 for name in _ops.SIGNATURES[self._op_name].group_flags},
+            )
             for start, end, master_start, rounding, new_state, is_complex in calls:
                 call_params, call_grads = params[start:end], grads[start:end]
                 call_states = [states[start * count + k:end * count:count] for k in range(count)]
@@ -109,23 +116,22 @@ class TracedStep:
                 device = call_params[0].device
                 extras = OpExtras(
                     [] if master_start < 0 else masters[master_start:master_start + end - start],
-                    lr_tensors,
                     None if grad_scale is None else grad_scale.to(device),
                     None if found_inf is None else found_inf.to(device),
                     rounding,
                 )
-                args = self._op_arguments(
-                    mode, call_params, call_grads, call_states,
+                call = self._op_call_of(
+                    mode, names, call_params, call_grads, call_states,
                     steps[start:end] if steps else [], [0] * (end - start),
-                    list(new_state), hyper, extras,
+                    list(new_state), group_args, extras,
                 )
                 if is_complex:
                     # Functionalization cannot yet replay a custom op's
                     # writes through view_as_real views: this call runs
                     # eagerly (a graph break, complex params only).
-                    _call_public_eagerly(self._op_name, args)
+                    _call_public_eagerly(call)
                 else:
-                    _ops.call_public(self._op_name, args)
+                    _ops.call_public(call)
                 for i in new_state:
                     state = self.state[params[start + i]]
                     for k, name in enumerate(self._state_names(mode)):

@@ -6,12 +6,9 @@ import torch
 from torch.optim.adagrad import adagrad as _torch_adagrad
 
 from fused_optim import _docs
-from fused_optim._base import (
-    FusedOptimizer,
-    check_implementation_keywords,
-    new_step,
-    to_float,
-)
+from fused_optim._base import FusedOptimizer
+from fused_optim._keywords import check_implementation_keywords, to_float
+from fused_optim._planning import new_step
 from fused_optim._precision import check_precision_keywords, precision_of
 
 __all__ = ["Adagrad"]
@@ -91,7 +88,10 @@ class Adagrad(FusedOptimizer):
                 self.state[param]["sum"].share_memory_()
 
     def _mode(self, group) -> tuple:
-        return (bool(group["maximize"]),)
+        return ()
+
+    def _op_modes(self, mode) -> dict:
+        return {}
 
     def _state_names(self, mode) -> tuple:
         return ("sum",)
@@ -107,28 +107,12 @@ class Adagrad(FusedOptimizer):
             state["sum"] = torch.full_like(param, value, dtype=dtype, memory_format=torch.preserve_format)
         return False
 
-    def _hyperparameters(self, group) -> tuple:
-        return (
-            self._lr(group),
-            to_float(group["lr_decay"]),
-            to_float(group["weight_decay"]),
-            to_float(group["eps"]),
-        )
-
-    def _op_arguments(self, mode, params, grads, states, steps, group_index, new_state, hyper, extras) -> tuple:
-        (maximize,) = mode
-        return (
-            params,
-            grads,
-            states[0],
-            extras.master_params,
-            steps,
-            group_index,
-            *hyper,
-            *extras.tail,
-            maximize,
-            extras.stochastic_rounding,
-        )
+    def _hyperparameters(self, group) -> dict:
+        return {
+            "lr_decay": to_float(group["lr_decay"]),
+            "weight_decay": to_float(group["weight_decay"]),
+            "eps": to_float(group["eps"]),
+        }
 
     def _check_sparse(self, group, param, grad) -> None:
         if group["weight_decay"] != 0:

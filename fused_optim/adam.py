@@ -5,11 +5,8 @@ from __future__ import annotations
 import torch
 
 from fused_optim import _docs
-from fused_optim._base import (
-    FusedOptimizer,
-    check_implementation_keywords,
-    to_float,
-)
+from fused_optim._base import FusedOptimizer
+from fused_optim._keywords import check_implementation_keywords, to_float
 from fused_optim._precision import check_precision_keywords
 
 __all__ = ["Adam", "AdamW"]
@@ -105,40 +102,23 @@ class Adam(FusedOptimizer):
             group.setdefault("fused", None)
 
     def _mode(self, group) -> tuple:
-        return (bool(group["amsgrad"]), bool(group["decoupled_weight_decay"]), bool(group["maximize"]))
+        return (bool(group["amsgrad"]),)
+
+    def _op_modes(self, mode) -> dict:
+        return {"amsgrad": mode[0]}
 
     def _state_names(self, mode) -> tuple:
         amsgrad = mode[0]
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
 
-    def _hyperparameters(self, group) -> tuple:
+    def _hyperparameters(self, group) -> dict:
         beta1, beta2 = group["betas"]
-        return (
-            self._lr(group),
-            to_float(beta1),
-            to_float(beta2),
-            to_float(group["eps"]),
-            to_float(group["weight_decay"]),
-        )
-
-    def _op_arguments(self, mode, params, grads, states, steps, group_index, new_state, hyper, extras) -> tuple:
-        amsgrad, decoupled, maximize = mode
-        return (
-            params,
-            grads,
-            states[0],
-            states[1],
-            states[2] if amsgrad else [],
-            extras.master_params,
-            steps,
-            group_index,
-            *hyper,
-            *extras.tail,
-            amsgrad,
-            decoupled,
-            maximize,
-            extras.stochastic_rounding,
-        )
+        return {
+            "beta1": to_float(beta1),
+            "beta2": to_float(beta2),
+            "eps": to_float(group["eps"]),
+            "weight_decay": to_float(group["weight_decay"]),
+        }
 
 
 class AdamW(Adam):

@@ -5,11 +5,8 @@ from __future__ import annotations
 import torch
 
 from fused_optim import _docs
-from fused_optim._base import (
-    FusedOptimizer,
-    check_implementation_keywords,
-    to_float,
-)
+from fused_optim._base import FusedOptimizer
+from fused_optim._keywords import check_implementation_keywords, to_float
 from fused_optim._precision import check_precision_keywords
 
 __all__ = ["RMSprop"]
@@ -81,44 +78,26 @@ class RMSprop(FusedOptimizer):
             group.setdefault("capturable", False)
 
     def _mode(self, group) -> tuple:
-        return (bool(group["centered"]), group["momentum"] > 0, bool(group["maximize"]))
+        return (bool(group["centered"]), group["momentum"] > 0)
+
+    def _op_modes(self, mode) -> dict:
+        return {"centered": mode[0]}
 
     def _state_names(self, mode) -> tuple:
-        centered, uses_momentum, _ = mode
+        centered, uses_momentum = mode
         return (
             ("square_avg",)
             + (("grad_avg",) if centered else ())
             + (("momentum_buffer",) if uses_momentum else ())
         )
 
-    def _hyperparameters(self, group) -> tuple:
-        return (
-            self._lr(group),
-            to_float(group["alpha"]),
-            to_float(group["eps"]),
-            to_float(group["weight_decay"]),
-            to_float(group["momentum"]),
-        )
-
-    def _op_arguments(self, mode, params, grads, states, steps, group_index, new_state, hyper, extras) -> tuple:
-        centered, uses_momentum, maximize = mode
-        by_name = dict(zip(self._state_names(mode), states))
-        return (
-            params,
-            grads,
-            by_name["square_avg"],
-            by_name.get("grad_avg", []),
-            by_name.get("momentum_buffer", []),
-            extras.master_params,
-            steps,
-            group_index,
-            *hyper,
-            *extras.tail,
-            centered,
-            maximize,
-            extras.stochastic_rounding,
-        )
-
+    def _hyperparameters(self, group) -> dict:
+        return {
+            "alpha": to_float(group["alpha"]),
+            "eps": to_float(group["eps"]),
+            "weight_decay": to_float(group["weight_decay"]),
+            "momentum": to_float(group["momentum"]),
+        }
 
 RMSprop.__doc__ = (
     r"""RMSprop (Hinton, 2012), fused: drop-in for :class:`torch.optim.RMSprop`.

@@ -6,12 +6,9 @@ import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
 from fused_optim import _docs
-from fused_optim._base import (
-    FusedOptimizer,
-    check_implementation_keywords,
-    new_step,
-    to_float,
-)
+from fused_optim._base import FusedOptimizer
+from fused_optim._keywords import check_implementation_keywords, to_float
+from fused_optim._planning import new_step
 from fused_optim._precision import check_precision_keywords
 
 __all__ = ["SGD"]
@@ -82,7 +79,10 @@ class SGD(FusedOptimizer):
         uses_momentum = group["momentum"] != 0
         # (a group may set momentum 0 under a nesterov default: torch then
         # ignores nesterov, and so do we)
-        return (uses_momentum, uses_momentum and bool(group["nesterov"]), bool(group["maximize"]))
+        return (uses_momentum, uses_momentum and bool(group["nesterov"]))
+
+    def _op_modes(self, mode) -> dict:
+        return {"nesterov": mode[1]}
 
     def _state_names(self, mode) -> tuple:
         return ("momentum_buffer",) if mode[0] else ()
@@ -104,30 +104,12 @@ class SGD(FusedOptimizer):
         state["momentum_buffer"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         return True
 
-    def _hyperparameters(self, group) -> tuple:
-        return (
-            self._lr(group),
-            to_float(group["momentum"]),
-            to_float(group["dampening"]),
-            to_float(group["weight_decay"]),
-        )
-
-    def _op_arguments(self, mode, params, grads, states, steps, group_index, new_state, hyper, extras) -> tuple:
-        uses_momentum, nesterov, maximize = mode
-        return (
-            params,
-            grads,
-            states[0] if uses_momentum else [],
-            extras.master_params,
-            steps,
-            group_index,
-            *hyper,
-            new_state if uses_momentum else [],
-            *extras.tail,
-            nesterov,
-            maximize,
-            extras.stochastic_rounding,
-        )
+    def _hyperparameters(self, group) -> dict:
+        return {
+            "momentum": to_float(group["momentum"]),
+            "dampening": to_float(group["dampening"]),
+            "weight_decay": to_float(group["weight_decay"]),
+        }
 
     def _check_sparse(self, group, param, grad) -> None:
         # torch.optim fails here too ("add(sparse, dense) is not supported"),

@@ -37,6 +37,7 @@ from torch.distributed.tensor.parallel import (
 from torch.nn.parallel import DistributedDataParallel
 
 import fused_optim
+from fused_optim import _ops
 
 WORLD = 2
 DEVICE = "cpu"  # set by run()
@@ -186,37 +187,53 @@ def fsdp2_master_weights_and_bf16_state_equal_unsharded(mesh, tmp):
             assert isinstance(master, DTensor) and master.dtype == torch.float32
 
 
+def _adam_public_op(tensor_lr, params, grads, exp_avgs, exp_avg_sqs, steps):
+    """torch.ops.fused_optim.adam_ (.default or .tensor_lr) over two groups
+    that differ in maximize and decoupled_weight_decay, built by name."""
+    signature = _ops.SIGNATURES["adam_"]
+    lr = [1e-2, 3e-3]
+    values = signature.arguments(
+        params=params, grads=grads, states={"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+        master_params=[], steps=steps, group_index=[0, 1],
+        lr=[torch.tensor(v, device=DEVICE) for v in lr] if tensor_lr else lr,
+        hyper={"beta1": [0.9, 0.8], "beta2": [0.999, 0.99], "eps": [1e-8, 1e-6],
+               "weight_decay": [0.1, 0.05]},
+        group_flags={"maximize": [False, True], "decoupled_weight_decay": [True, False]},
+        new_state=None, grad_scale=None, found_inf=None, modes={"amsgrad": False},
+        stochastic_rounding=False)
+    op = torch.ops.fused_optim.adam_.tensor_lr if tensor_lr else torch.ops.fused_optim.adam_.default
+    op(*values[:signature.num_positional],
+       **dict(zip(signature.keywords, values[signature.num_positional:])))
+
+
 @scenario("main")
 def public_op_on_dtensors(mesh, tmp):
-    # torch.ops.fused_optim.* itself takes DTensors: the same as the op on
-    # the full tensors; mismatched placements are refused before writing.
-    torch.manual_seed(5)
-    full = [_randn(7, 3), _randn(5)]
-    lists = [[t.clone() for t in full]] + [[torch.randn_like(t) for t in full]] + [
-        [torch.zeros_like(t) for t in full] for _ in range(2)
-    ]
-    sharded = [[distribute_tensor(t, mesh, [Shard(0)]) for t in lst] for lst in lists]
-    steps = [[torch.tensor(0.0) for _ in full] for _ in range(2)]
-    hyper = [[1e-2], [0.9], [0.999], [1e-8], [0.1]]
-    for lst, step in ((lists, steps[0]), (sharded, steps[1])):
-        torch.ops.fused_optim.adam_(*lst, [], [], step, [0, 0], *hyper, [], None, None,
-                                    amsgrad=False, decoupled_weight_decay=True,
-                                    maximize=False, stochastic_rounding=False)
-    for a, b in zip(lists, sharded):
-        for x, y in zip(a, b):
-            assert torch.equal(x, y.full_tensor())
-    bad = [distribute_tensor(t, mesh, [Replicate()]) for t in lists[1]]
-    before = [t.full_tensor().clone() for t in sharded[0]]
-    try:
-        torch.ops.fused_optim.adam_(sharded[0], bad, *sharded[2:], [], [], steps[1], [0, 0],
-                                    *hyper, [], None, None, amsgrad=False,
-                                    decoupled_weight_decay=True, maximize=False,
-                                    stochastic_rounding=False)
-    except RuntimeError as error:
-        assert "placements" in str(error), error
-    else:
-        raise AssertionError("mismatched placements were accepted")
-    assert all(torch.equal(a, b.full_tensor()) for a, b in zip(before, sharded[0]))
+    # torch.ops.fused_optim.* itself takes DTensors, in both overloads (the
+    # lr tensors plain): the same as the op on the full tensors; mismatched
+    # placements are refused before writing.
+    for tensor_lr in (False, True):
+        torch.manual_seed(5)
+        full = [_randn(7, 3), _randn(5)]
+        lists = [[t.clone() for t in full]] + [[torch.randn_like(t) for t in full]] + [
+            [torch.zeros_like(t) for t in full] for _ in range(2)
+        ]
+        sharded = [[distribute_tensor(t, mesh, [Shard(0)]) for t in lst] for lst in lists]
+        steps = [[torch.tensor(0.0, device=DEVICE) for _ in full] for _ in range(2)]
+        for lst, step in ((lists, steps[0]), (sharded, steps[1])):
+            _adam_public_op(tensor_lr, *lst, step)
+        for a, b in zip(lists, sharded):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y.full_tensor()), f"tensor_lr={tensor_lr}"
+        assert all(s.item() == 1.0 for s in steps[1])
+        bad = [distribute_tensor(t, mesh, [Replicate()]) for t in lists[1]]
+        before = [t.full_tensor().clone() for t in sharded[0]]
+        try:
+            _adam_public_op(tensor_lr, sharded[0], bad, *sharded[2:], steps[1])
+        except RuntimeError as error:
+            assert "placements" in str(error), error
+        else:
+            raise AssertionError(f"mismatched placements were accepted (tensor_lr={tensor_lr})")
+        assert all(torch.equal(a, b.full_tensor()) for a, b in zip(before, sharded[0]))
 
 
 @scenario("main")

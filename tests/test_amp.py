@@ -145,8 +145,10 @@ def test_op_rejects_bad_grad_scale_before_writing():
                        (torch.tensor([2.0, 4.0]), "grad_scale must be a one-element")):
         with pytest.raises(RuntimeError, match=match):
             torch.ops.fused_optim.adam_(
-                [p], [g], [m], [v], [], [], [step], [0], [1e-3], [0.9], [0.999], [1e-8], [0.0],
-                [], bad, None, amsgrad=False, decoupled_weight_decay=False, maximize=False,
+                params=[p], grads=[g], exp_avgs=[m], exp_avg_sqs=[v], max_exp_avg_sqs=[],
+                master_params=[], state_steps=[step], group_index=[0], lr=[1e-3], beta1=[0.9],
+                beta2=[0.999], eps=[1e-8], weight_decay=[0.0], maximize=[False],
+                decoupled_weight_decay=[False], grad_scale=bad, found_inf=None, amsgrad=False,
                 stochastic_rounding=False)
     for t, t0 in zip((p, g, m, v, step), before):
         assert torch.equal(t, t0)

@@ -70,12 +70,14 @@ def test_dtensor_rule_registered_whichever_is_imported_first():
     import subprocess
     import sys
 
+    # Both overloads of every op (float lr, tensor lr).
     check = (
         "from torch.distributed.tensor import DTensor; "
         "handlers = DTensor._op_dispatcher._custom_op_handlers; "
         "import torch; "
-        "assert all(getattr(torch.ops.fused_optim, n).default in handlers "
-        "for n in ('adam_', 'sgd_', 'adagrad_', 'rmsprop_')); print('registered')"
+        "assert all(getattr(getattr(torch.ops.fused_optim, n), overload) in handlers "
+        "for n in ('adam_', 'sgd_', 'adagrad_', 'rmsprop_') "
+        "for overload in ('default', 'tensor_lr')); print('registered')"
     )
     for first in ("import fused_optim; import torch.distributed.tensor", "import torch.distributed.tensor; import fused_optim"):
         out = subprocess.run([sys.executable, "-c", f"{first}; {check}"], capture_output=True,

@@ -9,47 +9,76 @@ import pytest
 import torch
 
 import fused_optim
-from fused_optim import _C
+from fused_optim import _C, _ops
 
 
-def _adam_args(seed):
+ADAM = _ops.SIGNATURES["adam_"]
+# The lists the op may write, in schema order (grads only under AMP).
+LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params",
+         "state_steps")
+
+
+def _adam_args(seed, tensor_lr=False, grad_scale=None):
+    """An amsgrad Adam call over two groups that differ in maximize and in
+    decoupled_weight_decay: its arguments by name, and all of them in
+    schema order (the fast entry's positional tuple)."""
     torch.manual_seed(seed)
     sizes = [1, 7, 4099]
-    # params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs (the last two
-    # non-negative, as second moments are)
-    tensors = [[torch.randn(n) for n in sizes] for _ in range(3)]
-    tensors += [[torch.rand(n) for n in sizes] for _ in range(2)]
-    steps = [torch.tensor(3.0) for _ in sizes]
-    hyper = [[1e-2, 1e-3], [0.9, 0.8], [0.999, 0.99], [1e-8, 1e-6], [0.1, 0.0]]
-    # (no master weights; lr_tensors, grad_scale, found_inf: none)
-    return tensors + [[], steps, [0, 1, 0]] + hyper + [[], None, None]
+    # params, grads, exp_avgs; exp_avg_sqs, max_exp_avg_sqs non-negative,
+    # as second moments are
+    params, grads, exp_avgs = [[torch.randn(n) for n in sizes] for _ in range(3)]
+    exp_avg_sqs, max_exp_avg_sqs = [[torch.rand(n) for n in sizes] for _ in range(2)]
+    lr = [1e-2, 1e-3]
+    named = dict(
+        params=params, grads=grads,
+        states={"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+                "max_exp_avg_sqs": max_exp_avg_sqs},
+        master_params=[], steps=[torch.tensor(3.0) for _ in sizes], group_index=[0, 1, 0],
+        lr=[torch.tensor(v) for v in lr] if tensor_lr else lr,
+        hyper={"beta1": [0.9, 0.8], "beta2": [0.999, 0.99], "eps": [1e-8, 1e-6],
+               "weight_decay": [0.1, 0.05]},
+        group_flags={"maximize": [True, False], "decoupled_weight_decay": [False, True]},
+        new_state=None, grad_scale=grad_scale, found_inf=None, modes={"amsgrad": True},
+        stochastic_rounding=False)
+    return named, ADAM.arguments(**named)
 
 
-def test_fast_call_equals_torch_ops():
-    a, b = _adam_args(0), _adam_args(0)
-    _C.adam_(*a, True, False, True, False)
-    torch.ops.fused_optim.adam_(*b, amsgrad=True, decoupled_weight_decay=False, maximize=True,
-                                stochastic_rounding=False)
-    for list_a, list_b in zip(a[:7], b[:7]):
+def _lists(named):
+    states = named["states"]
+    return [named["params"], named["grads"], states["exp_avgs"], states["exp_avg_sqs"],
+            states["max_exp_avg_sqs"], named["master_params"], named["steps"]]
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
+def test_fast_call_equals_torch_ops(tensor_lr):
+    (a_named, a), (b_named, b) = _adam_args(0, tensor_lr), _adam_args(0, tensor_lr)
+    fast = _C.adam__tensor_lr if tensor_lr else _C.adam_
+    fast(*a)
+    public = torch.ops.fused_optim.adam_.tensor_lr if tensor_lr else torch.ops.fused_optim.adam_.default
+    public(*b[:ADAM.num_positional], **dict(zip(ADAM.keywords, b[ADAM.num_positional:])))
+    for name, list_a, list_b in zip(LISTS, _lists(a_named), _lists(b_named)):
         for x, y in zip(list_a, list_b):
-            assert not x.isnan().any()
-            assert torch.equal(x, y)
+            assert not x.isnan().any(), name
+            assert torch.equal(x, y), name
+    assert a_named["steps"][0].item() == 4.0
 
 
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
 @pytest.mark.parametrize("amp", [False, True])
-def test_fast_call_bumps_versions_of_written_lists(amp):
-    args = _adam_args(1)
-    if amp:  # grad_scale given: the op writes the unscaled gradients
-        args[-2] = torch.tensor(4.0)
-    before = [[t._version for t in lst] for lst in args[:7]]
-    _C.adam_(*args, True, True, False, False)
-    after = [[t._version for t in lst] for lst in args[:7]]
+def test_fast_call_bumps_versions_of_written_lists(amp, tensor_lr):
+    # grad_scale given: the op writes the unscaled gradients
+    named, args = _adam_args(1, tensor_lr, grad_scale=torch.tensor(4.0) if amp else None)
+    read_only = named["lr"] if tensor_lr else []  # lr tensors are read, never written
+    before = [[t._version for t in lst] for lst in _lists(named) + [read_only]]
+    (_C.adam__tensor_lr if tensor_lr else _C.adam_)(*args)
+    after = [[t._version for t in lst] for lst in _lists(named) + [read_only]]
     # params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
-    # state_steps: grads only when AMP writes them back, as torch.optim
-    written = [True, amp, True, True, True, True, True]
-    for lst_before, lst_after, is_written in zip(before, after, written):
+    # state_steps: grads only when AMP writes them back, as torch.optim;
+    # then the lr tensors
+    written = [True, amp, True, True, True, True, True, False]
+    for name, lst_before, lst_after, is_written in zip(LISTS + ("lr",), before, after, written):
         for v0, v1 in zip(lst_before, lst_after):
-            assert v1 == v0 + (1 if is_written else 0)
+            assert v1 == v0 + (1 if is_written else 0), name
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"])

@@ -25,6 +25,7 @@ import torch
 from torch.testing import assert_close
 
 import fused_optim
+from fused_optim import _ops
 from harness import assert_optimizer_unchanged, bits, snapshot_optimizer
 from optim_configs import ONE_PER_OPTIMIZER
 
@@ -401,9 +402,11 @@ def test_step_errors_write_nothing(case):
 def _adam_op(params, grads, states, master, *, stochastic_rounding=False):
     steps = [torch.tensor(0.0) for _ in params]
     torch.ops.fused_optim.adam_(
-        params, grads, states[0], states[1], [], master, steps, [0] * len(params), [1e-3], [0.9],
-        [0.999], [1e-8], [0.0], [], None, None, amsgrad=False, decoupled_weight_decay=False,
-        maximize=False, stochastic_rounding=stochastic_rounding)
+        params=params, grads=grads, exp_avgs=states[0], exp_avg_sqs=states[1],
+        max_exp_avg_sqs=[], master_params=master, state_steps=steps,
+        group_index=[0] * len(params), lr=[1e-3], beta1=[0.9], beta2=[0.999], eps=[1e-8],
+        weight_decay=[0.0], maximize=[False], decoupled_weight_decay=[False], grad_scale=None,
+        found_inf=None, amsgrad=False, stochastic_rounding=stochastic_rounding)
 
 
 OP_ERRORS = {
@@ -445,10 +448,11 @@ OPCHECK_CASES = {
 }
 
 
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
-def test_opcheck_mixed_precision(case):
+def test_opcheck_mixed_precision(case, tensor_lr):
     """Mutation annotations hold when grads (AMP unscale) and master weights
-    are written too."""
+    are written too, in both overloads (lr floats, or read from tensors)."""
     dtype, state_dtype, master, rounding, amp = OPCHECK_CASES[case]
     shapes = [(7,), (4099,), (3, 5)]
     params = [torch.randn(s).to(dtype) for s in shapes]
@@ -456,12 +460,22 @@ def test_opcheck_mixed_precision(case):
     states = [[torch.rand(s).to(state_dtype) for s in shapes] for _ in range(2)]
     masters = [p.float() for p in params] if master else []
     steps = [torch.tensor(float(i)) for i in range(len(shapes))]
-    args = (params, grads, states[0], states[1], [], masters, steps, [0, 1, 0], [1e-2, 1e-3],
-            [0.9, 0.8], [0.999, 0.99], [1e-8, 1e-6], [0.0, 0.1], [],
-            torch.tensor([1024.0]) if amp else None, torch.tensor([0.0]) if amp else None)
-    kwargs = dict(amsgrad=False, decoupled_weight_decay=True, maximize=False,
-                  stochastic_rounding=rounding)
-    torch.library.opcheck(torch.ops.fused_optim.adam_.default, args, kwargs)
+    signature = _ops.SIGNATURES["adam_"]
+    values = signature.arguments(
+        params=params, grads=grads, states={"exp_avgs": states[0], "exp_avg_sqs": states[1]},
+        master_params=masters, steps=steps, group_index=[0, 1, 0],
+        lr=[torch.tensor(1e-2), torch.tensor([1e-3], dtype=torch.float64)] if tensor_lr
+        else [1e-2, 1e-3],
+        hyper={"beta1": [0.9, 0.8], "beta2": [0.999, 0.99], "eps": [1e-8, 1e-6],
+               "weight_decay": [0.0, 0.1]},
+        group_flags={"maximize": [True, False], "decoupled_weight_decay": [False, True]},
+        new_state=None, grad_scale=torch.tensor([1024.0]) if amp else None,
+        found_inf=torch.tensor([0.0]) if amp else None, modes={"amsgrad": False},
+        stochastic_rounding=rounding)
+    args = values[:signature.num_positional]
+    kwargs = dict(zip(signature.keywords, values[signature.num_positional:]))
+    op = torch.ops.fused_optim.adam_.tensor_lr if tensor_lr else torch.ops.fused_optim.adam_.default
+    torch.library.opcheck(op, args, kwargs)
 
 
 @pytest.mark.parametrize("options", [dict(state_dtype=torch.bfloat16), "amp"], ids=str)

@@ -1,6 +1,13 @@
-"""The ops under the classes: torch.library.opcheck (schema and mutation
-annotations, fake/meta kernel, autograd registration, AOT dispatch) and their
-values against torch.optim's functional API, with several param groups."""
+"""The ops under the classes, in both overloads (``float[] lr`` and
+``.tensor_lr``, one lr tensor per group): torch.library.opcheck (schema and
+mutation annotations, fake/meta kernel, autograd registration, AOT
+dispatch), their exact schemas, their values against torch.optim's
+functional API with several param groups (whose per-group flags, maximize
+and Adam's decoupled_weight_decay, differ within one call), and their
+argument checks, which raise before anything is written.
+
+The calls are built by argument name (``_ops.SIGNATURES[op].arguments``),
+as the optimizer classes build them."""
 
 from __future__ import annotations
 
@@ -14,12 +21,22 @@ from torch.optim.rmsprop import rmsprop as rmsprop_fn
 from torch.optim.sgd import sgd as sgd_fn
 from torch.testing import assert_close
 
-import fused_optim  # noqa: F401  (registers torch.ops.fused_optim)
+from fused_optim import _C, _ops  # (importing fused_optim registers torch.ops.fused_optim)
 
 SHAPES = [(7,), (4099,), (1,), (3, 5), (0,), (9,)]
 GROUP_INDEX = [0, 1, 0, 2, 1, 2]
 NGROUPS = 3
 STEPS0 = [0.0, 3.0, 1.0, 5.0, 2.0, 0.0]  # step counts before the call
+
+# Per-group flag lists (maximize, decoupled_weight_decay): off, on, or
+# differing between the groups of one call. The mixed patterns differ
+# between groups 1 and 2, the groups with weight decay.
+PATTERNS = {
+    "none": [False, False, False],
+    "all": [True, True, True],
+    "mixed": [True, False, True],
+}
+DECOUPLED_PATTERNS = {**PATTERNS, "mixed": [False, True, False]}
 
 
 def _rand(shape, seed, dtype, device, positive=False):
@@ -34,236 +51,362 @@ def _tensors(seed, dtype, device, positive=False):
     return [_rand(s, 1000 * seed + i, dtype, device, positive) for i, s in enumerate(SHAPES)]
 
 
-# The arguments every op shares, all off (test_mixed_precision.py covers them).
-SHARED_NONE = dict(lr_tensors=[], grad_scale=None, found_inf=None, stochastic_rounding=False)
-
-
 def _steps():
     return [torch.tensor(s, dtype=torch.float32) for s in STEPS0]
 
 
-def adam_inputs(dtype, device, amsgrad, decoupled, maximize):
+def _named(*, params, grads, states, steps, lr, hyper, flags, modes, new_state=None):
+    """A call's arguments by name (``OpSignature.arguments``' keywords);
+    the arguments every op shares are off (test_mixed_precision.py and
+    test_amp.py cover them)."""
+    return dict(params=params, grads=grads, states=states, master_params=[], steps=steps,
+                group_index=list(GROUP_INDEX), lr=lr, hyper=hyper, group_flags=flags,
+                new_state=new_state, grad_scale=None, found_inf=None, modes=modes,
+                stochastic_rounding=False)
+
+
+def adam_inputs(dtype, device, amsgrad, maximize, decoupled):
     exp_avg_sqs = _tensors(3, dtype, device, positive=True)
-    args = (
-        _tensors(1, dtype, device),  # params
-        _tensors(2, dtype, device),  # grads
-        _tensors(4, dtype, device),  # exp_avgs
-        exp_avg_sqs,
-        [v + _rand(v.shape, 50 + i, dtype, device, positive=True) for i, v in enumerate(exp_avg_sqs)]
-        if amsgrad else [],
-        [],  # master_params
-        _steps(),
-        GROUP_INDEX,
-        [1e-2, 3e-3, 2e-2],  # lr
-        [0.9, 0.8, 0.5],  # beta1
-        [0.999, 0.99, 0.9],  # beta2
-        [1e-8, 1e-6, 1e-5],  # eps
-        [0.0, 0.1, 0.01],  # weight_decay
-    )
-    return args, dict(amsgrad=amsgrad, decoupled_weight_decay=decoupled, maximize=maximize,
-                      **SHARED_NONE)
+    states = {"exp_avgs": _tensors(4, dtype, device), "exp_avg_sqs": exp_avg_sqs}
+    if amsgrad:
+        states["max_exp_avg_sqs"] = [
+            v + _rand(v.shape, 50 + i, dtype, device, positive=True) for i, v in enumerate(exp_avg_sqs)]
+    return _named(
+        params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device), states=states,
+        steps=_steps(), lr=[1e-2, 3e-3, 2e-2],
+        hyper={"beta1": [0.9, 0.8, 0.5], "beta2": [0.999, 0.99, 0.9],
+               "eps": [1e-8, 1e-6, 1e-5], "weight_decay": [0.0, 0.1, 0.01]},
+        flags={"maximize": PATTERNS[maximize], "decoupled_weight_decay": DECOUPLED_PATTERNS[decoupled]},
+        modes={"amsgrad": amsgrad})
 
 
 def sgd_inputs(dtype, device, momentum_on, nesterov, maximize):
-    args = (
-        _tensors(1, dtype, device),
-        _tensors(2, dtype, device),
-        _tensors(3, dtype, device) if momentum_on else [],
-        [],  # master_params
-        [],  # state_steps (SGD keeps none without stochastic rounding)
-        GROUP_INDEX,
-        [0.1, 0.05, 0.01],  # lr
-        [0.9, 0.5, 0.8] if momentum_on else [0.0, 0.0, 0.0],  # momentum
-        [0.0, 0.0, 0.0] if nesterov else [0.0, 0.3, 0.1],  # dampening
-        [0.0, 0.01, 0.1],  # weight_decay
-        [0, 3] if momentum_on else [],  # new_momentum_buffers
-    )
-    return args, dict(nesterov=nesterov, maximize=maximize, **SHARED_NONE)
+    return _named(
+        params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
+        states={"momentum_buffers": _tensors(3, dtype, device)} if momentum_on else {},
+        steps=[],  # SGD keeps no step counters without stochastic rounding
+        lr=[0.1, 0.05, 0.01],
+        hyper={"momentum": [0.9, 0.5, 0.8] if momentum_on else [0.0, 0.0, 0.0],
+               "dampening": [0.0, 0.0, 0.0] if nesterov else [0.0, 0.3, 0.1],
+               "weight_decay": [0.0, 0.01, 0.1]},
+        flags={"maximize": PATTERNS[maximize]},
+        new_state=[0, 3] if momentum_on else [],  # tensors whose buffer is new
+        modes={"nesterov": nesterov})
 
 
 def adagrad_inputs(dtype, device, maximize):
-    args = (
-        _tensors(1, dtype, device),
-        _tensors(2, dtype, device),
-        _tensors(3, dtype, device, positive=True),  # state_sums
-        [],  # master_params
-        _steps(),
-        GROUP_INDEX,
-        [0.1, 0.05, 0.01],  # lr
-        [0.0, 0.01, 0.1],  # lr_decay
-        [0.0, 0.1, 0.01],  # weight_decay
-        [1e-10, 1e-6, 1e-5],  # eps
-    )
-    return args, dict(maximize=maximize, **SHARED_NONE)
+    return _named(
+        params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
+        states={"sums": _tensors(3, dtype, device, positive=True)},
+        steps=_steps(), lr=[0.1, 0.05, 0.01],
+        hyper={"lr_decay": [0.0, 0.01, 0.1], "weight_decay": [0.0, 0.1, 0.01],
+               "eps": [1e-10, 1e-6, 1e-5]},
+        flags={"maximize": PATTERNS[maximize]},
+        modes={})
 
 
 def rmsprop_inputs(dtype, device, centered, momentum_on, maximize):
     square_avgs = _tensors(3, dtype, device, positive=True)
-    args = (
-        _tensors(1, dtype, device),
-        _tensors(2, dtype, device),
-        square_avgs,
+    states = {"square_avgs": square_avgs}
+    if centered:
         # |grad_avg|^2 < square_avg so the centered variance stays positive
-        [0.1 * _rand(s.shape, 60 + i, dtype, device) for i, s in enumerate(square_avgs)]
-        if centered else [],
-        _tensors(4, dtype, device) if momentum_on else [],
-        [],  # master_params
-        _steps(),
-        GROUP_INDEX,
-        [1e-2, 3e-3, 2e-2],  # lr
-        [0.99, 0.9, 0.8],  # alpha
-        [1e-8, 1e-6, 1e-5],  # eps
-        [0.0, 0.1, 0.01],  # weight_decay
-        [0.9, 0.5, 0.1] if momentum_on else [0.0, 0.0, 0.0],  # momentum
-    )
-    return args, dict(centered=centered, maximize=maximize, **SHARED_NONE)
+        states["grad_avgs"] = [0.1 * _rand(s.shape, 60 + i, dtype, device)
+                               for i, s in enumerate(square_avgs)]
+    if momentum_on:
+        states["momentum_buffers"] = _tensors(4, dtype, device)
+    return _named(
+        params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device), states=states,
+        steps=_steps(), lr=[1e-2, 3e-3, 2e-2],
+        hyper={"alpha": [0.99, 0.9, 0.8], "eps": [1e-8, 1e-6, 1e-5],
+               "weight_decay": [0.0, 0.1, 0.01],
+               "momentum": [0.9, 0.5, 0.1] if momentum_on else [0.0, 0.0, 0.0]},
+        flags={"maximize": PATTERNS[maximize]},
+        modes={"centered": centered})
 
 
 B = [False, True]
+P = list(PATTERNS)
 SAMPLES = {
-    "adam_": [(adam_inputs, dict(amsgrad=a, decoupled=d, maximize=m))
-              for a, d, m in itertools.product(B, B, B)],
+    "adam_": [(adam_inputs, dict(amsgrad=a, maximize=m, decoupled=d))
+              for a, m, d in itertools.product(B, P, P)],
     "sgd_": [(sgd_inputs, dict(momentum_on=mo, nesterov=n, maximize=m))
-             for mo, n, m in itertools.product(B, B, B) if mo or not n],
-    "adagrad_": [(adagrad_inputs, dict(maximize=m)) for m in B],
+             for mo, n, m in itertools.product(B, B, P) if mo or not n],
+    "adagrad_": [(adagrad_inputs, dict(maximize=m)) for m in P],
     "rmsprop_": [(rmsprop_inputs, dict(centered=c, momentum_on=mo, maximize=m))
-                 for c, mo, m in itertools.product(B, B, B)],
+                 for c, mo, m in itertools.product(B, B, P)],
 }
 CASES = [(op, i) for op in SAMPLES for i in range(len(SAMPLES[op]))]
+
+# The sample of each op with every state list present and its per-group
+# flags differing between groups.
+FULL_SAMPLE = {
+    "adam_": dict(amsgrad=True, maximize="mixed", decoupled="mixed"),
+    "sgd_": dict(momentum_on=True, nesterov=True, maximize="mixed"),
+    "adagrad_": dict(maximize="mixed"),
+    "rmsprop_": dict(centered=True, momentum_on=True, maximize="mixed"),
+}
 
 
 def _case_id(case):
     op, i = case
     _, flags = SAMPLES[op][i]
-    return op + "-".join([""] + [k for k, v in flags.items() if v])
+    words = [k if v is True else f"{k}={v}" for k, v in flags.items() if v not in (False, "none")]
+    return "-".join([op] + words)
 
 
-def _inputs(op, i, dtype, device):
+def _lr_tensors(lr, device):
+    """One one-element lr tensor per group, on the params' device: float32
+    and float64, 0-d and of shape (1,), mixed in one call."""
+    kinds = [(torch.float32, ()), (torch.float64, (1,)), (torch.float32, (1,))]
+    return [torch.full(shape, value, dtype=dtype, device=device)
+            for value, (dtype, shape) in zip(lr, itertools.cycle(kinds))]
+
+
+def _inputs(op, i, dtype, device, tensor_lr=False):
     fn, flags = SAMPLES[op][i]
-    return fn(dtype, device, **flags)
+    named = fn(dtype, device, **flags)
+    if tensor_lr:
+        named["lr"] = _lr_tensors(named["lr"], device)
+    return named
 
 
-def _op(name):
-    return getattr(torch.ops.fused_optim, name).default
+def _is_tensor_lr(named):
+    return bool(named["lr"]) and isinstance(named["lr"][0], torch.Tensor)
 
 
+def _op(name, tensor_lr=False):
+    return getattr(getattr(torch.ops.fused_optim, name), "tensor_lr" if tensor_lr else "default")
+
+
+def _split(op, named):
+    """The public op's (args, kwargs) for a call given by name."""
+    signature = _ops.SIGNATURES[op]
+    values = signature.arguments(**named)
+    return (values[:signature.num_positional],
+            dict(zip(signature.keywords, values[signature.num_positional:])))
+
+
+def _call_public(op, named):
+    args, kwargs = _split(op, named)
+    _op(op, _is_tensor_lr(named))(*args, **kwargs)
+
+
+def _call_fast(op, named, validate_only=False):
+    """fused_optim._C's entry: every argument positional, keywords last."""
+    name = ("validate_" if validate_only else "") + op + ("_tensor_lr" if _is_tensor_lr(named) else "")
+    getattr(_C, name)(*_ops.SIGNATURES[op].arguments(**named))
+
+
+OVERLOADS = [False, True]
+
+
+def _overload_id(tensor_lr):
+    return "tensor_lr" if tensor_lr else "float_lr"
+
+
+@pytest.mark.parametrize("tensor_lr", OVERLOADS, ids=_overload_id)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck(case, dtype, device):
+def test_opcheck(case, dtype, tensor_lr, device):
     op, i = case
-    args, kwargs = _inputs(op, i, dtype, device)
-    torch.library.opcheck(_op(op), args, kwargs)
+    named = _inputs(op, i, dtype, device, tensor_lr)
+    args, kwargs = _split(op, named)
+    torch.library.opcheck(_op(op, tensor_lr), args, kwargs)
+
+
+SCHEMAS = {
+    "adam_": "fused_optim::adam_(Tensor(a!)[] params, Tensor(b!)[] grads, "
+             "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, "
+             "Tensor(f!)[] master_params, Tensor(g!)[] state_steps, int[] group_index, "
+             "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
+             "bool[] maximize, bool[] decoupled_weight_decay, "
+             "Tensor? grad_scale, Tensor? found_inf, "
+             "*, bool amsgrad, bool stochastic_rounding) -> ()",
+    "adam_.tensor_lr": "fused_optim::adam_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
+                       "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+                       "Tensor(e!)[] max_exp_avg_sqs, "
+                       "Tensor(f!)[] master_params, Tensor(g!)[] state_steps, int[] group_index, "
+                       "Tensor[] lr, float[] beta1, float[] beta2, float[] eps, "
+                       "float[] weight_decay, "
+                       "bool[] maximize, bool[] decoupled_weight_decay, "
+                       "Tensor? grad_scale, Tensor? found_inf, "
+                       "*, bool amsgrad, bool stochastic_rounding) -> ()",
+    "sgd_": "fused_optim::sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, "
+            "Tensor(c!)[] momentum_buffers, "
+            "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
+            "float[] lr, float[] momentum, float[] dampening, float[] weight_decay, "
+            "bool[] maximize, int[] new_momentum_buffers, "
+            "Tensor? grad_scale, Tensor? found_inf, "
+            "*, bool nesterov, bool stochastic_rounding) -> ()",
+    "sgd_.tensor_lr": "fused_optim::sgd_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
+                      "Tensor(c!)[] momentum_buffers, "
+                      "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
+                      "Tensor[] lr, float[] momentum, float[] dampening, float[] weight_decay, "
+                      "bool[] maximize, int[] new_momentum_buffers, "
+                      "Tensor? grad_scale, Tensor? found_inf, "
+                      "*, bool nesterov, bool stochastic_rounding) -> ()",
+    "adagrad_": "fused_optim::adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, "
+                "Tensor(c!)[] sums, "
+                "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
+                "float[] lr, float[] lr_decay, float[] weight_decay, float[] eps, "
+                "bool[] maximize, "
+                "Tensor? grad_scale, Tensor? found_inf, "
+                "*, bool stochastic_rounding) -> ()",
+    "adagrad_.tensor_lr": "fused_optim::adagrad_.tensor_lr(Tensor(a!)[] params, "
+                          "Tensor(b!)[] grads, "
+                          "Tensor(c!)[] sums, "
+                          "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, "
+                          "int[] group_index, "
+                          "Tensor[] lr, float[] lr_decay, float[] weight_decay, float[] eps, "
+                          "bool[] maximize, "
+                          "Tensor? grad_scale, Tensor? found_inf, "
+                          "*, bool stochastic_rounding) -> ()",
+    "rmsprop_": "fused_optim::rmsprop_(Tensor(a!)[] params, Tensor(b!)[] grads, "
+                "Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "
+                "Tensor(e!)[] momentum_buffers, "
+                "Tensor(f!)[] master_params, Tensor(g!)[] state_steps, int[] group_index, "
+                "float[] lr, float[] alpha, float[] eps, float[] weight_decay, "
+                "float[] momentum, "
+                "bool[] maximize, "
+                "Tensor? grad_scale, Tensor? found_inf, "
+                "*, bool centered, bool stochastic_rounding) -> ()",
+    "rmsprop_.tensor_lr": "fused_optim::rmsprop_.tensor_lr(Tensor(a!)[] params, "
+                          "Tensor(b!)[] grads, "
+                          "Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "
+                          "Tensor(e!)[] momentum_buffers, "
+                          "Tensor(f!)[] master_params, Tensor(g!)[] state_steps, "
+                          "int[] group_index, "
+                          "Tensor[] lr, float[] alpha, float[] eps, float[] weight_decay, "
+                          "float[] momentum, "
+                          "bool[] maximize, "
+                          "Tensor? grad_scale, Tensor? found_inf, "
+                          "*, bool centered, bool stochastic_rounding) -> ()",
+}
 
 
 def test_schemas():
-    shared = "Tensor[] lr_tensors, Tensor? grad_scale, Tensor? found_inf, "
-    expected = {
-        "adam_": "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
-                 "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, "
-                 "Tensor(f!)[] master_params, Tensor(g!)[] state_steps, "
-                 "int[] group_index, float[] lr, float[] beta1, float[] beta2, float[] eps, "
-                 "float[] weight_decay, " + shared + "*, bool amsgrad, "
-                 "bool decoupled_weight_decay, bool maximize, bool stochastic_rounding) -> ()",
-        "sgd_": "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
-                "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, "
-                "int[] group_index, float[] lr, float[] momentum, float[] dampening, "
-                "float[] weight_decay, int[] new_momentum_buffers, " + shared + "*, "
-                "bool nesterov, bool maximize, bool stochastic_rounding) -> ()",
-        "adagrad_": "adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
-                    "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
-                    "float[] lr, float[] lr_decay, float[] weight_decay, float[] eps, "
-                    + shared + "*, bool maximize, bool stochastic_rounding) -> ()",
-        "rmsprop_": "rmsprop_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
-                    "Tensor(d!)[] grad_avgs, Tensor(e!)[] momentum_buffers, "
-                    "Tensor(f!)[] master_params, Tensor(g!)[] state_steps, int[] group_index, "
-                    "float[] lr, float[] alpha, float[] eps, float[] weight_decay, "
-                    "float[] momentum, " + shared + "*, bool centered, bool maximize, "
-                    "bool stochastic_rounding) -> ()",
-    }
-    for name, schema in expected.items():
-        got = str(_op(name)._schema)
-        assert got == "fused_optim::" + schema, got
+    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_"):
+        for tensor_lr in OVERLOADS:
+            key = name + (".tensor_lr" if tensor_lr else "")
+            got = str(_op(name, tensor_lr)._schema)
+            assert got == SCHEMAS[key], got
+    # Two overloads per op, no more.
+    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_"):
+        assert sorted(getattr(torch.ops.fused_optim, name).overloads()) == ["default", "tensor_lr"]
 
 
 # ---------------------------------------------------------------------------
 # Values against torch.optim's functional API (per tensor, its group's
-# hyperparameters)
+# hyperparameters and flags)
 # ---------------------------------------------------------------------------
 
 
-def _clone(args):
-    return tuple([t.clone() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
-                 else a for a in args)
+def _clone(value):
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
-def _reference(op, args, kwargs):
-    """The same update with torch.optim's single-tensor functional code."""
-    args = _clone(args)
-    if op == "adam_":
-        p, g, m, v, mx, _, st, gi, lr, b1, b2, eps, wd = args
-        for i in range(len(p)):
-            k = gi[i]
-            adam_fn(
-                [p[i]], [g[i]], [m[i]], [v[i]], [mx[i]] if kwargs["amsgrad"] else [], [st[i]],
-                foreach=False, decoupled_weight_decay=kwargs["decoupled_weight_decay"],
-                amsgrad=kwargs["amsgrad"], beta1=b1[k], beta2=b2[k], lr=lr[k],
-                weight_decay=wd[k], eps=eps[k], maximize=kwargs["maximize"])
-        return p, m, v, mx, st
-    if op == "sgd_":
-        p, g, bufs, _, _, gi, lr, mom, damp, wd, new = args
-        for i in range(len(p)):
-            k = gi[i]
-            blist = [None if i in new else bufs[i]] if bufs else [None]
-            sgd_fn([p[i]], [g[i]], blist, foreach=False, weight_decay=wd[k],
-                                momentum=mom[k] if bufs else 0.0, lr=lr[k], dampening=damp[k],
-                                nesterov=kwargs["nesterov"], maximize=kwargs["maximize"])
-            if bufs and i in new:
+def _written(op, named):
+    """The lists the op writes (grads only under AMP), by name."""
+    out = {"params": named["params"]}
+    out.update({n: named["states"].get(n, []) for n in _ops.SIGNATURES[op].state_lists})
+    out["state_steps"] = named["steps"]
+    return out
+
+
+def _reference(op, named):
+    """The same update with torch.optim's single-tensor functional code, one
+    tensor at a time with its group's hyperparameters and flags; returns
+    the lists `_written` names."""
+    named = _clone(named)
+    p, g, st, s = named["params"], named["grads"], named["steps"], named["states"]
+    h, flags, modes = named["hyper"], named["group_flags"], named["modes"]
+    lr = [float(x) for x in named["lr"]]  # (an lr tensor's value, rounded as the op reads it)
+    for i, k in enumerate(named["group_index"]):
+        if op == "adam_":
+            amsgrad = modes["amsgrad"]
+            adam_fn([p[i]], [g[i]], [s["exp_avgs"][i]], [s["exp_avg_sqs"][i]],
+                    [s["max_exp_avg_sqs"][i]] if amsgrad else [], [st[i]], foreach=False,
+                    decoupled_weight_decay=flags["decoupled_weight_decay"][k], amsgrad=amsgrad,
+                    beta1=h["beta1"][k], beta2=h["beta2"][k], lr=lr[k],
+                    weight_decay=h["weight_decay"][k], eps=h["eps"][k],
+                    maximize=flags["maximize"][k])
+        elif op == "sgd_":
+            bufs = s.get("momentum_buffers")
+            new = i in named["new_state"]
+            blist = [None if new else bufs[i]] if bufs else [None]
+            sgd_fn([p[i]], [g[i]], blist, foreach=False, weight_decay=h["weight_decay"][k],
+                   momentum=h["momentum"][k] if bufs else 0.0, lr=lr[k],
+                   dampening=h["dampening"][k], nesterov=modes["nesterov"],
+                   maximize=flags["maximize"][k])
+            if bufs and new:
                 bufs[i] = blist[0]
-        return p, bufs
-    if op == "adagrad_":
-        p, g, sums, _, st, gi, lr, lrd, wd, eps = args
-        for i in range(len(p)):
-            k = gi[i]
-            adagrad_fn([p[i]], [g[i]], [sums[i]], [st[i]], foreach=False,
-                                        lr=lr[k], weight_decay=wd[k], lr_decay=lrd[k],
-                                        eps=eps[k], maximize=kwargs["maximize"])
-        return p, sums, st
-    if op == "rmsprop_":
-        p, g, sq, ga, mb, _, st, gi, lr, alpha, eps, wd, mom = args
-        for i in range(len(p)):
-            k = gi[i]
-            rmsprop_fn(
-                [p[i]], [g[i]], [sq[i]], [ga[i]] if ga else [], [mb[i]] if mb else [], [st[i]],
-                foreach=False, maximize=kwargs["maximize"], lr=lr[k], alpha=alpha[k], eps=eps[k],
-                weight_decay=wd[k], momentum=mom[k] if mb else 0.0, centered=kwargs["centered"])
-        return p, sq, ga, mb, st
-    raise ValueError(op)
+        elif op == "adagrad_":
+            adagrad_fn([p[i]], [g[i]], [s["sums"][i]], [st[i]], foreach=False, lr=lr[k],
+                       weight_decay=h["weight_decay"][k], lr_decay=h["lr_decay"][k],
+                       eps=h["eps"][k], maximize=flags["maximize"][k])
+        elif op == "rmsprop_":
+            ga, mb = s.get("grad_avgs"), s.get("momentum_buffers")
+            rmsprop_fn([p[i]], [g[i]], [s["square_avgs"][i]], [ga[i]] if ga else [],
+                       [mb[i]] if mb else [], [st[i]], foreach=False,
+                       maximize=flags["maximize"][k], lr=lr[k], alpha=h["alpha"][k],
+                       eps=h["eps"][k], weight_decay=h["weight_decay"][k],
+                       momentum=h["momentum"][k] if mb else 0.0, centered=modes["centered"])
+        else:
+            raise ValueError(op)
+    return _written(op, named)
 
 
-def _mutated(op, args):
-    if op == "adam_":
-        return args[0], args[2], args[3], args[4], args[6]
-    if op == "sgd_":
-        return args[0], args[2]
-    if op == "adagrad_":
-        return args[0], args[2], args[4]
-    return args[0], args[2], args[3], args[4], args[6]
-
-
+@pytest.mark.parametrize("tensor_lr", OVERLOADS, ids=_overload_id)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_op_values_match_torch_functional(case, dtype, device):
+def test_op_values_match_torch_functional(case, dtype, tensor_lr, device):
     op, i = case
-    args, kwargs = _inputs(op, i, dtype, device)
-    expected = _reference(op, args, kwargs)
-    grads_before = [g.clone() for g in args[1]]
-    _op(op)(*args, **kwargs)
-    for li, (got, exp) in enumerate(zip(_mutated(op, args), expected)):
-        assert len(got) == len(exp)
-        for ti, (a, b) in enumerate(zip(got, exp)):
-            assert_close(a, b, msg=lambda m: f"{op} list {li} tensor {ti}: {m}")
-    for g, g0 in zip(args[1], grads_before):
+    named = _inputs(op, i, dtype, device, tensor_lr)
+    expected = _reference(op, named)
+    grads_before = [g.clone() for g in named["grads"]]
+    lr_before = _clone(named["lr"])
+    _call_public(op, named)
+    got = _written(op, named)
+    assert list(got) == list(expected)
+    for name in expected:
+        assert len(got[name]) == len(expected[name])
+        for ti, (a, b) in enumerate(zip(got[name], expected[name])):
+            assert_close(a, b, msg=lambda m: f"{op} {name}[{ti}]: {m}")
+    for g, g0 in zip(named["grads"], grads_before):
         assert torch.equal(g, g0), "grads are written only to unscale them (grad_scale)"
+    if tensor_lr:
+        for t, t0 in zip(named["lr"], lr_before):
+            assert torch.equal(t, t0), "lr tensors are read, not written"
+
+
+@pytest.mark.parametrize("op", list(SAMPLES))
+def test_groups_differing_in_maximize_equal_separate_calls(op, device):
+    # One call whose groups differ in maximize (and, for Adam, in
+    # decoupled_weight_decay) is the same as one call per group.
+    i = next(j for j, (_, flags) in enumerate(SAMPLES[op]) if flags == FULL_SAMPLE[op])
+    one_call = _inputs(op, i, torch.float32, device)
+    separate = _clone(one_call)
+    _call_public(op, one_call)
+    for group in range(NGROUPS):
+        tensors = [i for i, k in enumerate(GROUP_INDEX) if k == group]
+        part = dict(separate)
+        for key in ("params", "grads", "steps", "master_params"):
+            part[key] = [separate[key][i] for i in tensors] if separate[key] else []
+        part["states"] = {n: [lst[i] for i in tensors] for n, lst in separate["states"].items()}
+        part["group_index"] = [0] * len(tensors)
+        part["lr"] = [separate["lr"][group]]
+        part["hyper"] = {n: [v[group]] for n, v in separate["hyper"].items()}
+        part["group_flags"] = {n: [v[group]] for n, v in separate["group_flags"].items()}
+        if separate["new_state"] is not None:
+            part["new_state"] = [tensors.index(i) for i in separate["new_state"] if i in tensors]
+        _call_public(op, part)
+    for name, lists in _written(op, one_call).items():
+        for ti, (a, b) in enumerate(zip(lists, _written(op, separate)[name])):
+            assert torch.equal(a, b), f"{op} {name}[{ti}]"
 
 
 # ---------------------------------------------------------------------------
@@ -273,49 +416,90 @@ def test_op_values_match_torch_functional(case, dtype, device):
 OP_ERRORS = (RuntimeError, ValueError, IndexError)
 
 
-def _bad_variants(op, args):
-    args = list(args)
-    gi_pos = {"adam_": 7, "sgd_": 5, "adagrad_": 5, "rmsprop_": 7}[op]
+def _bad_variants(op, named):
+    """Each variant: a copy of the call's arguments with one thing wrong,
+    and the error it must raise (a regex)."""
     out = {}
-    a = list(args)
-    a[1] = a[1][:-1]
-    out["grads_shorter"] = a
-    a = list(args)
-    a[gi_pos] = list(a[gi_pos])
-    a[gi_pos][-1] = NGROUPS  # out of range
-    out["group_index_out_of_range"] = a
-    a = list(args)
-    a[gi_pos] = list(a[gi_pos])
-    a[gi_pos][-1] = -1
-    out["group_index_negative"] = a
-    a = list(args)
-    a[gi_pos] = list(a[gi_pos])[:-1]
-    out["group_index_shorter"] = a
-    a = list(args)
-    a[gi_pos + 1] = list(a[gi_pos + 1])[:-1]  # lr has fewer entries than groups used
-    out["lr_shorter"] = a
-    a = list(args)
-    a[1] = list(a[1])
-    a[1][1] = a[1][1][:-1]  # a grad with fewer elements than its param
-    out["grad_numel"] = a
+
+    def variant(name, match, **changes):
+        out[name] = ({**named, **changes}, match)
+
+    gi, lr = named["group_index"], named["lr"]
+    variant("grads_shorter", "grads has 5 tensors but params has 6", grads=named["grads"][:-1])
+    variant("group_index_out_of_range", r"group_index\[5\] = 3 is out of range for 3 groups",
+            group_index=gi[:-1] + [NGROUPS])
+    variant("group_index_negative", r"group_index\[5\] = -1 is out of range",
+            group_index=gi[:-1] + [-1])
+    variant("group_index_shorter", "group_index has 5 entries but there are 6 tensors",
+            group_index=gi[:-1])
+    # lr, which counts the groups, has fewer entries than the groups used
+    variant("lr_shorter", "has 3 entries but lr has 2", lr=lr[:-1])
+    first_hyper = _ops.SIGNATURES[op].hyperparameters[0]
+    variant("hyper_shorter", f"{first_hyper} has 2 entries but lr has 3",
+            hyper={**named["hyper"], first_hyper: named["hyper"][first_hyper][:-1]})
+    grads = list(named["grads"])
+    grads[1] = grads[1][:-1]  # a grad with fewer elements than its param
+    variant("grad_numel", r"grads\[1\] has shape \[4098\] but params\[1\] has shape \[4099\]",
+            grads=grads)
+    for flag in _ops.SIGNATURES[op].group_flags:  # per-group flag lists of the wrong length
+        flags = named["group_flags"]
+        variant(f"{flag}_shorter", f"{flag} has 2 entries but lr has 3",
+                group_flags={**flags, flag: flags[flag][:-1]})
+        variant(f"{flag}_longer", f"{flag} has 4 entries but lr has 3",
+                group_flags={**flags, flag: flags[flag] + [False]})
+    if _is_tensor_lr(named):
+        device = lr[0].device
+
+        def bad_lr(k, tensor):
+            bad = list(lr)
+            bad[k] = tensor
+            return bad
+
+        variant("lr_tensor_two_elements", "lr tensor must be a one-element tensor",
+                lr=bad_lr(1, torch.full((2,), 1e-3, dtype=torch.float32, device=device)))
+        variant("lr_tensor_empty", "lr tensor must be a one-element tensor",
+                lr=bad_lr(1, torch.empty(0, dtype=torch.float32, device=device)))
+        variant("lr_tensor_float16", "lr tensor must be float32 or float64, got Half",
+                lr=bad_lr(2, torch.full((), 1e-3, dtype=torch.float16, device=device)))
+        variant("lr_tensor_int64", "lr tensor must be float32 or float64, got Long",
+                lr=bad_lr(0, torch.full((1,), 1, dtype=torch.int64, device=device)))
+        if device.type != "cpu":
+            variant("lr_tensor_on_cpu", "lr tensor is on cpu", lr=bad_lr(0, lr[0].cpu()))
     return out
 
 
-ERROR_CASES = [(op, variant) for op in SAMPLES for variant in
-               ["grads_shorter", "group_index_out_of_range", "group_index_negative",
-                "group_index_shorter", "lr_shorter", "grad_numel"]]
+COMMON_VARIANTS = ["grads_shorter", "group_index_out_of_range", "group_index_negative",
+                   "group_index_shorter", "lr_shorter", "hyper_shorter", "grad_numel",
+                   "maximize_shorter", "maximize_longer"]
+ADAM_VARIANTS = ["decoupled_weight_decay_shorter", "decoupled_weight_decay_longer"]
+LR_TENSOR_VARIANTS = ["lr_tensor_two_elements", "lr_tensor_float16", "lr_tensor_int64",
+                      "lr_tensor_empty", "lr_tensor_on_cpu"]
+ERROR_CASES = [
+    (op, tensor_lr, variant)
+    for op in SAMPLES for tensor_lr in OVERLOADS
+    for variant in COMMON_VARIANTS + (ADAM_VARIANTS if op == "adam_" else [])
+    + (LR_TENSOR_VARIANTS if tensor_lr else [])
+]
 
 
-@pytest.mark.parametrize("case", ERROR_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("case", ERROR_CASES,
+                         ids=lambda c: f"{c[0]}-{_overload_id(c[1])}-{c[2]}")
 def test_op_rejects_bad_arguments_before_writing(case, device):
-    op, variant = case
-    # The sample with every state list present.
-    idx = max(range(len(SAMPLES[op])), key=lambda j: sum(bool(v) for v in SAMPLES[op][j][1].values()))
-    args, kwargs = _inputs(op, idx, torch.float32, device)
-    bad = _bad_variants(op, args)[variant]
-    before = [[t.clone() for t in a] for a in _mutated(op, bad)]
-    with pytest.raises(OP_ERRORS):
-        _op(op)(*bad, **kwargs)
-    for a, b in zip(_mutated(op, bad), before):
-        for t, t0 in zip(a, b):
-            assert torch.equal(t, t0), f"{op} {variant}: a tensor was written before the error"
+    op, tensor_lr, variant = case
+    if variant == "lr_tensor_on_cpu" and device == "cpu":
+        pytest.skip("an lr tensor on another device than the params needs a GPU")
+    i = next(j for j, (_, flags) in enumerate(SAMPLES[op]) if flags == FULL_SAMPLE[op])
+    named = _inputs(op, i, torch.float32, device, tensor_lr)
+    bad, match = _bad_variants(op, named)[variant]
+    written = [named["grads"], *_written(op, named).values()]
+    if tensor_lr:
+        written.append(named["lr"])
+    before = _clone(written)
+    # The public op, the fast entry and its validate-only twin all refuse it.
+    for call in (lambda: _call_public(op, bad), lambda: _call_fast(op, bad),
+                 lambda: _call_fast(op, bad, validate_only=True)):
+        with pytest.raises(OP_ERRORS, match=match):
+            call()
+        for lst, lst0 in zip(written, before):
+            for t, t0 in zip(lst, lst0):
+                assert torch.equal(t, t0), f"{op} {variant}: a tensor was written before the error"

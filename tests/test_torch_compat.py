@@ -158,7 +158,7 @@ def test_foreach_true_with_fused_none_is_our_fused_step(monkeypatch):
     # foreach=True asks for a multi-tensor step: ours (Note
     # [implementation keywords]); a tensor lr is fine there.
     calls = []
-    monkeypatch.setattr(_ops, "call_fast", lambda name, args: calls.append(name))
+    monkeypatch.setattr(_ops, "call_fast", lambda call: calls.append(call.name))
     model = _model()
     opt = fused_optim.Adam(model.parameters(), lr=torch.tensor(0.01), foreach=True)
     _set_grads([model], 0)
@@ -382,7 +382,7 @@ def test_compiled_train_step_with_inductor_equals_eager():
 
 
 def test_eager_step_keeps_the_fast_call(monkeypatch):
-    def refuse(name, args):
+    def refuse(call):
         raise AssertionError("eager step went through torch.ops")
 
     monkeypatch.setattr(_ops, "call_public", refuse)
@@ -547,7 +547,7 @@ def test_loading_keeps_our_implementation_keywords(monkeypatch):
     assert (group["fused"], group["foreach"], group["lr"]) == (None, None, 0.02)
     calls = []
     real = _ops.call_fast
-    monkeypatch.setattr(_ops, "call_fast", lambda name, args: calls.append(name) or real(name, args))
+    monkeypatch.setattr(_ops, "call_fast", lambda call: calls.append(call.name) or real(call))
     with torch.no_grad():
         for p, q in zip(models[1].parameters(), models[0].parameters()):
             p.copy_(q)

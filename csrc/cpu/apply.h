@@ -27,7 +27,9 @@
 #include "fused_optim/element_ops.h"
 #include "fused_optim/precision.h"
 #include "fused_optim/update_rules.h"
-#include "op_args.h"
+#include "fused_optim/op_specs.h"
+#include "fused_optim/storage_table.h"
+#include "op_front.h"
 
 namespace fused_optim::cpu {
 
@@ -118,97 +120,89 @@ void apply_range(char* const* operand, float* master, int64_t begin,
   }
 }
 
-// Calls fn(State{}) with State the storage type of `dtype`, among the state
-// dtypes check_tensor_lists allows with Param params.
-template <typename Param, typename Fn>
-void with_state_type(at::ScalarType dtype, const Fn& fn) {
-  if constexpr (std::is_same_v<Param, double>) {
-    fn(double{});
-  } else {
-    switch (dtype) {
-      case at::kFloat:
-        return fn(float{});
-      case at::kBFloat16:
-        return fn(c10::BFloat16{});
-      default:
-        TORCH_INTERNAL_ASSERT(dtype == c10::CppTypeToScalarType<Param>::value,
-                              "unexpected state dtype ", dtype);
-        return fn(Param{});
-    }
+// The storage type of each Dtype.
+template <Dtype>
+struct StorageType;
+template <>
+struct StorageType<Dtype::kFloat> { using type = float; };
+template <>
+struct StorageType<Dtype::kDouble> { using type = double; };
+template <>
+struct StorageType<Dtype::kHalf> { using type = at::Half; };
+template <>
+struct StorageType<Dtype::kBFloat16> { using type = at::BFloat16; };
+
+// Calls fn(std::integral_constant<Dtype, d>{}) for the run-time `dtype`.
+template <typename Fn>
+void with_dtype(Dtype dtype, const Fn& fn) {
+  switch (dtype) {
+    case Dtype::kFloat:
+      return fn(std::integral_constant<Dtype, Dtype::kFloat>{});
+    case Dtype::kDouble:
+      return fn(std::integral_constant<Dtype, Dtype::kDouble>{});
+    case Dtype::kHalf:
+      return fn(std::integral_constant<Dtype, Dtype::kHalf>{});
+    case Dtype::kBFloat16:
+      return fn(std::integral_constant<Dtype, Dtype::kBFloat16>{});
   }
 }
 
-// Calls fn(Storage<...>{}) for a call's precision. Combinations that
-// check_tensor_lists rejects are not instantiated.
-template <typename Fn>
+// Calls fn(Storage<...>{}) for a call's precision. Only the combinations of
+// the storage table (storage_table.h) are instantiated; ops without state
+// only with the state dtype equal to the param dtype.
+template <bool kHasState, typename Fn>
 void with_storage(const CallPrecision& p, bool unscale, const Fn& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, p.param_dtype, "fused_optim", [&] {
-        using Param = scalar_t;
-        constexpr bool kLowPrecision = std::is_same_v<Param, at::Half> ||
-                                       std::is_same_v<Param, at::BFloat16>;
-        with_state_type<Param>(p.state_dtype, [&](auto state_tag) {
-          using State = decltype(state_tag);
-          FO_BOOL_SWITCH(p.master_weights, kMaster, [&] {
-            FO_BOOL_SWITCH(p.stochastic_rounding, kStochastic, [&] {
-              FO_BOOL_SWITCH(unscale, kUnscale, [&] {
-                constexpr bool kValid =
-                    (!kMaster || kLowPrecision) &&
-                    (!kStochastic ||
-                     (std::is_same_v<Param, at::BFloat16> && !kMaster));
-                if constexpr (kValid) {
-                  fn(Storage<Param, State, kMaster, kStochastic, kUnscale>{});
-                } else {
-                  TORCH_INTERNAL_ASSERT(false, "unchecked precision");
-                }
-              });
-            });
+  const Dtype param = *storage_dtype(p.param_dtype);
+  const Dtype state = kHasState ? *storage_dtype(p.state_dtype) : param;
+  with_dtype(param, [&](auto param_tag) {
+    with_dtype(state, [&](auto state_tag) {
+      constexpr Dtype kParam = decltype(param_tag)::value;
+      constexpr Dtype kState = decltype(state_tag)::value;
+      using Param = typename StorageType<kParam>::type;
+      using State = typename StorageType<kState>::type;
+      FO_BOOL_SWITCH(p.master_weights, kMaster, [&] {
+        FO_BOOL_SWITCH(p.stochastic_rounding, kStochastic, [&] {
+          FO_BOOL_SWITCH(unscale, kUnscale, [&] {
+            if constexpr (legal_storage(kParam, kState, kHasState, kMaster,
+                                        kStochastic)) {
+              fn(Storage<Param, State, kMaster, kStochastic, kUnscale>{});
+            } else {
+              TORCH_INTERNAL_ASSERT(false, "unchecked precision");
+            }
           });
         });
       });
+    });
+  });
 }
 
-// One op call's operands as the element loops see them.
-struct CallOperands {
-  // operand_lists[k]: the list (in CheckedCall::lists) of operand k.
-  std::vector<size_t> operand_lists;
-  size_t master_list;
-  bool master_weights;
-};
-
-inline CallOperands call_operands(const CheckedCall& call) {
-  CallOperands out;
-  out.master_list = call.master_list();
-  out.master_weights = call.precision.master_weights;
-  for (size_t k = 0; k < out.master_list; ++k) {
-    if (!call.lists[k].tensors.empty()) out.operand_lists.push_back(k);
-  }
-  return out;
-}
-
-// Runs Op over every element of every tensor of a call, in parallel.
-// `scalars[t]` and `inputs[t]` are tensor t's; `decay_of(t)` its group's
-// weight-decay mode.
-template <typename Op, typename S, typename Scalars, typename DecayOf>
-void apply_op(const CheckedCall& call, const DenseOperands& operands,
+// Runs Op over every element of every tensor of a prepared call, in
+// parallel. `scalars[t]` and `inputs[t]` are tensor t's.
+template <typename Op, typename S, typename Spec, typename Scalars>
+void apply_op(const PreparedCall<Spec>& call,
               const std::vector<Scalars>& scalars,
-              const std::vector<ElementInputs<typename S::compute_t>>& inputs,
-              const DecayOf& decay_of) {
+              const std::vector<ElementInputs<typename S::compute_t>>& inputs) {
   constexpr int kN = Op::kNumOperands;
-  const CallOperands layout = call_operands(call);
-  TORCH_INTERNAL_ASSERT(layout.operand_lists.size() == size_t(kN));
+  // operand_lists[k]: the list (in call.lists) of operand k: the lists in
+  // use, in schema order, without the master weights.
+  std::vector<size_t> operand_lists;
+  for (size_t k = 0; k < call.master_list(); ++k) {
+    if (!call.lists[k].tensors.empty()) operand_lists.push_back(k);
+  }
+  TORCH_INTERNAL_ASSERT(operand_lists.size() == size_t(kN));
+  const DenseOperands& operands = *call.operands;
   parallel_for_each_range(
       numels_of(call.lists[0].tensors),
       [&](size_t t, int64_t begin, int64_t end) {
         char* operand[kN];
         for (int k = 0; k < kN; ++k) {
-          operand[k] = operands.data(layout.operand_lists[k], t);
+          operand[k] = operands.data(operand_lists[k], t);
         }
-        float* master =
-            S::kMasterWeights
-                ? reinterpret_cast<float*>(operands.data(layout.master_list, t))
-                : nullptr;
-        switch (decay_of(t)) {
+        float* master = S::kMasterWeights
+                            ? reinterpret_cast<float*>(
+                                  operands.data(call.master_list(), t))
+                            : nullptr;
+        switch (call.decay[call.set_of[t]]) {
           case WeightDecay::kNone:
             return apply_range<Op, S, WeightDecay::kNone>(
                 operand, master, begin, end, scalars[t], inputs[t]);
@@ -249,16 +243,16 @@ std::vector<ElementInputs<T>> element_inputs(
   return out;
 }
 
-// Each tensor's scalars: its group's hyperparameters (hyperparams.h) at its
-// step count, memoised by (group, step) as per_tensor_scalars does. `steps`
-// may be empty (scalars that do not depend on the step).
-template <typename T, typename Hyper>
-auto scalars_of(const std::vector<Hyper>& hypers, at::IntArrayRef group_index,
+// Each tensor's scalars: its hyperparameter set (hyperparams.h) at its step
+// count, memoised by (set, step) as per_tensor_scalars does.
+template <typename T, typename Spec>
+auto scalars_of(const PreparedCall<Spec>& call,
                 const std::vector<double>& steps) {
-  using Scalars = decltype(hypers[0].template scalars<T>(0.0, 0.0));
+  using Scalars = decltype(call.sets[0].template scalars<T>(0.0, 0.0));
   return per_tensor_scalars<Scalars>(
-      group_index, steps, [&](int64_t g, double step) {
-        return hypers[g].template scalars<T>(hypers[g].lr.read(), step);
+      call.set_of, steps, [&](int32_t set, double step) {
+        const auto& h = call.sets[set];
+        return h.template scalars<T>(h.lr.read(), step);
       });
 }
 
@@ -270,8 +264,29 @@ inline bool amp_skips_step(const c10::optional<at::Tensor>& found_inf) {
          found_inf->item<float>() != 0.0f;
 }
 
-inline bool has_grad_scale(const c10::optional<at::Tensor>& grad_scale) {
-  return grad_scale.has_value() && grad_scale->defined();
+// The CPU kernel of op Spec (op_front.h registers it for both lr
+// overloads): the shared front, then the element loop.
+template <typename Spec>
+void run(const OpCall& args) {
+  std::optional<PreparedCall<Spec>> call = prepare<Spec>(at::kCPU, args);
+  if (!call || amp_skips_step(*call->found_inf)) return;
+  // Every check has passed: from here on we write.
+  const std::vector<double> steps = increment_state_steps(call->state_steps);
+  Spec::with_element_op(call->modes, [&](auto op) {
+    using Op = decltype(op);
+    with_storage<(Op::kNumOperands > 2)>(
+        call->precision, call->has_grad_scale(), [&](auto storage) {
+          using S = decltype(storage);
+          using T = typename S::compute_t;
+          const auto scalars = scalars_of<T>(*call, steps);
+          const auto inputs =
+              element_inputs<T>(call->group_index, *call->grad_scale,
+                                call->precision.stochastic_rounding, steps);
+          apply_op<Op, S>(*call, scalars, inputs);
+        });
+    return 0;
+  });
+  call->operands->write_back();
 }
 
 }  // namespace fused_optim::cpu

@@ -64,21 +64,21 @@ scalar_t* range_start(const DenseOperands& operands, size_t list,
                          : reinterpret_cast<scalar_t*>(base) + begin;
 }
 
-// Memoises per-tensor scalars by (group, step): tensors of one group at one
-// step share them, so a bucket of thousands of tensors derives them (pow,
-// sqrt) a handful of times, not thousands.
+// Memoises per-tensor scalars by (hyperparameter set, step): tensors of one
+// group at one step share them, so a call of thousands of tensors derives
+// them (pow, sqrt) a handful of times, not thousands.
 template <typename Scalars, typename Make>
-std::vector<Scalars> per_tensor_scalars(at::IntArrayRef group_index,
+std::vector<Scalars> per_tensor_scalars(const std::vector<int32_t>& set_of,
                                         const std::vector<double>& steps,
                                         const Make& make) {
-  std::vector<Scalars> out(group_index.size());
-  int64_t last_group = -1;
+  std::vector<Scalars> out(set_of.size());
+  int32_t last_set = -1;
   double last_step = -1.0;
-  for (size_t i = 0; i < group_index.size(); ++i) {
+  for (size_t i = 0; i < set_of.size(); ++i) {
     const double step = steps.empty() ? 0.0 : steps[i];
-    if (group_index[i] != last_group || step != last_step) {
-      out[i] = make(group_index[i], step);
-      last_group = group_index[i];
+    if (set_of[i] != last_set || step != last_step) {
+      out[i] = make(set_of[i], step);
+      last_set = set_of[i];
       last_step = step;
     } else {
       out[i] = out[i - 1];

@@ -140,49 +140,58 @@ FO_HOST_DEVICE FO_FORCE_INLINE void store_pack(U* p, const Pack<U, kE>& x) {
   *reinterpret_cast<Pack<U, kE>*>(p) = x;
 }
 
-// Calls fn(TypeTag<P>{}, TypeTag<S>{}) for the storage dtypes of a call:
-// the eight supported (param, state) pairs (multi_tensor_plan.h), or, for a
-// mode without state (`has_state` false), the four with S = P.
+// Calls fn(TypeTag<P>{}, TypeTag<S>{}) for the storage dtypes of a call,
+// instantiating only the pairs of the storage table (storage_table.h): for
+// an element op with state, every legal (param, state) pair; without state
+// (`kHasState` false), the four with S = P.
 template <typename T>
 struct TypeTag {
   using type = T;
 };
+
+template <Dtype>
+struct DeviceType;
+template <>
+struct DeviceType<Dtype::kFloat> { using type = float; };
+template <>
+struct DeviceType<Dtype::kDouble> { using type = double; };
+template <>
+struct DeviceType<Dtype::kHalf> { using type = __half; };
+template <>
+struct DeviceType<Dtype::kBFloat16> { using type = __nv_bfloat16; };
+
 template <typename Fn>
-cudaError_t with_storage_types(ScalarType param, ScalarType state,
-                               bool has_state, const Fn& fn) {
-  using F = float;
-  using D = double;
-  using H = __half;
-  using B = __nv_bfloat16;
-  if (!has_state && state != param) state = ScalarType::kDouble;  // rejected
-  switch (param) {
-    case ScalarType::kFloat:
-      if (state == ScalarType::kFloat) return fn(TypeTag<F>{}, TypeTag<F>{});
-      if (has_state && state == ScalarType::kBFloat16) {
-        return fn(TypeTag<F>{}, TypeTag<B>{});
-      }
-      break;
-    case ScalarType::kDouble:
-      if (state == ScalarType::kDouble) return fn(TypeTag<D>{}, TypeTag<D>{});
-      break;
-    case ScalarType::kHalf:
-      if (state == ScalarType::kHalf) return fn(TypeTag<H>{}, TypeTag<H>{});
-      if (has_state && state == ScalarType::kFloat) {
-        return fn(TypeTag<H>{}, TypeTag<F>{});
-      }
-      if (has_state && state == ScalarType::kBFloat16) {
-        return fn(TypeTag<H>{}, TypeTag<B>{});
-      }
-      break;
-    case ScalarType::kBFloat16:
-      if (state == ScalarType::kBFloat16) return fn(TypeTag<B>{}, TypeTag<B>{});
-      if (has_state && state == ScalarType::kFloat) {
-        return fn(TypeTag<B>{}, TypeTag<F>{});
-      }
-      break;
+cudaError_t with_dtype(Dtype dtype, const Fn& fn) {
+  switch (dtype) {
+    case Dtype::kFloat:
+      return fn(std::integral_constant<Dtype, Dtype::kFloat>{});
+    case Dtype::kDouble:
+      return fn(std::integral_constant<Dtype, Dtype::kDouble>{});
+    case Dtype::kHalf:
+      return fn(std::integral_constant<Dtype, Dtype::kHalf>{});
+    case Dtype::kBFloat16:
+      return fn(std::integral_constant<Dtype, Dtype::kBFloat16>{});
   }
-  throw std::invalid_argument(
-      "fused_optim CUDA launch: unsupported (param, state) dtype pair");
+  throw std::invalid_argument("fused_optim CUDA launch: unknown dtype");
+}
+
+template <bool kHasState, typename Fn>
+cudaError_t with_storage_types(Dtype param, Dtype state, const Fn& fn) {
+  return with_dtype(param, [&](auto param_tag) {
+    return with_dtype(state, [&](auto state_tag) -> cudaError_t {
+      constexpr Dtype kParam = decltype(param_tag)::value;
+      constexpr Dtype kState = decltype(state_tag)::value;
+      if constexpr (legal_storage(kParam, kState, kHasState,
+                                  /*master_weights=*/false,
+                                  /*stochastic_rounding=*/false)) {
+        return fn(TypeTag<typename DeviceType<kParam>::type>{},
+                  TypeTag<typename DeviceType<kState>::type>{});
+      } else {
+        throw std::invalid_argument(
+            "fused_optim CUDA launch: unsupported (param, state) dtype pair");
+      }
+    });
+  });
 }
 
 // ---------------------------------------------------------------------------

@@ -51,6 +51,7 @@
 
 #include "fused_optim/hyperparams.h"
 #include "fused_optim/macros.h"
+#include "fused_optim/storage_table.h"
 #include "fused_optim/update_rules.h"
 
 namespace fused_optim::cuda {
@@ -83,21 +84,19 @@ constexpr uintptr_t kVectorBytes = 16;
 
 static_assert(kChunkSize % 8 == 0, "a chunk must hold whole vectors");
 
-// Element type of an operand, as the launchers see it.
-enum class ScalarType : uint8_t { kFloat, kDouble, kHalf, kBFloat16 };
+// Element type of an operand, as the launchers see it: the storage table's
+// dtype (fused_optim/storage_table.h).
+using ScalarType = Dtype;
 
 // Everything a launcher needs from one op call, in host memory. `Hyper` is
 // the op's per-group hyperparameter struct (hyperparams.h).
 //
-// Storage precision (csrc/op_inputs.h checks it for the user; the launchers
-// re-check it, see check_multi_tensor_args): params and grads in
-// `param_dtype`, every state operand in `state_dtype`:
-//   fp32 params: fp32 or bf16 state      fp64 params: fp64 state
-//   fp16 params: fp16, fp32 or bf16      bf16 params: bf16 or fp32
-// `master`: empty, or one float32 master copy per tensor (fp16/bf16 params
-// only): the update reads the param from it, and writes it and the param
-// (rounded to nearest). `stochastic_rounding` (bf16 params without master
-// weights): param writes round stochastically (precision.h).
+// Storage precision (the table of storage_table.h: csrc/op_inputs.h checks
+// it for the user; the launchers re-check it, see check_multi_tensor_args):
+// params and grads in `param_dtype`, every state operand in `state_dtype`.
+// `master`: empty, or one float32 master copy per tensor: the update reads
+// the param from it, and writes it and the param (rounded to nearest).
+// `stochastic_rounding`: param writes round stochastically (precision.h).
 template <typename Hyper>
 struct MultiTensorArgs {
   ScalarType param_dtype = ScalarType::kFloat;
@@ -127,30 +126,6 @@ struct MultiTensorArgs {
   // tensor's position in the call.
   std::vector<uint32_t> rounding_streams;
 };
-
-// Fills args.hyper_set, args.hypers and args.decay for `n` tensors: tensors
-// whose `key_of(i)` are equal share one set, made once by `make(i)`, which
-// returns {Hyper, WeightDecay}. Keys are e.g. the group index: nothing else
-// is per group (SGD adds the new-momentum-buffer flag).
-template <typename Hyper, typename KeyOf, typename Make>
-void assign_hyper_sets(MultiTensorArgs<Hyper>& args, int64_t n,
-                       const KeyOf& key_of, const Make& make) {
-  using Key = std::decay_t<decltype(key_of(int64_t{0}))>;
-  std::map<Key, int32_t> set_of_key;
-  args.hyper_set.assign(static_cast<size_t>(n), 0);
-  args.hypers.clear();
-  args.decay.clear();
-  for (int64_t i = 0; i < n; ++i) {
-    const auto [it, inserted] = set_of_key.try_emplace(
-        key_of(i), static_cast<int32_t>(args.hypers.size()));
-    if (inserted) {
-      const std::pair<Hyper, WeightDecay> made = make(i);
-      args.hypers.push_back(made.first);
-      args.decay.push_back(made.second);
-    }
-    args.hyper_set[static_cast<size_t>(i)] = it->second;
-  }
-}
 
 // Slots of the per-launch hyperparameter table. Why this budget: about a
 // sixth of the parameter space, so 8-11 sets (48-64 bytes each) fit beside
@@ -262,22 +237,6 @@ inline size_t element_size(ScalarType t) {
   }
 }
 
-// Whether (param, state) storage dtypes are a supported pair (see
-// MultiTensorArgs). A mode without state has state_dtype == param_dtype.
-inline bool is_supported_precision(ScalarType param, ScalarType state) {
-  switch (param) {
-    case ScalarType::kFloat:
-      return state == ScalarType::kFloat || state == ScalarType::kBFloat16;
-    case ScalarType::kDouble:
-      return state == ScalarType::kDouble;
-    case ScalarType::kHalf:
-      return state != ScalarType::kDouble;
-    case ScalarType::kBFloat16:
-      return state == ScalarType::kBFloat16 || state == ScalarType::kFloat;
-  }
-  return false;
-}
-
 // Checks what the kernels rely on and throws std::invalid_argument with the
 // reason: these are programming errors of the caller (the glue), not user
 // errors, which op_inputs.h has reported already.
@@ -295,18 +254,11 @@ void check_multi_tensor_args(const MultiTensorArgs<Hyper>& args,
   for (const std::vector<void*>& list : args.operands) {
     if (list.size() != n) fail("an operand list has the wrong length");
   }
-  if (!is_supported_precision(args.param_dtype, args.state_dtype) ||
-      (num_operands <= 2 && args.state_dtype != args.param_dtype)) {
-    fail("unsupported (param, state) dtype pair");
-  }
   const bool master = !args.master.empty();
   if (master && args.master.size() != n) fail("master has the wrong length");
-  if (master && element_size(args.param_dtype) != 2) {
-    fail("master weights need fp16/bf16 params");
-  }
-  if (args.stochastic_rounding &&
-      (args.param_dtype != ScalarType::kBFloat16 || master)) {
-    fail("stochastic rounding needs bf16 params without master weights");
+  if (!legal_storage(args.param_dtype, args.state_dtype, num_operands > 2,
+                     master, args.stochastic_rounding)) {
+    fail("a storage combination outside the table (storage_table.h)");
   }
   if (args.steps.size() != n &&
       !(Hyper::kStepsOptional && args.steps.empty())) {

@@ -1,14 +1,14 @@
-// Dispatch of the CUDA kernels: an op call's run-time storage dtypes and mode
-// flags -> one (element op, param type, state type), handed to an executor:
+// Dispatch of the CUDA kernels: an op call's mode flags and run-time storage
+// dtypes -> one (element op, param type, state type), handed to an executor:
 // CudaLauncher in the launchers (*.cu), a host emulator in the tests, so the
 // tests run the same dispatch as production.
 //
-// The element ops (which operands, which update rule) are shared with the
-// CPU kernels: fused_optim/element_ops.h.
+// Which element op a call runs is the op spec's (op_specs.h), shared with
+// the CPU kernels; the (param, state) pairs are the storage table's.
 //
-// Instantiation matrix: per op, the mode flags below times the storage
-// pairs of with_storage_types (8 with state, 4 without). The weight-decay
-// mode is not among them: it is per tensor, chosen per chunk inside the
+// Instantiation matrix: per op, the element ops of its modes times the
+// storage pairs (8 with state, 4 without). The weight-decay mode is not
+// among them: it is per hyperparameter set, chosen per chunk inside the
 // kernel. Master weights, stochastic rounding and AMP unscaling are run-time
 // flags uniform across a launch (branches every thread takes alike cost
 // next to nothing), not template parameters: that keeps the kernel count,
@@ -17,78 +17,24 @@
 
 #include <stdexcept>
 
-#include "fused_optim/hyperparams.h"
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/multi_tensor_plan.h"
-#include "fused_optim/bool_switch.h"
-#include "fused_optim/element_ops.h"
-#include "fused_optim/macros.h"
-#include "fused_optim/update_rules.h"
+#include "fused_optim/op_specs.h"
 
 namespace fused_optim::cuda {
 
-template <typename Exec>
-cudaError_t dispatch_adam(const MultiTensorArgs<AdamHyper>& args,
-                          bool amsgrad, const Exec& exec) {
-  return with_storage_types(
-      args.param_dtype, args.state_dtype, /*has_state=*/true,
-      [&](auto p, auto s) {
-        using P = typename decltype(p)::type;
-        using S = typename decltype(s)::type;
-        return FO_BOOL_SWITCH(amsgrad, kAmsgrad, [&] {
-          return exec.template run<AdamOp<kAmsgrad>, P, S>(args);
-        });
-      });
-}
-
-// Modes: no momentum, momentum, Nesterov momentum (needs momentum).
-template <typename Exec>
-cudaError_t dispatch_sgd(const MultiTensorArgs<SgdHyper>& args, bool momentum,
-                         bool nesterov, const Exec& exec) {
-  if (nesterov && !momentum) {
-    throw std::invalid_argument(
-        "fused_optim CUDA launch: sgd_ with nesterov needs momentum");
-  }
-  return FO_BOOL_SWITCH(momentum, kMomentum, [&] {
-    return with_storage_types(
-        args.param_dtype, args.state_dtype, /*has_state=*/kMomentum,
-        [&](auto p, auto s) {
+template <typename Spec, typename Exec>
+cudaError_t dispatch(const MultiTensorArgs<typename Spec::Hyper>& args,
+                     const CallModes& modes, const Exec& exec) {
+  return Spec::with_element_op(modes, [&](auto op) {
+    using Op = decltype(op);
+    return with_storage_types<(Op::kNumOperands > 2)>(
+        args.param_dtype, args.state_dtype, [&](auto p, auto s) {
           using P = typename decltype(p)::type;
           using S = typename decltype(s)::type;
-          return FO_BOOL_SWITCH(nesterov, kNesterov, [&] {
-            return exec.template run<SgdOp<kMomentum, kMomentum && kNesterov>,
-                                     P, S>(args);
-          });
+          return exec.template run<Op, P, S>(args);
         });
   });
-}
-
-template <typename Exec>
-cudaError_t dispatch_adagrad(const MultiTensorArgs<AdagradHyper>& args,
-                             const Exec& exec) {
-  return with_storage_types(args.param_dtype, args.state_dtype,
-                            /*has_state=*/true, [&](auto p, auto s) {
-                              using P = typename decltype(p)::type;
-                              using S = typename decltype(s)::type;
-                              return exec.template run<AdagradOp, P, S>(args);
-                            });
-}
-
-template <typename Exec>
-cudaError_t dispatch_rmsprop(const MultiTensorArgs<RmspropHyper>& args,
-                             bool centered, bool momentum, const Exec& exec) {
-  return with_storage_types(
-      args.param_dtype, args.state_dtype, /*has_state=*/true,
-      [&](auto p, auto s) {
-        using P = typename decltype(p)::type;
-        using S = typename decltype(s)::type;
-        return FO_BOOL_SWITCH(centered, kCentered, [&] {
-          return FO_BOOL_SWITCH(momentum, kMomentum, [&] {
-            return exec.template run<RmspropOp<kCentered, kMomentum>, P, S>(
-                args);
-          });
-        });
-      });
 }
 
 }  // namespace fused_optim::cuda

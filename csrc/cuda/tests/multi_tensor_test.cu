@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "fused_optim/hyperparams.h"
+#include "fused_optim/op_specs.h"
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/multi_tensor_plan.h"
 #include "cuda/ops.cuh"
@@ -47,6 +48,53 @@
 
 using namespace fused_optim;
 using namespace fused_optim::cuda;
+
+// (The glue takes the sets from the shared front, op_front.h; the tests
+// make them here.) Fills args.hyper_set, args.hypers and args.decay for `n` tensors: tensors
+// whose `key_of(i)` are equal share one set, made once by `make(i)`, which
+// returns {Hyper, WeightDecay}. Keys are e.g. the group index: nothing else
+// is per group (SGD adds the new-momentum-buffer flag).
+template <typename Hyper, typename KeyOf, typename Make>
+void assign_hyper_sets(MultiTensorArgs<Hyper>& args, int64_t n,
+                       const KeyOf& key_of, const Make& make) {
+  using Key = std::decay_t<decltype(key_of(int64_t{0}))>;
+  std::map<Key, int32_t> set_of_key;
+  args.hyper_set.assign(static_cast<size_t>(n), 0);
+  args.hypers.clear();
+  args.decay.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    const auto [it, inserted] = set_of_key.try_emplace(
+        key_of(i), static_cast<int32_t>(args.hypers.size()));
+    if (inserted) {
+      const std::pair<Hyper, WeightDecay> made = make(i);
+      args.hypers.push_back(made.first);
+      args.decay.push_back(made.second);
+    }
+    args.hyper_set[static_cast<size_t>(i)] = it->second;
+  }
+}
+
+
+
+// The mode flags of a call, as the glue passes them (op_specs.h).
+CallModes adam_modes(bool amsgrad) {
+  CallModes m;
+  m.mode[0] = amsgrad;
+  return m;
+}
+CallModes sgd_modes(bool momentum, bool nesterov) {
+  CallModes m;
+  m.mode[0] = nesterov;
+  m.has_state[0] = momentum;
+  return m;
+}
+CallModes rmsprop_modes(bool centered, bool momentum) {
+  CallModes m;
+  m.mode[0] = centered;
+  m.has_state[1] = centered;
+  m.has_state[2] = momentum;
+  return m;
+}
 
 namespace {
 
@@ -301,7 +349,7 @@ void test_empty_and_errors() {
   int64_t launches = 0;
   HostEmulator emu;
   emu.launches = &launches;
-  dispatch_adagrad(args, emu);
+  dispatch<AdagradSpec>(args, CallModes{}, emu);
   // Empty tensors: no main launch, but their step counters still advance.
   float steps[2] = {3.0f, 0.0f};
   args.numels = {0, 0};
@@ -310,7 +358,7 @@ void test_empty_and_errors() {
   args.hyper_set = {0, 0};
   args.hypers.resize(1);
   args.decay = {WeightDecay::kNone};
-  dispatch_adagrad(args, emu);
+  dispatch<AdagradSpec>(args, CallModes{}, emu);
   EXPECT(launches == 0, "%lld launches for empty tensors",
          static_cast<long long>(launches));
   EXPECT(steps[0] == 4.0f && steps[1] == 1.0f, "steps of empty tensors");
@@ -328,23 +376,23 @@ void test_empty_and_errors() {
   // stochastic rounding where they are not allowed, missing steps.
   MultiTensorArgs<SgdHyper> sgd;
   sgd.operands.assign(3, {});
-  EXPECT(throws([&] { dispatch_sgd(sgd, false, false, emu); }),
+  EXPECT(throws([&] { dispatch<SgdSpec>(sgd, sgd_modes(false, false), emu); }),
          "operand count");
   sgd.operands.assign(2, {});
-  EXPECT(!throws([&] { dispatch_sgd(sgd, false, false, emu); }), "valid");
+  EXPECT(!throws([&] { dispatch<SgdSpec>(sgd, sgd_modes(false, false), emu); }), "valid");
   sgd.decay = {WeightDecay::kDecoupled};
   sgd.hypers.resize(1);
-  EXPECT(throws([&] { dispatch_sgd(sgd, false, false, emu); }),
+  EXPECT(throws([&] { dispatch<SgdSpec>(sgd, sgd_modes(false, false), emu); }),
          "decoupled decay");
-  EXPECT(throws([&] { dispatch_sgd(sgd, false, true, emu); }), "nesterov");
+  EXPECT(throws([&] { dispatch<SgdSpec>(sgd, sgd_modes(false, true), emu); }), "nesterov");
   sgd.decay = {WeightDecay::kNone};
   sgd.state_dtype = ScalarType::kBFloat16;  // no state: must be the param's
-  EXPECT(throws([&] { dispatch_sgd(sgd, false, false, emu); }),
+  EXPECT(throws([&] { dispatch<SgdSpec>(sgd, sgd_modes(false, false), emu); }),
          "stateless dtype pair");
   MultiTensorArgs<AdamHyper> adam;
   adam.operands.assign(4, {});
   auto adam_throws = [&] {
-    return throws([&] { dispatch_adam(adam, false, emu); });
+    return throws([&] { dispatch<AdamSpec>(adam, adam_modes(false), emu); });
   };
   EXPECT(!adam_throws(), "valid adam");
   const std::pair<ScalarType, ScalarType> bad_pairs[] = {
@@ -743,7 +791,7 @@ void test_ops() {
                   step));
             },
             [&](const auto& args, const HostEmulator& emu) {
-              dispatch_adam(args, amsgrad, emu);
+              dispatch<AdamSpec>(args, adam_modes(amsgrad), emu);
             },
             [&](auto d, T* x, const AdamScalars<T>& s) {
               constexpr WeightDecay kD = decltype(d)::value;
@@ -788,7 +836,7 @@ void test_ops() {
                                    h.weight_decay, h.maximize, h.new_buffer);
             },
             [&](const auto& args, const HostEmulator& emu) {
-              dispatch_sgd(args, momentum, nesterov, emu);
+              dispatch<SgdSpec>(args, sgd_modes(momentum, nesterov), emu);
             },
             [&](auto d, T* x, const SgdScalars<T>& s) {
               constexpr WeightDecay kD = decltype(d)::value;
@@ -828,7 +876,7 @@ void test_ops() {
                                        h.maximize, step);
             },
             [&](const auto& args, const HostEmulator& emu) {
-              dispatch_adagrad(args, emu);
+              dispatch<AdagradSpec>(args, CallModes{}, emu);
             },
             [&](auto d, T* x, const AdagradScalars<T>& s) {
               constexpr WeightDecay kD = decltype(d)::value;
@@ -870,7 +918,7 @@ void test_ops() {
                                          h.momentum, h.maximize);
               },
               [&](const auto& args, const HostEmulator& emu) {
-                dispatch_rmsprop(args, centered, momentum, emu);
+                dispatch<RmspropSpec>(args, rmsprop_modes(centered, momentum), emu);
               },
               [&](auto d, T* x, const RmspropScalars<T>& s) {
                 constexpr WeightDecay kD = decltype(d)::value;
@@ -929,7 +977,7 @@ void test_stochastic_rounding_is_unbiased() {
     args.decay = {WeightDecay::kNone};
     args.stochastic_rounding = round_stochastically != 0;
     HostEmulator emu;
-    dispatch_sgd(args, false, false, emu);
+    dispatch<SgdSpec>(args, sgd_modes(false, false), emu);
     const double exact = 1.0 - static_cast<double>(static_cast<float>(1e-3));
     for (int t = 0; t < 2; ++t) {
       double sum = 0.0;

@@ -15,37 +15,3 @@
       return __VA_ARGS__();                   \
     }                                         \
   }()
-
-// The same for the weight-decay mode (fused_optim::WeightDecay, declared in
-// update_rules.h): kNone when the decay is zero, else kDecoupled or kL2.
-#define FO_WEIGHT_DECAY_SWITCH(HAS_DECAY, DECOUPLED, CONST_NAME, ...)      \
-  [&] {                                                                    \
-    if (!(HAS_DECAY)) {                                                    \
-      constexpr static ::fused_optim::WeightDecay CONST_NAME =             \
-          ::fused_optim::WeightDecay::kNone;                               \
-      return __VA_ARGS__();                                                \
-    } else if (DECOUPLED) {                                                \
-      constexpr static ::fused_optim::WeightDecay CONST_NAME =             \
-          ::fused_optim::WeightDecay::kDecoupled;                          \
-      return __VA_ARGS__();                                                \
-    } else {                                                               \
-      constexpr static ::fused_optim::WeightDecay CONST_NAME =             \
-          ::fused_optim::WeightDecay::kL2;                                 \
-      return __VA_ARGS__();                                                \
-    }                                                                      \
-  }()
-
-// For optimizers whose decay is always L2 (SGD, Adagrad, RMSprop): kNone or
-// kL2, without instantiating a decoupled variant.
-#define FO_L2_WEIGHT_DECAY_SWITCH(HAS_DECAY, CONST_NAME, ...)              \
-  [&] {                                                                    \
-    if (!(HAS_DECAY)) {                                                    \
-      constexpr static ::fused_optim::WeightDecay CONST_NAME =             \
-          ::fused_optim::WeightDecay::kNone;                               \
-      return __VA_ARGS__();                                                \
-    } else {                                                               \
-      constexpr static ::fused_optim::WeightDecay CONST_NAME =             \
-          ::fused_optim::WeightDecay::kL2;                                 \
-      return __VA_ARGS__();                                                \
-    }                                                                      \
-  }()

@@ -1,7 +1,7 @@
 // Per-group hyperparameters of each op, and the derivation of a tensor's
 // narrowed scalars (update_rules.h) from them, its group's lr and its step
-// count: written once, for both backends. (op_args.h builds them from an op
-// call's per-group lists.)
+// count: written once, for both backends. (op_front.h builds them from an
+// op call's per-group lists, through each op's spec, op_specs.h.)
 //
 // The CPU kernels derive the scalars on the host. The CUDA kernels derive
 // them ON THE DEVICE, per chunk: the step counters live on the GPU (so that

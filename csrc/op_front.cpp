@@ -1,0 +1,101 @@
+#include "op_front.h"
+
+namespace fused_optim {
+
+namespace {
+
+// The dispatcher sends a call to the backend of its tensors' highest-priority
+// device; params on another device (e.g. a mix) are an error.
+void check_backend(const char* op, at::TensorList params,
+                   at::DeviceType device_type) {
+  if (params.empty()) return;
+  TORCH_CHECK(params[0].device().type() == device_type, op, ": expected ",
+              at::DeviceTypeName(device_type, /*lower_case=*/true),
+              " tensors, got params[0] on ", params[0].device());
+}
+
+// Where the scalar inputs of a call must live: with the params on CUDA
+// (read by the kernels there), on the CPU for the CPU kernels.
+at::Device scalar_device(at::DeviceType backend, at::TensorList params) {
+  return backend == at::kCPU || params.empty() ? at::Device(at::kCPU)
+                                                : params[0].device();
+}
+
+void check_group_flags(const char* op, const char* name,
+                       const c10::List<bool>* flags, size_t num_groups) {
+  if (flags == nullptr) return;
+  TORCH_CHECK(flags->size() == num_groups, op, ": ", name, " has ",
+              flags->size(), " entries but lr has ", num_groups,
+              "; every per-group list has one entry per group");
+}
+
+}  // namespace
+
+CommonChecks check_common(at::DeviceType backend, const OpCall& call,
+                          std::vector<TensorListArg> lists,
+                          const std::vector<const char*>& hyper_names,
+                          bool steps_optional) {
+  const char* op = call.op;
+  check_backend(op, call.params, backend);
+  lists.push_back({"master_params", call.master_params, /*written=*/true,
+                   /*optional=*/true, ListDtype::kFloat32});
+  CommonChecks out;
+  out.precision = check_tensor_lists(op, lists, call.stochastic_rounding);
+  out.lists = std::move(lists);
+  const at::Device device = scalar_device(backend, call.params);
+  check_amp_args(op, *call.grad_scale, *call.found_inf, device);
+  const size_t groups = num_groups(call);
+  if (call.lr_is_tensor) check_lr_tensors(op, call.lr_tensors, device);
+  std::vector<std::pair<const char*, int64_t>> per_group = {
+      {"lr", static_cast<int64_t>(groups)}};
+  for (size_t k = 0; k < hyper_names.size(); ++k) {
+    per_group.push_back({hyper_names[k], static_cast<int64_t>(call.hyper[k].size())});
+  }
+  const int64_t n = call.params.size();
+  check_groups(op, n, call.group_index, per_group);
+  check_group_flags(op, "maximize", call.maximize, groups);
+  check_group_flags(op, "decoupled_weight_decay", call.decoupled_weight_decay,
+                    groups);
+  // Ops whose counters are optional (SGD) keep them only with stochastic
+  // rounding, whose random bits must change from step to step.
+  if (!steps_optional || !call.state_steps.empty() ||
+      call.stochastic_rounding) {
+    check_state_steps(op, call.state_steps, n,
+                      scalar_device(backend, call.params));
+  }
+  return out;
+}
+
+LrSource lr_source(const OpCall& call, size_t g) {
+  LrSource source;
+  if (call.lr_is_tensor) {
+    source.tensor = call.lr_tensors[g].data_ptr();
+    source.tensor_is_double = call.lr_tensors[g].scalar_type() == at::kDouble;
+  } else {
+    source.value = call.lr_values[g];
+  }
+  return source;
+}
+
+std::vector<at::Tensor> grads_read_after_decoupled_decay(
+    const OpCall& call, size_t weight_decay_index) {
+  const at::ArrayRef<double> weight_decay = call.hyper[weight_decay_index];
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < call.params.size(); ++i) {
+    const int64_t g = call.group_index[i];
+    const at::Tensor& p = call.params[i];
+    const at::Tensor& grad = call.grads[i];
+    if (!call.decoupled_weight_decay->get(g) || call.maximize->get(g) ||
+        weight_decay[g] == 0.0 || p.numel() == 0 ||
+        grad.data_ptr() != p.data_ptr() || grad.strides() != p.strides()) {
+      continue;
+    }
+    if (out.empty()) out = call.grads.vec();
+    out[i] = call.lr_is_tensor
+                 ? p.mul(1.0 - call.lr_tensors[g].to(p.device()) * weight_decay[g])
+                 : p.mul(1.0 - call.lr_values[g] * weight_decay[g]);
+  }
+  return out;
+}
+
+}  // namespace fused_optim

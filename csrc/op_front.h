@@ -1,0 +1,301 @@
+// The host side of every op, shared by every backend: the kernel's C++
+// signature (from the op's spec), the checks, the staging and the per-group
+// hyperparameters. A backend's kernel is `run<Spec>(const OpCall&)`: it calls
+// prepare<Spec>(), which returns a PreparedCall (or nothing to do), and then
+// only applies the update its own way (csrc/cpu/apply.h, csrc/cuda/ops_cuda.cpp).
+// The shape of ATen's fused optimizer stubs: one front, one apply per device.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "dense_operands.h"
+#include "fused_optim/op_specs.h"
+#include "fused_optim/update_rules.h"
+#include "op_inputs.h"
+
+namespace fused_optim {
+
+// How a call gives its learning rates: `float[] lr` (the default overload) or
+// `Tensor[] lr` (the `tensor_lr` overload: one-element tensors read by the
+// kernel where they live, so a CUDA step needs no host sync and a captured
+// graph sees a scheduler's `lr.fill_()`).
+enum class LrKind { kFloats, kTensors };
+
+template <LrKind kLr>
+using LrArg = std::conditional_t<kLr == LrKind::kFloats, at::ArrayRef<double>,
+                                 at::TensorList>;
+
+// One call of any op, its arguments by role (the schema's, op_specs.h).
+struct OpCall {
+  const char* op = "";  // e.g. "fused_optim.adam_", for messages
+  at::TensorList params, grads;
+  std::array<at::TensorList, kMaxStateLists> state{};  // kState order
+  at::TensorList master_params, state_steps;
+  at::IntArrayRef group_index;
+  at::ArrayRef<double> lr_values;  // one of lr_values / lr_tensors is used
+  at::TensorList lr_tensors;
+  bool lr_is_tensor = false;
+  std::array<at::ArrayRef<double>, 8> hyper{};  // kHyper order
+  const c10::List<bool>* maximize = nullptr;
+  const c10::List<bool>* decoupled_weight_decay = nullptr;  // or null
+  at::IntArrayRef new_state;
+  const std::optional<at::Tensor>* grad_scale = nullptr;
+  const std::optional<at::Tensor>* found_inf = nullptr;
+  CallModes modes;  // mode keywords; has_state is filled in by prepare()
+  bool stochastic_rounding = false;
+};
+
+template <typename T, size_t>
+using Repeat = T;
+
+// The kernel of op Spec for one lr overload, with the schema's C++
+// signature, built from the spec's counts: it gathers its arguments into an
+// OpCall and hands it to `kRun` (a backend's run<Spec>).
+template <typename Spec, LrKind kLr, void (*kRun)(const OpCall&),
+          typename States = std::make_index_sequence<count_of(Spec::kState)>,
+          typename Hypers = std::make_index_sequence<count_of(Spec::kHyper)>,
+          typename Decoupled =
+              std::make_index_sequence<Spec::kDecoupledDecay ? 1 : 0>,
+          typename NewState =
+              std::make_index_sequence<Spec::kNewState != nullptr ? 1 : 0>,
+          typename Modes = std::make_index_sequence<ModeCount<Spec>::value>>
+struct Kernel;
+
+template <typename Spec, LrKind kLr, void (*kRun)(const OpCall&),
+          size_t... S, size_t... H, size_t... D, size_t... N, size_t... M>
+struct Kernel<Spec, kLr, kRun, std::index_sequence<S...>,
+              std::index_sequence<H...>, std::index_sequence<D...>,
+              std::index_sequence<N...>, std::index_sequence<M...>> {
+  static void call(at::TensorList params, at::TensorList grads,
+                   Repeat<at::TensorList, S>... state,
+                   at::TensorList master_params, at::TensorList state_steps,
+                   at::IntArrayRef group_index, LrArg<kLr> lr,
+                   Repeat<at::ArrayRef<double>, H>... hyper,
+                   const c10::List<bool>& maximize,
+                   Repeat<const c10::List<bool>&, D>... decoupled,
+                   Repeat<at::IntArrayRef, N>... new_state,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf,
+                   Repeat<bool, M>... modes, bool stochastic_rounding) {
+    OpCall call;
+    call.op = op_name();
+    call.params = params;
+    call.grads = grads;
+    call.state = {state...};
+    call.master_params = master_params;
+    call.state_steps = state_steps;
+    call.group_index = group_index;
+    if constexpr (kLr == LrKind::kFloats) {
+      call.lr_values = lr;
+    } else {
+      call.lr_tensors = lr;
+      call.lr_is_tensor = true;
+    }
+    call.hyper = {hyper...};
+    call.maximize = &maximize;
+    ((call.decoupled_weight_decay = &decoupled), ...);
+    ((call.new_state = new_state), ...);
+    call.grad_scale = &grad_scale;
+    call.found_inf = &found_inf;
+    const bool mode_values[] = {modes..., false};
+    for (size_t k = 0; k < sizeof...(M); ++k) call.modes.mode[k] = mode_values[k];
+    call.stochastic_rounding = stochastic_rounding;
+    kRun(call);
+  }
+
+  static const char* op_name() {
+    static const std::string name = std::string("fused_optim.") + Spec::kName;
+    return name.c_str();
+  }
+};
+
+// Registers backend `kRun` for both lr overloads of op Spec.
+#define FO_IMPL_OP(m, Spec, run)                                           \
+  m.impl(Spec::kName,                                                      \
+         &::fused_optim::Kernel<Spec, ::fused_optim::LrKind::kFloats,      \
+                                &run<Spec>>::call);                        \
+  m.impl((std::string(Spec::kName) + ".tensor_lr").c_str(),               \
+         &::fused_optim::Kernel<Spec, ::fused_optim::LrKind::kTensors,     \
+                                &run<Spec>>::call)
+
+// A call that passed every check, staged, with its hyperparameters.
+template <typename Spec>
+struct PreparedCall {
+  using Hyper = typename Spec::Hyper;
+  // The tensor lists in schema order: params, grads, each state list (empty
+  // when unused), then master_params (empty without master weights).
+  std::vector<TensorListArg> lists;
+  CallPrecision precision;
+  CallModes modes;
+  std::optional<DenseOperands> operands;
+  // Hyperparameter sets: tensors of one group share one (SGD: one per group
+  // and new-buffer flag). sets[set_of[t]] is tensor t's, with its weight
+  // decay mode in decay[set_of[t]].
+  std::vector<Hyper> sets;
+  std::vector<WeightDecay> decay;
+  std::vector<int32_t> set_of;
+  at::IntArrayRef group_index;
+  at::TensorList state_steps;
+  const std::optional<at::Tensor>* grad_scale = nullptr;
+  const std::optional<at::Tensor>* found_inf = nullptr;
+  // Gradients replaced for the call (Note [a gradient that aliases its
+  // param]), kept alive.
+  std::vector<at::Tensor> replaced_grads;
+
+  size_t master_list() const { return lists.size() - 1; }
+  bool has_grad_scale() const {
+    return grad_scale->has_value() && (*grad_scale)->defined();
+  }
+};
+
+// ---- the non-template parts (op_front.cpp) --------------------------------
+
+// Checks the arguments every op has (tensor lists, precision, AMP, lr,
+// group lists, step counters) and returns the checked lists and precision.
+// `lists` holds params, grads and the state lists; master_params is
+// appended. `hyper_names` name call.hyper's entries.
+struct CommonChecks {
+  std::vector<TensorListArg> lists;
+  CallPrecision precision;
+};
+CommonChecks check_common(at::DeviceType backend, const OpCall& call,
+                          std::vector<TensorListArg> lists,
+                          const std::vector<const char*>& hyper_names,
+                          bool steps_optional);
+
+// Note [a gradient that aliases its param]
+// torch.optim's AdamW decays the param in place and then reads the
+// gradient, so a gradient that is the param's own memory (p.grad = p.data:
+// rare, but legal) is read decayed. Our kernels read both before writing
+// either, so for such a call the aliased gradients are replaced by the
+// decayed param, computed as torch computes it (param * (1 - lr * wd), in
+// the param's dtype). Returns the replaced gradient list, or an empty one
+// when no gradient aliases its param (the usual case, a pointer compare per
+// tensor). Only for groups with decoupled decay and without maximize: with
+// maximize torch negates the gradient into a new tensor before decaying.
+std::vector<at::Tensor> grads_read_after_decoupled_decay(
+    const OpCall& call, size_t weight_decay_index);
+
+// Group g's learning rate: its tensor (read by the kernel) or its float.
+LrSource lr_source(const OpCall& call, size_t g);
+
+// The number of groups: the length of the lr list.
+inline size_t num_groups(const OpCall& call) {
+  return call.lr_is_tensor ? call.lr_tensors.size() : call.lr_values.size();
+}
+
+// ---- the front ------------------------------------------------------------
+
+template <typename Spec>
+std::vector<const char*> hyper_names() {
+  return std::vector<const char*>(std::begin(Spec::kHyper),
+                                  std::end(Spec::kHyper));
+}
+
+template <typename Spec>
+size_t weight_decay_index() {
+  size_t k = 0;
+  while (std::string(Spec::kHyper[k]) != "weight_decay") ++k;
+  return k;
+}
+
+// Checks everything, then (unless there is nothing to do: no tensors, or a
+// validate-only call, Note [validate only]) stages the operands and builds
+// the hyperparameter sets. Writes no input: staging allocates and copies but
+// goes before the first write, so that even an allocation failure loses
+// nothing. The caller then increments the step counters (CPU) or lets the
+// device do it (CUDA), applies, and writes back the staged operands.
+template <typename Spec>
+std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
+                                          OpCall call) {
+  constexpr size_t kNumState = count_of(Spec::kState);
+  std::vector<TensorListArg> lists = {
+      {"params", call.params, /*written=*/true, /*optional=*/false,
+       ListDtype::kParam},
+      // The grads are written (unscaled, in place) only when AMP scaled them.
+      {"grads", call.grads,
+       /*written=*/call.grad_scale->has_value() && (*call.grad_scale)->defined(),
+       /*optional=*/false, ListDtype::kParam}};
+  for (size_t k = 0; k < kNumState; ++k) {
+    const StateList& s = Spec::kState[k];
+    const bool required =
+        s.used == StateList::kAlways || (s.used >= 0 && call.modes.mode[s.used]);
+    TORCH_CHECK(s.used < 0 || call.modes.mode[s.used] || call.state[k].empty(),
+                call.op, ": ", s.name, " must be empty when ",
+                Spec::kModes[s.used < 0 ? 0 : s.used], "=False");
+    lists.push_back({s.name, call.state[k], /*written=*/true,
+                     /*optional=*/!required, ListDtype::kState});
+    call.modes.has_state[k] = !call.state[k].empty();
+  }
+  CommonChecks checked =
+      check_common(backend, call, std::move(lists), hyper_names<Spec>(),
+                   Spec::Hyper::kStepsOptional);
+  const size_t n = call.params.size();
+  // A combination of modes the op has no kernel for (SGD: Nesterov without
+  // momentum); the element-op dispatch of both backends refuses it too.
+  const char* mode_error = Spec::mode_error(call.modes);
+  TORCH_CHECK(mode_error == nullptr || n == 0, call.op, ": ", mode_error);
+  if constexpr (Spec::kNewState != nullptr) {
+    check_tensor_indices(call.op, Spec::kNewState, call.new_state,
+                         call.modes.has_state[0] ? n : 0);
+  }
+  if (n == 0 || validate_only()) return std::nullopt;
+
+  using Hyper = typename Spec::Hyper;
+  PreparedCall<Spec> out;
+  out.precision = checked.precision;
+  out.modes = call.modes;
+  out.group_index = call.group_index;
+  out.state_steps = call.state_steps;
+  out.grad_scale = call.grad_scale;
+  out.found_inf = call.found_inf;
+  out.lists = std::move(checked.lists);
+  if constexpr (Spec::kDecoupledDecay) {
+    out.replaced_grads =
+        grads_read_after_decoupled_decay(call, weight_decay_index<Spec>());
+    if (!out.replaced_grads.empty()) out.lists[1].tensors = out.replaced_grads;
+  }
+  out.operands.emplace(out.lists);
+
+  // Hyperparameter sets: one per group, and per (group, new state) for ops
+  // with a new-state list.
+  const size_t groups = num_groups(call);
+  const bool decoupled_by_group = call.decoupled_weight_decay != nullptr;
+  std::vector<Hyper> group_hypers(groups);
+  std::vector<WeightDecay> group_decay(groups);
+  constexpr size_t kNumHyper = count_of(Spec::kHyper);
+  for (size_t g = 0; g < groups; ++g) {
+    double values[kNumHyper];
+    for (size_t k = 0; k < kNumHyper; ++k) values[k] = call.hyper[k][g];
+    group_hypers[g] = Spec::hyper(lr_source(call, g), values);
+    group_hypers[g].maximize = call.maximize->get(g);
+    group_decay[g] = weight_decay_mode(
+        group_hypers[g].weight_decay,
+        decoupled_by_group && call.decoupled_weight_decay->get(g));
+  }
+  std::vector<int32_t> set_of_key(2 * groups, -1);
+  std::vector<bool> is_new(n, false);
+  for (int64_t i : call.new_state) is_new[i] = true;
+  out.set_of.resize(n);
+  for (size_t t = 0; t < n; ++t) {
+    const int64_t g = call.group_index[t];
+    int32_t& set = set_of_key[2 * g + (is_new[t] ? 1 : 0)];
+    if (set < 0) {
+      set = static_cast<int32_t>(out.sets.size());
+      out.sets.push_back(group_hypers[g]);
+      if constexpr (Spec::kNewState != nullptr) {
+        if (is_new[t]) Spec::mark_new_state(out.sets.back());
+      }
+      out.decay.push_back(group_decay[g]);
+    }
+    out.set_of[t] = set;
+  }
+  return out;
+}
+
+}  // namespace fused_optim

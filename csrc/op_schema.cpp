@@ -1,0 +1,83 @@
+// The operator schemas of fused_optim, generated from the op specs
+// (fused_optim/op_specs.h); backends register kernels for them with
+// TORCH_LIBRARY_IMPL(fused_optim, CPU|CUDA, m) (op_front.h's FO_IMPL_OP).
+//
+// Conventions shared by every op (fused_optim/_ops.py builds the calls):
+// - The tensor lists are aligned: entry i of every list belongs to tensor i.
+//   A state list the call does not use (e.g. max_exp_avg_sqs without
+//   amsgrad) is empty.
+// - Hyperparameters are per param group (`float[] lr` has one entry per
+//   group, and so has every float[] and bool[] list); `group_index[i]` names
+//   the group of tensor i. So one call covers the tensors of all groups, and
+//   a scheduler's new `lr` is read every step. `maximize` and (Adam)
+//   `decoupled_weight_decay` are per group too.
+// - `lr` is a float list, or, in the `tensor_lr` overload, a list of
+//   one-element float32/float64 tensors on the params' device (CPU for the
+//   CPU kernels), read by the kernel: capturable CUDA steps.
+// - `state_steps` are the per-tensor 0-d step counters; the op increments
+//   them (after validating everything) and uses the new value for the bias
+//   corrections, so the caller needs no per-tensor Python work. sgd_'s may
+//   be empty: torch's SGD keeps no counter; ours exist only with stochastic
+//   rounding, whose random bits must change from step to step
+//   (precision.h).
+// - The keyword-only mode flags change the instruction stream (amsgrad,
+//   nesterov, centered); the caller puts groups that differ in them into
+//   different calls.
+// - Every list the op writes is annotated (a!), and ops return nothing, so
+//   torch.library.opcheck and torch.compile see the mutations. `grads` are
+//   written only when `grad_scale` is given (the unscaled gradients).
+// - Mixed precision (any op): state lists share one dtype (the table of
+//   storage_table.h); `master_params` (float32, or empty) are master
+//   weights of fp16/bf16 params: the update reads and writes them and
+//   writes the params rounded; `stochastic_rounding` rounds bf16 param
+//   writes stochastically (precision.h).
+// - AMP: `grad_scale` and `found_inf` are torch.amp.GradScaler's (or None):
+//   gradients are divided by grad_scale in registers, and a non-zero
+//   found_inf skips the call: nothing is written, no step counter advances.
+#include <torch/library.h>
+
+#include <string>
+
+#include "fused_optim/op_specs.h"
+
+namespace fused_optim {
+namespace {
+
+// The schema of op Spec, with `float[] lr` or (tensor_lr) `Tensor[] lr`.
+template <typename Spec>
+std::string schema(bool tensor_lr) {
+  std::string s = std::string(Spec::kName) + (tensor_lr ? ".tensor_lr" : "") + "(";
+  char alias = 'a';
+  auto written_list = [&](const char* name) {
+    s += std::string("Tensor(") + alias++ + "!)[] " + name + ", ";
+  };
+  written_list("params");
+  written_list("grads");
+  for (const StateList& list : Spec::kState) written_list(list.name);
+  written_list("master_params");
+  written_list("state_steps");
+  s += "int[] group_index, ";
+  s += tensor_lr ? "Tensor[] lr, " : "float[] lr, ";
+  for (const char* name : Spec::kHyper) s += std::string("float[] ") + name + ", ";
+  s += "bool[] maximize, ";
+  if (Spec::kDecoupledDecay) s += "bool[] decoupled_weight_decay, ";
+  if (Spec::kNewState != nullptr) s += std::string("int[] ") + Spec::kNewState + ", ";
+  s += "Tensor? grad_scale, Tensor? found_inf, *, ";
+  for (size_t k = 0; k < ModeCount<Spec>::value; ++k) {
+    s += std::string("bool ") + Spec::kModes[k] + ", ";
+  }
+  s += "bool stochastic_rounding) -> ()";
+  return s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fused_optim, m) {
+#define FO_DEF_OP(Spec)            \
+  m.def(schema<Spec>(false).c_str()); \
+  m.def(schema<Spec>(true).c_str());
+  FO_FOR_EACH_OP(FO_DEF_OP)
+#undef FO_DEF_OP
+}
+
+}  // namespace fused_optim

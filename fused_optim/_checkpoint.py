@@ -1,0 +1,163 @@
+"""Checkpoints (a mixin of FusedOptimizer): ``state_dict`` and
+``load_state_dict`` in torch.optim's layout, with the loaded layout checked
+before anything changes and the state brought to our precision options
+after."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+
+import torch
+
+from fused_optim._planning import step_device, step_dtype
+from fused_optim._precision import PRECISION_DEFAULTS, precision_of
+
+# Note [implementation keywords on load]
+# torch.optim's load_state_dict replaces a group's options with the saved
+# ones, implementation keywords included, so a checkpoint of
+# torch.optim.AdamW(fused=False) (build-nanogpt on CPU writes such) would
+# quietly put a fused_optim optimizer on torch's unfused path. How this
+# optimizer runs is its own choice, not training state: loading keeps its
+# foreach, fused, capturable and differentiable (strictly better; the
+# hyperparameters are loaded as torch loads them).
+_IMPLEMENTATION_KEYWORDS = ("foreach", "fused", "capturable", "differentiable")
+
+
+class Checkpoints:
+    """torch.optim's checkpoint methods, kept interchangeable with it."""
+
+    def state_dict(self):
+        """torch.optim's ``state_dict``, in torch.optim's layout: our
+        precision options (master_weights, state_dtype, stochastic_rounding)
+        are configuration, like the constructor's arguments, and are not in
+        the param groups, so that a checkpoint of ours has the keys of
+        torch.optim's and torch.distributed.checkpoint loads a torch.optim
+        checkpoint into ours (its default planner requires every key of
+        ours to be in the checkpoint). Our extra state (``master_param``)
+        stays in ``state``. Hooks run as in torch.optim; post-hooks see the
+        final dict."""
+        with _hooks_set_aside(self, "_optimizer_state_dict_post_hooks") as (post_hooks,):
+            state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key in PRECISION_DEFAULTS:
+                group.pop(key, None)
+        for hook in post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict):
+        """torch.optim's ``load_state_dict`` (pre-hooks, then the load, then
+        post-hooks), with the loaded layout checked before anything changes
+        (Note [validate before mutating]) and the state brought to this
+        optimizer's precision options afterwards. Param groups keep their
+        precision options unless the checkpoint has them (older ones of
+        ours did)."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._check_state_dict(state_dict)
+        ours = [{k: g[k] for k in PRECISION_DEFAULTS if k in g} for g in self.param_groups]
+        implementation = [
+            {k: g[k] for k in _IMPLEMENTATION_KEYWORDS if k in g} for g in self.param_groups
+        ]
+        with _hooks_set_aside(
+            self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
+        ) as (_, post_hooks):
+            super().load_state_dict(state_dict)
+        for group, saved, options, keywords in zip(
+            self.param_groups, state_dict["param_groups"], ours, implementation
+        ):
+            for key, value in options.items():
+                if key not in saved:
+                    group[key] = value
+            # Note [implementation keywords on load]
+            group.update(keywords)
+        self._plan = None
+        self._normalize_state(state_dict)
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _check_state_dict(self, state_dict) -> None:
+        """Rejects a state dict whose layout does not fit, before anything is
+        loaded (torch checks group counts and sizes only)."""
+        groups = self.param_groups
+        saved_groups = state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for group, saved in zip(groups, saved_groups):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group "
+                    "that doesn't match the size of optimizer's group"
+                )
+        id_to_param = {}
+        for group, saved in zip(groups, saved_groups):
+            id_to_param.update(zip(saved["params"], group["params"]))
+        for key, param_state in state_dict["state"].items():
+            param = id_to_param.get(key)
+            if param is None:
+                continue
+            for name, value in param_state.items():
+                if name == "step" or not isinstance(value, torch.Tensor):
+                    continue
+                if value.shape != param.shape:
+                    raise ValueError(
+                        f"loaded state dict has state {name!r} of shape "
+                        f"{tuple(value.shape)} for a param of shape {tuple(param.shape)}"
+                    )
+
+    def _normalize_state(self, state_dict) -> None:
+        """After loading: torch.optim's load casts every state tensor to its
+        param's dtype, which would round a float32 master copy or float32
+        moments of bf16 params to bf16. Those are taken again from the
+        loaded dict, at full precision. Step counters become 0-d tensors on
+        the device the op reads them on: the CPU for CPU params, the param's
+        device otherwise (torch keeps them there for its fused and
+        capturable paths only)."""
+        saved = {}
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for param, key in zip(group["params"], saved_group["params"]):
+                if key in state_dict["state"]:
+                    saved[param] = (group, state_dict["state"][key])
+        for param, state in self.state.items():
+            if not isinstance(param, torch.Tensor) or not isinstance(state, dict):
+                continue  # torch allows other entries (flags of hooks): kept as loaded
+            group, source = saved.get(param, (None, {}))
+            if group is not None and param.is_floating_point():
+                precision = precision_of(group, param.dtype)
+                for key, value in source.items():
+                    loaded = state.get(key)
+                    if key == "step" or not isinstance(loaded, torch.Tensor):
+                        continue
+                    dtype = torch.float32 if key == "master_param" else precision.state_dtype
+                    if loaded.dtype != dtype and value.is_floating_point():
+                        state[key] = value.to(device=loaded.device, dtype=dtype, copy=True)
+            step = state.get("step")
+            if step is None:
+                continue
+            if not isinstance(step, torch.Tensor):
+                step = torch.tensor(float(step), dtype=step_dtype())
+            device = step_device(param)
+            if step.device != device or step.dtype not in (torch.float32, torch.float64):
+                step = step.detach().to(device, torch.float32)
+            state["step"] = step
+
+
+@contextlib.contextmanager
+def _hooks_set_aside(optimizer, *names: str):
+    """Empties the named hook dicts of ``optimizer`` for the duration and
+    yields their contents, so that the caller runs them itself at the point
+    where torch.optim would (around our additions to its method)."""
+    saved = tuple(getattr(optimizer, name) for name in names)
+    for name in names:
+        setattr(optimizer, name, OrderedDict())
+    try:
+        yield saved
+    finally:
+        for name, hooks in zip(names, saved):
+            setattr(optimizer, name, hooks)

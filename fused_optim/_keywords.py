@@ -1,0 +1,58 @@
+"""The implementation keywords (foreach, fused, capturable, differentiable):
+torch.optim's checks of them, what each does here, and how they combine
+with our precision options; and hyperparameters as the step reads them."""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim import _torch_path
+from fused_optim._precision import PRECISION_DEFAULTS
+
+
+def check_implementation_keywords(name: str, *, foreach, fused, differentiable, precision: dict):
+    """torch.optim's checks of the implementation keywords (same exception
+    types and messages), and ours for combining them with our precision
+    options. What each keyword then does: Note [implementation keywords]."""
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    check_torch_path_precision(name, {"fused": fused, "differentiable": differentiable, **precision})
+
+
+# Note [implementation keywords]
+# - fused=None or True: our fused step (the only thing fused can mean here).
+# - foreach=True with fused=None: also the fused step. foreach asks for a
+#   multi-tensor implementation; ours is one, and a strictly faster one,
+#   with the same math and state. (torch.optim refuses a tensor lr with
+#   foreach=True and capturable=False only because its foreach code cannot
+#   read one; ours can, so we accept it.)
+# - fused=False: torch.optim's own unfused step for that group, with
+#   foreach as given (None lets torch choose, as it would): the user asked
+#   for torch's code, so it runs (_torch_path.py). Same for
+#   differentiable=True, which only torch's code can honour.
+# - capturable=True: on CUDA our step never syncs with the host whatever
+#   the flag; on CPU params it changes nothing, as for torch's fused step
+#   (torch's foreach and single-tensor code refuse CPU params with it, a
+#   limit of that code, not of the request).
+
+
+def check_torch_path_precision(name: str, group) -> None:
+    """Our precision options live in our kernels only: a group that runs
+    torch.optim's implementation cannot have them."""
+    if not _torch_path.uses_torch_path(group):
+        return
+    chosen = [k for k, v in PRECISION_DEFAULTS.items() if group.get(k, v) not in (v, None, False)]
+    if chosen:
+        asked = "fused=False" if group.get("fused") is False else "differentiable=True"
+        raise ValueError(
+            f"fused_optim.{name}: {', '.join(chosen)} need(s) the fused step, but "
+            f"{asked} runs torch.optim's implementation, which has no such option"
+        )
+
+
+def to_float(value) -> float:
+    """A hyperparameter as a Python float (torch allows 1-element tensors)."""
+    return value.item() if isinstance(value, torch.Tensor) else float(value)

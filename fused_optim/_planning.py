@@ -1,0 +1,168 @@
+"""Planning a step (a mixin of FusedOptimizer): the buckets of every param
+that has state, the state created for params that got their first
+gradient, and the state brought to the group's precision options, all
+through the step's journal (_bucket.py says what a plan caches)."""
+
+from __future__ import annotations
+
+import torch
+
+from fused_optim import _bucket, _torch_path
+from fused_optim._build import require_device_supported
+from fused_optim._bucket import Bucket, Plan, Precision
+from fused_optim._journal import Journal
+from fused_optim._precision import precision_of, real_dtype, state_dtype_of
+
+
+class Planning:
+    """Builds and caches the step's plan (see the module docstring)."""
+
+    def _current_plan(self, journal: Journal) -> tuple[Plan, bool]:
+        """(the plan, whether it is the cached one)."""
+        plan = self._plan
+        if (
+            plan is None
+            or plan.signature != _bucket.groups_signature(self, self._group_key)
+            or not plan.same_params(self.param_groups)
+        ):
+            return self._build_plan(journal), False
+        return plan, True
+
+    def _build_plan(self, journal: Journal) -> Plan:
+        """Buckets every param that has state, creating state for params that
+        got a gradient. Devices and dtypes are validated here, before the
+        first op call."""
+        buckets: dict = {}
+        stateless = []
+        for gi, group in enumerate(self.param_groups):
+            if _torch_path.uses_torch_path(group):
+                continue  # stepped by torch.optim's code (_torch_path.py)
+            mode = self._mode(group)
+            names = self._state_names(mode)
+            for pi, param in enumerate(group["params"]):
+                state = self.state[param] if param in self.state else None
+                has_grad = param.grad is not None
+                if not has_grad and not state:
+                    stateless.append(param)
+                    continue
+                if has_grad:
+                    # (torch.optim skips gradless params whatever they are)
+                    self._check_param(param, group, gi, pi)
+                precision = precision_of(group, real_dtype(param))
+                if has_grad:
+                    state, is_new = self._ready_state(param, group, precision, journal)
+                else:
+                    is_new = False
+                    self._conform_state(param, group, precision, state, journal)
+                key = (param.device, param.dtype, mode, precision)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = Bucket(
+                        param.device,
+                        param.dtype,
+                        mode,
+                        state_names=names,
+                        has_step=self._keeps_step(group),
+                        precision=precision,
+                    )
+                if is_new:
+                    bucket.new_state.append(len(bucket.params))
+                bucket.params.append(param)
+                bucket.state_dicts.append(state)
+                bucket.group_index.append(gi)
+                bucket.positions.append((gi, pi))
+        plan = Plan(
+            list(buckets.values()),
+            stateless,
+            _bucket.groups_signature(self, self._group_key),
+            [tuple(group["params"]) for group in self.param_groups],
+        )
+        self._plan = plan
+        return plan
+
+    def _check_param(self, param, group, gi, pi) -> None:
+        name = type(self).__name__
+        where = f"fused_optim.{name}: param {pi} of param group {gi}"
+        if not (param.is_floating_point() or param.is_complex()):
+            raise ValueError(
+                f"{where} has dtype {param.dtype}; only floating point and complex "
+                "params are supported"
+            )
+        if param.is_complex() and param.dtype == torch.complex32:
+            raise ValueError(f"{where} is complex32, which is not supported")
+        require_device_supported(param.device, name)
+        state_dtype = group.get("state_dtype")
+        real = real_dtype(param)
+        if state_dtype is not None and state_dtype != real and (
+            param.is_complex() or real == torch.float64
+        ):
+            raise ValueError(
+                f"{where} has dtype {param.dtype}, whose state stays in {real}; "
+                f"state_dtype={state_dtype} is for float32, float16 and bfloat16 params"
+            )
+        if group.get("stochastic_rounding") and real == torch.float16:
+            raise ValueError(
+                f"{where} is float16: stochastic_rounding is implemented for bfloat16 "
+                "params (use master_weights=True for float16)"
+            )
+
+    def _ready_state(self, param, group, precision: Precision, journal: Journal) -> tuple[dict, bool]:
+        """The state of a param about to be stepped: missing state created
+        (``_init_state``) and all of it brought to the group's precision
+        options (``_conform_state``), through ``journal``. Returns (its
+        state dict, whether the op must treat the state as new)."""
+        state = self.state[param] if param in self.state else {}
+        is_new = False
+        if self._needs_state_for(group, state, precision):
+            state = journal.state_for(param)
+            is_new = self._init_state(param, group, state, state_dtype_of(param, precision))
+        self._conform_state(param, group, precision, state, journal)
+        return state, is_new
+
+    def _conform_state(self, param, group, precision: Precision, state, journal: Journal) -> None:
+        """Brings a param's existing state to the group's precision options:
+        state tensors to the state dtype, the float32 master copy created
+        from the param where master weights are on (a checkpoint of
+        torch.optim has none) and dropped where they are off, the step
+        counter to the device the op reads it on. Through ``journal``, so a
+        step that then fails takes it all back."""
+        dtype = state_dtype_of(param, precision)
+        for key, value in list(state.items()):
+            if key in ("step", "master_param") or not isinstance(value, torch.Tensor):
+                continue
+            if value.dtype != dtype:
+                journal.set(state, key, value.to(dtype))
+        if precision.master_weights:
+            if "master_param" not in state:
+                journal.set(state, "master_param", param.detach().to(torch.float32, copy=True))
+        else:
+            journal.pop(state, "master_param")
+        step = state.get("step")
+        if isinstance(step, torch.Tensor) and (
+            step.device != step_device(param) or not step.is_floating_point()
+        ):
+            # (torch accepts an integer counter, e.g. hand-edited: made float32)
+            journal.set(state, "step", step.to(step_device(param), torch.float32))
+
+
+def step_device(param) -> torch.device:
+    # The CPU kernels read the counters on the host; the CUDA kernels on the
+    # device (no sync for AMP's skipped steps; capturable).
+    return torch.device("cpu") if param.device.type == "cpu" else param.device
+
+
+def step_dtype() -> torch.dtype:
+    # torch.optim's choice (optimizer._get_scalar_dtype): float64 when the
+    # default dtype is float64, else float32. Never fp16/bf16: a bf16 counter
+    # freezes at 256.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def new_step(device=None) -> torch.Tensor:
+    """A new step counter: 0-d, float32 (float64 under a float64 default
+    dtype, as torch.optim) on the CPU for CPU params; float32 on the
+    param's device for other devices (as torch's fused optimizers)."""
+    if device is None or torch.device(device).type == "cpu":
+        return torch.zeros((), dtype=step_dtype())
+    return torch.zeros((), dtype=torch.float32, device=device)
+

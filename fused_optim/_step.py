@@ -1,0 +1,344 @@
+"""The step protocol of every fused optimizer (a mixin of FusedOptimizer):
+plan, validate every call, then make them; one op call per bucket.
+
+Note [validate before mutating]
+A step that raises leaves every param, gradient, state tensor, step counter
+and group option as it was (torch.optim does not: its Adam updates the
+first group before it notices a sparse gradient in the second). The ops
+check all of their inputs before writing any; with more than one call per
+step every call is checked first (the op's own checks, run alone: Note
+[validate only] in csrc/op_inputs.h), then all are made. What the step
+changes before its first write (state created for new params, state
+brought to the precision options) goes through a journal (_journal.py)
+and is taken back if the step raises.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.optim.optimizer import _use_grad_for_differentiable
+
+from fused_optim import _bucket, _ops, _torch_path
+from fused_optim._build import require_device_supported
+from fused_optim._bucket import Bucket, Plan, Precision
+from fused_optim._journal import Journal
+from fused_optim._keywords import check_torch_path_precision, to_float
+from fused_optim._ops import GroupArguments, OpCall, OpExtras
+from fused_optim._state import OptimizerState
+
+
+class StepProtocol:
+    """``step()`` and what it runs (see the module docstring)."""
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if torch.compiler.is_compiling():
+            self._traced_step()
+            return loss
+        if type(self.state) is not OptimizerState:
+            # (replaced by the user or a wrapper: see _state.py)
+            self.state = OptimizerState(self.state)
+        journal = Journal(self.state)
+        try:
+            self._step(journal)
+        except BaseException:
+            # Note [validate before mutating]: take back what this step
+            # changed before it raised (state made, precision conversions).
+            journal.undo()
+            self._plan = None
+            raise
+        return loss
+
+    def _step(self, journal: Journal) -> None:
+        plan, cached = self._current_plan(journal)
+        if any(p.grad is not None for p in plan.stateless):
+            plan, cached = self._build_plan(journal), False
+        progress = {"written": False}
+        try:
+            self._apply(plan, progress)
+        except RuntimeError:
+            if progress["written"] or not cached:
+                raise
+            # Note [stale plans]: a cached plan whose call is refused may
+            # predate a change to a param (its dtype, device or memory)
+            # that the plan's signature does not see. Nothing was written:
+            # plan afresh and try once more; a real error raises again.
+            self._apply(self._build_plan(journal), progress)
+
+    # Note [stale plans]
+    # The plan is cached on what can be checked in O(groups) per step (the
+    # groups, their options, the number of params with state). A param
+    # changed behind the optimizer's back (``p.data = p.data.double()``,
+    # ``model.to(...)``, a param rebound to other memory) is not seen there;
+    # it is seen by the op, which refuses a call whose tensors do not fit
+    # together (dtype, device, shape, overlap) before writing anything. A
+    # refused call of a cached plan therefore rebuilds the plan and runs
+    # again. Checking every param's dtype each step would cost about as
+    # much as the rest of a small step.
+
+    def _apply(self, plan: Plan, progress: dict) -> None:
+        """Validates every call of ``plan`` (and the groups stepped by
+        torch's code) before the first write, then makes them; sets
+        ``progress["written"]`` before writing."""
+        torch_groups = [
+            (gi, g) for gi, g in enumerate(self.param_groups) if _torch_path.uses_torch_path(g)
+        ]
+        for gi, group in torch_groups:
+            self._check_torch_group(gi, group)
+        group_args = self._group_arguments()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        calls = []
+        for bucket in plan.buckets:
+            grads, complete = _bucket.gather_grads(bucket.params)
+            if not complete:
+                bucket, grads = _bucket.select(bucket, grads)
+            if bucket.params:
+                # Only buckets that are stepped need kernels: torch.optim
+                # skips gradient-less params whatever their device.
+                require_device_supported(bucket.device, type(self).__name__)
+                calls.append((bucket, grads))
+        amp_on_device = {}  # device -> (grad_scale, found_inf) there
+
+        def extras(bucket: Bucket) -> OpExtras:
+            amp = amp_on_device.get(bucket.device)
+            if amp is None:
+                amp = amp_on_device[bucket.device] = tuple(
+                    None if t is None else t.to(bucket.device, non_blocking=True)
+                    for t in (grad_scale, found_inf)
+                )
+            return OpExtras(bucket.master_params(), *amp, bucket.precision.stochastic_rounding)
+
+        prepared = None  # [(dense call or None, sparse parts)], all validated
+        if len(calls) > 1 or torch_groups:
+            # Note [validate before mutating]: every call is checked (the
+            # op's own checks, Note [validate only]) before any writes.
+            prepared = [self._prepare(bucket, grads, group_args, extras) for bucket, grads in calls]
+        sparse = []
+        skipped = None  # whether AMP skipped this step, if asked
+        try:
+            if prepared is None and calls:
+                # One call: the op checks everything before it writes, so
+                # it is its own validation (no second pass over the lists).
+                bucket, grads = calls[0]
+                try:
+                    self._launch(bucket, grads, group_args, extras(bucket))
+                    progress["written"] = True
+                except RuntimeError:
+                    # Nothing was written. Sparse gradients land here too:
+                    # finding them up front would cost a Python check per
+                    # tensor per step.
+                    prepared = [self._prepare(bucket, grads, group_args, extras)]
+            for dense, sparse_here in prepared or ():
+                progress["written"] = True
+                if dense is not None:
+                    self._launch(*dense, group_args, extras(dense[0]))
+                sparse += sparse_here
+        finally:
+            for bucket in plan.buckets:
+                if bucket.new_state and found_inf is not None:
+                    # State made for a step that AMP skipped is still new
+                    # (SGD's first momentum step must take the gradient as
+                    # is). Read only in a param's first step: no sync after.
+                    if skipped is None:
+                        skipped = bool(found_inf.item())
+                    if skipped:
+                        continue
+                bucket.new_state.clear()
+        progress["written"] = True
+        for group, params, grads, is_new in sparse:
+            self._sparse_step(group, params, grads, is_new)
+        if torch_groups:
+            _torch_path.torch_step(self, [group for _, group in torch_groups])
+
+    def _prepare(self, bucket: Bucket, grads: list, group_args, extras) -> tuple:
+        """Checks one call without writing anything: returns (the dense call
+        or None, [(group, params, grads, is_new)] of its sparse gradients),
+        or raises, naming the group and param where it can."""
+        try:
+            self._launch(bucket, grads, group_args, extras(bucket), validate=True)
+            return (bucket, grads), []
+        except RuntimeError:
+            if not (self._supports_sparse and any(g.is_sparse for g in grads)):
+                self._check_call(bucket, grads)  # a friendlier message
+                raise
+        dense, sparse = self._split_sparse(bucket, grads)
+        if dense is not None:
+            try:
+                self._launch(*dense, group_args, extras(dense[0]), validate=True)
+            except RuntimeError:
+                self._check_call(*dense)
+                raise
+        return dense, sparse
+
+    def _check_torch_group(self, gi: int, group) -> None:
+        """Validates a group that torch.optim's step will update, before
+        anything is written (torch's own checks run again inside)."""
+        check_torch_path_precision(type(self).__name__, group)
+        for pi, param in enumerate(group["params"]):
+            if param.grad is not None:
+                self._check_grad(gi, pi, param, param.grad)
+
+    def _op_lists(self, bucket: Bucket, grads: list) -> tuple[list, list, list]:
+        """(params, grads, [state list per name]) as the op takes them:
+        complex tensors as real views, like torch.optim's view_as_real."""
+        params = bucket.params
+        states = bucket.state_lists()
+        if bucket.is_complex:
+            params = _bucket.as_real(params)
+            grads = _bucket.as_real(grads)
+            states = [_bucket.as_real(s) for s in states]
+        return params, grads, states
+
+    def _learning_rates(self) -> tuple[list, bool]:
+        """(each group's lr, whether they are tensors). The lrs go as tensors
+        when every group's lr is a tensor on an accelerator: the kernel reads
+        them there, so the step needs no host sync and a captured CUDA graph
+        sees the scheduler's updates. Otherwise as floats."""
+        lrs = [g["lr"] for g in self.param_groups]
+        on_device = [isinstance(lr, torch.Tensor) and lr.device.type != "cpu" for lr in lrs]
+        if all(on_device):
+            return lrs, True
+        if any(on_device):
+            raise ValueError(
+                f"fused_optim.{type(self).__name__}: some param groups have their lr as a "
+                "tensor on an accelerator and others not; give every group's lr as a tensor "
+                "on the params' device (read by the kernel, capturable) or none"
+            )
+        return list(map(to_float, lrs)), False
+
+    def _group_arguments(self) -> GroupArguments:
+        """The per-group arguments of this step's op calls, read once."""
+        groups = self.param_groups
+        lr, tensor_lr = self._learning_rates()
+        per_group = [self._hyperparameters(g) for g in groups]
+        signature = _ops.SIGNATURES[self._op_name]
+        return GroupArguments(
+            lr,
+            tensor_lr,
+            {name: list(map(operator.itemgetter(name), per_group)) for name in signature.hyperparameters},
+            {name: [bool(g.get(name, False)) for g in groups] for name in signature.group_flags},
+        )
+
+    def _op_call(self, bucket: Bucket, grads: list, group_args: GroupArguments,
+                 extras: OpExtras) -> OpCall:
+        """One bucket's op call."""
+        params, grads, states = self._op_lists(bucket, grads)
+        return self._op_call_of(bucket.mode, bucket.state_names, params, grads, states,
+                                bucket.steps(), bucket.group_index, bucket.new_state,
+                                group_args, extras)
+
+    def _op_call_of(self, mode, state_names, params, grads, states, steps, group_index,
+                    new_state, group_args: GroupArguments, extras: OpExtras) -> OpCall:
+        """The op call of aligned lists (``states``: one list per name of
+        ``state_names``); the op's schema names every argument
+        (_ops.OpSignature)."""
+        args = _ops.SIGNATURES[self._op_name].arguments(
+            params=params,
+            grads=grads,
+            states=dict(zip(map(_ops.state_list_name, state_names), states)),
+            master_params=extras.master_params,
+            steps=steps,
+            group_index=group_index,
+            lr=group_args.lr,
+            hyper=group_args.hyper,
+            group_flags=group_args.flags,
+            new_state=new_state,
+            grad_scale=extras.grad_scale,
+            found_inf=extras.found_inf,
+            modes=self._op_modes(mode),
+            stochastic_rounding=extras.stochastic_rounding,
+        )
+        return OpCall(self._op_name, group_args.tensor_lr, args)
+
+    def _launch(self, bucket: Bucket, grads: list, group_args: GroupArguments, extras: OpExtras,
+                validate: bool = False) -> None:
+        """Calls the op on one bucket, through fused_optim._C (the same
+        kernel as torch.ops.fused_optim.<op>, with a cheaper crossing for
+        thousands of tensors: Note [fast op call] in
+        csrc/python_module.cpp); with ``validate``, only its checks."""
+        call = self._op_call(bucket, grads, group_args, extras)
+        (_ops.call_validate if validate else _ops.call_fast)(call)
+
+    def _split_sparse(self, bucket: Bucket, grads: list):
+        """Splits one call into (its dense part or None, [(group, params,
+        grads, is_new)] of its sparse part), validating both before either
+        runs."""
+        self._check_sparse_options(bucket)
+        dense = [None if g.is_sparse else g for g in grads]
+        new_state = set(bucket.new_state)
+        by_group = {}
+        for i, g in enumerate(grads):
+            if g.is_sparse:
+                gi, pi = bucket.positions[i]
+                group = self.param_groups[gi]
+                self._check_grad(gi, pi, bucket.params[i], g)
+                self._check_sparse(group, bucket.params[i], g)
+                entry = by_group.setdefault(gi, (group, [], [], []))
+                entry[1].append(bucket.params[i])
+                entry[2].append(g)
+                entry[3].append(i in new_state)
+        sub, sub_grads = _bucket.select(bucket, dense)
+        if not sub.params:
+            return None, list(by_group.values())
+        return (sub, sub_grads), list(by_group.values())
+
+    def _check_sparse_options(self, bucket: Bucket) -> None:
+        """Sparse gradients go through torch's unfused code, which has no
+        AMP unscale, master weights or other storage precision."""
+        name = type(self).__name__
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError(
+                f"fused_optim.{name}: sparse gradients are not supported with torch.amp.GradScaler"
+            )
+        if bucket.precision != Precision(False, bucket.dtype, False):
+            raise RuntimeError(
+                f"fused_optim.{name}: sparse gradients are not supported with "
+                "master_weights, state_dtype or stochastic_rounding"
+            )
+
+    def _check_call(self, bucket: Bucket, grads: list) -> None:
+        """Python-side validation of one call, with messages that name the
+        param group and the param. Mirrors the op's own checks."""
+        for i, (param, grad) in enumerate(zip(bucket.params, grads)):
+            gi, pi = bucket.positions[i]
+            self._check_grad(gi, pi, param, grad)
+            if grad.is_sparse:
+                self._check_sparse_options(bucket)
+                self._check_sparse(self.param_groups[gi], param, grad)
+
+    def _check_grad(self, gi: int, pi: int, param, grad) -> None:
+        """Raises if ``grad`` cannot update ``param`` (param ``pi`` of group
+        ``gi``): sparse where unsupported, or a layout, dtype, shape or
+        device that differs from the param's."""
+        name = type(self).__name__
+        where = f"param {pi} of param group {gi}"
+        if grad.is_sparse and not self._supports_sparse:
+            raise RuntimeError(
+                f"fused_optim.{name} does not support sparse gradients ({where})"
+                + (", please consider SparseAdam instead" if "Adam" in name else "")
+            )
+        for mismatch in (
+            not grad.is_sparse and grad.layout != torch.strided
+            and f"has layout {grad.layout}; only dense gradients are supported",
+            grad.dtype != param.dtype
+            and f"has dtype {grad.dtype} but the param has dtype {param.dtype}",
+            grad.shape != param.shape
+            and f"has shape {tuple(grad.shape)} but the param has shape {tuple(param.shape)}",
+            grad.device != param.device
+            and f"is on {grad.device} but the param is on {param.device}",
+        ):
+            if mismatch:
+                raise RuntimeError(f"fused_optim.{name}: the gradient of {where} {mismatch}")
