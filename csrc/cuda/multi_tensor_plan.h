@@ -128,9 +128,10 @@ struct MultiTensorArgs {
 };
 
 // Slots of the per-launch hyperparameter table. Why this budget: about a
-// sixth of the parameter space, so 8-11 sets (48-64 bytes each) fit beside
-// 40-70 tensors; a launch then covers that many param groups (e.g.
-// layer-wise learning rates) before a new one starts.
+// sixth of the parameter space, so 10-11 sets (56-64 bytes each) fit beside
+// 42-61 tensors (csrc/cuda/README.md, "Tensors per launch"); a launch then
+// covers that many param groups (e.g. layer-wise learning rates) before a
+// new one starts.
 template <typename Hyper>
 constexpr int max_hyper_slots() {
   constexpr size_t kBudgetBytes = 640;

@@ -29,7 +29,7 @@ batches of 64 from the digits data, cross-entropy:
   default), interleaved in blocks, timing only ``optimizer.step()``; the
   implementation with the lowest median step time is used. The report
   lists each family's times and the one chosen.
-* Timing (the protocol of ``fused_optim/bench.py``): both sides are warmed
+* Timing (the protocol of ``fused_optim/bench/``): both sides are warmed
   up (a step, three steps timed one by one, whose median on the sequential
   side sets the block size unless ``--steps`` does: ~0.15 s of sequential
   training; then one untimed block each), then lockstep blocks and
