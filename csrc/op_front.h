@@ -197,10 +197,17 @@ std::vector<const char*> hyper_names() {
                                   std::end(Spec::kHyper));
 }
 
+constexpr bool same_name(const char* a, const char* b) {
+  return *a == *b && (*a == '\0' || same_name(a + 1, b + 1));
+}
+
+// The position of "weight_decay" in the spec's hyperparameters (every op has
+// one: hyperparams.h).
 template <typename Spec>
-size_t weight_decay_index() {
+constexpr size_t weight_decay_index() {
+  constexpr size_t kCount = count_of(Spec::kHyper);
   size_t k = 0;
-  while (std::string(Spec::kHyper[k]) != "weight_decay") ++k;
+  while (k < kCount && !same_name(Spec::kHyper[k], "weight_decay")) ++k;
   return k;
 }
 
@@ -256,6 +263,8 @@ std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
   out.found_inf = call.found_inf;
   out.lists = std::move(checked.lists);
   if constexpr (Spec::kDecoupledDecay) {
+    static_assert(weight_decay_index<Spec>() < count_of(Spec::kHyper),
+                  "an op with decoupled decay needs a weight_decay hyperparameter");
     out.replaced_grads =
         grads_read_after_decoupled_decay(call, weight_decay_index<Spec>());
     if (!out.replaced_grads.empty()) out.lists[1].tensors = out.replaced_grads;

@@ -55,4 +55,6 @@ def check_torch_path_precision(name: str, group) -> None:
 
 def to_float(value) -> float:
     """A hyperparameter as a Python float (torch allows 1-element tensors)."""
+    if type(value) is float:  # (the usual case, read every step)
+        return value
     return value.item() if isinstance(value, torch.Tensor) else float(value)

@@ -28,7 +28,7 @@ import torch
 
 from fused_optim import _C
 
-OP_NAMES = ("adam_", "sgd_", "adagrad_", "rmsprop_")
+OP_NAMES = tuple(_C.OP_NAMES)  # (op_specs.h's FO_FOR_EACH_OP)
 OVERLOADS = ("default", "tensor_lr")
 
 

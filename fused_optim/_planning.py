@@ -11,7 +11,7 @@ from fused_optim import _bucket, _torch_path
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._journal import Journal
-from fused_optim._precision import precision_of, real_dtype, state_dtype_of
+from fused_optim._precision import is_legal_storage, precision_of, real_dtype, state_dtype_of
 
 
 class Planning:
@@ -76,6 +76,7 @@ class Planning:
             stateless,
             _bucket.groups_signature(self, self._group_key),
             [tuple(group["params"]) for group in self.param_groups],
+            [gi for gi, group in enumerate(self.param_groups) if _torch_path.uses_torch_path(group)],
         )
         self._plan = plan
         return plan
@@ -94,7 +95,7 @@ class Planning:
         state_dtype = group.get("state_dtype")
         real = real_dtype(param)
         if state_dtype is not None and state_dtype != real and (
-            param.is_complex() or real == torch.float64
+            param.is_complex() or not is_legal_storage(real, precision_of(group, real))
         ):
             raise ValueError(
                 f"{where} has dtype {param.dtype}, whose state stays in {real}; "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from fused_optim import _C
 from fused_optim._bucket import Precision
 
 # Group options of ours (not torch.optim's) that every fused optimizer takes.
@@ -30,6 +31,23 @@ def check_precision_keywords(master_weights, state_dtype, stochastic_rounding) -
         "state_dtype": state_dtype,
         "stochastic_rounding": bool(stochastic_rounding),
     }
+
+
+# Every legal (param dtype, state dtype, master weights, stochastic
+# rounding) of an op call: the one table the kernels and their checks use
+# (csrc/include/fused_optim/storage_table.h), read from the extension.
+_DTYPE_OF_NAME = {"float32": torch.float32, "float64": torch.float64,
+                  "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORAGE_TABLE = frozenset(
+    (_DTYPE_OF_NAME[param], _DTYPE_OF_NAME[state], master, rounding)
+    for param, state, master, rounding in _C.storage_table()
+)
+
+
+def is_legal_storage(param_dtype: torch.dtype, precision: Precision) -> bool:
+    """Whether the kernels store params of ``param_dtype`` this way."""
+    return (param_dtype, precision.state_dtype, precision.master_weights,
+            precision.stochastic_rounding) in STORAGE_TABLE
 
 
 def precision_of(group, dtype: torch.dtype) -> Precision:

@@ -144,9 +144,10 @@ ONE_PER_OPTIMIZER = LARGE_CONFIGS
 assert sorted(c.name for c in ONE_PER_OPTIMIZER) == sorted(OPTIMIZER_NAMES)
 
 # Per-group overrides used by the multi-group tests: groups 2 and 3 differ
-# from the constructor defaults in numeric hyperparameters AND in the mode
-# flags (amsgrad, nesterov, centered, maximize, momentum on/off), which the
-# ops take per call, so the classes must split such groups across calls.
+# from the constructor defaults in numeric hyperparameters AND in the flags:
+# the mode flags (amsgrad, nesterov, centered, momentum on/off), which the ops
+# take per call, so the classes split such groups across calls, and the
+# per-group ones (maximize, decoupled_weight_decay), which one call carries.
 GROUP_OVERRIDES: dict[str, list[dict[str, Any]]] = {
     "SGD": [
         dict(lr=0.03, momentum=0.5, dampening=0.0, nesterov=True, weight_decay=0.05),

@@ -48,6 +48,7 @@ def test_help_lists_every_name_of_the_tables_and_the_run_time():
     ("--scale", "0"), ("--scale", "-0.5"), ("--scale", "nan"), ("--scale", "inf"),
     ("--scale", "big"),
     ("--threads", "0"), ("--threads", "-2"),
+    ("--sample-ms", "-1"), ("--sample-ms", "nan"), ("--sample-ms", "soon"),
     ("--optimizers", "adamx"), ("--optimizers", ","), ("--optimizers", "adam,lion"),
     ("--workloads", "huge"),
     ("--precisions", "fp16"), ("--precisions", "mixed,fp8"), ("--dtypes", ""),
@@ -61,6 +62,10 @@ def test_invalid_values_are_rejected_naming_the_option(option, value, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert re.search(rf"argument [-/\w]*{re.escape(option)}", err), err
+
+
+def test_one_step_per_sample_when_asked():
+    assert cli.parse_args(["--sample-ms", "0"]).sample_ms == 0.0
 
 
 def test_valid_limits_and_defaults():
@@ -232,6 +237,13 @@ def test_tiny_run_writes_json_markdown_and_plot_with_progress(tmp_path, monkeypa
     assert (run["repeats"], run["warmup"], run["threads"]) == (3, 1, 1)
     by_impl = {r["impl"]: r for r in run["results"]}
     assert {"fused_optim", *PEERS} - {"deepspeed"} <= set(by_impl)
+    # A sample is >= 5 ms of back-to-back steps: one step of this tiny
+    # workload takes well under that, so each sample is several steps, the
+    # same count for every implementation, and the times are per step.
+    assert len({r["steps_per_sample"] for r in by_impl.values()}) == 1
+    assert by_impl["fused_optim"]["steps_per_sample"] > 1
+    ours = by_impl["fused_optim"]
+    assert ours["median_s"] * ours["steps_per_sample"] >= 0.5 * 5e-3
     for impl, result in by_impl.items():
         assert len(result["times_s"]) == 3 and result["median_s"] > 0
         assert result["bandwidth_fraction_per_round"] > 0
@@ -243,3 +255,18 @@ def test_tiny_run_writes_json_markdown_and_plot_with_progress(tmp_path, monkeypa
     assert (tmp_path / "run.png").read_bytes().startswith(b"\x89PNG")
     svg = (tmp_path / "run.svg").read_text()
     assert "<svg" in svg and "median step time (ms)" in svg
+
+
+def test_every_benchmark_precision_is_in_the_storage_table():
+    # One table of legal storage (storage_table.h); the benchmark's named
+    # precisions must all be in it.
+    from fused_optim._bucket import Precision as Storage
+    from fused_optim._precision import STORAGE_TABLE, is_legal_storage
+    from fused_optim.bench.specs import PRECISIONS
+
+    assert (torch.float64, torch.bfloat16, False, False) not in STORAGE_TABLE
+    assert (torch.float16, torch.float16, False, True) not in STORAGE_TABLE
+    assert (torch.bfloat16, torch.float32, True, False) in STORAGE_TABLE
+    for name, p in PRECISIONS.items():
+        storage = Storage(p.master_weights, p.resolved_state_dtype, p.stochastic_rounding)
+        assert is_legal_storage(p.param_dtype, storage), name

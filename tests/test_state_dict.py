@@ -479,3 +479,43 @@ def test_loaded_state_with_other_strides_than_param(cfg, device):
     for s in range(3, 7):
         _step((ref, ours), s)
         assert_runs_close(ours, ref, f"{cfg} step {s}")
+
+
+@ONE_EACH
+def test_step_hooks_rewrite_arguments_and_global_post_hook_runs(cfg, device):
+    # Note [lean step wrapper]: with any hook registered, torch's own wrapper
+    # runs, so a pre-hook may replace the step's arguments as in torch.optim.
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    _, ours = _pair(cfg, device)
+    calls = []
+
+    def closure():
+        calls.append("closure")
+        return torch.tensor(1.0)
+
+    h1 = ours.opt.register_step_pre_hook(lambda opt, args, kwargs: (args, {"closure": closure}))
+    h2 = register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append(("post", kwargs)))
+    try:
+        ours.set_grads(0)
+        loss = ours.opt.step()
+        assert loss is not None and calls[0] == "closure", calls
+        assert calls[1] == ("post", {"closure": closure}), calls
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+@ONE_EACH
+def test_profiler_sees_the_step(cfg, device):
+    # The step shows in a profile under torch.optim's name, as torch's do;
+    # without a profiler (or hooks) the span is skipped (Note [lean step
+    # wrapper]).
+    _, ours = _pair(cfg, device)
+    ours.set_grads(0)
+    ours.opt.step()
+    with torch.profiler.profile() as prof:
+        ours.set_grads(1)
+        ours.opt.step()
+    name = f"Optimizer.step#{type(ours.opt).__name__}.step"
+    assert any(e.name == name for e in prof.events()), sorted({e.name for e in prof.events()})[:20]

@@ -33,4 +33,12 @@ template <typename Spec>
 cudaError_t launch(const MultiTensorArgs<typename Spec::Hyper>& args,
                    const CallModes& modes, cudaStream_t stream);
 
+// Each op's launcher, defined in its own .cu file.
+#define FO_DECLARE_LAUNCH(Spec)                                        \
+  template <>                                                          \
+  cudaError_t launch<Spec>(const MultiTensorArgs<Spec::Hyper>& args,   \
+                           const CallModes& modes, cudaStream_t stream);
+FO_FOR_EACH_OP(FO_DECLARE_LAUNCH)
+#undef FO_DECLARE_LAUNCH
+
 }  // namespace fused_optim::cuda

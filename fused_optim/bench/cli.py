@@ -31,6 +31,10 @@ from fused_optim.bench.workloads import WORKLOADS, describe_workload
 
 DEFAULT_REPEATS = {"cpu": 45, "cuda": 51}
 DEFAULT_WARMUP = 3
+# A timed sample is a run of back-to-back steps at least this long (the
+# first step of each sample pays what the other implementations left in
+# the caches): steady-state steps, as a training loop runs them.
+DEFAULT_SAMPLE_MS = 5.0
 
 # --------------------------------------------------------------------------
 # Values: each option's parser, so that argparse names the option in errors
@@ -55,6 +59,13 @@ def non_negative_int(text: str) -> int:
     value = number(text, int, "an integer")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = number(text, float, "a number")
+    if not (math.isfinite(value) and value >= 0):  # (nan >= 0 is False too)
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text!r}")
     return value
 
 
@@ -199,6 +210,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"{DEFAULT_REPEATS['cpu']} CPU, {DEFAULT_REPEATS['cuda']} CUDA)")
     parser.add_argument("--warmup", type=non_negative_int, default=DEFAULT_WARMUP,
                         help=f"untimed steps first (default: {DEFAULT_WARMUP})")
+    parser.add_argument("--sample-ms", type=non_negative_float, default=DEFAULT_SAMPLE_MS,
+                        help="a timed sample is this many ms of back-to-back steps of one "
+                             "implementation (the same number of steps for every implementation "
+                             "of a block, set from fused_optim's warm step); 0: one step per "
+                             f"sample, each after other implementations' steps (default: "
+                             f"{DEFAULT_SAMPLE_MS:g})")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads (default: torch's default)")
     parser.add_argument("--json", metavar="PATH", help="write results and metadata as JSON")

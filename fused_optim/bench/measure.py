@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import math
 import statistics
 import time
 from typing import Callable
@@ -37,7 +38,7 @@ class Result:
     tensors: int
     groups: int
     bytes_per_step: float
-    times_s: list[float]
+    times_s: list[float]  # per step: each sample's time / steps_per_sample
     bandwidth_gb_per_s: float  # the reference pass, interleaved with these steps
     # The reference pass's bandwidth in each round, in the order of times_s.
     round_bandwidths_gb_per_s: list[float]
@@ -51,6 +52,7 @@ class Result:
     # between about 55 and 85 GB/s) still gives the right fraction.
     bandwidth_fraction_per_round: float = 0.0
     peer_over_ours: float | None = None  # this impl's median / fused_optim's
+    steps_per_sample: int = 1  # back-to-back steps in each timed sample
 
     def summarize(self, ours_median: float | None) -> None:
         self.median_s = statistics.median(self.times_s)
@@ -136,11 +138,15 @@ def measure_block(block, pool, impls, session: Session) -> list[Result]:
     if not entries:
         return []
     configs = {impl: config_of(block, impl, steps) for impl, steps in entries.items()}
+    timer = timer_for(args.device)
+    steps_per_sample = samples_of(entries, args.sample_ms / 1e3, timer)
     entries[PROBE] = probe.passes
     session.progress.begin_rounds(args.repeats)
     times = interleaved_times(
-        entries, args.repeats, timer_for(args.device), after_round=session.progress.round_done
+        entries, args.repeats, timer, after_round=session.progress.round_done
     )
+    for impl in configs:
+        times[impl] = [t / steps_per_sample for t in times[impl]]
     del entries
     free_memory(args.device)  # the optimizer states, before the next block allocates its own
     probe_times = times.pop(PROBE)
@@ -158,8 +164,33 @@ def measure_block(block, pool, impls, session: Session) -> list[Result]:
     ]
     ours_median = statistics.median(times[OURS]) if OURS in times else None
     for result in results:
+        result.steps_per_sample = steps_per_sample
         result.summarize(ours_median)
     return results
+
+
+def samples_of(entries: dict[str, list[Callable]], sample_s: float, timer) -> int:
+    """Makes each entry's calls samples of back-to-back steps lasting at least
+    ``sample_s`` for fused_optim's warm step (the same count for every
+    implementation, so every sample moves the same bytes); returns the count."""
+    if sample_s <= 0 or OURS not in entries:
+        return 1
+    step = entries[OURS][0]
+    warm = statistics.median(timer(step) for _ in range(5))
+    count = max(1, math.ceil(sample_s / max(warm, 1e-9)))
+    if count > 1:
+        for impl, calls in entries.items():
+            entries[impl] = [_repeated(call, count) for call in calls]
+    return count
+
+
+def _repeated(step: Callable, count: int) -> Callable:
+    def steps():
+        for _ in range(count):
+            step()
+
+    steps.amp_path = getattr(step, "amp_path", None)
+    return steps
 
 
 def block_summary_line(position: str, block: Block, results: list[Result], seconds) -> str:

@@ -64,10 +64,10 @@ def peer_config(optimizer: str, precision_name: str) -> str:
 def summary_markdown(results: list) -> list[str]:
     peers = [p for p in PEERS if any(r.impl == p for r in results)]
     lines = [
-        "| optimizer | workload | precision | params | tensors | groups | B/elem | ours ms "
-        "| GB/s | ref GB/s | % BW | % BW per round | torch peers ran (B/elem) | "
+        "| optimizer | workload | precision | params | tensors | groups | B/elem | steps/sample "
+        "| ours ms | GB/s | ref GB/s | % BW | % BW per round | torch peers ran (B/elem) | "
         + " | ".join(f"vs {p}" for p in peers) + " |",
-        "|" + "---|" * (13 + len(peers)),
+        "|" + "---|" * (14 + len(peers)),
     ]
     for (optimizer, workload, precision), by_impl in results_by_block(results).items():
         ours = by_impl.get(OURS)
@@ -76,7 +76,7 @@ def summary_markdown(results: list) -> list[str]:
         ratios = [fmt_ratio(by_impl[p].peer_over_ours) if p in by_impl else "-" for p in peers]
         lines.append(
             f"| {optimizer} | {workload} | {precision} | {ours.numel / 1e6:.1f}M | {ours.tensors} "
-            f"| {ours.groups} | {ours.bytes_per_step / ours.numel:g} "
+            f"| {ours.groups} | {ours.bytes_per_step / ours.numel:g} | {ours.steps_per_sample} "
             f"| {ours.median_s * 1e3:.3f} | {ours.gb_per_s:.1f} "
             f"| {ours.bandwidth_gb_per_s:.1f} | {ours.bandwidth_fraction:.0%} "
             f"| {ours.bandwidth_fraction_per_round:.0%} "

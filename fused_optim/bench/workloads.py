@@ -85,10 +85,17 @@ def many_groups_workload(device: str, scale: float) -> Workload:
     return Workload("many-groups", groups)
 
 
+def tiny_workload(device: str, scale: float) -> Workload:
+    """4 tensors of 1,024 elements: the fixed cost of a step (small models, RL loops, lockstep search)."""
+    size = max(1, round(1024 * scale))
+    return Workload("tiny", [GroupSpec([(size,)] * 4)])
+
+
 WORKLOADS = {
     "large": large_workload,
     "many-small": many_small_workload,
     "many-groups": many_groups_workload,
+    "tiny": tiny_workload,
 }
 
 

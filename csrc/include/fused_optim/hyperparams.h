@@ -6,7 +6,8 @@
 // The CPU kernels derive the scalars on the host. The CUDA kernels derive
 // them ON THE DEVICE, per chunk: the step counters live on the GPU (so that
 // AMP's skipped steps and CUDA graph replays advance them without a host
-// sync), and so may the learning rate (`lr_tensors`, capturable steps). Same
+// sync), and so may the learning rate (the ops' `tensor_lr` overload: capturable
+// steps). Same
 // inputs, same functions, same bits (up to the device's double pow, see
 // csrc/cuda/README.md).
 //
@@ -48,7 +49,9 @@ FO_HOST_DEVICE FO_FORCE_INLINE double read_step(const void* data,
                    : static_cast<double>(*static_cast<const float*>(data));
 }
 
-// Each *Hyper: what one param group passes (the op's float[] lists at the
+// Each *Hyper has the fields `lr` (LrSource), `weight_decay` and `maximize`,
+// which the shared front (op_front.h) sets and reads for every op, besides
+// its own. Each *Hyper: what one param group passes (the op's float[] lists at the
 // group's index), `kStepsOptional` (whether the op's step counters may be
 // absent; the step kernel increments those given, and the main kernel reads
 // them, for the scalars and for the stochastic-rounding key; an absent
@@ -77,7 +80,7 @@ struct AdamHyper {
 // momentum buffer is new this step (`new_buffer`), so the host keys its
 // slots by (group, new_buffer). torch's SGD keeps no step counter; ours
 // exist only with stochastic rounding, whose bits must change from step to
-// step (ops.cpp). Without them the rounding key uses step 0.
+// step (op_schema.cpp). Without them the rounding key uses step 0.
 struct SgdHyper {
   static constexpr bool kStepsOptional = true;
   LrSource lr;

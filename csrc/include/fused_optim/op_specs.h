@@ -111,7 +111,9 @@ struct SgdSpec {
   static constexpr const char* kModes[] = {"nesterov"};
   static constexpr bool kDecoupledDecay = false;
   // Indices of the tensors whose momentum buffer is new this step: torch's
-  // SGD starts a buffer as the gradient itself (hyperparams.h).
+  // SGD starts a buffer as the gradient itself (hyperparams.h). A new-state
+  // list always refers to the op's first state list (kState[0]): it must be
+  // empty when that list is.
   static constexpr const char* kNewState = "new_momentum_buffers";
 
   static Hyper hyper(LrSource lr, const double* h) {
