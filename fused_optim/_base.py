@@ -19,6 +19,8 @@ file:
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.optim import Optimizer
 
@@ -30,6 +32,10 @@ from fused_optim._precision import PRECISION_DEFAULTS
 from fused_optim._state import OptimizerState
 from fused_optim._step import StepProtocol
 from fused_optim._traced import TracedStep
+
+
+# Per class: the reader of a group's raw key (FusedOptimizer._raw_group_key).
+_RAW_KEY_GETTERS: dict = {}
 
 
 class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer):
@@ -96,6 +102,38 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
             or (self._keeps_step(group) and "step" not in state)
             or (precision.master_weights and "master_param" not in state)
         )
+
+    # The group options ``_mode`` reads. With the implementation and
+    # precision options they make a group's raw key (``_raw_group_key``),
+    # compared each step at C speed before the derived ``_group_key``.
+    _mode_keys: tuple = ()
+    # The group option of each of the op's float hyperparameters, in the
+    # op's order, when each is a group option as is (None: read them with
+    # ``_hyperparameters``, or override ``_hyperparameter_lists``).
+    _hyperparameter_keys: tuple | None = None
+
+    def _raw_group_key(self, group) -> tuple:
+        """The raw options of a group that ``_group_key`` derives from, read
+        at C speed (those missing from this optimizer's defaults, e.g.
+        RMSprop's ``fused``, with ``get``)."""
+        getter = _RAW_KEY_GETTERS.get(type(self))
+        if getter is None:
+            keys = ("fused", "differentiable", *self._mode_keys, *PRECISION_DEFAULTS)
+            present = operator.itemgetter(*(k for k in keys if k in self.defaults))
+            absent = tuple(k for k in keys if k not in self.defaults)
+            getter = _RAW_KEY_GETTERS[type(self)] = (
+                (lambda g: (present(g), *map(g.get, absent))) if absent else present
+            )
+        return getter(group)
+
+    def _hyperparameter_lists(self, groups) -> list:
+        """One list per float hyperparameter of the op (its order), one
+        float per group: the per-step hot path of ``_hyperparameters``."""
+        keys = self._hyperparameter_keys
+        if keys is not None:
+            return [list(map(float, column)) for column in zip(*map(operator.itemgetter(*keys), groups))]
+        per_group = list(map(self._hyperparameters, groups))
+        return [list(column) for column in zip(*map(dict.values, per_group))]
 
     def _group_key(self, group) -> tuple:
         """Everything of a group that decides its buckets: the kernel mode

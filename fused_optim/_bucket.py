@@ -100,6 +100,8 @@ class Plan:
     # indices of the groups stepped by torch.optim's code (fused=False,
     # differentiable=True: _torch_path.py); part of the signature
     torch_groups: list
+    # the signature over the raw options (a fast first check; None: none)
+    raw_signature: tuple | None = None
 
     def same_params(self, param_groups) -> bool:
         """Whether every group still holds the planned params (by identity:

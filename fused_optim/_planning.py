@@ -20,13 +20,26 @@ class Planning:
     def _current_plan(self, journal: Journal) -> tuple[Plan, bool]:
         """(the plan, whether it is the cached one)."""
         plan = self._plan
-        if (
-            plan is None
-            or plan.signature != _bucket.groups_signature(self, self._group_key)
-            or not plan.same_params(self.param_groups)
-        ):
+        if plan is None:
+            return self._build_plan(journal), False
+        raw = self._raw_signature()
+        if raw is None or raw != plan.raw_signature:
+            # An option changed that may not change a bucket (a momentum
+            # schedule): the derived keys decide.
+            if plan.signature != _bucket.groups_signature(self, self._group_key):
+                return self._build_plan(journal), False
+            plan.raw_signature = raw
+        if not plan.same_params(self.param_groups):
             return self._build_plan(journal), False
         return plan, True
+
+    def _raw_signature(self) -> tuple | None:
+        """The plan's signature over the raw group options (C-speed reads),
+        or None if a group lacks one of them."""
+        try:
+            return _bucket.groups_signature(self, self._raw_group_key)
+        except KeyError:
+            return None
 
     def _build_plan(self, journal: Journal) -> Plan:
         """Buckets every param that has state, creating state for params that
@@ -77,6 +90,7 @@ class Planning:
             _bucket.groups_signature(self, self._group_key),
             [tuple(group["params"]) for group in self.param_groups],
             [gi for gi, group in enumerate(self.param_groups) if _torch_path.uses_torch_path(group)],
+            self._raw_signature(),
         )
         self._plan = plan
         return plan

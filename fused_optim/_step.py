@@ -274,17 +274,10 @@ class StepProtocol:
         groups = self.param_groups
         lr, tensor_lr = self._learning_rates()
         signature = _ops.SIGNATURES[self._op_name]
-        per_group = list(map(self._hyperparameters, groups))
-        if list(per_group[0]) != list(signature.hyperparameters):
-            raise RuntimeError(
-                f"fused_optim.{type(self).__name__}._hyperparameters gives {list(per_group[0])}; "
-                f"the op {self._op_name} takes {list(signature.hyperparameters)}, in that order"
-            )
         return GroupArguments(
             lr,
             tensor_lr,
-            # (one list per name: the dicts' values transposed)
-            dict(zip(signature.hyperparameters, map(list, zip(*map(dict.values, per_group))))),
+            dict(zip(signature.hyperparameters, self._hyperparameter_lists(groups))),
             {name: [bool(g.get(name, False)) for g in groups] for name in signature.group_flags},
         )
 

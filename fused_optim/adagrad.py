@@ -87,6 +87,8 @@ class Adagrad(FusedOptimizer):
             for param in group["params"]:
                 self.state[param]["sum"].share_memory_()
 
+    _hyperparameter_keys = ("lr_decay", "weight_decay", "eps")
+
     def _mode(self, group) -> tuple:
         return ()
 

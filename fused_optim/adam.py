@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from fused_optim import _docs
@@ -10,6 +12,8 @@ from fused_optim._keywords import check_implementation_keywords, to_float
 from fused_optim._precision import check_precision_keywords
 
 __all__ = ["Adam", "AdamW"]
+
+_BETAS_EPS_WD = operator.itemgetter("betas", "eps", "weight_decay")
 
 
 class Adam(FusedOptimizer):
@@ -101,6 +105,8 @@ class Adam(FusedOptimizer):
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("fused", None)
 
+    _mode_keys = ("amsgrad",)
+
     def _mode(self, group) -> tuple:
         return (bool(group["amsgrad"]),)
 
@@ -110,6 +116,11 @@ class Adam(FusedOptimizer):
     def _state_names(self, mode) -> tuple:
         amsgrad = mode[0]
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+
+    def _hyperparameter_lists(self, groups) -> list:
+        betas, eps, weight_decay = zip(*map(_BETAS_EPS_WD, groups))
+        beta1, beta2 = zip(*betas)
+        return [list(map(float, values)) for values in (beta1, beta2, eps, weight_decay)]
 
     def _hyperparameters(self, group) -> dict:
         beta1, beta2 = group["betas"]

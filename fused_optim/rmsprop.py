@@ -77,6 +77,9 @@ class RMSprop(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("capturable", False)
 
+    _mode_keys = ("centered", "momentum")
+    _hyperparameter_keys = ("alpha", "eps", "weight_decay", "momentum")
+
     def _mode(self, group) -> tuple:
         return (bool(group["centered"]), group["momentum"] > 0)
 

@@ -75,6 +75,9 @@ class SGD(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)  # (torch: False; None is our fused step)
 
+    _mode_keys = ("momentum", "nesterov")
+    _hyperparameter_keys = ("momentum", "dampening", "weight_decay")
+
     def _mode(self, group) -> tuple:
         uses_momentum = group["momentum"] != 0
         # (a group may set momentum 0 under a nesterov default: torch then
