@@ -15,7 +15,10 @@ hyperparameters, which torch.optim cannot give one stacked tensor):
 - Configuration k is param group k of a fused optimizer, and its params are
   views ``stacked[k]`` with gradients ``stacked.grad[k]``: one op call
   updates every tensor of every configuration that uses that optimizer, each
-  with its own group's hyperparameters. No copies, no new kernel.
+  with its own group's hyperparameters. No copies, no new kernel. AdamW
+  configurations are groups of the Adam optimizer with
+  ``decoupled_weight_decay=True`` (and AdamW's default weight decay): the
+  op takes the decay mode per group, so Adam and AdamW share its calls.
 - Dropping configurations (divergence, successive halving) keeps the rows of
   the others (``index_select``) and moves their optimizer state over
   unchanged, so the remaining steps cost less and the kept configurations
@@ -36,12 +39,15 @@ MLP skips vmap too (stacked.py).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+
+import fused_optim
 
 from fused_optim.sweep import stacked
 from fused_optim.sweep.space import Config, make_configs
@@ -90,6 +96,16 @@ class _Scaled:
     def step(self) -> None:
         self.t += 1
         self.group["lr"] = self.base * self.factor(self.t)
+
+
+def _optimizer_of(config: Config) -> tuple[type, dict]:
+    """The fused optimizer class that steps ``config``'s group, and the
+    group options that make it behave as the configuration's own class:
+    AdamW is Adam with decoupled decay and AdamW's default weight decay."""
+    if config.optimizer_class is fused_optim.AdamW:
+        weight_decay = inspect.signature(fused_optim.AdamW).parameters["weight_decay"].default
+        return fused_optim.Adam, {"weight_decay": weight_decay, "decoupled_weight_decay": True}
+    return config.optimizer_class, {}
 
 
 def _schedule(config: Config, group: dict, total_steps: int):
@@ -199,24 +215,23 @@ class Lockstep:
             for views, k in zip(per_slot, range(len(self.configs))):
                 for view, t in zip(views, self.params.values()):
                     view.grad = t.grad[k]
-        groups_of: dict[str, list] = {}
+        groups_of: dict[type, list] = {}
         self.groups: list[dict] = []
         for k, config in enumerate(self.configs):
+            cls, options = _optimizer_of(config)
             if previous is not None:
                 group = previous["groups"][k]
                 group["params"] = per_slot[k]
             else:
-                group = {"params": per_slot[k], **config.kwargs}
-            groups_of.setdefault(config.optimizer, []).append(group)
+                group = {"params": per_slot[k], **options, **config.kwargs}
+            groups_of.setdefault(cls, []).append(group)
             self.groups.append(group)
-        optimizers = {}
-        for name, groups in groups_of.items():
-            cls = next(c for c in self.configs if c.optimizer == name).optimizer_class
-            optimizers[name] = cls(groups)
+        optimizers = {cls: cls(groups) for cls, groups in groups_of.items()}
         if previous is not None:
             for k, config in enumerate(self.configs):
-                old_state = previous["optimizers"][config.optimizer].state
-                new_state = optimizers[config.optimizer].state
+                cls, _ = _optimizer_of(config)
+                old_state = previous["optimizers"][cls].state
+                new_state = optimizers[cls].state
                 for old, new in zip(previous["views"][k], per_slot[k]):
                     if old in old_state:
                         new_state[new] = old_state[old]
@@ -229,6 +244,11 @@ class Lockstep:
         if any("clip_grad_norm" in c.run for c in self.configs):
             limits = [c.run.get("clip_grad_norm", math.inf) for c in self.configs]
             self._clip = torch.tensor(limits, dtype=torch.float32, device=self.device)
+
+    def optimizer_of(self, k: int):
+        """The fused optimizer that steps configuration k (its param group
+        is ``self.groups[k]``)."""
+        return self.optimizers[_optimizer_of(self.configs[k])[0]]
 
     def keep(self, slots: list[int]) -> None:
         """Keeps only the configurations in ``slots`` (positions in
