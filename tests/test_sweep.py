@@ -915,3 +915,47 @@ def test_over_seeds_ranks_configurations_by_their_mean_over_initializations():
         assert len({tuple(r.state_dict["0.weight"].flatten()[:3].tolist()) for r in members}) == 3
     best_lr = min(means, key=means.get)
     assert f"lr={best_lr:.3g} " in table[2] + " " and table[2].startswith("1 ")
+
+
+class _WithUnusedParam(nn.Module):
+    """A model with a param the loss never reaches (a frozen branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(8, 4)
+        self.unused = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_a_param_the_loss_does_not_reach_is_left_alone_as_in_a_plain_loop():
+    # zero_grad(set_to_none=True) leaves such a param without a gradient, so
+    # torch.optim skips it (no weight decay either); lockstep must too.
+    torch.manual_seed(0)
+    model = _WithUnusedParam()
+    specs = [{"optimizer": "AdamW", "lr": 1e-2, "weight_decay": 0.5},
+             {"optimizer": "SGD", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}]
+    x = torch.randn(64, 8)
+    y = torch.randint(0, 4, (64,))
+    batches = list(zip(x.split(16), y.split(16)))
+    lockstep, _ = train_lockstep(model, specs, batches)
+    for k, spec in enumerate(specs):
+        alone = train_alone(model, spec, batches)
+        assert_like_alone(lockstep, k, alone)
+        assert torch.equal(lockstep.state_dict(k)["unused.weight"], model.unused.weight)
+        assert lockstep.views[k][2].grad is None  # (unused.weight)
+
+
+def test_set_slice_grads_refuses_gradients_that_do_not_fit():
+    from fused_optim import _C
+
+    views = [[torch.zeros(3)], [torch.zeros(3)]]
+    with pytest.raises(RuntimeError, match="for 2 models"):
+        _C.set_slice_grads(views, [torch.ones(3, 3)])
+    with pytest.raises(RuntimeError, match="do not match its view"):
+        _C.set_slice_grads(views, [torch.ones(2, 4)])
+    with pytest.raises(RuntimeError, match="has 1 views for 2 gradients"):
+        _C.set_slice_grads(views, [torch.ones(2, 3), torch.ones(2, 3)])
+    _C.set_slice_grads(views, [torch.arange(6.0).view(2, 3)])
+    assert views[1][0].grad.tolist() == [3.0, 4.0, 5.0]

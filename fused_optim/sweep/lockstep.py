@@ -6,7 +6,12 @@ hyperparameters, which torch.optim cannot give one stacked tensor):
 
 - Every param and buffer of the model is stacked along a new leading
   dimension K (``stack_module_state``). The stacked params are the autograd
-  leaves; their gradients live in persistent stacked buffers.
+  leaves; their gradients live in persistent stacked buffers, zeroed and
+  accumulated into each step (measured faster than handing autograd's
+  gradients to the views each step: those come in the transposed layout of
+  the batched matmuls and would be copied anyway). A param the loss does
+  not reach in a step gets no gradient in its views (as with
+  ``zero_grad(set_to_none=True)`` in a plain loop).
 - ``vmap`` over ``functional_call`` runs the K models in one forward pass
   (``randomness="different"``: each configuration draws its own dropout
   masks; buffers such as BatchNorm statistics are per configuration, updated
@@ -48,6 +53,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 import fused_optim
+from fused_optim import _C
 
 from fused_optim.sweep import stacked
 from fused_optim.sweep.space import Config, make_configs
@@ -176,6 +182,9 @@ class Lockstep:
         self.buffers = {n: t.detach().to(self.device) for n, t in buffers.items()}
         for t in self.params.values():
             t.grad = torch.zeros_like(t)
+        self._reached: set = set()  # the params the last backward reached
+        self._views_without_grads = False
+        self._watch_gradients()
         self.template = copy.deepcopy(first).to("meta")
         self.batched = len(self.configs) > 1
         # the fast path for Sequential MLPs, and F.cross_entropy without vmap (stacked.py)
@@ -212,9 +221,7 @@ class Lockstep:
             per_slot = [
                 [t.detach()[k] for t in self.params.values()] for k in range(len(self.configs))
             ]
-            for views, k in zip(per_slot, range(len(self.configs))):
-                for view, t in zip(views, self.params.values()):
-                    view.grad = t.grad[k]
+            _C.set_slice_grads(per_slot, [t.grad for t in self.params.values()])
         groups_of: dict[type, list] = {}
         self.groups: list[dict] = []
         for k, config in enumerate(self.configs):
@@ -245,6 +252,11 @@ class Lockstep:
             limits = [c.run.get("clip_grad_norm", math.inf) for c in self.configs]
             self._clip = torch.tensor(limits, dtype=torch.float32, device=self.device)
 
+    def _watch_gradients(self) -> None:
+        """Notes, per backward, which stacked params get a gradient."""
+        for name, t in self.params.items():
+            t.register_post_accumulate_grad_hook(lambda _, name=name: self._reached.add(name))
+
     def optimizer_of(self, k: int):
         """The fused optimizer that steps configuration k (its param group
         is ``self.groups[k]``)."""
@@ -273,8 +285,13 @@ class Lockstep:
             self.buffers = {n: t.index_select(0, index) for n, t in self.buffers.items()}
         for name, t in self.params.items():
             t.grad = grads[name]
+        self._watch_gradients()
         self.configs = [self.configs[k] for k in slots]
         self._build_optimizers(previous)
+        self._views_without_grads = bool(self._reached) and len(self._reached) < len(self.params)
+        if self._views_without_grads:  # (dropped between a backward and its update)
+            _C.set_slice_grads(self.views, [
+                t.grad if name in self._reached else None for name, t in self.params.items()])
 
     # ----- one step ------------------------------------------------------------------------
 
@@ -313,8 +330,15 @@ class Lockstep:
             loss.backward()
             return loss.detach().unsqueeze(0)
         torch._foreach_zero_([t.grad for t in self.params.values()])
+        self._reached.clear()
         losses, _ = self.forward(x, y)
         losses.sum().backward()
+        if len(self._reached) < len(self.params) or self._views_without_grads:
+            # Params the loss did not reach this step: their views get no
+            # gradient, so the optimizers skip them, as a plain loop's do.
+            _C.set_slice_grads(self.views, [
+                t.grad if name in self._reached else None for name, t in self.params.items()])
+            self._views_without_grads = len(self._reached) < len(self.params)
         return losses.detach()
 
     def _stacked_grads(self) -> list:
