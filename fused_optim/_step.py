@@ -150,6 +150,8 @@ class StepProtocol:
         """Validates every call of ``plan`` (and the groups stepped by
         torch's code) before the first write, then makes them; sets
         ``progress["written"]`` before writing."""
+        if self._apply_one_call(plan, progress):
+            return
         torch_groups = [(gi, self.param_groups[gi]) for gi in plan.torch_groups]
         for gi, group in torch_groups:
             self._check_torch_group(gi, group)
@@ -221,6 +223,33 @@ class StepProtocol:
             self._sparse_step(group, params, grads, is_new)
         if torch_groups:
             _torch_path.torch_step(self, [group for _, group in torch_groups])
+
+    def _apply_one_call(self, plan: Plan, progress: dict) -> bool:
+        """The common step, at the least Python cost: one bucket, every
+        gradient present, no group on torch's path, no AMP. The op checks
+        everything before it writes, so it is its own validation. Returns
+        False, having written nothing, when the step needs the general path
+        (which also finds why a refused call was refused)."""
+        if (
+            len(plan.buckets) != 1
+            or plan.torch_groups
+            or getattr(self, "grad_scale", None) is not None
+            or getattr(self, "found_inf", None) is not None
+        ):
+            return False
+        bucket = plan.buckets[0]
+        grads, complete = _bucket.gather_grads(bucket.params)
+        if not complete:
+            return False
+        require_device_supported(bucket.device, type(self).__name__)
+        extras = OpExtras(bucket.master_params(), None, None, bucket.precision.stochastic_rounding)
+        try:
+            _ops.call_fast(self._op_call(bucket, grads, self._group_arguments(), extras))
+        except RuntimeError:
+            return False  # (nothing was written)
+        progress["written"] = True
+        bucket.new_state.clear()
+        return True
 
     def _prepare(self, bucket: Bucket, grads: list, group_args, extras) -> tuple:
         """Checks one call without writing anything: returns (the dense call
