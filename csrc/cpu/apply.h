@@ -132,21 +132,6 @@ struct StorageType<Dtype::kHalf> { using type = at::Half; };
 template <>
 struct StorageType<Dtype::kBFloat16> { using type = at::BFloat16; };
 
-// Calls fn(std::integral_constant<Dtype, d>{}) for the run-time `dtype`.
-template <typename Fn>
-void with_dtype(Dtype dtype, const Fn& fn) {
-  switch (dtype) {
-    case Dtype::kFloat:
-      return fn(std::integral_constant<Dtype, Dtype::kFloat>{});
-    case Dtype::kDouble:
-      return fn(std::integral_constant<Dtype, Dtype::kDouble>{});
-    case Dtype::kHalf:
-      return fn(std::integral_constant<Dtype, Dtype::kHalf>{});
-    case Dtype::kBFloat16:
-      return fn(std::integral_constant<Dtype, Dtype::kBFloat16>{});
-  }
-}
-
 // Calls fn(Storage<...>{}) for a call's precision. Only the combinations of
 // the storage table (storage_table.h) are instantiated; ops without state
 // only with the state dtype equal to the param dtype.

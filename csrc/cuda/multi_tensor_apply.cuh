@@ -41,6 +41,7 @@
 #include "fused_optim/hyperparams.h"
 #include "fused_optim/macros.h"
 #include "fused_optim/precision.h"
+#include "fused_optim/storage_table.h"
 #include "fused_optim/update_rules.h"
 
 namespace fused_optim::cuda {
@@ -159,21 +160,6 @@ template <>
 struct DeviceType<Dtype::kHalf> { using type = __half; };
 template <>
 struct DeviceType<Dtype::kBFloat16> { using type = __nv_bfloat16; };
-
-template <typename Fn>
-cudaError_t with_dtype(Dtype dtype, const Fn& fn) {
-  switch (dtype) {
-    case Dtype::kFloat:
-      return fn(std::integral_constant<Dtype, Dtype::kFloat>{});
-    case Dtype::kDouble:
-      return fn(std::integral_constant<Dtype, Dtype::kDouble>{});
-    case Dtype::kHalf:
-      return fn(std::integral_constant<Dtype, Dtype::kHalf>{});
-    case Dtype::kBFloat16:
-      return fn(std::integral_constant<Dtype, Dtype::kBFloat16>{});
-  }
-  throw std::invalid_argument("fused_optim CUDA launch: unknown dtype");
-}
 
 template <bool kHasState, typename Fn>
 cudaError_t with_storage_types(Dtype param, Dtype state, const Fn& fn) {

@@ -9,6 +9,8 @@
 // Plain C++17 (FO_HOST_DEVICE): no torch, no CUDA header.
 #pragma once
 
+#include <type_traits>
+
 #include "fused_optim/macros.h"
 
 namespace fused_optim {
@@ -48,6 +50,24 @@ FO_HOST_DEVICE constexpr bool legal_storage(Dtype param, Dtype state,
          (!master_weights || legal_master_weights(param)) &&
          (!stochastic_rounding ||
           legal_stochastic_rounding(param, master_weights));
+}
+
+// Calls fn(std::integral_constant<Dtype, d>{}) for the run-time `dtype`,
+// so that code can map each Dtype to its own storage type at compile time
+// (the CPU loops and the CUDA kernels use different half types).
+template <typename Fn>
+decltype(auto) with_dtype(Dtype dtype, const Fn& fn) {
+  switch (dtype) {
+    case Dtype::kDouble:
+      return fn(std::integral_constant<Dtype, Dtype::kDouble>{});
+    case Dtype::kHalf:
+      return fn(std::integral_constant<Dtype, Dtype::kHalf>{});
+    case Dtype::kBFloat16:
+      return fn(std::integral_constant<Dtype, Dtype::kBFloat16>{});
+    case Dtype::kFloat:
+      break;
+  }
+  return fn(std::integral_constant<Dtype, Dtype::kFloat>{});
 }
 
 inline const char* dtype_name(Dtype dtype) {
