@@ -24,7 +24,7 @@ import operator
 import torch
 from torch.optim import Optimizer
 
-from fused_optim import _torch_path
+from fused_optim import _ops, _torch_path
 from fused_optim._bucket import Plan, Precision
 from fused_optim._checkpoint import Checkpoints
 from fused_optim._planning import Planning, new_step
@@ -133,7 +133,9 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         if keys is not None:
             return [list(map(float, column)) for column in zip(*map(operator.itemgetter(*keys), groups))]
         per_group = list(map(self._hyperparameters, groups))
-        return [list(column) for column in zip(*map(dict.values, per_group))]
+        # (by the op's names, not the dicts' order)
+        return [list(map(operator.itemgetter(name), per_group))
+                for name in _ops.SIGNATURES[self._op_name].hyperparameters]
 
     def _group_key(self, group) -> tuple:
         """Everything of a group that decides its buckets: the kernel mode
