@@ -14,6 +14,7 @@
 // Plain C++17 (FO_HOST_DEVICE): no torch, no CUDA header.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "fused_optim/macros.h"
@@ -49,24 +50,33 @@ FO_HOST_DEVICE FO_FORCE_INLINE double read_step(const void* data,
                    : static_cast<double>(*static_cast<const float*>(data));
 }
 
-// Each *Hyper has the fields `lr` (LrSource), `weight_decay` and `maximize`,
-// which the shared front (op_front.h) sets and reads for every op, besides
-// its own. Each *Hyper: what one param group passes (the op's float[] lists at the
-// group's index), `kStepsOptional` (whether the op's step counters may be
-// absent; the step kernel increments those given, and the main kernel reads
-// them, for the scalars and for the stochastic-rounding key; an absent
-// counter reads as 0), and scalars<T>(lr, step): the narrowed scalars of a
-// tensor of the group, `step` being its counter after this step's
-// increment.
-
-struct AdamHyper {
-  static constexpr bool kStepsOptional = false;
+// What every op's per-group hyperparameters share, set by the shared front
+// (op_front.h) for every op: the group's lr, its `maximize`, and its
+// `max_grad_norm` (clipping by the global gradient norm: the group's
+// gradients are multiplied by min(1, max_grad_norm / (norm + 1e-6)), or
+// not at all when it is infinite or the call has no norm).
+struct GroupCommon {
   LrSource lr;
+  double max_grad_norm = INFINITY;
+  bool maximize = false;
+};
+
+// Each *Hyper derives from GroupCommon and adds `double weight_decay`
+// (the front reads it to choose the group's weight-decay mode; an op
+// without weight decay leaves it 0) and its own fields. Each *Hyper: what
+// one param group passes (the op's float[] lists at the group's index),
+// `kStepsOptional` (whether the op's step counters may be absent; the step
+// kernel increments those given, and the main kernel reads them, for the
+// scalars and for the stochastic-rounding key; an absent counter reads as
+// 0), and scalars<T>(lr, step): the narrowed scalars of a tensor of the
+// group, `step` being its counter after this step's increment.
+
+struct AdamHyper : GroupCommon {
+  static constexpr bool kStepsOptional = false;
   double beta1 = 0.0;
   double beta2 = 0.0;
   double eps = 0.0;
   double weight_decay = 0.0;
-  bool maximize = false;
 
   template <typename T>
   FO_HOST_DEVICE FO_FORCE_INLINE AdamScalars<T> scalars(double lr_value,
@@ -81,13 +91,11 @@ struct AdamHyper {
 // slots by (group, new_buffer). torch's SGD keeps no step counter; ours
 // exist only with stochastic rounding, whose bits must change from step to
 // step (op_schema.cpp). Without them the rounding key uses step 0.
-struct SgdHyper {
+struct SgdHyper : GroupCommon {
   static constexpr bool kStepsOptional = true;
-  LrSource lr;
   double momentum = 0.0;
   double dampening = 0.0;
   double weight_decay = 0.0;
-  bool maximize = false;
   bool new_buffer = false;
 
   template <typename T>
@@ -98,13 +106,11 @@ struct SgdHyper {
   }
 };
 
-struct AdagradHyper {
+struct AdagradHyper : GroupCommon {
   static constexpr bool kStepsOptional = false;
-  LrSource lr;
   double lr_decay = 0.0;
   double eps = 0.0;
   double weight_decay = 0.0;
-  bool maximize = false;
 
   template <typename T>
   FO_HOST_DEVICE FO_FORCE_INLINE AdagradScalars<T> scalars(double lr_value,
@@ -116,14 +122,12 @@ struct AdagradHyper {
 
 // RMSprop's scalars do not depend on the step; torch keeps (and
 // checkpoints) the counter, and stochastic rounding keys on it.
-struct RmspropHyper {
+struct RmspropHyper : GroupCommon {
   static constexpr bool kStepsOptional = false;
-  LrSource lr;
   double alpha = 0.0;
   double eps = 0.0;
   double weight_decay = 0.0;
   double momentum = 0.0;
-  bool maximize = false;
 
   template <typename T>
   FO_HOST_DEVICE FO_FORCE_INLINE RmspropScalars<T> scalars(double lr_value,
