@@ -44,6 +44,7 @@ CommonChecks check_common(at::DeviceType backend, const OpCall& call,
   out.lists = std::move(lists);
   const at::Device device = scalar_device(backend, call.params);
   check_amp_args(op, *call.grad_scale, *call.found_inf, device);
+  check_grad_norm(op, *call.grad_norm, call.max_grad_norm, device);
   const size_t groups = num_groups(call);
   if (call.lr_is_tensor) check_lr_tensors(op, call.lr_tensors, device);
   std::vector<std::pair<const char*, int64_t>> per_group = {
@@ -51,6 +52,7 @@ CommonChecks check_common(at::DeviceType backend, const OpCall& call,
   for (size_t k = 0; k < hyper_names.size(); ++k) {
     per_group.push_back({hyper_names[k], static_cast<int64_t>(call.hyper[k].size())});
   }
+  per_group.push_back({"max_grad_norm", static_cast<int64_t>(call.max_grad_norm.size())});
   const int64_t n = call.params.size();
   check_groups(op, n, call.group_index, per_group);
   check_group_flags(op, "maximize", call.maximize, groups);

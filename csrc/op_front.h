@@ -43,9 +43,11 @@ struct OpCall {
   std::array<at::ArrayRef<double>, 8> hyper{};  // kHyper order
   const c10::List<bool>* maximize = nullptr;
   const c10::List<bool>* decoupled_weight_decay = nullptr;  // or null
+  at::ArrayRef<double> max_grad_norm;
   at::IntArrayRef new_state;
   const std::optional<at::Tensor>* grad_scale = nullptr;
   const std::optional<at::Tensor>* found_inf = nullptr;
+  const std::optional<at::Tensor>* grad_norm = nullptr;
   CallModes modes;  // mode keywords; has_state is filled in by prepare()
   bool stochastic_rounding = false;
 };
@@ -78,9 +80,11 @@ struct Kernel<Spec, kLr, kRun, std::index_sequence<S...>,
                    Repeat<at::ArrayRef<double>, H>... hyper,
                    const c10::List<bool>& maximize,
                    Repeat<const c10::List<bool>&, D>... decoupled,
+                   at::ArrayRef<double> max_grad_norm,
                    Repeat<at::IntArrayRef, N>... new_state,
                    const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& grad_norm,
                    Repeat<bool, M>... modes, bool stochastic_rounding) {
     OpCall call;
     call.op = op_name();
@@ -99,9 +103,11 @@ struct Kernel<Spec, kLr, kRun, std::index_sequence<S...>,
     call.hyper = {hyper...};
     call.maximize = &maximize;
     ((call.decoupled_weight_decay = &decoupled), ...);
+    call.max_grad_norm = max_grad_norm;
     ((call.new_state = new_state), ...);
     call.grad_scale = &grad_scale;
     call.found_inf = &found_inf;
+    call.grad_norm = &grad_norm;
     const bool mode_values[] = {modes..., false};
     for (size_t k = 0; k < sizeof...(M); ++k) call.modes.mode[k] = mode_values[k];
     call.stochastic_rounding = stochastic_rounding;
@@ -143,6 +149,7 @@ struct PreparedCall {
   at::TensorList state_steps;
   const std::optional<at::Tensor>* grad_scale = nullptr;
   const std::optional<at::Tensor>* found_inf = nullptr;
+  const std::optional<at::Tensor>* grad_norm = nullptr;  // clipping, or none
   // Gradients replaced for the call (Note [a gradient that aliases its
   // param]), kept alive.
   std::vector<at::Tensor> replaced_grads;
@@ -150,6 +157,9 @@ struct PreparedCall {
   size_t master_list() const { return lists.size() - 1; }
   bool has_grad_scale() const {
     return grad_scale->has_value() && (*grad_scale)->defined();
+  }
+  bool has_grad_norm() const {
+    return grad_norm->has_value() && (*grad_norm)->defined();
   }
 };
 
@@ -261,6 +271,7 @@ std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
   out.state_steps = call.state_steps;
   out.grad_scale = call.grad_scale;
   out.found_inf = call.found_inf;
+  out.grad_norm = call.grad_norm;
   out.lists = std::move(checked.lists);
   if constexpr (Spec::kDecoupledDecay) {
     static_assert(weight_decay_index<Spec>() < count_of(Spec::kHyper),
@@ -283,6 +294,7 @@ std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
     for (size_t k = 0; k < kNumHyper; ++k) values[k] = call.hyper[k][g];
     group_hypers[g] = Spec::hyper(lr_source(call, g), values);
     group_hypers[g].maximize = call.maximize->get(g);
+    group_hypers[g].max_grad_norm = call.max_grad_norm[g];
     group_decay[g] = weight_decay_mode(
         group_hypers[g].weight_decay,
         decoupled_by_group && call.decoupled_weight_decay->get(g));

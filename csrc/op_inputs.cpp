@@ -220,6 +220,16 @@ void check_amp_args(const char* op, const c10::optional<at::Tensor>& grad_scale,
   }
 }
 
+void check_grad_norm(const char* op, const c10::optional<at::Tensor>& grad_norm,
+                     at::ArrayRef<double> max_grad_norm, at::Device device) {
+  if (grad_norm.has_value() && grad_norm->defined()) {
+    check_one_element_float(op, "grad_norm", *grad_norm, device, true);
+  }
+  for (double m : max_grad_norm) {
+    TORCH_CHECK(m > 0.0, op, ": max_grad_norm must be positive (inf: not clipped), got ", m);
+  }
+}
+
 void check_lr_tensors(const char* op, at::TensorList lr_tensors,
                       at::Device device) {
   for (const at::Tensor& lr : lr_tensors) {

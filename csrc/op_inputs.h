@@ -83,6 +83,12 @@ void check_amp_args(const char* op, const c10::optional<at::Tensor>& grad_scale,
                     const c10::optional<at::Tensor>& found_inf,
                     at::Device device);
 
+// Clipping by the global gradient norm: `grad_norm` undefined, or a
+// one-element float32/float64 tensor on `device`; each group's
+// max_grad_norm positive (inf: the group is not clipped).
+void check_grad_norm(const char* op, const c10::optional<at::Tensor>& grad_norm,
+                     at::ArrayRef<double> max_grad_norm, at::Device device);
+
 // Learning rates given as tensors (the `tensor_lr` overloads): one
 // one-element float32/float64 tensor per group, on `device`.
 void check_lr_tensors(const char* op, at::TensorList lr_tensors,

@@ -34,6 +34,21 @@
 // - AMP: `grad_scale` and `found_inf` are torch.amp.GradScaler's (or None):
 //   gradients are divided by grad_scale in registers, and a non-zero
 //   found_inf skips the call: nothing is written, no step counter advances.
+// - Clipping by the global gradient norm: `grad_norm` (or None) is the norm
+//   of all the optimizer's (unscaled) gradients, a one-element float32 or
+//   float64 tensor on the params' device, computed before the call
+//   (sum_of_squares below, then a square root: the norm spans every call,
+//   device and rank of a step); each gradient of group g is multiplied in
+//   registers by min(1, max_grad_norm[g] / (grad_norm + 1e-6))
+//   (update_rules.h's clip_coefficient; inf: not clipped) and never
+//   written clipped.
+//
+// sum_of_squares(tensors, grad_scale, per_tensor): the sum of the squares of
+// every element of `tensors` (each first multiplied by 1 / grad_scale when
+// given, as the kernels unscale), per tensor (`per_tensor`: shape [n]) or in
+// all (shape []): one pass over all of them. float64 if any tensor is,
+// else float32, on the tensors' device; accumulated in double on the CPU,
+// deterministically (the same bits whatever the thread count).
 #include <torch/library.h>
 
 #include <string>
@@ -61,8 +76,9 @@ std::string schema(bool tensor_lr) {
   for (const char* name : Spec::kHyper) s += std::string("float[] ") + name + ", ";
   s += "bool[] maximize, ";
   if (Spec::kDecoupledDecay) s += "bool[] decoupled_weight_decay, ";
+  s += "float[] max_grad_norm, ";
   if (Spec::kNewState != nullptr) s += std::string("int[] ") + Spec::kNewState + ", ";
-  s += "Tensor? grad_scale, Tensor? found_inf, *, ";
+  s += "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, *, ";
   for (size_t k = 0; k < ModeCount<Spec>::value; ++k) {
     s += std::string("bool ") + Spec::kModes[k] + ", ";
   }
@@ -78,6 +94,7 @@ TORCH_LIBRARY(fused_optim, m) {
   m.def(schema<Spec>(true).c_str());
   FO_FOR_EACH_OP(FO_DEF_OP)
 #undef FO_DEF_OP
+  m.def("sum_of_squares(Tensor[] tensors, Tensor? grad_scale, bool per_tensor) -> Tensor");
 }
 
 }  // namespace fused_optim

@@ -178,6 +178,19 @@ PYBIND11_MODULE(_C, m) {
 #define FO_DEF_FAST_CALLS(Spec) def_fast_calls<Spec>(m);
   FO_FOR_EACH_OP(FO_DEF_FAST_CALLS)
 #undef FO_DEF_FAST_CALLS
+  // fused_optim::sum_of_squares (op_schema.cpp) with Note [fast op call]'s
+  // cheaper crossing: clipping reads it every step, over every gradient.
+  m.def("sum_of_squares", [](const std::vector<at::Tensor>& tensors,
+                             const std::optional<at::Tensor>& grad_scale,
+                             bool per_tensor) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("fused_optim::sum_of_squares", "")
+            .typed<at::Tensor(at::TensorList, const std::optional<at::Tensor>&, bool)>();
+    pybind11::gil_scoped_release no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(tensors, grad_scale, per_tensor);
+  });
   // The gradients of a list of params, and whether all are present: what
   // `[p.grad for p in params]` gives, at about a tenth of the cost (the
   // property access is ~0.2 us a param in Python; a step over 2000 params

@@ -157,6 +157,18 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     def _check_sparse(self, group, param, grad) -> None:
         """Raises if this sparse gradient cannot be applied."""
 
+    _grad_norm = None
+
+    @property
+    def grad_norm(self):
+        """The global L2 norm of the gradients (unscaled under AMP) that the
+        last step with ``max_grad_norm`` measured, before clipping: a 0-d
+        tensor on the first gradient's device (reading its value syncs
+        with the device); None before such a step. ``max_grad_norm=inf``
+        measures it without clipping. Under AMP a skipped step's norm is
+        inf or nan."""
+        return self._grad_norm
+
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         self._plan = None
@@ -168,6 +180,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         for group in self.param_groups:
             for key, value in PRECISION_DEFAULTS.items():
                 group.setdefault(key, value)
+            group.setdefault("max_grad_norm", None)
         self._plan = None
         if _torch_path.uses_torch_path(self.defaults):
             self._step_supports_amp_scaling = False

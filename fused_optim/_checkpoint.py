@@ -42,6 +42,11 @@ class Checkpoints:
         for group in state_dict["param_groups"]:
             for key in PRECISION_DEFAULTS:
                 group.pop(key, None)
+            # Saved when set (a clipped run's checkpoint carries it); absent
+            # otherwise, so that an unclipped optimizer's checkpoint has
+            # torch.optim's keys (torch.distributed.checkpoint).
+            if group.get("max_grad_norm", 0) is None:
+                del group["max_grad_norm"]
         for hook in post_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -54,14 +59,16 @@ class Checkpoints:
         (Note [validate before mutating]) and the state brought to this
         optimizer's precision options afterwards. Param groups keep their
         precision options unless the checkpoint has them (older ones of
-        ours did)."""
+        ours did), and their ``max_grad_norm`` unless the checkpoint has
+        one (a torch.optim checkpoint has none)."""
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
         self._check_state_dict(state_dict)
-        ours = [{k: g[k] for k in PRECISION_DEFAULTS if k in g} for g in self.param_groups]
+        ours = [{k: g[k] for k in (*PRECISION_DEFAULTS, "max_grad_norm") if k in g}
+                for g in self.param_groups]
         implementation = [
             {k: g[k] for k in _IMPLEMENTATION_KEYWORDS if k in g} for g in self.param_groups
         ]

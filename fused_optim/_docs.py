@@ -54,7 +54,18 @@ PRECISION = """master_weights (bool, optional): keep a float32 copy of each
             updates below half a bf16 ulp still add up; the random bits are a
             hash of (step, tensor, element): deterministic, the same on CPU
             and CUDA. float16 params raise ValueError; float32/float64 params
-            are unaffected (default: False)."""
+            are unaffected (default: False).
+        max_grad_norm (float, optional): clip the gradients by their global
+            L2 norm, as ``torch.nn.utils.clip_grad_norm_(params, max_norm)``
+            before the step: the step measures the norm of ALL this
+            optimizer's gradients (every group, device and, under FSDP2,
+            rank; unscaled under AMP) in one reduction pass, and the update
+            multiplies each gradient of this group by ``min(1, max_grad_norm
+            / (norm + 1e-6))`` in registers, without writing it: gradients
+            are read twice per step instead of three times. Per group, saved
+            in ``state_dict`` when set. The norm is ``optimizer.grad_norm``;
+            ``inf`` measures it without clipping. Sparse gradients raise
+            (default: None: no clipping)."""
 
 
 def implementation(*keywords: str) -> str:

@@ -4,8 +4,9 @@ Each op's argument list is written once, in C++: its spec
 (csrc/include/fused_optim/op_specs.h), from which csrc/op_schema.cpp makes the
 schema. Every op's schema has one shape (params, grads, the state lists,
 master_params, state_steps, group_index, lr, the per-group hyperparameters,
-the per-group flags, [the new-state list], grad_scale, found_inf, then the
-keyword-only mode flags and stochastic_rounding); ``OpSignature`` reads the
+the per-group flags, max_grad_norm, [the new-state list], grad_scale,
+found_inf, grad_norm, then the keyword-only mode flags and
+stochastic_rounding); ``OpSignature`` reads the
 names from the schema, checks that shape, and builds a call's positional
 tuple from named values. A state list is named after its state key plus
 "s" (``exp_avg`` -> ``exp_avgs``, ``sum`` -> ``sums``).
@@ -22,6 +23,7 @@ keywords (they follow ``*`` in the schema). Both take the same tuple here.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -43,7 +45,9 @@ class OpSignature:
         first_state, master = names.index("grads") + 1, names.index("master_params")
         lr = names.index("lr")
         self.state_lists = tuple(names[first_state:master])
-        self.hyperparameters = tuple(n for n in names[lr + 1:] if types[n] == "List[float]")
+        self.hyperparameters = tuple(
+            n for n in names[lr + 1:] if types[n] == "List[float]" and n != "max_grad_norm"
+        )
         self.group_flags = tuple(n for n in names if types[n] == "List[bool]")
         self.new_state = next((n for n in names[lr + 1:] if types[n] == "List[int]"), None)
         self.keywords = tuple(a.name for a in arguments if a.kwarg_only)
@@ -51,20 +55,24 @@ class OpSignature:
         self.num_positional = len(names) - len(self.keywords)
         expected = (
             ["params", "grads", *self.state_lists, "master_params", "state_steps",
-             "group_index", "lr", *self.hyperparameters, *self.group_flags]
+             "group_index", "lr", *self.hyperparameters, *self.group_flags, "max_grad_norm"]
             + ([self.new_state] if self.new_state else [])
-            + ["grad_scale", "found_inf", *self.modes, "stochastic_rounding"]
+            + ["grad_scale", "found_inf", "grad_norm", *self.modes, "stochastic_rounding"]
         )
         if names != expected:  # (the shape csrc/op_schema.cpp writes)
             raise RuntimeError(f"fused_optim.{name}: unexpected schema {names}")
 
     def arguments(self, *, params, grads, states: dict, master_params, steps, group_index,
                   lr, hyper: dict, group_flags: dict, new_state, grad_scale, found_inf,
-                  modes: dict, stochastic_rounding: bool) -> tuple:
+                  modes: dict, stochastic_rounding: bool, max_grad_norm=None,
+                  grad_norm=None) -> tuple:
         """The call's arguments in schema order (keywords last). ``states``
         maps state list names to lists (a name left out: an empty list),
         ``hyper`` and ``group_flags`` map names to per-group lists,
-        ``modes`` the mode flags to bools."""
+        ``modes`` the mode flags to bools; ``max_grad_norm`` (per group;
+        None: no group clipped) and ``grad_norm`` are clipping's."""
+        if max_grad_norm is None:
+            max_grad_norm = [math.inf] * len(lr)
         return (
             params,
             grads,
@@ -75,9 +83,11 @@ class OpSignature:
             lr,
             *[hyper[n] for n in self.hyperparameters],
             *[group_flags[n] for n in self.group_flags],
+            max_grad_norm,
             *([new_state] if self.new_state else []),
             grad_scale,
             found_inf,
+            grad_norm,
             *[modes[n] for n in self.modes],
             stochastic_rounding,
         )
@@ -132,6 +142,7 @@ class OpExtras(NamedTuple):
     grad_scale: torch.Tensor | None
     found_inf: torch.Tensor | None
     stochastic_rounding: bool
+    grad_norm: torch.Tensor | None = None  # clipping (on the call's device)
 
 
 class GroupArguments(NamedTuple):
@@ -141,3 +152,5 @@ class GroupArguments(NamedTuple):
     tensor_lr: bool
     hyper: dict  # name -> list of floats
     flags: dict  # name -> list of bools (maximize, decoupled_weight_decay)
+    max_grad_norm: list  # floats (inf: not clipped)
+    clipping: bool  # whether a group has max_grad_norm (the norm is needed)

@@ -25,7 +25,7 @@ from torch.optim.optimizer import (
     _use_grad_for_differentiable,
 )
 
-from fused_optim import _bucket, _ops, _torch_path
+from fused_optim import _bucket, _clip, _ops, _torch_path
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._journal import Journal
@@ -168,19 +168,29 @@ class StepProtocol:
                 # skips gradient-less params whatever their device.
                 require_device_supported(bucket.device, type(self).__name__)
                 calls.append((bucket, grads))
-        amp_on_device = {}  # device -> (grad_scale, found_inf) there
+        grad_norm = None
+        if group_args.clipping:
+            grad_norm = self._clip_norm(
+                [g for _, grads in calls for g in grads]
+                + [p.grad for _, group in torch_groups for p in group["params"]
+                   if p.grad is not None],
+                grad_scale,
+            )
+        on_device = {}  # device -> (grad_scale, found_inf, grad_norm) there
 
         def extras(bucket: Bucket) -> OpExtras:
-            if grad_scale is None and found_inf is None:
+            if grad_scale is None and found_inf is None and grad_norm is None:
                 return OpExtras(bucket.master_params(), None, None,
                                 bucket.precision.stochastic_rounding)
-            amp = amp_on_device.get(bucket.device)
-            if amp is None:
-                amp = amp_on_device[bucket.device] = tuple(
+            scalars = on_device.get(bucket.device)
+            if scalars is None:
+                scalars = on_device[bucket.device] = tuple(
                     None if t is None else t.to(bucket.device, non_blocking=True)
-                    for t in (grad_scale, found_inf)
+                    for t in (grad_scale, found_inf, grad_norm)
                 )
-            return OpExtras(bucket.master_params(), *amp, bucket.precision.stochastic_rounding)
+            amp, norm = scalars[:2], scalars[2]
+            return OpExtras(bucket.master_params(), *amp, bucket.precision.stochastic_rounding,
+                            norm)
 
         prepared = None  # [(dense call or None, sparse parts)], all validated
         if len(calls) > 1 or torch_groups:
@@ -222,7 +232,22 @@ class StepProtocol:
         for group, params, grads, is_new in sparse:
             self._sparse_step(group, params, grads, is_new)
         if torch_groups:
-            _torch_path.torch_step(self, [group for _, group in torch_groups])
+            _torch_path.torch_step(self, [group for _, group in torch_groups], grad_norm)
+
+    def _clip_norm(self, grads: list, grad_scale) -> torch.Tensor:
+        """The global norm of this step's gradients (unscaled), for
+        clipping; kept for ``grad_norm``. Writes nothing."""
+        try:
+            norm = _clip.global_norm(grads, grad_scale)
+        except RuntimeError:
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError(
+                    f"fused_optim.{type(self).__name__}: max_grad_norm does not support "
+                    "sparse gradients"
+                ) from None
+            raise
+        self._grad_norm = norm
+        return norm
 
     def _apply_one_call(self, plan: Plan, progress: dict) -> bool:
         """The common step, at the least Python cost: one bucket, every
@@ -242,9 +267,12 @@ class StepProtocol:
         if not complete:
             return False
         require_device_supported(bucket.device, type(self).__name__)
-        extras = OpExtras(bucket.master_params(), None, None, bucket.precision.stochastic_rounding)
+        group_args = self._group_arguments()
+        grad_norm = self._clip_norm(grads, None) if group_args.clipping else None
+        extras = OpExtras(bucket.master_params(), None, None, bucket.precision.stochastic_rounding,
+                          grad_norm)
         try:
-            _ops.call_fast(self._op_call(bucket, grads, self._group_arguments(), extras))
+            _ops.call_fast(self._op_call(bucket, grads, group_args, extras))
         except RuntimeError:
             return False  # (nothing was written)
         progress["written"] = True
@@ -303,11 +331,14 @@ class StepProtocol:
         groups = self.param_groups
         lr, tensor_lr = self._learning_rates()
         signature = _ops.SIGNATURES[self._op_name]
+        max_grad_norm = _clip.group_max_grad_norms(groups)
         return GroupArguments(
             lr,
             tensor_lr,
             dict(zip(signature.hyperparameters, self._hyperparameter_lists(groups))),
             {name: [bool(g.get(name, False)) for g in groups] for name in signature.group_flags},
+            max_grad_norm,
+            any(g.get("max_grad_norm") is not None for g in groups),
         )
 
     def _op_call(self, bucket: Bucket, grads: list, group_args: GroupArguments,
@@ -341,6 +372,8 @@ class StepProtocol:
             new_state=new_state,
             grad_scale=extras.grad_scale,
             found_inf=extras.found_inf,
+            max_grad_norm=group_args.max_grad_norm,
+            grad_norm=extras.grad_norm,
             modes=self._op_modes(mode),
             stochastic_rounding=extras.stochastic_rounding,
         )

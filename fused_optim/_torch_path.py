@@ -29,14 +29,17 @@ def _without_hooks(step):
     return step
 
 
-def torch_step(optimizer, groups: list) -> None:
+def torch_step(optimizer, groups: list, grad_norm=None) -> None:
     """Steps ``groups`` (param group dicts of ``optimizer``) with
     ``optimizer._torch_class``'s step, on ``optimizer.state``.
 
     Under torch.amp.GradScaler (which hands us its scale because our fused
     path unscales in the kernel) the gradients of these groups are
     unscaled here, as GradScaler.unscale_ would, or the step skipped on
-    inf/NaN: torch's unfused code takes no scale."""
+    inf/NaN: torch's unfused code takes no scale. With ``grad_norm`` (the
+    step's global norm), the gradients of groups with ``max_grad_norm``
+    are then clipped in place, as torch's clip_grad_norm_ would (torch's
+    code reads gradients only from ``.grad``)."""
     grad_scale = getattr(optimizer, "grad_scale", None)
     found_inf = getattr(optimizer, "found_inf", None)
     if found_inf is not None and bool(found_inf.item()):
@@ -50,6 +53,14 @@ def torch_step(optimizer, groups: list) -> None:
         with torch.no_grad():
             for device, tensors in by_device.items():
                 torch._foreach_mul_(tensors, inverse.to(device))
+    if grad_norm is not None:
+        from fused_optim import _clip
+
+        for group in groups:
+            if group.get("max_grad_norm") is not None:
+                grads = [p.grad for p in group["params"] if p.grad is not None]
+                if grads:
+                    _clip.scale_grads_(grads, _clip.clip_coefficient(grad_norm, group["max_grad_norm"]))
     cls = optimizer._torch_class
     stand_in = cls.__new__(cls)
     stand_in.__dict__.update(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim import _bucket, _ops, _torch_path
+from fused_optim import _bucket, _clip, _ops, _torch_path
 from fused_optim._journal import Journal
 from fused_optim._ops import GroupArguments, OpExtras
 from fused_optim._precision import precision_of, real_dtype
@@ -87,14 +87,26 @@ class TracedStep:
         """The step as torch.compile traces it: Note [traced step]."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        ours, torch_groups = [], []
         for group in self.param_groups:
             if _torch_path.uses_torch_path(group):
-                # torch's own code, run as eager torch runs it (traced, it
-                # would take its capturable branch: other rounding)
-                _torch_step_eagerly(self, [group])
+                torch_groups.append(group)
                 continue
             params, grads, states, masters, steps = [], [], [], [], []
             calls = self._init_group(group, params, grads, states, masters, steps)
+            ours.append((group, params, grads, states, masters, steps, calls))
+        grad_norm = None
+        if any(group.get("max_grad_norm") is not None for group in self.param_groups):
+            # The norm spans every group: all gradients, before any update.
+            every_grad = [g for _, _, grads, *_ in ours for g in grads] + [
+                p.grad for group in torch_groups for p in group["params"] if p.grad is not None
+            ]
+            grad_norm = self._grad_norm = _traced_global_norm(every_grad, grad_scale)
+        for group in torch_groups:
+            # torch's own code, run as eager torch runs it (traced, it
+            # would take its capturable branch: other rounding)
+            _torch_step_eagerly(self, [group], grad_norm)
+        for group, params, grads, states, masters, steps, calls in ours:
             mode = self._mode(group)
             names = self._state_names(mode)
             count = len(names)
@@ -106,6 +118,8 @@ class TracedStep:
                 {name: [value] for name, value in self._hyperparameters(group).items()},
                 {name: [bool(group.get(name, False))]
                  for name in _ops.SIGNATURES[self._op_name].group_flags},
+                _clip.group_max_grad_norms([group]),
+                grad_norm is not None,
             )
             for start, end, master_start, rounding, new_state, is_complex in calls:
                 call_params, call_grads = params[start:end], grads[start:end]
@@ -119,6 +133,7 @@ class TracedStep:
                     None if grad_scale is None else grad_scale.to(device),
                     None if found_inf is None else found_inf.to(device),
                     rounding,
+                    None if grad_norm is None else grad_norm.to(device),
                 )
                 call = self._op_call_of(
                     mode, names, call_params, call_grads, call_states,
@@ -139,3 +154,21 @@ class TracedStep:
                     if steps and "step" not in state:
                         state["step"] = steps[start + i]
 
+
+def _traced_global_norm(grads: list, grad_scale):
+    """The global gradient norm in a traced step: the public op per device
+    (traceable)."""
+    if not grads:
+        return torch.zeros(())
+    by_device: dict = {}
+    for grad in grads:
+        by_device.setdefault(grad.device, []).append(grad)
+    parts = [
+        torch.ops.fused_optim.sum_of_squares(
+            tensors, None if grad_scale is None else grad_scale.to(device), False
+        )
+        for device, tensors in by_device.items()
+    ]
+    first = grads[0].device
+    total = parts[0] if len(parts) == 1 else sum(p.to(first) for p in parts)
+    return total.sqrt()

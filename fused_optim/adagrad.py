@@ -7,6 +7,7 @@ from torch.optim.adagrad import adagrad as _torch_adagrad
 
 from fused_optim import _docs
 from fused_optim._base import FusedOptimizer
+from fused_optim._clip import check_max_grad_norm
 from fused_optim._keywords import check_implementation_keywords, to_float
 from fused_optim._planning import new_step
 from fused_optim._precision import check_precision_keywords, precision_of
@@ -35,6 +36,7 @@ class Adagrad(FusedOptimizer):
         master_weights: bool = False,
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         # Same checks, order and messages as torch.optim.Adagrad.
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -64,6 +66,7 @@ class Adagrad(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
             **precision,
+            "max_grad_norm": check_max_grad_norm(max_grad_norm),
         }
         super().__init__(params, defaults)
         # As torch.optim.Adagrad, state exists from construction on (its

@@ -8,6 +8,7 @@ import torch
 
 from fused_optim import _docs
 from fused_optim._base import FusedOptimizer
+from fused_optim._clip import check_max_grad_norm
 from fused_optim._keywords import check_implementation_keywords, to_float
 from fused_optim._precision import check_precision_keywords
 
@@ -38,6 +39,7 @@ class Adam(FusedOptimizer):
         master_weights: bool = False,
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         # Same checks, order and messages as torch.optim.Adam.
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -91,6 +93,7 @@ class Adam(FusedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
             **precision,
+            "max_grad_norm": check_max_grad_norm(max_grad_norm),
         }
         super().__init__(params, defaults)
 
@@ -150,6 +153,7 @@ class AdamW(Adam):
         master_weights: bool = False,
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -167,6 +171,7 @@ class AdamW(Adam):
             master_weights=master_weights,
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
+            max_grad_norm=max_grad_norm,
         )
 
     def __setstate__(self, state):

@@ -7,6 +7,7 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 from fused_optim import _docs
 from fused_optim._base import FusedOptimizer
+from fused_optim._clip import check_max_grad_norm
 from fused_optim._keywords import check_implementation_keywords, to_float
 from fused_optim._planning import new_step
 from fused_optim._precision import check_precision_keywords
@@ -36,6 +37,7 @@ class SGD(FusedOptimizer):
         master_weights: bool = False,
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         # Same checks, order and messages as torch.optim.SGD.
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -58,6 +60,7 @@ class SGD(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
             **precision,
+            "max_grad_norm": check_max_grad_norm(max_grad_norm),
         }
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")

@@ -210,7 +210,9 @@ HAS_FUSED = ("SGD", "Adagrad", "Adam", "AdamW")
 # Keywords of ours beyond torch.optim's (the mixed-precision options), with
 # their defaults: every class takes them, keyword-only, after torch's, and
 # they are param_group keys.
-OUR_KEYWORDS = {"master_weights": False, "state_dtype": None, "stochastic_rounding": False}
+OUR_KEYWORDS = {
+    "master_weights": False, "state_dtype": None, "stochastic_rounding": False, "max_grad_norm": None,
+}
 
 # Optimizers whose torch counterpart takes a `capturable` keyword.
 HAS_CAPTURABLE = ("RMSprop", "Adam", "AdamW")

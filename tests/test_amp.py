@@ -148,7 +148,8 @@ def test_op_rejects_bad_grad_scale_before_writing():
                 params=[p], grads=[g], exp_avgs=[m], exp_avg_sqs=[v], max_exp_avg_sqs=[],
                 master_params=[], state_steps=[step], group_index=[0], lr=[1e-3], beta1=[0.9],
                 beta2=[0.999], eps=[1e-8], weight_decay=[0.0], maximize=[False],
-                decoupled_weight_decay=[False], grad_scale=bad, found_inf=None, amsgrad=False,
+                decoupled_weight_decay=[False], max_grad_norm=[float("inf")], grad_scale=bad,
+                found_inf=None, grad_norm=None, amsgrad=False,
                 stochastic_rounding=False)
     for t, t0 in zip((p, g, m, v, step), before):
         assert torch.equal(t, t0)

@@ -405,8 +405,9 @@ def _adam_op(params, grads, states, master, *, stochastic_rounding=False):
         params=params, grads=grads, exp_avgs=states[0], exp_avg_sqs=states[1],
         max_exp_avg_sqs=[], master_params=master, state_steps=steps,
         group_index=[0] * len(params), lr=[1e-3], beta1=[0.9], beta2=[0.999], eps=[1e-8],
-        weight_decay=[0.0], maximize=[False], decoupled_weight_decay=[False], grad_scale=None,
-        found_inf=None, amsgrad=False, stochastic_rounding=stochastic_rounding)
+        weight_decay=[0.0], maximize=[False], decoupled_weight_decay=[False],
+        max_grad_norm=[float("inf")], grad_scale=None, found_inf=None, grad_norm=None,
+        amsgrad=False, stochastic_rounding=stochastic_rounding)
 
 
 OP_ERRORS = {

@@ -8,7 +8,9 @@
 //            master, to nearest); otherwise read, and written rounded to
 //            nearest or, with stochastic rounding, stochastically;
 //   grad     divided by AMP's grad scale (multiplied by its inverse) and
-//            written back unscaled when the call has a grad scale;
+//            written back unscaled when the call has a grad scale; then
+//            multiplied by the group's clipping factor (1 when not
+//            clipped: exact), in registers only;
 //   state    one storage dtype for all state tensors of the call.
 #pragma once
 
@@ -49,6 +51,7 @@ struct Storage {
 template <typename T>
 struct ElementInputs {
   T inverse_grad_scale = T(1);   // used only with kUnscaleGrads
+  T grad_clip = T(1);            // clip_coefficient (update_rules.h), or 1
   uint32_t rounding_key = 0;     // used only with kStochasticRounding
 };
 
@@ -72,6 +75,7 @@ void apply_subrange(char* const* operand, float* master_base, int64_t begin,
     state[k] = reinterpret_cast<state_t*>(operand[k]) + begin;
   }
   const T inverse_grad_scale = in.inverse_grad_scale;
+  const T grad_clip = in.grad_clip;
   const uint32_t key = in.rounding_key;
   const uint32_t element_low = static_cast<uint32_t>(begin);
   const uint32_t element_high = static_cast<uint32_t>(begin >> 32);
@@ -87,6 +91,7 @@ void apply_subrange(char* const* operand, float* master_base, int64_t begin,
       x[1] = x[1] * inverse_grad_scale;
       grad[i] = from_compute<param_t>(x[1]);
     }
+    x[1] = x[1] * grad_clip;
     for (int k = 2; k < kN; ++k) x[k] = to_compute(state[k][i]);
     Op::template update<kDecay>(x, s);
     if constexpr (S::kMasterWeights) master[i] = x[0];
@@ -204,24 +209,33 @@ void apply_op(const PreparedCall<Spec>& call,
       });
 }
 
-// The AMP and rounding inputs of each tensor of a call. `steps` are the
-// counters after this step's increment (empty: 0 for every tensor).
-template <typename T>
-std::vector<ElementInputs<T>> element_inputs(
-    at::IntArrayRef group_index, const c10::optional<at::Tensor>& grad_scale,
-    bool stochastic_rounding, const std::vector<double>& steps) {
-  const size_t num_tensors = group_index.size();
+// The AMP, clipping and rounding inputs of each tensor of a call. `steps`
+// are the counters after this step's increment (empty: 0 for every tensor).
+template <typename T, typename Spec>
+std::vector<ElementInputs<T>> element_inputs(const PreparedCall<Spec>& call,
+                                             const std::vector<double>& steps) {
+  const size_t num_tensors = call.group_index.size();
   ElementInputs<T> common;
-  if (grad_scale.has_value() && grad_scale->defined()) {
+  if (call.has_grad_scale()) {
     common.inverse_grad_scale =
-        T(inverse_grad_scale(grad_scale->item<float>()));
+        T(inverse_grad_scale((*call.grad_scale)->template item<float>()));
   }
   std::vector<ElementInputs<T>> out(num_tensors, common);
-  if (stochastic_rounding) {
+  if (call.has_grad_norm()) {
+    const T norm = T((*call.grad_norm)->template item<double>());
+    std::vector<T> clip_of_set(call.sets.size());
+    for (size_t k = 0; k < call.sets.size(); ++k) {
+      clip_of_set[k] = clip_coefficient<T>(norm, call.sets[k].max_grad_norm);
+    }
+    for (size_t t = 0; t < num_tensors; ++t) {
+      out[t].grad_clip = clip_of_set[call.set_of[t]];
+    }
+  }
+  if (call.precision.stochastic_rounding) {
     for (size_t t = 0; t < num_tensors; ++t) {
       out[t].rounding_key = stochastic_rounding_key(
           stochastic_rounding_stream(static_cast<uint32_t>(t),
-                                     static_cast<uint32_t>(group_index[t])),
+                                     static_cast<uint32_t>(call.group_index[t])),
           steps.empty() ? 0.0 : steps[t]);
     }
   }
@@ -264,9 +278,7 @@ void run(const OpCall& args) {
           using S = decltype(storage);
           using T = typename S::compute_t;
           const auto scalars = scalars_of<T>(*call, steps);
-          const auto inputs =
-              element_inputs<T>(call->group_index, *call->grad_scale,
-                                call->precision.stochastic_rounding, steps);
+          const auto inputs = element_inputs<T>(*call, steps);
           apply_op<Op, S>(*call, scalars, inputs);
         });
     return 0;

@@ -10,6 +10,9 @@
 //     weights: a thread takes kElems = 16 / max(sizeof P, sizeof S) elements
 //     per iteration, and loads each operand in as many 16-byte (or one
 //     8-byte) vectors as those elements need;
+//   - clipping by the global gradient norm: each chunk's clip factor is
+//     derived on the device from the norm tensor and its group's
+//     max_grad_norm, and multiplies the gradient in registers;
 //   - aligned tensors (every operand 16-byte aligned) take that vector path,
 //     then a scalar tail; misaligned tensors (e.g. views at an odd storage
 //     offset) take scalar accesses, still coalesced across a warp;
@@ -197,10 +200,13 @@ enum class ParamMode {
   kStochastic,  // load the param, store it rounded stochastically (bf16)
 };
 
-// What else is uniform across a launch (read once per block) and a chunk.
+// What else is uniform across a launch (read once per block) and a chunk,
+// for compute type T.
+template <typename T>
 struct ElementFlags {
   bool unscale = false;  // grad *= inv_scale, and written back
   float inv_scale = 1.0f;
+  T grad_clip = T(1);    // per chunk: the group's clip_coefficient, or 1
   uint32_t rounding_key = 0;  // per chunk: key(tensor's index, step)
 };
 
@@ -212,7 +218,7 @@ template <typename Op, WeightDecay kDecay, ParamMode kMode, typename P,
 FO_HOST_DEVICE FO_FORCE_INLINE void update_element(P& p, P& g, S (&st)[kNS],
                                                    float& m,
                                                    const Scalars& s,
-                                                   const ElementFlags& f,
+                                                   const ElementFlags<compute_t<P>>& f,
                                                    int64_t element) {
   using T = compute_t<P>;
   constexpr int kN = Op::kNumOperands;
@@ -229,6 +235,8 @@ FO_HOST_DEVICE FO_FORCE_INLINE void update_element(P& p, P& g, S (&st)[kNS],
     r[1] = r[1] * static_cast<T>(f.inv_scale);
     g = from_compute<P>(r[1]);
   }
+  // Clipping by the global norm: in registers only (1 when not clipped).
+  r[1] = r[1] * f.grad_clip;
 #pragma unroll
   for (int k = 2; k < kN; ++k) r[k] = to_compute(st[k - 2]);
   Op::template update<kDecay>(r, s);
@@ -263,7 +271,7 @@ template <typename Op, typename P, typename S, WeightDecay kDecay,
           ParamMode kMode, typename Meta, typename Scalars>
 FO_HOST_DEVICE FO_FORCE_INLINE void update_range(
     const Meta& meta, int32_t tensor, int64_t begin, int64_t end,
-    const Scalars& s, const ElementFlags& f, int32_t thread,
+    const Scalars& s, const ElementFlags<compute_t<P>>& f, int32_t thread,
     int32_t num_threads) {
   static_assert(kChunkSize <= (int64_t{1} << 30),
                 "offsets inside a chunk must fit int32");
@@ -355,7 +363,7 @@ FO_HOST_DEVICE FO_FORCE_INLINE void run_chunks(const Meta& meta, int64_t block,
                                                int64_t num_blocks,
                                                int32_t thread,
                                                int32_t num_threads,
-                                               ElementFlags f) {
+                                               ElementFlags<compute_t<P>> f) {
   using T = compute_t<P>;
   using Hyper = typename Meta::HyperType;
   for (int64_t chunk = block; chunk < meta.num_chunks; chunk += num_blocks) {
@@ -367,6 +375,11 @@ FO_HOST_DEVICE FO_FORCE_INLINE void run_chunks(const Meta& meta, int64_t block,
       step = read_step(meta.step[r.tensor], meta.step_is_double[r.tensor] != 0);
     }
     const auto s = h.template scalars<T>(h.lr.read(), step);
+    if (meta.grad_norm != nullptr) {
+      f.grad_clip = clip_coefficient<T>(
+          static_cast<T>(read_step(meta.grad_norm, meta.grad_norm_is_double != 0)),
+          h.max_grad_norm);
+    }
     if constexpr (kMode == ParamMode::kStochastic) {
       f.rounding_key = stochastic_rounding_key(
           static_cast<uint32_t>(meta.index[r.tensor]), step);
@@ -409,7 +422,7 @@ FO_HOST_DEVICE FO_FORCE_INLINE void run_block(const Meta& meta, int64_t block,
   // is skipped: nothing is written (no grad write-back either), and the step
   // kernel did not advance the counters.
   if (meta.found_inf != nullptr && *meta.found_inf != 0.0f) return;
-  ElementFlags f;
+  ElementFlags<compute_t<P>> f;
   f.unscale = meta.grad_scale != nullptr;
   if (f.unscale) f.inv_scale = inverse_grad_scale(*meta.grad_scale);
   // check_multi_tensor_args allows master weights only for fp16/bf16 params

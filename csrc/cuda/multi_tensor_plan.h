@@ -120,6 +120,12 @@ struct MultiTensorArgs {
   // unscaled grads written back; a non-zero *found_inf skips everything.
   const float* grad_scale = nullptr;
   const float* found_inf = nullptr;
+  // Clipping by the global gradient norm: the device address of the norm (a
+  // float32 or float64 scalar, grad_norm_is_double), or null. Each tensor's
+  // gradient is multiplied by clip_coefficient(norm, its set's
+  // max_grad_norm) (update_rules.h).
+  const void* grad_norm = nullptr;
+  bool grad_norm_is_double = false;
   bool stochastic_rounding = false;
   // Per tensor, the stochastic-rounding stream (precision.h's
   // stochastic_rounding_stream of its position and group); empty: the
@@ -154,8 +160,8 @@ constexpr int max_tensors_per_launch() {
       + 2;                                                // slot, aligned
   constexpr size_t kFixed =
       max_hyper_slots<Hyper>() * (sizeof(Hyper) + 1)  // hyper, decay
-      + 2 * sizeof(void*)                             // grad_scale, found_inf
-      + sizeof(int64_t) + sizeof(int32_t) + 2         // counters, flags
+      + 3 * sizeof(void*)                             // grad_scale, found_inf, grad_norm
+      + sizeof(int64_t) + sizeof(int32_t) + 3         // counters, flags
       + 32;                                           // padding
   return static_cast<int>((kMaxKernelParamBytes - kFixed) / kPerTensor);
 }
@@ -177,6 +183,7 @@ struct TensorListMeta {
   Hyper hyper[kMaxSlots];
   const float* grad_scale;  // AMP, or null
   const float* found_inf;   // AMP, or null
+  const void* grad_norm;    // clipping, or null
   int64_t num_chunks;       // chunks of all tensors of this launch
   int32_t index[kMaxTensors];  // rounding stream (position in the call, group)
   int32_t num_tensors;
@@ -184,6 +191,7 @@ struct TensorListMeta {
   uint8_t aligned[kMaxTensors];  // all operands 16-byte aligned
   uint8_t step_is_double[kMaxTensors];
   uint8_t decay[kMaxSlots];      // a WeightDecay
+  uint8_t grad_norm_is_double;
   uint8_t master_weights;        // master[] is set (the call has them)
   uint8_t stochastic_rounding;
 };
@@ -311,6 +319,8 @@ void plan_launches(const MultiTensorArgs<Hyper>& args, const Launch& launch) {
     Meta m{};  // value-initialised: all zero
     m.grad_scale = args.grad_scale;
     m.found_inf = args.found_inf;
+    m.grad_norm = args.grad_norm;
+    m.grad_norm_is_double = args.grad_norm_is_double ? 1 : 0;
     m.master_weights = master ? 1 : 0;
     m.stochastic_rounding = args.stochastic_rounding ? 1 : 0;
     return m;

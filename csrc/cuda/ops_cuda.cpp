@@ -27,8 +27,10 @@
 #include <vector>
 
 #include "cuda/launch.h"
+#include "cuda/sum_of_squares.h"
 #include "fused_optim/precision.h"
 #include "op_front.h"
+#include "sum_of_squares_inputs.h"
 
 namespace fused_optim::cuda {
 namespace {
@@ -83,6 +85,10 @@ MultiTensorArgs<typename Spec::Hyper> make_args(const PreparedCall<Spec>& call) 
   }
   args.grad_scale = optional_data(*call.grad_scale);
   args.found_inf = optional_data(*call.found_inf);
+  if (call.has_grad_norm()) {
+    args.grad_norm = (*call.grad_norm)->data_ptr();
+    args.grad_norm_is_double = (*call.grad_norm)->scalar_type() == at::kDouble;
+  }
   args.stochastic_rounding = call.precision.stochastic_rounding;
   return args;
 }
@@ -102,9 +108,42 @@ void run(const OpCall& op_call) {
   call->operands->write_back();
 }
 
+// fused_optim::sum_of_squares on CUDA: the shared checks, two scratch
+// buffers from the caching allocator (stream-ordered: no sync), the launches.
+at::Tensor sum_of_squares(at::TensorList tensors,
+                          const std::optional<at::Tensor>& grad_scale,
+                          bool per_tensor) {
+  c10::cuda::OptionalCUDAGuard device_guard;
+  if (!tensors.empty() && tensors[0].is_cuda()) {
+    device_guard.set_device(tensors[0].device());
+  }
+  at::Tensor out = checked_sum_of_squares_output(tensors, grad_scale, per_tensor);
+  const std::vector<at::Tensor> dense = dense_inputs(tensors);
+  SumOfSquaresArgs args;
+  for (const at::Tensor& t : dense) {
+    args.data.push_back(t.data_ptr());
+    args.numels.push_back(t.numel());
+    args.dtypes.push_back(*storage_dtype(t.scalar_type()));
+  }
+  const auto doubles = out.options().dtype(at::kDouble);
+  const at::Tensor partials = at::empty({num_partials(args.numels)}, doubles);
+  const at::Tensor tensor_sums =
+      at::empty({static_cast<int64_t>(dense.size())}, doubles);
+  args.grad_scale = optional_data(grad_scale);
+  args.partials = partials.data_ptr<double>();
+  args.tensor_sums = tensor_sums.data_ptr<double>();
+  args.out = out.data_ptr();
+  args.out_is_double = out.scalar_type() == at::kDouble;
+  args.per_tensor = per_tensor;
+  C10_CUDA_CHECK(launch_sum_of_squares(
+      args, c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+  m.impl("sum_of_squares", &sum_of_squares);
 #define FO_IMPL_CUDA(Spec) FO_IMPL_OP(m, Spec, run);
   FO_FOR_EACH_OP(FO_IMPL_CUDA)
 #undef FO_IMPL_CUDA

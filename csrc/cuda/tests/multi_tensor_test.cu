@@ -43,6 +43,7 @@
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/multi_tensor_plan.h"
 #include "cuda/ops.cuh"
+#include "cuda/sum_of_squares.cuh"
 #include "fused_optim/precision.h"
 #include "fused_optim/update_rules.h"
 
@@ -495,6 +496,7 @@ struct CaseOptions {
   bool unscale = false;                // grad_scale given
   bool found_inf = false;              // found_inf given and non-zero
   bool lr_tensor = false;              // lr from per-group lr tensors
+  bool clip = false;                   // clipping by a global grad norm
   int64_t max_blocks = kMaxBlocksPerLaunch;
 };
 
@@ -505,6 +507,7 @@ std::string describe(const CaseOptions& o) {
   if (o.unscale) s += " unscale";
   if (o.found_inf) s += " found_inf";
   if (o.lr_tensor) s += " lr_tensor";
+  if (o.clip) s += " clip";
   if (o.max_blocks < kMaxBlocksPerLaunch) s += " grid-capped";
   return s;
 }
@@ -586,6 +589,12 @@ void run_case(const std::string& name, int num_operands,
   const bool with_steps = !Hyper::kStepsOptional ||
                           o.mode == ParamMode::kStochastic || o.unscale;
   const float found_inf = o.found_inf ? 1.0f : 0.0f;
+  // Clipping: a float64 norm; groups not clipped (inf), clipped (factor
+  // about 0.4) and clipped by a factor clamped to 1.
+  const double grad_norm = 3.7;
+  auto max_grad_norm_of = [](int64_t g) {
+    return g % 3 == 0 ? INFINITY : (g % 3 == 1 ? 1.5 : 100.0);
+  };
 
   auto want_pg = pg;
   auto want_st = st;
@@ -621,6 +630,7 @@ void run_case(const std::string& name, int num_operands,
                     [&](int64_t i) {
                       const int64_t g = i % num_groups;
                       std::pair<Hyper, WeightDecay> h = groups[g];
+                      if (o.clip) h.first.max_grad_norm = max_grad_norm_of(g);
                       if (o.lr_tensor) {
                         // The host value must not be used.
                         h.first.lr.value = 1e30;
@@ -633,6 +643,10 @@ void run_case(const std::string& name, int num_operands,
                     });
   if (o.unscale) args.grad_scale = &grad_scale;
   if (o.found_inf || o.unscale) args.found_inf = &found_inf;
+  if (o.clip) {
+    args.grad_norm = &grad_norm;
+    args.grad_norm_is_double = true;
+  }
   args.stochastic_rounding = o.mode == ParamMode::kStochastic;
 
   HostEmulator emu;
@@ -669,6 +683,10 @@ void run_case(const std::string& name, int num_operands,
         if (o.unscale) {
           x[1] = x[1] * static_cast<T>(inverse_grad_scale(grad_scale));
           gr[e] = from_compute<P>(x[1]);
+        }
+        if (o.clip) {
+          x[1] = x[1] * clip_coefficient<T>(static_cast<T>(grad_norm),
+                                            max_grad_norm_of(g));
         }
         for (int k = 2; k < num_operands; ++k) {
           x[k] = to_compute(want_st[k - 2][i].base()[e]);
@@ -732,6 +750,7 @@ std::vector<CaseOptions> case_options(bool with_found_inf) {
   CaseOptions amp;
   amp.unscale = true;
   amp.lr_tensor = true;
+  amp.clip = true;
   amp.max_blocks = 3;
   out.push_back(amp);
   if constexpr (sizeof(P) == 2) {
@@ -1088,6 +1107,109 @@ void test_large_offsets() {
 
 }  // namespace
 
+// The reduction of sum_of_squares.cuh, emulated: every chunk of every
+// tensor (of several dtypes, with empty ones and a launch split) summed by
+// the partial kernel's body and tree, the partials by the tensor kernel's
+// body, the total by the finish kernel's body; against a plain double sum.
+void test_sum_of_squares() {
+  std::mt19937 rng(99);
+  std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
+  const std::vector<int64_t> sizes = {1, 0, 4099, kChunkSize + 3, 7,
+                                      3 * kChunkSize, 33};
+  // Tensor i: float (i % 3 == 0), bf16 (1), double (2); many small float
+  // tensors after them split the launch.
+  std::vector<std::vector<float>> f;
+  std::vector<std::vector<__nv_bfloat16>> b;
+  std::vector<std::vector<double>> d;
+  SumOfSquaresArgs args;
+  std::vector<double> want;
+  const float grad_scale = 3.0f;
+  args.grad_scale = &grad_scale;
+  const float inv = inverse_grad_scale(grad_scale);
+  auto add = [&](int64_t size, int kind) {
+    double sum = 0.0;
+    if (kind == 0) {
+      f.emplace_back(size);
+      for (float& x : f.back()) {
+        x = dist(rng);
+        const double v = static_cast<double>(x * inv);
+        sum += v * v;
+      }
+      args.data.push_back(f.back().data());
+      args.dtypes.push_back(Dtype::kFloat);
+    } else if (kind == 1) {
+      b.emplace_back(size);
+      for (auto& x : b.back()) {
+        x = __float2bfloat16_rn(dist(rng));
+        const double v = static_cast<double>(__bfloat162float(x) * inv);
+        sum += v * v;
+      }
+      args.data.push_back(b.back().data());
+      args.dtypes.push_back(Dtype::kBFloat16);
+    } else {
+      d.emplace_back(size);
+      for (double& x : d.back()) {
+        x = dist(rng);
+        const double v = x * static_cast<double>(inv);
+        sum += v * v;
+      }
+      args.data.push_back(d.back().data());
+      args.dtypes.push_back(Dtype::kDouble);
+    }
+    args.numels.push_back(size);
+    want.push_back(sum);
+  };
+  f.reserve(1000); b.reserve(1000); d.reserve(1000);
+  for (size_t i = 0; i < sizes.size(); ++i) add(sizes[i], static_cast<int>(i % 3));
+  for (int i = 0; i < ReduceListMeta::kMaxTensors + 5; ++i) add(1 + i % 5, 0);
+  const int64_t n = static_cast<int64_t>(args.numels.size());
+  std::vector<double> partials(num_partials(args.numels), NAN);
+  std::vector<double> tensor_sums(n, 0.0);  // (the launcher zeroes them)
+  int64_t next_partial = 0;
+  int launches = 0;
+  for (Dtype dtype : kAllDtypes) {
+    with_dtype(dtype, [&](auto tag) {
+      using P = typename DeviceType<decltype(tag)::value>::type;
+      plan_reduce_launches(args, dtype, &next_partial, [&](const ReduceListMeta& meta) {
+        ++launches;
+        for (int64_t chunk = 0; chunk < meta.num_chunks; ++chunk) {
+          double values[kReduceBlockSize];
+          for (int t = 0; t < kReduceBlockSize; ++t) {
+            values[t] = chunk_thread_sum<P>(meta, chunk, t, kReduceBlockSize, inv);
+          }
+          for (int stride = kReduceBlockSize / 2; stride > 0; stride /= 2) {
+            for (int t = 0; t < kReduceBlockSize; ++t) tree_level(values, stride, t);
+          }
+          partials[meta.first_partial + chunk] = values[0];
+        }
+        for (int32_t t = 0; t < meta.num_tensors; ++t) {
+          sum_tensor_partials(meta, partials.data(), tensor_sums.data(), t);
+        }
+      });
+    });
+  }
+  EXPECT(next_partial == static_cast<int64_t>(partials.size()),
+         "sum_of_squares: %lld partials planned, %zu allocated",
+         static_cast<long long>(next_partial), partials.size());
+  EXPECT(launches >= 4, "sum_of_squares: %d launches (expected a split)", launches);
+  double total_want = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    total_want += want[i];
+    EXPECT(std::fabs(tensor_sums[i] - want[i]) <= 1e-12 * want[i],
+           "sum_of_squares: tensor %lld: %.17g vs %.17g", static_cast<long long>(i),
+           tensor_sums[i], want[i]);
+  }
+  double values[kReduceBlockSize];
+  for (int t = 0; t < kReduceBlockSize; ++t) {
+    values[t] = strided_sum(tensor_sums.data(), n, t, kReduceBlockSize);
+  }
+  for (int stride = kReduceBlockSize / 2; stride > 0; stride /= 2) {
+    for (int t = 0; t < kReduceBlockSize; ++t) tree_level(values, stride, t);
+  }
+  EXPECT(std::fabs(values[0] - total_want) <= 1e-12 * total_want,
+         "sum_of_squares: total %.17g vs %.17g", values[0], total_want);
+}
+
 int main() {
   std::setvbuf(stdout, nullptr, _IONBF, 0);  // keep output if a bug crashes us
   std::printf("planner\n");
@@ -1107,6 +1229,8 @@ int main() {
   test_ops<H, B>();
   test_ops<B, B>();
   test_ops<B, F>();
+  std::printf("sum of squares\n");
+  test_sum_of_squares();
   std::printf("stochastic rounding\n");
   test_stochastic_rounding_is_unbiased();
   std::printf("64-bit offsets\n");

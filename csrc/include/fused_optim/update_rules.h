@@ -116,6 +116,20 @@ FO_HOST_DEVICE FO_FORCE_INLINE T max_of(T a, T b) {
   return ((a != a) | (a > b)) ? a : b;
 }
 
+// Clipping by the global gradient norm: the factor each gradient of a
+// clipped group is multiplied by, in registers, before the update rule sees
+// it. torch.nn.utils.clip_grad_norm_'s formula and operation order in the
+// norm's dtype T: `max_norm / (norm + 1e-6)` (a Python float over a tensor
+// is `reciprocal() * max_norm`), clamped to at most 1 (NaN stays NaN, as
+// torch.clamp). An infinite max_grad_norm means "not clipped": factor 1,
+// even for an infinite norm.
+template <typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE T clip_coefficient(T norm, double max_norm) {
+  if (max_norm == INFINITY) return T(1);
+  const T coefficient = (T(1) / (norm + T(1e-6))) * T(max_norm);
+  return coefficient > T(1) ? T(1) : coefficient;
+}
+
 // Every rule below takes the gradient sign as a multiplier (`grad_sign`, -1
 // for maximize=True): multiplying by +-1 is exact and keeps the loop
 // branch-free.

@@ -1,0 +1,189 @@
+"""Clipping by the global gradient norm.
+
+The norm is one reduction pass over every gradient: ``sum_of_squares``
+(csrc/op_schema.cpp), one multi-tensor call per (device, DTensor layout),
+each gradient unscaled in registers under AMP; the parts are added on the
+first gradient's device (and, for DTensor gradients, all-reduced over their
+mesh, as torch's ``clip_grad_norm_`` does through DTensor), and the square
+root taken there. Two users:
+
+- the optimizers' ``max_grad_norm`` option: the step computes the norm of
+  all the optimizer's gradients and hands it to the update kernels, which
+  multiply each gradient of a clipped group by
+  ``min(1, max_grad_norm / (norm + 1e-6))`` in registers (never written):
+  the gradients are read twice per step, not three times, and written never;
+- ``fused_optim.clip_grad_norm_``, the drop-in for torch's, whose scaling
+  pass writes the gradients, as torch's does.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+
+import torch
+
+from fused_optim import _C
+
+# Not clipped: the value the kernels take for a group without max_grad_norm.
+NOT_CLIPPED = math.inf
+
+
+@torch.library.register_fake("fused_optim::sum_of_squares")
+def _sum_of_squares_fake(tensors, grad_scale, per_tensor):
+    double = any(t.dtype in (torch.float64, torch.complex128) for t in tensors)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    shape = (len(tensors),) if per_tensor else ()
+    return torch.empty(shape, dtype=torch.float64 if double else torch.float32, device=device)
+
+
+def check_max_grad_norm(value):
+    """Validates the ``max_grad_norm`` option (None: no clipping; inf:
+    measure the norm, clip nothing)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"Invalid max_grad_norm value: {value} (a positive float or None)")
+    return float(value)
+
+
+def group_max_grad_norms(groups) -> list:
+    """Each group's max_grad_norm as the kernels take it."""
+    out = []
+    for group in groups:
+        value = group.get("max_grad_norm")
+        out.append(NOT_CLIPPED if value is None else float(value))
+    return out
+
+
+def _sum_of_squares(tensors: list, grad_scale) -> torch.Tensor:
+    """One ``sum_of_squares`` call (the fast entry: Note [fast op call])."""
+    if grad_scale is not None and grad_scale.device != tensors[0].device:
+        grad_scale = grad_scale.to(tensors[0].device, non_blocking=True)
+    return _C.sum_of_squares(tensors, grad_scale, False)
+
+
+def _dtensor_parts(grads: list, grad_scale) -> list:
+    """The sums of squares of DTensor gradients, reduced over their meshes:
+    a plain 0-d tensor per (mesh, placements)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    by_layout: dict = {}
+    for grad in grads:
+        if any(p.is_partial() for p in grad.placements):
+            grad = grad.redistribute(grad.device_mesh, [Replicate()] * grad.device_mesh.ndim)
+        by_layout.setdefault((grad.device_mesh, tuple(grad.placements)), []).append(
+            grad._local_tensor
+        )
+    parts = []
+    for (mesh, placements), local in by_layout.items():
+        part = _sum_of_squares(local, grad_scale)
+        # Sharded dims hold disjoint pieces (their sums add up); replicated
+        # dims hold copies (counted once).
+        spec = [Partial() if p.is_shard() else Replicate() for p in placements]
+        parts.append(DTensor.from_local(part, mesh, spec, run_check=False).full_tensor())
+    return parts
+
+
+def global_norm(grads: list, grad_scale=None) -> torch.Tensor:
+    """The L2 norm of ``grads`` (each divided by ``grad_scale`` when given)
+    as one vector: a 0-d float32 tensor (float64 if a gradient is) on the
+    first gradient's device. DTensor gradients count once per element of
+    the full tensor."""
+    if not grads:
+        return torch.tensor(0.0)
+    plain: dict = {}
+    dtensors = []
+    for grad in grads:
+        if type(grad) is torch.Tensor or not _is_dtensor(grad):
+            plain.setdefault(grad.device, []).append(grad)
+        else:
+            dtensors.append(grad)
+    parts = [_sum_of_squares(tensors, grad_scale) for tensors in plain.values()]
+    if dtensors:
+        parts += _dtensor_parts(dtensors, grad_scale)
+    first = grads[0].device
+    if len(parts) == 1:
+        return parts[0].sqrt()
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+    return torch.stack([p.to(first, dtype) for p in parts]).sum().sqrt()
+
+
+def _is_dtensor(tensor) -> bool:
+    dtensor = getattr(torch.distributed, "tensor", None)
+    return dtensor is not None and isinstance(tensor, getattr(dtensor, "DTensor", ()))
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """torch's factor: ``max_norm / (norm + 1e-6)`` clamped to at most 1
+    (the kernels' clip_coefficient, update_rules.h)."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
+    """Clips the gradient norm of an iterable of parameters: a drop-in for
+    :func:`torch.nn.utils.clip_grad_norm_` (same arguments, same result, the
+    gradients scaled in place).
+
+    For ``norm_type=2`` the norm is one multi-tensor reduction pass per
+    device (``torch.ops.fused_optim.sum_of_squares``), accumulated in
+    float64; torch computes a norm per tensor, then the norm of those. The
+    norm is float32 (float64 for float64 gradients), also for float16 and
+    bfloat16 gradients, whose norm torch computes and returns in their own
+    dtype (where it overflows at 65,504 for float16). Other norm types go
+    to torch's implementation. To clip without a separate pass, give the
+    optimizer ``max_grad_norm`` instead: its step reads each gradient once
+    for the norm and once for the update, and writes none.
+
+    Args:
+        parameters: tensors (or one tensor) whose gradients are clipped.
+        max_norm (float): the largest norm the gradients keep.
+        norm_type (float): the p of the p-norm; ``'inf'`` for the max norm.
+        error_if_nonfinite (bool): raise if the norm is nan or inf.
+        foreach (bool, optional): for torch's signature; the fused pass is
+            used whatever its value for ``norm_type=2``.
+
+    Returns:
+        The total norm of the gradients (viewed as a single vector).
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and len(parameters) == 0:
+            warnings.warn(
+                "`parameters` is an empty generator, no gradient clipping will occur.",
+                stacklevel=3,
+            )
+    if float(norm_type) != 2.0:
+        return torch.nn.utils.clip_grad_norm_(
+            parameters, max_norm, norm_type, error_if_nonfinite, foreach
+        )
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = global_norm(grads)
+    if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+    if grads:
+        scale_grads_(grads, clip_coefficient(total_norm, max_norm))
+    return total_norm
+
+
+def scale_grads_(grads: list, factor: torch.Tensor) -> None:
+    """grads *= factor, one foreach call per device (as torch's clip); a
+    DTensor gradient scales its local shard (the factor is global)."""
+    by_device: dict = {}
+    for grad in grads:
+        if type(grad) is not torch.Tensor and _is_dtensor(grad):
+            grad = grad._local_tensor
+        by_device.setdefault(grad.device, []).append(grad)
+    for device, tensors in by_device.items():
+        torch._foreach_mul_(tensors, factor.to(device))
