@@ -98,12 +98,16 @@ def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _train(model, opt, steps, seed, dtype=torch.float32):
-    """Steps on this rank's batches (seeded per rank and step)."""
+def _train(model, opt, steps, seed, dtype=torch.float32, before_step=None, per_rank=True):
+    """Steps on this rank's batches (seeded per rank and step; the same on
+    every rank without ``per_rank``); ``before_step(model)`` runs between
+    backward and step."""
     for i in range(steps):
-        torch.manual_seed(1000 * seed + 10 * i + dist.get_rank())
+        torch.manual_seed(1000 * seed + 10 * i + (dist.get_rank() if per_rank else 0))
         opt.zero_grad()
         model(_randn(8, 16, dtype=dtype)).square().mean().backward()
+        if before_step is not None:
+            before_step(model)
         opt.step()
 
 
@@ -152,6 +156,72 @@ for _name in OPTIMIZERS:
 
     _against_torch.__name__ = f"fsdp2_{_name}_equals_torch"
     scenario("main")(_against_torch)
+
+
+# ----- clipping by the global norm across ranks --------------------------------
+MAX_GRAD_NORM = 0.05  # below the norms of this run: every step clips
+
+
+def _clipped_against_torch(mesh, wrap, name, make_model=_model, per_rank=True):
+    """torch: clip_grad_norm_ over the whole (sharded) model, then the step;
+    ours: max_grad_norm. Same params, state and norm on every rank."""
+    torch_norms, runs = [], []
+    for cls in (getattr(torch.optim, name), getattr(fused_optim, name)):
+        model = wrap(make_model())
+        ours = cls is not getattr(torch.optim, name)
+        kwargs = dict(OPTIMIZERS[name], **({"max_grad_norm": MAX_GRAD_NORM} if ours else {}))
+        opt = cls(_groups(model), **kwargs)
+        our_norms = []
+
+        def clip(m, ours=ours, opt=opt, our_norms=our_norms):
+            if not ours:
+                torch_norms.append(_full(torch.nn.utils.clip_grad_norm_(m.parameters(), MAX_GRAD_NORM)))
+
+        _train(model, opt, STEPS, seed=1, before_step=clip, per_rank=per_rank)
+        if ours:
+            # the last step's norm: every rank the same, torch's
+            torch.testing.assert_close(opt.grad_norm, torch_norms[-1])
+        runs.append((model, opt))
+    assert isinstance(next(runs[1][0].parameters()), DTensor)
+    _assert_same_run(*runs[1], *runs[0])
+
+
+for _name in ("SGD", "AdamW"):
+
+    def _clip_fsdp2(mesh, tmp, name=_name):
+        _clipped_against_torch(mesh, lambda m: _fsdp(m, mesh), name)
+
+    _clip_fsdp2.__name__ = f"fsdp2_{_name}_max_grad_norm_equals_torch_clip"
+    scenario("main")(_clip_fsdp2)
+
+
+@scenario("main")
+def tensor_parallel_max_grad_norm_equals_torch_clip(mesh, tmp):
+    # Shard(0), Shard(1) and Replicate parameters in one norm.
+    def tensor_parallel(model):
+        parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        return model
+
+    def even_model():  # tensor parallelism needs even shards
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(DEVICE)
+
+    # the same batch on both ranks, as tensor parallelism expects
+    _clipped_against_torch(mesh, tensor_parallel, "Adam", even_model, per_rank=False)
+
+
+@scenario("main")
+def fsdp2_clip_grad_norm_equals_torch(mesh, tmp):
+    models = [_fsdp(_model(), mesh) for _ in range(2)]
+    for model in models:
+        torch.manual_seed(7 + dist.get_rank())
+        model(_randn(8, 16)).square().mean().backward()
+    got = fused_optim.clip_grad_norm_(models[0].parameters(), MAX_GRAD_NORM)
+    want = torch.nn.utils.clip_grad_norm_(models[1].parameters(), MAX_GRAD_NORM)
+    torch.testing.assert_close(_full(got), _full(want))
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(_full(a.grad), _full(b.grad))
 
 
 @scenario("main")
