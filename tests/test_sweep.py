@@ -104,7 +104,9 @@ def train_alone(module: nn.Module, spec: dict, batches: list, total_steps: int |
     config = make_config(spec)
     m = copy.deepcopy(module)
     m.train()
-    opt = getattr(torch.optim, config.optimizer)(m.parameters(), **config.kwargs, foreach=False)
+    kwargs = {k: v for k, v in config.kwargs.items() if k != "max_grad_norm"}
+    clip = config.run.get("clip_grad_norm", config.kwargs.get("max_grad_norm"))
+    opt = getattr(torch.optim, config.optimizer)(m.parameters(), **kwargs, foreach=False)
     schedule = config.run.get("schedule", "constant")
     warmup = config.run.get("warmup_steps", 0)
     scheduler = None
@@ -117,8 +119,8 @@ def train_alone(module: nn.Module, spec: dict, batches: list, total_steps: int |
         opt.zero_grad()
         loss = loss_fn(m(x), y)
         loss.backward()
-        if "clip_grad_norm" in config.run:
-            norms.append(clip_grad_norm_(m.parameters(), config.run["clip_grad_norm"]).item())
+        if clip is not None:
+            norms.append(clip_grad_norm_(m.parameters(), clip).item())
         opt.step()
         if scheduler is not None:
             scheduler.step()
@@ -259,6 +261,8 @@ RUN_KEY_CONFIGS = [
     {"optimizer": "AdamW", "lr": 1e-2, "clip_grad_norm": 0.1, "warmup_steps": 4, "schedule": "cosine"},
     {"optimizer": "Adagrad", "lr": 0.1, "schedule": lambda opt: LambdaLR(opt, lambda t: 1 / (1 + t))},
     {"optimizer": "Adam", "lr": 1e-2},  # no run keys at all, next to ones that have them
+    # the optimizer's own clipping option: by this configuration's norm
+    {"optimizer": "RMSprop", "lr": 1e-3, "max_grad_norm": 0.05},
 ]
 
 
@@ -283,8 +287,9 @@ def test_run_keys_per_configuration_match_torch_alone():
     final_lrs = []
     for k, spec in enumerate(RUN_KEY_CONFIGS):
         alone = train_alone(model, spec, batches, total_steps=total)
-        if "clip_grad_norm" in spec:  # clipping really happened, at most steps
-            clipped = sum(n > spec["clip_grad_norm"] for n in alone.norms)
+        limit = spec.get("clip_grad_norm", spec.get("max_grad_norm"))
+        if limit is not None:  # clipping really happened, at most steps
+            clipped = sum(n > limit for n in alone.norms)
             assert clipped > len(batches) // 2, f"configuration {k}: clipped only {clipped} times"
         assert lockstep.groups[k]["lr"] == alone.opt.param_groups[0]["lr"], f"configuration {k} lr"
         final_lrs.append(lockstep.groups[k]["lr"])
@@ -595,6 +600,8 @@ BAD = [
     ({"optimizer": "SGD", "lr": 0.1, "clip_grad_norm": 0}, "clip_grad_norm"),
     ({"optimizer": "SGD", "lr": 0.1, "clip_grad_norm": "1"}, "clip_grad_norm"),
     ({"optimizer": "SGD", "lr": 0.1, "init_seed": "a"}, "init_seed"),
+    ({"optimizer": "SGD", "lr": 0.1, "max_grad_norm": -1.0}, "max_grad_norm"),
+    ({"optimizer": "SGD", "lr": 0.1, "max_grad_norm": 1.0, "clip_grad_norm": 1.0}, "not both"),
 ]
 
 

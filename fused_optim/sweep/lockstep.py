@@ -114,6 +114,14 @@ def _optimizer_of(config: Config) -> tuple[type, dict]:
     return config.optimizer_class, {}
 
 
+def _clip_limit(config: Config) -> float:
+    """The global norm configuration ``config`` clips its gradients to: its
+    ``clip_grad_norm`` run key or its optimizer's ``max_grad_norm`` (the
+    same clipping: its own gradients' norm), or inf."""
+    limit = config.run.get("clip_grad_norm", config.kwargs.get("max_grad_norm"))
+    return math.inf if limit is None else float(limit)
+
+
 def _schedule(config: Config, group: dict, total_steps: int):
     schedule = config.run.get("schedule", "constant")
     if callable(schedule):
@@ -231,6 +239,10 @@ class Lockstep:
                 group["params"] = per_slot[k]
             else:
                 group = {"params": per_slot[k], **options, **config.kwargs}
+                # One optimizer steps many configurations: its max_grad_norm
+                # would clip by the norm of all of them. Each configuration
+                # is clipped by its own norm instead (clip_gradients).
+                group["max_grad_norm"] = None
             groups_of.setdefault(cls, []).append(group)
             self.groups.append(group)
         optimizers = {cls: cls(groups) for cls, groups in groups_of.items()}
@@ -248,8 +260,8 @@ class Lockstep:
         self.optimizers = optimizers
         self.views = per_slot
         self._clip = None
-        if any("clip_grad_norm" in c.run for c in self.configs):
-            limits = [c.run.get("clip_grad_norm", math.inf) for c in self.configs]
+        limits = [_clip_limit(c) for c in self.configs]
+        if any(limit != math.inf for limit in limits):
             self._clip = torch.tensor(limits, dtype=torch.float32, device=self.device)
 
     def _watch_gradients(self) -> None:

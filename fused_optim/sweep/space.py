@@ -18,7 +18,9 @@ exactly as they would be passed to it, plus a few keys about the run::
   ``"cosine"``: cosine decay to 0 over the run after the warmup; or a
   callable ``optimizer -> torch.optim.lr_scheduler.LRScheduler``, stepped
   once per training step), ``clip_grad_norm`` (clip the configuration's
-  gradients to this global L2 norm, as ``torch.nn.utils.clip_grad_norm_``),
+  gradients to this global L2 norm, as ``torch.nn.utils.clip_grad_norm_``;
+  the optimizer's own ``max_grad_norm`` does the same, and stays in
+  ``Config.kwargs`` so that the best configuration's optimizer clips alike),
   ``init_seed`` (initial weights drawn with this seed instead of the shared
   ones) and ``name`` (a label; made from the values otherwise).
 
@@ -41,7 +43,12 @@ import torch
 
 import fused_optim
 
-OPTIMIZERS = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW")
+# Every optimizer class fused_optim exports.
+OPTIMIZERS = tuple(
+    name for name in fused_optim.__all__
+    if isinstance(getattr(fused_optim, name), type)
+    and issubclass(getattr(fused_optim, name), torch.optim.Optimizer)
+)
 RUN_KEYS = ("warmup_steps", "schedule", "clip_grad_norm", "init_seed", "name")
 SCHEDULES = ("constant", "cosine")
 
@@ -91,6 +98,8 @@ def make_config(spec: dict | Config, index: int = 0) -> Config:
         raise ValueError(f"{where}: {error}") from None
     run = {k: spec[k] for k in RUN_KEYS if k in spec}
     _check_run_keys(run, where)
+    if run.get("clip_grad_norm") is not None and kwargs.get("max_grad_norm") is not None:
+        raise ValueError(f"{where}: give clip_grad_norm or max_grad_norm, not both")
     label = run.pop("name", None) or _label(name, kwargs, run)
     return Config(name, kwargs, run, label)
 
