@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from fused_optim.bench.peers import amp_step, impls_for, make_optimizer
+from fused_optim.bench.peers import amp_step, clipped_step, impls_for, make_optimizer
 from fused_optim.bench.progress import BlockProgress
 from fused_optim.bench.specs import DTYPE_NAMES, OURS, PRECISIONS
 from fused_optim.bench.timing import (
@@ -93,6 +93,8 @@ def warmed_up_steps(impl, block, pool, rotation, warmup, ours_module) -> list[Ca
             impl, block.spec, block.workload, param_set, ours_module, block.precision
         )
         step = amp_step(optimizer, param_set) if block.precision.amp else optimizer.step
+        if block.precision.clip and impl != OURS:
+            step = clipped_step(optimizer, param_set)
         for _ in range(warmup):
             step()
         steps.append(step)

@@ -93,6 +93,23 @@ def amp_step(optimizer, param_set: ParamSet) -> Callable[[], object]:
     return step
 
 
+def clipped_step(optimizer, param_set: ParamSet) -> Callable[[], object]:
+    """A peer's clipped step: torch.nn.utils.clip_grad_norm_ (foreach: one
+    norm pass, one in-place scaling pass), then the step. Ours clips inside
+    its step (max_grad_norm, in ``ours_kwargs``)."""
+    from fused_optim.bench.specs import CLIP_NORM
+
+    params = param_set.params
+    param_set.grads_written = True
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, CLIP_NORM, foreach=True)
+        return optimizer.step()
+
+    step.amp_path = "clip_grad_norm_, then the step"
+    return step
+
+
 class TorchFusedAsOurs:
     """Stand-in for fused_optim while it does not import (--ours torch-fused)."""
 

@@ -49,6 +49,11 @@ PEERS = IMPLS[1:]
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
+# The global norm the clipped precisions clip to: below the benchmark's
+# gradient norms, so every step clips (and, once torch's in-place clipping
+# has scaled its gradients to this norm, their size stays put).
+CLIP_NORM = 1.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
@@ -67,6 +72,11 @@ class Precision:
     # GradScaler's grad_scale/found_inf handed to the step: the gradient is
     # unscaled in the step and written back.
     amp: bool = False
+    # Clipping by the global gradient norm to CLIP_NORM every step: ours
+    # with max_grad_norm (a norm pass, then the step scaling in registers);
+    # the peers with torch.nn.utils.clip_grad_norm_ (foreach) before their
+    # step, as a user of torch.optim clips.
+    clip: bool = False
 
     @property
     def resolved_state_dtype(self) -> torch.dtype:
@@ -83,12 +93,15 @@ class Precision:
             kwargs["state_dtype"] = self.state_dtype
         if self.stochastic_rounding:
             kwargs["stochastic_rounding"] = True
+        if self.clip:
+            kwargs["max_grad_norm"] = CLIP_NORM
         return kwargs
 
     def torch_equivalent(self) -> "Precision":
         """What torch.optim runs for this precision: same params (and AMP),
         state in the param dtype, no master weights, round-to-nearest."""
-        return Precision(f"torch {DTYPE_NAMES[self.param_dtype]}", self.param_dtype, amp=self.amp)
+        return Precision(f"torch {DTYPE_NAMES[self.param_dtype]}", self.param_dtype, amp=self.amp,
+                         clip=self.clip)
 
     def describe(self) -> str:
         parts = [f"{DTYPE_NAMES[self.param_dtype]} params"]
@@ -99,6 +112,8 @@ class Precision:
             parts.append("stochastic rounding")
         if self.amp:
             parts.append("AMP")
+        if self.clip:
+            parts.append(f"clipped to norm {CLIP_NORM:g}")
         return ", ".join(parts)
 
 
@@ -115,6 +130,8 @@ PRECISIONS = {
         Precision("bf16-sr", torch.bfloat16, stochastic_rounding=True),
         Precision("fp32-amp", torch.float32, amp=True),
         Precision("bf16-master-amp", torch.bfloat16, master_weights=True, amp=True),
+        Precision("fp32-clip", torch.float32, clip=True),
+        Precision("bf16-clip", torch.bfloat16, clip=True),
     )
 }
 # Named sets for --precisions.
@@ -123,6 +140,7 @@ PRECISION_SETS = {
     "mixed": ["fp32", "bf16", "bf16-master", "bf16-master-state-bf16", "bf16-state-fp32",
               "bf16-sr", "fp32-state-bf16"],
     "amp": ["fp32-amp", "bf16-master-amp"],
+    "clip": ["fp32-clip", "bf16-clip"],
 }
 
 
@@ -134,14 +152,15 @@ def bytes_per_element(spec: OptimizerSpec, precision: Precision) -> int:
     """Bytes one ideal single pass moves per param element.
 
     The gradient (in the param dtype) is read, and written back once more when
-    the step unscales it (AMP). Each state tensor is read and written. The
+    the step unscales it (AMP); clipping reads it once more (the norm pass:
+    the least a clipped step can move). Each state tensor is read and written. The
     param is read and written; with master weights the fp32 master is read
     and written instead and the param is only written.
     Adam fp32: 4 + (4 + 4) + 2 * (4 + 4) = 28; bf16 params with fp32 master
     and fp32 state: 2 + (4 + 4 + 2) + 2 * (4 + 4) = 28; bf16: 14.
     """
     param = element_size(precision.param_dtype)
-    grad = param * (2 if precision.amp else 1)
+    grad = param * (1 + int(precision.amp) + int(precision.clip))
     if precision.master_weights:
         weights = 2 * element_size(torch.float32) + param
     else:
