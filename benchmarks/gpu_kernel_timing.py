@@ -57,7 +57,7 @@ TORCH_CAPTURABLE = ("Adam", "AdamW", "RMSprop")
 TORCH_FUSED = ("Adam", "AdamW", "SGD", "Adagrad")
 # Tensors per launch of fused_optim's kernel for these fp32 modes
 # (csrc/cuda/README.md, "Tensors per launch"): Adam 4 operands, the others 3.
-TENSORS_PER_LAUNCH = {"adam": 47, "adamw": 47, "sgd": 54, "adagrad": 54, "rmsprop": 53}
+TENSORS_PER_LAUNCH = {"adam": 48, "adamw": 48, "sgd": 54, "adagrad": 53, "rmsprop": 54}
 
 DEFAULT_LAYOUTS = "200x5000000,1x1000000000,4000x2048"
 COPY_ELEMENTS = 2**28  # fp32: 1 GiB each way

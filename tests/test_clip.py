@@ -43,8 +43,8 @@ STEPS = 12
 EXACT = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 ONE_EACH = pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
 # ONE_PER_OPTIMIZER plus the plain configs (no momentum / weight decay hides
-# nothing of the clipping factor there).
-CLIP_CONFIGS = ONE_PER_OPTIMIZER + [
+# nothing of the clipping factor there), the latter with clipping active.
+EXTRA_CLIP_CONFIGS = [
     CONFIGS_BY_ID[i]
     for i in ("sgd", "sgd_momentum_dampening_wd", "adagrad", "rmsprop_centered", "adam", "adamw")
 ]
@@ -215,10 +215,14 @@ def run_clip_parity(cfg, groups, max_grad_norm, *, dtype=torch.float32, has_grad
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("level", list(MAX_NORMS))
 @EXACT
-@pytest.mark.parametrize("cfg", CLIP_CONFIGS, ids=str)
-def test_max_grad_norm_matches_torch_clip_then_step(cfg, dtype, level):
+@pytest.mark.parametrize(
+    "cfg,level",
+    [(c, level) for c in ONE_PER_OPTIMIZER for level in MAX_NORMS]
+    + [(c, level) for c in EXTRA_CLIP_CONFIGS for level in ("always", "sometimes")],
+    ids=str,
+)
+def test_max_grad_norm_matches_torch_clip_then_step(cfg, level, dtype):
     max_norm = MAX_NORMS[level]
     ref, ours, norms = run_clip_parity(cfg, [({}, SPECS)], max_norm, dtype=dtype)
     # The case is what its name says (the norms are torch's).

@@ -134,8 +134,8 @@ struct MultiTensorArgs {
 };
 
 // Slots of the per-launch hyperparameter table. Why this budget: about a
-// sixth of the parameter space, so 10-11 sets (56-64 bytes each) fit beside
-// 42-61 tensors (csrc/cuda/README.md, "Tensors per launch"); a launch then
+// sixth of the parameter space, so 8-10 sets (64-72 bytes each) fit beside
+// 43-62 tensors (csrc/cuda/README.md, "Tensors per launch"); a launch then
 // covers that many param groups (e.g. layer-wise learning rates) before a
 // new one starts.
 template <typename Hyper>
