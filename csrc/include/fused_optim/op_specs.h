@@ -17,8 +17,9 @@
 //                                                      `tensor_lr` overload)
 //           float[] <kHyper[0]>, ...,                  one entry per group
 //           bool[] maximize[, bool[] decoupled_weight_decay],  per group
+//           float[] max_grad_norm,                     per group (clipping)
 //           [int[] <kNewState>,]
-//           Tensor? grad_scale, Tensor? found_inf,
+//           Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm,
 //           *, bool <kModes[0]>, ..., bool stochastic_rounding) -> ()
 // csrc/op_schema.cpp documents each argument.
 //
