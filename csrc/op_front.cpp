@@ -87,7 +87,9 @@ std::vector<at::Tensor> grads_read_after_decoupled_decay(
     const int64_t g = call.group_index[i];
     const at::Tensor& p = call.params[i];
     const at::Tensor& grad = call.grads[i];
-    if (!call.decoupled_weight_decay->get(g) || call.maximize->get(g) ||
+    const bool decoupled = call.decoupled_weight_decay == nullptr ||
+                           call.decoupled_weight_decay->get(g);
+    if (!decoupled || call.maximize->get(g) ||
         weight_decay[g] == 0.0 || p.numel() == 0 ||
         grad.data_ptr() != p.data_ptr() || grad.strides() != p.strides()) {
       continue;

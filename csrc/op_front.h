@@ -188,6 +188,8 @@ CommonChecks check_common(at::DeviceType backend, const OpCall& call,
 // when no gradient aliases its param (the usual case, a pointer compare per
 // tensor). Only for groups with decoupled decay and without maximize: with
 // maximize torch negates the gradient into a new tensor before decaying.
+// A call without a decoupled_weight_decay list (an op whose decay is always
+// decoupled, AlwaysDecoupled) decays every group.
 std::vector<at::Tensor> grads_read_after_decoupled_decay(
     const OpCall& call, size_t weight_decay_index);
 
@@ -273,7 +275,7 @@ std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
   out.found_inf = call.found_inf;
   out.grad_norm = call.grad_norm;
   out.lists = std::move(checked.lists);
-  if constexpr (Spec::kDecoupledDecay) {
+  if constexpr (Spec::kDecoupledDecay || AlwaysDecoupled<Spec>::value) {
     static_assert(weight_decay_index<Spec>() < count_of(Spec::kHyper),
                   "an op with decoupled decay needs a weight_decay hyperparameter");
     out.replaced_grads =
@@ -297,7 +299,8 @@ std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
     group_hypers[g].max_grad_norm = call.max_grad_norm[g];
     group_decay[g] = weight_decay_mode(
         group_hypers[g].weight_decay,
-        decoupled_by_group && call.decoupled_weight_decay->get(g));
+        AlwaysDecoupled<Spec>::value ||
+            (decoupled_by_group && call.decoupled_weight_decay->get(g)));
   }
   std::vector<int32_t> set_of_key(2 * groups, -1);
   std::vector<bool> is_new(n, false);

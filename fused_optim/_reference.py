@@ -75,3 +75,97 @@ def rmsprop(param, grad, state, *, lr, alpha, eps, weight_decay, momentum, cente
         param.add_(buf, alpha=-lr)
     else:
         param.addcdiv_(grad, avg, value=-lr)
+
+
+def radam(param, grad, state, *, lr, betas, eps, weight_decay, maximize, decoupled_weight_decay):
+    beta1, beta2 = betas
+    state["step"] += 1
+    t = float(state["step"])
+    if decoupled_weight_decay:
+        grad = -grad if maximize else grad
+        param.mul_(1 - lr * weight_decay)
+    else:
+        grad = _decayed_grad(param, grad, weight_decay, maximize)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction2 = 1 - beta2**t
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * t * beta2**t / bias_correction2
+    update = m / (1 - beta1**t) * lr
+    if rho_t > 5:  # the variance is tractable: rectify
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        update = update * (bias_correction2**0.5 / (v.sqrt() + eps)) * rect
+    param.sub_(update)
+
+
+def lion(param, grad, state, *, lr, betas, weight_decay, maximize):
+    # Chen et al. 2023, Algorithm 2 (decoupled decay), in lion-pytorch's op
+    # order. No step counter: the rule does not use one.
+    beta1, beta2 = betas
+    grad = -grad if maximize else grad
+    param.mul_(1 - lr * weight_decay)
+    m = state["exp_avg"]
+    update = m.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
+    param.add_(update, alpha=-lr)
+    m.mul_(beta2).add_(grad, alpha=1 - beta2)
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion as a plain torch.optim.Optimizer over :func:`lion`: the oracle of
+    the tests (torch.optim has no Lion; tests/optim_configs.py's
+    ``OptimConfig.torch_cls`` takes this class where torch has none). One
+    tensor at a time, in the tensor's own dtype, state ``exp_avg`` as
+    lion-pytorch's; complex params as real views, sparse gradients refused.
+    Same signature as fused_optim.Lion without our precision keywords
+    (``foreach`` is accepted and ignored, as the test tables pass
+    ``foreach=False`` to every reference)."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
+                 foreach=None):
+        # fused_optim.Lion's checks and messages (torch.optim's wording)
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        for i in (0, 1):
+            if not 0.0 <= betas[i] <= 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize}
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = group["lr"]
+            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lion does not support sparse gradients")
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                param, grad, view = p, p.grad, dict(state)
+                if torch.is_complex(p):
+                    param, grad = torch.view_as_real(p), torch.view_as_real(p.grad)
+                    view["exp_avg"] = torch.view_as_real(state["exp_avg"])
+                lion(param, grad, view, lr=lr, betas=group["betas"],
+                     weight_decay=group["weight_decay"], maximize=group["maximize"])
+        return loss
+
+
+# The oracle class of each optimizer that torch.optim lacks, by class name.
+REFERENCE_CLASSES = {"Lion": Lion}

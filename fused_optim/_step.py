@@ -87,7 +87,7 @@ class StepProtocol:
         # Grad mode as torch.optim's _use_grad_for_differentiable sets it
         # (the graph breaks it adds matter only to a traced step).
         grad_was_enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(self.defaults["differentiable"])
+        torch._C._set_grad_enabled(self.defaults.get("differentiable", False))  # (Lion has none)
         try:
             loss = None
             if closure is not None:

@@ -21,6 +21,11 @@ fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
   "torch==2.13.0" numpy pytest hypothesis ninja setuptools wheel \
   matplotlib scikit-learn optuna
+# lion-pytorch, the reference Lion of tests/test_lion.py (skipped without
+# it), depends on torch: installed alone, pinned, without dependencies, so
+# that it cannot replace the pinned torch.
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+  --no-deps "lion-pytorch==0.2.5"
 # --no-build-isolation: the extension must be compiled against the torch
 # that will import it. -e: the compiled module lands in fused_optim/, so the
 # tests and the benchmark run from this checkout. Skipped when the built

@@ -37,7 +37,7 @@ from torch.distributed.tensor.parallel import (
 from torch.nn.parallel import DistributedDataParallel
 
 import fused_optim
-from fused_optim import _ops
+from fused_optim import _ops, _reference
 
 WORLD = 2
 DEVICE = "cpu"  # set by run()
@@ -47,8 +47,16 @@ OPTIMIZERS = {
     "RMSprop": dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.01),
     "Adam": dict(lr=0.01, weight_decay=0.01, amsgrad=True),
     "AdamW": dict(lr=0.01, weight_decay=0.1),
+    "RAdam": dict(lr=0.01, weight_decay=0.01, decoupled_weight_decay=True),
+    "Lion": dict(lr=0.003, weight_decay=0.1),
 }
 STEPS = 10
+
+
+def torch_class(name):
+    """torch.optim.<name>, or the reference class of an optimizer torch lacks
+    (optim_configs.torch_class)."""
+    return _reference.REFERENCE_CLASSES.get(name) or getattr(torch.optim, name)
 SCENARIOS: dict = {}
 
 
@@ -139,7 +147,7 @@ def _assert_same_run(model_a, opt_a, model_b, opt_b, **tol):
 
 def _fsdp_against_torch(mesh, name, mp_policy=None):
     runs = []
-    for cls in (getattr(torch.optim, name), getattr(fused_optim, name)):
+    for cls in (torch_class(name), getattr(fused_optim, name)):
         kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
         model = _fsdp(_model(), mesh, **kwargs)
         opt = cls(_groups(model), **OPTIMIZERS[name])
@@ -335,7 +343,7 @@ def ddp_zero_redundancy_equals_torch(mesh, tmp):
 
     for name in ("SGD", "Adam"):
         runs = []
-        for cls in (getattr(torch.optim, name), getattr(fused_optim, name)):
+        for cls in (torch_class(name), getattr(fused_optim, name)):
             model = DistributedDataParallel(_model())
             opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls,
                                           **OPTIMIZERS[name])
@@ -383,7 +391,7 @@ def dcp_both_ways_with_torch(mesh, tmp):
     for kind in ("ddp", "fsdp2"):
         for name in ("Adam", "SGD", "Adagrad"):
             for saver, loader in (("torch", "fused"), ("fused", "torch")):
-                classes = {"torch": getattr(torch.optim, name), "fused": getattr(fused_optim, name)}
+                classes = {"torch": torch_class(name), "fused": getattr(fused_optim, name)}
                 path = os.path.join(tmp, f"{kind}-{name}-{saver}")
                 model = _wrap(kind, _model(), mesh)
                 opt = classes[saver](_groups(_inner(model)), **OPTIMIZERS[name])

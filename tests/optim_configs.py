@@ -14,8 +14,21 @@ from typing import Any
 import torch
 
 import fused_optim
+from fused_optim import _reference
 
-OPTIMIZER_NAMES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW")
+OPTIMIZER_NAMES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lion")
+
+# Optimizers that torch.optim lacks: their oracle is the class of the same
+# name in fused_optim._reference (REFERENCE_CLASSES), a plain
+# torch.optim.Optimizer over the per-tensor rule, which every table-driven
+# test then uses as it uses torch.optim.<name>.
+NOT_IN_TORCH = tuple(_reference.REFERENCE_CLASSES)
+
+
+def torch_class(name: str):
+    """torch.optim.<name>, or the reference class of an optimizer torch lacks."""
+    reference = _reference.REFERENCE_CLASSES.get(name)
+    return reference if reference is not None else getattr(torch.optim, name)
 
 
 # ---------------------------------------------------------------------------
@@ -41,7 +54,7 @@ class OptimConfig:
 
     @property
     def torch_cls(self):
-        return getattr(torch.optim, self.name)
+        return torch_class(self.name)
 
     @property
     def ours_cls(self):
@@ -58,7 +71,7 @@ class OptimConfig:
 def default_kwarg(name: str, kwarg: str):
     import inspect
 
-    return inspect.signature(getattr(torch.optim, name)).parameters[kwarg].default
+    return inspect.signature(torch_class(name)).parameters[kwarg].default
 
 
 # Every constructor option of every optimizer appears in at least one row.
@@ -135,6 +148,25 @@ OPTIM_CONFIGS: list[OptimConfig] = [
         ),
         large=True,
     ),
+    # RAdam: betas, eps, weight_decay (L2 or decoupled), maximize
+    OptimConfig("radam", "RAdam", dict(lr=0.01)),
+    OptimConfig(
+        "radam_all",
+        "RAdam",
+        dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
+             maximize=True),
+        large=True,
+    ),
+    OptimConfig("radam_wd", "RAdam", dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.05)),
+    # Lion: betas, weight_decay (decoupled), maximize
+    OptimConfig("lion", "Lion", dict(lr=0.01)),
+    OptimConfig(
+        "lion_all",
+        "Lion",
+        dict(lr=0.005, betas=(0.8, 0.95), weight_decay=0.5, maximize=True),
+        large=True,
+    ),
+    OptimConfig("lion_wd", "Lion", dict(lr=0.003, betas=(0.95, 0.98), weight_decay=0.1)),
 ]
 
 CONFIGS_BY_ID = {c.id: c for c in OPTIM_CONFIGS}
@@ -169,6 +201,14 @@ GROUP_OVERRIDES: dict[str, list[dict[str, Any]]] = {
         dict(lr=0.003, betas=(0.5, 0.9), eps=1e-5, weight_decay=0.0, amsgrad=True),
         dict(lr=0.03, betas=(0.95, 0.999), weight_decay=0.5, amsgrad=False, maximize=False),
     ],
+    "RAdam": [
+        dict(lr=0.01, betas=(0.5, 0.9), eps=1e-5, weight_decay=0.1, decoupled_weight_decay=True),
+        dict(lr=0.03, betas=(0.95, 0.999), weight_decay=0.2, maximize=True),
+    ],
+    "Lion": [
+        dict(lr=0.01, betas=(0.5, 0.9), weight_decay=0.1),
+        dict(lr=0.03, betas=(0.95, 0.999), weight_decay=0.0, maximize=True),
+    ],
 }
 
 # Hyperparameters written into every group mid-run (torch.optim reads them at
@@ -181,6 +221,8 @@ MID_RUN_CHANGES: dict[str, dict[str, Any]] = {
     "RMSprop": dict(alpha=0.9, eps=1e-4, weight_decay=0.02),
     "Adam": dict(betas=(0.7, 0.95), eps=1e-4, weight_decay=0.05),
     "AdamW": dict(betas=(0.7, 0.95), eps=1e-4, weight_decay=0.05),
+    "RAdam": dict(betas=(0.7, 0.95), eps=1e-4, weight_decay=0.05, decoupled_weight_decay=True),
+    "Lion": dict(betas=(0.7, 0.95), weight_decay=0.05),
 }
 
 # Names of the per-parameter state of each optimizer (torch's names).
@@ -190,6 +232,8 @@ STATE_NAMES = {
     "RMSprop": {"step", "square_avg", "momentum_buffer", "grad_avg"},
     "Adam": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
     "AdamW": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+    "RAdam": {"step", "exp_avg", "exp_avg_sq"},
+    "Lion": {"exp_avg"},
 }
 
 # Group keys that torch.optim's __setstate__ fills in with setdefault when a
@@ -201,6 +245,8 @@ SETSTATE_DEFAULTED_KEYS = {
     "Adam": ["amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
              "decoupled_weight_decay"],
     "AdamW": ["amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"],
+    "RAdam": ["foreach", "maximize", "differentiable", "decoupled_weight_decay", "capturable"],
+    "Lion": ["maximize"],
 }
 
 # Optimizers whose torch 2.13 constructor takes `fused` (torch's RMSprop does
@@ -215,11 +261,11 @@ OUR_KEYWORDS = {
 }
 
 # Optimizers whose torch counterpart takes a `capturable` keyword.
-HAS_CAPTURABLE = ("RMSprop", "Adam", "AdamW")
+HAS_CAPTURABLE = ("RMSprop", "Adam", "AdamW", "RAdam")
 
 # Optimizers that accept sparse gradients (like torch); the others raise.
 SPARSE_OK = ("SGD", "Adagrad")
-SPARSE_REJECTED = ("RMSprop", "Adam", "AdamW")
+SPARSE_REJECTED = ("RMSprop", "Adam", "AdamW", "RAdam", "Lion")
 
 
 # ---------------------------------------------------------------------------
@@ -323,6 +369,13 @@ def _constructor_errors() -> list[ErrorCase]:
     ]
     specific["Adam"] = adam_like
     specific["AdamW"] = adam_like
+    specific["RAdam"] = adam_like[:-1]  # (torch.optim.RAdam takes no tensor betas)
+    specific["Lion"] = [
+        ("beta0_above_one", dict(betas=(1.5, 0.99)), "Invalid beta parameter at index 0: 1.5"),
+        ("beta0_neg", dict(betas=(-0.1, 0.99)), "Invalid beta parameter at index 0: -0.1"),
+        ("beta1_above_one", dict(betas=(0.9, 1.01)), "Invalid beta parameter at index 1: 1.01"),
+        ("neg_weight_decay", dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+    ]
     for name in OPTIMIZER_NAMES:
         for cid, kw, text in common + specific[name]:
             cases.append(ErrorCase(f"{name}-{cid}", name, kw, ValueError, _msg(text)))
@@ -337,6 +390,8 @@ def _constructor_errors() -> list[ErrorCase]:
             cases.append(ErrorCase(f"{name}-unfused_master_weights", name,
                                    dict(fused=False, master_weights=True), ValueError,
                                    "master_weights need.*fused=False", from_torch=False))
+        if name in NOT_IN_TORCH:
+            continue  # (no differentiable keyword: no torch implementation to run)
         cases.append(ErrorCase(f"{name}-differentiable_state_dtype", name,
                                dict(differentiable=True, state_dtype=torch.bfloat16), ValueError,
                                "state_dtype need.*differentiable=True", from_torch=False))

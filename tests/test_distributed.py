@@ -12,6 +12,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 import fused_optim
+from optim_configs import torch_class
 
 
 def _free_port():
@@ -45,13 +46,13 @@ def _train(model, opt, steps=5):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lion"])
 def test_zero_redundancy_and_ddp_match_torch(process_group, name):
     kwargs = {"lr": 1e-2}
     if name == "SGD":
         kwargs["momentum"] = 0.9
     results = []
-    for optimizer_class in (getattr(torch.optim, name), getattr(fused_optim, name)):
+    for optimizer_class in (torch_class(name), getattr(fused_optim, name)):
         model = DistributedDataParallel(_model(0))
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=optimizer_class, **kwargs)
         results.append(_train(model, opt))
@@ -76,7 +77,7 @@ def test_dtensor_rule_registered_whichever_is_imported_first():
         "handlers = DTensor._op_dispatcher._custom_op_handlers; "
         "import torch; "
         "assert all(getattr(getattr(torch.ops.fused_optim, n), overload) in handlers "
-        "for n in ('adam_', 'sgd_', 'adagrad_', 'rmsprop_') "
+        "for n in ('adam_', 'sgd_', 'adagrad_', 'rmsprop_', 'radam_', 'lion_') "
         "for overload in ('default', 'tensor_lr')); print('registered')"
     )
     for first in ("import fused_optim; import torch.distributed.tensor", "import torch.distributed.tensor; import fused_optim"):

@@ -255,7 +255,7 @@ def test_stochastic_rounding_streams_differ_between_calls():
     assert not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "AdamW"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "AdamW", "RAdam", "Lion"])
 def test_stochastic_rounding_is_deterministic(name):
     """Same bits run after run, whatever the thread count."""
     a, b, c = _sr_run(1, name), _sr_run(1, name), _sr_run(2, name)
@@ -369,7 +369,7 @@ CONSTRUCTOR_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lion"])
 @pytest.mark.parametrize("kwargs,match", CONSTRUCTOR_ERRORS)
 def test_constructor_errors(name, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -10,6 +10,7 @@ import torch
 
 import fused_optim
 from harness import assert_optimizer_unchanged, snapshot_optimizer
+from optim_configs import torch_class
 
 
 def _two_bucket_groups(seed=0, dtype=torch.float32):
@@ -34,7 +35,7 @@ def _optimizer(name, first, second, **kwargs):
     return cls([{"params": first}, {"params": second, "maximize": True}], **kwargs)
 
 
-NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lion"]
 
 
 def _break_state_shape(opt, p):
@@ -181,11 +182,11 @@ def test_plan_follows_params_and_state_dicts_replaced_between_steps(name, change
     # torch.optim reads group["params"] and opt.state[p] every step; a plan
     # that cached the old param or the old state dict would update those.
     runs = []
-    for module in (torch.optim, fused_optim):
+    for cls in (torch_class(name), getattr(fused_optim, name)):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
         kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
-        opt = getattr(module, name)(params, lr=0.1, **kwargs)
+        opt = cls(params, lr=0.1, **kwargs)
         for step in range(4):
             _set_grads(opt.param_groups[0]["params"], step)
             opt.step()

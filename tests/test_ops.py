@@ -17,11 +17,13 @@ import pytest
 import torch
 from torch.optim.adagrad import adagrad as adagrad_fn
 from torch.optim.adam import adam as adam_fn
+from torch.optim.radam import radam as radam_fn
 from torch.optim.rmsprop import rmsprop as rmsprop_fn
 from torch.optim.sgd import sgd as sgd_fn
 from torch.testing import assert_close
 
 from fused_optim import _C, _ops  # (importing fused_optim registers torch.ops.fused_optim)
+from fused_optim import _reference as reference_rules
 
 SHAPES = [(7,), (4099,), (1,), (3, 5), (0,), (9,)]
 GROUP_INDEX = [0, 1, 0, 2, 1, 2]
@@ -124,6 +126,33 @@ def rmsprop_inputs(dtype, device, centered, momentum_on, maximize):
         modes={"centered": centered})
 
 
+def radam_inputs(dtype, device, maximize, decoupled):
+    # Steps after the call: 1, 10, 2, 31, 3, 1: both sides of RAdam's
+    # rectification threshold (rho_t > 5 from step 6 on).
+    return _named(
+        params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
+        states={"exp_avgs": _tensors(4, dtype, device),
+                "exp_avg_sqs": _tensors(3, dtype, device, positive=True)},
+        steps=[torch.tensor(s, dtype=torch.float32) for s in (0.0, 9.0, 1.0, 30.0, 2.0, 0.0)],
+        lr=[1e-2, 3e-3, 2e-2],
+        hyper={"beta1": [0.9, 0.8, 0.5], "beta2": [0.999, 0.99, 0.9],
+               "eps": [1e-8, 1e-6, 1e-5], "weight_decay": [0.0, 0.1, 0.01]},
+        flags={"maximize": PATTERNS[maximize], "decoupled_weight_decay": DECOUPLED_PATTERNS[decoupled]},
+        modes={})
+
+
+def lion_inputs(dtype, device, maximize):
+    return _named(
+        params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
+        states={"exp_avgs": _tensors(4, dtype, device)},
+        steps=[],  # Lion keeps no step counters without stochastic rounding
+        lr=[1e-2, 3e-3, 2e-2],
+        hyper={"beta1": [0.9, 0.8, 0.5], "beta2": [0.99, 0.9, 0.999],
+               "weight_decay": [0.0, 0.1, 0.5]},
+        flags={"maximize": PATTERNS[maximize]},
+        modes={})
+
+
 B = [False, True]
 P = list(PATTERNS)
 SAMPLES = {
@@ -134,6 +163,8 @@ SAMPLES = {
     "adagrad_": [(adagrad_inputs, dict(maximize=m)) for m in P],
     "rmsprop_": [(rmsprop_inputs, dict(centered=c, momentum_on=mo, maximize=m))
                  for c, mo, m in itertools.product(B, B, P)],
+    "radam_": [(radam_inputs, dict(maximize=m, decoupled=d)) for m, d in itertools.product(P, P)],
+    "lion_": [(lion_inputs, dict(maximize=m)) for m in P],
 }
 CASES = [(op, i) for op in SAMPLES for i in range(len(SAMPLES[op]))]
 
@@ -144,6 +175,8 @@ FULL_SAMPLE = {
     "sgd_": dict(momentum_on=True, nesterov=True, maximize="mixed"),
     "adagrad_": dict(maximize="mixed"),
     "rmsprop_": dict(centered=True, momentum_on=True, maximize="mixed"),
+    "radam_": dict(maximize="mixed", decoupled="mixed"),
+    "lion_": dict(maximize="mixed"),
 }
 
 
@@ -281,17 +314,46 @@ SCHEMAS = {
                           "bool[] maximize, float[] max_grad_norm, "
                           "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
                           "*, bool centered, bool stochastic_rounding) -> ()",
+    "radam_": "fused_optim::radam_(Tensor(a!)[] params, Tensor(b!)[] grads, "
+              "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+              "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, int[] group_index, "
+              "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
+              "bool[] maximize, bool[] decoupled_weight_decay, "
+              "Tensor? grad_scale, Tensor? found_inf, "
+              "*, bool stochastic_rounding) -> ()",
+    "radam_.tensor_lr": "fused_optim::radam_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
+                        "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+                        "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, int[] group_index, "
+                        "Tensor[] lr, float[] beta1, float[] beta2, float[] eps, "
+                        "float[] weight_decay, "
+                        "bool[] maximize, bool[] decoupled_weight_decay, "
+                        "Tensor? grad_scale, Tensor? found_inf, "
+                        "*, bool stochastic_rounding) -> ()",
+    "lion_": "fused_optim::lion_(Tensor(a!)[] params, Tensor(b!)[] grads, "
+             "Tensor(c!)[] exp_avgs, "
+             "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
+             "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, "
+             "bool[] maximize, "
+             "Tensor? grad_scale, Tensor? found_inf, "
+             "*, bool stochastic_rounding) -> ()",
+    "lion_.tensor_lr": "fused_optim::lion_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
+                       "Tensor(c!)[] exp_avgs, "
+                       "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
+                       "Tensor[] lr, float[] beta1, float[] beta2, float[] weight_decay, "
+                       "bool[] maximize, "
+                       "Tensor? grad_scale, Tensor? found_inf, "
+                       "*, bool stochastic_rounding) -> ()",
 }
 
 
 def test_schemas():
-    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_"):
+    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "lion_"):
         for tensor_lr in OVERLOADS:
             key = name + (".tensor_lr" if tensor_lr else "")
             got = str(_op(name, tensor_lr)._schema)
             assert got == SCHEMAS[key], got
     # Two overloads per op, no more.
-    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_"):
+    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "lion_"):
         assert sorted(getattr(torch.ops.fused_optim, name).overloads()) == ["default", "tensor_lr"]
 
 
@@ -355,6 +417,17 @@ def _reference(op, named):
                        maximize=flags["maximize"][k], lr=lr[k], alpha=h["alpha"][k],
                        eps=h["eps"][k], weight_decay=h["weight_decay"][k],
                        momentum=h["momentum"][k] if mb else 0.0, centered=modes["centered"])
+        elif op == "radam_":
+            radam_fn([p[i]], [g[i]], [s["exp_avgs"][i]], [s["exp_avg_sqs"][i]], [st[i]],
+                     foreach=False, decoupled_weight_decay=flags["decoupled_weight_decay"][k],
+                     beta1=h["beta1"][k], beta2=h["beta2"][k], lr=lr[k],
+                     weight_decay=h["weight_decay"][k], eps=h["eps"][k],
+                     maximize=flags["maximize"][k])
+        elif op == "lion_":
+            # (torch.optim has no Lion: the reference rule, fused_optim._reference)
+            reference_rules.lion(p[i], g[i], {"exp_avg": s["exp_avgs"][i]}, lr=lr[k],
+                            betas=(h["beta1"][k], h["beta2"][k]),
+                            weight_decay=h["weight_decay"][k], maximize=flags["maximize"][k])
         else:
             raise ValueError(op)
     return _written(op, named)
@@ -477,7 +550,7 @@ LR_TENSOR_VARIANTS = ["lr_tensor_two_elements", "lr_tensor_float16", "lr_tensor_
 ERROR_CASES = [
     (op, tensor_lr, variant)
     for op in SAMPLES for tensor_lr in OVERLOADS
-    for variant in COMMON_VARIANTS + (ADAM_VARIANTS if op == "adam_" else [])
+    for variant in COMMON_VARIANTS + (ADAM_VARIANTS if op in ("adam_", "radam_") else [])
     + (LR_TENSOR_VARIANTS if tensor_lr else [])
 ]
 

@@ -25,12 +25,13 @@ from hypothesis import strategies as st  # noqa: E402
 
 import fused_optim  # noqa: E402
 from harness import assert_optimizer_unchanged, bits, snapshot_optimizer  # noqa: E402
+from optim_configs import torch_class  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FUSED_OPTIM_HYPOTHESIS_EXAMPLES", "400"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
 
-NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lion"]
 
 
 @st.composite
@@ -50,6 +51,10 @@ def options(draw, name):
         o["amsgrad"] = draw(st.booleans())
     elif name == "Adagrad":
         o["lr_decay"] = draw(st.sampled_from([0.0, 0.1]))
+    elif name == "RAdam":
+        o["decoupled_weight_decay"] = draw(st.booleans())
+    elif name == "Lion":
+        o["betas"] = draw(st.sampled_from([(0.9, 0.99), (0.5, 0.9)]))
     return o
 
 
@@ -281,6 +286,13 @@ def parity_setups(draw):
     elif name == "Adagrad":
         kw.update(eps=eps, lr_decay=draw(st.sampled_from([0.0, 0.5])),
                   initial_accumulator_value=draw(st.sampled_from([0.0, 0.1])))
+    elif name == "Lion":
+        kw.update(betas=(draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])),
+                         draw(st.sampled_from([0.9, 0.99, 0.999]))))
+    elif name == "RAdam":
+        kw.update(eps=eps, decoupled_weight_decay=draw(st.booleans()),
+                  betas=(draw(st.sampled_from([0.0, 0.5, 0.9, 0.9999])),
+                         draw(st.sampled_from([0.9, 0.999, 0.99999]))))
     else:
         kw.update(eps=eps, amsgrad=draw(st.booleans()),
                   betas=(draw(st.sampled_from([0.0, 0.5, 0.9, 0.9999])),
@@ -295,7 +307,9 @@ def parity_setups(draw):
     # negative factor every step (exponential growth, sign flips), and
     # centered RMSprop with alpha = 0 takes the square root of g*g - g*g,
     # a rounding residual (NaN for half of the elements, in torch too).
-    hypothesis.assume(not (name == "AdamW" and kw["lr"] * kw["weight_decay"] > 1))
+    hypothesis.assume(not (name in ("AdamW", "Lion") and kw["lr"] * kw["weight_decay"] > 1))
+    hypothesis.assume(not (name == "RAdam" and kw["decoupled_weight_decay"]
+                           and kw["lr"] * kw["weight_decay"] > 1))
     hypothesis.assume(not (name == "RMSprop" and kw.get("centered") and kw["alpha"] == 0.0))
     # fp16 / bf16 are compared with float64 (2x torch's distance), which is
     # meaningful where a step is not ruled by one rounding: with lr near 1
@@ -350,8 +364,8 @@ def _parity_runs(name, kw, dtype, sizes, grad_scale, steps):
     and states, from the same dtype-representable start and gradients."""
     low = dtype in (torch.float16, torch.bfloat16)
     out = []
-    for cls, run_dtype in ((getattr(fused_optim, name), dtype), (getattr(torch.optim, name), dtype),
-                           (getattr(torch.optim, name), torch.float64)):
+    for cls, run_dtype in ((getattr(fused_optim, name), dtype), (torch_class(name), dtype),
+                           (torch_class(name), torch.float64)):
         params = []
         for i, n in enumerate(sizes):
             g = torch.Generator().manual_seed(i)

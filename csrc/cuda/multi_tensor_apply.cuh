@@ -450,7 +450,8 @@ FO_HOST_DEVICE FO_FORCE_INLINE void run_block(const Meta& meta, int64_t block,
 // Why 4 (64 registers) for fp32/fp16/bf16 params: the budget torch's fused
 // AdamW was brought down to (pytorch#117872); SGD, Adagrad and RMSprop fit
 // it with at most a few dozen bytes of spills (README.md has the numbers).
-// Why 3 (80 registers) for Adam's: its scalars are derived on the device
+// Why 3 (80 registers) for Adam's (and the ops ManyScalars names, hyperparams.h:
+// RAdam's): its scalars are derived on the device
 // (hyperparams.h), so its nine scalars sit in registers instead of being
 // read from the parameter space; at 64 registers ptxas spilled up to 500
 // bytes (amsgrad), at 80 nothing or a few dozen. 3 x 256 threads with four
@@ -461,7 +462,7 @@ template <typename P, typename Hyper>
 constexpr int kMinBlocksPerSm =
     std::is_same_v<compute_t<P>, double>
         ? 2
-        : (std::is_same_v<Hyper, AdamHyper> ? 3 : 4);
+        : (ManyScalars<Hyper>::value ? 3 : 4);
 
 // Why __grid_constant__: the metadata is indexed with run-time tensor
 // numbers; without it nvcc copies the whole (4 KB) parameter struct to each

@@ -966,6 +966,73 @@ void test_ops() {
         }
       }
     }
+    // RAdam: every decay mode; steps on both sides of the rectification
+    // threshold (the counters run from 2 to 34).
+    {
+      auto radam = [&](double lr, double b1, double b2, double eps, double wd) {
+        RadamHyper h;
+        h.lr.value = lr;
+        h.beta1 = b1;
+        h.beta2 = b2;
+        h.eps = eps;
+        h.weight_decay = wd;
+        h.maximize = maximize;
+        return h;
+      };
+      const std::vector<std::pair<RadamHyper, WeightDecay>> groups = {
+          {radam(1e-3, 0.9, 0.999, 1e-8, 0.0), WeightDecay::kNone},
+          {radam(3e-2, 0.8, 0.99, 1e-6, 0.1), WeightDecay::kDecoupled},
+          {radam(5e-3, 0.95, 0.9, 1e-3, 0.05), WeightDecay::kL2},
+      };
+      for (const CaseOptions& o : options) {
+        run_case<P, S>(
+            "radam " + suffix, 4, {false, false, false, true}, groups, o,
+            [](const RadamHyper& h, double lr, double step) {
+              return RadamScalars<T>(lr, h.beta1, h.beta2, h.eps,
+                                     h.weight_decay, h.maximize, step);
+            },
+            [&](const auto& args, const HostEmulator& emu) {
+              dispatch<RadamSpec>(args, CallModes{}, emu);
+            },
+            [&](auto d, T* x, const RadamScalars<T>& s) {
+              constexpr WeightDecay kD = decltype(d)::value;
+              radam_update<kD>(x[0], x[1], x[2], x[3], s);
+            });
+      }
+    }
+    // Lion: decoupled decay or none (its only modes).
+    {
+      auto lion = [&](double lr, double b1, double b2, double wd) {
+        LionHyper h;
+        h.lr.value = lr;
+        h.beta1 = b1;
+        h.beta2 = b2;
+        h.weight_decay = wd;
+        h.maximize = maximize;
+        return h;
+      };
+      const std::vector<std::pair<LionHyper, WeightDecay>> groups = {
+          {lion(1e-3, 0.9, 0.99, 0.0), WeightDecay::kNone},
+          {lion(3e-2, 0.8, 0.95, 0.1), WeightDecay::kDecoupled},
+      };
+      for (const CaseOptions& o : options) {
+        run_case<P, S>(
+            "lion " + suffix, 3, {false, false, false}, groups, o,
+            [](const LionHyper& h, double lr, double) {
+              return LionScalars<T>(lr, h.beta1, h.beta2, h.weight_decay,
+                                    h.maximize);
+            },
+            [&](const auto& args, const HostEmulator& emu) {
+              dispatch<LionSpec>(args, CallModes{}, emu);
+            },
+            [&](auto d, T* x, const LionScalars<T>& s) {
+              constexpr WeightDecay kD = decltype(d)::value;
+              if constexpr (kD != WeightDecay::kL2) {
+                lion_update<kD>(x[0], x[1], x[2], s);
+              }
+            });
+      }
+    }
   }
 }
 

@@ -94,4 +94,32 @@ struct RmspropOp {
   }
 };
 
+// Operands: param, grad, exp_avg, exp_avg_sq.
+struct RadamOp {
+  static constexpr int kNumOperands = 4;
+  static constexpr bool kAllowsDecoupledDecay = true;
+  FO_HOST_DEVICE static constexpr bool is_written(int k) { return k != 1; }
+
+  template <WeightDecay kDecay, typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE static void update(T (&x)[kNumOperands],
+                                                    const RadamScalars<T>& s) {
+    radam_update<kDecay>(x[0], x[1], x[2], x[3], s);
+  }
+};
+
+// Operands: param, grad, exp_avg. Decay is decoupled or none.
+struct LionOp {
+  static constexpr int kNumOperands = 3;
+  static constexpr bool kAllowsDecoupledDecay = true;
+  FO_HOST_DEVICE static constexpr bool is_written(int k) { return k != 1; }
+
+  template <WeightDecay kDecay, typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE static void update(T (&x)[kNumOperands],
+                                                    const LionScalars<T>& s) {
+    if constexpr (kDecay != WeightDecay::kL2) {
+      lion_update<kDecay>(x[0], x[1], x[2], s);
+    }
+  }
+};
+
 }  // namespace fused_optim

@@ -137,4 +137,50 @@ struct RmspropHyper : GroupCommon {
   }
 };
 
+struct RadamHyper : GroupCommon {
+  static constexpr bool kStepsOptional = false;
+  double beta1 = 0.0;
+  double beta2 = 0.0;
+  double eps = 0.0;
+  double weight_decay = 0.0;
+
+  template <typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE RadamScalars<T> scalars(double lr_value,
+                                                         double step) const {
+    return RadamScalars<T>(lr_value, beta1, beta2, eps, weight_decay, maximize,
+                           step);
+  }
+};
+
+// Lion's scalars do not depend on the step. lion-pytorch keeps no counter;
+// ours exist only with stochastic rounding, as SGD's.
+struct LionHyper : GroupCommon {
+  static constexpr bool kStepsOptional = true;
+  double beta1 = 0.0;
+  double beta2 = 0.0;
+  double weight_decay = 0.0;
+
+  template <typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE LionScalars<T> scalars(double lr_value,
+                                                        double /*step*/) const {
+    return LionScalars<T>(lr_value, beta1, beta2, weight_decay, maximize);
+  }
+};
+
+// Ops whose scalars keep many registers live on CUDA (a dozen or more,
+// derived on the device): their kernels get 80 registers per thread instead
+// of 64 (kMinBlocksPerSm, multi_tensor_apply.cuh).
+template <typename Hyper>
+struct ManyScalars {
+  static constexpr bool value = false;
+};
+template <>
+struct ManyScalars<AdamHyper> {
+  static constexpr bool value = true;
+};
+template <>
+struct ManyScalars<RadamHyper> {
+  static constexpr bool value = true;
+};
+
 }  // namespace fused_optim

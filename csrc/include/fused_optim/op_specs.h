@@ -213,6 +213,72 @@ struct RmspropSpec {
   }
 };
 
+// ---------------------------------------------------------------------------
+// RAdam (decoupled weight decay optional)
+// ---------------------------------------------------------------------------
+struct RadamSpec {
+  static constexpr const char* kName = "radam_";
+  using Hyper = RadamHyper;
+  static constexpr StateList kState[] = {{"exp_avgs", StateList::kAlways},
+                                         {"exp_avg_sqs", StateList::kAlways}};
+  static constexpr const char* kHyper[] = {"beta1", "beta2", "eps",
+                                           "weight_decay"};
+  static constexpr const char* kModes[1] = {};  // (none; see kNumModes)
+  static constexpr size_t kNumModes = 0;
+  static constexpr bool kDecoupledDecay = true;
+  static constexpr const char* kNewState = nullptr;
+
+  static Hyper hyper(LrSource lr, const double* h) {
+    Hyper out;
+    out.lr = lr;
+    out.beta1 = h[0];
+    out.beta2 = h[1];
+    out.eps = h[2];
+    out.weight_decay = h[3];
+    return out;
+  }
+
+  static const char* mode_error(const CallModes&) { return nullptr; }
+
+  template <typename Fn>
+  static auto with_element_op(const CallModes&, const Fn& fn) {
+    return fn(RadamOp{});
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Lion (weight decay always decoupled)
+// ---------------------------------------------------------------------------
+struct LionSpec {
+  static constexpr const char* kName = "lion_";
+  using Hyper = LionHyper;
+  static constexpr StateList kState[] = {{"exp_avgs", StateList::kAlways}};
+  static constexpr const char* kHyper[] = {"beta1", "beta2", "weight_decay"};
+  static constexpr const char* kModes[1] = {};  // (none; see kNumModes)
+  static constexpr size_t kNumModes = 0;
+  // No per-group decoupled_weight_decay list: every group's decay is
+  // decoupled (AlwaysDecoupled below), as in the paper.
+  static constexpr bool kDecoupledDecay = false;
+  static constexpr bool kAlwaysDecoupled = true;
+  static constexpr const char* kNewState = nullptr;
+
+  static Hyper hyper(LrSource lr, const double* h) {
+    Hyper out;
+    out.lr = lr;
+    out.beta1 = h[0];
+    out.beta2 = h[1];
+    out.weight_decay = h[2];
+    return out;
+  }
+
+  static const char* mode_error(const CallModes&) { return nullptr; }
+
+  template <typename Fn>
+  static auto with_element_op(const CallModes&, const Fn& fn) {
+    return fn(LionOp{});
+  }
+};
+
 // The number of mode keywords of a spec (Adagrad has none; a C++ array
 // cannot be empty, so it says so with kNumModes).
 template <typename Spec, typename = void>
@@ -224,11 +290,25 @@ struct ModeCount<Spec, std::void_t<decltype(Spec::kNumModes)>> {
   static constexpr size_t value = Spec::kNumModes;
 };
 
+// Whether every group's weight decay is decoupled, without a per-group
+// decoupled_weight_decay list (`kAlwaysDecoupled`; Lion): then the front
+// chooses kDecoupled (or kNone for a zero decay) for every group.
+template <typename Spec, typename = void>
+struct AlwaysDecoupled {
+  static constexpr bool value = false;
+};
+template <typename Spec>
+struct AlwaysDecoupled<Spec, std::void_t<decltype(Spec::kAlwaysDecoupled)>> {
+  static constexpr bool value = Spec::kAlwaysDecoupled;
+};
+
 // Every op, for code that registers or instantiates all of them.
 #define FO_FOR_EACH_OP(X) \
   X(::fused_optim::AdamSpec)    \
   X(::fused_optim::SgdSpec)     \
   X(::fused_optim::AdagradSpec) \
-  X(::fused_optim::RmspropSpec)
+  X(::fused_optim::RmspropSpec) \
+  X(::fused_optim::RadamSpec)   \
+  X(::fused_optim::LionSpec)
 
 }  // namespace fused_optim

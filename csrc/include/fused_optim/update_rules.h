@@ -346,4 +346,128 @@ FO_HOST_DEVICE FO_FORCE_INLINE void rmsprop_update(T& param, T grad,
   }
 }
 
+// ---------------------------------------------------------------------------
+// RAdam (rectified Adam; decoupled weight decay optional)
+// ---------------------------------------------------------------------------
+
+// The per-tensor scalars of one RAdam step, derived in double as
+// torch.optim's _single_tensor_radam derives them in Python. Whether the
+// variance is rectified (rho_t > 5) depends only on the step and beta2: a
+// per-tensor decision, carried as a select mask, not a per-element branch.
+template <typename T>
+struct RadamScalars {
+  T grad_sign;
+  LerpWeight<T> exp_avg_weight;  // 1 - beta1
+  T beta2;
+  T one_minus_beta2;
+  T eps;
+  T weight_decay;
+  T decay_factor;                // 1 - lr * weight_decay (decoupled decay)
+  T bias_correction1;            // 1 - beta1^t
+  T lr;
+  T bias_correction2_sqrt;       // (1 - beta2^t) ** 0.5
+  T rect;                        // the rectification term (rho_t > 5 only)
+  typename BitsOf<T>::type rectified;  // all ones if rho_t > 5, else zero
+
+  RadamScalars() = default;
+  // `step` is the step count after this step's increment (t >= 1).
+  FO_HOST_DEVICE RadamScalars(double lr_, double beta1, double beta2_,
+                              double eps_, double weight_decay_, bool maximize,
+                              double step)
+      : grad_sign(maximize ? T(-1) : T(1)),
+        exp_avg_weight(1.0 - beta1),
+        beta2(T(beta2_)),
+        one_minus_beta2(T(1.0 - beta2_)),
+        eps(T(eps_)),
+        weight_decay(T(weight_decay_)),
+        decay_factor(T(1.0 - lr_ * weight_decay_)),
+        bias_correction1(T(1.0 - std::pow(beta1, step))),
+        lr(T(lr_)) {
+    const double bias_correction2 = 1.0 - std::pow(beta2_, step);
+    bias_correction2_sqrt = T(std::pow(bias_correction2, 0.5));
+    const double rho_inf = 2.0 / (1.0 - beta2_) - 1.0;
+    const double rho_t =
+        rho_inf - 2.0 * step * std::pow(beta2_, step) / bias_correction2;
+    const bool on = rho_t > 5.0;
+    rectified = on ? ~typename BitsOf<T>::type(0) : typename BitsOf<T>::type(0);
+    rect = on ? T(std::pow((rho_t - 4.0) * (rho_t - 2.0) * rho_inf /
+                               ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t),
+                           0.5))
+              : T(0);
+  }
+};
+
+// One RAdam element update, torch's single-tensor code op by op:
+//   exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(...)
+//   u = exp_avg / bc1 * lr                           (rho_t <= 5)
+//   u = exp_avg / bc1 * lr * (bc2 ** 0.5 / (sqrt(v) + eps)) * rect
+//   param.add_(u, alpha=-1)
+// `scalar / tensor` is torch's reciprocal(tensor) * scalar (Tensor.__rdiv__).
+// Both candidates are computed and one is selected by the per-tensor mask,
+// so the loop has no branch on a run-time value.
+template <WeightDecay kDecay, typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE void radam_update(T& param, T grad, T& exp_avg,
+                                                 T& exp_avg_sq,
+                                                 const RadamScalars<T>& s) {
+  grad = grad * s.grad_sign;
+  if (kDecay == WeightDecay::kDecoupled) param = param * s.decay_factor;
+  if (kDecay == WeightDecay::kL2) grad = fmadd(param, s.weight_decay, grad);
+  exp_avg = lerp(exp_avg, grad, s.exp_avg_weight);
+  exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, exp_avg_sq * s.beta2);
+  const T scaled = exp_avg / s.bias_correction1 * s.lr;
+  const T adaptive =
+      T(1) / (std::sqrt(exp_avg_sq) + s.eps) * s.bias_correction2_sqrt;
+  const T rectified = scaled * adaptive * s.rect;
+  param = param - select_by_mask(s.rectified, rectified, scaled);
+}
+
+// ---------------------------------------------------------------------------
+// Lion (Chen et al., 2023; decoupled weight decay)
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct LionScalars {
+  T grad_sign;
+  T beta1;
+  T one_minus_beta1;
+  T beta2;
+  T one_minus_beta2;
+  T neg_lr;
+  T decay_factor;  // 1 - lr * weight_decay
+
+  LionScalars() = default;
+  FO_HOST_DEVICE LionScalars(double lr, double beta1_, double beta2_,
+                             double weight_decay, bool maximize)
+      : grad_sign(maximize ? T(-1) : T(1)),
+        beta1(T(beta1_)),
+        one_minus_beta1(T(1.0 - beta1_)),
+        beta2(T(beta2_)),
+        one_minus_beta2(T(1.0 - beta2_)),
+        neg_lr(T(-lr)),
+        decay_factor(T(1.0 - lr * weight_decay)) {}
+};
+
+// sign(x) as torch.sign: -1, 0 or 1 (0 for a zero and for NaN), by selects.
+template <typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE T sign_of(T x) {
+  return T(x > T(0) ? 1 : 0) - T(x < T(0) ? 1 : 0);
+}
+
+// One Lion element update, in lion-pytorch's op order (0.2.5 update_fn):
+//   p.mul_(1 - lr * wd)
+//   c = exp_avg * beta1 (then .add(grad, alpha=1 - beta1): an fma)
+//   p.add_(sign(c), alpha=-lr)
+//   exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+// Weight decay is decoupled (the paper's); there is no L2 mode.
+template <WeightDecay kDecay, typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE void lion_update(T& param, T grad, T& exp_avg,
+                                                const LionScalars<T>& s) {
+  static_assert(kDecay != WeightDecay::kL2, "Lion decay is decoupled");
+  grad = grad * s.grad_sign;
+  if (kDecay == WeightDecay::kDecoupled) param = param * s.decay_factor;
+  const T c = fmadd(grad, s.one_minus_beta1, exp_avg * s.beta1);
+  param = fmadd(sign_of(c), s.neg_lr, param);
+  exp_avg = fmadd(grad, s.one_minus_beta2, exp_avg * s.beta2);
+}
+
 }  // namespace fused_optim

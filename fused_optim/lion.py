@@ -1,0 +1,182 @@
+"""Lion (Chen et al., 2023): the EvoLved Sign Momentum optimizer, fused."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from fused_optim import _docs, _reference
+from fused_optim._base import FusedOptimizer
+from fused_optim._clip import check_max_grad_norm
+from fused_optim._keywords import check_implementation_keywords, to_float
+from fused_optim._planning import new_step
+from fused_optim._precision import check_precision_keywords
+
+__all__ = ["Lion"]
+
+_BETAS_WD = operator.itemgetter("betas", "weight_decay")
+
+
+class Lion(FusedOptimizer):
+    _op_name = "lion_"
+    # torch.optim has no Lion; no keyword of ours selects a torch path, so
+    # this is only what the other classes' attribute says: the plain
+    # implementation of the same rule (the tests' oracle).
+    _torch_class = _reference.Lion
+    # lion-pytorch keeps no step counter; ours keeps one only with
+    # stochastic rounding (see _keeps_step), as SGD.
+    _has_step = False
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        # torch.optim's checks and messages (lion-pytorch asserts lr > 0 and
+        # 0 <= beta <= 1; a zero lr is legal here, as in torch.optim).
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= betas[0] <= 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] <= 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        precision = check_precision_keywords(master_weights, state_dtype, stochastic_rounding)
+        check_implementation_keywords(
+            "Lion", foreach=None, fused=None, differentiable=False, precision=precision
+        )
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            **precision,
+            "max_grad_norm": check_max_grad_norm(max_grad_norm),
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            # (lion-pytorch's groups have no maximize)
+            group.setdefault("maximize", False)
+
+    def _compiled_step(self, closure=None):
+        # FusedOptimizer's, without torch's _use_grad_for_differentiable,
+        # which reads defaults["differentiable"] (Lion takes no such
+        # keyword): grad mode off, and the same graph breaks around it.
+        import torch._dynamo
+
+        grad_was_enabled = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(False)
+            torch._dynamo.graph_break()
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self._traced_step()
+        finally:
+            torch._dynamo.graph_break()
+            torch.set_grad_enabled(grad_was_enabled)
+        return loss
+
+    def _mode(self, group) -> tuple:
+        return ()
+
+    def _op_modes(self, mode) -> dict:
+        return {}
+
+    def _state_names(self, mode) -> tuple:
+        return ("exp_avg",)
+
+    def _keeps_step(self, group) -> bool:
+        # The update uses no step. With stochastic rounding we keep one (our
+        # own state, saved under "step"): the rounding's random bits are
+        # drawn by it, so they change from step to step.
+        return bool(group.get("stochastic_rounding"))
+
+    def _init_state(self, param, group, state, dtype) -> bool:
+        if self._keeps_step(group):
+            state.setdefault("step", new_step(param.device))
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        return False
+
+    def _hyperparameter_lists(self, groups) -> list:
+        betas, weight_decay = zip(*map(_BETAS_WD, groups))
+        beta1, beta2 = zip(*betas)
+        return [list(map(float, values)) for values in (beta1, beta2, weight_decay)]
+
+    def _hyperparameters(self, group) -> dict:
+        beta1, beta2 = group["betas"]
+        return {
+            "beta1": to_float(beta1),
+            "beta2": to_float(beta2),
+            "weight_decay": to_float(group["weight_decay"]),
+        }
+
+
+Lion.__doc__ = (
+    r"""Lion (Chen et al., 2023), fused. torch.optim has no Lion; state and
+    update as lion-pytorch's ``Lion`` (version 0.2.5, ``use_triton=False``,
+    ``decoupled_weight_decay=False``), so checkpoints move between the two.
+
+    .. math::
+       \begin{aligned}
+            &g_t \leftarrow \pm\nabla_\theta f_t(\theta_{t-1})
+                \quad (-\text{ if } \textit{maximize}) \\
+            &\theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
+            &c_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+            &\theta_t \leftarrow \theta_{t-1} - \gamma\,\mathrm{sign}(c_t) \\
+            &m_t \leftarrow \beta_2 m_{t-1} + (1-\beta_2) g_t
+       \end{aligned}
+
+    Symbols: :math:`\gamma` ``lr``, :math:`\beta_1, \beta_2` ``betas``,
+    :math:`\lambda` ``weight_decay``; state :math:`m` ``exp_avg``.
+
+    Conventions: the weight decay is decoupled and scaled by the learning
+    rate, as in the paper's Algorithm 2 and lion-pytorch (its
+    ``decoupled_weight_decay=True``, which divides the decay by the initial
+    lr, is not reproduced). :math:`\mathrm{sign}(0) = 0`, as ``torch.sign``.
+    State: ``exp_avg`` only, as lion-pytorch; a ``step`` counter is kept
+    only with ``stochastic_rounding`` (its random bits change with it), as
+    our SGD does; a lion-pytorch checkpoint without it loads and starts one.
+    ``maximize`` is ours (lion-pytorch has none). No ``foreach``, ``fused``,
+    ``capturable`` or ``differentiable`` keyword: there is no torch.optim
+    implementation to select.
+
+    Args:
+        """
+    + _docs.PARAMS
+    + r"""
+        lr (float, Tensor, optional): learning rate :math:`\gamma` (default: 1e-4).
+        betas (tuple[float, float], optional): :math:`(\beta_1, \beta_2)`,
+            the interpolation of the update direction and the decay rate of
+            the momentum (default: (0.9, 0.99)).
+        weight_decay (float, optional): :math:`\lambda`, decoupled
+            (default: 0.0).
+        """
+    + _docs.MAXIMIZE
+    + "\n        "
+    + _docs.PRECISION
+    + "\n"
+    + _docs.FUSED_NOTE.format(op="lion_")
+    + """
+    References: Chen et al., "Symbolic Discovery of Optimization
+    Algorithms", NeurIPS 2023, https://arxiv.org/abs/2302.06675;
+    lion-pytorch, https://github.com/lucidrains/lion-pytorch.
+"""
+)
