@@ -12,11 +12,12 @@ from fused_optim._build import cuda_built
 from fused_optim.adagrad import Adagrad
 from fused_optim.adam import Adam, AdamW
 from fused_optim.lion import Lion
+from fused_optim.nadam import NAdam
 from fused_optim.radam import RAdam
 from fused_optim.rmsprop import RMSprop
 from fused_optim.sgd import SGD
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lion", "cuda_built"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "cuda_built"]
 __version__ = "0.1.0"
 
 _dtensor.register_when_imported()  # torch.ops.fused_optim.* on DTensors (FSDP2, TP)

@@ -43,6 +43,12 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
 
     # Whether the optimizer keeps a per-param ``step`` counter (SGD does not).
     _has_step = True
+    # Per-param 0-d scalar state besides ``step`` that the op reads and
+    # updates (NAdam's ``mu_product``), by state key; the op's list is the
+    # key plus "s" (Note [per-tensor scalar state] in hyperparams.h). Kept
+    # like the step counter: float32 (float64 under a float64 default
+    # dtype), where the op reads it, never cast to the state dtype.
+    _scalar_state_names: tuple = ()
     # Whether sparse gradients are supported (through torch's functional API).
     _supports_sparse = False
     # torch.amp.GradScaler hands ``grad_scale`` and ``found_inf`` to step()
@@ -100,6 +106,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         return (
             any(name not in state for name in names)
             or (self._keeps_step(group) and "step" not in state)
+            or any(name not in state for name in self._scalar_state_names)
             or (precision.master_weights and "master_param" not in state)
         )
 

@@ -321,13 +321,15 @@ class StepProtocol:
             states = [_bucket.as_real(s) for s in states]
         return self._op_call_of(bucket.mode, bucket.state_names, params, grads, states,
                                 bucket.steps(), bucket.group_index, bucket.new_state,
-                                group_args, extras)
+                                group_args, extras, bucket.scalar_state_lists())
 
     def _op_call_of(self, mode, state_names, params, grads, states, steps, group_index,
-                    new_state, group_args: GroupArguments, extras: OpExtras) -> OpCall:
+                    new_state, group_args: GroupArguments, extras: OpExtras,
+                    scalar_states=()) -> OpCall:
         """The op call of aligned lists (``states``: one list per name of
         ``state_names``); the op's schema names every argument
-        (_ops.OpSignature)."""
+        (_ops.OpSignature); ``scalar_states``: one list per name of
+        ``_scalar_state_names``."""
         args = _ops.SIGNATURES[self._op_name].arguments(
             params=params,
             grads=grads,
@@ -343,6 +345,7 @@ class StepProtocol:
             found_inf=extras.found_inf,
             modes=self._op_modes(mode),
             stochastic_rounding=extras.stochastic_rounding,
+            scalar_states=dict(zip(map(_ops.state_list_name, self._scalar_state_names), scalar_states)),
         )
         return OpCall(self._op_name, group_args.tensor_lr, args)
 

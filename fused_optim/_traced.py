@@ -37,13 +37,14 @@ class TracedStep:
         """The eager half of a traced step for one group: validates, creates
         missing state, and appends to the (empty) lists the tensors of the
         params that have gradients, grouped by (device, dtype); ``states``
-        gets each param's state tensors in ``_state_names`` order, flat.
+        gets each param's state tensors in ``_state_names`` order, then its
+        scalar state (``_scalar_state_names``), flat.
         Returns one tuple per op call: (start, end, start in ``masters`` or
         -1 without master weights, stochastic rounding, indices of new
         state, complex)."""
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         mode = self._mode(group)
-        names = self._state_names(mode)
+        names = self._state_names(mode) + self._scalar_state_names
         kinds: dict = {}
         for pi, param in enumerate(group["params"]):
             if param.grad is not None:
@@ -97,7 +98,8 @@ class TracedStep:
             calls = self._init_group(group, params, grads, states, masters, steps)
             mode = self._mode(group)
             names = self._state_names(mode)
-            count = len(names)
+            scalar_names = self._scalar_state_names
+            count = len(names) + len(scalar_names)
             lr = group["lr"]
             tensor_lr = isinstance(lr, torch.Tensor)
             group_args = GroupArguments(
@@ -109,7 +111,8 @@ class TracedStep:
             )
             for start, end, master_start, rounding, new_state, is_complex in calls:
                 call_params, call_grads = params[start:end], grads[start:end]
-                call_states = [states[start * count + k:end * count:count] for k in range(count)]
+                per_param = [states[start * count + k:end * count:count] for k in range(count)]
+                call_states, scalar_states = per_param[:len(names)], per_param[len(names):]
                 if is_complex:
                     call_params, call_grads = _bucket.as_real(call_params), _bucket.as_real(call_grads)
                     call_states = [_bucket.as_real(s) for s in call_states]
@@ -123,7 +126,7 @@ class TracedStep:
                 call = self._op_call_of(
                     mode, names, call_params, call_grads, call_states,
                     steps[start:end] if steps else [], [0] * (end - start),
-                    list(new_state), group_args, extras,
+                    list(new_state), group_args, extras, scalar_states,
                 )
                 if is_complex:
                     # Functionalization cannot yet replay a custom op's
