@@ -51,13 +51,16 @@ OPTIMIZERS = {
     "sgd": ("SGD", {"lr": 1e-3, "momentum": 0.9}, 20),  # p rw 8, g r 4, momentum_buffer rw 8
     "adagrad": ("Adagrad", {"lr": 1e-2}, 20),  # p rw 8, g r 4, sum rw 8
     "rmsprop": ("RMSprop", {"lr": 1e-3}, 20),  # p rw 8, g r 4, square_avg rw 8
+    "radam": ("RAdam", {"lr": 1e-3}, 28),  # as Adam
+    "nadam": ("NAdam", {"lr": 2e-3}, 28),  # as Adam (mu_product: one scalar per tensor)
 }
 # torch.optim constructors that take `capturable` / `fused` (torch 2.x).
-TORCH_CAPTURABLE = ("Adam", "AdamW", "RMSprop")
+TORCH_CAPTURABLE = ("Adam", "AdamW", "RMSprop", "RAdam", "NAdam")
 TORCH_FUSED = ("Adam", "AdamW", "SGD", "Adagrad")
 # Tensors per launch of fused_optim's kernel for these fp32 modes
 # (csrc/cuda/README.md, "Tensors per launch"): Adam 4 operands, the others 3.
-TENSORS_PER_LAUNCH = {"adam": 48, "adamw": 48, "sgd": 54, "adagrad": 53, "rmsprop": 54}
+TENSORS_PER_LAUNCH = {"adam": 48, "adamw": 48, "sgd": 54, "adagrad": 53, "rmsprop": 54,
+                      "radam": 48, "nadam": 42}
 
 DEFAULT_LAYOUTS = "200x5000000,1x1000000000,4000x2048"
 COPY_ELEMENTS = 2**28  # fp32: 1 GiB each way

@@ -68,6 +68,13 @@ CommonChecks check_common(at::DeviceType backend, const OpCall& call,
   return out;
 }
 
+void check_scalar_state(at::DeviceType backend, const OpCall& call,
+                        const char* name) {
+  check_per_tensor_scalars(call.op, name, call.scalar_state,
+                           static_cast<int64_t>(call.params.size()),
+                           scalar_device(backend, call.params));
+}
+
 LrSource lr_source(const OpCall& call, size_t g) {
   LrSource source;
   if (call.lr_is_tensor) {

@@ -36,6 +36,7 @@ struct OpCall {
   at::TensorList params, grads;
   std::array<at::TensorList, kMaxStateLists> state{};  // kState order
   at::TensorList master_params, state_steps;
+  at::TensorList scalar_state;  // Note [per-tensor scalar state], or empty
   at::IntArrayRef group_index;
   at::ArrayRef<double> lr_values;  // one of lr_values / lr_tensors is used
   at::TensorList lr_tensors;
@@ -65,17 +66,22 @@ template <typename Spec, LrKind kLr, void (*kRun)(const OpCall&),
               std::make_index_sequence<Spec::kDecoupledDecay ? 1 : 0>,
           typename NewState =
               std::make_index_sequence<Spec::kNewState != nullptr ? 1 : 0>,
-          typename Modes = std::make_index_sequence<ModeCount<Spec>::value>>
+          typename Modes = std::make_index_sequence<ModeCount<Spec>::value>,
+          typename Scalar = std::make_index_sequence<
+              ScalarStateList<Spec>::name != nullptr ? 1 : 0>>
 struct Kernel;
 
 template <typename Spec, LrKind kLr, void (*kRun)(const OpCall&),
-          size_t... S, size_t... H, size_t... D, size_t... N, size_t... M>
+          size_t... S, size_t... H, size_t... D, size_t... N, size_t... M,
+          size_t... C>
 struct Kernel<Spec, kLr, kRun, std::index_sequence<S...>,
               std::index_sequence<H...>, std::index_sequence<D...>,
-              std::index_sequence<N...>, std::index_sequence<M...>> {
+              std::index_sequence<N...>, std::index_sequence<M...>,
+              std::index_sequence<C...>> {
   static void call(at::TensorList params, at::TensorList grads,
                    Repeat<at::TensorList, S>... state,
                    at::TensorList master_params, at::TensorList state_steps,
+                   Repeat<at::TensorList, C>... scalar_state,
                    at::IntArrayRef group_index, LrArg<kLr> lr,
                    Repeat<at::ArrayRef<double>, H>... hyper,
                    const c10::List<bool>& maximize,
@@ -93,6 +99,7 @@ struct Kernel<Spec, kLr, kRun, std::index_sequence<S...>,
     call.state = {state...};
     call.master_params = master_params;
     call.state_steps = state_steps;
+    ((call.scalar_state = scalar_state), ...);
     call.group_index = group_index;
     if constexpr (kLr == LrKind::kFloats) {
       call.lr_values = lr;
@@ -147,6 +154,7 @@ struct PreparedCall {
   std::vector<int32_t> set_of;
   at::IntArrayRef group_index;
   at::TensorList state_steps;
+  at::TensorList scalar_state;  // Note [per-tensor scalar state], or empty
   const std::optional<at::Tensor>* grad_scale = nullptr;
   const std::optional<at::Tensor>* found_inf = nullptr;
   const std::optional<at::Tensor>* grad_norm = nullptr;  // clipping, or none
@@ -192,6 +200,12 @@ CommonChecks check_common(at::DeviceType backend, const OpCall& call,
 // decoupled, AlwaysDecoupled) decays every group.
 std::vector<at::Tensor> grads_read_after_decoupled_decay(
     const OpCall& call, size_t weight_decay_index);
+
+// Checks an op's per-tensor scalar state list `name` (Note [per-tensor
+// scalar state]): as state_steps, one 0-d float32/float64 tensor per param
+// on the device the kernel reads it on.
+void check_scalar_state(at::DeviceType backend, const OpCall& call,
+                        const char* name);
 
 // Group g's learning rate: its tensor (read by the kernel) or its float.
 LrSource lr_source(const OpCall& call, size_t g);
@@ -259,6 +273,9 @@ std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
   // momentum); the element-op dispatch of both backends refuses it too.
   const char* mode_error = Spec::mode_error(call.modes);
   TORCH_CHECK(mode_error == nullptr || n == 0, call.op, ": ", mode_error);
+  if constexpr (ScalarStateList<Spec>::name != nullptr) {
+    check_scalar_state(backend, call, ScalarStateList<Spec>::name);
+  }
   if constexpr (Spec::kNewState != nullptr) {
     check_tensor_indices(call.op, Spec::kNewState, call.new_state,
                          call.modes.has_state[0] ? n : 0);
@@ -271,6 +288,7 @@ std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
   out.modes = call.modes;
   out.group_index = call.group_index;
   out.state_steps = call.state_steps;
+  out.scalar_state = call.scalar_state;
   out.grad_scale = call.grad_scale;
   out.found_inf = call.found_inf;
   out.grad_norm = call.grad_norm;

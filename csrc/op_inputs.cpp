@@ -260,8 +260,14 @@ void check_groups(
 
 void check_state_steps(const char* op, at::TensorList state_steps,
                        int64_t num_tensors, at::Device device) {
+  check_per_tensor_scalars(op, "state_steps", state_steps, num_tensors, device);
+}
+
+void check_per_tensor_scalars(const char* op, const char* name,
+                              at::TensorList state_steps, int64_t num_tensors,
+                              at::Device device) {
   TORCH_CHECK(static_cast<int64_t>(state_steps.size()) == num_tensors, op,
-              ": state_steps has ", state_steps.size(),
+              ": ", name, " has ", state_steps.size(),
               " tensors but params has ", num_tensors);
   for (int64_t i = 0; i < num_tensors; ++i) {
     const at::Tensor& step = state_steps[i];
@@ -269,7 +275,7 @@ void check_state_steps(const char* op, at::TensorList state_steps,
                     step.device() == device &&
                     (step.scalar_type() == at::kFloat ||
                      step.scalar_type() == at::kDouble),
-                op, ": state_steps[", i,
+                op, ": ", name, "[", i,
                 "] must be a 0-d float32 or float64 tensor on ", device,
                 ", got ",
                 step.defined() ? step.toString() : "undefined", " of shape ",

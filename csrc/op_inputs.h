@@ -107,6 +107,12 @@ void check_groups(
 void check_state_steps(const char* op, at::TensorList state_steps,
                        int64_t num_tensors, at::Device device);
 
+// Checks a per-tensor scalar list `name` as check_state_steps checks the
+// step counters (Note [per-tensor scalar state] in hyperparams.h).
+void check_per_tensor_scalars(const char* op, const char* name,
+                              at::TensorList tensors, int64_t num_tensors,
+                              at::Device device);
+
 // Increments every step counter by one, as torch.optim's `step_t += 1` does
 // (in the counter's own dtype), and returns the new values. Call only after
 // every check has passed.

@@ -34,6 +34,9 @@
 // - AMP: `grad_scale` and `found_inf` are torch.amp.GradScaler's (or None):
 //   gradients are divided by grad_scale in registers, and a non-zero
 //   found_inf skips the call: nothing is written, no step counter advances.
+// - Per-tensor scalar state (nadam_'s `mu_products`, after state_steps):
+//   0-d float32/float64 tensors, one per param, checked like state_steps
+//   and updated by the op (Note [per-tensor scalar state], hyperparams.h).
 // - Clipping by the global gradient norm: `grad_norm` (or None) is the norm
 //   of all the optimizer's (unscaled) gradients, a one-element float32 or
 //   float64 tensor on the params' device, computed before the call
@@ -71,6 +74,9 @@ std::string schema(bool tensor_lr) {
   for (const StateList& list : Spec::kState) written_list(list.name);
   written_list("master_params");
   written_list("state_steps");
+  if (ScalarStateList<Spec>::name != nullptr) {
+    written_list(ScalarStateList<Spec>::name);  // per-tensor scalar state
+  }
   s += "int[] group_index, ";
   s += tensor_lr ? "Tensor[] lr, " : "float[] lr, ";
   for (const char* name : Spec::kHyper) s += std::string("float[] ") + name + ", ";

@@ -43,6 +43,12 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
 
     # Whether the optimizer keeps a per-param ``step`` counter (SGD does not).
     _has_step = True
+    # Per-param 0-d scalar state besides ``step`` that the op reads and
+    # updates (NAdam's ``mu_product``), by state key; the op's list is the
+    # key plus "s" (Note [per-tensor scalar state] in hyperparams.h). Kept
+    # like the step counter: float32 (float64 under a float64 default
+    # dtype), where the op reads it, never cast to the state dtype.
+    _scalar_state_names: tuple = ()
     # Whether sparse gradients are supported (through torch's functional API).
     _supports_sparse = False
     # torch.amp.GradScaler hands ``grad_scale`` and ``found_inf`` to step()
@@ -57,6 +63,9 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
 
     def __init__(self, params, defaults):
         self._plan: Plan | None = None
+        # [the norm the last clipped step measured]: a list, whose item a
+        # traced step can set (Dynamo drops attribute writes on an Optimizer)
+        self._grad_norm_cell: list = [None]
         super().__init__(params, defaults)
         self.state = OptimizerState(self.state)
         if _torch_path.uses_torch_path(self.defaults):
@@ -100,6 +109,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         return (
             any(name not in state for name in names)
             or (self._keeps_step(group) and "step" not in state)
+            or any(name not in state for name in self._scalar_state_names)
             or (precision.master_weights and "master_param" not in state)
         )
 
@@ -157,8 +167,6 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     def _check_sparse(self, group, param, grad) -> None:
         """Raises if this sparse gradient cannot be applied."""
 
-    _grad_norm = None
-
     @property
     def grad_norm(self):
         """The global L2 norm of the gradients (unscaled under AMP) that the
@@ -167,7 +175,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         with the device); None before such a step. ``max_grad_norm=inf``
         measures it without clipping. Under AMP a skipped step's norm is
         inf or nan."""
-        return self._grad_norm
+        return self._grad_norm_cell[0]
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -175,6 +183,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_grad_norm_cell", [None])
         if not isinstance(self.state, OptimizerState):
             self.state = OptimizerState(self.state)
         for group in self.param_groups:

@@ -60,6 +60,8 @@ class Bucket:
     # `opt.state[p]["exp_avg"] = t` takes effect at the next step)
     state_dicts: list = field(default_factory=list)
     has_step: bool = False
+    # keys of the per-param scalar state (FusedOptimizer._scalar_state_names)
+    scalar_state_names: tuple = ()
     group_index: list = field(default_factory=list)
     # (group, position in group["params"]) of each tensor, for error messages
     positions: list = field(default_factory=list)
@@ -75,6 +77,11 @@ class Bucket:
     def state_lists(self) -> list:
         """One list of tensors per state name, read from the state dicts now."""
         return [list(map(operator.itemgetter(name), self.state_dicts)) for name in self.state_names]
+
+    def scalar_state_lists(self) -> list:
+        """One list of 0-d tensors per scalar state name, read now."""
+        return [list(map(operator.itemgetter(name), self.state_dicts))
+                for name in self.scalar_state_names]
 
     def master_params(self) -> list:
         """The float32 master copies, or [] without master weights."""
@@ -137,7 +144,8 @@ def select(bucket: Bucket, grads: list) -> tuple[Bucket, list]:
     """The sub-bucket of the tensors that have a gradient this step."""
     keep = [i for i, g in enumerate(grads) if g is not None]
     sub = Bucket(bucket.device, bucket.dtype, bucket.mode, state_names=bucket.state_names,
-                 has_step=bucket.has_step, precision=bucket.precision)
+                 has_step=bucket.has_step, scalar_state_names=bucket.scalar_state_names,
+                 precision=bucket.precision)
     sub.params = [bucket.params[i] for i in keep]
     sub.state_dicts = [bucket.state_dicts[i] for i in keep]
     sub.group_index = [bucket.group_index[i] for i in keep]

@@ -110,7 +110,7 @@ class Checkpoints:
             if param is None:
                 continue
             for name, value in param_state.items():
-                if name == "step" or not isinstance(value, torch.Tensor):
+                if name in ("step", *self._scalar_state_names) or not isinstance(value, torch.Tensor):
                     continue
                 if value.shape != param.shape:
                     raise ValueError(
@@ -140,6 +140,16 @@ class Checkpoints:
                 for key, value in source.items():
                     loaded = state.get(key)
                     if key == "step" or not isinstance(loaded, torch.Tensor):
+                        continue
+                    if key in self._scalar_state_names:
+                        # Per-param scalar state (NAdam's mu_product): as
+                        # torch's load, in the param's dtype for float64
+                        # params, else float32 (torch's would be fp16/bf16
+                        # for such params: a lossy product), where the op
+                        # reads it.
+                        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+                        if value.is_floating_point():
+                            state[key] = value.to(device=step_device(param), dtype=dtype, copy=True)
                         continue
                     dtype = torch.float32 if key == "master_param" else precision.state_dtype
                     if loaded.dtype != dtype and value.is_floating_point():

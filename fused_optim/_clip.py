@@ -34,6 +34,12 @@ NOT_CLIPPED = math.inf
 def _sum_of_squares_fake(tensors, grad_scale, per_tensor):
     double = any(t.dtype in (torch.float64, torch.complex128) for t in tensors)
     device = tensors[0].device if tensors else torch.device("cpu")
+    for i, t in enumerate(tensors):
+        if t.device != device:  # (the kernels' own check, csrc/sum_of_squares_inputs.cpp)
+            raise RuntimeError(
+                f"fused_optim.sum_of_squares: tensors[{i}] is on {t.device} but tensors[0] "
+                f"is on {device}"
+            )
     shape = (len(tensors),) if per_tensor else ()
     return torch.empty(shape, dtype=torch.float64 if double else torch.float32, device=device)
 

@@ -46,6 +46,8 @@ def _local_call(op, args, kwargs):
     values = list(args) + [kwargs[a.name] for a in arguments[len(args):]]
     names = [a.name for a in arguments]
     params = values[names.index("params")]
+    # (and the op's per-tensor scalar state, plain 0-d tensors as the steps)
+    per_call = _PER_CALL + tuple(names[names.index("state_steps") + 1:names.index("group_index")])
     where = f"{op._schema.name}"
 
     def replicated(name, t):
@@ -92,7 +94,7 @@ def _local_call(op, args, kwargs):
 
     local_values = []
     for argument, value in zip(arguments, values):
-        if argument.name in _PER_CALL:
+        if argument.name in per_call:
             if isinstance(value, list):
                 value = [replicated(argument.name, t) if isinstance(t, torch.Tensor) else t for t in value]
             else:

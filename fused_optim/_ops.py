@@ -3,10 +3,10 @@
 Each op's argument list is written once, in C++: its spec
 (csrc/include/fused_optim/op_specs.h), from which csrc/op_schema.cpp makes the
 schema. Every op's schema has one shape (params, grads, the state lists,
-master_params, state_steps, group_index, lr, the per-group hyperparameters,
-the per-group flags, max_grad_norm, [the new-state list], grad_scale,
-found_inf, grad_norm, then the keyword-only mode flags and
-stochastic_rounding); ``OpSignature`` reads the
+master_params, state_steps, [the per-tensor scalar state list,] group_index,
+lr, the per-group hyperparameters, the per-group flags, max_grad_norm, [the
+new-state list], grad_scale, found_inf, grad_norm, then the keyword-only mode
+flags and stochastic_rounding); ``OpSignature`` reads the
 names from the schema, checks that shape, and builds a call's positional
 tuple from named values. A state list is named after its state key plus
 "s" (``exp_avg`` -> ``exp_avgs``, ``sum`` -> ``sums``).
@@ -44,6 +44,9 @@ class OpSignature:
         types = {a.name: str(a.type) for a in arguments}
         first_state, master = names.index("grads") + 1, names.index("master_params")
         lr = names.index("lr")
+        # The per-tensor scalar state list (nadam_'s mu_products), or none:
+        # Note [per-tensor scalar state] in csrc/include/fused_optim/hyperparams.h.
+        self.scalar_state = tuple(names[names.index("state_steps") + 1:names.index("group_index")])
         self.state_lists = tuple(names[first_state:master])
         self.hyperparameters = tuple(
             n for n in names[lr + 1:] if types[n] == "List[float]" and n != "max_grad_norm"
@@ -55,7 +58,8 @@ class OpSignature:
         self.num_positional = len(names) - len(self.keywords)
         expected = (
             ["params", "grads", *self.state_lists, "master_params", "state_steps",
-             "group_index", "lr", *self.hyperparameters, *self.group_flags, "max_grad_norm"]
+             *self.scalar_state, "group_index", "lr", *self.hyperparameters, *self.group_flags,
+             "max_grad_norm"]
             + ([self.new_state] if self.new_state else [])
             + ["grad_scale", "found_inf", "grad_norm", *self.modes, "stochastic_rounding"]
         )
@@ -64,13 +68,16 @@ class OpSignature:
 
     def arguments(self, *, params, grads, states: dict, master_params, steps, group_index,
                   lr, hyper: dict, group_flags: dict, new_state, grad_scale, found_inf,
-                  modes: dict, stochastic_rounding: bool, max_grad_norm=None,
-                  grad_norm=None) -> tuple:
+                  modes: dict, stochastic_rounding: bool, scalar_states: dict | None = None,
+                  max_grad_norm=None, grad_norm=None) -> tuple:
         """The call's arguments in schema order (keywords last). ``states``
         maps state list names to lists (a name left out: an empty list),
         ``hyper`` and ``group_flags`` map names to per-group lists,
-        ``modes`` the mode flags to bools; ``max_grad_norm`` (per group;
-        None: no group clipped) and ``grad_norm`` are clipping's."""
+        ``modes`` the mode flags to bools, ``scalar_states`` the scalar
+        state list's name to its list (left out: an empty list);
+        ``max_grad_norm`` (per group; None: no group clipped) and
+        ``grad_norm`` are clipping's."""
+        scalar_states = scalar_states or {}
         if max_grad_norm is None:
             max_grad_norm = [math.inf] * len(lr)
         return (
@@ -79,6 +86,7 @@ class OpSignature:
             *[states.get(n, []) for n in self.state_lists],
             master_params,
             steps,
+            *[scalar_states.get(n, []) for n in self.scalar_state],
             group_index,
             lr,
             *[hyper[n] for n in self.hyperparameters],

@@ -76,6 +76,7 @@ class Planning:
                         mode,
                         state_names=names,
                         has_step=self._keeps_step(group),
+                        scalar_state_names=self._scalar_state_names,
                         precision=precision,
                     )
                 if is_new:
@@ -143,7 +144,9 @@ class Planning:
         step that then fails takes it all back."""
         dtype = state_dtype_of(param, precision)
         for key, value in list(state.items()):
-            if key in ("step", "master_param") or not isinstance(value, torch.Tensor):
+            if key in ("step", "master_param", *self._scalar_state_names) or not isinstance(
+                value, torch.Tensor
+            ):
                 continue
             if value.dtype != dtype:
                 journal.set(state, key, value.to(dtype))
@@ -158,6 +161,15 @@ class Planning:
         ):
             # (torch accepts an integer counter, e.g. hand-edited: made float32)
             journal.set(state, "step", step.to(step_device(param), torch.float32))
+        for key in self._scalar_state_names:
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and (
+                value.device != step_device(param)
+                or value.dtype not in (torch.float32, torch.float64)
+            ):
+                # (where the op reads it, in a dtype it takes: a checkpoint
+                # loaded by torch.optim's rules may hold it in the param's)
+                journal.set(state, key, value.to(step_device(param), torch.float32))
 
 
 def step_device(param) -> torch.device:

@@ -99,6 +99,30 @@ def radam(param, grad, state, *, lr, betas, eps, weight_decay, maximize, decoupl
     param.sub_(update)
 
 
+def nadam(param, grad, state, *, lr, betas, eps, weight_decay, momentum_decay, maximize,
+          decoupled_weight_decay):
+    beta1, beta2 = betas
+    state["step"] += 1
+    t = float(state["step"])
+    if decoupled_weight_decay:
+        grad = -grad if maximize else grad
+        param.mul_(1 - lr * weight_decay)
+    else:
+        grad = _decayed_grad(param, grad, weight_decay, maximize)
+    mu = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
+    mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+    # The per-param product of the schedule: a 0-d tensor (float32, as
+    # torch's), multiplied in its own dtype.
+    state["mu_product"] *= mu
+    mu_product = float(state["mu_product"])
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (v / (1 - beta2**t)).sqrt() + eps
+    param.addcdiv_(grad, denom, value=-lr * (1 - mu) / (1 - mu_product))
+    param.addcdiv_(m, denom, value=-lr * mu_next / (1 - mu_product * mu_next))
+
+
 def lion(param, grad, state, *, lr, betas, weight_decay, maximize):
     # Chen et al. 2023, Algorithm 2 (decoupled decay), in lion-pytorch's op
     # order. No step counter: the rule does not use one.

@@ -233,10 +233,13 @@ class StepProtocol:
             self._sparse_step(group, params, grads, is_new)
         if torch_groups:
             _torch_path.torch_step(self, [group for _, group in torch_groups], grad_norm)
+        if grad_norm is not None:
+            self._grad_norm_cell[0] = grad_norm
 
     def _clip_norm(self, grads: list, grad_scale) -> torch.Tensor:
         """The global norm of this step's gradients (unscaled), for
-        clipping; kept for ``grad_norm``. Writes nothing."""
+        clipping (``grad_norm`` keeps it once the step has succeeded).
+        Writes nothing."""
         try:
             norm = _clip.global_norm(grads, grad_scale)
         except RuntimeError:
@@ -246,7 +249,6 @@ class StepProtocol:
                     "sparse gradients"
                 ) from None
             raise
-        self._grad_norm = norm
         return norm
 
     def _apply_one_call(self, plan: Plan, progress: dict) -> bool:
@@ -277,6 +279,8 @@ class StepProtocol:
             return False  # (nothing was written)
         progress["written"] = True
         bucket.new_state.clear()
+        if grad_norm is not None:
+            self._grad_norm_cell[0] = grad_norm
         return True
 
     def _prepare(self, bucket: Bucket, grads: list, group_args, extras) -> tuple:
@@ -352,13 +356,15 @@ class StepProtocol:
             states = [_bucket.as_real(s) for s in states]
         return self._op_call_of(bucket.mode, bucket.state_names, params, grads, states,
                                 bucket.steps(), bucket.group_index, bucket.new_state,
-                                group_args, extras)
+                                group_args, extras, bucket.scalar_state_lists())
 
     def _op_call_of(self, mode, state_names, params, grads, states, steps, group_index,
-                    new_state, group_args: GroupArguments, extras: OpExtras) -> OpCall:
+                    new_state, group_args: GroupArguments, extras: OpExtras,
+                    scalar_states=()) -> OpCall:
         """The op call of aligned lists (``states``: one list per name of
         ``state_names``); the op's schema names every argument
-        (_ops.OpSignature)."""
+        (_ops.OpSignature); ``scalar_states``: one list per name of
+        ``_scalar_state_names``."""
         args = _ops.SIGNATURES[self._op_name].arguments(
             params=params,
             grads=grads,
@@ -376,6 +382,7 @@ class StepProtocol:
             grad_norm=extras.grad_norm,
             modes=self._op_modes(mode),
             stochastic_rounding=extras.stochastic_rounding,
+            scalar_states=dict(zip(map(_ops.state_list_name, self._scalar_state_names), scalar_states)),
         )
         return OpCall(self._op_name, group_args.tensor_lr, args)
 

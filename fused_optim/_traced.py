@@ -37,13 +37,14 @@ class TracedStep:
         """The eager half of a traced step for one group: validates, creates
         missing state, and appends to the (empty) lists the tensors of the
         params that have gradients, grouped by (device, dtype); ``states``
-        gets each param's state tensors in ``_state_names`` order, flat.
+        gets each param's state tensors in ``_state_names`` order, then its
+        scalar state (``_scalar_state_names``), flat.
         Returns one tuple per op call: (start, end, start in ``masters`` or
         -1 without master weights, stochastic rounding, indices of new
         state, complex)."""
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         mode = self._mode(group)
-        names = self._state_names(mode)
+        names = self._state_names(mode) + self._scalar_state_names
         kinds: dict = {}
         for pi, param in enumerate(group["params"]):
             if param.grad is not None:
@@ -101,7 +102,7 @@ class TracedStep:
             every_grad = [g for _, _, grads, *_ in ours for g in grads] + [
                 p.grad for group in torch_groups for p in group["params"] if p.grad is not None
             ]
-            grad_norm = self._grad_norm = _traced_global_norm(every_grad, grad_scale)
+            grad_norm = _traced_global_norm(every_grad, grad_scale)
         for group in torch_groups:
             # torch's own code, run as eager torch runs it (traced, it
             # would take its capturable branch: other rounding)
@@ -109,7 +110,8 @@ class TracedStep:
         for group, params, grads, states, masters, steps, calls in ours:
             mode = self._mode(group)
             names = self._state_names(mode)
-            count = len(names)
+            scalar_names = self._scalar_state_names
+            count = len(names) + len(scalar_names)
             lr = group["lr"]
             tensor_lr = isinstance(lr, torch.Tensor)
             group_args = GroupArguments(
@@ -123,7 +125,8 @@ class TracedStep:
             )
             for start, end, master_start, rounding, new_state, is_complex in calls:
                 call_params, call_grads = params[start:end], grads[start:end]
-                call_states = [states[start * count + k:end * count:count] for k in range(count)]
+                per_param = [states[start * count + k:end * count:count] for k in range(count)]
+                call_states, scalar_states = per_param[:len(names)], per_param[len(names):]
                 if is_complex:
                     call_params, call_grads = _bucket.as_real(call_params), _bucket.as_real(call_grads)
                     call_states = [_bucket.as_real(s) for s in call_states]
@@ -138,7 +141,7 @@ class TracedStep:
                 call = self._op_call_of(
                     mode, names, call_params, call_grads, call_states,
                     steps[start:end] if steps else [], [0] * (end - start),
-                    list(new_state), group_args, extras,
+                    list(new_state), group_args, extras, scalar_states,
                 )
                 if is_complex:
                     # Functionalization cannot yet replay a custom op's
@@ -153,6 +156,10 @@ class TracedStep:
                         state[name] = states[(start + i) * count + k]
                     if steps and "step" not in state:
                         state["step"] = steps[start + i]
+        if grad_norm is not None:
+            # (an item of a list: Dynamo replays that side effect after the
+            # graph, where it drops an attribute set on an Optimizer)
+            self._grad_norm_cell[0] = grad_norm
 
 
 def _traced_global_norm(grads: list, grad_scale):

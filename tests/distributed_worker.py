@@ -48,6 +48,7 @@ OPTIMIZERS = {
     "Adam": dict(lr=0.01, weight_decay=0.01, amsgrad=True),
     "AdamW": dict(lr=0.01, weight_decay=0.1),
     "RAdam": dict(lr=0.01, weight_decay=0.01, decoupled_weight_decay=True),
+    "NAdam": dict(lr=0.01, weight_decay=0.01, momentum_decay=0.01),
     "Lion": dict(lr=0.003, weight_decay=0.1),
 }
 STEPS = 10

@@ -226,6 +226,11 @@ def step_device_of(param: torch.Tensor) -> torch.device:
     return torch.device("cpu") if param.device.type == "cpu" else param.device
 
 
+# Per-param 0-d state besides `step` (Note [per-tensor scalar state]): kept
+# where the step counter is and checked by value (check_scalar_state).
+SCALAR_STATE_KEYS = ("mu_product",)
+
+
 def check_step_tensor(value, ref, where, device=None):
     """Ours' step counter `value` against torch's `ref`: a 0-d float32 tensor
     of the same value, on `device` (step_device_of(param)) when given. Without
@@ -245,6 +250,22 @@ def check_step_tensor(value, ref, where, device=None):
     assert value.item() == ref.item(), f"{where}: step {value.item()} != torch's {ref.item()}"
 
 
+def check_scalar_state(value, ref, where, device=None):
+    """A per-param 0-d scalar state (SCALAR_STATE_KEYS) against torch's: its
+    dtype (torch's: float32, or the param's after torch's load casts it,
+    which ours follows for float64 params), 0-d, where our step counter is
+    (`device`), the same value: exactly on the CPU; on a GPU within rounding
+    (derived with the device's pow)."""
+    assert isinstance(value, torch.Tensor) and value.dim() == 0, f"{where}: {value!r}"
+    assert value.dtype == ref.dtype, f"{where}: dtype {value.dtype} != torch's {ref.dtype}"
+    if device is not None:
+        assert value.device == torch.device(device), f"{where}: on {value.device}"
+    if value.device.type == "cpu":
+        assert value.item() == ref.item(), f"{where}: {value.item()} != torch's {ref.item()}"
+    else:
+        assert_close(value.cpu(), ref.cpu(), msg=lambda m: f"{where}: {m}")
+
+
 def assert_same_state(ours: dict, ref: dict, where: str, *, close=True, step_device=None):
     """Same state names; `step` identical (on `step_device` when given, see
     check_step_tensor); every other tensor has torch's dtype, shape and
@@ -253,8 +274,13 @@ def assert_same_state(ours: dict, ref: dict, where: str, *, close=True, step_dev
     for k, r in ref.items():
         v = ours[k]
         w = f"{where} state[{k!r}]"
-        if k == "step":
-            check_step_tensor(v, r, w, step_device)
+        if k == "step" or k in SCALAR_STATE_KEYS:
+            # (a scalar state is exact on the CPU; on a GPU it is derived
+            # with the device's pow: within rounding, csrc/cuda/README.md)
+            if k == "step":
+                check_step_tensor(v, r, w, step_device)
+            else:
+                check_scalar_state(v, r, w, step_device)
             continue
         assert isinstance(v, torch.Tensor), f"{w}: {type(v)}"
         assert v.dtype == r.dtype, f"{w}: dtype {v.dtype} != torch's {r.dtype}"

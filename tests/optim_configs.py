@@ -16,7 +16,7 @@ import torch
 import fused_optim
 from fused_optim import _reference
 
-OPTIMIZER_NAMES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lion")
+OPTIMIZER_NAMES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion")
 
 # Optimizers that torch.optim lacks: their oracle is the class of the same
 # name in fused_optim._reference (REFERENCE_CLASSES), a plain
@@ -158,6 +158,17 @@ OPTIM_CONFIGS: list[OptimConfig] = [
         large=True,
     ),
     OptimConfig("radam_wd", "RAdam", dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.05)),
+    # NAdam: betas, eps, weight_decay (L2 or decoupled), momentum_decay, maximize
+    OptimConfig("nadam", "NAdam", dict(lr=0.01)),
+    OptimConfig(
+        "nadam_all",
+        "NAdam",
+        dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, momentum_decay=0.01,
+             decoupled_weight_decay=True, maximize=True),
+        large=True,
+    ),
+    OptimConfig("nadam_wd", "NAdam", dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.05,
+                                          momentum_decay=0.0)),
     # Lion: betas, weight_decay (decoupled), maximize
     OptimConfig("lion", "Lion", dict(lr=0.01)),
     OptimConfig(
@@ -205,6 +216,11 @@ GROUP_OVERRIDES: dict[str, list[dict[str, Any]]] = {
         dict(lr=0.01, betas=(0.5, 0.9), eps=1e-5, weight_decay=0.1, decoupled_weight_decay=True),
         dict(lr=0.03, betas=(0.95, 0.999), weight_decay=0.2, maximize=True),
     ],
+    "NAdam": [
+        dict(lr=0.01, betas=(0.5, 0.9), eps=1e-5, weight_decay=0.1, momentum_decay=0.02,
+             decoupled_weight_decay=True),
+        dict(lr=0.03, betas=(0.95, 0.999), weight_decay=0.2, momentum_decay=0.0, maximize=True),
+    ],
     "Lion": [
         dict(lr=0.01, betas=(0.5, 0.9), weight_decay=0.1),
         dict(lr=0.03, betas=(0.95, 0.999), weight_decay=0.0, maximize=True),
@@ -222,6 +238,8 @@ MID_RUN_CHANGES: dict[str, dict[str, Any]] = {
     "Adam": dict(betas=(0.7, 0.95), eps=1e-4, weight_decay=0.05),
     "AdamW": dict(betas=(0.7, 0.95), eps=1e-4, weight_decay=0.05),
     "RAdam": dict(betas=(0.7, 0.95), eps=1e-4, weight_decay=0.05, decoupled_weight_decay=True),
+    "NAdam": dict(betas=(0.7, 0.95), eps=1e-4, weight_decay=0.05, momentum_decay=0.01,
+                  decoupled_weight_decay=True),
     "Lion": dict(betas=(0.7, 0.95), weight_decay=0.05),
 }
 
@@ -233,6 +251,7 @@ STATE_NAMES = {
     "Adam": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
     "AdamW": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
     "RAdam": {"step", "exp_avg", "exp_avg_sq"},
+    "NAdam": {"step", "mu_product", "exp_avg", "exp_avg_sq"},
     "Lion": {"exp_avg"},
 }
 
@@ -246,6 +265,7 @@ SETSTATE_DEFAULTED_KEYS = {
              "decoupled_weight_decay"],
     "AdamW": ["amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"],
     "RAdam": ["foreach", "maximize", "differentiable", "decoupled_weight_decay", "capturable"],
+    "NAdam": ["maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay"],
     "Lion": ["maximize"],
 }
 
@@ -261,11 +281,11 @@ OUR_KEYWORDS = {
 }
 
 # Optimizers whose torch counterpart takes a `capturable` keyword.
-HAS_CAPTURABLE = ("RMSprop", "Adam", "AdamW", "RAdam")
+HAS_CAPTURABLE = ("RMSprop", "Adam", "AdamW", "RAdam", "NAdam")
 
 # Optimizers that accept sparse gradients (like torch); the others raise.
 SPARSE_OK = ("SGD", "Adagrad")
-SPARSE_REJECTED = ("RMSprop", "Adam", "AdamW", "RAdam", "Lion")
+SPARSE_REJECTED = ("RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion")
 
 
 # ---------------------------------------------------------------------------
@@ -370,6 +390,9 @@ def _constructor_errors() -> list[ErrorCase]:
     specific["Adam"] = adam_like
     specific["AdamW"] = adam_like
     specific["RAdam"] = adam_like[:-1]  # (torch.optim.RAdam takes no tensor betas)
+    specific["NAdam"] = adam_like[:-1] + [  # (torch.optim.NAdam takes no tensor betas)
+        ("neg_momentum_decay", dict(momentum_decay=-0.1), "Invalid momentum_decay value: -0.1"),
+    ]
     specific["Lion"] = [
         ("beta0_above_one", dict(betas=(1.5, 0.99)), "Invalid beta parameter at index 0: 1.5"),
         ("beta0_neg", dict(betas=(-0.1, 0.99)), "Invalid beta parameter at index 0: -0.1"),

@@ -36,12 +36,12 @@ from harness import (
     sometimes_none,
     step_device_of,
 )
-from optim_configs import CONFIGS_BY_ID, GROUP_OVERRIDES, HAS_FUSED, ONE_PER_OPTIMIZER, OPTIMIZER_NAMES
+from optim_configs import (
+    CONFIGS_BY_ID, GROUP_OVERRIDES, HAS_FUSED, ONE_PER_OPTIMIZER, OPTIMIZER_NAMES, torch_class,
+)
 
 STEPS = 12
-# The optimizers of the clipping commit (da63921); those added since (in
-# OPTIMIZER_NAMES) join when their kernels take max_grad_norm: widen this.
-CLIP_NAMES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW")
+CLIP_NAMES = tuple(OPTIMIZER_NAMES)
 CLIP_ONE_PER_OPTIMIZER = [c for c in ONE_PER_OPTIMIZER if c.name in CLIP_NAMES]
 assert sorted(c.name for c in CLIP_ONE_PER_OPTIMIZER) == sorted(CLIP_NAMES)
 EXACT = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -631,7 +631,7 @@ def test_state_dict_has_max_grad_norm_only_when_set(name):
     assert groups[1]["max_grad_norm"] == 1.5
     assert groups[2]["max_grad_norm"] == math.inf
     # The rest of the keys are torch.optim's.
-    torch_keys = set(getattr(torch.optim, name)(ps, lr=0.01).state_dict()["param_groups"][0])
+    torch_keys = set(torch_class(name)(ps, lr=0.01).state_dict()["param_groups"][0])
     assert set(groups[0]) == torch_keys
     assert set(groups[1]) == torch_keys | {"max_grad_norm"}
     # Not stored into the optimizer: the live group still has None.

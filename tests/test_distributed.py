@@ -46,7 +46,7 @@ def _train(model, opt, steps=5):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lion"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion"])
 def test_zero_redundancy_and_ddp_match_torch(process_group, name):
     kwargs = {"lr": 1e-2}
     if name == "SGD":
@@ -77,7 +77,7 @@ def test_dtensor_rule_registered_whichever_is_imported_first():
         "handlers = DTensor._op_dispatcher._custom_op_handlers; "
         "import torch; "
         "assert all(getattr(getattr(torch.ops.fused_optim, n), overload) in handlers "
-        "for n in ('adam_', 'sgd_', 'adagrad_', 'rmsprop_', 'radam_', 'lion_') "
+        "for n in ('adam_', 'sgd_', 'adagrad_', 'rmsprop_', 'radam_', 'nadam_', 'lion_') "
         "for overload in ('default', 'tensor_lr')); print('registered')"
     )
     for first in ("import fused_optim; import torch.distributed.tensor", "import torch.distributed.tensor; import fused_optim"):

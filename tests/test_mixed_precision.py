@@ -26,7 +26,7 @@ from torch.testing import assert_close
 
 import fused_optim
 from fused_optim import _ops
-from harness import assert_optimizer_unchanged, bits, snapshot_optimizer
+from harness import SCALAR_STATE_KEYS, assert_optimizer_unchanged, bits, snapshot_optimizer
 from optim_configs import ONE_PER_OPTIMIZER
 
 # Sizes that hit the vector bodies and the tails of every SIMD width.
@@ -67,7 +67,9 @@ class Emulated:
                     p.copy_(p.to(self.round_params_to))
                 if self.round_state_to is not None:
                     for key, value in self.opt.state[p].items():
-                        if key != "step":
+                        # (0-d per-param scalars stay float32: not state
+                        # of the state dtype, Note [per-tensor scalar state])
+                        if key != "step" and key not in SCALAR_STATE_KEYS:
                             value.copy_(value.to(self.round_state_to))
 
 
@@ -100,8 +102,11 @@ STATE_TOL = {torch.float32: {}, torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5)}
 
 def _assert_state_close(ours_state, ref_state, state_dtype, where):
     for key, value in ref_state.items():
-        if key == "step":
-            assert float(ours_state[key]) == float(value), f"{where} step"
+        if key == "step" or key in SCALAR_STATE_KEYS:
+            # (0-d per-param scalars keep torch's dtype whatever the state
+            # dtype: float32)
+            assert float(ours_state[key]) == float(value), f"{where} {key}"
+            assert ours_state[key].dtype == value.dtype, f"{where} {key}"
             continue
         got = ours_state[key]
         assert got.dtype == state_dtype, f"{where} {key} has dtype {got.dtype}"
@@ -255,7 +260,7 @@ def test_stochastic_rounding_streams_differ_between_calls():
     assert not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "AdamW", "RAdam", "Lion"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "AdamW", "RAdam", "NAdam", "Lion"])
 def test_stochastic_rounding_is_deterministic(name):
     """Same bits run after run, whatever the thread count."""
     a, b, c = _sr_run(1, name), _sr_run(1, name), _sr_run(2, name)
@@ -369,7 +374,7 @@ CONSTRUCTOR_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lion"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion"])
 @pytest.mark.parametrize("kwargs,match", CONSTRUCTOR_ERRORS)
 def test_constructor_errors(name, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.optim.adagrad import adagrad as adagrad_fn
 from torch.optim.adam import adam as adam_fn
+from torch.optim.nadam import nadam as nadam_fn
 from torch.optim.radam import radam as radam_fn
 from torch.optim.rmsprop import rmsprop as rmsprop_fn
 from torch.optim.sgd import sgd as sgd_fn
@@ -57,14 +58,15 @@ def _steps():
     return [torch.tensor(s, dtype=torch.float32) for s in STEPS0]
 
 
-def _named(*, params, grads, states, steps, lr, hyper, flags, modes, new_state=None):
+def _named(*, params, grads, states, steps, lr, hyper, flags, modes, new_state=None,
+           scalar_states=None):
     """A call's arguments by name (``OpSignature.arguments``' keywords);
     the arguments every op shares are off (test_mixed_precision.py and
     test_amp.py cover them)."""
     return dict(params=params, grads=grads, states=states, master_params=[], steps=steps,
                 group_index=list(GROUP_INDEX), lr=lr, hyper=hyper, group_flags=flags,
                 new_state=new_state, grad_scale=None, found_inf=None, modes=modes,
-                stochastic_rounding=False)
+                stochastic_rounding=False, scalar_states=scalar_states or {})
 
 
 def adam_inputs(dtype, device, amsgrad, maximize, decoupled):
@@ -141,6 +143,23 @@ def radam_inputs(dtype, device, maximize, decoupled):
         modes={})
 
 
+def nadam_inputs(dtype, device, maximize, decoupled):
+    # mu_products: 0-d float32 per tensor (one float64), as a run would have
+    # them after the steps before the call.
+    mu = [torch.tensor(v, dtype=torch.float32) for v in (1.0, 0.4, 0.9, 0.2, 0.6, 1.0)]
+    mu[3] = mu[3].double()
+    return _named(
+        params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
+        states={"exp_avgs": _tensors(4, dtype, device),
+                "exp_avg_sqs": _tensors(3, dtype, device, positive=True)},
+        steps=_steps(), lr=[1e-2, 3e-3, 2e-2],
+        hyper={"beta1": [0.9, 0.8, 0.5], "beta2": [0.999, 0.99, 0.9],
+               "eps": [1e-8, 1e-6, 1e-5], "weight_decay": [0.0, 0.1, 0.01],
+               "momentum_decay": [4e-3, 0.01, 0.0]},
+        flags={"maximize": PATTERNS[maximize], "decoupled_weight_decay": DECOUPLED_PATTERNS[decoupled]},
+        modes={}, scalar_states={"mu_products": mu})
+
+
 def lion_inputs(dtype, device, maximize):
     return _named(
         params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
@@ -165,6 +184,7 @@ SAMPLES = {
                  for c, mo, m in itertools.product(B, B, P)],
     "radam_": [(radam_inputs, dict(maximize=m, decoupled=d)) for m, d in itertools.product(P, P)],
     "lion_": [(lion_inputs, dict(maximize=m)) for m in P],
+    "nadam_": [(nadam_inputs, dict(maximize=m, decoupled=d)) for m, d in itertools.product(P, P)],
 }
 CASES = [(op, i) for op in SAMPLES for i in range(len(SAMPLES[op]))]
 
@@ -177,6 +197,7 @@ FULL_SAMPLE = {
     "rmsprop_": dict(centered=True, momentum_on=True, maximize="mixed"),
     "radam_": dict(maximize="mixed", decoupled="mixed"),
     "lion_": dict(maximize="mixed"),
+    "nadam_": dict(maximize="mixed", decoupled="mixed"),
 }
 
 
@@ -318,42 +339,60 @@ SCHEMAS = {
               "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
               "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, int[] group_index, "
               "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
-              "bool[] maximize, bool[] decoupled_weight_decay, "
-              "Tensor? grad_scale, Tensor? found_inf, "
+              "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
+              "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
               "*, bool stochastic_rounding) -> ()",
     "radam_.tensor_lr": "fused_optim::radam_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
                         "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
                         "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, int[] group_index, "
                         "Tensor[] lr, float[] beta1, float[] beta2, float[] eps, "
                         "float[] weight_decay, "
-                        "bool[] maximize, bool[] decoupled_weight_decay, "
-                        "Tensor? grad_scale, Tensor? found_inf, "
+                        "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
+                        "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
+                        "*, bool stochastic_rounding) -> ()",
+    "nadam_": "fused_optim::nadam_(Tensor(a!)[] params, Tensor(b!)[] grads, "
+              "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+              "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, Tensor(g!)[] mu_products, "
+              "int[] group_index, "
+              "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
+              "float[] momentum_decay, "
+              "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
+              "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
+              "*, bool stochastic_rounding) -> ()",
+    "nadam_.tensor_lr": "fused_optim::nadam_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
+                        "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+                        "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, "
+                        "Tensor(g!)[] mu_products, int[] group_index, "
+                        "Tensor[] lr, float[] beta1, float[] beta2, float[] eps, "
+                        "float[] weight_decay, float[] momentum_decay, "
+                        "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
+                        "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
                         "*, bool stochastic_rounding) -> ()",
     "lion_": "fused_optim::lion_(Tensor(a!)[] params, Tensor(b!)[] grads, "
              "Tensor(c!)[] exp_avgs, "
              "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
              "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, "
-             "bool[] maximize, "
-             "Tensor? grad_scale, Tensor? found_inf, "
+             "bool[] maximize, float[] max_grad_norm, "
+             "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
              "*, bool stochastic_rounding) -> ()",
     "lion_.tensor_lr": "fused_optim::lion_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
                        "Tensor(c!)[] exp_avgs, "
                        "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
                        "Tensor[] lr, float[] beta1, float[] beta2, float[] weight_decay, "
-                       "bool[] maximize, "
-                       "Tensor? grad_scale, Tensor? found_inf, "
+                       "bool[] maximize, float[] max_grad_norm, "
+                       "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
                        "*, bool stochastic_rounding) -> ()",
 }
 
 
 def test_schemas():
-    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "lion_"):
+    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "nadam_", "lion_"):
         for tensor_lr in OVERLOADS:
             key = name + (".tensor_lr" if tensor_lr else "")
             got = str(_op(name, tensor_lr)._schema)
             assert got == SCHEMAS[key], got
     # Two overloads per op, no more.
-    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "lion_"):
+    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "nadam_", "lion_"):
         assert sorted(getattr(torch.ops.fused_optim, name).overloads()) == ["default", "tensor_lr"]
 
 
@@ -376,6 +415,7 @@ def _written(op, named):
     out = {"params": named["params"]}
     out.update({n: named["states"].get(n, []) for n in _ops.SIGNATURES[op].state_lists})
     out["state_steps"] = named["steps"]
+    out.update({n: named["scalar_states"].get(n, []) for n in _ops.SIGNATURES[op].scalar_state})
     return out
 
 
@@ -423,6 +463,13 @@ def _reference(op, named):
                      beta1=h["beta1"][k], beta2=h["beta2"][k], lr=lr[k],
                      weight_decay=h["weight_decay"][k], eps=h["eps"][k],
                      maximize=flags["maximize"][k])
+        elif op == "nadam_":
+            nadam_fn([p[i]], [g[i]], [s["exp_avgs"][i]], [s["exp_avg_sqs"][i]],
+                     [named["scalar_states"]["mu_products"][i]], [st[i]], foreach=False,
+                     decoupled_weight_decay=flags["decoupled_weight_decay"][k],
+                     beta1=h["beta1"][k], beta2=h["beta2"][k], lr=lr[k],
+                     weight_decay=h["weight_decay"][k], momentum_decay=h["momentum_decay"][k],
+                     eps=h["eps"][k], maximize=flags["maximize"][k])
         elif op == "lion_":
             # (torch.optim has no Lion: the reference rule, fused_optim._reference)
             reference_rules.lion(p[i], g[i], {"exp_avg": s["exp_avgs"][i]}, lr=lr[k],
@@ -470,6 +517,8 @@ def test_groups_differing_in_maximize_equal_separate_calls(op, device):
         for key in ("params", "grads", "steps", "master_params"):
             part[key] = [separate[key][i] for i in tensors] if separate[key] else []
         part["states"] = {n: [lst[i] for i in tensors] for n, lst in separate["states"].items()}
+        part["scalar_states"] = {n: [lst[i] for i in tensors]
+                                 for n, lst in separate["scalar_states"].items()}
         part["group_index"] = [0] * len(tensors)
         part["lr"] = [separate["lr"][group]]
         part["hyper"] = {n: [v[group]] for n, v in separate["hyper"].items()}
@@ -520,6 +569,20 @@ def _bad_variants(op, named):
                 group_flags={**flags, flag: flags[flag][:-1]})
         variant(f"{flag}_longer", f"{flag} has 4 entries but lr has 3",
                 group_flags={**flags, flag: flags[flag] + [False]})
+    for name in _ops.SIGNATURES[op].scalar_state:  # (nadam_'s mu_products)
+        values = named["scalar_states"][name]
+
+        def bad_scalar(k, tensor):
+            bad = list(values)
+            bad[k] = tensor
+            return {**named["scalar_states"], name: bad}
+
+        variant("scalar_state_shorter", f"{name} has 5 tensors but params has 6",
+                scalar_states={**named["scalar_states"], name: values[:-1]})
+        variant("scalar_state_not_0d", rf"{name}\[2\] must be a 0-d float32 or float64 tensor",
+                scalar_states=bad_scalar(2, torch.ones(1)))
+        variant("scalar_state_float16", rf"{name}\[1\] must be a 0-d float32 or float64 tensor",
+                scalar_states=bad_scalar(1, torch.tensor(1.0, dtype=torch.float16)))
     if _is_tensor_lr(named):
         device = lr[0].device
 
@@ -545,12 +608,14 @@ COMMON_VARIANTS = ["grads_shorter", "group_index_out_of_range", "group_index_neg
                    "group_index_shorter", "lr_shorter", "hyper_shorter", "grad_numel",
                    "maximize_shorter", "maximize_longer"]
 ADAM_VARIANTS = ["decoupled_weight_decay_shorter", "decoupled_weight_decay_longer"]
+SCALAR_STATE_VARIANTS = ["scalar_state_shorter", "scalar_state_not_0d", "scalar_state_float16"]
 LR_TENSOR_VARIANTS = ["lr_tensor_two_elements", "lr_tensor_float16", "lr_tensor_int64",
                       "lr_tensor_empty", "lr_tensor_on_cpu"]
 ERROR_CASES = [
     (op, tensor_lr, variant)
     for op in SAMPLES for tensor_lr in OVERLOADS
-    for variant in COMMON_VARIANTS + (ADAM_VARIANTS if op in ("adam_", "radam_") else [])
+    for variant in COMMON_VARIANTS + (ADAM_VARIANTS if op in ("adam_", "radam_", "nadam_") else [])
+    + (SCALAR_STATE_VARIANTS if op == "nadam_" else [])
     + (LR_TENSOR_VARIANTS if tensor_lr else [])
 ]
 

@@ -31,7 +31,7 @@ EXAMPLES = int(os.environ.get("FUSED_OPTIM_HYPOTHESIS_EXAMPLES", "400"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
 
-NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lion"]
+NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion"]
 
 
 @st.composite
@@ -51,8 +51,10 @@ def options(draw, name):
         o["amsgrad"] = draw(st.booleans())
     elif name == "Adagrad":
         o["lr_decay"] = draw(st.sampled_from([0.0, 0.1]))
-    elif name == "RAdam":
+    elif name in ("RAdam", "NAdam"):
         o["decoupled_weight_decay"] = draw(st.booleans())
+        if name == "NAdam":
+            o["momentum_decay"] = draw(st.sampled_from([0.0, 4e-3, 0.05]))
     elif name == "Lion":
         o["betas"] = draw(st.sampled_from([(0.9, 0.99), (0.5, 0.9)]))
     return o
@@ -289,7 +291,9 @@ def parity_setups(draw):
     elif name == "Lion":
         kw.update(betas=(draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])),
                          draw(st.sampled_from([0.9, 0.99, 0.999]))))
-    elif name == "RAdam":
+    elif name in ("RAdam", "NAdam"):
+        if name == "NAdam":
+            kw["momentum_decay"] = draw(st.sampled_from([0.0, 4e-3, 0.05]))
         kw.update(eps=eps, decoupled_weight_decay=draw(st.booleans()),
                   betas=(draw(st.sampled_from([0.0, 0.5, 0.9, 0.9999])),
                          draw(st.sampled_from([0.9, 0.999, 0.99999]))))
@@ -308,7 +312,7 @@ def parity_setups(draw):
     # centered RMSprop with alpha = 0 takes the square root of g*g - g*g,
     # a rounding residual (NaN for half of the elements, in torch too).
     hypothesis.assume(not (name in ("AdamW", "Lion") and kw["lr"] * kw["weight_decay"] > 1))
-    hypothesis.assume(not (name == "RAdam" and kw["decoupled_weight_decay"]
+    hypothesis.assume(not (name in ("RAdam", "NAdam") and kw["decoupled_weight_decay"]
                            and kw["lr"] * kw["weight_decay"] > 1))
     hypothesis.assume(not (name == "RMSprop" and kw.get("centered") and kw["alpha"] == 0.0))
     # fp16 / bf16 are compared with float64 (2x torch's distance), which is

@@ -22,6 +22,10 @@ CASES = [
                    decoupled_weight_decay=False)),
     ("RAdam", dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, maximize=False,
                    decoupled_weight_decay=True)),
+    ("NAdam", dict(lr=1e-2, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, momentum_decay=0.01,
+                   maximize=True, decoupled_weight_decay=False)),
+    ("NAdam", dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, momentum_decay=4e-3,
+                   maximize=False, decoupled_weight_decay=True)),
     ("Lion", dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, maximize=False)),
     ("Lion", dict(lr=3e-3, betas=(0.5, 0.9), weight_decay=0.0, maximize=True)),
 ]
@@ -44,7 +48,7 @@ def test_kernels_match_reference_in_float64(name, hyper):
             if ref_state[i] is None:
                 # the reference's state starts as the optimizer's does
                 ref_state[i] = {k: v.clone() for k, v in opt.state[p].items()} if p in opt.state else {}
-                if name in ("Adam", "AdamW", "RMSprop", "RAdam", "Lion") and not ref_state[i]:
+                if name in ("Adam", "AdamW", "RMSprop", "RAdam", "NAdam", "Lion") and not ref_state[i]:
                     ref_state[i] = _initial_state(name, q, hyper)
             rule(q, g, ref_state[i], **hyper)
         opt.step()
@@ -59,8 +63,10 @@ def _initial_state(name, param, hyper):
     if name == "Lion":
         return {"exp_avg": zeros()}  # (no step counter)
     state = {"step": torch.tensor(0.0)}
-    if name == "RAdam":
+    if name in ("RAdam", "NAdam"):
         state.update(exp_avg=zeros(), exp_avg_sq=zeros())
+        if name == "NAdam":
+            state["mu_product"] = torch.tensor(1.0)
     elif name in ("Adam", "AdamW"):
         state.update(exp_avg=zeros(), exp_avg_sq=zeros())
         if hyper["amsgrad"]:

@@ -403,6 +403,7 @@ def test_eager_step_keeps_the_fast_call(monkeypatch):
 # Note [implementation keywords]); these are those refusals.
 OURS_BETTER = (
     (AssertionError, "If capturable=True, params and state_steps must be on supported devices"),
+    (AssertionError, "If capturable=True, params, mu_products"),  # (NAdam's wording)
     (ValueError, "lr as a Tensor is not supported for capturable=False and foreach=True"),
 )
 

@@ -255,6 +255,54 @@ auto scalars_of(const PreparedCall<Spec>& call,
       });
 }
 
+// Advances every tensor's scalar state (Note [per-tensor scalar state]):
+// new = advance_scalar_state(lr, step, old) in the tensor's dtype, written
+// back. Returns the new values. Call only after every check has passed.
+template <typename Spec>
+std::vector<double> advance_scalar_state(const PreparedCall<Spec>& call,
+                                         const std::vector<double>& steps) {
+  std::vector<double> out(call.scalar_state.size());
+  for (size_t t = 0; t < out.size(); ++t) {
+    const auto& h = call.sets[call.set_of[t]];
+    const double lr = h.lr.read();
+    const double step = steps.empty() ? 0.0 : steps[t];
+    const at::Tensor& value = call.scalar_state[t];
+    if (value.scalar_type() == at::kFloat) {
+      float* v = value.data_ptr<float>();
+      *v = h.advance_scalar_state(lr, step, *v);
+      out[t] = *v;
+    } else {
+      double* v = value.data_ptr<double>();
+      *v = h.advance_scalar_state(lr, step, *v);
+      out[t] = *v;
+    }
+  }
+  return out;
+}
+
+// Each tensor's scalars from its hyperparameter set, step and (new) scalar
+// state, memoised when consecutive tensors share all three.
+template <typename T, typename Spec>
+auto scalars_with_state(const PreparedCall<Spec>& call,
+                        const std::vector<double>& steps,
+                        const std::vector<double>& scalar_state) {
+  using Scalars = decltype(scalars_for<T>(call.sets[0], 0.0, 0.0, 0.0));
+  const size_t n = call.set_of.size();
+  std::vector<Scalars> out(n);
+  for (size_t t = 0; t < n; ++t) {
+    const double step = steps.empty() ? 0.0 : steps[t];
+    if (t > 0 && call.set_of[t] == call.set_of[t - 1] &&
+        step == (steps.empty() ? 0.0 : steps[t - 1]) &&
+        scalar_state[t] == scalar_state[t - 1]) {
+      out[t] = out[t - 1];
+      continue;
+    }
+    const auto& h = call.sets[call.set_of[t]];
+    out[t] = scalars_for<T>(h, h.lr.read(), step, scalar_state[t]);
+  }
+  return out;
+}
+
 // Whether AMP found an inf or NaN in the gradients: then the call is
 // skipped whole (torch's fused optimizers do the same). On the CPU reading
 // the flag costs nothing.
@@ -271,13 +319,23 @@ void run(const OpCall& args) {
   if (!call || amp_skips_step(*call->found_inf)) return;
   // Every check has passed: from here on we write.
   const std::vector<double> steps = increment_state_steps(call->state_steps);
+  std::vector<double> scalar_state;
+  if constexpr (HasScalarState<typename Spec::Hyper>::value) {
+    scalar_state = advance_scalar_state(*call, steps);
+  }
   Spec::with_element_op(call->modes, [&](auto op) {
     using Op = decltype(op);
     with_storage<(Op::kNumOperands > 2)>(
         call->precision, call->has_grad_scale(), [&](auto storage) {
           using S = decltype(storage);
           using T = typename S::compute_t;
-          const auto scalars = scalars_of<T>(*call, steps);
+          const auto scalars = [&] {
+            if constexpr (HasScalarState<typename Spec::Hyper>::value) {
+              return scalars_with_state<T>(*call, steps, scalar_state);
+            } else {
+              return scalars_of<T>(*call, steps);
+            }
+          }();
           const auto inputs = element_inputs<T>(*call, steps);
           apply_op<Op, S>(*call, scalars, inputs);
         });

@@ -374,7 +374,8 @@ FO_HOST_DEVICE FO_FORCE_INLINE void run_chunks(const Meta& meta, int64_t block,
     if (meta.step[r.tensor] != nullptr) {
       step = read_step(meta.step[r.tensor], meta.step_is_double[r.tensor] != 0);
     }
-    const auto s = h.template scalars<T>(h.lr.read(), step);
+    const auto s =
+        scalars_for<T>(h, h.lr.read(), step, meta.scalar_state.read(r.tensor));
     if (meta.grad_norm != nullptr) {
       f.grad_clip = clip_coefficient<T>(
           static_cast<T>(read_step(meta.grad_norm, meta.grad_norm_is_double != 0)),
@@ -487,8 +488,19 @@ __global__ void __launch_bounds__(kStepBlockSize)
                   static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
 
+// The scalar-state kernel (Note [per-tensor scalar state]; instantiated
+// only for ops that have one).
+template <typename Hyper>
+__global__ void __launch_bounds__(kStepBlockSize)
+    scalar_state_kernel(const __grid_constant__ ScalarStateMeta<Hyper> meta) {
+  advance_scalar_states(meta,
+                        static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                        static_cast<int64_t>(gridDim.x) * blockDim.x);
+}
+
 // Launches Op over all tensors of `args` on `stream`: first the step kernel
-// (if the call has step counters), then as many launches of the main kernel
+// (if the call has step counters), then the scalar-state kernel (if the op
+// has scalar state), then as many launches of the main kernel
 // as the metadata needs; stream order makes the main kernel read the
 // incremented counters. No allocation, no host-device synchronisation, and
 // nothing depends on tensor values, so the launches can be captured in a
@@ -509,6 +521,15 @@ cudaError_t multi_tensor_apply(const MultiTensorArgs<Hyper>& args,
                               stream>>>(meta);
                        error = cudaGetLastError();
                      });
+  if constexpr (HasScalarState<Hyper>::value) {  // (no such kernel otherwise)
+    plan_scalar_state_launches(
+        args, [&](const ScalarStateMeta<Hyper>& meta, int64_t blocks) {
+          if (error != cudaSuccess) return;
+          scalar_state_kernel<Hyper>
+              <<<static_cast<unsigned>(blocks), kStepBlockSize, 0, stream>>>(meta);
+          error = cudaGetLastError();
+        });
+  }
   plan_launches<kN>(args, [&](const Meta& meta) {
     if (error != cudaSuccess) return;
     const unsigned blocks = static_cast<unsigned>(launch_blocks(meta));

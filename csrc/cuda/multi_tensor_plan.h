@@ -110,6 +110,9 @@ struct MultiTensorArgs {
   std::vector<std::vector<void*>> operands;
   std::vector<void*> master;         // empty, or float32 per tensor
   std::vector<StepCounter> steps;    // per tensor (SGD: or empty)
+  // Per tensor, the op's scalar state (Note [per-tensor scalar state] in
+  // hyperparams.h; a 0-d float32/float64 tensor each), or empty.
+  std::vector<StepCounter> scalar_state;
   std::vector<int64_t> numels;       // per tensor; 0 = no update (the
                                      // step counter still advances)
   std::vector<int32_t> hyper_set;    // per tensor: index into hypers/decay
@@ -157,7 +160,8 @@ constexpr int max_tensors_per_launch() {
       + sizeof(int64_t)                                   // first_chunk
       + sizeof(void*) + 1                                 // step, its dtype
       + sizeof(int32_t)                                   // index
-      + 2;                                                // slot, aligned
+      + 2                                                 // slot, aligned
+      + (HasScalarState<Hyper>::value ? sizeof(void*) + 1 : 0);  // scalar state
   constexpr size_t kFixed =
       max_hyper_slots<Hyper>() * (sizeof(Hyper) + 1)  // hyper, decay
       + 3 * sizeof(void*)                             // grad_scale, found_inf, grad_norm
@@ -165,6 +169,21 @@ constexpr int max_tensors_per_launch() {
       + 32;                                           // padding
   return static_cast<int>((kMaxKernelParamBytes - kFixed) / kPerTensor);
 }
+
+// Each tensor's scalar state in a launch (its address and dtype), for ops
+// that have one (Note [per-tensor scalar state]); empty otherwise.
+template <bool kHas, int kMaxTensors>
+struct ScalarStateAddresses {
+  FO_HOST_DEVICE FO_FORCE_INLINE double read(int32_t) const { return 0.0; }
+};
+template <int kMaxTensors>
+struct ScalarStateAddresses<true, kMaxTensors> {
+  void* value[kMaxTensors];
+  uint8_t is_double[kMaxTensors];
+  FO_HOST_DEVICE FO_FORCE_INLINE double read(int32_t t) const {
+    return read_step(value[t], is_double[t] != 0);
+  }
+};
 
 // The kernel's only parameter: one launch's tensors. Plain data, copied to
 // the GPU with the launch (no allocation, no copy, no sync).
@@ -194,6 +213,7 @@ struct TensorListMeta {
   uint8_t grad_norm_is_double;
   uint8_t master_weights;        // master[] is set (the call has them)
   uint8_t stochastic_rounding;
+  ScalarStateAddresses<HasScalarState<Hyper>::value, kMaxTensors> scalar_state;
 };
 
 // One chunk's elements: [begin, end) of tensor `tensor` of a launch.
@@ -275,6 +295,12 @@ void check_multi_tensor_args(const MultiTensorArgs<Hyper>& args,
   }
   for (const StepCounter& step : args.steps) {
     if (step.data == nullptr) fail("null step counter");
+  }
+  if (args.scalar_state.size() != (HasScalarState<Hyper>::value ? n : 0)) {
+    fail("scalar_state has the wrong length");
+  }
+  for (const StepCounter& value : args.scalar_state) {
+    if (value.data == nullptr) fail("null scalar state");
   }
   if (args.hyper_set.size() != n) fail("hyper_set has the wrong length");
   if (args.decay.size() != args.hypers.size()) {
@@ -373,6 +399,10 @@ void plan_launches(const MultiTensorArgs<Hyper>& args, const Launch& launch) {
       meta.step[t] = args.steps[i].data;
       meta.step_is_double[t] = args.steps[i].is_double ? 1 : 0;
     }
+    if constexpr (HasScalarState<Hyper>::value) {
+      meta.scalar_state.value[t] = args.scalar_state[i].data;
+      meta.scalar_state.is_double[t] = args.scalar_state[i].is_double ? 1 : 0;
+    }
     meta.numel[t] = numel;
     meta.first_chunk[t] = meta.num_chunks;
     meta.num_chunks += (numel + kChunkSize - 1) / kChunkSize;
@@ -442,6 +472,100 @@ FO_HOST_DEVICE FO_FORCE_INLINE void increment_steps(const StepListMeta& meta,
     } else {
       *static_cast<float*>(meta.step[i]) += 1.0f;
     }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The scalar-state kernel's metadata (Note [per-tensor scalar state])
+// ---------------------------------------------------------------------------
+
+// One launch of the scalar-state kernel: up to kMaxValues tensors' scalar
+// state, each advanced by its group's Hyper::advance_scalar_state from its
+// (already incremented) step counter, unless *found_inf is non-zero.
+// Launched after the step kernel and before the main kernel, which reads
+// the new values.
+template <typename Hyper>
+struct ScalarStateMeta {
+  static constexpr int kMaxSlots = max_hyper_slots<Hyper>();
+  static constexpr int kMaxValues = static_cast<int>(
+      (kMaxKernelParamBytes - kMaxSlots * sizeof(Hyper) - sizeof(void*) -
+       sizeof(int32_t) - 32) /
+      (2 * sizeof(void*) + 3));
+  void* value[kMaxValues];
+  void* step[kMaxValues];
+  Hyper hyper[kMaxSlots];
+  const float* found_inf;
+  int32_t count;
+  uint8_t value_is_double[kMaxValues];
+  uint8_t step_is_double[kMaxValues];
+  uint8_t slot[kMaxValues];
+};
+
+// Splits the scalar state of `args` (every tensor's, empty tensors'
+// included: torch advances them too) into launches, calling
+// launch(meta, blocks).
+template <typename Hyper, typename Launch>
+void plan_scalar_state_launches(const MultiTensorArgs<Hyper>& args,
+                                const Launch& launch) {
+  if constexpr (HasScalarState<Hyper>::value) {
+    using Meta = ScalarStateMeta<Hyper>;
+    static_assert(sizeof(Meta) <= kMaxKernelParamBytes);
+    static_assert(std::is_trivially_copyable_v<Meta>);
+    Meta meta{};
+    int num_slots = 0;
+    std::vector<int> slot_of_set(args.hypers.size(), -1);
+    auto flush = [&] {
+      if (meta.count == 0) return;
+      const int64_t blocks = (meta.count + kStepBlockSize - 1) / kStepBlockSize;
+      launch(static_cast<const Meta&>(meta), blocks);
+      meta = Meta{};
+      num_slots = 0;
+      std::fill(slot_of_set.begin(), slot_of_set.end(), -1);
+    };
+    for (size_t i = 0; i < args.scalar_state.size(); ++i) {
+      const int32_t set = args.hyper_set[i];
+      if (meta.count == Meta::kMaxValues ||
+          (slot_of_set[set] < 0 && num_slots == Meta::kMaxSlots)) {
+        flush();
+      }
+      if (slot_of_set[set] < 0) {
+        slot_of_set[set] = num_slots;
+        meta.hyper[num_slots++] = args.hypers[set];
+      }
+      const int32_t k = meta.count++;
+      meta.found_inf = args.found_inf;
+      meta.value[k] = args.scalar_state[i].data;
+      meta.value_is_double[k] = args.scalar_state[i].is_double ? 1 : 0;
+      meta.step[k] = args.steps.empty() ? nullptr : args.steps[i].data;
+      meta.step_is_double[k] =
+          !args.steps.empty() && args.steps[i].is_double ? 1 : 0;
+      meta.slot[k] = static_cast<uint8_t>(slot_of_set[set]);
+    }
+    flush();
+  }
+}
+
+// The scalar-state kernel's body for thread `thread` of `num_threads`.
+template <typename Hyper>
+FO_HOST_DEVICE FO_FORCE_INLINE void advance_scalar_states(
+    const ScalarStateMeta<Hyper>& meta, int64_t thread, int64_t num_threads) {
+  // Note [found_inf early exit], as the step kernel.
+  if (meta.found_inf != nullptr && *meta.found_inf != 0.0f) return;
+  if constexpr (HasScalarState<Hyper>::value) {  // (else never launched)
+  for (int64_t i = thread; i < meta.count; i += num_threads) {
+    const Hyper& h = meta.hyper[meta.slot[i]];
+    const double step = meta.step[i] == nullptr
+                            ? 0.0
+                            : read_step(meta.step[i], meta.step_is_double[i] != 0);
+    const double lr = h.lr.read();
+    if (meta.value_is_double[i]) {
+      double* v = static_cast<double*>(meta.value[i]);
+      *v = h.advance_scalar_state(lr, step, *v);
+    } else {
+      float* v = static_cast<float*>(meta.value[i]);
+      *v = h.advance_scalar_state(lr, step, *v);
+    }
+  }
   }
 }
 

@@ -83,6 +83,10 @@ MultiTensorArgs<typename Spec::Hyper> make_args(const PreparedCall<Spec>& call) 
                                   call.state_steps[i].scalar_type() == at::kDouble};
     }
   }
+  for (const at::Tensor& value : call.scalar_state) {
+    args.scalar_state.push_back(
+        StepCounter{value.data_ptr(), value.scalar_type() == at::kDouble});
+  }
   args.grad_scale = optional_data(*call.grad_scale);
   args.found_inf = optional_data(*call.found_inf);
   if (call.has_grad_norm()) {

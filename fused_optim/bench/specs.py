@@ -25,7 +25,7 @@ class OptimizerSpec:
 
 OPTIMIZERS = {
     # fp32 byte budgets, from bytes_per_element below:
-    # SGD with momentum, Adagrad, RMSprop 20; Adam, AdamW 28.
+    # SGD with momentum, Adagrad, RMSprop 20; Adam, AdamW, RAdam, NAdam 28.
     "sgd": OptimizerSpec("SGD", {"lr": 1e-3, "momentum": 0.9}, 1, True),
     "adagrad": OptimizerSpec("Adagrad", {"lr": 1e-2}, 1, True),
     # No momentum, not centered: square_avg only (centered adds grad_avg,
@@ -33,6 +33,10 @@ OPTIMIZERS = {
     "rmsprop": OptimizerSpec("RMSprop", {"lr": 1e-3}, 1, False),
     "adam": OptimizerSpec("Adam", {"lr": 1e-3}, 2, True),
     "adamw": OptimizerSpec("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, 2, True),
+    "radam": OptimizerSpec("RAdam", {"lr": 1e-3}, 2, False),
+    # (mu_product is a per-param scalar, not a per-element byte)
+    "nadam": OptimizerSpec("NAdam", {"lr": 2e-3}, 2, False),
+    # (Lion has no torch.optim peer to compare with: not here)
 }
 
 # The implementations, ours first: every ratio is a peer's time over ours.

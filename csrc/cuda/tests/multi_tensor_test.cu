@@ -133,6 +133,13 @@ struct HostEmulator {
                            increment_steps(meta, t, threads);
                          }
                        });
+    plan_scalar_state_launches(
+        args, [&](const ScalarStateMeta<Hyper>& meta, int64_t blocks) {
+          const int64_t threads = blocks * kStepBlockSize;
+          for (int64_t t = 0; t < threads; ++t) {
+            advance_scalar_states(meta, t, threads);
+          }
+        });
     plan_launches<kN>(args, [&](const TensorListMeta<kN, Hyper>& meta) {
       if (launches != nullptr) ++*launches;
       const int64_t blocks = std::min(launch_blocks(meta), max_blocks);
@@ -583,6 +590,17 @@ void run_case(const std::string& name, int num_operands,
     lr_f[g] = static_cast<float>(groups[g].first.lr.value * 0.75);
     lr_d[g] = groups[g].first.lr.value * 1.25;
   }
+  // Per-tensor scalar state (Note [per-tensor scalar state]; NAdam's
+  // mu_product): float32 or float64 (every other tensor), distinct values.
+  std::vector<float> scalar_f(n);
+  std::vector<double> scalar_d(n);
+  for (int64_t i = 0; i < n; ++i) {
+    scalar_f[i] = 0.9f - 0.03f * static_cast<float>(i);
+    scalar_d[i] = 0.85 - 0.02 * static_cast<double>(i);
+  }
+  auto scalar_is_double = [](int64_t i) { return i % 2 == 1; };
+  auto want_scalar_f = scalar_f;
+  auto want_scalar_d = scalar_d;
   const float grad_scale = 3.0f;  // not a power of two: inverse rounds
   // SGD's counters are optional (given with stochastic rounding): run it
   // both ways.
@@ -624,6 +642,13 @@ void run_case(const std::string& name, int num_operands,
       args.steps.push_back(
           step_is_double(i) ? StepCounter{&step_d[i], true}
                             : StepCounter{&step_f[i], false});
+    }
+  }
+  if constexpr (HasScalarState<Hyper>::value) {
+    for (int64_t i = 0; i < n; ++i) {
+      args.scalar_state.push_back(
+          scalar_is_double(i) ? StepCounter{&scalar_d[i], true}
+                              : StepCounter{&scalar_f[i], false});
     }
   }
   assign_hyper_sets(args, n, [&](int64_t i) { return i % num_groups; },
@@ -669,7 +694,19 @@ void run_case(const std::string& name, int num_operands,
       const double lr =
           !o.lr_tensor ? h.lr.value
                        : (g % 2 ? lr_d[g] : static_cast<double>(lr_f[g]));
-      const auto s = host_scalars(h, lr, step);
+      const auto s = [&] {
+        if constexpr (HasScalarState<Hyper>::value) {
+          // The scalars see the advanced value, as the kernels do.
+          const double value =
+              scalar_is_double(i)
+                  ? (want_scalar_d[i] = h.advance_scalar_state(lr, step, want_scalar_d[i]))
+                  : static_cast<double>(want_scalar_f[i] = h.advance_scalar_state(
+                                            lr, step, want_scalar_f[i]));
+          return host_scalars(h, lr, step, value);
+        } else {
+          return host_scalars(h, lr, step);
+        }
+      }();
       const WeightDecay decay = groups[g].second;
       const uint32_t key =
           stochastic_rounding_key(static_cast<uint32_t>(i), step);
@@ -738,6 +775,8 @@ void run_case(const std::string& name, int num_operands,
          describe(o).c_str(), static_cast<long long>(mismatches));
   EXPECT(step_f == want_step_f && step_d == want_step_d, "%s%s: step counters",
          name.c_str(), describe(o).c_str());
+  EXPECT(scalar_f == want_scalar_f && scalar_d == want_scalar_d,
+         "%s%s: scalar state", name.c_str(), describe(o).c_str());
 }
 
 // The options each (P, S) pair runs with: plain (full grid; then grid-capped
@@ -997,6 +1036,42 @@ void test_ops() {
             [&](auto d, T* x, const RadamScalars<T>& s) {
               constexpr WeightDecay kD = decltype(d)::value;
               radam_update<kD>(x[0], x[1], x[2], x[3], s);
+            });
+      }
+    }
+    // NAdam: every decay mode, with per-tensor scalar state (mu_product).
+    {
+      auto nadam = [&](double lr, double b1, double b2, double eps, double wd,
+                       double md) {
+        NadamHyper h;
+        h.lr.value = lr;
+        h.beta1 = b1;
+        h.beta2 = b2;
+        h.eps = eps;
+        h.weight_decay = wd;
+        h.momentum_decay = md;
+        h.maximize = maximize;
+        return h;
+      };
+      const std::vector<std::pair<NadamHyper, WeightDecay>> groups = {
+          {nadam(2e-3, 0.9, 0.999, 1e-8, 0.0, 4e-3), WeightDecay::kNone},
+          {nadam(3e-2, 0.8, 0.99, 1e-6, 0.1, 1e-2), WeightDecay::kDecoupled},
+          {nadam(5e-3, 0.95, 0.9, 1e-3, 0.05, 0.0), WeightDecay::kL2},
+      };
+      for (const CaseOptions& o : options) {
+        run_case<P, S>(
+            "nadam " + suffix, 4, {false, false, false, true}, groups, o,
+            [](const NadamHyper& h, double lr, double step, double mu_product) {
+              return NadamScalars<T>(lr, h.beta1, h.beta2, h.eps,
+                                     h.weight_decay, h.momentum_decay,
+                                     h.maximize, step, mu_product);
+            },
+            [&](const auto& args, const HostEmulator& emu) {
+              dispatch<NadamSpec>(args, CallModes{}, emu);
+            },
+            [&](auto d, T* x, const NadamScalars<T>& s) {
+              constexpr WeightDecay kD = decltype(d)::value;
+              nadam_update<kD>(x[0], x[1], x[2], x[3], s);
             });
       }
     }

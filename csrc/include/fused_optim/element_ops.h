@@ -122,4 +122,18 @@ struct LionOp {
   }
 };
 
+// Operands: param, grad, exp_avg, exp_avg_sq (mu_product is per-tensor
+// scalar state, in the scalars, not an operand).
+struct NadamOp {
+  static constexpr int kNumOperands = 4;
+  static constexpr bool kAllowsDecoupledDecay = true;
+  FO_HOST_DEVICE static constexpr bool is_written(int k) { return k != 1; }
+
+  template <WeightDecay kDecay, typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE static void update(T (&x)[kNumOperands],
+                                                    const NadamScalars<T>& s) {
+    nadam_update<kDecay>(x[0], x[1], x[2], x[3], s);
+  }
+};
+
 }  // namespace fused_optim

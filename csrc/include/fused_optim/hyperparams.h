@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "fused_optim/macros.h"
 #include "fused_optim/update_rules.h"
@@ -167,6 +168,72 @@ struct LionHyper : GroupCommon {
   }
 };
 
+// NAdam keeps per-tensor scalar state besides the step counter: torch's
+// `mu_product` (the product of the momentum schedule mu_1 .. mu_t), a 0-d
+// float32/float64 tensor per param (Note [per-tensor scalar state]).
+struct NadamHyper : GroupCommon {
+  static constexpr bool kStepsOptional = false;
+  static constexpr bool kHasScalarState = true;
+  double beta1 = 0.0;
+  double beta2 = 0.0;
+  double eps = 0.0;
+  double weight_decay = 0.0;
+  double momentum_decay = 0.0;
+
+  // mu_product *= mu_t, in the tensor's own dtype U (float or double), as
+  // torch's in-place multiply by a Python float: the float narrowed to U.
+  template <typename U>
+  FO_HOST_DEVICE FO_FORCE_INLINE U advance_scalar_state(double /*lr_value*/,
+                                                        double step,
+                                                        U mu_product) const {
+    return mu_product * static_cast<U>(nadam_mu(beta1, momentum_decay, step));
+  }
+
+  template <typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE NadamScalars<T> scalars(
+      double lr_value, double step, double mu_product) const {
+    return NadamScalars<T>(lr_value, beta1, beta2, eps, weight_decay,
+                           momentum_decay, maximize, step, mu_product);
+  }
+};
+
+// Note [per-tensor scalar state]
+// An op may keep, besides the step counter, one more per-param scalar that
+// the update reads and changes (NAdam's mu_product): a list of 0-d float32
+// or float64 tensors named by the spec's kScalarState, one per param,
+// checked like state_steps and updated by the op. Its Hyper says
+// kHasScalarState and defines
+//   advance_scalar_state<U>(lr, step, old) -> new   (U: the tensor's dtype)
+//   scalars<T>(lr, step, new)                       (instead of (lr, step))
+// The new value is derived from the old one after the step counter's
+// increment, and the element scalars from the new value. The CPU does both
+// on the host, per tensor, after every check has passed. CUDA does it on
+// the device, with no host sync: a scalar-state kernel, launched after the
+// step kernel and before the main kernel, writes every new value (skipped
+// on found_inf, like the step kernel), and the main kernel reads them per
+// chunk; stream order means no chunk can read a value half-updated.
+template <typename Hyper, typename = void>
+struct HasScalarState {
+  static constexpr bool value = false;
+};
+template <typename Hyper>
+struct HasScalarState<Hyper, std::void_t<decltype(Hyper::kHasScalarState)>> {
+  static constexpr bool value = Hyper::kHasScalarState;
+};
+
+// The scalars of a tensor whose (already advanced) scalar state, if its op
+// has one, is `scalar_state`.
+template <typename T, typename Hyper>
+FO_HOST_DEVICE FO_FORCE_INLINE auto scalars_for(const Hyper& h, double lr,
+                                                double step,
+                                                double scalar_state) {
+  if constexpr (HasScalarState<Hyper>::value) {
+    return h.template scalars<T>(lr, step, scalar_state);
+  } else {
+    return h.template scalars<T>(lr, step);
+  }
+}
+
 // Ops whose scalars keep many registers live on CUDA (a dozen or more,
 // derived on the device): their kernels get 80 registers per thread instead
 // of 64 (kMinBlocksPerSm, multi_tensor_apply.cuh).
@@ -180,6 +247,10 @@ struct ManyScalars<AdamHyper> {
 };
 template <>
 struct ManyScalars<RadamHyper> {
+  static constexpr bool value = true;
+};
+template <>
+struct ManyScalars<NadamHyper> {
   static constexpr bool value = true;
 };
 

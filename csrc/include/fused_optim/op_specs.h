@@ -279,6 +279,43 @@ struct LionSpec {
   }
 };
 
+// ---------------------------------------------------------------------------
+// NAdam (decoupled weight decay optional; per-tensor scalar state)
+// ---------------------------------------------------------------------------
+struct NadamSpec {
+  static constexpr const char* kName = "nadam_";
+  using Hyper = NadamHyper;
+  static constexpr StateList kState[] = {{"exp_avgs", StateList::kAlways},
+                                         {"exp_avg_sqs", StateList::kAlways}};
+  static constexpr const char* kHyper[] = {"beta1", "beta2", "eps",
+                                           "weight_decay", "momentum_decay"};
+  static constexpr const char* kModes[1] = {};  // (none; see kNumModes)
+  static constexpr size_t kNumModes = 0;
+  static constexpr bool kDecoupledDecay = true;
+  static constexpr const char* kNewState = nullptr;
+  // The per-tensor scalar state list (Note [per-tensor scalar state] in
+  // hyperparams.h): torch's state key "mu_product" plus "s".
+  static constexpr const char* kScalarState = "mu_products";
+
+  static Hyper hyper(LrSource lr, const double* h) {
+    Hyper out;
+    out.lr = lr;
+    out.beta1 = h[0];
+    out.beta2 = h[1];
+    out.eps = h[2];
+    out.weight_decay = h[3];
+    out.momentum_decay = h[4];
+    return out;
+  }
+
+  static const char* mode_error(const CallModes&) { return nullptr; }
+
+  template <typename Fn>
+  static auto with_element_op(const CallModes&, const Fn& fn) {
+    return fn(NadamOp{});
+  }
+};
+
 // The number of mode keywords of a spec (Adagrad has none; a C++ array
 // cannot be empty, so it says so with kNumModes).
 template <typename Spec, typename = void>
@@ -302,6 +339,19 @@ struct AlwaysDecoupled<Spec, std::void_t<decltype(Spec::kAlwaysDecoupled)>> {
   static constexpr bool value = Spec::kAlwaysDecoupled;
 };
 
+// The name of a spec's per-tensor scalar state list (`kScalarState`), or
+// nullptr: Note [per-tensor scalar state] in hyperparams.h.
+template <typename Spec, typename = void>
+struct ScalarStateList {
+  static constexpr const char* name = nullptr;
+};
+template <typename Spec>
+struct ScalarStateList<Spec, std::void_t<decltype(Spec::kScalarState)>> {
+  static constexpr const char* name = Spec::kScalarState;
+  static_assert(HasScalarState<typename Spec::Hyper>::value,
+                "a spec with kScalarState needs a Hyper with kHasScalarState");
+};
+
 // Every op, for code that registers or instantiates all of them.
 #define FO_FOR_EACH_OP(X) \
   X(::fused_optim::AdamSpec)    \
@@ -309,6 +359,7 @@ struct AlwaysDecoupled<Spec, std::void_t<decltype(Spec::kAlwaysDecoupled)>> {
   X(::fused_optim::AdagradSpec) \
   X(::fused_optim::RmspropSpec) \
   X(::fused_optim::RadamSpec)   \
-  X(::fused_optim::LionSpec)
+  X(::fused_optim::LionSpec)    \
+  X(::fused_optim::NadamSpec)
 
 }  // namespace fused_optim

@@ -470,4 +470,71 @@ FO_HOST_DEVICE FO_FORCE_INLINE void lion_update(T& param, T grad, T& exp_avg,
   exp_avg = fmadd(grad, s.one_minus_beta2, exp_avg * s.beta2);
 }
 
+// ---------------------------------------------------------------------------
+// NAdam (Nesterov-accelerated Adam, Dozat 2016; decoupled decay optional)
+// ---------------------------------------------------------------------------
+
+// The momentum schedule mu_t = beta1 * (1 - 0.5 * 0.96^(t * momentum_decay)),
+// in double, as torch.optim.NAdam computes it in Python.
+FO_HOST_DEVICE inline double nadam_mu(double beta1, double momentum_decay,
+                                      double step) {
+  return beta1 * (1.0 - 0.5 * std::pow(0.96, step * momentum_decay));
+}
+
+// The per-tensor scalars of one NAdam step. `mu_product` is the tensor's
+// product of mu_1 .. mu_t AFTER this step's update (its per-tensor scalar
+// state, read as a double from its float32/float64 tensor), as torch's
+// `_get_value(mu_product)` reads it after `mu_product *= mu`.
+template <typename T>
+struct NadamScalars {
+  T grad_sign;
+  LerpWeight<T> exp_avg_weight;  // 1 - beta1
+  T beta2;
+  T one_minus_beta2;
+  T eps;
+  T weight_decay;
+  T decay_factor;       // 1 - lr * weight_decay (decoupled decay)
+  T bias_correction2;   // 1 - beta2^t
+  T grad_coefficient;   // -lr * (1 - mu_t) / (1 - mu_product)
+  T exp_avg_coefficient;  // -lr * mu_{t+1} / (1 - mu_product * mu_{t+1})
+
+  NadamScalars() = default;
+  FO_HOST_DEVICE NadamScalars(double lr, double beta1, double beta2_,
+                              double eps_, double weight_decay_,
+                              double momentum_decay, bool maximize,
+                              double step, double mu_product)
+      : grad_sign(maximize ? T(-1) : T(1)),
+        exp_avg_weight(1.0 - beta1),
+        beta2(T(beta2_)),
+        one_minus_beta2(T(1.0 - beta2_)),
+        eps(T(eps_)),
+        weight_decay(T(weight_decay_)),
+        decay_factor(T(1.0 - lr * weight_decay_)),
+        bias_correction2(T(1.0 - std::pow(beta2_, step))) {
+    const double mu = nadam_mu(beta1, momentum_decay, step);
+    const double mu_next = nadam_mu(beta1, momentum_decay, step + 1.0);
+    const double mu_product_next = mu_product * mu_next;
+    grad_coefficient = T(-lr * (1.0 - mu) / (1.0 - mu_product));
+    exp_avg_coefficient = T((-lr * mu_next) / (1.0 - mu_product_next));
+  }
+};
+
+// One NAdam element update, torch's single-tensor code op by op:
+//   denom = exp_avg_sq.div(bias_correction2).sqrt() + eps
+//   param.addcdiv_(grad, denom, value=c1); param.addcdiv_(exp_avg, denom, value=c2)
+// (addcdiv: param + value * t1 / t2, each operation rounded).
+template <WeightDecay kDecay, typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE void nadam_update(T& param, T grad, T& exp_avg,
+                                                 T& exp_avg_sq,
+                                                 const NadamScalars<T>& s) {
+  grad = grad * s.grad_sign;
+  if (kDecay == WeightDecay::kDecoupled) param = param * s.decay_factor;
+  if (kDecay == WeightDecay::kL2) grad = fmadd(param, s.weight_decay, grad);
+  exp_avg = lerp(exp_avg, grad, s.exp_avg_weight);
+  exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, exp_avg_sq * s.beta2);
+  const T denom = std::sqrt(exp_avg_sq / s.bias_correction2) + s.eps;
+  param = param + s.grad_coefficient * grad / denom;
+  param = param + s.exp_avg_coefficient * exp_avg / denom;
+}
+
 }  // namespace fused_optim
