@@ -53,6 +53,23 @@ def check_torch_path_precision(name: str, group) -> None:
         )
 
 
+def check_adam_arguments(lr, betas, eps, weight_decay) -> None:
+    """torch.optim's checks shared by Adam, AdamW, RAdam and NAdam, in its
+    order, with its messages."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
 def to_float(value) -> float:
     """A hyperparameter as a Python float (torch allows 1-element tensors)."""
     if type(value) is float:  # (the usual case, read every step)

@@ -9,7 +9,7 @@ import torch
 from fused_optim import _docs
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
-from fused_optim._keywords import check_implementation_keywords, to_float
+from fused_optim._keywords import check_adam_arguments, check_implementation_keywords, to_float
 from fused_optim._precision import check_precision_keywords
 
 __all__ = ["Adam", "AdamW"]
@@ -42,18 +42,7 @@ class Adam(FusedOptimizer):
         max_grad_norm: float | None = None,
     ) -> None:
         # Same checks, order and messages as torch.optim.Adam.
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_adam_arguments(lr, betas, eps, weight_decay)
         if not (
             (isinstance(betas[0], float) and isinstance(betas[1], float))
             or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))
