@@ -1,0 +1,69 @@
+"""The register table of csrc/cuda/README.md ("Registers"), from the output of
+scripts/check_cuda_kernels.sh: registers per thread (sm_80 / sm_90) per
+element op and (param / state) dtype, with the kernels that spill marked *
+and their spill bytes listed below the table.
+
+    bash scripts/check_cuda_kernels.sh > /tmp/check.log
+    python scripts/cuda_register_table.py /tmp/check.log
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+# (row label, kernel name as check_cuda_kernels.sh prints it); ops without
+# state (SGD without momentum) have only the pairs with state dtype = param dtype.
+ROWS = [
+    ("adam", "AdamOp<false>"), ("adam amsgrad", "AdamOp<true>"),
+    ("sgd", "SgdOp<false,false>"), ("sgd momentum", "SgdOp<true,false>"),
+    ("sgd nesterov", "SgdOp<true,true>"), ("adagrad", "AdagradOp"),
+    ("rmsprop", "RmspropOp<false,false>"), ("rmsprop momentum", "RmspropOp<false,true>"),
+    ("rmsprop centered", "RmspropOp<true,false>"),
+    ("rmsprop centered + momentum", "RmspropOp<true,true>"),
+    ("radam", "RadamOp"), ("nadam", "NadamOp"), ("lion", "LionOp"),
+]
+STATELESS = {"SgdOp<false,false>"}
+PAIRS = [("fp32", "fp32"), ("fp32", "bf16"), ("fp64", "fp64"), ("fp16", "fp16"),
+         ("fp16", "fp32"), ("fp16", "bf16"), ("bf16", "bf16"), ("bf16", "fp32")]
+ARCHS = ("80", "90")
+
+
+def parse(lines) -> dict:
+    """{(kernel, param, state, arch): (registers, spill stores, spill loads)}"""
+    data, arch = {}, None
+    for line in lines:
+        m = re.match(r"-- csrc/cuda/\w+\.cu sm_(\d+)", line)
+        if m:
+            arch = m.group(1)
+            continue
+        m = re.match(r"\s+(\d+)\s+(\d+)\s+(\d+)\s+(\w+(?:<[^>]*>)?)\s+(\w+)\s+(\w+)$", line)
+        if m and arch:
+            regs, stores, loads, kernel, param, state = m.groups()
+            data[(kernel.replace(" ", ""), param, state, arch)] = (int(regs), int(stores), int(loads))
+    return data
+
+
+def table(data: dict) -> str:
+    out = ["| kernel | " + " | ".join(f"{p}/{s}" for p, s in PAIRS) + " |",
+           "|---|" + "---|" * len(PAIRS)]
+    spills = []
+    for label, kernel in ROWS:
+        cells = []
+        for param, state in PAIRS:
+            found = [data.get((kernel, param, state, arch)) for arch in ARCHS]
+            if kernel in STATELESS and state != param or None in found:
+                cells.append("-")
+                continue
+            spilled = any(f[1] for f in found)
+            cells.append(" / ".join(str(f[0]) for f in found) + (" *" if spilled else ""))
+            if spilled:
+                spills.append(f"- {label} {param}/{state}: " + ", ".join(
+                    f"sm_{arch} {f[1]}/{f[2]} B" for arch, f in zip(ARCHS, found)))
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n\n" + "\n".join(spills)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as log:
+        print(table(parse(log)))
