@@ -136,9 +136,19 @@ def deepspeed_available() -> bool:
 def impls_for(spec, device, precision, requested, notes) -> list[str]:
     """The implementations to time for one optimizer, with notes on those left out."""
     impls = []
+    in_torch = hasattr(torch.optim, spec.class_name)
     for impl in requested:
         reason = None
-        if impl == "torch-fused" and not spec.torch_has_fused:
+        if impl.startswith("torch-") and not in_torch:
+            reason = f"torch.optim has no {spec.class_name}: its peer is its reference implementation"
+        elif impl == "reference":
+            if spec.reference is None:
+                continue  # torch.optim's are the peers: no note
+            try:
+                importlib.import_module(spec.reference.split(":")[0])
+            except ImportError:
+                reason = f"{spec.reference.split(':')[0]} not importable: {spec.class_name}'s reference skipped"
+        elif impl == "torch-fused" and not spec.torch_has_fused:
             reason = f"torch.optim.{spec.class_name} has no fused=True"
         elif impl == "deepspeed":
             if device != "cpu" or spec.class_name not in ("Adam", "AdamW"):

@@ -18,6 +18,9 @@ class OptimizerSpec:
     kwargs: dict  # hyperparameters given to every implementation
     state_tensors: int  # state tensors per param, each read and written once per step
     torch_has_fused: bool  # torch.optim.X accepts fused=True
+    # "module:Class" of the published implementation timed as the
+    # "reference" peer, for an optimizer torch.optim lacks
+    reference: str | None = None
 
     def describe(self) -> str:
         return f"{self.class_name}({', '.join(f'{k}={v}' for k, v in self.kwargs.items())})"
@@ -36,7 +39,11 @@ OPTIMIZERS = {
     "radam": OptimizerSpec("RAdam", {"lr": 1e-3}, 2, False),
     # (mu_product is a per-param scalar, not a per-element byte)
     "nadam": OptimizerSpec("NAdam", {"lr": 2e-3}, 2, False),
-    # (Lion has no torch.optim peer to compare with: not here)
+    # torch.optim has no Lion: its peer is the reference implementation,
+    # lion-pytorch (installed pinned by scripts/bootstrap.sh), whose default
+    # for-loop step is also what its README recommends on the CPU.
+    "lion": OptimizerSpec("Lion", {"lr": 1e-4, "weight_decay": 1e-2}, 1, False,
+                          reference="lion_pytorch:Lion"),
 }
 
 # The implementations, ours first: every ratio is a peer's time over ours.
@@ -46,6 +53,8 @@ IMPL_DESCRIPTIONS = {
     "torch-foreach": "torch.optim with foreach=True",
     "torch-forloop": "torch.optim with foreach=False, torch's CPU default",
     "deepspeed": "DeepSpeedCPUAdam: Adam and AdamW, CPU, fp32, when deepspeed is installed",
+    "reference": "the published implementation of an optimizer torch.optim lacks (Lion: "
+                 "lion-pytorch), when installed",
 }
 IMPLS = tuple(IMPL_DESCRIPTIONS)
 OURS = IMPLS[0]
