@@ -35,6 +35,9 @@ def optimizer_class(impl: str, spec: OptimizerSpec, ours_module) -> tuple[type, 
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam, {"adamw_mode": spec.class_name == "AdamW"}
+    if impl == "reference":
+        module, name = spec.reference.split(":")
+        return getattr(importlib.import_module(module), name), {}
     cls = getattr(torch.optim, spec.class_name)
     if impl == "torch-fused":
         return cls, {"fused": True}
