@@ -49,7 +49,7 @@ def test_help_lists_every_name_of_the_tables_and_the_run_time():
     ("--scale", "big"),
     ("--threads", "0"), ("--threads", "-2"),
     ("--sample-ms", "-1"), ("--sample-ms", "nan"), ("--sample-ms", "soon"),
-    ("--optimizers", "adamx"), ("--optimizers", ","), ("--optimizers", "adam,lion"),
+    ("--optimizers", "adamx"), ("--optimizers", ","), ("--optimizers", "adam,adamax"),
     ("--workloads", "huge"),
     ("--precisions", "fp16"), ("--precisions", "mixed,fp8"), ("--dtypes", ""),
     ("--impls", "jax"),
@@ -236,7 +236,9 @@ def test_tiny_run_writes_json_markdown_and_plot_with_progress(tmp_path, monkeypa
     assert run["command"].endswith("--markdown " + str(tmp_path / "run.md"))
     assert (run["repeats"], run["warmup"], run["threads"]) == (3, 1, 1)
     by_impl = {r["impl"]: r for r in run["results"]}
-    assert {"fused_optim", *PEERS} - {"deepspeed"} <= set(by_impl)
+    # (deepspeed only where installed; "reference" only for optimizers
+    # torch.optim lacks)
+    assert {"fused_optim", *PEERS} - {"deepspeed", "reference"} == set(by_impl)
     # A sample is >= 5 ms of back-to-back steps: one step of this tiny
     # workload takes well under that, so each sample is several steps, the
     # same count for every implementation, and the times are per step.
@@ -270,3 +272,18 @@ def test_every_benchmark_precision_is_in_the_storage_table():
     for name, p in PRECISIONS.items():
         storage = Storage(p.master_weights, p.resolved_state_dtype, p.stochastic_rounding)
         assert is_legal_storage(p.param_dtype, storage), name
+
+
+def test_an_optimizer_torch_lacks_is_timed_against_its_reference():
+    from fused_optim.bench.peers import impls_for
+    from fused_optim.bench.specs import IMPLS, OPTIMIZERS, PRECISIONS
+
+    pytest.importorskip("lion_pytorch")
+    notes = []
+    impls = impls_for(OPTIMIZERS["lion"], "cpu", PRECISIONS["fp32"], list(IMPLS), notes)
+    assert impls == ["fused_optim", "reference"]
+    assert any("torch.optim has no Lion" in n for n in notes)
+    # optimizers torch.optim has keep torch's peers and get no reference
+    notes = []
+    assert "reference" not in impls_for(OPTIMIZERS["adam"], "cpu", PRECISIONS["fp32"], list(IMPLS), notes)
+    assert not any("reference" in n for n in notes)
