@@ -1,5 +1,7 @@
 #include "op_front.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 namespace fused_optim {
 
 namespace {
@@ -66,6 +68,19 @@ CommonChecks check_common(at::DeviceType backend, const OpCall& call,
                       scalar_device(backend, call.params));
   }
   return out;
+}
+
+at::Tensor per_tensor_sums(at::TensorList params, at::TensorList grads) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fused_optim::sum_of_squares", "")
+          .typed<at::Tensor(at::TensorList, const std::optional<at::Tensor>&,
+                            bool)>();
+  std::vector<at::Tensor> tensors;
+  tensors.reserve(params.size() + grads.size());
+  tensors.insert(tensors.end(), params.begin(), params.end());
+  tensors.insert(tensors.end(), grads.begin(), grads.end());
+  return op.call(tensors, std::nullopt, /*per_tensor=*/true);
 }
 
 void check_scalar_state(at::DeviceType backend, const OpCall& call,

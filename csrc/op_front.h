@@ -158,6 +158,10 @@ struct PreparedCall {
   const std::optional<at::Tensor>* grad_scale = nullptr;
   const std::optional<at::Tensor>* found_inf = nullptr;
   const std::optional<at::Tensor>* grad_norm = nullptr;  // clipping, or none
+  // Note [per-tensor norms] (hyperparams.h): for an op whose Hyper has
+  // kHasTensorNorms, the [2n] sums of squares of the params (or master
+  // weights) and then the grads, on the params' device; undefined otherwise.
+  at::Tensor tensor_sums;
   // Gradients replaced for the call (Note [a gradient that aliases its
   // param]), kept alive.
   std::vector<at::Tensor> replaced_grads;
@@ -206,6 +210,11 @@ std::vector<at::Tensor> grads_read_after_decoupled_decay(
 // on the device the kernel reads it on.
 void check_scalar_state(at::DeviceType backend, const OpCall& call,
                         const char* name);
+
+// Note [per-tensor norms]: the sums of squares of each of `params` and then
+// of each of `grads` (shape [2n]), in one pass (the sum_of_squares op with
+// per_tensor=True, through the dispatcher: the backend of the tensors).
+at::Tensor per_tensor_sums(at::TensorList params, at::TensorList grads);
 
 // Group g's learning rate: its tensor (read by the kernel) or its float.
 LrSource lr_source(const OpCall& call, size_t g);
@@ -301,6 +310,14 @@ std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
     if (!out.replaced_grads.empty()) out.lists[1].tensors = out.replaced_grads;
   }
   out.operands.emplace(out.lists);
+  if constexpr (HasTensorNorms<Hyper>::value) {
+    // Of the master weights when the call has them (the values the update
+    // reads), else of the params; of the grads as given (staging copies
+    // nothing for a dense grad, and sum_of_squares reads any layout).
+    out.tensor_sums = per_tensor_sums(
+        out.precision.master_weights ? call.master_params : call.params,
+        out.lists[1].tensors);
+  }
 
   // Hyperparameter sets: one per group, and per (group, new state) for ops
   // with a new-state list.

@@ -18,6 +18,10 @@ tensors. One fused call still covers all the shards of a bucket.
   counters plain) or replicated DTensors.
 - Partial placements are refused: a pending reduction is not a value to
   update.
+- An op whose update reads per-tensor norms (``_ops.TENSOR_NORM_OPS``:
+  LARS's trust ratio, Note [per-tensor norms]) is not pointwise: on a
+  sharded param the local call would see the shard's norm, so a Shard
+  placement is refused for it (replicated DTensors are whole tensors).
 
 Importing torch.distributed.tensor costs about half a second, so the
 handler is registered when that module is imported, by whoever imports it
@@ -32,7 +36,7 @@ import sys
 
 import torch
 
-from fused_optim._ops import OP_NAMES, public_op
+from fused_optim._ops import OP_NAMES, TENSOR_NORM_OPS, public_op
 
 _MODULE = "torch.distributed.tensor"
 # Per-call tensor arguments: not aligned with the params.
@@ -49,6 +53,7 @@ def _local_call(op, args, kwargs):
     # (and the op's per-tensor scalar state, plain 0-d tensors as the steps)
     per_call = _PER_CALL + tuple(names[names.index("state_steps") + 1:names.index("group_index")])
     where = f"{op._schema.name}"
+    reads_norms = op._schema.name.split("::")[-1] in TENSOR_NORM_OPS
 
     def replicated(name, t):
         if not isinstance(t, DTensor):
@@ -82,6 +87,13 @@ def _local_call(op, args, kwargs):
                     raise RuntimeError(
                         f"{where}: {name}[{i}] has a Partial placement {t.placements}; "
                         "reduce it (redistribute) before the optimizer step"
+                    )
+                if name == "params" and reads_norms and any(
+                        placement.is_shard() for placement in t.placements):
+                    raise RuntimeError(
+                        f"{where}: params[{i}] is sharded ({t.placements}), but this op reads "
+                        "each param's and gradient's norm, which a shard does not have; "
+                        "not supported on sharded DTensors (FSDP2, tensor parallelism)"
                     )
                 if t.shape != p.shape:
                     raise RuntimeError(

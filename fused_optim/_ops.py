@@ -32,6 +32,10 @@ from fused_optim import _C
 
 OP_NAMES = tuple(_C.OP_NAMES)  # (op_specs.h's FO_FOR_EACH_OP)
 OVERLOADS = ("default", "tensor_lr")
+# The ops whose update reads each tensor's norms (Hyper::kHasTensorNorms,
+# Note [per-tensor norms] in hyperparams.h): not pointwise, so a call on
+# shards is not the call on the whole tensors (_dtensor refuses it).
+TENSOR_NORM_OPS = frozenset({"lars_"})
 
 
 class OpSignature:

@@ -9,6 +9,8 @@ single-tensor path. ``state`` is the torch.optim state dict of the param;
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -191,5 +193,121 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
+def tensor_norm(t) -> float:
+    """A tensor's 2-norm as the fused step computes it (Note [per-tensor
+    norms], hyperparams.h): the sum of squares accumulated in float64,
+    stored in float32 unless the tensor is float64, its square root in
+    float64."""
+    s = t.detach().double().square().sum()
+    if t.dtype != torch.float64:
+        s = s.float()
+    return math.sqrt(float(s))
+
+
+def lars_trust_ratio(param_norm, grad_norm, *, lr, weight_decay, trust_coeff, eps, trust_clip,
+                     always_adapt) -> float:
+    """timm's Lars trust ratio (timm/optim/lars.py), in float64: 1 for a
+    group it does not adapt (weight_decay == 0 and not always_adapt) and
+    where either norm is not positive; LARC's clipping after that."""
+    if not (weight_decay != 0 or always_adapt):
+        return 1.0
+    if param_norm > 0 and grad_norm > 0:
+        ratio = trust_coeff * param_norm / (grad_norm + param_norm * weight_decay + eps)
+    else:
+        ratio = 1.0
+    if trust_clip:  # (timm's torch.clamp(ratio / lr, max=1.0), lr = 0 included)
+        ratio = float(torch.clamp(torch.tensor(ratio, dtype=torch.float64) / lr, max=1.0))
+    return ratio
+
+
+def lars(param, grad, state, *, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps,
+         trust_clip, always_adapt, maximize):
+    # timm's Lars, op by op: the trust ratio from the norms of the param and
+    # of the gradient, (grad + wd * param) * ratio, then torch's SGD without
+    # further decay. maximize (ours) negates the gradient first; no norm
+    # sees the sign. No step counter: the rule does not use one.
+    # (timm's `add` with alpha: a fused multiply-add, as the kernel's)
+    ratio = lars_trust_ratio(tensor_norm(param), tensor_norm(grad), lr=lr,
+                             weight_decay=weight_decay, trust_coeff=trust_coeff, eps=eps,
+                             trust_clip=trust_clip, always_adapt=always_adapt)
+    grad = -grad if maximize else grad
+    if weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    grad = grad.mul(ratio)
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = grad.clone()
+        else:
+            buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+        grad = grad.add(buf, alpha=momentum) if nesterov else buf
+    param.add_(grad, alpha=-lr)
+
+
+class Lars(torch.optim.Optimizer):
+    """LARS as a plain torch.optim.Optimizer over :func:`lars`: the oracle of
+    the tests, as :class:`Lion`. timm's ``Lars`` signature, checks and state
+    (``momentum_buffer``), plus ``maximize`` (ours) and ``foreach`` (ignored);
+    one tensor at a time in its own dtype, complex params as real views,
+    sparse gradients refused."""
+
+    def __init__(self, params, lr=1.0, momentum=0, dampening=0, weight_decay=0, nesterov=False,
+                 trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False, *,
+                 maximize=False, foreach=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
+                    "weight_decay": weight_decay, "nesterov": nesterov, "trust_coeff": trust_coeff,
+                    "eps": eps, "trust_clip": trust_clip, "always_adapt": always_adapt,
+                    "maximize": maximize}
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = group["lr"]
+            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lars does not support sparse gradients")
+                # (state only with momentum, as timm's: self.state[p] would
+                # create an empty entry)
+                state = self.state[p] if group["momentum"] != 0 else {}
+                param, grad, view = p, p.grad, dict(state)
+                if torch.is_complex(p):
+                    param, grad = torch.view_as_real(p), torch.view_as_real(p.grad)
+                    if "momentum_buffer" in state:
+                        view["momentum_buffer"] = torch.view_as_real(state["momentum_buffer"])
+                lars(param, grad, view, lr=lr, momentum=group["momentum"],
+                     dampening=group["dampening"], weight_decay=group["weight_decay"],
+                     nesterov=group["nesterov"], trust_coeff=group["trust_coeff"], eps=group["eps"],
+                     trust_clip=group["trust_clip"], always_adapt=group["always_adapt"],
+                     maximize=group["maximize"])
+                if "momentum_buffer" in view and "momentum_buffer" not in state:
+                    buf = view["momentum_buffer"]
+                    state["momentum_buffer"] = torch.view_as_complex(buf) if torch.is_complex(p) else buf
+        return loss
+
+
 # The oracle class of each optimizer that torch.optim lacks, by class name.
-REFERENCE_CLASSES = {"Lion": Lion}
+REFERENCE_CLASSES = {"Lion": Lion, "Lars": Lars}

@@ -26,6 +26,11 @@ fi
 # that it cannot replace the pinned torch.
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
   --no-deps "lion-pytorch==0.2.5"
+# timm, whose Lars is the reference LARS of tests/test_lars.py (skipped
+# without it): the tests load only its file timm/optim/lars.py (which
+# imports only torch), so timm is installed pinned, without dependencies.
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+  --no-deps "timm==1.0.15"
 # --no-build-isolation: the extension must be compiled against the torch
 # that will import it. -e: the compiled module lands in fused_optim/, so the
 # tests and the benchmark run from this checkout. Skipped when the built

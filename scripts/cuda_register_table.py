@@ -22,8 +22,10 @@ ROWS = [
     ("rmsprop centered", "RmspropOp<true,false>"),
     ("rmsprop centered + momentum", "RmspropOp<true,true>"),
     ("radam", "RadamOp"), ("nadam", "NadamOp"), ("lion", "LionOp"),
+    ("lars", "LarsOp<false,false>"), ("lars momentum", "LarsOp<true,false>"),
+    ("lars nesterov", "LarsOp<true,true>"),
 ]
-STATELESS = {"SgdOp<false,false>"}
+STATELESS = {"SgdOp<false,false>", "LarsOp<false,false>"}
 PAIRS = [("fp32", "fp32"), ("fp32", "bf16"), ("fp64", "fp64"), ("fp16", "fp16"),
          ("fp16", "fp32"), ("fp16", "bf16"), ("bf16", "bf16"), ("bf16", "fp32")]
 ARCHS = ("80", "90")

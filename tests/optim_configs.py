@@ -16,7 +16,7 @@ import torch
 import fused_optim
 from fused_optim import _reference
 
-OPTIMIZER_NAMES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion")
+OPTIMIZER_NAMES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars")
 
 # Optimizers that torch.optim lacks: their oracle is the class of the same
 # name in fused_optim._reference (REFERENCE_CLASSES), a plain
@@ -178,6 +178,19 @@ OPTIM_CONFIGS: list[OptimConfig] = [
         large=True,
     ),
     OptimConfig("lion_wd", "Lion", dict(lr=0.003, betas=(0.95, 0.98), weight_decay=0.1)),
+    # Lars (timm's): momentum, dampening, weight_decay (adapts the group),
+    # nesterov, trust_coeff, eps, trust_clip, always_adapt, maximize
+    OptimConfig("lars", "Lars", dict(lr=1.0, momentum=0.9, weight_decay=1e-3, trust_coeff=0.02)),
+    OptimConfig(
+        "lars_all",
+        "Lars",
+        dict(lr=0.5, momentum=0.9, dampening=0.1, weight_decay=0.01, trust_coeff=0.02, eps=1e-6,
+             trust_clip=True, maximize=True),
+        large=True,
+    ),
+    OptimConfig("lars_nesterov_always", "Lars",
+                dict(lr=1.0, momentum=0.8, nesterov=True, trust_coeff=0.01, always_adapt=True)),
+    OptimConfig("lars_unadapted", "Lars", dict(lr=0.05)),  # (weight_decay 0: plain SGD)
 ]
 
 CONFIGS_BY_ID = {c.id: c for c in OPTIM_CONFIGS}
@@ -225,6 +238,15 @@ GROUP_OVERRIDES: dict[str, list[dict[str, Any]]] = {
         dict(lr=0.01, betas=(0.5, 0.9), weight_decay=0.1),
         dict(lr=0.03, betas=(0.95, 0.999), weight_decay=0.0, maximize=True),
     ],
+    # (LARS moves a param by about lr * trust_coeff of its own size per
+    # step, whatever its scale: large enough here for the bf16 runs to see
+    # every update, LOW_PRECISION_PARAM_SCALE)
+    "Lars": [
+        dict(lr=0.5, momentum=0.5, dampening=0.0, nesterov=True, weight_decay=0.0, always_adapt=True,
+             trust_coeff=0.1),
+        dict(lr=0.2, momentum=0.0, nesterov=False, weight_decay=0.05, trust_coeff=0.2, trust_clip=True,
+             maximize=True),
+    ],
 }
 
 # Hyperparameters written into every group mid-run (torch.optim reads them at
@@ -241,6 +263,7 @@ MID_RUN_CHANGES: dict[str, dict[str, Any]] = {
     "NAdam": dict(betas=(0.7, 0.95), eps=1e-4, weight_decay=0.05, momentum_decay=0.01,
                   decoupled_weight_decay=True),
     "Lion": dict(betas=(0.7, 0.95), weight_decay=0.05),
+    "Lars": dict(momentum=0.5, weight_decay=0.05, trust_coeff=0.01, eps=1e-5, always_adapt=True),
 }
 
 # Names of the per-parameter state of each optimizer (torch's names).
@@ -253,6 +276,7 @@ STATE_NAMES = {
     "RAdam": {"step", "exp_avg", "exp_avg_sq"},
     "NAdam": {"step", "mu_product", "exp_avg", "exp_avg_sq"},
     "Lion": {"exp_avg"},
+    "Lars": {"momentum_buffer"},
 }
 
 # Group keys that torch.optim's __setstate__ fills in with setdefault when a
@@ -267,6 +291,7 @@ SETSTATE_DEFAULTED_KEYS = {
     "RAdam": ["foreach", "maximize", "differentiable", "decoupled_weight_decay", "capturable"],
     "NAdam": ["maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay"],
     "Lion": ["maximize"],
+    "Lars": ["nesterov", "maximize"],
 }
 
 # Optimizers whose torch 2.13 constructor takes `fused` (torch's RMSprop does
@@ -285,7 +310,7 @@ HAS_CAPTURABLE = ("RMSprop", "Adam", "AdamW", "RAdam", "NAdam")
 
 # Optimizers that accept sparse gradients (like torch); the others raise.
 SPARSE_OK = ("SGD", "Adagrad")
-SPARSE_REJECTED = ("RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion")
+SPARSE_REJECTED = ("RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars")
 
 
 # ---------------------------------------------------------------------------
@@ -399,6 +424,7 @@ def _constructor_errors() -> list[ErrorCase]:
         ("beta1_above_one", dict(betas=(0.9, 1.01)), "Invalid beta parameter at index 1: 1.01"),
         ("neg_weight_decay", dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
     ]
+    specific["Lars"] = specific["SGD"]  # (timm's checks: torch.optim.SGD's)
     for name in OPTIMIZER_NAMES:
         for cid, kw, text in common + specific[name]:
             cases.append(ErrorCase(f"{name}-{cid}", name, kw, ValueError, _msg(text)))

@@ -287,3 +287,20 @@ def test_an_optimizer_torch_lacks_is_timed_against_its_reference():
     notes = []
     assert "reference" not in impls_for(OPTIMIZERS["adam"], "cpu", PRECISIONS["fp32"], list(IMPLS), notes)
     assert not any("reference" in n for n in notes)
+
+
+def test_lars_is_timed_against_timms_lars():
+    # timm's package imports torchvision; bench/peers.import_reference loads
+    # its timm/optim/lars.py alone (it imports only torch).
+    from fused_optim.bench.peers import import_reference, impls_for
+    from fused_optim.bench.specs import IMPLS, OPTIMIZERS, PRECISIONS
+
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed")
+    assert import_reference("timm.optim.lars").Lars.__name__ == "Lars"
+    notes = []
+    impls = impls_for(OPTIMIZERS["lars"], "cpu", PRECISIONS["fp32"], list(IMPLS), notes)
+    assert impls == ["fused_optim", "reference"]
+    assert any("torch.optim has no Lars" in n for n in notes)

@@ -46,10 +46,10 @@ def _train(model, opt, steps=5):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars"])
 def test_zero_redundancy_and_ddp_match_torch(process_group, name):
     kwargs = {"lr": 1e-2}
-    if name == "SGD":
+    if name in ("SGD", "Lars"):
         kwargs["momentum"] = 0.9
     results = []
     for optimizer_class in (torch_class(name), getattr(fused_optim, name)):
@@ -77,10 +77,36 @@ def test_dtensor_rule_registered_whichever_is_imported_first():
         "handlers = DTensor._op_dispatcher._custom_op_handlers; "
         "import torch; "
         "assert all(getattr(getattr(torch.ops.fused_optim, n), overload) in handlers "
-        "for n in ('adam_', 'sgd_', 'adagrad_', 'rmsprop_', 'radam_', 'nadam_', 'lion_') "
+        "for n in ('adam_', 'sgd_', 'adagrad_', 'rmsprop_', 'radam_', 'nadam_', 'lion_', 'lars_') "
         "for overload in ('default', 'tensor_lr')); print('registered')"
     )
     for first in ("import fused_optim; import torch.distributed.tensor", "import torch.distributed.tensor; import fused_optim"):
         out = subprocess.run([sys.executable, "-c", f"{first}; {check}"], capture_output=True,
                              text=True, timeout=120)
         assert out.stdout.strip() == "registered", out.stderr
+
+
+def test_lars_on_dtensors_replicated_as_plain_sharded_refused(process_group):
+    # LARS reads each param's and gradient's norm (Note [per-tensor norms]):
+    # a replicated DTensor is the whole tensor on every rank, so its step is
+    # the plain step; a shard's norm is not the param's, so a Shard
+    # placement is refused (_dtensor), before anything is written.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    full, grad = torch.randn(8, 4), torch.randn(8, 4)
+    kwargs = dict(lr=0.5, momentum=0.9, weight_decay=0.01)
+    ref = torch.nn.Parameter(full.clone())
+    ref.grad = grad.clone()
+    fused_optim.Lars([ref], **kwargs).step()
+    p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Replicate()]))
+    p.grad = distribute_tensor(grad.clone(), mesh, [Replicate()])
+    fused_optim.Lars([p], **kwargs).step()
+    torch.testing.assert_close(p.full_tensor(), ref.detach(), rtol=0, atol=0)
+    s = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
+    s.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+    with pytest.raises(RuntimeError, match="sharded"):
+        fused_optim.Lars([s], **kwargs).step()
+    assert torch.equal(s.full_tensor(), full)

@@ -30,12 +30,12 @@ def _set_grads(params, step):
 def _optimizer(name, first, second, **kwargs):
     cls = getattr(fused_optim, name)
     kwargs.setdefault("lr", 0.05)
-    if name == "SGD":
+    if name in ("SGD", "Lars"):
         kwargs.setdefault("momentum", 0.9)
     return cls([{"params": first}, {"params": second, "maximize": True}], **kwargs)
 
 
-NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion"]
+NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars"]
 
 
 def _break_state_shape(opt, p):
@@ -91,7 +91,7 @@ def test_int_step_counter_is_accepted_as_torch(name):
     for cls in (getattr(torch.optim, name), getattr(fused_optim, name)):
         torch.manual_seed(0)
         p = torch.randn(10, requires_grad=True)
-        opt = cls([p], lr=0.05, **({"momentum": 0.9} if name == "SGD" else {}))
+        opt = cls([p], lr=0.05, **({"momentum": 0.9} if name in ("SGD", "Lars") else {}))
         _set_grads([p], 0)
         opt.step()
         if "step" in opt.state[p]:
@@ -185,7 +185,7 @@ def test_plan_follows_params_and_state_dicts_replaced_between_steps(name, change
     for cls in (torch_class(name), getattr(fused_optim, name)):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
-        kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
+        kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop", "Lars") else {}
         opt = cls(params, lr=0.1, **kwargs)
         for step in range(4):
             _set_grads(opt.param_groups[0]["params"], step)

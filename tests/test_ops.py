@@ -172,6 +172,27 @@ def lion_inputs(dtype, device, maximize):
         modes={})
 
 
+def lars_inputs(dtype, device, momentum_on, nesterov, maximize):
+    # group 0: not adapted (weight_decay 0); group 1: adapted with decay and
+    # LARC clipping; group 2: always_adapt without decay. Tensor 4 (shape
+    # (0,)) has zero norms: ratio 1.
+    return _named(
+        params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
+        states={"momentum_buffers": _tensors(3, dtype, device)} if momentum_on else {},
+        steps=[],  # LARS keeps no step counters without stochastic rounding
+        lr=[0.1, 0.05, 1.0],
+        hyper={"momentum": [0.9, 0.5, 0.8] if momentum_on else [0.0, 0.0, 0.0],
+               "dampening": [0.0, 0.0, 0.0] if nesterov else [0.0, 0.3, 0.1],
+               "weight_decay": [0.0, 0.01, 0.0],
+               "trust_coeff": [0.001, 0.02, 0.01],
+               "eps": [1e-8, 1e-6, 1e-8],
+               "trust_clip": [0.0, 1.0, 0.0],
+               "always_adapt": [0.0, 0.0, 1.0]},
+        flags={"maximize": PATTERNS[maximize]},
+        new_state=[0, 3] if momentum_on else [],  # tensors whose buffer is new
+        modes={"nesterov": nesterov})
+
+
 B = [False, True]
 P = list(PATTERNS)
 SAMPLES = {
@@ -185,6 +206,8 @@ SAMPLES = {
     "radam_": [(radam_inputs, dict(maximize=m, decoupled=d)) for m, d in itertools.product(P, P)],
     "lion_": [(lion_inputs, dict(maximize=m)) for m in P],
     "nadam_": [(nadam_inputs, dict(maximize=m, decoupled=d)) for m, d in itertools.product(P, P)],
+    "lars_": [(lars_inputs, dict(momentum_on=mo, nesterov=n, maximize=m))
+              for mo, n, m in itertools.product(B, B, P) if mo or not n],
 }
 CASES = [(op, i) for op in SAMPLES for i in range(len(SAMPLES[op]))]
 
@@ -198,6 +221,7 @@ FULL_SAMPLE = {
     "radam_": dict(maximize="mixed", decoupled="mixed"),
     "lion_": dict(maximize="mixed"),
     "nadam_": dict(maximize="mixed", decoupled="mixed"),
+    "lars_": dict(momentum_on=True, nesterov=True, maximize="mixed"),
 }
 
 
@@ -382,17 +406,33 @@ SCHEMAS = {
                        "bool[] maximize, float[] max_grad_norm, "
                        "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
                        "*, bool stochastic_rounding) -> ()",
+    "lars_": "fused_optim::lars_(Tensor(a!)[] params, Tensor(b!)[] grads, "
+             "Tensor(c!)[] momentum_buffers, "
+             "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
+             "float[] lr, float[] momentum, float[] dampening, float[] weight_decay, "
+             "float[] trust_coeff, float[] eps, float[] trust_clip, float[] always_adapt, "
+             "bool[] maximize, float[] max_grad_norm, int[] new_momentum_buffers, "
+             "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
+             "*, bool nesterov, bool stochastic_rounding) -> ()",
+    "lars_.tensor_lr": "fused_optim::lars_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
+                       "Tensor(c!)[] momentum_buffers, "
+                       "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
+                       "Tensor[] lr, float[] momentum, float[] dampening, float[] weight_decay, "
+                       "float[] trust_coeff, float[] eps, float[] trust_clip, float[] always_adapt, "
+                       "bool[] maximize, float[] max_grad_norm, int[] new_momentum_buffers, "
+                       "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
+                       "*, bool nesterov, bool stochastic_rounding) -> ()",
 }
 
 
 def test_schemas():
-    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "nadam_", "lion_"):
+    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "nadam_", "lion_", "lars_"):
         for tensor_lr in OVERLOADS:
             key = name + (".tensor_lr" if tensor_lr else "")
             got = str(_op(name, tensor_lr)._schema)
             assert got == SCHEMAS[key], got
     # Two overloads per op, no more.
-    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "nadam_", "lion_"):
+    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "nadam_", "lion_", "lars_"):
         assert sorted(getattr(torch.ops.fused_optim, name).overloads()) == ["default", "tensor_lr"]
 
 
@@ -475,6 +515,20 @@ def _reference(op, named):
             reference_rules.lion(p[i], g[i], {"exp_avg": s["exp_avgs"][i]}, lr=lr[k],
                             betas=(h["beta1"][k], h["beta2"][k]),
                             weight_decay=h["weight_decay"][k], maximize=flags["maximize"][k])
+        elif op == "lars_":
+            # (torch.optim has no LARS: the reference rule, fused_optim._reference)
+            bufs = s.get("momentum_buffers")
+            new = i in named["new_state"]
+            state = {} if (new or not bufs) else {"momentum_buffer": bufs[i]}
+            reference_rules.lars(p[i], g[i], state, lr=lr[k],
+                                 momentum=h["momentum"][k] if bufs else 0.0,
+                                 dampening=h["dampening"][k], weight_decay=h["weight_decay"][k],
+                                 nesterov=modes["nesterov"], trust_coeff=h["trust_coeff"][k],
+                                 eps=h["eps"][k], trust_clip=bool(h["trust_clip"][k]),
+                                 always_adapt=bool(h["always_adapt"][k]),
+                                 maximize=flags["maximize"][k])
+            if bufs and new:
+                bufs[i] = state["momentum_buffer"]
         else:
             raise ValueError(op)
     return _written(op, named)

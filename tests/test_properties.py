@@ -31,7 +31,7 @@ EXAMPLES = int(os.environ.get("FUSED_OPTIM_HYPOTHESIS_EXAMPLES", "400"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
 
-NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion"]
+NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars"]
 
 
 @st.composite
@@ -57,6 +57,12 @@ def options(draw, name):
             o["momentum_decay"] = draw(st.sampled_from([0.0, 4e-3, 0.05]))
     elif name == "Lion":
         o["betas"] = draw(st.sampled_from([(0.9, 0.99), (0.5, 0.9)]))
+    elif name == "Lars":
+        o["momentum"] = draw(st.sampled_from([0.0, 0.9]))
+        if o["momentum"]:
+            o["nesterov"] = draw(st.booleans())
+        o["trust_clip"] = draw(st.booleans())
+        o["always_adapt"] = draw(st.booleans())
     return o
 
 
@@ -288,6 +294,13 @@ def parity_setups(draw):
     elif name == "Adagrad":
         kw.update(eps=eps, lr_decay=draw(st.sampled_from([0.0, 0.5])),
                   initial_accumulator_value=draw(st.sampled_from([0.0, 0.1])))
+    elif name == "Lars":
+        kw["momentum"] = draw(st.sampled_from([0.0, 0.5, 0.9, 0.999]))
+        if kw["momentum"]:
+            kw["nesterov"] = draw(st.booleans())
+            kw["dampening"] = 0.0 if kw["nesterov"] else draw(st.sampled_from([0.0, 0.3]))
+        kw.update(eps=eps, trust_coeff=draw(st.sampled_from([1e-3, 0.02, 1.0])),
+                  trust_clip=draw(st.booleans()), always_adapt=draw(st.booleans()))
     elif name == "Lion":
         kw.update(betas=(draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])),
                          draw(st.sampled_from([0.9, 0.99, 0.999]))))

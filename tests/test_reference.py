@@ -28,6 +28,12 @@ CASES = [
                    maximize=False, decoupled_weight_decay=True)),
     ("Lion", dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, maximize=False)),
     ("Lion", dict(lr=3e-3, betas=(0.5, 0.9), weight_decay=0.0, maximize=True)),
+    ("Lars", dict(lr=0.5, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False,
+                  trust_coeff=0.02, eps=1e-6, trust_clip=True, always_adapt=False, maximize=True)),
+    ("Lars", dict(lr=1.0, momentum=0.8, dampening=0.0, weight_decay=0.0, nesterov=True,
+                  trust_coeff=0.01, eps=1e-8, trust_clip=False, always_adapt=True, maximize=False)),
+    ("Lars", dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=1e-4, nesterov=False,
+                  trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False, maximize=False)),
 ]
 
 

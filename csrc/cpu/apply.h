@@ -303,6 +303,31 @@ auto scalars_with_state(const PreparedCall<Spec>& call,
   return out;
 }
 
+// Each tensor's scalars from its hyperparameter set and its norms (Note
+// [per-tensor norms]): the call's tensor_sums, read on the host, with the
+// gradient's norm made that of the unscaled, clipped gradient by the same
+// factors the loop applies (`inputs`).
+template <typename T, typename Spec, typename Inputs>
+auto scalars_with_norms(const PreparedCall<Spec>& call,
+                        const std::vector<double>& steps, const Inputs& inputs,
+                        bool unscale) {
+  using Scalars = decltype(scalars_for<T>(call.sets[0], 0.0, 0.0, 0.0));
+  const size_t n = call.set_of.size();
+  const at::Tensor sums = call.tensor_sums.to(at::kDouble);
+  const double* sum = sums.data_ptr<double>();
+  std::vector<Scalars> out(n);
+  for (size_t t = 0; t < n; ++t) {
+    const double step = steps.empty() ? 0.0 : steps[t];
+    const auto& h = call.sets[call.set_of[t]];
+    const TensorNorms norms = tensor_norms(
+        sum[t], sum[n + t],
+        unscale ? static_cast<double>(inputs[t].inverse_grad_scale) : 1.0,
+        static_cast<double>(inputs[t].grad_clip));
+    out[t] = scalars_for<T>(h, h.lr.read(), step, 0.0, norms);
+  }
+  return out;
+}
+
 // Whether AMP found an inf or NaN in the gradients: then the call is
 // skipped whole (torch's fused optimizers do the same). On the CPU reading
 // the flag costs nothing.
@@ -329,14 +354,17 @@ void run(const OpCall& args) {
         call->precision, call->has_grad_scale(), [&](auto storage) {
           using S = decltype(storage);
           using T = typename S::compute_t;
+          const auto inputs = element_inputs<T>(*call, steps);
           const auto scalars = [&] {
             if constexpr (HasScalarState<typename Spec::Hyper>::value) {
               return scalars_with_state<T>(*call, steps, scalar_state);
+            } else if constexpr (HasTensorNorms<typename Spec::Hyper>::value) {
+              return scalars_with_norms<T>(*call, steps, inputs,
+                                           call->has_grad_scale());
             } else {
               return scalars_of<T>(*call, steps);
             }
           }();
-          const auto inputs = element_inputs<T>(*call, steps);
           apply_op<Op, S>(*call, scalars, inputs);
         });
     return 0;

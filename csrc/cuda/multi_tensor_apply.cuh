@@ -374,13 +374,16 @@ FO_HOST_DEVICE FO_FORCE_INLINE void run_chunks(const Meta& meta, int64_t block,
     if (meta.step[r.tensor] != nullptr) {
       step = read_step(meta.step[r.tensor], meta.step_is_double[r.tensor] != 0);
     }
-    const auto s =
-        scalars_for<T>(h, h.lr.read(), step, meta.scalar_state.read(r.tensor));
     if (meta.grad_norm != nullptr) {
       f.grad_clip = clip_coefficient<T>(
           static_cast<T>(read_step(meta.grad_norm, meta.grad_norm_is_double != 0)),
           h.max_grad_norm);
     }
+    // (norms: Note [per-tensor norms]; empty for ops that do not read them)
+    const auto s = scalars_for<T>(
+        h, h.lr.read(), step, meta.scalar_state.read(r.tensor),
+        meta.read_norms(r.tensor, f.unscale ? static_cast<double>(f.inv_scale) : 1.0,
+                        static_cast<double>(f.grad_clip)));
     if constexpr (kMode == ParamMode::kStochastic) {
       f.rounding_key = stochastic_rounding_key(
           static_cast<uint32_t>(meta.index[r.tensor]), step);

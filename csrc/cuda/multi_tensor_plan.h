@@ -113,6 +113,12 @@ struct MultiTensorArgs {
   // Per tensor, the op's scalar state (Note [per-tensor scalar state] in
   // hyperparams.h; a 0-d float32/float64 tensor each), or empty.
   std::vector<StepCounter> scalar_state;
+  // Note [per-tensor norms] (hyperparams.h): for an op whose Hyper has
+  // kHasTensorNorms, the device address of the call's [2n] sums of squares
+  // (float32, or float64 with tensor_sums_is_double): entry i of tensor i's
+  // param (or master weights), entry n + i of its grad. Null otherwise.
+  const void* tensor_sums = nullptr;
+  bool tensor_sums_is_double = false;
   std::vector<int64_t> numels;       // per tensor; 0 = no update (the
                                      // step counter still advances)
   std::vector<int32_t> hyper_set;    // per tensor: index into hypers/decay
@@ -161,8 +167,11 @@ constexpr int max_tensors_per_launch() {
       + sizeof(void*) + 1                                 // step, its dtype
       + sizeof(int32_t)                                   // index
       + 2                                                 // slot, aligned
-      + (HasScalarState<Hyper>::value ? sizeof(void*) + 1 : 0);  // scalar state
+      + (HasScalarState<Hyper>::value ? sizeof(void*) + 1 : 0)  // scalar state
+      + (HasTensorNorms<Hyper>::value ? sizeof(int32_t) : 0);   // norms' position
   constexpr size_t kFixed =
+      (HasTensorNorms<Hyper>::value ? sizeof(void*) + 16 : 0)  // norms
+      +
       max_hyper_slots<Hyper>() * (sizeof(Hyper) + 1)  // hyper, decay
       + 3 * sizeof(void*)                             // grad_scale, found_inf, grad_norm
       + sizeof(int64_t) + sizeof(int32_t) + 3         // counters, flags
@@ -185,10 +194,46 @@ struct ScalarStateAddresses<true, kMaxTensors> {
   }
 };
 
+// Each tensor's norms in a launch (Note [per-tensor norms]): the call's sums
+// of squares and each tensor's position in the call, for ops that read them.
+// A base of TensorListMeta, empty (and so taking no bytes: the empty-base
+// optimization) for the other ops, whose metadata keeps its size.
+template <bool kHas, int kMaxTensors>
+struct TensorNormsAddresses {
+  FO_HOST_DEVICE FO_FORCE_INLINE TensorNorms read_norms(int32_t, double,
+                                                        double) const {
+    return {};
+  }
+};
+template <int kMaxTensors>
+struct TensorNormsAddresses<true, kMaxTensors> {
+  const void* norm_sums;
+  int64_t norm_num_tensors;  // n: the call's; the sums hold 2n entries
+  int32_t norm_position[kMaxTensors];  // each tensor's position in the call
+  uint8_t norm_sums_is_double;
+  // Tensor t's norms, its gradient's times `inverse_grad_scale` and
+  // `grad_clip` (the factors the loops apply).
+  FO_HOST_DEVICE FO_FORCE_INLINE TensorNorms read_norms(
+      int32_t t, double inverse_grad_scale, double grad_clip) const {
+    const int64_t i = norm_position[t];
+    double param_sum, grad_sum;
+    if (norm_sums_is_double != 0) {
+      param_sum = static_cast<const double*>(norm_sums)[i];
+      grad_sum = static_cast<const double*>(norm_sums)[norm_num_tensors + i];
+    } else {
+      param_sum = static_cast<const float*>(norm_sums)[i];
+      grad_sum = static_cast<const float*>(norm_sums)[norm_num_tensors + i];
+    }
+    return tensor_norms(param_sum, grad_sum, inverse_grad_scale, grad_clip);
+  }
+};
+
 // The kernel's only parameter: one launch's tensors. Plain data, copied to
 // the GPU with the launch (no allocation, no copy, no sync).
 template <int kNumOperands, typename Hyper>
-struct TensorListMeta {
+struct TensorListMeta
+    : TensorNormsAddresses<HasTensorNorms<Hyper>::value,
+                           max_tensors_per_launch<kNumOperands, Hyper>()> {
   using HyperType = Hyper;
   static constexpr int kMaxSlots = max_hyper_slots<Hyper>();
   static constexpr int kMaxTensors =
@@ -296,6 +341,9 @@ void check_multi_tensor_args(const MultiTensorArgs<Hyper>& args,
   for (const StepCounter& step : args.steps) {
     if (step.data == nullptr) fail("null step counter");
   }
+  if ((args.tensor_sums != nullptr) != HasTensorNorms<Hyper>::value) {
+    fail("tensor_sums must be given exactly for an op with tensor norms");
+  }
   if (args.scalar_state.size() != (HasScalarState<Hyper>::value ? n : 0)) {
     fail("scalar_state has the wrong length");
   }
@@ -349,6 +397,11 @@ void plan_launches(const MultiTensorArgs<Hyper>& args, const Launch& launch) {
     m.grad_norm_is_double = args.grad_norm_is_double ? 1 : 0;
     m.master_weights = master ? 1 : 0;
     m.stochastic_rounding = args.stochastic_rounding ? 1 : 0;
+    if constexpr (HasTensorNorms<Hyper>::value) {
+      m.norm_sums = args.tensor_sums;
+      m.norm_num_tensors = static_cast<int64_t>(args.numels.size());
+      m.norm_sums_is_double = args.tensor_sums_is_double ? 1 : 0;
+    }
     return m;
   };
   Meta meta = fresh();
@@ -402,6 +455,9 @@ void plan_launches(const MultiTensorArgs<Hyper>& args, const Launch& launch) {
     if constexpr (HasScalarState<Hyper>::value) {
       meta.scalar_state.value[t] = args.scalar_state[i].data;
       meta.scalar_state.is_double[t] = args.scalar_state[i].is_double ? 1 : 0;
+    }
+    if constexpr (HasTensorNorms<Hyper>::value) {
+      meta.norm_position[t] = static_cast<int32_t>(i);
     }
     meta.numel[t] = numel;
     meta.first_chunk[t] = meta.num_chunks;

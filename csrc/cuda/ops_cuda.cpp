@@ -87,6 +87,10 @@ MultiTensorArgs<typename Spec::Hyper> make_args(const PreparedCall<Spec>& call) 
     args.scalar_state.push_back(
         StepCounter{value.data_ptr(), value.scalar_type() == at::kDouble});
   }
+  if (call.tensor_sums.defined()) {  // Note [per-tensor norms]
+    args.tensor_sums = call.tensor_sums.data_ptr();
+    args.tensor_sums_is_double = call.tensor_sums.scalar_type() == at::kDouble;
+  }
   args.grad_scale = optional_data(*call.grad_scale);
   args.found_inf = optional_data(*call.found_inf);
   if (call.has_grad_norm()) {

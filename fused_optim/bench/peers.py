@@ -4,6 +4,8 @@ foreach / for-loop, DeepSpeedCPUAdam) and the step that is timed."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from typing import Callable
 
 import torch
@@ -27,6 +29,30 @@ def param_groups(spec: OptimizerSpec, workload: Workload, param_set: ParamSet) -
     return groups
 
 
+def import_reference(module_name: str):
+    """The module of a reference implementation: imported, or, when its
+    package is installed but importing the package fails (timm's imports
+    torchvision, which the optimizer file does not need), that one file
+    loaded alone. Raises ImportError when neither works."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError:
+        top, *rest = module_name.split(".")
+        spec = importlib.util.find_spec(top)
+        if not rest or spec is None or not spec.submodule_search_locations:
+            raise
+        path = os.path.join(list(spec.submodule_search_locations)[0], *rest) + ".py"
+        if not os.path.isfile(path):
+            raise
+        file_spec = importlib.util.spec_from_file_location(f"_reference_{'_'.join(rest)}", path)
+        module = importlib.util.module_from_spec(file_spec)
+        try:
+            file_spec.loader.exec_module(module)
+        except Exception as error:  # (a file that needs its package)
+            raise ImportError(f"{path}: {error}") from error
+        return module
+
+
 def optimizer_class(impl: str, spec: OptimizerSpec, ours_module) -> tuple[type, dict]:
     """The class to build for `impl`, and its implementation-selecting kwargs."""
     if impl == OURS:
@@ -37,7 +63,7 @@ def optimizer_class(impl: str, spec: OptimizerSpec, ours_module) -> tuple[type, 
         return DeepSpeedCPUAdam, {"adamw_mode": spec.class_name == "AdamW"}
     if impl == "reference":
         module, name = spec.reference.split(":")
-        return getattr(importlib.import_module(module), name), {}
+        return getattr(import_reference(module), name), {}
     cls = getattr(torch.optim, spec.class_name)
     if impl == "torch-fused":
         return cls, {"fused": True}
@@ -148,7 +174,7 @@ def impls_for(spec, device, precision, requested, notes) -> list[str]:
             if spec.reference is None:
                 continue  # torch.optim's are the peers: no note
             try:
-                importlib.import_module(spec.reference.split(":")[0])
+                import_reference(spec.reference.split(":")[0])
             except ImportError:
                 reason = f"{spec.reference.split(':')[0]} not importable: {spec.class_name}'s reference skipped"
         elif impl == "torch-fused" and not spec.torch_has_fused:

@@ -44,6 +44,14 @@ OPTIMIZERS = {
     # for-loop step is also what its README recommends on the CPU.
     "lion": OptimizerSpec("Lion", {"lr": 1e-4, "weight_decay": 1e-2}, 1, False,
                           reference="lion_pytorch:Lion"),
+    # torch.optim has no LARS: its peer is timm's Lars (timm installed
+    # pinned, without dependencies, by scripts/bootstrap.sh; only its file
+    # timm/optim/lars.py is loaded), a per-tensor for-loop. weight_decay
+    # != 0, so every tensor is adapted (two norms per tensor, then SGD).
+    # The byte budget is the update's (SGD with momentum, 20 B fp32); the
+    # norms' pass reads each param and grad once more (8 B), not counted.
+    "lars": OptimizerSpec("Lars", {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-4}, 1, False,
+                          reference="timm.optim.lars:Lars"),
 }
 
 # The implementations, ours first: every ratio is a peer's time over ours.
@@ -54,7 +62,7 @@ IMPL_DESCRIPTIONS = {
     "torch-forloop": "torch.optim with foreach=False, torch's CPU default",
     "deepspeed": "DeepSpeedCPUAdam: Adam and AdamW, CPU, fp32, when deepspeed is installed",
     "reference": "the published implementation of an optimizer torch.optim lacks (Lion: "
-                 "lion-pytorch), when installed",
+                 "lion-pytorch; Lars: timm), when installed",
 }
 IMPLS = tuple(IMPL_DESCRIPTIONS)
 OURS = IMPLS[0]

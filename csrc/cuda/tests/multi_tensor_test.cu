@@ -601,6 +601,21 @@ void run_case(const std::string& name, int num_operands,
   auto scalar_is_double = [](int64_t i) { return i % 2 == 1; };
   auto want_scalar_f = scalar_f;
   auto want_scalar_d = scalar_d;
+  // Per-tensor norms (Note [per-tensor norms]; LARS): the [2n] sums of
+  // squares, float64 for float64 params and float32 otherwise, as the
+  // front makes them; distinct by position in the call (the empty tensor
+  // shifts launch positions), zero for one param and one grad (ratio 1).
+  std::vector<float> sums_f(2 * n);
+  std::vector<double> sums_d(2 * n);
+  for (int64_t i = 0; i < n; ++i) {
+    sums_d[i] = i == 3 ? 0.0 : 0.5 + 0.37 * static_cast<double>(i);
+    sums_d[n + i] = i == 5 ? 0.0 : 2.0 + 0.71 * static_cast<double>(i);
+  }
+  for (int64_t i = 0; i < 2 * n; ++i) sums_f[i] = static_cast<float>(sums_d[i]);
+  constexpr bool kSumsDouble = std::is_same_v<P, double>;
+  auto sum_of = [&](int64_t k) {
+    return kSumsDouble ? sums_d[k] : static_cast<double>(sums_f[k]);
+  };
   const float grad_scale = 3.0f;  // not a power of two: inverse rounds
   // SGD's counters are optional (given with stochastic rounding): run it
   // both ways.
@@ -643,6 +658,11 @@ void run_case(const std::string& name, int num_operands,
           step_is_double(i) ? StepCounter{&step_d[i], true}
                             : StepCounter{&step_f[i], false});
     }
+  }
+  if constexpr (HasTensorNorms<Hyper>::value) {
+    args.tensor_sums = kSumsDouble ? static_cast<const void*>(sums_d.data())
+                                   : static_cast<const void*>(sums_f.data());
+    args.tensor_sums_is_double = kSumsDouble;
   }
   if constexpr (HasScalarState<Hyper>::value) {
     for (int64_t i = 0; i < n; ++i) {
@@ -703,6 +723,15 @@ void run_case(const std::string& name, int num_operands,
                   : static_cast<double>(want_scalar_f[i] = h.advance_scalar_state(
                                             lr, step, want_scalar_f[i]));
           return host_scalars(h, lr, step, value);
+        } else if constexpr (HasTensorNorms<Hyper>::value) {
+          // The grad's norm times the factors the loop applies.
+          const TensorNorms norms = tensor_norms(
+              sum_of(i), sum_of(n + i),
+              o.unscale ? static_cast<double>(inverse_grad_scale(grad_scale)) : 1.0,
+              o.clip ? static_cast<double>(clip_coefficient<T>(
+                           static_cast<T>(grad_norm), max_grad_norm_of(g)))
+                     : 1.0);
+          return host_scalars(h, lr, step, norms);
         } else {
           return host_scalars(h, lr, step);
         }
@@ -906,6 +935,65 @@ void test_ops() {
                   sgd_update<true, false, kD>(x[0], x[1], x[2], s);
                 } else {
                   sgd_update<false, false, kD>(x[0], x[1], unused, s);
+                }
+              }
+            });
+      }
+    }
+    // LARS: SGD's modes, groups not adapted, adapted with decay and LARC
+    // clipping, adapted without decay (always_adapt).
+    for (int mode = 0; mode < 3; ++mode) {
+      const bool momentum = mode > 0;
+      const bool nesterov = mode == 2;
+      if (!momentum && !std::is_same_v<P, S>) continue;
+      auto lars = [&](double lr, double mom, double damp, double wd,
+                      double trust_coeff, bool trust_clip, bool always_adapt,
+                      bool new_buffer) {
+        LarsHyper h;
+        h.lr.value = lr;
+        h.momentum = mom;
+        h.dampening = damp;
+        h.weight_decay = wd;
+        h.trust_coeff = trust_coeff;
+        h.eps = 1e-8;
+        h.trust_clip = trust_clip;
+        h.always_adapt = always_adapt;
+        h.maximize = maximize;
+        h.new_buffer = new_buffer;
+        return h;
+      };
+      const std::vector<std::pair<LarsHyper, WeightDecay>> groups = {
+          {lars(0.1, 0.9, 0.0, 0.0, 1e-3, false, false, false), WeightDecay::kNone},
+          {lars(0.5, 0.5, nesterov ? 0.0 : 0.1, 1e-2, 0.02, true, false, true),
+           WeightDecay::kL2},
+          {lars(1.0, 0.7, 0.0, 0.0, 0.01, false, true, false), WeightDecay::kNone},
+      };
+      for (const CaseOptions& o : options) {
+        run_case<P, S>(
+            "lars mode " + std::to_string(mode) + " " + suffix,
+            momentum ? 3 : 2, {false, false, false}, groups, o,
+            [](const LarsHyper& h, double lr, double, const TensorNorms& norms) {
+              return LarsScalars<T>(
+                  lr, h.momentum, h.dampening, h.weight_decay, h.maximize,
+                  h.new_buffer,
+                  lars_trust_ratio(lr, h.weight_decay, h.trust_coeff, h.eps,
+                                   h.trust_clip,
+                                   h.weight_decay != 0.0 || h.always_adapt,
+                                   norms.param, norms.grad));
+            },
+            [&](const auto& args, const HostEmulator& emu) {
+              dispatch<LarsSpec>(args, sgd_modes(momentum, nesterov), emu);
+            },
+            [&](auto d, T* x, const LarsScalars<T>& s) {
+              constexpr WeightDecay kD = decltype(d)::value;
+              if constexpr (kD != WeightDecay::kDecoupled) {
+                T unused = 0;
+                if (nesterov) {
+                  lars_update<true, true, kD>(x[0], x[1], x[2], s);
+                } else if (momentum) {
+                  lars_update<true, false, kD>(x[0], x[1], x[2], s);
+                } else {
+                  lars_update<false, false, kD>(x[0], x[1], unused, s);
                 }
               }
             });

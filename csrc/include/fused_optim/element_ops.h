@@ -57,6 +57,26 @@ struct SgdOp {
   }
 };
 
+// Operands: param, grad[, momentum_buffer if kMomentum] (as SgdOp).
+template <bool kMomentum, bool kNesterov>
+struct LarsOp {
+  static_assert(kMomentum || !kNesterov, "Nesterov needs momentum");
+  static constexpr int kNumOperands = kMomentum ? 3 : 2;
+  static constexpr bool kAllowsDecoupledDecay = false;
+  FO_HOST_DEVICE static constexpr bool is_written(int k) { return k != 1; }
+
+  template <WeightDecay kDecay, typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE static void update(T (&x)[kNumOperands],
+                                                    const LarsScalars<T>& s) {
+    if constexpr (kMomentum) {
+      lars_update<true, kNesterov, kDecay>(x[0], x[1], x[2], s);
+    } else {
+      T unused = T(0);
+      lars_update<false, false, kDecay>(x[0], x[1], unused, s);
+    }
+  }
+};
+
 // Operands: param, grad, state_sum.
 struct AdagradOp {
   static constexpr int kNumOperands = 3;

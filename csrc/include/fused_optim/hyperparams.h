@@ -221,18 +221,93 @@ struct HasScalarState<Hyper, std::void_t<decltype(Hyper::kHasScalarState)>> {
   static constexpr bool value = Hyper::kHasScalarState;
 };
 
+// Note [per-tensor norms]
+// An op whose scalars depend on the norms of each tensor's param and
+// gradient (LARS's trust ratio; LAMB's would reuse it) says kHasTensorNorms
+// in its Hyper and defines
+//   scalars<T>(lr, step, TensorNorms)               (instead of (lr, step))
+// The front (prepare, op_front.h) computes, for such an op, every tensor's
+// sum of squares in ONE pass over the call (the sum_of_squares op with
+// per_tensor=True, on the params' device, over the params, or the float32
+// master weights when the call has them, followed by the grads): a
+// `tensor_sums` tensor of shape [2n] (float32, float64 if any tensor is
+// float64), entry t the param's and n + t the grad's, of the gradient as
+// given (AMP-scaled, unclipped). Each backend reads tensor t's two entries
+// when it derives tensor t's scalars: the CPU on the host, CUDA on the
+// device per chunk (an address and each tensor's position in the call in the
+// launch metadata; stream order, no host sync). The gradient's norm is then
+// made the norm of the gradient the step uses: times the inverse AMP scale
+// and times the clipping coefficient (the same factors the loops apply to
+// each element), so the norms are of unscaled, clipped gradients.
+struct TensorNorms {
+  double param = 0.0;
+  double grad = 0.0;
+};
+
+template <typename Hyper, typename = void>
+struct HasTensorNorms {
+  static constexpr bool value = false;
+};
+template <typename Hyper>
+struct HasTensorNorms<Hyper, std::void_t<decltype(Hyper::kHasTensorNorms)>> {
+  static constexpr bool value = Hyper::kHasTensorNorms;
+};
+
+// Tensor norms from the two sums of squares, the inverse AMP scale (1
+// without AMP) and the clipping coefficient (1 without clipping).
+FO_HOST_DEVICE FO_FORCE_INLINE TensorNorms tensor_norms(double param_sum,
+                                                        double grad_sum,
+                                                        double inverse_grad_scale,
+                                                        double grad_clip) {
+  TensorNorms out;
+  out.param = std::sqrt(param_sum);
+  out.grad = std::sqrt(grad_sum) * inverse_grad_scale * grad_clip;
+  return out;
+}
+
 // The scalars of a tensor whose (already advanced) scalar state, if its op
-// has one, is `scalar_state`.
+// has one, is `scalar_state`, and whose norms, if its op reads them, are
+// `norms`.
 template <typename T, typename Hyper>
 FO_HOST_DEVICE FO_FORCE_INLINE auto scalars_for(const Hyper& h, double lr,
                                                 double step,
-                                                double scalar_state) {
+                                                double scalar_state,
+                                                const TensorNorms& norms = {}) {
   if constexpr (HasScalarState<Hyper>::value) {
+    static_assert(!HasTensorNorms<Hyper>::value,
+                  "scalar state with tensor norms: no such op yet");
     return h.template scalars<T>(lr, step, scalar_state);
+  } else if constexpr (HasTensorNorms<Hyper>::value) {
+    return h.template scalars<T>(lr, step, norms);
   } else {
     return h.template scalars<T>(lr, step);
   }
 }
+
+// LARS: SGD's fields, the trust-ratio options, and the tensor norms.
+struct LarsHyper : GroupCommon {
+  static constexpr bool kStepsOptional = true;
+  static constexpr bool kHasTensorNorms = true;
+  double momentum = 0.0;
+  double dampening = 0.0;
+  double weight_decay = 0.0;
+  double trust_coeff = 0.0;
+  double eps = 0.0;
+  bool trust_clip = false;
+  bool always_adapt = false;
+  bool new_buffer = false;
+
+  template <typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE LarsScalars<T> scalars(
+      double lr_value, double /*step*/, const TensorNorms& norms) const {
+    const bool adapt = weight_decay != 0.0 || always_adapt;
+    return LarsScalars<T>(lr_value, momentum, dampening, weight_decay, maximize,
+                          new_buffer,
+                          lars_trust_ratio(lr_value, weight_decay, trust_coeff,
+                                           eps, trust_clip, adapt, norms.param,
+                                           norms.grad));
+  }
+};
 
 // Ops whose scalars keep many registers live on CUDA (a dozen or more,
 // derived on the device): their kernels get 80 registers per thread instead

@@ -327,6 +327,56 @@ struct ModeCount<Spec, std::void_t<decltype(Spec::kNumModes)>> {
   static constexpr size_t value = Spec::kNumModes;
 };
 
+// ---------------------------------------------------------------------------
+// LARS (timm's Lars): SGD with a per-tensor trust ratio, Note [per-tensor
+// norms] in hyperparams.h. trust_clip and always_adapt are per-group bools
+// passed as float lists (0 or 1): the schema has no other per-group bools.
+// ---------------------------------------------------------------------------
+struct LarsSpec {
+  static constexpr const char* kName = "lars_";
+  using Hyper = LarsHyper;
+  static constexpr StateList kState[] = {
+      {"momentum_buffers", StateList::kIfGiven}};
+  static constexpr const char* kHyper[] = {"momentum",    "dampening",
+                                           "weight_decay", "trust_coeff",
+                                           "eps",          "trust_clip",
+                                           "always_adapt"};
+  static constexpr const char* kModes[] = {"nesterov"};
+  static constexpr bool kDecoupledDecay = false;
+  static constexpr const char* kNewState = "new_momentum_buffers";
+
+  static Hyper hyper(LrSource lr, const double* h) {
+    Hyper out;
+    out.lr = lr;
+    out.momentum = h[0];
+    out.dampening = h[1];
+    out.weight_decay = h[2];
+    out.trust_coeff = h[3];
+    out.eps = h[4];
+    out.trust_clip = h[5] != 0.0;
+    out.always_adapt = h[6] != 0.0;
+    return out;
+  }
+  static void mark_new_state(Hyper& h) { h.new_buffer = true; }
+
+  static const char* mode_error(const CallModes& m) {
+    return m.mode[0] && !m.has_state[0] ? "nesterov=True needs momentum buffers"
+                                        : nullptr;
+  }
+
+  template <typename Fn>
+  static auto with_element_op(const CallModes& m, const Fn& fn) {
+    if (mode_error(m) != nullptr) {
+      throw std::invalid_argument(std::string("lars_: ") + mode_error(m));
+    }
+    return FO_BOOL_SWITCH(m.has_state[0], kMomentum, [&] {
+      return FO_BOOL_SWITCH(m.mode[0], kNesterov, [&] {
+        return fn(LarsOp<kMomentum, kMomentum && kNesterov>{});
+      });
+    });
+  }
+};
+
 // Whether every group's weight decay is decoupled, without a per-group
 // decoupled_weight_decay list (`kAlwaysDecoupled`; Lion): then the front
 // chooses kDecoupled (or kNone for a zero decay) for every group.
@@ -360,6 +410,7 @@ struct ScalarStateList<Spec, std::void_t<decltype(Spec::kScalarState)>> {
   X(::fused_optim::RmspropSpec) \
   X(::fused_optim::RadamSpec)   \
   X(::fused_optim::LionSpec)    \
-  X(::fused_optim::NadamSpec)
+  X(::fused_optim::NadamSpec)   \
+  X(::fused_optim::LarsSpec)
 
 }  // namespace fused_optim

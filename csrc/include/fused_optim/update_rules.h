@@ -260,6 +260,65 @@ FO_HOST_DEVICE FO_FORCE_INLINE void sgd_update(T& param, T grad,
 }
 
 // ---------------------------------------------------------------------------
+// LARS (You, Gitman, Ginsburg 2017), as timm's `Lars` (timm/optim/lars.py)
+// ---------------------------------------------------------------------------
+
+// The layer-wise trust ratio of one tensor, in double, from the norms of its
+// param and of its gradient (the gradient the step uses: unscaled, clipped;
+// Note [per-tensor norms] in hyperparams.h). As timm's Lars: applied only
+// when `adapt` (weight_decay != 0 or always_adapt); 1 where either norm is
+// not positive; with trust_clip, min(ratio / lr, 1) (after that choice, as
+// timm clamps its `where`).
+FO_HOST_DEVICE FO_FORCE_INLINE double lars_trust_ratio(
+    double lr, double weight_decay, double trust_coeff, double eps,
+    bool trust_clip, bool adapt, double param_norm, double grad_norm) {
+  if (!adapt) return 1.0;
+  double ratio =
+      trust_coeff * param_norm / (grad_norm + param_norm * weight_decay + eps);
+  if (!(param_norm > 0.0) || !(grad_norm > 0.0)) ratio = 1.0;
+  if (trust_clip) {
+    const double clipped = ratio / lr;
+    ratio = clipped < 1.0 ? clipped : 1.0;  // torch.clamp(max=1): NaN stays
+    if (clipped != clipped) ratio = clipped;
+  }
+  return ratio;
+}
+
+template <typename T>
+struct LarsScalars {
+  SgdScalars<T> sgd;  // the SGD step that follows (its weight decay: LARS's)
+  T trust_ratio;
+
+  LarsScalars() = default;
+  FO_HOST_DEVICE LarsScalars(double lr, double momentum, double dampening,
+                             double weight_decay, bool maximize,
+                             bool new_buffer, double trust_ratio_)
+      : sgd(lr, momentum, dampening, weight_decay, maximize, new_buffer),
+        trust_ratio(T(trust_ratio_)) {}
+};
+
+// timm's Lars: grad = (grad + weight_decay * param) * trust_ratio (decay only
+// where the ratio is applied: the front picks kL2 exactly for a non-zero
+// weight_decay, and then the ratio is applied), then torch's SGD momentum,
+// dampening and Nesterov without further decay.
+template <bool kMomentum, bool kNesterov, WeightDecay kDecay, typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE void lars_update(T& param, T grad,
+                                                T& momentum_buffer,
+                                                const LarsScalars<T>& s) {
+  static_assert(kDecay != WeightDecay::kDecoupled, "LARS decay is L2");
+  grad = grad * s.sgd.grad_sign;
+  if (kDecay == WeightDecay::kL2) grad = fmadd(param, s.sgd.weight_decay, grad);
+  grad = grad * s.trust_ratio;
+  if (kMomentum) {
+    momentum_buffer =
+        fmadd(grad, s.sgd.grad_weight, momentum_buffer * s.sgd.buffer_decay);
+    grad = kNesterov ? fmadd(momentum_buffer, s.sgd.momentum, grad)
+                     : momentum_buffer;
+  }
+  param = fmadd(grad, s.sgd.neg_lr, param);
+}
+
+// ---------------------------------------------------------------------------
 // Adagrad
 // ---------------------------------------------------------------------------
 
