@@ -7,21 +7,20 @@ import torch
 from fused_optim import _docs, _reference
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
+from fused_optim._momentum import MomentumBufferState
 from fused_optim._keywords import check_implementation_keywords, to_float
-from fused_optim._planning import new_step
 from fused_optim._precision import check_precision_keywords
 
 __all__ = ["Lars"]
 
 
-class Lars(FusedOptimizer):
+class Lars(MomentumBufferState, FusedOptimizer):
     _op_name = "lars_"
     # torch.optim has no LARS: the plain implementation of the same rule (the
     # tests' oracle), as Lion's.
     _torch_class = _reference.Lars
     # timm's Lars keeps no step counter; ours keeps one only with stochastic
     # rounding (see _keeps_step), as SGD.
-    _has_step = False
 
     def __init__(
         self,
@@ -100,37 +99,8 @@ class Lars(FusedOptimizer):
             torch.set_grad_enabled(grad_was_enabled)
         return loss
 
-    _mode_keys = ("momentum", "nesterov")
     _hyperparameter_keys = ("momentum", "dampening", "weight_decay", "trust_coeff", "eps",
                             "trust_clip", "always_adapt")
-
-    def _mode(self, group) -> tuple:
-        uses_momentum = group["momentum"] != 0
-        # (a group may set momentum 0 under a nesterov default: timm then
-        # ignores nesterov, and so do we)
-        return (uses_momentum, uses_momentum and bool(group["nesterov"]))
-
-    def _op_modes(self, mode) -> dict:
-        return {"nesterov": mode[1]}
-
-    def _state_names(self, mode) -> tuple:
-        return ("momentum_buffer",) if mode[0] else ()
-
-    def _keeps_step(self, group) -> bool:
-        # The update uses no step. With stochastic rounding we keep one (our
-        # own state, saved under "step"): the rounding's random bits are
-        # drawn by it, so they change from step to step.
-        return bool(group.get("stochastic_rounding"))
-
-    def _init_state(self, param, group, state, dtype) -> bool:
-        if self._keeps_step(group):
-            state.setdefault("step", new_step(param.device))
-        if not self._mode(group)[0] or "momentum_buffer" in state:
-            return False
-        # timm creates the buffer on the first step as a copy of the scaled
-        # gradient: zero-filled here, and the op is told it is new (as SGD).
-        state["momentum_buffer"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        return True
 
     def _hyperparameters(self, group) -> dict:
         # (trust_clip and always_adapt are per-group bools, passed as 0.0 or

@@ -8,17 +8,16 @@ from torch.optim.sgd import sgd as _torch_sgd
 from fused_optim import _docs
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
+from fused_optim._momentum import MomentumBufferState
 from fused_optim._keywords import check_implementation_keywords, to_float
-from fused_optim._planning import new_step
 from fused_optim._precision import check_precision_keywords
 
 __all__ = ["SGD"]
 
 
-class SGD(FusedOptimizer):
+class SGD(MomentumBufferState, FusedOptimizer):
     _op_name = "sgd_"
     _torch_class = torch.optim.SGD
-    _has_step = False
     _supports_sparse = True
 
     def __init__(
@@ -78,37 +77,7 @@ class SGD(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)  # (torch: False; None is our fused step)
 
-    _mode_keys = ("momentum", "nesterov")
     _hyperparameter_keys = ("momentum", "dampening", "weight_decay")
-
-    def _mode(self, group) -> tuple:
-        uses_momentum = group["momentum"] != 0
-        # (a group may set momentum 0 under a nesterov default: torch then
-        # ignores nesterov, and so do we)
-        return (uses_momentum, uses_momentum and bool(group["nesterov"]))
-
-    def _op_modes(self, mode) -> dict:
-        return {"nesterov": mode[1]}
-
-    def _state_names(self, mode) -> tuple:
-        return ("momentum_buffer",) if mode[0] else ()
-
-    def _keeps_step(self, group) -> bool:
-        # torch.optim.SGD keeps no counter. With stochastic rounding we keep
-        # one (our own state, saved under "step"): the rounding's random bits
-        # are drawn by it, so they change from step to step.
-        return bool(group.get("stochastic_rounding"))
-
-    def _init_state(self, param, group, state, dtype) -> bool:
-        if self._keeps_step(group):
-            state.setdefault("step", new_step(param.device))
-        if not self._mode(group)[0] or "momentum_buffer" in state:
-            return False
-        # torch.optim creates the buffer on the first step as a copy of the
-        # (decayed) gradient. We allocate it zero-filled and tell the op it is
-        # new, so the kernel writes the gradient into it in the same pass.
-        state["momentum_buffer"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        return True
 
     def _hyperparameters(self, group) -> dict:
         return {
