@@ -160,7 +160,9 @@ struct PreparedCall {
   const std::optional<at::Tensor>* grad_norm = nullptr;  // clipping, or none
   // Note [per-tensor norms] (hyperparams.h): for an op whose Hyper has
   // kHasTensorNorms, the [2n] sums of squares of the params (or master
-  // weights) and then the grads, on the params' device; undefined otherwise.
+  // weights) and then the grads, on the params' device; undefined otherwise,
+  // and for an op with kNormsOfUpdate, whose backend measures its own
+  // (Note [norms of the update]).
   at::Tensor tensor_sums;
   // Gradients replaced for the call (Note [a gradient that aliases its
   // param]), kept alive.
@@ -310,7 +312,9 @@ std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
     if (!out.replaced_grads.empty()) out.lists[1].tensors = out.replaced_grads;
   }
   out.operands.emplace(out.lists);
-  if constexpr (HasTensorNorms<Hyper>::value) {
+  if constexpr (HasTensorNorms<Hyper>::value && !NormsOfUpdate<Hyper>::value) {
+    // (An op with norms of its update measures them in the backend's own
+    // first pass instead: Note [norms of the update].)
     // Of the master weights when the call has them (the values the update
     // reads), else of the params; of the grads as given (staging copies
     // nothing for a dense grad, and sum_of_squares reads any layout).

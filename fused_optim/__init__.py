@@ -12,6 +12,7 @@ from fused_optim._clip import clip_grad_norm_
 from fused_optim._build import cuda_built
 from fused_optim.adagrad import Adagrad
 from fused_optim.adam import Adam, AdamW
+from fused_optim.lamb import Lamb
 from fused_optim.lars import Lars
 from fused_optim.lion import Lion
 from fused_optim.nadam import NAdam
@@ -20,7 +21,8 @@ from fused_optim.rmsprop import RMSprop
 from fused_optim.sgd import SGD
 
 __all__ = [
-    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars", "clip_grad_norm_",
+    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars", "Lamb",
+    "clip_grad_norm_",
     "cuda_built",
 ]
 __version__ = "0.1.0"

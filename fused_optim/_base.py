@@ -121,6 +121,10 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     # op's order, when each is a group option as is (None: read them with
     # ``_hyperparameters``, or override ``_hyperparameter_lists``).
     _hyperparameter_keys: tuple | None = None
+    # The group option of each of the op's per-group bool lists whose name
+    # differs from the list's (Lamb: timm's ``decoupled_decay`` is the op's
+    # ``decoupled_weight_decay``).
+    _group_flag_keys: dict = {}
 
     def _raw_group_key(self, group) -> tuple:
         """The raw options of a group that ``_group_key`` derives from, read

@@ -47,6 +47,7 @@ class Checkpoints:
             # torch.optim's keys (torch.distributed.checkpoint).
             if group.get("max_grad_norm", 0) is None:
                 del group["max_grad_norm"]
+        self._export_state_dict(state_dict)
         for hook in post_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -66,6 +67,7 @@ class Checkpoints:
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        state_dict = self._import_state_dict(state_dict)
         self._check_state_dict(state_dict)
         ours = [{k: g[k] for k in (*PRECISION_DEFAULTS, "max_grad_norm") if k in g}
                 for g in self.param_groups]
@@ -88,6 +90,16 @@ class Checkpoints:
         self._normalize_state(state_dict)
         for hook in post_hooks.values():
             hook(self)
+
+    def _export_state_dict(self, state_dict) -> None:
+        """A class's additions to its saved dict, in place, before the
+        post-hooks (Lamb: timm's per-group ``step``). None by default."""
+
+    def _import_state_dict(self, state_dict):
+        """A loaded dict in this class's layout (Lamb: timm's per-group
+        ``step`` made per-param), after the pre-hooks; a new dict, the
+        caller's left as it was. As it is by default."""
+        return state_dict
 
     def _check_state_dict(self, state_dict) -> None:
         """Rejects a state dict whose layout does not fit, before anything is

@@ -35,7 +35,7 @@ OVERLOADS = ("default", "tensor_lr")
 # The ops whose update reads each tensor's norms (Hyper::kHasTensorNorms,
 # Note [per-tensor norms] in hyperparams.h): not pointwise, so a call on
 # shards is not the call on the whole tensors (_dtensor refuses it).
-TENSOR_NORM_OPS = frozenset({"lars_"})
+TENSOR_NORM_OPS = frozenset({"lars_", "lamb_"})
 
 
 class OpSignature:

@@ -309,5 +309,199 @@ class Lars(torch.optim.Optimizer):
         return loss
 
 
+def lamb_trust_ratio(param_norm, update_norm, *, trust_clip) -> float:
+    """LAMB's trust ratio ||p|| / ||u|| in float64: 1 where either norm is
+    not positive (timm's nested torch.where), then LAMBC's clipping at 1."""
+    ratio = param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0
+    return min(ratio, 1.0) if trust_clip else ratio
+
+
+def lamb(param, grad, state, *, lr, betas, eps, weight_decay, bias_correction, grad_averaging,
+         trust_clip, always_adapt, decoupled_decay, maximize):
+    # You et al. 2020 ("Large Batch Optimization for Deep Learning: Training
+    # BERT in 76 minutes", arXiv 1904.00962), Algorithm 2 with phi the
+    # identity, and timm's options (timm/optim/lamb.py, 1.0.15) in timm's op
+    # order:
+    #   m = b1 m + b3 g    (b3 = 1 - b1, or 1 without grad_averaging)
+    #   v = b2 v + (1 - b2) g^2
+    #   u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)   (bc = 1 - b^t, or 1)
+    #   u += wd p, or p -= lr wd p first (decoupled_decay)
+    #   r = ||p|| / ||u|| (1 if either is 0; min(r, 1) with trust_clip),
+    #       only when wd != 0 or always_adapt, p being the decayed param
+    #   p -= lr r u
+    # maximize (ours) negates the gradient first. The step counter is the
+    # param's own (timm keeps one per group: the same count whenever every
+    # param has a gradient at every step). The global-norm clipping is done
+    # by the caller (the class), on the gradient given here.
+    beta1, beta2 = betas
+    state["step"] += 1
+    t = float(state["step"])
+    grad = -grad if maximize else grad
+    beta3 = 1 - beta1 if grad_averaging else 1.0
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.mul_(beta1).add_(grad, alpha=beta3)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if bias_correction:
+        bias_correction1, bias_correction2 = 1 - beta1**t, 1 - beta2**t
+    else:
+        bias_correction1, bias_correction2 = 1.0, 1.0
+    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    update = (m / bias_correction1).div_(denom)
+    if weight_decay != 0:
+        if decoupled_decay:
+            param.add_(param, alpha=-lr * weight_decay)  # (before its norm is taken)
+        else:
+            update.add_(param, alpha=weight_decay)
+    if weight_decay != 0 or always_adapt:
+        # (norms as the fused step's, tensor_norm; a zero weight_decay
+        # without always_adapt leaves the update unscaled)
+        update.mul_(lamb_trust_ratio(tensor_norm(param), tensor_norm(update),
+                                     trust_clip=trust_clip))
+    param.add_(update, alpha=-lr)
+
+
+def _scalar_dtype():
+    # torch.optim's step counter dtype: float32, float64 under a float64
+    # default dtype
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB as a plain torch.optim.Optimizer over :func:`lamb`: the oracle of
+    the tests, as :class:`Lion`. timm's ``Lamb`` signature and options, plus
+    ``maximize`` (ours) and ``foreach`` (accepted and ignored, as the test
+    tables pass ``foreach=False`` to every reference); torch.optim Adam's
+    constructor checks; one tensor at a time in its own dtype, complex
+    params as real views, sparse gradients refused before anything changes.
+
+    Differences from timm, all shared with fused_optim.Lamb:
+
+    - state per param ``step`` (a 0-d float32 tensor, as torch's Adam),
+      ``exp_avg``, ``exp_avg_sq``; timm counts steps per group
+      (``group["step"]``, an int). The counts agree whenever every param
+      has a gradient at every step. state_dict/load_state_dict are
+      torch.optim's own (fused_optim.Lamb's translate timm's group step);
+    - clipping by the global L2 norm of every gradient of every group, each
+      group clipped by its own ``max_grad_norm`` (None or inf: not clipped)
+      with torch.nn.utils.clip_grad_norm_'s coefficient
+      ``min(1, max_grad_norm / (norm + 1e-6))``; timm divides by
+      ``max(1, norm / max_grad_norm)`` (no 1e-6), takes the defaults'
+      max_grad_norm for all groups, and writes the clipped gradient into
+      ``p.grad``. Here a copy is clipped: ``p.grad`` is left as it is;
+    - ``caution=True`` (timm's cautious masking) is refused: its mask needs
+      a per-tensor mean before the update's norm, which the fused step does
+      not compute.
+    """
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6,
+                 weight_decay=0.01, grad_averaging=True, max_grad_norm=1.0, trust_clip=False,
+                 always_adapt=False, caution=False, decoupled_decay=False, *, maximize=False,
+                 foreach=None):
+        # torch.optim Adam's checks and messages (timm's Lamb checks nothing)
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
+                                          or not isinstance(max_grad_norm, (int, float))
+                                          or not max_grad_norm > 0):
+            # (fused_optim._clip.check_max_grad_norm's message)
+            raise ValueError(
+                f"Invalid max_grad_norm value: {max_grad_norm} (a positive float or None)")
+        if caution:
+            # (fused_optim.Lamb's message)
+            raise ValueError(
+                "Lamb(caution=True) is not supported: the cautious mask is "
+                "scaled by its per-tensor mean before the update's norm is "
+                "taken, a second reduction the fused step does not make"
+            )
+        defaults = {"lr": lr, "bias_correction": bias_correction, "betas": betas, "eps": eps,
+                    "weight_decay": weight_decay, "grad_averaging": grad_averaging,
+                    "max_grad_norm": max_grad_norm, "trust_clip": trust_clip,
+                    "always_adapt": always_adapt, "caution": caution,
+                    "decoupled_decay": decoupled_decay, "maximize": maximize}
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("caution", False)  # (as timm's)
+            group.setdefault("decoupled_decay", False)  # (as timm's)
+            group.setdefault("maximize", False)  # (timm's groups have none)
+            for p in group["params"]:
+                # a float step (older torch checkpoints) as a tensor, as
+                # torch.optim's Adam converts it
+                p_state = self.state.get(p, {})
+                if "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_scalar_dtype())
+
+    def _clip_coefficients(self) -> list:
+        """Each group's clipping factor for this step (None: not clipped):
+        torch's clip_grad_norm_ coefficient from the global norm of all
+        gradients of all groups, accumulated in float64."""
+        clipped = [g.get("max_grad_norm") is not None and math.isfinite(g["max_grad_norm"])
+                   for g in self.param_groups]
+        if not any(clipped):
+            return [None] * len(self.param_groups)
+        sum_sq = 0.0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grad = torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad
+                    sum_sq += float(grad.double().square().sum())
+        norm = math.sqrt(sum_sq)
+        # torch's formula (clip_grad_norm_: max_norm / (norm + 1e-6), at most
+        # 1); timm's is min(1, max_grad_norm / norm), without the 1e-6.
+        return [min(1.0, group["max_grad_norm"] / (norm + 1e-6)) if c else None
+                for group, c in zip(self.param_groups, clipped)]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:  # (refused before anything changes)
+            if group["caution"]:
+                raise ValueError("Lamb: caution=True is not supported (see the constructor)")
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError("Lamb does not support sparse gradients")
+        coefficients = self._clip_coefficients()
+        for group, coefficient in zip(self.param_groups, coefficients):
+            lr = group["lr"]
+            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=_scalar_dtype())
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # (a copy: p.grad is not written)
+                grad = p.grad if coefficient is None else p.grad * coefficient
+                param, view = p, dict(state)
+                if torch.is_complex(p):
+                    param, grad = torch.view_as_real(p), torch.view_as_real(grad)
+                    view["exp_avg"] = torch.view_as_real(state["exp_avg"])
+                    view["exp_avg_sq"] = torch.view_as_real(state["exp_avg_sq"])
+                lamb(param, grad, view, lr=lr, betas=group["betas"], eps=group["eps"],
+                     weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+                     grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"],
+                     always_adapt=group["always_adapt"], decoupled_decay=group["decoupled_decay"],
+                     maximize=group["maximize"])
+                state["step"] = view["step"]
+        return loss
+
+
 # The oracle class of each optimizer that torch.optim lacks, by class name.
-REFERENCE_CLASSES = {"Lion": Lion, "Lars": Lars}
+REFERENCE_CLASSES = {"Lion": Lion, "Lars": Lars, "Lamb": Lamb}

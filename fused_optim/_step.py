@@ -109,9 +109,30 @@ class StepProtocol:
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
 
-    @_use_grad_for_differentiable
     def _compiled_step(self, closure=None):
-        """The step under torch.compile (Note [traced step] in _traced.py)."""
+        """The step under torch.compile (Note [traced step] in _traced.py),
+        under torch's _use_grad_for_differentiable (grad mode and graph
+        breaks), or, for a class without a ``differentiable`` keyword (Lion,
+        Lars, Lamb: the decorator reads it), with grad mode off and the same
+        graph breaks."""
+        if "differentiable" in self.defaults:
+            return self._compiled_step_differentiable(closure)
+        import torch._dynamo
+
+        grad_was_enabled = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(False)
+            torch._dynamo.graph_break()
+            return self._traced_step_with_closure(closure)
+        finally:
+            torch._dynamo.graph_break()
+            torch.set_grad_enabled(grad_was_enabled)
+
+    @_use_grad_for_differentiable
+    def _compiled_step_differentiable(self, closure=None):
+        return self._traced_step_with_closure(closure)
+
+    def _traced_step_with_closure(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -340,7 +361,8 @@ class StepProtocol:
             lr,
             tensor_lr,
             dict(zip(signature.hyperparameters, self._hyperparameter_lists(groups))),
-            {name: [bool(g.get(name, False)) for g in groups] for name in signature.group_flags},
+            {name: [bool(g.get(self._group_flag_keys.get(name, name), False)) for g in groups]
+             for name in signature.group_flags},
             max_grad_norm,
             any(g.get("max_grad_norm") is not None for g in groups),
         )

@@ -118,7 +118,7 @@ class TracedStep:
                 [lr] if tensor_lr else [float(lr)],
                 tensor_lr,
                 {name: [value] for name, value in self._hyperparameters(group).items()},
-                {name: [bool(group.get(name, False))]
+                {name: [bool(group.get(self._group_flag_keys.get(name, name), False))]
                  for name in _ops.SIGNATURES[self._op_name].group_flags},
                 _clip.group_max_grad_norms([group]),
                 grad_norm is not None,

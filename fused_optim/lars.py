@@ -79,26 +79,6 @@ class Lars(MomentumBufferState, FusedOptimizer):
             group.setdefault("nesterov", False)  # (as timm's)
             group.setdefault("maximize", False)  # (timm's groups have none)
 
-    def _compiled_step(self, closure=None):
-        # FusedOptimizer's, without torch's _use_grad_for_differentiable,
-        # which reads defaults["differentiable"] (Lars takes no such keyword),
-        # as Lion's.
-        import torch._dynamo
-
-        grad_was_enabled = torch.is_grad_enabled()
-        try:
-            torch.set_grad_enabled(False)
-            torch._dynamo.graph_break()
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            self._traced_step()
-        finally:
-            torch._dynamo.graph_break()
-            torch.set_grad_enabled(grad_was_enabled)
-        return loss
-
     _hyperparameter_keys = ("momentum", "dampening", "weight_decay", "trust_coeff", "eps",
                             "trust_clip", "always_adapt")
 

@@ -73,26 +73,6 @@ class Lion(FusedOptimizer):
             # (lion-pytorch's groups have no maximize)
             group.setdefault("maximize", False)
 
-    def _compiled_step(self, closure=None):
-        # FusedOptimizer's, without torch's _use_grad_for_differentiable,
-        # which reads defaults["differentiable"] (Lion takes no such
-        # keyword): grad mode off, and the same graph breaks around it.
-        import torch._dynamo
-
-        grad_was_enabled = torch.is_grad_enabled()
-        try:
-            torch.set_grad_enabled(False)
-            torch._dynamo.graph_break()
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            self._traced_step()
-        finally:
-            torch._dynamo.graph_break()
-            torch.set_grad_enabled(grad_was_enabled)
-        return loss
-
     def _mode(self, group) -> tuple:
         return ()
 

@@ -23,7 +23,7 @@ ROWS = [
     ("rmsprop centered + momentum", "RmspropOp<true,true>"),
     ("radam", "RadamOp"), ("nadam", "NadamOp"), ("lion", "LionOp"),
     ("lars", "LarsOp<false,false>"), ("lars momentum", "LarsOp<true,false>"),
-    ("lars nesterov", "LarsOp<true,true>"),
+    ("lars nesterov", "LarsOp<true,true>"), ("lamb", "LambOp"),
 ]
 STATELESS = {"SgdOp<false,false>", "LarsOp<false,false>"}
 PAIRS = [("fp32", "fp32"), ("fp32", "bf16"), ("fp64", "fp64"), ("fp16", "fp16"),

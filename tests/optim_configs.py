@@ -16,7 +16,8 @@ import torch
 import fused_optim
 from fused_optim import _reference
 
-OPTIMIZER_NAMES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars")
+OPTIMIZER_NAMES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars",
+                   "Lamb")
 
 # Optimizers that torch.optim lacks: their oracle is the class of the same
 # name in fused_optim._reference (REFERENCE_CLASSES), a plain
@@ -191,6 +192,28 @@ OPTIM_CONFIGS: list[OptimConfig] = [
     OptimConfig("lars_nesterov_always", "Lars",
                 dict(lr=1.0, momentum=0.8, nesterov=True, trust_coeff=0.01, always_adapt=True)),
     OptimConfig("lars_unadapted", "Lars", dict(lr=0.05)),  # (weight_decay 0: plain SGD)
+    # Lamb (timm's): bias_correction, betas, eps, weight_decay (adapts the
+    # group), grad_averaging, max_grad_norm (on by default), trust_clip,
+    # always_adapt, decoupled_decay, maximize
+    # (LAMB moves an adapted param by lr of its own norm per step: lr large
+    # enough for the bf16/fp16 runs to see every update)
+    # (and beta2 0.99, eps 1e-3: with timm's 0.999 and 1e-6 the float16
+    # second moments round to (near) 0 in torch-style float16 runs, whose own
+    # error then exceeds the whole movement, and the low-precision rule
+    # could not see a skipped update)
+    OptimConfig("lamb", "Lamb", dict(lr=0.05, betas=(0.9, 0.99), eps=1e-3)),
+    OptimConfig(
+        "lamb_all",
+        "Lamb",
+        dict(lr=0.1, bias_correction=False, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.05,
+             grad_averaging=False, max_grad_norm=0.5, trust_clip=True, decoupled_decay=True,
+             maximize=True),
+        large=True,
+    ),
+    OptimConfig("lamb_always_unclipped", "Lamb",
+                dict(lr=0.05, weight_decay=0.0, always_adapt=True, max_grad_norm=None)),
+    OptimConfig("lamb_unadapted", "Lamb",
+                dict(lr=0.05, betas=(0.9, 0.99), eps=1e-3, weight_decay=0.0)),
 ]
 
 CONFIGS_BY_ID = {c.id: c for c in OPTIM_CONFIGS}
@@ -247,6 +270,12 @@ GROUP_OVERRIDES: dict[str, list[dict[str, Any]]] = {
         dict(lr=0.2, momentum=0.0, nesterov=False, weight_decay=0.05, trust_coeff=0.2, trust_clip=True,
              maximize=True),
     ],
+    "Lamb": [
+        dict(lr=0.03, betas=(0.5, 0.9), eps=1e-4, weight_decay=0.0, always_adapt=True,
+             bias_correction=False),
+        dict(lr=0.05, betas=(0.95, 0.999), weight_decay=0.1, decoupled_decay=True, trust_clip=True,
+             grad_averaging=False, maximize=True),
+    ],
 }
 
 # Hyperparameters written into every group mid-run (torch.optim reads them at
@@ -264,6 +293,8 @@ MID_RUN_CHANGES: dict[str, dict[str, Any]] = {
                   decoupled_weight_decay=True),
     "Lion": dict(betas=(0.7, 0.95), weight_decay=0.05),
     "Lars": dict(momentum=0.5, weight_decay=0.05, trust_coeff=0.01, eps=1e-5, always_adapt=True),
+    "Lamb": dict(betas=(0.7, 0.95), eps=1e-4, weight_decay=0.05, decoupled_decay=True,
+                 trust_clip=True),
 }
 
 # Names of the per-parameter state of each optimizer (torch's names).
@@ -277,7 +308,13 @@ STATE_NAMES = {
     "NAdam": {"step", "mu_product", "exp_avg", "exp_avg_sq"},
     "Lion": {"exp_avg"},
     "Lars": {"momentum_buffer"},
+    "Lamb": {"step", "exp_avg", "exp_avg_sq"},
 }
+
+# Keys a saved param group of ours has beyond its torch.optim (or
+# reference) class's: Lamb's per-group "step", for timm's Lamb (Note
+# [LAMB's step in checkpoints] in fused_optim/lamb.py).
+SAVED_GROUP_EXTRAS = {"Lamb": {"step"}}
 
 # Group keys that torch.optim's __setstate__ fills in with setdefault when a
 # (old) checkpoint lacks them; ours must do the same.
@@ -292,6 +329,7 @@ SETSTATE_DEFAULTED_KEYS = {
     "NAdam": ["maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay"],
     "Lion": ["maximize"],
     "Lars": ["nesterov", "maximize"],
+    "Lamb": ["caution", "decoupled_decay", "maximize"],
 }
 
 # Optimizers whose torch 2.13 constructor takes `fused` (torch's RMSprop does
@@ -310,7 +348,7 @@ HAS_CAPTURABLE = ("RMSprop", "Adam", "AdamW", "RAdam", "NAdam")
 
 # Optimizers that accept sparse gradients (like torch); the others raise.
 SPARSE_OK = ("SGD", "Adagrad")
-SPARSE_REJECTED = ("RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars")
+SPARSE_REJECTED = ("RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars", "Lamb")
 
 
 # ---------------------------------------------------------------------------
@@ -425,6 +463,11 @@ def _constructor_errors() -> list[ErrorCase]:
         ("neg_weight_decay", dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
     ]
     specific["Lars"] = specific["SGD"]  # (timm's checks: torch.optim.SGD's)
+    specific["Lamb"] = adam_like[:-1] + [  # (timm's has none: torch.optim.Adam's)
+        ("caution", dict(caution=True),
+         "Lamb(caution=True) is not supported: the cautious mask is scaled by its per-tensor "
+         "mean before the update's norm is taken, a second reduction the fused step does not make"),
+    ]
     for name in OPTIMIZER_NAMES:
         for cid, kw, text in common + specific[name]:
             cases.append(ErrorCase(f"{name}-{cid}", name, kw, ValueError, _msg(text)))

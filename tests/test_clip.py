@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
@@ -37,7 +38,8 @@ from harness import (
     step_device_of,
 )
 from optim_configs import (
-    CONFIGS_BY_ID, GROUP_OVERRIDES, HAS_FUSED, ONE_PER_OPTIMIZER, OPTIMIZER_NAMES, torch_class,
+    CONFIGS_BY_ID, GROUP_OVERRIDES, HAS_FUSED, ONE_PER_OPTIMIZER, OPTIMIZER_NAMES,
+    SAVED_GROUP_EXTRAS, torch_class,
 )
 
 STEPS = 12
@@ -169,6 +171,16 @@ def assert_grads_unwritten(params, before, where):
             assert torch.equal(bits(p.grad), b), f"{where}: the step wrote grad {i}"
 
 
+def _kwargs(cfg) -> dict:
+    """The config's kwargs with clipping off unless a test asks for it: for
+    ours and for a reference class that clips by itself by default (timm's
+    Lamb, max_grad_norm=1.0), which torch_clip_ clips for here."""
+    kw = dict(cfg.kwargs)
+    if "max_grad_norm" in inspect.signature(cfg.torch_cls).parameters:
+        kw["max_grad_norm"] = None
+    return kw
+
+
 def _strip(groups):
     return [({k: v for k, v in o.items() if k != "max_grad_norm"}, specs) for o, specs in groups]
 
@@ -180,7 +192,7 @@ def run_clip_parity(cfg, groups, max_grad_norm, *, dtype=torch.float32, has_grad
     lockstep; params, state and grad_norm compared after every step, and the
     gradients left unwritten by our step (unless ``grads_written``: then
     equal to torch's clipped ones). Returns (ref, ours, torch's norms)."""
-    kw = dict(cfg.kwargs)
+    kw = dict(_kwargs(cfg))
     ref = Run(cfg.torch_cls, _strip(groups), {**kw, "foreach": False}, dtype=dtype)
     ours = Run(cfg.ours_cls, groups, {**kw, **(extra or {}), "max_grad_norm": max_grad_norm},
                dtype=dtype)
@@ -235,7 +247,7 @@ def test_max_grad_norm_matches_torch_clip_then_step(cfg, level, dtype):
             "sometimes": any(clipped) and not all(clipped)}[level], (level, norms)
     if level == "never":
         # A factor of exactly 1: the same bits as an unclipped run of ours.
-        plain = Run(cfg.ours_cls, [({}, SPECS)], cfg.kwargs, dtype=dtype)
+        plain = Run(cfg.ours_cls, [({}, SPECS)], _kwargs(cfg), dtype=dtype)
         for s in range(STEPS):
             plain.set_grads(s)
             plain.opt.step()
@@ -292,8 +304,8 @@ def test_group_max_grad_norm_changed_mid_run():
     # Read at every step, like lr: set, changed, removed (None), set again.
     cfg = CONFIGS_BY_ID["adam_wd_amsgrad"]
     schedule = {0: 0.5, 3: 20.0, 6: None, 9: 1.0}
-    ref = Run(cfg.torch_cls, [({}, SPECS)], {**cfg.kwargs, "foreach": False})
-    ours = Run(cfg.ours_cls, [({}, SPECS)], cfg.kwargs)
+    ref = Run(cfg.torch_cls, [({}, SPECS)], {**_kwargs(cfg), "foreach": False})
+    ours = Run(cfg.ours_cls, [({}, SPECS)], _kwargs(cfg))
     max_norm = None
     for s in range(STEPS):
         if s in schedule:
@@ -339,9 +351,9 @@ def test_infinite_norm_clips_finite_groups_to_zero_and_leaves_the_others():
 @ONE_EACH
 def test_inf_measures_the_norm_without_clipping(cfg, dtype):
     groups = [({}, SPECS[:4]), (GROUP_OVERRIDES[cfg.name][0], SPECS[4:])]
-    measured = Run(cfg.ours_cls, groups, {**cfg.kwargs, "max_grad_norm": math.inf}, dtype=dtype)
-    plain = Run(cfg.ours_cls, groups, cfg.kwargs, dtype=dtype)
-    ref = Run(cfg.torch_cls, groups, {**cfg.kwargs, "foreach": False}, dtype=dtype)
+    measured = Run(cfg.ours_cls, groups, {**_kwargs(cfg), "max_grad_norm": math.inf}, dtype=dtype)
+    plain = Run(cfg.ours_cls, groups, _kwargs(cfg), dtype=dtype)
+    ref = Run(cfg.torch_cls, groups, {**_kwargs(cfg), "foreach": False}, dtype=dtype)
     for s in range(STEPS):
         for r in (measured, plain, ref):
             r.set_grads(s)
@@ -368,7 +380,7 @@ def test_step_does_not_write_gradients(cfg, path):
     if path == "several_calls":
         specs += [P((17,), dtype=torch.float64)]  # a second bucket
     run = Run(cfg.ours_cls, [({}, specs[:3]), ({"max_grad_norm": None}, specs[3:])],
-              {**cfg.kwargs, "max_grad_norm": 0.5})
+              {**_kwargs(cfg), "max_grad_norm": 0.5})
     for s in range(3):
         run.set_grads(s)
         before = grad_bits(run)
@@ -418,8 +430,8 @@ class AmpRun:
 @ONE_EACH
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["scaler_step", "unscale_then_step"])
 def test_grad_scaler_with_max_grad_norm_matches_torch(cfg, unscale_first):
-    ours = AmpRun(cfg.ours_cls, {**cfg.kwargs, "max_grad_norm": AMP_MAX_NORM})
-    ref = AmpRun(cfg.torch_cls, {**cfg.kwargs, "foreach": False})
+    ours = AmpRun(cfg.ours_cls, {**_kwargs(cfg), "max_grad_norm": AMP_MAX_NORM})
+    ref = AmpRun(cfg.torch_cls, {**_kwargs(cfg), "foreach": False})
     for step in range(11):
         unscaled = ours.set_grads(step)
         ref.set_grads(step)
@@ -464,7 +476,7 @@ def test_grad_scaler_with_max_grad_norm_matches_torch(cfg, unscale_first):
 
 @ONE_EACH
 def test_grad_scaler_skipped_step_with_max_grad_norm_writes_nothing(cfg):
-    ours = AmpRun(cfg.ours_cls, {**cfg.kwargs, "max_grad_norm": AMP_MAX_NORM})
+    ours = AmpRun(cfg.ours_cls, {**_kwargs(cfg), "max_grad_norm": AMP_MAX_NORM})
     for step in (1, 2):
         ours.set_grads(step)
         ours.scaler.step(ours.opt)
@@ -503,7 +515,7 @@ def test_unfused_max_grad_norm_matches_torch(cfg, dtype):
 @pytest.mark.parametrize("cfg", UNFUSED_CONFIGS, ids=str)
 def test_fused_and_unfused_groups_share_one_norm(cfg):
     groups = [({"max_grad_norm": 0.5}, SPECS[:4]), ({"fused": False, "max_grad_norm": 20.0}, SPECS[4:])]
-    kw = dict(cfg.kwargs)
+    kw = dict(_kwargs(cfg))
     ref = Run(cfg.torch_cls, _strip(groups), {**kw, "foreach": False})
     ours = Run(cfg.ours_cls, groups, kw)
     for s in range(6):
@@ -622,16 +634,21 @@ def _set_grads(params, step):
 def test_state_dict_has_max_grad_norm_only_when_set(name):
     ps = _params()
     opt = getattr(fused_optim, name)(
-        [{"params": ps[:1]}, {"params": ps[1:2], "max_grad_norm": 1.5},
+        [{"params": ps[:1], "max_grad_norm": None}, {"params": ps[1:2], "max_grad_norm": 1.5},
          {"params": ps[2:], "max_grad_norm": math.inf}], lr=0.01)
     _set_grads(ps, 0)
     opt.step()
     groups = opt.state_dict()["param_groups"]
-    assert "max_grad_norm" not in groups[0]
+    # The rest of the keys are torch.optim's (or the reference's: timm's Lamb
+    # saves max_grad_norm always, None included, and so does our Lamb).
+    torch_keys = set(torch_class(name)(ps, lr=0.01).state_dict()["param_groups"][0])
+    torch_keys |= SAVED_GROUP_EXTRAS.get(name, set())
+    if "max_grad_norm" in torch_keys:
+        assert groups[0]["max_grad_norm"] is None
+    else:
+        assert "max_grad_norm" not in groups[0]
     assert groups[1]["max_grad_norm"] == 1.5
     assert groups[2]["max_grad_norm"] == math.inf
-    # The rest of the keys are torch.optim's.
-    torch_keys = set(torch_class(name)(ps, lr=0.01).state_dict()["param_groups"][0])
     assert set(groups[0]) == torch_keys
     assert set(groups[1]) == torch_keys | {"max_grad_norm"}
     # Not stored into the optimizer: the live group still has None.
@@ -642,11 +659,11 @@ def test_state_dict_has_max_grad_norm_only_when_set(name):
 def test_state_dict_round_trips_max_grad_norm(cfg):
     ps, qs = _params(), _params()
     a = cfg.ours_cls([{"params": ps[:2]}, {"params": ps[2:], "max_grad_norm": 20.0}],
-                     **cfg.kwargs, max_grad_norm=3.0)
+                     **{**_kwargs(cfg), "max_grad_norm": 3.0})
     for s in range(3):
         _set_grads(ps, s)
         a.step()
-    b = cfg.ours_cls([{"params": qs[:2]}, {"params": qs[2:]}], **cfg.kwargs)  # unclipped
+    b = cfg.ours_cls([{"params": qs[:2]}, {"params": qs[2:]}], **_kwargs(cfg))  # unclipped
     b.load_state_dict(copy.deepcopy(a.state_dict()))
     assert [g["max_grad_norm"] for g in b.param_groups] == [3.0, 20.0]
     with torch.no_grad():
@@ -667,13 +684,20 @@ def test_state_dict_round_trips_max_grad_norm(cfg):
 @ONE_EACH
 def test_load_torch_checkpoint_keeps_our_max_grad_norm(cfg):
     ps, qs = _params(), _params()
-    ref = cfg.torch_cls(ps, **cfg.kwargs, foreach=False)
+    ref = cfg.torch_cls(ps, **_kwargs(cfg), foreach=False)
     for s in range(2):
         _set_grads(ps, s)
         ref.step()
     sd = ref.state_dict()
+    ours = cfg.ours_cls(qs, **{**_kwargs(cfg), "max_grad_norm": 2.0})
+    if "max_grad_norm" in inspect.signature(cfg.torch_cls).parameters:
+        # A reference whose checkpoints carry max_grad_norm (timm's Lamb):
+        # it is a hyperparameter there, loaded as any other.
+        assert sd["param_groups"][0]["max_grad_norm"] is None
+        ours.load_state_dict(copy.deepcopy(sd))
+        assert ours.param_groups[0]["max_grad_norm"] is None
+        return
     assert "max_grad_norm" not in sd["param_groups"][0]
-    ours = cfg.ours_cls(qs, **cfg.kwargs, max_grad_norm=2.0)
     ours.load_state_dict(copy.deepcopy(sd))
     assert ours.param_groups[0]["max_grad_norm"] == 2.0
     # ... and clips with it from there: same as torch's clip + step.
@@ -691,7 +715,7 @@ def test_load_torch_checkpoint_keeps_our_max_grad_norm(cfg):
         for p, q in zip(ps, qs):
             assert_close(q, p, **TOL[torch.float32])
     # A checkpoint of ours without the key (unclipped) keeps it as well.
-    plain = cfg.ours_cls(_params(), **cfg.kwargs)
+    plain = cfg.ours_cls(_params(), **_kwargs(cfg))
     ours.load_state_dict(copy.deepcopy(plain.state_dict()))
     assert ours.param_groups[0]["max_grad_norm"] == 2.0
 
@@ -699,11 +723,11 @@ def test_load_torch_checkpoint_keeps_our_max_grad_norm(cfg):
 @ONE_EACH
 def test_torch_optim_loads_our_clipped_checkpoint(cfg):
     ps, qs = _params(), _params()
-    ours = cfg.ours_cls(ps, **cfg.kwargs, max_grad_norm=1.0)
+    ours = cfg.ours_cls(ps, **{**_kwargs(cfg), "max_grad_norm": 1.0})
     for s in range(2):
         _set_grads(ps, s)
         ours.step()
-    ref = cfg.torch_cls(qs, **cfg.kwargs, foreach=False)
+    ref = cfg.torch_cls(qs, **_kwargs(cfg), foreach=False)
     ref.load_state_dict(copy.deepcopy(ours.state_dict()))
     with torch.no_grad():
         for p, q in zip(ps, qs):

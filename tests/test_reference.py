@@ -34,6 +34,20 @@ CASES = [
                   trust_coeff=0.01, eps=1e-8, trust_clip=False, always_adapt=True, maximize=False)),
     ("Lars", dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=1e-4, nesterov=False,
                   trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False, maximize=False)),
+    # (Lamb's global-norm clipping is the class's, not the rule's: the cases
+    # run without it, max_grad_norm=None)
+    ("Lamb", dict(lr=1e-2, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, bias_correction=True,
+                  grad_averaging=True, trust_clip=True, always_adapt=False, decoupled_decay=False,
+                  maximize=True)),
+    ("Lamb", dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, bias_correction=False,
+                  grad_averaging=False, trust_clip=False, always_adapt=False, decoupled_decay=True,
+                  maximize=False)),
+    ("Lamb", dict(lr=2e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, bias_correction=True,
+                  grad_averaging=True, trust_clip=False, always_adapt=True, decoupled_decay=False,
+                  maximize=False)),
+    ("Lamb", dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, bias_correction=True,
+                  grad_averaging=True, trust_clip=True, always_adapt=False, decoupled_decay=False,
+                  maximize=False)),
 ]
 
 
@@ -44,6 +58,8 @@ def test_kernels_match_reference_in_float64(name, hyper):
     params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
     ref_params = [p.detach().clone() for p in params]
     kwargs = {k: v for k, v in hyper.items() if not (name == "AdamW" and k == "decoupled_weight_decay")}
+    if name == "Lamb":
+        kwargs["max_grad_norm"] = None  # (timm's default is 1.0)
     opt = getattr(fused_optim, name)(params, **kwargs)
     ref_state = [None] * len(params)
     rule = getattr(_reference, name.lower().replace("adamw", "adam"))
@@ -54,7 +70,7 @@ def test_kernels_match_reference_in_float64(name, hyper):
             if ref_state[i] is None:
                 # the reference's state starts as the optimizer's does
                 ref_state[i] = {k: v.clone() for k, v in opt.state[p].items()} if p in opt.state else {}
-                if name in ("Adam", "AdamW", "RMSprop", "RAdam", "NAdam", "Lion") and not ref_state[i]:
+                if name in ("Adam", "AdamW", "RMSprop", "RAdam", "NAdam", "Lion", "Lamb") and not ref_state[i]:
                     ref_state[i] = _initial_state(name, q, hyper)
             rule(q, g, ref_state[i], **hyper)
         opt.step()
@@ -69,7 +85,7 @@ def _initial_state(name, param, hyper):
     if name == "Lion":
         return {"exp_avg": zeros()}  # (no step counter)
     state = {"step": torch.tensor(0.0)}
-    if name in ("RAdam", "NAdam"):
+    if name in ("RAdam", "NAdam", "Lamb"):
         state.update(exp_avg=zeros(), exp_avg_sq=zeros())
         if name == "NAdam":
             state["mu_product"] = torch.tensor(1.0)
@@ -84,3 +100,66 @@ def _initial_state(name, param, hyper):
         if hyper["momentum"] > 0:
             state["momentum_buffer"] = zeros()
     return state
+
+
+# ----- the Lamb reference against timm's Lamb ------------------------------------------------
+
+LAMB_GROUPS = [
+    dict(lr=0.02, weight_decay=0.01),
+    dict(lr=0.01, betas=(0.8, 0.99), eps=1e-5, weight_decay=0.1, bias_correction=False,
+         grad_averaging=False, trust_clip=True),
+    dict(lr=0.03, weight_decay=0.0, always_adapt=True),
+    dict(lr=0.005, weight_decay=0.0),
+    dict(lr=0.02, betas=(0.5, 0.9), weight_decay=0.05, decoupled_decay=True, trust_clip=True),
+]
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["no_clip", "clip"])
+def test_lamb_reference_matches_timm_in_float64(max_grad_norm):
+    # The reference class (fused_optim._reference.Lamb over .lamb, written
+    # from the paper's pseudocode) against timm's Lamb, an independent
+    # implementation, in float64 over 12 steps, every param given a
+    # gradient every step (timm's step counter is the group's). Params are
+    # scaled per group so that trust_clip bites (||p|| > ||u||), one is all
+    # zeros (ratio 1). Rounding aside they agree exactly without clipping;
+    # with clipping (the global norm is ~145: every step clips) timm's
+    # factor lacks torch's + 1e-6 in max_grad_norm / (norm + 1e-6): a
+    # relative difference of ~1e-6 / norm in the gradients, linear in
+    # exp_avg, quadratic in exp_avg_sq, and only through eps in the
+    # scale-free update; rtol 1e-7 covers twice that with room.
+    from test_lamb import timm_lamb
+
+    timm_cls = timm_lamb()
+    sizes, scales = (1, 7, 33, 4099, 5), (1.0, 4.0, 1.0, 1.0, 2.0)
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(n, generator=gen, dtype=torch.float64) * scales[k] * (i < len(sizes) - 1)
+             for k in range(len(LAMB_GROUPS)) for i, n in enumerate(sizes)]
+    ref_params = [torch.nn.Parameter(t.clone()) for t in start]
+    timm_params = [torch.nn.Parameter(t.clone()) for t in start]
+
+    def groups(params):
+        n = len(sizes)
+        return [dict(params=params[k * n:(k + 1) * n], **g) for k, g in enumerate(LAMB_GROUPS)]
+
+    ref = _reference.Lamb(groups(ref_params), max_grad_norm=max_grad_norm)
+    theirs = timm_cls(groups(timm_params), max_grad_norm=max_grad_norm)
+    tol = dict(rtol=1e-7, atol=1e-7) if max_grad_norm else dict(rtol=1e-12, atol=1e-12)
+    for step in range(12):
+        grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in start]
+        for p, q, g in zip(ref_params, timm_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ref.step()
+        theirs.step()
+        for i, (p, q, g) in enumerate(zip(ref_params, timm_params, grads)):
+            where = f"step {step} param {i}"
+            torch.testing.assert_close(p.detach(), q.detach(), **tol, msg=lambda m: f"{where}: {m}")
+            assert float(ref.state[p]["step"]) == theirs.param_groups[i // len(sizes)]["step"]
+            for key in ("exp_avg", "exp_avg_sq"):
+                expected = theirs.state[q][key]
+                scale = float(expected.abs().max())
+                torch.testing.assert_close(ref.state[p][key], expected, rtol=tol["rtol"],
+                                           atol=tol["atol"] * scale,
+                                           msg=lambda m: f"{where} {key}: {m}")
+            assert torch.equal(p.grad, g), f"{where}: the reference wrote the gradient"
+    moved = [not torch.equal(p.detach(), t) for p, t in zip(ref_params, start)]
+    assert all(moved)

@@ -24,6 +24,7 @@ from harness import (
 )
 from optim_configs import (
     OUR_KEYWORDS,
+    SAVED_GROUP_EXTRAS,
     GROUP_OVERRIDES,
     ONE_PER_OPTIMIZER,
     OPTIM_CONFIGS,
@@ -80,7 +81,8 @@ def _assert_layout_like_torch(sd_ours, sd_torch, cfg):
         # exactly torch's keys: our precision options are configuration,
         # not saved (so torch.distributed.checkpoint loads either into the
         # other with its default planner)
-        assert set(go) == set(gt), (
+        # (plus, for Lamb, timm's per-group "step": SAVED_GROUP_EXTRAS)
+        assert set(go) == set(gt) | SAVED_GROUP_EXTRAS.get(cfg.name, set()), (
             f"param_groups keys: ours {sorted(go)} vs torch {sorted(gt)}"
         )
         for k in gt:
@@ -224,6 +226,8 @@ def test_param_group_keys_and_defaults_match_torch(cfg):
             f"{name} keys: ours {sorted(ours_d)} vs torch {sorted(torch_d)}"
         )
         for k, default in OUR_KEYWORDS.items():
+            if k in torch_d:  # (timm's Lamb takes max_grad_norm itself: as it)
+                continue
             assert ours_d[k] == default, f"{name}[{k!r}]: {ours_d[k]!r}, expected {default!r}"
         for k in torch_d:
             if k not in ("params",):

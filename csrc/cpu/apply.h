@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/convert.h"
@@ -123,6 +124,139 @@ void apply_range(char* const* operand, float* master, int64_t begin,
     apply_subrange<Op, S, kDecay>(operand, master, begin, stop, s, in);
     begin = stop;
   }
+}
+
+// Note [norms of the update] (hyperparams.h), the CPU's measuring pass:
+// elements [begin, begin + n) of one tensor, n <= kMeasureBlock, loaded as
+// apply_subrange loads them (nothing is stored: the unscaled gradient is
+// written back by the update pass), run through Op::direction; the squares
+// of the param (as direction leaves it) and of the direction are buffered
+// and summed in double in kLanes lanes, which the compiler vectorizes
+// without reassociating. Returns {param sum, update sum}.
+constexpr int64_t kMeasureBlock = 4096;
+
+template <typename Op, typename S, WeightDecay kDecay, typename Scalars>
+std::pair<double, double> measure_block(
+    char* const* operand, const float* master_base, int64_t begin, int64_t n,
+    const Scalars& s, const ElementInputs<typename S::compute_t>& in) {
+  using T = typename S::compute_t;
+  using param_t = typename S::param_t;
+  using state_t = typename S::state_t;
+  constexpr int kN = Op::kNumOperands;
+  const param_t* const param = reinterpret_cast<param_t*>(operand[0]) + begin;
+  const param_t* const grad = reinterpret_cast<param_t*>(operand[1]) + begin;
+  const float* const master = S::kMasterWeights ? master_base + begin : nullptr;
+  const state_t* state[kN];  // [2, kN) used
+  for (int k = 2; k < kN; ++k) {
+    state[k] = reinterpret_cast<state_t*>(operand[k]) + begin;
+  }
+  const T inverse_grad_scale = in.inverse_grad_scale;
+  const T grad_clip = in.grad_clip;
+  T param_square[kMeasureBlock];
+  T update_square[kMeasureBlock];
+  T* const ps = param_square;
+  T* const us = update_square;
+  vectorized_loop(n, [=](int64_t i) {
+    T x[kN];
+    if constexpr (S::kMasterWeights) {
+      x[0] = master[i];
+    } else {
+      x[0] = to_compute(param[i]);
+    }
+    x[1] = to_compute(grad[i]);
+    if constexpr (S::kUnscaleGrads) x[1] = x[1] * inverse_grad_scale;
+    x[1] = x[1] * grad_clip;
+    for (int k = 2; k < kN; ++k) x[k] = to_compute(state[k][i]);
+    const T u = Op::template direction<kDecay>(x, s);
+    ps[i] = x[0];
+    us[i] = u;
+  });
+  constexpr int kLanes = 8;
+  double param_lane[kLanes] = {};
+  double update_lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double p = static_cast<double>(ps[i + l]);
+      const double u = static_cast<double>(us[i + l]);
+      param_lane[l] += p * p;
+      update_lane[l] += u * u;
+    }
+  }
+  for (int l = 0; i < n; ++i, ++l) {
+    const double p = static_cast<double>(ps[i]);
+    const double u = static_cast<double>(us[i]);
+    param_lane[l] += p * p;
+    update_lane[l] += u * u;
+  }
+  std::pair<double, double> out{0.0, 0.0};
+  for (int l = 0; l < kLanes; ++l) {
+    out.first += param_lane[l];
+    out.second += update_lane[l];
+  }
+  return out;
+}
+
+// The measuring pass over a prepared call: every tensor's {param, update}
+// sums of squares as the [2n] layout of Note [per-tensor norms] (entry t
+// and n + t), from fixed blocks summed per tensor in order: the same bits
+// whatever the thread count.
+template <typename Op, typename S, typename Spec, typename Scalars>
+std::vector<double> measure_op(
+    const PreparedCall<Spec>& call, const std::vector<Scalars>& scalars,
+    const std::vector<ElementInputs<typename S::compute_t>>& inputs) {
+  constexpr int kN = Op::kNumOperands;
+  std::vector<size_t> operand_lists;
+  for (size_t k = 0; k < call.master_list(); ++k) {
+    if (!call.lists[k].tensors.empty()) operand_lists.push_back(k);
+  }
+  TORCH_INTERNAL_ASSERT(operand_lists.size() == size_t(kN));
+  const DenseOperands& operands = *call.operands;
+  const std::vector<int64_t> numels = numels_of(call.lists[0].tensors);
+  const size_t n = numels.size();
+  std::vector<std::pair<size_t, int64_t>> blocks;  // (tensor, first element)
+  for (size_t t = 0; t < n; ++t) {
+    for (int64_t b = 0; b < numels[t]; b += kMeasureBlock) blocks.push_back({t, b});
+  }
+  std::vector<std::pair<double, double>> block_sums(blocks.size());
+  const int64_t num_blocks = static_cast<int64_t>(blocks.size());
+  // A few blocks run on this thread: waking the pool would cost more.
+  const int64_t grain = num_blocks < 8 ? std::max<int64_t>(num_blocks, 1) : 1;
+  at::parallel_for(0, num_blocks, grain, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const auto [t, begin] = blocks[b];
+      char* operand[kN];
+      for (int k = 0; k < kN; ++k) operand[k] = operands.data(operand_lists[k], t);
+      const float* master =
+          S::kMasterWeights
+              ? reinterpret_cast<const float*>(operands.data(call.master_list(), t))
+              : nullptr;
+      const int64_t count = std::min(kMeasureBlock, numels[t] - begin);
+      switch (call.decay[call.set_of[t]]) {
+        case WeightDecay::kNone:
+          block_sums[b] = measure_block<Op, S, WeightDecay::kNone>(
+              operand, master, begin, count, scalars[t], inputs[t]);
+          break;
+        case WeightDecay::kL2:
+          block_sums[b] = measure_block<Op, S, WeightDecay::kL2>(
+              operand, master, begin, count, scalars[t], inputs[t]);
+          break;
+        case WeightDecay::kDecoupled:
+          if constexpr (Op::kAllowsDecoupledDecay) {
+            block_sums[b] = measure_block<Op, S, WeightDecay::kDecoupled>(
+                operand, master, begin, count, scalars[t], inputs[t]);
+            break;
+          }
+          TORCH_INTERNAL_ASSERT(false, "decoupled decay for an L2-only op");
+      }
+    }
+  });
+  std::vector<double> sums(2 * n, 0.0);
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    sums[blocks[b].first] += block_sums[b].first;
+    sums[n + blocks[b].first] += block_sums[b].second;
+  }
+  return sums;
 }
 
 // The storage type of each Dtype.
@@ -304,28 +438,41 @@ auto scalars_with_state(const PreparedCall<Spec>& call,
 }
 
 // Each tensor's scalars from its hyperparameter set and its norms (Note
-// [per-tensor norms]): the call's tensor_sums, read on the host, with the
+// [per-tensor norms]): from `sum`, the [2n] sums of squares (the call's
+// tensor_sums, or a measuring pass's: Note [norms of the update]), with a
 // gradient's norm made that of the unscaled, clipped gradient by the same
 // factors the loop applies (`inputs`).
 template <typename T, typename Spec, typename Inputs>
 auto scalars_with_norms(const PreparedCall<Spec>& call,
                         const std::vector<double>& steps, const Inputs& inputs,
-                        bool unscale) {
+                        bool unscale, const double* sum) {
+  using Hyper = typename Spec::Hyper;
   using Scalars = decltype(scalars_for<T>(call.sets[0], 0.0, 0.0, 0.0));
   const size_t n = call.set_of.size();
-  const at::Tensor sums = call.tensor_sums.to(at::kDouble);
-  const double* sum = sums.data_ptr<double>();
   std::vector<Scalars> out(n);
   for (size_t t = 0; t < n; ++t) {
     const double step = steps.empty() ? 0.0 : steps[t];
     const auto& h = call.sets[call.set_of[t]];
-    const TensorNorms norms = tensor_norms(
+    const TensorNorms norms = norms_from_sums<Hyper>(
         sum[t], sum[n + t],
         unscale ? static_cast<double>(inputs[t].inverse_grad_scale) : 1.0,
         static_cast<double>(inputs[t].grad_clip));
     out[t] = scalars_for<T>(h, h.lr.read(), step, 0.0, norms);
   }
   return out;
+}
+
+// Each tensor's scalars for the measuring pass (Note [norms of the update]):
+// those of zero norms, whose trust ratio is 1 and unused by direction().
+template <typename T, typename Spec>
+auto scalars_for_measuring(const PreparedCall<Spec>& call,
+                           const std::vector<double>& steps) {
+  using Scalars = decltype(scalars_for<T>(call.sets[0], 0.0, 0.0, 0.0));
+  return per_tensor_scalars<Scalars>(
+      call.set_of, steps, [&](int32_t set, double step) {
+        const auto& h = call.sets[set];
+        return scalars_for<T>(h, h.lr.read(), step, 0.0, TensorNorms{});
+      });
 }
 
 // Whether AMP found an inf or NaN in the gradients: then the call is
@@ -358,9 +505,16 @@ void run(const OpCall& args) {
           const auto scalars = [&] {
             if constexpr (HasScalarState<typename Spec::Hyper>::value) {
               return scalars_with_state<T>(*call, steps, scalar_state);
-            } else if constexpr (HasTensorNorms<typename Spec::Hyper>::value) {
+            } else if constexpr (NormsOfUpdate<typename Spec::Hyper>::value) {
+              const std::vector<double> sums = measure_op<Op, S>(
+                  *call, scalars_for_measuring<T>(*call, steps), inputs);
               return scalars_with_norms<T>(*call, steps, inputs,
-                                           call->has_grad_scale());
+                                           call->has_grad_scale(), sums.data());
+            } else if constexpr (HasTensorNorms<typename Spec::Hyper>::value) {
+              const at::Tensor sums = call->tensor_sums.to(at::kDouble);
+              return scalars_with_norms<T>(*call, steps, inputs,
+                                           call->has_grad_scale(),
+                                           sums.data_ptr<double>());
             } else {
               return scalars_of<T>(*call, steps);
             }

@@ -382,8 +382,9 @@ FO_HOST_DEVICE FO_FORCE_INLINE void run_chunks(const Meta& meta, int64_t block,
     // (norms: Note [per-tensor norms]; empty for ops that do not read them)
     const auto s = scalars_for<T>(
         h, h.lr.read(), step, meta.scalar_state.read(r.tensor),
-        meta.read_norms(r.tensor, f.unscale ? static_cast<double>(f.inv_scale) : 1.0,
-                        static_cast<double>(f.grad_clip)));
+        meta.template read_norms<Hyper>(
+            r.tensor, f.unscale ? static_cast<double>(f.inv_scale) : 1.0,
+            static_cast<double>(f.grad_clip)));
     if constexpr (kMode == ParamMode::kStochastic) {
       f.rounding_key = stochastic_rounding_key(
           static_cast<uint32_t>(meta.index[r.tensor]), step);
@@ -449,6 +450,182 @@ FO_HOST_DEVICE FO_FORCE_INLINE void run_block(const Meta& meta, int64_t block,
                                           num_threads, f);
 }
 
+// ---------------------------------------------------------------------------
+// The measuring pass (Note [norms of the update], hyperparams.h)
+// ---------------------------------------------------------------------------
+//
+// For an op with kNormsOfUpdate, before the update: measure_kernel runs the
+// op's direction() on every element (loaded as the update loads them;
+// nothing stored), each thread summing the squares of the param and of the
+// direction in double over its elements (thread, thread + num_threads, ...
+// of a chunk), the block's threads summed by a fixed tree into two partials
+// per chunk; then measure_tensor_kernel sums each tensor's partials in chunk
+// order into the call's tensor_sums. Fixed orders: the same bits every run.
+// One element per thread per iteration (coalesced scalar loads, not the
+// update's 16-byte vectors): simple, and this pass only reads.
+
+// One level of a tree sum over values[0, 2 * stride): thread t < stride
+// adds values[t + stride] into values[t]. (The host tests emulate a tree by
+// running each level for every thread in turn.)
+FO_HOST_DEVICE FO_FORCE_INLINE void tree_level(double* values, int stride,
+                                               int thread) {
+  if (thread < stride) values[thread] += values[thread + stride];
+}
+
+struct MeasuredSums {
+  double param = 0.0;
+  double update = 0.0;
+};
+
+// The squares of one element's param (as direction() leaves it) and of its
+// direction, added to `sums`.
+template <typename Op, WeightDecay kDecay, bool kMaster, typename P,
+          typename S, typename Scalars>
+FO_HOST_DEVICE FO_FORCE_INLINE void measure_element(
+    const P* param, const float* master, const P* grad, const S* const* state,
+    int32_t i, const Scalars& s, const ElementFlags<compute_t<P>>& f,
+    MeasuredSums& sums) {
+  using T = compute_t<P>;
+  constexpr int kN = Op::kNumOperands;
+  T r[kN];
+  if constexpr (kMaster) {
+    r[0] = master[i];
+  } else {
+    r[0] = to_compute(param[i]);
+  }
+  r[1] = to_compute(grad[i]);
+  if (f.unscale) r[1] = r[1] * static_cast<T>(f.inv_scale);
+  r[1] = r[1] * f.grad_clip;
+#pragma unroll
+  for (int k = 2; k < kN; ++k) r[k] = to_compute(state[k - 2][i]);
+  const double u = static_cast<double>(Op::template direction<kDecay>(r, s));
+  const double p = static_cast<double>(r[0]);
+  sums.param += p * p;
+  sums.update += u * u;
+}
+
+// Thread `thread`'s sums over chunk `chunk` of `meta`.
+template <typename Op, typename P, typename S, typename Meta>
+FO_HOST_DEVICE FO_FORCE_INLINE MeasuredSums measure_chunk_thread(
+    const Meta& meta, int64_t chunk, int32_t thread, int32_t num_threads) {
+  using T = compute_t<P>;
+  using Hyper = typename Meta::HyperType;
+  constexpr int kN = Op::kNumOperands;
+  constexpr int kNS = kN > 2 ? kN - 2 : 1;
+  ElementFlags<T> f;
+  f.unscale = meta.grad_scale != nullptr;
+  if (f.unscale) f.inv_scale = inverse_grad_scale(*meta.grad_scale);
+  const ChunkRange r = locate_chunk(meta, chunk);
+  const int slot = meta.slot[r.tensor];
+  const Hyper& h = meta.hyper[slot];
+  const double step =
+      meta.step[r.tensor] != nullptr
+          ? read_step(meta.step[r.tensor], meta.step_is_double[r.tensor] != 0)
+          : 0.0;
+  if (meta.grad_norm != nullptr) {
+    f.grad_clip = clip_coefficient<T>(
+        static_cast<T>(read_step(meta.grad_norm, meta.grad_norm_is_double != 0)),
+        h.max_grad_norm);
+  }
+  // The scalars of zero norms: trust ratio 1, which direction() never reads.
+  const auto s = scalars_for<T>(h, h.lr.read(), step,
+                                meta.scalar_state.read(r.tensor), TensorNorms{});
+  const P* param = static_cast<const P*>(meta.data[0][r.tensor]) + r.begin;
+  const P* grad = static_cast<const P*>(meta.data[1][r.tensor]) + r.begin;
+  const S* state[kNS];
+#pragma unroll
+  for (int k = 2; k < kN; ++k) {
+    state[k - 2] = static_cast<const S*>(meta.data[k][r.tensor]) + r.begin;
+  }
+  const bool master = sizeof(P) == 2 && meta.master_weights != 0;
+  const float* master_data = master ? meta.master[r.tensor] + r.begin : nullptr;
+  const int32_t count = static_cast<int32_t>(r.end - r.begin);
+  MeasuredSums sums;
+  auto loop = [&](auto decay_tag, auto master_tag) {
+    constexpr WeightDecay kDecay = decltype(decay_tag)::value;
+    constexpr bool kMaster = decltype(master_tag)::value;
+#pragma unroll 1
+    for (int32_t i = thread; i < count; i += num_threads) {
+      measure_element<Op, kDecay, kMaster>(param, master_data, grad, state, i,
+                                           s, f, sums);
+    }
+  };
+  auto with_master = [&](auto decay_tag) {
+    if (master) {
+      loop(decay_tag, std::true_type{});
+    } else {
+      loop(decay_tag, std::false_type{});
+    }
+  };
+  switch (static_cast<WeightDecay>(meta.decay[slot])) {
+    case WeightDecay::kNone:
+      with_master(std::integral_constant<WeightDecay, WeightDecay::kNone>{});
+      break;
+    case WeightDecay::kL2:
+      with_master(std::integral_constant<WeightDecay, WeightDecay::kL2>{});
+      break;
+    case WeightDecay::kDecoupled:
+      if constexpr (Op::kAllowsDecoupledDecay) {
+        with_master(std::integral_constant<WeightDecay, WeightDecay::kDecoupled>{});
+      }
+      break;
+  }
+  return sums;
+}
+
+// Tensor t of `meta`: its chunks' partials summed in order into the call's
+// tensor_sums (entry position and n + position).
+template <typename Meta>
+FO_HOST_DEVICE FO_FORCE_INLINE void sum_measured_tensor(const Meta& meta,
+                                                        int32_t t) {
+  const int64_t first = meta.first_partial + meta.first_chunk[t];
+  const int64_t last = meta.first_partial + (t + 1 < meta.num_tensors
+                                                 ? meta.first_chunk[t + 1]
+                                                 : meta.num_chunks);
+  MeasuredSums sum;
+  for (int64_t k = first; k < last; ++k) {
+    sum.param += meta.measure_partials[2 * k];
+    sum.update += meta.measure_partials[2 * k + 1];
+  }
+  // (The glue allocates these sums for the measuring pass to write.)
+  double* sums = static_cast<double*>(const_cast<void*>(meta.norm_sums));
+  sums[meta.norm_position[t]] = sum.param;
+  sums[meta.norm_num_tensors + meta.norm_position[t]] = sum.update;
+}
+
+template <typename Op, typename P, typename S, typename Meta>
+__global__ void __launch_bounds__(kBlockSize)
+    measure_kernel(const __grid_constant__ Meta meta) {
+  __shared__ double values[2][kBlockSize];
+  // Note [found_inf early exit]: the update is skipped, so is this.
+  if (meta.found_inf != nullptr && *meta.found_inf != 0.0f) return;
+  for (int64_t chunk = blockIdx.x; chunk < meta.num_chunks; chunk += gridDim.x) {
+    const MeasuredSums mine = measure_chunk_thread<Op, P, S>(
+        meta, chunk, static_cast<int32_t>(threadIdx.x), kBlockSize);
+    values[0][threadIdx.x] = mine.param;
+    values[1][threadIdx.x] = mine.update;
+    __syncthreads();
+    for (int stride = kBlockSize / 2; stride > 0; stride /= 2) {
+      tree_level(values[0], stride, static_cast<int>(threadIdx.x));
+      tree_level(values[1], stride, static_cast<int>(threadIdx.x));
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      meta.measure_partials[2 * (meta.first_partial + chunk)] = values[0][0];
+      meta.measure_partials[2 * (meta.first_partial + chunk) + 1] = values[1][0];
+    }
+    __syncthreads();  // values[] is reused by the next chunk
+  }
+}
+
+template <typename Meta>
+__global__ void __launch_bounds__(kStepBlockSize)
+    measure_tensor_kernel(const __grid_constant__ Meta meta) {
+  if (meta.found_inf != nullptr && *meta.found_inf != 0.0f) return;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t < meta.num_tensors) sum_measured_tensor(meta, static_cast<int32_t>(t));
+}
+
 // Blocks per SM that ptxas must fit (the second __launch_bounds__
 // argument), which caps the registers per thread at 65536 / (256 * blocks).
 // Why 4 (64 registers) for fp32/fp16/bf16 params: the budget torch's fused
@@ -503,7 +680,8 @@ __global__ void __launch_bounds__(kStepBlockSize)
 
 // Launches Op over all tensors of `args` on `stream`: first the step kernel
 // (if the call has step counters), then the scalar-state kernel (if the op
-// has scalar state), then as many launches of the main kernel
+// has scalar state), then the measuring pass (if the op has norms of its
+// update), then as many launches of the main kernel
 // as the metadata needs; stream order makes the main kernel read the
 // incremented counters. No allocation, no host-device synchronisation, and
 // nothing depends on tensor values, so the launches can be captured in a
@@ -532,6 +710,20 @@ cudaError_t multi_tensor_apply(const MultiTensorArgs<Hyper>& args,
               <<<static_cast<unsigned>(blocks), kStepBlockSize, 0, stream>>>(meta);
           error = cudaGetLastError();
         });
+  }
+  if constexpr (NormsOfUpdate<Hyper>::value) {  // (no such kernels otherwise)
+    plan_launches<kN>(args, [&](const Meta& meta) {
+      if (error != cudaSuccess) return;
+      measure_kernel<Op, P, S, Meta>
+          <<<static_cast<unsigned>(launch_blocks(meta)), kBlockSize, 0, stream>>>(meta);
+      error = cudaGetLastError();
+      if (error != cudaSuccess) return;
+      measure_tensor_kernel<Meta>
+          <<<static_cast<unsigned>((meta.num_tensors + kStepBlockSize - 1) /
+                                   kStepBlockSize),
+             kStepBlockSize, 0, stream>>>(meta);
+      error = cudaGetLastError();
+    });
   }
   plan_launches<kN>(args, [&](const Meta& meta) {
     if (error != cudaSuccess) return;

@@ -117,8 +117,12 @@ struct MultiTensorArgs {
   // kHasTensorNorms, the device address of the call's [2n] sums of squares
   // (float32, or float64 with tensor_sums_is_double): entry i of tensor i's
   // param (or master weights), entry n + i of its grad. Null otherwise.
+  // For an op with kNormsOfUpdate (Note [norms of the update]) the
+  // measuring pass WRITES these sums (float64), and needs `measure_partials`:
+  // 2 * num_partials(numels) doubles of scratch (two per chunk).
   const void* tensor_sums = nullptr;
   bool tensor_sums_is_double = false;
+  double* measure_partials = nullptr;
   std::vector<int64_t> numels;       // per tensor; 0 = no update (the
                                      // step counter still advances)
   std::vector<int32_t> hyper_set;    // per tensor: index into hypers/decay
@@ -170,7 +174,7 @@ constexpr int max_tensors_per_launch() {
       + (HasScalarState<Hyper>::value ? sizeof(void*) + 1 : 0)  // scalar state
       + (HasTensorNorms<Hyper>::value ? sizeof(int32_t) : 0);   // norms' position
   constexpr size_t kFixed =
-      (HasTensorNorms<Hyper>::value ? sizeof(void*) + 16 : 0)  // norms
+      (HasTensorNorms<Hyper>::value ? 2 * sizeof(void*) + 24 : 0)  // norms
       +
       max_hyper_slots<Hyper>() * (sizeof(Hyper) + 1)  // hyper, decay
       + 3 * sizeof(void*)                             // grad_scale, found_inf, grad_norm
@@ -200,6 +204,7 @@ struct ScalarStateAddresses<true, kMaxTensors> {
 // optimization) for the other ops, whose metadata keeps its size.
 template <bool kHas, int kMaxTensors>
 struct TensorNormsAddresses {
+  template <typename Hyper>
   FO_HOST_DEVICE FO_FORCE_INLINE TensorNorms read_norms(int32_t, double,
                                                         double) const {
     return {};
@@ -211,8 +216,15 @@ struct TensorNormsAddresses<true, kMaxTensors> {
   int64_t norm_num_tensors;  // n: the call's; the sums hold 2n entries
   int32_t norm_position[kMaxTensors];  // each tensor's position in the call
   uint8_t norm_sums_is_double;
-  // Tensor t's norms, its gradient's times `inverse_grad_scale` and
-  // `grad_clip` (the factors the loops apply).
+  // The measuring pass (Note [norms of the update]; null otherwise): chunk c
+  // of this launch writes its two partial sums at
+  // measure_partials[2 * (first_partial + c)], then each tensor's are summed
+  // into norm_sums.
+  double* measure_partials;
+  int64_t first_partial;  // chunks of the call's earlier launches
+  // Tensor t's norms: of the update (kNormsOfUpdate), or of the gradient
+  // times `inverse_grad_scale` and `grad_clip` (the factors the loops apply).
+  template <typename Hyper>
   FO_HOST_DEVICE FO_FORCE_INLINE TensorNorms read_norms(
       int32_t t, double inverse_grad_scale, double grad_clip) const {
     const int64_t i = norm_position[t];
@@ -224,7 +236,8 @@ struct TensorNormsAddresses<true, kMaxTensors> {
       param_sum = static_cast<const float*>(norm_sums)[i];
       grad_sum = static_cast<const float*>(norm_sums)[norm_num_tensors + i];
     }
-    return tensor_norms(param_sum, grad_sum, inverse_grad_scale, grad_clip);
+    return norms_from_sums<Hyper>(param_sum, grad_sum, inverse_grad_scale,
+                                  grad_clip);
   }
 };
 
@@ -344,6 +357,11 @@ void check_multi_tensor_args(const MultiTensorArgs<Hyper>& args,
   if ((args.tensor_sums != nullptr) != HasTensorNorms<Hyper>::value) {
     fail("tensor_sums must be given exactly for an op with tensor norms");
   }
+  if (NormsOfUpdate<Hyper>::value !=
+      (args.measure_partials != nullptr && args.tensor_sums_is_double)) {
+    fail("an op with norms of its update needs float64 tensor_sums and "
+         "measure_partials, and no other op takes them");
+  }
   if (args.scalar_state.size() != (HasScalarState<Hyper>::value ? n : 0)) {
     fail("scalar_state has the wrong length");
   }
@@ -389,6 +407,7 @@ void plan_launches(const MultiTensorArgs<Hyper>& args, const Launch& launch) {
   static_assert(Meta::kMaxTensors > 0 && Meta::kMaxSlots <= 255);
 
   const bool master = !args.master.empty();
+  int64_t chunks_before = 0;  // of the launches already made
   auto fresh = [&] {
     Meta m{};  // value-initialised: all zero
     m.grad_scale = args.grad_scale;
@@ -401,6 +420,8 @@ void plan_launches(const MultiTensorArgs<Hyper>& args, const Launch& launch) {
       m.norm_sums = args.tensor_sums;
       m.norm_num_tensors = static_cast<int64_t>(args.numels.size());
       m.norm_sums_is_double = args.tensor_sums_is_double ? 1 : 0;
+      m.measure_partials = args.measure_partials;
+      m.first_partial = chunks_before;
     }
     return m;
   };
@@ -412,6 +433,7 @@ void plan_launches(const MultiTensorArgs<Hyper>& args, const Launch& launch) {
   auto flush = [&] {
     if (meta.num_tensors == 0) return;
     launch(static_cast<const Meta&>(meta));
+    chunks_before += meta.num_chunks;
     for (int32_t set : sets_in_meta) slot_of_set[set] = -1;
     sets_in_meta.clear();
     num_slots = 0;

@@ -111,8 +111,21 @@ void run(const OpCall& op_call) {
   std::optional<PreparedCall<Spec>> call = prepare<Spec>(at::kCUDA, op_call);
   if (!call) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  MultiTensorArgs<typename Spec::Hyper> args = make_args(*call);
+  at::Tensor measure_partials;
+  if constexpr (NormsOfUpdate<typename Spec::Hyper>::value) {
+    // Note [norms of the update]: the measuring pass's scratch and the sums
+    // it writes, from the caching allocator (stream-ordered: no sync).
+    const auto doubles = call->lists[0].tensors[0].options().dtype(at::kDouble);
+    measure_partials = at::empty({2 * num_partials(args.numels)}, doubles);
+    call->tensor_sums =
+        at::empty({2 * static_cast<int64_t>(args.numels.size())}, doubles);
+    args.tensor_sums = call->tensor_sums.data_ptr();
+    args.tensor_sums_is_double = true;
+    args.measure_partials = measure_partials.data_ptr<double>();
+  }
   // Every check has passed: from here on we write (on the device).
-  C10_CUDA_CHECK(launch<Spec>(make_args(*call), call->modes, stream));
+  C10_CUDA_CHECK(launch<Spec>(args, call->modes, stream));
   call->operands->write_back();
 }
 

@@ -79,12 +79,7 @@ void plan_reduce_launches(const SumOfSquaresArgs& args, Dtype dtype,
   flush();
 }
 
-// One level of a tree sum over values[0, 2 * stride): thread t < stride
-// adds values[t + stride] into values[t].
-FO_HOST_DEVICE FO_FORCE_INLINE void tree_level(double* values, int stride,
-                                               int thread) {
-  if (thread < stride) values[thread] += values[thread + stride];
-}
+// (tree_level: multi_tensor_apply.cuh)
 
 // Thread `thread`'s share of chunk `chunk` of `meta`: the sum of the
 // squares of its elements (thread, thread + num_threads, ...), each first

@@ -52,6 +52,14 @@ OPTIMIZERS = {
     # norms' pass reads each param and grad once more (8 B), not counted.
     "lars": OptimizerSpec("Lars", {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-4}, 1, False,
                           reference="timm.optim.lars:Lars"),
+    # torch.optim has no LAMB: its peer is timm's Lamb (as Lars: its file
+    # timm/optim/lamb.py alone), a per-tensor for-loop. timm's defaults
+    # (weight_decay 0.01: every tensor adapted; max_grad_norm 1.0: clipped
+    # by the global norm, a norm per gradient then their norm). The byte
+    # budget is the update's (Adam's 28 B fp32); the measuring pass reads
+    # param, grad and both moments once more (16 B) and the clipping's norm
+    # the grads once more (4 B), not counted.
+    "lamb": OptimizerSpec("Lamb", {"lr": 1e-3}, 2, False, reference="timm.optim.lamb:Lamb"),
 }
 
 # The implementations, ours first: every ratio is a peer's time over ours.
@@ -62,7 +70,7 @@ IMPL_DESCRIPTIONS = {
     "torch-forloop": "torch.optim with foreach=False, torch's CPU default",
     "deepspeed": "DeepSpeedCPUAdam: Adam and AdamW, CPU, fp32, when deepspeed is installed",
     "reference": "the published implementation of an optimizer torch.optim lacks (Lion: "
-                 "lion-pytorch; Lars: timm), when installed",
+                 "lion-pytorch; Lars, Lamb: timm), when installed",
 }
 IMPLS = tuple(IMPL_DESCRIPTIONS)
 OURS = IMPLS[0]

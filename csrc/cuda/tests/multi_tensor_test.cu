@@ -140,6 +140,31 @@ struct HostEmulator {
             advance_scalar_states(meta, t, threads);
           }
         });
+    if constexpr (NormsOfUpdate<Hyper>::value) {
+      // The measuring pass: measure_kernel per chunk (each thread's sums,
+      // then the kernel's tree), then measure_tensor_kernel per tensor.
+      plan_launches<kN>(args, [&](const TensorListMeta<kN, Hyper>& meta) {
+        if (meta.found_inf != nullptr && *meta.found_inf != 0.0f) return;
+        for (int64_t chunk = 0; chunk < meta.num_chunks; ++chunk) {
+          double values[2][kBlockSize];
+          for (int32_t t = 0; t < kBlockSize; ++t) {
+            const MeasuredSums mine =
+                measure_chunk_thread<Op, P, S>(meta, chunk, t, kBlockSize);
+            values[0][t] = mine.param;
+            values[1][t] = mine.update;
+          }
+          for (int stride = kBlockSize / 2; stride > 0; stride /= 2) {
+            for (int t = 0; t < kBlockSize; ++t) {
+              tree_level(values[0], stride, t);
+              tree_level(values[1], stride, t);
+            }
+          }
+          meta.measure_partials[2 * (meta.first_partial + chunk)] = values[0][0];
+          meta.measure_partials[2 * (meta.first_partial + chunk) + 1] = values[1][0];
+        }
+        for (int32_t t = 0; t < meta.num_tensors; ++t) sum_measured_tensor(meta, t);
+      });
+    }
     plan_launches<kN>(args, [&](const TensorListMeta<kN, Hyper>& meta) {
       if (launches != nullptr) ++*launches;
       const int64_t blocks = std::min(launch_blocks(meta), max_blocks);
@@ -519,6 +544,20 @@ std::string describe(const CaseOptions& o) {
   return s;
 }
 
+// The element op whose direction() the reference measures, for the ops
+// with norms of their update (Note [norms of the update]).
+template <typename Hyper>
+struct MeasuringOp;
+template <>
+struct MeasuringOp<LambHyper> {
+  using type = LambOp;
+  static constexpr int kNumOperands = LambOp::kNumOperands;
+  template <WeightDecay kDecay, typename T>
+  static T direction(T (&x)[kNumOperands], const LambScalars<T>& s) {
+    return LambOp::direction<kDecay>(x, s);
+  }
+};
+
 // One test case: tensors of `sizes`, operands in the op's operand order
 // (param and grad of type P, state of type S), hyperparameters per tensor
 // from `groups` (tensor i in group i % groups), run through the production
@@ -659,7 +698,15 @@ void run_case(const std::string& name, int num_operands,
                             : StepCounter{&step_f[i], false});
     }
   }
-  if constexpr (HasTensorNorms<Hyper>::value) {
+  // Note [norms of the update]: the measuring pass writes its float64 sums
+  // (poisoned first) and needs two partials per chunk.
+  std::vector<double> measured(2 * n, NAN);
+  std::vector<double> measure_partials(2 * num_partials(sizes), NAN);
+  if constexpr (NormsOfUpdate<Hyper>::value) {
+    args.tensor_sums = measured.data();
+    args.tensor_sums_is_double = true;
+    args.measure_partials = measure_partials.data();
+  } else if constexpr (HasTensorNorms<Hyper>::value) {
     args.tensor_sums = kSumsDouble ? static_cast<const void*>(sums_d.data())
                                    : static_cast<const void*>(sums_f.data());
     args.tensor_sums_is_double = kSumsDouble;
@@ -723,6 +770,54 @@ void run_case(const std::string& name, int num_operands,
                   : static_cast<double>(want_scalar_f[i] = h.advance_scalar_state(
                                             lr, step, want_scalar_f[i]));
           return host_scalars(h, lr, step, value);
+        } else if constexpr (NormsOfUpdate<Hyper>::value) {
+          // The measuring pass on the reference's operands (before this
+          // tensor's update), summed in the kernels' order: per chunk, each
+          // of kBlockSize threads over elements thread, thread + kBlockSize,
+          // ..., then the tree, then the chunks in order.
+          const auto s0 = host_scalars(h, lr, step, TensorNorms{});
+          const T clip = o.clip ? clip_coefficient<T>(static_cast<T>(grad_norm),
+                                                     max_grad_norm_of(g))
+                                : T(1);
+          double total[2] = {0.0, 0.0};
+          for (int64_t c0 = 0; c0 < sizes[i]; c0 += kChunkSize) {
+            const int64_t c1 = std::min(sizes[i], c0 + kChunkSize);
+            double values[2][kBlockSize] = {};
+            for (int64_t e = c0; e < c1; ++e) {
+              T x[8];
+              x[0] = master ? static_cast<T>(want_ms[i].base()[e])
+                            : to_compute(want_pg[0][i].base()[e]);
+              x[1] = to_compute(want_pg[1][i].base()[e]);
+              if (o.unscale) {
+                x[1] = x[1] * static_cast<T>(inverse_grad_scale(grad_scale));
+              }
+              x[1] = x[1] * clip;
+              for (int k = 2; k < num_operands; ++k) {
+                x[k] = to_compute(want_st[k - 2][i].base()[e]);
+              }
+              T u = 0;
+              with_decay(groups[g].second, [&](auto d) {
+                u = MeasuringOp<Hyper>::template direction<decltype(d)::value>(
+                    reinterpret_cast<T(&)[MeasuringOp<Hyper>::kNumOperands]>(x), s0);
+              });
+              const int64_t t = (e - c0) % kBlockSize;
+              values[0][t] += static_cast<double>(x[0]) * static_cast<double>(x[0]);
+              values[1][t] += static_cast<double>(u) * static_cast<double>(u);
+            }
+            for (int stride = kBlockSize / 2; stride > 0; stride /= 2) {
+              for (int t = 0; t < kBlockSize; ++t) {
+                tree_level(values[0], stride, t);
+                tree_level(values[1], stride, t);
+              }
+            }
+            total[0] += values[0][0];
+            total[1] += values[1][0];
+          }
+          EXPECT(sizes[i] == 0 || (measured[i] == total[0] &&
+                                   measured[n + i] == total[1]),
+                 "%s%s: measured sums of tensor %lld", name.c_str(),
+                 describe(o).c_str(), static_cast<long long>(i));
+          return host_scalars(h, lr, step, update_norms(total[0], total[1]));
         } else if constexpr (HasTensorNorms<Hyper>::value) {
           // The grad's norm times the factors the loop applies.
           const TensorNorms norms = tensor_norms(
@@ -996,6 +1091,49 @@ void test_ops() {
                   lars_update<false, false, kD>(x[0], x[1], unused, s);
                 }
               }
+            });
+      }
+    }
+    // LAMB: decay in the update (adapted), decoupled decay with LAMBC
+    // clipping and no bias correction, no decay (not adapted), no decay
+    // but always_adapt without grad averaging.
+    {
+      auto lamb = [&](double lr, double b1, double b2, double eps, double wd,
+                      bool bias_correction, bool grad_averaging,
+                      bool trust_clip, bool always_adapt) {
+        LambHyper h;
+        h.lr.value = lr;
+        h.beta1 = b1;
+        h.beta2 = b2;
+        h.eps = eps;
+        h.weight_decay = wd;
+        h.bias_correction = bias_correction;
+        h.grad_averaging = grad_averaging;
+        h.trust_clip = trust_clip;
+        h.always_adapt = always_adapt;
+        h.maximize = maximize;
+        return h;
+      };
+      const std::vector<std::pair<LambHyper, WeightDecay>> groups = {
+          {lamb(1e-2, 0.9, 0.999, 1e-6, 0.01, true, true, false, false),
+           WeightDecay::kL2},
+          {lamb(3e-2, 0.8, 0.99, 1e-4, 0.1, false, true, true, false),
+           WeightDecay::kDecoupled},
+          {lamb(5e-3, 0.95, 0.9, 1e-3, 0.0, true, true, false, false),
+           WeightDecay::kNone},
+          {lamb(2e-2, 0.9, 0.99, 1e-6, 0.0, true, false, false, true),
+           WeightDecay::kNone},
+      };
+      for (const CaseOptions& o : options) {
+        run_case<P, S>(
+            "lamb " + suffix, 4, {false, false, false, true}, groups, o,
+            [](const LambHyper& h, double lr, double step,
+               const TensorNorms& norms) { return h.scalars<T>(lr, step, norms); },
+            [&](const auto& args, const HostEmulator& emu) {
+              dispatch<LambSpec>(args, CallModes{}, emu);
+            },
+            [&](auto d, T* x, const LambScalars<T>& s) {
+              lamb_update<decltype(d)::value>(x[0], x[1], x[2], x[3], s);
             });
       }
     }

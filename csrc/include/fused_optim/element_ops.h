@@ -77,6 +77,28 @@ struct LarsOp {
   }
 };
 
+// Operands: param, grad, exp_avg, exp_avg_sq. The weight-decay modes:
+// kL2 adds weight_decay * param to the update direction (timm's default),
+// kDecoupled decays the param first (timm's decoupled_decay). direction():
+// Note [norms of the update] (hyperparams.h).
+struct LambOp {
+  static constexpr int kNumOperands = 4;
+  static constexpr bool kAllowsDecoupledDecay = true;
+  FO_HOST_DEVICE static constexpr bool is_written(int k) { return k != 1; }
+
+  template <WeightDecay kDecay, typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE static T direction(T (&x)[kNumOperands],
+                                                    const LambScalars<T>& s) {
+    return lamb_direction<kDecay>(x[0], x[1], x[2], x[3], s);
+  }
+
+  template <WeightDecay kDecay, typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE static void update(T (&x)[kNumOperands],
+                                                    const LambScalars<T>& s) {
+    lamb_update<kDecay>(x[0], x[1], x[2], x[3], s);
+  }
+};
+
 // Operands: param, grad, state_sum.
 struct AdagradOp {
   static constexpr int kNumOperands = 3;

@@ -239,9 +239,34 @@ struct HasScalarState<Hyper, std::void_t<decltype(Hyper::kHasScalarState)>> {
 // made the norm of the gradient the step uses: times the inverse AMP scale
 // and times the clipping coefficient (the same factors the loops apply to
 // each element), so the norms are of unscaled, clipped gradients.
+//
+// Note [norms of the update]
+// An op whose ratio needs the norm of its own update direction (LAMB: known
+// only once the moments are updated) says kNormsOfUpdate as well, and its
+// element op defines direction<kDecay>(x, s): the first half of its update,
+// in registers, returning the direction and leaving in x[0] the param whose
+// norm is taken (after a decoupled decay). Such an op does not call
+// sum_of_squares: each backend runs a MEASURING PASS over the call first
+// (the element loops with direction() and nothing stored, the squares of
+// x[0] and of the direction summed per tensor in float64, in a fixed
+// order), then the update pass, whose scalars get TensorNorms{param,
+// update}. The measuring pass applies the AMP unscale and the clipping in
+// registers as the update does, so these norms need no factors. Its scalars
+// are those of trust ratio 1 (the ratio is not known yet and the direction
+// does not read it). Traffic: the operands are read twice, written once.
 struct TensorNorms {
   double param = 0.0;
-  double grad = 0.0;
+  double grad = 0.0;    // of the gradient the step uses (LARS)
+  double update = 0.0;  // of the update direction (kNormsOfUpdate: LAMB)
+};
+
+template <typename Hyper, typename = void>
+struct NormsOfUpdate {
+  static constexpr bool value = false;
+};
+template <typename Hyper>
+struct NormsOfUpdate<Hyper, std::void_t<decltype(Hyper::kNormsOfUpdate)>> {
+  static constexpr bool value = Hyper::kNormsOfUpdate;
 };
 
 template <typename Hyper, typename = void>
@@ -263,6 +288,30 @@ FO_HOST_DEVICE FO_FORCE_INLINE TensorNorms tensor_norms(double param_sum,
   out.param = std::sqrt(param_sum);
   out.grad = std::sqrt(grad_sum) * inverse_grad_scale * grad_clip;
   return out;
+}
+
+// Tensor norms from a measuring pass's sums of squares (Note [norms of the
+// update]): of the param and of the update direction.
+FO_HOST_DEVICE FO_FORCE_INLINE TensorNorms update_norms(double param_sum,
+                                                        double update_sum) {
+  TensorNorms out;
+  out.param = std::sqrt(param_sum);
+  out.update = std::sqrt(update_sum);
+  return out;
+}
+
+// A tensor's norms from its two entries of a call's sums: of the update for
+// an op with kNormsOfUpdate, else of the gradient, made that of the gradient
+// the step uses by the factors the loops apply.
+template <typename Hyper>
+FO_HOST_DEVICE FO_FORCE_INLINE TensorNorms norms_from_sums(
+    double param_sum, double second_sum, double inverse_grad_scale,
+    double grad_clip) {
+  if constexpr (NormsOfUpdate<Hyper>::value) {
+    return update_norms(param_sum, second_sum);
+  } else {
+    return tensor_norms(param_sum, second_sum, inverse_grad_scale, grad_clip);
+  }
 }
 
 // The scalars of a tensor whose (already advanced) scalar state, if its op
@@ -309,6 +358,33 @@ struct LarsHyper : GroupCommon {
   }
 };
 
+// LAMB: Adam's moments with timm's options, and the norms of the param and
+// of the update (Note [norms of the update]). The bools travel as the float
+// lists' 0 or 1.
+struct LambHyper : GroupCommon {
+  static constexpr bool kStepsOptional = false;
+  static constexpr bool kHasTensorNorms = true;
+  static constexpr bool kNormsOfUpdate = true;
+  double beta1 = 0.0;
+  double beta2 = 0.0;
+  double eps = 0.0;
+  double weight_decay = 0.0;
+  bool bias_correction = true;
+  bool grad_averaging = true;
+  bool trust_clip = false;
+  bool always_adapt = false;
+
+  template <typename T>
+  FO_HOST_DEVICE FO_FORCE_INLINE LambScalars<T> scalars(
+      double lr_value, double step, const TensorNorms& norms) const {
+    const bool adapt = weight_decay != 0.0 || always_adapt;
+    return LambScalars<T>(lr_value, beta1, beta2, eps, weight_decay,
+                          bias_correction, grad_averaging, maximize, step,
+                          lamb_trust_ratio(trust_clip, adapt, norms.param,
+                                           norms.update));
+  }
+};
+
 // Ops whose scalars keep many registers live on CUDA (a dozen or more,
 // derived on the device): their kernels get 80 registers per thread instead
 // of 64 (kMinBlocksPerSm, multi_tensor_apply.cuh).
@@ -326,6 +402,10 @@ struct ManyScalars<RadamHyper> {
 };
 template <>
 struct ManyScalars<NadamHyper> {
+  static constexpr bool value = true;
+};
+template <>
+struct ManyScalars<LambHyper> {
   static constexpr bool value = true;
 };
 

@@ -377,6 +377,45 @@ struct LarsSpec {
   }
 };
 
+// ---------------------------------------------------------------------------
+// LAMB (timm's Lamb; per-tensor norms of the param and of the update)
+// ---------------------------------------------------------------------------
+struct LambSpec {
+  static constexpr const char* kName = "lamb_";
+  using Hyper = LambHyper;
+  static constexpr StateList kState[] = {{"exp_avgs", StateList::kAlways},
+                                         {"exp_avg_sqs", StateList::kAlways}};
+  static constexpr const char* kHyper[] = {
+      "beta1",           "beta2",          "eps",        "weight_decay",
+      "bias_correction", "grad_averaging", "trust_clip", "always_adapt"};
+  static constexpr const char* kModes[1] = {};  // (none; see kNumModes)
+  static constexpr size_t kNumModes = 0;
+  // decoupled_weight_decay per group: timm's decoupled_decay.
+  static constexpr bool kDecoupledDecay = true;
+  static constexpr const char* kNewState = nullptr;
+
+  static Hyper hyper(LrSource lr, const double* h) {
+    Hyper out;
+    out.lr = lr;
+    out.beta1 = h[0];
+    out.beta2 = h[1];
+    out.eps = h[2];
+    out.weight_decay = h[3];
+    out.bias_correction = h[4] != 0.0;
+    out.grad_averaging = h[5] != 0.0;
+    out.trust_clip = h[6] != 0.0;
+    out.always_adapt = h[7] != 0.0;
+    return out;
+  }
+
+  static const char* mode_error(const CallModes&) { return nullptr; }
+
+  template <typename Fn>
+  static auto with_element_op(const CallModes&, const Fn& fn) {
+    return fn(LambOp{});
+  }
+};
+
 // Whether every group's weight decay is decoupled, without a per-group
 // decoupled_weight_decay list (`kAlwaysDecoupled`; Lion): then the front
 // chooses kDecoupled (or kNone for a zero decay) for every group.
@@ -411,6 +450,7 @@ struct ScalarStateList<Spec, std::void_t<decltype(Spec::kScalarState)>> {
   X(::fused_optim::RadamSpec)   \
   X(::fused_optim::LionSpec)    \
   X(::fused_optim::NadamSpec)   \
-  X(::fused_optim::LarsSpec)
+  X(::fused_optim::LarsSpec)    \
+  X(::fused_optim::LambSpec)
 
 }  // namespace fused_optim

@@ -319,6 +319,92 @@ FO_HOST_DEVICE FO_FORCE_INLINE void lars_update(T& param, T grad,
 }
 
 // ---------------------------------------------------------------------------
+// LAMB (You et al. 2020), as timm's `Lamb` (timm/optim/lamb.py)
+// ---------------------------------------------------------------------------
+
+// The layer-wise trust ratio of one tensor, in double, from the norms of its
+// param (after a decoupled decay) and of its update direction (Note [norms
+// of the update] in hyperparams.h). As timm's Lamb: applied only when
+// `adapt` (weight_decay != 0 or always_adapt); 1 where either norm is not
+// positive; with trust_clip (LAMBC), at most 1 (NaN stays, as torch.clamp).
+FO_HOST_DEVICE FO_FORCE_INLINE double lamb_trust_ratio(bool trust_clip,
+                                                       bool adapt,
+                                                       double param_norm,
+                                                       double update_norm) {
+  if (!adapt) return 1.0;
+  double ratio = param_norm / update_norm;
+  if (!(param_norm > 0.0) || !(update_norm > 0.0)) ratio = 1.0;
+  if (trust_clip && ratio > 1.0) ratio = 1.0;
+  return ratio;
+}
+
+template <typename T>
+struct LambScalars {
+  T grad_sign;
+  T beta1;
+  T grad_weight;  // beta3: 1 - beta1 with grad_averaging, else 1
+  T beta2;
+  T one_minus_beta2;
+  T bias_correction1;       // 1 - beta1^t, or 1 without bias correction
+  T bias_correction2_sqrt;  // sqrt(1 - beta2^t), or 1
+  T eps;
+  T weight_decay;
+  T neg_lr_decay;  // -lr * weight_decay (decoupled decay)
+  T neg_lr;
+  T trust_ratio;   // 1 when not adapted (and in the measuring pass)
+
+  LambScalars() = default;
+  // `step` is the step count after this step's increment (t >= 1).
+  FO_HOST_DEVICE LambScalars(double lr, double beta1_, double beta2_,
+                             double eps_, double weight_decay_,
+                             bool bias_correction, bool grad_averaging,
+                             bool maximize, double step, double trust_ratio_)
+      : grad_sign(maximize ? T(-1) : T(1)),
+        beta1(T(beta1_)),
+        grad_weight(T(grad_averaging ? 1.0 - beta1_ : 1.0)),
+        beta2(T(beta2_)),
+        one_minus_beta2(T(1.0 - beta2_)),
+        bias_correction1(T(bias_correction ? 1.0 - std::pow(beta1_, step) : 1.0)),
+        bias_correction2_sqrt(
+            T(std::sqrt(bias_correction ? 1.0 - std::pow(beta2_, step) : 1.0))),
+        eps(T(eps_)),
+        weight_decay(T(weight_decay_)),
+        neg_lr_decay(T(-lr * weight_decay_)),
+        neg_lr(T(-lr)),
+        trust_ratio(T(trust_ratio_)) {}
+};
+
+// The first half of a LAMB step, shared by the measuring pass and the
+// update: the moments, the decoupled decay of the param (kDecoupled: timm's
+// decoupled_decay, before the norm is taken) and the update direction
+//   u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)  [+ weight_decay * param]
+// in timm's operation order. The trust ratio is not applied.
+template <WeightDecay kDecay, typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE T lamb_direction(T& param, T grad, T& exp_avg,
+                                                T& exp_avg_sq,
+                                                const LambScalars<T>& s) {
+  grad = grad * s.grad_sign;
+  exp_avg = fmadd(grad, s.grad_weight, exp_avg * s.beta1);
+  exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, exp_avg_sq * s.beta2);
+  const T denom = std::sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps;
+  T update = exp_avg / s.bias_correction1 / denom;
+  if (kDecay == WeightDecay::kDecoupled) param = fmadd(param, s.neg_lr_decay, param);
+  if (kDecay == WeightDecay::kL2) update = fmadd(param, s.weight_decay, update);
+  return update;
+}
+
+// One LAMB element: the direction, scaled by the tensor's trust ratio, then
+// param += -lr * update.
+template <WeightDecay kDecay, typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE void lamb_update(T& param, T grad, T& exp_avg,
+                                                T& exp_avg_sq,
+                                                const LambScalars<T>& s) {
+  const T update =
+      lamb_direction<kDecay>(param, grad, exp_avg, exp_avg_sq, s) * s.trust_ratio;
+  param = fmadd(update, s.neg_lr, param);
+}
+
+// ---------------------------------------------------------------------------
 // Adagrad
 // ---------------------------------------------------------------------------
 

@@ -1,0 +1,10 @@
+// The CPU kernels of fused_optim::lamb_ (both lr overloads): the shared
+// front and the CPU element loop (cpu/apply.h), instantiated in a unit of
+// its own so that the ops compile in parallel.
+#include <torch/library.h>
+
+#include "cpu/apply.h"
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
+  FO_IMPL_OP(m, fused_optim::LambSpec, fused_optim::cpu::run);
+}

@@ -1,0 +1,541 @@
+"""Lamb (LAMB), which torch.optim lacks: against its float64 reference
+(fused_optim._reference.Lamb over _reference.lamb: You et al. 2020 with
+timm's options), against timm's Lamb itself where timm is installed
+(trajectories and checkpoints both ways), and the norms of the trust ratio:
+||p|| and ||u|| of every tensor of a call computed inside the one lamb_ op
+call, the global norm (max_grad_norm) by one sum_of_squares call, the norms
+of unscaled (AMP) and clipped gradients, zero norms giving a ratio of 1.
+
+The table-driven suites cover Lamb through its reference class
+(optim_configs.torch_class); these tests add the rule in float64 over vector
+bodies and tails, several groups with different settings, and the package
+Lamb users come from."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import inspect
+import math
+import os
+import sys
+import types
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import fused_optim
+from fused_optim import _reference
+
+SIZES = [1, 7, 33, 4099, 5]
+STEPS = 12
+
+# Groups with different settings: the defaults (adapted, coupled decay);
+# no bias correction, no grad averaging, LAMBC's trust clipping (params
+# scaled up so that ||p|| / ||u|| > 1 and the clip bites); always_adapt
+# without decay, maximize; weight_decay 0 without always_adapt (excluded
+# from the ratio: an Adam step); decoupled decay (the param decayed before
+# its norm is taken). The last tensor of each group starts all zeros (its
+# param norm is 0: ratio 1).
+GROUPS = [
+    dict(lr=0.02, weight_decay=0.01),
+    dict(lr=0.01, betas=(0.8, 0.99), eps=1e-5, weight_decay=0.1, bias_correction=False,
+         grad_averaging=False, trust_clip=True),
+    dict(lr=0.03, weight_decay=0.0, always_adapt=True, maximize=True),
+    dict(lr=0.005, weight_decay=0.0),
+    dict(lr=0.02, betas=(0.5, 0.9), weight_decay=0.05, decoupled_decay=True),
+]
+PARAM_SCALES = [1.0, 4.0, 1.0, 1.0, 2.0]
+DEFAULTS = dict(lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                grad_averaging=True, trust_clip=False, always_adapt=False, decoupled_decay=False,
+                maximize=False)
+
+# Tolerances of test_lars.py (float32: rtol 1e-5, atol 1e-6; float64:
+# assert_close's), atol relative to the largest magnitude of the compared
+# tensor: with clipping to max_grad_norm=1 the gradients are ~1e-2 and
+# exp_avg_sq ~1e-6, which an absolute 1e-6 would not compare at all.
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-7, atol=1e-7)}
+
+
+def assert_close_scaled(actual, expected, rtol, atol, msg=""):
+    scale = float(expected.detach().abs().max()) if expected.numel() else 1.0
+    assert_close(actual.detach().to(expected.dtype), expected.detach(), rtol=rtol,
+                 atol=atol * max(scale, 1e-30), msg=lambda m: f"{msg}: {m}")
+
+
+def _params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(len(GROUPS)):
+        for i, n in enumerate(SIZES):
+            t = torch.randn(n, generator=g, dtype=torch.float64) * PARAM_SCALES[k]
+            if i == len(SIZES) - 1:
+                t.zero_()  # a zero param: ratio 1
+            out.append(torch.nn.Parameter(t.to(dtype)))
+    return out
+
+
+def _grads(step, dtype, params):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) for p in params]
+
+
+def _groups(params, groups=GROUPS, **extra):
+    n = len(SIZES)
+    return [dict(params=params[k * n:(k + 1) * n], **groups[k], **extra)
+            for k in range(len(groups))]
+
+
+def _global_norm(grads) -> float:
+    return math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+
+
+def _assert_state_close(ours, ref, p, r, tol, where):
+    st, rt = ours.state[p], ref.state[r]
+    assert set(st) == {"step", "exp_avg", "exp_avg_sq"}, f"{where}: state keys {sorted(st)}"
+    assert float(st["step"]) == float(rt["step"]), f"{where}: step"
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert st[key].dtype == p.dtype, f"{where}: {key} dtype"
+        assert_close_scaled(st[key], rt[key], **tol, msg=f"{where} {key}")
+
+
+# ----- the float64 reference -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["no_clip", "clip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matches_float64_reference(dtype, max_grad_norm):
+    # Ours in `dtype` against the reference class in float64 from the same
+    # start, after every step, on params and state. With max_grad_norm the
+    # global norm (~145) clips every step, and the decoupled group has its
+    # own max_grad_norm=None: measured in the global norm, not clipped.
+    groups = [dict(g) for g in GROUPS]
+    if max_grad_norm is not None:
+        groups[-1]["max_grad_norm"] = None
+    params = _params(dtype)
+    ref_params = [torch.nn.Parameter(p.detach().double().clone()) for p in params]
+    ours = fused_optim.Lamb(_groups(params, groups), max_grad_norm=max_grad_norm)
+    ref = _reference.Lamb(_groups(ref_params, groups), max_grad_norm=max_grad_norm)
+    tol = TOL[dtype]
+    for step in range(STEPS):
+        grads = _grads(step, dtype, params)
+        for p, r, g in zip(params, ref_params, grads):
+            p.grad, r.grad = g.clone(), g.double()
+        ours.step()
+        ref.step()
+        for i, (p, r, g) in enumerate(zip(params, ref_params, grads)):
+            where = f"{dtype} step {step} param {i}"
+            assert p.dtype == dtype
+            assert_close_scaled(p, r, **tol, msg=where)
+            _assert_state_close(ours, ref, p, r, tol, where)
+            assert torch.equal(p.grad, g), f"{where}: the step wrote the gradient"
+        if max_grad_norm is None:
+            assert ours.grad_norm is None
+        else:
+            norm = _global_norm(grads)
+            assert norm > 10 * max_grad_norm  # (clipping is active)
+            assert ours.grad_norm is not None
+            assert_close(float(ours.grad_norm), norm, rtol=2e-6, atol=0.0)
+
+
+def test_step_is_per_param():
+    # A param without a gradient takes no step: its own counter (bias
+    # correction) stays behind, as torch.optim's Adam's; the checkpoint's
+    # group "step" (for timm) is the largest count of the group.
+    a, b = (torch.nn.Parameter(torch.randn(9, dtype=torch.float64)) for _ in range(2))
+    ra, rb = (torch.nn.Parameter(t.detach().clone()) for t in (a, b))
+    kwargs = dict(lr=0.05, weight_decay=0.0, max_grad_norm=None)
+    ours, ref = fused_optim.Lamb([a, b], **kwargs), _reference.Lamb([ra, rb], **kwargs)
+    assert "step" not in ours.state_dict()["param_groups"][0]
+    for step in range(6):
+        g = torch.Generator().manual_seed(step)
+        a.grad = torch.randn(9, generator=g, dtype=torch.float64)
+        b.grad = torch.randn(9, generator=g, dtype=torch.float64) if step % 3 == 0 else None
+        ra.grad, rb.grad = a.grad.clone(), None if b.grad is None else b.grad.clone()
+        ours.step()
+        ref.step()
+    assert float(ours.state[a]["step"]) == 6 and float(ours.state[b]["step"]) == 2
+    for p, r in ((a, ra), (b, rb)):
+        assert_close(p, r)
+        _assert_state_close(ours, ref, p, r, TOL[torch.float64], "per-param step")
+    group_step = ours.state_dict()["param_groups"][0]["step"]
+    assert group_step == 6 and isinstance(group_step, int)
+    assert "step" not in ours.param_groups[0]  # (only in the checkpoint)
+
+
+def test_zero_param_and_zero_update_take_ratio_one():
+    # ||p|| = 0: ratio 1, the step is the Adam update plus the decay term.
+    # ||u|| = 0 (zero gradient, decoupled decay): ratio 1 (not 0 / 0 or
+    # ||p|| / 0), the step is the decay alone.
+    lr, wd, eps = 0.1, 0.5, 1e-6
+    g = torch.tensor([2.0, -1.0, 0.5, 3.0, -0.25], dtype=torch.float64)
+    zero = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    zero.grad = g.clone()
+    fused_optim.Lamb([zero], lr=lr, weight_decay=wd, max_grad_norm=None).step()
+    # first step with bias correction: m / bc1 = g, sqrt(v / bc2) = |g|
+    assert_close(zero.detach(), -lr * g / (g.abs() + eps))
+    p0 = torch.tensor([1.0, -2.0, 3.0, 0.5, 4.0], dtype=torch.float64)
+    still = torch.nn.Parameter(p0.clone())
+    still.grad = torch.zeros(5, dtype=torch.float64)
+    fused_optim.Lamb([still], lr=lr, weight_decay=wd, decoupled_decay=True,
+                     max_grad_norm=None).step()
+    assert_close(still.detach(), p0 - lr * wd * p0)
+    # always_adapt with no decay and a zero gradient: nothing moves
+    idle = torch.nn.Parameter(p0.clone())
+    idle.grad = torch.zeros(5, dtype=torch.float64)
+    fused_optim.Lamb([idle], lr=lr, weight_decay=0.0, always_adapt=True, max_grad_norm=None).step()
+    assert torch.equal(idle.detach(), p0)
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "decoupled"])
+@pytest.mark.parametrize("trust_clip", [False, True], ids=["ratio", "clipped_ratio"])
+def test_ratio_is_the_papers(trust_clip, decoupled):
+    # One first step written out (bias-corrected: m / bc1 = g, v / bc2 =
+    # g^2): u = g / (|g| + eps) (+ wd p), r = ||p|| / ||u|| (clipped at 1),
+    # p - lr r u; decoupled decay shrinks p before its norm is taken.
+    torch.manual_seed(0)
+    lr, wd, eps = 0.01, 0.1, 1e-6
+    for scale in (0.1, 10.0):  # ratio below and above 1
+        p0, g = torch.randn(100, dtype=torch.float64) * scale, torch.randn(100, dtype=torch.float64)
+        p = torch.nn.Parameter(p0.clone())
+        p.grad = g.clone()
+        fused_optim.Lamb([p], lr=lr, weight_decay=wd, eps=eps, trust_clip=trust_clip,
+                         decoupled_decay=decoupled, max_grad_norm=None).step()
+        u = g / (g.abs() + eps)
+        start = p0 * (1 - lr * wd) if decoupled else p0
+        if not decoupled:
+            u = u + wd * p0
+        ratio = float(start.norm() / u.norm())
+        if trust_clip:
+            ratio = min(ratio, 1.0)
+        assert_close(p.detach(), start - lr * ratio * u)
+
+
+def test_group_without_decay_is_not_adapted_unless_always_adapt():
+    torch.manual_seed(0)
+    p0, g = torch.randn(50, dtype=torch.float64) * 5, torch.randn(50, dtype=torch.float64)
+    u = g / (g.abs() + 1e-6)
+    plain = torch.nn.Parameter(p0.clone())
+    plain.grad = g.clone()
+    fused_optim.Lamb([plain], lr=0.1, weight_decay=0.0, max_grad_norm=None).step()
+    assert_close(plain.detach(), p0 - 0.1 * u)
+    adapted = torch.nn.Parameter(p0.clone())
+    adapted.grad = g.clone()
+    fused_optim.Lamb([adapted], lr=0.1, weight_decay=0.0, always_adapt=True,
+                     max_grad_norm=None).step()
+    assert_close(adapted.detach(), p0 - 0.1 * float(p0.norm() / u.norm()) * u)
+
+
+# ----- one pass for the norms ----------------------------------------------------------------
+
+
+def _op_calls(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    names = [e.name for e in prof.events()]
+    return names.count("fused_optim::sum_of_squares"), names.count("fused_optim::lamb_")
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["no_clip", "clip"])
+def test_norms_of_all_tensors_in_the_one_op_call(max_grad_norm):
+    # The five groups (one dtype) in one lamb_ call, which computes every
+    # tensor's ||p|| and ||u|| itself (the update norm needs the update,
+    # which only the op computes): no sum_of_squares for them. With
+    # max_grad_norm, one sum_of_squares per step: the global norm, over
+    # every gradient.
+    params = _params(torch.float32)
+    opt = fused_optim.Lamb(_groups(params), max_grad_norm=max_grad_norm)
+    for p, g in zip(params, _grads(0, torch.float32, params)):
+        p.grad = g
+    opt.step()  # (plans and state on the first step)
+    for p, g in zip(params, _grads(1, torch.float32, params)):
+        p.grad = g
+    sums, lamb_calls = _op_calls(opt.step)
+    assert lamb_calls == 1
+    assert sums == (0 if max_grad_norm is None else 1)
+
+
+# ----- AMP -----------------------------------------------------------------------------------
+
+
+def _amp_setup(max_grad_norm):
+    torch.manual_seed(0)
+    p0 = [torch.randn(n) * 2 for n in (7, 33, 4099)]
+    kwargs = dict(lr=0.02, weight_decay=0.01, max_grad_norm=max_grad_norm)
+    return p0, kwargs
+
+
+def _amp_grads(step, p0):
+    g = torch.Generator().manual_seed(10 + step)
+    return [torch.randn(t.shape, generator=g) for t in p0]
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["no_clip", "clip"])
+def test_grad_scaler_equals_unscaled_run(max_grad_norm):
+    # Under GradScaler the op unscales in registers: the moments, both norms
+    # of the ratio and the global norm are of the unscaled gradient, so the
+    # steps equal the unscaled ones.
+    p0, kwargs = _amp_setup(max_grad_norm)
+    plain = [torch.nn.Parameter(t.clone()) for t in p0]
+    plain_opt = fused_optim.Lamb(plain, **kwargs)
+    scaled = [torch.nn.Parameter(t.clone()) for t in p0]
+    opt = fused_optim.Lamb(scaled, **kwargs)
+    assert opt._step_supports_amp_scaling  # (grad_scale and found_inf reach the op)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    for step in range(4):
+        grads = _amp_grads(step, p0)
+        for p, g in zip(plain, grads):
+            p.grad = g.clone()
+        plain_opt.step()
+        scaler.scale(torch.ones(()))  # (initializes the scale, as scaling a loss does)
+        scale = scaler.get_scale()  # (a power of two: the scaled gradients are exact)
+        for p, g in zip(scaled, grads):
+            p.grad = g * scale
+        scaler.step(opt)
+        scaler.update()
+        for a, b in zip(scaled, plain):
+            assert_close(a, b)
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert_close(opt.state[a][key], plain_opt.state[b][key])
+        if max_grad_norm is not None:
+            assert_close(opt.grad_norm, plain_opt.grad_norm)
+    assert scaler.get_scale() > 1024.0  # (the scale grew: not one constant scale)
+
+
+def _snapshot(opt, params):
+    return ([p.detach().clone() for p in params],
+            {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params},
+            [p.grad.clone() for p in params])
+
+
+def _assert_unchanged(opt, params, snap, where):
+    values, states, grads = snap
+    for i, p in enumerate(params):
+        assert torch.equal(p.detach(), values[i]), f"{where}: param {i} changed"
+        assert set(opt.state[p]) == set(states[id(p)]), f"{where}: state keys of param {i}"
+        for key, value in states[id(p)].items():
+            assert torch.equal(opt.state[p][key], value), f"{where}: {key} of param {i} changed"
+        assert_close(p.grad, grads[i], rtol=0, atol=0, equal_nan=True,
+                     msg=lambda m: f"{where}: grad {i} changed: {m}")
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["no_clip", "clip"])
+def test_found_inf_skips_the_step(max_grad_norm):
+    p0, kwargs = _amp_setup(max_grad_norm)
+    params = [torch.nn.Parameter(t.clone()) for t in p0]
+    opt = fused_optim.Lamb(params, **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(2):
+        scaler.scale(torch.ones(()))
+        for p, g in zip(params, _amp_grads(step, p0)):
+            p.grad = g * scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+    scaler.scale(torch.ones(()))
+    for p, g in zip(params, _amp_grads(2, p0)):
+        p.grad = g * scaler.get_scale()
+    params[2].grad[5] = float("nan")
+    snap = _snapshot(opt, params)
+    scale = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < scale  # (the scaler saw the NaN)
+    _assert_unchanged(opt, params, snap, "AMP-skipped step")
+    assert all(float(opt.state[p]["step"]) == 2 for p in params)
+
+
+# ----- refused -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["no_clip", "clip"])
+@pytest.mark.parametrize("cls", [fused_optim.Lamb, _reference.Lamb], ids=["fused", "reference"])
+def test_sparse_gradients_refused(cls, max_grad_norm):
+    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2)]
+    opt = cls(params, lr=0.1, max_grad_norm=max_grad_norm)
+    for p in params:
+        p.grad = torch.randn(4, 3)
+    opt.step()
+    params[0].grad = torch.randn(4, 3)
+    params[1].grad = torch.randn(4, 3).to_sparse()
+    snap = ([p.detach().clone() for p in params],
+            {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params},
+            [params[0].grad.clone(), params[1].grad.to_dense()])
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    params[1].grad = params[1].grad.to_dense()  # (for the comparison)
+    _assert_unchanged(opt, params, snap, "refused sparse step")
+
+
+@pytest.mark.parametrize("cls", [fused_optim.Lamb, _reference.Lamb], ids=["fused", "reference"])
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(caution=True), "caution"),
+    (dict(lr=-1e-3), "Invalid learning rate"),
+    (dict(eps=-1e-6), "Invalid epsilon value"),
+    (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0"),
+    (dict(betas=(-0.1, 0.999)), "Invalid beta parameter at index 0"),
+    (dict(betas=(0.9, 1.0)), "Invalid beta parameter at index 1"),
+    (dict(weight_decay=-0.01), "Invalid weight_decay value"),
+    (dict(max_grad_norm=0.0), "Invalid max_grad_norm value"),
+], ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_constructor_errors(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls([torch.nn.Parameter(torch.randn(3))], **kwargs)
+
+
+def test_signature_is_timms_plus_keywords():
+    # timm's positional parameters and defaults; keyword-only: maximize and
+    # the precision options (the reference: maximize and foreach).
+    timms = ["params", "lr", "bias_correction", "betas", "eps", "weight_decay", "grad_averaging",
+             "max_grad_norm", "trust_clip", "always_adapt", "caution", "decoupled_decay"]
+    extra = {fused_optim.Lamb: {"maximize": False, "master_weights": False, "state_dtype": None,
+                                "stochastic_rounding": False},
+             _reference.Lamb: {"maximize": False, "foreach": None}}
+    for cls, keywords in extra.items():
+        params = list(inspect.signature(cls).parameters.values())
+        assert [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD] == timms, cls
+        assert {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY} == keywords, cls
+        defaults = {p.name: p.default for p in params if p.default is not p.empty}
+        assert defaults == {**DEFAULTS, "max_grad_norm": 1.0, "caution": False, **keywords}, cls
+
+
+# ----- timm's Lamb ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _load_timm_lamb():
+    # timm 1.0.15 (scripts/bootstrap.sh installs it, --no-deps): only its
+    # files timm/optim/lamb.py and the _types.py it imports relatively,
+    # loaded as a stand-in package (timm's own package imports
+    # torchvision, which we do not install).
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "optim")
+    package = types.ModuleType("_timm_optim")
+    package.__path__ = [folder]
+    sys.modules.setdefault("_timm_optim", package)
+    module_spec = importlib.util.spec_from_file_location("_timm_optim.lamb",
+                                                         os.path.join(folder, "lamb.py"))
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules["_timm_optim.lamb"] = module
+    module_spec.loader.exec_module(module)
+    return module.Lamb
+
+
+def timm_lamb():
+    """timm's Lamb class, or a pytest skip where timm is not installed."""
+    cls = _load_timm_lamb()
+    if cls is None:
+        pytest.skip("timm is not installed")
+    return cls
+
+
+def _timm_groups(params):
+    # timm has no maximize
+    return _groups(params, [{k: v for k, v in g.items() if k != "maximize"} for g in GROUPS])
+
+
+def _clip_rtol(norm):
+    # timm clips with min(1, max_grad_norm / norm), torch's formula (ours)
+    # with max_grad_norm / (norm + 1e-6): the factors differ by a relative
+    # ~1e-6 / norm. exp_avg is linear in the gradients (a relative 1e-6 /
+    # norm), exp_avg_sq quadratic (twice that); the update m / (sqrt(v) +
+    # eps) and the ratio are scale-free but for eps (far smaller
+    # differences). Three times the largest, for the rounding on top.
+    return 3 * 2 * 1e-6 / norm
+
+
+@pytest.mark.parametrize("variant", ["no_clip", "clip", "decoupled_trust_clip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matches_timm(dtype, variant):
+    # The same trajectory as timm's Lamb, params and state, over 12 steps
+    # with every param given a gradient at every step (timm's step counter is
+    # the group's). (timm computes its norms in the tensor's dtype, we
+    # accumulate them in float64.)
+    timm_cls = timm_lamb()
+    groups = [{k: v for k, v in g.items() if k != "maximize"} for g in GROUPS]
+    if variant == "decoupled_trust_clip":
+        groups = [dict(g, decoupled_decay=True, trust_clip=True) for g in groups]
+    max_grad_norm = 1.0 if variant == "clip" else None
+    ours_params, theirs_params = _params(dtype), _params(dtype)
+    ours = fused_optim.Lamb(_groups(ours_params, groups), max_grad_norm=max_grad_norm)
+    theirs = timm_cls(_groups(theirs_params, groups), max_grad_norm=max_grad_norm)
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1.3e-6, atol=1e-5)
+    for step in range(STEPS):
+        grads = _grads(step, dtype, ours_params)
+        for a, b, g in zip(ours_params, theirs_params, grads):
+            a.grad, b.grad = g, g.clone()  # (timm clips its p.grad in place)
+        ours.step()
+        theirs.step()
+        step_tol = dict(tol)
+        if max_grad_norm is not None:
+            norm = _global_norm(grads)
+            assert norm > 10 * max_grad_norm  # (clipping is active)
+            step_tol["rtol"] = max(tol["rtol"], _clip_rtol(norm))
+        for i, (a, b) in enumerate(zip(ours_params, theirs_params)):
+            where = f"{dtype} {variant} step {step} param {i}"
+            assert_close_scaled(a, b, **step_tol, msg=where)
+            assert float(ours.state[a]["step"]) == theirs.param_groups[i // len(SIZES)]["step"]
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert_close_scaled(ours.state[a][key], theirs.state[b][key], **step_tol,
+                                    msg=f"{where} {key}")
+
+
+def test_checkpoints_move_between_timm_and_ours():
+    # ours -> timm: our checkpoint's groups carry timm's "step" (the
+    # group's largest count), so timm continues with the right bias
+    # correction; timm -> ours: each param's "step" from its group's, which
+    # ours does not keep as a group key. Both continue as the uninterrupted
+    # runs. (The group of weight_decay 0 without always_adapt takes an
+    # unadapted step, whose size depends on the bias correction.)
+    timm_cls = timm_lamb()
+    dtype = torch.float32
+    ours_params, theirs_params = _params(dtype), _params(dtype)
+    ours = fused_optim.Lamb(_timm_groups(ours_params), max_grad_norm=None)
+    theirs = timm_cls(_timm_groups(theirs_params), max_grad_norm=None)
+    assert all("step" not in g for g in ours.state_dict()["param_groups"])
+
+    def run(pairs, steps):
+        for step in steps:
+            grads = _grads(step, dtype, ours_params)
+            for opt, params in pairs:
+                for p, g in zip(params, grads):
+                    p.grad = g.clone()
+                opt.step()
+
+    run([(ours, ours_params), (theirs, theirs_params)], range(3))
+    ours_sd, theirs_sd = copy.deepcopy(ours.state_dict()), copy.deepcopy(theirs.state_dict())
+    assert [g["step"] for g in ours_sd["param_groups"]] == [3] * len(GROUPS)
+    assert all(type(g["step"]) is int for g in ours_sd["param_groups"])
+
+    # timm -> ours
+    ours_loaded_params = [torch.nn.Parameter(p.detach().clone()) for p in theirs_params]
+    ours_loaded = fused_optim.Lamb(_timm_groups(ours_loaded_params), max_grad_norm=None)
+    ours_loaded.load_state_dict(theirs_sd)
+    assert all("step" not in g for g in ours_loaded.param_groups)
+    for p in ours_loaded_params:
+        assert set(ours_loaded.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+        assert isinstance(ours_loaded.state[p]["step"], torch.Tensor)
+        assert float(ours_loaded.state[p]["step"]) == 3
+    # ours -> timm
+    theirs_loaded_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    theirs_loaded = timm_cls(_timm_groups(theirs_loaded_params), max_grad_norm=None)
+    theirs_loaded.load_state_dict(ours_sd)
+    assert [g["step"] for g in theirs_loaded.param_groups] == [3] * len(GROUPS)
+
+    run([(ours, ours_params), (theirs, theirs_params), (ours_loaded, ours_loaded_params),
+         (theirs_loaded, theirs_loaded_params)], range(3, 6))
+    for i in range(len(ours_params)):
+        for (lo, lp), (uo, up) in (
+            ((ours_loaded, ours_loaded_params), (ours, ours_params)),
+            ((theirs_loaded, theirs_loaded_params), (theirs, theirs_params)),
+        ):
+            where = f"{type(lo).__module__} loaded, param {i}"
+            assert_close_scaled(lp[i], up[i], rtol=1.3e-6, atol=1e-5, msg=where)
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert_close_scaled(lo.state[lp[i]][key], uo.state[up[i]][key], rtol=1.3e-6,
+                                    atol=1e-5, msg=f"{where} {key}")
+    assert all(float(ours_loaded.state[p]["step"]) == 6 for p in ours_loaded_params)
+    assert [g["step"] for g in theirs_loaded.param_groups] == [6] * len(GROUPS)
