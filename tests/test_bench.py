@@ -304,3 +304,21 @@ def test_lars_is_timed_against_timms_lars():
     impls = impls_for(OPTIMIZERS["lars"], "cpu", PRECISIONS["fp32"], list(IMPLS), notes)
     assert impls == ["fused_optim", "reference"]
     assert any("torch.optim has no Lars" in n for n in notes)
+
+
+def test_lamb_is_timed_against_timms_lamb():
+    # As Lars: timm's package imports torchvision, so bench/peers.import_reference
+    # has to load timm/optim/lamb.py without it (and that file imports timm's
+    # optim/_types.py relatively, which lars.py does not).
+    from fused_optim.bench.peers import import_reference, impls_for
+    from fused_optim.bench.specs import IMPLS, OPTIMIZERS, PRECISIONS
+
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed")
+    assert import_reference("timm.optim.lamb").Lamb.__name__ == "Lamb"
+    notes = []
+    impls = impls_for(OPTIMIZERS["lamb"], "cpu", PRECISIONS["fp32"], list(IMPLS), notes)
+    assert impls == ["fused_optim", "reference"]
+    assert any("torch.optim has no Lamb" in n for n in notes)

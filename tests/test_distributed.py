@@ -46,7 +46,8 @@ def _train(model, opt, steps=5):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam",
+                                  "Lion", "Lars", "Lamb"])
 def test_zero_redundancy_and_ddp_match_torch(process_group, name):
     kwargs = {"lr": 1e-2}
     if name in ("SGD", "Lars"):
@@ -77,7 +78,8 @@ def test_dtensor_rule_registered_whichever_is_imported_first():
         "handlers = DTensor._op_dispatcher._custom_op_handlers; "
         "import torch; "
         "assert all(getattr(getattr(torch.ops.fused_optim, n), overload) in handlers "
-        "for n in ('adam_', 'sgd_', 'adagrad_', 'rmsprop_', 'radam_', 'nadam_', 'lion_', 'lars_') "
+        "for n in ('adam_', 'sgd_', 'adagrad_', 'rmsprop_', 'radam_', 'nadam_', 'lion_', 'lars_', "
+        "'lamb_') "
         "for overload in ('default', 'tensor_lr')); print('registered')"
     )
     for first in ("import fused_optim; import torch.distributed.tensor", "import torch.distributed.tensor; import fused_optim"):
@@ -86,27 +88,39 @@ def test_dtensor_rule_registered_whichever_is_imported_first():
         assert out.stdout.strip() == "registered", out.stderr
 
 
-def test_lars_on_dtensors_replicated_as_plain_sharded_refused(process_group):
-    # LARS reads each param's and gradient's norm (Note [per-tensor norms]):
-    # a replicated DTensor is the whole tensor on every rank, so its step is
-    # the plain step; a shard's norm is not the param's, so a Shard
-    # placement is refused (_dtensor), before anything is written.
+# The optimizers whose update reads per-tensor norms (_ops.TENSOR_NORM_OPS),
+# with options that adapt their group (weight_decay != 0). Lamb keeps its
+# default clipping (max_grad_norm=1.0), which these gradients exceed.
+NORM_READING = {
+    "Lars": dict(lr=0.5, momentum=0.9, weight_decay=0.01),
+    "Lamb": dict(lr=0.05, weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NORM_READING))
+def test_norm_reading_optimizers_on_dtensors_replicated_as_plain_sharded_refused(process_group,
+                                                                                  name):
+    # LARS and LAMB read each param's norm and that of its gradient or
+    # update (Note [per-tensor norms]): a replicated DTensor is the whole
+    # tensor on every rank, so its step is the plain step; a shard's norm
+    # is not the param's, so a Shard placement is refused (_dtensor),
+    # before anything is written.
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (1,))
     torch.manual_seed(0)
     full, grad = torch.randn(8, 4), torch.randn(8, 4)
-    kwargs = dict(lr=0.5, momentum=0.9, weight_decay=0.01)
+    cls, kwargs = getattr(fused_optim, name), NORM_READING[name]
     ref = torch.nn.Parameter(full.clone())
     ref.grad = grad.clone()
-    fused_optim.Lars([ref], **kwargs).step()
+    cls([ref], **kwargs).step()
     p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Replicate()]))
     p.grad = distribute_tensor(grad.clone(), mesh, [Replicate()])
-    fused_optim.Lars([p], **kwargs).step()
+    cls([p], **kwargs).step()
     torch.testing.assert_close(p.full_tensor(), ref.detach(), rtol=0, atol=0)
     s = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
     s.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
     with pytest.raises(RuntimeError, match="sharded"):
-        fused_optim.Lars([s], **kwargs).step()
+        cls([s], **kwargs).step()
     assert torch.equal(s.full_tensor(), full)

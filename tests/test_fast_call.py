@@ -81,7 +81,8 @@ def test_fast_call_bumps_versions_of_written_lists(amp, tensor_lr):
             assert v1 == v0 + (1 if is_written else 0), name
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam",
+                                  "Lion", "Lars", "Lamb"])
 def test_step_leaves_a_saved_gradient_usable(name):
     # torch.optim never writes a gradient (without GradScaler), so a graph
     # that saved one (e.g. a gradient penalty) still runs backward after a
@@ -96,7 +97,8 @@ def test_step_leaves_a_saved_gradient_usable(name):
     assert w.grad.grad is not None
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam",
+                                  "Lion", "Lars", "Lamb"])
 def test_step_on_a_saved_param_is_caught_by_autograd(name):
     # As with torch.optim: stepping a param that a graph saved for backward
     # makes that backward fail instead of silently using the new values.

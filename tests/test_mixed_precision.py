@@ -260,7 +260,8 @@ def test_stochastic_rounding_streams_differ_between_calls():
     assert not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "AdamW", "RAdam", "NAdam", "Lion", "Lars"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "AdamW", "RAdam", "NAdam", "Lion", "Lars",
+                                  "Lamb"])
 def test_stochastic_rounding_is_deterministic(name):
     """Same bits run after run, whatever the thread count."""
     a, b, c = _sr_run(1, name), _sr_run(1, name), _sr_run(2, name)
@@ -374,7 +375,8 @@ CONSTRUCTOR_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam",
+                                  "Lion", "Lars", "Lamb"])
 @pytest.mark.parametrize("kwargs,match", CONSTRUCTOR_ERRORS)
 def test_constructor_errors(name, kwargs, match):
     with pytest.raises(ValueError, match=match):

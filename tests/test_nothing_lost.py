@@ -35,7 +35,7 @@ def _optimizer(name, first, second, **kwargs):
     return cls([{"params": first}, {"params": second, "maximize": True}], **kwargs)
 
 
-NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars"]
+NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars", "Lamb"]
 
 
 def _break_state_shape(opt, p):

@@ -193,6 +193,27 @@ def lars_inputs(dtype, device, momentum_on, nesterov, maximize):
         modes={"nesterov": nesterov})
 
 
+def lamb_inputs(dtype, device, maximize, decoupled):
+    # group 0: not adapted (weight_decay 0), no bias correction; group 1:
+    # adapted with decay, without grad averaging; group 2: always_adapt
+    # without decay, LAMBC clipping. (Clipping in group 1 would hide its
+    # decoupled flag: at a ratio of 1 both decays are the same step.)
+    # Tensor 4 (shape (0,)) has zero norms: ratio 1.
+    return _named(
+        params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
+        states={"exp_avgs": _tensors(4, dtype, device),
+                "exp_avg_sqs": _tensors(3, dtype, device, positive=True)},
+        steps=_steps(), lr=[1e-2, 3e-3, 2e-2],
+        hyper={"beta1": [0.9, 0.8, 0.5], "beta2": [0.999, 0.99, 0.9],
+               "eps": [1e-6, 1e-8, 1e-5], "weight_decay": [0.0, 0.1, 0.0],
+               "bias_correction": [0.0, 1.0, 1.0],
+               "grad_averaging": [1.0, 0.0, 1.0],
+               "trust_clip": [0.0, 0.0, 1.0],
+               "always_adapt": [0.0, 0.0, 1.0]},
+        flags={"maximize": PATTERNS[maximize], "decoupled_weight_decay": DECOUPLED_PATTERNS[decoupled]},
+        modes={})
+
+
 B = [False, True]
 P = list(PATTERNS)
 SAMPLES = {
@@ -208,6 +229,7 @@ SAMPLES = {
     "nadam_": [(nadam_inputs, dict(maximize=m, decoupled=d)) for m, d in itertools.product(P, P)],
     "lars_": [(lars_inputs, dict(momentum_on=mo, nesterov=n, maximize=m))
               for mo, n, m in itertools.product(B, B, P) if mo or not n],
+    "lamb_": [(lamb_inputs, dict(maximize=m, decoupled=d)) for m, d in itertools.product(P, P)],
 }
 CASES = [(op, i) for op in SAMPLES for i in range(len(SAMPLES[op]))]
 
@@ -222,6 +244,7 @@ FULL_SAMPLE = {
     "lion_": dict(maximize="mixed"),
     "nadam_": dict(maximize="mixed", decoupled="mixed"),
     "lars_": dict(momentum_on=True, nesterov=True, maximize="mixed"),
+    "lamb_": dict(maximize="mixed", decoupled="mixed"),
 }
 
 
@@ -422,17 +445,38 @@ SCHEMAS = {
                        "bool[] maximize, float[] max_grad_norm, int[] new_momentum_buffers, "
                        "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
                        "*, bool nesterov, bool stochastic_rounding) -> ()",
+    "lamb_": "fused_optim::lamb_(Tensor(a!)[] params, Tensor(b!)[] grads, "
+             "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+             "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, int[] group_index, "
+             "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
+             "float[] bias_correction, float[] grad_averaging, float[] trust_clip, "
+             "float[] always_adapt, "
+             "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
+             "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
+             "*, bool stochastic_rounding) -> ()",
+    "lamb_.tensor_lr": "fused_optim::lamb_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
+                       "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+                       "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, int[] group_index, "
+                       "Tensor[] lr, float[] beta1, float[] beta2, float[] eps, "
+                       "float[] weight_decay, "
+                       "float[] bias_correction, float[] grad_averaging, float[] trust_clip, "
+                       "float[] always_adapt, "
+                       "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
+                       "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
+                       "*, bool stochastic_rounding) -> ()",
 }
 
 
 def test_schemas():
-    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "nadam_", "lion_", "lars_"):
+    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "nadam_", "lion_", "lars_",
+                 "lamb_"):
         for tensor_lr in OVERLOADS:
             key = name + (".tensor_lr" if tensor_lr else "")
             got = str(_op(name, tensor_lr)._schema)
             assert got == SCHEMAS[key], got
     # Two overloads per op, no more.
-    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "nadam_", "lion_", "lars_"):
+    for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "nadam_", "lion_", "lars_",
+                 "lamb_"):
         assert sorted(getattr(torch.ops.fused_optim, name).overloads()) == ["default", "tensor_lr"]
 
 
@@ -529,6 +573,19 @@ def _reference(op, named):
                                  maximize=flags["maximize"][k])
             if bufs and new:
                 bufs[i] = state["momentum_buffer"]
+        elif op == "lamb_":
+            # (torch.optim has no LAMB: the reference rule, fused_optim._reference;
+            # it counts the step in the state's tensor, as the op does)
+            state = {"step": st[i], "exp_avg": s["exp_avgs"][i], "exp_avg_sq": s["exp_avg_sqs"][i]}
+            reference_rules.lamb(p[i], g[i], state, lr=lr[k],
+                                 betas=(h["beta1"][k], h["beta2"][k]), eps=h["eps"][k],
+                                 weight_decay=h["weight_decay"][k],
+                                 bias_correction=bool(h["bias_correction"][k]),
+                                 grad_averaging=bool(h["grad_averaging"][k]),
+                                 trust_clip=bool(h["trust_clip"][k]),
+                                 always_adapt=bool(h["always_adapt"][k]),
+                                 decoupled_decay=flags["decoupled_weight_decay"][k],
+                                 maximize=flags["maximize"][k])
         else:
             raise ValueError(op)
     return _written(op, named)
@@ -668,7 +725,8 @@ LR_TENSOR_VARIANTS = ["lr_tensor_two_elements", "lr_tensor_float16", "lr_tensor_
 ERROR_CASES = [
     (op, tensor_lr, variant)
     for op in SAMPLES for tensor_lr in OVERLOADS
-    for variant in COMMON_VARIANTS + (ADAM_VARIANTS if op in ("adam_", "radam_", "nadam_") else [])
+    for variant in COMMON_VARIANTS
+    + (ADAM_VARIANTS if op in ("adam_", "radam_", "nadam_", "lamb_") else [])
     + (SCALAR_STATE_VARIANTS if op == "nadam_" else [])
     + (LR_TENSOR_VARIANTS if tensor_lr else [])
 ]

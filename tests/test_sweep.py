@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import json
 import math
 import signal
@@ -30,6 +31,7 @@ from torch.optim.lr_scheduler import LambdaLR, StepLR
 from torch.testing import assert_close
 
 import fused_optim
+from fused_optim._reference import REFERENCE_CLASSES
 from fused_optim import sweep
 from fused_optim.sweep import stacked
 from fused_optim.sweep.lockstep import Lockstep, warmup_cosine
@@ -104,9 +106,17 @@ def train_alone(module: nn.Module, spec: dict, batches: list, total_steps: int |
     config = make_config(spec)
     m = copy.deepcopy(module)
     m.train()
+    # torch.optim's class, or for an optimizer it lacks (Lion, Lars, Lamb)
+    # the plain reference implementation of the same rule.
+    cls = getattr(torch.optim, config.optimizer, None) or REFERENCE_CLASSES[config.optimizer]
     kwargs = {k: v for k, v in config.kwargs.items() if k != "max_grad_norm"}
-    clip = config.run.get("clip_grad_norm", config.kwargs.get("max_grad_norm"))
-    opt = getattr(torch.optim, config.optimizer)(m.parameters(), **kwargs, foreach=False)
+    # (the class's default limit when the configuration sets none: Lamb's
+    # 1.0, as timm's; clipped here, by clip_grad_norm_, not by the class)
+    default = inspect.signature(getattr(fused_optim, config.optimizer)).parameters["max_grad_norm"].default
+    clip = config.run.get("clip_grad_norm", config.kwargs.get("max_grad_norm", default))
+    if "max_grad_norm" in inspect.signature(cls).parameters:
+        kwargs["max_grad_norm"] = None
+    opt = cls(m.parameters(), **kwargs, foreach=False)
     schedule = config.run.get("schedule", "constant")
     warmup = config.run.get("warmup_steps", 0)
     scheduler = None
@@ -264,6 +274,47 @@ RUN_KEY_CONFIGS = [
     # the optimizer's own clipping option: by this configuration's norm
     {"optimizer": "RMSprop", "lr": 1e-3, "max_grad_norm": 0.05},
 ]
+
+
+# The optimizers torch.optim has only in part (RAdam, NAdam) or not at all
+# (Lion, Lars, Lamb; their reference implementations are the oracle), with
+# the clipping option: each configuration by its own norm, Lamb's by
+# default (max_grad_norm=1.0, as timm's).
+NEW_OPTIMIZER_CONFIGS = [
+    {"optimizer": "RAdam", "lr": 1e-2, "weight_decay": 0.01, "decoupled_weight_decay": True},
+    {"optimizer": "NAdam", "lr": 1e-2, "max_grad_norm": 0.1},
+    {"optimizer": "Lion", "lr": 1e-3, "weight_decay": 0.1},
+    {"optimizer": "Lars", "lr": 0.5, "momentum": 0.9, "weight_decay": 1e-3, "trust_coeff": 0.02},
+    {"optimizer": "Lamb", "lr": 1e-2},  # (clips at 1.0: not reached here)
+    {"optimizer": "Lamb", "lr": 1e-2, "max_grad_norm": 0.05, "always_adapt": True},
+    {"optimizer": "Lamb", "lr": 2e-2, "max_grad_norm": None, "trust_clip": True,
+     "decoupled_decay": True},
+    {"optimizer": "Lion", "lr": 1e-3, "clip_grad_norm": 0.05},
+]
+
+
+def test_new_optimizers_per_configuration_match_alone():
+    torch.manual_seed(0)
+    model = mlp()
+    batches = batch_list(20)
+    lockstep, losses = train_lockstep(model, NEW_OPTIMIZER_CONFIGS, batches)
+    for k, spec in enumerate(NEW_OPTIMIZER_CONFIGS):
+        alone = train_alone(model, spec, batches)
+        limit = spec.get("clip_grad_norm", spec.get("max_grad_norm"))
+        if limit is not None:  # clipping really happened, at most steps
+            clipped = sum(n > limit for n in alone.norms)
+            assert clipped > len(batches) // 2, f"configuration {k}: clipped only {clipped} times"
+        assert_like_alone(lockstep, k, alone, losses)
+
+
+def test_a_configuration_clips_at_its_class_default():
+    # Lamb clips at max_grad_norm=1.0 by default (timm's); the others do not.
+    from fused_optim.sweep.lockstep import _clip_limit
+
+    assert _clip_limit(make_config({"optimizer": "Lamb", "lr": 1e-2})) == 1.0
+    assert _clip_limit(make_config({"optimizer": "Lamb", "lr": 1e-2, "max_grad_norm": None})) == math.inf
+    assert _clip_limit(make_config({"optimizer": "Lamb", "lr": 1e-2, "clip_grad_norm": 0.5})) == 0.5
+    assert _clip_limit(make_config({"optimizer": "Adam", "lr": 1e-2})) == math.inf
 
 
 def test_warmup_cosine_factor():

@@ -174,7 +174,10 @@ constexpr int max_tensors_per_launch() {
       + (HasScalarState<Hyper>::value ? sizeof(void*) + 1 : 0)  // scalar state
       + (HasTensorNorms<Hyper>::value ? sizeof(int32_t) : 0);   // norms' position
   constexpr size_t kFixed =
-      (HasTensorNorms<Hyper>::value ? 2 * sizeof(void*) + 24 : 0)  // norms
+      (HasTensorNorms<Hyper>::value ? sizeof(void*) + 16 : 0)  // norms
+      + (NormsOfUpdate<Hyper>::value ? sizeof(void*) + 8 : 0)  // partials
+      // (LARS's metadata carries the two partials fields unused; the
+      // static_assert in plan_launches checks that it still fits)
       +
       max_hyper_slots<Hyper>() * (sizeof(Hyper) + 1)  // hyper, decay
       + 3 * sizeof(void*)                             // grad_scale, found_inf, grad_norm

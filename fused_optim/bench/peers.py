@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
+import types
 from typing import Callable
 
 import torch
@@ -32,8 +34,11 @@ def param_groups(spec: OptimizerSpec, workload: Workload, param_set: ParamSet) -
 def import_reference(module_name: str):
     """The module of a reference implementation: imported, or, when its
     package is installed but importing the package fails (timm's imports
-    torchvision, which the optimizer file does not need), that one file
-    loaded alone. Raises ImportError when neither works."""
+    torchvision, which the optimizer files do not need), that file loaded
+    without its package's __init__: as a submodule of a stand-in package
+    whose path is the file's folder, so that its relative imports of
+    sibling files work (timm's lamb.py: ``from ._types import ParamsT``).
+    Raises ImportError when neither works."""
     try:
         return importlib.import_module(module_name)
     except ImportError:
@@ -41,14 +46,25 @@ def import_reference(module_name: str):
         spec = importlib.util.find_spec(top)
         if not rest or spec is None or not spec.submodule_search_locations:
             raise
-        path = os.path.join(list(spec.submodule_search_locations)[0], *rest) + ".py"
+        folder = os.path.join(list(spec.submodule_search_locations)[0], *rest[:-1])
+        path = os.path.join(folder, rest[-1] + ".py")
         if not os.path.isfile(path):
             raise
-        file_spec = importlib.util.spec_from_file_location(f"_reference_{'_'.join(rest)}", path)
+        package_name = "_reference_" + "_".join([top, *rest[:-1]])
+        if package_name not in sys.modules:
+            package = types.ModuleType(package_name)
+            package.__path__ = [folder]
+            sys.modules[package_name] = package
+        name = f"{package_name}.{rest[-1]}"
+        if name in sys.modules:
+            return sys.modules[name]
+        file_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(file_spec)
+        sys.modules[name] = module
         try:
             file_spec.loader.exec_module(module)
-        except Exception as error:  # (a file that needs its package)
+        except Exception as error:  # (a file that needs more of its package)
+            del sys.modules[name]
             raise ImportError(f"{path}: {error}") from error
         return module
 

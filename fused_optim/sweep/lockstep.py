@@ -117,8 +117,10 @@ def _optimizer_of(config: Config) -> tuple[type, dict]:
 def _clip_limit(config: Config) -> float:
     """The global norm configuration ``config`` clips its gradients to: its
     ``clip_grad_norm`` run key or its optimizer's ``max_grad_norm`` (the
-    same clipping: its own gradients' norm), or inf."""
-    limit = config.run.get("clip_grad_norm", config.kwargs.get("max_grad_norm"))
+    same clipping: its own gradients' norm; the class's default when the
+    configuration does not set it: Lamb clips at 1.0, as timm's), or inf."""
+    default = inspect.signature(config.optimizer_class).parameters["max_grad_norm"].default
+    limit = config.run.get("clip_grad_norm", config.kwargs.get("max_grad_norm", default))
     return math.inf if limit is None else float(limit)
 
 
