@@ -25,6 +25,7 @@
 
 #include "cpu/convert.h"
 #include "cpu/multi_tensor_cpu.h"
+#include "cpu/sum_squares.h"
 #include "cpu/vectorized_loop.h"
 #include "fused_optim/bool_switch.h"
 #include "fused_optim/element_ops.h"
@@ -131,8 +132,7 @@ void apply_range(char* const* operand, float* master, int64_t begin,
 // apply_subrange loads them (nothing is stored: the unscaled gradient is
 // written back by the update pass), run through Op::direction; the squares
 // of the param (as direction leaves it) and of the direction are buffered
-// and summed in double in kLanes lanes, which the compiler vectorizes
-// without reassociating. Returns {param sum, update sum}.
+// and summed in double (cpu/sum_squares.h). Returns {param sum, update sum}.
 constexpr int64_t kMeasureBlock = 4096;
 
 template <typename Op, typename S, WeightDecay kDecay, typename Scalars>
@@ -171,30 +171,7 @@ std::pair<double, double> measure_block(
     ps[i] = x[0];
     us[i] = u;
   });
-  constexpr int kLanes = 8;
-  double param_lane[kLanes] = {};
-  double update_lane[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const double p = static_cast<double>(ps[i + l]);
-      const double u = static_cast<double>(us[i + l]);
-      param_lane[l] += p * p;
-      update_lane[l] += u * u;
-    }
-  }
-  for (int l = 0; i < n; ++i, ++l) {
-    const double p = static_cast<double>(ps[i]);
-    const double u = static_cast<double>(us[i]);
-    param_lane[l] += p * p;
-    update_lane[l] += u * u;
-  }
-  std::pair<double, double> out{0.0, 0.0};
-  for (int l = 0; l < kLanes; ++l) {
-    out.first += param_lane[l];
-    out.second += update_lane[l];
-  }
-  return out;
+  return {sum_squares(ps, n), sum_squares(us, n)};
 }
 
 // The measuring pass over a prepared call: every tensor's {param, update}

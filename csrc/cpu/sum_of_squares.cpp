@@ -1,8 +1,8 @@
 // The CPU kernel of fused_optim::sum_of_squares: one parallel pass over the
 // elements of all tensors, in blocks of a fixed size, each summed in double
-// in eight lanes (so that the compiler vectorizes it without reassociating
-// anything); block sums are added per tensor in order, and tensor sums in
-// order. The result is the same bits whatever the thread count.
+// in 32 lanes (cpu/sum_squares.h); block sums are added per tensor in
+// order, and tensor sums in order. The result is the same bits whatever the
+// thread count and the instruction set.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/convert.h"
+#include "cpu/sum_squares.h"
 #include "fused_optim/precision.h"
 #include "fused_optim/storage_table.h"
 #include "op_inputs.h"
@@ -22,31 +23,6 @@ namespace {
 // Elements per block: big enough to amortise a block's setup, small enough
 // that a bucket of a few hundred thousand elements splits over the threads.
 constexpr int64_t kBlock = 32 * 1024;
-constexpr int kLanes = 8;
-
-// The sum of (x[i] * inverse_scale)^2 over [0, n), the product in the
-// element's compute type (as the update kernels unscale), the square and
-// the sum in double.
-template <typename scalar_t>
-double block_sum(const scalar_t* x, int64_t n, float inverse_scale) {
-  using T = decltype(to_compute(x[0]));
-  const T scale = static_cast<T>(inverse_scale);
-  double lane[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const double v = static_cast<double>(to_compute(x[i + l]) * scale);
-      lane[l] += v * v;
-    }
-  }
-  for (int l = 0; i < n; ++i, ++l) {
-    const double v = static_cast<double>(to_compute(x[i]) * scale);
-    lane[l] += v * v;
-  }
-  double sum = 0.0;
-  for (int l = 0; l < kLanes; ++l) sum += lane[l];
-  return sum;
-}
 
 template <typename Fn>
 void with_storage_type(at::ScalarType dtype, const Fn& fn) {
@@ -87,8 +63,8 @@ at::Tensor sum_of_squares(at::TensorList tensors,
       const int64_t n = std::min(kBlock, x.numel() - first);
       with_storage_type(x.scalar_type(), [&](auto tag) {
         using scalar_t = decltype(tag);
-        block_sums[k] = block_sum(static_cast<const scalar_t*>(x.data_ptr()) + first,
-                                  n, inverse_scale);
+        block_sums[k] = sum_squares(static_cast<const scalar_t*>(x.data_ptr()) + first,
+                                    n, inverse_scale);
       });
     }
   });

@@ -45,16 +45,20 @@ namespace fused_optim::cpu {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 
+// The two instruction sets each loop is compiled for, besides the baseline
+// (also used by the reductions, cpu/sum_squares.h).
+#define FO_TARGET_AVX512                                            \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma," \
+                        "prefer-vector-width=512")))
+#define FO_TARGET_AVX2 __attribute__((target("avx2,f16c,fma")))
+
 template <typename Body>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma,"
-                      "prefer-vector-width=512"))) void
-loop_avx512(int64_t n, const Body& body) {
+FO_TARGET_AVX512 void loop_avx512(int64_t n, const Body& body) {
   FO_ELEMENT_LOOP(n, body);
 }
 
 template <typename Body>
-__attribute__((target("avx2,f16c,fma"))) void loop_avx2(int64_t n,
-                                                    const Body& body) {
+FO_TARGET_AVX2 void loop_avx2(int64_t n, const Body& body) {
   FO_ELEMENT_LOOP(n, body);
 }
 
