@@ -13,6 +13,9 @@ import math
 
 import torch
 
+from fused_optim._clip import check_max_grad_norm
+from fused_optim._keywords import check_adam_arguments
+
 
 def _decayed_grad(param, grad, weight_decay, maximize):
     grad = -grad if maximize else grad
@@ -398,24 +401,8 @@ class Lamb(torch.optim.Optimizer):
                  always_adapt=False, caution=False, decoupled_decay=False, *, maximize=False,
                  foreach=None):
         # torch.optim Adam's checks and messages (timm's Lamb checks nothing)
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
-                                          or not isinstance(max_grad_norm, (int, float))
-                                          or not max_grad_norm > 0):
-            # (fused_optim._clip.check_max_grad_norm's message)
-            raise ValueError(
-                f"Invalid max_grad_norm value: {max_grad_norm} (a positive float or None)")
+        check_adam_arguments(lr, betas, eps, weight_decay)
+        check_max_grad_norm(max_grad_norm)
         if caution:
             # (fused_optim.Lamb's message)
             raise ValueError(

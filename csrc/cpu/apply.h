@@ -127,6 +127,34 @@ void apply_range(char* const* operand, float* master, int64_t begin,
   }
 }
 
+// The lists (in call.lists) of an op's kN operands: the lists in use, in
+// schema order, without the master weights.
+template <typename Spec>
+std::vector<size_t> operand_lists(const PreparedCall<Spec>& call, int kN) {
+  std::vector<size_t> out;
+  for (size_t k = 0; k < call.master_list(); ++k) {
+    if (!call.lists[k].tensors.empty()) out.push_back(k);
+  }
+  TORCH_INTERNAL_ASSERT(out.size() == size_t(kN));
+  return out;
+}
+
+// Calls fn(std::integral_constant<WeightDecay, d>{}) for a set's mode d.
+template <typename Op, typename Fn>
+void with_weight_decay(WeightDecay d, const Fn& fn) {
+  switch (d) {
+    case WeightDecay::kNone:
+      return fn(std::integral_constant<WeightDecay, WeightDecay::kNone>{});
+    case WeightDecay::kL2:
+      return fn(std::integral_constant<WeightDecay, WeightDecay::kL2>{});
+    case WeightDecay::kDecoupled:
+      if constexpr (Op::kAllowsDecoupledDecay) {
+        return fn(std::integral_constant<WeightDecay, WeightDecay::kDecoupled>{});
+      }
+      TORCH_INTERNAL_ASSERT(false, "decoupled decay for an L2-only op");
+  }
+}
+
 // Note [norms of the update] (hyperparams.h), the CPU's measuring pass:
 // elements [begin, begin + n) of one tensor, n <= kMeasureBlock, loaded as
 // apply_subrange loads them (nothing is stored: the unscaled gradient is
@@ -183,11 +211,7 @@ std::vector<double> measure_op(
     const PreparedCall<Spec>& call, const std::vector<Scalars>& scalars,
     const std::vector<ElementInputs<typename S::compute_t>>& inputs) {
   constexpr int kN = Op::kNumOperands;
-  std::vector<size_t> operand_lists;
-  for (size_t k = 0; k < call.master_list(); ++k) {
-    if (!call.lists[k].tensors.empty()) operand_lists.push_back(k);
-  }
-  TORCH_INTERNAL_ASSERT(operand_lists.size() == size_t(kN));
+  const std::vector<size_t> lists = operand_lists(call, kN);
   const DenseOperands& operands = *call.operands;
   const std::vector<int64_t> numels = numels_of(call.lists[0].tensors);
   const size_t n = numels.size();
@@ -203,29 +227,16 @@ std::vector<double> measure_op(
     for (int64_t b = first; b < last; ++b) {
       const auto [t, begin] = blocks[b];
       char* operand[kN];
-      for (int k = 0; k < kN; ++k) operand[k] = operands.data(operand_lists[k], t);
+      for (int k = 0; k < kN; ++k) operand[k] = operands.data(lists[k], t);
       const float* master =
           S::kMasterWeights
               ? reinterpret_cast<const float*>(operands.data(call.master_list(), t))
               : nullptr;
       const int64_t count = std::min(kMeasureBlock, numels[t] - begin);
-      switch (call.decay[call.set_of[t]]) {
-        case WeightDecay::kNone:
-          block_sums[b] = measure_block<Op, S, WeightDecay::kNone>(
-              operand, master, begin, count, scalars[t], inputs[t]);
-          break;
-        case WeightDecay::kL2:
-          block_sums[b] = measure_block<Op, S, WeightDecay::kL2>(
-              operand, master, begin, count, scalars[t], inputs[t]);
-          break;
-        case WeightDecay::kDecoupled:
-          if constexpr (Op::kAllowsDecoupledDecay) {
-            block_sums[b] = measure_block<Op, S, WeightDecay::kDecoupled>(
-                operand, master, begin, count, scalars[t], inputs[t]);
-            break;
-          }
-          TORCH_INTERNAL_ASSERT(false, "decoupled decay for an L2-only op");
-      }
+      with_weight_decay<Op>(call.decay[call.set_of[t]], [&](auto decay) {
+        block_sums[b] = measure_block<Op, S, decltype(decay)::value>(
+            operand, master, begin, count, scalars[t], inputs[t]);
+      });
     }
   });
   std::vector<double> sums(2 * n, 0.0);
@@ -284,39 +295,23 @@ void apply_op(const PreparedCall<Spec>& call,
               const std::vector<Scalars>& scalars,
               const std::vector<ElementInputs<typename S::compute_t>>& inputs) {
   constexpr int kN = Op::kNumOperands;
-  // operand_lists[k]: the list (in call.lists) of operand k: the lists in
-  // use, in schema order, without the master weights.
-  std::vector<size_t> operand_lists;
-  for (size_t k = 0; k < call.master_list(); ++k) {
-    if (!call.lists[k].tensors.empty()) operand_lists.push_back(k);
-  }
-  TORCH_INTERNAL_ASSERT(operand_lists.size() == size_t(kN));
+  const std::vector<size_t> lists = operand_lists(call, kN);
   const DenseOperands& operands = *call.operands;
   parallel_for_each_range(
       numels_of(call.lists[0].tensors),
       [&](size_t t, int64_t begin, int64_t end) {
         char* operand[kN];
         for (int k = 0; k < kN; ++k) {
-          operand[k] = operands.data(operand_lists[k], t);
+          operand[k] = operands.data(lists[k], t);
         }
         float* master = S::kMasterWeights
                             ? reinterpret_cast<float*>(
                                   operands.data(call.master_list(), t))
                             : nullptr;
-        switch (call.decay[call.set_of[t]]) {
-          case WeightDecay::kNone:
-            return apply_range<Op, S, WeightDecay::kNone>(
-                operand, master, begin, end, scalars[t], inputs[t]);
-          case WeightDecay::kL2:
-            return apply_range<Op, S, WeightDecay::kL2>(
-                operand, master, begin, end, scalars[t], inputs[t]);
-          case WeightDecay::kDecoupled:
-            if constexpr (Op::kAllowsDecoupledDecay) {
-              return apply_range<Op, S, WeightDecay::kDecoupled>(
-                  operand, master, begin, end, scalars[t], inputs[t]);
-            }
-            TORCH_INTERNAL_ASSERT(false, "decoupled decay for an L2-only op");
-        }
+        with_weight_decay<Op>(call.decay[call.set_of[t]], [&](auto decay) {
+          apply_range<Op, S, decltype(decay)::value>(
+              operand, master, begin, end, scalars[t], inputs[t]);
+        });
       });
 }
 
