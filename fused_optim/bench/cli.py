@@ -153,15 +153,15 @@ def names_help() -> str:
                      for line in described_names(title, entries) + [""])
 
 
-# The default CPU run on the 2-core AMD EPYC VM of benchmarks/results took
-# 103 s on a quiet machine (cpu-2core-epyc-2026-11-21.json: its step and
-# reference-pass times add up to 1.9 s per round, the other 16 s are set-up:
-# allocation, optimizer state, warm-up) and 2 to 3 minutes in later runs,
-# with five optimizers. RAdam and NAdam (Adam's byte budget each) made them
-# seven: the figures below are those scaled by 7/5, not yet measured.
-DEFAULT_RUN_MINUTES_2CORE = "3 to 4"
-DEFAULT_RUN_SETUP_S_2CORE = 22
-DEFAULT_RUN_ROUND_S_2CORE = 3
+# The default CPU run on the 2-core AMD EPYC VM of benchmarks/results, ten
+# optimizers (40 blocks), took 306 s on 2026-12-04 (bash scripts/bench.sh
+# from a fresh clone: its blocks' times, printed per block, add up to 305 s).
+# The split between set-up (allocation, optimizer state, warm-up) and the
+# 45 rounds is estimated from the five-optimizer run of 2026-11-21 (16 s of
+# its 103 s were set-up), scaled to 40 blocks.
+DEFAULT_RUN_MINUTES_2CORE = "5 to 6"
+DEFAULT_RUN_SETUP_S_2CORE = 30
+DEFAULT_RUN_ROUND_S_2CORE = 6
 
 def run_time_help() -> str:
     blocks = len(OPTIMIZERS) * len(WORKLOADS)
