@@ -289,9 +289,11 @@ def test_an_optimizer_torch_lacks_is_timed_against_its_reference():
     assert not any("reference" in n for n in notes)
 
 
-def test_lars_is_timed_against_timms_lars():
+@pytest.mark.parametrize("name", ["Lars", "Lamb"])
+def test_trust_ratio_optimizers_are_timed_against_timms(name):
     # timm's package imports torchvision; bench/peers.import_reference loads
-    # its timm/optim/lars.py alone (it imports only torch).
+    # timm/optim/lars.py or lamb.py without it (lamb.py also imports timm's
+    # optim/_types.py relatively: the stand-in package serves it).
     from fused_optim.bench.peers import import_reference, impls_for
     from fused_optim.bench.specs import IMPLS, OPTIMIZERS, PRECISIONS
 
@@ -299,26 +301,9 @@ def test_lars_is_timed_against_timms_lars():
 
     if importlib.util.find_spec("timm") is None:
         pytest.skip("timm is not installed")
-    assert import_reference("timm.optim.lars").Lars.__name__ == "Lars"
+    module = import_reference(f"timm.optim.{name.lower()}")
+    assert getattr(module, name).__name__ == name
     notes = []
-    impls = impls_for(OPTIMIZERS["lars"], "cpu", PRECISIONS["fp32"], list(IMPLS), notes)
+    impls = impls_for(OPTIMIZERS[name.lower()], "cpu", PRECISIONS["fp32"], list(IMPLS), notes)
     assert impls == ["fused_optim", "reference"]
-    assert any("torch.optim has no Lars" in n for n in notes)
-
-
-def test_lamb_is_timed_against_timms_lamb():
-    # As Lars: timm's package imports torchvision, so bench/peers.import_reference
-    # has to load timm/optim/lamb.py without it (and that file imports timm's
-    # optim/_types.py relatively, which lars.py does not).
-    from fused_optim.bench.peers import import_reference, impls_for
-    from fused_optim.bench.specs import IMPLS, OPTIMIZERS, PRECISIONS
-
-    import importlib.util
-
-    if importlib.util.find_spec("timm") is None:
-        pytest.skip("timm is not installed")
-    assert import_reference("timm.optim.lamb").Lamb.__name__ == "Lamb"
-    notes = []
-    impls = impls_for(OPTIMIZERS["lamb"], "cpu", PRECISIONS["fp32"], list(IMPLS), notes)
-    assert impls == ["fused_optim", "reference"]
-    assert any("torch.optim has no Lamb" in n for n in notes)
+    assert any(f"torch.optim has no {name}" in n for n in notes)
