@@ -140,7 +140,58 @@ def lion(param, grad, state, *, lr, betas, weight_decay, maximize):
     m.mul_(beta2).add_(grad, alpha=1 - beta2)
 
 
-class Lion(torch.optim.Optimizer):
+class _PerTensorReference(torch.optim.Optimizer):
+    """The step of the reference classes (Lion, Lars, Lamb): the checks
+    before anything changes (a group option the class refuses, sparse
+    gradients), then, param by param in the param's own dtype, the class's
+    rule on its state, complex params and their state as real views.
+    A subclass gives ``_state_of(p, group)`` (the state dict the rule reads
+    and extends, created as the package it mirrors creates it) and
+    ``_rule(param, grad, state, lr, group)``; optionally ``_check_group``
+    and ``_grad_coefficients`` (each group's gradient factor, None: as it
+    is)."""
+
+    def _check_group(self, group) -> None:
+        pass
+
+    def _grad_coefficients(self) -> list:
+        return [None] * len(self.param_groups)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._check_group(group)
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        for group, coefficient in zip(self.param_groups, self._grad_coefficients()):
+            lr = group["lr"]
+            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._state_of(p, group)
+                # (a copy when clipped: p.grad is not written)
+                grad = p.grad if coefficient is None else p.grad * coefficient
+                param, view = p, dict(state)
+                if torch.is_complex(p):
+                    param, grad = torch.view_as_real(p), torch.view_as_real(grad)
+                    view = {k: torch.view_as_real(v) if torch.is_tensor(v) and v.is_complex() else v
+                            for k, v in state.items()}
+                before = dict(view)
+                self._rule(param, grad, view, lr, group)
+                for key, value in view.items():  # state the rule made or replaced
+                    if before.get(key) is not value:
+                        complex_state = torch.is_complex(p) and value.shape == param.shape
+                        state[key] = torch.view_as_complex(value) if complex_state else value
+        return loss
+
+
+class Lion(_PerTensorReference):
     """Lion as a plain torch.optim.Optimizer over :func:`lion`: the oracle of
     the tests (torch.optim has no Lion; tests/optim_configs.py's
     ``OptimConfig.torch_cls`` takes this class where torch has none). One
@@ -170,30 +221,15 @@ class Lion(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr = group["lr"]
-            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lion does not support sparse gradients")
-                state = self.state[p]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                param, grad, view = p, p.grad, dict(state)
-                if torch.is_complex(p):
-                    param, grad = torch.view_as_real(p), torch.view_as_real(p.grad)
-                    view["exp_avg"] = torch.view_as_real(state["exp_avg"])
-                lion(param, grad, view, lr=lr, betas=group["betas"],
-                     weight_decay=group["weight_decay"], maximize=group["maximize"])
-        return loss
+    def _state_of(self, p, group) -> dict:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _rule(self, param, grad, state, lr, group) -> None:
+        lion(param, grad, state, lr=lr, betas=group["betas"],
+             weight_decay=group["weight_decay"], maximize=group["maximize"])
 
 
 def tensor_norm(t) -> float:
@@ -247,7 +283,7 @@ def lars(param, grad, state, *, lr, momentum, dampening, weight_decay, nesterov,
     param.add_(grad, alpha=-lr)
 
 
-class Lars(torch.optim.Optimizer):
+class Lars(_PerTensorReference):
     """LARS as a plain torch.optim.Optimizer over :func:`lars`: the oracle of
     the tests, as :class:`Lion`. timm's ``Lars`` signature, checks and state
     (``momentum_buffer``), plus ``maximize`` (ours) and ``foreach`` (ignored);
@@ -279,37 +315,17 @@ class Lars(torch.optim.Optimizer):
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr = group["lr"]
-            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lars does not support sparse gradients")
-                # (state only with momentum, as timm's: self.state[p] would
-                # create an empty entry)
-                state = self.state[p] if group["momentum"] != 0 else {}
-                param, grad, view = p, p.grad, dict(state)
-                if torch.is_complex(p):
-                    param, grad = torch.view_as_real(p), torch.view_as_real(p.grad)
-                    if "momentum_buffer" in state:
-                        view["momentum_buffer"] = torch.view_as_real(state["momentum_buffer"])
-                lars(param, grad, view, lr=lr, momentum=group["momentum"],
-                     dampening=group["dampening"], weight_decay=group["weight_decay"],
-                     nesterov=group["nesterov"], trust_coeff=group["trust_coeff"], eps=group["eps"],
-                     trust_clip=group["trust_clip"], always_adapt=group["always_adapt"],
-                     maximize=group["maximize"])
-                if "momentum_buffer" in view and "momentum_buffer" not in state:
-                    buf = view["momentum_buffer"]
-                    state["momentum_buffer"] = torch.view_as_complex(buf) if torch.is_complex(p) else buf
-        return loss
+    def _state_of(self, p, group) -> dict:
+        # (state only with momentum, as timm's: self.state[p] would create
+        # an empty entry)
+        return self.state[p] if group["momentum"] != 0 else {}
+
+    def _rule(self, param, grad, state, lr, group) -> None:
+        lars(param, grad, state, lr=lr, momentum=group["momentum"],
+             dampening=group["dampening"], weight_decay=group["weight_decay"],
+             nesterov=group["nesterov"], trust_coeff=group["trust_coeff"], eps=group["eps"],
+             trust_clip=group["trust_clip"], always_adapt=group["always_adapt"],
+             maximize=group["maximize"])
 
 
 def lamb_trust_ratio(param_norm, update_norm, *, trust_clip) -> float:
@@ -369,7 +385,7 @@ def _scalar_dtype():
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-class Lamb(torch.optim.Optimizer):
+class Lamb(_PerTensorReference):
     """LAMB as a plain torch.optim.Optimizer over :func:`lamb`: the oracle of
     the tests, as :class:`Lion`. timm's ``Lamb`` signature and options, plus
     ``maximize`` (ours) and ``foreach`` (accepted and ignored, as the test
@@ -430,7 +446,7 @@ class Lamb(torch.optim.Optimizer):
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_scalar_dtype())
 
-    def _clip_coefficients(self) -> list:
+    def _grad_coefficients(self) -> list:
         """Each group's clipping factor for this step (None: not clipped):
         torch's clip_grad_norm_ coefficient from the global norm of all
         gradients of all groups, accumulated in float64."""
@@ -450,44 +466,24 @@ class Lamb(torch.optim.Optimizer):
         return [min(1.0, group["max_grad_norm"] / (norm + 1e-6)) if c else None
                 for group, c in zip(self.param_groups, clipped)]
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:  # (refused before anything changes)
-            if group["caution"]:
-                raise ValueError("Lamb: caution=True is not supported (see the constructor)")
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError("Lamb does not support sparse gradients")
-        coefficients = self._clip_coefficients()
-        for group, coefficient in zip(self.param_groups, coefficients):
-            lr = group["lr"]
-            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=_scalar_dtype())
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                # (a copy: p.grad is not written)
-                grad = p.grad if coefficient is None else p.grad * coefficient
-                param, view = p, dict(state)
-                if torch.is_complex(p):
-                    param, grad = torch.view_as_real(p), torch.view_as_real(grad)
-                    view["exp_avg"] = torch.view_as_real(state["exp_avg"])
-                    view["exp_avg_sq"] = torch.view_as_real(state["exp_avg_sq"])
-                lamb(param, grad, view, lr=lr, betas=group["betas"], eps=group["eps"],
-                     weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
-                     grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"],
-                     always_adapt=group["always_adapt"], decoupled_decay=group["decoupled_decay"],
-                     maximize=group["maximize"])
-                state["step"] = view["step"]
-        return loss
+    def _check_group(self, group) -> None:
+        if group["caution"]:
+            raise ValueError("Lamb: caution=True is not supported (see the constructor)")
+
+    def _state_of(self, p, group) -> dict:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=_scalar_dtype())
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _rule(self, param, grad, state, lr, group) -> None:
+        lamb(param, grad, state, lr=lr, betas=group["betas"], eps=group["eps"],
+             weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+             grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"],
+             always_adapt=group["always_adapt"], decoupled_decay=group["decoupled_decay"],
+             maximize=group["maximize"])
 
 
 # The oracle class of each optimizer that torch.optim lacks, by class name.
