@@ -191,8 +191,9 @@ Lamb.__doc__ = (
       step is readable as ``optimizer.grad_norm``;
     - step counts are per param, as torch.optim's Adam (timm counts per
       group, also for params that had no gradient);
-    - ``caution=True`` (timm 1.0.12's cautious masking) is refused: its mask
-      is scaled by a per-tensor mean before the update's norm is taken;
+    - ``caution=True`` (timm's cautious masking, from "Cautious
+      Optimizers", 2024) is refused: its mask is scaled by a per-tensor
+      mean before the update's norm is taken;
     - ``maximize`` is ours; there is no ``foreach``, ``fused`` or
       ``differentiable`` keyword (no torch.optim implementation to select).
 
