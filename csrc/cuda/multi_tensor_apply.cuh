@@ -357,6 +357,45 @@ FO_HOST_DEVICE FO_FORCE_INLINE void update_range(
   }
 }
 
+// A chunk's tensor's step count after this step's increment (0 for a
+// tensor without a counter: SGD's, whose rounding key then uses 0), and its
+// group's clipping factor set in `f` (unchanged without a norm). Shared by
+// the update and the measuring pass.
+template <typename Meta, typename T>
+FO_HOST_DEVICE FO_FORCE_INLINE double chunk_step_and_clip(
+    const Meta& meta, int32_t tensor, double max_grad_norm, ElementFlags<T>& f) {
+  double step = 0.0;
+  if (meta.step[tensor] != nullptr) {
+    step = read_step(meta.step[tensor], meta.step_is_double[tensor] != 0);
+  }
+  if (meta.grad_norm != nullptr) {
+    f.grad_clip = clip_coefficient<T>(
+        static_cast<T>(read_step(meta.grad_norm, meta.grad_norm_is_double != 0)),
+        max_grad_norm);
+  }
+  return step;
+}
+
+// Calls fn(std::integral_constant<WeightDecay, d>{}) for a slot's decay mode
+// (uniform across a chunk: no divergence). check_multi_tensor_args rejects
+// kDecoupled for ops without it.
+template <typename Op, typename Fn>
+FO_HOST_DEVICE FO_FORCE_INLINE void with_decay_mode(uint8_t decay, const Fn& fn) {
+  switch (static_cast<WeightDecay>(decay)) {
+    case WeightDecay::kNone:
+      fn(std::integral_constant<WeightDecay, WeightDecay::kNone>{});
+      break;
+    case WeightDecay::kL2:
+      fn(std::integral_constant<WeightDecay, WeightDecay::kL2>{});
+      break;
+    case WeightDecay::kDecoupled:
+      if constexpr (Op::kAllowsDecoupledDecay) {
+        fn(std::integral_constant<WeightDecay, WeightDecay::kDecoupled>{});
+      }
+      break;
+  }
+}
+
 // The chunks of a launch for one param mode (see run_block).
 template <typename Op, typename P, typename S, ParamMode kMode, typename Meta>
 FO_HOST_DEVICE FO_FORCE_INLINE void run_chunks(const Meta& meta, int64_t block,
@@ -370,15 +409,7 @@ FO_HOST_DEVICE FO_FORCE_INLINE void run_chunks(const Meta& meta, int64_t block,
     const ChunkRange r = locate_chunk(meta, chunk);
     const int slot = meta.slot[r.tensor];
     const Hyper& h = meta.hyper[slot];
-    double step = 0.0;  // SGD without counters (its rounding key uses 0)
-    if (meta.step[r.tensor] != nullptr) {
-      step = read_step(meta.step[r.tensor], meta.step_is_double[r.tensor] != 0);
-    }
-    if (meta.grad_norm != nullptr) {
-      f.grad_clip = clip_coefficient<T>(
-          static_cast<T>(read_step(meta.grad_norm, meta.grad_norm_is_double != 0)),
-          h.max_grad_norm);
-    }
+    const double step = chunk_step_and_clip(meta, r.tensor, h.max_grad_norm, f);
     // (norms: Note [per-tensor norms]; empty for ops that do not read them)
     const auto s = scalars_for<T>(
         h, h.lr.read(), step, meta.scalar_state.read(r.tensor),
@@ -389,23 +420,10 @@ FO_HOST_DEVICE FO_FORCE_INLINE void run_chunks(const Meta& meta, int64_t block,
       f.rounding_key = stochastic_rounding_key(
           static_cast<uint32_t>(meta.index[r.tensor]), step);
     }
-    switch (static_cast<WeightDecay>(meta.decay[slot])) {
-      case WeightDecay::kNone:
-        update_range<Op, P, S, WeightDecay::kNone, kMode>(
-            meta, r.tensor, r.begin, r.end, s, f, thread, num_threads);
-        break;
-      case WeightDecay::kL2:
-        update_range<Op, P, S, WeightDecay::kL2, kMode>(
-            meta, r.tensor, r.begin, r.end, s, f, thread, num_threads);
-        break;
-      case WeightDecay::kDecoupled:
-        // check_multi_tensor_args rejects this mode for ops without it.
-        if constexpr (Op::kAllowsDecoupledDecay) {
-          update_range<Op, P, S, WeightDecay::kDecoupled, kMode>(
-              meta, r.tensor, r.begin, r.end, s, f, thread, num_threads);
-        }
-        break;
-    }
+    with_decay_mode<Op>(meta.decay[slot], [&](auto decay) {
+      update_range<Op, P, S, decltype(decay)::value, kMode>(
+          meta, r.tensor, r.begin, r.end, s, f, thread, num_threads);
+    });
   }
 }
 
@@ -518,15 +536,7 @@ FO_HOST_DEVICE FO_FORCE_INLINE MeasuredSums measure_chunk_thread(
   const ChunkRange r = locate_chunk(meta, chunk);
   const int slot = meta.slot[r.tensor];
   const Hyper& h = meta.hyper[slot];
-  const double step =
-      meta.step[r.tensor] != nullptr
-          ? read_step(meta.step[r.tensor], meta.step_is_double[r.tensor] != 0)
-          : 0.0;
-  if (meta.grad_norm != nullptr) {
-    f.grad_clip = clip_coefficient<T>(
-        static_cast<T>(read_step(meta.grad_norm, meta.grad_norm_is_double != 0)),
-        h.max_grad_norm);
-  }
+  const double step = chunk_step_and_clip(meta, r.tensor, h.max_grad_norm, f);
   // The scalars of zero norms: trust ratio 1, which direction() never reads.
   const auto s = scalars_for<T>(h, h.lr.read(), step,
                                 meta.scalar_state.read(r.tensor), TensorNorms{});
@@ -550,26 +560,13 @@ FO_HOST_DEVICE FO_FORCE_INLINE MeasuredSums measure_chunk_thread(
                                            s, f, sums);
     }
   };
-  auto with_master = [&](auto decay_tag) {
+  with_decay_mode<Op>(meta.decay[slot], [&](auto decay) {
     if (master) {
-      loop(decay_tag, std::true_type{});
+      loop(decay, std::true_type{});
     } else {
-      loop(decay_tag, std::false_type{});
+      loop(decay, std::false_type{});
     }
-  };
-  switch (static_cast<WeightDecay>(meta.decay[slot])) {
-    case WeightDecay::kNone:
-      with_master(std::integral_constant<WeightDecay, WeightDecay::kNone>{});
-      break;
-    case WeightDecay::kL2:
-      with_master(std::integral_constant<WeightDecay, WeightDecay::kL2>{});
-      break;
-    case WeightDecay::kDecoupled:
-      if constexpr (Op::kAllowsDecoupledDecay) {
-        with_master(std::integral_constant<WeightDecay, WeightDecay::kDecoupled>{});
-      }
-      break;
-  }
+  });
   return sums;
 }
 
