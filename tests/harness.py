@@ -496,3 +496,29 @@ def assert_optimizer_unchanged(opt, snap, where, *, allow_new_state=False):
         assert set(now["state"]) == set(snap["state"]), (
             f"{where}: state created for params {sorted(set(now['state']) - set(snap['state']))}"
         )
+
+
+# ---------------------------------------------------------------------------
+# Trust-ratio optimizers (tests/test_lars.py, tests/test_lamb.py)
+# ---------------------------------------------------------------------------
+
+
+def trust_ratio_params(dtype, num_groups, sizes, scales=None, seed=0) -> list:
+    """``num_groups`` groups of params of ``sizes``, N(0, 1) in float64
+    (times the group's entry of ``scales``) cast to ``dtype``; the last of
+    each group all zeros, so that its norm is 0 (a trust ratio of 1)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(num_groups):
+        for i, n in enumerate(sizes):
+            t = torch.randn(n, generator=g, dtype=torch.float64) * (1.0 if scales is None else scales[k])
+            if i == len(sizes) - 1:
+                t.zero_()
+            out.append(torch.nn.Parameter(t.to(dtype)))
+    return out
+
+
+def seeded_grads(step, dtype, params) -> list:
+    """Step ``step``'s gradients of ``params``: N(0, 1) in float64, cast."""
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) for p in params]

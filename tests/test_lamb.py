@@ -29,6 +29,8 @@ from torch.testing import assert_close
 import fused_optim
 from fused_optim import _reference
 
+from harness import seeded_grads, trust_ratio_params
+
 SIZES = [1, 7, 33, 4099, 5]
 STEPS = 12
 
@@ -66,20 +68,11 @@ def assert_close_scaled(actual, expected, rtol, atol, msg=""):
 
 
 def _params(dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for k in range(len(GROUPS)):
-        for i, n in enumerate(SIZES):
-            t = torch.randn(n, generator=g, dtype=torch.float64) * PARAM_SCALES[k]
-            if i == len(SIZES) - 1:
-                t.zero_()  # a zero param: ratio 1
-            out.append(torch.nn.Parameter(t.to(dtype)))
-    return out
+    return trust_ratio_params(dtype, len(GROUPS), SIZES, PARAM_SCALES, seed)
 
 
 def _grads(step, dtype, params):
-    g = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) for p in params]
+    return seeded_grads(step, dtype, params)
 
 
 def _groups(params, groups=GROUPS, **extra):

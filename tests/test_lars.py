@@ -23,6 +23,8 @@ import torch
 import fused_optim
 from fused_optim import _reference
 
+from harness import seeded_grads, trust_ratio_params
+
 SIZES = [1, 7, 33, 4099, 5]
 STEPS = 12
 
@@ -41,20 +43,11 @@ DEFAULTS = dict(lr=1.0, momentum=0, dampening=0, weight_decay=0, nesterov=False,
 
 
 def _params(dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for k in range(len(GROUPS)):
-        for i, n in enumerate(SIZES):
-            t = torch.randn(n, generator=g, dtype=torch.float64)
-            if i == len(SIZES) - 1:
-                t.zero_()  # a zero param: ratio 1
-            out.append(torch.nn.Parameter(t.to(dtype)))
-    return out
+    return trust_ratio_params(dtype, len(GROUPS), SIZES, None, seed)
 
 
 def _grads(step, dtype, params):
-    g = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) for p in params]
+    return seeded_grads(step, dtype, params)
 
 
 def _groups(params):
