@@ -139,22 +139,6 @@ std::vector<size_t> operand_lists(const PreparedCall<Spec>& call, int kN) {
   return out;
 }
 
-// Calls fn(std::integral_constant<WeightDecay, d>{}) for a set's mode d.
-template <typename Op, typename Fn>
-void with_weight_decay(WeightDecay d, const Fn& fn) {
-  switch (d) {
-    case WeightDecay::kNone:
-      return fn(std::integral_constant<WeightDecay, WeightDecay::kNone>{});
-    case WeightDecay::kL2:
-      return fn(std::integral_constant<WeightDecay, WeightDecay::kL2>{});
-    case WeightDecay::kDecoupled:
-      if constexpr (Op::kAllowsDecoupledDecay) {
-        return fn(std::integral_constant<WeightDecay, WeightDecay::kDecoupled>{});
-      }
-      TORCH_INTERNAL_ASSERT(false, "decoupled decay for an L2-only op");
-  }
-}
-
 // Note [norms of the update] (hyperparams.h), the CPU's measuring pass:
 // elements [begin, begin + n) of one tensor, n <= kMeasureBlock, loaded as
 // apply_subrange loads them (nothing is stored: the unscaled gradient is
@@ -233,10 +217,11 @@ std::vector<double> measure_op(
               ? reinterpret_cast<const float*>(operands.data(call.master_list(), t))
               : nullptr;
       const int64_t count = std::min(kMeasureBlock, numels[t] - begin);
-      with_weight_decay<Op>(call.decay[call.set_of[t]], [&](auto decay) {
+      const bool ran = with_decay_mode<Op>(call.decay[call.set_of[t]], [&](auto decay) {
         block_sums[b] = measure_block<Op, S, decltype(decay)::value>(
             operand, master, begin, count, scalars[t], inputs[t]);
       });
+      TORCH_INTERNAL_ASSERT(ran, "decoupled decay for an L2-only op");
     }
   });
   std::vector<double> sums(2 * n, 0.0);
@@ -308,10 +293,11 @@ void apply_op(const PreparedCall<Spec>& call,
                             ? reinterpret_cast<float*>(
                                   operands.data(call.master_list(), t))
                             : nullptr;
-        with_weight_decay<Op>(call.decay[call.set_of[t]], [&](auto decay) {
+        const bool ran = with_decay_mode<Op>(call.decay[call.set_of[t]], [&](auto decay) {
           apply_range<Op, S, decltype(decay)::value>(
               operand, master, begin, end, scalars[t], inputs[t]);
         });
+        TORCH_INTERNAL_ASSERT(ran, "decoupled decay for an L2-only op");
       });
 }
 

@@ -41,6 +41,7 @@
 #include <type_traits>
 
 #include "cuda/multi_tensor_plan.h"
+#include "fused_optim/element_ops.h"
 #include "fused_optim/hyperparams.h"
 #include "fused_optim/macros.h"
 #include "fused_optim/precision.h"
@@ -376,26 +377,6 @@ FO_HOST_DEVICE FO_FORCE_INLINE double chunk_step_and_clip(
   return step;
 }
 
-// Calls fn(std::integral_constant<WeightDecay, d>{}) for a slot's decay mode
-// (uniform across a chunk: no divergence). check_multi_tensor_args rejects
-// kDecoupled for ops without it.
-template <typename Op, typename Fn>
-FO_HOST_DEVICE FO_FORCE_INLINE void with_decay_mode(uint8_t decay, const Fn& fn) {
-  switch (static_cast<WeightDecay>(decay)) {
-    case WeightDecay::kNone:
-      fn(std::integral_constant<WeightDecay, WeightDecay::kNone>{});
-      break;
-    case WeightDecay::kL2:
-      fn(std::integral_constant<WeightDecay, WeightDecay::kL2>{});
-      break;
-    case WeightDecay::kDecoupled:
-      if constexpr (Op::kAllowsDecoupledDecay) {
-        fn(std::integral_constant<WeightDecay, WeightDecay::kDecoupled>{});
-      }
-      break;
-  }
-}
-
 // The chunks of a launch for one param mode (see run_block).
 template <typename Op, typename P, typename S, ParamMode kMode, typename Meta>
 FO_HOST_DEVICE FO_FORCE_INLINE void run_chunks(const Meta& meta, int64_t block,
@@ -420,7 +401,7 @@ FO_HOST_DEVICE FO_FORCE_INLINE void run_chunks(const Meta& meta, int64_t block,
       f.rounding_key = stochastic_rounding_key(
           static_cast<uint32_t>(meta.index[r.tensor]), step);
     }
-    with_decay_mode<Op>(meta.decay[slot], [&](auto decay) {
+    with_decay_mode<Op>(static_cast<WeightDecay>(meta.decay[slot]), [&](auto decay) {
       update_range<Op, P, S, decltype(decay)::value, kMode>(
           meta, r.tensor, r.begin, r.end, s, f, thread, num_threads);
     });
@@ -560,7 +541,7 @@ FO_HOST_DEVICE FO_FORCE_INLINE MeasuredSums measure_chunk_thread(
                                            s, f, sums);
     }
   };
-  with_decay_mode<Op>(meta.decay[slot], [&](auto decay) {
+  with_decay_mode<Op>(static_cast<WeightDecay>(meta.decay[slot]), [&](auto decay) {
     if (master) {
       loop(decay, std::true_type{});
     } else {

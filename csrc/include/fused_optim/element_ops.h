@@ -12,6 +12,8 @@
 // loaded for it); the update rule then gets a dummy register.
 #pragma once
 
+#include <type_traits>
+
 #include "fused_optim/macros.h"
 #include "fused_optim/update_rules.h"
 
@@ -177,5 +179,29 @@ struct NadamOp {
     nadam_update<kDecay>(x[0], x[1], x[2], x[3], s);
   }
 };
+
+// Calls fn(std::integral_constant<WeightDecay, d>{}) for a hyperparameter
+// set's decay mode d: the dispatch of both backends' element loops (CPU per
+// range, CUDA per chunk). Op must allow kDecoupled for it to be called with
+// it (the front and check_multi_tensor_args refuse it otherwise); returns
+// false, calling nothing, when it does not.
+template <typename Op, typename Fn>
+FO_HOST_DEVICE FO_FORCE_INLINE bool with_decay_mode(WeightDecay decay, const Fn& fn) {
+  switch (decay) {
+    case WeightDecay::kNone:
+      fn(std::integral_constant<WeightDecay, WeightDecay::kNone>{});
+      return true;
+    case WeightDecay::kL2:
+      fn(std::integral_constant<WeightDecay, WeightDecay::kL2>{});
+      return true;
+    case WeightDecay::kDecoupled:
+      if constexpr (Op::kAllowsDecoupledDecay) {
+        fn(std::integral_constant<WeightDecay, WeightDecay::kDecoupled>{});
+        return true;
+      }
+      break;
+  }
+  return false;
+}
 
 }  // namespace fused_optim
