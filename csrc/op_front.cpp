@@ -83,6 +83,27 @@ at::Tensor per_tensor_sums(at::TensorList params, at::TensorList grads) {
   return op.call(tensors, std::nullopt, /*per_tensor=*/true);
 }
 
+void check_tensor_sums(at::DeviceType backend, const OpCall& call) {
+  const std::optional<at::Tensor>& sums = *call.tensor_sums;
+  if (!sums.has_value() || !sums->defined()) return;
+  const char* op = call.op;
+  TORCH_CHECK(!call.measure_only, op,
+              ".measure: tensor_sums must be None (measure computes them)");
+  const int64_t n = static_cast<int64_t>(call.params.size());
+  TORCH_CHECK(sums->dim() == 1 && sums->numel() == 2 * n, op,
+              ": tensor_sums must have shape [", 2 * n,
+              "] (each param's sum of squares, then each gradient's or "
+              "update's), got ", sums->sizes());
+  TORCH_CHECK(sums->scalar_type() == at::kFloat ||
+                  sums->scalar_type() == at::kDouble,
+              op, ": tensor_sums must be float32 or float64, got ",
+              sums->scalar_type());
+  TORCH_CHECK(sums->is_contiguous(), op, ": tensor_sums must be contiguous");
+  const at::Device device = scalar_device(backend, call.params);
+  TORCH_CHECK(sums->device() == device, op, ": tensor_sums must be on ",
+              device, ", got ", sums->device());
+}
+
 void check_scalar_state(at::DeviceType backend, const OpCall& call,
                         const char* name) {
   check_per_tensor_scalars(call.op, name, call.scalar_state,

@@ -7,9 +7,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <array>
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -49,6 +52,12 @@ struct OpCall {
   const std::optional<at::Tensor>* grad_scale = nullptr;
   const std::optional<at::Tensor>* found_inf = nullptr;
   const std::optional<at::Tensor>* grad_norm = nullptr;
+  // An op that reads per-tensor norms (kHasTensorNorms): the [2n] sums of
+  // squares the update reads, given by the caller (Note [norms across
+  // shards]), or none (the op computes them). Null for the other ops.
+  const std::optional<at::Tensor>* tensor_sums = nullptr;
+  // The `measure` overloads: return the sums instead of updating.
+  bool measure_only = false;
   CallModes modes;  // mode keywords; has_state is filled in by prepare()
   bool stochastic_rounding = false;
 };
@@ -58,8 +67,11 @@ using Repeat = T;
 
 // The kernel of op Spec for one lr overload, with the schema's C++
 // signature, built from the spec's counts: it gathers its arguments into an
-// OpCall and hands it to `kRun` (a backend's run<Spec>).
-template <typename Spec, LrKind kLr, void (*kRun)(const OpCall&),
+// OpCall and hands it to `kRun` (a backend's run<Spec>, which returns
+// nothing, or its measure<Spec>, which returns the sums: Note [norms across
+// shards]).
+template <typename Spec, LrKind kLr, typename Result,
+          Result (*kRun)(const OpCall&),
           typename States = std::make_index_sequence<count_of(Spec::kState)>,
           typename Hypers = std::make_index_sequence<count_of(Spec::kHyper)>,
           typename Decoupled =
@@ -68,17 +80,19 @@ template <typename Spec, LrKind kLr, void (*kRun)(const OpCall&),
               std::make_index_sequence<Spec::kNewState != nullptr ? 1 : 0>,
           typename Modes = std::make_index_sequence<ModeCount<Spec>::value>,
           typename Scalar = std::make_index_sequence<
-              ScalarStateList<Spec>::name != nullptr ? 1 : 0>>
+              ScalarStateList<Spec>::name != nullptr ? 1 : 0>,
+          typename Sums = std::make_index_sequence<
+              HasTensorNorms<typename Spec::Hyper>::value ? 1 : 0>>
 struct Kernel;
 
-template <typename Spec, LrKind kLr, void (*kRun)(const OpCall&),
-          size_t... S, size_t... H, size_t... D, size_t... N, size_t... M,
-          size_t... C>
-struct Kernel<Spec, kLr, kRun, std::index_sequence<S...>,
+template <typename Spec, LrKind kLr, typename Result,
+          Result (*kRun)(const OpCall&), size_t... S, size_t... H,
+          size_t... D, size_t... N, size_t... M, size_t... C, size_t... T>
+struct Kernel<Spec, kLr, Result, kRun, std::index_sequence<S...>,
               std::index_sequence<H...>, std::index_sequence<D...>,
               std::index_sequence<N...>, std::index_sequence<M...>,
-              std::index_sequence<C...>> {
-  static void call(at::TensorList params, at::TensorList grads,
+              std::index_sequence<C...>, std::index_sequence<T...>> {
+  static Result call(at::TensorList params, at::TensorList grads,
                    Repeat<at::TensorList, S>... state,
                    at::TensorList master_params, at::TensorList state_steps,
                    Repeat<at::TensorList, C>... scalar_state,
@@ -91,6 +105,7 @@ struct Kernel<Spec, kLr, kRun, std::index_sequence<S...>,
                    const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf,
                    const std::optional<at::Tensor>& grad_norm,
+                   Repeat<const std::optional<at::Tensor>&, T>... tensor_sums,
                    Repeat<bool, M>... modes, bool stochastic_rounding) {
     OpCall call;
     call.op = op_name();
@@ -115,10 +130,12 @@ struct Kernel<Spec, kLr, kRun, std::index_sequence<S...>,
     call.grad_scale = &grad_scale;
     call.found_inf = &found_inf;
     call.grad_norm = &grad_norm;
+    ((call.tensor_sums = &tensor_sums), ...);
+    call.measure_only = !std::is_void_v<Result>;
     const bool mode_values[] = {modes..., false};
     for (size_t k = 0; k < sizeof...(M); ++k) call.modes.mode[k] = mode_values[k];
     call.stochastic_rounding = stochastic_rounding;
-    kRun(call);
+    return kRun(call);
   }
 
   static const char* op_name() {
@@ -127,14 +144,39 @@ struct Kernel<Spec, kLr, kRun, std::index_sequence<S...>,
   }
 };
 
-// Registers backend `kRun` for both lr overloads of op Spec.
-#define FO_IMPL_OP(m, Spec, run)                                           \
-  m.impl(Spec::kName,                                                      \
-         &::fused_optim::Kernel<Spec, ::fused_optim::LrKind::kFloats,      \
-                                &run<Spec>>::call);                        \
-  m.impl((std::string(Spec::kName) + ".tensor_lr").c_str(),               \
-         &::fused_optim::Kernel<Spec, ::fused_optim::LrKind::kTensors,     \
-                                &run<Spec>>::call)
+// The overload names of op Spec's kernels (op_schema.cpp defines them):
+// the update with float or tensor lr, and, for an op that reads per-tensor
+// norms, the measuring call with either (Note [norms across shards]).
+template <typename Spec>
+std::string overload_name(LrKind lr, bool measure) {
+  std::string out = Spec::kName;
+  if (measure) out += ".measure";
+  if (lr == LrKind::kTensors) out += measure ? "_tensor_lr" : ".tensor_lr";
+  return out;
+}
+
+// Registers a backend's kernels of op Spec: `kRun` for both lr overloads of
+// the update and, for an op with tensor norms, `kMeasure` for both of its
+// `measure` overloads.
+template <typename Spec, void (*kRun)(const OpCall&),
+          at::Tensor (*kMeasure)(const OpCall&)>
+void impl_op(torch::Library& m) {
+  m.impl(overload_name<Spec>(LrKind::kFloats, false).c_str(),
+         &Kernel<Spec, LrKind::kFloats, void, kRun>::call);
+  m.impl(overload_name<Spec>(LrKind::kTensors, false).c_str(),
+         &Kernel<Spec, LrKind::kTensors, void, kRun>::call);
+  if constexpr (HasTensorNorms<typename Spec::Hyper>::value) {
+    m.impl(overload_name<Spec>(LrKind::kFloats, true).c_str(),
+           &Kernel<Spec, LrKind::kFloats, at::Tensor, kMeasure>::call);
+    m.impl(overload_name<Spec>(LrKind::kTensors, true).c_str(),
+           &Kernel<Spec, LrKind::kTensors, at::Tensor, kMeasure>::call);
+  }
+}
+
+// Registers the kernels `backend::run<Spec>` and `backend::measure<Spec>`
+// of a backend namespace (see impl_op).
+#define FO_IMPL_OP(m, Spec, backend) \
+  ::fused_optim::impl_op<Spec, &backend::run<Spec>, &backend::measure<Spec>>(m)
 
 // A call that passed every check, staged, with its hyperparameters.
 template <typename Spec>
@@ -162,8 +204,10 @@ struct PreparedCall {
   // kHasTensorNorms, the [2n] sums of squares of the params (or master
   // weights) and then the grads, on the params' device; undefined otherwise,
   // and for an op with kNormsOfUpdate, whose backend measures its own
-  // (Note [norms of the update]).
+  // (Note [norms of the update]). Or the sums the caller gave (Note [norms
+  // across shards]), for either kind.
   at::Tensor tensor_sums;
+  bool measure_only = false;  // the `measure` overloads
   // Gradients replaced for the call (Note [a gradient that aliases its
   // param]), kept alive.
   std::vector<at::Tensor> replaced_grads;
@@ -218,6 +262,26 @@ void check_scalar_state(at::DeviceType backend, const OpCall& call,
 // per_tensor=True, through the dispatcher: the backend of the tensors).
 at::Tensor per_tensor_sums(at::TensorList params, at::TensorList grads);
 
+// Note [norms across shards]
+// A sharded param (FSDP2, tensor parallelism: a DTensor with a Shard
+// placement) is not pointwise for an op that reads per-tensor norms (LARS,
+// LAMB): the norm of a shard is not the param's. The whole tensor's sum of
+// squares is the sum of its shards' sums, so the call is made in two:
+//   1. the op's `measure` overload (same arguments, returns a float64 [2n]
+//      tensor, writes nothing): the sums of squares the update would read,
+//      of the local shards (LARS: of params/master weights and grads, as
+//      given; LAMB: a measuring pass at the step the update will use, the
+//      counters read, not advanced);
+//   2. the caller sums each tensor's two entries over the ranks that hold
+//      its shards (fused_optim/_dtensor.py: one all-reduce per mesh
+//      dimension the tensors are sharded on) and calls the update with
+//      `tensor_sums` = those sums, which the op then reads instead of
+//      computing its own.
+// Plain calls leave tensor_sums None. A given tensor_sums is checked here
+// (1-D, 2n entries, float32/float64, contiguous, on the params' device for
+// CUDA and on the CPU for the CPU kernels); `measure` refuses one.
+void check_tensor_sums(at::DeviceType backend, const OpCall& call);
+
 // Group g's learning rate: its tensor (read by the kernel) or its float.
 LrSource lr_source(const OpCall& call, size_t g);
 
@@ -227,6 +291,24 @@ inline size_t num_groups(const OpCall& call) {
 }
 
 // ---- the front ------------------------------------------------------------
+
+// What a backend's measure<Spec> (Note [norms across shards]) returns
+// without measuring: an empty tensor for a call with no tensors (or a
+// validate-only one), the front's own sums for an op whose norms are of
+// its inputs (LARS). Nothing when the backend must run its measuring pass
+// (kNormsOfUpdate: LAMB).
+template <typename Spec>
+std::optional<at::Tensor> sums_from_front(
+    const std::optional<PreparedCall<Spec>>& call) {
+  using Hyper = typename Spec::Hyper;
+  if (!call) return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
+  if constexpr (!HasTensorNorms<Hyper>::value) {
+    TORCH_INTERNAL_ASSERT(false, "measure of an op without tensor norms");
+  } else if constexpr (!NormsOfUpdate<Hyper>::value) {
+    return call->tensor_sums.to(at::kDouble);
+  }
+  return std::nullopt;
+}
 
 template <typename Spec>
 std::vector<const char*> hyper_names() {
@@ -291,10 +373,12 @@ std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
     check_tensor_indices(call.op, Spec::kNewState, call.new_state,
                          call.modes.has_state[0] ? n : 0);
   }
+  if (call.tensor_sums != nullptr) check_tensor_sums(backend, call);
   if (n == 0 || validate_only()) return std::nullopt;
 
   using Hyper = typename Spec::Hyper;
   PreparedCall<Spec> out;
+  out.measure_only = call.measure_only;
   out.precision = checked.precision;
   out.modes = call.modes;
   out.group_index = call.group_index;
@@ -312,7 +396,11 @@ std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
     if (!out.replaced_grads.empty()) out.lists[1].tensors = out.replaced_grads;
   }
   out.operands.emplace(out.lists);
-  if constexpr (HasTensorNorms<Hyper>::value && !NormsOfUpdate<Hyper>::value) {
+  if (call.tensor_sums != nullptr && call.tensor_sums->has_value() &&
+      (*call.tensor_sums)->defined()) {
+    out.tensor_sums = **call.tensor_sums;  // Note [norms across shards]
+  } else if constexpr (HasTensorNorms<Hyper>::value &&
+                       !NormsOfUpdate<Hyper>::value) {
     // (An op with norms of its update measures them in the backend's own
     // first pass instead: Note [norms of the update].)
     // Of the master weights when the call has them (the values the update

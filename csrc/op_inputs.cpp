@@ -284,21 +284,37 @@ void check_per_tensor_scalars(const char* op, const char* name,
   }
 }
 
-std::vector<double> increment_state_steps(at::TensorList state_steps) {
+namespace {
+
+// Each counter plus one in its own dtype (float32 counters round as
+// torch's `step_t += 1` does), written back when `write`.
+std::vector<double> next_steps(at::TensorList state_steps, bool write) {
   std::vector<double> steps(state_steps.size());
   for (size_t i = 0; i < state_steps.size(); ++i) {
     const at::Tensor& step = state_steps[i];
     if (step.scalar_type() == at::kFloat) {
       float* value = step.data_ptr<float>();
-      *value += 1.0f;
-      steps[i] = *value;
+      const float next = *value + 1.0f;
+      if (write) *value = next;
+      steps[i] = next;
     } else {
       double* value = step.data_ptr<double>();
-      *value += 1.0;
-      steps[i] = *value;
+      const double next = *value + 1.0;
+      if (write) *value = next;
+      steps[i] = next;
     }
   }
   return steps;
+}
+
+}  // namespace
+
+std::vector<double> increment_state_steps(at::TensorList state_steps) {
+  return next_steps(state_steps, /*write=*/true);
+}
+
+std::vector<double> incremented_state_steps(at::TensorList state_steps) {
+  return next_steps(state_steps, /*write=*/false);
 }
 
 void check_tensor_indices(const char* op, const char* name,

@@ -118,6 +118,11 @@ void check_per_tensor_scalars(const char* op, const char* name,
 // every check has passed.
 std::vector<double> increment_state_steps(at::TensorList state_steps);
 
+// The values increment_state_steps would give, without writing them: the
+// step a measuring call (the ops' `measure` overloads, Note [norms across
+// shards] in op_front.h) derives its scalars at.
+std::vector<double> incremented_state_steps(at::TensorList state_steps);
+
 // Checks that `indices` are valid, distinct tensor indices.
 void check_tensor_indices(const char* op, const char* name,
                           at::IntArrayRef indices, int64_t num_tensors);

@@ -45,6 +45,13 @@
 //   registers by min(1, max_grad_norm[g] / (grad_norm + 1e-6))
 //   (update_rules.h's clip_coefficient; inf: not clipped) and never
 //   written clipped.
+// - Per-tensor norms (lars_, lamb_: Note [per-tensor norms] in
+//   hyperparams.h): `tensor_sums` (after grad_norm; None in a plain call)
+//   gives the [2n] sums of squares the update reads instead of computing
+//   them, and the `measure` / `measure_tensor_lr` overloads (same
+//   arguments, none written) return the sums a call would compute, float64:
+//   together they make the call on sharded tensors (Note [norms across
+//   shards] in op_front.h).
 //
 // sum_of_squares(tensors, grad_scale, per_tensor): the sum of the squares of
 // every element of `tensors` (each first multiplied by 1 / grad_scale when
@@ -57,17 +64,25 @@
 #include <string>
 
 #include "fused_optim/op_specs.h"
+#include "op_front.h"
 
 namespace fused_optim {
 namespace {
 
-// The schema of op Spec, with `float[] lr` or (tensor_lr) `Tensor[] lr`.
+// The schema of op Spec, with `float[] lr` or (tensor_lr) `Tensor[] lr`;
+// with `measure`, that of its measuring overload (Note [norms across
+// shards], op_front.h): the same arguments, none written, the sums returned.
 template <typename Spec>
-std::string schema(bool tensor_lr) {
-  std::string s = std::string(Spec::kName) + (tensor_lr ? ".tensor_lr" : "") + "(";
+std::string schema(LrKind lr, bool measure) {
+  const bool tensor_lr = lr == LrKind::kTensors;
+  std::string s = overload_name<Spec>(lr, measure) + "(";
   char alias = 'a';
   auto written_list = [&](const char* name) {
-    s += std::string("Tensor(") + alias++ + "!)[] " + name + ", ";
+    if (measure) {
+      s += std::string("Tensor[] ") + name + ", ";
+    } else {
+      s += std::string("Tensor(") + alias++ + "!)[] " + name + ", ";
+    }
   };
   written_list("params");
   written_list("grads");
@@ -84,20 +99,27 @@ std::string schema(bool tensor_lr) {
   if (Spec::kDecoupledDecay) s += "bool[] decoupled_weight_decay, ";
   s += "float[] max_grad_norm, ";
   if (Spec::kNewState != nullptr) s += std::string("int[] ") + Spec::kNewState + ", ";
-  s += "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, *, ";
+  s += "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, ";
+  if (HasTensorNorms<typename Spec::Hyper>::value) s += "Tensor? tensor_sums, ";
+  s += "*, ";
   for (size_t k = 0; k < ModeCount<Spec>::value; ++k) {
     s += std::string("bool ") + Spec::kModes[k] + ", ";
   }
-  s += "bool stochastic_rounding) -> ()";
+  s += measure ? "bool stochastic_rounding) -> Tensor"
+               : "bool stochastic_rounding) -> ()";
   return s;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(fused_optim, m) {
-#define FO_DEF_OP(Spec)            \
-  m.def(schema<Spec>(false).c_str()); \
-  m.def(schema<Spec>(true).c_str());
+#define FO_DEF_OP(Spec)                                            \
+  for (LrKind lr : {LrKind::kFloats, LrKind::kTensors}) {          \
+    m.def(schema<Spec>(lr, false).c_str());                        \
+    if (HasTensorNorms<Spec::Hyper>::value) {                      \
+      m.def(schema<Spec>(lr, true).c_str());                       \
+    }                                                              \
+  }
   FO_FOR_EACH_OP(FO_DEF_OP)
 #undef FO_DEF_OP
   m.def("sum_of_squares(Tensor[] tensors, Tensor? grad_scale, bool per_tensor) -> Tensor");

@@ -143,9 +143,10 @@ template <typename Spec>
 void def_fast_calls(pybind11::module& m) {
   using fused_optim::Kernel;
   using fused_optim::LrKind;
-  def_fast_call(m, Spec::kName, &Kernel<Spec, LrKind::kFloats, &no_backend>::call);
-  def_fast_call(m, std::string(Spec::kName) + ".tensor_lr",
-                &Kernel<Spec, LrKind::kTensors, &no_backend>::call);
+  def_fast_call(m, fused_optim::overload_name<Spec>(LrKind::kFloats, false),
+                &Kernel<Spec, LrKind::kFloats, void, &no_backend>::call);
+  def_fast_call(m, fused_optim::overload_name<Spec>(LrKind::kTensors, false),
+                &Kernel<Spec, LrKind::kTensors, void, &no_backend>::call);
 }
 
 // The storage table (storage_table.h) as Python sees it: every legal

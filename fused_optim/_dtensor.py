@@ -19,9 +19,17 @@ tensors. One fused call still covers all the shards of a bucket.
 - Partial placements are refused: a pending reduction is not a value to
   update.
 - An op whose update reads per-tensor norms (``_ops.TENSOR_NORM_OPS``:
-  LARS's trust ratio, Note [per-tensor norms]) is not pointwise: on a
-  sharded param the local call would see the shard's norm, so a Shard
-  placement is refused for it (replicated DTensors are whole tensors).
+  the trust ratios of LARS and LAMB, Note [per-tensor norms]) is not
+  pointwise: a shard's norm is not its param's. When such a call has a
+  sharded param, the handler first calls the op's ``measure`` overload on
+  the local shards (each tensor's sums of squares, nothing written), sums
+  each tensor's entries over the mesh dimensions it is sharded on (one
+  all-reduce per such dimension and mesh, all tensors of the call at once),
+  and then calls the update with those sums as ``tensor_sums`` (Note
+  [norms across shards] in csrc/op_front.h). Every rank of the mesh must
+  make the call, as for any collective; replicated and plain tensors need
+  no communication. The ``measure`` overloads themselves, called on
+  DTensors, return the sums of the whole tensors.
 
 Importing torch.distributed.tensor costs about half a second, so the
 handler is registered when that module is imported, by whoever imports it
@@ -36,11 +44,48 @@ import sys
 
 import torch
 
-from fused_optim._ops import OP_NAMES, TENSOR_NORM_OPS, public_op
+from fused_optim._ops import MEASURE_OVERLOADS, OP_NAMES, TENSOR_NORM_OPS, public_op
 
 _MODULE = "torch.distributed.tensor"
 # Per-call tensor arguments: not aligned with the params.
-_PER_CALL = ("state_steps", "lr", "grad_scale", "found_inf")
+_PER_CALL = ("state_steps", "lr", "grad_scale", "found_inf", "tensor_sums")
+
+
+def _sharded_dims(t) -> tuple:
+    """The mesh dimensions a DTensor is sharded on (none for a plain tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return ()
+    return tuple(d for d, placement in enumerate(t.placements) if placement.is_shard())
+
+
+def _sum_over_shards(sums: torch.Tensor, params: list) -> torch.Tensor:
+    """``sums`` (the [2n] sums of squares of the local shards: entry i of
+    param i, n + i of its gradient or update) made those of the whole
+    tensors: each tensor's two entries summed over the ranks of each mesh
+    dimension it is sharded on. Tensors sharded alike share one all-reduce
+    per dimension."""
+    import torch.distributed as dist
+
+    n = len(params)
+    layouts: dict = {}  # (mesh, sharded dims) -> tensor indices
+    for i, p in enumerate(params):
+        dims = _sharded_dims(p)
+        if dims:
+            layouts.setdefault((p.device_mesh, dims), []).append(i)
+    for (mesh, dims), indices in layouts.items():
+        whole = len(indices) == n
+        if whole:
+            part = sums
+        else:
+            index = torch.tensor(indices + [n + i for i in indices], device=sums.device)
+            part = sums.index_select(0, index)
+        for dim in dims:
+            dist.all_reduce(part, group=mesh.get_group(dim))
+        if not whole:
+            sums.index_copy_(0, index, part)
+    return sums
 
 
 def _local_call(op, args, kwargs):
@@ -53,7 +98,7 @@ def _local_call(op, args, kwargs):
     # (and the op's per-tensor scalar state, plain 0-d tensors as the steps)
     per_call = _PER_CALL + tuple(names[names.index("state_steps") + 1:names.index("group_index")])
     where = f"{op._schema.name}"
-    reads_norms = op._schema.name.split("::")[-1] in TENSOR_NORM_OPS
+    op_name = op._schema.name.split("::")[-1]
 
     def replicated(name, t):
         if not isinstance(t, DTensor):
@@ -88,13 +133,6 @@ def _local_call(op, args, kwargs):
                         f"{where}: {name}[{i}] has a Partial placement {t.placements}; "
                         "reduce it (redistribute) before the optimizer step"
                     )
-                if name == "params" and reads_norms and any(
-                        placement.is_shard() for placement in t.placements):
-                    raise RuntimeError(
-                        f"{where}: params[{i}] is sharded ({t.placements}), but this op reads "
-                        "each param's and gradient's norm, which a shard does not have; "
-                        "not supported on sharded DTensors (FSDP2, tensor parallelism)"
-                    )
                 if t.shape != p.shape:
                     raise RuntimeError(
                         f"{where}: {name}[{i}] has shape {tuple(t.shape)} but params[{i}] "
@@ -114,9 +152,27 @@ def _local_call(op, args, kwargs):
         elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
             value = aligned(argument.name, value)
         local_values.append(value)
-    positional = [v for a, v in zip(arguments, local_values) if not a.kwarg_only]
-    keywords = {a.name: v for a, v in zip(arguments, local_values) if a.kwarg_only}
-    return op(*positional, **keywords)
+    if op._overloadname in MEASURE_OVERLOADS:
+        # The sums of the whole tensors.
+        return _sum_over_shards(
+            op(*_positional(arguments, local_values), **_keywords(arguments, local_values)), params)
+    if (op_name in TENSOR_NORM_OPS and local_values[names.index("tensor_sums")] is None
+            and any(_sharded_dims(p) for p in params)):
+        # Note [norms across shards]: the local sums, summed over the
+        # shards, then the update with them.
+        measure = getattr(getattr(torch.ops.fused_optim, op_name),
+                          "measure_tensor_lr" if op._overloadname == "tensor_lr" else "measure")
+        sums = measure(*_positional(arguments, local_values), **_keywords(arguments, local_values))
+        local_values[names.index("tensor_sums")] = _sum_over_shards(sums, params)
+    return op(*_positional(arguments, local_values), **_keywords(arguments, local_values))
+
+
+def _positional(arguments, values) -> list:
+    return [v for a, v in zip(arguments, values) if not a.kwarg_only]
+
+
+def _keywords(arguments, values) -> dict:
+    return {a.name: v for a, v in zip(arguments, values) if a.kwarg_only}
 
 
 def register() -> None:
@@ -127,6 +183,9 @@ def register() -> None:
     for name in OP_NAMES:
         for tensor_lr in (False, True):
             handlers[public_op(name, tensor_lr)] = _local_call
+    for name in TENSOR_NORM_OPS:
+        for overload in MEASURE_OVERLOADS:
+            handlers[getattr(getattr(torch.ops.fused_optim, name), overload)] = _local_call
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):

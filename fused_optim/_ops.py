@@ -5,14 +5,18 @@ Each op's argument list is written once, in C++: its spec
 schema. Every op's schema has one shape (params, grads, the state lists,
 master_params, state_steps, [the per-tensor scalar state list,] group_index,
 lr, the per-group hyperparameters, the per-group flags, max_grad_norm, [the
-new-state list], grad_scale, found_inf, grad_norm, then the keyword-only mode
-flags and stochastic_rounding); ``OpSignature`` reads the
+new-state list], grad_scale, found_inf, grad_norm, [tensor_sums,] then the
+keyword-only mode flags and stochastic_rounding); ``OpSignature`` reads the
 names from the schema, checks that shape, and builds a call's positional
 tuple from named values. A state list is named after its state key plus
 "s" (``exp_avg`` -> ``exp_avgs``, ``sum`` -> ``sums``).
 
 Two overloads per op: ``float[] lr`` (``.default``) and ``Tensor[] lr``
 (``.tensor_lr``: the kernel reads each group's lr tensor where it lives).
+An op whose update reads per-tensor norms (``TENSOR_NORM_OPS``: those with
+a ``tensor_sums`` argument) has two more, ``.measure`` and
+``.measure_tensor_lr``, which return the sums of squares a call would read
+(Note [norms across shards] in csrc/op_front.h; _dtensor.py uses them).
 
 Eager steps call ``fused_optim._C.<op>`` (Note [fast op call] in
 csrc/python_module.cpp): positional arguments in schema order, converted
@@ -32,10 +36,6 @@ from fused_optim import _C
 
 OP_NAMES = tuple(_C.OP_NAMES)  # (op_specs.h's FO_FOR_EACH_OP)
 OVERLOADS = ("default", "tensor_lr")
-# The ops whose update reads each tensor's norms (Hyper::kHasTensorNorms,
-# Note [per-tensor norms] in hyperparams.h): not pointwise, so a call on
-# shards is not the call on the whole tensors (_dtensor refuses it).
-TENSOR_NORM_OPS = frozenset({"lars_", "lamb_"})
 
 
 class OpSignature:
@@ -57,6 +57,9 @@ class OpSignature:
         )
         self.group_flags = tuple(n for n in names if types[n] == "List[bool]")
         self.new_state = next((n for n in names[lr + 1:] if types[n] == "List[int]"), None)
+        # Note [per-tensor norms] (hyperparams.h): the op's update reads
+        # each tensor's norms, and a caller may give their sums.
+        self.reads_tensor_norms = "tensor_sums" in names
         self.keywords = tuple(a.name for a in arguments if a.kwarg_only)
         self.modes = self.keywords[:-1]
         self.num_positional = len(names) - len(self.keywords)
@@ -65,7 +68,9 @@ class OpSignature:
              *self.scalar_state, "group_index", "lr", *self.hyperparameters, *self.group_flags,
              "max_grad_norm"]
             + ([self.new_state] if self.new_state else [])
-            + ["grad_scale", "found_inf", "grad_norm", *self.modes, "stochastic_rounding"]
+            + ["grad_scale", "found_inf", "grad_norm"]
+            + (["tensor_sums"] if self.reads_tensor_norms else [])
+            + [*self.modes, "stochastic_rounding"]
         )
         if names != expected:  # (the shape csrc/op_schema.cpp writes)
             raise RuntimeError(f"fused_optim.{name}: unexpected schema {names}")
@@ -73,15 +78,19 @@ class OpSignature:
     def arguments(self, *, params, grads, states: dict, master_params, steps, group_index,
                   lr, hyper: dict, group_flags: dict, new_state, grad_scale, found_inf,
                   modes: dict, stochastic_rounding: bool, scalar_states: dict | None = None,
-                  max_grad_norm=None, grad_norm=None) -> tuple:
+                  max_grad_norm=None, grad_norm=None, tensor_sums=None) -> tuple:
         """The call's arguments in schema order (keywords last). ``states``
         maps state list names to lists (a name left out: an empty list),
         ``hyper`` and ``group_flags`` map names to per-group lists,
         ``modes`` the mode flags to bools, ``scalar_states`` the scalar
         state list's name to its list (left out: an empty list);
         ``max_grad_norm`` (per group; None: no group clipped) and
-        ``grad_norm`` are clipping's."""
+        ``grad_norm`` are clipping's; ``tensor_sums`` (ops that read
+        per-tensor norms only; None: the op computes them) are Note [norms
+        across shards]'s."""
         scalar_states = scalar_states or {}
+        if tensor_sums is not None and not self.reads_tensor_norms:
+            raise ValueError(f"fused_optim.{self.name} reads no per-tensor norms: no tensor_sums")
         if max_grad_norm is None:
             max_grad_norm = [math.inf] * len(lr)
         return (
@@ -100,12 +109,30 @@ class OpSignature:
             grad_scale,
             found_inf,
             grad_norm,
+            *([tensor_sums] if self.reads_tensor_norms else []),
             *[modes[n] for n in self.modes],
             stochastic_rounding,
         )
 
 
 SIGNATURES = {name: OpSignature(name) for name in OP_NAMES}
+# The ops whose update reads each tensor's norms (Hyper::kHasTensorNorms):
+# not pointwise, so a call on shards needs their sums across the shards
+# (_dtensor.py, Note [norms across shards]).
+TENSOR_NORM_OPS = frozenset(n for n, s in SIGNATURES.items() if s.reads_tensor_norms)
+MEASURE_OVERLOADS = ("measure", "measure_tensor_lr")
+
+
+def _measure_fake(params, *args, **kwargs):
+    """The ``measure`` overloads' result under fake tensors (torch.compile):
+    float64 [2n] on the params' device."""
+    device = params[0].device if params else torch.device("cpu")
+    return torch.empty(2 * len(params), dtype=torch.float64, device=device)
+
+
+for _name in TENSOR_NORM_OPS:
+    for _overload in MEASURE_OVERLOADS:
+        torch.library.register_fake(f"fused_optim::{_name}.{_overload}")(_measure_fake)
 
 
 def state_list_name(key: str) -> str:

@@ -167,6 +167,17 @@ for _name in OPTIMIZERS:
     scenario("main")(_against_torch)
 
 
+def _even_model():  # tensor parallelism needs even shards
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(DEVICE)
+
+
+def _tensor_parallel(model, mesh):
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    return model
+
+
 # ----- clipping by the global norm across ranks --------------------------------
 MAX_GRAD_NORM = 0.05  # below the norms of this run: every step clips
 
@@ -206,18 +217,10 @@ for _name in ("SGD", "AdamW"):
 
 @scenario("main")
 def tensor_parallel_max_grad_norm_equals_torch_clip(mesh, tmp):
-    # Shard(0), Shard(1) and Replicate parameters in one norm.
-    def tensor_parallel(model):
-        parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
-        return model
-
-    def even_model():  # tensor parallelism needs even shards
-        torch.manual_seed(0)
-        return torch.nn.Sequential(
-            torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(DEVICE)
-
-    # the same batch on both ranks, as tensor parallelism expects
-    _clipped_against_torch(mesh, tensor_parallel, "Adam", even_model, per_rank=False)
+    # Shard(0), Shard(1) and Replicate parameters in one norm; the same
+    # batch on both ranks, as tensor parallelism expects.
+    _clipped_against_torch(mesh, lambda m: _tensor_parallel(m, mesh), "Adam", _even_model,
+                           per_rank=False)
 
 
 @scenario("main")
@@ -231,6 +234,84 @@ def fsdp2_clip_grad_norm_equals_torch(mesh, tmp):
     torch.testing.assert_close(_full(got), _full(want))
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(_full(a.grad), _full(b.grad))
+
+
+# ----- LARS and LAMB on shards: each tensor's norms across ranks ---------------
+# (Note [norms across shards] in csrc/op_front.h.) The sharded run against
+# the same optimizer on the whole model, on the same batch on both ranks
+# (so the FSDP2 mean gradient is the plain one): a norm taken per shard
+# would differ from the first step. Group 0 is adapted (weight decay);
+# Lamb clips at its default max_grad_norm=1.0, a norm across ranks too.
+NORM_READING = {
+    "Lars": dict(lr=0.5, momentum=0.9, weight_decay=0.01),
+    "Lamb": dict(lr=0.05, weight_decay=0.01),
+}
+
+
+def _sharded_against_whole(name, make_model, shard, dtype=torch.float32, **extra):
+    runs = []
+    for sharded in (False, True):
+        model = make_model()
+        if sharded:
+            model = shard(model)
+        opt = getattr(fused_optim, name)(_groups(model), **NORM_READING[name], **extra)
+        _train(model, opt, STEPS, seed=3, dtype=dtype, per_rank=False)
+        runs.append((model, opt))
+    assert any(isinstance(p, DTensor) and p.placements[0].is_shard()
+               for p in runs[1][0].parameters())
+    _assert_same_run(*runs[1], *runs[0], rtol=1e-5, atol=1e-6)
+
+
+for _name in NORM_READING:
+
+    def _fsdp2_norms(mesh, tmp, name=_name):
+        _sharded_against_whole(name, _model, lambda m: _fsdp(m, mesh))
+
+    def _tp_norms(mesh, tmp, name=_name):
+        # Shard(0) (colwise weight and bias), Shard(1) (rowwise weight) and
+        # Replicate (rowwise bias) in one call.
+        _sharded_against_whole(name, _even_model, lambda m: _tensor_parallel(m, mesh))
+
+    _fsdp2_norms.__name__ = f"fsdp2_{_name}_equals_whole_model"
+    _tp_norms.__name__ = f"tensor_parallel_{_name}_equals_whole_model"
+    scenario("main")(_fsdp2_norms)
+    scenario("main")(_tp_norms)
+
+
+@scenario("main")
+def fsdp2_lamb_master_weights_equals_whole_model(mesh, tmp):
+    # bf16 params with float32 master weights: the norms are of the
+    # masters (DTensors sharded like their params).
+    _sharded_against_whole(
+        "Lamb", lambda: _model(torch.bfloat16), lambda m: _fsdp(m, mesh),
+        dtype=torch.bfloat16, master_weights=True)
+
+
+@scenario("main")
+def measure_on_dtensors_is_the_whole_tensors_sums(mesh, tmp):
+    # lamb_.measure on sharded DTensors: the sums of the whole tensors.
+    torch.manual_seed(11)
+    full = [_randn(7, 3), _randn(5)]
+    lists = [[t.clone() for t in full], [torch.randn_like(t) for t in full],
+             [torch.randn_like(t) for t in full], [torch.rand_like(t) for t in full]]
+    sharded = [[distribute_tensor(t, mesh, [Shard(0)]) for t in lst] for lst in lists]
+    signature = _ops.SIGNATURES["lamb_"]
+    sums = []
+    for params, grads, m, v in (lists, sharded):
+        values = signature.arguments(
+            params=params, grads=grads, states={"exp_avgs": m, "exp_avg_sqs": v},
+            master_params=[], steps=[torch.tensor(2.0, device=DEVICE) for _ in full],
+            group_index=[0, 0], lr=[0.01],
+            hyper={"beta1": [0.9], "beta2": [0.99], "eps": [1e-6], "weight_decay": [0.01],
+                   "bias_correction": [1.0], "grad_averaging": [1.0], "trust_clip": [0.0],
+                   "always_adapt": [0.0]},
+            group_flags={"maximize": [False], "decoupled_weight_decay": [True]},
+            new_state=None, grad_scale=None, found_inf=None, modes={},
+            stochastic_rounding=False)
+        sums.append(torch.ops.fused_optim.lamb_.measure(
+            *values[:signature.num_positional],
+            **dict(zip(signature.keywords, values[signature.num_positional:]))))
+    torch.testing.assert_close(sums[1], sums[0], rtol=1e-12, atol=0)
 
 
 @scenario("main")
@@ -319,10 +400,7 @@ def public_op_on_dtensors(mesh, tmp):
 def tensor_parallel_equals_torch(mesh, tmp):
     runs = []
     for cls in (torch.optim.Adam, fused_optim.Adam):
-        torch.manual_seed(0)  # even shards: tensor parallelism needs them
-        model = torch.nn.Sequential(
-            torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(DEVICE)
-        parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        model = _tensor_parallel(_even_model(), mesh)
         opt = cls(_groups(model), lr=0.01, weight_decay=0.01)
         # the same batch on both ranks, as tensor parallelism expects
         for i in range(STEPS):

@@ -435,7 +435,7 @@ SCHEMAS = {
              "float[] lr, float[] momentum, float[] dampening, float[] weight_decay, "
              "float[] trust_coeff, float[] eps, float[] trust_clip, float[] always_adapt, "
              "bool[] maximize, float[] max_grad_norm, int[] new_momentum_buffers, "
-             "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
+             "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, Tensor? tensor_sums, "
              "*, bool nesterov, bool stochastic_rounding) -> ()",
     "lars_.tensor_lr": "fused_optim::lars_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
                        "Tensor(c!)[] momentum_buffers, "
@@ -443,7 +443,7 @@ SCHEMAS = {
                        "Tensor[] lr, float[] momentum, float[] dampening, float[] weight_decay, "
                        "float[] trust_coeff, float[] eps, float[] trust_clip, float[] always_adapt, "
                        "bool[] maximize, float[] max_grad_norm, int[] new_momentum_buffers, "
-                       "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
+                       "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, Tensor? tensor_sums, "
                        "*, bool nesterov, bool stochastic_rounding) -> ()",
     "lamb_": "fused_optim::lamb_(Tensor(a!)[] params, Tensor(b!)[] grads, "
              "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
@@ -452,7 +452,7 @@ SCHEMAS = {
              "float[] bias_correction, float[] grad_averaging, float[] trust_clip, "
              "float[] always_adapt, "
              "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
-             "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
+             "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, Tensor? tensor_sums, "
              "*, bool stochastic_rounding) -> ()",
     "lamb_.tensor_lr": "fused_optim::lamb_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
                        "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
@@ -462,8 +462,30 @@ SCHEMAS = {
                        "float[] bias_correction, float[] grad_averaging, float[] trust_clip, "
                        "float[] always_adapt, "
                        "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
-                       "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
+                       "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, Tensor? tensor_sums, "
                        "*, bool stochastic_rounding) -> ()",
+    # The measuring overloads (Note [norms across shards]): the same
+    # arguments, none written, the sums returned.
+    "lamb_.measure": "fused_optim::lamb_.measure(Tensor[] params, Tensor[] grads, "
+                     "Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+                     "Tensor[] master_params, Tensor[] state_steps, int[] group_index, "
+                     "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
+                     "float[] bias_correction, float[] grad_averaging, float[] trust_clip, "
+                     "float[] always_adapt, "
+                     "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
+                     "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, Tensor? tensor_sums, "
+                     "*, bool stochastic_rounding) -> Tensor",
+    "lars_.measure_tensor_lr": "fused_optim::lars_.measure_tensor_lr(Tensor[] params, "
+                               "Tensor[] grads, Tensor[] momentum_buffers, "
+                               "Tensor[] master_params, Tensor[] state_steps, int[] group_index, "
+                               "Tensor[] lr, float[] momentum, float[] dampening, "
+                               "float[] weight_decay, float[] trust_coeff, float[] eps, "
+                               "float[] trust_clip, float[] always_adapt, "
+                               "bool[] maximize, float[] max_grad_norm, "
+                               "int[] new_momentum_buffers, "
+                               "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
+                               "Tensor? tensor_sums, "
+                               "*, bool nesterov, bool stochastic_rounding) -> Tensor",
 }
 
 
@@ -474,10 +496,19 @@ def test_schemas():
             key = name + (".tensor_lr" if tensor_lr else "")
             got = str(_op(name, tensor_lr)._schema)
             assert got == SCHEMAS[key], got
-    # Two overloads per op, no more.
+    for key in ("lamb_.measure", "lars_.measure_tensor_lr"):
+        name, overload = key.split(".")
+        got = str(getattr(getattr(torch.ops.fused_optim, name), overload)._schema)
+        assert got == SCHEMAS[key], got
+    # Two overloads per op, and two measuring ones for the ops that read
+    # per-tensor norms; no more.
     for name in ("adam_", "sgd_", "adagrad_", "rmsprop_", "radam_", "nadam_", "lion_", "lars_",
                  "lamb_"):
-        assert sorted(getattr(torch.ops.fused_optim, name).overloads()) == ["default", "tensor_lr"]
+        want = ["default", "tensor_lr"]
+        if name in ("lars_", "lamb_"):
+            want += ["measure", "measure_tensor_lr"]
+        assert sorted(getattr(torch.ops.fused_optim, name).overloads()) == sorted(want)
+    assert _ops.TENSOR_NORM_OPS == {"lars_", "lamb_"}
 
 
 # ---------------------------------------------------------------------------
@@ -640,6 +671,163 @@ def test_groups_differing_in_maximize_equal_separate_calls(op, device):
     for name, lists in _written(op, one_call).items():
         for ti, (a, b) in enumerate(zip(lists, _written(op, separate)[name])):
             assert torch.equal(a, b), f"{op} {name}[{ti}]"
+
+
+# ---------------------------------------------------------------------------
+# Norms given by the caller (Note [norms across shards] in csrc/op_front.h):
+# the `measure` overloads and the update's `tensor_sums`
+# ---------------------------------------------------------------------------
+
+NORM_CASES = [case for case in CASES if case[0] in _ops.TENSOR_NORM_OPS]
+
+
+def _measure_op(name, tensor_lr=False):
+    return getattr(getattr(torch.ops.fused_optim, name),
+                   "measure_tensor_lr" if tensor_lr else "measure")
+
+
+def _with_amp_and_clipping(named, device, found_inf=0.0):
+    """AMP's scale (not a power of two) and clipping: group 0 not clipped,
+    group 1 clipped, group 2 clamped to 1."""
+    return {**named, "grad_scale": torch.tensor([3.0], device=device),
+            "found_inf": torch.tensor([found_inf], device=device),
+            "max_grad_norm": [float("inf"), 1.5, 100.0],
+            "grad_norm": torch.tensor([3.7], dtype=torch.float64, device=device)}
+
+
+@pytest.mark.parametrize("tensor_lr", OVERLOADS, ids=_overload_id)
+@pytest.mark.parametrize("case", NORM_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_measure(case, dtype, tensor_lr, device):
+    op, i = case
+    args, kwargs = _split(op, _inputs(op, i, dtype, device, tensor_lr))
+    torch.library.opcheck(_measure_op(op, tensor_lr), args, kwargs)
+
+
+@pytest.mark.parametrize("amp_and_clipping", [False, True], ids=["plain", "amp-clip"])
+@pytest.mark.parametrize("tensor_lr", OVERLOADS, ids=_overload_id)
+@pytest.mark.parametrize("case", NORM_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_measure_then_update_with_the_sums_equals_the_plain_call(case, dtype, tensor_lr,
+                                                                 amp_and_clipping, device):
+    # What _dtensor does on shards, on whole tensors: the measured sums,
+    # handed back, give the plain call's result bit for bit; measuring
+    # writes nothing (no counter advances, no gradient is unscaled).
+    op, i = case
+    named = _inputs(op, i, dtype, device, tensor_lr)
+    if amp_and_clipping:
+        named = _with_amp_and_clipping(named, device)
+    plain, split = _clone(named), _clone(named)
+    _call_public(op, plain)
+    args, kwargs = _split(op, split)
+    sums = _measure_op(op, tensor_lr)(*args, **kwargs)
+    assert sums.dtype == torch.float64 and sums.shape == (2 * len(SHAPES),)
+    assert sums.device.type == torch.device(device).type
+    for name, lists in {"grads": named["grads"], **_written(op, named)}.items():
+        got = split["grads"] if name == "grads" else _written(op, split)[name]
+        for t, (a, b) in enumerate(zip(got, lists)):
+            assert torch.equal(a, b), f"measure wrote {name}[{t}]"
+    assert (sums >= 0).all() and sums[len(SHAPES) + 4] == 0  # (tensor 4 is empty)
+    _call_fast(op, {**split, "tensor_sums": sums})
+    for name, lists in _written(op, plain).items():
+        for t, (a, b) in enumerate(zip(lists, _written(op, split)[name])):
+            assert torch.equal(a, b), f"{op} {name}[{t}]"
+
+
+def test_measure_when_amp_skips_the_step_is_zeros(device):
+    for op in sorted(_ops.TENSOR_NORM_OPS):
+        named = _with_amp_and_clipping(_inputs(op, 0, torch.float32, device), device, found_inf=1.0)
+        before = _clone(named)
+        args, kwargs = _split(op, named)
+        sums = _measure_op(op)(*args, **kwargs)
+        if op == "lamb_":  # (LARS's sums are of its inputs: AMP does not change them)
+            assert torch.equal(sums, torch.zeros_like(sums))
+        for name, lists in _written(op, before).items():
+            for a, b in zip(lists, _written(op, named)[name]):
+                assert torch.equal(a, b)
+
+
+# Per op: a sample without momentum (LARS's update is then its ratio times
+# the gradient), the group whose ratio the norms set, unclipped, and the
+# group that is not adapted.
+GIVEN_SUMS = {"lars_": (dict(momentum_on=False, nesterov=False, maximize="none"), 2, 0),
+              "lamb_": (dict(maximize="none", decoupled="none"), 1, 0)}
+
+
+@pytest.mark.parametrize("op", sorted(GIVEN_SUMS))
+def test_the_update_reads_the_given_sums(op, device):
+    # Param sums times 4: twice the param norm, so twice the trust ratio and
+    # the step of the adapted group; the other group's step is unchanged.
+    flags, adapted, not_adapted = GIVEN_SUMS[op]
+    i = next(j for j, (_, f) in enumerate(SAMPLES[op]) if f == flags)
+    named = _inputs(op, i, torch.float64, device)
+    n = len(SHAPES)
+    args, kwargs = _split(op, _clone(named))
+    sums = _measure_op(op)(*args, **kwargs)
+    scaled = sums.clone()
+    scaled[:n] *= 4
+    steps = []
+    for given in (sums, scaled):
+        call = _clone(named)
+        _call_fast(op, {**call, "tensor_sums": given})
+        steps.append([a - b for a, b in zip(call["params"], named["params"])])
+    checked = set()
+    for t, g in enumerate(GROUP_INDEX):
+        if SHAPES[t] == (0,):
+            continue
+        if g == adapted:
+            assert_close(steps[1][t], 2 * steps[0][t], rtol=1e-9, atol=0)
+            checked.add(g)
+        elif g == not_adapted:
+            assert torch.equal(steps[1][t], steps[0][t])
+            checked.add(g)
+    assert checked == {adapted, not_adapted}
+
+
+def _bad_tensor_sums(n, device):
+    """Each bad tensor_sums and the error it must raise."""
+    good = torch.ones(2 * n, dtype=torch.float64, device=device)
+    out = {
+        "short": (good[:-1], rf"tensor_sums must have shape \[{2 * n}\]"),
+        "2d": (good.view(2, n), rf"tensor_sums must have shape \[{2 * n}\]"),
+        "int64": (good.long(), "tensor_sums must be float32 or float64"),
+        "strided": (torch.ones(4 * n, dtype=torch.float64, device=device)[::2],
+                    "tensor_sums must be contiguous"),
+    }
+    if torch.device(device).type != "cpu":
+        out["on_cpu"] = (good.cpu(), "tensor_sums must be on cuda")
+    return out
+
+
+@pytest.mark.parametrize("variant", ["short", "2d", "int64", "strided", "on_cpu", "measure"])
+@pytest.mark.parametrize("op", sorted(_ops.TENSOR_NORM_OPS))
+def test_bad_tensor_sums_are_refused_before_writing(op, variant, device):
+    if variant == "on_cpu" and torch.device(device).type == "cpu":
+        pytest.skip("sums on another device than the params need a GPU")
+    i = next(j for j, (_, flags) in enumerate(SAMPLES[op]) if flags == FULL_SAMPLE[op])
+    named = _inputs(op, i, torch.float32, device)
+    before = _clone(named)
+    if variant == "measure":  # the measuring call computes the sums: it takes none
+        args, kwargs = _split(op, {**named, "tensor_sums": torch.ones(2 * len(SHAPES))})
+        calls = [lambda: _measure_op(op)(*args, **kwargs)]
+        match = "tensor_sums must be None"
+    else:
+        sums, match = _bad_tensor_sums(len(SHAPES), device)[variant]
+        bad = {**named, "tensor_sums": sums}
+        calls = [lambda: _call_public(op, bad), lambda: _call_fast(op, bad),
+                 lambda: _call_fast(op, bad, validate_only=True)]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+        for name, lists in _written(op, before).items():
+            for a, b in zip(lists, _written(op, named)[name]):
+                assert torch.equal(a, b), f"{op} {variant}: {name} written before the error"
+
+
+def test_tensor_sums_only_for_ops_that_read_norms():
+    named = _inputs("adam_", 0, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="reads no per-tensor norms"):
+        _ops.SIGNATURES["adam_"].arguments(**named, tensor_sums=torch.ones(12))
 
 
 # ---------------------------------------------------------------------------

@@ -445,12 +445,13 @@ inline bool amp_skips_step(const c10::optional<at::Tensor>& found_inf) {
 // overloads): the shared front, then the element loop.
 template <typename Spec>
 void run(const OpCall& args) {
+  using Hyper = typename Spec::Hyper;
   std::optional<PreparedCall<Spec>> call = prepare<Spec>(at::kCPU, args);
   if (!call || amp_skips_step(*call->found_inf)) return;
   // Every check has passed: from here on we write.
   const std::vector<double> steps = increment_state_steps(call->state_steps);
   std::vector<double> scalar_state;
-  if constexpr (HasScalarState<typename Spec::Hyper>::value) {
+  if constexpr (HasScalarState<Hyper>::value) {
     scalar_state = advance_scalar_state(*call, steps);
   }
   Spec::with_element_op(call->modes, [&](auto op) {
@@ -461,15 +462,21 @@ void run(const OpCall& args) {
           using T = typename S::compute_t;
           const auto inputs = element_inputs<T>(*call, steps);
           const auto scalars = [&] {
-            if constexpr (HasScalarState<typename Spec::Hyper>::value) {
+            if constexpr (HasScalarState<Hyper>::value) {
               return scalars_with_state<T>(*call, steps, scalar_state);
-            } else if constexpr (NormsOfUpdate<typename Spec::Hyper>::value) {
-              const std::vector<double> sums = measure_op<Op, S>(
-                  *call, scalars_for_measuring<T>(*call, steps), inputs);
-              return scalars_with_norms<T>(*call, steps, inputs,
-                                           call->has_grad_scale(), sums.data());
-            } else if constexpr (HasTensorNorms<typename Spec::Hyper>::value) {
-              const at::Tensor sums = call->tensor_sums.to(at::kDouble);
+            } else if constexpr (HasTensorNorms<Hyper>::value) {
+              // The sums: the front's (LARS), the caller's (Note [norms
+              // across shards]), or this call's measuring pass (LAMB).
+              at::Tensor sums = call->tensor_sums;
+              if constexpr (NormsOfUpdate<Hyper>::value) {
+                if (!sums.defined()) {
+                  sums = at::tensor(
+                      measure_op<Op, S>(*call, scalars_for_measuring<T>(*call, steps),
+                                        inputs),
+                      at::kDouble);
+                }
+              }
+              sums = sums.to(at::kDouble).contiguous();
               return scalars_with_norms<T>(*call, steps, inputs,
                                            call->has_grad_scale(),
                                            sums.data_ptr<double>());
@@ -482,6 +489,35 @@ void run(const OpCall& args) {
     return 0;
   });
   call->operands->write_back();
+}
+
+// The `measure` overloads' CPU kernel (Note [norms across shards] in
+// op_front.h): the sums of squares run<Spec> would read, at the step it
+// would use, nothing written. Zeros when AMP skips the step.
+template <typename Spec>
+at::Tensor measure(const OpCall& args) {
+  std::optional<PreparedCall<Spec>> call = prepare<Spec>(at::kCPU, args);
+  if (std::optional<at::Tensor> sums = sums_from_front(call)) return *sums;
+  const int64_t n = static_cast<int64_t>(call->set_of.size());
+  if (amp_skips_step(*call->found_inf)) return at::zeros({2 * n}, at::kDouble);
+  const std::vector<double> steps = incremented_state_steps(call->state_steps);
+  at::Tensor out;
+  Spec::with_element_op(call->modes, [&](auto op) {
+    using Op = decltype(op);
+    with_storage<(Op::kNumOperands > 2)>(
+        call->precision, call->has_grad_scale(), [&](auto storage) {
+          using S = decltype(storage);
+          using T = typename S::compute_t;
+          if constexpr (NormsOfUpdate<typename Spec::Hyper>::value) {
+            out = at::tensor(measure_op<Op, S>(*call,
+                                               scalars_for_measuring<T>(*call, steps),
+                                               element_inputs<T>(*call, steps)),
+                             at::kDouble);
+          }
+        });
+    return 0;
+  });
+  return out;
 }
 
 }  // namespace fused_optim::cpu

@@ -6,5 +6,5 @@
 #include "cpu/apply.h"
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
-  FO_IMPL_OP(m, fused_optim::LambSpec, fused_optim::cpu::run);
+  FO_IMPL_OP(m, fused_optim::LambSpec, fused_optim::cpu);
 }

@@ -690,19 +690,22 @@ cudaError_t multi_tensor_apply(const MultiTensorArgs<Hyper>& args,
         });
   }
   if constexpr (NormsOfUpdate<Hyper>::value) {  // (no such kernels otherwise)
-    plan_launches<kN>(args, [&](const Meta& meta) {
-      if (error != cudaSuccess) return;
-      measure_kernel<Op, P, S, Meta>
-          <<<static_cast<unsigned>(launch_blocks(meta)), kBlockSize, 0, stream>>>(meta);
-      error = cudaGetLastError();
-      if (error != cudaSuccess) return;
-      measure_tensor_kernel<Meta>
-          <<<static_cast<unsigned>((meta.num_tensors + kStepBlockSize - 1) /
-                                   kStepBlockSize),
-             kStepBlockSize, 0, stream>>>(meta);
-      error = cudaGetLastError();
-    });
+    if (args.passes != NormPasses::kUpdateOnly) {
+      plan_launches<kN>(args, [&](const Meta& meta) {
+        if (error != cudaSuccess) return;
+        measure_kernel<Op, P, S, Meta>
+            <<<static_cast<unsigned>(launch_blocks(meta)), kBlockSize, 0, stream>>>(meta);
+        error = cudaGetLastError();
+        if (error != cudaSuccess) return;
+        measure_tensor_kernel<Meta>
+            <<<static_cast<unsigned>((meta.num_tensors + kStepBlockSize - 1) /
+                                     kStepBlockSize),
+               kStepBlockSize, 0, stream>>>(meta);
+        error = cudaGetLastError();
+      });
+    }
   }
+  if (args.passes == NormPasses::kMeasureOnly) return error;
   plan_launches<kN>(args, [&](const Meta& meta) {
     if (error != cudaSuccess) return;
     const unsigned blocks = static_cast<unsigned>(launch_blocks(meta));

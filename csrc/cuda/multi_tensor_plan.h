@@ -97,6 +97,14 @@ using ScalarType = Dtype;
 // `master`: empty, or one float32 master copy per tensor: the update reads
 // the param from it, and writes it and the param (rounded to nearest).
 // `stochastic_rounding`: param writes round stochastically (precision.h).
+// Which passes a launch of an op with kNormsOfUpdate runs (Note [norms
+// across shards] in csrc/op_front.h): both (the measuring pass writes
+// tensor_sums, the update reads them), the measuring pass alone (the op's
+// `measure` overload: only tensor_sums and the step counters are written,
+// and the glue gives the counters as copies), or the update alone, reading
+// the caller's tensor_sums (float32 or float64, no measure_partials).
+enum class NormPasses { kMeasureAndUpdate, kMeasureOnly, kUpdateOnly };
+
 template <typename Hyper>
 struct MultiTensorArgs {
   ScalarType param_dtype = ScalarType::kFloat;
@@ -123,6 +131,7 @@ struct MultiTensorArgs {
   const void* tensor_sums = nullptr;
   bool tensor_sums_is_double = false;
   double* measure_partials = nullptr;
+  NormPasses passes = NormPasses::kMeasureAndUpdate;
   std::vector<int64_t> numels;       // per tensor; 0 = no update (the
                                      // step counter still advances)
   std::vector<int32_t> hyper_set;    // per tensor: index into hypers/decay
@@ -360,10 +369,16 @@ void check_multi_tensor_args(const MultiTensorArgs<Hyper>& args,
   if ((args.tensor_sums != nullptr) != HasTensorNorms<Hyper>::value) {
     fail("tensor_sums must be given exactly for an op with tensor norms");
   }
-  if (NormsOfUpdate<Hyper>::value !=
+  const bool measures =
+      NormsOfUpdate<Hyper>::value && args.passes != NormPasses::kUpdateOnly;
+  if (measures !=
       (args.measure_partials != nullptr && args.tensor_sums_is_double)) {
-    fail("an op with norms of its update needs float64 tensor_sums and "
-         "measure_partials, and no other op takes them");
+    fail("a measuring pass needs float64 tensor_sums and measure_partials, "
+         "and nothing else takes measure_partials");
+  }
+  if (!NormsOfUpdate<Hyper>::value &&
+      args.passes != NormPasses::kMeasureAndUpdate) {
+    fail("only an op with norms of its update has separate passes");
   }
   if (args.scalar_state.size() != (HasScalarState<Hyper>::value ? n : 0)) {
     fail("scalar_state has the wrong length");

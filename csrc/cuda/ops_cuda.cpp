@@ -101,32 +101,76 @@ MultiTensorArgs<typename Spec::Hyper> make_args(const PreparedCall<Spec>& call) 
   return args;
 }
 
+// Note [norms of the update]: the measuring pass's scratch and the float64
+// sums it writes (zeros: what a call skipped by AMP reports), from the
+// caching allocator (stream-ordered: no sync), set in `args`. Returns the
+// two tensors, which must outlive the launch on the host side.
+template <typename Spec>
+std::pair<at::Tensor, at::Tensor> measuring_buffers(
+    const PreparedCall<Spec>& call, MultiTensorArgs<typename Spec::Hyper>& args) {
+  const auto doubles = call.lists[0].tensors[0].options().dtype(at::kDouble);
+  at::Tensor partials = at::empty({2 * num_partials(args.numels)}, doubles);
+  at::Tensor sums =
+      at::zeros({2 * static_cast<int64_t>(args.numels.size())}, doubles);
+  args.tensor_sums = sums.data_ptr();
+  args.tensor_sums_is_double = true;
+  args.measure_partials = partials.data_ptr<double>();
+  return {std::move(partials), std::move(sums)};
+}
+
+// The device guard of a call: params[0]'s device.
+void guard_device(c10::cuda::OptionalCUDAGuard& guard, const OpCall& call) {
+  if (!call.params.empty() && call.params[0].is_cuda()) {
+    guard.set_device(call.params[0].device());
+  }
+}
+
 // The CUDA kernel of op Spec (registered for both lr overloads below).
 template <typename Spec>
 void run(const OpCall& op_call) {
   c10::cuda::OptionalCUDAGuard device_guard;
-  if (!op_call.params.empty() && op_call.params[0].is_cuda()) {
-    device_guard.set_device(op_call.params[0].device());
-  }
+  guard_device(device_guard, op_call);
   std::optional<PreparedCall<Spec>> call = prepare<Spec>(at::kCUDA, op_call);
   if (!call) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   MultiTensorArgs<typename Spec::Hyper> args = make_args(*call);
-  at::Tensor measure_partials;
+  std::pair<at::Tensor, at::Tensor> measuring;
   if constexpr (NormsOfUpdate<typename Spec::Hyper>::value) {
-    // Note [norms of the update]: the measuring pass's scratch and the sums
-    // it writes, from the caching allocator (stream-ordered: no sync).
-    const auto doubles = call->lists[0].tensors[0].options().dtype(at::kDouble);
-    measure_partials = at::empty({2 * num_partials(args.numels)}, doubles);
-    call->tensor_sums =
-        at::empty({2 * static_cast<int64_t>(args.numels.size())}, doubles);
-    args.tensor_sums = call->tensor_sums.data_ptr();
-    args.tensor_sums_is_double = true;
-    args.measure_partials = measure_partials.data_ptr<double>();
+    if (call->tensor_sums.defined()) {
+      args.passes = NormPasses::kUpdateOnly;  // Note [norms across shards]
+    } else {
+      measuring = measuring_buffers(*call, args);
+    }
   }
   // Every check has passed: from here on we write (on the device).
   C10_CUDA_CHECK(launch<Spec>(args, call->modes, stream));
   call->operands->write_back();
+}
+
+// The `measure` overloads' CUDA kernel (Note [norms across shards] in
+// op_front.h): the sums run<Spec> would read, at the step it would use. The
+// step kernel advances copies of the counters, and only the measuring pass
+// follows it.
+template <typename Spec>
+at::Tensor measure(const OpCall& op_call) {
+  c10::cuda::OptionalCUDAGuard device_guard;
+  guard_device(device_guard, op_call);
+  std::optional<PreparedCall<Spec>> call = prepare<Spec>(at::kCUDA, op_call);
+  if (std::optional<at::Tensor> sums = sums_from_front(call)) return *sums;
+  if constexpr (NormsOfUpdate<typename Spec::Hyper>::value) {
+    MultiTensorArgs<typename Spec::Hyper> args = make_args(*call);
+    std::vector<at::Tensor> step_copies;
+    for (size_t i = 0; i < args.steps.size(); ++i) {
+      step_copies.push_back(call->state_steps[i].clone());
+      args.steps[i].data = step_copies.back().data_ptr();
+    }
+    const std::pair<at::Tensor, at::Tensor> measuring = measuring_buffers(*call, args);
+    args.passes = NormPasses::kMeasureOnly;
+    C10_CUDA_CHECK(launch<Spec>(args, call->modes,
+                                c10::cuda::getCurrentCUDAStream().stream()));
+    return measuring.second;
+  }
+  TORCH_INTERNAL_ASSERT(false, "unreachable: sums_from_front covers the others");
 }
 
 // fused_optim::sum_of_squares on CUDA: the shared checks, two scratch
@@ -165,7 +209,7 @@ at::Tensor sum_of_squares(at::TensorList tensors,
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
   m.impl("sum_of_squares", &sum_of_squares);
-#define FO_IMPL_CUDA(Spec) FO_IMPL_OP(m, Spec, run);
+#define FO_IMPL_CUDA(Spec) FO_IMPL_OP(m, Spec, ::fused_optim::cuda);
   FO_FOR_EACH_OP(FO_IMPL_CUDA)
 #undef FO_IMPL_CUDA
 }

@@ -143,28 +143,31 @@ struct HostEmulator {
     if constexpr (NormsOfUpdate<Hyper>::value) {
       // The measuring pass: measure_kernel per chunk (each thread's sums,
       // then the kernel's tree), then measure_tensor_kernel per tensor.
-      plan_launches<kN>(args, [&](const TensorListMeta<kN, Hyper>& meta) {
-        if (meta.found_inf != nullptr && *meta.found_inf != 0.0f) return;
-        for (int64_t chunk = 0; chunk < meta.num_chunks; ++chunk) {
-          double values[2][kBlockSize];
-          for (int32_t t = 0; t < kBlockSize; ++t) {
-            const MeasuredSums mine =
-                measure_chunk_thread<Op, P, S>(meta, chunk, t, kBlockSize);
-            values[0][t] = mine.param;
-            values[1][t] = mine.update;
-          }
-          for (int stride = kBlockSize / 2; stride > 0; stride /= 2) {
-            for (int t = 0; t < kBlockSize; ++t) {
-              tree_level(values[0], stride, t);
-              tree_level(values[1], stride, t);
+      if (args.passes != NormPasses::kUpdateOnly) {
+        plan_launches<kN>(args, [&](const TensorListMeta<kN, Hyper>& meta) {
+          if (meta.found_inf != nullptr && *meta.found_inf != 0.0f) return;
+          for (int64_t chunk = 0; chunk < meta.num_chunks; ++chunk) {
+            double values[2][kBlockSize];
+            for (int32_t t = 0; t < kBlockSize; ++t) {
+              const MeasuredSums mine =
+                  measure_chunk_thread<Op, P, S>(meta, chunk, t, kBlockSize);
+              values[0][t] = mine.param;
+              values[1][t] = mine.update;
             }
+            for (int stride = kBlockSize / 2; stride > 0; stride /= 2) {
+              for (int t = 0; t < kBlockSize; ++t) {
+                tree_level(values[0], stride, t);
+                tree_level(values[1], stride, t);
+              }
+            }
+            meta.measure_partials[2 * (meta.first_partial + chunk)] = values[0][0];
+            meta.measure_partials[2 * (meta.first_partial + chunk) + 1] = values[1][0];
           }
-          meta.measure_partials[2 * (meta.first_partial + chunk)] = values[0][0];
-          meta.measure_partials[2 * (meta.first_partial + chunk) + 1] = values[1][0];
-        }
-        for (int32_t t = 0; t < meta.num_tensors; ++t) sum_measured_tensor(meta, t);
-      });
+          for (int32_t t = 0; t < meta.num_tensors; ++t) sum_measured_tensor(meta, t);
+        });
+      }
     }
+    if (args.passes == NormPasses::kMeasureOnly) return cudaSuccess;
     plan_launches<kN>(args, [&](const TensorListMeta<kN, Hyper>& meta) {
       if (launches != nullptr) ++*launches;
       const int64_t blocks = std::min(launch_blocks(meta), max_blocks);
