@@ -203,8 +203,10 @@ Lamb.__doc__ = (
     gradients and moments are read twice, written once; sums in float64).
     The direction is computed in the compute type (float32 for fp16/bf16
     params) and never rounded to the param dtype. Sparse gradients are
-    refused. On DTensors (FSDP2, tensor parallelism) a tensor's norm would
-    be its local shard's, so a sharded step is refused.
+    refused. On sharded DTensors (FSDP2, tensor parallelism) each rank
+    measures its shards and the sums are all-reduced over the mesh before
+    the update pass, so the norms are those of the whole tensors (Note
+    [norms across shards]).
 
     Args:
         """

@@ -140,9 +140,10 @@ Lars.__doc__ = (
     :math:`0\cdot\theta` term (timm adds one, which is NaN only for an
     infinite param). ``maximize`` is ours (timm has none). No ``foreach``,
     ``fused`` or ``differentiable`` keyword: there is no torch.optim
-    implementation to select. Sparse gradients are refused. On DTensors
-    (FSDP2, tensor parallelism) a tensor's norm would be its local shard's,
-    so a sharded step is refused.
+    implementation to select. Sparse gradients are refused. On sharded
+    DTensors (FSDP2, tensor parallelism) the sums of squares of the shards
+    are all-reduced over the mesh before the update, so the norms are those
+    of the whole tensors (Note [norms across shards]).
 
     Args:
         """

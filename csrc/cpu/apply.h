@@ -441,6 +441,18 @@ inline bool amp_skips_step(const c10::optional<at::Tensor>& found_inf) {
          found_inf->item<float>() != 0.0f;
 }
 
+// Calls fn(op, storage) with a prepared call's element op
+// (Spec::with_element_op) and storage types (with_storage).
+template <typename Spec, typename Fn>
+void with_op_and_storage(const PreparedCall<Spec>& call, const Fn& fn) {
+  Spec::with_element_op(call.modes, [&](auto op) {
+    with_storage<(decltype(op)::kNumOperands > 2)>(
+        call.precision, call.has_grad_scale(),
+        [&](auto storage) { fn(op, storage); });
+    return 0;
+  });
+}
+
 // The CPU kernel of op Spec (op_front.h registers it for both lr
 // overloads): the shared front, then the element loop.
 template <typename Spec>
@@ -454,39 +466,35 @@ void run(const OpCall& args) {
   if constexpr (HasScalarState<Hyper>::value) {
     scalar_state = advance_scalar_state(*call, steps);
   }
-  Spec::with_element_op(call->modes, [&](auto op) {
+  with_op_and_storage(*call, [&](auto op, auto storage) {
     using Op = decltype(op);
-    with_storage<(Op::kNumOperands > 2)>(
-        call->precision, call->has_grad_scale(), [&](auto storage) {
-          using S = decltype(storage);
-          using T = typename S::compute_t;
-          const auto inputs = element_inputs<T>(*call, steps);
-          const auto scalars = [&] {
-            if constexpr (HasScalarState<Hyper>::value) {
-              return scalars_with_state<T>(*call, steps, scalar_state);
-            } else if constexpr (HasTensorNorms<Hyper>::value) {
-              // The sums: the front's (LARS), the caller's (Note [norms
-              // across shards]), or this call's measuring pass (LAMB).
-              at::Tensor sums = call->tensor_sums;
-              if constexpr (NormsOfUpdate<Hyper>::value) {
-                if (!sums.defined()) {
-                  sums = at::tensor(
-                      measure_op<Op, S>(*call, scalars_for_measuring<T>(*call, steps),
-                                        inputs),
-                      at::kDouble);
-                }
-              }
-              sums = sums.to(at::kDouble).contiguous();
-              return scalars_with_norms<T>(*call, steps, inputs,
-                                           call->has_grad_scale(),
-                                           sums.data_ptr<double>());
-            } else {
-              return scalars_of<T>(*call, steps);
-            }
-          }();
-          apply_op<Op, S>(*call, scalars, inputs);
-        });
-    return 0;
+    using S = decltype(storage);
+    using T = typename S::compute_t;
+    const auto inputs = element_inputs<T>(*call, steps);
+    const auto scalars = [&] {
+      if constexpr (HasScalarState<Hyper>::value) {
+        return scalars_with_state<T>(*call, steps, scalar_state);
+      } else if constexpr (HasTensorNorms<Hyper>::value) {
+        // The sums: the front's (LARS), the caller's (Note [norms
+        // across shards]), or this call's measuring pass (LAMB).
+        at::Tensor sums = call->tensor_sums;
+        if constexpr (NormsOfUpdate<Hyper>::value) {
+          if (!sums.defined()) {
+            sums = at::tensor(
+                measure_op<Op, S>(*call, scalars_for_measuring<T>(*call, steps),
+                                  inputs),
+                at::kDouble);
+          }
+        }
+        sums = sums.to(at::kDouble).contiguous();
+        return scalars_with_norms<T>(*call, steps, inputs,
+                                     call->has_grad_scale(),
+                                     sums.data_ptr<double>());
+      } else {
+        return scalars_of<T>(*call, steps);
+      }
+    }();
+    apply_op<Op, S>(*call, scalars, inputs);
   });
   call->operands->write_back();
 }
@@ -502,20 +510,15 @@ at::Tensor measure(const OpCall& args) {
   if (amp_skips_step(*call->found_inf)) return at::zeros({2 * n}, at::kDouble);
   const std::vector<double> steps = incremented_state_steps(call->state_steps);
   at::Tensor out;
-  Spec::with_element_op(call->modes, [&](auto op) {
+  with_op_and_storage(*call, [&](auto op, auto storage) {
     using Op = decltype(op);
-    with_storage<(Op::kNumOperands > 2)>(
-        call->precision, call->has_grad_scale(), [&](auto storage) {
-          using S = decltype(storage);
-          using T = typename S::compute_t;
-          if constexpr (NormsOfUpdate<typename Spec::Hyper>::value) {
-            out = at::tensor(measure_op<Op, S>(*call,
-                                               scalars_for_measuring<T>(*call, steps),
-                                               element_inputs<T>(*call, steps)),
-                             at::kDouble);
-          }
-        });
-    return 0;
+    using S = decltype(storage);
+    using T = typename S::compute_t;
+    if constexpr (NormsOfUpdate<typename Spec::Hyper>::value) {
+      out = at::tensor(measure_op<Op, S>(*call, scalars_for_measuring<T>(*call, steps),
+                                         element_inputs<T>(*call, steps)),
+                       at::kDouble);
+    }
   });
   return out;
 }

@@ -1127,17 +1127,38 @@ void test_ops() {
           {lamb(2e-2, 0.9, 0.99, 1e-6, 0.0, true, false, false, true),
            WeightDecay::kNone},
       };
-      for (const CaseOptions& o : options) {
-        run_case<P, S>(
-            "lamb " + suffix, 4, {false, false, false, true}, groups, o,
-            [](const LambHyper& h, double lr, double step,
-               const TensorNorms& norms) { return h.scalars<T>(lr, step, norms); },
-            [&](const auto& args, const HostEmulator& emu) {
-              dispatch<LambSpec>(args, CallModes{}, emu);
-            },
-            [&](auto d, T* x, const LambScalars<T>& s) {
-              lamb_update<decltype(d)::value>(x[0], x[1], x[2], x[3], s);
-            });
+      // In one launch, and (Note [norms across shards]) as the `measure`
+      // call, on copies of the step counters, then the update reading the
+      // sums it wrote: the same bytes.
+      for (bool two_calls : {false, true}) {
+        for (const CaseOptions& o : options) {
+          run_case<P, S>(
+              std::string(two_calls ? "lamb (measure, then update) " : "lamb ") + suffix,
+              4, {false, false, false, true}, groups, o,
+              [](const LambHyper& h, double lr, double step,
+                 const TensorNorms& norms) { return h.scalars<T>(lr, step, norms); },
+              [&](const auto& args, const HostEmulator& emu) {
+                if (!two_calls) {
+                  dispatch<LambSpec>(args, CallModes{}, emu);
+                  return;
+                }
+                auto measure = args;
+                std::vector<double> copies(args.steps.size());
+                for (size_t i = 0; i < copies.size(); ++i) {
+                  copies[i] = read_step(args.steps[i].data, args.steps[i].is_double);
+                  measure.steps[i] = StepCounter{&copies[i], true};
+                }
+                measure.passes = NormPasses::kMeasureOnly;
+                dispatch<LambSpec>(measure, CallModes{}, emu);
+                auto update = args;
+                update.passes = NormPasses::kUpdateOnly;
+                update.measure_partials = nullptr;
+                dispatch<LambSpec>(update, CallModes{}, emu);
+              },
+              [&](auto d, T* x, const LambScalars<T>& s) {
+                lamb_update<decltype(d)::value>(x[0], x[1], x[2], x[3], s);
+              });
+        }
       }
     }
     // Adagrad.
