@@ -257,7 +257,7 @@ def _sharded_against_whole(name, make_model, shard, dtype=torch.float32, **extra
         opt = getattr(fused_optim, name)(_groups(model), **NORM_READING[name], **extra)
         _train(model, opt, STEPS, seed=3, dtype=dtype, per_rank=False)
         runs.append((model, opt))
-    assert any(isinstance(p, DTensor) and p.placements[0].is_shard()
+    assert any(isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements)
                for p in runs[1][0].parameters())
     _assert_same_run(*runs[1], *runs[0], rtol=1e-5, atol=1e-6)
 
@@ -287,31 +287,49 @@ def fsdp2_lamb_master_weights_equals_whole_model(mesh, tmp):
         dtype=torch.bfloat16, master_weights=True)
 
 
+def _lamb_measure(params, grads, exp_avgs, exp_avg_sqs):
+    """lamb_.measure on these lists (one group, decoupled decay)."""
+    signature = _ops.SIGNATURES["lamb_"]
+    values = signature.arguments(
+        params=params, grads=grads, states={"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+        master_params=[], steps=[torch.tensor(2.0, device=DEVICE) for _ in params],
+        group_index=[0] * len(params), lr=[0.01],
+        hyper={"beta1": [0.9], "beta2": [0.99], "eps": [1e-6], "weight_decay": [0.01],
+               "bias_correction": [1.0], "grad_averaging": [1.0], "trust_clip": [0.0],
+               "always_adapt": [0.0]},
+        group_flags={"maximize": [False], "decoupled_weight_decay": [True]},
+        new_state=None, grad_scale=None, found_inf=None, modes={}, stochastic_rounding=False)
+    return torch.ops.fused_optim.lamb_.measure(
+        *values[:signature.num_positional],
+        **dict(zip(signature.keywords, values[signature.num_positional:])))
+
+
 @scenario("main")
 def measure_on_dtensors_is_the_whole_tensors_sums(mesh, tmp):
-    # lamb_.measure on sharded DTensors: the sums of the whole tensors.
+    # lamb_.measure on sharded DTensors: the sums of the whole tensors, on
+    # a 1-D mesh and on the 2-D meshes of HSDP (Replicate(), Shard(0)),
+    # where only the sharded dimension is summed over: across both ranks
+    # (mesh (1, 2)) or over one (mesh (2, 1): each rank holds whole
+    # tensors, and summing over the replicating dimension would double the
+    # sums; trust ratios, quotients of two norms, would not show it).
     torch.manual_seed(11)
     full = [_randn(7, 3), _randn(5)]
     lists = [[t.clone() for t in full], [torch.randn_like(t) for t in full],
              [torch.randn_like(t) for t in full], [torch.rand_like(t) for t in full]]
-    sharded = [[distribute_tensor(t, mesh, [Shard(0)]) for t in lst] for lst in lists]
-    signature = _ops.SIGNATURES["lamb_"]
-    sums = []
-    for params, grads, m, v in (lists, sharded):
-        values = signature.arguments(
-            params=params, grads=grads, states={"exp_avgs": m, "exp_avg_sqs": v},
-            master_params=[], steps=[torch.tensor(2.0, device=DEVICE) for _ in full],
-            group_index=[0, 0], lr=[0.01],
-            hyper={"beta1": [0.9], "beta2": [0.99], "eps": [1e-6], "weight_decay": [0.01],
-                   "bias_correction": [1.0], "grad_averaging": [1.0], "trust_clip": [0.0],
-                   "always_adapt": [0.0]},
-            group_flags={"maximize": [False], "decoupled_weight_decay": [True]},
-            new_state=None, grad_scale=None, found_inf=None, modes={},
-            stochastic_rounding=False)
-        sums.append(torch.ops.fused_optim.lamb_.measure(
-            *values[:signature.num_positional],
-            **dict(zip(signature.keywords, values[signature.num_positional:]))))
-    torch.testing.assert_close(sums[1], sums[0], rtol=1e-12, atol=0)
+    want = _lamb_measure(*lists)
+    world = mesh.size()
+    layouts = [(mesh, [Shard(0)])] + [
+        (init_device_mesh(DEVICE, shape, mesh_dim_names=("replicate", "shard")),
+         [Replicate(), Shard(0)])
+        for shape in ((1, world), (world, 1))]
+    for on, placements in layouts:
+        sharded = [[distribute_tensor(t, on, placements) for t in lst] for lst in lists]
+        got = _lamb_measure(*sharded)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0,
+                                   msg=lambda m, on=on: f"mesh {on}: {m}")
+    # and HSDP training, sharded over both ranks
+    hsdp = layouts[1][0]
+    _sharded_against_whole("Lamb", _model, lambda m: _fsdp(m, hsdp))
 
 
 @scenario("main")
