@@ -57,6 +57,53 @@ struct ElementInputs {
   uint32_t rounding_key = 0;     // used only with kStochasticRounding
 };
 
+// One tensor's operands from element `begin` on, and how an element of
+// them is read: the update (apply_subrange) and the measuring pass
+// (measure_block) read alike. `operand[k]` points at element 0 of operand
+// k of the op (element_ops.h's order), `master_base` at the master copy's
+// (or nullptr).
+template <typename S, int kN>
+struct ElementOperands {
+  using T = typename S::compute_t;
+  using param_t = typename S::param_t;
+  using state_t = typename S::state_t;
+  param_t* param;
+  param_t* grad;
+  float* master;
+  state_t* state[kN];  // [2, kN) used
+  T inverse_grad_scale;  // used only with kUnscaleGrads
+  T grad_clip;
+
+  ElementOperands(char* const* operand, float* master_base, int64_t begin,
+                  const ElementInputs<T>& in)
+      : param(reinterpret_cast<param_t*>(operand[0]) + begin),
+        grad(reinterpret_cast<param_t*>(operand[1]) + begin),
+        master(S::kMasterWeights ? master_base + begin : nullptr),
+        inverse_grad_scale(in.inverse_grad_scale),
+        grad_clip(in.grad_clip) {
+    for (int k = 2; k < kN; ++k) {
+      state[k] = reinterpret_cast<state_t*>(operand[k]) + begin;
+    }
+  }
+
+  // Element i in the compute type into x: the param (its master copy with
+  // master weights), the gradient unscaled and clipped, the state. Returns
+  // the unscaled, unclipped gradient (what AMP writes back).
+  T load(T (&x)[kN], int64_t i) const {
+    if constexpr (S::kMasterWeights) {
+      x[0] = master[i];
+    } else {
+      x[0] = to_compute(param[i]);
+    }
+    x[1] = to_compute(grad[i]);
+    if constexpr (S::kUnscaleGrads) x[1] = x[1] * inverse_grad_scale;
+    const T unscaled = x[1];
+    x[1] = x[1] * grad_clip;
+    for (int k = 2; k < kN; ++k) x[k] = to_compute(state[k][i]);
+    return unscaled;
+  }
+};
+
 // Updates elements [begin, end) of one tensor, a range within which the
 // element indices share their high 32 bits (see apply_range below).
 // `operand[k]` points at element 0 of operand k of the op (element_ops.h's
@@ -69,46 +116,28 @@ void apply_subrange(char* const* operand, float* master_base, int64_t begin,
   using param_t = typename S::param_t;
   using state_t = typename S::state_t;
   constexpr int kN = Op::kNumOperands;
-  param_t* const param = reinterpret_cast<param_t*>(operand[0]) + begin;
-  param_t* const grad = reinterpret_cast<param_t*>(operand[1]) + begin;
-  float* const master = S::kMasterWeights ? master_base + begin : nullptr;
-  state_t* state[kN];  // [2, kN) used
-  for (int k = 2; k < kN; ++k) {
-    state[k] = reinterpret_cast<state_t*>(operand[k]) + begin;
-  }
-  const T inverse_grad_scale = in.inverse_grad_scale;
-  const T grad_clip = in.grad_clip;
+  const ElementOperands<S, kN> data(operand, master_base, begin, in);
   const uint32_t key = in.rounding_key;
   const uint32_t element_low = static_cast<uint32_t>(begin);
   const uint32_t element_high = static_cast<uint32_t>(begin >> 32);
   vectorized_loop(end - begin, [=](int64_t i) {
     T x[kN];
-    if constexpr (S::kMasterWeights) {
-      x[0] = master[i];
-    } else {
-      x[0] = to_compute(param[i]);
-    }
-    x[1] = to_compute(grad[i]);
-    if constexpr (S::kUnscaleGrads) {
-      x[1] = x[1] * inverse_grad_scale;
-      grad[i] = from_compute<param_t>(x[1]);
-    }
-    x[1] = x[1] * grad_clip;
-    for (int k = 2; k < kN; ++k) x[k] = to_compute(state[k][i]);
+    const T unscaled_grad = data.load(x, i);
+    if constexpr (S::kUnscaleGrads) data.grad[i] = from_compute<param_t>(unscaled_grad);
     Op::template update<kDecay>(x, s);
-    if constexpr (S::kMasterWeights) master[i] = x[0];
+    if constexpr (S::kMasterWeights) data.master[i] = x[0];
     if constexpr (S::kStochasticRounding) {
       static_assert(std::is_same_v<param_t, c10::BFloat16>);
-      param[i] = c10::BFloat16(
+      data.param[i] = c10::BFloat16(
           bf16_bits_round_stochastic(
               x[0], stochastic_rounding_bits(
                         key, element_low + static_cast<uint32_t>(i),
                         element_high)),
           c10::BFloat16::from_bits());
     } else {
-      param[i] = from_compute<param_t>(x[0]);
+      data.param[i] = from_compute<param_t>(x[0]);
     }
-    for (int k = 2; k < kN; ++k) state[k][i] = from_compute<state_t>(x[k]);
+    for (int k = 2; k < kN; ++k) data.state[k][i] = from_compute<state_t>(x[k]);
   });
 }
 
@@ -149,36 +178,18 @@ constexpr int64_t kMeasureBlock = 4096;
 
 template <typename Op, typename S, WeightDecay kDecay, typename Scalars>
 std::pair<double, double> measure_block(
-    char* const* operand, const float* master_base, int64_t begin, int64_t n,
+    char* const* operand, float* master_base, int64_t begin, int64_t n,
     const Scalars& s, const ElementInputs<typename S::compute_t>& in) {
   using T = typename S::compute_t;
-  using param_t = typename S::param_t;
-  using state_t = typename S::state_t;
   constexpr int kN = Op::kNumOperands;
-  const param_t* const param = reinterpret_cast<param_t*>(operand[0]) + begin;
-  const param_t* const grad = reinterpret_cast<param_t*>(operand[1]) + begin;
-  const float* const master = S::kMasterWeights ? master_base + begin : nullptr;
-  const state_t* state[kN];  // [2, kN) used
-  for (int k = 2; k < kN; ++k) {
-    state[k] = reinterpret_cast<state_t*>(operand[k]) + begin;
-  }
-  const T inverse_grad_scale = in.inverse_grad_scale;
-  const T grad_clip = in.grad_clip;
+  const ElementOperands<S, kN> data(operand, master_base, begin, in);
   T param_square[kMeasureBlock];
   T update_square[kMeasureBlock];
   T* const ps = param_square;
   T* const us = update_square;
   vectorized_loop(n, [=](int64_t i) {
     T x[kN];
-    if constexpr (S::kMasterWeights) {
-      x[0] = master[i];
-    } else {
-      x[0] = to_compute(param[i]);
-    }
-    x[1] = to_compute(grad[i]);
-    if constexpr (S::kUnscaleGrads) x[1] = x[1] * inverse_grad_scale;
-    x[1] = x[1] * grad_clip;
-    for (int k = 2; k < kN; ++k) x[k] = to_compute(state[k][i]);
+    data.load(x, i);
     const T u = Op::template direction<kDecay>(x, s);
     ps[i] = x[0];
     us[i] = u;
@@ -212,9 +223,9 @@ std::vector<double> measure_op(
       const auto [t, begin] = blocks[b];
       char* operand[kN];
       for (int k = 0; k < kN; ++k) operand[k] = operands.data(lists[k], t);
-      const float* master =
+      float* master =
           S::kMasterWeights
-              ? reinterpret_cast<const float*>(operands.data(call.master_list(), t))
+              ? reinterpret_cast<float*>(operands.data(call.master_list(), t))
               : nullptr;
       const int64_t count = std::min(kMeasureBlock, numels[t] - begin);
       const bool ran = with_decay_mode<Op>(call.decay[call.set_of[t]], [&](auto decay) {
