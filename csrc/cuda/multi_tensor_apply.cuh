@@ -211,6 +211,29 @@ struct ElementFlags {
   uint32_t rounding_key = 0;  // per chunk: key(tensor's index, step)
 };
 
+// An element's operands in the compute type, as the update and the
+// measuring pass read them: the param (its master copy m with kMaster), the
+// gradient unscaled and clipped (clipping in registers only: 1 when not
+// clipped), state operand k from state_at(k). Returns the unscaled,
+// unclipped gradient (what AMP writes back).
+template <bool kMaster, int kN, typename T, typename P, typename StateAt>
+FO_HOST_DEVICE FO_FORCE_INLINE T load_operands(T (&r)[kN], const P& p, float m,
+                                               const P& g, const StateAt& state_at,
+                                               const ElementFlags<T>& f) {
+  if constexpr (kMaster) {
+    r[0] = m;
+  } else {
+    r[0] = to_compute(p);
+  }
+  r[1] = to_compute(g);
+  if (f.unscale) r[1] = r[1] * static_cast<T>(f.inv_scale);
+  const T unscaled = r[1];
+  r[1] = r[1] * f.grad_clip;
+#pragma unroll
+  for (int k = 2; k < kN; ++k) r[k] = to_compute(state_at(k));
+  return unscaled;
+}
+
 // One element: param p (or master m), grad g, state st[] in storage types,
 // updated in place. `element` is its 0-based index in its tensor (the
 // stochastic-rounding counter).
@@ -224,22 +247,11 @@ FO_HOST_DEVICE FO_FORCE_INLINE void update_element(P& p, P& g, S (&st)[kNS],
   using T = compute_t<P>;
   constexpr int kN = Op::kNumOperands;
   T r[kN];
-  if constexpr (kMode == ParamMode::kMaster) {
-    r[0] = m;
-  } else {
-    r[0] = to_compute(p);
-  }
-  r[1] = to_compute(g);
-  if (f.unscale) {
-    // Unscaled in the compute type; the update uses this value, and the
-    // grad tensor gets it rounded to its dtype.
-    r[1] = r[1] * static_cast<T>(f.inv_scale);
-    g = from_compute<P>(r[1]);
-  }
-  // Clipping by the global norm: in registers only (1 when not clipped).
-  r[1] = r[1] * f.grad_clip;
-#pragma unroll
-  for (int k = 2; k < kN; ++k) r[k] = to_compute(st[k - 2]);
+  const T unscaled = load_operands<kMode == ParamMode::kMaster>(
+      r, p, m, g, [&](int k) { return st[k - 2]; }, f);
+  // The update uses the unscaled value; the grad tensor gets it rounded to
+  // its dtype.
+  if (f.unscale) g = from_compute<P>(unscaled);
   Op::template update<kDecay>(r, s);
   if constexpr (kMode == ParamMode::kMaster) m = r[0];
   if constexpr (kMode == ParamMode::kStochastic) {
@@ -487,16 +499,8 @@ FO_HOST_DEVICE FO_FORCE_INLINE void measure_element(
   using T = compute_t<P>;
   constexpr int kN = Op::kNumOperands;
   T r[kN];
-  if constexpr (kMaster) {
-    r[0] = master[i];
-  } else {
-    r[0] = to_compute(param[i]);
-  }
-  r[1] = to_compute(grad[i]);
-  if (f.unscale) r[1] = r[1] * static_cast<T>(f.inv_scale);
-  r[1] = r[1] * f.grad_clip;
-#pragma unroll
-  for (int k = 2; k < kN; ++k) r[k] = to_compute(state[k - 2][i]);
+  load_operands<kMaster>(r, param[i], kMaster ? master[i] : 0.0f, grad[i],
+                         [&](int k) { return state[k - 2][i]; }, f);
   const double u = static_cast<double>(Op::template direction<kDecay>(r, s));
   const double p = static_cast<double>(r[0]);
   sums.param += p * p;
