@@ -420,17 +420,25 @@ def run_low_precision(
             )
             if kind == "param":
                 param_bound = bound
-    # The rule is meaningful only if the float64 trajectory moved every
-    # updated parameter by more than the allowed error: a skipped update
-    # (e.g. a whole SIMD block left unwritten) must fail it.
+    # The rule is meaningful only if it fails a skipped update (e.g. a whole
+    # SIMD block left unwritten), whose error is the float64 run's movement:
+    # a parameter moved by more than the pooled bound is covered. One moved
+    # by less (a small tensor beside large ones, whose float16 rounding sets
+    # the bound: LAMB's) is checked on its own: ours must have moved it, to
+    # within half its movement. (Tensor by tensor is not the rule itself: a
+    # tensor that torch happens to round like float64 would demand the same
+    # luck of ours.)
     for i, p0 in enumerate(initial):
         if p0.numel() == 0 or not any(has_grad(s, i) for s in range(steps)):
             continue
         movement = (f64.params[i].detach() - p0).abs().median().item()
-        assert movement > param_bound, (
-            f"{cfg} {dtype} param {i}: the float64 run moved params by a median {movement:.3e}, "
-            f"not more than the allowed error {param_bound:.3e}; the test could not see a "
-            f"skipped update"
+        if movement > param_bound:
+            continue
+        err = _max_err(ours.params[i], f64.params[i])
+        assert err < movement / 2, (
+            f"{cfg} {dtype} param {i}: ours' error vs float64 {err:.3e} is not below half "
+            f"the float64 run's median movement {movement:.3e} (under the pooled bound "
+            f"{param_bound:.3e}): an update skipped or lost"
         )
     return tref, ours, f64
 

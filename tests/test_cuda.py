@@ -29,6 +29,7 @@ module first; csrc/cuda/README.md).
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import pytest
@@ -36,13 +37,17 @@ import torch
 from torch.testing import assert_close
 
 import fused_optim
+import test_ops as op_samples
 from conftest import DEVICES
+from fused_optim import _ops
 from harness import (
+    SCALAR_STATE_KEYS,
     P,
     Run,
     assert_runs_close,
     assert_same_state,
     bits,
+    check_scalar_state,
     run_low_precision,
     run_parity,
     sometimes_none,
@@ -126,32 +131,50 @@ def _max_abs_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return (x.detach().cpu().double() - y.detach().cpu().double()).abs().max().item()
 
 
-def _assert_same_bits(cpu_t, cuda_t, where, fp64_rtol=None):
+def _within_ulps_of_scale(cpu_t, cuda_t, where, ulps):
+    """|cuda - cpu| <= ulps * eps * (|cpu| + max|cpu|), element by element:
+    within a few roundings of the tensor's own scale. What a last-bit
+    difference in a scalar every element reads (a sum, a power) leaves: it
+    shifts each element's update by a relative eps, and an update is as large
+    as the tensor's scale even where the element itself is near zero."""
+    ref = cpu_t.detach()
+    eps = torch.finfo(ref.dtype).eps
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    assert_close(cuda_t.detach().cpu(), ref, rtol=ulps * eps, atol=ulps * eps * scale,
+                 msg=lambda m: f"{where}: {m}")
+
+
+def _assert_same_bits(cpu_t, cuda_t, where, fp64_rtol=None, reduction_ulps=None):
     assert cpu_t.dtype == cuda_t.dtype, f"{where}: dtype {cpu_t.dtype} on the CPU, {cuda_t.dtype} on CUDA"
-    if fp64_rtol is not None and cpu_t.dtype == torch.float64:
-        assert_close(cuda_t.detach().cpu(), cpu_t.detach(), rtol=fp64_rtol, atol=0,
-                     msg=lambda m: f"{where}: {m}")
+    if not cpu_t.is_floating_point():
+        assert torch.equal(cpu_t, cuda_t.cpu()), f"{where}: CUDA differs from the CPU"
+    elif reduction_ulps is not None:
+        _within_ulps_of_scale(cpu_t, cuda_t, where, reduction_ulps)
+    elif fp64_rtol is not None and cpu_t.dtype == torch.float64:
+        _within_ulps_of_scale(cpu_t, cuda_t, where, fp64_rtol / torch.finfo(torch.float64).eps)
     else:
         assert torch.equal(bits(cpu_t), bits(cuda_t)), (
             f"{where}: CUDA differs from the CPU (max abs diff {_max_abs_diff(cpu_t, cuda_t):.3e})"
         )
 
 
-def _assert_cuda_equals_cpu(cpu: Run, cuda: Run, where, fp64_rtol=None):
+def _assert_cuda_equals_cpu(cpu: Run, cuda: Run, where, fp64_rtol=None, reduction_ulps=None):
     """Params (and the whole base buffer of views), and every state tensor,
     of the CUDA run equal the CPU run's bit for bit; fp64 within fp64_rtol
-    when given (see test_cuda_equals_cpu_bit_for_bit)."""
+    of each tensor's scale when given; every dtype within reduction_ulps of
+    it when given (see test_cuda_equals_cpu_bit_for_bit)."""
+    tol = dict(fp64_rtol=fp64_rtol, reduction_ulps=reduction_ulps)
     for i, (a, b) in enumerate(zip(cpu.params, cuda.params)):
         w = f"{where} param {i} {cpu.specs[i]}"
-        _assert_same_bits(a, b, w, fp64_rtol)
+        _assert_same_bits(a, b, w, **tol)
         if a._base is not None:
-            _assert_same_bits(a._base, b._base, f"{w} (whole base buffer)", fp64_rtol)
+            _assert_same_bits(a._base, b._base, f"{w} (whole base buffer)", **tol)
         sa, sb = cpu.state_of(i), cuda.state_of(i)
         assert set(sa) == set(sb), f"{w}: state keys {sorted(sa)} on the CPU, {sorted(sb)} on CUDA"
         for k in sa:
-            if k == "step":
-                assert sb[k].device == step_device_of(b), f"{w}: step on {sb[k].device}"
-            _assert_same_bits(sa[k], sb[k], f"{w} state[{k!r}]", fp64_rtol)
+            if k == "step" or k in SCALAR_STATE_KEYS:
+                assert sb[k].device == step_device_of(b), f"{w}: {k} on {sb[k].device}"
+            _assert_same_bits(sa[k], sb[k], f"{w} state[{k!r}]", **tol)
 
 
 # ---------------------------------------------------------------------------
@@ -170,6 +193,11 @@ def test_cuda_equals_cpu_bit_for_bit(cfg, dtype):
     # the device's double pow (beta ** step) is CUDA's, not glibc's; it may
     # differ in the last bit of a double, which narrowing to float hides but
     # fp64 params may show as a 1-ulp difference: hence fp64's tiny rtol.
+    # The other: a step that reads sums over many elements (_reads_sums)
+    # adds them in another order on each backend; the last bits of a sum
+    # differ, so every element may move by a rounding or two per step. That
+    # the rest of such a step is exact on both, given the same sums, is
+    # test_norm_ops_given_the_same_sums_cuda_equals_cpu_bit_for_bit.
     specs = [P(s) for s in CUDA_SIZES] + [
         P((10_001,), layout="offset"),
         P((CHUNK + 1,), grad_layout="offset"),
@@ -177,7 +205,52 @@ def test_cuda_equals_cpu_bit_for_bit(cfg, dtype):
     runs = _on_cpu_and_cuda(cfg.ours_cls, one_group(specs), cfg.kwargs, dtype=dtype)
     for step in range(STEPS):
         _step_all(runs, step)
-        _assert_cuda_equals_cpu(*runs, f"{cfg} {dtype} step {step}", fp64_rtol=1e-14)
+        ulps = 4 * (step + 1) if _reads_sums(cfg) else None
+        _assert_cuda_equals_cpu(*runs, f"{cfg} {dtype} step {step}", fp64_rtol=1e-14,
+                                reduction_ulps=ulps)
+
+
+# The op-level samples of test_ops.py: LARS and LAMB with per-group flags,
+# modes, and each group's way of adapting (test_ops.lars_inputs, lamb_inputs).
+NORM_CASES = [case for case in op_samples.CASES if case[0] in _ops.TENSOR_NORM_OPS]
+
+
+@pytest.mark.parametrize("amp_and_clipping", [False, True], ids=["plain", "amp_and_clipping"])
+@pytest.mark.parametrize("case", NORM_CASES, ids=op_samples._case_id)
+@EXACT
+def test_norm_ops_given_the_same_sums_cuda_equals_cpu_bit_for_bit(case, dtype, amp_and_clipping):
+    # Each backend measures its sums (the `measure` overload), which agree
+    # up to the order of the additions; handed the same sums (tensor_sums:
+    # Note [norms across shards]), the rest of the step is the same function
+    # on both, to the bit, for every written tensor.
+    op, i = case
+    calls = {}
+    for device in ("cpu", DEVICE):
+        named = op_samples._inputs(op, i, dtype, device)
+        if amp_and_clipping:
+            named = op_samples._with_amp_and_clipping(named, device)
+        calls[device] = named
+    sums = {}
+    for device, named in calls.items():
+        args, kwargs = op_samples._split(op, named)
+        sums[device] = op_samples._measure_op(op)(*args, **kwargs)
+    assert sums[DEVICE].device.type == "cuda"
+    assert_close(sums[DEVICE].cpu(), sums["cpu"], rtol=1e-12, atol=0)  # (the order of the sums)
+    for device, named in calls.items():
+        op_samples._call_public(op, {**named, "tensor_sums": sums["cpu"].to(device)})
+    cuda_written = op_samples._written(op, calls[DEVICE])
+    for name, cpu_list in op_samples._written(op, calls["cpu"]).items():
+        assert len(cpu_list) == len(cuda_written[name])
+        for t, (a, b) in enumerate(zip(cpu_list, cuda_written[name])):
+            _assert_same_bits(a, b, f"{op} {dtype} {name}[{t}]")
+
+
+def _reads_sums(cfg) -> bool:
+    """Whether cfg's step reads sums over many elements: per-tensor norms
+    (LARS, LAMB) or the global gradient norm it clips by (max_grad_norm)."""
+    keyword = inspect.signature(cfg.ours_cls).parameters.get("max_grad_norm")
+    clips = cfg.kwargs.get("max_grad_norm", keyword.default if keyword else None)
+    return cfg.ours_cls._op_name in _ops.TENSOR_NORM_OPS or clips is not None
 
 
 # ---------------------------------------------------------------------------
@@ -245,6 +318,10 @@ def _assert_runs_close_pooled(ours: Run, ref: Run, where: str):
             if k == "step":
                 assert all(t.device == step_device_of(ours.params[i]) for t, i in zip(o, have))
                 assert torch.equal(torch.stack(o).cpu(), torch.stack(r).cpu()), "steps differ"
+            elif k in SCALAR_STATE_KEYS:  # (kept where the step is, as torch's dtype)
+                for t, rt, i in zip(o, r, have):
+                    check_scalar_state(t, rt, f"{where} param {i} state[{k!r}]",
+                                       step_device_of(ours.params[i]))
             else:
                 assert all(a.dtype == b.dtype and a.device == b.device for a, b in zip(o, r))
                 assert_close(_flat(o), _flat(r))
@@ -440,7 +517,9 @@ def test_mixed_state_dtype_cuda_equals_cpu(cfg, param_dtype, state_dtype):
     cuda = runs[1]
     for i in range(len(cuda.params)):
         for key, value in cuda.state_of(i).items():
-            if key != "step":
+            # (step counters and 0-d scalar state keep torch's float32,
+            # whatever state_dtype: SCALAR_STATE_KEYS)
+            if key != "step" and key not in SCALAR_STATE_KEYS:
                 assert value.dtype == state_dtype, f"param {i} state[{key!r}]: {value.dtype}"
 
 

@@ -29,7 +29,8 @@ from torch.testing import assert_close
 import fused_optim
 from fused_optim import _reference
 
-from harness import seeded_grads, trust_ratio_params
+from harness import P, run_low_precision, seeded_grads, trust_ratio_params
+from optim_configs import CONFIGS_BY_ID, OptimConfig
 
 SIZES = [1, 7, 33, 4099, 5]
 STEPS = 12
@@ -532,3 +533,33 @@ def test_checkpoints_move_between_timm_and_ours():
                                     atol=1e-5, msg=f"{where} {key}")
     assert all(float(ours_loaded.state[p]["step"]) == 6 for p in ours_loaded_params)
     assert [g["step"] for g in theirs_loaded.param_groups] == [6] * len(GROUPS)
+
+
+class _LambLeavingTheFirstParam(fused_optim.Lamb):
+    """A broken Lamb: its step leaves the first param where it was."""
+
+    def step(self, closure=None):
+        first = self.param_groups[0]["params"][0]
+        kept = first.detach().clone()
+        loss = super().step(closure)
+        with torch.no_grad():
+            first.copy_(kept)
+        return loss
+
+
+class _BrokenLambConfig(OptimConfig):
+    @property
+    def ours_cls(self):
+        return _LambLeavingTheFirstParam
+
+
+def test_low_precision_rule_fails_an_update_skipped_under_the_pooled_bound():
+    # float16 LAMB: beside tensors of thousands of elements, whose float16
+    # rounding sets the pooled error bound, a one-element param moves by
+    # less than that bound; run_low_precision checks it on its own.
+    specs = [({}, [P((1,)), P((4099,)), P((65537,)), P((131079,))])]
+    good = CONFIGS_BY_ID["lamb"]
+    run_low_precision(good, specs, 10, torch.float16)
+    broken = _BrokenLambConfig("lamb_broken", "Lamb", good.kwargs)
+    with pytest.raises(AssertionError, match="param 0: ours' error vs float64 .* an update skipped"):
+        run_low_precision(broken, specs, 10, torch.float16)
