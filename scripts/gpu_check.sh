@@ -22,15 +22,22 @@
 #   bench_large   150     python3 -m fused_optim.bench --device cuda, workload large
 #   bench_small   150     the same, workloads many-small and many-groups
 #
+# The test stages run with scripts/crash_backtrace.c preloaded (built in the
+# precheck stage when a C compiler is there): a stage that dies of a signal
+# leaves the native stack in its log, and <stage>.stack beside it holds
+# fused_optim's frames as function, file and line.
+#
 # A stage's time runs out with SIGINT (pytest then still writes its junit xml
 # and summary; the benchmarks print results as they come), then SIGKILL
 # GRACE_S seconds later. (timeout(1) handles SIGINT itself, so the command
 # starts with SIGINT's default action even where this script runs with
 # SIGINT ignored, as a background job does.)
 #
-# Results under $OUT: <stage>.log per stage, summary.txt (one line per stage,
-# appended as each ends), test_cuda.xml, suite_cuda.xml, kernel_timing.json,
-# bench_large.{json,md}, bench_small.{json,md}.
+# Results under $OUT: summary.txt (one line per stage, appended as each
+# ends), kernel_timing.json, bench_large.{json,md}, bench_small.{json,md},
+# and logs.tar.gz: <stage>.log per stage, <stage>.stack after a crash,
+# test_cuda.xml, suite_cuda.xml, the benchmarks' plots. (The device tool
+# brings back at most 8 files.)
 #
 # Usage (on the device machine, from anywhere):
 #   bash scripts/gpu_check.sh          # the device tool: timeout_s=570
@@ -50,7 +57,9 @@ END=$((START + BUDGET_S))
 FAILED_STAGES=()
 
 # `python -m` puts the working directory (the checkout) first on sys.path.
+# PYTEST gains LD_PRELOAD of the crash handler once it is built (main).
 PYTEST=("$PY" -m pytest)
+PYTEST_PLAIN=("$PY" -m pytest)
 
 # stage NAME CAP_S CMD...: runs CMD (stdin /dev/null, stdout and stderr to
 # $OUT/NAME.log) for at most CAP_S seconds and never past the deadline, then
@@ -71,19 +80,51 @@ stage() {
   timeout -s INT -k "$GRACE_S" "$t" "$@" </dev/null >"$OUT/$name.log" 2>&1
   rc=$?
   elapsed=$(($(date +%s) - start))
+  # pytest's closing line ("3 failed, 120 passed in 41.2s"), if any
+  extra=$(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' \
+    "$OUT/$name.log" | tail -n 1 | tr -d '=' | sed -E 's/^ +| +$//g')
   case $rc in
     0) status=ok ;;
     124 | 137) status="CUT" ;;
     *) status=FAILED ;;
   esac
   if ((rc != 0)); then FAILED_STAGES+=("$name"); fi
+  if ((rc > 128 && rc != 137)); then  # died of a signal (137: timeout's KILL)
+    symbolize "$OUT/$name.log" >"$OUT/$name.stack" 2>&1
+    extra="(signal $((rc - 128)); native stack in $name.stack)"
+  fi
   # pytest's closing line ("3 failed, 120 passed in 41.2s"), if any
-  extra=$(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' \
-    "$OUT/$name.log" | tail -n 1 | tr -d '=' | sed -E 's/^ +| +$//g')
   printf '%-12s %-9s rc=%-3s %4ss (cap %ss)  %s\n' "$name" "$status" "$rc" "$elapsed" "$t" "$extra" |
     tee -a "$OUT/summary.txt"
   tail -n 6 "$OUT/$name.log" | sed 's/^/    /'
   return "$rc"
+}
+
+# symbolize LOG: crash_backtrace.c's frames in LOG, demangled; those in
+# fused_optim's extension as function, file and line (addr2line).
+symbolize() {
+  local log=$1 frame so offset
+  sed -n '/== native stack/,$p' "$log" | { command -v c++filt >/dev/null && c++filt || cat; }
+  command -v addr2line >/dev/null || return 0
+  echo "== fused_optim frames"
+  grep -oE '[^ ]*fused_optim/_C[^ (]*\.so\(\+0x[0-9a-f]+\)' "$log" | while read -r frame; do
+    so=${frame%%(*}
+    offset=${frame##*(+}
+    offset=${offset%)}
+    # (a return address: the call is the byte before it)
+    printf '%s  ' "$offset"
+    addr2line -f -C -i -p -e "$so" "$(printf '0x%x' $((offset - 1)))"
+  done
+}
+
+# pack: the logs, the junit files and the plots into one logs.tar.gz.
+pack() {
+  local f files=()
+  for f in "$OUT"/*.log "$OUT"/*.stack "$OUT"/*.xml "$OUT"/*.png "$OUT"/*.svg; do
+    [[ -e $f ]] && files+=("$(basename "$f")")
+  done
+  ((${#files[@]})) || return 0
+  tar -C "$OUT" -czf "$OUT/logs.tar.gz" "${files[@]}" && (cd "$OUT" && rm -f "${files[@]}")
 }
 
 stop() {  # stop REASON: the remaining stages cannot run
@@ -94,9 +135,26 @@ stop() {  # stop REASON: the remaining stages cannot run
 
 finish() {
   echo "total $(($(date +%s) - START))s of ${BUDGET_S}s; results in $OUT" | tee -a "$OUT/summary.txt"
+  pack
   echo "== summary.txt"
   cat "$OUT/summary.txt"
   ls -l "$OUT"
+}
+
+# crash_handler: builds scripts/crash_backtrace.c (in a temporary folder:
+# not brought back) and preloads it into PYTEST; without a C compiler the
+# tests run as they are.
+crash_handler() {
+  local lib cc message
+  lib="$(mktemp -d)/crash_backtrace.so"
+  cc="$(command -v "${CC:-cc}" || command -v gcc || command -v "${CXX:-c++}" || command -v g++ || true)"
+  if [[ -n $cc ]] && "$cc" -shared -fPIC -O1 -o "$lib" "$ROOT/scripts/crash_backtrace.c"; then
+    PYTEST=(env LD_PRELOAD="$lib" "$PY" -m pytest)
+    message="crash handler: $lib"
+  else
+    message="crash handler: none (no C compiler): a crash leaves Python's frames only"
+  fi
+  echo "$message" | tee -a "$OUT/summary.txt"
 }
 
 # The other test modules in the order to run them on CUDA: the op-level
@@ -154,6 +212,8 @@ if f"{major}.{minor}" not in archs.replace(";", " ").split():
 print("ok:", torch.cuda.get_device_name(0), "CUDA_HOME", cpp_extension.CUDA_HOME)' ||
     stop "no usable CUDA setup (precheck.log)"
 
+  crash_handler
+
   # In place: the tests and the benchmarks import ./fused_optim.
   stage build 330 env MAX_JOBS="${MAX_JOBS:-$(nproc)}" TORCH_CUDA_ARCH_LIST="$archs" FORCE_CUDA=1 \
     "$PY" setup.py build_ext --inplace || stop "the build failed or was cut (build.log)"
@@ -183,10 +243,10 @@ print("CUDA build, on", torch.cuda.get_device_name(0))' ||
       echo "memcheck     SKIPPED   (no compute-sanitizer)" | tee -a "$OUT/summary.txt"
     elif [[ -n $target ]]; then
       stage memcheck 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool memcheck \
-        --print-limit 20 --error-exitcode 99 "${PYTEST[@]}" -x -q "$target"
+        --print-limit 20 --error-exitcode 99 "${PYTEST_PLAIN[@]}" -x -q "$target"
     else
       stage memcheck 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool memcheck \
-        --print-limit 20 --error-exitcode 99 "${PYTEST[@]}" -x -q tests/test_cuda.py \
+        --print-limit 20 --error-exitcode 99 "${PYTEST_PLAIN[@]}" -x -q tests/test_cuda.py \
         -k "bit_for_bit and float32"
     fi
   fi
