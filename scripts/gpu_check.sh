@@ -7,6 +7,9 @@
 #   stage        cap (s)  what
 #   info           30     nvidia-smi, nvcc, torch, CPUs, memory, commit
 #   precheck       60     torch has CUDA and sees a GPU, nvcc is there (else stop)
+#   toolchain      60     scripts/toolchain_probe.py: which compiler and link
+#                         (CXX, LDSHARED) build an extension whose errors raise
+#                         rather than crash; the build uses the first that does
 #   build         330     MAX_JOBS=<all cores> TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1
 #                         python3 setup.py build_ext --inplace (else stop)
 #   import         60     the checkout's fused_optim imports, cuda_built() (else stop)
@@ -213,6 +216,19 @@ print("ok:", torch.cuda.get_device_name(0), "CUDA_HOME", cpp_extension.CUDA_HOME
     stop "no usable CUDA setup (precheck.log)"
 
   crash_handler
+
+  # The image's default compiler once built an extension that crashed on its
+  # first error message (a private libstdc++ copy: toolchain_probe.py).
+  local toolchain_env
+  toolchain_env="$(mktemp)"
+  if stage toolchain 60 "$PY" scripts/toolchain_probe.py --env-out "$toolchain_env"; then
+    # shellcheck disable=SC1090  # (written by toolchain_probe.py)
+    source "$toolchain_env"
+    sed -n '1p' "$toolchain_env" | tee -a "$OUT/summary.txt"
+  else
+    echo "toolchain: no candidate raises cleanly; building as configured (errors may crash)" |
+      tee -a "$OUT/summary.txt"
+  fi
 
   # In place: the tests and the benchmarks import ./fused_optim.
   stage build 330 env MAX_JOBS="${MAX_JOBS:-$(nproc)}" TORCH_CUDA_ARCH_LIST="$archs" FORCE_CUDA=1 \
