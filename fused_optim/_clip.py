@@ -63,14 +63,16 @@ def group_max_grad_norms(groups) -> list:
     return out
 
 
-def _sum_of_squares(tensors: list, grad_scale) -> torch.Tensor:
-    """One ``sum_of_squares`` call (the fast entry: Note [fast op call])."""
+def _sum_of_squares(tensors: list, grad_scale, op) -> torch.Tensor:
+    """One ``sum_of_squares`` call of plain tensors through ``op``: the
+    fast entry (``_C.sum_of_squares``, Note [fast op call]) in an eager
+    step, the public op where the call is traced or dispatched by DTensor."""
     if grad_scale is not None and grad_scale.device != tensors[0].device:
         grad_scale = grad_scale.to(tensors[0].device, non_blocking=True)
-    return _C.sum_of_squares(tensors, grad_scale, False)
+    return op(tensors, grad_scale, False)
 
 
-def _dtensor_parts(grads: list, grad_scale) -> list:
+def _dtensor_parts(grads: list, grad_scale, op) -> list:
     """The sums of squares of DTensor gradients, reduced over their meshes:
     a plain 0-d tensor per (mesh, placements)."""
     from torch.distributed.tensor import DTensor, Partial, Replicate
@@ -84,7 +86,7 @@ def _dtensor_parts(grads: list, grad_scale) -> list:
         )
     parts = []
     for (mesh, placements), local in by_layout.items():
-        part = _sum_of_squares(local, grad_scale)
+        part = _sum_of_squares(local, grad_scale, op)
         # Sharded dims hold disjoint pieces (their sums add up); replicated
         # dims hold copies (counted once).
         spec = [Partial() if p.is_shard() else Replicate() for p in placements]
@@ -99,6 +101,15 @@ def global_norm(grads: list, grad_scale=None) -> torch.Tensor:
     the full tensor."""
     if not grads:
         return torch.tensor(0.0)
+    return global_sum_of_squares(grads, grad_scale).sqrt()
+
+
+def global_sum_of_squares(grads: list, grad_scale=None, op=_C.sum_of_squares) -> torch.Tensor:
+    """The square of ``global_norm``, from ``sum_of_squares`` calls made
+    through ``op`` (see _sum_of_squares); also what the public op returns
+    for DTensors (_dtensor.py)."""
+    if not grads:
+        return torch.zeros(())
     plain: dict = {}
     dtensors = []
     for grad in grads:
@@ -106,14 +117,14 @@ def global_norm(grads: list, grad_scale=None) -> torch.Tensor:
             plain.setdefault(grad.device, []).append(grad)
         else:
             dtensors.append(grad)
-    parts = [_sum_of_squares(tensors, grad_scale) for tensors in plain.values()]
+    parts = [_sum_of_squares(tensors, grad_scale, op) for tensors in plain.values()]
     if dtensors:
-        parts += _dtensor_parts(dtensors, grad_scale)
+        parts += _dtensor_parts(dtensors, grad_scale, op)
     first = grads[0].device
     if len(parts) == 1:
-        return parts[0].sqrt()
+        return parts[0]
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
-    return torch.stack([p.to(first, dtype) for p in parts]).sum().sqrt()
+    return torch.stack([p.to(first, dtype) for p in parts]).sum()
 
 
 def _is_dtensor(tensor) -> bool:

@@ -30,6 +30,9 @@ tensors. One fused call still covers all the shards of a bucket.
   make the call, as for any collective; replicated and plain tensors need
   no communication. The ``measure`` overloads themselves, called on
   DTensors, return the sums of the whole tensors.
+- ``sum_of_squares`` (clipping's reduction, which a traced step calls on
+  DTensor gradients) returns the sums of the whole tensors too, as a plain
+  tensor: the same global sum as the eager step's (_clip.py).
 
 Importing torch.distributed.tensor costs about half a second, so the
 handler is registered when that module is imported, by whoever imports it
@@ -61,14 +64,18 @@ def _sharded_dims(t) -> tuple:
 
 
 def _sum_over_shards(sums: torch.Tensor, params: list) -> torch.Tensor:
-    """``sums`` (the [2n] sums of squares of the local shards: entry i of
-    param i, n + i of its gradient or update) made those of the whole
-    tensors: each tensor's two entries summed over the ranks of each mesh
-    dimension it is sharded on. Tensors sharded alike share one all-reduce
-    per dimension."""
-    import torch.distributed as dist
+    """``sums`` (sums of squares of the local shards, k entries per tensor
+    of ``params``: entry j * n + i is tensor i's j-th; the norm ops' [2n]
+    sums hold param i at i and its gradient or update at n + i) made those
+    of the whole tensors: each tensor's entries summed over the ranks of
+    each mesh dimension it is sharded on. Tensors sharded alike share one
+    all-reduce per dimension: a functional collective, which a traced step
+    (torch.compile) keeps in its graph; an in-place ``dist.all_reduce``
+    traced there would leave the sums unreduced."""
+    import torch.distributed._functional_collectives as funcol
 
     n = len(params)
+    k = sums.numel() // n if n else 0
     layouts: dict = {}  # (mesh, sharded dims) -> tensor indices
     for i, p in enumerate(params):
         dims = _sharded_dims(p)
@@ -79,12 +86,15 @@ def _sum_over_shards(sums: torch.Tensor, params: list) -> torch.Tensor:
         if whole:
             part = sums
         else:
-            index = torch.tensor(indices + [n + i for i in indices], device=sums.device)
+            index = torch.tensor([j * n + i for j in range(k) for i in indices],
+                                 device=sums.device)
             part = sums.index_select(0, index)
         for dim in dims:
-            dist.all_reduce(part, group=mesh.get_group(dim))
-        if not whole:
-            sums.index_copy_(0, index, part)
+            part = funcol.all_reduce(part, "sum", (mesh, dim))
+        if whole:
+            sums = part
+        else:
+            sums = sums.index_copy(0, index, part)
     return sums
 
 
@@ -167,6 +177,36 @@ def _local_call(op, args, kwargs):
     return op(*_positional(arguments, local_values), **_keywords(arguments, local_values))
 
 
+def _sum_of_squares_call(op, args, kwargs):
+    """``sum_of_squares`` on DTensors: the sums of the whole tensors, as a
+    plain tensor (the global sum as fused_optim's clipping computes it,
+    _clip.global_sum_of_squares; per tensor, each shard's sum added over
+    the dimensions it is sharded on). Partial gradients are reduced first,
+    as torch's clip_grad_norm_ does."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from fused_optim import _clip
+
+    arguments = op._schema.arguments
+    tensors, grad_scale, per_tensor = list(args) + [kwargs[a.name] for a in arguments[len(args):]]
+    if isinstance(grad_scale, DTensor):
+        if any(p != Replicate() for p in grad_scale.placements):
+            raise RuntimeError(
+                f"{op._schema.name}: grad_scale is a DTensor with placements "
+                f"{grad_scale.placements}; it must be a plain tensor or replicated"
+            )
+        grad_scale = grad_scale.to_local()
+    if not per_tensor:
+        return _clip.global_sum_of_squares(tensors, grad_scale, op)
+    whole = [
+        t.redistribute(t.device_mesh, [Replicate()] * t.device_mesh.ndim)
+        if isinstance(t, DTensor) and any(p.is_partial() for p in t.placements) else t
+        for t in tensors
+    ]
+    local = [t._local_tensor if isinstance(t, DTensor) else t for t in whole]
+    return _sum_over_shards(op(local, grad_scale, True), whole)
+
+
 def _positional(arguments, values) -> list:
     return [v for a, v in zip(arguments, values) if not a.kwarg_only]
 
@@ -186,6 +226,7 @@ def register() -> None:
     for name in TENSOR_NORM_OPS:
         for overload in MEASURE_OVERLOADS:
             handlers[getattr(getattr(torch.ops.fused_optim, name), overload)] = _local_call
+    handlers[torch.ops.fused_optim.sum_of_squares.default] = _sum_of_squares_call
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):

@@ -248,13 +248,18 @@ NORM_READING = {
 }
 
 
-def _sharded_against_whole(name, make_model, shard, dtype=torch.float32, **extra):
+def _sharded_against_whole(name, make_model, shard, dtype=torch.float32, compiled=False,
+                           **extra):
+    """The sharded model's run against the whole model's (eager); with
+    ``compiled``, the sharded run's step under torch.compile."""
     runs = []
     for sharded in (False, True):
         model = make_model()
         if sharded:
             model = shard(model)
         opt = getattr(fused_optim, name)(_groups(model), **NORM_READING[name], **extra)
+        if sharded and compiled:
+            opt.step = torch.compile(opt.step, backend="aot_eager")
         _train(model, opt, STEPS, seed=3, dtype=dtype, per_rank=False)
         runs.append((model, opt))
     assert any(isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements)
@@ -272,10 +277,24 @@ for _name in NORM_READING:
         # Replicate (rowwise bias) in one call.
         _sharded_against_whole(name, _even_model, lambda m: _tensor_parallel(m, mesh))
 
+    def _fsdp2_norms_compiled(mesh, tmp, name=_name):
+        # The traced step: the measure-then-update of the shards and (LAMB's
+        # max_grad_norm) the global norm, sum_of_squares on DTensor
+        # gradients, inside the compiled graph.
+        _sharded_against_whole(name, _model, lambda m: _fsdp(m, mesh), compiled=True)
+
     _fsdp2_norms.__name__ = f"fsdp2_{_name}_equals_whole_model"
     _tp_norms.__name__ = f"tensor_parallel_{_name}_equals_whole_model"
+    _fsdp2_norms_compiled.__name__ = f"fsdp2_{_name}_compiled_equals_whole_model"
     scenario("main")(_fsdp2_norms)
     scenario("main")(_tp_norms)
+    scenario("main")(_fsdp2_norms_compiled)
+
+
+@scenario("main")
+def tensor_parallel_lamb_compiled_equals_whole_model(mesh, tmp):
+    _sharded_against_whole("Lamb", _even_model, lambda m: _tensor_parallel(m, mesh),
+                           compiled=True)
 
 
 @scenario("main")

@@ -120,3 +120,54 @@ def test_norm_reading_optimizers_on_dtensors_equal_the_plain_step(process_group,
         p.grad = distribute_tensor(grad.clone(), mesh, [placement])
         cls([p], **kwargs).step()
         torch.testing.assert_close(p.full_tensor(), ref.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,extra", [("Lars", {}), ("Lamb", {}),
+                                        ("Adam", {"lr": 0.01, "max_grad_norm": 0.5})],
+                         ids=["Lars", "Lamb", "Adam-max_grad_norm"])
+def test_compiled_steps_on_dtensors_equal_the_plain_step(process_group, name, extra):
+    # torch.compile traces the step into the graph: the norm ops' measure
+    # and update, and clipping's sum_of_squares, dispatched on DTensors by
+    # _dtensor.py's handlers, give the plain eager step's bits.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    full, grad = torch.randn(8, 4), torch.randn(8, 4)
+    cls, kwargs = getattr(fused_optim, name), {**NORM_READING.get(name, {}), **extra}
+    ref = torch.nn.Parameter(full.clone())
+    ref_opt = cls([ref], **kwargs)
+    for placement in (Replicate(), Shard(0), Shard(1)):
+        p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [placement]))
+        opt = cls([p], **kwargs)
+        step = torch.compile(opt.step, backend="aot_eager")
+        for i in range(3):
+            p.grad = distribute_tensor(grad * (i + 1), mesh, [placement])
+            step()
+            if placement == Replicate():
+                ref.grad = grad * (i + 1)
+                ref_opt.step()
+        torch.testing.assert_close(p.full_tensor(), ref.detach(), rtol=0, atol=0)
+
+
+def test_sum_of_squares_of_dtensors_is_the_whole_tensors(process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    wholes = [torch.randn(8, 4), torch.randn(6), torch.randn(3, 5)]
+    mixed = [distribute_tensor(wholes[0], mesh, [Shard(1)]),
+             distribute_tensor(wholes[1], mesh, [Replicate()]), wholes[2]]
+    scale = torch.tensor([4.0])
+    op = torch.ops.fused_optim.sum_of_squares.default
+    for grad_scale in (None, scale, distribute_tensor(scale, mesh, [Replicate()])):
+        plain_scale = None if grad_scale is None else scale
+        for per_tensor in (False, True):
+            got = op(mixed, grad_scale, per_tensor)
+            want = op(wholes, plain_scale, per_tensor)
+            assert type(got) is torch.Tensor
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    with pytest.raises(RuntimeError, match="grad_scale is a DTensor with placements"):
+        op(mixed, distribute_tensor(torch.tensor([4.0, 4.0]), mesh, [Shard(0)]), False)
