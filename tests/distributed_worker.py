@@ -257,7 +257,7 @@ def _sharded_against_whole(name, make_model, shard, dtype=torch.float32, compile
         model = make_model()
         if sharded:
             model = shard(model)
-        opt = getattr(fused_optim, name)(_groups(model), **NORM_READING[name], **extra)
+        opt = getattr(fused_optim, name)(_groups(model), **{**NORM_READING.get(name, {}), **extra})
         if sharded and compiled:
             opt.step = torch.compile(opt.step, backend="aot_eager")
         _train(model, opt, STEPS, seed=3, dtype=dtype, per_rank=False)
@@ -289,6 +289,14 @@ for _name in NORM_READING:
     scenario("main")(_fsdp2_norms)
     scenario("main")(_tp_norms)
     scenario("main")(_fsdp2_norms_compiled)
+
+
+@scenario("main")
+def fsdp2_clipped_adamw_compiled_equals_whole_model(mesh, tmp):
+    # A pointwise update under torch.compile on FSDP2 shards, with the
+    # clipping norm (sum_of_squares on DTensor gradients) across ranks.
+    _sharded_against_whole("AdamW", _model, lambda m: _fsdp(m, mesh), compiled=True,
+                           lr=0.01, weight_decay=0.1, max_grad_norm=0.5)
 
 
 @scenario("main")
