@@ -48,8 +48,9 @@ Method (the protocol):
   ``bytes_per_element``: the bytes an ideal single pass over the param,
   grad, master weights and state, at their dtypes, must read and write)
   divided by the step time, and is shown as a fraction of a reference
-  bandwidth: an in-place ``mul_`` over a 512 MiB buffer on CPU, a 512 MiB
-  device-to-device copy on CUDA, read + write counted. The reference pass is
+  bandwidth: an in-place ``mul_`` over a 512 MiB buffer on CPU, a 4 GiB
+  device-to-device copy on CUDA (less on a GPU of under 128 GiB: 1/32 of its
+  memory, at least 512 MiB), read + write counted. The reference pass is
   one more entry of the interleaved rounds, so each fraction compares
   measurements taken under the same conditions (shared machines drift);
   the per-round fraction pairs each step with the reference pass of its own

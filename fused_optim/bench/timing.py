@@ -18,9 +18,21 @@ L2_BYTES = 50 * 2**20  # H100/H200 L2; the device's own value is used when known
 L2_FLUSH_FACTOR = 4
 MAX_ROTATION = 32
 
-# Why 512 MiB: 10x any L2/L3 here, and a pass takes long enough (~20 ms CPU,
-# ~0.3 ms H100) for the timer to be exact; small next to a 1B-param workload.
+# Why 512 MiB: 10x any L2/L3 here, and a pass takes long enough (~20 ms CPU)
+# for the timer to be exact; small next to a 1B-param workload.
 BANDWIDTH_BUFFER_BYTES = 512 * 2**20
+# On a GPU, more: a 512 MiB copy ran at 3.2-3.5 TB/s on an H200 while the
+# steps of the `large` workload (GBs per step) moved 3.7-3.8 TB/s
+# (benchmarks/results/h200-2026-12-04): so short a copy (~0.3 ms) pays its
+# ramp-up and tail, and understates the bus. 4 GiB, the size of one `large`
+# tensor set, or 1/32 of the device's memory where that is less.
+CUDA_BANDWIDTH_BUFFER_BYTES = 4 * 2**30
+
+
+def cuda_bandwidth_buffer_bytes(device) -> int:
+    """The CUDA reference copy's size on ``device`` (see above)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(BANDWIDTH_BUFFER_BYTES, min(CUDA_BANDWIDTH_BUFFER_BYTES, total // 32))
 PROBE = "bandwidth"  # the reference pass's entry in the interleaved rounds
 
 
@@ -57,12 +69,13 @@ class BandwidthProbe:
             self.bytes_moved = 2 * buf.nbytes
             self.description = "in-place mul_ over 512 MiB, read + write counted"
         else:
-            src = torch.empty(BANDWIDTH_BUFFER_BYTES // 4, device=device)
+            size = cuda_bandwidth_buffer_bytes(device)
+            src = torch.empty(size // 4, device=device)
             dst = torch.empty_like(src)
             fill_random([src], 0)
             self.passes = [lambda: dst.copy_(src)]
             self.bytes_moved = 2 * src.nbytes
-            self.description = "512 MiB device-to-device copy, read + write counted"
+            self.description = f"{size // 2**20} MiB device-to-device copy, read + write counted"
 
         for run_pass in self.passes * 2:  # first touch, lazy CUDA init
             run_pass()
