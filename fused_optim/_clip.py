@@ -72,15 +72,23 @@ def _sum_of_squares(tensors: list, grad_scale, op) -> torch.Tensor:
     return op(tensors, grad_scale, False)
 
 
+def without_partial(grad):
+    """A DTensor gradient with any pending (Partial) reduction done, as
+    torch's clip_grad_norm_ does before taking a norm."""
+    from torch.distributed.tensor import Replicate
+
+    if any(p.is_partial() for p in grad.placements):
+        return grad.redistribute(grad.device_mesh, [Replicate()] * grad.device_mesh.ndim)
+    return grad
+
+
 def _dtensor_parts(grads: list, grad_scale, op) -> list:
     """The sums of squares of DTensor gradients, reduced over their meshes:
     a plain 0-d tensor per (mesh, placements)."""
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
     by_layout: dict = {}
-    for grad in grads:
-        if any(p.is_partial() for p in grad.placements):
-            grad = grad.redistribute(grad.device_mesh, [Replicate()] * grad.device_mesh.ndim)
+    for grad in map(without_partial, grads):
         by_layout.setdefault((grad.device_mesh, tuple(grad.placements)), []).append(
             grad._local_tensor
         )

@@ -98,27 +98,37 @@ def _sum_over_shards(sums: torch.Tensor, params: list) -> torch.Tensor:
     return sums
 
 
-def _local_call(op, args, kwargs):
+def _argument_values(op, args, kwargs) -> list:
+    """A call's argument values in schema order."""
+    return list(args) + [kwargs[a.name] for a in op._schema.arguments[len(args):]]
+
+
+def _replicated_local(where: str, name: str, t):
+    """A per-call tensor argument as a plain tensor: itself, or the local
+    tensor of a replicated DTensor (anything else raises)."""
     from torch.distributed.tensor import DTensor, Replicate
 
+    if not isinstance(t, DTensor):
+        return t
+    if any(p != Replicate() for p in t.placements):
+        raise RuntimeError(
+            f"{where}: {name} is a DTensor with placements {t.placements}; "
+            "per-call tensors must be plain tensors or replicated"
+        )
+    return t.to_local()
+
+
+def _local_call(op, args, kwargs):
+    from torch.distributed.tensor import DTensor
+
     arguments = op._schema.arguments
-    values = list(args) + [kwargs[a.name] for a in arguments[len(args):]]
+    values = _argument_values(op, args, kwargs)
     names = [a.name for a in arguments]
     params = values[names.index("params")]
     # (and the op's per-tensor scalar state, plain 0-d tensors as the steps)
     per_call = _PER_CALL + tuple(names[names.index("state_steps") + 1:names.index("group_index")])
     where = f"{op._schema.name}"
     op_name = op._schema.name.split("::")[-1]
-
-    def replicated(name, t):
-        if not isinstance(t, DTensor):
-            return t
-        if any(p != Replicate() for p in t.placements):
-            raise RuntimeError(
-                f"{where}: {name} is a DTensor with placements {t.placements}; "
-                "per-call tensors must be plain tensors or replicated"
-            )
-        return t.to_local()
 
     def aligned(name, tensors):
         if len(tensors) not in (0, len(params)):
@@ -156,9 +166,10 @@ def _local_call(op, args, kwargs):
     for argument, value in zip(arguments, values):
         if argument.name in per_call:
             if isinstance(value, list):
-                value = [replicated(argument.name, t) if isinstance(t, torch.Tensor) else t for t in value]
+                value = [_replicated_local(where, argument.name, t) if isinstance(t, torch.Tensor) else t
+                         for t in value]
             else:
-                value = replicated(argument.name, value)
+                value = _replicated_local(where, argument.name, value)
         elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
             value = aligned(argument.name, value)
         local_values.append(value)
@@ -183,26 +194,15 @@ def _sum_of_squares_call(op, args, kwargs):
     _clip.global_sum_of_squares; per tensor, each shard's sum added over
     the dimensions it is sharded on). Partial gradients are reduced first,
     as torch's clip_grad_norm_ does."""
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor
 
     from fused_optim import _clip
 
-    arguments = op._schema.arguments
-    tensors, grad_scale, per_tensor = list(args) + [kwargs[a.name] for a in arguments[len(args):]]
-    if isinstance(grad_scale, DTensor):
-        if any(p != Replicate() for p in grad_scale.placements):
-            raise RuntimeError(
-                f"{op._schema.name}: grad_scale is a DTensor with placements "
-                f"{grad_scale.placements}; it must be a plain tensor or replicated"
-            )
-        grad_scale = grad_scale.to_local()
+    tensors, grad_scale, per_tensor = _argument_values(op, args, kwargs)
+    grad_scale = _replicated_local(op._schema.name, "grad_scale", grad_scale)
     if not per_tensor:
         return _clip.global_sum_of_squares(tensors, grad_scale, op)
-    whole = [
-        t.redistribute(t.device_mesh, [Replicate()] * t.device_mesh.ndim)
-        if isinstance(t, DTensor) and any(p.is_partial() for p in t.placements) else t
-        for t in tensors
-    ]
+    whole = [_clip.without_partial(t) if isinstance(t, DTensor) else t for t in tensors]
     local = [t._local_tensor if isinstance(t, DTensor) else t for t in whole]
     return _sum_over_shards(op(local, grad_scale, True), whole)
 

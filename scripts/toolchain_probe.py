@@ -51,19 +51,22 @@ sys.exit(ctypes.CDLL(sys.argv[1]).fused_optim_toolchain_probe())
 """
 
 
-def _default_cxx() -> str:
-    return os.environ.get("CXX") or "c++"
+def _cxx(env=os.environ) -> str:
+    """The C++ compiler a build under ``env`` uses (torch's default: c++)."""
+    return env.get("CXX") or "c++"
 
 
-def _ldshared() -> list[str]:
-    return shlex.split(os.environ.get("LDSHARED") or sysconfig.get_config_var("LDSHARED") or "cc -shared")
+def _ldshared(env=os.environ) -> list[str]:
+    """The link command a build under ``env`` uses (setuptools': LDSHARED
+    from the environment, else Python's own)."""
+    return shlex.split(env.get("LDSHARED") or sysconfig.get_config_var("LDSHARED") or "cc -shared")
 
 
 def candidates() -> list[tuple[str, dict[str, str]]]:
     """(name, environment for the build) of each toolchain worth trying, in
     order of preference: as configured; without -Bsymbolic-functions; the
     system's compiler (/usr/bin), when it is another one."""
-    cxx = _default_cxx()
+    cxx = _cxx()
     ldshared = _ldshared()
     out = [("as configured", {})]
     if any("Bsymbolic" in a for a in ldshared):
@@ -85,8 +88,7 @@ def build_probe(env: dict[str, str], workdir: str) -> str:
     import torch
 
     merged = {**os.environ, **env}
-    cxx = merged.get("CXX") or "c++"
-    ldshared = shlex.split(merged.get("LDSHARED") or sysconfig.get_config_var("LDSHARED"))
+    cxx, ldshared = _cxx(merged), _ldshared(merged)
     src = os.path.join(workdir, "probe.cpp")
     obj = os.path.join(workdir, "probe.o")
     lib = os.path.join(workdir, "probe.so")
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env-out", help="write the first good toolchain's `export` lines here")
     args = parser.parse_args(argv)
-    print(f"CXX={_default_cxx()!r} LDSHARED={shlex.join(_ldshared())!r}")
+    print(f"CXX={_cxx()!r} LDSHARED={shlex.join(_ldshared())!r}")
     for name, env in candidates():
         if probe(name, env):
             if args.env_out:

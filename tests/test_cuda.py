@@ -146,9 +146,7 @@ def _within_ulps_of_scale(cpu_t, cuda_t, where, ulps):
 
 def _assert_same_bits(cpu_t, cuda_t, where, fp64_rtol=None, reduction_ulps=None):
     assert cpu_t.dtype == cuda_t.dtype, f"{where}: dtype {cpu_t.dtype} on the CPU, {cuda_t.dtype} on CUDA"
-    if not cpu_t.is_floating_point():
-        assert torch.equal(cpu_t, cuda_t.cpu()), f"{where}: CUDA differs from the CPU"
-    elif reduction_ulps is not None:
+    if reduction_ulps is not None and cpu_t.is_floating_point():
         _within_ulps_of_scale(cpu_t, cuda_t, where, reduction_ulps)
     elif fp64_rtol is not None and cpu_t.dtype == torch.float64:
         _within_ulps_of_scale(cpu_t, cuda_t, where, fp64_rtol / torch.finfo(torch.float64).eps)

@@ -54,9 +54,10 @@ def _tensors(seed, dtype, device, positive=False):
     return [_rand(s, 1000 * seed + i, dtype, device, positive) for i, s in enumerate(SHAPES)]
 
 
-def _steps(device, values=STEPS0):
-    """Step counters where the op keeps them: with the params (on the CPU for
-    CPU params, on the params' GPU for CUDA ones)."""
+def _scalars(device, values=STEPS0):
+    """Per-tensor 0-d float32 scalars (step counters, mu_products) where the
+    op keeps them: with the params (on the CPU for CPU params, on the
+    params' GPU for CUDA ones)."""
     return [torch.tensor(s, dtype=torch.float32, device=device) for s in values]
 
 
@@ -79,7 +80,7 @@ def adam_inputs(dtype, device, amsgrad, maximize, decoupled):
             v + _rand(v.shape, 50 + i, dtype, device, positive=True) for i, v in enumerate(exp_avg_sqs)]
     return _named(
         params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device), states=states,
-        steps=_steps(device), lr=[1e-2, 3e-3, 2e-2],
+        steps=_scalars(device), lr=[1e-2, 3e-3, 2e-2],
         hyper={"beta1": [0.9, 0.8, 0.5], "beta2": [0.999, 0.99, 0.9],
                "eps": [1e-8, 1e-6, 1e-5], "weight_decay": [0.0, 0.1, 0.01]},
         flags={"maximize": PATTERNS[maximize], "decoupled_weight_decay": DECOUPLED_PATTERNS[decoupled]},
@@ -104,7 +105,7 @@ def adagrad_inputs(dtype, device, maximize):
     return _named(
         params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
         states={"sums": _tensors(3, dtype, device, positive=True)},
-        steps=_steps(device), lr=[0.1, 0.05, 0.01],
+        steps=_scalars(device), lr=[0.1, 0.05, 0.01],
         hyper={"lr_decay": [0.0, 0.01, 0.1], "weight_decay": [0.0, 0.1, 0.01],
                "eps": [1e-10, 1e-6, 1e-5]},
         flags={"maximize": PATTERNS[maximize]},
@@ -122,7 +123,7 @@ def rmsprop_inputs(dtype, device, centered, momentum_on, maximize):
         states["momentum_buffers"] = _tensors(4, dtype, device)
     return _named(
         params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device), states=states,
-        steps=_steps(device), lr=[1e-2, 3e-3, 2e-2],
+        steps=_scalars(device), lr=[1e-2, 3e-3, 2e-2],
         hyper={"alpha": [0.99, 0.9, 0.8], "eps": [1e-8, 1e-6, 1e-5],
                "weight_decay": [0.0, 0.1, 0.01],
                "momentum": [0.9, 0.5, 0.1] if momentum_on else [0.0, 0.0, 0.0]},
@@ -137,7 +138,7 @@ def radam_inputs(dtype, device, maximize, decoupled):
         params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
         states={"exp_avgs": _tensors(4, dtype, device),
                 "exp_avg_sqs": _tensors(3, dtype, device, positive=True)},
-        steps=_steps(device, (0.0, 9.0, 1.0, 30.0, 2.0, 0.0)),
+        steps=_scalars(device, (0.0, 9.0, 1.0, 30.0, 2.0, 0.0)),
         lr=[1e-2, 3e-3, 2e-2],
         hyper={"beta1": [0.9, 0.8, 0.5], "beta2": [0.999, 0.99, 0.9],
                "eps": [1e-8, 1e-6, 1e-5], "weight_decay": [0.0, 0.1, 0.01]},
@@ -148,13 +149,13 @@ def radam_inputs(dtype, device, maximize, decoupled):
 def nadam_inputs(dtype, device, maximize, decoupled):
     # mu_products: 0-d float32 per tensor (one float64), as a run would have
     # them after the steps before the call.
-    mu = _steps(device, (1.0, 0.4, 0.9, 0.2, 0.6, 1.0))
+    mu = _scalars(device, (1.0, 0.4, 0.9, 0.2, 0.6, 1.0))
     mu[3] = mu[3].double()
     return _named(
         params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
         states={"exp_avgs": _tensors(4, dtype, device),
                 "exp_avg_sqs": _tensors(3, dtype, device, positive=True)},
-        steps=_steps(device), lr=[1e-2, 3e-3, 2e-2],
+        steps=_scalars(device), lr=[1e-2, 3e-3, 2e-2],
         hyper={"beta1": [0.9, 0.8, 0.5], "beta2": [0.999, 0.99, 0.9],
                "eps": [1e-8, 1e-6, 1e-5], "weight_decay": [0.0, 0.1, 0.01],
                "momentum_decay": [4e-3, 0.01, 0.0]},
@@ -205,7 +206,7 @@ def lamb_inputs(dtype, device, maximize, decoupled):
         params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
         states={"exp_avgs": _tensors(4, dtype, device),
                 "exp_avg_sqs": _tensors(3, dtype, device, positive=True)},
-        steps=_steps(device), lr=[1e-2, 3e-3, 2e-2],
+        steps=_scalars(device), lr=[1e-2, 3e-3, 2e-2],
         hyper={"beta1": [0.9, 0.8, 0.5], "beta2": [0.999, 0.99, 0.9],
                "eps": [1e-6, 1e-8, 1e-5], "weight_decay": [0.0, 0.1, 0.0],
                "bias_correction": [0.0, 1.0, 1.0],

@@ -159,10 +159,14 @@ at::Tensor measure(const OpCall& op_call) {
   if (std::optional<at::Tensor> sums = sums_from_front(call)) return *sums;
   if constexpr (NormsOfUpdate<typename Spec::Hyper>::value) {
     MultiTensorArgs<typename Spec::Hyper> args = make_args(*call);
-    std::vector<at::Tensor> step_copies;
+    // Copies of the counters for the step kernel to advance, made in one
+    // multi-tensor op (not one clone launch per tensor); their dtypes are
+    // the counters' (+ 0 changes no value).
+    const std::vector<at::Tensor> step_copies =
+        args.steps.empty() ? std::vector<at::Tensor>{}
+                           : at::_foreach_add(call->state_steps, 0);
     for (size_t i = 0; i < args.steps.size(); ++i) {
-      step_copies.push_back(call->state_steps[i].clone());
-      args.steps[i].data = step_copies.back().data_ptr();
+      args.steps[i].data = step_copies[i].data_ptr();
     }
     const std::pair<at::Tensor, at::Tensor> measuring = measuring_buffers(*call, args);
     args.passes = NormPasses::kMeasureOnly;
