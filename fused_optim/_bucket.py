@@ -109,6 +109,8 @@ class Plan:
     torch_groups: list
     # the signature over the raw options (a fast first check; None: none)
     raw_signature: tuple | None = None
+    # the step's op call when it is one (_one_call.py), made by the first step
+    one_call: object = None
 
     def same_params(self, param_groups) -> bool:
         """Whether every group still holds the planned params (by identity:

@@ -46,6 +46,8 @@ class OpSignature:
         arguments = getattr(torch.ops.fused_optim, name).default._schema.arguments
         names = [a.name for a in arguments]
         types = {a.name: str(a.type) for a in arguments}
+        # each argument's position in a call's tuple
+        self.index = {n: i for i, n in enumerate(names)}
         first_state, master = names.index("grads") + 1, names.index("master_params")
         lr = names.index("lr")
         # The per-tensor scalar state list (nadam_'s mu_products), or none:

@@ -30,6 +30,7 @@ from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._journal import Journal
 from fused_optim._keywords import check_torch_path_precision, to_float
+from fused_optim._one_call import OneCall
 from fused_optim._ops import GroupArguments, OpCall, OpExtras
 from fused_optim._state import OptimizerState
 
@@ -274,34 +275,18 @@ class StepProtocol:
 
     def _apply_one_call(self, plan: Plan, progress: dict) -> bool:
         """The common step, at the least Python cost: one bucket, every
-        gradient present, no group on torch's path, no AMP. The op checks
-        everything before it writes, so it is its own validation. Returns
-        False, having written nothing, when the step needs the general path
-        (which also finds why a refused call was refused)."""
-        if (
-            len(plan.buckets) != 1
-            or plan.torch_groups
-            or getattr(self, "grad_scale", None) is not None
-            or getattr(self, "found_inf", None) is not None
-        ):
+        gradient present, no group on torch's path, no AMP (_one_call.py:
+        the call is its own validation, and its arguments are kept between
+        steps). Returns False, having written nothing, when the step needs
+        the general path (which also finds why a refused call was
+        refused)."""
+        if len(plan.buckets) != 1 or plan.torch_groups:
             return False
-        bucket = plan.buckets[0]
-        grads, complete = _bucket.gather_grads(bucket.params)
-        if not complete:
+        if plan.one_call is None:
+            plan.one_call = OneCall(self._op_name, plan.buckets[0])
+        if not plan.one_call.run(self):
             return False
-        require_device_supported(bucket.device, type(self).__name__)
-        group_args = self._group_arguments()
-        grad_norm = self._clip_norm(grads, None) if group_args.clipping else None
-        extras = OpExtras(bucket.master_params(), None, None, bucket.precision.stochastic_rounding,
-                          grad_norm)
-        try:
-            _ops.call_fast(self._op_call(bucket, grads, group_args, extras))
-        except RuntimeError:
-            return False  # (nothing was written)
         progress["written"] = True
-        bucket.new_state.clear()
-        if grad_norm is not None:
-            self._grad_norm_cell[0] = grad_norm
         return True
 
     def _prepare(self, bucket: Bucket, grads: list, group_args, extras) -> tuple:

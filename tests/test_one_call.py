@@ -1,0 +1,228 @@
+"""The kept op call of a one-call step (Note [repeated call] in
+fused_optim/_one_call.py): whatever changes between steps -- any group
+option, in place or replaced, a tensor option changed in place, a state
+tensor or step counter replaced -- takes effect at the next step exactly as
+in torch.optim, and the call is really kept while nothing changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import fused_optim
+from fused_optim import _one_call
+from harness import assert_optimizer_unchanged, assert_same_state, snapshot_optimizer
+from optim_configs import GROUP_OVERRIDES, OPTIMIZER_NAMES, torch_class
+
+# (sizes: a vector body and a tail)
+SIZES = ((37,), (8, 5), (130,))
+
+
+def _pair(name):
+    """Ours and the reference over the same three groups: GROUP_OVERRIDES
+    without the options that select a kernel, so that every param is in
+    one bucket (one call)."""
+    torch.manual_seed(0)
+    initial = [torch.randn(*s, dtype=torch.float64).float() for s in SIZES]
+    mode_keys = getattr(fused_optim, name)._mode_keys
+    overrides = [{k: v for k, v in o.items() if k not in mode_keys} for o in GROUP_OVERRIDES[name]]
+    runs = []
+    for cls, extra in ((getattr(fused_optim, name), {}), (torch_class(name), {"foreach": False})):
+        params = [torch.nn.Parameter(t.clone()) for t in initial]
+        groups = [{"params": [params[0]]}] + [
+            {"params": [p], **o} for p, o in zip(params[1:], overrides)
+        ]
+        if name not in ("Lion", "Lars", "Lamb"):  # (no foreach keyword there)
+            groups = [{**g, **extra} for g in groups]
+        runs.append((cls(groups, lr=0.01), params))
+    return runs
+
+
+def _set_grads(params, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def _replace_state_tensors(opt, step_counters: bool) -> None:
+    for state in opt.state.values():
+        for key, value in list(state.items()):
+            if isinstance(value, torch.Tensor) and (key == "step") == step_counters:
+                state[key] = value.clone()
+
+
+def _change(step, opt):
+    """Something different before each step, the same on both sides."""
+    groups = opt.param_groups
+    if step in (1, 10):
+        _replace_state_tensors(opt, step_counters=False)  # (the kept call must read them)
+    elif step == 2:
+        _replace_state_tensors(opt, step_counters=True)
+    elif step == 3:
+        for g in groups:
+            g["lr"] = g["lr"] * 0.5  # a float replaced (every scheduler)
+    elif step == 4:
+        groups[1]["weight_decay"] = 0.05  # a hyperparameter replaced
+    elif step == 5 and "betas" in groups[0]:
+        groups[0]["betas"] = list(groups[0]["betas"])  # a list option...
+    elif step == 6 and "betas" in groups[0]:
+        groups[0]["betas"][0] = 0.7  # ...changed in place
+    elif step == 7:
+        groups[2]["lr"] = torch.tensor(groups[2]["lr"])  # a tensor option...
+    elif step == 8:
+        groups[2]["lr"].fill_(0.004)  # ...changed in place
+    elif step == 9:
+        groups[2]["lr"] = 0.003  # a float again: the call is kept again
+    elif step == 11:
+        groups[0]["weight_decay"] = 0.02
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_every_change_between_steps_takes_effect_as_in_torch(name):
+    (ours, ours_params), (ref, ref_params) = _pair(name)
+    for step in range(12):
+        for opt, params in ((ours, ours_params), (ref, ref_params)):
+            _change(step, opt)
+            _set_grads(params, step)
+            opt.step()
+        for i, (a, b) in enumerate(zip(ours_params, ref_params)):
+            where = f"{name} step {step} param {i}"
+            assert_close(a.detach(), b.detach(), msg=lambda m: f"{where}: {m}")
+            assert_same_state(ours.state[a], ref.state[b], where)
+    assert len(ours._plan.buckets) == 1 and ours._plan.one_call is not None  # (what ran)
+
+
+def _spy(monkeypatch, opt):
+    """Counts of the group reads and call builds of ``opt``'s steps."""
+    counts = {"group_arguments": 0, "op_call": 0}
+    for method in counts:
+        real = getattr(opt, "_" + method)
+
+        def counting(*args, _real=real, _method=method, **kwargs):
+            counts[_method] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(opt, "_" + method, counting)
+    return counts
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_the_call_is_kept_while_nothing_changes(name, monkeypatch):
+    (opt, params), _ = _pair(name)
+    _set_grads(params, 0)
+    opt.step()
+    counts = _spy(monkeypatch, opt)
+    for step in range(1, 4):
+        _set_grads(params, step)
+        opt.step()
+    assert counts == {"group_arguments": 0, "op_call": 0}
+    opt.param_groups[1]["lr"] = 0.02  # a scheduler's step: the group arguments again
+    opt.step()
+    assert counts == {"group_arguments": 1, "op_call": 1}
+    opt.step()
+    assert counts == {"group_arguments": 1, "op_call": 1}
+    opt.param_groups[1]["lr"] = torch.tensor(0.02)  # read every step from now on
+    opt.step()
+    opt.step()
+    assert counts == {"group_arguments": 3, "op_call": 3}
+
+
+def test_group_options_see_a_replaced_option_even_when_it_compares_equal():
+    params = [torch.nn.Parameter(torch.randn(2))]
+    group = {"params": params, "lr": 0.1, "betas": [0.9, 0.99], "state_dtype": torch.bfloat16,
+             "name": "decay", "max_grad_norm": None, "eps": (1e-8,)}
+    options = _one_call.GroupOptions([group])
+    assert options.kept and options.unchanged([group])
+    params.append(torch.nn.Parameter(torch.randn(2)))
+    assert options.unchanged([group])  # (the plan checks the params)
+    for key, value in (("lr", torch.tensor(0.1)), ("lr", 0.1 + 0.0j), ("eps", tuple([1e-8])),
+                       ("name", "no_decay")):
+        assert not options.unchanged([{**group, key: value}]), key
+    group["betas"][0] = float("0.9")  # (an equal float, another object)
+    assert not options.unchanged([group])  # (the list's item replaced, in place)
+    assert not options.unchanged([group, group])
+    for unseen in (torch.tensor(0.1), [torch.tensor(0.9)], (torch.tensor(0.9), 0.99), {"a": 1}):
+        options = _one_call.GroupOptions([{**group, "lr": unseen}])
+        assert not options.kept and not options.unchanged([{**group, "lr": unseen}])
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_a_refused_call_after_kept_steps_changes_nothing(name):
+    (opt, params), _ = _pair(name)
+    for step in range(3):
+        _set_grads(params, step)
+        opt.step()
+    snapshot = snapshot_optimizer(opt)
+    params[1].grad.data = params[1].grad.double()  # (the grad setter would refuse it)
+    with pytest.raises(RuntimeError, match="dtype"):
+        opt.step()
+    assert_optimizer_unchanged(opt, snapshot, f"{name} refused step")
+    # and the next good step is the step torch takes
+    (_, _), (ref, ref_params) = _pair(name)
+    for step in range(3):
+        _set_grads(ref_params, step)
+        ref.step()
+    for p, r in zip(params, ref_params):
+        p.grad = torch.randn(p.shape)
+        r.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    for a, b in zip(params, ref_params):
+        assert_close(a.detach(), b.detach())
+        assert_same_state(opt.state[a], ref.state[b], name)
+
+
+def test_complex_params_over_kept_steps_match_torch():
+    runs = []
+    for cls in (fused_optim.Adam, torch.optim.Adam):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(33, dtype=torch.complex64)) for _ in range(2)]
+        runs.append((cls(params, lr=0.01, foreach=False), params))
+    for step in range(5):
+        for opt, params in runs:
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, dtype=p.dtype, generator=gen)
+            opt.step()
+    (ours, ours_params), (ref, ref_params) = runs
+    for a, b in zip(ours_params, ref_params):
+        assert_close(a.detach(), b.detach())
+        assert_same_state(ours.state[a], ref.state[b], "complex")
+
+
+PRECISIONS = {
+    "bf16-master": (torch.bfloat16, dict(master_weights=True)),
+    "bf16-state": (torch.float32, dict(state_dtype=torch.bfloat16)),
+    "bf16-sr": (torch.bfloat16, dict(stochastic_rounding=True)),
+    "clipped": (torch.float32, dict(max_grad_norm=0.5)),
+}
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_kept_call_is_the_call_built_afresh_bit_for_bit(name, precision):
+    # The same steps, once with the call kept and once with it built anew
+    # each step; the master copies and state replaced between steps.
+    dtype, options = PRECISIONS[precision]
+    runs = []
+    for keep in (True, False):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s).to(dtype)) for s in SIZES]
+        opt = getattr(fused_optim, name)(params, lr=0.01, **options)
+        for step in range(6):
+            if step == 3:
+                _replace_state_tensors(opt, step_counters=False)
+            _set_grads(params, step)
+            torch.manual_seed(1000 + step)  # (stochastic rounding's draws)
+            opt.step()
+            if not keep:
+                opt._plan.one_call = None
+        runs.append((opt, params))
+    (kept, kept_params), (fresh, fresh_params) = runs
+    for i, (a, b) in enumerate(zip(kept_params, fresh_params)):
+        assert torch.equal(a, b), f"{name} {precision} param {i}"
+        for key, value in fresh.state[b].items():
+            assert torch.equal(kept.state[a][key], value), f"{name} {precision} {key} {i}"
+    if precision == "clipped":
+        assert torch.equal(kept.grad_norm, fresh.grad_norm)
