@@ -14,8 +14,21 @@
 // directly (below the autograd and ADInplaceOrView keys, which for a step
 // under no_grad would only bump version counters), so we bump the version
 // counters of the written tensors ourselves, as in-place torch ops do.
+//
+// Note [borrowed tensor lists]
+// A list of tensors is not copied into owning at::Tensors (an atomic
+// reference count per tensor, and for a tensor that Python owns a Python
+// reference taken and, with the GIL, given back: about a third of the
+// crossing's cost): each at::Tensor borrows the one its Python object holds
+// (c10::MaybeOwnedTraits), for the length of the call. The Python lists
+// keep every tensor alive meanwhile: they are the caller's arguments, and
+// the optimizers' lists are their own, which nothing else changes (a list
+// changed by another thread while the op runs without the GIL could free a
+// tensor the op reads; these functions are private, fused_optim._C).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/MaybeOwned.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
 #include "fused_optim/storage_table.h"
@@ -29,6 +42,64 @@
 
 namespace {
 
+// The tensors of a Python list or tuple, borrowed (Note [borrowed tensor
+// lists]).
+class BorrowedTensors {
+ public:
+  BorrowedTensors() = default;
+  BorrowedTensors(BorrowedTensors&& other) noexcept : tensors_(std::move(other.tensors_)) {
+    other.tensors_.clear();
+  }
+  BorrowedTensors& operator=(BorrowedTensors&&) = delete;
+  BorrowedTensors(const BorrowedTensors&) = delete;
+  ~BorrowedTensors() { release(); }
+
+  // Borrows every item of `sequence`; false (holding none) unless it is a
+  // list or tuple of tensors.
+  bool borrow(PyObject* sequence) {
+    release();
+    if (!PyList_Check(sequence) && !PyTuple_Check(sequence)) return false;
+    const Py_ssize_t size = PySequence_Fast_GET_SIZE(sequence);
+    tensors_.reserve(static_cast<size_t>(size));
+    for (Py_ssize_t i = 0; i < size; ++i) {
+      PyObject* item = PySequence_Fast_GET_ITEM(sequence, i);
+      if (!THPVariable_Check(item)) {
+        release();
+        return false;
+      }
+      tensors_.push_back(
+          c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(item)));
+    }
+    return true;
+  }
+
+  const std::vector<at::Tensor>& tensors() const { return tensors_; }
+  operator at::TensorList() const { return tensors_; }
+
+ private:
+  void release() {
+    for (at::Tensor& t : tensors_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+    tensors_.clear();
+  }
+
+  std::vector<at::Tensor> tensors_;
+};
+
+}  // namespace
+
+namespace pybind11::detail {
+template <>
+struct type_caster<BorrowedTensors> {
+  PYBIND11_TYPE_CASTER(BorrowedTensors, const_name("list[Tensor]"));
+  bool load(handle source, bool) { return value.borrow(source.ptr()); }
+  static handle cast(const BorrowedTensors&, return_value_policy, handle) {
+    pybind11_fail("fused_optim._C: borrowed tensor lists are arguments only");
+  }
+};
+}  // namespace pybind11::detail
+
+namespace {
+
 // What pybind converts a schema argument type from.
 template <typename T>
 struct PyArg {
@@ -36,7 +107,7 @@ struct PyArg {
 };
 template <>
 struct PyArg<at::TensorList> {
-  using type = std::vector<at::Tensor>;
+  using type = BorrowedTensors;
 };
 template <>
 struct PyArg<at::IntArrayRef> {
@@ -70,8 +141,8 @@ decltype(auto) to_schema_arg(const typename PyArg<Arg>::type& value) {
 
 template <typename T>
 void bump_versions_if_list(const T&) {}
-void bump_versions_if_list(const std::vector<at::Tensor>& tensors) {
-  for (const at::Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
+void bump_versions_if_list(const BorrowedTensors& tensors) {
+  for (const at::Tensor& t : tensors.tensors()) t.unsafeGetTensorImpl()->bump_version();
 }
 
 // Defines m.<name>(...) calling torch.ops.fused_optim.<name> (whose C++
@@ -181,7 +252,7 @@ PYBIND11_MODULE(_C, m) {
 #undef FO_DEF_FAST_CALLS
   // fused_optim::sum_of_squares (op_schema.cpp) with Note [fast op call]'s
   // cheaper crossing: clipping reads it every step, over every gradient.
-  m.def("sum_of_squares", [](const std::vector<at::Tensor>& tensors,
+  m.def("sum_of_squares", [](const BorrowedTensors& tensors,
                              const std::optional<at::Tensor>& grad_scale,
                              bool per_tensor) {
     static const auto op =
@@ -196,7 +267,8 @@ PYBIND11_MODULE(_C, m) {
   // `[p.grad for p in params]` gives, at about a tenth of the cost (the
   // property access is ~0.2 us a param in Python; a step over 2000 params
   // reads them every step).
-  m.def("grads_of", [](const std::vector<at::Tensor>& params) {
+  m.def("grads_of", [](const BorrowedTensors& borrowed) {
+    const std::vector<at::Tensor>& params = borrowed.tensors();
     pybind11::list grads(params.size());
     bool all_present = true;
     for (size_t i = 0; i < params.size(); ++i) {

@@ -29,6 +29,7 @@ checks (_planning.py).
 from __future__ import annotations
 
 import operator
+from itertools import chain
 
 import torch
 
@@ -54,7 +55,8 @@ class GroupOptions:
     the plan checks its contents (_bucket.Plan.same_params)."""
 
     def __init__(self, param_groups: list) -> None:
-        self.values = tuple(map(tuple, map(dict.values, param_groups)))
+        self.lengths = tuple(map(len, param_groups))
+        self.values = tuple(chain.from_iterable(map(dict.values, param_groups)))
         self.lists = []  # (a list option, a copy of its items)
         self.kept = True
         for group in param_groups:
@@ -70,11 +72,11 @@ class GroupOptions:
 
     def unchanged(self, param_groups: list) -> bool:
         """Whether the groups hold the very options they held."""
-        values = tuple(map(tuple, map(dict.values, param_groups)))
         return (
             self.kept
-            and len(values) == len(self.values)
-            and all(map(_identical, values, self.values))
+            and tuple(map(len, param_groups)) == self.lengths
+            and all(map(operator.is_, chain.from_iterable(map(dict.values, param_groups)),
+                        self.values))
             and all(_identical(live, copy) for live, copy in self.lists)
         )
 
