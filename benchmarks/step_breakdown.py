@@ -6,10 +6,14 @@ other count and size.
     python benchmarks/step_breakdown.py [--optimizer adam] [--tensors 4] [--numel 1024]
 
 The pieces nest: step() = the step wrapper + the step body; the body =
-plan check + per-group arguments + gradient gather + building the op call +
-the op (argument conversion and checks, then staging and the update). Each
-row is timed alone, so the pieces add up only roughly; the table says what
-a step costs and which part to work on.
+plan check + the kept op call (fused_optim/_one_call.py: the group options
+compared, the gradients gathered, this step's tensors put into the kept
+arguments, then the op: argument conversion and checks, then the update).
+Two more rows say what a step costs when a group option changed since the
+last step (every step under an lr scheduler): the group arguments read
+again and the op call built by name. Each row is timed alone, so the
+pieces add up only roughly; the table says what a step costs and which part
+to work on.
 """
 
 from __future__ import annotations
@@ -66,21 +70,26 @@ def main(argv=None) -> None:
         opt.step()
     plan = opt._plan
     bucket = plan.buckets[0]
+    one_call = plan.one_call
     group_args = opt._group_arguments()
     extras = OpExtras(bucket.master_params(), None, None, False)
     grads = [p.grad for p in ps]
-    call = opt._op_call(bucket, grads, group_args, extras)
+    call = one_call._call
     step_body = type(opt).step.__wrapped__
     rows = [
         ("step()", opt.step),
         ("  step body (no wrapper)", lambda: step_body(opt)),
         ("    plan check (_current_plan)", lambda: opt._current_plan(None)),
-        ("    per-group arguments", opt._group_arguments),
-        ("    gradient gather (_C.grads_of)", lambda: _bucket.gather_grads(bucket.params)),
-        ("    op call built by name", lambda: opt._op_call(bucket, grads, group_args, extras)),
-        ("    the op (_C fast call)", lambda: _ops.call_fast(call)),
-        ("      its conversion and checks alone", lambda: _ops.call_validate(call)),
+        ("    the kept call (OneCall.run)", lambda: one_call.run(opt)),
+        ("      group options unchanged?", lambda: one_call._options.unchanged(opt.param_groups)),
+        ("      gradient gather (_C.grads_of)", lambda: _bucket.gather_grads(bucket.params)),
+        ("      this step's tensors into the call", lambda: one_call._refresh(grads, None)),
+        ("      the op (_C fast call)", lambda: _ops.call_fast(call)),
+        ("        its conversion and checks alone", lambda: _ops.call_validate(call)),
         ("    journal", lambda: Journal(opt.state)),
+        ("  a group option changed: group arguments read", opt._group_arguments),
+        ("  a group option changed: op call built by name",
+         lambda: opt._op_call(bucket, grads, group_args, extras)),
     ]
     peers = {}
     for impl, impl_kwargs in (("fused", {"fused": True}), ("foreach", {"foreach": True}),
