@@ -132,10 +132,26 @@ class OneCall:
         except RuntimeError:
             self._call = None  # (built afresh next time)
             return False  # nothing was written
+        finally:
+            if self._call is not None:
+                self._release_step_tensors()
         bucket.new_state.clear()
         if grad_norm is not None:
             optimizer._grad_norm_cell[0] = grad_norm
         return True
+
+    def _release_step_tensors(self) -> None:
+        """Drops this step's tensors from the kept arguments: a kept
+        gradient would outlive ``zero_grad(set_to_none=True)`` (a model's
+        worth of memory until the next step), a replaced state tensor its
+        replacement."""
+        args = self._call.args
+        args[self._grads] = []
+        for slot in (*self._states, self._master, self._steps, *self._scalar_states):
+            args[slot] = []
+        args[self._grad_norm] = None
+        if self.bucket.is_complex:
+            args[self._params] = []
 
     def _refresh(self, grads: list, grad_norm) -> None:
         """Puts this step's tensors into the kept arguments."""

@@ -47,9 +47,9 @@ def _set_grads(params, step):
 
 def _replace_state_tensors(opt, step_counters: bool) -> None:
     for state in opt.state.values():
-        for key, value in list(state.items()):
-            if isinstance(value, torch.Tensor) and (key == "step") == step_counters:
-                state[key] = value.clone()
+        for key in list(state):
+            if isinstance(state[key], torch.Tensor) and (key == "step") == step_counters:
+                state[key] = state[key].clone()
 
 
 def _change(step, opt):
@@ -226,3 +226,24 @@ def test_kept_call_is_the_call_built_afresh_bit_for_bit(name, precision):
             assert torch.equal(kept.state[a][key], value), f"{name} {precision} {key} {i}"
     if precision == "clipped":
         assert torch.equal(kept.grad_norm, fresh.grad_norm)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_the_kept_call_holds_no_gradient_or_replaced_state_after_the_step(name):
+    # zero_grad(set_to_none=True) frees the gradients (a model's worth of
+    # memory), and a state tensor replaced by the user is freed, as with
+    # torch.optim: the kept call does not hold this step's tensors.
+    import weakref
+
+    (opt, params), _ = _pair(name)
+    for step in range(3):
+        _set_grads(params, step)
+        opt.step()
+    grads = [weakref.ref(p.grad) for p in params]
+    replaced = [weakref.ref(t) for state in opt.state.values() for t in state.values()]
+    _replace_state_tensors(opt, step_counters=False)
+    _replace_state_tensors(opt, step_counters=True)
+    opt.zero_grad(set_to_none=True)
+    assert opt._plan.one_call._call is not None  # (kept)
+    assert all(g() is None for g in grads)
+    assert all(r() is None for r in replaced)
