@@ -74,7 +74,8 @@ def main(argv=None) -> None:
     group_args = opt._group_arguments()
     extras = OpExtras(bucket.master_params(), None, None, False)
     grads = [p.grad for p in ps]
-    call = one_call._call
+    one_call._refresh(grads, None)  # (a step's arguments, copied: a step drops its own)
+    call = one_call._call._replace(args=list(one_call._call.args))
     step_body = type(opt).step.__wrapped__
     rows = [
         ("step()", opt.step),
