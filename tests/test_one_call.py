@@ -6,6 +6,8 @@ in torch.optim, and the call is really kept while nothing changes."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -37,6 +39,15 @@ def _pair(name):
             groups = [{**g, **extra} for g in groups]
         runs.append((cls(groups, lr=0.01), params))
     return runs
+
+
+def _warm(name, reference=False):
+    """Ours (or the reference) after three steps, the call kept."""
+    opt, params = _pair(name)[1 if reference else 0]
+    for step in range(3):
+        _set_grads(params, step)
+        opt.step()
+    return opt, params
 
 
 def _set_grads(params, step):
@@ -149,20 +160,14 @@ def test_group_options_see_a_replaced_option_even_when_it_compares_equal():
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_a_refused_call_after_kept_steps_changes_nothing(name):
-    (opt, params), _ = _pair(name)
-    for step in range(3):
-        _set_grads(params, step)
-        opt.step()
+    opt, params = _warm(name)
     snapshot = snapshot_optimizer(opt)
     params[1].grad.data = params[1].grad.double()  # (the grad setter would refuse it)
     with pytest.raises(RuntimeError, match="dtype"):
         opt.step()
     assert_optimizer_unchanged(opt, snapshot, f"{name} refused step")
     # and the next good step is the step torch takes
-    (_, _), (ref, ref_params) = _pair(name)
-    for step in range(3):
-        _set_grads(ref_params, step)
-        ref.step()
+    ref, ref_params = _warm(name, reference=True)
     for p, r in zip(params, ref_params):
         p.grad = torch.randn(p.shape)
         r.grad = p.grad.clone()
@@ -233,12 +238,7 @@ def test_the_kept_call_holds_no_gradient_or_replaced_state_after_the_step(name):
     # zero_grad(set_to_none=True) frees the gradients (a model's worth of
     # memory), and a state tensor replaced by the user is freed, as with
     # torch.optim: the kept call does not hold this step's tensors.
-    import weakref
-
-    (opt, params), _ = _pair(name)
-    for step in range(3):
-        _set_grads(params, step)
-        opt.step()
+    opt, params = _warm(name)
     grads = [weakref.ref(p.grad) for p in params]
     replaced = [weakref.ref(t) for state in opt.state.values() for t in state.values()]
     _replace_state_tensors(opt, step_counters=False)
