@@ -29,7 +29,7 @@ checks (_planning.py).
 from __future__ import annotations
 
 import operator
-from itertools import chain
+from itertools import chain, compress
 
 import torch
 
@@ -59,16 +59,19 @@ class GroupOptions:
         self.values = tuple(chain.from_iterable(map(dict.values, param_groups)))
         self.lists = []  # (a list option, a copy of its items)
         self.kept = True
-        for group in param_groups:
-            for key, value in group.items():
-                kind = type(value)
-                if key == "params" or kind in _IMMUTABLE:
-                    continue
-                if kind in (tuple, list) and all(type(v) in _IMMUTABLE for v in value):
-                    if kind is list:
-                        self.lists.append((value, list(value)))
-                else:
-                    self.kept = False
+        params = set(map(id, map(operator.itemgetter("params"), param_groups)))
+        # (the options of a type outside _IMMUTABLE, found at C speed: a
+        # step under an lr scheduler makes this every step)
+        mutable = map(operator.not_, map(_IMMUTABLE.__contains__, map(type, self.values)))
+        for value in compress(self.values, mutable):
+            kind = type(value)
+            if id(value) in params:
+                continue
+            if kind in (tuple, list) and _IMMUTABLE.issuperset(map(type, value)):
+                if kind is list:
+                    self.lists.append((value, list(value)))
+            else:
+                self.kept = False
 
     def unchanged(self, param_groups: list) -> bool:
         """Whether the groups hold the very options they held."""
