@@ -14,7 +14,9 @@ then only gathers, with C-speed list operations, the gradients (``p.grad`` for
 each param, unavoidable since ``zero_grad(set_to_none=True)`` makes new
 gradient tensors every step) and the state tensors from the cached per-param
 state dicts (so a state tensor replaced by the user is the one updated, as in
-torch.optim), and reads each group's hyperparameters.
+torch.optim), and reads each group's hyperparameters; a step that is one op
+call reads them only when a group option changed (Note [repeated call] in
+_one_call.py).
 
 A param's whole state dict replaced (``opt.state[p] = {...}``) is seen
 through the write count of ``optimizer.state`` (_state.py); a param replaced
