@@ -9,9 +9,9 @@ The pieces nest: step() = the step wrapper + the step body; the body =
 plan check + the kept op call (fused_optim/_one_call.py: the group options
 compared, the gradients gathered, this step's tensors put into the kept
 arguments, then the op: argument conversion and checks, then the update).
-Two more rows say what a step costs when a group option changed since the
-last step (every step under an lr scheduler): the group arguments read
-again and the op call built by name. Each row is timed alone, so the
+Two more rows say what a step costs when a group option other than lr
+changed since the last step (a momentum or beta schedule; lr is read every
+step): the group arguments read again and the op call built by name. Each row is timed alone, so the
 pieces add up only roughly; the table says what a step costs and which part
 to work on.
 """
@@ -88,8 +88,8 @@ def main(argv=None) -> None:
         ("      the op (_C fast call)", lambda: _ops.call_fast(call)),
         ("        its conversion and checks alone", lambda: _ops.call_validate(call)),
         ("    journal", lambda: Journal(opt.state)),
-        ("  a group option changed: group arguments read", opt._group_arguments),
-        ("  a group option changed: op call built by name",
+        ("  an option other than lr changed: group arguments read", opt._group_arguments),
+        ("  an option other than lr changed: op call built by name",
          lambda: opt._op_call(bucket, grads, group_args, extras)),
     ]
     peers = {}

@@ -13,23 +13,23 @@ small model. So the call's argument tuple is kept, with the group options it
 was built from, and a step re-reads only what can change without a new
 plan: the gradients, the state tensors from the state dicts (a state tensor
 the user replaced is the one updated, as in torch.optim), the step
-counters, the master copies and, when clipping, the norm. The group-derived
-arguments (lr, the hyperparameters, the flags, max_grad_norm) are rebuilt
-when any group option is not the very object they were built from
+counters, the master copies, when clipping the norm, and every group's lr
+(an lr scheduler sets a new one every step; ``_learning_rates``, as the
+general path reads it). The other group-derived arguments (the
+hyperparameters, the flags, max_grad_norm) are rebuilt when any group
+option other than lr is not the very object they were built from
 (GroupOptions): every option, not only those the op reads, so nothing an
-optimizer derives its arguments from can be missed. An lr scheduler sets a
-new lr every step, so under one the group arguments are rebuilt every step
-(still cheaper than the general path). Options that could change without
-being replaced (a tensor, changed in place; anything but a number, string,
-dtype, None, or a tuple or list of these) make them read afresh every step.
-What the plan caches (the params, their state dicts, the buckets) the plan
-checks (_planning.py).
+optimizer derives its arguments from can be missed. Options that could
+change without being replaced (a tensor, changed in place; anything but a
+number, string, dtype, None, or a tuple or list of these) make them read
+afresh every step. What the plan caches (the params, their state dicts,
+the buckets) the plan checks (_planning.py).
 """
 
 from __future__ import annotations
 
 import operator
-from itertools import chain, compress
+from itertools import chain, compress, repeat
 
 import torch
 
@@ -46,24 +46,27 @@ def _identical(a: tuple, b: tuple) -> bool:
 
 
 class GroupOptions:
-    """Every option of every group as a step saw it, compared by identity:
-    an option replaced is a new object, even when it compares equal (a
-    tensor lr equal to the float it replaced). An option that could change
-    without being replaced is a list (its items compared by identity too),
-    or makes the snapshot never match (``kept`` False): a tensor, changed
-    in place, or any other object. ``params`` is compared by identity only:
-    the plan checks its contents (_bucket.Plan.same_params)."""
+    """Every option of every group but ``lr`` (read every step) as a step
+    saw it, compared by identity: an option replaced is a new object, even
+    when it compares equal (a tensor equal to the float it replaced). An
+    option that could change without being replaced is a list (its items
+    compared by identity too), or makes the snapshot never match (``kept``
+    False): a tensor, changed in place, or any other object. ``params`` is
+    compared by identity only: the plan checks its contents
+    (_bucket.Plan.same_params)."""
 
     def __init__(self, param_groups: list) -> None:
         self.lengths = tuple(map(len, param_groups))
         self.values = tuple(chain.from_iterable(map(dict.values, param_groups)))
+        # False where the key is "lr" (each group's keys, in order)
+        self.compared = tuple(map(operator.ne, chain.from_iterable(param_groups), repeat("lr")))
         self.lists = []  # (a list option, a copy of its items)
         self.kept = True
         params = set(map(id, map(operator.itemgetter("params"), param_groups)))
         # (the options of a type outside _IMMUTABLE, found at C speed: a
-        # step under an lr scheduler makes this every step)
+        # change of an option other than lr makes this)
         mutable = map(operator.not_, map(_IMMUTABLE.__contains__, map(type, self.values)))
-        for value in compress(self.values, mutable):
+        for value in compress(self.values, map(operator.and_, mutable, self.compared)):
             kind = type(value)
             if id(value) in params:
                 continue
@@ -74,12 +77,14 @@ class GroupOptions:
                 self.kept = False
 
     def unchanged(self, param_groups: list) -> bool:
-        """Whether the groups hold the very options they held."""
+        """Whether the groups hold the very options they held (lr aside)."""
         return (
             self.kept
             and tuple(map(len, param_groups)) == self.lengths
-            and all(map(operator.is_, chain.from_iterable(map(dict.values, param_groups)),
-                        self.values))
+            and not any(compress(
+                map(operator.is_not, chain.from_iterable(map(dict.values, param_groups)),
+                    self.values),
+                self.compared))
             and all(_identical(live, copy) for live, copy in self.lists)
         )
 
@@ -99,6 +104,7 @@ class OneCall:
         self._steps = index["state_steps"]
         self._scalar_states = [index[_ops.state_list_name(n)] for n in bucket.scalar_state_names]
         self._grad_norm = index["grad_norm"]
+        self._lr = index["lr"]
         self._options = None  # the GroupOptions the group arguments were read from
         self._group_args = None
         self._call = None  # the last call (its arguments a list, refreshed in place)
@@ -116,7 +122,9 @@ class OneCall:
         if not complete:
             return False
         groups = optimizer.param_groups
-        if self._options is None or not self._options.unchanged(groups):
+        lr, tensor_lr = optimizer._learning_rates()  # (every step: schedulers)
+        if (self._options is None or not self._options.unchanged(groups)
+                or (self._call is not None and self._call.tensor_lr != tensor_lr)):
             self._group_args = optimizer._group_arguments()
             self._options = GroupOptions(groups)
             self._call = None
@@ -130,6 +138,7 @@ class OneCall:
             self._call = call._replace(args=list(call.args))
         else:
             self._refresh(grads, grad_norm)
+            self._call.args[self._lr] = lr
         try:
             _ops.call_fast(self._call)
         except RuntimeError:

@@ -119,21 +119,24 @@ def _spy(monkeypatch, opt):
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
-def test_the_call_is_kept_while_nothing_changes(name, monkeypatch):
-    (opt, params), _ = _pair(name)
+def test_the_call_is_kept_while_no_option_but_lr_changes(name, monkeypatch):
+    opt, params = _pair(name)[0]
     _set_grads(params, 0)
     opt.step()
     counts = _spy(monkeypatch, opt)
     for step in range(1, 4):
         _set_grads(params, step)
+        opt.param_groups[1]["lr"] = 0.01 * step  # (a scheduler: lr is read every step)
         opt.step()
+    opt.param_groups[2]["lr"] = torch.tensor(0.02)  # (read with .item(), every step)
+    opt.step()
     assert counts == {"group_arguments": 0, "op_call": 0}
-    opt.param_groups[1]["lr"] = 0.02  # a scheduler's step: the group arguments again
+    opt.param_groups[1]["weight_decay"] = 0.02  # another option: the group arguments again
     opt.step()
     assert counts == {"group_arguments": 1, "op_call": 1}
     opt.step()
     assert counts == {"group_arguments": 1, "op_call": 1}
-    opt.param_groups[1]["lr"] = torch.tensor(0.02)  # read every step from now on
+    opt.param_groups[1]["weight_decay"] = torch.tensor(0.02)  # read every step from now on
     opt.step()
     opt.step()
     assert counts == {"group_arguments": 3, "op_call": 3}
@@ -142,20 +145,23 @@ def test_the_call_is_kept_while_nothing_changes(name, monkeypatch):
 def test_group_options_see_a_replaced_option_even_when_it_compares_equal():
     params = [torch.nn.Parameter(torch.randn(2))]
     group = {"params": params, "lr": 0.1, "betas": [0.9, 0.99], "state_dtype": torch.bfloat16,
-             "name": "decay", "max_grad_norm": None, "eps": (1e-8,)}
+             "name": "decay", "max_grad_norm": None, "eps": (1e-8,), "weight_decay": 0.0}
     options = _one_call.GroupOptions([group])
     assert options.kept and options.unchanged([group])
     params.append(torch.nn.Parameter(torch.randn(2)))
     assert options.unchanged([group])  # (the plan checks the params)
-    for key, value in (("lr", torch.tensor(0.1)), ("lr", 0.1 + 0.0j), ("eps", tuple([1e-8])),
-                       ("name", "no_decay")):
+    for lr in (0.2, torch.tensor(0.1)):
+        assert options.unchanged([{**group, "lr": lr}])  # (lr is read every step)
+    for key, value in (("weight_decay", torch.tensor(0.0)), ("weight_decay", 0.0 + 0.0j),
+                       ("eps", tuple([1e-8])), ("name", "no_decay")):
         assert not options.unchanged([{**group, key: value}]), key
     group["betas"][0] = float("0.9")  # (an equal float, another object)
     assert not options.unchanged([group])  # (the list's item replaced, in place)
     assert not options.unchanged([group, group])
     for unseen in (torch.tensor(0.1), [torch.tensor(0.9)], (torch.tensor(0.9), 0.99), {"a": 1}):
-        options = _one_call.GroupOptions([{**group, "lr": unseen}])
-        assert not options.kept and not options.unchanged([{**group, "lr": unseen}])
+        options = _one_call.GroupOptions([{**group, "weight_decay": unseen}])
+        assert not options.kept and not options.unchanged([{**group, "weight_decay": unseen}])
+    assert _one_call.GroupOptions([{**group, "lr": torch.tensor(0.1)}]).kept
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
