@@ -159,6 +159,17 @@ def select(bucket: Bucket, grads: list) -> tuple[Bucket, list]:
     return sub, [grads[i] for i in keep]
 
 
+def call_tensors(bucket: Bucket, grads: list) -> tuple[list, list, list]:
+    """(params, grads, state lists) of one call of ``bucket``, the state read
+    from the state dicts now; complex tensors as real views (``as_real``)."""
+    params, states = bucket.params, bucket.state_lists()
+    if bucket.is_complex:
+        params = as_real(params)
+        grads = as_real(grads)
+        states = [as_real(s) for s in states]
+    return params, grads, states
+
+
 def as_real(tensors: list) -> list:
     """view_as_real of each complex tensor: complex params are updated as
     pairs of reals, exactly as torch.optim does."""

@@ -33,7 +33,7 @@ from itertools import chain, compress, repeat
 
 import torch
 
-from fused_optim import _bucket, _C, _ops
+from fused_optim import _bucket, _ops
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket
 from fused_optim._ops import OpExtras
@@ -118,7 +118,7 @@ class OneCall:
                 or getattr(optimizer, "found_inf", None) is not None):
             return False
         bucket = self.bucket
-        grads, complete = _C.grads_of(bucket.params)
+        grads, complete = _bucket.gather_grads(bucket.params)
         if not complete:
             return False
         groups = optimizer.param_groups
@@ -162,17 +162,13 @@ class OneCall:
         for slot in (*self._states, self._master, self._steps, *self._scalar_states):
             args[slot] = []
         args[self._grad_norm] = None
-        if self.bucket.is_complex:
-            args[self._params] = []
+        args[self._params] = []
 
     def _refresh(self, grads: list, grad_norm) -> None:
         """Puts this step's tensors into the kept arguments."""
         bucket, args = self.bucket, self._call.args
-        states = bucket.state_lists()
-        if bucket.is_complex:  # (as _step.StepProtocol._op_call)
-            args[self._params] = _bucket.as_real(bucket.params)
-            grads = _bucket.as_real(grads)
-            states = [_bucket.as_real(s) for s in states]
+        params, grads, states = _bucket.call_tensors(bucket, grads)
+        args[self._params] = params
         args[self._grads] = grads
         for slot, tensors in zip(self._states, states):
             args[slot] = tensors

@@ -356,11 +356,7 @@ class StepProtocol:
                  extras: OpExtras) -> OpCall:
         """One bucket's op call: complex tensors as real views, like
         torch.optim's view_as_real."""
-        params, states = bucket.params, bucket.state_lists()
-        if bucket.is_complex:
-            params = _bucket.as_real(params)
-            grads = _bucket.as_real(grads)
-            states = [_bucket.as_real(s) for s in states]
+        params, grads, states = _bucket.call_tensors(bucket, grads)
         return self._op_call_of(bucket.mode, bucket.state_names, params, grads, states,
                                 bucket.steps(), bucket.group_index, bucket.new_state,
                                 group_args, extras, bucket.scalar_state_lists())
