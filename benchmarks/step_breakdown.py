@@ -6,9 +6,10 @@ other count and size.
     python benchmarks/step_breakdown.py [--optimizer adam] [--tensors 4] [--numel 1024]
 
 The pieces nest: step() = the step wrapper + the step body; the body =
-plan check + the kept op call (fused_optim/_one_call.py: the group options
-compared, the gradients gathered, this step's tensors put into the kept
-arguments, then the op: argument conversion and checks, then the update).
+plan check (mostly the group options compared: fused_optim/_group_options.py)
++ the kept op call (fused_optim/_one_call.py: the gradients gathered, this
+step's tensors put into the kept arguments, then the op: argument conversion
+and checks, then the update).
 Two more rows say what a step costs when a group option other than lr
 changed since the last step (a momentum or beta schedule; lr is read every
 step): the group arguments read again and the op call built by name. Each row is timed alone, so the
@@ -81,8 +82,8 @@ def main(argv=None) -> None:
         ("step()", opt.step),
         ("  step body (no wrapper)", lambda: step_body(opt)),
         ("    plan check (_current_plan)", lambda: opt._current_plan(None)),
-        ("    the kept call (OneCall.run)", lambda: one_call.run(opt)),
-        ("      group options unchanged?", lambda: one_call._options.unchanged(opt.param_groups)),
+        ("      group options unchanged?", lambda: plan.options.unchanged(opt.param_groups)),
+        ("    the kept call (OneCall.run)", lambda: one_call.run(opt, plan.options)),
         ("      gradient gather (_C.grads_of)", lambda: _bucket.gather_grads(bucket.params)),
         ("      this step's tensors into the call", lambda: one_call._refresh(grads, None)),
         ("      the op (_C fast call)", lambda: _ops.call_fast(call)),

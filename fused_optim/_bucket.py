@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from fused_optim import _C
+from fused_optim import _C, _ops
 
 
 class Precision(NamedTuple):
@@ -96,6 +96,18 @@ class Bucket:
             return []
         return list(map(operator.itemgetter("step"), self.state_dicts))
 
+    def per_param_lists(self) -> list:
+        """(the op's list name, the state key) of every list of a call read
+        from the state dicts: the state tensors, then the master copies,
+        the step counters and the scalar state, where the bucket has them."""
+        keys = list(self.state_names)
+        if self.precision.master_weights:
+            keys.append("master_param")
+        if self.has_step:
+            keys.append("step")
+        keys += self.scalar_state_names
+        return [(_ops.state_list_name(key), key) for key in keys]
+
 
 @dataclass
 class Plan:
@@ -109,10 +121,20 @@ class Plan:
     # indices of the groups stepped by torch.optim's code (fused=False,
     # differentiable=True: _torch_path.py); part of the signature
     torch_groups: list
-    # the signature over the raw options (a fast first check; None: none)
+    # the group options when last checked (_group_options.GroupOptions): a
+    # step that finds them unchanged, and the state mapping too, skips the
+    # signature checks
+    options: object
+    # the signature over the raw options (a fast check; None: none)
     raw_signature: tuple | None = None
     # the step's op call when it is one (_one_call.py), made by the first step
     one_call: object = None
+
+    def state_unchanged(self, state) -> bool:
+        """Whether ``optimizer.state`` is the mapping planned, with the same
+        params and no param's state dict replaced (the signature's part
+        that is not the groups')."""
+        return (id(state), len(state), state.writes) == self.signature[:3]
 
     def same_params(self, param_groups) -> bool:
         """Whether every group still holds the planned params (by identity:
@@ -162,12 +184,14 @@ def select(bucket: Bucket, grads: list) -> tuple[Bucket, list]:
 def call_tensors(bucket: Bucket, grads: list) -> tuple[list, list, list]:
     """(params, grads, state lists) of one call of ``bucket``, the state read
     from the state dicts now; complex tensors as real views (``as_real``)."""
-    params, states = bucket.params, bucket.state_lists()
     if bucket.is_complex:
-        params = as_real(params)
-        grads = as_real(grads)
-        states = [as_real(s) for s in states]
-    return params, grads, states
+        return real_views(bucket.params, grads, bucket.state_lists())
+    return bucket.params, grads, bucket.state_lists()
+
+
+def real_views(params: list, grads: list, states: list) -> tuple[list, list, list]:
+    """A complex call's params, grads and state lists as real views."""
+    return as_real(params), as_real(grads), [as_real(s) for s in states]
 
 
 def as_real(tensors: list) -> list:

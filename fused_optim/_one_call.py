@@ -17,9 +17,11 @@ counters, the master copies, when clipping the norm, and every group's lr
 (an lr scheduler sets a new one every step; ``_learning_rates``, as the
 general path reads it). The other group-derived arguments (the
 hyperparameters, the flags, max_grad_norm) are rebuilt when any group
-option other than lr is not the very object they were built from
-(GroupOptions): every option, not only those the op reads, so nothing an
-optimizer derives its arguments from can be missed. Options that could
+option other than lr is not the very object they were built from: every
+option, not only those the op reads, so nothing an optimizer derives its
+arguments from can be missed. The plan check compares the options (Note
+[group options] in _group_options.py) and takes a new snapshot when any
+changed: a call built under another snapshot is rebuilt. Options that could
 change without being replaced (a tensor, changed in place; anything but a
 number, string, dtype, None, or a tuple or list of these) make them read
 afresh every step. What the plan caches (the params, their state dicts,
@@ -28,66 +30,12 @@ the buckets) the plan checks (_planning.py).
 
 from __future__ import annotations
 
-import operator
-from itertools import chain, compress, repeat
-
-import torch
+from operator import itemgetter
 
 from fused_optim import _bucket, _ops
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket
 from fused_optim._ops import OpExtras
-
-_IMMUTABLE = frozenset((float, int, bool, str, type(None), torch.dtype))
-
-
-def _identical(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(map(operator.is_, a, b))
-
-
-class GroupOptions:
-    """Every option of every group but ``lr`` (read every step) as a step
-    saw it, compared by identity: an option replaced is a new object, even
-    when it compares equal (a tensor equal to the float it replaced). An
-    option that could change without being replaced is a list (its items
-    compared by identity too), or makes the snapshot never match (``kept``
-    False): a tensor, changed in place, or any other object. ``params`` is
-    compared by identity only: the plan checks its contents
-    (_bucket.Plan.same_params)."""
-
-    def __init__(self, param_groups: list) -> None:
-        self.lengths = tuple(map(len, param_groups))
-        self.values = tuple(chain.from_iterable(map(dict.values, param_groups)))
-        # False where the key is "lr" (each group's keys, in order)
-        self.compared = tuple(map(operator.ne, chain.from_iterable(param_groups), repeat("lr")))
-        self.lists = []  # (a list option, a copy of its items)
-        self.kept = True
-        params = set(map(id, map(operator.itemgetter("params"), param_groups)))
-        # (the options of a type outside _IMMUTABLE, found at C speed: a
-        # change of an option other than lr makes this)
-        mutable = map(operator.not_, map(_IMMUTABLE.__contains__, map(type, self.values)))
-        for value in compress(self.values, map(operator.and_, mutable, self.compared)):
-            kind = type(value)
-            if id(value) in params:
-                continue
-            if kind in (tuple, list) and _IMMUTABLE.issuperset(map(type, value)):
-                if kind is list:
-                    self.lists.append((value, list(value)))
-            else:
-                self.kept = False
-
-    def unchanged(self, param_groups: list) -> bool:
-        """Whether the groups hold the very options they held (lr aside)."""
-        return (
-            self.kept
-            and tuple(map(len, param_groups)) == self.lengths
-            and not any(compress(
-                map(operator.is_not, chain.from_iterable(map(dict.values, param_groups)),
-                    self.values),
-                self.compared))
-            and all(_identical(live, copy) for live, copy in self.lists)
-        )
-
 
 class OneCall:
     """A plan's one op call (its bucket), with its argument tuple kept
@@ -95,25 +43,25 @@ class OneCall:
 
     def __init__(self, op_name: str, bucket: Bucket) -> None:
         self.bucket = bucket
-        signature = _ops.SIGNATURES[op_name]
-        index = signature.index
+        index = _ops.SIGNATURES[op_name].index
         self._grads = index["grads"]
         self._params = index["params"]
-        self._states = [index[_ops.state_list_name(n)] for n in bucket.state_names]
-        self._master = index["master_params"]
-        self._steps = index["state_steps"]
-        self._scalar_states = [index[_ops.state_list_name(n)] for n in bucket.scalar_state_names]
         self._grad_norm = index["grad_norm"]
         self._lr = index["lr"]
-        self._options = None  # the GroupOptions the group arguments were read from
+        # (the slot of each list read from the state dicts, and its reader)
+        self._reads = [(index[name], itemgetter(key)) for name, key in bucket.per_param_lists()]
+        self._states = [index[_ops.state_list_name(n)] for n in bucket.state_names]
+        self._options = None  # the plan's GroupOptions the group arguments were read under
         self._group_args = None
         self._call = None  # the last call (its arguments a list, refreshed in place)
+        self._function = None  # the last call's fused_optim._C function
 
-    def run(self, optimizer) -> bool:
+    def run(self, optimizer, options) -> bool:
         """Makes the call (the whole step) and returns True, or returns False
         having written nothing: the step needs the general path (a gradient
         missing, GradScaler's arguments, or the op refused the call; the
-        general path finds why)."""
+        general path finds why). ``options``: the plan's snapshot of the
+        group options, new when any changed (Note [group options])."""
         if (getattr(optimizer, "grad_scale", None) is not None
                 or getattr(optimizer, "found_inf", None) is not None):
             return False
@@ -121,12 +69,11 @@ class OneCall:
         grads, complete = _bucket.gather_grads(bucket.params)
         if not complete:
             return False
-        groups = optimizer.param_groups
         lr, tensor_lr = optimizer._learning_rates()  # (every step: schedulers)
-        if (self._options is None or not self._options.unchanged(groups)
+        if (options is not self._options or not options.kept
                 or (self._call is not None and self._call.tensor_lr != tensor_lr)):
             self._group_args = optimizer._group_arguments()
-            self._options = GroupOptions(groups)
+            self._options = options
             self._call = None
         group_args = self._group_args
         grad_norm = optimizer._clip_norm(grads, None) if group_args.clipping else None
@@ -136,11 +83,12 @@ class OneCall:
                               bucket.precision.stochastic_rounding, grad_norm)
             call = optimizer._op_call(bucket, grads, group_args, extras)
             self._call = call._replace(args=list(call.args))
+            self._function = _ops.fast_function(call)
         else:
             self._refresh(grads, grad_norm)
             self._call.args[self._lr] = lr
         try:
-            _ops.call_fast(self._call)
+            self._function(*self._call.args)
         except RuntimeError:
             self._call = None  # (built afresh next time)
             return False  # nothing was written
@@ -158,22 +106,24 @@ class OneCall:
         worth of memory until the next step), a replaced state tensor its
         replacement."""
         args = self._call.args
-        args[self._grads] = []
-        for slot in (*self._states, self._master, self._steps, *self._scalar_states):
+        args[self._params] = args[self._grads] = []
+        for slot, _ in self._reads:
             args[slot] = []
         args[self._grad_norm] = None
-        args[self._params] = []
 
     def _refresh(self, grads: list, grad_norm) -> None:
         """Puts this step's tensors into the kept arguments."""
         bucket, args = self.bucket, self._call.args
-        params, grads, states = _bucket.call_tensors(bucket, grads)
+        dicts = bucket.state_dicts
+        for slot, read in self._reads:
+            args[slot] = list(map(read, dicts))
+        if bucket.is_complex:
+            params, grads, states = _bucket.real_views(
+                bucket.params, grads, [args[slot] for slot in self._states])
+            for slot, tensors in zip(self._states, states):
+                args[slot] = tensors
+        else:
+            params = bucket.params
         args[self._params] = params
         args[self._grads] = grads
-        for slot, tensors in zip(self._states, states):
-            args[slot] = tensors
-        args[self._master] = bucket.master_params()
-        args[self._steps] = bucket.steps()
-        for slot, tensors in zip(self._scalar_states, bucket.scalar_state_lists()):
-            args[slot] = tensors
         args[self._grad_norm] = grad_norm

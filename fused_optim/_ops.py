@@ -137,9 +137,14 @@ for _name in TENSOR_NORM_OPS:
         torch.library.register_fake(f"fused_optim::{_name}.{_overload}")(_measure_fake)
 
 
+# The op's lists whose names are not their state key's plural.
+_LIST_OF_KEY = {"master_param": "master_params", "step": "state_steps"}
+
+
 def state_list_name(key: str) -> str:
-    """The op's list of a state key: ``exp_avg`` -> ``exp_avgs``."""
-    return key + "s"
+    """The op's list of a state key: ``exp_avg`` -> ``exp_avgs``,
+    ``master_param`` -> ``master_params``, ``step`` -> ``state_steps``."""
+    return _LIST_OF_KEY.get(key, key + "s")
 
 
 class OpCall(NamedTuple):
@@ -150,10 +155,16 @@ class OpCall(NamedTuple):
     args: tuple
 
 
+def fast_function(call: OpCall):
+    """The eager entry of ``call``'s op: the backend kernel without the
+    dispatcher's per-tensor boxing (DTensors still reach their handler,
+    _dtensor.py)."""
+    return getattr(_C, call.name + ("_tensor_lr" if call.tensor_lr else ""))
+
+
 def call_fast(call: OpCall) -> None:
-    """The eager entry: the backend kernel without the dispatcher's
-    per-tensor boxing (DTensors still reach their handler, _dtensor.py)."""
-    getattr(_C, call.name + ("_tensor_lr" if call.tensor_lr else ""))(*call.args)
+    """Makes ``call`` through its eager entry (``fast_function``)."""
+    fast_function(call)(*call.args)
 
 
 def call_validate(call: OpCall) -> None:

@@ -10,6 +10,7 @@ import torch
 from fused_optim import _bucket, _torch_path
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket, Plan, Precision
+from fused_optim._group_options import GroupOptions
 from fused_optim._journal import Journal
 from fused_optim._precision import is_legal_storage, precision_of, real_dtype, state_dtype_of
 
@@ -22,14 +23,19 @@ class Planning:
         plan = self._plan
         if plan is None:
             return self._build_plan(journal), False
-        raw = self._raw_signature()
-        if raw is None or raw != plan.raw_signature:
-            # An option changed that may not change a bucket (a momentum
-            # schedule): the derived keys decide.
-            if plan.signature != _bucket.groups_signature(self, self._group_key):
-                return self._build_plan(journal), False
-            plan.raw_signature = raw
-        if not plan.same_params(self.param_groups):
+        groups = self.param_groups
+        if not (plan.options.unchanged(groups) and plan.state_unchanged(self.state)):
+            # Something changed since the last check (Note [group options]):
+            # the raw options the buckets derive from, read at C speed.
+            raw = self._raw_signature()
+            if raw is None or raw != plan.raw_signature:
+                # An option changed that may not change a bucket (a momentum
+                # schedule): the derived keys decide.
+                if plan.signature != _bucket.groups_signature(self, self._group_key):
+                    return self._build_plan(journal), False
+                plan.raw_signature = raw
+            plan.options = GroupOptions(groups)
+        if not plan.same_params(groups):
             return self._build_plan(journal), False
         return plan, True
 
@@ -91,6 +97,7 @@ class Planning:
             _bucket.groups_signature(self, self._group_key),
             [tuple(group["params"]) for group in self.param_groups],
             [gi for gi, group in enumerate(self.param_groups) if _torch_path.uses_torch_path(group)],
+            GroupOptions(self.param_groups),
             self._raw_signature(),
         )
         self._plan = plan

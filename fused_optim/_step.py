@@ -143,7 +143,7 @@ class StepProtocol:
 
     def _step(self, journal: Journal) -> None:
         plan, cached = self._current_plan(journal)
-        if any(p.grad is not None for p in plan.stateless):
+        if plan.stateless and any(p.grad is not None for p in plan.stateless):
             plan, cached = self._build_plan(journal), False
         progress = {"written": False}
         try:
@@ -284,7 +284,7 @@ class StepProtocol:
             return False
         if plan.one_call is None:
             plan.one_call = OneCall(self._op_name, plan.buckets[0])
-        if not plan.one_call.run(self):
+        if not plan.one_call.run(self, plan.options):
             return False
         progress["written"] = True
         return True

@@ -13,7 +13,7 @@ import torch
 from torch.testing import assert_close
 
 import fused_optim
-from fused_optim import _one_call
+from fused_optim import _group_options
 from harness import assert_optimizer_unchanged, assert_same_state, snapshot_optimizer
 from optim_configs import GROUP_OVERRIDES, OPTIMIZER_NAMES, torch_class
 
@@ -146,7 +146,7 @@ def test_group_options_see_a_replaced_option_even_when_it_compares_equal():
     params = [torch.nn.Parameter(torch.randn(2))]
     group = {"params": params, "lr": 0.1, "betas": [0.9, 0.99], "state_dtype": torch.bfloat16,
              "name": "decay", "max_grad_norm": None, "eps": (1e-8,), "weight_decay": 0.0}
-    options = _one_call.GroupOptions([group])
+    options = _group_options.GroupOptions([group])
     assert options.kept and options.unchanged([group])
     params.append(torch.nn.Parameter(torch.randn(2)))
     assert options.unchanged([group])  # (the plan checks the params)
@@ -159,9 +159,85 @@ def test_group_options_see_a_replaced_option_even_when_it_compares_equal():
     assert not options.unchanged([group])  # (the list's item replaced, in place)
     assert not options.unchanged([group, group])
     for unseen in (torch.tensor(0.1), [torch.tensor(0.9)], (torch.tensor(0.9), 0.99), {"a": 1}):
-        options = _one_call.GroupOptions([{**group, "weight_decay": unseen}])
+        options = _group_options.GroupOptions([{**group, "weight_decay": unseen}])
         assert not options.kept and not options.unchanged([{**group, "weight_decay": unseen}])
-    assert _one_call.GroupOptions([{**group, "lr": torch.tensor(0.1)}]).kept
+    assert _group_options.GroupOptions([{**group, "lr": torch.tensor(0.1)}]).kept
+
+
+def test_group_options_read_each_option_by_name():
+    params = [torch.nn.Parameter(torch.randn(2))]
+    group = {"params": params, "lr": 0.1, "momentum": 0.0, "dampening": 0.0, "nesterov": False}
+    options = _group_options.GroupOptions([group])
+    moved = dict(group)
+    moved["lr"] = moved.pop("lr")  # (lr now last: the others read by name, unchanged)
+    assert options.unchanged([moved])
+    renamed = dict(group)
+    renamed["maximize"] = renamed.pop("nesterov")  # (the same object under another key)
+    assert not options.unchanged([renamed])
+    added = {**group, "maximize": False}
+    assert not options.unchanged([added])
+    assert not options.unchanged([{k: v for k, v in group.items() if k != "nesterov"}])
+    assert not options.unchanged([])
+    # a group of params and lr alone: one option read (a 1-tuple, not the list)
+    bare = {"params": params, "lr": 0.1}
+    options = _group_options.GroupOptions([bare, group])
+    assert options.values[0] is params and options.unchanged([bare, group])
+    assert not options.unchanged([{"params": list(params), "lr": 0.1}, group])
+
+
+def _torch_run(name, groups_of, changes, steps=8):
+    """``steps`` steps of ours and of torch.optim from the same weights,
+    ``changes[step](opt)`` applied to both before that step; asserts params
+    and state equal after every step."""
+    runs = []
+    for cls, extra in ((getattr(fused_optim, name), {}), (torch_class(name), {"foreach": False})):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s)) for s in SIZES]
+        runs.append((cls(groups_of(params), lr=0.01, **extra), params))
+    for step in range(steps):
+        for opt, params in runs:
+            if step in changes:
+                changes[step](opt)
+            _set_grads(params, step)
+            opt.step()
+        (ours, ours_params), (ref, ref_params) = runs
+        for i, (a, b) in enumerate(zip(ours_params, ref_params)):
+            where = f"{name} step {step} param {i}"
+            assert_close(a.detach(), b.detach(), msg=lambda m: f"{where}: {m}")
+            assert_same_state(ours.state[a], ref.state[b], where)
+    return runs[0][0]
+
+
+def _replace_state_dicts(opt):
+    # (a param's whole state dict replaced: the plan holds the old one)
+    for param in list(opt.state):
+        opt.state[param] = {k: v.clone() * (0.5 if k != "step" else 1)
+                            for k, v in opt.state[param].items()}
+
+
+def _set_option(key, value):
+    def change(opt):
+        for group in opt.param_groups:
+            group[key] = value
+    return change
+
+
+@pytest.mark.parametrize("name, changes", [
+    ("SGD", {3: _set_option("nesterov", True), 5: _replace_state_dicts,
+             6: _set_option("nesterov", False)}),
+    ("Adam", {3: _replace_state_dicts, 5: _set_option("maximize", True)}),
+    ("RMSprop", {3: _set_option("momentum", 0.0), 5: _replace_state_dicts}),
+])
+def test_changes_after_kept_steps_that_need_a_new_plan_take_effect_as_in_torch(name, changes):
+    # A kernel mode flipped (the plan's buckets derive from it) or a state
+    # dict replaced (the plan holds the old one), after steps whose plan
+    # check found nothing changed and skipped the signatures.
+    def groups_of(params):
+        options = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
+        return [{"params": [p], **options} for p in params]
+
+    opt = _torch_run(name, groups_of, changes)
+    assert opt._plan.one_call is not None  # (the kept call ran after the changes)
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)

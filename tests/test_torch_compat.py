@@ -162,7 +162,7 @@ def test_foreach_true_with_fused_none_is_our_fused_step(monkeypatch):
     # foreach=True asks for a multi-tensor step: ours (Note
     # [implementation keywords]); a tensor lr is fine there.
     calls = []
-    monkeypatch.setattr(_ops, "call_fast", lambda call: calls.append(call.name))
+    monkeypatch.setattr(_ops, "fast_function", lambda call: lambda *args: calls.append(call.name))
     model = _model()
     opt = fused_optim.Adam(model.parameters(), lr=torch.tensor(0.01), foreach=True)
     _set_grads([model], 0)
@@ -551,8 +551,9 @@ def test_loading_keeps_our_implementation_keywords(monkeypatch):
     group = ours.param_groups[0]
     assert (group["fused"], group["foreach"], group["lr"]) == (None, None, 0.02)
     calls = []
-    real = _ops.call_fast
-    monkeypatch.setattr(_ops, "call_fast", lambda call: calls.append(call.name) or real(call))
+    real = _ops.fast_function
+    monkeypatch.setattr(_ops, "fast_function",
+                        lambda call: calls.append(call.name) or real(call))
     with torch.no_grad():
         for p, q in zip(models[1].parameters(), models[0].parameters()):
             p.copy_(q)
