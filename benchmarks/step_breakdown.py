@@ -7,7 +7,7 @@ other count and size.
 
 The pieces nest: step() = the step wrapper + the step body; the body =
 plan check (mostly the group options compared: fused_optim/_group_options.py)
-+ the kept op call (fused_optim/_one_call.py: the gradients gathered, this
++ the kept op call (fused_optim/_kept_calls.py: the gradients gathered, this
 step's tensors put into the kept arguments, then the op: argument conversion
 and checks, then the update).
 Two more rows say what a step costs when a group option other than lr
@@ -71,7 +71,8 @@ def main(argv=None) -> None:
         opt.step()
     plan = opt._plan
     bucket = plan.buckets[0]
-    one_call = plan.one_call
+    kept = plan.kept_calls
+    one_call = kept.calls[0]
     group_args = opt._group_arguments()
     extras = OpExtras(bucket.master_params(), None, None, False)
     grads = [p.grad for p in ps]
@@ -83,7 +84,7 @@ def main(argv=None) -> None:
         ("  step body (no wrapper)", lambda: step_body(opt)),
         ("    plan check (_current_plan)", lambda: opt._current_plan(None)),
         ("      group options unchanged?", lambda: plan.options.unchanged(opt.param_groups)),
-        ("    the kept call (OneCall.run)", lambda: one_call.run(opt, plan.options)),
+        ("    the kept call (KeptCalls.run)", lambda: kept.run(opt, plan.options, {"written": False})),
         ("      gradient gather (_C.grads_of)", lambda: _bucket.gather_grads(bucket.params)),
         ("      this step's tensors into the call", lambda: one_call._refresh(grads, None)),
         ("      the op (_C fast call)", lambda: _ops.call_fast(call)),

@@ -16,7 +16,7 @@ gradient tensors every step) and the state tensors from the cached per-param
 state dicts (so a state tensor replaced by the user is the one updated, as in
 torch.optim), and reads each group's hyperparameters; a step that is one op
 call reads them only when a group option changed (Note [repeated call] in
-_one_call.py).
+_kept_calls.py).
 
 A param's whole state dict replaced (``opt.state[p] = {...}``) is seen
 through the write count of ``optimizer.state`` (_state.py); a param replaced
@@ -127,8 +127,9 @@ class Plan:
     options: object
     # the signature over the raw options (a fast check; None: none)
     raw_signature: tuple | None = None
-    # the step's op call when it is one (_one_call.py), made by the first step
-    one_call: object = None
+    # the step's op calls, kept between steps (_kept_calls.py), made by the
+    # first step that takes them
+    kept_calls: object = None
 
     def state_unchanged(self, state) -> bool:
         """Whether ``optimizer.state`` is the mapping planned, with the same

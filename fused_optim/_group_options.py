@@ -1,11 +1,11 @@
 """The group options a step saw, to tell at the next step whether any
-changed: what lets a step reuse its plan's checks and its kept op call.
+changed: what lets a step reuse its plan's checks and its kept op calls.
 
 Note [group options]
 A training loop steps with the same groups and options every time. Two
 things a step derives from them are cached: the plan's buckets
-(_planning.py, from the mode and precision options) and the one-call step's
-arguments (_one_call.py, from every option but lr, which is read every
+(_planning.py, from the mode and precision options) and the kept calls'
+arguments (_kept_calls.py, from every option but lr, which is read every
 step: an lr scheduler sets a new one each step). Both are valid for as long
 as every group holds the very option objects it held when they were made,
 lr aside. Identity, not equality: ``group[key] = value`` always stores a new

@@ -30,7 +30,7 @@ from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._journal import Journal
 from fused_optim._keywords import check_torch_path_precision, to_float
-from fused_optim._one_call import OneCall
+from fused_optim._kept_calls import KeptCalls
 from fused_optim._ops import GroupArguments, OpCall, OpExtras
 from fused_optim._state import OptimizerState
 
@@ -172,7 +172,7 @@ class StepProtocol:
         """Validates every call of ``plan`` (and the groups stepped by
         torch's code) before the first write, then makes them; sets
         ``progress["written"]`` before writing."""
-        if self._apply_one_call(plan, progress):
+        if self._apply_kept_calls(plan, progress):
             return
         torch_groups = [(gi, self.param_groups[gi]) for gi in plan.torch_groups]
         for gi, group in torch_groups:
@@ -273,21 +273,17 @@ class StepProtocol:
             raise
         return norm
 
-    def _apply_one_call(self, plan: Plan, progress: dict) -> bool:
-        """The common step, at the least Python cost: one bucket, every
-        gradient present, no group on torch's path, no AMP (_one_call.py:
-        the call is its own validation, and its arguments are kept between
-        steps). Returns False, having written nothing, when the step needs
-        the general path (which also finds why a refused call was
-        refused)."""
-        if len(plan.buckets) != 1 or plan.torch_groups:
+    def _apply_kept_calls(self, plan: Plan, progress: dict) -> bool:
+        """The common step, at the least Python cost: every gradient
+        present, no group on torch's path, no AMP (_kept_calls.py: the
+        calls' arguments are kept between steps). Returns False, having
+        written nothing, when the step needs the general path (which also
+        finds why a refused call was refused)."""
+        if not plan.buckets or plan.torch_groups:
             return False
-        if plan.one_call is None:
-            plan.one_call = OneCall(self._op_name, plan.buckets[0])
-        if not plan.one_call.run(self, plan.options):
-            return False
-        progress["written"] = True
-        return True
+        if plan.kept_calls is None:
+            plan.kept_calls = KeptCalls(self._op_name, plan.buckets)
+        return plan.kept_calls.run(self, plan.options, progress)
 
     def _prepare(self, bucket: Bucket, grads: list, group_args, extras) -> tuple:
         """Checks one call without writing anything: returns (the dense call

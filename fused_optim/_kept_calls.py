@@ -1,0 +1,178 @@
+"""The step's op calls, kept from one step to the next.
+
+Most steps are the same calls every time: every param in the same buckets
+(one per device, dtype, mode and precision; usually one), every gradient
+present, no GradScaler, no group on torch's path. Such a step is made by
+the plan's kept calls (``KeptCalls``). One call is its own validation: the
+op checks all of its inputs before it writes any. Several calls are each
+validated (the op's ``validate_`` twin) before the first is made (Note
+[validate before mutating] in _step.py).
+
+Note [repeated call]
+A training loop steps with the same groups, params and options every time.
+Building a call from them (the per-group lists, then every argument by
+name: _step.StepProtocol._op_call) costs about as much as the update of a
+small model. So each call's argument list is kept, with the group options it
+was built from, and a step re-reads only what can change without a new
+plan: the gradients, the state tensors from the state dicts (a state tensor
+the user replaced is the one updated, as in torch.optim), the step
+counters, the master copies, when clipping the norm, and every group's lr
+(an lr scheduler sets a new one every step; ``_learning_rates``, as the
+general path reads it). The other group-derived arguments (the
+hyperparameters, the flags, max_grad_norm) are rebuilt when any group
+option other than lr is not the very object they were built from: every
+option, not only those the op reads, so nothing an optimizer derives its
+arguments from can be missed. The plan check compares the options (Note
+[group options] in _group_options.py) and takes a new snapshot when any
+changed: calls built under another snapshot are rebuilt. Options that could
+change without being replaced (a tensor, changed in place; anything but a
+number, string, dtype, None, or a tuple or list of these) make them read
+afresh every step. What the plan caches (the params, their state dicts,
+the buckets) the plan checks (_planning.py).
+"""
+
+from __future__ import annotations
+
+from operator import itemgetter
+
+from fused_optim import _bucket, _ops
+from fused_optim._build import require_device_supported
+from fused_optim._bucket import Bucket
+from fused_optim._ops import OpExtras
+
+class KeptCalls:
+    """A plan's op calls, one per bucket, with their arguments kept between
+    steps (Note [repeated call])."""
+
+    def __init__(self, op_name: str, buckets: list) -> None:
+        self.calls = [OneCall(op_name, bucket) for bucket in buckets]
+        self._options = None  # the plan's GroupOptions the group arguments were read under
+        self._group_args = None
+        self._tensor_lr = None
+
+    def run(self, optimizer, options, progress: dict) -> bool:
+        """Makes the calls (the whole step) and returns True, or returns
+        False having written nothing: the step needs the general path (a
+        gradient missing, GradScaler's arguments, or a call refused; the
+        general path finds why). ``options``: the plan's snapshot of the
+        group options, new when any changed (Note [group options]). Sets
+        ``progress["written"]`` once a call has written."""
+        if (getattr(optimizer, "grad_scale", None) is not None
+                or getattr(optimizer, "found_inf", None) is not None):
+            return False
+        grads_of = []
+        for call in self.calls:
+            grads, complete = _bucket.gather_grads(call.bucket.params)
+            if not complete:
+                return False
+            grads_of.append(grads)
+        lr, tensor_lr = optimizer._learning_rates()  # (every step: schedulers)
+        rebuild = options is not self._options or not options.kept or tensor_lr != self._tensor_lr
+        if rebuild:
+            self._group_args = optimizer._group_arguments()
+            self._options, self._tensor_lr = options, tensor_lr
+        group_args = self._group_args
+        grad_norm = None
+        if group_args.clipping:  # (one norm over every call's gradients)
+            grad_norm = optimizer._clip_norm([g for grads in grads_of for g in grads], None)
+        try:
+            for call, grads in zip(self.calls, grads_of):
+                call.prepare(optimizer, grads, group_args, lr, grad_norm, rebuild)
+            if len(self.calls) > 1:
+                for call in self.calls:
+                    call.validate()
+            for call in self.calls:
+                call.make()
+                progress["written"] = True
+        except RuntimeError:
+            self._options = None  # (built afresh next time)
+            if progress["written"]:  # (a validated call raised: not expected)
+                raise
+            return False  # nothing was written
+        finally:
+            for call in self.calls:
+                call.release_step_tensors()
+        for call in self.calls:
+            call.bucket.new_state.clear()
+        if grad_norm is not None:
+            optimizer._grad_norm_cell[0] = grad_norm
+        return True
+
+
+class OneCall:
+    """One bucket's op call, its arguments a list kept between steps."""
+
+    def __init__(self, op_name: str, bucket: Bucket) -> None:
+        self.bucket = bucket
+        index = _ops.SIGNATURES[op_name].index
+        self._grads = index["grads"]
+        self._params = index["params"]
+        self._grad_norm = index["grad_norm"]
+        self._lr = index["lr"]
+        # (the slot of each list read from the state dicts, and its reader)
+        self._reads = [(index[name], itemgetter(key)) for name, key in bucket.per_param_lists()]
+        self._states = [index[_ops.state_list_name(n)] for n in bucket.state_names]
+        self._call = None  # the last call (its arguments a list, refreshed in place)
+        self._function = None  # its fused_optim._C function
+
+    def prepare(self, optimizer, grads: list, group_args, lr: list, grad_norm,
+                rebuild: bool) -> None:
+        """This step's arguments: the call built afresh (``rebuild``: from
+        new group arguments; or after a refused call), else refreshed."""
+        bucket = self.bucket
+        if rebuild or self._call is None:
+            self._call = None
+            require_device_supported(bucket.device, type(optimizer).__name__)
+            extras = OpExtras(bucket.master_params(), None, None,
+                              bucket.precision.stochastic_rounding, grad_norm)
+            call = optimizer._op_call(bucket, grads, group_args, extras)
+            self._call = call._replace(args=list(call.args))
+            self._function = _ops.fast_function(call)
+        else:
+            self._refresh(grads, grad_norm)
+            self._call.args[self._lr] = lr
+
+    def validate(self) -> None:
+        """Raises what ``make`` would raise, writing nothing."""
+        try:
+            _ops.call_validate(self._call)
+        except RuntimeError:
+            self._call = None
+            raise
+
+    def make(self) -> None:
+        try:
+            self._function(*self._call.args)
+        except RuntimeError:
+            self._call = None
+            raise
+
+    def release_step_tensors(self) -> None:
+        """Drops this step's tensors from the kept arguments: a kept
+        gradient would outlive ``zero_grad(set_to_none=True)`` (a model's
+        worth of memory until the next step), a replaced state tensor its
+        replacement."""
+        if self._call is None:
+            return
+        args = self._call.args
+        args[self._params] = args[self._grads] = []
+        for slot, _ in self._reads:
+            args[slot] = []
+        args[self._grad_norm] = None
+
+    def _refresh(self, grads: list, grad_norm) -> None:
+        """Puts this step's tensors into the kept arguments."""
+        bucket, args = self.bucket, self._call.args
+        dicts = bucket.state_dicts
+        for slot, read in self._reads:
+            args[slot] = list(map(read, dicts))
+        if bucket.is_complex:
+            params, grads, states = _bucket.real_views(
+                bucket.params, grads, [args[slot] for slot in self._states])
+            for slot, tensors in zip(self._states, states):
+                args[slot] = tensors
+        else:
+            params = bucket.params
+        args[self._params] = params
+        args[self._grads] = grads
+        args[self._grad_norm] = grad_norm
