@@ -89,18 +89,27 @@ def _change(step, opt):
         groups[0]["weight_decay"] = 0.02
 
 
-@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
-def test_every_change_between_steps_takes_effect_as_in_torch(name):
-    (ours, ours_params), (ref, ref_params) = _pair(name)
-    for step in range(12):
-        for opt, params in ((ours, ours_params), (ref, ref_params)):
-            _change(step, opt)
+def _step_both(runs, name: str, steps: int, change) -> None:
+    """Steps ours and the reference (``runs``: [(ours, params), (reference,
+    params)]) ``steps`` times, ``change(step, opt)`` applied to both before
+    each step; asserts their params and state equal after every step."""
+    (ours, ours_params), (ref, ref_params) = runs
+    for step in range(steps):
+        for opt, params in runs:
+            change(step, opt)
             _set_grads(params, step)
             opt.step()
         for i, (a, b) in enumerate(zip(ours_params, ref_params)):
             where = f"{name} step {step} param {i}"
             assert_close(a.detach(), b.detach(), msg=lambda m: f"{where}: {m}")
             assert_same_state(ours.state[a], ref.state[b], where)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_every_change_between_steps_takes_effect_as_in_torch(name):
+    runs = _pair(name)
+    _step_both(runs, name, 12, _change)
+    ours = runs[0][0]
     assert len(ours._plan.buckets) == 1 and ours._plan.kept_calls is not None  # (what ran)
 
 
@@ -194,17 +203,7 @@ def _torch_run(name, groups_of, changes, steps=8):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(*s)) for s in SIZES]
         runs.append((cls(groups_of(params), lr=0.01, **extra), params))
-    for step in range(steps):
-        for opt, params in runs:
-            if step in changes:
-                changes[step](opt)
-            _set_grads(params, step)
-            opt.step()
-        (ours, ours_params), (ref, ref_params) = runs
-        for i, (a, b) in enumerate(zip(ours_params, ref_params)):
-            where = f"{name} step {step} param {i}"
-            assert_close(a.detach(), b.detach(), msg=lambda m: f"{where}: {m}")
-            assert_same_state(ours.state[a], ref.state[b], where)
+    _step_both(runs, name, steps, lambda step, opt: step in changes and changes[step](opt))
     return runs[0][0]
 
 
@@ -286,17 +285,14 @@ PRECISIONS = {
 }
 
 
-@pytest.mark.parametrize("precision", sorted(PRECISIONS))
-@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
-def test_kept_call_is_the_call_built_afresh_bit_for_bit(name, precision):
-    # The same steps, once with the call kept and once with it built anew
-    # each step; the master copies and state replaced between steps.
-    dtype, options = PRECISIONS[precision]
+def _assert_kept_equals_afresh(make, where: str, clipped: bool) -> None:
+    """The same steps of ``make() -> (optimizer, params)``, once with the
+    calls kept and once with them built anew each step (state tensors
+    replaced between steps): params, state and the clipping norm equal bit
+    for bit."""
     runs = []
     for keep in (True, False):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(*s).to(dtype)) for s in SIZES]
-        opt = getattr(fused_optim, name)(params, lr=0.01, **options)
+        opt, params = make()
         for step in range(6):
             if step == 3:
                 _replace_state_tensors(opt, step_counters=False)
@@ -308,11 +304,24 @@ def test_kept_call_is_the_call_built_afresh_bit_for_bit(name, precision):
         runs.append((opt, params))
     (kept, kept_params), (fresh, fresh_params) = runs
     for i, (a, b) in enumerate(zip(kept_params, fresh_params)):
-        assert torch.equal(a, b), f"{name} {precision} param {i}"
+        assert torch.equal(a, b), f"{where} param {i}"
         for key, value in fresh.state[b].items():
-            assert torch.equal(kept.state[a][key], value), f"{name} {precision} {key} {i}"
-    if precision == "clipped":
+            assert torch.equal(kept.state[a][key], value), f"{where} {key} {i}"
+    if clipped:
         assert torch.equal(kept.grad_norm, fresh.grad_norm)
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_kept_call_is_the_call_built_afresh_bit_for_bit(name, precision):
+    dtype, options = PRECISIONS[precision]
+
+    def make():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s).to(dtype)) for s in SIZES]
+        return getattr(fused_optim, name)(params, lr=0.01, **options), params
+
+    _assert_kept_equals_afresh(make, f"{name} {precision}", clipped=precision == "clipped")
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
@@ -353,16 +362,8 @@ def _several_buckets(name, reference=False):
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_several_kept_calls_match_torch(name):
     runs = [_several_buckets(name), _several_buckets(name, reference=True)]
-    for step in range(12):
-        for opt, params in runs:
-            _change(step, opt)
-            _set_grads(params, step)
-            opt.step()
-        (ours, ours_params), (ref, ref_params) = runs
-        for i, (a, b) in enumerate(zip(ours_params, ref_params)):
-            where = f"{name} step {step} param {i}"
-            assert_close(a.detach(), b.detach(), msg=lambda m: f"{where}: {m}")
-            assert_same_state(ours.state[a], ref.state[b], where)
+    _step_both(runs, name, 12, _change)
+    ours = runs[0][0]
     kept = ours._plan.kept_calls
     assert len(ours._plan.buckets) > 1 and kept is not None  # (what ran)
     assert all(call._call is not None for call in kept.calls)
@@ -395,24 +396,12 @@ def test_a_call_refused_after_kept_steps_writes_no_bucket(name):
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "Lamb"])
 def test_several_kept_calls_are_the_calls_built_afresh_bit_for_bit(name):
-    runs = []
-    for keep in (True, False):
+    def make():
         opt, params = _several_buckets(name)
         opt.param_groups[0]["max_grad_norm"] = 0.5  # (one norm over every call's gradients)
-        for step in range(6):
-            if step == 3:
-                _replace_state_tensors(opt, step_counters=False)
-            _set_grads(params, step)
-            opt.step()
-            if not keep:
-                opt._plan.kept_calls = None
-        runs.append((opt, params))
-    (kept, kept_params), (fresh, fresh_params) = runs
-    for i, (a, b) in enumerate(zip(kept_params, fresh_params)):
-        assert torch.equal(a, b), f"{name} param {i}"
-        for key, value in fresh.state[b].items():
-            assert torch.equal(kept.state[a][key], value), f"{name} {key} {i}"
-    assert torch.equal(kept.grad_norm, fresh.grad_norm)
+        return opt, params
+
+    _assert_kept_equals_afresh(make, name, clipped=True)
 
 
 def test_a_call_that_raises_after_another_wrote_is_not_stepped_again(monkeypatch):
