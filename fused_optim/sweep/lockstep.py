@@ -20,7 +20,9 @@ hyperparameters, which torch.optim cannot give one stacked tensor):
 - Configuration k is param group k of a fused optimizer, and its params are
   views ``stacked[k]`` with gradients ``stacked.grad[k]``: one op call
   updates every tensor of every configuration that uses that optimizer, each
-  with its own group's hyperparameters. No copies, no new kernel. AdamW
+  with its own group's hyperparameters (one call per kernel mode: SGD with
+  and without momentum, and with Nesterov momentum, are three calls, kept
+  between steps like any step's calls). No copies, no new kernel. AdamW
   configurations are groups of the Adam optimizer with
   ``decoupled_weight_decay=True`` (and AdamW's default weight decay): the
   op takes the decay mode per group, so Adam and AdamW share its calls.
