@@ -96,6 +96,13 @@ class Bucket:
             return []
         return list(map(operator.itemgetter("step"), self.state_dicts))
 
+    def op_extras(self, scalars: "StepScalars") -> _ops.OpExtras:
+        """This bucket's call's arguments besides its tensors and the
+        groups': its master copies and this step's scalars on its device."""
+        grad_scale, found_inf, grad_norm = scalars.on(self.device)
+        return _ops.OpExtras(self.master_params(), grad_scale, found_inf,
+                             self.precision.stochastic_rounding, grad_norm)
+
     def per_param_lists(self) -> list:
         """(the op's list name, the state key) of every list of a call read
         from the state dicts: the state tensors, then the master copies,
@@ -159,6 +166,42 @@ def groups_signature(optimizer, key_of) -> tuple:
             for group in optimizer.param_groups
         ),
     )
+
+
+class StepScalars:
+    """A step's AMP and clipping scalars (GradScaler's ``grad_scale`` and
+    ``found_inf``, the clipping norm), each given to a call on that call's
+    device: copied once per device, without a host sync."""
+
+    def __init__(self, grad_scale, found_inf, grad_norm) -> None:
+        self.found_inf = found_inf
+        self._values = (grad_scale, found_inf, grad_norm)
+        self._on_device = {}  # device -> the three there
+        if grad_scale is None and found_inf is None and grad_norm is None:
+            self.on = lambda device: self._values
+
+    def on(self, device) -> tuple:
+        """(grad_scale, found_inf, grad_norm) on ``device`` (None where none)."""
+        scalars = self._on_device.get(device)
+        if scalars is None:
+            scalars = self._on_device[device] = tuple(
+                None if t is None else t.to(device, non_blocking=True) for t in self._values)
+        return scalars
+
+
+def clear_new_state(buckets: list, found_inf) -> None:
+    """After a step: the state made for it is no longer new, unless AMP
+    skipped the step (``found_inf`` nonzero), after which it is still new
+    (SGD's first momentum step must take the gradient as is). ``found_inf``
+    is read only in a step that made state: no host sync after the first."""
+    skipped = None
+    for bucket in buckets:
+        if bucket.new_state and found_inf is not None:
+            if skipped is None:
+                skipped = bool(found_inf.item())
+            if skipped:
+                continue
+        bucket.new_state.clear()
 
 
 def gather_grads(params: list) -> tuple[list, bool]:

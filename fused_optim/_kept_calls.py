@@ -2,7 +2,8 @@
 
 Most steps are the same calls every time: every param in the same buckets
 (one per device, dtype, mode and precision; usually one), every gradient
-present, no GradScaler, no group on torch's path. Such a step is made by
+present, no group on torch's path (with or without GradScaler: its scalars
+are this step's arguments like the gradients). Such a step is made by
 the plan's kept calls (``KeptCalls``). One call is its own validation: the
 op checks all of its inputs before it writes any. Several calls are each
 validated (the op's ``validate_`` twin) before the first is made (Note
@@ -16,9 +17,9 @@ small model. So each call's argument list is kept, with the group options it
 was built from, and a step re-reads only what can change without a new
 plan: the gradients, the state tensors from the state dicts (a state tensor
 the user replaced is the one updated, as in torch.optim), the step
-counters, the master copies, when clipping the norm, and every group's lr
-(an lr scheduler sets a new one every step; ``_learning_rates``, as the
-general path reads it). The other group-derived arguments (the
+counters, the master copies, GradScaler's scalars, when clipping the norm,
+and every group's lr (an lr scheduler sets a new one every step;
+``_learning_rates``, as the general path reads it). The other group-derived arguments (the
 hyperparameters, the flags, max_grad_norm) are rebuilt when any group
 option other than lr is not the very object they were built from: every
 option, not only those the op reads, so nothing an optimizer derives its
@@ -38,7 +39,6 @@ from operator import itemgetter
 from fused_optim import _bucket, _ops
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket
-from fused_optim._ops import OpExtras
 
 class KeptCalls:
     """A plan's op calls, one per bucket, with their arguments kept between
@@ -53,13 +53,9 @@ class KeptCalls:
     def run(self, optimizer, options, progress: dict) -> bool:
         """Makes the calls (the whole step) and returns True, or returns
         False having written nothing: the step needs the general path (a
-        gradient missing, GradScaler's arguments, or a call refused; the
-        general path finds why). ``options``: the plan's snapshot of the
+        gradient missing, or a call refused; the general path finds why). ``options``: the plan's snapshot of the
         group options, new when any changed (Note [group options]). Sets
         ``progress["written"]`` once a call has written."""
-        if (getattr(optimizer, "grad_scale", None) is not None
-                or getattr(optimizer, "found_inf", None) is not None):
-            return False
         grads_of = []
         for call in self.calls:
             grads, complete = _bucket.gather_grads(call.bucket.params)
@@ -72,12 +68,16 @@ class KeptCalls:
             self._group_args = optimizer._group_arguments()
             self._options, self._tensor_lr = options, tensor_lr
         group_args = self._group_args
+        # GradScaler's scalars, set on the optimizer for this step (AMP)
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        found_inf = getattr(optimizer, "found_inf", None)
         grad_norm = None
         if group_args.clipping:  # (one norm over every call's gradients)
-            grad_norm = optimizer._clip_norm([g for grads in grads_of for g in grads], None)
+            grad_norm = optimizer._clip_norm([g for grads in grads_of for g in grads], grad_scale)
+        scalars = _bucket.StepScalars(grad_scale, found_inf, grad_norm)
         try:
             for call, grads in zip(self.calls, grads_of):
-                call.prepare(optimizer, grads, group_args, lr, grad_norm, rebuild)
+                call.prepare(optimizer, grads, group_args, lr, scalars, rebuild)
             if len(self.calls) > 1:
                 for call in self.calls:
                     call.validate()
@@ -92,8 +92,7 @@ class KeptCalls:
         finally:
             for call in self.calls:
                 call.release_step_tensors()
-        for call in self.calls:
-            call.bucket.new_state.clear()
+        _bucket.clear_new_state([call.bucket for call in self.calls], found_inf)
         if grad_norm is not None:
             optimizer._grad_norm_cell[0] = grad_norm
         return True
@@ -107,7 +106,8 @@ class OneCall:
         index = _ops.SIGNATURES[op_name].index
         self._grads = index["grads"]
         self._params = index["params"]
-        self._grad_norm = index["grad_norm"]
+        # (this step's scalars: Bucket.op_extras)
+        self._scalars = (index["grad_scale"], index["found_inf"], index["grad_norm"])
         self._lr = index["lr"]
         # (the slot of each list read from the state dicts, and its reader)
         self._reads = [(index[name], itemgetter(key)) for name, key in bucket.per_param_lists()]
@@ -115,21 +115,19 @@ class OneCall:
         self._call = None  # the last call (its arguments a list, refreshed in place)
         self._function = None  # its fused_optim._C function
 
-    def prepare(self, optimizer, grads: list, group_args, lr: list, grad_norm,
-                rebuild: bool) -> None:
+    def prepare(self, optimizer, grads: list, group_args, lr: list,
+                scalars: _bucket.StepScalars, rebuild: bool) -> None:
         """This step's arguments: the call built afresh (``rebuild``: from
         new group arguments; or after a refused call), else refreshed."""
         bucket = self.bucket
         if rebuild or self._call is None:
             self._call = None
             require_device_supported(bucket.device, type(optimizer).__name__)
-            extras = OpExtras(bucket.master_params(), None, None,
-                              bucket.precision.stochastic_rounding, grad_norm)
-            call = optimizer._op_call(bucket, grads, group_args, extras)
+            call = optimizer._op_call(bucket, grads, group_args, bucket.op_extras(scalars))
             self._call = call._replace(args=list(call.args))
             self._function = _ops.fast_function(call)
         else:
-            self._refresh(grads, grad_norm)
+            self._refresh(grads, scalars)
             self._call.args[self._lr] = lr
 
     def validate(self) -> None:
@@ -158,9 +156,10 @@ class OneCall:
         args[self._params] = args[self._grads] = []
         for slot, _ in self._reads:
             args[slot] = []
-        args[self._grad_norm] = None
+        for slot in self._scalars:
+            args[slot] = None
 
-    def _refresh(self, grads: list, grad_norm) -> None:
+    def _refresh(self, grads: list, scalars: _bucket.StepScalars) -> None:
         """Puts this step's tensors into the kept arguments."""
         bucket, args = self.bucket, self._call.args
         dicts = bucket.state_dicts
@@ -175,4 +174,5 @@ class OneCall:
             params = bucket.params
         args[self._params] = params
         args[self._grads] = grads
-        args[self._grad_norm] = grad_norm
+        for slot, value in zip(self._scalars, scalars.on(bucket.device)):
+            args[slot] = value

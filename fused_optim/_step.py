@@ -198,21 +198,10 @@ class StepProtocol:
                    if p.grad is not None],
                 grad_scale,
             )
-        on_device = {}  # device -> (grad_scale, found_inf, grad_norm) there
+        scalars = _bucket.StepScalars(grad_scale, found_inf, grad_norm)
 
         def extras(bucket: Bucket) -> OpExtras:
-            if grad_scale is None and found_inf is None and grad_norm is None:
-                return OpExtras(bucket.master_params(), None, None,
-                                bucket.precision.stochastic_rounding)
-            scalars = on_device.get(bucket.device)
-            if scalars is None:
-                scalars = on_device[bucket.device] = tuple(
-                    None if t is None else t.to(bucket.device, non_blocking=True)
-                    for t in (grad_scale, found_inf, grad_norm)
-                )
-            amp, norm = scalars[:2], scalars[2]
-            return OpExtras(bucket.master_params(), *amp, bucket.precision.stochastic_rounding,
-                            norm)
+            return bucket.op_extras(scalars)
 
         prepared = None  # [(dense call or None, sparse parts)], all validated
         if len(calls) > 1 or torch_groups:
@@ -220,7 +209,6 @@ class StepProtocol:
             # op's own checks, Note [validate only]) before any writes.
             prepared = [self._prepare(bucket, grads, group_args, extras) for bucket, grads in calls]
         sparse = []
-        skipped = None  # whether AMP skipped this step, if asked
         try:
             if prepared is None and calls:
                 # One call: the op checks everything before it writes, so
@@ -240,16 +228,7 @@ class StepProtocol:
                     self._launch(*dense, group_args, extras(dense[0]))
                 sparse += sparse_here
         finally:
-            for bucket in plan.buckets:
-                if bucket.new_state and found_inf is not None:
-                    # State made for a step that AMP skipped is still new
-                    # (SGD's first momentum step must take the gradient as
-                    # is). Read only in a param's first step: no sync after.
-                    if skipped is None:
-                        skipped = bool(found_inf.item())
-                    if skipped:
-                        continue
-                bucket.new_state.clear()
+            _bucket.clear_new_state(plan.buckets, found_inf)
         progress["written"] = True
         for group, params, grads, is_new in sparse:
             self._sparse_step(group, params, grads, is_new)
@@ -275,7 +254,7 @@ class StepProtocol:
 
     def _apply_kept_calls(self, plan: Plan, progress: dict) -> bool:
         """The common step, at the least Python cost: every gradient
-        present, no group on torch's path, no AMP (_kept_calls.py: the
+        present, no group on torch's path (_kept_calls.py: the
         calls' arguments are kept between steps). Returns False, having
         written nothing, when the step needs the general path (which also
         finds why a refused call was refused)."""

@@ -420,3 +420,37 @@ def test_a_call_that_raises_after_another_wrote_is_not_stepped_again(monkeypatch
     _set_grads(params, 2)
     with pytest.raises(RuntimeError, match="boom"):
         opt.step()
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad", "Lamb"])
+def test_kept_calls_under_grad_scaler_are_the_calls_built_afresh_bit_for_bit(name):
+    # GradScaler's scalars are this step's arguments, like the gradients; a
+    # step it skips (an inf) writes nothing and keeps new state new (step 0).
+    runs = []
+    for keep in (True, False):
+        opt, params = _several_buckets(name)
+        opt.param_groups[0]["max_grad_norm"] = 0.5
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        scales = []
+        for step in range(8):
+            scaler.scale(torch.ones(()))
+            _set_grads(params, step)
+            for p in params:
+                p.grad *= scaler.get_scale()
+            if step in (0, 4):
+                params[1].grad.view(-1)[0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+            if not keep:
+                opt._plan.kept_calls = None
+        runs.append((opt, params, scales))
+    (kept, kept_params, kept_scales), (fresh, fresh_params, fresh_scales) = runs
+    assert kept._plan.kept_calls.calls[0]._call is not None  # (what ran)
+    assert kept_scales == fresh_scales and kept_scales[0] == kept_scales[4] == 2.0**9  # (skipped)
+    for i, (a, b) in enumerate(zip(kept_params, fresh_params)):
+        assert torch.equal(a, b), f"{name} param {i}"
+        assert torch.equal(a.grad, b.grad), f"{name} grad {i} (unscaled in place)"
+        for key, value in fresh.state[b].items():
+            assert torch.equal(kept.state[a][key], value), f"{name} {key} {i}"
+    assert torch.equal(kept.grad_norm, fresh.grad_norm)
