@@ -40,6 +40,7 @@ from fused_optim import _bucket, _ops
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket
 
+
 class KeptCalls:
     """A plan's op calls, one per bucket, with their arguments kept between
     steps (Note [repeated call])."""
@@ -53,9 +54,10 @@ class KeptCalls:
     def run(self, optimizer, options, progress: dict) -> bool:
         """Makes the calls (the whole step) and returns True, or returns
         False having written nothing: the step needs the general path (a
-        gradient missing, or a call refused; the general path finds why). ``options``: the plan's snapshot of the
-        group options, new when any changed (Note [group options]). Sets
-        ``progress["written"]`` once a call has written."""
+        gradient missing, or a call refused; the general path finds why).
+        ``options``: the plan's snapshot of the group options, new when any
+        changed (Note [group options]). Sets ``progress["written"]`` once a
+        call has written."""
         grads_of = []
         for call in self.calls:
             grads, complete = _bucket.gather_grads(call.bucket.params)
@@ -139,6 +141,7 @@ class OneCall:
             raise
 
     def make(self) -> None:
+        """Makes the call (the op checks it before writing anything)."""
         try:
             self._function(*self._call.args)
         except RuntimeError:
