@@ -14,8 +14,8 @@ then only gathers, with C-speed list operations, the gradients (``p.grad`` for
 each param, unavoidable since ``zero_grad(set_to_none=True)`` makes new
 gradient tensors every step) and the state tensors from the cached per-param
 state dicts (so a state tensor replaced by the user is the one updated, as in
-torch.optim), and reads each group's hyperparameters; a step that is one op
-call reads them only when a group option changed (Note [repeated call] in
+torch.optim), and reads each group's hyperparameters; the kept calls of a
+step read them only when a group option changed (Note [repeated call] in
 _kept_calls.py).
 
 A param's whole state dict replaced (``opt.state[p] = {...}``) is seen
@@ -174,14 +174,14 @@ class StepScalars:
     device: copied once per device, without a host sync."""
 
     def __init__(self, grad_scale, found_inf, grad_norm) -> None:
-        self.found_inf = found_inf
         self._values = (grad_scale, found_inf, grad_norm)
+        self._none = grad_scale is None and found_inf is None and grad_norm is None
         self._on_device = {}  # device -> the three there
-        if grad_scale is None and found_inf is None and grad_norm is None:
-            self.on = lambda device: self._values
 
     def on(self, device) -> tuple:
         """(grad_scale, found_inf, grad_norm) on ``device`` (None where none)."""
+        if self._none:  # (the usual step: nothing to copy)
+            return self._values
         scalars = self._on_device.get(device)
         if scalars is None:
             scalars = self._on_device[device] = tuple(

@@ -46,6 +46,7 @@ class KeptCalls:
     steps (Note [repeated call])."""
 
     def __init__(self, op_name: str, buckets: list) -> None:
+        self.buckets = buckets
         self.calls = [OneCall(op_name, bucket) for bucket in buckets]
         self._options = None  # the plan's GroupOptions the group arguments were read under
         self._group_args = None
@@ -94,7 +95,7 @@ class KeptCalls:
         finally:
             for call in self.calls:
                 call.release_step_tensors()
-        _bucket.clear_new_state([call.bucket for call in self.calls], found_inf)
+        _bucket.clear_new_state(self.buckets, found_inf)
         if grad_norm is not None:
             optimizer._grad_norm_cell[0] = grad_norm
         return True
