@@ -3,7 +3,7 @@ taken apart into its host-side pieces, each timed alone (medians of many
 calls, warm), on the `tiny` workload (4 tensors of 1,024 elements) or any
 other count and size.
 
-    python benchmarks/step_breakdown.py [--optimizer adam] [--tensors 4] [--numel 1024]
+    python benchmarks/step_breakdown.py [--optimizer adam] [--tensors 4] [--numel 1024] [--calls 3000]
 
 The pieces nest: step() = the step wrapper + the step body; the body =
 plan check (mostly the group options compared: fused_optim/_group_options.py)
@@ -39,8 +39,8 @@ OPTIMIZERS = {
 }
 
 
-def median_us(fn, calls: int = 3000, rounds: int = 7) -> float:
-    for _ in range(200):
+def median_us(fn, calls: int, rounds: int = 7) -> float:
+    for _ in range(min(200, calls)):
         fn()
     samples = []
     for _ in range(rounds):
@@ -63,6 +63,7 @@ def main(argv=None) -> None:
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     parser.add_argument("--tensors", type=int, default=4)
     parser.add_argument("--numel", type=int, default=1024)
+    parser.add_argument("--calls", type=int, default=3000, help="calls per timed round (7 rounds)")
     args = parser.parse_args(argv)
     ours_cls, torch_cls, kwargs = OPTIMIZERS[args.optimizer]
     ps = params(args.tensors, args.numel)
@@ -76,7 +77,8 @@ def main(argv=None) -> None:
     group_args = opt._group_arguments()
     extras = OpExtras(bucket.master_params(), None, None, False)
     grads = [p.grad for p in ps]
-    one_call._refresh(grads, None)  # (a step's arguments, copied: a step drops its own)
+    no_scalars = _bucket.StepScalars(None, None, None)  # (no AMP, no clipping)
+    one_call._refresh(grads, no_scalars)  # (a step's arguments, copied: a step drops its own)
     call = one_call._call._replace(args=list(one_call._call.args))
     step_body = type(opt).step.__wrapped__
     rows = [
@@ -86,7 +88,7 @@ def main(argv=None) -> None:
         ("      group options unchanged?", lambda: plan.options.unchanged(opt.param_groups)),
         ("    the kept call (KeptCalls.run)", lambda: kept.run(opt, plan.options, {"written": False})),
         ("      gradient gather (_C.grads_of)", lambda: _bucket.gather_grads(bucket.params)),
-        ("      this step's tensors into the call", lambda: one_call._refresh(grads, None)),
+        ("      this step's tensors into the call", lambda: one_call._refresh(grads, no_scalars)),
         ("      the op (_C fast call)", lambda: _ops.call_fast(call)),
         ("        its conversion and checks alone", lambda: _ops.call_validate(call)),
         ("    journal", lambda: Journal(opt.state)),
@@ -107,9 +109,9 @@ def main(argv=None) -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"| piece | us |\n|---|---:|")
     for label, fn in rows:
-        print(f"| {label} | {median_us(fn):.1f} |")
+        print(f"| {label} | {median_us(fn, args.calls):.1f} |")
     for impl, fn in peers.items():
-        print(f"| torch.optim {torch_cls.__name__} {impl} step() | {median_us(fn):.1f} |")
+        print(f"| torch.optim {torch_cls.__name__} {impl} step() | {median_us(fn, args.calls):.1f} |")
 
 
 if __name__ == "__main__":
