@@ -1,5 +1,7 @@
 #include "dense_operands.h"
 
+#include <c10/util/strides.h>
+
 namespace fused_optim {
 
 namespace {
@@ -19,21 +21,23 @@ DenseOperands::DenseOperands(const std::vector<TensorListArg>& lists)
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& param = params[i];
     if (param.numel() == 0) continue;
-    // The layout every operand of tensor i is brought to.
-    const at::Tensor layout = param.is_non_overlapping_and_dense()
-                                  ? param
-                                  : at::empty_like(param, at::MemoryFormat::Contiguous);
+    // The layout every operand of tensor i is brought to: the param's own
+    // when it is dense (then the param needs no check), else contiguous.
+    const bool param_is_dense = param.is_non_overlapping_and_dense();
+    c10::DimVector contiguous;
+    if (!param_is_dense) contiguous = c10::contiguous_strides(param.sizes());
+    const at::IntArrayRef strides =
+        param_is_dense ? param.strides() : at::IntArrayRef(contiguous);
     for (size_t k = 0; k < lists.size(); ++k) {
       if (lists[k].tensors.empty()) continue;
       const at::Tensor& t = lists[k].tensors[i];
-      if (has_strides(t, layout.strides())) {
+      if ((k == 0 && param_is_dense) || has_strides(t, strides)) {
         pointers_[k][i] = static_cast<char*>(t.data_ptr());
         continue;
       }
       // Each operand keeps its own dtype (state and master weights may
       // differ from the params').
-      at::Tensor staged = at::empty_strided(
-          layout.sizes(), layout.strides(), t.options());
+      at::Tensor staged = at::empty_strided(param.sizes(), strides, t.options());
       staged.copy_(t);
       pointers_[k][i] = static_cast<char*>(staged.data_ptr());
       if (lists[k].written) write_backs_.emplace_back(t, staged);
