@@ -204,9 +204,10 @@ def clear_new_state(buckets: list, found_inf) -> None:
         bucket.new_state.clear()
 
 
-def gather_grads(params: list) -> tuple[list, bool]:
-    """Returns (``[p.grad for p in params]``, whether none is None), read in
-    C++ (``_C.grads_of``: the Python property costs ~0.2 us a param)."""
+def gather_grads(params: list) -> tuple[list, bool, bool]:
+    """Returns (``[p.grad for p in params]``, whether none is None, whether
+    none is sparse), read in C++ (``_C.grads_of``: the Python property
+    costs ~0.2 us a param)."""
     return _C.grads_of(params)
 
 

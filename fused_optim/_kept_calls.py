@@ -55,14 +55,15 @@ class KeptCalls:
     def run(self, optimizer, options, progress: dict) -> bool:
         """Makes the calls (the whole step) and returns True, or returns
         False having written nothing: the step needs the general path (a
-        gradient missing, or a call refused; the general path finds why).
+        gradient missing or sparse, or a call refused; the general path
+        finds why).
         ``options``: the plan's snapshot of the group options, new when any
         changed (Note [group options]). Sets ``progress["written"]`` once a
         call has written."""
         grads_of = []
         for call in self.calls:
-            grads, complete = _bucket.gather_grads(call.bucket.params)
-            if not complete:
+            grads, complete, dense = _bucket.gather_grads(call.bucket.params)
+            if not (complete and dense):  # (sparse gradients: the general path's)
                 return False
             grads_of.append(grads)
         lr, tensor_lr = optimizer._learning_rates()  # (every step: schedulers)

@@ -181,8 +181,9 @@ class StepProtocol:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         calls = []
+        has_sparse = []  # per call: whether a gradient is sparse
         for bucket in plan.buckets:
-            grads, complete = _bucket.gather_grads(bucket.params)
+            grads, complete, dense = _bucket.gather_grads(bucket.params)
             if not complete:
                 bucket, grads = _bucket.select(bucket, grads)
             if bucket.params:
@@ -190,6 +191,7 @@ class StepProtocol:
                 # skips gradient-less params whatever their device.
                 require_device_supported(bucket.device, type(self).__name__)
                 calls.append((bucket, grads))
+                has_sparse.append(not dense)
         grad_norm = None
         if group_args.clipping:
             grad_norm = self._clip_norm(
@@ -204,10 +206,11 @@ class StepProtocol:
             return bucket.op_extras(scalars)
 
         prepared = None  # [(dense call or None, sparse parts)], all validated
-        if len(calls) > 1 or torch_groups:
+        if len(calls) > 1 or torch_groups or any(has_sparse):
             # Note [validate before mutating]: every call is checked (the
             # op's own checks, Note [validate only]) before any writes.
-            prepared = [self._prepare(bucket, grads, group_args, extras) for bucket, grads in calls]
+            prepared = [self._prepare(bucket, grads, group_args, extras, sparse)
+                        for (bucket, grads), sparse in zip(calls, has_sparse)]
         sparse = []
         try:
             if prepared is None and calls:
@@ -218,10 +221,8 @@ class StepProtocol:
                     self._launch(bucket, grads, group_args, extras(bucket))
                     progress["written"] = True
                 except RuntimeError:
-                    # Nothing was written. Sparse gradients land here too:
-                    # finding them up front would cost a Python check per
-                    # tensor per step.
-                    prepared = [self._prepare(bucket, grads, group_args, extras)]
+                    # Nothing was written: the checks name the culprit.
+                    prepared = [self._prepare(bucket, grads, group_args, extras, False)]
             for dense, sparse_here in prepared or ():
                 progress["written"] = True
                 if dense is not None:
@@ -264,15 +265,16 @@ class StepProtocol:
             plan.kept_calls = KeptCalls(self._op_name, plan.buckets)
         return plan.kept_calls.run(self, plan.options, progress)
 
-    def _prepare(self, bucket: Bucket, grads: list, group_args, extras) -> tuple:
+    def _prepare(self, bucket: Bucket, grads: list, group_args, extras, has_sparse: bool) -> tuple:
         """Checks one call without writing anything: returns (the dense call
         or None, [(group, params, grads, is_new)] of its sparse gradients),
-        or raises, naming the group and param where it can."""
-        try:
-            self._launch(bucket, grads, group_args, extras(bucket), validate=True)
-            return (bucket, grads), []
-        except RuntimeError:
-            if not (self._supports_sparse and any(g.is_sparse for g in grads)):
+        or raises, naming the group and param where it can. ``has_sparse``:
+        whether a gradient is sparse (the op takes dense ones only)."""
+        if not (has_sparse and self._supports_sparse):
+            try:
+                self._launch(bucket, grads, group_args, extras(bucket), validate=True)
+                return (bucket, grads), []
+            except RuntimeError:
                 self._check_call(bucket, grads)  # a friendlier message
                 raise
         dense, sparse = self._split_sparse(bucket, grads)

@@ -454,3 +454,30 @@ def test_kept_calls_under_grad_scaler_are_the_calls_built_afresh_bit_for_bit(nam
         for key, value in fresh.state[b].items():
             assert torch.equal(kept.state[a][key], value), f"{name} {key} {i}"
     assert torch.equal(kept.grad_norm, fresh.grad_norm)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_a_step_with_sparse_gradients_builds_no_kept_call(name, monkeypatch):
+    # Sparse gradients take the general path (the op takes dense ones),
+    # which must see that from the gradients, not by building calls that
+    # the op then refuses, every step.
+    kwargs = {"lr": 0.1, "momentum": 0.9} if name == "SGD" else {"lr": 0.1}
+    runs = []
+    for cls in (getattr(fused_optim, name), torch_class(name)):
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"embedding": torch.nn.Embedding(10, 4, sparse=True),
+                                     "linear": torch.nn.Linear(4, 3)})
+        runs.append((cls(model.parameters(), **kwargs), model))
+    counts = _spy(monkeypatch, runs[0][0])
+    for step in range(4):
+        for opt, model in runs:
+            opt.zero_grad()
+            tokens = torch.tensor([step, 3, 7, step])
+            model["linear"](model["embedding"](tokens)).square().sum().backward()
+            opt.step()
+    # (a step: the dense params' call, validated, then made)
+    assert counts["op_call"] == 2 * 4
+    (opt, model), (ref, ref_model) = runs
+    for (pname, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert_close(p, q)
+        assert_same_state(opt.state[p], ref.state[q], f"{name} {pname}")
