@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim import _bucket, _torch_path
+from fused_optim import _arena, _bucket, _torch_path
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._group_options import GroupOptions
@@ -53,6 +53,7 @@ class Planning:
         first op call."""
         buckets: dict = {}
         stateless = []
+        fresh = []  # (state dict, name) of each state tensor made now
         for gi, group in enumerate(self.param_groups):
             if _torch_path.uses_torch_path(group):
                 continue  # stepped by torch.optim's code (_torch_path.py)
@@ -69,7 +70,7 @@ class Planning:
                     self._check_param(param, group, gi, pi)
                 precision = precision_of(group, real_dtype(param))
                 if has_grad:
-                    state, is_new = self._ready_state(param, group, precision, journal)
+                    state, is_new = self._ready_state(param, group, precision, journal, fresh)
                 else:
                     is_new = False
                     self._conform_state(param, group, precision, state, journal)
@@ -91,6 +92,7 @@ class Planning:
                 bucket.state_dicts.append(state)
                 bucket.group_index.append(gi)
                 bucket.positions.append((gi, pi))
+        _arena.pack(fresh)  # (Note [state arena])
         plan = Plan(
             list(buckets.values()),
             stateless,
@@ -129,16 +131,21 @@ class Planning:
                 "params (use master_weights=True for float16)"
             )
 
-    def _ready_state(self, param, group, precision: Precision, journal: Journal) -> tuple[dict, bool]:
+    def _ready_state(self, param, group, precision: Precision, journal: Journal,
+                     fresh: list | None = None) -> tuple[dict, bool]:
         """The state of a param about to be stepped: missing state created
         (``_init_state``) and all of it brought to the group's precision
         options (``_conform_state``), through ``journal``. Returns (its
-        state dict, whether the op must treat the state as new)."""
+        state dict, whether the op must treat the state as new). Appends
+        (state dict, name) of each state tensor created to ``fresh``."""
         state = self.state[param] if param in self.state else {}
         is_new = False
         if self._needs_state_for(group, state, precision):
             state = journal.state_for(param)
+            missing = [n for n in self._state_names(self._mode(group)) if n not in state]
             is_new = self._init_state(param, group, state, state_dtype_of(param, precision))
+            if fresh is not None:
+                fresh.extend((state, name) for name in missing if name in state)
         self._conform_state(param, group, precision, state, journal)
         return state, is_new
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim.adagrad import adagrad as _torch_adagrad
 
-from fused_optim import _docs
+from fused_optim import _arena, _docs
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._keywords import check_implementation_keywords, to_float
@@ -75,6 +75,7 @@ class Adagrad(FusedOptimizer):
             for param in group["params"]:
                 dtype = param.dtype if param.is_complex() else precision_of(group, param.dtype).state_dtype
                 self._init_state(param, group, self.state[param], dtype)
+        _arena.pack([(self.state[p], "sum") for g in self.param_groups for p in g["params"]])
 
     def __setstate__(self, state):
         super().__setstate__(state)

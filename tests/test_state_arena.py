@@ -1,0 +1,165 @@
+"""The state arena (Note [state arena] in fused_optim/_arena.py): state the
+step creates on the CPU is views of one buffer per state name and dtype,
+with torch's shapes, strides and values; everything torch.optim users do
+with state keeps working."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import fused_optim
+from harness import assert_optimizer_unchanged, assert_same_state, snapshot_optimizer
+from optim_configs import OPTIMIZER_NAMES, torch_class
+
+# float32 params with vector bodies and tails (one whose size-1 dim has an
+# unusual stride), float64 ones, one channels_last (not packed: not
+# contiguous) and one alone in its dtype (not packed: nothing to pack with)
+F32_SHAPES = ((37,), (8, 5), (130,), (1,))
+F64_SHAPES = ((19,), (3, 3))
+
+
+def _params():
+    gen = torch.Generator().manual_seed(0)
+    f32 = [torch.randn(s, generator=gen) for s in F32_SHAPES]
+    f32.append(torch.randn(1, 7, generator=gen).t())  # (7, 1), stride (1, 7)
+    f64 = [torch.randn(s, generator=gen, dtype=torch.float64) for s in F64_SHAPES]
+    channels_last = torch.randn(2, 3, 2, 2, generator=gen).to(memory_format=torch.channels_last)
+    alone = torch.randn(5, generator=gen, dtype=torch.bfloat16)
+    return [torch.nn.Parameter(p) for p in (*f32, *f64, channels_last, alone)]
+
+
+def _set_grads(params, step):
+    gen = torch.Generator().manual_seed(10 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def _dense_state_names(opt):
+    return opt._state_names(opt._mode(opt.param_groups[0]))
+
+
+# (every optimizer with dense state: SGD and Lars with momentum)
+KWARGS = {"SGD": {"momentum": 0.9}, "Lars": {"momentum": 0.9}}
+
+
+def _pair(name):
+    ours_params, ref_params = _params(), _params()
+    kwargs = {"lr": 0.01, **KWARGS.get(name, {})}
+    ours = getattr(fused_optim, name)(ours_params, **kwargs)
+    ref = torch_class(name)(ref_params, **kwargs)
+    return (ours, ours_params), (ref, ref_params)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_new_state_is_views_of_one_buffer_per_name_and_dtype(name):
+    (ours, params), (ref, ref_params) = _pair(name)
+    for step in range(4):
+        for opt, ps in ((ours, params), (ref, ref_params)):
+            _set_grads(ps, step)
+            opt.step()
+        for i, (p, q) in enumerate(zip(params, ref_params)):
+            assert_close(p, q, msg=f"{name} step {step} param {i}")
+            assert_same_state(ours.state[p], ref.state[q], f"{name} step {step} param {i}")
+    f32 = params[:len(F32_SHAPES) + 1]
+    f64 = params[len(F32_SHAPES) + 1:len(F32_SHAPES) + 1 + len(F64_SHAPES)]
+    channels_last, alone = params[-2:]
+    storages = set()
+    assert _dense_state_names(ours)
+    for state_name in _dense_state_names(ours):
+        for members in (f32, f64):
+            tensors = [ours.state[p][state_name] for p in members]
+            base = {t.untyped_storage().data_ptr() for t in tensors}
+            assert len(base) == 1, f"{name} {state_name}: not one buffer"
+            storages |= base
+            for p, t in zip(members, tensors):
+                assert (t.shape, t.stride()) == (p.shape, p.stride()), f"{name} {state_name}"
+                assert t.data_ptr() % 64 == 0, f"{name} {state_name}: view not 64-byte aligned"
+            ends = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
+            assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:])), f"{name}: views overlap"
+        for p in (channels_last, alone):
+            t = ours.state[p][state_name]
+            assert t.untyped_storage().data_ptr() not in storages, f"{name}: packed"
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        assert ours.state[channels_last][state_name].stride() == channels_last.stride()
+    assert len(storages) == 2 * len(_dense_state_names(ours))  # (a buffer per name and dtype)
+
+
+def test_adagrad_sums_are_packed_at_construction():
+    params = _params()[:len(F32_SHAPES)]
+    opt = fused_optim.Adagrad(params, lr=0.1, initial_accumulator_value=0.25)
+    sums = [opt.state[p]["sum"] for p in params]
+    assert len({t.untyped_storage().data_ptr() for t in sums}) == 1
+    for t in sums:
+        assert torch.equal(t, torch.full_like(t, 0.25))
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Lamb"])
+def test_a_failed_first_step_leaves_no_state(name):
+    (opt, params), (ref, ref_params) = _pair(name)
+    _set_grads(params, 0)
+    params[2].grad.resize_(3)  # (a wrong shape, past torch's setter: the op refuses the call)
+    before = snapshot_optimizer(opt)
+    with pytest.raises(RuntimeError, match="shape"):
+        opt.step()
+    assert_optimizer_unchanged(opt, before, name)
+    for step in range(2):  # (the fixed step makes and packs the state)
+        for o, ps in ((opt, params), (ref, ref_params)):
+            _set_grads(ps, step)
+            o.step()
+    for p, q in zip(params, ref_params):
+        assert_close(p, q)
+        assert_same_state(opt.state[p], ref.state[q], name)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+def test_packed_state_is_saved_once_and_loads_as_views_again(name):
+    (opt, params), _ = _pair(name)
+    for step in range(2):
+        _set_grads(params, step)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values()
+                      for t in s.values() if torch.is_tensor(t) and t.dim())
+    assert len(buffer.getvalue()) < 1.5 * state_bytes + 20_000  # (each buffer saved once)
+    buffer.seek(0)
+    loaded_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    loaded = getattr(fused_optim, name)(loaded_params, lr=0.01)
+    loaded.load_state_dict(torch.load(buffer))
+    state_name = _dense_state_names(opt)[0]
+    f32 = loaded_params[:len(F32_SHAPES)]
+    assert len({loaded.state[p][state_name].untyped_storage().data_ptr() for p in f32}) == 1
+    for step in range(2, 4):
+        for o, ps in ((opt, params), (loaded, loaded_params)):
+            _set_grads(ps, step)
+            o.step()
+    for p, q in zip(params, loaded_params):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, loaded.state[q][key]), f"{name} {key}"
+
+
+def test_one_state_tensor_changed_in_place_changes_no_other():
+    (opt, params), _ = _pair("Adam")
+    _set_grads(params, 0)
+    opt.step()
+    others = [opt.state[p]["exp_avg"].clone() for p in params]
+    opt.state[params[1]]["exp_avg"].fill_(7.0)
+    for i, p in enumerate(params):
+        if i != 1:
+            assert torch.equal(opt.state[p]["exp_avg"], others[i])
+
+
+def test_state_made_in_a_compiled_step_is_not_packed():
+    # (aliased mutated inputs cost torch.compile time: Note [state arena])
+    torch._dynamo.reset()
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (33, 17)]
+    opt = fused_optim.Adam(params, lr=0.01)
+    _set_grads(params, 0)
+    torch.compile(opt.step)()
+    storages = {opt.state[p]["exp_avg"].untyped_storage().data_ptr() for p in params}
+    assert len(storages) == 2
