@@ -8,9 +8,13 @@ thousands of short, scattered runs. The arena keeps torch's layout as
 users see it (``state[p]["exp_avg"]`` is still a tensor of ``p``'s shape
 and strides) but makes each such tensor a view of one buffer per (state
 name, dtype), in the order the step visits the params: the step then
-reads each state stream in memory order. On `many-small` (2,000 tensors)
-that made the SGD step 14% and the Adam step 16% faster
-(benchmarks/flat_state_arena.py; docs/design.md, host work per step).
+reads each state stream in memory order. Made param by param, the state of
+an optimizer with two state tensors per param (Adam's moments) lies
+interleaved in memory, each stream in pieces; on `many-small` (2,000
+tensors) the arena made the Adam step 9-14% faster, and left SGD (one
+state tensor per param, already nearly in order) as it was, -2 to +3%
+(benchmarks/flat_state_arena.py,
+benchmarks/results/flat-state-arena-cpu-2core-epyc-2026-12-05.md).
 
 What is packed: state tensors the step creates (``_init_state``: moments,
 momentum buffers, Adagrad's sums at construction), when they are plain,
@@ -22,7 +26,7 @@ on a 64-byte boundary. Not packed:
   restores the views);
 - state made inside a ``torch.compile``d step (_traced.py): views of one
   buffer that the step mutates are aliased graph inputs, which made the
-  compile 1.5-2.2x slower (measured at 200 and 500 params);
+  compile 1.5-2.1x slower (measured at 200 and 500 params);
 - CUDA state: the caching allocator would keep the per-param tensors'
   memory reserved beside the arena, and the kernels' chunked launches do
   not walk tensors one after another (unmeasured on a GPU).
