@@ -18,8 +18,12 @@ benchmarks/results/flat-state-arena-cpu-2core-epyc-2026-12-05.md).
 
 What is packed: state tensors the step creates (``_init_state``: moments,
 momentum buffers, Adagrad's sums at construction), when they are plain,
-contiguous CPU tensors, at least two of a name and dtype. Each view starts
-on a 64-byte boundary. Not packed:
+contiguous CPU tensors of at most ``MAX_PACKED_ELEMENTS``, at least two of
+a name and dtype. Each view starts on a 64-byte boundary. Why small ones
+only: a large tensor is a long run in memory already, and packing copies
+each state tensor once at the step that makes it, so for a moment the
+packed tensors' state exists twice (bounded by the cap times their
+number: for a large model, its biases and norms). Not packed:
 - state loaded from a checkpoint or replaced by the user: it stays as
   given (a checkpoint saved from packed state loads as views of one buffer
   again: ``torch.save`` writes a shared storage once and ``torch.load``
@@ -46,6 +50,11 @@ import torch
 # loads the CPU loops use (AVX-512).
 _ALIGN_BYTES = 64
 
+# The largest state tensor packed (256 KiB in float32: 4096 cache lines,
+# where the hardware prefetcher's ramp-up at a tensor's start no longer
+# counts).
+MAX_PACKED_ELEMENTS = 1 << 16
+
 
 def pack(entries: list) -> None:
     """Replaces each ``state[name]`` of ``entries`` (state dict, name)
@@ -60,17 +69,17 @@ def pack(entries: list) -> None:
     for (name, dtype), states in members.items():
         if len(states) < 2:
             continue
-        tensors = [state[name] for state in states]
-        align = max(1, _ALIGN_BYTES // tensors[0].element_size())
-        lengths = [-(-t.numel() // align) * align for t in tensors]
+        align = max(1, _ALIGN_BYTES // states[0][name].element_size())
+        lengths = [-(-state[name].numel() // align) * align for state in states]
         buffer = torch.empty(sum(lengths), dtype=dtype)
         offset = 0
-        for state, tensor, length in zip(states, tensors, lengths):
+        for state, length in zip(states, lengths):
+            tensor = state[name]
             # (its own strides, which for a contiguous tensor may differ
             # from the default ones in size-1 dims: the op compares them)
             view = buffer.as_strided(tensor.shape, tensor.stride(), offset)
             view.copy_(tensor)
-            state[name] = view
+            state[name] = view  # (the tensor it replaces is freed as the loop moves on)
             offset += length
 
 
@@ -79,7 +88,7 @@ def _packable(tensor) -> bool:
         type(tensor) is torch.Tensor
         and tensor.device.type == "cpu"
         and tensor.layout == torch.strided
-        and tensor.numel() > 0
+        and 0 < tensor.numel() <= MAX_PACKED_ELEMENTS
         and tensor.is_contiguous()
         and not tensor.requires_grad
     )

@@ -88,6 +88,23 @@ def test_new_state_is_views_of_one_buffer_per_name_and_dtype(name):
     assert len(storages) == 2 * len(_dense_state_names(ours))  # (a buffer per name and dtype)
 
 
+def test_large_state_tensors_keep_their_own_memory():
+    # (a long run already; packing would briefly double their memory)
+    from fused_optim._arena import MAX_PACKED_ELEMENTS
+
+    sizes = (MAX_PACKED_ELEMENTS, MAX_PACKED_ELEMENTS + 1, 40, MAX_PACKED_ELEMENTS + 7)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    opt = fused_optim.Adam(params, lr=0.01)
+    _set_grads(params, 0)
+    opt.step()
+    storage = {i: opt.state[p]["exp_avg"].untyped_storage().data_ptr() for i, p in enumerate(params)}
+    assert storage[0] == storage[2]  # (at the cap: packed)
+    assert len({storage[0], storage[1], storage[3]}) == 3
+    for i in (1, 3):
+        t = opt.state[params[i]]["exp_avg"]
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def test_adagrad_sums_are_packed_at_construction():
     params = _params()[:len(F32_SHAPES)]
     opt = fused_optim.Adagrad(params, lr=0.1, initial_accumulator_value=0.25)
