@@ -180,3 +180,43 @@ def test_state_made_in_a_compiled_step_is_not_packed():
     torch.compile(opt.step)()
     storages = {opt.state[p]["exp_avg"].untyped_storage().data_ptr() for p in params}
     assert len(storages) == 2
+
+
+def test_dcp_writes_each_packed_tensor_alone_and_loads_it_back(tmp_path):
+    # (DCP copies a view whose storage is larger than it: a checkpoint of
+    # packed state is the size of one of unpacked state)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def trained(steps):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)])
+        opt = fused_optim.AdamW(model.parameters(), lr=1e-2)
+        for step in range(steps):
+            _set_grads(list(model.parameters()), step)
+            opt.step()
+        return model, opt
+
+    def saved_bytes(model, opt, where):
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(where), no_dist=True)
+        return sum(f.stat().st_size for f in where.iterdir())
+
+    model, opt = trained(3)
+    first = next(model.parameters())
+    assert opt.state[first]["exp_avg"].untyped_storage().nbytes() > first.numel() * 4  # (packed)
+    packed_bytes = saved_bytes(model, opt, tmp_path / "a")
+    loaded_model, loaded = trained(1)
+    model_sd, optim_sd = get_state_dict(loaded_model, loaded)
+    into = {"model": model_sd, "optim": optim_sd}
+    dcp.load(into, checkpoint_id=str(tmp_path / "a"), no_dist=True)
+    set_state_dict(loaded_model, loaded, model_state_dict=into["model"], optim_state_dict=into["optim"])
+    for p, q in zip(model.parameters(), loaded_model.parameters()):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, loaded.state[q][key]), key
+    for state in opt.state.values():
+        for key, value in list(state.items()):
+            if value.dim():
+                state[key] = value.clone()
+    assert packed_bytes == saved_bytes(model, opt, tmp_path / "b")
