@@ -27,13 +27,13 @@ graph cached by an earlier run does not hide the compile time.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
 import torch
 
 import fused_optim
+from fused_optim.bench.workloads import many_small_workload
 
 OPTIMIZERS = {
     "sgd": (fused_optim.SGD, torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
@@ -41,11 +41,10 @@ OPTIMIZERS = {
 }
 
 
-def many_small_sizes(count: int = 2000) -> list:
-    # (the sizes of fused_optim.bench's `many-small` workload)
-    rng = torch.Generator().manual_seed(1)
-    log_sizes = torch.empty(count).uniform_(math.log(256), math.log(4096), generator=rng)
-    return [int(n) for n in log_sizes.exp()]
+def many_small_sizes() -> list:
+    """The tensor sizes of the benchmark's `many-small` workload."""
+    (group,) = many_small_workload("cpu", 1.0).groups
+    return [n for (n,) in group.shapes]
 
 
 def params_with_grads(sizes: list) -> list:

@@ -12,8 +12,8 @@ import torch
 from torch.testing import assert_close
 
 import fused_optim
-from harness import assert_optimizer_unchanged, assert_same_state, snapshot_optimizer
-from optim_configs import OPTIMIZER_NAMES, torch_class
+from harness import assert_optimizer_unchanged, assert_same_state, seeded_grads, snapshot_optimizer
+from optim_configs import NOT_IN_TORCH, OPTIMIZER_NAMES, low_precision_floor, torch_class
 
 # float32 params with vector bodies and tails (one whose size-1 dim has an
 # unusual stride), float64 ones, one channels_last (not packed: not
@@ -33,9 +33,19 @@ def _params():
 
 
 def _set_grads(params, step):
-    gen = torch.Generator().manual_seed(10 + step)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+    for p, g in zip(params, seeded_grads(step, torch.float64, params)):
+        p.grad = g.to(p.dtype)
+
+
+def _assert_param_close(p, q, where):
+    # A bfloat16 param is held to the numerics policy's floor, one eps of
+    # its largest magnitude (tests/optim_configs.py: torch rounds in
+    # another order); the others to assert_close's defaults.
+    if p.dtype == torch.bfloat16:
+        floor = low_precision_floor(torch.bfloat16, q.float())
+        assert_close(p.float(), q.float(), rtol=0, atol=floor, msg=where)
+    else:
+        assert_close(p, q, msg=where)
 
 
 def _dense_state_names(opt):
@@ -50,7 +60,10 @@ def _pair(name):
     ours_params, ref_params = _params(), _params()
     kwargs = {"lr": 0.01, **KWARGS.get(name, {})}
     ours = getattr(fused_optim, name)(ours_params, **kwargs)
-    ref = torch_class(name)(ref_params, **kwargs)
+    # (torch's single-tensor loop: the reference of the numerics policy,
+    # tests/optim_configs.py; the reference classes have no such keyword)
+    loop = {} if name in NOT_IN_TORCH else {"foreach": False}
+    ref = torch_class(name)(ref_params, **kwargs, **loop)
     return (ours, ours_params), (ref, ref_params)
 
 
@@ -62,7 +75,7 @@ def test_new_state_is_views_of_one_buffer_per_name_and_dtype(name):
             _set_grads(ps, step)
             opt.step()
         for i, (p, q) in enumerate(zip(params, ref_params)):
-            assert_close(p, q, msg=f"{name} step {step} param {i}")
+            _assert_param_close(p, q, f"{name} step {step} param {i}")
             assert_same_state(ours.state[p], ref.state[q], f"{name} step {step} param {i}")
     f32 = params[:len(F32_SHAPES) + 1]
     f64 = params[len(F32_SHAPES) + 1:len(F32_SHAPES) + 1 + len(F64_SHAPES)]
@@ -128,7 +141,7 @@ def test_a_failed_first_step_leaves_no_state(name):
             _set_grads(ps, step)
             o.step()
     for p, q in zip(params, ref_params):
-        assert_close(p, q)
+        _assert_param_close(p, q, name)
         assert_same_state(opt.state[p], ref.state[q], name)
 
 
@@ -140,12 +153,19 @@ def test_packed_state_is_saved_once_and_loads_as_views_again(name):
         opt.step()
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
-    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values()
-                      for t in s.values() if torch.is_tensor(t) and t.dim())
-    assert len(buffer.getvalue()) < 1.5 * state_bytes + 20_000  # (each buffer saved once)
+    # Each buffer saved once: no larger than the same state in tensors of
+    # their own but for the views' padding (a view saved with its whole
+    # buffer would add the buffer again per view).
+    own = opt.state_dict()
+    own["state"] = {i: {k: v.clone() if torch.is_tensor(v) and v.dim() else v
+                        for k, v in s.items()} for i, s in own["state"].items()}
+    own_buffer = io.BytesIO()
+    torch.save(own, own_buffer)
+    views = sum(torch.is_tensor(v) and v.dim() > 0 for s in own["state"].values() for v in s.values())
+    assert len(buffer.getvalue()) <= len(own_buffer.getvalue()) + 64 * views
     buffer.seek(0)
     loaded_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    loaded = getattr(fused_optim, name)(loaded_params, lr=0.01)
+    loaded = getattr(fused_optim, name)(loaded_params, lr=0.01, **KWARGS.get(name, {}))
     loaded.load_state_dict(torch.load(buffer))
     state_name = _dense_state_names(opt)[0]
     f32 = loaded_params[:len(F32_SHAPES)]
