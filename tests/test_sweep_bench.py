@@ -6,12 +6,17 @@ the run is complete."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
+import sys
+import types
 
+import pytest
 import torch
 
 from fused_optim import bench
 from fused_optim.sweep import bench as sweep_bench
+from fused_optim.sweep.bench import report as sweep_report
 from fused_optim.sweep.space import make_configs
 
 
@@ -60,3 +65,16 @@ def test_tiny_run_end_to_end_through_the_main_benchmark(tmp_path):
     assert report["threads"] == 1 and report["commit"] is not None
     markdown = md_path.read_text()
     assert "| mlp | 2 |" in markdown and "chosen" in markdown
+
+
+@pytest.mark.parametrize("main_module, expected", [
+    ("fused_optim.sweep.bench.__main__", "python -m fused_optim.sweep.bench --ks 1"),
+    ("fused_optim.bench.__main__", "python -m fused_optim.bench --ks 1"),
+])
+def test_the_recorded_command_names_the_package_run(monkeypatch, main_module, expected):
+    # `python -m PACKAGE` runs PACKAGE.__main__: the report names PACKAGE.
+    main = types.ModuleType("__main__")
+    main.__spec__ = importlib.machinery.ModuleSpec(main_module, None)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setattr(sys, "argv", ["ignored", "--ks", "1"])
+    assert sweep_report.command_line() == expected
