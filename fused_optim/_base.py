@@ -61,11 +61,26 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     _op_name: str
     _torch_class: type
 
+    # Note [our options in param groups]
+    # Our options that torch.optim's class lacks (the precision options;
+    # max_grad_norm, except for timm's Lamb, which has it) are in the param
+    # groups only when set to something other than these values. So an
+    # optimizer built with torch.optim's arguments has exactly torch.optim's
+    # group keys, and state_dict(), which mirrors the live groups as
+    # torch's does, too: torch.distributed.checkpoint loads a torch.optim
+    # checkpoint into it (its default planner wants every key it has), and
+    # torch's tools that match saved groups against live ones
+    # (torch.optim._stateless) take it. Everything reads them with
+    # group.get(key, unset).
+    _unset_options: dict = {**PRECISION_DEFAULTS, "max_grad_norm": None}
+
     def __init__(self, params, defaults):
         self._plan: Plan | None = None
         # [the norm the last clipped step measured]: a list, whose item a
         # traced step can set (Dynamo drops attribute writes on an Optimizer)
         self._grad_norm_cell: list = [None]
+        unset = self._unset_options
+        defaults = {k: v for k, v in defaults.items() if k not in unset or v is not unset[k]}
         super().__init__(params, defaults)
         self.state = OptimizerState(self.state)
         if _torch_path.uses_torch_path(self.defaults):
@@ -128,16 +143,20 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
 
     def _raw_group_key(self, group) -> tuple:
         """The raw options of a group that ``_group_key`` derives from, read
-        at C speed (those missing from this optimizer's defaults, e.g.
-        RMSprop's ``fused``, with ``get``)."""
+        at C speed (with ``get``: those a group may lack, e.g. RMSprop's
+        ``fused``, and our precision options, Note [our options in param
+        groups])."""
         getter = _RAW_KEY_GETTERS.get(type(self))
         if getter is None:
-            keys = ("fused", "differentiable", *self._mode_keys, *PRECISION_DEFAULTS)
-            present = operator.itemgetter(*(k for k in keys if k in self.defaults))
-            absent = tuple(k for k in keys if k not in self.defaults)
-            getter = _RAW_KEY_GETTERS[type(self)] = (
-                (lambda g: (present(g), *map(g.get, absent))) if absent else present
-            )
+            keys = ("fused", "differentiable", *self._mode_keys)
+            always = tuple(k for k in keys if k in self.defaults)
+            optional = (*(k for k in keys if k not in self.defaults), *PRECISION_DEFAULTS)
+            if always:
+                present = operator.itemgetter(*always)
+                getter = lambda g: (present(g), *map(g.get, optional))  # noqa: E731
+            else:
+                getter = lambda g: tuple(map(g.get, optional))  # noqa: E731
+            _RAW_KEY_GETTERS[type(self)] = getter
         return getter(group)
 
     def _hyperparameter_lists(self, groups) -> list:
@@ -190,10 +209,6 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         self.__dict__.setdefault("_grad_norm_cell", [None])
         if not isinstance(self.state, OptimizerState):
             self.state = OptimizerState(self.state)
-        for group in self.param_groups:
-            for key, value in PRECISION_DEFAULTS.items():
-                group.setdefault(key, value)
-            group.setdefault("max_grad_norm", None)
         self._plan = None
         if _torch_path.uses_torch_path(self.defaults):
             self._step_supports_amp_scaling = False

@@ -28,25 +28,14 @@ class Checkpoints:
     """torch.optim's checkpoint methods, kept interchangeable with it."""
 
     def state_dict(self):
-        """torch.optim's ``state_dict``, in torch.optim's layout: our
-        precision options (master_weights, state_dtype, stochastic_rounding)
-        are configuration, like the constructor's arguments, and are not in
-        the param groups, so that a checkpoint of ours has the keys of
-        torch.optim's and torch.distributed.checkpoint loads a torch.optim
-        checkpoint into ours (its default planner requires every key of
-        ours to be in the checkpoint). Our extra state (``master_param``)
-        stays in ``state``. Hooks run as in torch.optim; post-hooks see the
-        final dict."""
+        """torch.optim's ``state_dict``, in torch.optim's layout: the param
+        groups hold the live groups' keys, as torch's do, and so torch.optim's
+        keys only unless one of our options is set (Note [our options in
+        param groups]). Our extra state (``master_param``) stays in
+        ``state``. Hooks run as in torch.optim; post-hooks see the final
+        dict."""
         with _hooks_set_aside(self, "_optimizer_state_dict_post_hooks") as (post_hooks,):
             state_dict = super().state_dict()
-        for group in state_dict["param_groups"]:
-            for key in PRECISION_DEFAULTS:
-                group.pop(key, None)
-            # Saved when set (a clipped run's checkpoint carries it); absent
-            # otherwise, so that an unclipped optimizer's checkpoint has
-            # torch.optim's keys (torch.distributed.checkpoint).
-            if group.get("max_grad_norm", 0) is None:
-                del group["max_grad_norm"]
         self._export_state_dict(state_dict)
         for hook in post_hooks.values():
             result = hook(self, state_dict)
@@ -59,9 +48,8 @@ class Checkpoints:
         post-hooks), with the loaded layout checked before anything changes
         (Note [validate before mutating]) and the state brought to this
         optimizer's precision options afterwards. Param groups keep their
-        precision options unless the checkpoint has them (older ones of
-        ours did), and their ``max_grad_norm`` unless the checkpoint has
-        one (a torch.optim checkpoint has none)."""
+        own options of ours (precision, ``max_grad_norm``) unless the
+        checkpoint sets them (a torch.optim checkpoint has none)."""
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)

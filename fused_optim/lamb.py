@@ -9,7 +9,7 @@ from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._keywords import check_adam_arguments, check_implementation_keywords, to_float
 from fused_optim._planning import step_dtype
-from fused_optim._precision import check_precision_keywords
+from fused_optim._precision import PRECISION_DEFAULTS, check_precision_keywords
 
 __all__ = ["Lamb"]
 
@@ -21,6 +21,9 @@ class Lamb(FusedOptimizer):
     _torch_class = _reference.Lamb
     # timm's name for the op's per-group decoupled_weight_decay list.
     _group_flag_keys = {"decoupled_weight_decay": "decoupled_decay"}
+    # max_grad_norm is timm's group option: always in the groups, as timm's
+    # (Note [our options in param groups]).
+    _unset_options = dict(PRECISION_DEFAULTS)
 
     def __init__(
         self,

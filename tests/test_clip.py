@@ -632,27 +632,33 @@ def _set_grads(params, step):
 
 @pytest.mark.parametrize("name", CLIP_NAMES)
 def test_state_dict_has_max_grad_norm_only_when_set(name):
-    ps = _params()
+    # Note [our options in param groups]: a group has the key when it is set
+    # (by the constructor or in the group), and state_dict() mirrors the
+    # live groups, as torch.optim's does.
+    ps = _params(n=4)
     opt = getattr(fused_optim, name)(
-        [{"params": ps[:1], "max_grad_norm": None}, {"params": ps[1:2], "max_grad_norm": 1.5},
-         {"params": ps[2:], "max_grad_norm": math.inf}], lr=0.01)
+        [{"params": ps[:1]}, {"params": ps[1:2], "max_grad_norm": 1.5},
+         {"params": ps[2:3], "max_grad_norm": math.inf}, {"params": ps[3:], "max_grad_norm": None}],
+        lr=0.01)
     _set_grads(ps, 0)
     opt.step()
     groups = opt.state_dict()["param_groups"]
     # The rest of the keys are torch.optim's (or the reference's: timm's Lamb
-    # saves max_grad_norm always, None included, and so does our Lamb).
-    torch_keys = set(torch_class(name)(ps, lr=0.01).state_dict()["param_groups"][0])
+    # has max_grad_norm always, None included, and so does our Lamb).
+    reference = torch_class(name)(ps, lr=0.01)
+    torch_keys = set(reference.state_dict()["param_groups"][0])
     torch_keys |= SAVED_GROUP_EXTRAS.get(name, set())
-    if "max_grad_norm" in torch_keys:
-        assert groups[0]["max_grad_norm"] is None
+    if "max_grad_norm" in torch_keys:  # (timm's default)
+        assert groups[0]["max_grad_norm"] == reference.defaults["max_grad_norm"]
     else:
-        assert "max_grad_norm" not in groups[0]
+        assert "max_grad_norm" not in groups[0] and "max_grad_norm" not in opt.param_groups[0]
     assert groups[1]["max_grad_norm"] == 1.5
     assert groups[2]["max_grad_norm"] == math.inf
+    assert groups[3]["max_grad_norm"] is None  # (set in the group: kept, as torch keeps any key)
     assert set(groups[0]) == torch_keys
-    assert set(groups[1]) == torch_keys | {"max_grad_norm"}
-    # Not stored into the optimizer: the live group still has None.
-    assert opt.param_groups[0]["max_grad_norm"] is None
+    assert set(groups[1]) == set(groups[3]) == torch_keys | {"max_grad_norm"}
+    for saved, live in zip(groups, opt.param_groups):
+        assert set(saved) == set(live) | SAVED_GROUP_EXTRAS.get(name, set())
 
 
 @ONE_EACH
@@ -768,7 +774,9 @@ def test_invalid_max_grad_norm_raises_before_anything_is_built(name, value):
 @pytest.mark.parametrize("value", [1, 0.5, 1e-30, math.inf, None])
 def test_valid_max_grad_norm_values(value):
     opt = fused_optim.Adam([torch.randn(3, requires_grad=True)], max_grad_norm=value)
-    got = opt.param_groups[0]["max_grad_norm"]
+    # (unset, None, is not in the groups: Note [our options in param groups])
+    assert ("max_grad_norm" in opt.param_groups[0]) == (value is not None)
+    got = opt.param_groups[0].get("max_grad_norm")
     assert got == value and (value is None or type(got) is float)
 
 

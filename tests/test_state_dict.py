@@ -218,20 +218,47 @@ def test_state_layout_matches_torch(cfg, device):
 
 @ALL
 def test_param_group_keys_and_defaults_match_torch(cfg):
+    # Built with torch.optim's arguments (ours at their unset values, or
+    # left out): exactly torch's keys and values, live and saved (Note [our
+    # options in param groups]).
     t = cfg.torch_cls([torch.zeros(3, requires_grad=True)], **cfg.kwargs)
-    o = cfg.ours_cls([torch.zeros(3, requires_grad=True)], **cfg.kwargs)
-    for name, ours_d, torch_d in (("param_groups[0]", o.param_groups[0], t.param_groups[0]),
-                                  ("defaults", o.defaults, t.defaults)):
-        assert set(ours_d) == set(torch_d) | set(OUR_KEYWORDS), (
-            f"{name} keys: ours {sorted(ours_d)} vs torch {sorted(torch_d)}"
-        )
-        for k, default in OUR_KEYWORDS.items():
-            if k in torch_d:  # (timm's Lamb takes max_grad_norm itself: as it)
-                continue
-            assert ours_d[k] == default, f"{name}[{k!r}]: {ours_d[k]!r}, expected {default!r}"
-        for k in torch_d:
-            if k not in ("params",):
-                assert ours_d[k] == torch_d[k], f"{name}[{k!r}]: {ours_d[k]!r} vs {torch_d[k]!r}"
+    unset = {k: v for k, v in OUR_KEYWORDS.items() if k not in t.defaults}
+    for kwargs in (cfg.kwargs, {**cfg.kwargs, **unset}):
+        o = cfg.ours_cls([torch.zeros(3, requires_grad=True)], **kwargs)
+        for name, ours_d, torch_d in (
+            ("param_groups[0]", o.param_groups[0], t.param_groups[0]),
+            ("defaults", o.defaults, t.defaults),
+            ("state_dict()['param_groups'][0]", o.state_dict()["param_groups"][0],
+             t.state_dict()["param_groups"][0]),
+        ):
+            assert set(ours_d) == set(torch_d), (
+                f"{name} keys: ours {sorted(ours_d)} vs torch {sorted(torch_d)}"
+            )
+            for k in torch_d:
+                if k not in ("params",):
+                    assert ours_d[k] == torch_d[k], f"{name}[{k!r}]: {ours_d[k]!r} vs {torch_d[k]!r}"
+
+
+@ALL
+@pytest.mark.parametrize("options", [
+    {"master_weights": True, "state_dtype": torch.float32, "max_grad_norm": 2.0},
+    {"stochastic_rounding": True, "state_dtype": torch.bfloat16},
+], ids=["master_clip", "rounding"])
+def test_our_options_are_group_keys_when_set(cfg, options):
+    # Set, they are in the defaults, every group and state_dict(), whose
+    # groups have the live groups' keys (as torch.optim's: what
+    # torch.optim._stateless.swap_in_optimizer_params_and_state requires).
+    t = cfg.torch_cls([torch.zeros(3, requires_grad=True)], **cfg.kwargs)
+    o = cfg.ours_cls([torch.zeros(3, requires_grad=True)], **{**cfg.kwargs, **options})
+    o.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    saved = o.state_dict()["param_groups"]
+    for name, ours_d in (("defaults", o.defaults), *(
+            (f"param_groups[{i}]", g) for i, g in enumerate(o.param_groups)), *(
+            (f"state_dict()['param_groups'][{i}]", g) for i, g in enumerate(saved))):
+        torch_keys = set(t.defaults) | (set() if name == "defaults" else {"params"})
+        assert set(ours_d) == torch_keys | set(options), name
+        for k, value in options.items():
+            assert ours_d[k] == value, f"{name}[{k!r}]: {ours_d[k]!r}, expected {value!r}"
 
 
 @ALL

@@ -183,6 +183,45 @@ def test_gradient_versions_unchanged_by_a_step(name):
     assert [p.grad._version for p in model.parameters()] == versions
 
 
+@pytest.mark.parametrize("cfg", [c for c in ONE_PER_OPTIMIZER if c.name in IN_TORCH], ids=str)
+def test_swap_in_params_and_state_steps_as_torchs(cfg):
+    # torch.optim._stateless.swap_in_optimizer_params_and_state steps other
+    # params and state (fake ones, to trace the step) on the live optimizer;
+    # it requires state_dict()'s group keys to be the live groups' (Note
+    # [our options in param groups]). The swapped-in params and state step
+    # as torch's do; the live ones are left as they were and go on alike.
+    from torch.optim._stateless import swap_in_optimizer_params_and_state
+
+    runs = []
+    for cls in (cfg.torch_cls, cfg.ours_cls):
+        model = _model()
+        opt = cls(_groups(model, lr=0.003), **cfg.kwargs)
+        _set_grads([model], 0)
+        opt.step()
+        swapped = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+        for i, p in enumerate(swapped.values()):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
+        swapped_state = copy.deepcopy(opt.state_dict())
+        live = snapshot_optimizer(opt)
+        live_params = [p.detach().clone() for p in model.parameters()]
+        with swap_in_optimizer_params_and_state(opt, swapped, swapped_state):
+            opt.step()
+        assert_optimizer_unchanged(opt, live, f"{cls.__module__} live optimizer")
+        assert all(map(torch.equal, model.parameters(), live_params))
+        assert not any(map(torch.equal, swapped.values(), live_params))  # (they stepped)
+        _set_grads([model], 2)
+        opt.step()
+        runs.append((model, opt, swapped, swapped_state))
+    (t_model, t_opt, t_swapped, t_state), (o_model, o_opt, o_swapped, o_state) = runs
+    _assert_equal_runs(t_model, t_opt, o_model, o_opt, exact=False)
+    for name in t_swapped:
+        torch.testing.assert_close(o_swapped[name], t_swapped[name])
+    assert o_state["state"].keys() == t_state["state"].keys()
+    for i, t_param_state in t_state["state"].items():
+        for key, value in t_param_state.items():
+            torch.testing.assert_close(o_state["state"][i][key], value, msg=f"state {i} {key}")
+
+
 # ----- state_dict / load_state_dict: non-param entries, hooks ------------------------------
 
 
