@@ -41,9 +41,10 @@ from fused_optim._state import OptimizerState
 # that costs about 15 us a step, as much as the whole rest of our step, even
 # with no profiler and no hook. Our wrapper runs torch's own wrapper whenever
 # it would do anything (a step hook registered, globally or on this
-# optimizer, a profiler recording, or a torch.compile trace) and calls the
-# step directly otherwise: the same behaviour, without the cost when there
-# is nothing to do.
+# optimizer, a profiler recording, a torch.compile trace, or a dispatch mode
+# such as make_fx's, whose graph records the span) and calls the step
+# directly otherwise: the same behaviour, without the cost when there is
+# nothing to do.
 def lean_step_wrapper(step):
     """``step`` wrapped for hooks and the profiler as torch.optim does, but
     only when there are any (Note [lean step wrapper])."""
@@ -59,6 +60,7 @@ def lean_step_wrapper(step):
             or optimizer._optimizer_step_pre_hooks
             or optimizer._optimizer_step_post_hooks
             or torch._C._autograd._profiler_enabled()
+            or torch._C._len_torch_dispatch_stack()
         ):
             return torch_wrapper(*args, **kwargs)
         return step(*args, **kwargs)

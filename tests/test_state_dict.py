@@ -550,3 +550,32 @@ def test_profiler_sees_the_step(cfg, device):
         ours.opt.step()
     name = f"Optimizer.step#{type(ours.opt).__name__}.step"
     assert any(e.name == name for e in prof.events()), sorted({e.name for e in prof.events()})[:20]
+
+
+def _stepping(opt):
+    def step_then_identity(x):
+        opt.step()
+        return x
+
+    return step_then_identity
+
+
+@ONE_EACH
+def test_traced_step_records_the_span_as_torchs(cfg):
+    # make_fx's graph of a step has the profiler span, as torch.optim's has
+    # (a dispatch mode is active: Note [lean step wrapper]). (torch's SGD is
+    # the reference: its other classes read step counters on the host,
+    # which make_fx cannot trace.)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def traced(cls, kwargs):
+        param = torch.randn(4, requires_grad=True)
+        param.grad = torch.ones(4)
+        opt = cls([param], **kwargs)
+        opt.step()
+        return make_fx(_stepping(opt))(torch.ones(1)).code
+
+    for cls, kwargs, name in ((torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "SGD"),
+                              (cfg.ours_cls, cfg.kwargs, cfg.name)):
+        code = traced(cls, kwargs)
+        assert f"_record_function_enter_new.default('Optimizer.step#{name}.step')" in code, code
