@@ -179,7 +179,7 @@ class StepProtocol:
         torch_groups = [(gi, self.param_groups[gi]) for gi in plan.torch_groups]
         for gi, group in torch_groups:
             self._check_torch_group(gi, group)
-        group_args = self._group_arguments()
+        group_args = self._group_arguments(frozenset(plan.torch_groups))
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         calls = []
@@ -296,12 +296,13 @@ class StepProtocol:
             if param.grad is not None:
                 self._check_grad(gi, pi, param, param.grad)
 
-    def _learning_rates(self) -> tuple[list, bool]:
-        """(each group's lr, whether they are tensors). The lrs go as tensors
-        when every group's lr is a tensor on an accelerator: the kernel reads
-        them there, so the step needs no host sync and a captured CUDA graph
-        sees the scheduler's updates. Otherwise as floats."""
-        lrs = [g["lr"] for g in self.param_groups]
+    def _learning_rates(self, groups=None) -> tuple[list, bool]:
+        """(each group's lr, whether they are tensors), of ``groups`` (by
+        default the param groups). The lrs go as tensors when every group's
+        lr is a tensor on an accelerator: the kernel reads them there, so
+        the step needs no host sync and a captured CUDA graph sees the
+        scheduler's updates. Otherwise as floats."""
+        lrs = [g["lr"] for g in (self.param_groups if groups is None else groups)]
         if set(map(type, lrs)) == {float}:  # (the usual case, read every step)
             return lrs, False
         on_device = [isinstance(lr, torch.Tensor) and lr.device.type != "cpu" for lr in lrs]
@@ -315,19 +316,29 @@ class StepProtocol:
             )
         return list(map(to_float, lrs)), False
 
-    def _group_arguments(self) -> GroupArguments:
-        """The per-group arguments of this step's op calls, read once."""
+    def _group_arguments(self, torch_groups=()) -> GroupArguments:
+        """The per-group arguments of this step's op calls, read once.
+        The groups of indices ``torch_groups`` are stepped by torch.optim's
+        code, not by the op: their options are not read as the op's (they
+        may be tensors that require grad, differentiable=True); a stepped
+        group's stand in for them, which no call refers to. Clipping reads
+        every group."""
         groups = self.param_groups
-        lr, tensor_lr = self._learning_rates()
+        read = groups
+        if torch_groups:
+            stepped = [g for i, g in enumerate(groups) if i not in torch_groups]
+            read = [groups[i] if i not in torch_groups else stepped[0]
+                    for i in range(len(groups))] if stepped else []
+        lr, tensor_lr = self._learning_rates(read)
         signature = _ops.SIGNATURES[self._op_name]
-        max_grad_norm = _clip.group_max_grad_norms(groups)
         return GroupArguments(
             lr,
             tensor_lr,
-            dict(zip(signature.hyperparameters, self._hyperparameter_lists(groups))),
-            {name: [bool(g.get(self._group_flag_keys.get(name, name), False)) for g in groups]
+            dict(zip(signature.hyperparameters,
+                     self._hyperparameter_lists(read) if read else [[]] * len(signature.hyperparameters))),
+            {name: [bool(g.get(self._group_flag_keys.get(name, name), False)) for g in read]
              for name in signature.group_flags},
-            max_grad_norm,
+            _clip.group_max_grad_norms(groups),
             any(g.get("max_grad_norm") is not None for g in groups),
         )
 

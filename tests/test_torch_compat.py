@@ -7,6 +7,7 @@ nothing, and torch.compile putting our op in the graph."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -220,6 +221,45 @@ def test_swap_in_params_and_state_steps_as_torchs(cfg):
     for i, t_param_state in t_state["state"].items():
         for key, value in t_param_state.items():
             torch.testing.assert_close(o_state["state"][i][key], value, msg=f"state {i} {key}")
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["all_differentiable", "one_fused_group"])
+def test_differentiable_groups_options_are_left_to_torch(mixed):
+    # A differentiable=True group's options may be tensors that require
+    # grad; only torch's code, which steps that group, reads them (as
+    # floats they would warn, "Converting a tensor with requires_grad=True
+    # to a scalar", the step running with grad on), however many groups
+    # our op steps.
+    def options():
+        return {"lr": torch.tensor(0.01, dtype=torch.float64, requires_grad=True),
+                "betas": (torch.tensor(0.8, dtype=torch.float64, requires_grad=True),
+                          torch.tensor(0.99, dtype=torch.float64, requires_grad=True))}
+
+    runs = []
+    for cls in (torch.optim.Adam, fused_optim.Adam):
+        torch.manual_seed(0)
+        # (differentiable: params that are not leaves, as torch's tests)
+        differentiable = torch.rand(9, dtype=torch.float64, requires_grad=True).clone()
+        plain = torch.rand(7, dtype=torch.float64)
+        first = {"params": [plain], "lr": 0.003, "differentiable": False} if mixed else {
+            "params": [plain.requires_grad_().clone()], **options()}
+        opt = cls([first, {"params": [differentiable], **options()}], differentiable=True)
+        params = [g["params"][0] for g in opt.param_groups]
+        warn_always = torch.is_warn_always_enabled()
+        torch.set_warn_always(True)  # (torch warns of it once a process)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                for step in range(3):
+                    for i, p in enumerate(params):
+                        p.grad = torch.randn(p.shape, dtype=p.dtype,
+                                             generator=torch.Generator().manual_seed(10 * step + i))
+                    opt.step()
+        finally:
+            torch.set_warn_always(warn_always)
+        runs.append(params)
+    for ours, theirs in zip(runs[1], runs[0]):
+        torch.testing.assert_close(ours, theirs)
 
 
 # ----- state_dict / load_state_dict: non-param entries, hooks ------------------------------
