@@ -189,18 +189,11 @@ class StepScalars:
         return scalars
 
 
-def clear_new_state(buckets: list, found_inf) -> None:
-    """After a step: the state made for it is no longer new, unless AMP
-    skipped the step (``found_inf`` nonzero), after which it is still new
-    (SGD's first momentum step must take the gradient as is). ``found_inf``
-    is read only in a step that made state: no host sync after the first."""
-    skipped = None
+def clear_new_state(buckets: list) -> None:
+    """After a step: the state made for it is no longer new. (A step that
+    AMP skipped takes that state back instead: Note [a step AMP skips makes
+    no state] in _step.py.)"""
     for bucket in buckets:
-        if bucket.new_state and found_inf is not None:
-            if skipped is None:
-                skipped = bool(found_inf.item())
-            if skipped:
-                continue
         bucket.new_state.clear()
 
 

@@ -96,7 +96,7 @@ class KeptCalls:
         finally:
             for call in self.calls:
                 call.release_step_tensors()
-        _bucket.clear_new_state(self.buckets, found_inf)
+        _bucket.clear_new_state(self.buckets)
         if grad_norm is not None:
             optimizer._grad_norm_cell[0] = grad_norm
         return True

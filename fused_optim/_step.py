@@ -158,6 +158,25 @@ class StepProtocol:
             # that the plan's signature does not see. Nothing was written:
             # plan afresh and try once more; a real error raises again.
             self._apply(self._build_plan(journal), progress)
+        if journal and self._skipped_by_amp():
+            # Note [a step AMP skips makes no state]
+            journal.undo()
+            self._plan = None
+
+    # Note [a step AMP skips makes no state]
+    # torch.optim's step is not called at all on a step that GradScaler
+    # skips (an inf or NaN in the gradients); ours is, with found_inf set,
+    # and the kernels then write nothing. State that the step made (a
+    # param's first state) or converted is taken back, so the optimizer is
+    # as torch.optim's would be: the next step makes it afresh, and a
+    # checkpoint saved in between has torch's state. It matters beyond the
+    # layout: SGD's (and Lars's) first momentum step takes the gradient as
+    # the buffer, which a zero buffer kept from the skipped step would not
+    # do (with dampening). Reading found_inf syncs with the device, only in
+    # a step that made or converted state.
+    def _skipped_by_amp(self) -> bool:
+        found_inf = getattr(self, "found_inf", None)
+        return found_inf is not None and bool(found_inf.item())
 
     # Note [stale plans]
     # The plan is cached on what can be checked in O(groups) per step (the
@@ -231,7 +250,7 @@ class StepProtocol:
                     self._launch(*dense, group_args, extras(dense[0]))
                 sparse += sparse_here
         finally:
-            _bucket.clear_new_state(plan.buckets, found_inf)
+            _bucket.clear_new_state(plan.buckets)
         progress["written"] = True
         for group, params, grads, is_new in sparse:
             self._sparse_step(group, params, grads, is_new)

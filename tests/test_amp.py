@@ -15,7 +15,7 @@ from torch.testing import assert_close
 
 import fused_optim
 from harness import assert_optimizer_unchanged, bits, snapshot_optimizer
-from optim_configs import ONE_PER_OPTIMIZER
+from optim_configs import ONE_PER_OPTIMIZER, torch_class
 
 SHAPES = [(1,), (7,), (9,), (4099,), (33, 65)]
 # Steps whose gradients hold an inf or a NaN: the scaler halves its scale and
@@ -34,6 +34,7 @@ class AmpRun:
     def __init__(self, cls, kwargs, unscale_first, dtype=torch.float32):
         g = torch.Generator().manual_seed(7)
         self.params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+        self.kwargs = kwargs
         self.opt = cls(self.params, **kwargs)
         # growth_interval=2: the scale also grows during the run
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
@@ -60,6 +61,8 @@ def _compare(ours, ref, where):
     for i, (p, r) in enumerate(zip(ours.params, ref.params)):
         assert_close(p, r, msg=lambda m: f"{where} param {i}: {m}")
         st, rt = ours.opt.state.get(p, {}), ref.opt.state.get(r, {})
+        # (no state from a skipped first step: Note [a step AMP skips makes no state])
+        assert st.keys() == rt.keys(), f"{where} param {i}: state {sorted(st)} vs {sorted(rt)}"
         for key, value in rt.items():
             if key == "step":
                 # torch never saw the skipped steps; ours skipped them
@@ -122,18 +125,47 @@ def test_grad_scaler_with_master_weights_equals_manual_unscale(cfg):
             assert torch.equal(amp.opt.state[p][key], value), key
 
 
-def test_found_inf_on_first_sgd_step_keeps_the_buffer_new():
-    """SGD's first momentum step takes the gradient as the buffer (with
-    dampening it differs from momentum * 0 + (1 - dampening) * g). A first
-    step skipped by AMP must leave it new for the next one, as torch.optim
-    (whose step() a skipped step never calls) does."""
+def _checkpoint_round_trip(run):
+    saved = run.opt.state_dict()
+    run.opt = type(run.opt)(run.params, **run.kwargs)
+    run.opt.load_state_dict(saved)
+
+
+def _add_param_group(run):
+    run.opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)]})
+
+
+def _step_without_gradients(run):
+    for p in run.params:
+        p.grad = None
+    run.opt.step()
+
+
+BETWEEN = {"nothing": lambda run: None, "checkpoint_round_trip": _checkpoint_round_trip,
+           "add_param_group": _add_param_group, "step_without_gradients": _step_without_gradients}
+
+
+@pytest.mark.parametrize("between", sorted(BETWEEN))
+@pytest.mark.parametrize("name", ["SGD", "Lars"])
+def test_a_first_step_skipped_by_amp_makes_no_state(name, between):
+    """SGD's (and Lars's) first momentum step takes the gradient as the
+    buffer (with dampening it differs from momentum * 0 + (1 - dampening) *
+    g). A first step skipped by AMP makes no state (Note [a step AMP skips
+    makes no state]), as torch.optim's, whose step() a skipped step never
+    calls: whatever happens before the next step (a checkpoint, a new
+    group, a step without gradients), it starts the buffer."""
     kwargs = dict(lr=0.1, momentum=0.9, dampening=0.5)
-    ours = AmpRun(fused_optim.SGD, kwargs, unscale_first=False)
-    ref = AmpRun(torch.optim.SGD, {**kwargs, "foreach": False}, unscale_first=False)
-    for step in range(3):  # step 0 is a bad step
+    ours = AmpRun(getattr(fused_optim, name), kwargs, unscale_first=False)
+    ref = AmpRun(torch_class(name), {**kwargs, "foreach": False}, unscale_first=False)
+    for run in (ours, ref):
+        run.step(0)  # a bad step
+    assert not ours.opt.state and not ours.opt.state_dict()["state"]
+    for run in (ours, ref):
+        BETWEEN[between](run)
+    for step in range(1, 3):
         ours.step(step)
         ref.step(step)
-        _compare(ours, ref, f"step {step}")
+        _compare(ours, ref, f"{between}, step {step}")
 
 
 def test_op_rejects_bad_grad_scale_before_writing():
