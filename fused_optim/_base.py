@@ -64,14 +64,21 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     # Note [our options in param groups]
     # Our options that torch.optim's class lacks (the precision options;
     # max_grad_norm, except for timm's Lamb, which has it) are in the param
-    # groups only when set to something other than these values. So an
+    # groups only when set to something other than these values, so an
     # optimizer built with torch.optim's arguments has exactly torch.optim's
-    # group keys, and state_dict(), which mirrors the live groups as
-    # torch's does, too: torch.distributed.checkpoint loads a torch.optim
-    # checkpoint into it (its default planner wants every key it has), and
-    # torch's tools that match saved groups against live ones
-    # (torch.optim._stateless) take it. Everything reads them with
-    # group.get(key, unset).
+    # group keys, live and saved: torch's tools that match saved groups
+    # against live ones (torch.optim._stateless) take it. Everything reads
+    # them with group.get(key, unset).
+    # - The precision options are configuration, like the implementation
+    #   keywords: state_dict() leaves them out, and load_state_dict keeps
+    #   the loader's own (Note [implementation keywords on load]). So
+    #   torch.distributed.checkpoint, whose default planner wants every key
+    #   of ours in the checkpoint, loads a torch.optim checkpoint into an
+    #   optimizer with them set (master_weights aside: its state has
+    #   master_param).
+    # - max_grad_norm is an option of training, like a hyperparameter:
+    #   saved when set, loaded as torch loads hyperparameters (a group
+    #   keeps its own when the checkpoint has none).
     _unset_options: dict = {**PRECISION_DEFAULTS, "max_grad_norm": None}
 
     def __init__(self, params, defaults):
@@ -79,8 +86,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         # [the norm the last clipped step measured]: a list, whose item a
         # traced step can set (Dynamo drops attribute writes on an Optimizer)
         self._grad_norm_cell: list = [None]
-        unset = self._unset_options
-        defaults = {k: v for k, v in defaults.items() if k not in unset or v is not unset[k]}
+        defaults = {k: v for k, v in defaults.items() if not self._is_unset_option(k, v)}
         super().__init__(params, defaults)
         self.state = OptimizerState(self.state)
         if _torch_path.uses_torch_path(self.defaults):
@@ -204,8 +210,19 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         super().add_param_group(param_group)
         self._plan = None
 
+    def _is_unset_option(self, key, value) -> bool:
+        """Whether ``key`` is an option of ours left at its unset value,
+        which a param group does not hold (Note [our options in param
+        groups])."""
+        unset = self._unset_options
+        return key in unset and value is unset[key]
+
     def __setstate__(self, state):
         super().__setstate__(state)
+        # (a pickle of an older version: its groups hold every option)
+        for group in (state.get("defaults", {}), *state.get("param_groups", ())):
+            for key in [k for k, v in group.items() if self._is_unset_option(k, v)]:
+                del group[key]
         self.__dict__.setdefault("_grad_norm_cell", [None])
         if not isinstance(self.state, OptimizerState):
             self.state = OptimizerState(self.state)

@@ -20,7 +20,8 @@ from fused_optim._precision import PRECISION_DEFAULTS, precision_of
 # quietly put a fused_optim optimizer on torch's unfused path. How this
 # optimizer runs is its own choice, not training state: loading keeps its
 # foreach, fused, capturable and differentiable (strictly better; the
-# hyperparameters are loaded as torch loads them).
+# hyperparameters are loaded as torch loads them), and so its precision
+# options (Note [our options in param groups]).
 _IMPLEMENTATION_KEYWORDS = ("foreach", "fused", "capturable", "differentiable")
 
 
@@ -29,13 +30,16 @@ class Checkpoints:
 
     def state_dict(self):
         """torch.optim's ``state_dict``, in torch.optim's layout: the param
-        groups hold the live groups' keys, as torch's do, and so torch.optim's
-        keys only unless one of our options is set (Note [our options in
-        param groups]). Our extra state (``master_param``) stays in
-        ``state``. Hooks run as in torch.optim; post-hooks see the final
-        dict."""
+        groups hold the live groups' keys, as torch's do, less our precision
+        options (configuration, kept by the loader): torch.optim's keys
+        unless ``max_grad_norm`` is set (Note [our options in param
+        groups]). Our extra state (``master_param``) stays in ``state``.
+        Hooks run as in torch.optim; post-hooks see the final dict."""
         with _hooks_set_aside(self, "_optimizer_state_dict_post_hooks") as (post_hooks,):
             state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key in PRECISION_DEFAULTS:
+                group.pop(key, None)
         self._export_state_dict(state_dict)
         for hook in post_hooks.values():
             result = hook(self, state_dict)
@@ -48,8 +52,10 @@ class Checkpoints:
         post-hooks), with the loaded layout checked before anything changes
         (Note [validate before mutating]) and the state brought to this
         optimizer's precision options afterwards. Param groups keep their
-        own options of ours (precision, ``max_grad_norm``) unless the
-        checkpoint sets them (a torch.optim checkpoint has none)."""
+        precision options and implementation keywords whatever the
+        checkpoint says, and their ``max_grad_norm`` unless the checkpoint
+        has one (a torch.optim checkpoint has none): Note [our options in
+        param groups]."""
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
@@ -57,23 +63,25 @@ class Checkpoints:
                 state_dict = result
         state_dict = self._import_state_dict(state_dict)
         self._check_state_dict(state_dict)
-        ours = [{k: g[k] for k in (*PRECISION_DEFAULTS, "max_grad_norm") if k in g}
+        # Kept whatever the checkpoint says (an older one of ours has the
+        # precision options): the loader's configuration.
+        kept = [{k: g[k] for k in (*_IMPLEMENTATION_KEYWORDS, *PRECISION_DEFAULTS) if k in g}
                 for g in self.param_groups]
-        implementation = [
-            {k: g[k] for k in _IMPLEMENTATION_KEYWORDS if k in g} for g in self.param_groups
-        ]
+        clipping = [{k: g[k] for k in ("max_grad_norm",) if k in g} for g in self.param_groups]
         with _hooks_set_aside(
             self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
         ) as (_, post_hooks):
             super().load_state_dict(state_dict)
-        for group, saved, options, keywords in zip(
-            self.param_groups, state_dict["param_groups"], ours, implementation
+        for group, saved, own, own_clipping in zip(
+            self.param_groups, state_dict["param_groups"], kept, clipping
         ):
-            for key, value in options.items():
-                if key not in saved:
-                    group[key] = value
-            # Note [implementation keywords on load]
-            group.update(keywords)
+            # Note [implementation keywords on load], Note [our options in
+            # param groups]
+            for key in PRECISION_DEFAULTS:
+                group.pop(key, None)
+            group.update(own)
+            if "max_grad_norm" not in saved:
+                group.update(own_clipping)
         self._plan = None
         self._normalize_state(state_dict)
         for hook in post_hooks.values():

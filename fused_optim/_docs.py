@@ -23,8 +23,10 @@ _KEYWORD_DOCS = {
             ``differentiable=True`` raises RuntimeError, as torch
             (default: None).""",
     "capturable": """capturable (bool, optional): for CUDA graph capture. On CUDA our
-            step never syncs with the host whatever this flag (step counters
-            live on the device, AMP's skip is decided on the device); give
+            step does not sync with the host whatever this flag (step
+            counters live on the device, AMP's skip is decided on the
+            device; only a step that makes state under AMP reads the inf
+            flag, and capture follows warm-up steps); give
             ``lr`` as a CUDA tensor, updated in place by schedulers, for a
             captured CUDA graph to see learning-rate changes (float
             hyperparameters are baked into a capture). On CPU params it
@@ -89,6 +91,8 @@ FUSED_NOTE = """
     AMP: ``torch.amp.GradScaler`` hands its scale and inf flag to the step
     (``_step_supports_amp_scaling``); the kernel divides the gradients by
     the scale in registers, writes them back unscaled, and skips the whole
-    step, step counters included, when an inf/NaN was found: no extra pass
-    and, on CUDA, no host sync.
+    step, step counters included, when an inf/NaN was found (the gradients
+    are then left as they were, scaled, as by torch's ``fused=True``, and
+    state the step made is taken back): no extra pass and, on CUDA, no
+    host sync but in a step that makes state.
 """

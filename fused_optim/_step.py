@@ -343,18 +343,20 @@ class StepProtocol:
         group's stand in for them, which no call refers to. Clipping reads
         every group."""
         groups = self.param_groups
+        signature = _ops.SIGNATURES[self._op_name]
         read = groups
         if torch_groups:
-            stepped = [g for i, g in enumerate(groups) if i not in torch_groups]
-            read = [groups[i] if i not in torch_groups else stepped[0]
-                    for i in range(len(groups))] if stepped else []
-        lr, tensor_lr = self._learning_rates(read)
-        signature = _ops.SIGNATURES[self._op_name]
+            stand_in = next((g for i, g in enumerate(groups) if i not in torch_groups), None)
+            read = [stand_in if i in torch_groups else g for i, g in enumerate(groups)]
+        if read and read[0] is None:  # (every group on torch's path: no call)
+            lr, tensor_lr, hyper = [], False, [[] for _ in signature.hyperparameters]
+            read = []
+        else:
+            (lr, tensor_lr), hyper = self._learning_rates(read), self._hyperparameter_lists(read)
         return GroupArguments(
             lr,
             tensor_lr,
-            dict(zip(signature.hyperparameters,
-                     self._hyperparameter_lists(read) if read else [[]] * len(signature.hyperparameters))),
+            dict(zip(signature.hyperparameters, hyper)),
             {name: [bool(g.get(self._group_flag_keys.get(name, name), False)) for g in read]
              for name in signature.group_flags},
             _clip.group_max_grad_norms(groups),

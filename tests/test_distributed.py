@@ -171,3 +171,40 @@ def test_sum_of_squares_of_dtensors_is_the_whole_tensors(process_group):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     with pytest.raises(RuntimeError, match="grad_scale is a DTensor with placements .*must be plain tensors or replicated"):
         op(mixed, distribute_tensor(torch.tensor([4.0, 4.0]), mesh, [Shard(0)]), False)
+
+
+@pytest.mark.parametrize("options", [
+    {"state_dtype": torch.bfloat16}, {"stochastic_rounding": True}, {"state_dtype": torch.float32},
+], ids=["bf16_state", "stochastic_rounding", "fp32_state"])
+def test_dcp_loads_a_torch_checkpoint_into_ours_with_precision_options(tmp_path, options):
+    # The precision options are configuration, not saved (Note [our options
+    # in param groups]): DCP's default planner, which wants every key of
+    # ours in the checkpoint, loads torch.optim's into an optimizer with
+    # them set, and the run goes on with them.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _model(0).to(torch.bfloat16)
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    torch_opt.step()
+    torch_opt.zero_grad()  # (DCP makes a fresh optimizer's state by a step of zero gradients)
+    model_sd, optim_sd = get_state_dict(model, torch_opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path), no_dist=True)
+
+    ours = fused_optim.AdamW(model.parameters(), lr=1e-2, **options)
+    model_sd, optim_sd = get_state_dict(model, ours)
+    into = {"model": model_sd, "optim": optim_sd}
+    dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True)  # (the default planner)
+    set_state_dict(model, ours, model_state_dict=into["model"], optim_state_dict=into["optim"])
+    for key, value in options.items():
+        assert ours.param_groups[0][key] == value
+    for p in model.parameters():
+        assert float(ours.state[p]["step"]) == 1.0
+        assert torch.equal(ours.state[p]["exp_avg"].float(), torch_opt.state[p]["exp_avg"].float())
+        p.grad = torch.ones_like(p)
+    ours.step()
+    assert all(float(ours.state[p]["step"]) == 2.0 for p in model.parameters())
+    state_dtype = options.get("state_dtype", torch.bfloat16)
+    assert all(ours.state[p]["exp_avg"].dtype == state_dtype for p in model.parameters())

@@ -5,7 +5,10 @@ so that an installed (non-editable) fused_optim has all its modules."""
 from __future__ import annotations
 
 import pathlib
-import tomllib
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import fused_optim
+
 from harness import (
     P,
     Run,
@@ -245,20 +247,65 @@ def test_param_group_keys_and_defaults_match_torch(cfg):
     {"stochastic_rounding": True, "state_dtype": torch.bfloat16},
 ], ids=["master_clip", "rounding"])
 def test_our_options_are_group_keys_when_set(cfg, options):
-    # Set, they are in the defaults, every group and state_dict(), whose
-    # groups have the live groups' keys (as torch.optim's: what
-    # torch.optim._stateless.swap_in_optimizer_params_and_state requires).
+    # Set, they are in the defaults and every group; state_dict() saves
+    # max_grad_norm, not the precision options (configuration, kept by the
+    # loader: Note [our options in param groups]).
     t = cfg.torch_cls([torch.zeros(3, requires_grad=True)], **cfg.kwargs)
     o = cfg.ours_cls([torch.zeros(3, requires_grad=True)], **{**cfg.kwargs, **options})
     o.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
     saved = o.state_dict()["param_groups"]
-    for name, ours_d in (("defaults", o.defaults), *(
-            (f"param_groups[{i}]", g) for i, g in enumerate(o.param_groups)), *(
-            (f"state_dict()['param_groups'][{i}]", g) for i, g in enumerate(saved))):
-        torch_keys = set(t.defaults) | (set() if name == "defaults" else {"params"})
-        assert set(ours_d) == torch_keys | set(options), name
-        for k, value in options.items():
+    torch_keys = set(t.defaults)
+    for name, ours_d, expected in (
+        ("defaults", o.defaults, options),
+        *((f"param_groups[{i}]", g, options) for i, g in enumerate(o.param_groups)),
+        *((f"state_dict()['param_groups'][{i}]", g,
+           {k: v for k, v in options.items() if k == "max_grad_norm"}) for i, g in enumerate(saved)),
+    ):
+        params = set() if name == "defaults" else {"params"}
+        assert set(ours_d) == torch_keys | params | set(expected), name
+        for k, value in expected.items():
             assert ours_d[k] == value, f"{name}[{k!r}]: {ours_d[k]!r}, expected {value!r}"
+
+
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+def test_an_older_pickle_loses_our_unset_options(cfg):
+    # Pickled by an older version, whose groups held every option of ours
+    # (at its unset value too): unpickled, the groups have torch's keys.
+    t = cfg.torch_cls([torch.zeros(3, requires_grad=True)], **cfg.kwargs)
+    o = cfg.ours_cls([torch.zeros(3, requires_grad=True)], **cfg.kwargs)
+    for d in (o.defaults, *o.param_groups):
+        for k, v in OUR_KEYWORDS.items():
+            d.setdefault(k, v)
+    # (both unpickled: torch's __setstate__ adds "differentiable" to the defaults)
+    o, t = pickle.loads(pickle.dumps(o)), pickle.loads(pickle.dumps(t))
+    assert set(o.defaults) == set(t.defaults)
+    assert set(o.param_groups[0]) == set(t.param_groups[0])
+    assert set(o.state_dict()["param_groups"][0]) == set(t.state_dict()["param_groups"][0])
+
+
+@pytest.mark.parametrize("saved_with, loaded_into", [
+    ({"stochastic_rounding": True, "state_dtype": torch.bfloat16}, {"master_weights": True}),
+    ({"master_weights": True}, {"fused": False}),
+    ({"state_dtype": torch.bfloat16}, {}),
+    ({}, {"state_dtype": torch.bfloat16, "stochastic_rounding": True}),
+], ids=["rounding_into_master", "master_into_unfused", "bf16_state_into_plain", "plain_into_rounding"])
+def test_loading_keeps_the_loaders_precision_options(saved_with, loaded_into):
+    # Whatever options the saving optimizer had, the loader keeps its own
+    # (Note [our options in param groups]) and steps: no mix of the two.
+    params = [torch.randn(5, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    saver = fused_optim.AdamW(params, lr=0.01, **saved_with)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    saver.step()
+    loader = fused_optim.AdamW(params, lr=0.01, **loaded_into)
+    groups_before = [{k: v for k, v in g.items() if k != "params"} for g in loader.param_groups]
+    loader.load_state_dict(copy.deepcopy(saver.state_dict()))
+    assert [{k: v for k, v in g.items() if k != "params"} for g in loader.param_groups] == groups_before
+    loader.step()
+    if loaded_into.get("fused") is not False:
+        dtype = loaded_into.get("state_dtype", torch.float32 if "master_weights" in loaded_into
+                                else torch.bfloat16)
+        assert all(loader.state[p]["exp_avg"].dtype == dtype for p in params)
 
 
 @ALL
