@@ -67,7 +67,8 @@ class Checkpoints:
         # precision options): the loader's configuration.
         kept = [{k: g[k] for k in (*_IMPLEMENTATION_KEYWORDS, *PRECISION_DEFAULTS) if k in g}
                 for g in self.param_groups]
-        clipping = [{k: g[k] for k in ("max_grad_norm",) if k in g} for g in self.param_groups]
+        clipping = [{"max_grad_norm": g["max_grad_norm"]} if "max_grad_norm" in g else {}
+                    for g in self.param_groups]
         with _hooks_set_aside(
             self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
         ) as (_, post_hooks):

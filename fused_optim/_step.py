@@ -347,12 +347,13 @@ class StepProtocol:
         read = groups
         if torch_groups:
             stand_in = next((g for i, g in enumerate(groups) if i not in torch_groups), None)
-            read = [stand_in if i in torch_groups else g for i, g in enumerate(groups)]
-        if read and read[0] is None:  # (every group on torch's path: no call)
-            lr, tensor_lr, hyper = [], False, [[] for _ in signature.hyperparameters]
-            read = []
-        else:
+            # (every group on torch's path: no call, nothing to read)
+            read = [] if stand_in is None else [
+                stand_in if i in torch_groups else g for i, g in enumerate(groups)]
+        if read:
             (lr, tensor_lr), hyper = self._learning_rates(read), self._hyperparameter_lists(read)
+        else:
+            lr, tensor_lr, hyper = [], False, [[] for _ in signature.hyperparameters]
         return GroupArguments(
             lr,
             tensor_lr,
