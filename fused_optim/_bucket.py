@@ -119,8 +119,12 @@ class Bucket:
 @dataclass
 class Plan:
     buckets: list
-    # params that have no state yet (no gradient seen): checked every step
-    stateless: list
+    # params whose state is not ready for their group and that had no
+    # gradient when planned: those with no state yet, and those whose group
+    # turned on a mode since (Adam's amsgrad, RMSprop's centered or momentum,
+    # SGD's momentum). Checked every step: a gradient on one re-plans, which
+    # makes its state.
+    unready: list
     signature: tuple
     # each group's params when planned: a param replaced in place
     # (``group["params"][i] = q``) leaves the signature as it was

@@ -52,7 +52,7 @@ class Planning:
         got a gradient. Devices and dtypes are validated here, before the
         first op call."""
         buckets: dict = {}
-        stateless = []
+        unready = []  # params without the state their group needs, and no gradient
         fresh = []  # (state dict, name) of each state tensor made now
         for gi, group in enumerate(self.param_groups):
             if _torch_path.uses_torch_path(group):
@@ -63,7 +63,7 @@ class Planning:
                 state = self.state[param] if param in self.state else None
                 has_grad = param.grad is not None
                 if not has_grad and not state:
-                    stateless.append(param)
+                    unready.append(param)
                     continue
                 if has_grad:
                     # (torch.optim skips gradless params whatever they are)
@@ -74,6 +74,10 @@ class Planning:
                 else:
                     is_new = False
                     self._conform_state(param, group, precision, state, journal)
+                    if self._needs_state_for(group, state, precision):
+                        # (a mode turned on since its last gradient, e.g.
+                        # Adam's amsgrad: its gradient re-plans, as a first one)
+                        unready.append(param)
                 key = (param.device, param.dtype, mode, precision)
                 bucket = buckets.get(key)
                 if bucket is None:
@@ -95,7 +99,7 @@ class Planning:
         _arena.pack(fresh)  # (Note [state arena])
         plan = Plan(
             list(buckets.values()),
-            stateless,
+            unready,
             _bucket.groups_signature(self, self._group_key),
             [tuple(group["params"]) for group in self.param_groups],
             [gi for gi, group in enumerate(self.param_groups) if _torch_path.uses_torch_path(group)],

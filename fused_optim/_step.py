@@ -145,7 +145,7 @@ class StepProtocol:
 
     def _step(self, journal: Journal) -> None:
         plan, cached = self._current_plan(journal)
-        if plan.stateless and any(p.grad is not None for p in plan.stateless):
+        if plan.unready and any(p.grad is not None for p in plan.unready):
             plan, cached = self._build_plan(journal), False
         progress = {"written": False}
         try:

@@ -103,6 +103,52 @@ def test_hyperparameters_and_maximize_changed_mid_run(cfg, device):
                before_step=before_step)
 
 
+# A mode that needs more state, turned on mid-run (from a config that has
+# it off). torch.optim's Adam and RMSprop then raise KeyError for the
+# missing state; ours makes it as zeros, which the reference gets by the
+# same zeros made before its step. SGD and Lars make a momentum buffer
+# from the gradient, in torch as in ours.
+MODES_TURNED_ON = {
+    "SGD": dict(momentum=0.9),
+    "Lars": dict(momentum=0.9),
+    "RMSprop": dict(momentum=0.5, centered=True),
+    "Adam": dict(amsgrad=True),
+    "AdamW": dict(amsgrad=True),
+}
+ZERO_STATE_OF_MODE = {"amsgrad": "max_exp_avg_sq", "centered": "grad_avg",
+                      "momentum": "momentum_buffer"}
+
+
+@pytest.mark.parametrize("cfg", [
+    c for c in OPTIM_CONFIGS if c.name in MODES_TURNED_ON
+    and not any(c.kwargs.get(k) for k in MODES_TURNED_ON[c.name])], ids=str)
+def test_mode_turned_on_mid_run(cfg, device):
+    # Turned on at step 4, when param 2 has no gradient (sometimes_none):
+    # its state for the mode is made at its next gradient (step 5), not
+    # read as missing from the plan the toggle left. Param 1's first
+    # gradient came at step 3.
+    changes = MODES_TURNED_ON[cfg.name]
+    zero_made = [ZERO_STATE_OF_MODE[k] for k in changes
+                 if cfg.name in ("Adam", "AdamW", "RMSprop")]
+
+    def before_step(step, opt):
+        if step == 4:
+            for g in opt.param_groups:
+                g.update(changes)
+        if step >= 4 and not isinstance(opt, cfg.ours_cls):
+            for p in opt.param_groups[0]["params"]:
+                state = opt.state.get(p)
+                if p.grad is not None and state:
+                    for name in zero_made:
+                        state.setdefault(name, torch.zeros_like(p))
+
+    specs = [P((9,)), P((3, 4)), P((8,)), P((5,)), P((4099,))]
+    ref, ours = run_parity(cfg, one_group(specs), STEPS, device=device,
+                           has_grad=sometimes_none, before_step=before_step)
+    for name in zero_made:
+        assert name in ours.opt.state[ours.params[2]]  # (made at step 5)
+
+
 SCHEDULERS = {
     "StepLR": lambda opt: StepLR(opt, step_size=3, gamma=0.5),
     "LambdaLR": lambda opt: LambdaLR(opt, lambda epoch: 1.0 / (1.0 + epoch)),
