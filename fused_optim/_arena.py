@@ -35,6 +35,17 @@ number: for a large model, its biases and norms). Not packed:
   memory reserved beside the arena, and the kernels' chunked launches do
   not walk tensors one after another (unmeasured on a GPU).
 
+Sparse gradients go through torch.optim's own code, which adds a sparse
+tensor into the state (``buf.add_(grad)``); torch's CPU kernel for a
+coalesced sparse tensor whose values are scalars writes such a sum at the
+wrong place when the dense tensor starts at an offset into its storage
+(it counts the offset twice: wrong values, and writes past the end of the
+buffer). torch.optim never meets it, its state tensors starting their own
+storage; ours would, so the state of a param about to take a sparse
+update leaves the arena first (``unpack``). (torch.optim stepping state
+loaded from a checkpoint of ours meets the bug with such gradients, as
+with any state given as views: the views are restored.)
+
 Costs, on purpose: ``torch.save`` of one state tensor alone writes its whole
 buffer (a view saves its storage; ``optimizer.state_dict()``, DCP and
 checkpoints of the whole state are unaffected), and a param's state
@@ -81,6 +92,16 @@ def pack(entries: list) -> None:
             view.copy_(tensor)
             state[name] = view  # (the tensor it replaces is freed as the loop moves on)
             offset += length
+
+
+def unpack(state: dict) -> None:
+    """Gives each state tensor of ``state`` that starts at an offset into
+    its storage (an arena view) its own memory, the same values: for
+    torch.optim's sparse updates (Note [state arena])."""
+    for name, tensor in list(state.items()):
+        if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided \
+                and tensor.storage_offset() != 0:
+            state[name] = tensor.clone(memory_format=torch.preserve_format)
 
 
 def _packable(tensor) -> bool:

@@ -25,7 +25,7 @@ from torch.optim.optimizer import (
     _use_grad_for_differentiable,
 )
 
-from fused_optim import _bucket, _clip, _ops, _torch_path
+from fused_optim import _arena, _bucket, _clip, _ops, _torch_path
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._journal import Journal
@@ -253,6 +253,8 @@ class StepProtocol:
             _bucket.clear_new_state(plan.buckets)
         progress["written"] = True
         for group, params, grads, is_new in sparse:
+            for param in params:
+                _arena.unpack(self.state[param])  # (a torch bug: Note [state arena])
             self._sparse_step(group, params, grads, is_new)
         if torch_groups:
             _torch_path.torch_step(self, [group for _, group in torch_groups], grad_norm)

@@ -78,6 +78,37 @@ def test_sparse_grads_match_torch(cfg):
 
 
 @pytest.mark.parametrize("cfg", SPARSE_CONFIGS, ids=str)
+def test_coalesced_sparse_grads_into_packed_state(cfg):
+    """Coalesced sparse gradients whose values are scalars (``dense.to_sparse()``),
+    after dense steps made the state: torch's CPU kernel that adds such a
+    tensor into a dense one starting at an offset into its storage (as
+    state in the arena does) writes the sum at the wrong place, past the
+    tensor (Note [state arena]). Every param and state tensor, the
+    neighbours' included, must equal torch's."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(3, 16), (45,), (5, 4), (7,)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    t = [x.clone().requires_grad_() for x in init]
+    o = [x.clone().requires_grad_() for x in init]
+    topt = cfg.torch_cls(t, **{**cfg.kwargs, "foreach": False})
+    oopt = cfg.ours_cls(o, **cfg.kwargs)
+    for s in range(8):
+        for i, (pt, po) in enumerate(zip(t, o)):
+            g = torch.randn(pt.shape, generator=gen)
+            if s >= 2 and (i + s) % 2 == 0:  # (dense steps first: dense state)
+                g = (g * (torch.rand(pt.shape, generator=gen) < 0.5)).to_sparse()
+                assert g.is_coalesced() and g.sparse_dim() == g.dim()
+            pt.grad, po.grad = g.clone(), g.clone()
+        topt.step()
+        oopt.step()
+        for i, (pt, po) in enumerate(zip(t, o)):
+            torch.testing.assert_close(po.detach(), pt.detach(),
+                                       msg=lambda m: f"{cfg} step {s} param {i}: {m}")
+            assert_same_state(oopt.state.get(po, {}), topt.state.get(pt, {}),
+                              f"{cfg} step {s} param {i}")
+
+
+@pytest.mark.parametrize("cfg", SPARSE_CONFIGS, ids=str)
 def test_sparse_embedding_model_matches_torch(cfg):
     """End to end: nn.Embedding(sparse=True) + nn.Linear, backward, step."""
     torch.manual_seed(0)
