@@ -458,6 +458,16 @@ class StepProtocol:
             if grad.is_sparse:
                 self._check_sparse_options(bucket)
                 self._check_sparse(self.param_groups[gi], param, grad)
+            else:
+                for name in bucket.state_names:
+                    if bucket.state_dicts[i][name].is_sparse:
+                        # (torch.optim's SGD keeps the momentum of a first
+                        # sparse gradient sparse, and raises here too)
+                        raise RuntimeError(
+                            f"fused_optim.{type(self).__name__}: param {pi} of param group {gi} "
+                            f"has a dense gradient but a sparse {name} (made by a sparse "
+                            "gradient); torch.optim raises here too: add(sparse, dense) is "
+                            "not supported")
 
     def _check_grad(self, gi: int, pi: int, param, grad) -> None:
         """Raises if ``grad`` cannot update ``param`` (param ``pi`` of group

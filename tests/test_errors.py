@@ -256,6 +256,28 @@ def test_sparse_grad_with_weight_decay_rejected_atomically(cfg):
                              group2_overrides={"weight_decay": 0.1})
 
 
+@pytest.mark.parametrize("cfg", [c for c in OPTIM_CONFIGS if c.name == "SGD"
+                                 and c.kwargs.get("momentum") and not c.kwargs.get("weight_decay")],
+                         ids=str)
+def test_dense_grad_into_sparse_momentum_rejected_atomically(cfg):
+    """SGD keeps the momentum of a first sparse gradient sparse (torch.optim
+    too); a dense gradient then cannot be added to it (torch raises
+    "add(sparse, dense) is not supported"): a clear error, nothing written,
+    the other param's step neither."""
+    p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    q = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    opt = cfg.ours_cls([p, q], **cfg.kwargs)
+    p.grad, q.grad = torch.randn(4, 3, dtype=torch.float64).to_sparse(1), torch.randn(5, dtype=torch.float64)
+    opt.step()
+    assert opt.state[p]["momentum_buffer"].is_sparse
+    p.grad, q.grad = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(RuntimeError, match="param 0 of param group 0 has a dense gradient but a "
+                                           "sparse momentum_buffer"):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, f"{cfg} dense grad into sparse momentum")
+
+
 @ALL
 @pytest.mark.parametrize("kind", LAYOUT_ERRORS)
 def test_bad_grad_or_param_rejected_atomically(cfg, kind):
