@@ -193,8 +193,9 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         says the param's state was created for this step."""
         raise NotImplementedError
 
-    def _check_sparse(self, group, param, grad) -> None:
-        """Raises if this sparse gradient cannot be applied."""
+    def _check_sparse(self, group, param, grad, is_new: bool) -> None:
+        """Raises if this sparse gradient cannot be applied (``is_new``: the
+        param's state was created for this step)."""
 
     @property
     def grad_norm(self):

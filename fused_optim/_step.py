@@ -425,7 +425,7 @@ class StepProtocol:
                 gi, pi = bucket.positions[i]
                 group = self.param_groups[gi]
                 self._check_grad(gi, pi, bucket.params[i], g)
-                self._check_sparse(group, bucket.params[i], g)
+                self._check_sparse(group, bucket.params[i], g, i in new_state)
                 entry = by_group.setdefault(gi, (group, [], [], []))
                 entry[1].append(bucket.params[i])
                 entry[2].append(g)
@@ -457,7 +457,7 @@ class StepProtocol:
             self._check_grad(gi, pi, param, grad)
             if grad.is_sparse:
                 self._check_sparse_options(bucket)
-                self._check_sparse(self.param_groups[gi], param, grad)
+                self._check_sparse(self.param_groups[gi], param, grad, i in bucket.new_state)
             else:
                 for name in bucket.state_names:
                     if bucket.state_dicts[i][name].is_sparse:

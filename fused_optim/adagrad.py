@@ -120,7 +120,7 @@ class Adagrad(FusedOptimizer):
             "eps": to_float(group["eps"]),
         }
 
-    def _check_sparse(self, group, param, grad) -> None:
+    def _check_sparse(self, group, param, grad, is_new: bool) -> None:
         if group["weight_decay"] != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
 

@@ -86,11 +86,25 @@ class SGD(MomentumBufferState, FusedOptimizer):
             "weight_decay": to_float(group["weight_decay"]),
         }
 
-    def _check_sparse(self, group, param, grad) -> None:
-        # torch.optim fails here too ("add(sparse, dense) is not supported"),
-        # but only after updating the params before this one.
+    def _check_sparse(self, group, param, grad, is_new: bool) -> None:
+        # torch.optim fails in each case too, but only after updating the
+        # params before this one (and, but for weight decay, this param's
+        # momentum buffer).
         if group["weight_decay"] != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+        buffer = self.state[param].get("momentum_buffer")
+        if group["momentum"] == 0 or is_new or buffer is None:
+            return
+        if buffer.is_sparse and buffer.sparse_dim() != grad.sparse_dim():
+            raise RuntimeError(
+                f"fused_optim.SGD: a sparse gradient with {grad.sparse_dim()} sparse dims for a "
+                f"param whose sparse momentum buffer has {buffer.sparse_dim()}: torch.optim "
+                "raises here too (add: expected 'self' and 'other' to have same density)")
+        if group["nesterov"] and not buffer.is_sparse:
+            raise RuntimeError(
+                "fused_optim.SGD: nesterov momentum with a sparse gradient for a param whose "
+                "momentum buffer is dense (made by a dense gradient): torch.optim raises here "
+                "too (add(sparse, dense) is not supported)")
 
     def _sparse_step(self, group, params, grads, is_new) -> None:
         # Sparse gradients go through torch.optim's own single-tensor SGD:

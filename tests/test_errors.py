@@ -278,6 +278,54 @@ def test_dense_grad_into_sparse_momentum_rejected_atomically(cfg):
     assert_optimizer_unchanged(opt, snap, f"{cfg} dense grad into sparse momentum")
 
 
+def test_sparse_grad_into_dense_nesterov_momentum_rejected_atomically():
+    """Nesterov momentum with a sparse gradient adds the buffer to it: a
+    sparse buffer (made by a first sparse gradient) works, as in torch; a
+    dense one (made by a dense gradient) cannot be added, and torch.optim
+    raises only after updating that buffer. Ours raises before writing."""
+    kw = dict(lr=0.1, momentum=0.9, nesterov=True)
+    ps = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64)) for _ in range(2)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt, ref_opt = fused_optim.SGD(ps, **kw), torch.optim.SGD(ref, foreach=False, **kw)
+    sparse = torch.randn(4, 3, dtype=torch.float64).to_sparse(1)
+    dense = torch.randn(4, 3, dtype=torch.float64)
+    for params, o in ((ps, opt), (ref, ref_opt)):  # param 0 sparse first, param 1 dense
+        params[0].grad, params[1].grad = sparse.clone(), dense.clone()
+        o.step()
+    for p, q in zip(ps, ref):
+        torch.testing.assert_close(p.detach(), q.detach())
+    ps[0].grad, ps[1].grad = sparse.clone(), sparse.clone()  # (param 1's buffer is dense)
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(RuntimeError, match="nesterov momentum with a sparse gradient for a param "
+                                           "whose momentum buffer is dense"):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, "sparse grad into a dense nesterov buffer")
+    ref[0].grad, ref[1].grad = sparse.clone(), sparse.clone()
+    buffer = ref_opt.state[ref[1]]["momentum_buffer"].clone()
+    with pytest.raises(RuntimeError, match="add\\(sparse, dense\\) is not supported"):
+        ref_opt.step()
+    assert not torch.equal(ref_opt.state[ref[1]]["momentum_buffer"], buffer)  # (torch's write)
+
+
+def test_sparse_grad_of_other_sparse_dims_than_momentum_rejected_atomically():
+    """A sparse momentum buffer (made by a first sparse gradient) takes only
+    sparse gradients of its own sparse dims: torch.optim raises for others
+    after scaling the buffer; ours raises before writing."""
+    p = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+    opt = fused_optim.SGD([p], lr=0.1, momentum=0.9)
+    g = torch.randn(3, 4, dtype=torch.float64)
+    p.grad = g.to_sparse(2)
+    opt.step()
+    p.grad = g.to_sparse(1)
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(RuntimeError, match="a sparse gradient with 1 sparse dims for a param "
+                                           "whose sparse momentum buffer has 2"):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, "sparse grad of other sparse dims than the buffer")
+    p.grad = g.to_sparse(2)
+    opt.step()  # (its own sparse dims: steps)
+
+
 @ALL
 @pytest.mark.parametrize("kind", LAYOUT_ERRORS)
 def test_bad_grad_or_param_rejected_atomically(cfg, kind):
