@@ -9,7 +9,9 @@ steps:
 
 - gradients missing for some params, or kept from the last step after
   ``zero_grad(set_to_none=False)``;
-- an lr, ``maximize``, ``weight_decay`` or decay style changed in a group;
+- an lr (a float, or a tensor filled in place), ``maximize``,
+  ``weight_decay`` or decay style changed in a group, or an LR scheduler
+  stepping after each step;
 - a mode that needs more state turned on in a group (Adam's ``amsgrad``,
   RMSprop's ``centered`` or ``momentum``, SGD's ``momentum``): torch.optim's
   Adam and RMSprop raise ``KeyError`` for the state they lack, so theirs is
@@ -65,6 +67,16 @@ STATE_OF_MODE = {"amsgrad": "max_exp_avg_sq", "centered": "grad_avg",
 MADE_AS_ZEROS = ("Adam", "AdamW", "RMSprop")
 MODES = {"Adam": ("amsgrad",), "AdamW": ("amsgrad",), "RMSprop": ("centered", "momentum"),
          "SGD": ("momentum",)}
+SCHEDULERS = {
+    "StepLR": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+    "ExponentialLR": lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9),
+    "CosineAnnealingLR": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5),
+    # (cycles momentum or beta1 too, where the optimizer has them: SGD's
+    # momentum turned on from 0, Adam's betas a new tuple every step)
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.05, total_steps=30,
+        cycle_momentum="momentum" in opt.defaults or "betas" in opt.defaults),
+}
 # Group keys that are ours alone: max_grad_norm (set only here), and timm's
 # per-group LAMB step, which a reference loading our checkpoint keeps.
 OUR_GROUP_KEYS = {"max_grad_norm", "step"}
@@ -135,12 +147,17 @@ class Lifecycle:
         self.overrides = [random_options(self.name, r) if r.random() < 0.5 else {}
                           for _ in range(len(self.bounds) - 1)]
         self.kwargs = random_options(self.name, r)
+        if r.random() < 0.15:
+            self.kwargs["lr"] = torch.tensor(self.kwargs.get("lr", 0.01), dtype=torch.float64)
+        self.scheduler = r.choice([None, None, *SCHEDULERS])
         self.clip_norm = r.choice([0.1, 1.0, 10.0])
         self.ref_params = [torch.nn.Parameter(t.clone()) for t in starts]
         self.our_params = [torch.nn.Parameter(t.clone()) for t in starts]
         self.log = [f"{self.name} {mode} {self.kwargs} groups {self.overrides} "
+                    f"scheduler {self.scheduler} "
                     f"shapes {[tuple(t.shape) for t in starts]} {[t.dtype for t in starts]}"]
         self.ref, self.ours = self._new_pair()
+        self.schedulers = self._new_schedulers()
         if mode == "amp":
             scale = 2.0 ** r.randint(0, 12)
             self.scalers = [torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=2)
@@ -157,6 +174,17 @@ class Lifecycle:
             ref_kwargs["foreach"] = False
         return (torch_class(self.name)(self._groups(self.ref_params), **ref_kwargs),
                 getattr(fused_optim, self.name)(self._groups(self.our_params), **ours_kwargs))
+
+    def _new_schedulers(self, saved=None) -> list:
+        """One scheduler per optimizer, from ``saved`` (a scheduler's
+        state_dict) where given."""
+        if self.scheduler is None:
+            return []
+        schedulers = [SCHEDULERS[self.scheduler](opt) for opt in self.both()]
+        if saved is not None:
+            for scheduler in schedulers:
+                scheduler.load_state_dict(copy.deepcopy(saved))
+        return schedulers
 
     def _groups(self, params) -> list:
         return [{"params": params[lo:hi], **copy.deepcopy(o)}
@@ -175,7 +203,10 @@ class Lifecycle:
             lr = r.choice([1e-3, 0.05, 0.2])
             self.log.append(f"group {gi} lr = {lr}")
             for opt in self.both():
-                opt.param_groups[gi]["lr"] = lr
+                if isinstance(opt.param_groups[gi]["lr"], torch.Tensor):
+                    opt.param_groups[gi]["lr"].fill_(lr)
+                else:
+                    opt.param_groups[gi]["lr"] = lr
         elif what < 0.4 and self.name not in ("Lars", "Lamb"):
             self.log.append(f"group {gi} maximize flipped")
             for opt in self.both():
@@ -198,7 +229,7 @@ class Lifecycle:
             self.log.append(f"group {gi} {key} = {value}")
             for opt in self.both():
                 opt.param_groups[gi][key] = value
-        else:
+        elif not self.schedulers:  # (a scheduler knows the groups it was made for)
             self.add_group()
 
     def add_group(self) -> None:
@@ -227,9 +258,11 @@ class Lifecycle:
             saved["ours"] = torch.load(buffer, weights_only=True)
         into_ref, into_ours = self.r.choice(["torch", "ours"]), self.r.choice(["torch", "ours"])
         self.log.append(f"round trip: torch's from {into_ref}'s, ours from {into_ours}'s")
+        scheduler_state = self.schedulers[0].state_dict() if self.schedulers else None
         self.ref, self.ours = self._new_pair()
         self.ref.load_state_dict(copy.deepcopy(saved[into_ref]))
         self.ours.load_state_dict(copy.deepcopy(saved[into_ours]))
+        self.schedulers = self._new_schedulers(scheduler_state)
 
     def set_grads(self, gen: torch.Generator) -> None:
         r = self.r
@@ -272,10 +305,12 @@ class Lifecycle:
                 scaler.step(opt)
                 scaler.update()
             assert self.scalers[0].get_scale() == self.scalers[1].get_scale()
+            for scheduler in self.schedulers:
+                scheduler.step()
             return True
         try:
             self.ref.step()
-        except RuntimeError as refused:
+        except RuntimeError as refused:  # (the schedulers are not stepped: the run ends)
             self.log.append(f"torch.optim raised {refused}")
             snapshot = snapshot_optimizer(self.ours)
             with pytest.raises(RuntimeError):
@@ -283,6 +318,8 @@ class Lifecycle:
             assert_optimizer_unchanged(self.ours, snapshot, "\n".join(self.log))
             return False
         self.ours.step()
+        for scheduler in self.schedulers:
+            scheduler.step()
         return True
 
     def _premake_missing_mode_state(self) -> None:
