@@ -608,6 +608,37 @@ def test_compiled_step_variants_equal_eager(variant):
     _assert_equal_runs_params_state(opts[0], opts[1])
 
 
+@pytest.mark.parametrize("cls, kwargs", [(fused_optim.Adam, {}),
+                                         (fused_optim.SGD, dict(momentum=0.9)),
+                                         (fused_optim.Lamb, {})], ids=["adam", "sgd", "lamb"])
+def test_compiled_step_with_complex_groups_between_others(cls, kwargs):
+    # Calls with complex params run eagerly inside the compiled step; with
+    # that graph break between two groups' calls, the call after it
+    # updated the params of the call before it (SGD: the complex param
+    # took both groups' steps, the float one none).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, dtype=torch.complex64, requires_grad=True),
+            torch.randn(7, requires_grad=True), torch.randn(4, dtype=torch.complex128,
+                                                            requires_grad=True),
+            torch.randn(6, dtype=torch.float64, requires_grad=True)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opts = [cls([{"params": ps[:1], "lr": 0.01}, {"params": ps[1:2], "lr": 0.5},
+                 {"params": ps[2:3], "lr": 0.1}, {"params": ps[3:], "lr": 0.2}], **kwargs)
+            for ps in (ours, ref)]
+    compiled = torch.compile(opts[0].step, backend="eager")
+    for step in range(3):
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            torch.manual_seed(10 * step + i)
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        compiled()
+        opts[1].step()
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q), f"step {step}"
+    _assert_equal_runs_params_state(opts[0], opts[1])
+
+
 def _assert_equal_runs_params_state(opt_a, opt_b):
     sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
     assert sa.keys() == sb.keys()
