@@ -593,10 +593,7 @@ def test_compiled_step_variants_equal_eager(variant):
     opts = [cls(ps, lr=0.01, **kwargs) for ps in (ours, ref)]
     compiled = torch.compile(opts[0].step, backend="aot_eager")
     for step in range(4):
-        for i, (p, q) in enumerate(zip(ours, ref)):
-            torch.manual_seed(10 * step + i)
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
+        _same_grads(ours, ref, step)
         if amp:
             for opt in opts:
                 opt.grad_scale = torch.tensor(4.0)
@@ -628,15 +625,19 @@ def test_compiled_step_with_complex_groups_between_others(cls, kwargs):
             for ps in (ours, ref)]
     compiled = torch.compile(opts[0].step, backend="eager")
     for step in range(3):
-        for i, (p, q) in enumerate(zip(ours, ref)):
-            torch.manual_seed(10 * step + i)
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
+        _same_grads(ours, ref, step)
         compiled()
         opts[1].step()
         for p, q in zip(ours, ref):
             assert torch.equal(p, q), f"step {step}"
     _assert_equal_runs_params_state(opts[0], opts[1])
+
+
+def _same_grads(ours, ref, step):
+    for i, (p, q) in enumerate(zip(ours, ref)):
+        torch.manual_seed(10 * step + i)
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
 
 
 def _assert_equal_runs_params_state(opt_a, opt_b):
