@@ -334,7 +334,17 @@ class Lifecycle:
         if self.mode == "clip" and "max_grad_norm" in self.ours.param_groups[0]:
             self._clip_ref_grads()
         if self.mode == "amp":
-            for scaler, opt in zip(self.scalers, self.both()):
+            # (sometimes unscaled first, as code that clips does: the step
+            # then gets no scale from GradScaler, only its inf flag)
+            unscale, clip = self.r.random() < 0.3, self.r.random() < 0.5
+            if unscale:
+                self.log.append("unscale_" + (", clip_grad_norm_" if clip else ""))
+            for scaler, opt, params in zip(self.scalers, self.both(),
+                                           (self.ref_params, self.our_params)):
+                if unscale:
+                    scaler.unscale_(opt)
+                    if clip:
+                        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=False)
                 scaler.step(opt)
                 scaler.update()
             assert self.scalers[0].get_scale() == self.scalers[1].get_scale()
