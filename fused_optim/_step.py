@@ -254,7 +254,8 @@ class StepProtocol:
         progress["written"] = True
         for group, params, grads, is_new in sparse:
             for param in params:
-                _arena.unpack(self.state[param])  # (a torch bug: Note [state arena])
+                if param in self.state:  # (a torch bug: Note [state arena])
+                    _arena.unpack(self.state[param])
             self._sparse_step(group, params, grads, is_new)
         if torch_groups:
             _torch_path.torch_step(self, [group for _, group in torch_groups], grad_norm)

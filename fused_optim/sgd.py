@@ -92,8 +92,10 @@ class SGD(MomentumBufferState, FusedOptimizer):
         # momentum buffer).
         if group["weight_decay"] != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
-        buffer = self.state[param].get("momentum_buffer")
-        if group["momentum"] == 0 or is_new or buffer is None:
+        if group["momentum"] == 0 or is_new:
+            return
+        buffer = self.state.get(param, {}).get("momentum_buffer")  # (makes no state)
+        if buffer is None:
             return
         if buffer.is_sparse and buffer.sparse_dim() != grad.sparse_dim():
             raise RuntimeError(

@@ -394,6 +394,10 @@ class Lifecycle:
             g.mul_(factor.clamp(max=1.0))
 
     def check(self, where: str) -> None:
+        if self.low is None:  # (else ours has master copies where torch has nothing)
+            has_state = [[p in opt.state for p in params] for opt, params in
+                         ((self.ref, self.ref_params), (self.ours, self.our_params))]
+            assert has_state[1] == has_state[0], f"{where}: params with state (torch's first)"
         for i, (a, b) in enumerate(zip(self.ref_params, self.our_params)):
             state = dict(self.ours.state.get(b, {}))
             if self.low is not None:

@@ -60,6 +60,7 @@ class _SparseRuns:
     def compare(self, where):
         for i, (pt, po) in enumerate(zip(self.t, self.o)):
             torch.testing.assert_close(po.detach(), pt.detach(), msg=lambda m: f"{where} param {i}: {m}")
+            assert (po in self.oopt.state) == (pt in self.topt.state), f"{where} param {i} state"
             # torch keeps SGD's momentum buffer of a sparse grad sparse; ours
             # may keep it dense: compared by value (densified), same dtype/shape.
             assert_same_state(self.oopt.state.get(po, {}), self.topt.state.get(pt, {}),
