@@ -135,16 +135,21 @@ class Lifecycle:
     """torch.optim's optimizer (``ref``) and ours over equal params, changed
     and stepped alike; ``log`` says what was done (the failure message)."""
 
-    def __init__(self, r: random.Random) -> None:
+    def __init__(self, r: random.Random, compiled: bool = False) -> None:
         self.r = r
+        # ours stepped through torch.compile (a compiled step per optimizer)
+        self.compiled, self._compiled_steps = compiled, {}
         # (every tensor value from here, drawn from r: a failing example
         # replays exactly, which hypothesis needs to shrink it)
         self.gen = torch.Generator().manual_seed(r.getrandbits(32))
         self.name = r.choice(OPTIMIZER_NAMES)
         mode = r.choice(["plain", "plain", "amp", "clip", "sparse", "master"])
         if (mode == "clip" and self.name == "Lamb") or (
-                mode == "sparse" and self.name not in ("SGD", "Adagrad")):
-            mode = "plain"  # (Lamb clips by its own rule; sparse: SGD, Adagrad)
+                mode == "sparse" and self.name not in ("SGD", "Adagrad")) or (
+                compiled and mode in ("amp", "sparse")):
+            # (Lamb clips by its own rule; sparse: SGD, Adagrad, not under
+            # torch.compile; GradScaler calls the step it is given)
+            mode = "plain"
         self.mode = mode
         self.dtypes = r.choice([[torch.float32], [torch.float64], [torch.float32, torch.float64]])
         # master: our params in this dtype, torch.optim's in float32
@@ -360,10 +365,20 @@ class Lifecycle:
                 self.ours.step()
             assert_optimizer_unchanged(self.ours, snapshot, "\n".join(self.log))
             return False
-        self.ours.step()
+        self._step_ours()
         for scheduler in self.schedulers:
             scheduler.step()
         return True
+
+    def _step_ours(self) -> None:
+        if not self.compiled:
+            self.ours.step()
+            return
+        step = self._compiled_steps.get(id(self.ours))
+        if step is None:
+            step = self._compiled_steps[id(self.ours)] = torch.compile(self.ours.step,
+                                                                      backend="eager")
+        step()
 
     def _premake_missing_mode_state(self) -> None:
         if self.name not in MADE_AS_ZEROS:
@@ -411,10 +426,7 @@ class Lifecycle:
             assert set(gb) - OUR_GROUP_KEYS == set(ga) - OUR_GROUP_KEYS, f"{where} group {gi}"
 
 
-@SETTINGS
-@given(st.randoms(use_true_random=False))
-def test_lifecycle_matches_torch(r):
-    life = Lifecycle(r)
+def run_lifecycle(life: Lifecycle, r: random.Random) -> None:
     for step in range(r.randint(3, 10)):
         action = r.random()
         if action < 0.1:
@@ -426,3 +438,24 @@ def test_lifecycle_matches_torch(r):
         if not life.step():
             return
         life.check("\n".join(life.log))
+
+
+@SETTINGS
+@given(st.randoms(use_true_random=False))
+def test_lifecycle_matches_torch(r):
+    run_lifecycle(Lifecycle(r), r)
+
+
+# Each compiles (Dynamo's "eager" backend: the traced step, without
+# inductor's code generation), so few run in CI.
+COMPILED_EXAMPLES = int(os.environ.get("FUSED_OPTIM_COMPILED_LIFECYCLES", "12"))
+
+
+@settings(SETTINGS, max_examples=COMPILED_EXAMPLES)
+@given(st.randoms(use_true_random=False))
+def test_compiled_lifecycle_matches_torch(r):
+    """The same with our step under torch.compile (found a step that wrote
+    the wrong params: test_torch_compat.
+    test_compiled_step_with_complex_groups_between_others)."""
+    torch._dynamo.reset()
+    run_lifecycle(Lifecycle(r, compiled=True), r)
