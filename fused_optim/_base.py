@@ -105,6 +105,11 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         """Dense state tensors the op takes, in op order, for this mode."""
         raise NotImplementedError
 
+    # State that torch.optim's code makes itself where a param lacks it (its
+    # SGD's momentum buffer, from the gradient); the rest it reads and
+    # raises KeyError for (_torch_path.make_missing_mode_state).
+    _made_by_torch_when_missing: tuple = ()
+
     def _init_state(self, param, group, state: dict, dtype: torch.dtype) -> bool:
         """Fills in a param's missing state: the step counter and a zero
         tensor of ``dtype`` (the state dtype) per state name (torch.optim's

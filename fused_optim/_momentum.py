@@ -29,6 +29,8 @@ class MomentumBufferState:
     def _state_names(self, mode) -> tuple:
         return ("momentum_buffer",) if mode[0] else ()
 
+    _made_by_torch_when_missing = ("momentum_buffer",)
+
     def _keeps_step(self, group) -> bool:
         # The update uses no step count (torch's SGD keeps none). With
         # stochastic rounding we keep one (our own state, saved under

@@ -317,6 +317,10 @@ class StepProtocol:
         for pi, param in enumerate(group["params"]):
             if param.grad is not None:
                 self._check_grad(gi, pi, param, param.grad)
+                if param.grad.is_sparse:
+                    # (what torch's code refuses after writing: Adagrad's
+                    # step counter, SGD's momentum buffer)
+                    self._check_sparse(group, param, param.grad, False)
 
     def _learning_rates(self, groups=None) -> tuple[list, bool]:
         """(each group's lr, whether they are tensors), of ``groups`` (by

@@ -61,9 +61,28 @@ def torch_step(optimizer, groups: list, grad_norm=None) -> None:
                 grads = [p.grad for p in group["params"] if p.grad is not None]
                 if grads:
                     _clip.scale_grads_(grads, _clip.clip_coefficient(grad_norm, group["max_grad_norm"]))
+    make_missing_mode_state(optimizer, groups)
     cls = optimizer._torch_class
     stand_in = cls.__new__(cls)
     stand_in.__dict__.update(
         defaults=optimizer.defaults, state=optimizer.state, param_groups=groups
     )
     _without_hooks(cls.step)(stand_in)
+
+
+def make_missing_mode_state(optimizer, groups: list) -> None:
+    """A mode that needs more state, turned on in a group mid-run (Adam's
+    amsgrad, RMSprop's centered or momentum): a param that has state but
+    not the mode's gets it as zeros, as the fused groups make it
+    (_planning.py). torch.optim's code raises KeyError there instead, after
+    updating the groups before."""
+    for group in groups:
+        names = [name for name in optimizer._state_names(optimizer._mode(group))
+                 if name not in optimizer._made_by_torch_when_missing]
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if param.grad is None or not state:
+                continue  # (torch's code makes a param's first state itself)
+            for name in names:
+                if name not in state:
+                    state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)

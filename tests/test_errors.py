@@ -256,6 +256,16 @@ def test_sparse_grad_with_weight_decay_rejected_atomically(cfg):
                              group2_overrides={"weight_decay": 0.1})
 
 
+@pytest.mark.parametrize("cfg", [c for c in OPTIM_CONFIGS if c.name in SPARSE_OK], ids=str)
+def test_sparse_grad_with_weight_decay_in_a_torch_path_group_rejected_atomically(cfg):
+    # Group 2 stepped by torch.optim's own code (fused=False), which raises
+    # only after writing (Adagrad: the step counter): ours checks first.
+    exc, match = SPARSE_STEP_ERROR
+    _check_raises_atomically(cfg, "sparse", exc, match,
+                             where="sparse grad with weight_decay in group 2, fused=False",
+                             group2_overrides={"weight_decay": 0.1, "fused": False})
+
+
 @pytest.mark.parametrize("cfg", [c for c in OPTIM_CONFIGS if c.name == "SGD"
                                  and c.kwargs.get("momentum") and not c.kwargs.get("weight_decay")],
                          ids=str)

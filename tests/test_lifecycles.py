@@ -4,8 +4,9 @@ test_parity.py steps fixed configurations through one change at a time,
 and test_properties.py draws the options and numbers of a plain loop. Here
 a draw is a whole lifecycle: an optimizer with random options over random
 param groups (float32, float64 and complex params, transposed, 0-d and
-empty ones), then a random sequence of what training code does between
-steps:
+empty ones; now and then a group that ours steps with torch.optim's own
+code, ``fused=False`` or ``differentiable=True``), then a random sequence
+of what training code does between steps:
 
 - gradients missing for some params, or kept from the last step after
   ``zero_grad(set_to_none=False)``;
@@ -161,6 +162,12 @@ class Lifecycle:
         self.bounds = [0, *cuts, len(starts)]
         self.overrides = [random_options(self.name, r) if r.random() < 0.5 else {}
                           for _ in range(len(self.bounds) - 1)]
+        if self.name not in NOT_IN_TORCH and mode != "master":
+            for options in self.overrides:
+                if r.random() < 0.15:
+                    # (a group stepped by torch.optim's own code in ours)
+                    key, value = r.choice([("fused", False), ("differentiable", True)])
+                    options[key] = value
         self.kwargs = random_options(self.name, r)
         if r.random() < 0.15:
             self.kwargs["lr"] = torch.tensor(self.kwargs.get("lr", 0.01), dtype=torch.float64)
