@@ -317,10 +317,12 @@ class StepProtocol:
         for pi, param in enumerate(group["params"]):
             if param.grad is not None:
                 self._check_grad(gi, pi, param, param.grad)
+                # (what torch's code refuses after writing: Adagrad's step
+                # counter, SGD's params and momentum buffer)
                 if param.grad.is_sparse:
-                    # (what torch's code refuses after writing: Adagrad's
-                    # step counter, SGD's momentum buffer)
                     self._check_sparse(group, param, param.grad, False)
+                else:
+                    self._check_no_sparse_state(gi, pi, self.state.get(param, {}).values())
 
     def _learning_rates(self, groups=None) -> tuple[list, bool]:
         """(each group's lr, whether they are tensors), of ``groups`` (by
@@ -464,15 +466,18 @@ class StepProtocol:
                 self._check_sparse_options(bucket)
                 self._check_sparse(self.param_groups[gi], param, grad, i in bucket.new_state)
             else:
-                for name in bucket.state_names:
-                    if bucket.state_dicts[i][name].is_sparse:
-                        # (torch.optim's SGD keeps the momentum of a first
-                        # sparse gradient sparse, and raises here too)
-                        raise RuntimeError(
-                            f"fused_optim.{type(self).__name__}: param {pi} of param group {gi} "
-                            f"has a dense gradient but a sparse {name} (made by a sparse "
-                            "gradient); torch.optim raises here too: add(sparse, dense) is "
-                            "not supported")
+                self._check_no_sparse_state(gi, pi, [bucket.state_dicts[i][name]
+                                                     for name in bucket.state_names])
+
+    def _check_no_sparse_state(self, gi: int, pi: int, state_tensors) -> None:
+        """A dense gradient cannot be added to sparse state: torch.optim's
+        SGD keeps the momentum of a first sparse gradient sparse, and raises
+        for a later dense one (add(sparse, dense) is not supported)."""
+        if any(isinstance(t, torch.Tensor) and t.is_sparse for t in state_tensors):
+            raise RuntimeError(
+                f"fused_optim.{type(self).__name__}: param {pi} of param group {gi} has a "
+                "dense gradient but sparse state (made by a sparse gradient); torch.optim "
+                "raises here too: add(sparse, dense) is not supported")
 
     def _check_grad(self, gi: int, pi: int, param, grad) -> None:
         """Raises if ``grad`` cannot update ``param`` (param ``pi`` of group

@@ -269,21 +269,23 @@ def test_sparse_grad_with_weight_decay_in_a_torch_path_group_rejected_atomically
 @pytest.mark.parametrize("cfg", [c for c in OPTIM_CONFIGS if c.name == "SGD"
                                  and c.kwargs.get("momentum") and not c.kwargs.get("weight_decay")],
                          ids=str)
-def test_dense_grad_into_sparse_momentum_rejected_atomically(cfg):
+@pytest.mark.parametrize("fused", [None, False], ids=["fused", "torch_path"])
+def test_dense_grad_into_sparse_momentum_rejected_atomically(cfg, fused):
     """SGD keeps the momentum of a first sparse gradient sparse (torch.optim
     too); a dense gradient then cannot be added to it (torch raises
-    "add(sparse, dense) is not supported"): a clear error, nothing written,
-    the other param's step neither."""
+    "add(sparse, dense) is not supported", after updating the params before
+    it and scaling the buffer): a clear error, nothing written, the other
+    param's step neither; also where torch's code steps the group."""
     p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
     q = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
-    opt = cfg.ours_cls([p, q], **cfg.kwargs)
+    opt = cfg.ours_cls([q, p], **cfg.kwargs, **({} if fused is None else {"fused": False}))
     p.grad, q.grad = torch.randn(4, 3, dtype=torch.float64).to_sparse(1), torch.randn(5, dtype=torch.float64)
     opt.step()
     assert opt.state[p]["momentum_buffer"].is_sparse
     p.grad, q.grad = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     snap = snapshot_optimizer(opt)
-    with pytest.raises(RuntimeError, match="param 0 of param group 0 has a dense gradient but a "
-                                           "sparse momentum_buffer"):
+    with pytest.raises(RuntimeError, match="param 1 of param group 0 has a dense gradient but "
+                                           "sparse state"):
         opt.step()
     assert_optimizer_unchanged(opt, snap, f"{cfg} dense grad into sparse momentum")
 
