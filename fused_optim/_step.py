@@ -319,9 +319,11 @@ class StepProtocol:
                 self._check_grad(gi, pi, param, param.grad)
                 # (what torch's code refuses after writing: Adagrad's step
                 # counter, SGD's params and momentum buffer)
+                # (sparse state only follows a sparse gradient, which only
+                # the classes that take them take: no per-param read else)
                 if param.grad.is_sparse:
                     self._check_sparse(group, param, param.grad, False)
-                else:
+                elif self._supports_sparse:
                     self._check_no_sparse_state(gi, pi, self.state.get(param, {}).values())
 
     def _learning_rates(self, groups=None) -> tuple[list, bool]:

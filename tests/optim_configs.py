@@ -297,6 +297,23 @@ MID_RUN_CHANGES: dict[str, dict[str, Any]] = {
                  trust_clip=True),
 }
 
+# A mode that needs more state, turned on mid-run (from off), and the state
+# each mode needs. torch.optim's Adam and RMSprop raise KeyError for that
+# state when it is missing; ours makes it as zeros (for
+# MODE_STATE_MADE_AS_ZEROS the tests make the same zeros for torch before
+# its step). SGD and Lars make the momentum buffer from the gradient, in
+# torch as in ours.
+MODES_TURNED_ON: dict[str, dict[str, Any]] = {
+    "SGD": dict(momentum=0.9),
+    "Lars": dict(momentum=0.9),
+    "RMSprop": dict(momentum=0.5, centered=True),
+    "Adam": dict(amsgrad=True),
+    "AdamW": dict(amsgrad=True),
+}
+STATE_OF_MODE = {"amsgrad": "max_exp_avg_sq", "centered": "grad_avg",
+                 "momentum": "momentum_buffer"}
+MODE_STATE_MADE_AS_ZEROS = ("Adam", "AdamW", "RMSprop")
+
 # Names of the per-parameter state of each optimizer (torch's names).
 STATE_NAMES = {
     "SGD": {"momentum_buffer"},

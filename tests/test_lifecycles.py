@@ -58,19 +58,19 @@ from hypothesis import strategies as st  # noqa: E402
 
 import fused_optim  # noqa: E402
 from harness import assert_optimizer_unchanged, assert_same_state, snapshot_optimizer  # noqa: E402
-from optim_configs import NOT_IN_TORCH, OPTIMIZER_NAMES, torch_class  # noqa: E402
+from optim_configs import (  # noqa: E402
+    MODE_STATE_MADE_AS_ZEROS,
+    MODES_TURNED_ON,
+    NOT_IN_TORCH,
+    OPTIMIZER_NAMES,
+    STATE_OF_MODE,
+    torch_class,
+)
 
 EXAMPLES = int(os.environ.get("FUSED_OPTIM_HYPOTHESIS_EXAMPLES", "300"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
 
-# The state a mode needs, where torch.optim raises KeyError if the mode is
-# turned on after the param's first step (SGD makes its buffer itself).
-STATE_OF_MODE = {"amsgrad": "max_exp_avg_sq", "centered": "grad_avg",
-                 "momentum": "momentum_buffer"}
-MADE_AS_ZEROS = ("Adam", "AdamW", "RMSprop")
-MODES = {"Adam": ("amsgrad",), "AdamW": ("amsgrad",), "RMSprop": ("centered", "momentum"),
-         "SGD": ("momentum",)}
 SCHEDULERS = {
     "StepLR": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
     "ExponentialLR": lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9),
@@ -254,11 +254,11 @@ class Lifecycle:
             for opt in self.both():
                 group = opt.param_groups[gi]
                 group["decoupled_weight_decay"] = not group["decoupled_weight_decay"]
-        elif what < 0.85 and self.name in MODES and self.mode != "amp":
+        elif what < 0.85 and self.name in MODES_TURNED_ON and self.mode != "amp":
             # (under AMP a skipped step takes back the state ours made for
             # it, which torch's pre-made zeros would not mirror)
-            key = r.choice(MODES[self.name])
-            value = 0.5 if key == "momentum" else True
+            key = r.choice(sorted(MODES_TURNED_ON[self.name]))
+            value = MODES_TURNED_ON[self.name][key]
             self.log.append(f"group {gi} {key} = {value}")
             for opt in self.both():
                 opt.param_groups[gi][key] = value
@@ -388,10 +388,10 @@ class Lifecycle:
         step()
 
     def _premake_missing_mode_state(self) -> None:
-        if self.name not in MADE_AS_ZEROS:
+        if self.name not in MODE_STATE_MADE_AS_ZEROS:
             return
         for group in self.ref.param_groups:
-            for key in MODES[self.name]:
+            for key in MODES_TURNED_ON[self.name]:
                 if not group.get(key):
                     continue
                 for p in group["params"]:

@@ -23,11 +23,14 @@ from optim_configs import (
     GROUP_OVERRIDES,
     HAS_FUSED,
     MID_RUN_CHANGES,
+    MODE_STATE_MADE_AS_ZEROS,
+    MODES_TURNED_ON,
     LARGE_CONFIGS,
     LOW_PRECISION_DTYPES,
     ONE_PER_OPTIMIZER,
     OPTIM_CONFIGS,
     STATE_NAMES,
+    STATE_OF_MODE,
 )
 
 ALL = pytest.mark.parametrize("cfg", OPTIM_CONFIGS, ids=str)
@@ -104,22 +107,6 @@ def test_hyperparameters_and_maximize_changed_mid_run(cfg, device):
                before_step=before_step)
 
 
-# A mode that needs more state, turned on mid-run (from a config that has
-# it off). torch.optim's Adam and RMSprop then raise KeyError for the
-# missing state; ours makes it as zeros, which the reference gets by the
-# same zeros made before its step. SGD and Lars make a momentum buffer
-# from the gradient, in torch as in ours.
-MODES_TURNED_ON = {
-    "SGD": dict(momentum=0.9),
-    "Lars": dict(momentum=0.9),
-    "RMSprop": dict(momentum=0.5, centered=True),
-    "Adam": dict(amsgrad=True),
-    "AdamW": dict(amsgrad=True),
-}
-ZERO_STATE_OF_MODE = {"amsgrad": "max_exp_avg_sq", "centered": "grad_avg",
-                      "momentum": "momentum_buffer"}
-
-
 @pytest.mark.parametrize("fused", [None, False], ids=["fused", "torch_path"])
 @pytest.mark.parametrize("cfg", [
     c for c in OPTIM_CONFIGS if c.name in MODES_TURNED_ON
@@ -133,8 +120,7 @@ def test_mode_turned_on_mid_run(cfg, fused, device):
     if fused is False and cfg.name not in HAS_FUSED:
         pytest.skip(f"torch.optim.{cfg.name} takes no fused keyword")
     changes = MODES_TURNED_ON[cfg.name]
-    zero_made = [ZERO_STATE_OF_MODE[k] for k in changes
-                 if cfg.name in ("Adam", "AdamW", "RMSprop")]
+    zero_made = [STATE_OF_MODE[k] for k in changes if cfg.name in MODE_STATE_MADE_AS_ZEROS]
 
     def before_step(step, opt):
         if step == 4:
