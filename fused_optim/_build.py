@@ -16,7 +16,7 @@ def cuda_built() -> bool:
     return _CUDA_BUILT
 
 
-def require_device_supported(device: torch.device, name: str) -> None:
+def require_device_supported(device: torch.device, dtype: torch.dtype, name: str) -> None:
     """Raises, before anything is written, for a device without kernels."""
     if device.type == "cpu":
         return
@@ -30,8 +30,13 @@ def require_device_supported(device: torch.device, name: str) -> None:
             "build of torch: `FORCE_CUDA=1 pip install --no-build-isolation .` "
             "(fused_optim.cuda_built() tells what a build has)."
         )
+    # Our default step is the fused one, so torch's sentence for a fused step
+    # on an unsupported device (which code written for torch may match) is
+    # the accurate one, for fused=None as for fused=True.
+    supported = ["cpu", "cuda"] if _CUDA_BUILT else ["cpu"]
     raise RuntimeError(
-        f"fused_optim.{name}: params on device type {device.type!r} are not "
-        "supported; fused_optim has kernels for 'cpu'"
-        + (" and 'cuda'" if _CUDA_BUILT else "")
+        f"fused_optim.{name}: `fused=True` requires all the params to be floating "
+        f"point Tensors of supported devices: {supported} but {dtype} and "
+        f"{device.type} (fused_optim's fused step, which fused=None runs too; "
+        "fused=False runs torch.optim's own code, on any device)"
     )

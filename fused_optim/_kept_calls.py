@@ -126,7 +126,7 @@ class OneCall:
         bucket = self.bucket
         if rebuild or self._call is None:
             self._call = None
-            require_device_supported(bucket.device, type(optimizer).__name__)
+            require_device_supported(bucket.device, bucket.dtype, type(optimizer).__name__)
             call = optimizer._op_call(bucket, grads, group_args, bucket.op_extras(scalars))
             self._call = call._replace(args=list(call.args))
             self._function = _ops.fast_function(call)

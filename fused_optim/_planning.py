@@ -119,7 +119,7 @@ class Planning:
             )
         if param.is_complex() and param.dtype == torch.complex32:
             raise ValueError(f"{where} is complex32, which is not supported")
-        require_device_supported(param.device, name)
+        require_device_supported(param.device, param.dtype, name)
         state_dtype = group.get("state_dtype")
         real = real_dtype(param)
         if state_dtype is not None and state_dtype != real and (

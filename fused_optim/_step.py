@@ -210,7 +210,7 @@ class StepProtocol:
             if bucket.params:
                 # Only buckets that are stepped need kernels: torch.optim
                 # skips gradient-less params whatever their device.
-                require_device_supported(bucket.device, type(self).__name__)
+                require_device_supported(bucket.device, bucket.dtype, type(self).__name__)
                 calls.append((bucket, grads))
                 has_sparse.append(not dense)
         grad_norm = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 
 import pytest
 import torch
@@ -371,6 +372,41 @@ def test_gradless_param_on_unsupported_device_is_skipped(cfg):
             r.set_grads(s)
             r.opt.step()
         assert_runs_close(ours, ref, f"{cfg} step {s}")
+
+
+@pytest.mark.parametrize("fused", [None, True], ids=["fused_None", "fused_True"])
+@pytest.mark.parametrize("name", sorted(HAS_FUSED))
+def test_unsupported_device_error_reads_as_torchs(name, fused):
+    """A step on a device without kernels raises torch's own sentence for a
+    fused step there (code written for torch.optim matches it: torch's
+    test_fused_error_on_params_on_meta does), naming the way out, and
+    `fused=False` steps such params with torch.optim's code instead."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    opt = getattr(fused_optim, name)(model.parameters(), fused=fused)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = snapshot_optimizer(opt)
+    with pytest.raises(RuntimeError) as raised:
+        opt.step()
+    message = str(raised.value)
+    assert message.startswith(f"fused_optim.{name}: `fused=True` requires all the params to "
+                              "be floating point Tensors of supported devices: ['cpu'"), message
+    assert "but torch.float32 and meta" in message and "fused=False" in message, message
+    assert_optimizer_unchanged(opt, before, f"{name} on meta")
+    # fused=False: torch's code, on meta tensors as far as it goes there
+    # (torch's Adagrad reads its step with .item(), which meta refuses).
+    torch_path = getattr(fused_optim, name)(model.parameters(), fused=False)
+    reference = torch_class(name)(model.parameters(), fused=False)
+    try:
+        reference.step()
+    except RuntimeError as error:
+        with pytest.raises(RuntimeError, match=re.escape(str(error))):
+            torch_path.step()
+    else:
+        torch_path.step()
+        assert {k: v.shape for k, v in torch_path.state[model.weight].items()} == \
+            {k: v.shape for k, v in reference.state[model.weight].items()}
 
 
 # ---------------------------------------------------------------------------
