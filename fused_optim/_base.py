@@ -38,6 +38,26 @@ from fused_optim._traced import TracedStep
 _RAW_KEY_GETTERS: dict = {}
 
 
+# Note [who unscales under GradScaler]
+# torch.optim's rule: an optimizer built with fused=True unscales in its step
+# (GradScaler hands it grad_scale and found_inf and calls step() even on a
+# skipped step); any other lets GradScaler unscale the gradients in a pass
+# of its own and is not called on a skipped step. Ours follows it, so code
+# that reads the flag sees what it would see with torch.optim: Lightning
+# refuses gradient clipping under mixed precision for an optimizer that
+# unscales in its step, and accelerate infers a skipped step from step()
+# not being called. With master_weights the params are often float16, whose
+# gradients GradScaler refuses to unscale itself ("Attempting to unscale
+# FP16 gradients"), so those unscale in the step too. Either way our fused
+# step runs; only who divides by the scale differs (in the step it costs no
+# extra pass over memory: fused=True to ask for it).
+def amp_scaling_in_step(defaults) -> bool:
+    """Whether GradScaler should hand its scale to step() (the Note above)."""
+    if _torch_path.uses_torch_path(defaults):
+        return False
+    return defaults.get("fused") is True or bool(defaults.get("master_weights"))
+
+
 class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer):
     """Base class of the fused optimizers. Not for direct use."""
 
@@ -51,10 +71,12 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     _scalar_state_names: tuple = ()
     # Whether sparse gradients are supported (through torch's functional API).
     _supports_sparse = False
-    # torch.amp.GradScaler hands ``grad_scale`` and ``found_inf`` to step()
-    # (as attributes) instead of unscaling the gradients itself: the kernels
-    # unscale in registers and skip the step on inf/NaN without a host sync.
-    _step_supports_amp_scaling = True
+    # Whether torch.amp.GradScaler hands ``grad_scale`` and ``found_inf`` to
+    # step() (as attributes) instead of unscaling the gradients itself: the
+    # kernels then unscale in registers and skip the step on inf/NaN without
+    # a host sync. Set per optimizer by amp_scaling_in_step (Note [who
+    # unscales under GradScaler]).
+    _step_supports_amp_scaling = False
 
     # The op (fused_optim._ops.OP_NAMES) and the torch.optim class whose
     # step runs groups with fused=False or differentiable=True.
@@ -89,9 +111,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         defaults = {k: v for k, v in defaults.items() if not self._is_unset_option(k, v)}
         super().__init__(params, defaults)
         self.state = OptimizerState(self.state)
-        if _torch_path.uses_torch_path(self.defaults):
-            # As torch.optim: GradScaler unscales for an unfused optimizer.
-            self._step_supports_amp_scaling = False
+        self._step_supports_amp_scaling = amp_scaling_in_step(self.defaults)
 
     def _mode(self, group) -> tuple:
         """Group options that select a different kernel (one call per mode)."""
@@ -233,8 +253,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         if not isinstance(self.state, OptimizerState):
             self.state = OptimizerState(self.state)
         self._plan = None
-        if _torch_path.uses_torch_path(self.defaults):
-            self._step_supports_amp_scaling = False
+        self._step_supports_amp_scaling = amp_scaling_in_step(self.defaults)
 
     def __getstate__(self):
         state = super().__getstate__()

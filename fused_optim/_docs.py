@@ -88,11 +88,14 @@ FUSED_NOTE = """
     checkpoints move between the two in both directions (our extra state,
     ``master_param``, under its own key).
 
-    AMP: ``torch.amp.GradScaler`` hands its scale and inf flag to the step
-    (``_step_supports_amp_scaling``); the kernel divides the gradients by
-    the scale in registers, writes them back unscaled, and skips the whole
-    step, step counters included, when an inf/NaN was found (the gradients
-    are then left as they were, scaled, as by torch's ``fused=True``, and
-    state the step made is taken back): no extra pass and, on CUDA, no
-    host sync but in a step that makes state.
+    AMP: who unscales under ``torch.amp.GradScaler`` follows torch.optim's
+    rule (``_step_supports_amp_scaling``). Built with ``fused=True`` where
+    the class takes it, or with ``master_weights=True``, the step takes
+    GradScaler's scale and inf flag: the kernel divides the gradients by the
+    scale in registers, writes them back unscaled, and skips the whole step,
+    step counters included, when an inf/NaN was found (the gradients are
+    then left as they were, scaled, as by torch's ``fused=True``, and state
+    the step made is taken back): no extra pass and, on CUDA, no host sync
+    but in a step that makes state. Otherwise GradScaler unscales in a pass
+    of its own and skips calling step(), as for torch.optim's default.
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -530,3 +531,25 @@ def seeded_grads(step, dtype, params) -> list:
     """Step ``step``'s gradients of ``params``: N(0, 1) in float64, cast."""
     g = torch.Generator().manual_seed(100 + step)
     return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) for p in params]
+
+
+# ---------------------------------------------------------------------------
+# AMP: an optimizer whose step unscales (GradScaler hands it its scale)
+# ---------------------------------------------------------------------------
+
+
+def unscaling_in_step(cls, kwargs):
+    """(cls, kwargs) of an optimizer whose step unscales under GradScaler
+    (Note [who unscales under GradScaler]): fused=True where the class takes
+    it; for the others, ours with the flag set by hand, to reach for float32
+    params the kernels' unscaling that master_weights=True reaches."""
+    if "fused" in inspect.signature(cls.__init__).parameters:
+        return cls, {**kwargs, "fused": True}
+
+    def build(params, **kw):
+        opt = cls(params, **kw)
+        opt._step_supports_amp_scaling = True
+        return opt
+
+    build.__name__ = cls.__name__
+    return build, kwargs

@@ -1,11 +1,15 @@
-"""AMP: torch.amp.GradScaler drives our optimizers through
-``_step_supports_amp_scaling`` (it hands ``grad_scale`` and ``found_inf`` to
-the step; the kernels unscale in registers, write the unscaled gradients back
-and skip the step when an inf/NaN was found). The reference is torch.optim's
-single-tensor step driven by its own GradScaler, which unscales the gradients
-itself and does not call step() on a skipped step: params, state, step
-counters and the scale must follow the same trajectory (torch's own fused
-Adam got this wrong for a while: pytorch#88258, #96755)."""
+"""AMP: torch.amp.GradScaler drives our optimizers as it drives torch.optim's.
+
+Who divides the gradients by the scale follows torch's rule (Note [who
+unscales under GradScaler], _base.py): an optimizer built with fused=True
+(or, ours, with master_weights=True) has ``_step_supports_amp_scaling`` set,
+so GradScaler hands ``grad_scale`` and ``found_inf`` to the step, whose
+kernels unscale in registers, write the unscaled gradients back and skip the
+step when an inf/NaN was found; any other lets GradScaler unscale in a pass
+of its own and skip calling step(). Both paths run here. The reference is
+torch.optim's single-tensor step driven by its own GradScaler: params,
+state, step counters and the scale must follow the same trajectory (torch's
+own fused Adam got this wrong for a while: pytorch#88258, #96755)."""
 
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ import torch
 from torch.testing import assert_close
 
 import fused_optim
-from harness import assert_optimizer_unchanged, bits, snapshot_optimizer
-from optim_configs import ONE_PER_OPTIMIZER, torch_class
+from harness import assert_optimizer_unchanged, bits, snapshot_optimizer, unscaling_in_step
+from optim_configs import HAS_FUSED, ONE_PER_OPTIMIZER, OPTIMIZER_NAMES, torch_class
 
 SHAPES = [(1,), (7,), (9,), (4099,), (33, 65)]
 # Steps whose gradients hold an inf or a NaN: the scaler halves its scale and
@@ -23,6 +27,7 @@ SHAPES = [(1,), (7,), (9,), (4099,), (33, 65)]
 # made for a skipped step must behave like state made for the next one).
 BAD_STEPS = {0: float("inf"), 3: float("nan"), 4: float("-inf"), 8: float("inf")}
 STEPS = 11
+IN_STEP = pytest.mark.parametrize("in_step", [True, False], ids=["unscaled_in_step", "by_the_scaler"])
 
 
 def _grad(shape, step, index):
@@ -31,11 +36,14 @@ def _grad(shape, step, index):
 
 
 class AmpRun:
-    def __init__(self, cls, kwargs, unscale_first, dtype=torch.float32):
+    def __init__(self, cls, kwargs, unscale_first, dtype=torch.float32, in_step=False):
+        if in_step:
+            cls, kwargs = unscaling_in_step(cls, kwargs)
         g = torch.Generator().manual_seed(7)
         self.params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
         self.kwargs = kwargs
         self.opt = cls(self.params, **kwargs)
+        assert getattr(self.opt, "_step_supports_amp_scaling", False) == in_step
         # growth_interval=2: the scale also grows during the run
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
         self.unscale_first = unscale_first
@@ -56,6 +64,29 @@ class AmpRun:
         self.scaler.update()
 
 
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_who_unscales_follows_torch(name):
+    """_step_supports_amp_scaling as torch.optim sets it for the same
+    arguments (fused=True only), and for master_weights=True (float16
+    params, whose gradients GradScaler refuses to unscale itself)."""
+    cls = getattr(fused_optim, name)
+    p = [torch.nn.Parameter(torch.randn(3))]
+    cases = [({}, False), ({"master_weights": True}, True)]
+    if name in HAS_FUSED:
+        cases += [({"fused": True}, True), ({"fused": False}, False), ({"fused": None}, False),
+                  ({"fused": True, "master_weights": True}, True)]
+    for kwargs, expected in cases:
+        assert cls(p, **kwargs)._step_supports_amp_scaling is expected, kwargs
+        theirs = {k: v for k, v in kwargs.items() if k != "master_weights"}
+        if name in HAS_FUSED and "master_weights" not in kwargs:
+            assert getattr(torch_class(name)(p, **theirs), "_step_supports_amp_scaling", False) \
+                is expected, kwargs
+        # (a pickled and restored optimizer keeps it)
+        restored = cls(p, **kwargs)
+        restored.__setstate__(restored.__getstate__())
+        assert restored._step_supports_amp_scaling is expected, kwargs
+
+
 def _compare(ours, ref, where):
     assert ours.scaler.get_scale() == ref.scaler.get_scale(), where
     for i, (p, r) in enumerate(zip(ours.params, ref.params)):
@@ -71,26 +102,29 @@ def _compare(ours, ref, where):
                 assert_close(st[key], value, msg=lambda m: f"{where} {key}[{i}]: {m}")
 
 
+@IN_STEP
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["scaler_step", "unscale_then_step"])
 @pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
-def test_grad_scaler_matches_torch(cfg, unscale_first):
-    ours = AmpRun(cfg.ours_cls, cfg.kwargs, unscale_first)
+def test_grad_scaler_matches_torch(cfg, unscale_first, in_step):
+    ours = AmpRun(cfg.ours_cls, cfg.kwargs, unscale_first, in_step=in_step)
     ref = AmpRun(cfg.torch_cls, {**cfg.kwargs, "foreach": False}, unscale_first)
     for step in range(STEPS):
         ours.step(step)
         ref.step(step)
         _compare(ours, ref, f"{cfg} step {step}")
-        if step not in BAD_STEPS:
-            # the gradients the optimizer saw, written back unscaled
+        # The gradients the optimizer saw, written back unscaled; on a
+        # skipped step the scaler's own pass has unscaled them, the step's
+        # (not run) has not: Note [who unscales under GradScaler].
+        if step not in BAD_STEPS or not in_step or unscale_first:
             for i, (p, r) in enumerate(zip(ours.params, ref.params)):
-                assert torch.equal(p.grad, r.grad), f"{cfg} step {step}: grad {i} not unscaled"
+                assert torch.equal(bits(p.grad), bits(r.grad)), f"{cfg} step {step}: grad {i}"
 
 
 @pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
 def test_skipped_step_writes_nothing(cfg):
-    """A step with found_inf set leaves params, state, step counters and
-    (scaled) grads exactly as they were."""
-    ours = AmpRun(cfg.ours_cls, cfg.kwargs, unscale_first=False)
+    """A step that unscales in the step, with found_inf set, leaves params,
+    state, step counters and (scaled) grads exactly as they were."""
+    ours = AmpRun(cfg.ours_cls, cfg.kwargs, unscale_first=False, in_step=True)
     for step in range(2):
         ours.step(step + 1)  # (step 0 is a bad one)
     snap = snapshot_optimizer(ours.opt)
@@ -110,8 +144,8 @@ def test_grad_scaler_with_master_weights_equals_manual_unscale(cfg):
     """bf16 params with master weights under AMP take the same steps as
     without AMP, fed the unscaled gradients and skipping the bad steps."""
     kwargs = {**cfg.kwargs, "master_weights": True}
-    amp = AmpRun(cfg.ours_cls, kwargs, unscale_first=False, dtype=torch.bfloat16)
-    plain = AmpRun(cfg.ours_cls, kwargs, unscale_first=False, dtype=torch.bfloat16)
+    amp = AmpRun(cfg.ours_cls, kwargs, unscale_first=False, dtype=torch.bfloat16, in_step=True)
+    plain = AmpRun(cfg.ours_cls, kwargs, unscale_first=False, dtype=torch.bfloat16, in_step=True)
     for step in range(STEPS):
         amp.step(step)
         if step in BAD_STEPS:
@@ -155,7 +189,7 @@ def test_a_first_step_skipped_by_amp_makes_no_state(name, between):
     calls: whatever happens before the next step (a checkpoint, a new
     group, a step without gradients), it starts the buffer."""
     kwargs = dict(lr=0.1, momentum=0.9, dampening=0.5)
-    ours = AmpRun(getattr(fused_optim, name), kwargs, unscale_first=False)
+    ours = AmpRun(getattr(fused_optim, name), kwargs, unscale_first=False, in_step=True)
     ref = AmpRun(torch_class(name), {**kwargs, "foreach": False}, unscale_first=False)
     for run in (ours, ref):
         run.step(0)  # a bad step

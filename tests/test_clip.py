@@ -36,6 +36,7 @@ from harness import (
     snapshot_params,
     sometimes_none,
     step_device_of,
+    unscaling_in_step,
 )
 from optim_configs import (
     CONFIGS_BY_ID, GROUP_OVERRIDES, HAS_FUSED, ONE_PER_OPTIMIZER, OPTIMIZER_NAMES,
@@ -406,7 +407,9 @@ def _amp_grad(shape, step, index):
 
 
 class AmpRun:
-    def __init__(self, cls, kwargs, dtype=torch.float32):
+    def __init__(self, cls, kwargs, dtype=torch.float32, in_step=False):
+        if in_step:
+            cls, kwargs = unscaling_in_step(cls, kwargs)
         g = torch.Generator().manual_seed(7)
         self.params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in AMP_SHAPES]
         self.opt = cls(self.params, **kwargs)
@@ -428,9 +431,10 @@ class AmpRun:
 
 
 @ONE_EACH
+@pytest.mark.parametrize("in_step", [True, False], ids=["unscaled_in_step", "by_the_scaler"])
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["scaler_step", "unscale_then_step"])
-def test_grad_scaler_with_max_grad_norm_matches_torch(cfg, unscale_first):
-    ours = AmpRun(cfg.ours_cls, {**_kwargs(cfg), "max_grad_norm": AMP_MAX_NORM})
+def test_grad_scaler_with_max_grad_norm_matches_torch(cfg, unscale_first, in_step):
+    ours = AmpRun(cfg.ours_cls, {**_kwargs(cfg), "max_grad_norm": AMP_MAX_NORM}, in_step=in_step)
     ref = AmpRun(cfg.torch_cls, {**_kwargs(cfg), "foreach": False})
     for step in range(11):
         unscaled = ours.set_grads(step)
@@ -442,7 +446,7 @@ def test_grad_scaler_with_max_grad_norm_matches_torch(cfg, unscale_first):
         want = torch_clip_(ref.opt, [AMP_MAX_NORM])
         ref.scaler.step(ref.opt)
         ref.scaler.update()
-        snap = snapshot_optimizer(ours.opt)
+        snap, snap_norm = snapshot_optimizer(ours.opt), ours.opt.grad_norm
         if unscale_first:
             ours.scaler.unscale_(ours.opt)
         ours.scaler.step(ours.opt)
@@ -450,7 +454,12 @@ def test_grad_scaler_with_max_grad_norm_matches_torch(cfg, unscale_first):
         assert ours.scaler.get_scale() == ref.scaler.get_scale(), where
         got = ours.opt.grad_norm
         if step in AMP_BAD_STEPS:
-            assert not torch.isfinite(got), f"{where}: a skipped step's grad_norm is {got}"
+            # A step that unscales measures the inf; one the scaler skips is
+            # not called and keeps the last norm.
+            if in_step:
+                assert not torch.isfinite(got), f"{where}: a skipped step's grad_norm is {got}"
+            else:
+                assert got is snap_norm, f"{where}: a step not called measured {got}"
             # (a first step makes the state, with step counters at 0)
             assert_optimizer_unchanged(ours.opt, snap, f"{where} (skipped)", allow_new_state=True)
             for i, (p, r) in enumerate(zip(ours.params, ref.params)):
@@ -476,7 +485,7 @@ def test_grad_scaler_with_max_grad_norm_matches_torch(cfg, unscale_first):
 
 @ONE_EACH
 def test_grad_scaler_skipped_step_with_max_grad_norm_writes_nothing(cfg):
-    ours = AmpRun(cfg.ours_cls, {**_kwargs(cfg), "max_grad_norm": AMP_MAX_NORM})
+    ours = AmpRun(cfg.ours_cls, {**_kwargs(cfg), "max_grad_norm": AMP_MAX_NORM}, in_step=True)
     for step in (1, 2):
         ours.set_grads(step)
         ours.scaler.step(ours.opt)

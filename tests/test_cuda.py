@@ -52,6 +52,7 @@ from harness import (
     run_parity,
     sometimes_none,
     step_device_of,
+    unscaling_in_step,
 )
 from optim_configs import (
     EXACT_DTYPES,
@@ -436,17 +437,21 @@ def _loss(run: Run, step: int, inject_inf: bool):
     return loss
 
 
+@pytest.mark.parametrize("in_step", [True, False], ids=["unscaled_in_step", "by_the_scaler"])
 @ALL
-def test_grad_scaler_matches_torch_with_skipped_steps(cfg):
-    # Ours takes grad_scale/found_inf from the GradScaler
-    # (_step_supports_amp_scaling): unscales in the kernel, writes the
-    # unscaled grads back, and skips the step on the device when found_inf.
+def test_grad_scaler_matches_torch_with_skipped_steps(cfg, in_step):
+    # in_step: ours takes grad_scale/found_inf from the GradScaler
+    # (_step_supports_amp_scaling, fused=True): unscales in the kernel,
+    # writes the unscaled grads back, and skips the step on the device when
+    # found_inf; else the scaler unscales (the default, as torch's).
     # torch.optim (foreach=False) is driven by its own scaler, which unscales
     # with its own kernel and skips in Python. Params, state, step counts and
     # the scaler's scale must match; steps 2 and 5 carry an inf.
     groups = one_group([P((1,)), P((7,)), P((4099,)), P((CHUNK + 1,))])
     ref = Run(cfg.torch_cls, groups, {**cfg.kwargs, "foreach": False}, device=DEVICE)
-    ours = Run(cfg.ours_cls, groups, cfg.kwargs, device=DEVICE)
+    cls, kwargs = unscaling_in_step(cfg.ours_cls, cfg.kwargs) if in_step else (cfg.ours_cls, cfg.kwargs)
+    ours = Run(cls, groups, kwargs, device=DEVICE)
+    assert ours.opt._step_supports_amp_scaling == in_step
     scalers = [torch.amp.GradScaler(DEVICE, init_scale=2.0**12, growth_interval=3) for _ in range(2)]
     for step in range(8):
         inject = step in (2, 5)

@@ -29,7 +29,7 @@ from torch.testing import assert_close
 import fused_optim
 from fused_optim import _reference
 
-from harness import P, run_low_precision, seeded_grads, trust_ratio_params
+from harness import P, run_low_precision, seeded_grads, trust_ratio_params, unscaling_in_step
 from optim_configs import CONFIGS_BY_ID, OptimConfig
 
 SIZES = [1, 7, 33, 4099, 5]
@@ -266,17 +266,19 @@ def _amp_grads(step, p0):
     return [torch.randn(t.shape, generator=g) for t in p0]
 
 
+@pytest.mark.parametrize("in_step", [True, False], ids=["unscaled_in_step", "by_the_scaler"])
 @pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["no_clip", "clip"])
-def test_grad_scaler_equals_unscaled_run(max_grad_norm):
-    # Under GradScaler the op unscales in registers: the moments, both norms
-    # of the ratio and the global norm are of the unscaled gradient, so the
-    # steps equal the unscaled ones.
+def test_grad_scaler_equals_unscaled_run(max_grad_norm, in_step):
+    # Unscaled in registers by the op (or by GradScaler's own pass): the
+    # moments, both norms of the ratio and the global norm are of the
+    # unscaled gradient, so the steps equal the unscaled ones.
     p0, kwargs = _amp_setup(max_grad_norm)
     plain = [torch.nn.Parameter(t.clone()) for t in p0]
     plain_opt = fused_optim.Lamb(plain, **kwargs)
     scaled = [torch.nn.Parameter(t.clone()) for t in p0]
-    opt = fused_optim.Lamb(scaled, **kwargs)
-    assert opt._step_supports_amp_scaling  # (grad_scale and found_inf reach the op)
+    cls, scaled_kwargs = unscaling_in_step(fused_optim.Lamb, kwargs) if in_step else (fused_optim.Lamb, kwargs)
+    opt = cls(scaled, **scaled_kwargs)
+    assert opt._step_supports_amp_scaling == in_step  # (grad_scale and found_inf reach the op)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
     for step in range(4):
         grads = _amp_grads(step, p0)
@@ -319,7 +321,8 @@ def _assert_unchanged(opt, params, snap, where):
 def test_found_inf_skips_the_step(max_grad_norm):
     p0, kwargs = _amp_setup(max_grad_norm)
     params = [torch.nn.Parameter(t.clone()) for t in p0]
-    opt = fused_optim.Lamb(params, **kwargs)
+    cls, kwargs = unscaling_in_step(fused_optim.Lamb, kwargs)
+    opt = cls(params, **kwargs)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     for step in range(2):
         scaler.scale(torch.ones(()))

@@ -23,7 +23,7 @@ import torch
 import fused_optim
 from fused_optim import _reference
 
-from harness import seeded_grads, trust_ratio_params
+from harness import seeded_grads, trust_ratio_params, unscaling_in_step
 
 SIZES = [1, 7, 33, 4099, 5]
 STEPS = 12
@@ -169,9 +169,11 @@ def test_norm_is_of_the_clipped_gradient():
         assert not torch.allclose(p.detach(), u)
 
 
-def test_amp_norms_are_of_unscaled_gradients():
-    # Under GradScaler the op unscales in registers; the gradient norm is
-    # that of the unscaled gradient, so the step equals the unscaled one.
+@pytest.mark.parametrize("in_step", [True, False], ids=["unscaled_in_step", "by_the_scaler"])
+def test_amp_norms_are_of_unscaled_gradients(in_step):
+    # Unscaled in registers by the op (or by GradScaler's own pass): the
+    # gradient norm is that of the unscaled gradient, so the step equals the
+    # unscaled one.
     torch.manual_seed(0)
     p0 = [torch.randn(n) for n in (7, 4099)]
     grads = [torch.randn_like(t) for t in p0]
@@ -181,10 +183,11 @@ def test_amp_norms_are_of_unscaled_gradients():
         p.grad = g.clone()
     fused_optim.Lars(plain, **kwargs).step()
     scaled = [torch.nn.Parameter(t.clone()) for t in p0]
-    opt = fused_optim.Lars(scaled, **kwargs)
+    cls, scaled_kwargs = unscaling_in_step(fused_optim.Lars, kwargs) if in_step else (fused_optim.Lars, kwargs)
+    opt = cls(scaled, **scaled_kwargs)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     scaler.scale(torch.ones(()))  # (initializes the scale, as scaling a loss does)
-    assert opt._step_supports_amp_scaling  # (the op unscales: grad_scale reaches it)
+    assert opt._step_supports_amp_scaling == in_step  # (the op unscales: grad_scale reaches it)
     for p, g in zip(scaled, grads):
         p.grad = g * 1024.0
     scaler.step(opt)

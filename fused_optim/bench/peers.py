@@ -97,6 +97,11 @@ def make_optimizer(
     cls, impl_kwargs = optimizer_class(impl, spec, ours_module)
     if impl == OURS:
         impl_kwargs = {**impl_kwargs, **precision.ours_kwargs()}
+        if precision.amp and spec.torch_has_fused:
+            # Unscaled in the step, as the user asks for it: fused=True
+            # (Note [who unscales under GradScaler]); the other classes get
+            # GradScaler's own pass unless master weights are on.
+            impl_kwargs["fused"] = True
     return cls(param_groups(spec, workload, param_set), **spec.kwargs, **impl_kwargs)
 
 

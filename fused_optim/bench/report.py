@@ -117,7 +117,8 @@ def precisions_markdown(names: list[str]) -> list[str]:
             for k, v in precision.ours_kwargs().items()
         ) or "(none)"
         if precision.amp:
-            kwargs += "; GradScaler's grad_scale/found_inf"
+            kwargs += ("; GradScaler: fused=True where the class takes it, and master "
+                       "weights, unscale in the step; else GradScaler's own pass")
         ours_bytes = "/".join(
             str(bytes_per_element(OPTIMIZERS[o], precision)) for o in ("sgd", "adam")
         )
