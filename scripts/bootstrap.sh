@@ -17,9 +17,10 @@ fi
 # torch would pull several GB of CUDA packages.
 # matplotlib, scikit-learn (its bundled digits) and optuna are for
 # fused_optim.sweep (plots, the example, distributed search); none of them
-# depends on torch.
+# depends on torch. expecttest is imported by torch's own test utilities,
+# whose optimizer database tests/test_torch_optim_db.py runs ours through.
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-  "torch==2.13.0" numpy pytest hypothesis ninja setuptools wheel \
+  "torch==2.13.0" numpy pytest hypothesis expecttest ninja setuptools wheel \
   matplotlib scikit-learn optuna
 # lion-pytorch, the reference Lion of tests/test_lion.py (skipped without
 # it), depends on torch: installed alone, pinned, without dependencies, so

@@ -21,14 +21,17 @@ import warnings
 import pytest
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torch.testing._internal.common_optimizers import (
+
+# torch's test utilities import expecttest (scripts/bootstrap.sh installs it).
+pytest.importorskip("expecttest")
+from torch.testing._internal.common_optimizers import (  # noqa: E402
     OptimizerErrorEnum,
     _get_optim_inputs_including_global_cliquey_kwargs as _with_implementation_keywords,
     optim_db,
 )
 
-import fused_optim
-from optim_configs import NOT_IN_TORCH, OPTIMIZER_NAMES
+import fused_optim  # noqa: E402
+from optim_configs import NOT_IN_TORCH, OPTIMIZER_NAMES  # noqa: E402
 
 IN_TORCH = [n for n in OPTIMIZER_NAMES if n not in NOT_IN_TORCH]
 INFOS = {info.optim_cls.__name__: info for info in optim_db if info.optim_cls.__name__ in IN_TORCH}
