@@ -46,9 +46,10 @@ _RAW_KEY_GETTERS: dict = {}
 # that reads the flag sees what it would see with torch.optim: Lightning
 # refuses gradient clipping under mixed precision for an optimizer that
 # unscales in its step, and accelerate infers a skipped step from step()
-# not being called. With master_weights the params are often float16, whose
-# gradients GradScaler refuses to unscale itself ("Attempting to unscale
-# FP16 gradients"), so those unscale in the step too. Either way our fused
+# not being called. With master_weights (given to the constructor) the
+# params are often float16, whose gradients GradScaler refuses to unscale
+# itself ("Attempting to unscale FP16 gradients"), so those unscale in the
+# step too. Either way our fused
 # step runs; only who divides by the scale differs (in the step it costs no
 # extra pass over memory: fused=True to ask for it).
 def amp_scaling_in_step(defaults) -> bool:
@@ -253,6 +254,9 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         if not isinstance(self.state, OptimizerState):
             self.state = OptimizerState(self.state)
         self._plan = None
+        # (torch's Optimizer pickles no attribute but these three: torch's
+        # fused optimizers lose the flag in a pickle or a deepcopy; ours is
+        # made again from the defaults)
         self._step_supports_amp_scaling = amp_scaling_in_step(self.defaults)
 
     def __getstate__(self):
