@@ -131,6 +131,12 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     # raises KeyError for (_torch_path.make_missing_mode_state).
     _made_by_torch_when_missing: tuple = ()
 
+    # What torch.optim's code raises for a group with fused=True and
+    # differentiable=True (its functional refuses the pair, after earlier
+    # groups were updated); raised here before anything is written. None:
+    # torch's code takes the pair (SGD).
+    _fused_differentiable_error: str | None = None
+
     def _init_state(self, param, group, state: dict, dtype: torch.dtype) -> bool:
         """Fills in a param's missing state: the step counter and a zero
         tensor of ``dtype`` (the state dtype) per state name (torch.optim's

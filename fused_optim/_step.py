@@ -314,6 +314,9 @@ class StepProtocol:
         """Validates a group that torch.optim's step will update, before
         anything is written (torch's own checks run again inside)."""
         check_torch_path_precision(type(self).__name__, group)
+        if (group.get("fused") and group.get("differentiable") and self._fused_differentiable_error
+                and any(p.grad is not None for p in group["params"])):
+            raise RuntimeError(self._fused_differentiable_error)
         for pi, param in enumerate(group["params"]):
             if param.grad is not None:
                 self._check_grad(gi, pi, param, param.grad)

@@ -18,6 +18,7 @@ __all__ = ["Adagrad"]
 class Adagrad(FusedOptimizer):
     _op_name = "adagrad_"
     _torch_class = torch.optim.Adagrad
+    _fused_differentiable_error = "adagrad with fused=True does not support differentiable=True"
     _supports_sparse = True
 
     def __init__(

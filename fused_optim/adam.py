@@ -20,6 +20,7 @@ _BETAS_EPS_WD = operator.itemgetter("betas", "eps", "weight_decay")
 class Adam(FusedOptimizer):
     _op_name = "adam_"
     _torch_class = torch.optim.Adam
+    _fused_differentiable_error = "Adam with fused=True does not support differentiable=True"
 
     def __init__(
         self,

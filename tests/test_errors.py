@@ -464,3 +464,32 @@ def test_load_state_dict_mismatch(cfg, name):
         r.set_grads(2)
         r.opt.step()
     assert_runs_close(ours, ref, f"{cfg} step after failed load_state_dict({name})")
+
+
+@pytest.mark.parametrize("name", sorted(HAS_FUSED))
+def test_fused_differentiable_group_refused_before_writing(name):
+    """A group with differentiable=True under fused=True defaults: torch's
+    functional refuses the pair for some classes (Adam, AdamW, Adagrad),
+    after it updated the groups before; ours raises the same exception
+    before anything is written, and where torch takes it (SGD) steps as
+    torch."""
+    def build(cls):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3, 2))
+        opt = cls([{"params": [a]}, {"params": [b], "differentiable": True}], lr=0.1, fused=True)
+        a.grad, b.grad = torch.ones_like(a), torch.full_like(b, 0.5)
+        return opt, (a, b)
+
+    theirs, their_params = build(torch_class(name))
+    ours, our_params = build(getattr(fused_optim, name))
+    before = snapshot_optimizer(ours)
+    try:
+        theirs.step()
+    except RuntimeError as error:
+        with pytest.raises(RuntimeError, match=re.escape(str(error))):
+            ours.step()
+        assert_optimizer_unchanged(ours, before, f"{name} fused differentiable group")
+    else:
+        ours.step()
+        for mine, its in zip(our_params, their_params):
+            torch.testing.assert_close(mine, its)

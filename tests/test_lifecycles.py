@@ -21,7 +21,8 @@ of what training code does between steps:
 - a checkpoint round trip into new optimizers, torch.optim's or ours
   loading either's ``state_dict()``, through ``torch.save`` or not.
 
-A lifecycle runs plain, under ``GradScaler`` (with inf/NaN steps), with
+A lifecycle runs plain, under ``GradScaler`` (with inf/NaN steps; ours
+unscaling in its step or letting the scaler unscale), with
 ``max_grad_norm`` (torch.optim clips in float64 before its step), with
 sparse gradients (SGD, Adagrad), or with ``master_weights=True`` over
 bfloat16 or float16 params (torch.optim steps float32 params from the same
@@ -152,6 +153,10 @@ class Lifecycle:
             # torch.compile; GradScaler calls the step it is given)
             mode = "plain"
         self.mode = mode
+        # amp: ours unscales in its step (the flag fused=True sets) or lets
+        # GradScaler unscale (the default): Note [who unscales under
+        # GradScaler]
+        self.amp_in_step = mode == "amp" and r.random() < 0.5
         self.dtypes = r.choice([[torch.float32], [torch.float64], [torch.float32, torch.float64]])
         # master: our params in this dtype, torch.optim's in float32
         self.low = r.choice([torch.bfloat16, torch.float16]) if mode == "master" else None
@@ -174,7 +179,8 @@ class Lifecycle:
         self.scheduler = r.choice([None, None, *SCHEDULERS])
         self.clip_norm = r.choice([0.1, 1.0, 10.0])
         self.ref_params, self.our_params = self._param_pair(starts)
-        self.log = [f"{self.name} {mode} {self.low or ''} {self.kwargs} groups {self.overrides} "
+        in_step = " in step" if self.amp_in_step else ""
+        self.log = [f"{self.name} {mode}{in_step} {self.low or ''} {self.kwargs} groups {self.overrides} "
                     f"scheduler {self.scheduler} "
                     f"shapes {[tuple(t.shape) for t in starts]} {[t.dtype for t in starts]}"]
         self.ref, self.ours = self._new_pair()
@@ -205,8 +211,12 @@ class Lifecycle:
         ref_kwargs = dict(self.kwargs)
         if self.name not in NOT_IN_TORCH:
             ref_kwargs["foreach"] = False
-        return (torch_class(self.name)(self._groups(self.ref_params), **ref_kwargs),
-                getattr(fused_optim, self.name)(self._groups(self.our_params), **ours_kwargs))
+        ours = getattr(fused_optim, self.name)(self._groups(self.our_params), **ours_kwargs)
+        if self.amp_in_step:
+            # (what fused=True sets; fused=True itself would make the groups
+            # drawn with differentiable=True raise, as torch's do)
+            ours._step_supports_amp_scaling = True
+        return torch_class(self.name)(self._groups(self.ref_params), **ref_kwargs), ours
 
     def _new_schedulers(self, saved=None) -> list:
         """One scheduler per optimizer, from ``saved`` (a scheduler's
