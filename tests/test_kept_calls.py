@@ -431,6 +431,8 @@ def test_kept_calls_under_grad_scaler_are_the_calls_built_afresh_bit_for_bit(nam
     for keep in (True, False):
         opt, params = _several_buckets(name)
         opt.param_groups[0]["max_grad_norm"] = 0.5
+        # (what fused=True sets: GradScaler's scalars reach the calls)
+        opt._step_supports_amp_scaling = True
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
         scales = []
         for step in range(8):

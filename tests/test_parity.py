@@ -18,6 +18,7 @@ from harness import (
     run_low_precision,
     run_parity,
     sometimes_none,
+    unscaling_in_step,
 )
 from optim_configs import (
     GROUP_OVERRIDES,
@@ -308,14 +309,18 @@ def test_independent_of_thread_count(cfg, device):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("in_step", [True, False], ids=["unscaled_in_step", "by_the_scaler"])
 @ONE_EACH
-def test_grad_scaler_with_inf_step(cfg, device):
-    """GradScaler drives ours exactly as it drives torch.optim: same
-    trajectory, and the step with an inf gradient is skipped entirely (params
-    and state unchanged, step counters not advanced)."""
+def test_grad_scaler_with_inf_step(cfg, device, in_step):
+    """GradScaler drives ours exactly as it drives torch.optim, whoever
+    unscales (Note [who unscales under GradScaler]): same trajectory, and
+    the step with an inf gradient is skipped entirely (params and state
+    unchanged, step counters not advanced)."""
     groups = one_group([P((7,)), P((4099,)), P((3, 5))])
     ref = Run(cfg.torch_cls, groups, {**cfg.kwargs, "foreach": False}, device=device)
-    ours = Run(cfg.ours_cls, groups, cfg.kwargs, device=device)
+    cls, kwargs = unscaling_in_step(cfg.ours_cls, cfg.kwargs) if in_step else (cfg.ours_cls, cfg.kwargs)
+    ours = Run(cls, groups, kwargs, device=device)
+    assert ours.opt._step_supports_amp_scaling == in_step
     scalers = [torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2)
                for _ in (ref, ours)]
     weights = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(device)

@@ -134,13 +134,14 @@ def test_one_unfused_group_among_fused_ones(name):
 @pytest.mark.parametrize("mixed", [False, True], ids=["all_unfused", "one_group_unfused"])
 def test_unfused_groups_under_grad_scaler(mixed):
     # GradScaler: for an unfused optimizer it unscales itself (as for
-    # torch's); with fused groups too it hands us the scale, and the
-    # unfused group's gradients are unscaled here. Inf steps are skipped.
+    # torch's); built with fused=True it hands us the scale, and a group
+    # with fused=False has its gradients unscaled here. Inf steps are skipped.
     models = [_model(), _model()]
     if mixed:
-        ours = fused_optim.Adam(_groups(models[0], fused=False), lr=0.01)
+        ours = fused_optim.Adam(_groups(models[0], fused=False), lr=0.01, fused=True)
     else:
         ours = fused_optim.Adam(_groups(models[0]), lr=0.01, fused=False)
+    assert ours._step_supports_amp_scaling == mixed
     ref = torch.optim.Adam(_groups(models[1], fused=False), lr=0.01, fused=False)
     scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2) for _ in range(2)]
     for step in range(7):
