@@ -198,8 +198,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "names or sets (below), or 'all' (default: fp32). fused_optim "
                              "runs each as named; the torch.optim peers run the same param "
                              "dtype with their own defaults (state in the param dtype, no "
-                             "master weights); amp hands GradScaler's grad_scale/found_inf "
-                             "to the step")
+                             "master weights); amp: under GradScaler, ours built with "
+                             "fused=True where the class takes it (unscaled in the step)")
     parser.add_argument("--impls", type=name_list(IMPLS), default=list(IMPLS),
                         help="implementations to time: comma-separated names (below), or 'all'; "
                              f"{OURS} is always timed (default: all that apply)")

@@ -98,8 +98,10 @@ class Precision:
     master_weights: bool = False
     state_dtype: torch.dtype | None = None  # None: the param dtype (float32 with master weights)
     stochastic_rounding: bool = False
-    # GradScaler's grad_scale/found_inf handed to the step: the gradient is
-    # unscaled in the step and written back.
+    # Under GradScaler: ours is built with fused=True where the class takes
+    # it, and with master weights it unscales in the step too (the gradient
+    # unscaled in registers and written back); the others get GradScaler's
+    # own pass (peers.amp_step).
     amp: bool = False
     # Clipping by the global gradient norm to CLIP_NORM every step: ours
     # with max_grad_norm (a norm pass, then the step scaling in registers);
