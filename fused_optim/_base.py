@@ -49,9 +49,9 @@ _RAW_KEY_GETTERS: dict = {}
 # not being called. With master_weights (given to the constructor) the
 # params are often float16, whose gradients GradScaler refuses to unscale
 # itself ("Attempting to unscale FP16 gradients"), so those unscale in the
-# step too. Either way our fused
-# step runs; only who divides by the scale differs (in the step it costs no
-# extra pass over memory: fused=True to ask for it).
+# step too. Either way our fused step runs; only who divides by the scale
+# differs (in the step it costs no extra pass over memory: fused=True to
+# ask for it).
 def amp_scaling_in_step(defaults) -> bool:
     """Whether GradScaler should hand its scale to step() (the Note above)."""
     if _torch_path.uses_torch_path(defaults):

@@ -538,11 +538,14 @@ def seeded_grads(step, dtype, params) -> list:
 # ---------------------------------------------------------------------------
 
 
-def unscaling_in_step(cls, kwargs):
+def unscaling_in_step(cls, kwargs, in_step: bool = True):
     """(cls, kwargs) of an optimizer whose step unscales under GradScaler
     (Note [who unscales under GradScaler]): fused=True where the class takes
     it; for the others, ours with the flag set by hand, to reach for float32
-    params the kernels' unscaling that master_weights=True reaches."""
+    params the kernels' unscaling that master_weights=True reaches. With
+    in_step=False, (cls, kwargs) as given: GradScaler unscales."""
+    if not in_step:
+        return cls, kwargs
     if "fused" in inspect.signature(cls.__init__).parameters:
         return cls, {**kwargs, "fused": True}
 

@@ -408,8 +408,7 @@ def _amp_grad(shape, step, index):
 
 class AmpRun:
     def __init__(self, cls, kwargs, dtype=torch.float32, in_step=False):
-        if in_step:
-            cls, kwargs = unscaling_in_step(cls, kwargs)
+        cls, kwargs = unscaling_in_step(cls, kwargs, in_step)
         g = torch.Generator().manual_seed(7)
         self.params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in AMP_SHAPES]
         self.opt = cls(self.params, **kwargs)

@@ -449,7 +449,7 @@ def test_grad_scaler_matches_torch_with_skipped_steps(cfg, in_step):
     # the scaler's scale must match; steps 2 and 5 carry an inf.
     groups = one_group([P((1,)), P((7,)), P((4099,)), P((CHUNK + 1,))])
     ref = Run(cfg.torch_cls, groups, {**cfg.kwargs, "foreach": False}, device=DEVICE)
-    cls, kwargs = unscaling_in_step(cfg.ours_cls, cfg.kwargs) if in_step else (cfg.ours_cls, cfg.kwargs)
+    cls, kwargs = unscaling_in_step(cfg.ours_cls, cfg.kwargs, in_step)
     ours = Run(cls, groups, kwargs, device=DEVICE)
     assert ours.opt._step_supports_amp_scaling == in_step
     scalers = [torch.amp.GradScaler(DEVICE, init_scale=2.0**12, growth_interval=3) for _ in range(2)]

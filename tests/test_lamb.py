@@ -276,7 +276,7 @@ def test_grad_scaler_equals_unscaled_run(max_grad_norm, in_step):
     plain = [torch.nn.Parameter(t.clone()) for t in p0]
     plain_opt = fused_optim.Lamb(plain, **kwargs)
     scaled = [torch.nn.Parameter(t.clone()) for t in p0]
-    cls, scaled_kwargs = unscaling_in_step(fused_optim.Lamb, kwargs) if in_step else (fused_optim.Lamb, kwargs)
+    cls, scaled_kwargs = unscaling_in_step(fused_optim.Lamb, kwargs, in_step)
     opt = cls(scaled, **scaled_kwargs)
     assert opt._step_supports_amp_scaling == in_step  # (grad_scale and found_inf reach the op)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)

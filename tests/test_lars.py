@@ -183,7 +183,7 @@ def test_amp_norms_are_of_unscaled_gradients(in_step):
         p.grad = g.clone()
     fused_optim.Lars(plain, **kwargs).step()
     scaled = [torch.nn.Parameter(t.clone()) for t in p0]
-    cls, scaled_kwargs = unscaling_in_step(fused_optim.Lars, kwargs) if in_step else (fused_optim.Lars, kwargs)
+    cls, scaled_kwargs = unscaling_in_step(fused_optim.Lars, kwargs, in_step)
     opt = cls(scaled, **scaled_kwargs)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     scaler.scale(torch.ones(()))  # (initializes the scale, as scaling a loss does)

@@ -318,7 +318,7 @@ def test_grad_scaler_with_inf_step(cfg, device, in_step):
     unchanged, step counters not advanced)."""
     groups = one_group([P((7,)), P((4099,)), P((3, 5))])
     ref = Run(cfg.torch_cls, groups, {**cfg.kwargs, "foreach": False}, device=device)
-    cls, kwargs = unscaling_in_step(cfg.ours_cls, cfg.kwargs) if in_step else (cfg.ours_cls, cfg.kwargs)
+    cls, kwargs = unscaling_in_step(cfg.ours_cls, cfg.kwargs, in_step)
     ours = Run(cls, groups, kwargs, device=device)
     assert ours.opt._step_supports_amp_scaling == in_step
     scalers = [torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2)
