@@ -46,17 +46,22 @@ _RAW_KEY_GETTERS: dict = {}
 # that reads the flag sees what it would see with torch.optim: Lightning
 # refuses gradient clipping under mixed precision for an optimizer that
 # unscales in its step, and accelerate infers a skipped step from step()
-# not being called. With master_weights (given to the constructor) the
-# params are often float16, whose gradients GradScaler refuses to unscale
-# itself ("Attempting to unscale FP16 gradients"), so those unscale in the
-# step too. Either way our fused step runs; only who divides by the scale
-# differs (in the step it costs no extra pass over memory: fused=True to
-# ask for it).
-def amp_scaling_in_step(defaults) -> bool:
+# not being called. With master_weights (given to the constructor, or to
+# any param group) the params are often float16, whose gradients
+# GradScaler refuses to unscale itself ("Attempting to unscale FP16
+# gradients"), so those unscale in the step too. Either way our fused step
+# runs; only who divides by the scale differs (in the step it costs no
+# extra pass over memory: fused=True to ask for it). The flag is read from
+# the groups each time (a property), so a group added or loaded later with
+# master_weights counts, as does a pickled or deep-copied optimizer.
+def amp_scaling_in_step(defaults, param_groups=()) -> bool:
     """Whether GradScaler should hand its scale to step() (the Note above)."""
     if _torch_path.uses_torch_path(defaults):
         return False
-    return defaults.get("fused") is True or bool(defaults.get("master_weights"))
+    if defaults.get("fused") is True or bool(defaults.get("master_weights")):
+        return True
+    return any(group.get("master_weights") and not _torch_path.uses_torch_path(group)
+               for group in param_groups)
 
 
 class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer):
@@ -72,12 +77,6 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     _scalar_state_names: tuple = ()
     # Whether sparse gradients are supported (through torch's functional API).
     _supports_sparse = False
-    # Whether torch.amp.GradScaler hands ``grad_scale`` and ``found_inf`` to
-    # step() (as attributes) instead of unscaling the gradients itself: the
-    # kernels then unscale in registers and skip the step on inf/NaN without
-    # a host sync. Set per optimizer by amp_scaling_in_step (Note [who
-    # unscales under GradScaler]).
-    _step_supports_amp_scaling = False
 
     # The op (fused_optim._ops.OP_NAMES) and the torch.optim class whose
     # step runs groups with fused=False or differentiable=True.
@@ -112,7 +111,23 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         defaults = {k: v for k, v in defaults.items() if not self._is_unset_option(k, v)}
         super().__init__(params, defaults)
         self.state = OptimizerState(self.state)
-        self._step_supports_amp_scaling = amp_scaling_in_step(self.defaults)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Whether torch.amp.GradScaler hands ``grad_scale`` and ``found_inf``
+        to step() (as attributes) instead of unscaling the gradients itself:
+        the kernels then unscale in registers and skip the step on inf/NaN
+        without a host sync (Note [who unscales under GradScaler]). Code
+        that sets it (as on torch's optimizers, a plain attribute) is
+        obeyed until the optimizer is pickled or copied."""
+        chosen = self.__dict__.get("_amp_scaling_chosen")
+        if chosen is not None:
+            return chosen
+        return amp_scaling_in_step(self.defaults, self.param_groups)
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value) -> None:
+        self._amp_scaling_chosen = bool(value)
 
     def _mode(self, group) -> tuple:
         """Group options that select a different kernel (one call per mode)."""
@@ -260,10 +275,6 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         if not isinstance(self.state, OptimizerState):
             self.state = OptimizerState(self.state)
         self._plan = None
-        # (torch's Optimizer pickles no attribute but these three: torch's
-        # fused optimizers lose the flag in a pickle or a deepcopy; ours is
-        # made again from the defaults)
-        self._step_supports_amp_scaling = amp_scaling_in_step(self.defaults)
 
     def __getstate__(self):
         state = super().__getstate__()

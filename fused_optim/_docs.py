@@ -90,7 +90,8 @@ FUSED_NOTE = """
 
     AMP: who unscales under ``torch.amp.GradScaler`` follows torch.optim's
     rule (``_step_supports_amp_scaling``). Built with ``fused=True`` where
-    the class takes it, or with ``master_weights=True``, the step takes
+    the class takes it, or with ``master_weights=True`` (to the constructor
+    or to a param group), the step takes
     GradScaler's scale and inf flag: the kernel divides the gradients by the
     scale in registers, writes them back unscaled, and skips the whole step,
     step counters included, when an inf/NaN was found (the gradients are

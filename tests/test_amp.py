@@ -88,6 +88,65 @@ def test_who_unscales_follows_torch(name):
         assert copy.deepcopy(cls(p, **kwargs))._step_supports_amp_scaling is expected, kwargs
 
 
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_master_weights_in_a_group_unscales_in_step(name):
+    """master_weights given to one group (not the constructor) counts too:
+    its float16 gradients GradScaler would refuse to unscale. The flag is
+    read from the groups, so a group added later counts; a group on torch.optim's
+    path (fused=False) does not count."""
+    cls = getattr(fused_optim, name)
+    p, q = (torch.nn.Parameter(torch.randn(3)) for _ in range(2))
+    assert cls([{"params": [p], "master_weights": True}, {"params": [q]}])._step_supports_amp_scaling
+    opt = cls([p])
+    assert not opt._step_supports_amp_scaling
+    opt.add_param_group({"params": [q], "master_weights": True})
+    assert opt._step_supports_amp_scaling
+    assert copy.deepcopy(opt)._step_supports_amp_scaling
+    # (load_state_dict keeps the loader's own precision options: Note
+    # [implementation keywords on load])
+    for mine in (None, True):
+        loader = cls([{"params": [p]}, {"params": [q], "master_weights": mine}])
+        loader.load_state_dict(opt.state_dict())
+        assert loader._step_supports_amp_scaling is bool(mine)
+    # set by hand (as code sets it on torch's optimizers), it is obeyed
+    loader._step_supports_amp_scaling = False
+    assert not loader._step_supports_amp_scaling
+    if name in HAS_FUSED:
+        torch_path = cls([{"params": [p], "master_weights": True, "fused": False}, {"params": [q]}])
+        assert not torch_path._step_supports_amp_scaling
+
+
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+def test_float16_group_with_master_weights_under_grad_scaler(cfg):
+    """float16 params whose group has master_weights, beside a float32
+    group, under GradScaler: the steps equal those of the same optimizer
+    fed the unscaled gradients by hand, skipping the bad steps (GradScaler
+    unscaling them itself would raise "Attempting to unscale FP16
+    gradients")."""
+    def build(run):
+        half = [p for p in run.params[:2]]
+        for p in half:
+            p.data = p.data.half()
+        return cfg.ours_cls([{"params": half, "master_weights": True},
+                             {"params": run.params[2:]}], **cfg.kwargs)
+
+    amp = AmpRun(cfg.ours_cls, cfg.kwargs, unscale_first=False)
+    plain = AmpRun(cfg.ours_cls, cfg.kwargs, unscale_first=False)
+    amp.opt, plain.opt = build(amp), build(plain)
+    for step in range(STEPS):
+        amp.step(step)
+        if step in BAD_STEPS:
+            continue
+        for i, p in enumerate(plain.params):
+            p.grad = _grad(p.shape, step, i).to(p.dtype)
+        plain.opt.step()
+    for p, q in zip(amp.params, plain.params):
+        assert torch.equal(bits(p), bits(q))
+        assert amp.opt.state[p].keys() == plain.opt.state[q].keys()
+        for key, value in plain.opt.state[q].items():
+            assert torch.equal(bits(amp.opt.state[p][key]), bits(value)), key
+
+
 def _compare(ours, ref, where):
     assert ours.scaler.get_scale() == ref.scaler.get_scale(), where
     for i, (p, r) in enumerate(zip(ours.params, ref.params)):
