@@ -44,7 +44,7 @@ struct OpCall {
   at::ArrayRef<double> lr_values;  // one of lr_values / lr_tensors is used
   at::TensorList lr_tensors;
   bool lr_is_tensor = false;
-  std::array<at::ArrayRef<double>, 8> hyper{};  // kHyper order
+  std::array<at::ArrayRef<double>, kMaxHyperLists> hyper{};  // kHyper order
   const c10::List<bool>* maximize = nullptr;
   const c10::List<bool>* decoupled_weight_decay = nullptr;  // or null
   at::ArrayRef<double> max_grad_norm;

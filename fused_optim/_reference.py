@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from fused_optim import _corrected_decay
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._keywords import check_adam_arguments
 
@@ -128,12 +129,25 @@ def nadam(param, grad, state, *, lr, betas, eps, weight_decay, momentum_decay, m
     param.addcdiv_(m, denom, value=-lr * mu_next / (1 - mu_product * mu_next))
 
 
-def lion(param, grad, state, *, lr, betas, weight_decay, maximize):
+def decay_lr(lr, max_lr):
+    """The lr a decoupled decay is scaled by: lr, or timm's corrected
+    lr ** 2 / max_lr (max_lr not None)."""
+    return lr if max_lr is None else lr**2 / max_lr
+
+
+def corrected_max_lr(group, decoupled=True):
+    """A group's max_lr for decay_lr: its snapshot when its decay is
+    corrected, else None."""
+    return group["max_lr_snapshot"] if decoupled and group["corrected_weight_decay"] else None
+
+
+def lion(param, grad, state, *, lr, betas, weight_decay, maximize, max_lr=None):
     # Chen et al. 2023, Algorithm 2 (decoupled decay), in lion-pytorch's op
-    # order. No step counter: the rule does not use one.
+    # order; with max_lr, timm's corrected decay. No step counter: the rule
+    # does not use one.
     beta1, beta2 = betas
     grad = -grad if maximize else grad
-    param.mul_(1 - lr * weight_decay)
+    param.mul_(1 - decay_lr(lr, max_lr) * weight_decay)
     m = state["exp_avg"]
     update = m.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
     param.add_(update, alpha=-lr)
@@ -202,7 +216,7 @@ class Lion(_PerTensorReference):
     ``foreach=False`` to every reference)."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
-                 foreach=None):
+                 corrected_weight_decay=False, foreach=None):
         # fused_optim.Lion's checks and messages (torch.optim's wording)
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -213,11 +227,13 @@ class Lion(_PerTensorReference):
                 raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize}
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize,
+                    **_corrected_decay.defaults(lr, corrected_weight_decay)}
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        _corrected_decay.fill_in(self)
         for group in self.param_groups:
             group.setdefault("maximize", False)
 
@@ -229,7 +245,8 @@ class Lion(_PerTensorReference):
 
     def _rule(self, param, grad, state, lr, group) -> None:
         lion(param, grad, state, lr=lr, betas=group["betas"],
-             weight_decay=group["weight_decay"], maximize=group["maximize"])
+             weight_decay=group["weight_decay"], maximize=group["maximize"],
+             max_lr=corrected_max_lr(group))
 
 
 def tensor_norm(t) -> float:
@@ -336,15 +353,16 @@ def lamb_trust_ratio(param_norm, update_norm, *, trust_clip) -> float:
 
 
 def lamb(param, grad, state, *, lr, betas, eps, weight_decay, bias_correction, grad_averaging,
-         trust_clip, always_adapt, decoupled_decay, maximize):
+         trust_clip, always_adapt, decoupled_decay, maximize, max_lr=None):
     # You et al. 2020 ("Large Batch Optimization for Deep Learning: Training
     # BERT in 76 minutes", arXiv 1904.00962), Algorithm 2 with phi the
-    # identity, and timm's options (timm/optim/lamb.py, 1.0.15) in timm's op
+    # identity, and timm's options (timm/optim/lamb.py, 1.0.15 to 1.0.31) in timm's op
     # order:
     #   m = b1 m + b3 g    (b3 = 1 - b1, or 1 without grad_averaging)
     #   v = b2 v + (1 - b2) g^2
     #   u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)   (bc = 1 - b^t, or 1)
-    #   u += wd p, or p -= lr wd p first (decoupled_decay)
+    #   u += wd p, or p -= lr wd p first (decoupled_decay; with max_lr,
+    #       timm's corrected decay: p -= lr^2 / max_lr wd p)
     #   r = ||p|| / ||u|| (1 if either is 0; min(r, 1) with trust_clip),
     #       only when wd != 0 or always_adapt, p being the decayed param
     #   p -= lr r u
@@ -368,7 +386,8 @@ def lamb(param, grad, state, *, lr, betas, eps, weight_decay, bias_correction, g
     update = (m / bias_correction1).div_(denom)
     if weight_decay != 0:
         if decoupled_decay:
-            param.add_(param, alpha=-lr * weight_decay)  # (before its norm is taken)
+            # (before its norm is taken)
+            param.add_(param, alpha=-decay_lr(lr, max_lr) * weight_decay)
         else:
             update.add_(param, alpha=weight_decay)
     if weight_decay != 0 or always_adapt:
@@ -414,8 +433,8 @@ class Lamb(_PerTensorReference):
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6,
                  weight_decay=0.01, grad_averaging=True, max_grad_norm=1.0, trust_clip=False,
-                 always_adapt=False, caution=False, decoupled_decay=False, *, maximize=False,
-                 foreach=None):
+                 always_adapt=False, caution=False, decoupled_decay=False,
+                 corrected_weight_decay=False, *, maximize=False, foreach=None):
         # torch.optim Adam's checks and messages (timm's Lamb checks nothing)
         check_adam_arguments(lr, betas, eps, weight_decay)
         check_max_grad_norm(max_grad_norm)
@@ -430,11 +449,13 @@ class Lamb(_PerTensorReference):
                     "weight_decay": weight_decay, "grad_averaging": grad_averaging,
                     "max_grad_norm": max_grad_norm, "trust_clip": trust_clip,
                     "always_adapt": always_adapt, "caution": caution,
-                    "decoupled_decay": decoupled_decay, "maximize": maximize}
+                    "decoupled_decay": decoupled_decay, "maximize": maximize,
+                    **_corrected_decay.defaults(lr, corrected_weight_decay)}
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        _corrected_decay.fill_in(self)
         for group in self.param_groups:
             group.setdefault("caution", False)  # (as timm's)
             group.setdefault("decoupled_decay", False)  # (as timm's)
@@ -483,7 +504,8 @@ class Lamb(_PerTensorReference):
              weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
              grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"],
              always_adapt=group["always_adapt"], decoupled_decay=group["decoupled_decay"],
-             maximize=group["maximize"])
+             maximize=group["maximize"],
+             max_lr=corrected_max_lr(group, group["decoupled_decay"]))
 
 
 # The oracle class of each optimizer that torch.optim lacks, by class name.

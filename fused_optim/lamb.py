@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim import _docs, _reference
+from fused_optim import _corrected_decay, _docs, _reference
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._keywords import check_adam_arguments, check_implementation_keywords, to_float
@@ -39,6 +39,7 @@ class Lamb(FusedOptimizer):
         always_adapt: bool = False,
         caution: bool = False,
         decoupled_decay: bool = False,
+        corrected_weight_decay: bool = False,
         *,
         maximize: bool = False,
         master_weights: bool = False,
@@ -69,6 +70,7 @@ class Lamb(FusedOptimizer):
             "always_adapt": always_adapt,
             "caution": False,
             "decoupled_decay": decoupled_decay,
+            **_corrected_decay.defaults(lr, corrected_weight_decay),
             "maximize": maximize,
             **precision,
         }
@@ -76,6 +78,7 @@ class Lamb(FusedOptimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        _corrected_decay.fill_in(self)
         for group in self.param_groups:
             group.setdefault("caution", False)  # (as timm's)
             group.setdefault("decoupled_decay", False)
@@ -105,6 +108,8 @@ class Lamb(FusedOptimizer):
             "grad_averaging": float(bool(group["grad_averaging"])),
             "trust_clip": float(bool(group["trust_clip"])),
             "always_adapt": float(bool(group["always_adapt"])),
+            # (timm corrects only a decoupled decay)
+            "max_lr": _corrected_decay.op_max_lr(group, bool(group["decoupled_decay"])),
         }
 
     # Note [LAMB's step in checkpoints]
@@ -162,7 +167,7 @@ Lamb.__doc__ = (
                 \quad (\text{no } 1-\beta^t \text{ without } \textit{bias\_correction}) \\
             &\textbf{if } \lambda \neq 0: \quad
                 \textbf{if } \textit{decoupled\_decay}: \theta_{t-1} \leftarrow
-                \theta_{t-1} - \gamma\lambda\theta_{t-1}
+                \theta_{t-1} - \gamma_d\lambda\theta_{t-1}
                 \quad \textbf{else}: u_t \leftarrow u_t + \lambda\theta_{t-1} \\
             &\textbf{if } \lambda \neq 0 \textbf{ or } \textit{always\_adapt}: \quad
                 r_t \leftarrow \begin{cases}
@@ -177,7 +182,10 @@ Lamb.__doc__ = (
     Symbols: :math:`\gamma` ``lr``, :math:`\beta_1, \beta_2` ``betas``,
     :math:`\epsilon` ``eps``, :math:`\lambda` ``weight_decay``, :math:`M`
     ``max_grad_norm``; state :math:`m` ``exp_avg``, :math:`v`
-    ``exp_avg_sq``, :math:`t` ``step``. Norms are per tensor (one trust
+    ``exp_avg_sq``, :math:`t` ``step``; :math:`\gamma_d = \gamma`, or
+    :math:`\gamma^2/\gamma_{\max}` with ``corrected_weight_decay``
+    (:math:`\gamma_{\max}` the group's ``max_lr_snapshot``, the
+    constructor's lr). Norms are per tensor (one trust
     ratio per param), except the global gradient norm of the clipping.
 
     Conventions: as timm, the trust ratio is applied only to groups with a
@@ -234,6 +242,10 @@ Lamb.__doc__ = (
         decoupled_decay (bool, optional): decay the param by
             :math:`\gamma\lambda` before its norm is taken, instead of adding
             :math:`\lambda\theta` to the update (default: False).
+        corrected_weight_decay (bool, optional): with ``decoupled_decay``,
+            decay by :math:`\gamma^2/\gamma_{\max}` instead of
+            :math:`\gamma` (timm's; the constructor's lr, which must then be
+            positive, is :math:`\gamma_{\max}`) (default: False).
         """
     + _docs.MAXIMIZE
     + "\n        "

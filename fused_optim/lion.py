@@ -6,7 +6,7 @@ import operator
 
 import torch
 
-from fused_optim import _docs, _reference
+from fused_optim import _corrected_decay, _docs, _reference
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._keywords import check_implementation_keywords, to_float
@@ -16,6 +16,7 @@ from fused_optim._precision import check_precision_keywords
 __all__ = ["Lion"]
 
 _BETAS_WD = operator.itemgetter("betas", "weight_decay")
+_op_max_lr = _corrected_decay.op_max_lr
 
 
 class Lion(FusedOptimizer):
@@ -36,6 +37,7 @@ class Lion(FusedOptimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
+        corrected_weight_decay: bool = False,
         master_weights: bool = False,
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
@@ -64,11 +66,13 @@ class Lion(FusedOptimizer):
             "maximize": maximize,
             **precision,
             "max_grad_norm": check_max_grad_norm(max_grad_norm),
+            **_corrected_decay.defaults(lr, corrected_weight_decay),
         }
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        _corrected_decay.fill_in(self)
         for group in self.param_groups:
             # (lion-pytorch's groups have no maximize)
             group.setdefault("maximize", False)
@@ -98,7 +102,8 @@ class Lion(FusedOptimizer):
     def _hyperparameter_lists(self, groups) -> list:
         betas, weight_decay = zip(*map(_BETAS_WD, groups))
         beta1, beta2 = zip(*betas)
-        return [list(map(float, values)) for values in (beta1, beta2, weight_decay)]
+        return [*(list(map(float, values)) for values in (beta1, beta2, weight_decay)),
+                list(map(_op_max_lr, groups))]
 
     def _hyperparameters(self, group) -> dict:
         beta1, beta2 = group["betas"]
@@ -106,6 +111,7 @@ class Lion(FusedOptimizer):
             "beta1": to_float(beta1),
             "beta2": to_float(beta2),
             "weight_decay": to_float(group["weight_decay"]),
+            "max_lr": _op_max_lr(group),
         }
 
 
@@ -118,14 +124,17 @@ Lion.__doc__ = (
        \begin{aligned}
             &g_t \leftarrow \pm\nabla_\theta f_t(\theta_{t-1})
                 \quad (-\text{ if } \textit{maximize}) \\
-            &\theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
+            &\theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma_d\lambda), \quad
+                \gamma_d = \gamma^2/\gamma_{\max} \text{ if }
+                \textit{corrected\_weight\_decay} \text{ else } \gamma \\
             &c_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t \\
             &\theta_t \leftarrow \theta_{t-1} - \gamma\,\mathrm{sign}(c_t) \\
             &m_t \leftarrow \beta_2 m_{t-1} + (1-\beta_2) g_t
        \end{aligned}
 
     Symbols: :math:`\gamma` ``lr``, :math:`\beta_1, \beta_2` ``betas``,
-    :math:`\lambda` ``weight_decay``; state :math:`m` ``exp_avg``.
+    :math:`\lambda` ``weight_decay``, :math:`\gamma_{\max}` the group's
+    ``max_lr_snapshot`` (the constructor's lr); state :math:`m` ``exp_avg``.
 
     Conventions: the weight decay is decoupled and scaled by the learning
     rate, as in the paper's Algorithm 2 and lion-pytorch (its
@@ -136,7 +145,9 @@ Lion.__doc__ = (
     our SGD does; a lion-pytorch checkpoint without it loads and starts one.
     ``maximize`` is ours (lion-pytorch has none). No ``foreach``, ``fused``,
     ``capturable`` or ``differentiable`` keyword: there is no torch.optim
-    implementation to select.
+    implementation to select. ``corrected_weight_decay`` is timm's (its
+    ``Lion``; lion-pytorch has none), with timm's group options and
+    checkpoints.
 
     Args:
         """
@@ -148,6 +159,10 @@ Lion.__doc__ = (
             the momentum (default: (0.9, 0.99)).
         weight_decay (float, optional): :math:`\lambda`, decoupled
             (default: 0.0).
+        corrected_weight_decay (bool, optional): scale the decay by
+            :math:`\gamma^2/\gamma_{\max}` instead of :math:`\gamma`
+            (timm's; the constructor's lr, which must then be positive, is
+            :math:`\gamma_{\max}`) (default: False).
         """
     + _docs.MAXIMIZE
     + "\n        "

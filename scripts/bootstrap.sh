@@ -27,11 +27,13 @@ fi
 # that it cannot replace the pinned torch.
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
   --no-deps "lion-pytorch==0.2.5"
-# timm, whose Lars is the reference LARS of tests/test_lars.py (skipped
-# without it): the tests load only its file timm/optim/lars.py (which
-# imports only torch), so timm is installed pinned, without dependencies.
+# timm, whose Lars, Lamb and Lion are references of tests/test_lars.py,
+# test_lamb.py and test_lion.py (skipped without it): the tests load only
+# those files of timm/optim and the helpers they import (torch only), so
+# timm is installed pinned, without dependencies (its package imports
+# torchvision).
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-  --no-deps "timm==1.0.15"
+  --no-deps "timm==1.0.31"
 # --no-build-isolation: the extension must be compiled against the torch
 # that will import it. -e: the compiled module lands in fused_optim/, so the
 # tests and the benchmark run from this checkout. Skipped when the built

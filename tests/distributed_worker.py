@@ -323,7 +323,7 @@ def _lamb_measure(params, grads, exp_avgs, exp_avg_sqs):
         group_index=[0] * len(params), lr=[0.01],
         hyper={"beta1": [0.9], "beta2": [0.99], "eps": [1e-6], "weight_decay": [0.01],
                "bias_correction": [1.0], "grad_averaging": [1.0], "trust_clip": [0.0],
-               "always_adapt": [0.0]},
+               "always_adapt": [0.0], "max_lr": [0.0]},
         group_flags={"maximize": [False], "decoupled_weight_decay": [True]},
         new_state=None, grad_scale=None, found_inf=None, modes={}, stochastic_rounding=False)
     return torch.ops.fused_optim.lamb_.measure(

@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import importlib.util
 import inspect
+import os
+import sys
+import types
 from typing import Any, Callable, Sequence
+
+import pytest
 
 import torch
 from torch.testing import assert_close
@@ -556,3 +563,33 @@ def unscaling_in_step(cls, kwargs, in_step: bool = True):
 
     build.__name__ = cls.__name__
     return build, kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_optim_module(name: str):
+    # Only timm/optim/<name>.py and the files it imports relatively
+    # (_helpers.py, _types.py: torch only), loaded as a stand-in package:
+    # timm's own package imports torchvision, which we do not install.
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "optim")
+    package = types.ModuleType("_timm_optim")
+    package.__path__ = [folder]
+    sys.modules.setdefault("_timm_optim", package)
+    module_spec = importlib.util.spec_from_file_location(f"_timm_optim.{name}",
+                                                         os.path.join(folder, f"{name}.py"))
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[f"_timm_optim.{name}"] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def timm_optimizer(name: str, cls: str):
+    """timm's optimizer class ``cls`` from timm/optim/<name>.py (timm as
+    scripts/bootstrap.sh pins it, installed without dependencies), or a
+    pytest skip where timm is not installed."""
+    module = _timm_optim_module(name)
+    if module is None:
+        pytest.skip("timm is not installed")
+    return getattr(module, cls)

@@ -179,6 +179,11 @@ OPTIM_CONFIGS: list[OptimConfig] = [
         large=True,
     ),
     OptimConfig("lion_wd", "Lion", dict(lr=0.003, betas=(0.95, 0.98), weight_decay=0.1)),
+    # (timm's corrected decay: lr^2 / the constructor's lr; it differs from
+    # the plain decay where a group's lr or a schedule's is not the
+    # constructor's, as in the multi-group and scheduler tests)
+    OptimConfig("lion_corrected", "Lion",
+                dict(lr=0.004, weight_decay=0.3, corrected_weight_decay=True)),
     # Lars (timm's): momentum, dampening, weight_decay (adapts the group),
     # nesterov, trust_coeff, eps, trust_clip, always_adapt, maximize
     OptimConfig("lars", "Lars", dict(lr=1.0, momentum=0.9, weight_decay=1e-3, trust_coeff=0.02)),
@@ -214,6 +219,9 @@ OPTIM_CONFIGS: list[OptimConfig] = [
                 dict(lr=0.05, weight_decay=0.0, always_adapt=True, max_grad_norm=None)),
     OptimConfig("lamb_unadapted", "Lamb",
                 dict(lr=0.05, betas=(0.9, 0.99), eps=1e-3, weight_decay=0.0)),
+    OptimConfig("lamb_corrected", "Lamb",
+                dict(lr=0.04, betas=(0.9, 0.99), eps=1e-3, weight_decay=0.2, decoupled_decay=True,
+                     corrected_weight_decay=True)),
 ]
 
 CONFIGS_BY_ID = {c.id: c for c in OPTIM_CONFIGS}
@@ -344,9 +352,9 @@ SETSTATE_DEFAULTED_KEYS = {
     "AdamW": ["amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"],
     "RAdam": ["foreach", "maximize", "differentiable", "decoupled_weight_decay", "capturable"],
     "NAdam": ["maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay"],
-    "Lion": ["maximize"],
+    "Lion": ["maximize", "corrected_weight_decay", "max_lr_snapshot"],
     "Lars": ["nesterov", "maximize"],
-    "Lamb": ["caution", "decoupled_decay", "maximize"],
+    "Lamb": ["caution", "decoupled_decay", "maximize", "corrected_weight_decay", "max_lr_snapshot"],
 }
 
 # Optimizers whose torch 2.13 constructor takes `fused` (torch's RMSprop does
@@ -426,6 +434,12 @@ def _msg(text: str) -> str:
     return "^" + re.escape(text) + "$"
 
 
+# timm's refusal of a corrected decay (Lion, Lamb) without a positive peak lr.
+CORRECTED_ZERO_LR = ("corrected_zero_lr", dict(lr=0.0, corrected_weight_decay=True),
+                     "Corrected weight decay requires a positive max lr, got 0.0. "
+                     "Construct the optimizer with the peak lr.")
+
+
 def _constructor_errors() -> list[ErrorCase]:
     cases: list[ErrorCase] = []
     two_lrs = torch.tensor([0.1, 0.2])
@@ -478,12 +492,14 @@ def _constructor_errors() -> list[ErrorCase]:
         ("beta0_neg", dict(betas=(-0.1, 0.99)), "Invalid beta parameter at index 0: -0.1"),
         ("beta1_above_one", dict(betas=(0.9, 1.01)), "Invalid beta parameter at index 1: 1.01"),
         ("neg_weight_decay", dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+        CORRECTED_ZERO_LR,
     ]
     specific["Lars"] = specific["SGD"]  # (timm's checks: torch.optim.SGD's)
     specific["Lamb"] = adam_like[:-1] + [  # (timm's has none: torch.optim.Adam's)
         ("caution", dict(caution=True),
          "Lamb(caution=True) is not supported: the cautious mask is scaled by its per-tensor "
          "mean before the update's norm is taken, a second reduction the fused step does not make"),
+        CORRECTED_ZERO_LR,
     ]
     for name in OPTIMIZER_NAMES:
         for cid, kw, text in common + specific[name]:

@@ -14,13 +14,8 @@ Lamb users come from."""
 from __future__ import annotations
 
 import copy
-import functools
-import importlib.util
 import inspect
 import math
-import os
-import sys
-import types
 
 import pytest
 import torch
@@ -29,7 +24,8 @@ from torch.testing import assert_close
 import fused_optim
 from fused_optim import _reference
 
-from harness import P, run_low_precision, seeded_grads, trust_ratio_params, unscaling_in_step
+from harness import (P, run_low_precision, seeded_grads, timm_optimizer, trust_ratio_params,
+                     unscaling_in_step)
 from optim_configs import CONFIGS_BY_ID, OptimConfig
 
 SIZES = [1, 7, 33, 4099, 5]
@@ -385,7 +381,8 @@ def test_signature_is_timms_plus_keywords():
     # timm's positional parameters and defaults; keyword-only: maximize and
     # the precision options (the reference: maximize and foreach).
     timms = ["params", "lr", "bias_correction", "betas", "eps", "weight_decay", "grad_averaging",
-             "max_grad_norm", "trust_clip", "always_adapt", "caution", "decoupled_decay"]
+             "max_grad_norm", "trust_clip", "always_adapt", "caution", "decoupled_decay",
+             "corrected_weight_decay"]
     extra = {fused_optim.Lamb: {"maximize": False, "master_weights": False, "state_dtype": None,
                                 "stochastic_rounding": False},
              _reference.Lamb: {"maximize": False, "foreach": None}}
@@ -394,39 +391,16 @@ def test_signature_is_timms_plus_keywords():
         assert [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD] == timms, cls
         assert {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY} == keywords, cls
         defaults = {p.name: p.default for p in params if p.default is not p.empty}
-        assert defaults == {**DEFAULTS, "max_grad_norm": 1.0, "caution": False, **keywords}, cls
+        assert defaults == {**DEFAULTS, "max_grad_norm": 1.0, "caution": False,
+                            "corrected_weight_decay": False, **keywords}, cls
 
 
 # ----- timm's Lamb ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _load_timm_lamb():
-    # timm 1.0.15 (scripts/bootstrap.sh installs it, --no-deps): only its
-    # files timm/optim/lamb.py and the _types.py it imports relatively,
-    # loaded as a stand-in package (timm's own package imports
-    # torchvision, which we do not install).
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "optim")
-    package = types.ModuleType("_timm_optim")
-    package.__path__ = [folder]
-    sys.modules.setdefault("_timm_optim", package)
-    module_spec = importlib.util.spec_from_file_location("_timm_optim.lamb",
-                                                         os.path.join(folder, "lamb.py"))
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules["_timm_optim.lamb"] = module
-    module_spec.loader.exec_module(module)
-    return module.Lamb
-
-
 def timm_lamb():
     """timm's Lamb class, or a pytest skip where timm is not installed."""
-    cls = _load_timm_lamb()
-    if cls is None:
-        pytest.skip("timm is not installed")
-    return cls
+    return timm_optimizer("lamb", "Lamb")
 
 
 def _timm_groups(params):
@@ -444,21 +418,31 @@ def _clip_rtol(norm):
     return 3 * 2 * 1e-6 / norm
 
 
-@pytest.mark.parametrize("variant", ["no_clip", "clip", "decoupled_trust_clip"])
+@pytest.mark.parametrize("variant", ["no_clip", "clip", "decoupled_trust_clip",
+                                     "decoupled_corrected_scheduled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_matches_timm(dtype, variant):
     # The same trajectory as timm's Lamb, params and state, over 12 steps
     # with every param given a gradient at every step (timm's step counter is
     # the group's). (timm computes its norms in the tensor's dtype, we
-    # accumulate them in float64.)
+    # accumulate them in float64.) The corrected decay scales by lr^2 over
+    # the constructor's lr (0.04, above every group's), under a schedule.
     timm_cls = timm_lamb()
     groups = [{k: v for k, v in g.items() if k != "maximize"} for g in GROUPS]
+    constructor = {}
     if variant == "decoupled_trust_clip":
         groups = [dict(g, decoupled_decay=True, trust_clip=True) for g in groups]
+    if variant == "decoupled_corrected_scheduled":
+        if "corrected_weight_decay" not in inspect.signature(timm_cls).parameters:
+            pytest.skip("this timm's Lamb has no corrected_weight_decay")
+        groups = [dict(g, decoupled_decay=True, corrected_weight_decay=True) for g in groups]
+        constructor = dict(lr=0.04)
     max_grad_norm = 1.0 if variant == "clip" else None
     ours_params, theirs_params = _params(dtype), _params(dtype)
-    ours = fused_optim.Lamb(_groups(ours_params, groups), max_grad_norm=max_grad_norm)
-    theirs = timm_cls(_groups(theirs_params, groups), max_grad_norm=max_grad_norm)
+    ours = fused_optim.Lamb(_groups(ours_params, groups), max_grad_norm=max_grad_norm, **constructor)
+    theirs = timm_cls(_groups(theirs_params, groups), max_grad_norm=max_grad_norm, **constructor)
+    schedules = [torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8)
+                 for opt in (ours, theirs) if constructor]
     tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1.3e-6, atol=1e-5)
     for step in range(STEPS):
         grads = _grads(step, dtype, ours_params)
@@ -466,6 +450,8 @@ def test_matches_timm(dtype, variant):
             a.grad, b.grad = g, g.clone()  # (timm clips its p.grad in place)
         ours.step()
         theirs.step()
+        for schedule in schedules:
+            schedule.step()
         step_tol = dict(tol)
         if max_grad_norm is not None:
             norm = _global_norm(grads)

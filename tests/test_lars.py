@@ -13,9 +13,7 @@ package Lars users come from."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ import torch
 import fused_optim
 from fused_optim import _reference
 
-from harness import seeded_grads, trust_ratio_params, unscaling_in_step
+from harness import seeded_grads, timm_optimizer, trust_ratio_params, unscaling_in_step
 
 SIZES = [1, 7, 33, 4099, 5]
 STEPS = 12
@@ -219,17 +217,7 @@ def test_state_has_a_step_only_with_stochastic_rounding():
 
 
 def _timm_lars():
-    # timm 1.0.15 (scripts/bootstrap.sh installs it, --no-deps): only its
-    # file timm/optim/lars.py, which imports only torch (timm's package
-    # imports torchvision, which we do not install).
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("timm is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "optim", "lars.py")
-    module_spec = importlib.util.spec_from_file_location("_timm_lars", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.Lars
+    return timm_optimizer("lars", "Lars")
 
 
 def _timm_groups(params):

@@ -1,6 +1,7 @@
 """Lion, which torch.optim lacks: against its float64 reference rule
 (fused_optim._reference.lion, the paper's Algorithm 2 in lion-pytorch's op
-order) and, where it is installed, against lion-pytorch itself.
+order) and, where they are installed, against lion-pytorch itself and
+timm's Lion (whose corrected weight decay ours has, as Lamb has timm's).
 
 The table-driven suites cover Lion through its reference class
 (optim_configs.torch_class); these tests add the paper's rule in float64
@@ -9,12 +10,14 @@ over vector bodies and tails, and the package Lion users come from."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
 
 import fused_optim
 from fused_optim import _reference
+from harness import timm_optimizer
 
 SIZES = [1, 7, 33, 1000, 4099]
 STEPS = 12
@@ -164,3 +167,89 @@ def test_checkpoints_move_between_lion_pytorch_and_ours():
     for a, b in zip(ours_params, theirs_params):
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(ours.state[a]["exp_avg"], theirs.state[b]["exp_avg"])
+
+
+def _timm_lion():
+    cls = timm_optimizer("lion", "Lion")
+    if "corrected_weight_decay" not in inspect.signature(cls).parameters:
+        pytest.skip("this timm's Lion has no corrected_weight_decay")
+    return cls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_corrected_weight_decay_matches_timm(dtype):
+    # timm's Lion (pinned by scripts/bootstrap.sh) with its corrected decay,
+    # lr^2 / max_lr, max_lr the constructor's lr (0.03, above both groups'),
+    # under a schedule: the same trajectory over 12 steps. (timm's moments
+    # are lerps, lion-pytorch's and ours a multiply and an fma: the last
+    # bits differ, not the signs.)
+    timm_lion = _timm_lion()
+    ours_params, theirs_params = _params(dtype), _params(dtype)
+
+    def groups(params):
+        return [{"params": params[:3], "lr": 0.01}, {"params": params[3:], "lr": 0.02}]
+
+    kwargs = dict(lr=0.03, betas=(0.9, 0.99), weight_decay=0.5, corrected_weight_decay=True)
+    ours, theirs = fused_optim.Lion(groups(ours_params), **kwargs), timm_lion(groups(theirs_params), **kwargs)
+    schedules = [torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8) for opt in (ours, theirs)]
+    plain_params = _params(dtype)
+    plain = fused_optim.Lion(groups(plain_params), **{**kwargs, "corrected_weight_decay": False})
+    schedules.append(torch.optim.lr_scheduler.ExponentialLR(plain, gamma=0.8))
+    for step in range(STEPS):
+        for a, b, c, g in zip(ours_params, theirs_params, plain_params, _grads(step, dtype)):
+            a.grad, b.grad, c.grad = g, g.clone(), g.clone()
+        for opt in (ours, theirs, plain):
+            opt.step()
+        for schedule in schedules:
+            schedule.step()
+        for a, b in zip(ours_params, theirs_params):
+            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(ours.state[a]["exp_avg"], theirs.state[b]["exp_avg"])
+    # (the correction moved the params: lr^2 / 0.03 is not lr)
+    assert not torch.allclose(ours_params[4], plain_params[4])
+
+
+@pytest.mark.parametrize("name", ["Lion", "Lamb"])
+@pytest.mark.parametrize("saved", ["old_enabled", "old_disabled", "new"])
+def test_corrected_weight_decay_in_checkpoints(name, saved):
+    # As timm's: each group holds corrected_weight_decay and
+    # max_lr_snapshot (the constructor's lr), saved and loaded as they are;
+    # a checkpoint from before the options (lion-pytorch's, an older
+    # timm's or ours) takes the loader's snapshot, and its flag as saved.
+    cls = getattr(fused_optim, name)
+    extra = {"decoupled_decay": True} if name == "Lamb" else {}
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = cls([p], lr=2e-3, weight_decay=0.1, corrected_weight_decay=True, **extra)
+    p.grad = torch.randn(5)
+    opt.step()
+    saved_dict = copy.deepcopy(opt.state_dict())
+    assert saved_dict["param_groups"][0]["max_lr_snapshot"] == 2e-3
+    if saved != "new":
+        for group in saved_dict["param_groups"]:
+            del group["max_lr_snapshot"]
+            group["corrected_weight_decay"] = saved == "old_enabled"
+    q = torch.nn.Parameter(torch.randn(5))
+    resumed = cls([q], lr=1e-3, weight_decay=0.1, corrected_weight_decay=False, **extra)
+    resumed.load_state_dict(saved_dict)
+    group = resumed.param_groups[0]
+    assert group["corrected_weight_decay"] is (saved != "old_disabled")
+    assert group["max_lr_snapshot"] == (2e-3 if saved == "new" else 1e-3)
+
+
+@pytest.mark.parametrize("name", ["Lion", "Lamb"])
+def test_corrected_weight_decay_needs_a_positive_peak_lr(name):
+    # timm's check (a zero lr is otherwise legal), in the constructor and,
+    # for a group whose snapshot was set by hand, in the step, before it
+    # writes anything.
+    cls = getattr(fused_optim, name)
+    p = torch.nn.Parameter(torch.randn(5))
+    with pytest.raises(ValueError, match="Corrected weight decay requires a positive max lr"):
+        cls([p], lr=0.0, corrected_weight_decay=True)
+    extra = {"decoupled_decay": True} if name == "Lamb" else {}
+    opt = cls([p], lr=1e-2, weight_decay=0.1, corrected_weight_decay=True, **extra)
+    opt.param_groups[0]["max_lr_snapshot"] = 0.0
+    p.grad = torch.randn(5)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="got 0.0"):
+        opt.step()
+    assert torch.equal(p, before) and not opt.state[p]

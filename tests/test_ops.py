@@ -170,7 +170,8 @@ def lion_inputs(dtype, device, maximize):
         steps=[],  # Lion keeps no step counters without stochastic rounding
         lr=[1e-2, 3e-3, 2e-2],
         hyper={"beta1": [0.9, 0.8, 0.5], "beta2": [0.99, 0.9, 0.999],
-               "weight_decay": [0.0, 0.1, 0.5]},
+               "weight_decay": [0.0, 0.1, 0.5],
+               "max_lr": [0.0, 0.0, 4e-2]},  # (group 2: timm's corrected decay)
         flags={"maximize": PATTERNS[maximize]},
         modes={})
 
@@ -200,7 +201,8 @@ def lamb_inputs(dtype, device, maximize, decoupled):
     # group 0: not adapted (weight_decay 0), no bias correction; group 1:
     # adapted with decay, without grad averaging; group 2: always_adapt
     # without decay, LAMBC clipping. (Clipping in group 1 would hide its
-    # decoupled flag: at a ratio of 1 both decays are the same step.)
+    # decoupled flag: at a ratio of 1 both decays are the same step.) Group
+    # 1's decay, when decoupled, is timm's corrected one (max_lr > 0).
     # Tensor 4 (shape (0,)) has zero norms: ratio 1.
     return _named(
         params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
@@ -212,7 +214,8 @@ def lamb_inputs(dtype, device, maximize, decoupled):
                "bias_correction": [0.0, 1.0, 1.0],
                "grad_averaging": [1.0, 0.0, 1.0],
                "trust_clip": [0.0, 0.0, 1.0],
-               "always_adapt": [0.0, 0.0, 1.0]},
+               "always_adapt": [0.0, 0.0, 1.0],
+               "max_lr": [0.0, 6e-3, 0.0]},
         flags={"maximize": PATTERNS[maximize], "decoupled_weight_decay": DECOUPLED_PATTERNS[decoupled]},
         modes={})
 
@@ -421,14 +424,14 @@ SCHEMAS = {
     "lion_": "fused_optim::lion_(Tensor(a!)[] params, Tensor(b!)[] grads, "
              "Tensor(c!)[] exp_avgs, "
              "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
-             "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, "
+             "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] max_lr, "
              "bool[] maximize, float[] max_grad_norm, "
              "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
              "*, bool stochastic_rounding) -> ()",
     "lion_.tensor_lr": "fused_optim::lion_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
                        "Tensor(c!)[] exp_avgs, "
                        "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
-                       "Tensor[] lr, float[] beta1, float[] beta2, float[] weight_decay, "
+                       "Tensor[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] max_lr, "
                        "bool[] maximize, float[] max_grad_norm, "
                        "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
                        "*, bool stochastic_rounding) -> ()",
@@ -453,7 +456,7 @@ SCHEMAS = {
              "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, int[] group_index, "
              "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
              "float[] bias_correction, float[] grad_averaging, float[] trust_clip, "
-             "float[] always_adapt, "
+             "float[] always_adapt, float[] max_lr, "
              "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
              "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, Tensor? tensor_sums, "
              "*, bool stochastic_rounding) -> ()",
@@ -463,7 +466,7 @@ SCHEMAS = {
                        "Tensor[] lr, float[] beta1, float[] beta2, float[] eps, "
                        "float[] weight_decay, "
                        "float[] bias_correction, float[] grad_averaging, float[] trust_clip, "
-                       "float[] always_adapt, "
+                       "float[] always_adapt, float[] max_lr, "
                        "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
                        "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, Tensor? tensor_sums, "
                        "*, bool stochastic_rounding) -> ()",
@@ -474,7 +477,7 @@ SCHEMAS = {
                      "Tensor[] master_params, Tensor[] state_steps, int[] group_index, "
                      "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
                      "float[] bias_correction, float[] grad_averaging, float[] trust_clip, "
-                     "float[] always_adapt, "
+                     "float[] always_adapt, float[] max_lr, "
                      "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
                      "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, Tensor? tensor_sums, "
                      "*, bool stochastic_rounding) -> Tensor",
@@ -592,7 +595,8 @@ def _reference(op, named):
             # (torch.optim has no Lion: the reference rule, fused_optim._reference)
             reference_rules.lion(p[i], g[i], {"exp_avg": s["exp_avgs"][i]}, lr=lr[k],
                             betas=(h["beta1"][k], h["beta2"][k]),
-                            weight_decay=h["weight_decay"][k], maximize=flags["maximize"][k])
+                            weight_decay=h["weight_decay"][k], maximize=flags["maximize"][k],
+                            max_lr=h["max_lr"][k] or None)
         elif op == "lars_":
             # (torch.optim has no LARS: the reference rule, fused_optim._reference)
             bufs = s.get("momentum_buffers")
@@ -619,7 +623,7 @@ def _reference(op, named):
                                  trust_clip=bool(h["trust_clip"][k]),
                                  always_adapt=bool(h["always_adapt"][k]),
                                  decoupled_decay=flags["decoupled_weight_decay"][k],
-                                 maximize=flags["maximize"][k])
+                                 maximize=flags["maximize"][k], max_lr=h["max_lr"][k] or None)
         else:
             raise ValueError(op)
     return _written(op, named)

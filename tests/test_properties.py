@@ -57,6 +57,7 @@ def options(draw, name):
             o["momentum_decay"] = draw(st.sampled_from([0.0, 4e-3, 0.05]))
     elif name == "Lion":
         o["betas"] = draw(st.sampled_from([(0.9, 0.99), (0.5, 0.9)]))
+        o["corrected_weight_decay"] = draw(st.booleans())
     elif name == "Lars":
         o["momentum"] = draw(st.sampled_from([0.0, 0.9]))
         if o["momentum"]:
@@ -71,6 +72,7 @@ def options(draw, name):
         o["trust_clip"] = draw(st.booleans())
         o["always_adapt"] = draw(st.booleans())
         o["decoupled_decay"] = draw(st.booleans())
+        o["corrected_weight_decay"] = draw(st.booleans())
         o["max_grad_norm"] = draw(st.sampled_from([None, 1.0]))  # (1.0: clipped, the default)
     return o
 

@@ -45,15 +45,16 @@ OPTIMIZERS = {
     "lion": OptimizerSpec("Lion", {"lr": 1e-4, "weight_decay": 1e-2}, 1, False,
                           reference="lion_pytorch:Lion"),
     # torch.optim has no LARS: its peer is timm's Lars (timm installed
-    # pinned, without dependencies, by scripts/bootstrap.sh; only its file
-    # timm/optim/lars.py is loaded), a per-tensor for-loop. weight_decay
+    # pinned, without dependencies, by scripts/bootstrap.sh; only its
+    # timm/optim/lars.py and the helpers it imports are loaded), in its
+    # default implementation (timm 1.0.31: foreach, multi-tensor). weight_decay
     # != 0, so every tensor is adapted (two norms per tensor, then SGD).
     # The byte budget is the update's (SGD with momentum, 20 B fp32); the
     # norms' pass reads each param and grad once more (8 B), not counted.
     "lars": OptimizerSpec("Lars", {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-4}, 1, False,
                           reference="timm.optim.lars:Lars"),
     # torch.optim has no LAMB: its peer is timm's Lamb (as Lars: its file
-    # timm/optim/lamb.py alone), a per-tensor for-loop. timm's defaults
+    # timm/optim/lamb.py and its helpers), foreach by default. timm's defaults
     # (weight_decay 0.01: every tensor adapted; max_grad_norm 1.0: clipped
     # by the global norm, a norm per gradient then their norm). The byte
     # budget is the update's (Adam's 28 B fp32); the measuring pass reads

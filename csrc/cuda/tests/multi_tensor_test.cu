@@ -1098,12 +1098,13 @@ void test_ops() {
       }
     }
     // LAMB: decay in the update (adapted), decoupled decay with LAMBC
-    // clipping and no bias correction, no decay (not adapted), no decay
-    // but always_adapt without grad averaging.
+    // clipping and no bias correction, the same corrected (Note [corrected
+    // weight decay]), no decay (not adapted), no decay but always_adapt
+    // without grad averaging.
     {
       auto lamb = [&](double lr, double b1, double b2, double eps, double wd,
                       bool bias_correction, bool grad_averaging,
-                      bool trust_clip, bool always_adapt) {
+                      bool trust_clip, bool always_adapt, double max_lr = 0.0) {
         LambHyper h;
         h.lr.value = lr;
         h.beta1 = b1;
@@ -1114,6 +1115,7 @@ void test_ops() {
         h.grad_averaging = grad_averaging;
         h.trust_clip = trust_clip;
         h.always_adapt = always_adapt;
+        h.max_lr = max_lr;
         h.maximize = maximize;
         return h;
       };
@@ -1121,6 +1123,8 @@ void test_ops() {
           {lamb(1e-2, 0.9, 0.999, 1e-6, 0.01, true, true, false, false),
            WeightDecay::kL2},
           {lamb(3e-2, 0.8, 0.99, 1e-4, 0.1, false, true, true, false),
+           WeightDecay::kDecoupled},
+          {lamb(3e-2, 0.8, 0.99, 1e-4, 0.1, false, true, true, false, 4e-2),
            WeightDecay::kDecoupled},
           {lamb(5e-3, 0.95, 0.9, 1e-3, 0.0, true, true, false, false),
            WeightDecay::kNone},
@@ -1325,27 +1329,30 @@ void test_ops() {
             });
       }
     }
-    // Lion: decoupled decay or none (its only modes).
+    // Lion: decoupled decay or none (its only modes), the decay also
+    // corrected (Note [corrected weight decay]: max_lr > 0).
     {
-      auto lion = [&](double lr, double b1, double b2, double wd) {
+      auto lion = [&](double lr, double b1, double b2, double wd, double max_lr) {
         LionHyper h;
         h.lr.value = lr;
         h.beta1 = b1;
         h.beta2 = b2;
         h.weight_decay = wd;
+        h.max_lr = max_lr;
         h.maximize = maximize;
         return h;
       };
       const std::vector<std::pair<LionHyper, WeightDecay>> groups = {
-          {lion(1e-3, 0.9, 0.99, 0.0), WeightDecay::kNone},
-          {lion(3e-2, 0.8, 0.95, 0.1), WeightDecay::kDecoupled},
+          {lion(1e-3, 0.9, 0.99, 0.0, 0.0), WeightDecay::kNone},
+          {lion(3e-2, 0.8, 0.95, 0.1, 0.0), WeightDecay::kDecoupled},
+          {lion(3e-2, 0.8, 0.95, 0.1, 5e-2), WeightDecay::kDecoupled},
       };
       for (const CaseOptions& o : options) {
         run_case<P, S>(
             "lion " + suffix, 3, {false, false, false}, groups, o,
             [](const LionHyper& h, double lr, double) {
-              return LionScalars<T>(lr, h.beta1, h.beta2, h.weight_decay,
-                                    h.maximize);
+              return LionScalars<T>(lr, decay_lr(lr, h.max_lr), h.beta1, h.beta2,
+                                    h.weight_decay, h.maximize);
             },
             [&](const auto& args, const HostEmulator& emu) {
               dispatch<LionSpec>(args, CallModes{}, emu);

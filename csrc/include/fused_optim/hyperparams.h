@@ -160,11 +160,13 @@ struct LionHyper : GroupCommon {
   double beta1 = 0.0;
   double beta2 = 0.0;
   double weight_decay = 0.0;
+  double max_lr = 0.0;  // Note [corrected weight decay]
 
   template <typename T>
   FO_HOST_DEVICE FO_FORCE_INLINE LionScalars<T> scalars(double lr_value,
                                                         double /*step*/) const {
-    return LionScalars<T>(lr_value, beta1, beta2, weight_decay, maximize);
+    return LionScalars<T>(lr_value, decay_lr(lr_value, max_lr), beta1, beta2,
+                          weight_decay, maximize);
   }
 };
 
@@ -373,12 +375,14 @@ struct LambHyper : GroupCommon {
   bool grad_averaging = true;
   bool trust_clip = false;
   bool always_adapt = false;
+  double max_lr = 0.0;  // Note [corrected weight decay]
 
   template <typename T>
   FO_HOST_DEVICE FO_FORCE_INLINE LambScalars<T> scalars(
       double lr_value, double step, const TensorNorms& norms) const {
     const bool adapt = weight_decay != 0.0 || always_adapt;
-    return LambScalars<T>(lr_value, beta1, beta2, eps, weight_decay,
+    return LambScalars<T>(lr_value, decay_lr(lr_value, max_lr), beta1, beta2,
+                          eps, weight_decay,
                           bias_correction, grad_averaging, maximize, step,
                           lamb_trust_ratio(trust_clip, adapt, norms.param,
                                            norms.update));

@@ -50,6 +50,9 @@ struct StateList {
 };
 
 constexpr int kMaxStateLists = 4;
+// The most per-group hyperparameter lists of any op (LAMB); a spec with
+// more fails to compile where its kernel fills OpCall::hyper.
+constexpr size_t kMaxHyperLists = 9;
 constexpr int kMaxModes = 4;
 
 // The flags of one call that choose its element op: the mode keywords, in
@@ -253,7 +256,7 @@ struct LionSpec {
   static constexpr const char* kName = "lion_";
   using Hyper = LionHyper;
   static constexpr StateList kState[] = {{"exp_avgs", StateList::kAlways}};
-  static constexpr const char* kHyper[] = {"beta1", "beta2", "weight_decay"};
+  static constexpr const char* kHyper[] = {"beta1", "beta2", "weight_decay", "max_lr"};
   static constexpr const char* kModes[1] = {};  // (none; see kNumModes)
   static constexpr size_t kNumModes = 0;
   // No per-group decoupled_weight_decay list: every group's decay is
@@ -268,6 +271,7 @@ struct LionSpec {
     out.beta1 = h[0];
     out.beta2 = h[1];
     out.weight_decay = h[2];
+    out.max_lr = h[3];
     return out;
   }
 
@@ -387,7 +391,8 @@ struct LambSpec {
                                          {"exp_avg_sqs", StateList::kAlways}};
   static constexpr const char* kHyper[] = {
       "beta1",           "beta2",          "eps",        "weight_decay",
-      "bias_correction", "grad_averaging", "trust_clip", "always_adapt"};
+      "bias_correction", "grad_averaging", "trust_clip", "always_adapt",
+      "max_lr"};
   static constexpr const char* kModes[1] = {};  // (none; see kNumModes)
   static constexpr size_t kNumModes = 0;
   // decoupled_weight_decay per group: timm's decoupled_decay.
@@ -405,6 +410,7 @@ struct LambSpec {
     out.grad_averaging = h[5] != 0.0;
     out.trust_clip = h[6] != 0.0;
     out.always_adapt = h[7] != 0.0;
+    out.max_lr = h[8];
     return out;
   }
 

@@ -54,6 +54,18 @@ FO_HOST_DEVICE inline WeightDecay weight_decay_mode(double weight_decay,
   return decoupled ? WeightDecay::kDecoupled : WeightDecay::kL2;
 }
 
+// Note [corrected weight decay]
+// A decoupled decay shrinks the param by lr * weight_decay. timm's
+// `corrected_weight_decay` (Lion, LAMB) scales it by lr^2 / max_lr instead,
+// max_lr being the peak lr (the constructor's, timm's group
+// `max_lr_snapshot`), so that the decay follows the lr schedule squared and
+// equals the plain decay at the peak. The op takes max_lr per group: 0 for
+// the plain decay. Derived from this step's lr (a tensor lr included) where
+// the other scalars are, so a schedule costs no host work.
+FO_HOST_DEVICE inline double decay_lr(double lr, double max_lr) {
+  return max_lr > 0.0 ? lr * lr / max_lr : lr;
+}
+
 // Chooses a or b by a mask of all ones (a) or all zeros (b), on the bits:
 // a select that GCC vectorizes in loops mixing 16- and 32-bit types, where a
 // `cond ? a : b` on a loop-invariant bool stops its vectorizer.
@@ -349,13 +361,14 @@ struct LambScalars {
   T bias_correction2_sqrt;  // sqrt(1 - beta2^t), or 1
   T eps;
   T weight_decay;
-  T neg_lr_decay;  // -lr * weight_decay (decoupled decay)
+  T neg_lr_decay;  // -decay_lr * weight_decay (decoupled decay)
   T neg_lr;
   T trust_ratio;   // 1 when not adapted (and in the measuring pass)
 
   LambScalars() = default;
-  // `step` is the step count after this step's increment (t >= 1).
-  FO_HOST_DEVICE LambScalars(double lr, double beta1_, double beta2_,
+  // `step` is the step count after this step's increment (t >= 1);
+  // `decay_lr` the lr the decoupled decay is scaled by (decay_lr()).
+  FO_HOST_DEVICE LambScalars(double lr, double decay_lr, double beta1_, double beta2_,
                              double eps_, double weight_decay_,
                              bool bias_correction, bool grad_averaging,
                              bool maximize, double step, double trust_ratio_)
@@ -369,7 +382,7 @@ struct LambScalars {
             T(std::sqrt(bias_correction ? 1.0 - std::pow(beta2_, step) : 1.0))),
         eps(T(eps_)),
         weight_decay(T(weight_decay_)),
-        neg_lr_decay(T(-lr * weight_decay_)),
+        neg_lr_decay(T(-decay_lr * weight_decay_)),
         neg_lr(T(-lr)),
         trust_ratio(T(trust_ratio_)) {}
 };
@@ -578,10 +591,11 @@ struct LionScalars {
   T beta2;
   T one_minus_beta2;
   T neg_lr;
-  T decay_factor;  // 1 - lr * weight_decay
+  T decay_factor;  // 1 - decay_lr * weight_decay
 
   LionScalars() = default;
-  FO_HOST_DEVICE LionScalars(double lr, double beta1_, double beta2_,
+  // `decay_lr`: the lr the decay is scaled by (decay_lr()).
+  FO_HOST_DEVICE LionScalars(double lr, double decay_lr, double beta1_, double beta2_,
                              double weight_decay, bool maximize)
       : grad_sign(maximize ? T(-1) : T(1)),
         beta1(T(beta1_)),
@@ -589,7 +603,7 @@ struct LionScalars {
         beta2(T(beta2_)),
         one_minus_beta2(T(1.0 - beta2_)),
         neg_lr(T(-lr)),
-        decay_factor(T(1.0 - lr * weight_decay)) {}
+        decay_factor(T(1.0 - decay_lr * weight_decay)) {}
 };
 
 // sign(x) as torch.sign: -1, 0 or 1 (0 for a zero and for NaN), by selects.

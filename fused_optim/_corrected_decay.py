@@ -1,0 +1,60 @@
+"""timm's corrected weight decay (Lion, Lamb): the group options, their
+checks and checkpoints, and the op's per-group ``max_lr``.
+
+A decoupled decay shrinks the param by lr * weight_decay each step; with
+``corrected_weight_decay`` by lr^2 / max_lr * weight_decay, max_lr being
+the constructor's lr (taken as the peak of the schedule), so the decay
+follows the schedule squared and equals the plain one at the peak. As in
+timm's Lion and Lamb (read and tested against timm 1.0.31), each group
+holds ``corrected_weight_decay`` and
+``max_lr_snapshot`` (a float copy of the constructor's lr, so a tensor lr
+changed in place does not move it); a checkpoint without the snapshot
+takes the loading optimizer's. The op derives the decay's lr on the fly
+from each step's lr (Note [corrected weight decay] in update_rules.h).
+"""
+
+from __future__ import annotations
+
+import torch
+
+OPTIONS = ("corrected_weight_decay", "max_lr_snapshot")
+
+
+def max_lr_snapshot(lr, corrected_weight_decay: bool = False) -> float:
+    """The constructor's lr as a float; a positive one for the corrected
+    decay (timm's message)."""
+    max_lr = float(lr.detach()) if isinstance(lr, torch.Tensor) else float(lr)
+    if corrected_weight_decay and not max_lr > 0:
+        raise ValueError(
+            f"Corrected weight decay requires a positive max lr, got {max_lr}. "
+            "Construct the optimizer with the peak lr."
+        )
+    return max_lr
+
+
+def defaults(lr, corrected_weight_decay: bool) -> dict:
+    """The constructor's group options."""
+    return {
+        "corrected_weight_decay": corrected_weight_decay,
+        "max_lr_snapshot": max_lr_snapshot(lr, corrected_weight_decay),
+    }
+
+
+def fill_in(optimizer) -> None:
+    """For ``__setstate__`` (a pickle, or a checkpoint loaded: groups saved
+    before the options existed, by lion-pytorch, an older timm or an older
+    fused_optim): the options as timm fills them in."""
+    optimizer.defaults.setdefault("corrected_weight_decay", False)
+    optimizer.defaults.setdefault("max_lr_snapshot", max_lr_snapshot(optimizer.defaults["lr"]))
+    for group in optimizer.param_groups:
+        group.setdefault("corrected_weight_decay", False)
+        group.setdefault("max_lr_snapshot", optimizer.defaults["max_lr_snapshot"])
+
+
+def op_max_lr(group, decoupled: bool = True) -> float:
+    """The op's ``max_lr`` for a group: its snapshot when its decay is
+    decoupled and corrected, else 0 (the plain decay). A group whose
+    snapshot is not positive is refused, before the step writes."""
+    if not (decoupled and group.get("corrected_weight_decay")):
+        return 0.0
+    return max_lr_snapshot(group["max_lr_snapshot"], True)
