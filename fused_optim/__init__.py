@@ -4,7 +4,9 @@
     opt = AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
 """
 
-import torch  # noqa: F401  (loads libtorch before our extension)
+import sys
+
+import torch  # (loads libtorch before our extension)
 
 from fused_optim import _C  # noqa: F401  (registers the torch.ops.fused_optim ops)
 from fused_optim import _dtensor
@@ -28,3 +30,26 @@ __all__ = [
 __version__ = "0.1.0"
 
 _dtensor.register_when_imported()  # torch.ops.fused_optim.* on DTensors (FSDP2, TP)
+
+# Note [the rest of torch.optim]
+# `import torch.optim as optim` is the idiom, so `import fused_optim as
+# optim` must keep the lines that follow it working: what is not fused here
+# (the schedulers, SWA, Optimizer, torch's other optimizers: Adadelta,
+# Adamax, LBFGS, ...) is torch.optim's own object under the same name, not a
+# copy, so isinstance checks and `from fused_optim.lr_scheduler import
+# StepLR` behave as with torch.optim. fused_optim.Adadelta IS
+# torch.optim.Adadelta: only the classes in __all__ are ours.
+_FROM_TORCH_OPTIM = frozenset(torch.optim.__all__) - frozenset(__all__)
+for _submodule in ("lr_scheduler", "swa_utils"):
+    sys.modules[f"{__name__}.{_submodule}"] = getattr(torch.optim, _submodule)
+del _submodule
+
+
+def __getattr__(name):
+    if name in _FROM_TORCH_OPTIM:
+        return getattr(torch.optim, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_FROM_TORCH_OPTIM})

@@ -674,3 +674,33 @@ def test_loading_keeps_our_implementation_keywords(monkeypatch):
     ref.step()
     assert calls == ["adam_"]
     _assert_equal_runs(models[1], ours, models[0], ref, exact=False)
+
+
+def test_the_rest_of_torch_optim_is_torchs_own():
+    # Note [the rest of torch.optim] (fused_optim/__init__.py): `import
+    # fused_optim as optim` in place of `import torch.optim as optim` keeps
+    # the schedulers, SWA and torch's other optimizers, as torch's objects.
+    import fused_optim as optim
+    from fused_optim.lr_scheduler import StepLR
+    from fused_optim.swa_utils import AveragedModel
+
+    assert optim.lr_scheduler is torch.optim.lr_scheduler
+    assert StepLR is torch.optim.lr_scheduler.StepLR
+    assert AveragedModel is torch.optim.swa_utils.AveragedModel
+    assert optim.Optimizer is torch.optim.Optimizer
+    for name in torch.optim.__all__:
+        if name in fused_optim.__all__:
+            assert getattr(optim, name) is not getattr(torch.optim, name), name  # ours
+        else:
+            assert getattr(optim, name) is getattr(torch.optim, name), name
+        assert name in dir(optim), name
+    with pytest.raises(AttributeError, match="module 'fused_optim' has no attribute 'Adamw'"):
+        optim.Adamw  # noqa: B018
+    # (the MNIST example's lines, with our module in torch.optim's place)
+    model = _model()
+    opt = optim.Adadelta(model.parameters(), lr=1.0)
+    schedule = optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+    model(torch.randn(4, 7)).sum().backward()
+    opt.step()
+    schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.7)
