@@ -215,8 +215,9 @@ class Lion(_PerTensorReference):
     (``foreach`` is accepted and ignored, as the test tables pass
     ``foreach=False`` to every reference)."""
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
-                 corrected_weight_decay=False, foreach=None):
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, use_triton=False,
+                 decoupled_weight_decay=False, *, maximize=False, corrected_weight_decay=False,
+                 foreach=None):
         # fused_optim.Lion's checks and messages (torch.optim's wording)
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -227,13 +228,16 @@ class Lion(_PerTensorReference):
                 raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize,
+        if decoupled_weight_decay:
+            _corrected_decay.check_initial_lr(lr)
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay,
+                    "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize,
                     **_corrected_decay.defaults(lr, corrected_weight_decay)}
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        _corrected_decay.fill_in(self)
+        _corrected_decay.fill_in(self, keep_from_defaults=("decoupled_weight_decay",))
         for group in self.param_groups:
             group.setdefault("maximize", False)
 
@@ -244,9 +248,13 @@ class Lion(_PerTensorReference):
         return state
 
     def _rule(self, param, grad, state, lr, group) -> None:
-        lion(param, grad, state, lr=lr, betas=group["betas"],
-             weight_decay=group["weight_decay"], maximize=group["maximize"],
-             max_lr=corrected_max_lr(group))
+        # (lion-pytorch's decoupled_weight_decay: the decay divided by the
+        # initial lr, as it divides it)
+        weight_decay = group["weight_decay"]
+        if group["decoupled_weight_decay"]:
+            weight_decay = weight_decay / group["max_lr_snapshot"]
+        lion(param, grad, state, lr=lr, betas=group["betas"], weight_decay=weight_decay,
+             maximize=group["maximize"], max_lr=corrected_max_lr(group))
 
 
 def tensor_norm(t) -> float:

@@ -15,8 +15,8 @@ from fused_optim._precision import check_precision_keywords
 
 __all__ = ["Lion"]
 
-_BETAS_WD = operator.itemgetter("betas", "weight_decay")
 _op_max_lr = _corrected_decay.op_max_lr
+_op_weight_decay = _corrected_decay.lion_weight_decay
 
 
 class Lion(FusedOptimizer):
@@ -35,6 +35,8 @@ class Lion(FusedOptimizer):
         lr: float | torch.Tensor = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
+        use_triton: bool = False,
+        decoupled_weight_decay: bool = False,
         *,
         maximize: bool = False,
         corrected_weight_decay: bool = False,
@@ -55,6 +57,10 @@ class Lion(FusedOptimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if decoupled_weight_decay:
+            _corrected_decay.check_initial_lr(lr)
+        # (use_triton: lion-pytorch's choice of its Triton kernel; ours is
+        # the fused step whatever it says, as foreach=True is elsewhere)
         precision = check_precision_keywords(master_weights, state_dtype, stochastic_rounding)
         check_implementation_keywords(
             "Lion", foreach=None, fused=None, differentiable=False, precision=precision
@@ -63,6 +69,7 @@ class Lion(FusedOptimizer):
             "lr": lr,
             "betas": betas,
             "weight_decay": weight_decay,
+            "decoupled_weight_decay": decoupled_weight_decay,
             "maximize": maximize,
             **precision,
             "max_grad_norm": check_max_grad_norm(max_grad_norm),
@@ -72,7 +79,7 @@ class Lion(FusedOptimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        _corrected_decay.fill_in(self)
+        _corrected_decay.fill_in(self, keep_from_defaults=("decoupled_weight_decay",))
         for group in self.param_groups:
             # (lion-pytorch's groups have no maximize)
             group.setdefault("maximize", False)
@@ -100,33 +107,34 @@ class Lion(FusedOptimizer):
         return False
 
     def _hyperparameter_lists(self, groups) -> list:
-        betas, weight_decay = zip(*map(_BETAS_WD, groups))
-        beta1, beta2 = zip(*betas)
-        return [*(list(map(float, values)) for values in (beta1, beta2, weight_decay)),
-                list(map(_op_max_lr, groups))]
+        beta1, beta2 = zip(*map(operator.itemgetter("betas"), groups))
+        return [list(map(float, beta1)), list(map(float, beta2)),
+                list(map(_op_weight_decay, groups)), list(map(_op_max_lr, groups))]
 
     def _hyperparameters(self, group) -> dict:
         beta1, beta2 = group["betas"]
         return {
             "beta1": to_float(beta1),
             "beta2": to_float(beta2),
-            "weight_decay": to_float(group["weight_decay"]),
+            "weight_decay": _op_weight_decay(group),
             "max_lr": _op_max_lr(group),
         }
 
 
 Lion.__doc__ = (
-    r"""Lion (Chen et al., 2023), fused. torch.optim has no Lion; state and
-    update as lion-pytorch's ``Lion`` (version 0.2.5, ``use_triton=False``,
-    ``decoupled_weight_decay=False``), so checkpoints move between the two.
+    r"""Lion (Chen et al., 2023), fused. torch.optim has no Lion; signature,
+    state and update as lion-pytorch's ``Lion`` (version 0.2.5), so
+    checkpoints move between the two.
 
     .. math::
        \begin{aligned}
             &g_t \leftarrow \pm\nabla_\theta f_t(\theta_{t-1})
                 \quad (-\text{ if } \textit{maximize}) \\
-            &\theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma_d\lambda), \quad
+            &\theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma_d\lambda_d), \quad
                 \gamma_d = \gamma^2/\gamma_{\max} \text{ if }
-                \textit{corrected\_weight\_decay} \text{ else } \gamma \\
+                \textit{corrected\_weight\_decay} \text{ else } \gamma, \quad
+                \lambda_d = \lambda/\gamma_{\max} \text{ if }
+                \textit{decoupled\_weight\_decay} \text{ else } \lambda \\
             &c_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t \\
             &\theta_t \leftarrow \theta_{t-1} - \gamma\,\mathrm{sign}(c_t) \\
             &m_t \leftarrow \beta_2 m_{t-1} + (1-\beta_2) g_t
@@ -137,9 +145,13 @@ Lion.__doc__ = (
     ``max_lr_snapshot`` (the constructor's lr); state :math:`m` ``exp_avg``.
 
     Conventions: the weight decay is decoupled and scaled by the learning
-    rate, as in the paper's Algorithm 2 and lion-pytorch (its
-    ``decoupled_weight_decay=True``, which divides the decay by the initial
-    lr, is not reproduced). :math:`\mathrm{sign}(0) = 0`, as ``torch.sign``.
+    rate, as in the paper's Algorithm 2 and lion-pytorch; lion-pytorch's
+    ``decoupled_weight_decay=True`` also divides it by the initial lr (the
+    constructor's, which must then be positive; ours keeps it and the flag
+    in each group, lion-pytorch on the optimizer: a checkpoint of either
+    loads with the loader's flag where it has none). ``use_triton`` is
+    accepted and changes nothing: the step is our fused one.
+    :math:`\mathrm{sign}(0) = 0`, as ``torch.sign``.
     State: ``exp_avg`` only, as lion-pytorch; a ``step`` counter is kept
     only with ``stochastic_rounding`` (its random bits change with it), as
     our SGD does; a lion-pytorch checkpoint without it loads and starts one.
@@ -159,6 +171,11 @@ Lion.__doc__ = (
             the momentum (default: (0.9, 0.99)).
         weight_decay (float, optional): :math:`\lambda`, decoupled
             (default: 0.0).
+        use_triton (bool, optional): lion-pytorch's; accepted, no effect
+            (default: False).
+        decoupled_weight_decay (bool, optional): lion-pytorch's: divide
+            :math:`\lambda` by the constructor's lr :math:`\gamma_{\max}`
+            (default: False).
         corrected_weight_decay (bool, optional): scale the decay by
             :math:`\gamma^2/\gamma_{\max}` instead of :math:`\gamma`
             (timm's; the constructor's lr, which must then be positive, is

@@ -184,6 +184,10 @@ OPTIM_CONFIGS: list[OptimConfig] = [
     # constructor's, as in the multi-group and scheduler tests)
     OptimConfig("lion_corrected", "Lion",
                 dict(lr=0.004, weight_decay=0.3, corrected_weight_decay=True)),
+    # (lion-pytorch's decoupled_weight_decay: the decay divided by the
+    # constructor's lr, 0.5 here)
+    OptimConfig("lion_decoupled", "Lion",
+                dict(lr=0.004, weight_decay=0.002, use_triton=False, decoupled_weight_decay=True)),
     # Lars (timm's): momentum, dampening, weight_decay (adapts the group),
     # nesterov, trust_coeff, eps, trust_clip, always_adapt, maximize
     OptimConfig("lars", "Lars", dict(lr=1.0, momentum=0.9, weight_decay=1e-3, trust_coeff=0.02)),
@@ -352,7 +356,7 @@ SETSTATE_DEFAULTED_KEYS = {
     "AdamW": ["amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"],
     "RAdam": ["foreach", "maximize", "differentiable", "decoupled_weight_decay", "capturable"],
     "NAdam": ["maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay"],
-    "Lion": ["maximize", "corrected_weight_decay", "max_lr_snapshot"],
+    "Lion": ["maximize", "corrected_weight_decay", "max_lr_snapshot", "decoupled_weight_decay"],
     "Lars": ["nesterov", "maximize"],
     "Lamb": ["caution", "decoupled_decay", "maximize", "corrected_weight_decay", "max_lr_snapshot"],
 }
@@ -493,6 +497,9 @@ def _constructor_errors() -> list[ErrorCase]:
         ("beta1_above_one", dict(betas=(0.9, 1.01)), "Invalid beta parameter at index 1: 1.01"),
         ("neg_weight_decay", dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
         CORRECTED_ZERO_LR,
+        ("decoupled_zero_lr", dict(lr=0.0, decoupled_weight_decay=True),
+         "decoupled_weight_decay=True divides the weight decay by the initial lr, which must be "
+         "positive, got 0.0"),
     ]
     specific["Lars"] = specific["SGD"]  # (timm's checks: torch.optim.SGD's)
     specific["Lamb"] = adam_like[:-1] + [  # (timm's has none: torch.optim.Adam's)

@@ -123,7 +123,8 @@ def _lion_pytorch():
 @pytest.mark.parametrize("kwargs", [
     dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
     dict(lr=3e-3, betas=(0.5, 0.9)),
-], ids=["wd", "no_wd"])
+    dict(lr=1e-2, weight_decay=2e-3, use_triton=False, decoupled_weight_decay=True),
+], ids=["wd", "no_wd", "decoupled_wd"])
 def test_matches_lion_pytorch(dtype, kwargs):
     # lion-pytorch 0.2.5 (scripts/bootstrap.sh installs it, --no-deps):
     # the same trajectory, params and exp_avg, bit for bit in most elements,
@@ -144,11 +145,16 @@ def test_matches_lion_pytorch(dtype, kwargs):
             torch.testing.assert_close(ours.state[a]["exp_avg"], theirs.state[b]["exp_avg"])
 
 
-def test_checkpoints_move_between_lion_pytorch_and_ours():
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_checkpoints_move_between_lion_pytorch_and_ours(decoupled):
+    # (lion-pytorch keeps decoupled_weight_decay on the optimizer, not in its
+    # checkpoints: each side loads with its own)
     module = _lion_pytorch()
     ours_params, theirs_params = _params(torch.float32), _params(torch.float32)
-    ours = fused_optim.Lion(ours_params, lr=1e-2, weight_decay=0.1)
-    theirs = module.Lion(theirs_params, lr=1e-2, weight_decay=0.1)
+    kwargs = dict(lr=1e-2, weight_decay=0.1 * (1e-2 if decoupled else 1.0),
+                  decoupled_weight_decay=decoupled)
+    ours = fused_optim.Lion(ours_params, **kwargs)
+    theirs = module.Lion(theirs_params, **kwargs)
     for step in range(3):
         for a, b, g in zip(ours_params, theirs_params, _grads(step, torch.float32)):
             a.grad, b.grad = g, g.clone()
