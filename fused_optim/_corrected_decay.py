@@ -28,13 +28,16 @@ import torch
 
 from fused_optim._keywords import to_float
 
-OPTIONS = ("corrected_weight_decay", "max_lr_snapshot")
+
+def _lr_value(lr) -> float:
+    # (a float copy: a tensor lr changed in place must not move it)
+    return float(lr.detach()) if isinstance(lr, torch.Tensor) else float(lr)
 
 
 def max_lr_snapshot(lr, corrected_weight_decay: bool = False) -> float:
     """The constructor's lr as a float; a positive one for the corrected
     decay (timm's message)."""
-    max_lr = float(lr.detach()) if isinstance(lr, torch.Tensor) else float(lr)
+    max_lr = _lr_value(lr)
     if corrected_weight_decay and not max_lr > 0:
         raise ValueError(
             f"Corrected weight decay requires a positive max lr, got {max_lr}. "
@@ -69,7 +72,7 @@ def fill_in(optimizer, keep_from_defaults=()) -> None:
 def check_initial_lr(lr) -> None:
     """lion-pytorch's decoupled_weight_decay divides by the constructor's
     lr: a positive one (lion-pytorch asserts lr > 0 for every Lion)."""
-    initial = float(lr.detach()) if isinstance(lr, torch.Tensor) else float(lr)
+    initial = _lr_value(lr)
     if not initial > 0:
         raise ValueError(
             f"decoupled_weight_decay=True divides the weight decay by the initial lr, "

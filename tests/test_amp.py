@@ -88,6 +88,25 @@ def test_who_unscales_follows_torch(name):
         assert copy.deepcopy(cls(p, **kwargs))._step_supports_amp_scaling is expected, kwargs
 
 
+def _run_against_manual_unscale(amp, plain):
+    """Steps ``amp`` under its GradScaler, with the bad steps, and ``plain``
+    (the same optimizer and params) without one, fed the unscaled gradients
+    and skipping the bad steps: params and every state tensor must then be
+    the same bits."""
+    for step in range(STEPS):
+        amp.step(step)
+        if step in BAD_STEPS:
+            continue
+        for i, p in enumerate(plain.params):
+            p.grad = _grad(p.shape, step, i).to(p.dtype)
+        plain.opt.step()
+    for p, q in zip(amp.params, plain.params):
+        assert torch.equal(bits(p), bits(q))
+        assert amp.opt.state[p].keys() == plain.opt.state[q].keys()
+        for key, value in plain.opt.state[q].items():
+            assert torch.equal(bits(amp.opt.state[p][key]), bits(value)), key
+
+
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_master_weights_in_a_group_unscales_in_step(name):
     """master_weights given to one group (not the constructor) counts too:
@@ -133,18 +152,7 @@ def test_float16_group_with_master_weights_under_grad_scaler(cfg):
     amp = AmpRun(cfg.ours_cls, cfg.kwargs, unscale_first=False)
     plain = AmpRun(cfg.ours_cls, cfg.kwargs, unscale_first=False)
     amp.opt, plain.opt = build(amp), build(plain)
-    for step in range(STEPS):
-        amp.step(step)
-        if step in BAD_STEPS:
-            continue
-        for i, p in enumerate(plain.params):
-            p.grad = _grad(p.shape, step, i).to(p.dtype)
-        plain.opt.step()
-    for p, q in zip(amp.params, plain.params):
-        assert torch.equal(bits(p), bits(q))
-        assert amp.opt.state[p].keys() == plain.opt.state[q].keys()
-        for key, value in plain.opt.state[q].items():
-            assert torch.equal(bits(amp.opt.state[p][key]), bits(value)), key
+    _run_against_manual_unscale(amp, plain)
 
 
 def _compare(ours, ref, where):
@@ -206,17 +214,7 @@ def test_grad_scaler_with_master_weights_equals_manual_unscale(cfg):
     kwargs = {**cfg.kwargs, "master_weights": True}
     amp = AmpRun(cfg.ours_cls, kwargs, unscale_first=False, dtype=torch.bfloat16, in_step=True)
     plain = AmpRun(cfg.ours_cls, kwargs, unscale_first=False, dtype=torch.bfloat16, in_step=True)
-    for step in range(STEPS):
-        amp.step(step)
-        if step in BAD_STEPS:
-            continue
-        for i, p in enumerate(plain.params):
-            p.grad = _grad(p.shape, step, i).to(p.dtype)
-        plain.opt.step()
-    for p, q in zip(amp.params, plain.params):
-        assert torch.equal(p, q)
-        for key, value in plain.opt.state[q].items():
-            assert torch.equal(amp.opt.state[p][key], value), key
+    _run_against_manual_unscale(amp, plain)
 
 
 def _checkpoint_round_trip(run):
