@@ -201,7 +201,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         groups])."""
         getter = _RAW_KEY_GETTERS.get(type(self))
         if getter is None:
-            keys = ("fused", "differentiable", *self._mode_keys)
+            keys = (*_torch_path.PATH_KEYS, *self._mode_keys)
             always = tuple(k for k in keys if k in self.defaults)
             optional = (*(k for k in keys if k not in self.defaults), *PRECISION_DEFAULTS)
             if always:

@@ -121,7 +121,7 @@ def global_sum_of_squares(grads: list, grad_scale=None, op=_C.sum_of_squares) ->
     plain: dict = {}
     dtensors = []
     for grad in grads:
-        if type(grad) is torch.Tensor or not _is_dtensor(grad):
+        if type(grad) is torch.Tensor or not is_dtensor(grad):
             plain.setdefault(grad.device, []).append(grad)
         else:
             dtensors.append(grad)
@@ -135,7 +135,7 @@ def global_sum_of_squares(grads: list, grad_scale=None, op=_C.sum_of_squares) ->
     return torch.stack([p.to(first, dtype) for p in parts]).sum()
 
 
-def _is_dtensor(tensor) -> bool:
+def is_dtensor(tensor) -> bool:
     dtensor = getattr(torch.distributed, "tensor", None)
     return dtensor is not None and isinstance(tensor, getattr(dtensor, "DTensor", ()))
 
@@ -207,7 +207,7 @@ def scale_grads_(grads: list, factor: torch.Tensor) -> None:
     DTensor gradient scales its local shard (the factor is global)."""
     by_device: dict = {}
     for grad in grads:
-        if type(grad) is not torch.Tensor and _is_dtensor(grad):
+        if type(grad) is not torch.Tensor and is_dtensor(grad):
             grad = grad._local_tensor
         by_device.setdefault(grad.device, []).append(grad)
     for device, tensors in by_device.items():

@@ -100,3 +100,16 @@ FUSED_NOTE = """
     but in a step that makes state. Otherwise GradScaler unscales in a pass
     of its own and skips calling step(), as for torch.optim's default.
 """
+
+
+# timm's caution=True, in Lion's and Lamb's docstrings (Note [cautious
+# groups] in _reference.py).
+CAUTION = r"""caution (bool, optional): timm's cautious variant (Liang et al.,
+            "Cautious Optimizers", 2024, https://arxiv.org/abs/2411.16085):
+            :math:`u \leftarrow u \odot \mathbb{1}[u \odot g > 0] /
+            \max(\mathrm{mean}(\mathbb{1}[u \odot g > 0]), 10^{-3})`,
+            the mean over the tensor, before any decay is added. Not fused:
+            a group with it is stepped by the plain per-tensor
+            implementation (``fused_optim._reference``), in the param's dtype
+            as timm's, one tensor at a time (torch ops); the precision
+            options are refused there (default: False)."""

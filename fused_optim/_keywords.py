@@ -10,16 +10,19 @@ from fused_optim import _torch_path
 from fused_optim._precision import PRECISION_DEFAULTS
 
 
-def check_implementation_keywords(name: str, *, foreach, fused, differentiable, precision: dict):
+def check_implementation_keywords(name: str, *, foreach, fused, differentiable, precision: dict,
+                                  caution: bool = False):
     """torch.optim's checks of the implementation keywords (same exception
-    types and messages), and ours for combining them with our precision
-    options. What each keyword then does: Note [implementation keywords]."""
+    types and messages), and ours for combining them (and timm's
+    ``caution``) with our precision options. What each keyword then does:
+    Note [implementation keywords]."""
     if fused:
         if differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
         if foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    check_torch_path_precision(name, {"fused": fused, "differentiable": differentiable, **precision})
+    check_torch_path_precision(
+        name, {"fused": fused, "differentiable": differentiable, "caution": caution, **precision})
 
 
 # Note [implementation keywords]
@@ -33,6 +36,9 @@ def check_implementation_keywords(name: str, *, foreach, fused, differentiable, 
 #   foreach as given (None lets torch choose, as it would): the user asked
 #   for torch's code, so it runs (_torch_path.py). Same for
 #   differentiable=True, which only torch's code can honour.
+# - caution=True (timm's Lion and Lamb): the plain per-tensor step of
+#   _reference.py, the fused kernels having no cautious mask (Note
+#   [cautious groups] there).
 # - capturable=True: on CUDA our step never syncs with the host whatever
 #   the flag; on CPU params it changes nothing, as for torch's fused step
 #   (torch's foreach and single-tensor code refuse CPU params with it, a
@@ -40,16 +46,19 @@ def check_implementation_keywords(name: str, *, foreach, fused, differentiable, 
 
 
 def check_torch_path_precision(name: str, group) -> None:
-    """Our precision options live in our kernels only: a group that runs
-    torch.optim's implementation cannot have them."""
+    """Our precision options live in our kernels only: a group stepped by
+    the unfused implementation (torch.optim's, or our plain one for
+    caution=True) cannot have them."""
     if not _torch_path.uses_torch_path(group):
         return
     chosen = [k for k, v in PRECISION_DEFAULTS.items() if group.get(k, v) not in (v, None, False)]
     if chosen:
-        asked = "fused=False" if group.get("fused") is False else "differentiable=True"
+        asked = _torch_path.why_unfused(group)
+        runs = ("the plain (unfused) implementation" if asked == "caution=True"
+                else "torch.optim's implementation")
         raise ValueError(
             f"fused_optim.{name}: {', '.join(chosen)} need(s) the fused step, but "
-            f"{asked} runs torch.optim's implementation, which has no such option"
+            f"{asked} runs {runs}, which has no such option"
         )
 
 

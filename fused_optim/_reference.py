@@ -14,6 +14,7 @@ import math
 import torch
 
 from fused_optim import _corrected_decay
+from fused_optim import _clip
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._keywords import check_adam_arguments
 
@@ -141,20 +142,43 @@ def corrected_max_lr(group, decoupled=True):
     return group["max_lr_snapshot"] if decoupled and group["corrected_weight_decay"] else None
 
 
-def lion(param, grad, state, *, lr, betas, weight_decay, maximize, max_lr=None):
+# Note [cautious groups]
+# timm's Lion and Lamb take caution=True ("Cautious Optimizers", Liang et
+# al. 2024, arXiv 2411.16085): the update's components whose sign differs
+# from the gradient's are zeroed and the others scaled by the inverse of
+# the fraction kept, so the update's mean size is kept:
+#   mask = [u * g > 0],  u <- u * mask / max(mean(mask), 1e-3)
+# (u the update before any decay, g the gradient as the step uses it:
+# negated by maximize, clipped). The mean is over the whole tensor, a
+# second per-tensor reduction before the update (and, in LAMB, before the
+# update's norm), which the fused kernels do not make: a group with
+# caution=True is stepped by this module's per-tensor code (the class's
+# _torch_class; _torch_path.py), in the param's dtype as timm's is, with
+# the state layout of the fused groups (the two can alternate on a param).
+def cautious(update, grad):
+    """``update`` with timm's cautious mask applied (in place; Note
+    [cautious groups]), the mask and its mean in the gradient's dtype."""
+    mask = (update * grad > 0).to(grad.dtype)
+    mask.div_(mask.mean().clamp_(min=1e-3))
+    return update.mul_(mask)
+
+
+def lion(param, grad, state, *, lr, betas, weight_decay, maximize, max_lr=None, caution=False):
     # Chen et al. 2023, Algorithm 2 (decoupled decay), in lion-pytorch's op
-    # order; with max_lr, timm's corrected decay. No step counter: the rule
-    # does not use one.
+    # order; with max_lr, timm's corrected decay; with caution, timm's
+    # cautious mask. No step counter: the rule does not use one.
     beta1, beta2 = betas
     grad = -grad if maximize else grad
     param.mul_(1 - decay_lr(lr, max_lr) * weight_decay)
     m = state["exp_avg"]
     update = m.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
+    if caution:
+        cautious(update, grad)
     param.add_(update, alpha=-lr)
     m.mul_(beta2).add_(grad, alpha=1 - beta2)
 
 
-class _PerTensorReference(torch.optim.Optimizer):
+class PerTensorReference(torch.optim.Optimizer):
     """The step of the reference classes (Lion, Lars, Lamb): the checks
     before anything changes (a group option the class refuses, sparse
     gradients), then, param by param in the param's own dtype, the class's
@@ -165,11 +189,36 @@ class _PerTensorReference(torch.optim.Optimizer):
     and ``_grad_coefficients`` (each group's gradient factor, None: as it
     is)."""
 
+    # The step's global gradient norm (a 0-d tensor) when a caller computed
+    # it over more groups than these: fused_optim's step, which hands its
+    # unfused groups to this code (_torch_path.py). None: measured here.
+    global_grad_norm = None
+
     def _check_group(self, group) -> None:
         pass
 
     def _grad_coefficients(self) -> list:
-        return [None] * len(self.param_groups)
+        """Each group's clipping factor for this step (None: not clipped),
+        from the global L2 norm of every gradient of every group (the
+        caller's, else measured here in float64): torch's clip_grad_norm_
+        coefficient ``min(1, max_grad_norm / (norm + 1e-6))``, for the
+        groups with a finite ``max_grad_norm``."""
+        clipped = [g.get("max_grad_norm") is not None and math.isfinite(g["max_grad_norm"])
+                   for g in self.param_groups]
+        if not any(clipped):
+            return [None] * len(self.param_groups)
+        if self.global_grad_norm is not None:
+            norm = float(self.global_grad_norm)
+        else:
+            sum_sq = 0.0
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        grad = torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad
+                        sum_sq += float(grad.double().square().sum())
+            norm = math.sqrt(sum_sq)
+        return [min(1.0, group["max_grad_norm"] / (norm + 1e-6)) if c else None
+                for group, c in zip(self.param_groups, clipped)]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -205,7 +254,7 @@ class _PerTensorReference(torch.optim.Optimizer):
         return loss
 
 
-class Lion(_PerTensorReference):
+class Lion(PerTensorReference):
     """Lion as a plain torch.optim.Optimizer over :func:`lion`: the oracle of
     the tests (torch.optim has no Lion; tests/optim_configs.py's
     ``OptimConfig.torch_cls`` takes this class where torch has none). One
@@ -213,11 +262,12 @@ class Lion(_PerTensorReference):
     lion-pytorch's; complex params as real views, sparse gradients refused.
     Same signature as fused_optim.Lion without our precision keywords
     (``foreach`` is accepted and ignored, as the test tables pass
-    ``foreach=False`` to every reference)."""
+    ``foreach=False`` to every reference); ``caution=True`` is timm's
+    cautious Lion (Note [cautious groups])."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, use_triton=False,
                  decoupled_weight_decay=False, *, maximize=False, corrected_weight_decay=False,
-                 foreach=None):
+                 caution=False, foreach=None):
         # fused_optim.Lion's checks and messages (torch.optim's wording)
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -232,7 +282,7 @@ class Lion(_PerTensorReference):
             _corrected_decay.check_initial_lr(lr)
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay,
                     "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize,
-                    **_corrected_decay.defaults(lr, corrected_weight_decay)}
+                    "caution": caution, **_corrected_decay.defaults(lr, corrected_weight_decay)}
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -240,6 +290,7 @@ class Lion(_PerTensorReference):
         _corrected_decay.fill_in(self, keep_from_defaults=("decoupled_weight_decay",))
         for group in self.param_groups:
             group.setdefault("maximize", False)
+            group.setdefault("caution", False)  # (as timm's)
 
     def _state_of(self, p, group) -> dict:
         state = self.state[p]
@@ -254,15 +305,18 @@ class Lion(_PerTensorReference):
         if group["decoupled_weight_decay"]:
             weight_decay = weight_decay / group["max_lr_snapshot"]
         lion(param, grad, state, lr=lr, betas=group["betas"], weight_decay=weight_decay,
-             maximize=group["maximize"], max_lr=corrected_max_lr(group))
+             maximize=group["maximize"], max_lr=corrected_max_lr(group),
+             caution=bool(group.get("caution")))
 
 
 def tensor_norm(t) -> float:
     """A tensor's 2-norm as the fused step computes it (Note [per-tensor
     norms], hyperparams.h): the sum of squares accumulated in float64,
     stored in float32 unless the tensor is float64, its square root in
-    float64."""
+    float64. A DTensor's is the whole tensor's (its partial sums all-reduced)."""
     s = t.detach().double().square().sum()
+    if _clip.is_dtensor(s):
+        s = s.full_tensor()
     if t.dtype != torch.float64:
         s = s.float()
     return math.sqrt(float(s))
@@ -308,7 +362,7 @@ def lars(param, grad, state, *, lr, momentum, dampening, weight_decay, nesterov,
     param.add_(grad, alpha=-lr)
 
 
-class Lars(_PerTensorReference):
+class Lars(PerTensorReference):
     """LARS as a plain torch.optim.Optimizer over :func:`lars`: the oracle of
     the tests, as :class:`Lion`. timm's ``Lars`` signature, checks and state
     (``momentum_buffer``), plus ``maximize`` (ours) and ``foreach`` (ignored);
@@ -361,7 +415,7 @@ def lamb_trust_ratio(param_norm, update_norm, *, trust_clip) -> float:
 
 
 def lamb(param, grad, state, *, lr, betas, eps, weight_decay, bias_correction, grad_averaging,
-         trust_clip, always_adapt, decoupled_decay, maximize, max_lr=None):
+         trust_clip, always_adapt, decoupled_decay, maximize, max_lr=None, caution=False):
     # You et al. 2020 ("Large Batch Optimization for Deep Learning: Training
     # BERT in 76 minutes", arXiv 1904.00962), Algorithm 2 with phi the
     # identity, and timm's options (timm/optim/lamb.py, 1.0.15 to 1.0.31) in timm's op
@@ -369,6 +423,7 @@ def lamb(param, grad, state, *, lr, betas, eps, weight_decay, bias_correction, g
     #   m = b1 m + b3 g    (b3 = 1 - b1, or 1 without grad_averaging)
     #   v = b2 v + (1 - b2) g^2
     #   u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)   (bc = 1 - b^t, or 1)
+    #   u = cautious(u, g) with caution (Note [cautious groups])
     #   u += wd p, or p -= lr wd p first (decoupled_decay; with max_lr,
     #       timm's corrected decay: p -= lr^2 / max_lr wd p)
     #   r = ||p|| / ||u|| (1 if either is 0; min(r, 1) with trust_clip),
@@ -392,6 +447,8 @@ def lamb(param, grad, state, *, lr, betas, eps, weight_decay, bias_correction, g
         bias_correction1, bias_correction2 = 1.0, 1.0
     denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)
     update = (m / bias_correction1).div_(denom)
+    if caution:
+        cautious(update, grad)
     if weight_decay != 0:
         if decoupled_decay:
             # (before its norm is taken)
@@ -412,7 +469,7 @@ def _scalar_dtype():
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-class Lamb(_PerTensorReference):
+class Lamb(PerTensorReference):
     """LAMB as a plain torch.optim.Optimizer over :func:`lamb`: the oracle of
     the tests, as :class:`Lion`. timm's ``Lamb`` signature and options, plus
     ``maximize`` (ours) and ``foreach`` (accepted and ignored, as the test
@@ -431,12 +488,11 @@ class Lamb(_PerTensorReference):
       group clipped by its own ``max_grad_norm`` (None or inf: not clipped)
       with torch.nn.utils.clip_grad_norm_'s coefficient
       ``min(1, max_grad_norm / (norm + 1e-6))``; timm divides by
-      ``max(1, norm / max_grad_norm)`` (no 1e-6), takes the defaults'
-      max_grad_norm for all groups, and writes the clipped gradient into
-      ``p.grad``. Here a copy is clipped: ``p.grad`` is left as it is;
-    - ``caution=True`` (timm's cautious masking) is refused: its mask needs
-      a per-tensor mean before the update's norm, which the fused step does
-      not compute.
+      ``max(1, norm / max_grad_norm)`` (no 1e-6) and takes the defaults'
+      max_grad_norm for all groups. Both clip a copy: ``p.grad`` is left
+      as it is.
+
+    ``caution=True`` is timm's cautious LAMB (Note [cautious groups]).
     """
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6,
@@ -446,13 +502,6 @@ class Lamb(_PerTensorReference):
         # torch.optim Adam's checks and messages (timm's Lamb checks nothing)
         check_adam_arguments(lr, betas, eps, weight_decay)
         check_max_grad_norm(max_grad_norm)
-        if caution:
-            # (fused_optim.Lamb's message)
-            raise ValueError(
-                "Lamb(caution=True) is not supported: the cautious mask is "
-                "scaled by its per-tensor mean before the update's norm is "
-                "taken, a second reduction the fused step does not make"
-            )
         defaults = {"lr": lr, "bias_correction": bias_correction, "betas": betas, "eps": eps,
                     "weight_decay": weight_decay, "grad_averaging": grad_averaging,
                     "max_grad_norm": max_grad_norm, "trust_clip": trust_clip,
@@ -475,30 +524,6 @@ class Lamb(_PerTensorReference):
                 if "step" in p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_scalar_dtype())
 
-    def _grad_coefficients(self) -> list:
-        """Each group's clipping factor for this step (None: not clipped):
-        torch's clip_grad_norm_ coefficient from the global norm of all
-        gradients of all groups, accumulated in float64."""
-        clipped = [g.get("max_grad_norm") is not None and math.isfinite(g["max_grad_norm"])
-                   for g in self.param_groups]
-        if not any(clipped):
-            return [None] * len(self.param_groups)
-        sum_sq = 0.0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    grad = torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad
-                    sum_sq += float(grad.double().square().sum())
-        norm = math.sqrt(sum_sq)
-        # torch's formula (clip_grad_norm_: max_norm / (norm + 1e-6), at most
-        # 1); timm's is min(1, max_grad_norm / norm), without the 1e-6.
-        return [min(1.0, group["max_grad_norm"] / (norm + 1e-6)) if c else None
-                for group, c in zip(self.param_groups, clipped)]
-
-    def _check_group(self, group) -> None:
-        if group["caution"]:
-            raise ValueError("Lamb: caution=True is not supported (see the constructor)")
-
     def _state_of(self, p, group) -> dict:
         state = self.state[p]
         if "step" not in state:
@@ -513,7 +538,8 @@ class Lamb(_PerTensorReference):
              grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"],
              always_adapt=group["always_adapt"], decoupled_decay=group["decoupled_decay"],
              maximize=group["maximize"],
-             max_lr=corrected_max_lr(group, group["decoupled_decay"]))
+             max_lr=corrected_max_lr(group, group["decoupled_decay"]),
+             caution=bool(group.get("caution")))
 
 
 # The oracle class of each optimizer that torch.optim lacks, by class name.

@@ -1,4 +1,5 @@
-"""``fused=False`` and ``differentiable=True``: torch.optim's own step.
+"""``fused=False``, ``differentiable=True`` and ``caution=True``: the
+unfused step.
 
 A user who passes ``fused=False`` asks for torch's unfused implementation
 (the single-tensor or foreach code, chosen by ``foreach`` as torch chooses),
@@ -7,6 +8,12 @@ is ours to reimplement: the groups that ask for them are stepped by
 ``torch.optim.X.step`` itself, run on a stand-in optimizer that shares this
 optimizer's ``defaults``, ``state`` and those param group dicts. Our state
 layout is torch's, so the two paths can even alternate on one param.
+
+``caution=True`` (timm's cautious Lion and Lamb) is the third: the fused
+kernels do not implement the cautious mask (Note [cautious groups] in
+_reference.py), so such a group is stepped by the class's ``_torch_class``,
+the plain implementation in _reference.py, which takes the step's global
+gradient norm for ``max_grad_norm`` instead of clipping ``.grad``.
 
 The stand-in has no hooks: the step's hooks are this optimizer's and run
 once, around its whole step. (torch wraps a class's ``step`` with the hook
@@ -18,9 +25,24 @@ from __future__ import annotations
 import torch
 
 
+# The group options that can send a group to the unfused step (a plan
+# compares them each step: _base.py's raw group key).
+PATH_KEYS = ("fused", "differentiable", "caution")
+
+
 def uses_torch_path(group) -> bool:
-    """Whether a group asks for torch.optim's implementation."""
-    return group.get("fused") is False or bool(group.get("differentiable"))
+    """Whether a group is stepped by the unfused implementation (torch.optim's,
+    or the plain one of an optimizer torch lacks)."""
+    return (group.get("fused") is False or bool(group.get("differentiable"))
+            or bool(group.get("caution")))
+
+
+def why_unfused(group) -> str:
+    """The option that sends a group (one ``uses_torch_path`` takes) to the
+    unfused step, as the user wrote it."""
+    if group.get("fused") is False:
+        return "fused=False"
+    return "differentiable=True" if group.get("differentiable") else "caution=True"
 
 
 def _without_hooks(step):
@@ -39,7 +61,9 @@ def torch_step(optimizer, groups: list, grad_norm=None) -> None:
     inf/NaN: torch's unfused code takes no scale. With ``grad_norm`` (the
     step's global norm), the gradients of groups with ``max_grad_norm``
     are then clipped in place, as torch's clip_grad_norm_ would (torch's
-    code reads gradients only from ``.grad``)."""
+    code reads gradients only from ``.grad``); a plain implementation of
+    ours (_reference.py) takes the norm instead and clips a copy, as the
+    fused step leaves ``.grad`` as it is."""
     grad_scale = getattr(optimizer, "grad_scale", None)
     found_inf = getattr(optimizer, "found_inf", None)
     if found_inf is not None and bool(found_inf.item()):
@@ -53,7 +77,11 @@ def torch_step(optimizer, groups: list, grad_norm=None) -> None:
         with torch.no_grad():
             for device, tensors in by_device.items():
                 torch._foreach_mul_(tensors, inverse.to(device))
-    if grad_norm is not None:
+    from fused_optim import _reference
+
+    cls = optimizer._torch_class
+    plain = issubclass(cls, _reference.PerTensorReference)
+    if grad_norm is not None and not plain:
         from fused_optim import _clip
 
         for group in groups:
@@ -62,11 +90,12 @@ def torch_step(optimizer, groups: list, grad_norm=None) -> None:
                 if grads:
                     _clip.scale_grads_(grads, _clip.clip_coefficient(grad_norm, group["max_grad_norm"]))
     make_missing_mode_state(optimizer, groups)
-    cls = optimizer._torch_class
     stand_in = cls.__new__(cls)
     stand_in.__dict__.update(
         defaults=optimizer.defaults, state=optimizer.state, param_groups=groups
     )
+    if plain:
+        stand_in.global_grad_norm = grad_norm
     _without_hooks(cls.step)(stand_in)
 
 

@@ -48,15 +48,10 @@ class Lamb(FusedOptimizer):
     ) -> None:
         # timm's Lamb checks nothing; ours checks as torch.optim's Adam does.
         check_adam_arguments(lr, betas, eps, weight_decay)
-        if caution:
-            raise ValueError(
-                "Lamb(caution=True) is not supported: the cautious mask is "
-                "scaled by its per-tensor mean before the update's norm is "
-                "taken, a second reduction the fused step does not make"
-            )
         precision = check_precision_keywords(master_weights, state_dtype, stochastic_rounding)
         check_implementation_keywords(
-            "Lamb", foreach=None, fused=None, differentiable=False, precision=precision
+            "Lamb", foreach=None, fused=None, differentiable=False, precision=precision,
+            caution=caution,
         )
         defaults = {
             "lr": lr,
@@ -68,7 +63,7 @@ class Lamb(FusedOptimizer):
             "max_grad_norm": check_max_grad_norm(max_grad_norm),
             "trust_clip": trust_clip,
             "always_adapt": always_adapt,
-            "caution": False,
+            "caution": caution,
             "decoupled_decay": decoupled_decay,
             **_corrected_decay.defaults(lr, corrected_weight_decay),
             "maximize": maximize,
@@ -96,8 +91,6 @@ class Lamb(FusedOptimizer):
     def _hyperparameters(self, group) -> dict:
         # (the per-group bools travel as 0.0 or 1.0: the op's per-group
         # lists are float lists)
-        if group.get("caution"):  # (a group added or edited with it)
-            raise ValueError("Lamb: caution=True is not supported (see the constructor)")
         beta1, beta2 = group["betas"]
         return {
             "beta1": to_float(beta1),
@@ -165,6 +158,9 @@ Lamb.__doc__ = (
             &v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
             &u_t \leftarrow \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t} / \sqrt{1-\beta_2^t} + \epsilon}
                 \quad (\text{no } 1-\beta^t \text{ without } \textit{bias\_correction}) \\
+            &u_t \leftarrow u_t \odot \mathbb{1}[u_t \odot g_t > 0] /
+                \max(\mathrm{mean}(\mathbb{1}[u_t \odot g_t > 0]), 10^{-3})
+                \quad (\textit{caution} \text{ only}) \\
             &\textbf{if } \lambda \neq 0: \quad
                 \textbf{if } \textit{decoupled\_decay}: \theta_{t-1} \leftarrow
                 \theta_{t-1} - \gamma_d\lambda\theta_{t-1}
@@ -198,13 +194,13 @@ Lamb.__doc__ = (
       :math:`10^{-6}`, which timm's lacks: a relative difference of
       :math:`10^{-6}/\lVert g\rVert`), is per group like every
       ``max_grad_norm`` of ours (timm reads the defaults' only), leaves
-      ``p.grad`` as it was (timm divides it in place), and the norm of the
-      step is readable as ``optimizer.grad_norm``;
+      ``p.grad`` as it was (as timm 1.0.31's), and the norm of the step is
+      readable as ``optimizer.grad_norm``;
     - step counts are per param, as torch.optim's Adam (timm counts per
       group, also for params that had no gradient);
-    - ``caution=True`` (timm's cautious masking, from "Cautious
-      Optimizers", 2024) is refused: its mask is scaled by a per-tensor
-      mean before the update's norm is taken;
+    - ``caution=True`` groups are stepped unfused (see ``caution``): its
+      mask is scaled by a per-tensor mean before the update's norm is
+      taken, a second reduction the fused step does not make;
     - ``maximize`` is ours; there is no ``foreach``, ``fused`` or
       ``differentiable`` keyword (no torch.optim implementation to select).
 
@@ -237,8 +233,7 @@ Lamb.__doc__ = (
         trust_clip (bool, optional): LAMBC, the ratio at most 1 (default: False).
         always_adapt (bool, optional): apply the ratio even with a zero
             weight decay (default: False).
-        caution (bool, optional): accepted for timm's signature; True is
-            refused (default: False).
+        """ + _docs.CAUTION + r"""
         decoupled_decay (bool, optional): decay the param by
             :math:`\gamma\lambda` before its norm is taken, instead of adding
             :math:`\lambda\theta` to the update (default: False).

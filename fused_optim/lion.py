@@ -40,6 +40,7 @@ class Lion(FusedOptimizer):
         *,
         maximize: bool = False,
         corrected_weight_decay: bool = False,
+        caution: bool = False,
         master_weights: bool = False,
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
@@ -63,7 +64,8 @@ class Lion(FusedOptimizer):
         # the fused step whatever it says, as foreach=True is elsewhere)
         precision = check_precision_keywords(master_weights, state_dtype, stochastic_rounding)
         check_implementation_keywords(
-            "Lion", foreach=None, fused=None, differentiable=False, precision=precision
+            "Lion", foreach=None, fused=None, differentiable=False, precision=precision,
+            caution=caution,
         )
         defaults = {
             "lr": lr,
@@ -71,6 +73,7 @@ class Lion(FusedOptimizer):
             "weight_decay": weight_decay,
             "decoupled_weight_decay": decoupled_weight_decay,
             "maximize": maximize,
+            "caution": caution,
             **precision,
             "max_grad_norm": check_max_grad_norm(max_grad_norm),
             **_corrected_decay.defaults(lr, corrected_weight_decay),
@@ -81,8 +84,9 @@ class Lion(FusedOptimizer):
         super().__setstate__(state)
         _corrected_decay.fill_in(self, keep_from_defaults=("decoupled_weight_decay",))
         for group in self.param_groups:
-            # (lion-pytorch's groups have no maximize)
+            # (lion-pytorch's groups have no maximize, nor caution)
             group.setdefault("maximize", False)
+            group.setdefault("caution", False)
 
     def _mode(self, group) -> tuple:
         return ()
@@ -136,7 +140,11 @@ Lion.__doc__ = (
                 \lambda_d = \lambda/\gamma_{\max} \text{ if }
                 \textit{decoupled\_weight\_decay} \text{ else } \lambda \\
             &c_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t \\
-            &\theta_t \leftarrow \theta_{t-1} - \gamma\,\mathrm{sign}(c_t) \\
+            &u_t \leftarrow \mathrm{sign}(c_t), \quad
+                u_t \leftarrow u_t \odot \mathbb{1}[u_t \odot g_t > 0] /
+                \max(\mathrm{mean}(\mathbb{1}[u_t \odot g_t > 0]), 10^{-3})
+                \quad (\textit{caution} \text{ only}) \\
+            &\theta_t \leftarrow \theta_{t-1} - \gamma u_t \\
             &m_t \leftarrow \beta_2 m_{t-1} + (1-\beta_2) g_t
        \end{aligned}
 
@@ -157,9 +165,10 @@ Lion.__doc__ = (
     our SGD does; a lion-pytorch checkpoint without it loads and starts one.
     ``maximize`` is ours (lion-pytorch has none). No ``foreach``, ``fused``,
     ``capturable`` or ``differentiable`` keyword: there is no torch.optim
-    implementation to select. ``corrected_weight_decay`` is timm's (its
-    ``Lion``; lion-pytorch has none), with timm's group options and
-    checkpoints.
+    implementation to select. ``corrected_weight_decay`` and ``caution``
+    are timm's (its ``Lion``; lion-pytorch has neither), with timm's group
+    options and checkpoints; timm's ``caution`` is keyword-only here, its
+    position being lion-pytorch's ``use_triton``.
 
     Args:
         """
@@ -181,6 +190,8 @@ Lion.__doc__ = (
             (timm's; the constructor's lr, which must then be positive, is
             :math:`\gamma_{\max}`) (default: False).
         """
+    + _docs.CAUTION
+    + "\n        "
     + _docs.MAXIMIZE
     + "\n        "
     + _docs.PRECISION

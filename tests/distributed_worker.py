@@ -291,6 +291,20 @@ for _name in NORM_READING:
     scenario("main")(_fsdp2_norms_compiled)
 
 
+for _name in ("Lion", "Lamb"):
+
+    def _fsdp2_cautious(mesh, tmp, name=_name):
+        # timm's caution=True (the plain per-tensor step, Note [cautious
+        # groups]) on DTensor shards: the mask's mean and LAMB's norms are
+        # of the whole tensors (torch ops on DTensors), and Lamb's clipping
+        # takes the fused step's global norm across ranks.
+        _sharded_against_whole(name, _model, lambda m: _fsdp(m, mesh), caution=True,
+                               **({} if name in NORM_READING else OPTIMIZERS[name]))
+
+    _fsdp2_cautious.__name__ = f"fsdp2_cautious_{_name}_equals_whole_model"
+    scenario("main")(_fsdp2_cautious)
+
+
 @scenario("main")
 def fsdp2_clipped_adamw_compiled_equals_whole_model(mesh, tmp):
     # A pointwise update under torch.compile on FSDP2 shards, with the

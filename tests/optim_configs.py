@@ -62,6 +62,14 @@ class OptimConfig:
         return getattr(fused_optim, self.name)
 
     @property
+    def unfused(self):
+        """Whether its groups are stepped by the plain per-tensor code, not
+        the fused kernels (timm's caution=True: Note [cautious groups] in
+        fused_optim/_reference.py), which takes no precision option and
+        steps params on any device, as torch.optim's code does."""
+        return bool(self.kwargs.get("caution"))
+
+    @property
     def lr(self):
         return self.kwargs.get("lr", default_kwarg(self.name, "lr"))
 
@@ -188,6 +196,8 @@ OPTIM_CONFIGS: list[OptimConfig] = [
     # constructor's lr, 0.5 here)
     OptimConfig("lion_decoupled", "Lion",
                 dict(lr=0.004, weight_decay=0.002, use_triton=False, decoupled_weight_decay=True)),
+    # (timm's caution=True: the plain per-tensor step, Note [cautious groups])
+    OptimConfig("lion_cautious", "Lion", dict(lr=0.01, weight_decay=0.1, caution=True)),
     # Lars (timm's): momentum, dampening, weight_decay (adapts the group),
     # nesterov, trust_coeff, eps, trust_clip, always_adapt, maximize
     OptimConfig("lars", "Lars", dict(lr=1.0, momentum=0.9, weight_decay=1e-3, trust_coeff=0.02)),
@@ -226,6 +236,8 @@ OPTIM_CONFIGS: list[OptimConfig] = [
     OptimConfig("lamb_corrected", "Lamb",
                 dict(lr=0.04, betas=(0.9, 0.99), eps=1e-3, weight_decay=0.2, decoupled_decay=True,
                      corrected_weight_decay=True)),
+    OptimConfig("lamb_cautious", "Lamb",
+                dict(lr=0.05, betas=(0.9, 0.99), eps=1e-3, caution=True)),
 ]
 
 CONFIGS_BY_ID = {c.id: c for c in OPTIM_CONFIGS}
@@ -356,7 +368,8 @@ SETSTATE_DEFAULTED_KEYS = {
     "AdamW": ["amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"],
     "RAdam": ["foreach", "maximize", "differentiable", "decoupled_weight_decay", "capturable"],
     "NAdam": ["maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay"],
-    "Lion": ["maximize", "corrected_weight_decay", "max_lr_snapshot", "decoupled_weight_decay"],
+    "Lion": ["maximize", "corrected_weight_decay", "max_lr_snapshot", "decoupled_weight_decay",
+             "caution"],
     "Lars": ["nesterov", "maximize"],
     "Lamb": ["caution", "decoupled_decay", "maximize", "corrected_weight_decay", "max_lr_snapshot"],
 }
@@ -503,9 +516,6 @@ def _constructor_errors() -> list[ErrorCase]:
     ]
     specific["Lars"] = specific["SGD"]  # (timm's checks: torch.optim.SGD's)
     specific["Lamb"] = adam_like[:-1] + [  # (timm's has none: torch.optim.Adam's)
-        ("caution", dict(caution=True),
-         "Lamb(caution=True) is not supported: the cautious mask is scaled by its per-tensor "
-         "mean before the update's norm is taken, a second reduction the fused step does not make"),
         CORRECTED_ZERO_LR,
     ]
     for name in OPTIMIZER_NAMES:

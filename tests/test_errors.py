@@ -342,6 +342,8 @@ def test_sparse_grad_of_other_sparse_dims_than_momentum_rejected_atomically():
 @ALL
 @pytest.mark.parametrize("kind", LAYOUT_ERRORS)
 def test_bad_grad_or_param_rejected_atomically(cfg, kind):
+    if kind == "meta_param" and cfg.unfused:
+        pytest.skip("the plain step runs on meta params, as torch.optim's code does")
     _check_raises_atomically(cfg, kind, STEP_ERROR_EXCEPTIONS, None, where=f"{kind} in group 2")
 
 

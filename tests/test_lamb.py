@@ -363,7 +363,6 @@ def test_sparse_gradients_refused(cls, max_grad_norm):
 
 @pytest.mark.parametrize("cls", [fused_optim.Lamb, _reference.Lamb], ids=["fused", "reference"])
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(caution=True), "caution"),
     (dict(lr=-1e-3), "Invalid learning rate"),
     (dict(eps=-1e-6), "Invalid epsilon value"),
     (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0"),

@@ -250,6 +250,8 @@ def test_our_options_are_group_keys_when_set(cfg, options):
     # Set, they are in the defaults and every group; state_dict() saves
     # max_grad_norm, not the precision options (configuration, kept by the
     # loader: Note [our options in param groups]).
+    if cfg.unfused and set(options) != {"max_grad_norm"}:
+        pytest.skip("the plain step refuses the precision options (test_caution.py)")
     t = cfg.torch_cls([torch.zeros(3, requires_grad=True)], **cfg.kwargs)
     o = cfg.ours_cls([torch.zeros(3, requires_grad=True)], **{**cfg.kwargs, **options})
     o.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
