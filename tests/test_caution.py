@@ -238,3 +238,26 @@ def test_reference_mask_is_timms():
     tiny = torch.zeros(10_000)
     tiny[0] = 1.0
     assert_close(_reference.cautious(tiny.clone(), tiny)[0], torch.tensor(1 / 1e-3))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_step_equals_eager(name):
+    # Under torch.compile the cautious group runs eagerly after the traced
+    # fused calls (as torch-path groups do, Note [traced step]), with the
+    # global norm of both groups for Lamb's clipping: the same bits as the
+    # eager step.
+    torch._dynamo.reset()
+    params, eager_params = _params(torch.float32), _params(torch.float32)
+    cls = getattr(fused_optim, name)
+    opt = cls(_groups(name, params), **CONSTRUCTOR[name])
+    eager = cls(_groups(name, eager_params), **CONSTRUCTOR[name])
+    compiled = torch.compile(opt.step, backend="aot_eager")
+    for step in range(4):
+        for p, q, g in zip(params, eager_params, _grads(step, params)):
+            p.grad, q.grad = g, g.clone()
+        compiled()
+        eager.step()
+        for i, (p, q) in enumerate(zip(params, eager_params)):
+            assert torch.equal(p, q), f"step {step} param {i}"
+            for key, value in eager.state[q].items():
+                assert torch.equal(opt.state[p][key], value), f"step {step} param {i} {key}"
