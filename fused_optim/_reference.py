@@ -261,9 +261,8 @@ class Lion(PerTensorReference):
     tensor at a time, in the tensor's own dtype, state ``exp_avg`` as
     lion-pytorch's; complex params as real views, sparse gradients refused.
     Same signature as fused_optim.Lion without our precision keywords
-    (``foreach`` is accepted and ignored, as the test tables pass
-    ``foreach=False`` to every reference); ``caution=True`` is timm's
-    cautious Lion (Note [cautious groups])."""
+    (``foreach``, timm's, is kept in the groups and changes nothing);
+    ``caution=True`` is timm's cautious Lion (Note [cautious groups])."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, use_triton=False,
                  decoupled_weight_decay=False, *, maximize=False, corrected_weight_decay=False,
@@ -282,7 +281,8 @@ class Lion(PerTensorReference):
             _corrected_decay.check_initial_lr(lr)
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay,
                     "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize,
-                    "caution": caution, **_corrected_decay.defaults(lr, corrected_weight_decay)}
+                    "caution": caution, "foreach": foreach,
+                    **_corrected_decay.defaults(lr, corrected_weight_decay)}
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -291,6 +291,7 @@ class Lion(PerTensorReference):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("caution", False)  # (as timm's)
+            group.setdefault("foreach", None)  # (as timm's)
 
     def _state_of(self, p, group) -> dict:
         state = self.state[p]
@@ -365,13 +366,14 @@ def lars(param, grad, state, *, lr, momentum, dampening, weight_decay, nesterov,
 class Lars(PerTensorReference):
     """LARS as a plain torch.optim.Optimizer over :func:`lars`: the oracle of
     the tests, as :class:`Lion`. timm's ``Lars`` signature, checks and state
-    (``momentum_buffer``), plus ``maximize`` (ours) and ``foreach`` (ignored);
+    (``momentum_buffer``; ``foreach`` kept in the groups, changing nothing),
+    plus ``maximize`` (ours);
     one tensor at a time in its own dtype, complex params as real views,
     sparse gradients refused."""
 
     def __init__(self, params, lr=1.0, momentum=0, dampening=0, weight_decay=0, nesterov=False,
-                 trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False, *,
-                 maximize=False, foreach=None):
+                 trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False,
+                 foreach=None, *, maximize=False):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -385,7 +387,7 @@ class Lars(PerTensorReference):
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
                     "weight_decay": weight_decay, "nesterov": nesterov, "trust_coeff": trust_coeff,
                     "eps": eps, "trust_clip": trust_clip, "always_adapt": always_adapt,
-                    "maximize": maximize}
+                    "maximize": maximize, "foreach": foreach}
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -393,6 +395,7 @@ class Lars(PerTensorReference):
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
+            group.setdefault("foreach", None)  # (as timm's)
 
     def _state_of(self, p, group) -> dict:
         # (state only with momentum, as timm's: self.state[p] would create
@@ -472,8 +475,8 @@ def _scalar_dtype():
 class Lamb(PerTensorReference):
     """LAMB as a plain torch.optim.Optimizer over :func:`lamb`: the oracle of
     the tests, as :class:`Lion`. timm's ``Lamb`` signature and options, plus
-    ``maximize`` (ours) and ``foreach`` (accepted and ignored, as the test
-    tables pass ``foreach=False`` to every reference); torch.optim Adam's
+    ``maximize`` (ours; ``foreach``, timm's, kept in the groups and changing
+    nothing); torch.optim Adam's
     constructor checks; one tensor at a time in its own dtype, complex
     params as real views, sparse gradients refused before anything changes.
 
@@ -498,7 +501,7 @@ class Lamb(PerTensorReference):
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6,
                  weight_decay=0.01, grad_averaging=True, max_grad_norm=1.0, trust_clip=False,
                  always_adapt=False, caution=False, decoupled_decay=False,
-                 corrected_weight_decay=False, *, maximize=False, foreach=None):
+                 corrected_weight_decay=False, foreach=None, *, maximize=False):
         # torch.optim Adam's checks and messages (timm's Lamb checks nothing)
         check_adam_arguments(lr, betas, eps, weight_decay)
         check_max_grad_norm(max_grad_norm)
@@ -506,7 +509,7 @@ class Lamb(PerTensorReference):
                     "weight_decay": weight_decay, "grad_averaging": grad_averaging,
                     "max_grad_norm": max_grad_norm, "trust_clip": trust_clip,
                     "always_adapt": always_adapt, "caution": caution,
-                    "decoupled_decay": decoupled_decay, "maximize": maximize,
+                    "decoupled_decay": decoupled_decay, "maximize": maximize, "foreach": foreach,
                     **_corrected_decay.defaults(lr, corrected_weight_decay)}
         super().__init__(params, defaults)
 
@@ -517,6 +520,7 @@ class Lamb(PerTensorReference):
             group.setdefault("caution", False)  # (as timm's)
             group.setdefault("decoupled_decay", False)  # (as timm's)
             group.setdefault("maximize", False)  # (timm's groups have none)
+            group.setdefault("foreach", None)  # (as timm's)
             for p in group["params"]:
                 # a float step (older torch checkpoints) as a tensor, as
                 # torch.optim's Adam converts it

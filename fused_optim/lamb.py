@@ -40,6 +40,7 @@ class Lamb(FusedOptimizer):
         caution: bool = False,
         decoupled_decay: bool = False,
         corrected_weight_decay: bool = False,
+        foreach: bool | None = None,
         *,
         maximize: bool = False,
         master_weights: bool = False,
@@ -50,7 +51,7 @@ class Lamb(FusedOptimizer):
         check_adam_arguments(lr, betas, eps, weight_decay)
         precision = check_precision_keywords(master_weights, state_dtype, stochastic_rounding)
         check_implementation_keywords(
-            "Lamb", foreach=None, fused=None, differentiable=False, precision=precision,
+            "Lamb", foreach=foreach, fused=None, differentiable=False, precision=precision,
             caution=caution,
         )
         defaults = {
@@ -67,6 +68,7 @@ class Lamb(FusedOptimizer):
             "decoupled_decay": decoupled_decay,
             **_corrected_decay.defaults(lr, corrected_weight_decay),
             "maximize": maximize,
+            "foreach": foreach,
             **precision,
         }
         super().__init__(params, defaults)
@@ -78,6 +80,7 @@ class Lamb(FusedOptimizer):
             group.setdefault("caution", False)  # (as timm's)
             group.setdefault("decoupled_decay", False)
             group.setdefault("maximize", False)  # (timm's groups have none)
+            group.setdefault("foreach", None)  # (as timm's)
 
     def _mode(self, group) -> tuple:
         return ()
@@ -201,8 +204,11 @@ Lamb.__doc__ = (
     - ``caution=True`` groups are stepped unfused (see ``caution``): its
       mask is scaled by a per-tensor mean before the update's norm is
       taken, a second reduction the fused step does not make;
-    - ``maximize`` is ours; there is no ``foreach``, ``fused`` or
-      ``differentiable`` keyword (no torch.optim implementation to select).
+    - ``maximize`` is ours; ``foreach`` (timm's choice between its
+      single-tensor and multi-tensor code) is accepted and kept in the
+      groups, the step being the fused one either way; there is no
+      ``fused`` or ``differentiable`` keyword (no torch.optim implementation
+      to select).
 
     The norms of every param (its float32 master copy with
     ``master_weights``) and of every update direction are computed in one

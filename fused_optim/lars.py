@@ -34,6 +34,7 @@ class Lars(MomentumBufferState, FusedOptimizer):
         eps: float = 1e-8,
         trust_clip: bool = False,
         always_adapt: bool = False,
+        foreach: bool | None = None,
         *,
         maximize: bool = False,
         master_weights: bool = False,
@@ -55,7 +56,7 @@ class Lars(MomentumBufferState, FusedOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         precision = check_precision_keywords(master_weights, state_dtype, stochastic_rounding)
         check_implementation_keywords(
-            "Lars", foreach=None, fused=None, differentiable=False, precision=precision
+            "Lars", foreach=foreach, fused=None, differentiable=False, precision=precision
         )
         defaults = {
             "lr": lr,
@@ -68,6 +69,7 @@ class Lars(MomentumBufferState, FusedOptimizer):
             "trust_clip": trust_clip,
             "always_adapt": always_adapt,
             "maximize": maximize,
+            "foreach": foreach,
             **precision,
             "max_grad_norm": check_max_grad_norm(max_grad_norm),
         }
@@ -78,6 +80,7 @@ class Lars(MomentumBufferState, FusedOptimizer):
         for group in self.param_groups:
             group.setdefault("nesterov", False)  # (as timm's)
             group.setdefault("maximize", False)  # (timm's groups have none)
+            group.setdefault("foreach", None)  # (as timm's)
 
     _hyperparameter_keys = ("momentum", "dampening", "weight_decay", "trust_coeff", "eps",
                             "trust_clip", "always_adapt")
@@ -138,8 +141,10 @@ Lars.__doc__ = (
     reduction pass (sums of squares accumulated in float64, stored in float32
     unless a param is float64). A zero ``weight_decay`` adds no
     :math:`0\cdot\theta` term (timm adds one, which is NaN only for an
-    infinite param). ``maximize`` is ours (timm has none). No ``foreach``,
-    ``fused`` or ``differentiable`` keyword: there is no torch.optim
+    infinite param). ``maximize`` is ours (timm has none). ``foreach`` is
+    timm's choice between its single-tensor and multi-tensor code: accepted
+    and kept in the groups as timm's; ours is the fused step either way.
+    No ``fused`` or ``differentiable`` keyword: there is no torch.optim
     implementation to select. Sparse gradients are refused. On sharded
     DTensors (FSDP2, tensor parallelism) the sums of squares of the shards
     are all-reduced over the mesh before the update, so the norms are those

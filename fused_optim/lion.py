@@ -41,6 +41,7 @@ class Lion(FusedOptimizer):
         maximize: bool = False,
         corrected_weight_decay: bool = False,
         caution: bool = False,
+        foreach: bool | None = None,
         master_weights: bool = False,
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
@@ -64,7 +65,7 @@ class Lion(FusedOptimizer):
         # the fused step whatever it says, as foreach=True is elsewhere)
         precision = check_precision_keywords(master_weights, state_dtype, stochastic_rounding)
         check_implementation_keywords(
-            "Lion", foreach=None, fused=None, differentiable=False, precision=precision,
+            "Lion", foreach=foreach, fused=None, differentiable=False, precision=precision,
             caution=caution,
         )
         defaults = {
@@ -74,6 +75,7 @@ class Lion(FusedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "maximize": maximize,
             "caution": caution,
+            "foreach": foreach,
             **precision,
             "max_grad_norm": check_max_grad_norm(max_grad_norm),
             **_corrected_decay.defaults(lr, corrected_weight_decay),
@@ -87,6 +89,7 @@ class Lion(FusedOptimizer):
             # (lion-pytorch's groups have no maximize, nor caution)
             group.setdefault("maximize", False)
             group.setdefault("caution", False)
+            group.setdefault("foreach", None)  # (as timm's)
 
     def _mode(self, group) -> tuple:
         return ()
@@ -163,12 +166,15 @@ Lion.__doc__ = (
     State: ``exp_avg`` only, as lion-pytorch; a ``step`` counter is kept
     only with ``stochastic_rounding`` (its random bits change with it), as
     our SGD does; a lion-pytorch checkpoint without it loads and starts one.
-    ``maximize`` is ours (lion-pytorch has none). No ``foreach``, ``fused``,
+    ``maximize`` is ours (lion-pytorch has none). No ``fused``,
     ``capturable`` or ``differentiable`` keyword: there is no torch.optim
-    implementation to select. ``corrected_weight_decay`` and ``caution``
-    are timm's (its ``Lion``; lion-pytorch has neither), with timm's group
-    options and checkpoints; timm's ``caution`` is keyword-only here, its
-    position being lion-pytorch's ``use_triton``.
+    implementation to select. ``corrected_weight_decay``, ``caution`` and
+    ``foreach`` are timm's (its ``Lion``; lion-pytorch has none of them),
+    with timm's group options and checkpoints; they are keyword-only here,
+    timm's positions being lion-pytorch's ``use_triton`` and
+    ``decoupled_weight_decay``. ``foreach`` (timm's choice between its
+    single-tensor and multi-tensor code) changes nothing: the step is our
+    fused one either way.
 
     Args:
         """

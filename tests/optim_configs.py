@@ -369,9 +369,10 @@ SETSTATE_DEFAULTED_KEYS = {
     "RAdam": ["foreach", "maximize", "differentiable", "decoupled_weight_decay", "capturable"],
     "NAdam": ["maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay"],
     "Lion": ["maximize", "corrected_weight_decay", "max_lr_snapshot", "decoupled_weight_decay",
-             "caution"],
-    "Lars": ["nesterov", "maximize"],
-    "Lamb": ["caution", "decoupled_decay", "maximize", "corrected_weight_decay", "max_lr_snapshot"],
+             "caution", "foreach"],
+    "Lars": ["nesterov", "maximize", "foreach"],
+    "Lamb": ["caution", "decoupled_decay", "maximize", "corrected_weight_decay", "max_lr_snapshot",
+             "foreach"],
 }
 
 # Optimizers whose torch 2.13 constructor takes `fused` (torch's RMSprop does

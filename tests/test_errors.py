@@ -18,6 +18,7 @@ from harness import (
     assert_optimizer_unchanged,
     assert_runs_close,
     snapshot_optimizer,
+    timm_optimizer,
 )
 from optim_configs import (
     NOT_IN_TORCH,
@@ -67,18 +68,20 @@ def test_error_table_is_torchs(case):
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 @pytest.mark.parametrize("kwargs", ACCEPTED_KWARGS, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()))
 def test_compat_keywords_accepted(name, kwargs):
-    if ("fused" in kwargs and name not in HAS_FUSED) or name in NOT_IN_TORCH:
-        # like torch: no such keyword (Lion takes none of torch's
-        # implementation keywords: there is no torch implementation)
+    if ("fused" in kwargs and name not in HAS_FUSED) or (name in NOT_IN_TORCH and set(kwargs) != {"foreach"}):
+        # like torch: no such keyword (Lion, Lars and Lamb take only timm's
+        # foreach: there is no torch implementation to select)
         with pytest.raises(TypeError):
             getattr(fused_optim, name)(_params(), lr=0.01, **kwargs)
         return
-    # Accepted, and stepping as torch.optim does with the same keywords.
+    # Accepted, and stepping as torch.optim (or the reference class of an
+    # optimizer torch lacks) does with the same keywords.
     torch.manual_seed(0)
     p = _params()
     ref = [t.detach().clone().requires_grad_() for t in p]
     opt = getattr(fused_optim, name)(p, lr=0.01, **kwargs)
-    ref_opt = getattr(torch.optim, name)(ref, lr=0.01, **kwargs)
+    ref_opt = torch_class(name)(ref, lr=0.01, **kwargs)
+    assert opt.param_groups[0]["foreach"] == ref_opt.param_groups[0]["foreach"]
     for _ in range(3):
         for t, r in zip(p, ref):
             t.grad = torch.randn_like(t)
@@ -107,10 +110,6 @@ def test_tensor_lr_accepted(name):
 def test_signature_matches_torch(name):
     """Same parameter names, order, kinds and defaults as torch 2.13."""
     ts = inspect.signature(torch_class(name).__init__).parameters
-    if name in NOT_IN_TORCH:
-        # (the reference class takes foreach, ignored, only because the test
-        # tables pass foreach=False to every reference)
-        ts = {n: p for n, p in ts.items() if n != "foreach"}
     os_ = inspect.signature(getattr(fused_optim, name).__init__).parameters
     # Ours, after the reference's, keyword-only; except those the reference
     # takes itself (timm's Lamb's max_grad_norm), where it has them.
@@ -123,6 +122,21 @@ def test_signature_matches_torch(name):
         op = os_[n]
         assert op.kind == tp.kind, f"{name}({n}): kind {op.kind} vs torch {tp.kind}"
         assert op.default == tp.default, f"{name}({n}): default {op.default!r} vs torch {tp.default!r}"
+
+
+@pytest.mark.parametrize("name", ["Lion", "Lars", "Lamb"])
+def test_takes_every_keyword_of_timms_class(name):
+    """timm's Lion, Lars and Lamb (pinned by scripts/bootstrap.sh) keyword
+    by keyword, with timm's defaults, so that timm's optimizer factory and
+    train script (which pass ``foreach``, ``caution`` and the rest by
+    keyword) can build ours. (Lion's positions are lion-pytorch's.)"""
+    theirs = inspect.signature(timm_optimizer(name.lower(), name).__init__).parameters
+    ours = inspect.signature(getattr(fused_optim, name).__init__).parameters
+    for n, p in theirs.items():
+        if n in ("self", "params"):
+            continue
+        assert n in ours, f"{name}: timm's {n!r} missing"
+        assert ours[n].default == p.default, f"{name}({n}): {ours[n].default!r} vs timm's {p.default!r}"
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)

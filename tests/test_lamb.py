@@ -378,20 +378,20 @@ def test_constructor_errors(cls, kwargs, match):
 
 def test_signature_is_timms_plus_keywords():
     # timm's positional parameters and defaults; keyword-only: maximize and
-    # the precision options (the reference: maximize and foreach).
+    # the precision options (the reference: maximize).
     timms = ["params", "lr", "bias_correction", "betas", "eps", "weight_decay", "grad_averaging",
              "max_grad_norm", "trust_clip", "always_adapt", "caution", "decoupled_decay",
-             "corrected_weight_decay"]
+             "corrected_weight_decay", "foreach"]
     extra = {fused_optim.Lamb: {"maximize": False, "master_weights": False, "state_dtype": None,
                                 "stochastic_rounding": False},
-             _reference.Lamb: {"maximize": False, "foreach": None}}
+             _reference.Lamb: {"maximize": False}}
     for cls, keywords in extra.items():
         params = list(inspect.signature(cls).parameters.values())
         assert [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD] == timms, cls
         assert {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY} == keywords, cls
         defaults = {p.name: p.default for p in params if p.default is not p.empty}
         assert defaults == {**DEFAULTS, "max_grad_norm": 1.0, "caution": False,
-                            "corrected_weight_decay": False, **keywords}, cls
+                            "corrected_weight_decay": False, "foreach": None, **keywords}, cls
 
 
 # ----- timm's Lamb ---------------------------------------------------------------------------
