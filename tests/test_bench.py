@@ -307,3 +307,32 @@ def test_trust_ratio_optimizers_are_timed_against_timms(name):
     impls = impls_for(OPTIMIZERS[name.lower()], "cpu", PRECISIONS["fp32"], list(IMPLS), notes)
     assert impls == ["fused_optim", "reference"]
     assert any(f"torch.optim has no {name}" in n for n in notes)
+
+
+def test_cautious_variants_run_by_name_against_timms_cautious_classes():
+    # clion and clamb (timm's caution=True, unfused in ours) are not in
+    # 'all' nor the default run, whose run time and the GPU check's time
+    # boxes are the fused steps'; named, they run against timm's own Lion
+    # and Lamb built with the same caution=True.
+    from fused_optim.bench.peers import impls_for, optimizer_class
+    from fused_optim.bench.specs import ALL_OPTIMIZERS, IMPLS, OPTIMIZERS, PRECISIONS
+
+    cautious = [n for n, spec in OPTIMIZERS.items() if spec.kwargs.get("caution")]
+    assert cautious == ["clion", "clamb"]
+    assert cli.parse_args([]).optimizers == ALL_OPTIMIZERS == cli.parse_args(
+        ["--optimizers", "all"]).optimizers
+    assert not set(cautious) & set(ALL_OPTIMIZERS)
+    assert len(ALL_OPTIMIZERS) == len(OPTIMIZERS) - 2
+    assert cli.parse_args(["--optimizers", "clion,clamb"]).optimizers == cautious
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed")
+    for name in cautious:
+        spec = OPTIMIZERS[name]
+        assert impls_for(spec, "cpu", PRECISIONS["fp32"], list(IMPLS), []) == ["fused_optim",
+                                                                              "reference"]
+        cls, extra = optimizer_class("reference", spec, None)
+        assert cls.__module__.endswith(spec.class_name.lower()) and cls.__name__ == spec.class_name
+        param = torch.nn.Parameter(torch.zeros(3))
+        assert cls([param], **spec.kwargs, **extra).param_groups[0]["caution"] is True

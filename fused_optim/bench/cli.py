@@ -19,6 +19,7 @@ from fused_optim.bench.peers import load_ours
 from fused_optim.bench.progress import BlockProgress, log
 from fused_optim.bench.report import console_table, fmt_count, summary_markdown, write_outputs
 from fused_optim.bench.specs import (
+    ALL_OPTIMIZERS,
     IMPL_DESCRIPTIONS,
     IMPLS,
     OPTIMIZERS,
@@ -82,12 +83,13 @@ def device_name(text: str) -> str:
     return text
 
 
-def name_list(choices):
-    """Parser of a comma-separated list of `choices` (or 'all'), duplicates dropped."""
+def name_list(choices, all_names=None):
+    """Parser of a comma-separated list of `choices` (or 'all': `all_names`,
+    by default every choice), duplicates dropped."""
 
     def parse(text: str) -> list[str]:
         if text == "all":
-            return list(choices)
+            return list(choices if all_names is None else all_names)
         names = [n.strip() for n in text.split(",") if n.strip()]
         unknown = [n for n in names if n not in choices]
         if unknown or not names:
@@ -143,7 +145,8 @@ def names_help() -> str:
                       for name, members in PRECISION_SETS.items()]
     sections = [
         ("optimizers (--optimizers)",
-         [(name, spec.describe()) for name, spec in OPTIMIZERS.items()]),
+         [(name, spec.describe() + ("" if spec.in_all else "; unfused, by name only: not in 'all'"))
+          for name, spec in OPTIMIZERS.items()]),
         ("workloads (--workloads)", [(name, describe_workload(name)) for name in WORKLOADS]),
         ("precisions (--precisions; torch.optim's peers run the param dtype their own way)",
          [(name, p.describe()) for name, p in PRECISIONS.items()] + precision_sets),
@@ -164,9 +167,9 @@ DEFAULT_RUN_SETUP_S_2CORE = 30
 DEFAULT_RUN_ROUND_S_2CORE = 6
 
 def run_time_help() -> str:
-    blocks = len(OPTIMIZERS) * len(WORKLOADS)
+    blocks = len(ALL_OPTIMIZERS) * len(WORKLOADS)
     return wrap(
-        f"Run time: the default run ({len(OPTIMIZERS)} optimizers x {len(WORKLOADS)} workloads "
+        f"Run time: the default run ({len(ALL_OPTIMIZERS)} optimizers x {len(WORKLOADS)} workloads "
         f"x fp32 = {blocks} blocks, {DEFAULT_REPEATS['cpu']} interleaved rounds after "
         f"{DEFAULT_WARMUP} warm-up steps) takes about {DEFAULT_RUN_MINUTES_2CORE} minutes on a "
         f"2-core CPU: about {DEFAULT_RUN_SETUP_S_2CORE} s of set-up plus "
@@ -188,7 +191,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             "--sweep as the first argument runs the lockstep sweep benchmark instead, with "
             "its own options (python -m fused_optim.bench --sweep --help)."),
     )
-    parser.add_argument("--optimizers", type=name_list(OPTIMIZERS), default=list(OPTIMIZERS),
+    parser.add_argument("--optimizers", type=name_list(OPTIMIZERS, ALL_OPTIMIZERS),
+                        default=list(ALL_OPTIMIZERS),
                         help="comma-separated names (below), or 'all' (default: all)")
     parser.add_argument("--workloads", type=name_list(WORKLOADS), default=list(WORKLOADS),
                         help="comma-separated names (below), or 'all' (default: all)")

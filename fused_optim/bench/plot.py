@@ -70,7 +70,8 @@ def grouped_bars(ax, cell: dict, impls: list[str], colors: dict, value) -> dict:
         bars = ax.bar([i + offset for i, _ in ran], [value(r) for _, r in ran], width,
                       color=colors[impl])
         drawn[impl] = (bars, [r for _, r in ran])
-    ax.set_xticks(range(len(optimizers)), [OPTIMIZERS[o].class_name for o in optimizers])
+    ax.set_xticks(range(len(optimizers)),
+                  [OPTIMIZERS[o].label or OPTIMIZERS[o].class_name for o in optimizers])
     ax.set_xlabel("optimizer")
     ax.grid(axis="y", alpha=0.3)
     return drawn

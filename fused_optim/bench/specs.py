@@ -21,6 +21,12 @@ class OptimizerSpec:
     # "module:Class" of the published implementation timed as the
     # "reference" peer, for an optimizer torch.optim lacks
     reference: str | None = None
+    # The plot's name for it, where two specs share a class (default: class_name)
+    label: str | None = None
+    # In 'all' (and the default run): the fused optimizers. The unfused
+    # cautious variants run by name only, so that the default CPU run and
+    # the GPU check's time boxes measure the fused steps.
+    in_all: bool = True
 
     def describe(self) -> str:
         return f"{self.class_name}({', '.join(f'{k}={v}' for k, v in self.kwargs.items())})"
@@ -61,7 +67,19 @@ OPTIMIZERS = {
     # param, grad and both moments once more (16 B) and the clipping's norm
     # the grads once more (4 B), not counted.
     "lamb": OptimizerSpec("Lamb", {"lr": 1e-3}, 2, False, reference="timm.optim.lamb:Lamb"),
+    # timm's cautious variants (caution=True): not fused, ours stepped by
+    # the plain per-tensor code (Note [cautious groups] in
+    # fused_optim/_reference.py), against timm's own classes in their
+    # default implementation. The byte budgets are the fused updates'.
+    "clion": OptimizerSpec("Lion", {"lr": 1e-4, "weight_decay": 1e-2, "caution": True}, 1, False,
+                           reference="timm.optim.lion:Lion", label="Lion (cautious)",
+                           in_all=False),
+    "clamb": OptimizerSpec("Lamb", {"lr": 1e-3, "caution": True}, 2, False,
+                           reference="timm.optim.lamb:Lamb", label="Lamb (cautious)",
+                           in_all=False),
 }
+# The optimizers of 'all' and of the default run.
+ALL_OPTIMIZERS = [name for name, spec in OPTIMIZERS.items() if spec.in_all]
 
 # The implementations, ours first: every ratio is a peer's time over ours.
 IMPL_DESCRIPTIONS = {
@@ -71,7 +89,7 @@ IMPL_DESCRIPTIONS = {
     "torch-forloop": "torch.optim with foreach=False, torch's CPU default",
     "deepspeed": "DeepSpeedCPUAdam: Adam and AdamW, CPU, fp32, when deepspeed is installed",
     "reference": "the published implementation of an optimizer torch.optim lacks (Lion: "
-                 "lion-pytorch; Lars, Lamb: timm), when installed",
+                 "lion-pytorch; Lars, Lamb and the cautious ones: timm), when installed",
 }
 IMPLS = tuple(IMPL_DESCRIPTIONS)
 OURS = IMPLS[0]
