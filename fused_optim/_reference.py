@@ -314,10 +314,17 @@ def tensor_norm(t) -> float:
     """A tensor's 2-norm as the fused step computes it (Note [per-tensor
     norms], hyperparams.h): the sum of squares accumulated in float64,
     stored in float32 unless the tensor is float64, its square root in
-    float64. A DTensor's is the whole tensor's (its partial sums all-reduced)."""
-    s = t.detach().double().square().sum()
-    if _clip.is_dtensor(s):
-        s = s.full_tensor()
+    float64. A DTensor's is the whole tensor's (its partial sums all-reduced).
+    (Torch's ops, not the package's sum_of_squares, so that the tests of
+    the fused norms compare two computations; a float64 dot product of the
+    tensor with itself, one pass over one float64 copy where
+    ``square().sum()`` makes two: the caution=True groups step through
+    this code.)"""
+    if _clip.is_dtensor(t):
+        s = t.detach().double().square().sum().full_tensor()
+    else:
+        d = t.detach().double().reshape(-1)
+        s = torch.dot(d, d)
     if t.dtype != torch.float64:
         s = s.float()
     return math.sqrt(float(s))

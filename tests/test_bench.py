@@ -259,6 +259,21 @@ def test_tiny_run_writes_json_markdown_and_plot_with_progress(tmp_path, monkeypa
     assert "<svg" in svg and "median step time (ms)" in svg
 
 
+def test_a_dotted_report_name_keeps_its_dots_in_the_plot_names(tmp_path):
+    # "...-timm-1.0.31-cpu.json": the plot beside it is "...-1.0.31-cpu.png",
+    # not "...-1.0.png" (Path.with_suffix would take ".31-cpu" for a suffix).
+    pytest.importorskip("matplotlib")
+    threads = torch.get_num_threads()
+    try:
+        cli.main(["--scale", "0.001", "--optimizers", "sgd", "--workloads", "tiny",
+                  "--repeats", "1", "--warmup", "0", "--impls", "fused_optim",
+                  "--json", str(tmp_path / "vs-1.0.31-cpu.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "vs-1.0.31-cpu.json", "vs-1.0.31-cpu.png", "vs-1.0.31-cpu.svg"]
+
+
 def test_every_benchmark_precision_is_in_the_storage_table():
     # One table of legal storage (storage_table.h); the benchmark's named
     # precisions must all be in it.

@@ -49,7 +49,7 @@ def write_plot(results: list, title: str, stem: Path) -> list[Path]:
                frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / height))
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    paths = [stem.with_name(stem.name + ext) for ext in (".png", ".svg")]  # (a dotted stem kept whole)
     for path in paths:
         fig.savefig(path, bbox_inches="tight", dpi=110)
     plt.close(fig)

@@ -240,7 +240,7 @@ class SweepResult:
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-        paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+        paths = [stem.with_name(stem.name + ext) for ext in (".png", ".svg")]  # (a dotted stem kept whole)
         for path in paths:
             fig.savefig(path, bbox_inches="tight", dpi=110)
         plt.close(fig)
