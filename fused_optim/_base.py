@@ -54,13 +54,14 @@ _RAW_KEY_GETTERS: dict = {}
 # extra pass over memory: fused=True to ask for it). The flag is read from
 # the groups each time (a property), so a group added or loaded later with
 # master_weights counts, as does a pickled or deep-copied optimizer.
-def amp_scaling_in_step(defaults, param_groups=()) -> bool:
-    """Whether GradScaler should hand its scale to step() (the Note above)."""
-    if _torch_path.uses_torch_path(defaults):
+def amp_scaling_in_step(defaults, param_groups=(), cautious: bool = False) -> bool:
+    """Whether GradScaler should hand its scale to step() (the Note above);
+    ``cautious`` as for _torch_path.path_keys."""
+    if _torch_path.uses_torch_path(defaults, cautious):
         return False
     if defaults.get("fused") is True or bool(defaults.get("master_weights")):
         return True
-    return any(group.get("master_weights") and not _torch_path.uses_torch_path(group)
+    return any(group.get("master_weights") and not _torch_path.uses_torch_path(group, cautious)
                for group in param_groups)
 
 
@@ -123,7 +124,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         chosen = self.__dict__.get("_amp_scaling_chosen")
         if chosen is not None:
             return chosen
-        return amp_scaling_in_step(self.defaults, self.param_groups)
+        return amp_scaling_in_step(self.defaults, self.param_groups, self._takes_caution)
 
     @_step_supports_amp_scaling.setter
     def _step_supports_amp_scaling(self, value) -> None:
@@ -185,6 +186,15 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     # precision options they make a group's raw key (``_raw_group_key``),
     # compared each step at C speed before the derived ``_group_key``.
     _mode_keys: tuple = ()
+    # Whether the class takes timm's caution=True (Lion, Lamb), whose groups
+    # are stepped unfused (Note [cautious groups] in _reference.py).
+    _takes_caution: bool = False
+
+    def _unfused(self, group) -> bool:
+        """Whether ``group`` is stepped by the unfused implementation
+        (_torch_path.py) rather than the fused op."""
+        return _torch_path.uses_torch_path(group, self._takes_caution)
+
     # The group option of each of the op's float hyperparameters, in the
     # op's order, when each is a group option as is (None: read them with
     # ``_hyperparameters``, or override ``_hyperparameter_lists``).
@@ -201,7 +211,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         groups])."""
         getter = _RAW_KEY_GETTERS.get(type(self))
         if getter is None:
-            keys = (*_torch_path.PATH_KEYS, *self._mode_keys)
+            keys = (*_torch_path.path_keys(self._takes_caution), *self._mode_keys)
             always = tuple(k for k in keys if k in self.defaults)
             optional = (*(k for k in keys if k not in self.defaults), *PRECISION_DEFAULTS)
             if always:
@@ -226,7 +236,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     def _group_key(self, group) -> tuple:
         """Everything of a group that decides its buckets: the kernel mode
         and the precision options."""
-        if _torch_path.uses_torch_path(group):
+        if self._unfused(group):
             return None
         return (self._mode(group), *map(group.get, PRECISION_DEFAULTS))
 

@@ -22,7 +22,8 @@ def check_implementation_keywords(name: str, *, foreach, fused, differentiable, 
         if foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     check_torch_path_precision(
-        name, {"fused": fused, "differentiable": differentiable, "caution": caution, **precision})
+        name, {"fused": fused, "differentiable": differentiable, "caution": caution, **precision},
+        cautious=True)
 
 
 # Note [implementation keywords]
@@ -45,11 +46,12 @@ def check_implementation_keywords(name: str, *, foreach, fused, differentiable, 
 #   limit of that code, not of the request).
 
 
-def check_torch_path_precision(name: str, group) -> None:
+def check_torch_path_precision(name: str, group, cautious: bool) -> None:
     """Our precision options live in our kernels only: a group stepped by
     the unfused implementation (torch.optim's, or our plain one for
-    caution=True) cannot have them."""
-    if not _torch_path.uses_torch_path(group):
+    caution=True, ``cautious`` as for _torch_path.path_keys) cannot have
+    them."""
+    if not _torch_path.uses_torch_path(group, cautious):
         return
     chosen = [k for k, v in PRECISION_DEFAULTS.items() if group.get(k, v) not in (v, None, False)]
     if chosen:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim import _arena, _bucket, _torch_path
+from fused_optim import _arena, _bucket
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._group_options import GroupOptions
@@ -55,7 +55,7 @@ class Planning:
         unready = []  # params without the state their group needs, and no gradient
         fresh = []  # (state dict, name) of each state tensor made now
         for gi, group in enumerate(self.param_groups):
-            if _torch_path.uses_torch_path(group):
+            if self._unfused(group):
                 continue  # stepped by torch.optim's code (_torch_path.py)
             mode = self._mode(group)
             names = self._state_names(mode)
@@ -102,7 +102,7 @@ class Planning:
             unready,
             _bucket.groups_signature(self, self._group_key),
             [tuple(group["params"]) for group in self.param_groups],
-            [gi for gi, group in enumerate(self.param_groups) if _torch_path.uses_torch_path(group)],
+            [gi for gi, group in enumerate(self.param_groups) if self._unfused(group)],
             GroupOptions(self.param_groups),
             self._raw_signature(),
         )

@@ -313,7 +313,7 @@ class StepProtocol:
     def _check_torch_group(self, gi: int, group) -> None:
         """Validates a group that torch.optim's step will update, before
         anything is written (torch's own checks run again inside)."""
-        check_torch_path_precision(type(self).__name__, group)
+        check_torch_path_precision(type(self).__name__, group, self._takes_caution)
         if (group.get("fused") and group.get("differentiable") and self._fused_differentiable_error
                 and any(p.grad is not None for p in group["params"])):
             raise RuntimeError(self._fused_differentiable_error)

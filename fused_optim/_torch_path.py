@@ -25,16 +25,20 @@ from __future__ import annotations
 import torch
 
 
-# The group options that can send a group to the unfused step (a plan
-# compares them each step: _base.py's raw group key).
-PATH_KEYS = ("fused", "differentiable", "caution")
+def path_keys(cautious: bool) -> tuple:
+    """The group options that can send a group to the unfused step (a plan
+    compares them each step: _base.py's raw group key); ``cautious``: the
+    class takes timm's caution (Lion, Lamb). Any other class ignores a
+    group's "caution", as torch.optim ignores keys it does not know."""
+    return ("fused", "differentiable", "caution") if cautious else ("fused", "differentiable")
 
 
-def uses_torch_path(group) -> bool:
+def uses_torch_path(group, cautious: bool = False) -> bool:
     """Whether a group is stepped by the unfused implementation (torch.optim's,
-    or the plain one of an optimizer torch lacks)."""
+    or the plain one of an optimizer torch lacks); ``cautious`` as for
+    ``path_keys``."""
     return (group.get("fused") is False or bool(group.get("differentiable"))
-            or bool(group.get("caution")))
+            or (cautious and bool(group.get("caution"))))
 
 
 def why_unfused(group) -> str:

@@ -95,7 +95,7 @@ class TracedStep:
         found_inf = getattr(self, "found_inf", None)
         ours, torch_groups = [], []
         for group in self.param_groups:
-            if _torch_path.uses_torch_path(group):
+            if self._unfused(group):
                 torch_groups.append(group)
                 continue
             params, grads, states, masters, steps = [], [], [], [], []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim.adagrad import adagrad as _torch_adagrad
 
-from fused_optim import _arena, _docs, _torch_path
+from fused_optim import _arena, _docs
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._keywords import check_implementation_keywords, to_float
@@ -107,7 +107,7 @@ class Adagrad(FusedOptimizer):
         # Where torch.optim.Adagrad puts it: on the param's device for a
         # fused step, on the CPU for its unfused code (which reads it with
         # .item(): a meta device, for one, refuses that).
-        unfused = _torch_path.uses_torch_path(group)
+        unfused = self._unfused(group)
         state.setdefault("step", new_step(None if unfused else param.device))
         if "sum" not in state:
             # The group's own value (torch.optim uses the constructor's value

@@ -21,6 +21,7 @@ class Lamb(FusedOptimizer):
     _torch_class = _reference.Lamb
     # timm's name for the op's per-group decoupled_weight_decay list.
     _group_flag_keys = {"decoupled_weight_decay": "decoupled_decay"}
+    _takes_caution = True  # (timm's; Note [cautious groups] in _reference.py)
     # max_grad_norm is timm's group option: always in the groups, as timm's
     # (Note [our options in param groups]).
     _unset_options = dict(PRECISION_DEFAULTS)

@@ -28,6 +28,7 @@ class Lion(FusedOptimizer):
     # lion-pytorch keeps no step counter; ours keeps one only with
     # stochastic rounding (see _keeps_step), as SGD.
     _has_step = False
+    _takes_caution = True  # (timm's; Note [cautious groups] in _reference.py)
 
     def __init__(
         self,

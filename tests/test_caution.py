@@ -261,3 +261,16 @@ def test_compiled_step_equals_eager(name):
             assert torch.equal(p, q), f"step {step} param {i}"
             for key, value in eager.state[q].items():
                 assert torch.equal(opt.state[p][key], value), f"step {step} param {i} {key}"
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Lars"])
+def test_other_classes_ignore_a_caution_key(name):
+    # torch.optim ignores a group key it does not know; so do the classes
+    # without timm's caution: a group with a stray "caution" stays on the
+    # fused step (with master weights, which the unfused step refuses).
+    p = torch.nn.Parameter(torch.randn(33, dtype=torch.bfloat16))
+    opt = getattr(fused_optim, name)([{"params": [p], "caution": True}], lr=1e-3,
+                                     master_weights=True)
+    p.grad = torch.randn(33, dtype=torch.bfloat16)
+    opt.step()
+    assert "master_param" in opt.state[p]
