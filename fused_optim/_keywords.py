@@ -55,9 +55,7 @@ def check_torch_path_precision(name: str, group, cautious: bool) -> None:
         return
     chosen = [k for k, v in PRECISION_DEFAULTS.items() if group.get(k, v) not in (v, None, False)]
     if chosen:
-        asked = _torch_path.why_unfused(group)
-        runs = ("the plain (unfused) implementation" if asked == "caution=True"
-                else "torch.optim's implementation")
+        asked, runs = _torch_path.why_unfused(group)
         raise ValueError(
             f"fused_optim.{name}: {', '.join(chosen)} need(s) the fused step, but "
             f"{asked} runs {runs}, which has no such option"

@@ -13,8 +13,7 @@ import math
 
 import torch
 
-from fused_optim import _corrected_decay
-from fused_optim import _clip
+from fused_optim import _clip, _corrected_decay
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._keywords import check_adam_arguments
 

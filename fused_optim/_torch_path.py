@@ -41,12 +41,14 @@ def uses_torch_path(group, cautious: bool = False) -> bool:
             or (cautious and bool(group.get("caution"))))
 
 
-def why_unfused(group) -> str:
-    """The option that sends a group (one ``uses_torch_path`` takes) to the
-    unfused step, as the user wrote it."""
+def why_unfused(group) -> tuple[str, str]:
+    """(the option that sends a group, one ``uses_torch_path`` takes, to the
+    unfused step, as the user wrote it; the implementation it runs)."""
     if group.get("fused") is False:
-        return "fused=False"
-    return "differentiable=True" if group.get("differentiable") else "caution=True"
+        return "fused=False", "torch.optim's implementation"
+    if group.get("differentiable"):
+        return "differentiable=True", "torch.optim's implementation"
+    return "caution=True", "the plain (unfused) implementation"
 
 
 def _without_hooks(step):
