@@ -25,6 +25,22 @@
 // the optimizers' lists are their own, which nothing else changes (a list
 // changed by another thread while the op runs without the GIL could free a
 // tensor the op reads; these functions are private, fused_optim._C).
+//
+// Note [gradients read in C++]
+// A list argument may also be given as `GradsOf(params)`: the gradients of
+// those params, read here from each param (`param.grad()`) when the call
+// is made. A gradient that autograd made has no Python object until
+// Python reads `p.grad`; a list of them makes one per gradient (a Python
+// object allocated, counted by the cyclic garbage collector, and freed
+// after the step) that the op does not need. Of the steps' host work over
+// many tensors right after backward, that was about 0.1-0.2 us a gradient
+// (measured A/B: benchmarks/step_after_backward.py, "ours, grads in
+// Python"). These tensors are owned, not borrowed, for the length of the
+// call: nothing but the params holds them, and another thread may set
+// `p.grad = None` while the op runs without the GIL. An undefined gradient
+// stays undefined in the list, for the op's checks to refuse; the kept
+// step asks `grads_presence` first, so that a step with a missing or
+// sparse gradient goes to the general path without a refused call.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/MaybeOwned.h>
@@ -32,6 +48,7 @@
 #include <torch/extension.h>
 
 #include "fused_optim/storage_table.h"
+#include "prefetch.h"
 #include "op_front.h"
 #include "op_inputs.h"
 
@@ -42,12 +59,41 @@
 
 namespace {
 
+// Calls fn(param.grad()) for each of `params`, in order (Note [metadata
+// misses]: the TensorImpl, then its autograd metadata, then the gradient's
+// TensorImpl of the params ahead are asked for first).
+template <typename Fn>
+void for_each_grad(const std::vector<at::Tensor>& params, const Fn& fn) {
+  const size_t n = params.size();
+  constexpr size_t kAhead = fused_optim::kPrefetchAhead;
+  auto meta = [&](size_t i) { return params[i].unsafeGetTensorImpl()->autograd_meta(); };
+  for (size_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) fused_optim::prefetch_object(params[i + kAhead].unsafeGetTensorImpl(), 2);
+    if (i + kAhead / 2 < n) fused_optim::prefetch_object(meta(i + kAhead / 2), 2);
+    if (i + kAhead / 4 < n) {
+      const c10::AutogradMetaInterface* m = meta(i + kAhead / 4);
+      if (m != nullptr && m->grad().defined()) {
+        fused_optim::prefetch_object(m->grad().unsafeGetTensorImpl(), 4);
+      }
+    }
+    fn(params[i].grad());
+  }
+}
+
+// GradsOf(params): the gradients of `params`, a list of tensors, read when
+// a call that takes it is made (Note [gradients read in C++]).
+struct GradsOf {
+  explicit GradsOf(pybind11::list params_) : params(std::move(params_)) {}
+  pybind11::list params;
+};
+
 // The tensors of a Python list or tuple, borrowed (Note [borrowed tensor
-// lists]).
+// lists]), or the gradients a GradsOf names, owned.
 class BorrowedTensors {
  public:
   BorrowedTensors() = default;
-  BorrowedTensors(BorrowedTensors&& other) noexcept : tensors_(std::move(other.tensors_)) {
+  BorrowedTensors(BorrowedTensors&& other) noexcept
+      : tensors_(std::move(other.tensors_)), owned_(other.owned_) {
     other.tensors_.clear();
   }
   BorrowedTensors& operator=(BorrowedTensors&&) = delete;
@@ -61,7 +107,16 @@ class BorrowedTensors {
     if (!PyList_Check(sequence) && !PyTuple_Check(sequence)) return false;
     const Py_ssize_t size = PySequence_Fast_GET_SIZE(sequence);
     tensors_.reserve(static_cast<size_t>(size));
+    constexpr Py_ssize_t kAhead = fused_optim::kPrefetchAhead;
     for (Py_ssize_t i = 0; i < size; ++i) {
+      // (Note [metadata misses]: the Python object, then its TensorImpl)
+      if (i + kAhead < size) fused_optim::prefetch_object(PySequence_Fast_GET_ITEM(sequence, i + kAhead), 1);
+      if (i + kAhead / 2 < size) {
+        PyObject* next = PySequence_Fast_GET_ITEM(sequence, i + kAhead / 2);
+        if (THPVariable_Check(next)) {
+          fused_optim::prefetch_object(THPVariable_Unpack(next).unsafeGetTensorImpl(), 4);
+        }
+      }
       PyObject* item = PySequence_Fast_GET_ITEM(sequence, i);
       if (!THPVariable_Check(item)) {
         release();
@@ -73,16 +128,33 @@ class BorrowedTensors {
     return true;
   }
 
+  // Takes the gradient of every param of `grads` (an owned reference each,
+  // undefined where a param has none); false (holding none) unless every
+  // param is a tensor.
+  bool take_grads(const GradsOf& grads) {
+    release();
+    owned_ = true;
+    BorrowedTensors params;
+    if (!params.borrow(grads.params.ptr())) return false;
+    tensors_.reserve(params.tensors().size());
+    for_each_grad(params.tensors(), [&](const at::Tensor& grad) { tensors_.push_back(grad); });
+    return true;
+  }
+
   const std::vector<at::Tensor>& tensors() const { return tensors_; }
   operator at::TensorList() const { return tensors_; }
 
  private:
   void release() {
-    for (at::Tensor& t : tensors_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+    if (!owned_) {
+      for (at::Tensor& t : tensors_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+    }
     tensors_.clear();
+    owned_ = false;
   }
 
   std::vector<at::Tensor> tensors_;
+  bool owned_ = false;  // tensors_ holds references of its own (take_grads)
 };
 
 }  // namespace
@@ -91,7 +163,12 @@ namespace pybind11::detail {
 template <>
 struct type_caster<BorrowedTensors> {
   PYBIND11_TYPE_CASTER(BorrowedTensors, const_name("list[Tensor]"));
-  bool load(handle source, bool) { return value.borrow(source.ptr()); }
+  bool load(handle source, bool) {
+    PyObject* object = source.ptr();
+    if (PyList_Check(object) || PyTuple_Check(object)) return value.borrow(object);
+    // (after the lists: pybind's isinstance looks the class up by name)
+    return isinstance<GradsOf>(source) && value.take_grads(source.cast<const GradsOf&>());
+  }
   static handle cast(const BorrowedTensors&, return_value_policy, handle) {
     pybind11_fail("fused_optim._C: borrowed tensor lists are arguments only");
   }
@@ -206,6 +283,19 @@ void def_fast_call(pybind11::module& m, const std::string& name,
         });
 }
 
+// Whether every gradient noted is defined, and every defined one strided.
+struct GradPresence {
+  bool all_present = true;
+  bool all_strided = true;
+  void note(const at::Tensor& grad) {
+    if (!grad.defined()) {
+      all_present = false;
+    } else if (grad.layout() != at::kStrided) {
+      all_strided = false;
+    }
+  }
+};
+
 // A backend that is never called: the fast call only needs the kernel's
 // function type, which is the same for every backend.
 void no_backend(const fused_optim::OpCall&) {}
@@ -270,20 +360,28 @@ PYBIND11_MODULE(_C, m) {
   m.def("grads_of", [](const BorrowedTensors& borrowed) {
     const std::vector<at::Tensor>& params = borrowed.tensors();
     pybind11::list grads(params.size());
-    bool all_present = true;
-    bool all_strided = true;
-    for (size_t i = 0; i < params.size(); ++i) {
-      const at::Tensor& grad = params[i].grad();
-      if (grad.defined()) {
-        grads[i] = pybind11::cast(grad);
-        all_strided = all_strided && grad.layout() == at::kStrided;
-      } else {
-        grads[i] = pybind11::none();
-        all_present = false;
-      }
-    }
-    return pybind11::make_tuple(grads, all_present, all_strided);
+    GradPresence presence;
+    size_t i = 0;
+    for_each_grad(params, [&](const at::Tensor& grad) {
+      presence.note(grad);
+      grads[i++] = grad.defined() ? pybind11::cast(grad) : pybind11::none();
+    });
+    return pybind11::make_tuple(grads, presence.all_present, presence.all_strided);
   });
+  // grads_of's two flags alone, making no Python object for a gradient
+  // (Note [gradients read in C++]).
+  m.def("grads_presence", [](const BorrowedTensors& borrowed) {
+    GradPresence presence;
+    for_each_grad(borrowed.tensors(), [&](const at::Tensor& grad) { presence.note(grad); });
+    return pybind11::make_tuple(presence.all_present, presence.all_strided);
+  });
+  pybind11::class_<GradsOf>(
+      m, "GradsOf",
+      "The gradients of a list of params, as a list argument of the ops' "
+      "fast calls: read in C++ when the call is made (Note [gradients read "
+      "in C++] in csrc/python_module.cpp)")
+      .def(pybind11::init<pybind11::list>(), pybind11::arg("params"))
+      .def_readonly("params", &GradsOf::params);
   // views[k][i].grad = grads[i][k] for every k and i (undefined where
   // grads[i] is): the gradients of K models stacked along dim 0, handed to
   // the per-model views the optimizers step (fused_optim.sweep's lockstep).

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from operator import itemgetter
 
-from fused_optim import _bucket, _ops
+from fused_optim import _C, _bucket, _ops
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket
 
@@ -60,18 +60,18 @@ class KeptCalls:
         ``options``: the plan's snapshot of the group options, new when any
         changed (Note [group options]). Sets ``progress["written"]`` once a
         call has written."""
+        lr, tensor_lr = optimizer._learning_rates()  # (every step: schedulers)
+        rebuild = options is not self._options or not options.kept or tensor_lr != self._tensor_lr
+        group_args = optimizer._group_arguments() if rebuild else self._group_args
         grads_of = []
         for call in self.calls:
-            grads, complete, dense = _bucket.gather_grads(call.bucket.params)
+            grads, complete, dense = call.gradients(group_args.clipping)
             if not (complete and dense):  # (sparse gradients: the general path's)
                 return False
             grads_of.append(grads)
-        lr, tensor_lr = optimizer._learning_rates()  # (every step: schedulers)
-        rebuild = options is not self._options or not options.kept or tensor_lr != self._tensor_lr
         if rebuild:
-            self._group_args = optimizer._group_arguments()
+            self._group_args = group_args
             self._options, self._tensor_lr = options, tensor_lr
-        group_args = self._group_args
         # GradScaler's scalars, set on the optimizer for this step (AMP)
         grad_scale = getattr(optimizer, "grad_scale", None)
         found_inf = getattr(optimizer, "found_inf", None)
@@ -116,8 +116,21 @@ class OneCall:
         # (the slot of each list read from the state dicts, and its reader)
         self._reads = [(index[name], itemgetter(key)) for name, key in bucket.per_param_lists()]
         self._states = [index[_ops.state_list_name(n)] for n in bucket.state_names]
+        self._grads_of = _C.GradsOf(bucket.params)
+        self._complex = bucket.is_complex
         self._call = None  # the last call (its arguments a list, refreshed in place)
         self._function = None  # its fused_optim._C function
+
+    def gradients(self, clipping: bool) -> tuple:
+        """(this step's gradients, whether every param has one, whether
+        every one is strided). The gradients are a list when Python reads
+        them (the clipping norm, complex views), else ``_C.GradsOf``: the
+        op reads them itself, making no Python object for a gradient
+        autograd made (Note [gradients read in C++] in
+        csrc/python_module.cpp)."""
+        if clipping or self._complex:
+            return _bucket.gather_grads(self.bucket.params)
+        return (self._grads_of, *_C.grads_presence(self.bucket.params))
 
     def prepare(self, optimizer, grads: list, group_args, lr: list,
                 scalars: _bucket.StepScalars, rebuild: bool) -> None:

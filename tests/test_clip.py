@@ -34,6 +34,7 @@ from harness import (
     bits,
     snapshot_optimizer,
     snapshot_params,
+    torch_clip_,
     sometimes_none,
     step_device_of,
     unscaling_in_step,
@@ -98,33 +99,6 @@ NORM_TOL = {
 # ---------------------------------------------------------------------------
 # References
 # ---------------------------------------------------------------------------
-
-
-def torch_clip_(opt, max_norms) -> torch.Tensor:
-    """torch's per-group clipping: the total norm over every gradient of
-    ``opt`` (all groups), then each group with a max_norm (None: not
-    clipped) scaled by torch's clip_grad_norm_ factor. Returns torch's
-    norm (``get_total_norm``, in the gradients' dtype).
-
-    The factor is computed from torch's norm of the gradients in float64,
-    rounded to the gradients' dtype: ours accumulates in float64 too, and
-    torch's float32 norm is a few ulps off it. With a factor a few ulps off,
-    a clipped gradient that nearly cancels weight decay (0.05 * p against a
-    gradient clipped to ~0.005) moves RMSprop's and Adagrad's denominators
-    by far more than the comparison's rtol: the trajectories then compare
-    the kernels, not two roundings of the norm (which is compared itself)."""
-    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=False)
-    exact = torch.nn.utils.get_total_norm([g.to(torch.complex128 if g.is_complex() else torch.float64)
-                                           for g in grads], 2.0, foreach=False).to(norm.dtype)
-    for group, max_norm in zip(opt.param_groups, max_norms):
-        if max_norm is None:
-            continue
-        coef = torch.clamp(max_norm / (exact + 1e-6), max=1.0)
-        for p in group["params"]:
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.device))
-    return norm
 
 
 def norm64(tensors) -> torch.Tensor:

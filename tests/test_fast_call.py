@@ -5,6 +5,8 @@ version counters of written tensors bumped, as any in-place op does (else
 autograd could not detect a param modified after it was saved), and only
 those: gradients only when AMP's unscale writes them."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -109,3 +111,81 @@ def test_step_on_a_saved_param_is_caught_by_autograd(name):
     opt.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+# ----- GradsOf: the gradients read in C++ (Note [gradients read in C++]) -----------------
+
+
+def _with_grads_on_params(named):
+    """The call's params with its gradients set as their .grad (each param
+    then a leaf that requires grad, as a model's)."""
+    params = [p.requires_grad_() for p in named["params"]]
+    for p, g in zip(params, named["grads"]):
+        p.grad = g
+    return params
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_grads_of_gives_the_call_of_the_gradient_list(amp):
+    scale = torch.tensor(4.0) if amp else None
+    (a_named, a), (b_named, b) = _adam_args(2, grad_scale=scale), _adam_args(2, grad_scale=scale)
+    grads_index = ADAM.index["grads"]
+    a_params = _with_grads_on_params(a_named)
+    a = list(a)
+    a[grads_index] = _C.GradsOf(a_params)
+    versions = [g._version for g in a_named["grads"]]
+    with torch.no_grad():
+        _C.adam_(*a)
+        _C.adam_(*b)
+    for name, list_a, list_b in zip(LISTS, _lists(a_named), _lists(b_named)):
+        for x, y in zip(list_a, list_b):
+            assert torch.equal(x, y), name
+    # AMP's unscaled gradients written back, and their versions bumped, as
+    # for a list
+    assert [g._version for g in a_named["grads"]] == [v + amp for v in versions]
+
+
+def test_grads_of_refuses_a_missing_gradient_before_writing():
+    named, args = _adam_args(3)
+    params = _with_grads_on_params(named)
+    params[1].grad = None
+    args = list(args)
+    args[ADAM.index["grads"]] = _C.GradsOf(params)
+    before = [[t.clone() for t in lst] for lst in _lists(named)]
+    with pytest.raises(RuntimeError), torch.no_grad():
+        _C.adam_(*args)
+    for name, lst_before, lst in zip(LISTS, before, _lists(named)):
+        assert all(torch.equal(x, y) for x, y in zip(lst_before, lst)), name
+
+
+def test_grads_of_refuses_what_is_not_a_tensor():
+    _, args = _adam_args(4)
+    args = list(args)
+    args[ADAM.index["grads"]] = _C.GradsOf([torch.zeros(1), 1.0, torch.zeros(4099)])
+    with pytest.raises(TypeError):
+        _C.adam_(*args)
+
+
+def test_grads_of_holds_the_gradients_only_during_the_call():
+    named, args = _adam_args(5)
+    params = _with_grads_on_params(named)
+    args = list(args)
+    args[ADAM.index["grads"]] = _C.GradsOf(params)
+    with torch.no_grad():
+        _C.adam_(*args)
+    grads = [weakref.ref(g) for g in named["grads"]]
+    named["grads"].clear()
+    for p in params:
+        p.grad = None
+    assert all(g() is None for g in grads)  # (no reference kept)
+    assert all(p.grad is None for p in params)
+
+
+def test_grads_presence_says_what_grads_of_says():
+    params = [torch.zeros(3, requires_grad=True) for _ in range(3)]
+    assert _C.grads_presence(params) == _C.grads_of(params)[1:] == (False, True)
+    for p in params:
+        p.grad = torch.ones(3)
+    assert _C.grads_presence(params) == _C.grads_of(params)[1:] == (True, True)
+    params[2].grad = torch.ones(3).to_sparse()
+    assert _C.grads_presence(params) == _C.grads_of(params)[1:] == (True, False)

@@ -14,7 +14,7 @@ from torch.testing import assert_close
 
 import fused_optim
 from fused_optim import _group_options
-from harness import assert_optimizer_unchanged, assert_same_state, snapshot_optimizer
+from harness import assert_optimizer_unchanged, assert_same_state, snapshot_optimizer, torch_clip_
 from optim_configs import GROUP_OVERRIDES, OPTIMIZER_NAMES, torch_class
 
 # (sizes: a vector body and a tail)
@@ -484,3 +484,38 @@ def test_a_step_with_sparse_gradients_builds_no_kept_call(name, monkeypatch):
     for (pname, p), q in zip(model.named_parameters(), ref_model.parameters()):
         assert_close(p, q)
         assert_same_state(opt.state[p], ref.state[q], f"{name} {pname}")
+
+
+@pytest.mark.parametrize("clipped", [False, True], ids=["unclipped", "clipped"])
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_kept_steps_after_backward_read_the_gradients_in_cpp(name, clipped, monkeypatch):
+    # A training loop's gradients, made by autograd each step: the kept call
+    # hands the op the params' gradients to read itself (Note [gradients
+    # read in C++] in csrc/python_module.cpp), and Python reads them only to
+    # take the clipping norm; the steps stay torch's.
+    # (Lamb clips by default, as timm's: not here unless asked)
+    unclipped = {"max_grad_norm": None} if name == "Lamb" else {}
+    runs = []
+    for cls, options in ((getattr(fused_optim, name), {"max_grad_norm": 1.0} if clipped else unclipped),
+                         (torch_class(name), unclipped)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+        runs.append((cls(model.parameters(), lr=0.01, **options), model))
+    gathered = []
+    grads_of = fused_optim._C.grads_of
+    monkeypatch.setattr(fused_optim._C, "grads_of", lambda params: gathered.append(1) or grads_of(params))
+    inputs = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    for step in range(5):
+        gathered.clear()
+        for opt, model in runs:
+            opt.zero_grad()
+            model(inputs * (step + 1)).square().sum().backward()
+            if clipped and opt is runs[1][0]:
+                torch_clip_(opt, [1.0])
+            opt.step()
+        if step >= 2:  # (after the plan's first steps: the kept call)
+            assert gathered == ([1] if clipped else []), f"{name} step {step}"
+        (opt, model), (ref, ref_model) = runs
+        for i, (p, q) in enumerate(zip(model.parameters(), ref_model.parameters())):
+            assert_close(p, q, msg=lambda m: f"{name} step {step} param {i}: {m}")
+            assert_same_state(opt.state[p], ref.state[q], f"{name} step {step} param {i}")

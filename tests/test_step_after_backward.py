@@ -1,0 +1,36 @@
+"""benchmarks/step_after_backward.py runs: it swaps the kept call's gradient
+read (fused_optim/_kept_calls.py) for its A/B, so a change there must keep
+it working, and it puts the read back. Timed with a few rounds only: this
+checks that every implementation runs and is reported, not what it costs."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+
+import pytest
+
+from fused_optim import _kept_calls
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import step_after_backward  # noqa: E402
+
+
+@pytest.mark.parametrize("optimizer", sorted(step_after_backward.OPTIMIZERS))
+def test_every_implementation_is_timed(optimizer, capsys):
+    gradients = _kept_calls.OneCall.gradients
+    step_after_backward.main(["--optimizer", optimizer, "--rounds", "2", "--warmup", "1",
+                              "--tensors", "3", "--numel", "40"])
+    assert _kept_calls.OneCall.gradients is gradients  # (put back)
+    rows = re.findall(r"^\| (.+?) \| ([0-9]+) \| ([0-9.]+)x \|$", capsys.readouterr().out, re.MULTILINE)
+    assert [name for name, _, _ in rows] == [
+        "ours", "ours, grads in Python", "torch fused", "torch foreach", "torch for-loop"]
+    assert rows[0][2] == "1.00"
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--warmup", "-1"], ["--tensors", "0"]])
+def test_refuses_values_out_of_range(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        step_after_backward.main(argv)
+    assert exit_info.value.code == 2
