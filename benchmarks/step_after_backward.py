@@ -50,10 +50,11 @@ def many_small_sizes() -> list:
     return [n for (n,) in group.shapes]
 
 
-def gradients_in_python(call, clipping: bool) -> tuple:
+def gradients_in_python(call, clipping: bool, rebuild: bool):
     """OneCall.gradients as it was before Note [gradients read in C++]:
     every gradient handed to the op in a Python list."""
-    return _bucket.gather_grads(call.bucket.params)
+    grads, complete, dense = _bucket.gather_grads(call.bucket.params)
+    return grads if complete and dense else None
 
 
 class Implementation:

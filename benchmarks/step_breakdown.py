@@ -7,9 +7,9 @@ other count and size.
 
 The pieces nest: step() = the step wrapper + the step body; the body =
 plan check (mostly the group options compared: fused_optim/_group_options.py)
-+ the kept op call (fused_optim/_kept_calls.py: the gradients checked, this
-step's tensors put into the kept arguments, then the op: argument conversion
-and checks, then the update).
++ the kept op call (fused_optim/_kept_calls.py: this step's tensors put into
+the kept arguments, then the op: argument conversion, the gradients read,
+checks, then the update).
 Two more rows say what a step costs when a group option other than lr
 changed since the last step (a momentum or beta schedule; lr is read every
 step): the group arguments read again and the op call built by name. Each row is timed alone, so the
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     one_call = kept.calls[0]
     group_args = opt._group_arguments()
     extras = OpExtras(bucket.master_params(), None, None, False)
-    grads, _, _ = one_call.gradients(clipping=False)  # (as the kept step hands them to the op)
+    grads = one_call.gradients(clipping=False, rebuild=False)  # (as the kept step hands them to the op)
     no_scalars = _bucket.StepScalars(None, None, None)  # (no AMP, no clipping)
     one_call._refresh(grads, no_scalars)  # (a step's arguments, copied: a step drops its own)
     call = one_call._call._replace(args=list(one_call._call.args))
@@ -87,7 +87,6 @@ def main(argv=None) -> None:
         ("    plan check (_current_plan)", lambda: opt._current_plan(None)),
         ("      group options unchanged?", lambda: plan.options.unchanged(opt.param_groups)),
         ("    the kept call (KeptCalls.run)", lambda: kept.run(opt, plan.options, {"written": False})),
-        ("      gradients present and dense? (_C.grads_presence)", lambda: one_call.gradients(False)),
         ("      this step's tensors into the call", lambda: one_call._refresh(grads, no_scalars)),
         ("      the op (_C fast call)", lambda: _ops.call_fast(call)),
         ("        its conversion and checks alone", lambda: _ops.call_validate(call)),

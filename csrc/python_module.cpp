@@ -38,9 +38,13 @@
 // Python"). These tensors are owned, not borrowed, for the length of the
 // call: nothing but the params holds them, and another thread may set
 // `p.grad = None` while the op runs without the GIL. An undefined gradient
-// stays undefined in the list, for the op's checks to refuse; the kept
-// step asks `grads_presence` first, so that a step with a missing or
-// sparse gradient goes to the general path without a refused call.
+// would stay undefined in the list, but a call given a GradsOf with a
+// missing or sparse (not strided) gradient is not made: the fast call
+// returns False instead of True, having written nothing, and the caller
+// (the kept step) takes the general path, which finds what to do with such
+// gradients. Before it first builds a call, the kept step asks
+// `grads_presence` (the same read, no call), so that a model whose
+// gradients are always sparse or partial builds no call it cannot make.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/MaybeOwned.h>
@@ -58,6 +62,19 @@
 #include <vector>
 
 namespace {
+
+// Whether every gradient noted is defined, and every defined one strided.
+struct GradPresence {
+  bool all_present = true;
+  bool all_strided = true;
+  void note(const at::Tensor& grad) {
+    if (!grad.defined()) {
+      all_present = false;
+    } else if (grad.layout() != at::kStrided) {
+      all_strided = false;
+    }
+  }
+};
 
 // Calls fn(param.grad()) for each of `params`, in order (Note [metadata
 // misses]: the TensorImpl, then its autograd metadata, then the gradient's
@@ -93,7 +110,7 @@ class BorrowedTensors {
  public:
   BorrowedTensors() = default;
   BorrowedTensors(BorrowedTensors&& other) noexcept
-      : tensors_(std::move(other.tensors_)), owned_(other.owned_) {
+      : tensors_(std::move(other.tensors_)), owned_(other.owned_), presence_(other.presence_) {
     other.tensors_.clear();
   }
   BorrowedTensors& operator=(BorrowedTensors&&) = delete;
@@ -137,11 +154,17 @@ class BorrowedTensors {
     BorrowedTensors params;
     if (!params.borrow(grads.params.ptr())) return false;
     tensors_.reserve(params.tensors().size());
-    for_each_grad(params.tensors(), [&](const at::Tensor& grad) { tensors_.push_back(grad); });
+    for_each_grad(params.tensors(), [&](const at::Tensor& grad) {
+      presence_.note(grad);
+      tensors_.push_back(grad);
+    });
     return true;
   }
 
   const std::vector<at::Tensor>& tensors() const { return tensors_; }
+  // False when these are a GradsOf's gradients and one is missing or not
+  // strided (Note [gradients read in C++]).
+  bool complete() const { return presence_.all_present && presence_.all_strided; }
   operator at::TensorList() const { return tensors_; }
 
  private:
@@ -151,10 +174,12 @@ class BorrowedTensors {
     }
     tensors_.clear();
     owned_ = false;
+    presence_ = GradPresence{};
   }
 
   std::vector<at::Tensor> tensors_;
   bool owned_ = false;  // tensors_ holds references of its own (take_grads)
+  GradPresence presence_;  // of the gradients take_grads took
 };
 
 }  // namespace
@@ -216,6 +241,12 @@ decltype(auto) to_schema_arg(const typename PyArg<Arg>::type& value) {
   }
 }
 
+// Whether an argument lets the call be made: false only for a GradsOf
+// list with a missing or sparse gradient (Note [gradients read in C++]).
+template <typename T>
+bool gradients_complete(const T&) { return true; }
+bool gradients_complete(const BorrowedTensors& tensors) { return tensors.complete(); }
+
 template <typename T>
 void bump_versions_if_list(const T&) {}
 void bump_versions_if_list(const BorrowedTensors& tensors) {
@@ -227,6 +258,8 @@ void bump_versions_if_list(const BorrowedTensors& tensors) {
 // m.validate_<name>(...), the same call that only checks its arguments and
 // writes nothing (Note [validate only] in op_inputs.h). `name` may name an
 // overload ("adam_.tensor_lr"); the Python name then has "__" for the dot.
+// Both return True, or False having called nothing when a GradsOf argument
+// has a missing or sparse gradient (Note [gradients read in C++]).
 template <typename... Args>
 void def_fast_call(pybind11::module& m, const std::string& name,
                    void (*)(Args...)) {
@@ -243,6 +276,7 @@ void def_fast_call(pybind11::module& m, const std::string& name,
                                          overload.c_str())
                       .typed<void(Args...)>();
   m.def(py_name.c_str(), [op](typename PyArg<Args>::type... args) {
+    if (!(gradients_complete(args) && ...)) return false;
     {
       pybind11::gil_scoped_release no_gil;
       at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -273,28 +307,18 @@ void def_fast_call(pybind11::module& m, const std::string& name,
       bump_versions_if_list(arg);
     };
     (bump_if_written(args), ...);
+    return true;
   });
   m.def(("validate_" + py_name).c_str(),
         [op](typename PyArg<Args>::type... args) {
+          if (!(gradients_complete(args) && ...)) return false;
           pybind11::gil_scoped_release no_gil;
           at::AutoDispatchBelowADInplaceOrView below_autograd;
           fused_optim::ValidateOnlyGuard validate_only;
           op.call(to_schema_arg<Args>(args)...);
+          return true;
         });
 }
-
-// Whether every gradient noted is defined, and every defined one strided.
-struct GradPresence {
-  bool all_present = true;
-  bool all_strided = true;
-  void note(const at::Tensor& grad) {
-    if (!grad.defined()) {
-      all_present = false;
-    } else if (grad.layout() != at::kStrided) {
-      all_strided = false;
-    }
-  }
-};
 
 // A backend that is never called: the fast call only needs the kernel's
 // function type, which is the same for every backend.

@@ -65,8 +65,8 @@ class KeptCalls:
         group_args = optimizer._group_arguments() if rebuild else self._group_args
         grads_of = []
         for call in self.calls:
-            grads, complete, dense = call.gradients(group_args.clipping)
-            if not (complete and dense):  # (sparse gradients: the general path's)
+            grads = call.gradients(group_args.clipping, rebuild)
+            if grads is None:  # (missing or sparse gradients: the general path's)
                 return False
             grads_of.append(grads)
         if rebuild:
@@ -82,11 +82,16 @@ class KeptCalls:
         try:
             for call, grads in zip(self.calls, grads_of):
                 call.prepare(optimizer, grads, group_args, lr, scalars, rebuild)
-            if len(self.calls) > 1:
-                for call in self.calls:
-                    call.validate()
+            if len(self.calls) > 1 and not all([call.validate() for call in self.calls]):
+                self._options = None  # (as after a refused call: built afresh next time)
+                return False  # (a gradient missing or sparse, seen by the op's read)
             for call in self.calls:
-                call.make()
+                if not call.make():
+                    if progress["written"]:  # (validated: a gradient changed meanwhile)
+                        raise RuntimeError("fused_optim: a gradient was removed or made sparse "
+                                           "by another thread during the step")
+                    self._options = None
+                    return False  # (a gradient missing or sparse: nothing was written)
                 progress["written"] = True
         except RuntimeError:
             self._options = None  # (built afresh next time)
@@ -121,16 +126,20 @@ class OneCall:
         self._call = None  # the last call (its arguments a list, refreshed in place)
         self._function = None  # its fused_optim._C function
 
-    def gradients(self, clipping: bool) -> tuple:
-        """(this step's gradients, whether every param has one, whether
-        every one is strided). The gradients are a list when Python reads
-        them (the clipping norm, complex views), else ``_C.GradsOf``: the
-        op reads them itself, making no Python object for a gradient
-        autograd made (Note [gradients read in C++] in
-        csrc/python_module.cpp)."""
+    def gradients(self, clipping: bool, rebuild: bool):
+        """This step's gradients, or None when one is missing or sparse (as
+        far as read here). A list when Python reads them (the clipping
+        norm, complex views), else ``_C.GradsOf``: the op reads them
+        itself, making no Python object for a gradient autograd made, and
+        its call says whether they were all there (Note [gradients read in
+        C++] in csrc/python_module.cpp); they are checked here first only
+        when the call is to be built (``rebuild``, or no call kept)."""
         if clipping or self._complex:
-            return _bucket.gather_grads(self.bucket.params)
-        return (self._grads_of, *_C.grads_presence(self.bucket.params))
+            grads, complete, dense = _bucket.gather_grads(self.bucket.params)
+            return grads if complete and dense else None
+        if (rebuild or self._call is None) and not all(_C.grads_presence(self.bucket.params)):
+            return None
+        return self._grads_of
 
     def prepare(self, optimizer, grads: list, group_args, lr: list,
                 scalars: _bucket.StepScalars, rebuild: bool) -> None:
@@ -147,21 +156,30 @@ class OneCall:
             self._refresh(grads, scalars)
             self._call.args[self._lr] = lr
 
-    def validate(self) -> None:
-        """Raises what ``make`` would raise, writing nothing."""
+    def validate(self) -> bool:
+        """Raises what ``make`` would raise, writing nothing; False where
+        ``make`` would return False."""
         try:
-            _ops.call_validate(self._call)
+            complete = _ops.call_validate(self._call)
         except RuntimeError:
             self._call = None
             raise
+        if not complete:
+            self._call = None  # (checked before it is built again)
+        return complete
 
-    def make(self) -> None:
-        """Makes the call (the op checks it before writing anything)."""
+    def make(self) -> bool:
+        """Makes the call (the op checks it before writing anything) and
+        returns True; or returns False, having written nothing, when a
+        gradient is missing or sparse (Note [gradients read in C++])."""
         try:
-            self._function(*self._call.args)
+            made = self._function(*self._call.args)
         except RuntimeError:
             self._call = None
             raise
+        if not made:
+            self._call = None  # (checked before it is built again)
+        return made
 
     def release_step_tensors(self) -> None:
         """Drops this step's tensors from the kept arguments: a kept

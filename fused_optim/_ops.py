@@ -162,15 +162,19 @@ def fast_function(call: OpCall):
     return getattr(_C, call.name + ("_tensor_lr" if call.tensor_lr else ""))
 
 
-def call_fast(call: OpCall) -> None:
-    """Makes ``call`` through its eager entry (``fast_function``)."""
-    fast_function(call)(*call.args)
+def call_fast(call: OpCall) -> bool:
+    """Makes ``call`` through its eager entry (``fast_function``); False
+    where it was not made: a ``_C.GradsOf`` argument with a gradient
+    missing or sparse (Note [gradients read in C++] in
+    csrc/python_module.cpp; lists of tensors: always True)."""
+    return fast_function(call)(*call.args)
 
 
-def call_validate(call: OpCall) -> None:
+def call_validate(call: OpCall) -> bool:
     """The eager entry's checks alone: raises what ``call_fast`` would
-    raise, writes nothing (Note [validate only] in csrc/op_inputs.h)."""
-    getattr(_C, "validate_" + call.name + ("_tensor_lr" if call.tensor_lr else ""))(*call.args)
+    raise, returns what it would return, writes nothing (Note [validate
+    only] in csrc/op_inputs.h)."""
+    return getattr(_C, "validate_" + call.name + ("_tensor_lr" if call.tensor_lr else ""))(*call.args)
 
 
 def public_op(name: str, tensor_lr: bool):

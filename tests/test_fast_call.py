@@ -145,17 +145,27 @@ def test_grads_of_gives_the_call_of_the_gradient_list(amp):
     assert [g._version for g in a_named["grads"]] == [v + amp for v in versions]
 
 
-def test_grads_of_refuses_a_missing_gradient_before_writing():
+@pytest.mark.parametrize("gap", ["missing", "sparse"])
+def test_a_call_given_grads_of_with_a_gradient_missing_or_sparse_is_not_made(gap):
+    # The fast call and its validate_ twin return False, having written
+    # nothing: the kept step then takes the general path.
     named, args = _adam_args(3)
     params = _with_grads_on_params(named)
-    params[1].grad = None
+    params[1].grad = None if gap == "missing" else named["grads"][1].to_sparse()
     args = list(args)
     args[ADAM.index["grads"]] = _C.GradsOf(params)
     before = [[t.clone() for t in lst] for lst in _lists(named)]
-    with pytest.raises(RuntimeError), torch.no_grad():
-        _C.adam_(*args)
+    versions = [[t._version for t in lst] for lst in _lists(named)]
+    with torch.no_grad():
+        assert _C.validate_adam_(*args) is False
+        assert _C.adam_(*args) is False
     for name, lst_before, lst in zip(LISTS, before, _lists(named)):
         assert all(torch.equal(x, y) for x, y in zip(lst_before, lst)), name
+    assert [[t._version for t in lst] for lst in _lists(named)] == versions
+    params[1].grad = named["grads"][1]
+    with torch.no_grad():
+        assert _C.validate_adam_(*args) is True
+        assert _C.adam_(*args) is True
 
 
 def test_grads_of_refuses_what_is_not_a_tensor():

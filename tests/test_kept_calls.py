@@ -519,3 +519,47 @@ def test_kept_steps_after_backward_read_the_gradients_in_cpp(name, clipped, monk
         for i, (p, q) in enumerate(zip(model.parameters(), ref_model.parameters())):
             assert_close(p, q, msg=lambda m: f"{name} step {step} param {i}: {m}")
             assert_same_state(opt.state[p], ref.state[q], f"{name} step {step} param {i}")
+
+
+class _TwoDtypes(torch.nn.Module):
+    """A float32 layer, then a float64 one: two buckets (two calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(5, 7)
+        self.last = torch.nn.Linear(7, 3).double()
+
+    def forward(self, x):
+        return self.last(torch.tanh(self.first(x)).double())
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_a_gradient_missing_after_kept_steps_takes_the_general_path_as_in_torch(name, calls):
+    # The kept call reads the gradients in C++; one gone (a branch not taken)
+    # makes that call (or with several, its validation) return unmade, and
+    # the step is the general path's, equal to torch's; with every gradient
+    # back, the calls are built again, with this step's lr, and kept.
+    runs = []
+    for cls in (getattr(fused_optim, name), torch_class(name)):
+        torch.manual_seed(0)
+        if calls == 1:
+            model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+        else:
+            model = _TwoDtypes()
+        runs.append((cls(model.parameters(), lr=0.01), model))
+    inputs = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    for step in range(7):
+        for opt, model in runs:
+            opt.zero_grad()
+            model(inputs * (step + 1)).square().sum().backward()
+            if step in (3, 4):
+                list(model.parameters())[-1].grad = None
+            opt.param_groups[0]["lr"] = 0.01 / (step + 1)  # (a scheduler: read every step)
+            opt.step()
+        (opt, model), (ref, ref_model) = runs
+        for i, (p, q) in enumerate(zip(model.parameters(), ref_model.parameters())):
+            assert_close(p, q, msg=lambda m: f"{name} step {step} param {i}: {m}")
+            assert_same_state(opt.state.get(p, {}), ref.state.get(q, {}), f"{name} step {step} param {i}")
+    kept = runs[0][0]._plan.kept_calls.calls
+    assert len(kept) == calls and all(call._call is not None for call in kept)  # (kept again)
