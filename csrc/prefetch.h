@@ -10,7 +10,10 @@
 // lists (BorrowedTensors in python_module.cpp, for every list a call
 // converts, and the gradient reads of GradsOf) ask for the objects of the
 // tensors a few places ahead, one link of the chain per stage, so that the
-// misses of several tensors are in flight at once.
+// misses of several tensors are in flight at once: on `many-small` (2,000
+// tensors, every step cold) the SGD and Adam steps took 10-13% less
+// (benchmarks/results/host-prefetch-cpu-2core-epyc-2026-12-05.md). Asking
+// for each storage's StorageImpl too gained nothing more.
 #pragma once
 
 #include <cstddef>

@@ -32,10 +32,12 @@
 // is made. A gradient that autograd made has no Python object until
 // Python reads `p.grad`; a list of them makes one per gradient (a Python
 // object allocated, counted by the cyclic garbage collector, and freed
-// after the step) that the op does not need. Of the steps' host work over
-// many tensors right after backward, that was about 0.1-0.2 us a gradient
-// (measured A/B: benchmarks/step_after_backward.py, "ours, grads in
-// Python"). These tensors are owned, not borrowed, for the length of the
+// after the step) that the op does not need. Measured over whole training
+// iterations (zero_grad, backward, step), the C++ read was 0-5% faster on
+// 2,000 tensors and 0.2-0.6% on 4; the step alone, within noise
+// (benchmarks/results/host-prefetch-cpu-2core-epyc-2026-12-05.md;
+// benchmarks/step_after_backward.py, "ours, grads in Python", is the A/B
+// of the step). These tensors are owned, not borrowed, for the length of the
 // call: nothing but the params holds them, and another thread may set
 // `p.grad = None` while the op runs without the GIL. An undefined gradient
 // would stay undefined in the list, but a call given a GradsOf with a
