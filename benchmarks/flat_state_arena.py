@@ -33,18 +33,12 @@ import time
 import torch
 
 import fused_optim
-from fused_optim.bench.workloads import many_small_workload
+from fused_optim.bench.workloads import many_small_sizes
 
 OPTIMIZERS = {
     "sgd": (fused_optim.SGD, torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
     "adam": (fused_optim.Adam, torch.optim.Adam, {"lr": 1e-3}),
 }
-
-
-def many_small_sizes() -> list:
-    """The tensor sizes of the benchmark's `many-small` workload."""
-    (group,) = many_small_workload("cpu", 1.0).groups
-    return [n for (n,) in group.shapes]
 
 
 def params_with_grads(sizes: list) -> list:

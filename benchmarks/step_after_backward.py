@@ -34,7 +34,7 @@ import torch
 
 import fused_optim
 from fused_optim import _bucket, _kept_calls
-from fused_optim.bench.workloads import many_small_workload
+from fused_optim.bench.workloads import many_small_sizes
 
 OPTIMIZERS = {
     "sgd": (fused_optim.SGD, torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
@@ -42,12 +42,6 @@ OPTIMIZERS = {
     "adamw": (fused_optim.AdamW, torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.01}),
     "adagrad": (fused_optim.Adagrad, torch.optim.Adagrad, {"lr": 1e-2}),
 }
-
-
-def many_small_sizes() -> list:
-    """The tensor sizes of the benchmark's `many-small` workload."""
-    (group,) = many_small_workload("cpu", 1.0).groups
-    return [n for (n,) in group.shapes]
 
 
 def gradients_in_python(call, clipping: bool, rebuild: bool):

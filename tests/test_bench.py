@@ -19,7 +19,7 @@ import torch
 from fused_optim.bench import cli, metadata, progress, report
 from fused_optim.bench.measure import Result
 from fused_optim.bench.specs import IMPLS, OPTIMIZERS, PEERS, PRECISION_SETS, PRECISIONS
-from fused_optim.bench.workloads import WORKLOADS
+from fused_optim.bench.workloads import WORKLOADS, many_small_sizes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -351,3 +351,10 @@ def test_cautious_variants_run_by_name_against_timms_cautious_classes():
         assert cls.__module__.endswith(spec.class_name.lower()) and cls.__name__ == spec.class_name
         param = torch.nn.Parameter(torch.zeros(3))
         assert cls([param], **spec.kwargs, **extra).param_groups[0]["caution"] is True
+
+
+def test_many_small_sizes_are_the_workloads_tensors():
+    (group,) = WORKLOADS["many-small"]("cpu", 1.0).groups
+    sizes = many_small_sizes()
+    assert sizes == [n for (n,) in group.shapes]
+    assert len(sizes) == 2000 and min(sizes) >= 256 and max(sizes) <= 4096

@@ -62,6 +62,13 @@ def many_small_workload(device: str, scale: float) -> Workload:
     return Workload("many-small", [GroupSpec([(int(n),) for n in log_sizes.exp()])])
 
 
+def many_small_sizes() -> list:
+    """The element counts of `many-small`'s tensors (the stand-alone
+    scripts in benchmarks/ step the same tensors)."""
+    (group,) = many_small_workload("cpu", 1.0).groups
+    return [n for (n,) in group.shapes]
+
+
 def many_groups_workload(device: str, scale: float) -> Workload:
     """A GPT-like model in 26 param groups with layer-wise LR decay.
 
