@@ -14,9 +14,15 @@ _torch_step_eagerly = torch._disable_dynamo(_torch_path.torch_step)
 
 
 @torch._disable_dynamo
-def _call_public_eagerly(calls: list) -> None:
-    for call in calls:
-        _ops.call_public(call)
+def _call_public_eagerly(optimizer, calls: list, made: list) -> None:
+    """Makes ``calls``; if one raises, takes ``made`` (stored just before,
+    see _traced_step) back out of the state: a failed step makes none."""
+    try:
+        for call in calls:
+            _ops.call_public(call)
+    except BaseException:
+        optimizer._take_back_made_state(made)
+        raise
 
 
 class TracedStep:
@@ -167,8 +173,16 @@ class TracedStep:
                     _ops.call_public(call)
                     self._store_made_state(made)
         if eager_calls:
-            _call_public_eagerly(eager_calls)
+            # The state made for them is stored before the break, in the
+            # traced frame: there Dynamo sees the store and guards on it,
+            # so the next step recompiles without this step's "new" flags.
+            # Stored in the frame resumed after the break, it could go
+            # unseen when no traced call stored state (a group of one
+            # complex param): every later step replayed the first step's
+            # graph, restarting SGD's momentum from each gradient
+            # (test_torch_compat: test_compiled_step_with_only_complex_params...).
             self._store_made_state(stored_after)
+            _call_public_eagerly(self, eager_calls, stored_after)
         if grad_norm is not None:
             # (an item of a list: Dynamo replays that side effect after the
             # graph, where it drops an attribute set on an Optimizer)
@@ -185,6 +199,22 @@ class TracedStep:
                 state[name] = tensor
             if step is not None and "step" not in state:
                 state["step"] = step
+
+
+    def _take_back_made_state(self, made: list) -> None:
+        """Undoes ``_store_made_state(made)``: the entries it stored leave
+        the state (and a param's entry, if nothing else is left in it)."""
+        for param, names, tensors, step in made:
+            state = self.state.get(param)
+            if state is None:
+                continue
+            for name, tensor in zip(names, tensors):
+                if state.get(name) is tensor:
+                    del state[name]
+            if step is not None and state.get("step") is step:
+                del state["step"]
+            if not state:
+                del self.state[param]
 
 
 def _traced_global_norm(grads: list, grad_scale):

@@ -635,6 +635,61 @@ def test_compiled_step_with_complex_groups_between_others(cls, kwargs):
     _assert_equal_runs_params_state(opts[0], opts[1])
 
 
+@pytest.mark.parametrize("count", [1, 2])
+@pytest.mark.parametrize("config", ONE_PER_OPTIMIZER, ids=lambda c: c.name)
+def test_compiled_step_with_only_complex_params_equals_eager(config, count):
+    # With no real param, the step's only calls are the eager complex ones
+    # after the graph break: the state the first step made must still be
+    # stored where Dynamo guards on it, or every later step replays the
+    # first step's graph (SGD's momentum restarted from each gradient; seen
+    # with one param, where no other guard happened to cover it).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, dtype=torch.complex64, requires_grad=True),
+            torch.randn(7, dtype=torch.complex64, requires_grad=True)][:count]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    cls = getattr(fused_optim, config.name)
+    opts = [cls(ps, **config.kwargs) for ps in (ours, ref)]
+    compiled = torch.compile(opts[0].step, backend="eager")
+    for step in range(4):
+        _same_grads(ours, ref, step)
+        compiled()
+        opts[1].step()
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q), f"step {step}"
+    _assert_equal_runs_params_state(opts[0], opts[1])
+
+
+def test_compiled_step_whose_complex_call_fails_makes_no_state(monkeypatch):
+    # The complex calls' state is stored before they run (above); a call
+    # that raises takes it back: the failed first step leaves no state, and
+    # the next step is the first step eager takes.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, dtype=torch.complex64, requires_grad=True)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opts = [fused_optim.SGD(ps, lr=0.1, momentum=0.9) for ps in (ours, ref)]
+    compiled = torch.compile(opts[0].step, backend="eager")
+    _same_grads(ours, ref, 0)
+    before = snapshot_optimizer(opts[0])
+
+    def refuse(call):
+        raise RuntimeError("refused for the test")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_ops, "call_public", refuse)
+        with pytest.raises(RuntimeError, match="refused for the test"):
+            compiled()
+    assert_optimizer_unchanged(opts[0], before, "failed compiled step")
+    assert len(opts[0].state) == 0
+    for step in range(3):
+        _same_grads(ours, ref, step)
+        compiled()
+        opts[1].step()
+    assert torch.equal(ours[0], ref[0])
+    _assert_equal_runs_params_state(opts[0], opts[1])
+
+
 def _same_grads(ours, ref, step):
     for i, (p, q) in enumerate(zip(ours, ref)):
         torch.manual_seed(10 * step + i)
