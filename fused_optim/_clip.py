@@ -118,6 +118,8 @@ def global_sum_of_squares(grads: list, grad_scale=None, op=_C.sum_of_squares) ->
     for DTensors (_dtensor.py)."""
     if not grads:
         return torch.zeros(())
+    if all(type(grad) is torch.Tensor for grad in grads) and _C.on_one_device(grads):
+        return _sum_of_squares(grads, grad_scale, op)  # (the common case, one call)
     plain: dict = {}
     dtensors = []
     for grad in grads:
@@ -133,6 +135,18 @@ def global_sum_of_squares(grads: list, grad_scale=None, op=_C.sum_of_squares) ->
         return parts[0]
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
     return torch.stack([p.to(first, dtype) for p in parts]).sum()
+
+
+def norm_of_gradients_of(grads_of, device: torch.device, grad_scale=None):
+    """``global_norm`` of the gradients ``grads_of`` names (a
+    ``_C.GradsOf`` of params on ``device``, none a DTensor or complex),
+    read in C++ (Note [gradients read in C++]): the same call over the
+    same gradients in the same order, so the same bits; or None, having
+    read nothing, when a gradient is missing or sparse."""
+    if grad_scale is not None and grad_scale.device != device:
+        grad_scale = grad_scale.to(device, non_blocking=True)
+    sum_of_squares = _C.sum_of_squares(grads_of, grad_scale, False)
+    return None if sum_of_squares is None else sum_of_squares.sqrt()
 
 
 def is_dtensor(tensor) -> bool:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from operator import itemgetter
 
-from fused_optim import _C, _bucket, _ops
+from fused_optim import _C, _bucket, _clip, _ops
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket
 
@@ -51,6 +51,13 @@ class KeptCalls:
         self._options = None  # the plan's GroupOptions the group arguments were read under
         self._group_args = None
         self._tensor_lr = None
+        # The clipping norm's gradients, read in C++ by one sum_of_squares
+        # call (_clip.norm_of_gradients_of), where they can be: every param
+        # real, not a DTensor, on one device; else None (read in Python).
+        params = [p for bucket in buckets for p in bucket.params]
+        plain = not any(bucket.is_complex for bucket in buckets) and not any(
+            map(_clip.is_dtensor, params))
+        self._norm_grads = _C.GradsOf(params) if plain and _C.on_one_device(params) else None
 
     def run(self, optimizer, options, progress: dict) -> bool:
         """Makes the calls (the whole step) and returns True, or returns
@@ -63,21 +70,27 @@ class KeptCalls:
         lr, tensor_lr = optimizer._learning_rates()  # (every step: schedulers)
         rebuild = options is not self._options or not options.kept or tensor_lr != self._tensor_lr
         group_args = optimizer._group_arguments() if rebuild else self._group_args
+        norm_in_cpp = group_args.clipping and self._norm_grads is not None
         grads_of = []
         for call in self.calls:
-            grads = call.gradients(group_args.clipping, rebuild)
+            grads = call.gradients(group_args.clipping and not norm_in_cpp, rebuild)
             if grads is None:  # (missing or sparse gradients: the general path's)
                 return False
             grads_of.append(grads)
-        if rebuild:
-            self._group_args = group_args
-            self._options, self._tensor_lr = options, tensor_lr
         # GradScaler's scalars, set on the optimizer for this step (AMP)
         grad_scale = getattr(optimizer, "grad_scale", None)
         found_inf = getattr(optimizer, "found_inf", None)
         grad_norm = None
-        if group_args.clipping:  # (one norm over every call's gradients)
+        if norm_in_cpp:  # (one norm over every call's gradients)
+            grad_norm = _clip.norm_of_gradients_of(
+                self._norm_grads, self.buckets[0].device, grad_scale)
+            if grad_norm is None:  # (a gradient missing or sparse, seen by the read)
+                return False
+        elif group_args.clipping:
             grad_norm = optimizer._clip_norm([g for grads in grads_of for g in grads], grad_scale)
+        if rebuild:
+            self._group_args = group_args
+            self._options, self._tensor_lr = options, tensor_lr
         scalars = _bucket.StepScalars(grad_scale, found_inf, grad_norm)
         try:
             for call, grads in zip(self.calls, grads_of):
@@ -128,8 +141,8 @@ class OneCall:
 
     def gradients(self, clipping: bool, rebuild: bool):
         """This step's gradients, or None when one is missing or sparse (as
-        far as read here). A list when Python reads them (the clipping
-        norm, complex views), else ``_C.GradsOf``: the op reads them
+        far as read here). A list when Python reads them (``clipping``:
+        a clipping norm taken in Python; complex views), else ``_C.GradsOf``: the op reads them
         itself, making no Python object for a gradient autograd made, and
         its call says whether they were all there (Note [gradients read in
         C++] in csrc/python_module.cpp); they are checked here first only

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fused_optim
-from fused_optim import _C, _ops
+from fused_optim import _C, _clip, _ops
 
 
 ADAM = _ops.SIGNATURES["adam_"]
@@ -199,3 +199,37 @@ def test_grads_presence_says_what_grads_of_says():
     assert _C.grads_presence(params) == _C.grads_of(params)[1:] == (True, True)
     params[2].grad = torch.ones(3).to_sparse()
     assert _C.grads_presence(params) == _C.grads_of(params)[1:] == (True, False)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_sum_of_squares_of_grads_of_is_that_of_the_gradient_list(amp):
+    # The clipping norm of the kept step (_clip.norm_of_gradients_of): the
+    # same call over the same gradients, so the same bits; None, having
+    # summed nothing, with a gradient missing or sparse.
+    torch.manual_seed(0)
+    scale = torch.tensor(4.0) if amp else None
+    params = [torch.randn(n, dtype=dtype, requires_grad=True)
+              for n, dtype in ((1, torch.float32), (4099, torch.float32), (33, torch.bfloat16),
+                               (70_000, torch.float32))]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    grads_of = _C.GradsOf(params)
+    expected = _C.sum_of_squares([p.grad for p in params], scale, False)
+    assert torch.equal(_C.sum_of_squares(grads_of, scale, False), expected)
+    assert torch.equal(_clip.norm_of_gradients_of(grads_of, torch.device("cpu"), scale),
+                       _clip.global_norm([p.grad for p in params], scale))
+    for gap in ("missing", "sparse"):
+        grad = params[2].grad
+        params[2].grad = None if gap == "missing" else grad.to_sparse()
+        assert _C.sum_of_squares(grads_of, scale, False) is None, gap
+        assert _clip.norm_of_gradients_of(grads_of, torch.device("cpu"), scale) is None, gap
+        params[2].grad = grad
+
+
+def test_on_one_device():
+    cpu, meta = torch.zeros(2), torch.zeros(2, device="meta")
+    assert _C.on_one_device([]) is True
+    assert _C.on_one_device([cpu, torch.ones(3)]) is True
+    assert _C.on_one_device([meta, meta]) is True
+    assert _C.on_one_device([cpu, meta]) is False
+    assert _C.on_one_device([cpu, cpu, meta]) is False

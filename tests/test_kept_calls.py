@@ -491,8 +491,8 @@ def test_a_step_with_sparse_gradients_builds_no_kept_call(name, monkeypatch):
 def test_kept_steps_after_backward_read_the_gradients_in_cpp(name, clipped, monkeypatch):
     # A training loop's gradients, made by autograd each step: the kept call
     # hands the op the params' gradients to read itself (Note [gradients
-    # read in C++] in csrc/python_module.cpp), and Python reads them only to
-    # take the clipping norm; the steps stay torch's.
+    # read in C++] in csrc/python_module.cpp), and so does the clipping
+    # norm's sum_of_squares; Python reads none; the steps stay torch's.
     # (Lamb clips by default, as timm's: not here unless asked)
     unclipped = {"max_grad_norm": None} if name == "Lamb" else {}
     runs = []
@@ -514,7 +514,7 @@ def test_kept_steps_after_backward_read_the_gradients_in_cpp(name, clipped, monk
                 torch_clip_(opt, [1.0])
             opt.step()
         if step >= 2:  # (after the plan's first steps: the kept call)
-            assert gathered == ([1] if clipped else []), f"{name} step {step}"
+            assert gathered == [], f"{name} step {step}"
         (opt, model), (ref, ref_model) = runs
         for i, (p, q) in enumerate(zip(model.parameters(), ref_model.parameters())):
             assert_close(p, q, msg=lambda m: f"{name} step {step} param {i}: {m}")
@@ -533,21 +533,26 @@ class _TwoDtypes(torch.nn.Module):
         return self.last(torch.tanh(self.first(x)).double())
 
 
+@pytest.mark.parametrize("clipped", [False, True], ids=["unclipped", "clipped"])
 @pytest.mark.parametrize("calls", [1, 2])
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
-def test_a_gradient_missing_after_kept_steps_takes_the_general_path_as_in_torch(name, calls):
+def test_a_gradient_missing_after_kept_steps_takes_the_general_path_as_in_torch(name, calls,
+                                                                               clipped):
     # The kept call reads the gradients in C++; one gone (a branch not taken)
-    # makes that call (or with several, its validation) return unmade, and
-    # the step is the general path's, equal to torch's; with every gradient
-    # back, the calls are built again, with this step's lr, and kept.
+    # makes that call (or with several, its validation; or first the
+    # clipping norm's read) return unmade, and the step is the general
+    # path's, equal to torch's; with every gradient back, the calls are
+    # built again, with this step's lr, and kept.
+    unclipped = {"max_grad_norm": None} if name == "Lamb" else {}
     runs = []
-    for cls in (getattr(fused_optim, name), torch_class(name)):
+    for cls, options in ((getattr(fused_optim, name), {"max_grad_norm": 1.0} if clipped else unclipped),
+                         (torch_class(name), unclipped)):
         torch.manual_seed(0)
         if calls == 1:
             model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
         else:
             model = _TwoDtypes()
-        runs.append((cls(model.parameters(), lr=0.01), model))
+        runs.append((cls(model.parameters(), lr=0.01, **options), model))
     inputs = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
     for step in range(7):
         for opt, model in runs:
@@ -555,6 +560,8 @@ def test_a_gradient_missing_after_kept_steps_takes_the_general_path_as_in_torch(
             model(inputs * (step + 1)).square().sum().backward()
             if step in (3, 4):
                 list(model.parameters())[-1].grad = None
+            if clipped and opt is runs[1][0]:
+                torch_clip_(opt, [1.0])
             opt.param_groups[0]["lr"] = 0.01 / (step + 1)  # (a scheduler: read every step)
             opt.step()
         (opt, model), (ref, ref_model) = runs
