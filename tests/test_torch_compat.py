@@ -625,14 +625,7 @@ def test_compiled_step_with_complex_groups_between_others(cls, kwargs):
     opts = [cls([{"params": ps[:1], "lr": 0.01}, {"params": ps[1:2], "lr": 0.5},
                  {"params": ps[2:3], "lr": 0.1}, {"params": ps[3:], "lr": 0.2}], **kwargs)
             for ps in (ours, ref)]
-    compiled = torch.compile(opts[0].step, backend="eager")
-    for step in range(3):
-        _same_grads(ours, ref, step)
-        compiled()
-        opts[1].step()
-        for p, q in zip(ours, ref):
-            assert torch.equal(p, q), f"step {step}"
-    _assert_equal_runs_params_state(opts[0], opts[1])
+    _assert_compiled_steps_equal_eager(opts, ours, ref, steps=3)
 
 
 @pytest.mark.parametrize("count", [1, 2])
@@ -650,14 +643,7 @@ def test_compiled_step_with_only_complex_params_equals_eager(config, count):
     ref = [p.detach().clone().requires_grad_() for p in ours]
     cls = getattr(fused_optim, config.name)
     opts = [cls(ps, **config.kwargs) for ps in (ours, ref)]
-    compiled = torch.compile(opts[0].step, backend="eager")
-    for step in range(4):
-        _same_grads(ours, ref, step)
-        compiled()
-        opts[1].step()
-        for p, q in zip(ours, ref):
-            assert torch.equal(p, q), f"step {step}"
-    _assert_equal_runs_params_state(opts[0], opts[1])
+    _assert_compiled_steps_equal_eager(opts, ours, ref, steps=4)
 
 
 def test_compiled_step_whose_complex_call_fails_makes_no_state(monkeypatch):
@@ -687,6 +673,19 @@ def test_compiled_step_whose_complex_call_fails_makes_no_state(monkeypatch):
         compiled()
         opts[1].step()
     assert torch.equal(ours[0], ref[0])
+    _assert_equal_runs_params_state(opts[0], opts[1])
+
+
+def _assert_compiled_steps_equal_eager(opts, ours, ref, steps):
+    """``steps`` steps of ``opts[0]`` compiled and ``opts[1]`` eager, on the
+    same gradients: params equal after each, state at the end."""
+    compiled = torch.compile(opts[0].step, backend="eager")
+    for step in range(steps):
+        _same_grads(ours, ref, step)
+        compiled()
+        opts[1].step()
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q), f"step {step}"
     _assert_equal_runs_params_state(opts[0], opts[1])
 
 
