@@ -285,6 +285,9 @@ void def_fast_call(pybind11::module& m, const std::string& name,
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       op.call(to_schema_arg<Args>(args)...);
     }
+    // A call made under validate_<op> wrote nothing (the DTensor handler
+    // makes this call on the local tensors for either: fused_optim/_dtensor.py).
+    if (fused_optim::validate_only()) return true;
     // Written lists get their versions bumped, except `grads`, which the op
     // writes only to store AMP's unscaled gradients (when grad_scale is
     // given): torch.optim never bumps a gradient's version otherwise, and an

@@ -47,9 +47,11 @@ import sys
 
 import torch
 
-from fused_optim._ops import MEASURE_OVERLOADS, OP_NAMES, TENSOR_NORM_OPS, public_op
+from fused_optim._ops import MEASURE_OVERLOADS, OP_NAMES, TENSOR_NORM_OPS, fast_entry, public_op
 
 _MODULE = "torch.distributed.tensor"
+# torch.distributed.tensor.DTensor, once that module is imported (register).
+_DTensor = None
 # Per-call tensor arguments: not aligned with the params.
 _PER_CALL = ("state_steps", "lr", "grad_scale", "found_inf", "tensor_sums")
 
@@ -106,10 +108,10 @@ def _argument_values(op, args, kwargs) -> list:
 def _replicated_local(where: str, name: str, t):
     """A per-call tensor argument as a plain tensor: itself, or the local
     tensor of a replicated DTensor (anything else raises)."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    if not isinstance(t, DTensor):
+    if not _is_dtensor(t):
         return t
+    from torch.distributed.tensor import Replicate
+
     if any(p != Replicate() for p in t.placements):
         raise RuntimeError(
             f"{where}: {name} is a DTensor with placements {t.placements}; "
@@ -118,9 +120,73 @@ def _replicated_local(where: str, name: str, t):
     return t.to_local()
 
 
-def _local_call(op, args, kwargs):
-    from torch.distributed.tensor import DTensor
+def _kind(t) -> str:
+    return "a DTensor" if _is_dtensor(t) else "a plain tensor"
 
+
+def _is_dtensor(t) -> bool:
+    return type(t) is not torch.Tensor and isinstance(t, _DTensor)
+
+
+class _LocalTensors:
+    """The lists aligned with a call's params, made local: each DTensor
+    checked against its param and replaced by its local shard. The checks
+    run for every tensor of every list, every step (an FSDP2 step over
+    thousands of params pays them), so they read what the DTensors' specs
+    hold (a DTensor's ``shape`` takes a dispatch, about 1 us) and compare
+    meshes by identity first (usually one object for all)."""
+
+    def __init__(self, where: str, params: list) -> None:
+        self.where = where
+        self.params = params
+        # each param's spec, or None for a plain param
+        self.specs = [p._spec if _is_dtensor(p) else None for p in params]
+        self.all_plain = True  # every local tensor a torch.Tensor or Parameter (so far)
+        for i, spec in enumerate(self.specs):
+            # (the other lists' placements must equal their param's)
+            if spec is not None and any(placement.is_partial() for placement in spec.placements):
+                raise RuntimeError(
+                    f"{where}: params[{i}] has a Partial placement {spec.placements}; "
+                    "reduce it (redistribute) before the optimizer step"
+                )
+
+    def __call__(self, name: str, tensors: list) -> list:
+        if len(tensors) not in (0, len(self.params)):
+            return tensors  # the op's own length check reports it
+        local = []
+        for i, (t, spec) in enumerate(zip(tensors, self.specs)):
+            if spec is None:
+                if _is_dtensor(t):
+                    self._raise_kinds(name, i, t)
+            else:
+                if not _is_dtensor(t):
+                    self._raise_kinds(name, i, t)
+                own = t._spec
+                if (own.mesh is not spec.mesh and own.mesh != spec.mesh) or own.placements != spec.placements:
+                    raise RuntimeError(
+                        f"{self.where}: {name}[{i}] has mesh {own.mesh} and placements "
+                        f"{own.placements}, but params[{i}] has {spec.mesh} and "
+                        f"{spec.placements}; an update is pointwise and needs them equal"
+                    )
+                if own.tensor_meta.shape != spec.tensor_meta.shape:
+                    raise RuntimeError(
+                        f"{self.where}: {name}[{i}] has shape {tuple(own.tensor_meta.shape)} but "
+                        f"params[{i}] has shape {tuple(spec.tensor_meta.shape)}"
+                    )
+                t = t._local_tensor
+            if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+                self.all_plain = False  # (a trace's tensors, or another subclass)
+            local.append(t)
+        return local
+
+    def _raise_kinds(self, name: str, i: int, t) -> None:
+        raise RuntimeError(
+            f"{self.where}: params[{i}] is {_kind(self.params[i])} but {name}[{i}] is "
+            f"{_kind(t)}; the tensors of one param must all be DTensors or all plain"
+        )
+
+
+def _local_call(op, args, kwargs):
     arguments = op._schema.arguments
     values = _argument_values(op, args, kwargs)
     names = [a.name for a in arguments]
@@ -129,38 +195,7 @@ def _local_call(op, args, kwargs):
     per_call = _PER_CALL + tuple(names[names.index("state_steps") + 1:names.index("group_index")])
     where = f"{op._schema.name}"
     op_name = op._schema.name.split("::")[-1]
-
-    def aligned(name, tensors):
-        if len(tensors) not in (0, len(params)):
-            return tensors  # the op's own length check reports it
-        local = []
-        for i, (t, p) in enumerate(zip(tensors, params)):
-            if isinstance(p, DTensor) != isinstance(t, DTensor):
-                raise RuntimeError(
-                    f"{where}: params[{i}] is {'a DTensor' if isinstance(p, DTensor) else 'a plain tensor'}"
-                    f" but {name}[{i}] is {'a DTensor' if isinstance(t, DTensor) else 'a plain tensor'}; "
-                    "the tensors of one param must all be DTensors or all plain"
-                )
-            if isinstance(t, DTensor):
-                if t.device_mesh != p.device_mesh or t.placements != p.placements:
-                    raise RuntimeError(
-                        f"{where}: {name}[{i}] has mesh {t.device_mesh} and placements "
-                        f"{t.placements}, but params[{i}] has {p.device_mesh} and "
-                        f"{p.placements}; an update is pointwise and needs them equal"
-                    )
-                if any(placement.is_partial() for placement in t.placements):
-                    raise RuntimeError(
-                        f"{where}: {name}[{i}] has a Partial placement {t.placements}; "
-                        "reduce it (redistribute) before the optimizer step"
-                    )
-                if t.shape != p.shape:
-                    raise RuntimeError(
-                        f"{where}: {name}[{i}] has shape {tuple(t.shape)} but params[{i}] "
-                        f"has shape {tuple(p.shape)}"
-                    )
-                t = t._local_tensor
-            local.append(t)
-        return local
+    aligned = _LocalTensors(where, params)
 
     local_values = []
     for argument, value in zip(arguments, values):
@@ -185,6 +220,12 @@ def _local_call(op, args, kwargs):
                           "measure_tensor_lr" if op._overloadname == "tensor_lr" else "measure")
         sums = measure(*_positional(arguments, local_values), **_keywords(arguments, local_values))
         local_values[names.index("tensor_sums")] = _sum_over_shards(sums, params)
+    if aligned.all_plain and not torch._C._len_torch_dispatch_stack():
+        # An eager call on plain local tensors: the op's fast entry
+        # (Note [fast op call]; positional, in schema order), which skips
+        # the dispatcher's per-tensor boxing of a public op call.
+        fast_entry(op_name, op._overloadname == "tensor_lr")(*local_values)
+        return None
     return op(*_positional(arguments, local_values), **_keywords(arguments, local_values))
 
 
@@ -219,6 +260,8 @@ def register() -> None:
     """Makes DTensor dispatch our ops through ``_local_call``."""
     from torch.distributed.tensor import DTensor
 
+    global _DTensor
+    _DTensor = DTensor
     handlers = DTensor._op_dispatcher._custom_op_handlers
     for name in OP_NAMES:
         for tensor_lr in (False, True):

@@ -155,11 +155,16 @@ class OpCall(NamedTuple):
     args: tuple
 
 
-def fast_function(call: OpCall):
-    """The eager entry of ``call``'s op: the backend kernel without the
+def fast_entry(name: str, tensor_lr: bool):
+    """The eager entry of op ``name``: the backend kernel without the
     dispatcher's per-tensor boxing (DTensors still reach their handler,
     _dtensor.py)."""
-    return getattr(_C, call.name + ("_tensor_lr" if call.tensor_lr else ""))
+    return getattr(_C, name + ("_tensor_lr" if tensor_lr else ""))
+
+
+def fast_function(call: OpCall):
+    """``fast_entry`` of ``call``'s op."""
+    return fast_entry(call.name, call.tensor_lr)
 
 
 def call_fast(call: OpCall) -> bool:

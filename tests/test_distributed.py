@@ -153,13 +153,18 @@ def test_compiled_steps_on_dtensors_equal_the_plain_step(process_group, name, ex
 
 def test_sum_of_squares_of_dtensors_is_the_whole_tensors(process_group):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (1,))
     torch.manual_seed(0)
     wholes = [torch.randn(8, 4), torch.randn(6), torch.randn(3, 5)]
     mixed = [distribute_tensor(wholes[0], mesh, [Shard(1)]),
              distribute_tensor(wholes[1], mesh, [Replicate()]), wholes[2]]
+    # (layouts that change back and forth, a Partial gradient among them:
+    # each tensor counted once, in its layout's sum)
+    interleaved = mixed + [distribute_tensor(wholes[0] * 2, mesh, [Shard(1)]),
+                           DTensor.from_local(wholes[1] * 3, mesh, [Partial()]),
+                           distribute_tensor(wholes[2] * 5, mesh, [Replicate()])]
     scale = torch.tensor([4.0])
     op = torch.ops.fused_optim.sum_of_squares.default
     for grad_scale in (None, scale, distribute_tensor(scale, mesh, [Replicate()])):
@@ -169,8 +174,142 @@ def test_sum_of_squares_of_dtensors_is_the_whole_tensors(process_group):
             want = op(wholes, plain_scale, per_tensor)
             assert type(got) is torch.Tensor
             torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+            got = op(interleaved, grad_scale, per_tensor)
+            want = op(wholes + [wholes[0] * 2, wholes[1] * 3, wholes[2] * 5], plain_scale, per_tensor)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     with pytest.raises(RuntimeError, match="grad_scale is a DTensor with placements .*must be plain tensors or replicated"):
         op(mixed, distribute_tensor(torch.tensor([4.0, 4.0]), mesh, [Shard(0)]), False)
+
+
+def _sharded_and_plain_adam(mesh):
+    """A DTensor param (Shard(0) on ``mesh``; a plain one for None) and a
+    plain one in one Adam, one step taken (their state made), gradients
+    set for the next; the same values whatever ``mesh``."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    def shard(t):
+        return t if mesh is None else distribute_tensor(t, mesh, [Shard(0)])
+
+    torch.manual_seed(0)
+    sharded = torch.nn.Parameter(shard(torch.randn(8, 4)))
+    plain = torch.nn.Parameter(torch.randn(6))
+    opt = fused_optim.Adam([sharded, plain], lr=0.1)
+    for step in range(2):
+        sharded.grad = shard(torch.randn(8, 4))
+        plain.grad = torch.randn(6)
+        if step == 0:
+            opt.step()
+    return sharded, plain, opt
+
+
+def _full_copies(opt) -> list:
+    from torch.distributed.tensor import DTensor
+
+    tensors = [p for g in opt.param_groups for p in g["params"]] + [
+        t for state in opt.state.values() for t in state.values()]
+    return [(t.full_tensor() if isinstance(t, DTensor) else t).detach().clone() for t in tensors]
+
+
+@pytest.mark.parametrize("case", ["placements", "shape", "plain_state_of_dtensor",
+                                  "dtensor_state_of_plain"])
+def test_dtensor_step_with_a_mismatched_state_tensor_raises_and_writes_nothing(process_group, case):
+    # The DTensor handler (_dtensor.py) checks every list against the
+    # params before the update: a state tensor replaced by one of another
+    # layout is refused, and nothing is written.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    sharded, plain, opt = _sharded_and_plain_adam(mesh)
+    replacement, message = {
+        "placements": (distribute_tensor(torch.zeros(8, 4), mesh, [Shard(1)]),
+                       r"exp_avgs\[0\] has mesh .* and placements \(Shard\(dim=1\),\), but params\[0\] "
+                       r"has .*needs them equal"),
+        "shape": (distribute_tensor(torch.zeros(4, 8), mesh, [Shard(0)]),
+                  r"exp_avgs\[0\] has shape \(4, 8\) but params\[0\] has shape \(8, 4\)"),
+        "plain_state_of_dtensor": (torch.zeros(8, 4),
+                                   r"params\[0\] is a DTensor but exp_avgs\[0\] is a plain tensor"),
+        "dtensor_state_of_plain": (distribute_tensor(torch.zeros(6), mesh, [Shard(0)]),
+                                   r"params\[1\] is a plain tensor but exp_avgs\[1\] is a DTensor"),
+    }[case]
+    opt.state[plain if case == "dtensor_state_of_plain" else sharded]["exp_avg"] = replacement
+    before = _full_copies(opt)
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    for a, b in zip(before, _full_copies(opt)):
+        assert torch.equal(a, b)
+
+
+def test_dtensor_step_of_two_calls_bumps_each_local_tensor_once(process_group):
+    # Two buckets (float32 and float64): every call is validated before the
+    # first writes (Note [validate only]), which reaches the local tensors
+    # through the DTensor handler too; only the real call bumps their
+    # versions, once per step, as a one-call step does.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    for dtypes in ((torch.float32, torch.float32), (torch.float32, torch.float64)):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(distribute_tensor(torch.randn(8, 4, dtype=d), mesh, [Shard(0)]))
+                  for d in dtypes]
+        opt = fused_optim.Adam(params, lr=0.1)
+        for step in range(3):
+            for p in params:
+                p.grad = distribute_tensor(torch.randn(8, 4, dtype=p.dtype), mesh, [Shard(0)])
+            if step == 0:
+                opt.step()
+                continue
+            written = [p for p in params] + [opt.state[p][k] for p in params
+                                             for k in ("exp_avg", "exp_avg_sq")]
+            before = [t._local_tensor._version for t in written]
+            opt.step()
+            assert [t._local_tensor._version - v for t, v in zip(written, before)] == [1] * 6, dtypes
+
+
+def test_dtensor_step_with_a_partial_param_raises_and_writes_nothing(process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(DTensor.from_local(torch.randn(5), mesh, [Partial()]))
+    p.grad = DTensor.from_local(torch.randn(5), mesh, [Partial()])
+    opt = fused_optim.SGD([p], lr=0.1, momentum=0.9)
+    before = p.to_local().clone()
+    with pytest.raises(RuntimeError, match=r"params\[0\] has a Partial placement"):
+        opt.step()
+    assert torch.equal(p.to_local(), before) and not opt.state[p]
+
+
+def test_eager_dtensor_step_calls_the_fast_entry_and_a_traced_one_the_public_op(
+        process_group, monkeypatch):
+    # On plain local tensors in an eager step, the DTensor handler calls
+    # the op's fast entry (Note [fast op call]), not the public op again
+    # (whose per-tensor boxing cost more than the update on small shards);
+    # under torch.compile the local tensors are the trace's, and the public
+    # op is called. Both give the plain step's bits.
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fused_optim import _dtensor
+
+    entries = []
+    real_entry = _dtensor.fast_entry
+    monkeypatch.setattr(_dtensor, "fast_entry", lambda *a: entries.append(a) or real_entry(*a))
+    mesh = init_device_mesh("cpu", (1,))
+    runs = []
+    for compiled, on in ((False, mesh), (True, mesh), (False, None)):
+        opt = _sharded_and_plain_adam(on)[2]
+        torch._dynamo.reset()  # (earlier tests' compiled steps count toward the recompile limit)
+        del entries[:]
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        step()
+        if on is not None:
+            assert len(entries) == (0 if compiled else 1), (compiled, entries)
+        runs.append(_full_copies(opt))
+    for run in runs[:2]:
+        for a, b in zip(run, runs[2]):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("options", [

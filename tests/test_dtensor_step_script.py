@@ -1,0 +1,37 @@
+"""benchmarks/dtensor_step.py runs: every implementation is timed and
+reported (a few rounds: this checks that it runs, not what it costs)."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+
+import pytest
+import torch.distributed as dist
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import dtensor_step  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["plain", "clip"])
+def test_every_implementation_is_timed(clip, capsys):
+    dtensor_step.main(["--optimizer", "adam", "--tensors", "3", "--rounds", "2", "--warmup", "1"]
+                      + (["--clip"] if clip else []))
+    assert not dist.is_initialized()  # (its own group, destroyed)
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (.+?) \| ([0-9]+) \| ([0-9.]+) \| ([0-9.]+)x \|$", out, re.MULTILINE)
+    assert [row[0] for row in rows] == list(dtensor_step.IMPLEMENTATIONS)
+    assert ("clipped" in out) == clip
+    for _, median_us, per_tensor_us, _ in rows:
+        assert abs(float(per_tensor_us) - int(median_us) / 3) <= 0.5 / 3 + 0.005, rows
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--warmup", "-1"], ["--tensors", "0"],
+                                  ["--tensors", "2001"]])
+def test_refuses_values_out_of_range(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        dtensor_step.main(argv)
+    assert exit_info.value.code == 2
