@@ -152,7 +152,9 @@ class _LocalTensors:
 
     def __call__(self, name: str, tensors: list) -> list:
         if len(tensors) not in (0, len(self.params)):
-            return tensors  # the op's own length check reports it
+            # The op's own length check reports it; unwrapped, so that the
+            # op is not dispatched to this handler again (without end).
+            return [self._unchecked_local(t) for t in tensors]
         local = []
         for i, (t, spec) in enumerate(zip(tensors, self.specs)):
             if spec is None:
@@ -174,9 +176,16 @@ class _LocalTensors:
                         f"params[{i}] has shape {tuple(spec.tensor_meta.shape)}"
                     )
                 t = t._local_tensor
-            if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
-                self.all_plain = False  # (a trace's tensors, or another subclass)
-            local.append(t)
+            local.append(self._noted(t))
+        return local
+
+    def _unchecked_local(self, t):
+        return self._noted(t._local_tensor if _is_dtensor(t) else t)
+
+    def _noted(self, local):
+        """``local``, having noted whether it is plain."""
+        if type(local) is not torch.Tensor and type(local) is not torch.nn.Parameter:
+            self.all_plain = False  # (a trace's tensors, or another subclass)
         return local
 
     def _raise_kinds(self, name: str, i: int, t) -> None:

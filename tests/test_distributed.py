@@ -267,6 +267,38 @@ def test_dtensor_step_of_two_calls_bumps_each_local_tensor_once(process_group):
             assert [t._local_tensor._version - v for t, v in zip(written, before)] == [1] * 6, dtypes
 
 
+@pytest.mark.parametrize("entry", ["public", "fast"])
+def test_op_on_dtensors_with_a_list_of_another_length_raises_the_ops_error(process_group, entry):
+    # The handler leaves the length check to the op; it unwraps such a list
+    # still, or the op would be dispatched to the handler again, without
+    # end (a RecursionError, before this was fixed).
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from fused_optim import _ops
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    lists = [[distribute_tensor(torch.randn(n), mesh, [Shard(0)]) for n in (4, 6)] for _ in range(4)]
+    del lists[1][1]  # (one gradient for two params)
+    signature = _ops.SIGNATURES["adam_"]
+    values = signature.arguments(
+        params=lists[0], grads=lists[1], states={"exp_avgs": lists[2], "exp_avg_sqs": lists[3]},
+        master_params=[], steps=[torch.tensor(0.0), torch.tensor(0.0)], group_index=[0, 0],
+        lr=[1e-2], hyper={"beta1": [0.9], "beta2": [0.999], "eps": [1e-8], "weight_decay": [0.0]},
+        group_flags={"maximize": [False], "decoupled_weight_decay": [False]}, new_state=None,
+        grad_scale=None, found_inf=None, modes={"amsgrad": False}, stochastic_rounding=False)
+    before = [t.full_tensor().clone() for lst in lists for t in lst]
+    with pytest.raises(RuntimeError, match=r"grads has 1 tensors but params has 2"):
+        if entry == "public":
+            positional = signature.num_positional
+            torch.ops.fused_optim.adam_.default(
+                *values[:positional], **dict(zip(signature.keywords, values[positional:])))
+        else:
+            fused_optim._C.adam_(*values)
+    assert all(torch.equal(a, t.full_tensor()) for a, t in zip(before, [t for lst in lists for t in lst]))
+
+
 def test_dtensor_step_with_a_partial_param_raises_and_writes_nothing(process_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial
