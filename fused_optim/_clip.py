@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from fused_optim import _C
+from fused_optim._dtensor import is_dtensor
 
 # Not clipped: the value the kernels take for a group without max_grad_norm.
 NOT_CLIPPED = math.inf
@@ -67,9 +68,14 @@ def _sum_of_squares(tensors: list, grad_scale, op) -> torch.Tensor:
     """One ``sum_of_squares`` call of plain tensors through ``op``: the
     fast entry (``_C.sum_of_squares``, Note [fast op call]) in an eager
     step, the public op where the call is traced or dispatched by DTensor."""
-    if grad_scale is not None and grad_scale.device != tensors[0].device:
-        grad_scale = grad_scale.to(tensors[0].device, non_blocking=True)
-    return op(tensors, grad_scale, False)
+    return op(tensors, _on_device(grad_scale, tensors[0].device), False)
+
+
+def _on_device(grad_scale, device):
+    """AMP's grad scale (or None) on ``device``, where the sums are made."""
+    if grad_scale is not None and grad_scale.device != device:
+        return grad_scale.to(device, non_blocking=True)
+    return grad_scale
 
 
 def without_partial(grad):
@@ -131,7 +137,7 @@ def global_sum_of_squares(grads: list, grad_scale=None, op=_C.sum_of_squares) ->
     plain: dict = {}
     dtensors = []
     for grad in grads:
-        if type(grad) is torch.Tensor or not is_dtensor(grad):
+        if not is_dtensor(grad):
             plain.setdefault(grad.device, []).append(grad)
         else:
             dtensors.append(grad)
@@ -151,15 +157,8 @@ def norm_of_gradients_of(grads_of, device: torch.device, grad_scale=None):
     read in C++ (Note [gradients read in C++]): the same call over the
     same gradients in the same order, so the same bits; or None, having
     read nothing, when a gradient is missing or sparse."""
-    if grad_scale is not None and grad_scale.device != device:
-        grad_scale = grad_scale.to(device, non_blocking=True)
-    sum_of_squares = _C.sum_of_squares(grads_of, grad_scale, False)
+    sum_of_squares = _C.sum_of_squares(grads_of, _on_device(grad_scale, device), False)
     return None if sum_of_squares is None else sum_of_squares.sqrt()
-
-
-def is_dtensor(tensor) -> bool:
-    dtensor = getattr(torch.distributed, "tensor", None)
-    return dtensor is not None and isinstance(tensor, getattr(dtensor, "DTensor", ()))
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -229,7 +228,7 @@ def scale_grads_(grads: list, factor: torch.Tensor) -> None:
     DTensor gradient scales its local shard (the factor is global)."""
     by_device: dict = {}
     for grad in grads:
-        if type(grad) is not torch.Tensor and is_dtensor(grad):
+        if is_dtensor(grad):
             grad = grad._local_tensor
         by_device.setdefault(grad.device, []).append(grad)
     for device, tensors in by_device.items():

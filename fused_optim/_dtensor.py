@@ -108,7 +108,7 @@ def _argument_values(op, args, kwargs) -> list:
 def _replicated_local(where: str, name: str, t):
     """A per-call tensor argument as a plain tensor: itself, or the local
     tensor of a replicated DTensor (anything else raises)."""
-    if not _is_dtensor(t):
+    if not is_dtensor(t):
         return t
     from torch.distributed.tensor import Replicate
 
@@ -121,11 +121,13 @@ def _replicated_local(where: str, name: str, t):
 
 
 def _kind(t) -> str:
-    return "a DTensor" if _is_dtensor(t) else "a plain tensor"
+    return "a DTensor" if is_dtensor(t) else "a plain tensor"
 
 
-def _is_dtensor(t) -> bool:
-    return type(t) is not torch.Tensor and isinstance(t, _DTensor)
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (False while torch.distributed.tensor is
+    not imported: then none exists). Cheap: the step asks it per tensor."""
+    return _DTensor is not None and type(t) is not torch.Tensor and isinstance(t, _DTensor)
 
 
 class _LocalTensors:
@@ -140,7 +142,7 @@ class _LocalTensors:
         self.where = where
         self.params = params
         # each param's spec, or None for a plain param
-        self.specs = [p._spec if _is_dtensor(p) else None for p in params]
+        self.specs = [p._spec if is_dtensor(p) else None for p in params]
         self.all_plain = True  # every local tensor a torch.Tensor or Parameter (so far)
         for i, spec in enumerate(self.specs):
             # (the other lists' placements must equal their param's)
@@ -158,10 +160,10 @@ class _LocalTensors:
         local = []
         for i, (t, spec) in enumerate(zip(tensors, self.specs)):
             if spec is None:
-                if _is_dtensor(t):
+                if is_dtensor(t):
                     self._raise_kinds(name, i, t)
             else:
-                if not _is_dtensor(t):
+                if not is_dtensor(t):
                     self._raise_kinds(name, i, t)
                 own = t._spec
                 if (own.mesh is not spec.mesh and own.mesh != spec.mesh) or own.placements != spec.placements:
@@ -180,7 +182,7 @@ class _LocalTensors:
         return local
 
     def _unchecked_local(self, t):
-        return self._noted(t._local_tensor if _is_dtensor(t) else t)
+        return self._noted(t._local_tensor if is_dtensor(t) else t)
 
     def _noted(self, local):
         """``local``, having noted whether it is plain."""

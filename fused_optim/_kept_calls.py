@@ -39,6 +39,7 @@ from operator import itemgetter
 from fused_optim import _C, _bucket, _clip, _ops
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket
+from fused_optim._dtensor import is_dtensor
 
 
 class KeptCalls:
@@ -56,7 +57,7 @@ class KeptCalls:
         # real, not a DTensor, on one device; else None (read in Python).
         params = [p for bucket in buckets for p in bucket.params]
         plain = not any(bucket.is_complex for bucket in buckets) and not any(
-            map(_clip.is_dtensor, params))
+            map(is_dtensor, params))
         self._norm_grads = _C.GradsOf(params) if plain and _C.on_one_device(params) else None
 
     def run(self, optimizer, options, progress: dict) -> bool:

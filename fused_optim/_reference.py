@@ -13,8 +13,9 @@ import math
 
 import torch
 
-from fused_optim import _clip, _corrected_decay
+from fused_optim import _corrected_decay
 from fused_optim._clip import check_max_grad_norm
+from fused_optim._dtensor import is_dtensor
 from fused_optim._keywords import check_adam_arguments
 
 
@@ -319,7 +320,7 @@ def tensor_norm(t) -> float:
     tensor with itself, one pass over one float64 copy where
     ``square().sum()`` makes two: the caution=True groups step through
     this code.)"""
-    if _clip.is_dtensor(t):
+    if is_dtensor(t):
         s = t.detach().double().square().sum().full_tensor()
     else:
         d = t.detach().double().reshape(-1)
