@@ -131,12 +131,13 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         self._amp_scaling_chosen = bool(value)
 
     def _mode(self, group) -> tuple:
-        """Group options that select a different kernel (one call per mode)."""
-        raise NotImplementedError
+        """Group options that select a different kernel (one call per mode;
+        none by default)."""
+        return ()
 
     def _op_modes(self, mode: tuple) -> dict:
         """The op's mode flags (its keyword-only arguments) for ``mode``."""
-        raise NotImplementedError
+        return {}
 
     def _state_names(self, mode: tuple) -> tuple:
         """Dense state tensors the op takes, in op order, for this mode."""
@@ -275,12 +276,21 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         unset = self._unset_options
         return key in unset and value is unset[key]
 
+    # The group options that a pickle or checkpoint of an older version (of
+    # torch, timm, lion-pytorch or ours) may lack, with the value each gets
+    # on unpickling and in load_state_dict (torch.optim's classes fill them
+    # in with setdefault in their own __setstate__).
+    _setstate_defaults: dict = {}
+
     def __setstate__(self, state):
         super().__setstate__(state)
         # (a pickle of an older version: its groups hold every option)
         for group in (state.get("defaults", {}), *state.get("param_groups", ())):
             for key in [k for k, v in group.items() if self._is_unset_option(k, v)]:
                 del group[key]
+        for group in self.param_groups:
+            for key, value in self._setstate_defaults.items():
+                group.setdefault(key, value)
         self.__dict__.setdefault("_grad_norm_cell", [None])
         if not isinstance(self.state, OptimizerState):
             self.state = OptimizerState(self.state)

@@ -78,13 +78,7 @@ class Adagrad(FusedOptimizer):
                 self._init_state(param, group, self.state[param], dtype)
         _arena.pack([(self.state[p], "sum") for g in self.param_groups for p in g["params"]])
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
+    _setstate_defaults = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
 
     def share_memory(self) -> None:
         """Calls tensor.share_memory_() on the state sum tensors."""
@@ -93,12 +87,6 @@ class Adagrad(FusedOptimizer):
                 self.state[param]["sum"].share_memory_()
 
     _hyperparameter_keys = ("lr_decay", "weight_decay", "eps")
-
-    def _mode(self, group) -> tuple:
-        return ()
-
-    def _op_modes(self, mode) -> dict:
-        return {}
 
     def _state_names(self, mode) -> tuple:
         return ("sum",)

@@ -74,20 +74,13 @@ class Lamb(FusedOptimizer):
         }
         super().__init__(params, defaults)
 
+    # (caution, decoupled_decay and foreach as timm's; timm's groups have no
+    # maximize)
+    _setstate_defaults = {"caution": False, "decoupled_decay": False, "maximize": False, "foreach": None}
+
     def __setstate__(self, state):
         super().__setstate__(state)
         _corrected_decay.fill_in(self)
-        for group in self.param_groups:
-            group.setdefault("caution", False)  # (as timm's)
-            group.setdefault("decoupled_decay", False)
-            group.setdefault("maximize", False)  # (timm's groups have none)
-            group.setdefault("foreach", None)  # (as timm's)
-
-    def _mode(self, group) -> tuple:
-        return ()
-
-    def _op_modes(self, mode) -> dict:
-        return {}
 
     def _state_names(self, mode) -> tuple:
         return ("exp_avg", "exp_avg_sq")

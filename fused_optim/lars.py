@@ -75,12 +75,8 @@ class Lars(MomentumBufferState, FusedOptimizer):
         }
         super().__init__(params, defaults)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)  # (as timm's)
-            group.setdefault("maximize", False)  # (timm's groups have none)
-            group.setdefault("foreach", None)  # (as timm's)
+    # (nesterov and foreach as timm's; timm's groups have no maximize)
+    _setstate_defaults = {"nesterov": False, "maximize": False, "foreach": None}
 
     _hyperparameter_keys = ("momentum", "dampening", "weight_decay", "trust_coeff", "eps",
                             "trust_clip", "always_adapt")

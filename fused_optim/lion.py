@@ -83,20 +83,12 @@ class Lion(FusedOptimizer):
         }
         super().__init__(params, defaults)
 
+    # (lion-pytorch's groups have no maximize, nor caution; foreach as timm's)
+    _setstate_defaults = {"maximize": False, "caution": False, "foreach": None}
+
     def __setstate__(self, state):
         super().__setstate__(state)
         _corrected_decay.fill_in(self, keep_from_defaults=("decoupled_weight_decay",))
-        for group in self.param_groups:
-            # (lion-pytorch's groups have no maximize, nor caution)
-            group.setdefault("maximize", False)
-            group.setdefault("caution", False)
-            group.setdefault("foreach", None)  # (as timm's)
-
-    def _mode(self, group) -> tuple:
-        return ()
-
-    def _op_modes(self, mode) -> dict:
-        return {}
 
     def _state_names(self, mode) -> tuple:
         return ("exp_avg",)

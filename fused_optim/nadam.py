@@ -69,24 +69,17 @@ class NAdam(FusedOptimizer):
         }
         super().__init__(params, defaults)
 
+    _setstate_defaults = {
+        "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+        "decoupled_weight_decay": False,
+    }
+
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
         for value in self.state.values():
             # (torch: a checkpoint's float mu_product becomes a tensor)
             if isinstance(value, dict) and "mu_product" in value and not torch.is_tensor(value["mu_product"]):
                 value["mu_product"] = torch.tensor(float(value["mu_product"]), dtype=new_step().dtype)
-
-    def _mode(self, group) -> tuple:
-        return ()
-
-    def _op_modes(self, mode) -> dict:
-        return {}
 
     def _state_names(self, mode) -> tuple:
         return ("exp_avg", "exp_avg_sq")

@@ -61,20 +61,10 @@ class RAdam(FusedOptimizer):
         }
         super().__init__(params, defaults)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("capturable", False)
-
-    def _mode(self, group) -> tuple:
-        return ()
-
-    def _op_modes(self, mode) -> dict:
-        return {}
+    _setstate_defaults = {
+        "foreach": None, "maximize": False, "differentiable": False,
+        "decoupled_weight_decay": False, "capturable": False,
+    }
 
     def _state_names(self, mode) -> tuple:
         return ("exp_avg", "exp_avg_sq")

@@ -68,14 +68,10 @@ class SGD(MomentumBufferState, FusedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)  # (torch: False; None is our fused step)
+    _setstate_defaults = {
+        "nesterov": False, "maximize": False, "foreach": None, "differentiable": False,
+        "fused": None,  # (torch: False; None is our fused step)
+    }
 
     _hyperparameter_keys = ("momentum", "dampening", "weight_decay")
 
