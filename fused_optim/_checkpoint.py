@@ -155,10 +155,11 @@ class Checkpoints:
                         # torch's load, in the param's dtype for float64
                         # params, else float32 (torch's would be fp16/bf16
                         # for such params: a lossy product), where the op
-                        # reads it.
+                        # reads it; the loaded tensor itself where that is
+                        # its dtype and device, as torch keeps it.
                         dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
                         if value.is_floating_point():
-                            state[key] = value.to(device=step_device(param), dtype=dtype, copy=True)
+                            state[key] = value.to(device=step_device(param), dtype=dtype)
                         continue
                     dtype = torch.float32 if key == "master_param" else precision.state_dtype
                     if loaded.dtype != dtype and value.is_floating_point():

@@ -125,6 +125,30 @@ def test_state_dict_round_trips(cfg, device):
             assert_runs_close(run, ref, f"{cfg} {name} step {s}")
 
 
+@ONE_EACH
+def test_load_keeps_the_dicts_tensors_where_torch_does(cfg, device):
+    """torch.optim's load_state_dict keeps a loaded tensor itself (no copy)
+    where its dtype and device already fit, so two optimizers loaded from
+    one live dict in one process (DCP's set_optimizer_state_dict given
+    get_optimizer_state_dict's result) share those tensors. Ours keeps the
+    same entries, so such a run continues as torch's does."""
+    ref, ours = _pair(cfg, device)
+    for s in range(3):
+        _step((ref, ours), s)
+    sd = ref.opt.state_dict()
+    loaded = [_fresh(cls, cfg, device, ref) for cls in (cfg.torch_cls, cfg.ours_cls)]
+    for run in loaded:
+        run.opt.load_state_dict(sd)
+    for i, (p_torch, p_ours) in enumerate(zip(*(run.params for run in loaded))):
+        for name, value in sd["state"].get(i, {}).items():
+            if isinstance(value, torch.Tensor):
+                kept_by_torch = loaded[0].opt.state[p_torch][name] is value
+                kept_by_ours = loaded[1].opt.state[p_ours][name] is value
+                assert kept_by_ours == kept_by_torch, (
+                    f"state[{i}][{name!r}]: torch keeps the loaded tensor: {kept_by_torch}, ours: {kept_by_ours}"
+                )
+
+
 @ALL
 def test_load_into_a_warm_optimizer(cfg, device):
     """load_state_dict into an optimizer that has already stepped (on a

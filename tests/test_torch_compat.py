@@ -225,6 +225,54 @@ def test_swap_in_params_and_state_steps_as_torchs(cfg):
             torch.testing.assert_close(o_state["state"][i][key], value, msg=f"state {i} {key}")
 
 
+@pytest.mark.parametrize("cfg", [c for c in ONE_PER_OPTIMIZER if c.name in IN_TORCH], ids=str)
+def test_flattened_dcp_state_dict_moves_between_torch_and_ours(cfg):
+    # torch.distributed.checkpoint's state_dict API with
+    # flatten_optimizer_state_dict=True (torchtitan's checkpoints), in one
+    # process: a dict taken from either optimizer loads into the other and
+    # both go on alike; taken from an optimizer that has not stepped, it
+    # steps it once with lr 0 and zero gradients (_init_optim_state) and
+    # leaves the params and lr as they were, with torch's state.
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    for source, target in ((cfg.ours_cls, cfg.torch_cls), (cfg.torch_cls, cfg.ours_cls)):
+        model = _model()
+        opt = source(_groups(model, lr=0.003), **cfg.kwargs)
+        for step in range(3):
+            _set_grads([model], step)
+            opt.step()
+        saved = copy.deepcopy(get_optimizer_state_dict(model, opt, options=flat))
+        assert any(key.startswith("state.") for key in saved), sorted(saved)
+        resumed = copy.deepcopy(model)
+        resumed_opt = target(_groups(resumed, lr=0.003), **cfg.kwargs)
+        set_optimizer_state_dict(resumed, resumed_opt, saved, options=flat)
+        for step in range(3, 6):
+            _set_grads([model, resumed], step)
+            opt.step()
+            resumed_opt.step()
+        _assert_equal_runs(model, opt, resumed, resumed_opt, exact=False)
+
+    fresh = []
+    for cls in (cfg.torch_cls, cfg.ours_cls):
+        model = _model()
+        opt = cls(_groups(model, lr=torch.tensor(0.003)), **cfg.kwargs)
+        before = [p.detach().clone() for p in model.parameters()]
+        lrs = [float(g["lr"]) for g in opt.param_groups]
+        taken = get_optimizer_state_dict(model, opt, options=flat)
+        assert all(map(torch.equal, model.parameters(), before))
+        assert all(p.grad is None for p in model.parameters())
+        assert [float(g["lr"]) for g in opt.param_groups] == lrs
+        fresh.append((model, opt, taken))
+    (t_model, t_opt, t_taken), (o_model, o_opt, o_taken) = fresh
+    _assert_equal_runs(t_model, t_opt, o_model, o_opt, exact=False)
+    assert o_taken.keys() == t_taken.keys()
+
+
 @pytest.mark.parametrize("mixed", [False, True], ids=["all_differentiable", "one_fused_group"])
 def test_differentiable_groups_options_are_left_to_torch(mixed):
     # A differentiable=True group's options may be tensors that require
