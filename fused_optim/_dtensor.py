@@ -44,10 +44,21 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import sys
+from itertools import compress
+from operator import attrgetter, is_, is_not
 
 import torch
 
-from fused_optim._ops import MEASURE_OVERLOADS, OP_NAMES, TENSOR_NORM_OPS, fast_entry, public_op
+from torch.autograd.graph import increment_version
+
+from fused_optim._ops import (
+    MEASURE_OVERLOADS,
+    OP_NAMES,
+    TENSOR_NORM_OPS,
+    fast_entry,
+    public_op,
+    validate_entry,
+)
 
 _MODULE = "torch.distributed.tensor"
 # torch.distributed.tensor.DTensor, once that module is imported (register).
@@ -120,6 +131,11 @@ def _replicated_local(where: str, name: str, t):
     return t.to_local()
 
 
+def _same_objects(these, those) -> bool:
+    """Whether two lists (or None) hold the very same objects, in order."""
+    return these is not None and len(these) == len(those) and all(map(is_, these, those))
+
+
 def _kind(t) -> str:
     return "a DTensor" if is_dtensor(t) else "a plain tensor"
 
@@ -130,33 +146,79 @@ def is_dtensor(t) -> bool:
     return _DTensor is not None and type(t) is not torch.Tensor and isinstance(t, _DTensor)
 
 
+# (read from every tensor of a list at C speed: map)
+_SPEC_OF = attrgetter("_spec")
+_LOCAL_OF = attrgetter("_local_tensor")
+_PLACEMENTS_OF = attrgetter("placements")
+_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
 class _LocalTensors:
     """The lists aligned with a call's params, made local: each DTensor
     checked against its param and replaced by its local shard. The checks
     run for every tensor of every list, every step (an FSDP2 step over
-    thousands of params pays them), so they read what the DTensors' specs
-    hold (a DTensor's ``shape`` takes a dispatch, about 1 us) and compare
-    meshes by identity first (usually one object for all)."""
+    thousands of params pays them), so where every param is a DTensor they
+    read each list at C speed (``map``), take a spec that is the param's
+    own object as equal (FSDP2's gradients share their param's) and compare
+    the others field by field, from what the specs hold (a DTensor's
+    ``shape`` takes a dispatch, about 1 us), meshes by identity first
+    (usually one object for all).
 
-    def __init__(self, where: str, params: list) -> None:
+    ``accepted`` (the direct entry's, kept between its calls; None for
+    none): the specs that passed the checks last time, by list name
+    ("params": the params' own). A spec is immutable, so the same spec
+    objects against the same param specs pass again unchecked: a step's
+    state tensors are those of the last step."""
+
+    def __init__(self, where: str, params: list, accepted: dict | None = None) -> None:
         self.where = where
         self.params = params
+        self.every_dtensor = bool(params) and set(map(type, params)) == {_DTensor}
         # each param's spec, or None for a plain param
-        self.specs = [p._spec if is_dtensor(p) else None for p in params]
+        if self.every_dtensor:
+            self.specs = list(map(_SPEC_OF, params))
+        else:
+            self.specs = [p._spec if is_dtensor(p) else None for p in params]
         self.all_plain = True  # every local tensor a torch.Tensor or Parameter (so far)
+        if accepted is not None and not _same_objects(accepted.get("params"), self.specs):
+            accepted.clear()
+        self.accepted = accepted
+        if accepted:
+            return  # (the same params: checked below before)
+        # (the other lists' placements must equal their param's)
         for i, spec in enumerate(self.specs):
-            # (the other lists' placements must equal their param's)
-            if spec is not None and any(placement.is_partial() for placement in spec.placements):
-                raise RuntimeError(
-                    f"{where}: params[{i}] has a Partial placement {spec.placements}; "
-                    "reduce it (redistribute) before the optimizer step"
-                )
+            if spec is not None:
+                for placement in spec.placements:
+                    if placement.is_partial():
+                        raise RuntimeError(
+                            f"{where}: params[{i}] has a Partial placement {spec.placements}; "
+                            "reduce it (redistribute) before the optimizer step"
+                        )
+        if accepted is not None:
+            accepted["params"] = self.specs
 
     def __call__(self, name: str, tensors: list) -> list:
         if len(tensors) not in (0, len(self.params)):
             # The op's own length check reports it; unwrapped, so that the
             # op is not dispatched to this handler again (without end).
             return [self._unchecked_local(t) for t in tensors]
+        if self.every_dtensor:
+            try:
+                own_specs = list(map(_SPEC_OF, tensors))
+            except AttributeError:  # (a plain tensor: the loop below reports it)
+                own_specs = None
+            if own_specs is not None:
+                accepted = self.accepted
+                if not (accepted and _same_objects(accepted.get(name), own_specs)) and not all(
+                        map(is_, own_specs, self.specs)):
+                    for i in compress(range(len(tensors)), map(is_not, own_specs, self.specs)):
+                        self._check_spec(name, i, own_specs[i], self.specs[i])
+                if accepted is not None:
+                    accepted[name] = own_specs
+                local = list(map(_LOCAL_OF, tensors))
+                if self.all_plain and not set(map(type, local)) <= _PLAIN_TYPES:
+                    self.all_plain = False  # (a trace's tensors, or another subclass)
+                return local
         local = []
         for i, (t, spec) in enumerate(zip(tensors, self.specs)):
             if spec is None:
@@ -166,28 +228,31 @@ class _LocalTensors:
                 if not is_dtensor(t):
                     self._raise_kinds(name, i, t)
                 own = t._spec
-                if (own.mesh is not spec.mesh and own.mesh != spec.mesh) or own.placements != spec.placements:
-                    raise RuntimeError(
-                        f"{self.where}: {name}[{i}] has mesh {own.mesh} and placements "
-                        f"{own.placements}, but params[{i}] has {spec.mesh} and "
-                        f"{spec.placements}; an update is pointwise and needs them equal"
-                    )
-                if own.tensor_meta.shape != spec.tensor_meta.shape:
-                    raise RuntimeError(
-                        f"{self.where}: {name}[{i}] has shape {tuple(own.tensor_meta.shape)} but "
-                        f"params[{i}] has shape {tuple(spec.tensor_meta.shape)}"
-                    )
+                if own is not spec:
+                    self._check_spec(name, i, own, spec)
                 t = t._local_tensor
-            local.append(self._noted(t))
+            if type(t) not in _PLAIN_TYPES:
+                self.all_plain = False
+            local.append(t)
         return local
 
-    def _unchecked_local(self, t):
-        return self._noted(t._local_tensor if is_dtensor(t) else t)
+    def _check_spec(self, name: str, i: int, own, spec) -> None:
+        if (own.mesh is not spec.mesh and own.mesh != spec.mesh) or own.placements != spec.placements:
+            raise RuntimeError(
+                f"{self.where}: {name}[{i}] has mesh {own.mesh} and placements "
+                f"{own.placements}, but params[{i}] has {spec.mesh} and "
+                f"{spec.placements}; an update is pointwise and needs them equal"
+            )
+        if own.tensor_meta.shape != spec.tensor_meta.shape:
+            raise RuntimeError(
+                f"{self.where}: {name}[{i}] has shape {tuple(own.tensor_meta.shape)} but "
+                f"params[{i}] has shape {tuple(spec.tensor_meta.shape)}"
+            )
 
-    def _noted(self, local):
-        """``local``, having noted whether it is plain."""
-        if type(local) is not torch.Tensor and type(local) is not torch.nn.Parameter:
-            self.all_plain = False  # (a trace's tensors, or another subclass)
+    def _unchecked_local(self, t):
+        local = t._local_tensor if is_dtensor(t) else t
+        if type(local) not in _PLAIN_TYPES:
+            self.all_plain = False
         return local
 
     def _raise_kinds(self, name: str, i: int, t) -> None:
@@ -198,46 +263,115 @@ class _LocalTensors:
 
 
 def _local_call(op, args, kwargs):
+    """DTensor's handler of our update ops and their ``measure`` overloads
+    (``register``): the call on the local tensors."""
     arguments = op._schema.arguments
     values = _argument_values(op, args, kwargs)
+    local_values, aligned = _localized(op, values)
+    if op._overloadname in MEASURE_OVERLOADS:
+        # The sums of the whole tensors.
+        return _sum_over_shards(
+            op(*_positional(arguments, local_values), **_keywords(arguments, local_values)),
+            aligned.params)
+    _add_sums_across_shards(op, local_values, aligned.params)
+    if _fast_entry_takes(aligned):
+        # (Note [fast op call]; positional, in schema order: it skips the
+        # dispatcher's per-tensor boxing of a public op call)
+        fast_entry(_op_name(op), op._overloadname == "tensor_lr")(*local_values)
+        return None
+    return op(*_positional(arguments, local_values), **_keywords(arguments, local_values))
+
+
+def _op_name(op) -> str:
+    return op._schema.name.split("::")[-1]
+
+
+def _localized(op, values: list, accepted: dict | None = None) -> tuple:
+    """A call's argument values (schema order) with every DTensor checked
+    and replaced by its local tensor, and the ``_LocalTensors`` of the
+    lists aligned with its params (``accepted``: theirs)."""
+    arguments = op._schema.arguments
     names = [a.name for a in arguments]
-    params = values[names.index("params")]
     # (and the op's per-tensor scalar state, plain 0-d tensors as the steps)
     per_call = _PER_CALL + tuple(names[names.index("state_steps") + 1:names.index("group_index")])
     where = f"{op._schema.name}"
-    op_name = op._schema.name.split("::")[-1]
-    aligned = _LocalTensors(where, params)
-
+    aligned = _LocalTensors(where, values[names.index("params")], accepted)
     local_values = []
     for argument, value in zip(arguments, values):
         if argument.name in per_call:
             if isinstance(value, list):
-                value = [_replicated_local(where, argument.name, t) if isinstance(t, torch.Tensor) else t
-                         for t in value]
+                # (plain tensors as they are: FSDP2's step counters)
+                if not all(type(t) is torch.Tensor for t in value):
+                    value = [_replicated_local(where, argument.name, t) if isinstance(t, torch.Tensor) else t
+                             for t in value]
             else:
                 value = _replicated_local(where, argument.name, value)
         elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
             value = aligned(argument.name, value)
         local_values.append(value)
-    if op._overloadname in MEASURE_OVERLOADS:
-        # The sums of the whole tensors.
-        return _sum_over_shards(
-            op(*_positional(arguments, local_values), **_keywords(arguments, local_values)), params)
-    if (op_name in TENSOR_NORM_OPS and local_values[names.index("tensor_sums")] is None
-            and any(_sharded_dims(p) for p in params)):
-        # Note [norms across shards]: the local sums, summed over the
-        # shards, then the update with them.
+    return local_values, aligned
+
+
+def _add_sums_across_shards(op, local_values: list, params: list) -> None:
+    """Note [norms across shards]: for an op that reads per-tensor norms,
+    given none and with a sharded param, the local sums summed over the
+    shards, put in ``local_values`` as its ``tensor_sums``."""
+    op_name = _op_name(op)
+    if op_name not in TENSOR_NORM_OPS:
+        return
+    arguments = op._schema.arguments
+    slot = [a.name for a in arguments].index("tensor_sums")
+    if local_values[slot] is None and any(_sharded_dims(p) for p in params):
         measure = getattr(getattr(torch.ops.fused_optim, op_name),
                           "measure_tensor_lr" if op._overloadname == "tensor_lr" else "measure")
         sums = measure(*_positional(arguments, local_values), **_keywords(arguments, local_values))
-        local_values[names.index("tensor_sums")] = _sum_over_shards(sums, params)
-    if aligned.all_plain and not torch._C._len_torch_dispatch_stack():
-        # An eager call on plain local tensors: the op's fast entry
-        # (Note [fast op call]; positional, in schema order), which skips
-        # the dispatcher's per-tensor boxing of a public op call.
-        fast_entry(op_name, op._overloadname == "tensor_lr")(*local_values)
-        return None
-    return op(*_positional(arguments, local_values), **_keywords(arguments, local_values))
+        local_values[slot] = _sum_over_shards(sums, params)
+
+
+def _fast_entry_takes(aligned: _LocalTensors) -> bool:
+    """Whether the op's fast entry may take the local call: an eager call
+    (no dispatch mode: a trace's goes through the public op) on plain local
+    tensors."""
+    return aligned.all_plain and not torch._C._len_torch_dispatch_stack()
+
+
+def direct_entry(call, validate: bool = False):
+    """The kept step's entry for ``call`` (an ``_ops.OpCall``) on DTensors,
+    in place of the op's fast entry (or, ``validate``, its ``validate_``
+    twin): the same arguments (positional, schema order, gradients as a
+    list), the same result, True. The fast entry given DTensors reaches
+    ``_local_call`` through DTensor's dispatch, which boxes every tensor of
+    every list (about 2 us per param of an FSDP2 Adam step, most of what
+    the DTensors add); this calls the same local call directly. What that
+    dispatch would do besides, this does: the written DTensors' version
+    counters are bumped, as the fast entry bumps those it is given (the
+    local tensors' are bumped by the local call). Where the local tensors
+    are not plain, the call goes through the dispatch as before."""
+    op = public_op(call.name, call.tensor_lr)
+    entry = (validate_entry if validate else fast_entry)(call.name, call.tensor_lr)
+    index = {a.name: i for i, a in enumerate(op._schema.arguments)}
+    # The lists the op writes (schema alias info); `grads` only to store
+    # AMP's unscaled gradients, when grad_scale is given (as the fast entry).
+    written = [i for i, a in enumerate(op._schema.arguments)
+               if a.alias_info is not None and a.alias_info.is_write]
+    grads, grad_scale = index["grads"], index["grad_scale"]
+
+    accepted: dict = {}  # (_LocalTensors: the specs checked by the last call)
+
+    def direct(*args) -> bool:
+        local_values, aligned = _localized(op, list(args), accepted)
+        if not _fast_entry_takes(aligned):
+            return entry(*args)  # (through DTensor's dispatch, to _local_call)
+        _add_sums_across_shards(op, local_values, aligned.params)
+        entry(*local_values)
+        if not validate:
+            dtensors = None if aligned.every_dtensor else [spec is not None for spec in aligned.specs]
+            for slot in written:
+                if slot != grads or args[grad_scale] is not None:
+                    increment_version(args[slot] if dtensors is None else list(compress(args[slot], dtensors)))
+        return True
+
+    return direct
 
 
 def _sum_of_squares_call(op, args, kwargs):

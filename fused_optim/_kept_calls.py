@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from operator import itemgetter
 
-from fused_optim import _C, _bucket, _clip, _ops
+from fused_optim import _C, _bucket, _clip, _dtensor, _ops
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket
 from fused_optim._dtensor import is_dtensor
@@ -137,18 +137,23 @@ class OneCall:
         self._states = [index[_ops.state_list_name(n)] for n in bucket.state_names]
         self._grads_of = _C.GradsOf(bucket.params)
         self._complex = bucket.is_complex
+        # DTensor params (FSDP2, TP): the call is made by _dtensor's direct
+        # entry, which takes the gradients as a list
+        self._on_dtensors = any(map(is_dtensor, bucket.params))
         self._call = None  # the last call (its arguments a list, refreshed in place)
-        self._function = None  # its fused_optim._C function
+        self._function = None  # its entry: fused_optim._C's, or _dtensor's direct one
+        self._validate = None  # the entry's validate_ twin
 
     def gradients(self, clipping: bool, rebuild: bool):
         """This step's gradients, or None when one is missing or sparse (as
         far as read here). A list when Python reads them (``clipping``:
-        a clipping norm taken in Python; complex views), else ``_C.GradsOf``: the op reads them
+        a clipping norm taken in Python; complex views; DTensors, for
+        _dtensor's direct entry), else ``_C.GradsOf``: the op reads them
         itself, making no Python object for a gradient autograd made, and
         its call says whether they were all there (Note [gradients read in
         C++] in csrc/python_module.cpp); they are checked here first only
         when the call is to be built (``rebuild``, or no call kept)."""
-        if clipping or self._complex:
+        if clipping or self._complex or self._on_dtensors:
             grads, complete, dense = _bucket.gather_grads(self.bucket.params)
             return grads if complete and dense else None
         if (rebuild or self._call is None) and not all(_C.grads_presence(self.bucket.params)):
@@ -165,7 +170,12 @@ class OneCall:
             require_device_supported(bucket.device, bucket.dtype, type(optimizer).__name__)
             call = optimizer._op_call(bucket, grads, group_args, bucket.op_extras(scalars))
             self._call = call._replace(args=list(call.args))
-            self._function = _ops.fast_function(call)
+            if self._on_dtensors:
+                self._function = _dtensor.direct_entry(call)
+                self._validate = _dtensor.direct_entry(call, validate=True)
+            else:
+                self._function = _ops.fast_function(call)
+                self._validate = _ops.validate_entry(call.name, call.tensor_lr)
         else:
             self._refresh(grads, scalars)
             self._call.args[self._lr] = lr
@@ -174,7 +184,7 @@ class OneCall:
         """Raises what ``make`` would raise, writing nothing; False where
         ``make`` would return False."""
         try:
-            complete = _ops.call_validate(self._call)
+            complete = self._validate(*self._call.args)
         except RuntimeError:
             self._call = None
             raise

@@ -175,11 +175,16 @@ def call_fast(call: OpCall) -> bool:
     return fast_function(call)(*call.args)
 
 
-def call_validate(call: OpCall) -> bool:
-    """The eager entry's checks alone: raises what ``call_fast`` would
+def validate_entry(name: str, tensor_lr: bool):
+    """``fast_entry``'s twin that only checks: raises what the entry would
     raise, returns what it would return, writes nothing (Note [validate
     only] in csrc/op_inputs.h)."""
-    return getattr(_C, "validate_" + call.name + ("_tensor_lr" if call.tensor_lr else ""))(*call.args)
+    return getattr(_C, "validate_" + name + ("_tensor_lr" if tensor_lr else ""))
+
+
+def call_validate(call: OpCall) -> bool:
+    """``call_fast``'s checks alone (``validate_entry``)."""
+    return validate_entry(call.name, call.tensor_lr)(*call.args)
 
 
 def public_op(name: str, tensor_lr: bool):

@@ -262,9 +262,60 @@ def test_dtensor_step_of_two_calls_bumps_each_local_tensor_once(process_group):
                 continue
             written = [p for p in params] + [opt.state[p][k] for p in params
                                              for k in ("exp_avg", "exp_avg_sq")]
-            before = [t._local_tensor._version for t in written]
+            before = [(t._version, t._local_tensor._version) for t in written]
             opt.step()
-            assert [t._local_tensor._version - v for t, v in zip(written, before)] == [1] * 6, dtypes
+            # (the DTensors' own counters too, as an in-place op's dispatch
+            # bumps both; the gradients' are left alone)
+            assert [(t._version - v, t._local_tensor._version - lv)
+                    for t, (v, lv) in zip(written, before)] == [(1, 1)] * 6, dtypes
+
+
+@pytest.mark.parametrize("replaced", ["exp_avg", "grad"])
+def test_dtensor_steps_check_what_changed_since_the_last(process_group, replaced):
+    # The kept step's direct entry (_dtensor.direct_entry) takes the specs
+    # it checked at the last step as checked: a state tensor or gradient
+    # replaced since by one of another layout is refused, nothing written;
+    # one of the same layout is the one updated or read.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+              for _ in range(3)]
+    plain = [torch.nn.Parameter(p.full_tensor()) for p in params]
+    opts = [fused_optim.Adam(ps, lr=0.1) for ps in (params, plain)]
+
+    def set_grads(step):
+        for i, (p, q) in enumerate(zip(params, plain)):
+            grad = torch.randn(8, 4, generator=torch.Generator().manual_seed(10 * step + i))
+            p.grad, q.grad = distribute_tensor(grad, mesh, [Shard(0)]), grad
+
+    for step in range(3):
+        set_grads(step)
+        for opt in opts:
+            opt.step()
+    set_grads(3)
+    wrong = distribute_tensor(torch.zeros(8, 4), mesh, [Shard(1)])
+    if replaced == "grad":
+        params[1].grad = wrong
+    else:
+        opts[0].state[params[1]]["exp_avg"] = wrong
+    before = _full_copies(opts[0])
+    with pytest.raises(RuntimeError, match=rf"{replaced}s\[1\] has mesh .* and placements \(Shard\(dim=1\),\)"):
+        opts[0].step()
+    for a, b in zip(before, _full_copies(opts[0])):
+        assert torch.equal(a, b)
+    set_grads(3)
+    if replaced == "exp_avg":
+        same_layout = distribute_tensor(opts[1].state[plain[1]]["exp_avg"].clone(), mesh, [Shard(0)])
+        opts[0].state[params[1]]["exp_avg"] = same_layout
+    for opt in opts:
+        opt.step()
+    if replaced == "exp_avg":
+        assert opts[0].state[params[1]]["exp_avg"] is same_layout
+    for a, b in zip(_full_copies(opts[0]), _full_copies(opts[1])):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("entry", ["public", "fast"])
@@ -316,28 +367,30 @@ def test_dtensor_step_with_a_partial_param_raises_and_writes_nothing(process_gro
 
 def test_eager_dtensor_step_calls_the_fast_entry_and_a_traced_one_the_public_op(
         process_group, monkeypatch):
-    # On plain local tensors in an eager step, the DTensor handler calls
-    # the op's fast entry (Note [fast op call]), not the public op again
-    # (whose per-tensor boxing cost more than the update on small shards);
-    # under torch.compile the local tensors are the trace's, and the public
-    # op is called. Both give the plain step's bits.
+    # An eager step on DTensors makes one call of the op's fast entry (Note
+    # [fast op call]), on the plain local tensors: the kept step's direct
+    # entry (_dtensor.direct_entry) checks and unwraps them itself, without
+    # a call on the DTensors going through DTensor's dispatch (whose
+    # per-tensor boxing cost more than the update on small shards), nor the
+    # public op. Under torch.compile the local tensors are the trace's, and
+    # the public op is called. Both give the plain step's bits.
     from torch.distributed.device_mesh import init_device_mesh
 
-    from fused_optim import _dtensor
-
-    entries = []
-    real_entry = _dtensor.fast_entry
-    monkeypatch.setattr(_dtensor, "fast_entry", lambda *a: entries.append(a) or real_entry(*a))
+    calls = []  # the types of the params of each fast entry call
+    real_entry = fused_optim._C.adam_
+    monkeypatch.setattr(fused_optim._C, "adam_",
+                        lambda *a: calls.append({type(t) for t in a[0]}) or real_entry(*a))
     mesh = init_device_mesh("cpu", (1,))
     runs = []
     for compiled, on in ((False, mesh), (True, mesh), (False, None)):
         opt = _sharded_and_plain_adam(on)[2]
         torch._dynamo.reset()  # (earlier tests' compiled steps count toward the recompile limit)
-        del entries[:]
+        del calls[:]
         step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
         step()
         if on is not None:
-            assert len(entries) == (0 if compiled else 1), (compiled, entries)
+            expected = [] if compiled else [{torch.Tensor, torch.nn.Parameter}]
+            assert calls == expected, (compiled, calls)
         runs.append(_full_copies(opt))
     for run in runs[:2]:
         for a, b in zip(run, runs[2]):
