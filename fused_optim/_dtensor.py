@@ -149,7 +149,6 @@ def is_dtensor(t) -> bool:
 # (read from every tensor of a list at C speed: map)
 _SPEC_OF = attrgetter("_spec")
 _LOCAL_OF = attrgetter("_local_tensor")
-_PLACEMENTS_OF = attrgetter("placements")
 _PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
 
 
