@@ -270,6 +270,51 @@ def test_dtensor_step_of_two_calls_bumps_each_local_tensor_once(process_group):
                     for t, (v, lv) in zip(written, before)] == [(1, 1)] * 6, dtypes
 
 
+@pytest.mark.parametrize("name,kwargs", [
+    ("Adam", {"fused": True}), ("SGD", {"momentum": 0.9, "fused": True}),
+    ("Lamb", {"master_weights": True}),
+], ids=["Adam", "SGD", "Lamb"])
+def test_dtensor_step_under_grad_scaler_is_the_plain_step(process_group, name, kwargs):
+    # With fused=True or master weights, torch.amp.GradScaler hands our
+    # step grad_scale and found_inf (_step_supports_amp_scaling; its
+    # found_inf taken over DTensor gradients by DTensor's own handler): on
+    # DTensor params (FSDP2 under fp16 autocast) the kernels unscale the
+    # local shards' gradients in the step, and a step with an inf gradient
+    # changes nothing. The same bits as the run on plain params, the
+    # scaler's scale included.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    runs = []
+    for sharded in (True, False):
+        def shard(t):
+            return distribute_tensor(t, mesh, [Shard(0)]) if sharded else t
+
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(shard(torch.randn(8, 4))) for _ in range(3)]
+        opt = getattr(fused_optim, name)(params, lr=0.1, **kwargs)
+        assert opt._step_supports_amp_scaling
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        for step in range(5):
+            scaler.scale(torch.ones(()))  # (the scale is made at the first scale())
+            for i, p in enumerate(params):
+                grad = torch.randn(8, 4, generator=torch.Generator().manual_seed(10 * step + i))
+                if step == 2 and i == 1:
+                    grad[0, 0] = float("inf")
+                p.grad = shard(grad * scaler.get_scale())
+            scaler.step(opt)
+            scaler.update()
+        tensors = params + [t for p in params for t in opt.state[p].values()]
+        runs.append(([(t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+                      for t in tensors], scaler.get_scale()))
+    (sharded_tensors, sharded_scale), (plain_tensors, plain_scale) = runs
+    assert sharded_scale == plain_scale != 2.0**10
+    assert len(sharded_tensors) == len(plain_tensors)
+    for a, b in zip(sharded_tensors, plain_tensors):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("replaced", ["exp_avg", "grad"])
 def test_dtensor_steps_check_what_changed_since_the_last(process_group, replaced):
     # The kept step's direct entry (_dtensor.direct_entry) takes the specs
