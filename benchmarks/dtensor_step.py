@@ -8,7 +8,8 @@ that host work, not the update, is the step. This script times the step
 on the tensors of `many-small` (2,000 tensors of 256 to 4,096 elements,
 or the first ``--tensors`` of them) made DTensors by ``fully_shard`` on a
 one-process gloo group (the host work is the same on any number of ranks;
-the update is the shard's), against:
+the update is the shard's), with the gradients of a backward (FSDP2's
+own, on DTensors), against:
 
 * ours on the same tensors as plain params (what the DTensor path adds);
 * torch.optim's ``fused=True`` and ``foreach=True`` steps on DTensors.
@@ -57,6 +58,10 @@ class Params(torch.nn.Module):
         super().__init__()
         self.tensors = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(n)) for n in sizes)
 
+    def forward(self) -> torch.Tensor:
+        # (a loss that reads every param: its backward gives each a gradient)
+        return sum((t * t).sum() for t in self.tensors)
+
 
 def make_step(module, extra: dict, sharded: bool, optimizer: str, sizes, clip: bool):
     """One implementation's step over its own params, gradients set."""
@@ -68,11 +73,10 @@ def make_step(module, extra: dict, sharded: bool, optimizer: str, sizes, clip: b
     if sharded:
         fully_shard(model)
     params = list(model.parameters())
-    for p in params:
-        if isinstance(p, DTensor):
-            p.grad = DTensor.from_local(torch.randn(p.to_local().shape), p.device_mesh, p.placements)
-        else:
-            p.grad = torch.randn_like(p)
+    # The gradients of a backward: on DTensors, FSDP2's own (reduce-scattered
+    # and made DTensors with their param's spec, as in training).
+    model().backward()
+    assert all(isinstance(p.grad, DTensor) == sharded for p in params)
     class_name, kwargs = OPTIMIZERS[optimizer]
     ours = module is fused_optim
     clip_in_step = {"max_grad_norm": 1.0} if clip and ours else {}
