@@ -25,9 +25,10 @@ from torch.optim.optimizer import (
     _use_grad_for_differentiable,
 )
 
-from fused_optim import _arena, _bucket, _clip, _ops, _torch_path
+from fused_optim import _arena, _bucket, _clip, _dtensor, _ops, _torch_path
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket, Plan, Precision
+from fused_optim._dtensor import is_dtensor
 from fused_optim._journal import Journal
 from fused_optim._keywords import check_torch_path_precision, to_float
 from fused_optim._kept_calls import KeptCalls
@@ -420,9 +421,14 @@ class StepProtocol:
         """Calls the op on one bucket, through fused_optim._C (the same
         kernel as torch.ops.fused_optim.<op>, with a cheaper crossing for
         thousands of tensors: Note [fast op call] in
-        csrc/python_module.cpp); with ``validate``, only its checks."""
+        csrc/python_module.cpp), or for DTensor params through
+        _dtensor.direct_entry (the same call, without DTensor's dispatch of
+        it); with ``validate``, only its checks."""
         call = self._op_call(bucket, grads, group_args, extras)
-        (_ops.call_validate if validate else _ops.call_fast)(call)
+        if any(map(is_dtensor, bucket.params)):
+            _dtensor.direct_entry(call, validate)(*call.args)
+        else:
+            (_ops.call_validate if validate else _ops.call_fast)(call)
 
     def _split_sparse(self, bucket: Bucket, grads: list):
         """Splits one call into (its dense part or None, [(group, params,

@@ -442,6 +442,47 @@ def test_eager_dtensor_step_calls_the_fast_entry_and_a_traced_one_the_public_op(
             assert torch.equal(a, b)
 
 
+def test_dtensor_steps_of_the_general_path_call_the_fast_entry_on_local_tensors(
+        process_group, monkeypatch):
+    # A step the kept calls do not make (one with a gradient missing) goes
+    # the general path, which also makes its call on DTensors through
+    # _dtensor.direct_entry: one fast entry call per bucket, on the local
+    # tensors, as the kept calls' steps. The plain run's bits.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    calls = []  # the types of the params of each fast entry call
+    real_entry = fused_optim._C.sgd_
+    monkeypatch.setattr(fused_optim._C, "sgd_",
+                        lambda *a: calls.append({type(t) for t in a[0]}) or real_entry(*a))
+    mesh = init_device_mesh("cpu", (1,))
+    runs = []
+    for sharded in (True, False):
+        def shard(t):
+            return distribute_tensor(t, mesh, [Shard(0)]) if sharded else t
+
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(shard(torch.randn(8, 4))) for _ in range(3)]
+        opt = fused_optim.SGD(params, lr=0.1, momentum=0.9)
+        per_step = []
+        for step in range(4):
+            for i, p in enumerate(params):
+                grad = torch.randn(8, 4, generator=torch.Generator().manual_seed(10 * step + i))
+                p.grad = None if (step == 2 and i == 1) else shard(grad)
+            del calls[:]
+            opt.step()
+            per_step.append(list(calls))
+        if sharded:
+            # (step 2: the general path; the others: the kept calls)
+            assert per_step == [[{torch.Tensor}]] * 4, per_step
+        tensors = params + [t for p in params for t in opt.state[p].values()]
+        runs.append([(t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+                     for t in tensors])
+    assert len(runs[0]) == len(runs[1])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("options", [
     {"state_dtype": torch.bfloat16}, {"stochastic_rounding": True}, {"state_dtype": torch.float32},
 ], ids=["bf16_state", "stochastic_rounding", "fp32_state"])
