@@ -210,6 +210,16 @@ def _full_copies(opt) -> list:
     return [(t.full_tensor() if isinstance(t, DTensor) else t).detach().clone() for t in tensors]
 
 
+def _record_fast_entry_calls(monkeypatch, op_name: str) -> list:
+    """A list to which each call of ``fused_optim._C.<op_name>`` (the op's
+    fast entry) adds the set of its params' types."""
+    calls = []
+    real_entry = getattr(fused_optim._C, op_name)
+    monkeypatch.setattr(fused_optim._C, op_name,
+                        lambda *a: calls.append({type(t) for t in a[0]}) or real_entry(*a))
+    return calls
+
+
 @pytest.mark.parametrize("case", ["placements", "shape", "plain_state_of_dtensor",
                                   "dtensor_state_of_plain"])
 def test_dtensor_step_with_a_mismatched_state_tensor_raises_and_writes_nothing(process_group, case):
@@ -283,7 +293,7 @@ def test_dtensor_step_under_grad_scaler_is_the_plain_step(process_group, name, k
     # changes nothing. The same bits as the run on plain params, the
     # scaler's scale included.
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (1,))
     runs = []
@@ -305,9 +315,7 @@ def test_dtensor_step_under_grad_scaler_is_the_plain_step(process_group, name, k
                 p.grad = shard(grad * scaler.get_scale())
             scaler.step(opt)
             scaler.update()
-        tensors = params + [t for p in params for t in opt.state[p].values()]
-        runs.append(([(t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
-                      for t in tensors], scaler.get_scale()))
+        runs.append((_full_copies(opt), scaler.get_scale()))
     (sharded_tensors, sharded_scale), (plain_tensors, plain_scale) = runs
     assert sharded_scale == plain_scale != 2.0**10
     assert len(sharded_tensors) == len(plain_tensors)
@@ -421,10 +429,7 @@ def test_eager_dtensor_step_calls_the_fast_entry_and_a_traced_one_the_public_op(
     # the public op is called. Both give the plain step's bits.
     from torch.distributed.device_mesh import init_device_mesh
 
-    calls = []  # the types of the params of each fast entry call
-    real_entry = fused_optim._C.adam_
-    monkeypatch.setattr(fused_optim._C, "adam_",
-                        lambda *a: calls.append({type(t) for t in a[0]}) or real_entry(*a))
+    calls = _record_fast_entry_calls(monkeypatch, "adam_")
     mesh = init_device_mesh("cpu", (1,))
     runs = []
     for compiled, on in ((False, mesh), (True, mesh), (False, None)):
@@ -449,12 +454,9 @@ def test_dtensor_steps_of_the_general_path_call_the_fast_entry_on_local_tensors(
     # _dtensor.direct_entry: one fast entry call per bucket, on the local
     # tensors, as the kept calls' steps. The plain run's bits.
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    calls = []  # the types of the params of each fast entry call
-    real_entry = fused_optim._C.sgd_
-    monkeypatch.setattr(fused_optim._C, "sgd_",
-                        lambda *a: calls.append({type(t) for t in a[0]}) or real_entry(*a))
+    calls = _record_fast_entry_calls(monkeypatch, "sgd_")
     mesh = init_device_mesh("cpu", (1,))
     runs = []
     for sharded in (True, False):
@@ -475,9 +477,7 @@ def test_dtensor_steps_of_the_general_path_call_the_fast_entry_on_local_tensors(
         if sharded:
             # (step 2: the general path; the others: the kept calls)
             assert per_step == [[{torch.Tensor}]] * 4, per_step
-        tensors = params + [t for p in params for t in opt.state[p].values()]
-        runs.append([(t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
-                     for t in tensors])
+        runs.append(_full_copies(opt))
     assert len(runs[0]) == len(runs[1])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
