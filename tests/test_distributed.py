@@ -210,6 +210,15 @@ def _full_copies(opt) -> list:
     return [(t.full_tensor() if isinstance(t, DTensor) else t).detach().clone() for t in tensors]
 
 
+def _sharding(mesh):
+    """A tensor made a DTensor sharded on dim 0 of ``mesh``; None: as it is."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if mesh is None:
+        return lambda t: t
+    return lambda t: distribute_tensor(t, mesh, [Shard(0)])
+
+
 def _record_fast_entry_calls(monkeypatch, op_name: str) -> list:
     """A list to which each call of ``fused_optim._C.<op_name>`` (the op's
     fast entry) adds the set of its params' types."""
@@ -293,14 +302,11 @@ def test_dtensor_step_under_grad_scaler_is_the_plain_step(process_group, name, k
     # changes nothing. The same bits as the run on plain params, the
     # scaler's scale included.
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (1,))
     runs = []
     for sharded in (True, False):
-        def shard(t):
-            return distribute_tensor(t, mesh, [Shard(0)]) if sharded else t
-
+        shard = _sharding(mesh if sharded else None)
         torch.manual_seed(0)
         params = [torch.nn.Parameter(shard(torch.randn(8, 4))) for _ in range(3)]
         opt = getattr(fused_optim, name)(params, lr=0.1, **kwargs)
@@ -454,15 +460,12 @@ def test_dtensor_steps_of_the_general_path_call_the_fast_entry_on_local_tensors(
     # _dtensor.direct_entry: one fast entry call per bucket, on the local
     # tensors, as the kept calls' steps. The plain run's bits.
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
 
     calls = _record_fast_entry_calls(monkeypatch, "sgd_")
     mesh = init_device_mesh("cpu", (1,))
     runs = []
     for sharded in (True, False):
-        def shard(t):
-            return distribute_tensor(t, mesh, [Shard(0)]) if sharded else t
-
+        shard = _sharding(mesh if sharded else None)
         torch.manual_seed(0)
         params = [torch.nn.Parameter(shard(torch.randn(8, 4))) for _ in range(3)]
         opt = fused_optim.SGD(params, lr=0.1, momentum=0.9)
