@@ -51,6 +51,7 @@ import torch
 
 from torch.autograd.graph import increment_version
 
+from fused_optim import _ops
 from fused_optim._ops import (
     MEASURE_OVERLOADS,
     OP_NAMES,
@@ -332,6 +333,16 @@ def _fast_entry_takes(aligned: _LocalTensors) -> bool:
     (no dispatch mode: a trace's goes through the public op) on plain local
     tensors."""
     return aligned.all_plain and not torch._C._len_torch_dispatch_stack()
+
+
+def eager_entry(call, validate: bool = False):
+    """The function an eager step makes ``call`` (an ``_ops.OpCall``)
+    with, on its arguments: ``direct_entry`` where its params hold a
+    DTensor, else the op's fast entry (or, ``validate``, its ``validate_``
+    twin). The kept calls and the general path both ask here."""
+    if any(map(is_dtensor, call.args[_ops.SIGNATURES[call.name].index["params"]])):
+        return direct_entry(call, validate)
+    return _ops.validate_entry(call.name, call.tensor_lr) if validate else _ops.fast_function(call)
 
 
 def direct_entry(call, validate: bool = False):

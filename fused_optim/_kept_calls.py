@@ -138,7 +138,7 @@ class OneCall:
         self._grads_of = _C.GradsOf(bucket.params)
         self._complex = bucket.is_complex
         # DTensor params (FSDP2, TP): the call is made by _dtensor's direct
-        # entry, which takes the gradients as a list
+        # entry (_dtensor.eager_entry), which takes the gradients as a list
         self._on_dtensors = any(map(is_dtensor, bucket.params))
         self._call = None  # the last call (its arguments a list, refreshed in place)
         self._function = None  # its entry: fused_optim._C's, or _dtensor's direct one
@@ -170,12 +170,8 @@ class OneCall:
             require_device_supported(bucket.device, bucket.dtype, type(optimizer).__name__)
             call = optimizer._op_call(bucket, grads, group_args, bucket.op_extras(scalars))
             self._call = call._replace(args=list(call.args))
-            if self._on_dtensors:
-                self._function = _dtensor.direct_entry(call)
-                self._validate = _dtensor.direct_entry(call, validate=True)
-            else:
-                self._function = _ops.fast_function(call)
-                self._validate = _ops.validate_entry(call.name, call.tensor_lr)
+            self._function = _dtensor.eager_entry(call)
+            self._validate = _dtensor.eager_entry(call, validate=True)
         else:
             self._refresh(grads, scalars)
             self._call.args[self._lr] = lr

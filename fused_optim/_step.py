@@ -28,7 +28,6 @@ from torch.optim.optimizer import (
 from fused_optim import _arena, _bucket, _clip, _dtensor, _ops, _torch_path
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket, Plan, Precision
-from fused_optim._dtensor import is_dtensor
 from fused_optim._journal import Journal
 from fused_optim._keywords import check_torch_path_precision, to_float
 from fused_optim._kept_calls import KeptCalls
@@ -425,10 +424,7 @@ class StepProtocol:
         _dtensor.direct_entry (the same call, without DTensor's dispatch of
         it); with ``validate``, only its checks."""
         call = self._op_call(bucket, grads, group_args, extras)
-        if any(map(is_dtensor, bucket.params)):
-            _dtensor.direct_entry(call, validate)(*call.args)
-        else:
-            (_ops.call_validate if validate else _ops.call_fast)(call)
+        _dtensor.eager_entry(call, validate)(*call.args)
 
     def _split_sparse(self, bucket: Bucket, grads: list):
         """Splits one call into (its dense part or None, [(group, params,
