@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from fused_optim import _C
-from fused_optim._dtensor import is_dtensor
+from fused_optim._dtensor import add_across_shards, is_dtensor
 
 # Not clipped: the value the kernels take for a group without max_grad_norm.
 NOT_CLIPPED = math.inf
@@ -91,8 +91,6 @@ def without_partial(grad):
 def _dtensor_parts(grads: list, grad_scale, op) -> list:
     """The sums of squares of DTensor gradients, reduced over their meshes:
     a plain 0-d tensor per (mesh, placements)."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-
     by_layout: dict = {}  # (mesh, placements) -> local tensors
     layout = local = None
     for grad in grads:
@@ -108,11 +106,10 @@ def _dtensor_parts(grads: list, grad_scale, op) -> list:
         local.append(grad._local_tensor)
     parts = []
     for (mesh, placements), local in by_layout.items():
-        part = _sum_of_squares(local, grad_scale, op)
         # Sharded dims hold disjoint pieces (their sums add up); replicated
         # dims hold copies (counted once).
-        spec = [Partial() if p.is_shard() else Replicate() for p in placements]
-        parts.append(DTensor.from_local(part, mesh, spec, run_check=False).full_tensor())
+        sharded = [d for d, placement in enumerate(placements) if placement.is_shard()]
+        parts.append(add_across_shards(_sum_of_squares(local, grad_scale, op), mesh, sharded))
     return parts
 
 
@@ -193,7 +190,9 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
             used whatever its value for ``norm_type=2``.
 
     Returns:
-        The total norm of the gradients (viewed as a single vector).
+        The total norm of the gradients (viewed as a single vector); as
+        torch's, a DTensor replicated on their mesh where every gradient is
+        a DTensor of one mesh.
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
@@ -220,7 +219,24 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
         )
     if grads:
         scale_grads_(grads, clip_coefficient(total_norm, max_norm))
-    return total_norm
+    return _as_torch_returns_it(total_norm, grads)
+
+
+def _as_torch_returns_it(norm: torch.Tensor, grads: list) -> torch.Tensor:
+    """The total norm as torch's ``clip_grad_norm_`` returns it: where every
+    gradient is a DTensor of one mesh (FSDP2, tensor parallelism), torch's
+    norm is computed by DTensor ops and is a DTensor on that mesh, which
+    callers read with ``full_tensor()``; ours is then the same value,
+    replicated there. Otherwise the plain tensor (also for DTensors of
+    several meshes, which torch's refuses)."""
+    if not grads or not all(is_dtensor(grad) for grad in grads):
+        return norm
+    mesh = grads[0].device_mesh
+    if any(grad.device_mesh != mesh for grad in grads):
+        return norm
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(norm, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def scale_grads_(grads: list, factor: torch.Tensor) -> None:

@@ -77,17 +77,25 @@ def _sharded_dims(t) -> tuple:
     return tuple(d for d, placement in enumerate(t.placements) if placement.is_shard())
 
 
+def add_across_shards(part: torch.Tensor, mesh, dims) -> torch.Tensor:
+    """``part`` (a plain tensor of per-shard sums) summed over the ranks of
+    each mesh dimension in ``dims``: a functional collective per dimension,
+    which a traced step (torch.compile) keeps in its graph; an in-place
+    ``dist.all_reduce`` traced there would leave the sums unreduced."""
+    import torch.distributed._functional_collectives as funcol
+
+    for dim in dims:
+        part = funcol.all_reduce(part, "sum", (mesh, dim))
+    return part
+
+
 def _sum_over_shards(sums: torch.Tensor, params: list) -> torch.Tensor:
     """``sums`` (sums of squares of the local shards, k entries per tensor
     of ``params``: entry j * n + i is tensor i's j-th; the norm ops' [2n]
     sums hold param i at i and its gradient or update at n + i) made those
     of the whole tensors: each tensor's entries summed over the ranks of
     each mesh dimension it is sharded on. Tensors sharded alike share one
-    all-reduce per dimension: a functional collective, which a traced step
-    (torch.compile) keeps in its graph; an in-place ``dist.all_reduce``
-    traced there would leave the sums unreduced."""
-    import torch.distributed._functional_collectives as funcol
-
+    all-reduce per dimension (add_across_shards)."""
     n = len(params)
     k = sums.numel() // n if n else 0
     layouts: dict = {}  # (mesh, sharded dims) -> tensor indices
@@ -103,8 +111,7 @@ def _sum_over_shards(sums: torch.Tensor, params: list) -> torch.Tensor:
             index = torch.tensor([j * n + i for j in range(k) for i in indices],
                                  device=sums.device)
             part = sums.index_select(0, index)
-        for dim in dims:
-            part = funcol.all_reduce(part, "sum", (mesh, dim))
+        part = add_across_shards(part, mesh, dims)
         if whole:
             sums = part
         else:

@@ -231,6 +231,10 @@ def fsdp2_clip_grad_norm_equals_torch(mesh, tmp):
         model(_randn(8, 16)).square().mean().backward()
     got = fused_optim.clip_grad_norm_(models[0].parameters(), MAX_GRAD_NORM)
     want = torch.nn.utils.clip_grad_norm_(models[1].parameters(), MAX_GRAD_NORM)
+    # (torch's norm of DTensor gradients is a DTensor on their mesh, which
+    # callers read with full_tensor(); ours too)
+    assert isinstance(want, DTensor) and isinstance(got, DTensor)
+    assert (got.device_mesh, got.placements) == (want.device_mesh, want.placements)
     torch.testing.assert_close(_full(got), _full(want))
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(_full(a.grad), _full(b.grad))
