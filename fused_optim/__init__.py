@@ -10,7 +10,7 @@ import torch  # (loads libtorch before our extension)
 
 from fused_optim import _C  # noqa: F401  (registers the torch.ops.fused_optim ops)
 from fused_optim import _dtensor
-from fused_optim._clip import clip_grad_norm_
+from fused_optim._clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from fused_optim._build import cuda_built
 from fused_optim.adagrad import Adagrad
 from fused_optim.adam import Adam, AdamW
@@ -24,7 +24,7 @@ from fused_optim.sgd import SGD
 
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars", "Lamb",
-    "clip_grad_norm_",
+    "clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm",
     "cuda_built",
 ]
 __version__ = "0.1.0"

@@ -169,7 +169,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
     """Clips the gradient norm of an iterable of parameters: a drop-in for
     :func:`torch.nn.utils.clip_grad_norm_` (same arguments, same result, the
-    gradients scaled in place).
+    gradients scaled in place), which is, as torch's, :func:`get_total_norm`
+    of the gradients, then :func:`clip_grads_with_norm_` with that norm.
 
     For ``norm_type=2`` the norm is one multi-tensor reduction pass per
     device (``torch.ops.fused_optim.sum_of_squares``), accumulated in
@@ -209,30 +210,95 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
             parameters, max_norm, norm_type, error_if_nonfinite, foreach
         )
     grads = [p.grad for p in parameters if p.grad is not None]
-    total_norm = global_norm(grads)
-    if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
-        raise RuntimeError(
-            f"The total norm of order {float(norm_type)} for gradients from "
-            "`parameters` is non-finite, so it cannot be clipped. To disable "
-            "this error and scale the gradients by the non-finite norm anyway, "
-            "set `error_if_nonfinite=False`"
-        )
+    total_norm = _checked_norm(grads, error_if_nonfinite)
     if grads:
         scale_grads_(grads, clip_coefficient(total_norm, max_norm))
     return _as_torch_returns_it(total_norm, grads)
 
 
-def _as_torch_returns_it(norm: torch.Tensor, grads: list) -> torch.Tensor:
-    """The total norm as torch's ``clip_grad_norm_`` returns it: where every
-    gradient is a DTensor of one mesh (FSDP2, tensor parallelism), torch's
-    norm is computed by DTensor ops and is a DTensor on that mesh, which
-    callers read with ``full_tensor()``; ours is then the same value,
-    replicated there. Otherwise the plain tensor (also for DTensors of
-    several meshes, which torch's refuses)."""
-    if not grads or not all(is_dtensor(grad) for grad in grads):
+@torch.no_grad()
+def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                   foreach: bool | None = None) -> torch.Tensor:
+    """The norm of ``tensors`` viewed as one vector: a drop-in for
+    :func:`torch.nn.utils.get_total_norm` (same arguments, same result),
+    for clipping in two calls (a norm all-reduced over pipeline stages,
+    logged, or shared) with :func:`clip_grads_with_norm_`.
+
+    For ``norm_type=2`` the norm is one multi-tensor reduction pass per
+    device, as in :func:`clip_grad_norm_` (float64 sums; a float32 norm for
+    float32, float16 and bfloat16 tensors, float64 for float64); other norm
+    types are torch's.
+
+    Args:
+        tensors: tensors (or one tensor), e.g. the gradients.
+        norm_type (float): the p of the p-norm; ``'inf'`` for the max norm.
+        error_if_nonfinite (bool): raise if the norm is nan or inf.
+        foreach (bool, optional): for torch's signature; the fused pass is
+            used whatever its value for ``norm_type=2``.
+
+    Returns:
+        The total norm (a DTensor replicated on their mesh where every
+        tensor is a DTensor of one mesh, as torch's).
+    """
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    if float(norm_type) != 2.0:
+        return torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+    return _as_torch_returns_it(_checked_norm(tensors, error_if_nonfinite), tensors)
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
+                          foreach: bool | None = None) -> None:
+    """Scales the gradients of ``parameters`` in place by
+    ``min(1, max_norm / (total_norm + 1e-6))``: a drop-in for
+    :func:`torch.nn.utils.clip_grads_with_norm_` (same arguments, same
+    result), one ``_foreach_mul_`` per device. ``total_norm`` may be a
+    DTensor (:func:`get_total_norm`'s, or torch's); the factor is then its
+    full value, and DTensor gradients scale their local shards by it.
+
+    Args:
+        parameters: tensors (or one tensor) whose gradients are scaled.
+        max_norm (float): the largest norm the gradients keep.
+        total_norm (Tensor): the gradients' norm, e.g. from get_total_norm.
+        foreach (bool, optional): for torch's signature; the scaling is one
+            foreach call per device whatever its value.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:  # (and no collective for a DTensor norm where there are none, as torch's)
+        scale_grads_(grads, clip_coefficient(_full(total_norm), float(max_norm)))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def _checked_norm(tensors: list, error_if_nonfinite: bool) -> torch.Tensor:
+    """global_norm(tensors), raising torch's error where it is not finite
+    and ``error_if_nonfinite`` asks (before anything is scaled)."""
+    norm = global_norm(tensors)
+    if error_if_nonfinite and torch.logical_or(norm.isnan(), norm.isinf()):
+        raise RuntimeError(
+            "The total norm of order 2.0 for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+    return norm
+
+
+def _as_torch_returns_it(norm: torch.Tensor, tensors: list) -> torch.Tensor:
+    """The total norm as torch's ``clip_grad_norm_`` and ``get_total_norm``
+    return it: where every tensor is a DTensor of one mesh (FSDP2, tensor
+    parallelism), torch's norm is computed by DTensor ops and is a DTensor
+    on that mesh, which callers read with ``full_tensor()``; ours is then
+    the same value, replicated there. Otherwise the plain tensor (also for
+    DTensors of several meshes, which torch's refuses)."""
+    if not tensors or not all(is_dtensor(t) for t in tensors):
         return norm
-    mesh = grads[0].device_mesh
-    if any(grad.device_mesh != mesh for grad in grads):
+    mesh = tensors[0].device_mesh
+    if any(t.device_mesh != mesh for t in tensors):
         return norm
     from torch.distributed.tensor import DTensor, Replicate
 

@@ -238,6 +238,17 @@ def fsdp2_clip_grad_norm_equals_torch(mesh, tmp):
     torch.testing.assert_close(_full(got), _full(want))
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(_full(a.grad), _full(b.grad))
+    # The two halves: get_total_norm's DTensor, and clip_grads_with_norm_
+    # given torch's DTensor norm (a factor of its full value).
+    got = fused_optim.get_total_norm([p.grad for p in models[0].parameters()])
+    want = torch.nn.utils.get_total_norm([p.grad for p in models[1].parameters()])
+    assert isinstance(got, DTensor) and got.placements == want.placements
+    torch.testing.assert_close(_full(got), _full(want))
+    fused_optim.clip_grads_with_norm_(models[0].parameters(), MAX_GRAD_NORM / 2, want)
+    torch.nn.utils.clip_grads_with_norm_(models[1].parameters(), MAX_GRAD_NORM / 2, want)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(_full(a.grad), _full(b.grad))
+    assert _full(fused_optim.get_total_norm([p.grad for p in models[0].parameters()])) < MAX_GRAD_NORM
 
 
 # ----- LARS and LAMB on shards: each tensor's norms across ranks ---------------

@@ -1005,6 +1005,85 @@ def test_clip_grad_norm_complex_and_non_contiguous_grads():
         assert_close(p.grad, r.grad, **NORM_TOL[torch.float64])
 
 
+# torch.nn.utils.get_total_norm and clip_grads_with_norm_ (torch's two halves
+# of clip_grad_norm_, for a norm reduced or logged in between): ours against
+# torch's on the same tensors.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64], ids=str)
+def test_get_total_norm_matches_torch(dtype):
+    ours, ref = _twin_params(dtype=dtype)
+    tensors = [p.grad for p in ours]
+    before = [bits(t) for t in tensors]
+    real = torch.float64 if dtype == torch.float64 else torch.float32
+    want = torch.nn.utils.get_total_norm([p.grad for p in ref])
+    for given in (tensors, tuple(tensors), iter(tensors), (t for t in tensors)):
+        got = fused_optim.get_total_norm(given)
+        assert got.dtype == want.dtype == real and got.shape == ()
+        assert_close(got, want, **NORM_TOL[real])
+    # params too (a norm of the weights, as people log it), which need a grad
+    got = fused_optim.get_total_norm(ours)
+    assert not got.requires_grad
+    assert_close(got, torch.nn.utils.get_total_norm(ref), **NORM_TOL[real])
+    assert_close(fused_optim.get_total_norm(tensors[2]), torch.nn.utils.get_total_norm(ref[2].grad),
+                 **NORM_TOL[real])
+    assert all(torch.equal(bits(t), b) for t, b in zip(tensors, before))  # reads only
+    for empty in ([], ()):
+        assert torch.equal(fused_optim.get_total_norm(empty), torch.nn.utils.get_total_norm(empty))
+
+
+@pytest.mark.parametrize("norm_type", [math.inf, 1.0, 3.0, "inf"], ids=str)
+def test_get_total_norm_other_norm_types_are_torchs(norm_type):
+    ours, ref = _twin_params()
+    got = fused_optim.get_total_norm([p.grad for p in ours], norm_type, foreach=False)
+    want = torch.nn.utils.get_total_norm([p.grad for p in ref], norm_type, foreach=False)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan], ids=str)
+def test_get_total_norm_nonfinite(bad):
+    ours, ref = _twin_params()
+    ours[1].grad[3] = ref[1].grad[3] = bad
+    with pytest.raises(RuntimeError) as ours_error:
+        fused_optim.get_total_norm([p.grad for p in ours], error_if_nonfinite=True)
+    with pytest.raises(RuntimeError) as torch_error:
+        torch.nn.utils.get_total_norm([p.grad for p in ref], error_if_nonfinite=True)
+    assert str(ours_error.value) == str(torch_error.value)
+    got = fused_optim.get_total_norm([p.grad for p in ours])
+    assert torch.equal(got, torch.nn.utils.get_total_norm([p.grad for p in ref])) or got.isnan()
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clipped", "unclipped"])
+def test_clip_grads_with_norm_scales_as_torchs(max_norm):
+    # Given the same norm, the same factor and the same multiply: the same bits.
+    ours, ref = _twin_params(layouts={0: "strided"})
+    ours[1].grad = ref[1].grad = None  # a param without a gradient is left alone
+    norm = torch.nn.utils.get_total_norm([p.grad for p in ref if p.grad is not None])
+    assert (norm > max_norm) == (max_norm < 1e5)
+    assert fused_optim.clip_grads_with_norm_(ours, max_norm, norm.clone()) is None
+    torch.nn.utils.clip_grads_with_norm_(ref, max_norm, norm)
+    for p, r in zip(ours, ref):
+        assert (p.grad is None) == (r.grad is None)
+        if r.grad is not None:
+            assert p.grad.stride() == r.grad.stride()
+            assert torch.equal(bits(p.grad), bits(r.grad))
+    (p,), (r,) = _twin_params(shapes=((4099,),))  # one tensor, not a list
+    fused_optim.clip_grads_with_norm_(p, 0.25, torch.tensor(3.0))
+    torch.nn.utils.clip_grads_with_norm_(r, 0.25, torch.tensor(3.0))
+    assert torch.equal(bits(p.grad), bits(r.grad))
+    fused_optim.clip_grads_with_norm_([], 0.25, torch.tensor(3.0))  # nothing to scale
+
+
+def test_clip_grad_norm_is_get_total_norm_then_clip_grads_with_norm():
+    ours, halves = _twin_params()
+    got = fused_optim.clip_grad_norm_(ours, 0.5)
+    norm = fused_optim.get_total_norm([p.grad for p in halves])
+    fused_optim.clip_grads_with_norm_(halves, 0.5, norm)
+    assert torch.equal(got, norm) and got > 0.5
+    for p, q in zip(ours, halves):
+        assert torch.equal(bits(p.grad), bits(q.grad))
+
+
 # ---------------------------------------------------------------------------
 # 11. The sum_of_squares op
 # ---------------------------------------------------------------------------
