@@ -103,9 +103,41 @@ struct AdamSpec {
 };
 
 // ---------------------------------------------------------------------------
+// The modes of SGD, shared by LARS (SGD with a trust ratio): the momentum
+// buffers (given or not) and the `nesterov` keyword pick Op<kMomentum,
+// kNesterov>; nesterov without buffers is refused; a tensor whose buffer is
+// new this step gets a hyperparameter set of its own (torch's SGD starts a
+// buffer as the gradient itself: hyperparams.h).
+// ---------------------------------------------------------------------------
+template <typename Spec, template <bool, bool> class Op>
+struct MomentumModes {
+  template <typename Hyper>
+  static void mark_new_state(Hyper& h) {
+    h.new_buffer = true;
+  }
+
+  static const char* mode_error(const CallModes& m) {
+    return m.mode[0] && !m.has_state[0] ? "nesterov=True needs momentum buffers"
+                                        : nullptr;
+  }
+
+  template <typename Fn>
+  static auto with_element_op(const CallModes& m, const Fn& fn) {
+    if (mode_error(m) != nullptr) {
+      throw std::invalid_argument(std::string(Spec::kName) + ": " + mode_error(m));
+    }
+    return FO_BOOL_SWITCH(m.has_state[0], kMomentum, [&] {
+      return FO_BOOL_SWITCH(m.mode[0], kNesterov, [&] {
+        return fn(Op<kMomentum, kMomentum && kNesterov>{});
+      });
+    });
+  }
+};
+
+// ---------------------------------------------------------------------------
 // SGD (momentum, Nesterov)
 // ---------------------------------------------------------------------------
-struct SgdSpec {
+struct SgdSpec : MomentumModes<SgdSpec, SgdOp> {
   static constexpr const char* kName = "sgd_";
   using Hyper = SgdHyper;
   static constexpr StateList kState[] = {
@@ -127,24 +159,6 @@ struct SgdSpec {
     out.dampening = h[1];
     out.weight_decay = h[2];
     return out;
-  }
-  static void mark_new_state(Hyper& h) { h.new_buffer = true; }
-
-  static const char* mode_error(const CallModes& m) {
-    return m.mode[0] && !m.has_state[0] ? "nesterov=True needs momentum buffers"
-                                        : nullptr;
-  }
-
-  template <typename Fn>
-  static auto with_element_op(const CallModes& m, const Fn& fn) {
-    if (mode_error(m) != nullptr) {
-      throw std::invalid_argument(std::string("sgd_: ") + mode_error(m));
-    }
-    return FO_BOOL_SWITCH(m.has_state[0], kMomentum, [&] {
-      return FO_BOOL_SWITCH(m.mode[0], kNesterov, [&] {
-        return fn(SgdOp<kMomentum, kMomentum && kNesterov>{});
-      });
-    });
   }
 };
 
@@ -336,7 +350,7 @@ struct ModeCount<Spec, std::void_t<decltype(Spec::kNumModes)>> {
 // norms] in hyperparams.h. trust_clip and always_adapt are per-group bools
 // passed as float lists (0 or 1): the schema has no other per-group bools.
 // ---------------------------------------------------------------------------
-struct LarsSpec {
+struct LarsSpec : MomentumModes<LarsSpec, LarsOp> {
   static constexpr const char* kName = "lars_";
   using Hyper = LarsHyper;
   static constexpr StateList kState[] = {
@@ -360,24 +374,6 @@ struct LarsSpec {
     out.trust_clip = h[5] != 0.0;
     out.always_adapt = h[6] != 0.0;
     return out;
-  }
-  static void mark_new_state(Hyper& h) { h.new_buffer = true; }
-
-  static const char* mode_error(const CallModes& m) {
-    return m.mode[0] && !m.has_state[0] ? "nesterov=True needs momentum buffers"
-                                        : nullptr;
-  }
-
-  template <typename Fn>
-  static auto with_element_op(const CallModes& m, const Fn& fn) {
-    if (mode_error(m) != nullptr) {
-      throw std::invalid_argument(std::string("lars_: ") + mode_error(m));
-    }
-    return FO_BOOL_SWITCH(m.has_state[0], kMomentum, [&] {
-      return FO_BOOL_SWITCH(m.mode[0], kNesterov, [&] {
-        return fn(LarsOp<kMomentum, kMomentum && kNesterov>{});
-      });
-    });
   }
 };
 
