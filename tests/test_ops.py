@@ -889,6 +889,10 @@ def _bad_variants(op, named):
                 scalar_states=bad_scalar(2, torch.ones(1)))
         variant("scalar_state_float16", rf"{name}\[1\] must be a 0-d float32 or float64 tensor",
                 scalar_states=bad_scalar(1, torch.tensor(1.0, dtype=torch.float16)))
+    if "nesterov" in named["modes"]:  # (SGD's modes: MomentumModes in op_specs.h)
+        variant("nesterov_without_buffers", rf"{op}: nesterov=True needs momentum buffers",
+                states={k: v for k, v in named["states"].items() if k != "momentum_buffers"},
+                new_state=[], modes={**named["modes"], "nesterov": True})
     if _is_tensor_lr(named):
         device = lr[0].device
 
@@ -923,6 +927,7 @@ ERROR_CASES = [
     for variant in COMMON_VARIANTS
     + (ADAM_VARIANTS if op in ("adam_", "radam_", "nadam_", "lamb_") else [])
     + (SCALAR_STATE_VARIANTS if op == "nadam_" else [])
+    + (["nesterov_without_buffers"] if op in ("sgd_", "lars_") else [])
     + (LR_TENSOR_VARIANTS if tensor_lr else [])
 ]
 
