@@ -14,7 +14,7 @@ import torch
 
 import fused_optim
 from fused_optim import _ops
-from harness import assert_optimizer_unchanged, snapshot_optimizer
+from harness import assert_optimizer_unchanged, assert_same_state, snapshot_optimizer
 from optim_configs import HAS_FUSED, NOT_IN_TORCH, ONE_PER_OPTIMIZER, OPTIM_CONFIGS, OPTIMIZER_NAMES
 
 # The optimizers that torch.optim has (its implementation keywords,
@@ -437,6 +437,43 @@ def test_failed_first_step_changes_nothing(cfg, rebuild):
         for opt in opts:
             opt.step()
     _assert_equal_runs(models[0], opts[0], models[1], opts[1])
+
+
+# ----- optimizer in backward ----------------------------------------------------------------
+
+
+@ONE_EACH
+def test_optimizer_in_backward_as_torch(cfg):
+    # One optimizer (and scheduler) per param, stepped by the param's
+    # post-accumulate-grad hook inside backward, which then drops the
+    # gradient: torchtune's optimizer_in_bwd and torch's
+    # _apply_optimizer_in_backward, so that no step waits for the whole
+    # backward. Each step is a one-param call made from the autograd engine.
+    runs = []
+    for cls, extra in ((cfg.torch_cls, {"foreach": False}), (cfg.ours_cls, {})):
+        model = _model()
+        opts = {p: cls([p], **cfg.kwargs, **extra) for p in model.parameters()}
+        schedulers = {p: _lr_schedule(opt) for p, opt in opts.items()}
+
+        def step_in_backward(p, opts=opts, schedulers=schedulers):
+            opts[p].step()
+            opts[p].zero_grad()
+            schedulers[p].step()
+
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(step_in_backward)
+        for step in range(6):
+            torch.manual_seed(step)
+            model(torch.randn(4, 7)).square().mean().backward()
+            assert all(p.grad is None for p in model.parameters())
+        runs.append((model, opts))
+    (ref_model, ref_opts), (model, opts) = runs
+    initial = list(_model().parameters())
+    for i, (p, r) in enumerate(zip(model.parameters(), ref_model.parameters())):
+        torch.testing.assert_close(p, r)
+        assert not torch.equal(p, initial[i])  # (it moved)
+        assert_same_state(opts[p].state[p], ref_opts[r].state[r], f"{cfg} param {i}")
+        assert opts[p].param_groups[0]["lr"] == ref_opts[r].param_groups[0]["lr"]
 
 
 # ----- torch.compile ----------------------------------------------------------------------
