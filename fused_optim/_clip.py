@@ -120,7 +120,31 @@ def global_norm(grads: list, grad_scale=None) -> torch.Tensor:
     the full tensor."""
     if not grads:
         return torch.tensor(0.0)
+    if torch.compiler.is_compiling():
+        return traced_global_norm(grads, grad_scale)
     return global_sum_of_squares(grads, grad_scale).sqrt()
+
+
+def traced_global_norm(grads: list, grad_scale):
+    """``global_norm`` where torch.compile traces it (a traced optimizer
+    step, or ``clip_grad_norm_`` in a compiled train step): the public op
+    per device, which a graph holds, where the eager path calls the fast
+    entry; on DTensor gradients the op's DTensor handler returns the sum
+    of the whole tensors, computed as the eager path computes it."""
+    if not grads:
+        return torch.zeros(())
+    by_device: dict = {}
+    for grad in grads:
+        by_device.setdefault(grad.device, []).append(grad)
+    parts = [
+        torch.ops.fused_optim.sum_of_squares(
+            tensors, None if grad_scale is None else grad_scale.to(device), False
+        )
+        for device, tensors in by_device.items()
+    ]
+    first = grads[0].device
+    total = parts[0] if len(parts) == 1 else sum(p.to(first) for p in parts)
+    return total.sqrt()
 
 
 def global_sum_of_squares(grads: list, grad_scale=None, op=_C.sum_of_squares) -> torch.Tensor:

@@ -113,7 +113,7 @@ class TracedStep:
             every_grad = [g for _, _, grads, *_ in ours for g in grads] + [
                 p.grad for group in torch_groups for p in group["params"] if p.grad is not None
             ]
-            grad_norm = _traced_global_norm(every_grad, grad_scale)
+            grad_norm = _clip.traced_global_norm(every_grad, grad_scale)
         for group in torch_groups:
             # torch's own code, run as eager torch runs it (traced, it
             # would take its capturable branch: other rounding)
@@ -215,22 +215,3 @@ class TracedStep:
                 del state["step"]
             if not state:
                 del self.state[param]
-
-
-def _traced_global_norm(grads: list, grad_scale):
-    """The global gradient norm in a traced step: the public op per device
-    (traceable)."""
-    if not grads:
-        return torch.zeros(())
-    by_device: dict = {}
-    for grad in grads:
-        by_device.setdefault(grad.device, []).append(grad)
-    parts = [
-        torch.ops.fused_optim.sum_of_squares(
-            tensors, None if grad_scale is None else grad_scale.to(device), False
-        )
-        for device, tensors in by_device.items()
-    ]
-    first = grads[0].device
-    total = parts[0] if len(parts) == 1 else sum(p.to(first) for p in parts)
-    return total.sqrt()

@@ -249,6 +249,19 @@ def fsdp2_clip_grad_norm_equals_torch(mesh, tmp):
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(_full(a.grad), _full(b.grad))
     assert _full(fused_optim.get_total_norm([p.grad for p in models[0].parameters()])) < MAX_GRAD_NORM
+    # Traced (a compiled train step): the public op's DTensor handler, the
+    # eager bits.
+    models = [_fsdp(_model(), mesh) for _ in range(2)]
+    for model in models:
+        torch.manual_seed(9 + dist.get_rank())
+        model(_randn(8, 16)).square().mean().backward()
+    compiled = torch.compile(lambda ps: fused_optim.clip_grad_norm_(ps, MAX_GRAD_NORM),
+                             backend="aot_eager")
+    got = compiled(list(models[0].parameters()))
+    want = fused_optim.clip_grad_norm_(models[1].parameters(), MAX_GRAD_NORM)
+    assert isinstance(got, DTensor) and torch.equal(_full(got), _full(want))
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(_full(a.grad), _full(b.grad))
 
 
 # ----- LARS and LAMB on shards: each tensor's norms across ranks ---------------

@@ -596,6 +596,30 @@ def test_traced_step_computes_the_norm_with_the_public_op():
     assert "fused_optim.adam_" in code
 
 
+def _clip_in_halves(params, max_norm):
+    norm = fused_optim.get_total_norm([p.grad for p in params if p.grad is not None])
+    fused_optim.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+@pytest.mark.parametrize("clip", [fused_optim.clip_grad_norm_, _clip_in_halves],
+                         ids=["clip_grad_norm_", "get_total_norm+clip_grads_with_norm_"])
+def test_clip_functions_compile_whole_and_equal_eager(clip):
+    # In a compiled train step the clip is traced (the public op), with no
+    # graph break (fullgraph=True), and gives the eager bits.
+    torch._dynamo.reset()
+    params = [_compile_params(), _compile_params()]
+    _set_twin_grads(params, 1)
+    compiled = torch.compile(lambda ps: clip(ps, 0.5), fullgraph=True, backend="aot_eager")
+    got = compiled(params[0])
+    want = clip(params[1], 0.5)
+    assert want > 0.5 and torch.equal(got, want)
+    for p, q in zip(*params):
+        assert torch.equal(bits(p.grad), bits(q.grad))
+    explained = torch._dynamo.explain(lambda ps: clip(ps, 0.5))(params[0])
+    assert "fused_optim.sum_of_squares" in "\n".join(g.code for g in explained.graphs)
+
+
 # ---------------------------------------------------------------------------
 # 8. state_dict
 # ---------------------------------------------------------------------------
