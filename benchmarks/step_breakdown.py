@@ -12,7 +12,9 @@ the kept arguments, then the op: argument conversion, the gradients read,
 checks, then the update).
 Two more rows say what a step costs when a group option other than lr
 changed since the last step (a momentum or beta schedule; lr is read every
-step): the group arguments read again and the op call built by name. Each row is timed alone, so the
+step): the group arguments read again and the op call built by name. The last
+three say what zero_grad() costs, ours against torch.optim's (whose
+profiler span ours skips where no profiler records). Each row is timed alone, so the
 pieces add up only roughly; the table says what a step costs and which part
 to work on.
 """
@@ -24,6 +26,7 @@ import statistics
 import time
 
 import torch
+from torch.optim import Optimizer
 
 import fused_optim
 from fused_optim import _bucket, _ops
@@ -81,6 +84,11 @@ def main(argv=None) -> None:
     one_call._refresh(grads, no_scalars)  # (a step's arguments, copied: a step drops its own)
     call = one_call._call._replace(args=list(one_call._call.args))
     step_body = type(opt).step.__wrapped__
+    gradients = [p.grad for p in ps]
+
+    def set_grads():
+        for p, grad in zip(ps, gradients):
+            p.grad = grad
     rows = [
         ("step()", opt.step),
         ("  step body (no wrapper)", lambda: step_body(opt)),
@@ -94,6 +102,10 @@ def main(argv=None) -> None:
         ("  an option other than lr changed: group arguments read", opt._group_arguments),
         ("  an option other than lr changed: op call built by name",
          lambda: opt._op_call(bucket, grads, group_args, extras)),
+        # (last: each call sets the gradients again, then drops them)
+        ("zero_grad(), the gradients set first", lambda: (set_grads(), opt.zero_grad())),
+        ("  torch.optim's zero_grad instead", lambda: (set_grads(), Optimizer.zero_grad(opt))),
+        ("  the gradients set alone", set_grads),
     ]
     peers = {}
     for impl, impl_kwargs in (("fused", {"fused": True}), ("foreach", {"foreach": True}),

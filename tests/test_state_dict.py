@@ -625,6 +625,55 @@ def test_profiler_sees_the_step(cfg, device):
     assert any(e.name == name for e in prof.events()), sorted({e.name for e in prof.events()})[:20]
 
 
+@ONE_EACH
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["to_none", "to_zero"])
+def test_zero_grad_as_torchs(cfg, device, set_to_none):
+    # Our zero_grad skips torch's profiler span when no profiler records
+    # (Note [lean step wrapper], zero_grad); what it does to the gradients
+    # is torch's: dropped, or zeroed in place (the same tensors, detached),
+    # and a param without a gradient left without one.
+    runs = _pair(cfg, device)
+    for run in runs:
+        run.set_grads(0)
+        run.params[1].grad = None
+        run.params[0].grad.requires_grad_(True)  # (torch's zeroing detaches it)
+    before = [[p.grad for p in run.params] for run in runs]
+    for run in runs:
+        run.opt.zero_grad(set_to_none=set_to_none)
+    for run, grads in zip(runs, before):
+        for p, g in zip(run.params, grads):
+            if set_to_none or g is None:
+                assert p.grad is None
+            else:
+                assert p.grad is g and not g.requires_grad and not g.any()
+    ref, ours = runs
+    assert [p.grad is None for p in ours.params] == [p.grad is None for p in ref.params]
+
+
+@ONE_EACH
+def test_profiler_and_make_fx_see_zero_grad(cfg, device):
+    # Where the span is seen, zero_grad records it under torch.optim's
+    # name, as torch's does (in a profile, and in make_fx's graph).
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    _, ours = _pair(cfg, device)
+    name = f"Optimizer.zero_grad#{type(ours.opt).__name__}.zero_grad"
+    ours.set_grads(0)
+    with torch.profiler.profile() as prof:
+        ours.opt.zero_grad()
+    assert any(e.name == name for e in prof.events()), sorted({e.name for e in prof.events()})[:20]
+    assert all(p.grad is None for p in ours.params)
+    ours.set_grads(1)
+
+    def zero_then_identity(x):
+        ours.opt.zero_grad()
+        return x
+
+    code = make_fx(zero_then_identity)(torch.ones(1)).code
+    assert f"_record_function_enter_new.default('{name}')" in code, code
+    assert all(p.grad is None for p in ours.params)
+
+
 def _stepping(opt):
     def step_then_identity(x):
         opt.step()
