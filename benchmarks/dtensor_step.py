@@ -36,13 +36,7 @@ import torch.distributed as dist
 
 import fused_optim
 from fused_optim.bench.workloads import many_small_sizes
-
-OPTIMIZERS = {
-    "sgd": ("SGD", {"lr": 1e-3, "momentum": 0.9}),
-    "adam": ("Adam", {"lr": 1e-3}),
-    "adamw": ("AdamW", {"lr": 1e-3, "weight_decay": 0.01}),
-    "adagrad": ("Adagrad", {"lr": 1e-2}),
-}
+from interleaved import OPTIMIZERS, interleaved_times
 
 # name -> (the optimizer's module, extra keywords, params made DTensors)
 IMPLEMENTATIONS = {
@@ -113,14 +107,7 @@ def main(argv=None) -> None:
     try:
         steps = {name: make_step(module, extra, sharded, args.optimizer, sizes, args.clip)
                  for name, (module, extra, sharded) in IMPLEMENTATIONS.items()}
-        names = list(steps)
-        times = {name: [] for name in names}
-        for round_ in range(args.warmup + args.rounds):
-            shift = round_ % len(names)
-            for name in names[shift:] + names[:shift]:
-                elapsed = steps[name]()
-                if round_ >= args.warmup:
-                    times[name].append(elapsed)
+        times = interleaved_times(steps, args.rounds, args.warmup)
     finally:
         if own_group:
             dist.destroy_process_group()

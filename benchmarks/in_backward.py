@@ -33,13 +33,7 @@ import time
 import torch
 
 import fused_optim
-
-OPTIMIZERS = {
-    "sgd": ("SGD", {"lr": 1e-3, "momentum": 0.9}),
-    "adam": ("Adam", {"lr": 1e-3}),
-    "adamw": ("AdamW", {"lr": 1e-3, "weight_decay": 0.01}),
-    "adagrad": ("Adagrad", {"lr": 1e-2}),
-}
+from interleaved import OPTIMIZERS, interleaved_times
 
 # name -> (the optimizer's module, extra keywords, stepped in backward)
 IMPLEMENTATIONS = {
@@ -95,14 +89,7 @@ def main(argv=None) -> None:
     steps = {name: make_train_step(module, extra, in_backward, args.optimizer, args.layers,
                                    args.width)[0]
              for name, (module, extra, in_backward) in IMPLEMENTATIONS.items()}
-    names = list(steps)
-    times = {name: [] for name in names}
-    for round_ in range(args.warmup + args.rounds):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            elapsed = steps[name]()
-            if round_ >= args.warmup:
-                times[name].append(elapsed)
+    times = interleaved_times(steps, args.rounds, args.warmup)
     params = 2 * args.layers
     elements = args.layers * (args.width * args.width + args.width)
     ours = statistics.median(times["ours in backward"])

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import in_backward  # noqa: E402
+from interleaved import interleaved_times  # noqa: E402
 
 
 @pytest.mark.parametrize("optimizer", sorted(in_backward.OPTIMIZERS))
@@ -34,6 +35,18 @@ def test_the_steps_in_backward_update_every_param_and_drop_its_gradient():
         after = list(model.parameters())
         assert all(not b.equal(a) for b, a in zip(before, after)), name
         assert all(p.grad is None for p in after), name
+
+
+def test_interleaved_times_rotates_the_order_and_keeps_the_rounds_after_the_warmup():
+    calls = []
+
+    def timed(name, seconds):
+        return lambda: calls.append(name) or seconds
+
+    times = interleaved_times({"a": timed("a", 1.0), "b": timed("b", 2.0), "c": timed("c", 3.0)},
+                              rounds=3, warmup=2)
+    assert times == {"a": [1.0] * 3, "b": [2.0] * 3, "c": [3.0] * 3}
+    assert calls == list("abc" "bca" "cab" "abc" "bca")
 
 
 @pytest.mark.parametrize("argv", [["--rounds", "0"], ["--warmup", "-1"], ["--layers", "0"],

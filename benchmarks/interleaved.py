@@ -1,0 +1,32 @@
+"""What the standalone benchmark scripts (dtensor_step.py, in_backward.py)
+share: the optimizers they time, and the interleaved timing loop that
+docs/benchmarking.md asks for (every implementation timed in every round,
+in one process, so that the machine's drift falls on all alike)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+# name -> (class name, in torch.optim and fused_optim alike; its keywords)
+OPTIMIZERS = {
+    "sgd": ("SGD", {"lr": 1e-3, "momentum": 0.9}),
+    "adam": ("Adam", {"lr": 1e-3}),
+    "adamw": ("AdamW", {"lr": 1e-3, "weight_decay": 0.01}),
+    "adagrad": ("Adagrad", {"lr": 1e-2}),
+}
+
+
+def interleaved_times(steps: dict[str, Callable[[], float]], rounds: int,
+                      warmup: int) -> dict[str, list[float]]:
+    """{name: the seconds of each kept round}: each round calls every step
+    (which times itself and returns its seconds) once, in an order rotated
+    by one each round; the first ``warmup`` rounds are not kept."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed = steps[name]()
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return times
