@@ -27,13 +27,12 @@ rounds.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 import fused_optim
-from interleaved import OPTIMIZERS, interleaved_times
+from interleaved import OPTIMIZERS, interleaved_times, print_medians
 
 # name -> (the optimizer's module, extra keywords, stepped in backward)
 IMPLEMENTATIONS = {
@@ -92,14 +91,10 @@ def main(argv=None) -> None:
     times = interleaved_times(steps, args.rounds, args.warmup)
     params = 2 * args.layers
     elements = args.layers * (args.width * args.width + args.width)
-    ours = statistics.median(times["ours in backward"])
     print(f"{OPTIMIZERS[args.optimizer][0]}, an MLP of {args.layers} layers of width "
           f"{args.width} ({params} params, {elements:,} elements), batch 8, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds")
-    print("| implementation | median train step (us) | / ours in backward |\n|---|---:|---:|")
-    for name, samples in times.items():
-        median = statistics.median(samples)
-        print(f"| {name} | {median * 1e6:.0f} | {median / ours:.2f}x |")
+    print_medians(times, "ours in backward", "train step")
 
 
 if __name__ == "__main__":

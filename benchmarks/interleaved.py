@@ -1,10 +1,12 @@
-"""What the standalone benchmark scripts (dtensor_step.py, in_backward.py)
-share: the optimizers they time, and the interleaved timing loop that
-docs/benchmarking.md asks for (every implementation timed in every round,
-in one process, so that the machine's drift falls on all alike)."""
+"""What the standalone benchmark scripts (dtensor_step.py, in_backward.py,
+step_after_backward.py) share: the optimizers they time, the interleaved
+timing loop that docs/benchmarking.md asks for (every implementation timed
+in every round, in one process, so that the machine's drift falls on all
+alike), and the table of medians they print."""
 
 from __future__ import annotations
 
+import statistics
 from typing import Callable
 
 # name -> (class name, in torch.optim and fused_optim alike; its keywords)
@@ -30,3 +32,13 @@ def interleaved_times(steps: dict[str, Callable[[], float]], rounds: int,
             if round_ >= warmup:
                 times[name].append(elapsed)
     return times
+
+
+def print_medians(times: dict[str, list[float]], baseline: str, what: str) -> None:
+    """A Markdown table: each implementation's median of ``what`` in us,
+    and that median over ``baseline``'s."""
+    reference = statistics.median(times[baseline])
+    print(f"| implementation | median {what} (us) | / {baseline} |\n|---|---:|---:|")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(f"| {name} | {median * 1e6:.0f} | {median / reference:.2f}x |")

@@ -27,7 +27,6 @@ asks); medians over the rounds.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -35,14 +34,7 @@ import torch
 import fused_optim
 from fused_optim import _bucket, _kept_calls
 from fused_optim.bench.workloads import many_small_sizes
-
-OPTIMIZERS = {
-    "sgd": (fused_optim.SGD, torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
-    "adam": (fused_optim.Adam, torch.optim.Adam, {"lr": 1e-3}),
-    "adamw": (fused_optim.AdamW, torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.01}),
-    "adagrad": (fused_optim.Adagrad, torch.optim.Adagrad, {"lr": 1e-2}),
-}
-
+from interleaved import OPTIMIZERS, interleaved_times, print_medians
 
 def gradients_in_python(call, clipping: bool, rebuild: bool):
     """OneCall.gradients as it was before Note [gradients read in C++]:
@@ -67,6 +59,11 @@ class Implementation:
         self.optimizer.zero_grad()
         torch.autograd.backward([p.sum() for p in self.params])
 
+    def backward_then_step(self) -> float:
+        """One round: the backward, then the step; the step's seconds."""
+        self.backward()
+        return self.timed_step()
+
     def timed_step(self) -> float:
         if self.gradients is not None:
             _kept_calls.OneCall.gradients = self.gradients
@@ -85,7 +82,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0 or (args.tensors is not None and args.tensors < 1):
         parser.error("--rounds and --tensors must be at least 1, --warmup at least 0")
-    ours_class, torch_class, kwargs = OPTIMIZERS[args.optimizer]
+    class_name, kwargs = OPTIMIZERS[args.optimizer]
+    ours_class, torch_class = getattr(fused_optim, class_name), getattr(torch.optim, class_name)
     sizes = many_small_sizes() if args.tensors is None else [args.numel] * args.tensors
     in_cpp = _kept_calls.OneCall.gradients
     impls = [
@@ -95,24 +93,14 @@ def main(argv=None) -> None:
     for label, extra in (("torch fused", {"fused": True}), ("torch foreach", {"foreach": True}),
                          ("torch for-loop", {"foreach": False})):
         impls.append(Implementation(label, torch_class, {**kwargs, **extra}, sizes))
-    times = {impl.name: [] for impl in impls}
     try:
-        for round_ in range(args.warmup + args.rounds):
-            shift = round_ % len(impls)
-            for impl in impls[shift:] + impls[:shift]:
-                impl.backward()
-                elapsed = impl.timed_step()
-                if round_ >= args.warmup:
-                    times[impl.name].append(elapsed)
+        times = interleaved_times({impl.name: impl.backward_then_step for impl in impls},
+                                  args.rounds, args.warmup)
     finally:
         _kept_calls.OneCall.gradients = in_cpp
-    ours = statistics.median(times["ours"])
     print(f"{ours_class.__name__}({kwargs}), {len(sizes)} tensors, {sum(sizes):,} elements, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds")
-    print("| implementation | median step after backward (us) | / ours |\n|---|---:|---:|")
-    for name, samples in times.items():
-        median = statistics.median(samples)
-        print(f"| {name} | {median * 1e6:.0f} | {median / ours:.2f}x |")
+    print_medians(times, "ours", "step after backward")
 
 
 if __name__ == "__main__":
