@@ -9,7 +9,7 @@ import sys
 import torch  # (loads libtorch before our extension)
 
 from fused_optim import _C  # noqa: F401  (registers the torch.ops.fused_optim ops)
-from fused_optim import _dtensor
+from fused_optim import _dtensor, _functional
 from fused_optim._clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from fused_optim._build import cuda_built
 from fused_optim.adagrad import Adagrad
@@ -30,6 +30,9 @@ __all__ = [
 __version__ = "0.1.0"
 
 _dtensor.register_when_imported()  # torch.ops.fused_optim.* on DTensors (FSDP2, TP)
+# our classes in torch.distributed's table of functional twins (DDP's
+# overlapped optimizer, ZeRO's overlap_with_ddp)
+_functional.register_when_imported([c for c in map(globals().get, __all__) if isinstance(c, type)])
 
 # Note [the rest of torch.optim]
 # `import torch.optim as optim` is the idiom, so `import fused_optim as

@@ -41,9 +41,6 @@ handler is registered when that module is imported, by whoever imports it
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
-import sys
 from itertools import compress
 from operator import attrgetter, is_, is_not
 
@@ -51,7 +48,7 @@ import torch
 
 from torch.autograd.graph import increment_version
 
-from fused_optim import _ops
+from fused_optim import _on_import, _ops
 from fused_optim._ops import (
     MEASURE_OVERLOADS,
     OP_NAMES,
@@ -434,32 +431,7 @@ def register() -> None:
     handlers[torch.ops.fused_optim.sum_of_squares.default] = _sum_of_squares_call
 
 
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Registers the handler right after torch.distributed.tensor is
-    imported (and steps aside: the other finders find the module)."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _MODULE:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module):
-            exec_module(module)
-            register()
-
-        spec.loader.exec_module = exec_then_register
-        return spec
-
-
 def register_when_imported() -> None:
-    if not torch.distributed.is_available():
-        return
-    if _MODULE in sys.modules:
-        register()
-    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
+    if torch.distributed.is_available():
+        _on_import.when_imported(_MODULE, register)
 

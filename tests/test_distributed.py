@@ -4,6 +4,8 @@ gloo group (the mechanics are the same; CI has no GPUs or peers)."""
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -66,12 +68,20 @@ def test_zero_redundancy_and_ddp_match_torch(process_group, name):
         torch.testing.assert_close(ours, ref)
 
 
+def _run_after_each_import_order(module: str, check: str) -> None:
+    """Runs ``check`` (Python source that prints "registered") in a fresh
+    interpreter after importing ``module`` and fused_optim in each order;
+    fused_optim alone must not import ``module`` (it costs up to a second)."""
+    alone = f"import sys, fused_optim; assert {module!r} not in sys.modules"
+    for first in (f"{alone}; import {module}", f"import {module}; import fused_optim"):
+        out = subprocess.run([sys.executable, "-c", f"{first}; {check}"], capture_output=True,
+                             text=True, timeout=120)
+        assert out.stdout.strip() == "registered", (first, out.stderr)
+
+
 def test_dtensor_rule_registered_whichever_is_imported_first():
     # torch.distributed.tensor is imported lazily (it costs ~0.5 s): the
     # rule is registered when it is, before or after fused_optim.
-    import subprocess
-    import sys
-
     # Both overloads of every op (float lr, tensor lr).
     check = (
         "from torch.distributed.tensor import DTensor; "
@@ -82,10 +92,87 @@ def test_dtensor_rule_registered_whichever_is_imported_first():
         "'lamb_') "
         "for overload in ('default', 'tensor_lr')); print('registered')"
     )
-    for first in ("import fused_optim; import torch.distributed.tensor", "import torch.distributed.tensor; import fused_optim"):
-        out = subprocess.run([sys.executable, "-c", f"{first}; {check}"], capture_output=True,
-                             text=True, timeout=120)
-        assert out.stdout.strip() == "registered", out.stderr
+    _run_after_each_import_order("torch.distributed.tensor", check)
+
+
+# torch.optim's classes with a functional twin in torch.distributed
+# (_functional.py); torch has none for RAdam, NAdam (nor for Lion, Lars,
+# Lamb, which it lacks).
+FUNCTIONAL_TWINS = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+
+
+def test_functional_twins_registered_whichever_is_imported_first():
+    check = (
+        "import torch, fused_optim; "
+        "from torch.distributed.optim.utils import functional_optim_map as twins; "
+        f"assert all(twins[getattr(fused_optim, n)] is twins[getattr(torch.optim, n)] "
+        f"for n in {FUNCTIONAL_TWINS!r}); "
+        "assert not any(getattr(fused_optim, n) in twins "
+        "for n in ('RAdam', 'NAdam', 'Lion', 'Lars', 'Lamb')); print('registered')"
+    )
+    _run_after_each_import_order("torch.distributed.optim.utils", check)
+
+
+# Options that reach every branch of each functional twin's update. DDP's
+# overlapped optimizer steps one param at a time (the twin's step_param),
+# which torch's twins of Adagrad and RMSprop lack (ZeRO's overlap_with_ddp
+# steps a bucket, step(gradients), which all five have).
+OVERLAPPED = {
+    "SGD": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "Adam": dict(lr=0.01, weight_decay=0.01, amsgrad=True),
+    "AdamW": dict(lr=0.01, weight_decay=0.1, maximize=True),
+}
+
+
+def _overlapped_ddp_run(optimizer_class, **kwargs):
+    """Params after DDP's overlapped optimizer (each param stepped in the
+    communication hook, right after its gradient is reduced) of
+    ``optimizer_class`` trained 4 steps."""
+    model = DistributedDataParallel(_model(0))
+    model._register_fused_optim(optimizer_class, **kwargs)
+    torch.manual_seed(1)
+    for _ in range(4):
+        model(torch.randn(8, 16)).square().mean().backward()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.filterwarnings("ignore:`TorchScript` support for functional optimizers")
+@pytest.mark.parametrize("name", sorted(OVERLAPPED))
+def test_ddp_overlapped_optimizer_takes_ours_as_torchs(process_group, name):
+    before = [p.detach().clone() for p in _model(0).parameters()]
+    ref = _overlapped_ddp_run(getattr(torch.optim, name), **OVERLAPPED[name])
+    ours = _overlapped_ddp_run(getattr(fused_optim, name), **OVERLAPPED[name])
+    assert not any(torch.equal(p, q) for p, q in zip(ref, before))  # (it stepped)
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.filterwarnings("ignore:`TorchScript` support for functional optimizers")
+@pytest.mark.parametrize("name", sorted(set(FUNCTIONAL_TWINS) - set(OVERLAPPED)))
+def test_ddp_overlapped_optimizer_refuses_ours_as_torchs(process_group, name):
+    for cls in (getattr(torch.optim, name), getattr(fused_optim, name)):
+        with pytest.raises(ValueError, match="must implement method step_param"):
+            DistributedDataParallel(_model(0))._register_fused_optim(cls, lr=0.1)
+
+
+@pytest.mark.filterwarnings("ignore:`TorchScript` support for functional optimizers")
+@pytest.mark.parametrize("name", FUNCTIONAL_TWINS)
+def test_functional_twins_refuse_our_precision_keywords(name):
+    # The twin takes torch's keywords only, as it does for torch's class.
+    from torch.distributed.optim import as_functional_optim
+
+    for keyword, value in (("master_weights", True), ("state_dtype", torch.bfloat16),
+                           ("stochastic_rounding", True), ("max_grad_norm", 1.0)):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{keyword}'"):
+            as_functional_optim(getattr(fused_optim, name), lr=0.1, **{keyword: value})
+
+
+def test_classes_without_a_functional_twin_are_refused_as_torchs():
+    from torch.distributed.optim import as_functional_optim
+
+    for cls in (torch.optim.RAdam, fused_optim.RAdam, fused_optim.NAdam, fused_optim.Lion):
+        with pytest.raises(ValueError, match="does not have a functional counterpart"):
+            as_functional_optim(cls, lr=0.1)
 
 
 # The optimizers whose update reads per-tensor norms (_ops.TENSOR_NORM_OPS),
