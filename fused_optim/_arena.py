@@ -30,7 +30,14 @@ number: for a large model, its biases and norms). Not packed:
   restores the views);
 - state made inside a ``torch.compile``d step (_traced.py): views of one
   buffer that the step mutates are aliased graph inputs, which made the
-  compile 1.5-2.1x slower (measured at 200 and 500 params);
+  compile 1.5-2.1x slower (measured at 200 and 500 params). For the same
+  reason a traced step unpacks the packed state it reads (``unpack``, in
+  ``_init_group``, which runs as the step is traced, not at each compiled
+  step): with state packed before (Adagrad's sums at construction, an
+  eager first step, a checkpoint of packed state) Inductor cannot update
+  aliased inputs in place, and every compiled step cloned all but one
+  state tensor of a buffer before the op and copied it back after (two
+  more passes over that state);
 - CUDA state: the caching allocator would keep the per-param tensors'
   memory reserved beside the arena, and the kernels' chunked launches do
   not walk tensors one after another (unmeasured on a GPU).
@@ -103,13 +110,25 @@ def pack(entries: list) -> None:
 
 
 def unpack(state: dict) -> None:
-    """Gives each state tensor of ``state`` that starts at an offset into
-    its storage (an arena view) its own memory, the same values: for
-    torch.optim's sparse updates (Note [state arena])."""
+    """Gives each state tensor of ``state`` that shares its storage (an
+    arena view, or a view restored by ``torch.load``) memory of its own,
+    the same values and strides: for torch.optim's sparse updates and
+    for a traced step (Note [state arena])."""
     for name, tensor in list(state.items()):
-        if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided \
-                and tensor.storage_offset() != 0:
+        if _in_shared_storage(tensor):
             state[name] = tensor.clone(memory_format=torch.preserve_format)
+
+
+def _in_shared_storage(tensor) -> bool:
+    # (a contiguous tensor that is not the whole of its storage: packed
+    # ones are contiguous, and the clone of one keeps its strides)
+    return (
+        type(tensor) is torch.Tensor
+        and tensor.layout == torch.strided
+        and tensor.is_contiguous()
+        and (tensor.storage_offset() != 0
+             or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size())
+    )
 
 
 def _packable(tensor) -> bool:

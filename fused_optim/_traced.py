@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_optim import _bucket, _clip, _ops, _torch_path
+from fused_optim import _arena, _bucket, _clip, _ops, _torch_path
 from fused_optim._journal import Journal
 from fused_optim._ops import GroupArguments, OpExtras
 from fused_optim._precision import precision_of, real_dtype
@@ -74,6 +74,7 @@ class TracedStep:
                 precision = precision_of(group, real_dtype(param))
                 before = set(self.state.get(param, ()))
                 state, is_new = self._ready_state(param, group, precision, Journal(self.state))
+                _arena.unpack(state)  # (aliased graph inputs: Note [state arena])
                 made = {}
                 if is_new:
                     new_state.append(len(params) - start)

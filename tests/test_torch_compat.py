@@ -551,6 +551,43 @@ def test_compiled_train_step_with_inductor_equals_eager():
     _assert_equal_runs(models[0], opts[0], models[1], opts[1], exact=False)
 
 
+def _state_tensors(opt):
+    return [t for state in opt.state.values() for name, t in state.items() if name != "step"]
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam"])
+def test_compiled_step_after_packed_state_updates_it_in_place(name):
+    # State made eagerly (Adagrad's at construction, the others' by an eager
+    # step) is packed: views of one buffer (Note [state arena]). As graph
+    # inputs they alias, and Inductor cloned all but one of them before the
+    # op and copied them back after, in every compiled step. The traced step
+    # unpacks them as it is traced: the compiled step is the op alone, no
+    # kernel of Inductor's, the same bits as eager.
+    import torch._inductor.config
+    import torch._inductor.metrics
+
+    torch._dynamo.reset()
+    models = [_model(), _model()]
+    kwargs = {"momentum": 0.9} if name == "SGD" else {}
+    opts = [getattr(fused_optim, name)(m.parameters(), lr=0.01, **kwargs) for m in models]
+    _set_grads(models, 0)
+    for opt in opts:
+        opt.step()
+    packed = _state_tensors(opts[0])
+    assert len({t.untyped_storage().data_ptr() for t in packed}) < len(packed)
+    torch._inductor.metrics.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):  # (a cached graph counts none)
+        compiled = torch.compile(opts[0].step)
+        for step in range(1, 4):
+            _set_grads(models, step)
+            compiled()
+            opts[1].step()
+    assert torch._inductor.metrics.generated_kernel_count == 0
+    unpacked = _state_tensors(opts[0])
+    assert len({t.untyped_storage().data_ptr() for t in unpacked}) == len(unpacked)
+    _assert_equal_runs(models[0], opts[0], models[1], opts[1])
+
+
 def test_eager_step_keeps_the_fast_call(monkeypatch):
     def refuse(call):
         raise AssertionError("eager step went through torch.ops")
