@@ -49,6 +49,8 @@ def lean_step_wrapper(step):
     """``step`` wrapped for hooks and the profiler as torch.optim does, but
     only when there are any (Note [lean step wrapper])."""
     torch_wrapper = Optimizer.profile_hook_step(step)
+    # (past grad_mode_as_torch, which does nothing when not traced)
+    eager_step = getattr(step, "eager_step", step)
 
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
@@ -63,9 +65,28 @@ def lean_step_wrapper(step):
             or torch._C._len_torch_dispatch_stack()
         ):
             return torch_wrapper(*args, **kwargs)
-        return step(*args, **kwargs)
+        return eager_step(*args, **kwargs)
 
     wrapper.hooked = True
+    return wrapper
+
+
+def grad_mode_as_torch(step):
+    """``step`` wrapped where torch.optim wraps its steps in
+    ``_use_grad_for_differentiable``, so that ``opt.step.__wrapped__`` is
+    this wrapper and ``.__wrapped__`` again the step itself, as torch's
+    (its compiled-optimizer tests compile that with fullgraph=True, grad
+    mode set by the caller). Traced, the step in the ``differentiable``
+    option's grad mode between torch's graph breaks (``_compiled_step``);
+    eager, the step itself, which sets grad mode at less cost."""
+
+    @functools.wraps(step)
+    def wrapper(self, closure=None):
+        if torch.compiler.is_compiling():
+            return self._compiled_step(closure)
+        return step(self, closure)
+
+    wrapper.eager_step = step  # (what lean_step_wrapper calls when nothing is traced)
     return wrapper
 
 
@@ -101,6 +122,7 @@ class StepProtocol:
 
     zero_grad.__doc__ = Optimizer.zero_grad.__doc__
 
+    @grad_mode_as_torch
     def step(self, closure=None):
         """Performs a single optimization step.
 
@@ -109,7 +131,8 @@ class StepProtocol:
                 and returns the loss.
         """
         if torch.compiler.is_compiling():
-            return self._compiled_step(closure)
+            # (traced past grad_mode_as_torch: the caller set grad mode)
+            return self._traced_step_with_closure(closure)
         # Grad mode as torch.optim's _use_grad_for_differentiable sets it
         # (the graph breaks it adds matter only to a traced step).
         grad_was_enabled = torch.is_grad_enabled()

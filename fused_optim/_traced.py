@@ -195,7 +195,11 @@ class TracedStep:
         the step counter where the param has none: ``made`` holds (param,
         state names, state tensors, step counter or None)."""
         for param, names, tensors, step in made:
-            state = self.state[param]
+            # (not self.state[param]: Dynamo cannot trace a defaultdict
+            # subclass's __missing__, a graph break in the first step)
+            state = self.state.get(param)
+            if state is None:
+                state = self.state[param] = {}
             for name, tensor in zip(names, tensors):
                 state[name] = tensor
             if step is not None and "step" not in state:

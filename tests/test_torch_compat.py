@@ -530,6 +530,29 @@ def test_fullgraph_fails_only_at_torchs_use_grad_break():
         assert "_use_grad" in str(info.value) or "optimizer.py" in str(info.value)
 
 
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_step_unwrapped_twice_is_the_raw_step_and_compiles_whole(name):
+    # torch's compiled-optimizer tests compile opt.step.__wrapped__.__wrapped__
+    # (past profile_hook_step and _use_grad_for_differentiable: no graph
+    # break) with fullgraph=True, grad mode off around the call. Ours has
+    # the same two wrappers; the raw step traces whole and equals eager.
+    torch._dynamo.reset()
+    torch_raw = torch.optim.Adam(_model().parameters()).step.__wrapped__.__wrapped__
+    assert not hasattr(torch_raw, "__wrapped__")  # (the idiom, on torch's own)
+    models = [_model(), _model()]
+    kwargs = {"momentum": 0.9} if name in ("SGD", "Lars") else {}
+    opts = [getattr(fused_optim, name)(_groups(m), lr=0.01, **kwargs) for m in models]
+    raw = opts[0].step.__wrapped__.__wrapped__
+    assert not hasattr(raw, "__wrapped__")
+    compiled = torch.compile(lambda: raw(opts[0]), fullgraph=True, backend="aot_eager")
+    for step in range(3):
+        _set_grads(models, step)
+        with torch.no_grad():
+            compiled()
+        opts[1].step()
+    _assert_equal_runs(models[0], opts[0], models[1], opts[1])
+
+
 def test_compiled_train_step_with_inductor_equals_eager():
     torch._dynamo.reset()
     models = [_model(), _model()]
