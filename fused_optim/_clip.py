@@ -142,9 +142,7 @@ def traced_global_norm(grads: list, grad_scale):
         )
         for device, tensors in by_device.items()
     ]
-    first = grads[0].device
-    total = parts[0] if len(parts) == 1 else sum(p.to(first) for p in parts)
-    return total.sqrt()
+    return _added(parts, grads[0].device).sqrt()
 
 
 def global_sum_of_squares(grads: list, grad_scale=None, op=_C.sum_of_squares) -> torch.Tensor:
@@ -165,11 +163,17 @@ def global_sum_of_squares(grads: list, grad_scale=None, op=_C.sum_of_squares) ->
     parts = [_sum_of_squares(tensors, grad_scale, op) for tensors in plain.values()]
     if dtensors:
         parts += _dtensor_parts(dtensors, grad_scale, op)
-    first = grads[0].device
+    return _added(parts, grads[0].device)
+
+
+def _added(parts: list, device: torch.device) -> torch.Tensor:
+    """The sum of the partial sums of squares ``parts`` (one per device,
+    mesh or call) on ``device``, in float64 if any part is (the eager and
+    the traced norm add them alike)."""
     if len(parts) == 1:
         return parts[0]
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
-    return torch.stack([p.to(first, dtype) for p in parts]).sum()
+    return torch.stack([p.to(device, dtype) for p in parts]).sum()
 
 
 def norm_of_gradients_of(grads_of, device: torch.device, grad_scale=None):

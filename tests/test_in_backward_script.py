@@ -3,13 +3,11 @@ reported (a few rounds: this checks that it runs, not what it costs)."""
 
 from __future__ import annotations
 
-import pathlib
 import re
-import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+from benchmark_scripts import assert_refused  # (benchmarks/ on sys.path)
 import in_backward  # noqa: E402
 from interleaved import interleaved_times  # noqa: E402
 
@@ -52,6 +50,4 @@ def test_interleaved_times_rotates_the_order_and_keeps_the_rounds_after_the_warm
 @pytest.mark.parametrize("argv", [["--rounds", "0"], ["--warmup", "-1"], ["--layers", "0"],
                                   ["--width", "0"]])
 def test_refuses_values_out_of_range(argv):
-    with pytest.raises(SystemExit) as exit_info:
-        in_backward.main(argv)
-    assert exit_info.value.code == 2
+    assert_refused(in_backward.main, argv)
