@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 from fused_optim import _ops, _torch_path
 from fused_optim._bucket import Plan, Precision
 from fused_optim._checkpoint import Checkpoints
+from fused_optim._keywords import to_float
 from fused_optim._planning import Planning, new_step
 from fused_optim._precision import PRECISION_DEFAULTS
 from fused_optim._state import OptimizerState
@@ -196,10 +197,13 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         (_torch_path.py) rather than the fused op."""
         return _torch_path.uses_torch_path(group, self._takes_caution)
 
-    # The group option of each of the op's float hyperparameters, in the
-    # op's order, when each is a group option as is (None: read them with
-    # ``_hyperparameters``, or override ``_hyperparameter_lists``).
-    _hyperparameter_keys: tuple | None = None
+    # Whether each of the op's float hyperparameters (its schema's float[]
+    # lists other than lr) is the group option of the same name, as is
+    # (SGD, Adagrad, RMSprop, Lars): then the schema alone names them. A
+    # class whose options are not (Adam's betas are the op's beta1 and
+    # beta2) defines ``_hyperparameters``, and may override
+    # ``_hyperparameter_lists`` for speed.
+    _hyperparameters_are_group_options: bool = False
     # The group option of each of the op's per-group bool lists whose name
     # differs from the list's (Lamb: timm's ``decoupled_decay`` is the op's
     # ``decoupled_weight_decay``).
@@ -226,13 +230,12 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     def _hyperparameter_lists(self, groups) -> list:
         """One list per float hyperparameter of the op (its order), one
         float per group: the per-step hot path of ``_hyperparameters``."""
-        keys = self._hyperparameter_keys
-        if keys is not None:
-            return [list(map(float, column)) for column in zip(*map(operator.itemgetter(*keys), groups))]
+        names = _ops.SIGNATURES[self._op_name].hyperparameters
+        if self._hyperparameters_are_group_options:
+            return [list(map(float, column)) for column in zip(*map(operator.itemgetter(*names), groups))]
         per_group = list(map(self._hyperparameters, groups))
         # (by the op's names, not the dicts' order)
-        return [list(map(operator.itemgetter(name), per_group))
-                for name in _ops.SIGNATURES[self._op_name].hyperparameters]
+        return [list(map(operator.itemgetter(name), per_group)) for name in names]
 
     def _group_key(self, group) -> tuple:
         """Everything of a group that decides its buckets: the kernel mode
@@ -244,7 +247,9 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     def _hyperparameters(self, group) -> dict:
         """This group's per-group op arguments other than lr, as floats, by
         the op's names (its schema's ``float[]`` lists)."""
-        raise NotImplementedError
+        if not self._hyperparameters_are_group_options:
+            raise NotImplementedError
+        return {name: to_float(group[name]) for name in _ops.SIGNATURES[self._op_name].hyperparameters}
 
     def _sparse_step(self, group, params, grads, is_new) -> None:
         """Updates params with sparse gradients (SGD, Adagrad); ``is_new[i]``

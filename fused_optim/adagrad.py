@@ -86,7 +86,7 @@ class Adagrad(FusedOptimizer):
             for param in group["params"]:
                 self.state[param]["sum"].share_memory_()
 
-    _hyperparameter_keys = ("lr_decay", "weight_decay", "eps")
+    _hyperparameters_are_group_options = True
 
     def _state_names(self, mode) -> tuple:
         return ("sum",)
@@ -105,13 +105,6 @@ class Adagrad(FusedOptimizer):
                 value = complex(value, value)
             state["sum"] = torch.full_like(param, value, dtype=dtype, memory_format=torch.preserve_format)
         return False
-
-    def _hyperparameters(self, group) -> dict:
-        return {
-            "lr_decay": to_float(group["lr_decay"]),
-            "weight_decay": to_float(group["weight_decay"]),
-            "eps": to_float(group["eps"]),
-        }
 
     def _check_sparse(self, group, param, grad, is_new: bool) -> None:
         if group["weight_decay"] != 0:

@@ -8,7 +8,7 @@ from fused_optim import _docs, _reference
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._momentum import MomentumBufferState
-from fused_optim._keywords import check_implementation_keywords, to_float
+from fused_optim._keywords import check_implementation_keywords
 from fused_optim._precision import check_precision_keywords
 
 __all__ = ["Lars"]
@@ -78,21 +78,9 @@ class Lars(MomentumBufferState, FusedOptimizer):
     # (nesterov and foreach as timm's; timm's groups have no maximize)
     _setstate_defaults = {"nesterov": False, "maximize": False, "foreach": None}
 
-    _hyperparameter_keys = ("momentum", "dampening", "weight_decay", "trust_coeff", "eps",
-                            "trust_clip", "always_adapt")
-
-    def _hyperparameters(self, group) -> dict:
-        # (trust_clip and always_adapt are per-group bools, passed as 0.0 or
-        # 1.0: the op's per-group lists are float lists)
-        return {
-            "momentum": to_float(group["momentum"]),
-            "dampening": to_float(group["dampening"]),
-            "weight_decay": to_float(group["weight_decay"]),
-            "trust_coeff": to_float(group["trust_coeff"]),
-            "eps": to_float(group["eps"]),
-            "trust_clip": float(bool(group["trust_clip"])),
-            "always_adapt": float(bool(group["always_adapt"])),
-        }
+    # (trust_clip and always_adapt, per-group bools, reach the op's float
+    # lists as 0.0 or 1.0)
+    _hyperparameters_are_group_options = True
 
 
 Lars.__doc__ = (

@@ -7,7 +7,7 @@ import torch
 from fused_optim import _docs
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
-from fused_optim._keywords import check_implementation_keywords, to_float
+from fused_optim._keywords import check_implementation_keywords
 from fused_optim._precision import check_precision_keywords
 
 __all__ = ["RMSprop"]
@@ -76,7 +76,7 @@ class RMSprop(FusedOptimizer):
     }
 
     _mode_keys = ("centered", "momentum")
-    _hyperparameter_keys = ("alpha", "eps", "weight_decay", "momentum")
+    _hyperparameters_are_group_options = True
 
     def _mode(self, group) -> tuple:
         return (bool(group["centered"]), group["momentum"] > 0)
@@ -91,14 +91,6 @@ class RMSprop(FusedOptimizer):
             + (("grad_avg",) if centered else ())
             + (("momentum_buffer",) if uses_momentum else ())
         )
-
-    def _hyperparameters(self, group) -> dict:
-        return {
-            "alpha": to_float(group["alpha"]),
-            "eps": to_float(group["eps"]),
-            "weight_decay": to_float(group["weight_decay"]),
-            "momentum": to_float(group["momentum"]),
-        }
 
 RMSprop.__doc__ = (
     r"""RMSprop (Hinton, 2012), fused: drop-in for :class:`torch.optim.RMSprop`.

@@ -73,14 +73,7 @@ class SGD(MomentumBufferState, FusedOptimizer):
         "fused": None,  # (torch: False; None is our fused step)
     }
 
-    _hyperparameter_keys = ("momentum", "dampening", "weight_decay")
-
-    def _hyperparameters(self, group) -> dict:
-        return {
-            "momentum": to_float(group["momentum"]),
-            "dampening": to_float(group["dampening"]),
-            "weight_decay": to_float(group["weight_decay"]),
-        }
+    _hyperparameters_are_group_options = True
 
     def _check_sparse(self, group, param, grad, is_new: bool) -> None:
         # torch.optim fails in each case too, but only after updating the

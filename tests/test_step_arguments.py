@@ -105,14 +105,15 @@ def test_fused_false_on_an_optimizer_without_the_option_is_seen():
     assert opt._plan is not plan and opt._plan.torch_groups == [0]
 
 
-def test_hyperparameters_without_keys_are_read_by_name_whatever_the_dict_order():
-    # The fallback of _hyperparameter_lists (a class without
-    # _hyperparameter_keys) reads _hyperparameters by the op's names.
+def test_hyperparameters_not_group_options_are_read_by_name_whatever_the_dict_order():
+    # The fallback of _hyperparameter_lists (a class whose hyperparameters
+    # are not its group options as is) reads _hyperparameters by the op's
+    # names.
     class Reordered(fused_optim.Adagrad):
-        _hyperparameter_keys = None
+        _hyperparameters_are_group_options = False
 
         def _hyperparameters(self, group):
-            return dict(reversed(list(super()._hyperparameters(group).items())))
+            return {"eps": group["eps"], "weight_decay": group["weight_decay"], "lr_decay": group["lr_decay"]}
 
     opt = Reordered([torch.nn.Parameter(torch.randn(3))], lr=0.1, lr_decay=0.01,
                     weight_decay=0.2, eps=1e-7)
