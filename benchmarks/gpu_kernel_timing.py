@@ -12,10 +12,13 @@ NUMEL elements each), three times per implementation:
   host   the host's time to enqueue one eager step (no sync)
 
 for fused_optim and for torch.optim's fastest capturable peer: fused=True
-(with capturable=True where torch takes it), else foreach=True. Medians of
+(with capturable=True where torch takes it), else foreach=True (Lion, Lars
+and Lamb, which torch.optim lacks, have no peer here). Medians of
 --repeats calls. A time is also shown as a fraction of the device's copy
 bandwidth: the bytes an ideal single pass moves (fp32: 28 per element for
-Adam/AdamW; 20 for SGD with momentum, Adagrad and RMSprop), divided by the
+Adam, AdamW, RAdam, NAdam and Lamb; 20 for SGD with momentum, Adagrad,
+RMSprop, Lion and Lars; the byte budgets of ``python -m fused_optim.bench``,
+which for Lars and Lamb leave out their norms' passes), divided by the
 time, over the bandwidth of a 1 GiB device-to-device copy (read + write
 counted). 100% is the memory-bound limit.
 
@@ -44,23 +47,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-# name -> (class name, hyperparameters, bytes per element an ideal fp32 pass moves)
+from fused_optim.bench.specs import ALL_OPTIMIZERS, OPTIMIZERS as BENCH_OPTIMIZERS  # noqa: E402
+from fused_optim.bench.specs import PRECISIONS, bytes_per_element  # noqa: E402
+
+# name -> (class name, hyperparameters, bytes per element an ideal fp32 pass
+# moves): the fused optimizers of `python -m fused_optim.bench`, with its
+# hyperparameters and byte budgets (Adam 28, SGD with momentum 20, ...; for
+# Lars and Lamb the update's, without their norms' passes).
 OPTIMIZERS = {
-    "adam": ("Adam", {"lr": 1e-3}, 28),  # p rw 8, g r 4, exp_avg rw 8, exp_avg_sq rw 8
-    "adamw": ("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, 28),
-    "sgd": ("SGD", {"lr": 1e-3, "momentum": 0.9}, 20),  # p rw 8, g r 4, momentum_buffer rw 8
-    "adagrad": ("Adagrad", {"lr": 1e-2}, 20),  # p rw 8, g r 4, sum rw 8
-    "rmsprop": ("RMSprop", {"lr": 1e-3}, 20),  # p rw 8, g r 4, square_avg rw 8
-    "radam": ("RAdam", {"lr": 1e-3}, 28),  # as Adam
-    "nadam": ("NAdam", {"lr": 2e-3}, 28),  # as Adam (mu_product: one scalar per tensor)
+    name: (BENCH_OPTIMIZERS[name].class_name, BENCH_OPTIMIZERS[name].kwargs,
+           bytes_per_element(BENCH_OPTIMIZERS[name], PRECISIONS["fp32"]))
+    for name in ALL_OPTIMIZERS
 }
+DEFAULT_OPTIMIZERS = "adam,adamw,sgd,rmsprop,adagrad"
 # torch.optim constructors that take `capturable` / `fused` (torch 2.x).
 TORCH_CAPTURABLE = ("Adam", "AdamW", "RMSprop", "RAdam", "NAdam")
 TORCH_FUSED = ("Adam", "AdamW", "SGD", "Adagrad")
 # Tensors per launch of fused_optim's kernel for these fp32 modes
-# (csrc/cuda/README.md, "Tensors per launch"): Adam 4 operands, the others 3.
+# (csrc/cuda/README.md, "Tensors per launch").
 TENSORS_PER_LAUNCH = {"adam": 48, "adamw": 48, "sgd": 54, "adagrad": 53, "rmsprop": 54,
-                      "radam": 48, "nadam": 42}
+                      "radam": 48, "nadam": 42, "lion": 54, "lars": 50, "lamb": 44}
 
 DEFAULT_LAYOUTS = "200x5000000,1x1000000000,4000x2048"
 COPY_ELEMENTS = 2**28  # fp32: 1 GiB each way
@@ -94,6 +100,13 @@ def parse_layouts(text: str) -> list[tuple[int, int]]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"layout {item!r}: expected COUNTxNUMEL, e.g. 200x5000000")
     return layouts
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected at least 1")
+    return value
 
 
 def parse_optimizers(text: str) -> list[str]:
@@ -185,7 +198,9 @@ def build(impl: str, name: str, params, fused_optim):
         if class_name in TORCH_CAPTURABLE:
             kwargs["capturable"] = True
         return getattr(fused_optim, class_name)(params, **kwargs), "fused_optim"
-    cls = getattr(torch.optim, class_name)
+    cls = getattr(torch.optim, class_name, None)
+    if cls is None:
+        raise LookupError(f"torch.optim has no {class_name}: no torch peer")
     if class_name in TORCH_CAPTURABLE:
         kwargs["capturable"] = True
     if class_name in TORCH_FUSED:
@@ -250,13 +265,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Kernel-only (CUDA graph replay) step time of fused_optim vs torch.optim, "
                     "as a fraction of a device-to-device copy's bandwidth.")
-    parser.add_argument("--optimizers", type=parse_optimizers, default="adam,adamw,sgd,rmsprop,adagrad",
-                        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: all)")
+    parser.add_argument("--optimizers", type=parse_optimizers, default=DEFAULT_OPTIMIZERS,
+                        help=f"comma-separated, from {', '.join(OPTIMIZERS)} "
+                             f"(default: {DEFAULT_OPTIMIZERS})")
     parser.add_argument("--layouts", type=parse_layouts, default=DEFAULT_LAYOUTS,
                         help=f"COUNTxNUMEL, comma-separated (default: {DEFAULT_LAYOUTS})")
     parser.add_argument("--impls", default="fused_optim,torch",
                         help="fused_optim and/or torch (its fastest capturable peer)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed calls per figure (median)")
+    parser.add_argument("--repeats", type=positive_int, default=15, help="timed calls per figure (median)")
     parser.add_argument("--json", metavar="PATH", help="write the results here (after each one)")
     args = parser.parse_args(argv)  # (string defaults go through `type` too)
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]

@@ -1,0 +1,57 @@
+"""benchmarks/gpu_kernel_timing.py, the GPU check's kernel stage, without a
+GPU: its tables (the benchmark's optimizers, hyperparameters and byte
+budgets), its command line's refusals, and its refusal to run without CUDA.
+What it measures runs only on a GPU (scripts/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmark_scripts import assert_refused  # (benchmarks/ on sys.path)
+import gpu_kernel_timing  # noqa: E402
+
+import fused_optim
+from fused_optim.bench.specs import ALL_OPTIMIZERS, OPTIMIZERS as BENCH_OPTIMIZERS
+
+
+def test_it_times_the_fused_optimizers_of_the_benchmark_with_their_hyperparameters():
+    assert list(gpu_kernel_timing.OPTIMIZERS) == ALL_OPTIMIZERS
+    for name, (class_name, hyper, _) in gpu_kernel_timing.OPTIMIZERS.items():
+        assert class_name == BENCH_OPTIMIZERS[name].class_name
+        assert hyper == BENCH_OPTIMIZERS[name].kwargs
+        assert hasattr(fused_optim, class_name)
+    # an ideal fp32 pass: param rw 8, grad r 4, each state tensor rw 8
+    budgets = {n: b for n, (_, _, b) in gpu_kernel_timing.OPTIMIZERS.items()}
+    assert budgets == {"sgd": 20, "adagrad": 20, "rmsprop": 20, "lion": 20, "lars": 20,
+                       "adam": 28, "adamw": 28, "radam": 28, "nadam": 28, "lamb": 28}
+
+
+def test_every_optimizer_has_its_tensors_per_launch():
+    assert set(gpu_kernel_timing.TENSORS_PER_LAUNCH) == set(gpu_kernel_timing.OPTIMIZERS)
+    assert all(n > 0 for n in gpu_kernel_timing.TENSORS_PER_LAUNCH.values())
+
+
+@pytest.mark.parametrize("name", ["lion", "lars", "lamb"])
+def test_an_optimizer_torch_lacks_has_no_torch_peer(name):
+    with pytest.raises(LookupError, match="torch.optim has no"):
+        gpu_kernel_timing.build("torch", name, [], fused_optim)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--optimizers", "adam,nope"],
+    ["--optimizers", "clion"],  # (not fused: not timed here)
+    ["--layouts", "200y5"],
+    ["--repeats", "0"],
+    ["--repeats", "-3"],
+    ["--impls", "apex"],
+])
+def test_invalid_values_are_refused(argv):
+    assert_refused(gpu_kernel_timing.main, argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_without_cuda_it_says_what_it_needs():
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_kernel_timing.main(["--optimizers", "adam", "--repeats", "1"])
+    assert "needs a CUDA GPU" in str(exit_info.value.code)
