@@ -9,10 +9,14 @@
 // Instantiation matrix: per op, the element ops of its modes times the
 // storage pairs (8 with state, 4 without). The weight-decay mode is not
 // among them: it is per hyperparameter set, chosen per chunk inside the
-// kernel. Master weights, stochastic rounding and AMP unscaling are run-time
-// flags uniform across a launch (branches every thread takes alike cost
-// next to nothing), not template parameters: that keeps the kernel count,
-// and the build time on 2-core CI, in check.
+// kernel. Nor are master weights and stochastic rounding: the param mode
+// (ParamMode, multi_tensor_apply.cuh) is a template parameter of the chunk
+// loop, and each kernel holds one compiled loop per mode its param type
+// allows, chosen once per launch (as a run-time branch inside one loop they
+// would cost registers in every mode). AMP unscaling is a run-time flag
+// uniform across a launch (a branch every thread takes alike costs next to
+// nothing). That keeps the kernel count, and the build time on 2-core CI,
+// in check.
 #pragma once
 
 #include <stdexcept>
