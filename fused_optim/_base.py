@@ -192,10 +192,36 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     # are stepped unfused (Note [cautious groups] in _reference.py).
     _takes_caution: bool = False
 
+    # Note [a param listed twice]
+    # torch.optim takes a param group that lists a param more than once
+    # (it warns that this will become an error) and updates that param once
+    # per listing, one after the other; torch's own tests of
+    # _apply_optimizer_in_backward with tied weights compare against that.
+    # The fused op cannot (two updates of one tensor in one call would
+    # race), so such a group of a class with a torch.optim twin is stepped
+    # by torch.optim's code, as under fused=False: torch's result, bit for
+    # bit. The groups are found when a plan is built (a group's param list
+    # changing re-plans). Refused, as params that overlap in memory are:
+    # such a group of Lion, Lars or Lamb, one in a traced step (which makes
+    # no plan), and one with an option only the fused step has (precision
+    # options, max_grad_norm: _check_torch_group). Under GradScaler the
+    # param's gradient is unscaled once (_torch_path.torch_step), where
+    # torch's GradScaler and fused step divide it once per listing.
+    _groups_listing_a_param_twice: tuple = ()
+
     def _unfused(self, group) -> bool:
         """Whether ``group`` is stepped by the unfused implementation
         (_torch_path.py) rather than the fused op."""
-        return _torch_path.uses_torch_path(group, self._takes_caution)
+        return (_torch_path.uses_torch_path(group, self._takes_caution)
+                or any(group is g for g in self._groups_listing_a_param_twice))
+
+    def _find_groups_listing_a_param_twice(self) -> None:
+        """Note [a param listed twice]."""
+        if not self._torch_class.__module__.startswith("torch.optim."):
+            return  # (an optimizer torch.optim lacks: the op refuses such a group)
+        self._groups_listing_a_param_twice = tuple(
+            group for group in self.param_groups
+            if len({id(p) for p in group["params"]}) != len(group["params"]))
 
     # Whether each of the op's float hyperparameters (its schema's float[]
     # lists other than lr) is the group option of the same name, as is

@@ -46,6 +46,12 @@ def check_implementation_keywords(name: str, *, foreach, fused, differentiable, 
 #   limit of that code, not of the request).
 
 
+def chosen_precision_options(group) -> list:
+    """The names of the precision options ``group`` sets (off: their
+    defaults, None or False)."""
+    return [k for k, v in PRECISION_DEFAULTS.items() if group.get(k, v) not in (v, None, False)]
+
+
 def check_torch_path_precision(name: str, group, cautious: bool) -> None:
     """Our precision options live in our kernels only: a group stepped by
     the unfused implementation (torch.optim's, or our plain one for
@@ -53,7 +59,7 @@ def check_torch_path_precision(name: str, group, cautious: bool) -> None:
     them."""
     if not _torch_path.uses_torch_path(group, cautious):
         return
-    chosen = [k for k, v in PRECISION_DEFAULTS.items() if group.get(k, v) not in (v, None, False)]
+    chosen = chosen_precision_options(group)
     if chosen:
         asked, runs = _torch_path.why_unfused(group)
         raise ValueError(

@@ -51,6 +51,7 @@ class Planning:
         """Buckets every param that has state, creating state for params that
         got a gradient. Devices and dtypes are validated here, before the
         first op call."""
+        self._find_groups_listing_a_param_twice()
         buckets: dict = {}
         unready = []  # params without the state their group needs, and no gradient
         fresh = []  # (state dict, name) of each state tensor made now

@@ -29,7 +29,7 @@ from fused_optim import _arena, _bucket, _clip, _dtensor, _ops, _torch_path
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._journal import Journal
-from fused_optim._keywords import check_torch_path_precision, to_float
+from fused_optim._keywords import check_torch_path_precision, chosen_precision_options, to_float
 from fused_optim._kept_calls import KeptCalls
 from fused_optim._ops import GroupArguments, OpCall, OpExtras
 from fused_optim._state import OptimizerState
@@ -360,6 +360,8 @@ class StepProtocol:
         """Validates a group that torch.optim's step will update, before
         anything is written (torch's own checks run again inside)."""
         check_torch_path_precision(type(self).__name__, group, self._takes_caution)
+        if any(group is g for g in self._groups_listing_a_param_twice):
+            self._check_param_listed_twice(gi, group)
         if (group.get("fused") and group.get("differentiable") and self._fused_differentiable_error
                 and any(p.grad is not None for p in group["params"])):
             raise RuntimeError(self._fused_differentiable_error)
@@ -374,6 +376,20 @@ class StepProtocol:
                     self._check_sparse(group, param, param.grad, False)
                 elif self._supports_sparse:
                     self._check_no_sparse_state(gi, pi, self.state.get(param, {}).values())
+
+    def _check_param_listed_twice(self, gi: int, group) -> None:
+        """Note [a param listed twice] (_base.py): torch.optim's code steps
+        the group, so it cannot have what only the fused step has."""
+        ours = chosen_precision_options(group)
+        if group.get("max_grad_norm") is not None:
+            ours.append("max_grad_norm")
+        if ours:
+            raise ValueError(
+                f"fused_optim.{type(self).__name__}: param group {gi} lists a param more than "
+                f"once, which only torch.optim's implementation steps (once per listing, one "
+                f"after the other), and {', '.join(ours)} need(s) the fused step: list each "
+                "param once"
+            )
 
     def _learning_rates(self, groups=None) -> tuple[list, bool]:
         """(each group's lr, whether they are tensors), of ``groups`` (by

@@ -75,7 +75,10 @@ def torch_step(optimizer, groups: list, grad_norm=None) -> None:
     if found_inf is not None and bool(found_inf.item()):
         return
     if grad_scale is not None:
-        grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+        # (each once: a param a group lists twice, Note [a param listed
+        # twice] in _base.py)
+        grads = list({id(p.grad): p.grad for g in groups for p in g["params"]
+                      if p.grad is not None}.values())
         inverse = grad_scale.double().reciprocal().float()
         by_device: dict = {}
         for grad in grads:
