@@ -24,7 +24,7 @@ import operator
 import torch
 from torch.optim import Optimizer
 
-from fused_optim import _ops, _torch_path
+from fused_optim import _ops, _reference, _torch_path
 from fused_optim._bucket import Plan, Precision
 from fused_optim._checkpoint import Checkpoints
 from fused_optim._keywords import to_float
@@ -217,7 +217,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
 
     def _find_groups_listing_a_param_twice(self) -> None:
         """Note [a param listed twice]."""
-        if not self._torch_class.__module__.startswith("torch.optim."):
+        if issubclass(self._torch_class, _reference.PerTensorReference):
             return  # (an optimizer torch.optim lacks: the op refuses such a group)
         self._groups_listing_a_param_twice = tuple(
             group for group in self.param_groups
