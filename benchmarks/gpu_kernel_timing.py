@@ -47,8 +47,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from fused_optim.bench.specs import ALL_OPTIMIZERS, OPTIMIZERS as BENCH_OPTIMIZERS  # noqa: E402
-from fused_optim.bench.specs import PRECISIONS, bytes_per_element  # noqa: E402
+try:
+    from fused_optim.bench.specs import ALL_OPTIMIZERS, OPTIMIZERS as BENCH_OPTIMIZERS
+    from fused_optim.bench.specs import PRECISIONS, bytes_per_element
+except ImportError as error:  # (the tables below come from the step benchmark's)
+    sys.exit(
+        f"gpu_kernel_timing: cannot import the checkout's fused_optim ({error}). Build it "
+        "in place first, from the repository root: FORCE_CUDA=1 python3 setup.py build_ext --inplace"
+    )
 
 # name -> (class name, hyperparameters, bytes per element an ideal fp32 pass
 # moves): the fused optimizers of `python -m fused_optim.bench`, with its

@@ -1,9 +1,16 @@
 """benchmarks/gpu_kernel_timing.py, the GPU check's kernel stage, without a
 GPU: its tables (the benchmark's optimizers, hyperparameters and byte
-budgets), its command line's refusals, and its refusal to run without CUDA.
+budgets), its command line's refusals, and its refusals to run without CUDA
+or without a build.
 What it measures runs only on a GPU (scripts/gpu_check.sh)."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +62,23 @@ def test_without_cuda_it_says_what_it_needs():
     with pytest.raises(SystemExit) as exit_info:
         gpu_kernel_timing.main(["--optimizers", "adam", "--repeats", "1"])
     assert "needs a CUDA GPU" in str(exit_info.value.code)
+
+
+def test_without_a_build_it_says_to_build_in_place(tmp_path):
+    # A checkout with fused_optim's Python files but no compiled module, run
+    # with -S so that no installed fused_optim (an editable install's finder
+    # included) stands in for it; torch comes from PYTHONPATH.
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "fused_optim", tmp_path / "fused_optim",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(root / "benchmarks" / "gpu_kernel_timing.py", tmp_path / "benchmarks")
+    torch_site = str(Path(torch.__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-S", "benchmarks/gpu_kernel_timing.py", "--optimizers", "adam"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": torch_site}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "cannot import the checkout's fused_optim" in result.stderr
+    assert "build_ext --inplace" in result.stderr
