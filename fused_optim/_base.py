@@ -201,12 +201,14 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     # race), so such a group of a class with a torch.optim twin is stepped
     # by torch.optim's code, as under fused=False: torch's result, bit for
     # bit. The groups are found when a plan is built (a group's param list
-    # changing re-plans). Refused, as params that overlap in memory are:
-    # such a group of Lion, Lars or Lamb, one in a traced step (which makes
-    # no plan), and one with an option only the fused step has (precision
-    # options, max_grad_norm: _check_torch_group). Under GradScaler the
-    # param's gradient is unscaled once (_torch_path.torch_step), where
-    # torch's GradScaler and fused step divide it once per listing.
+    # changing re-plans), and in a traced step as it is traced (_traced.py;
+    # Dynamo guards on the lists). Refused: such a group of Lion, Lars or
+    # Lamb (by the op, as params that overlap in memory), and one with an
+    # option only the fused step has (precision options, max_grad_norm:
+    # _check_param_listed_twice), before any state is made. Under
+    # GradScaler the param's gradient is unscaled once
+    # (_torch_path.torch_step), where torch's GradScaler and fused step
+    # divide it once per listing.
     _groups_listing_a_param_twice: tuple = ()
 
     def _unfused(self, group) -> bool:
@@ -217,11 +219,15 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
 
     def _find_groups_listing_a_param_twice(self) -> None:
         """Note [a param listed twice]."""
-        if issubclass(self._torch_class, _reference.PerTensorReference):
-            return  # (an optimizer torch.optim lacks: the op refuses such a group)
         self._groups_listing_a_param_twice = tuple(
-            group for group in self.param_groups
-            if len({id(p) for p in group["params"]}) != len(group["params"]))
+            group for group in self.param_groups if self._lists_a_param_twice(group))
+
+    def _lists_a_param_twice(self, group) -> bool:
+        """Whether torch.optim's code steps ``group`` because it lists a
+        param more than once (Note [a param listed twice])."""
+        if issubclass(self._torch_class, _reference.PerTensorReference):
+            return False  # (an optimizer torch.optim lacks: the op refuses such a group)
+        return len({id(p) for p in group["params"]}) != len(group["params"])
 
     # Whether each of the op's float hyperparameters (its schema's float[]
     # lists other than lr) is the group option of the same name, as is

@@ -100,10 +100,19 @@ class TracedStep:
         """The step as torch.compile traces it: Note [traced step]."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        ours, torch_groups = [], []
-        for group in self.param_groups:
-            if self._unfused(group):
+        # The groups torch.optim's code steps (_unfused, found here: the
+        # traced step makes no plan; Dynamo guards on the param lists), each
+        # checked before any group's state is made.
+        torch_groups = []
+        for gi, group in enumerate(self.param_groups):
+            if self._lists_a_param_twice(group):
+                self._check_param_listed_twice(gi, group)
                 torch_groups.append(group)
+            elif _torch_path.uses_torch_path(group, self._takes_caution):
+                torch_groups.append(group)
+        ours = []
+        for group in self.param_groups:
+            if any(group is g for g in torch_groups):
                 continue
             params, grads, states, masters, steps = [], [], [], [], []
             calls = self._init_group(group, params, grads, states, masters, steps)
@@ -115,10 +124,6 @@ class TracedStep:
                 p.grad for group in torch_groups for p in group["params"] if p.grad is not None
             ]
             grad_norm = _clip.traced_global_norm(every_grad, grad_scale)
-        for group in torch_groups:
-            # torch's own code, run as eager torch runs it (traced, it
-            # would take its capturable branch: other rounding)
-            _torch_step_eagerly(self, [group], grad_norm)
         # Calls with complex params, made eagerly after the traced ones:
         # Functionalization cannot yet replay a custom op's writes through
         # view_as_real views. One graph break, at the end: with the break
@@ -184,6 +189,15 @@ class TracedStep:
             # (test_torch_compat: test_compiled_step_with_only_complex_params...).
             self._store_made_state(stored_after)
             _call_public_eagerly(self, eager_calls, stored_after)
+        if torch_groups:
+            # torch's own code, run as eager torch runs it (traced, it
+            # would take its capturable branch: other rounding). Last, as
+            # in the eager step: state made for a new param (kept out of
+            # the state until its call, _init_group) that crossed this
+            # graph break before its call reached the call as another
+            # param's (torch 2.13: SGD with momentum, a fused=False group
+            # before a fused one; test_torch_compat).
+            _torch_step_eagerly(self, torch_groups, grad_norm)
         if grad_norm is not None:
             # (an item of a list: Dynamo replays that side effect after the
             # graph, where it drops an attribute set on an Optimizer)

@@ -44,11 +44,12 @@ def _groups(params, repeat: bool):
     return [{"params": first}, {"params": [single, rest], "lr": 0.05}]
 
 
-def _run(lib, name, kwargs, steps=5, repeat_from=0, repeat_until=None):
+def _run(lib, name, kwargs, steps=5, repeat_from=0, repeat_until=None, compiled=False):
     params = _params()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (torch's duplicate-param warning)
         opt = getattr(lib, name)(_groups(params, repeat_from == 0), **kwargs)
+    step_fn = torch.compile(opt.step, backend="eager") if compiled else opt.step
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
         if step == repeat_from and step:
@@ -57,7 +58,7 @@ def _run(lib, name, kwargs, steps=5, repeat_from=0, repeat_until=None):
             opt.param_groups[0]["params"].pop()
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
-        opt.step()
+        step_fn()
     return params, opt
 
 
@@ -149,13 +150,44 @@ def test_an_optimizer_torch_lacks_refuses_it_before_writing(name):
     assert_optimizer_unchanged(opt, snap, name)
 
 
-def test_a_compiled_step_refuses_it():
-    # (a traced step makes no plan, so it does not look for such groups:
-    # the op refuses the call, as for params that overlap in memory)
+@pytest.mark.parametrize("when", [{}, {"repeat_from": 2}, {"repeat_until": 3}],
+                         ids=["always", "from-step-2", "until-step-3"])
+@pytest.mark.parametrize("name, kwargs", [CONFIGS[1], CONFIGS[3]], ids=[IDS[1], IDS[3]])
+def test_a_compiled_step_steps_it_as_torch_steps_it(name, kwargs, when):
+    # A traced step makes no plan: its _init_group finds such a group and
+    # hands it to torch.optim's code; a param list that changes recompiles
+    # (Dynamo guards on it). Backend "eager": the fused group's traced call
+    # is the eager kernel, so the whole run is torch's bits.
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (Dynamo's notes on graph breaks)
+        ours = _run(fused_optim, name, kwargs, steps=6, compiled=True, **when)
+    _assert_same(ours, _run(torch.optim, name, kwargs, steps=6, **when))
+
+
+def test_a_compiled_step_refuses_an_option_only_the_fused_step_has():
+    # (the group listing a param twice second: the fused group before it
+    # gets no state either)
+    torch._dynamo.reset()
     params = _params()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = fused_optim.Adam(_groups(params, True), lr=0.01)
+        opt = fused_optim.AdamW(_groups(params, True)[::-1], lr=0.01, max_grad_norm=1.0)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(ValueError, match="param group 1 lists a param more than once"):
+        torch.compile(opt.step)()
+    assert_optimizer_unchanged(opt, snap, "compiled, max_grad_norm")
+
+
+def test_a_compiled_step_of_an_optimizer_torch_lacks_refuses_it():
+    # (the op refuses the call, as for params that overlap in memory)
+    torch._dynamo.reset()
+    params = _params()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = fused_optim.Lion(_groups(params, True), lr=0.01)
     for p in params:
         p.grad = torch.ones_like(p)
     with pytest.raises(RuntimeError, match="share memory"):

@@ -773,6 +773,30 @@ def test_compiled_step_with_complex_groups_between_others(cls, kwargs):
     _assert_compiled_steps_equal_eager(opts, ours, ref, steps=3)
 
 
+@pytest.mark.parametrize("complex_params", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("cls, kwargs", [(fused_optim.SGD, dict(momentum=0.9)),
+                                         (fused_optim.Adam, {}),
+                                         (fused_optim.RMSprop, dict(momentum=0.5)),
+                                         (fused_optim.Adagrad, {})],
+                         ids=["sgd", "adam", "rmsprop", "adagrad"])
+def test_compiled_step_with_an_unfused_group_before_fused_ones(cls, kwargs, complex_params):
+    # torch's code for the fused=False group runs eagerly in the compiled
+    # step (a graph break). Run before the fused calls, that break came
+    # between the state a fused call makes for its new params and the
+    # call: SGD's call then got the first param's new momentum buffer for
+    # the second param too and refused it.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dtype = torch.complex64 if complex_params else torch.float32
+    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True),
+            torch.randn(33, requires_grad=True), torch.randn(6, dtype=dtype, requires_grad=True)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opts = [cls([{"params": ps[:1], "fused": False}, {"params": ps[1:3], "lr": 0.05},
+                 {"params": ps[3:], "lr": 0.02}], lr=0.1, **kwargs)
+            for ps in (ours, ref)]
+    _assert_compiled_steps_equal_eager(opts, ours, ref, steps=3)
+
+
 @pytest.mark.parametrize("count", [1, 2])
 @pytest.mark.parametrize("config", ONE_PER_OPTIMIZER, ids=lambda c: c.name)
 def test_compiled_step_with_only_complex_params_equals_eager(config, count):
