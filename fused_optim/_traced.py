@@ -54,18 +54,17 @@ class TracedStep:
         -1 without master weights, stochastic rounding, indices of new
         state, complex)."""
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        if all(self._stepped_by_torch_when_traced(g) for g in self.param_groups[:gi]):
+            # The step's first call: every group it makes state for is
+            # checked before any is made, so a refused step makes none.
+            for gj in range(gi, len(self.param_groups)):
+                if not self._stepped_by_torch_when_traced(self.param_groups[gj]):
+                    self._check_traced_group(gj, self.param_groups[gj])
         mode = self._mode(group)
         names = self._state_names(mode) + self._scalar_state_names
         kinds: dict = {}
-        for pi, param in enumerate(group["params"]):
+        for param in group["params"]:
             if param.grad is not None:
-                self._check_param(param, group, gi, pi)
-                if param.grad.is_sparse:
-                    raise RuntimeError(
-                        f"fused_optim.{type(self).__name__}: sparse gradients are not supported "
-                        "under torch.compile"
-                    )
-                self._check_grad(gi, pi, param, param.grad)
                 kinds.setdefault((param.device, param.dtype), []).append(param)
         calls = []
         for kind_params in kinds.values():
@@ -96,6 +95,25 @@ class TracedStep:
                           tuple(new_state), kind_params[0].is_complex()))
         return tuple(calls)
 
+    def _check_traced_group(self, gi: int, group) -> None:
+        """Raises if a param of ``group`` (group ``gi``) with a gradient
+        cannot take a traced step."""
+        for pi, param in enumerate(group["params"]):
+            if param.grad is not None:
+                self._check_param(param, group, gi, pi)
+                if param.grad.is_sparse:
+                    raise RuntimeError(
+                        f"fused_optim.{type(self).__name__}: sparse gradients are not supported "
+                        "under torch.compile"
+                    )
+                self._check_grad(gi, pi, param, param.grad)
+
+    def _stepped_by_torch_when_traced(self, group) -> bool:
+        """Whether torch.optim's code steps ``group`` in a traced step (the
+        traced step makes no plan, whose groups _unfused reads)."""
+        return (self._lists_a_param_twice(group)
+                or _torch_path.uses_torch_path(group, self._takes_caution))
+
     def _traced_step(self) -> None:
         """The step as torch.compile traces it: Note [traced step]."""
         grad_scale = getattr(self, "grad_scale", None)
@@ -105,10 +123,9 @@ class TracedStep:
         # checked before any group's state is made.
         torch_groups = []
         for gi, group in enumerate(self.param_groups):
-            if self._lists_a_param_twice(group):
-                self._check_param_listed_twice(gi, group)
-                torch_groups.append(group)
-            elif _torch_path.uses_torch_path(group, self._takes_caution):
+            if self._stepped_by_torch_when_traced(group):
+                if self._lists_a_param_twice(group):
+                    self._check_param_listed_twice(gi, group)
                 torch_groups.append(group)
         ours = []
         for group in self.param_groups:

@@ -815,6 +815,36 @@ def test_compiled_step_with_only_complex_params_equals_eager(config, count):
     _assert_compiled_steps_equal_eager(opts, ours, ref, steps=4)
 
 
+@pytest.mark.parametrize("name", ["Adam", "SGD", "Lamb"])
+def test_compiled_step_refused_in_a_later_group_makes_no_state(name):
+    # Every group's params and gradients are checked before the first
+    # group's state is made (Adam's and Lamb's is stored at once, SGD's
+    # momentum buffer after its call): the refused first step leaves none,
+    # and the step after it is the first step eager takes.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    kwargs = dict(momentum=0.9) if name == "SGD" else {}
+    opts = [getattr(fused_optim, name)([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.01,
+                                       **kwargs) for ps in (ours, ref)]
+    compiled = torch.compile(opts[0].step, backend="eager")
+    _same_grads(ours, ref, 0)
+    ours[1].grad = ours[1].grad.to_sparse()
+    before = snapshot_optimizer(opts[0])
+    with pytest.raises(RuntimeError, match="sparse gradients are not supported under torch.compile"):
+        compiled()
+    assert_optimizer_unchanged(opts[0], before, "refused compiled step")
+    assert len(opts[0].state) == 0
+    for step in range(3):
+        _same_grads(ours, ref, step)
+        compiled()
+        opts[1].step()
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q)
+    _assert_equal_runs_params_state(opts[0], opts[1])
+
+
 def test_compiled_step_whose_complex_call_fails_makes_no_state(monkeypatch):
     # The complex calls' state is stored before they run (above); a call
     # that raises takes it back: the failed first step leaves no state, and
