@@ -360,7 +360,7 @@ class StepProtocol:
         """Validates a group that torch.optim's step will update, before
         anything is written (torch's own checks run again inside)."""
         check_torch_path_precision(type(self).__name__, group, self._takes_caution)
-        if any(group is g for g in self._groups_listing_a_param_twice):
+        if self._lists_a_param_twice(group):
             self._check_param_listed_twice(gi, group)
         if (group.get("fused") and group.get("differentiable") and self._fused_differentiable_error
                 and any(p.grad is not None for p in group["params"])):

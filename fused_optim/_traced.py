@@ -9,8 +9,15 @@ from fused_optim._journal import Journal
 from fused_optim._ops import GroupArguments, OpExtras
 from fused_optim._precision import precision_of, real_dtype
 
-# Run eagerly inside a compiled step (a graph break each): see _traced_step.
-_torch_step_eagerly = torch._disable_dynamo(_torch_path.torch_step)
+@torch._disable_dynamo
+def _torch_step_eagerly(optimizer, groups: list, grad_norm) -> None:
+    """torch.optim's code for ``groups``, run eagerly inside a compiled
+    step (a graph break: see _traced_step), after the checks an eager step
+    makes before it writes."""
+    for gi, group in enumerate(optimizer.param_groups):
+        if any(group is g for g in groups):
+            optimizer._check_torch_group(gi, group)
+    _torch_path.torch_step(optimizer, groups, grad_norm)
 
 
 @torch._disable_dynamo
@@ -55,11 +62,14 @@ class TracedStep:
         state, complex)."""
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         if all(self._stepped_by_torch_when_traced(g) for g in self.param_groups[:gi]):
-            # The step's first call: every group it makes state for is
-            # checked before any is made, so a refused step makes none.
-            for gj in range(gi, len(self.param_groups)):
-                if not self._stepped_by_torch_when_traced(self.param_groups[gj]):
-                    self._check_traced_group(gj, self.param_groups[gj])
+            # The step's first call: every group is checked before any
+            # state is made, so a refused step makes none and writes nothing
+            # (torch's groups run last, _torch_step_eagerly).
+            for gj, other in enumerate(self.param_groups):
+                if self._stepped_by_torch_when_traced(other):
+                    self._check_torch_group(gj, other)
+                else:
+                    self._check_traced_group(gj, other)
         mode = self._mode(group)
         names = self._state_names(mode) + self._scalar_state_names
         kinds: dict = {}

@@ -839,6 +839,35 @@ def test_compiled_step_refused_in_a_later_group_makes_no_state(name):
     _assert_compiled_steps_equal_eager(opts, ours, ref, steps=3)
 
 
+@pytest.mark.parametrize("with_fused_group", [False, True], ids=["alone", "after-a-fused-group"])
+def test_compiled_step_refused_in_a_torch_path_group_writes_nothing(with_fused_group):
+    # A fused=False group is stepped by torch's code, last (torch's Adam
+    # makes the state of the params before a sparse gradient, then raises);
+    # it is checked first, as an eager step checks it: nothing is written.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True),
+            torch.randn(6, requires_grad=True)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+
+    def groups(ps):
+        unfused = {"params": ps[1:], "fused": False}
+        return [{"params": ps[:1]}, unfused] if with_fused_group else [unfused]
+
+    opts = [fused_optim.Adam(groups(ps), lr=0.01) for ps in (ours, ref)]
+    compiled = torch.compile(opts[0].step, backend="eager")
+    _same_grads(ours, ref, 0)
+    ours[2].grad = ours[2].grad.to_sparse()
+    before = snapshot_optimizer(opts[0])
+    params_before = [p.detach().clone() for p in ours]
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        compiled()
+    assert_optimizer_unchanged(opts[0], before, "refused compiled step")
+    assert len(opts[0].state) == 0
+    assert all(torch.equal(p, q) for p, q in zip(ours, params_before))
+    _assert_compiled_steps_equal_eager(opts, ours, ref, steps=3)
+
+
 def test_compiled_step_whose_complex_call_fails_makes_no_state(monkeypatch):
     # The complex calls' state is stored before they run (above); a call
     # that raises takes it back: the failed first step leaves no state, and
