@@ -129,8 +129,11 @@ class TracedStep:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # The groups torch.optim's code steps (_unfused, found here: the
-        # traced step makes no plan; Dynamo guards on the param lists), each
-        # checked before any group's state is made.
+        # traced step makes no plan; Dynamo guards on the param lists).
+        # _check_torch_group checks them all before anything is written
+        # (_init_group, _torch_step_eagerly); a param listed twice is also
+        # refused here, in the traced code, so that the user sees our
+        # ValueError, not Dynamo's wrapper of an error in _init_group.
         torch_groups = []
         for gi, group in enumerate(self.param_groups):
             if self._stepped_by_torch_when_traced(group):
