@@ -85,6 +85,17 @@ def check_adam_arguments(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
+def check_group_lr(name: str, gi: int, lr) -> None:
+    """torch.optim checks a tensor lr's size when the group is made; one
+    assigned later is checked at each step before anything is written
+    (torch's code then raises part-way through the update)."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(
+            f"fused_optim.{name}: param group {gi} has an lr tensor of {lr.numel()} elements; "
+            "Tensor lr must be 1-element"
+        )
+
+
 def to_float(value) -> float:
     """A hyperparameter as a Python float (torch allows 1-element tensors)."""
     if type(value) is float:  # (the usual case, read every step)

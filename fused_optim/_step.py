@@ -29,7 +29,12 @@ from fused_optim import _arena, _bucket, _clip, _dtensor, _ops, _torch_path
 from fused_optim._build import require_device_supported
 from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._journal import Journal
-from fused_optim._keywords import check_torch_path_precision, chosen_precision_options, to_float
+from fused_optim._keywords import (
+    check_group_lr,
+    check_torch_path_precision,
+    chosen_precision_options,
+    to_float,
+)
 from fused_optim._kept_calls import KeptCalls
 from fused_optim._ops import GroupArguments, OpCall, OpExtras
 from fused_optim._state import OptimizerState
@@ -186,6 +191,7 @@ class StepProtocol:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_torch_groups()
         self._traced_step()
         return loss
 
@@ -360,6 +366,7 @@ class StepProtocol:
         """Validates a group that torch.optim's step will update, before
         anything is written (torch's own checks run again inside)."""
         check_torch_path_precision(type(self).__name__, group, self._takes_caution)
+        check_group_lr(type(self).__name__, gi, group["lr"])
         if self._lists_a_param_twice(group):
             self._check_param_listed_twice(gi, group)
         if (group.get("fused") and group.get("differentiable") and self._fused_differentiable_error
@@ -400,6 +407,8 @@ class StepProtocol:
         lrs = [g["lr"] for g in (self.param_groups if groups is None else groups)]
         if set(map(type, lrs)) == {float}:  # (the usual case, read every step)
             return lrs, False
+        for gi, lr in enumerate(lrs):
+            check_group_lr(type(self).__name__, gi, lr)
         on_device = [isinstance(lr, torch.Tensor) and lr.device.type != "cpu" for lr in lrs]
         if all(on_device):
             return lrs, True

@@ -6,18 +6,35 @@ import torch
 
 from fused_optim import _arena, _bucket, _clip, _ops, _torch_path
 from fused_optim._journal import Journal
+from fused_optim._keywords import check_group_lr, chosen_precision_options
 from fused_optim._ops import GroupArguments, OpExtras
 from fused_optim._precision import precision_of, real_dtype
 
 @torch._disable_dynamo
+def _check_torch_groups_eagerly(optimizer) -> None:
+    """The checks an eager step makes of the groups torch.optim's code
+    steps (``_check_torch_group``), made eagerly at the start of every
+    compiled step that has such groups (TracedStep._check_torch_groups)."""
+    for gi, group in enumerate(optimizer.param_groups):
+        if optimizer._stepped_by_torch_when_traced(group):
+            optimizer._check_torch_group(gi, group)
+
+
+@torch._disable_dynamo
 def _torch_step_eagerly(optimizer, groups: list, grad_norm) -> None:
     """torch.optim's code for ``groups``, run eagerly inside a compiled
-    step (a graph break: see _traced_step), after the checks an eager step
-    makes before it writes."""
-    for gi, group in enumerate(optimizer.param_groups):
-        if any(group is g for g in groups):
-            optimizer._check_torch_group(gi, group)
+    step (a graph break: see _traced_step), checked before anything was
+    written (_check_torch_groups)."""
     _torch_path.torch_step(optimizer, groups, grad_norm)
+
+
+def _guard_on_precision_options(group) -> None:
+    """Reads ``group``'s precision options in traced code, so that Dynamo
+    guards on them: a later change of one then retraces, and _init_group
+    applies it (or the checks refuse it) as the eager step's next call
+    would. Read only by _init_group, which Dynamo runs without tracing, a
+    change went unseen: the graph kept the options it was traced with."""
+    chosen_precision_options(group)
 
 
 @torch._disable_dynamo
@@ -44,7 +61,9 @@ class TracedStep:
     # as for torch.optim, and guards on the state it made) fills lists of
     # the tensors that have gradients, and the public op
     # torch.ops.fused_optim.<op> updates them, one call per (device, dtype)
-    # of the group. Same kernel and same math as eager, so the same bits.
+    # of the group. Same kernel and same math as eager, so the same bits
+    # (but for stochastic rounding's streams where eager's call holds
+    # several groups: docs/design.md).
     # Dynamo marks every group ``capturable=True`` in its traced copy of
     # the param groups; the traced code therefore never reads capturable
     # (_init_group sees the real groups). A tensor ``lr`` is read by the
@@ -62,13 +81,11 @@ class TracedStep:
         state, complex)."""
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         if all(self._stepped_by_torch_when_traced(g) for g in self.param_groups[:gi]):
-            # The step's first call: every group is checked before any
-            # state is made, so a refused step makes none and writes nothing
-            # (torch's groups run last, _torch_step_eagerly).
+            # The step's first call: every traced group is checked before
+            # any state is made (torch's groups were, _check_torch_groups),
+            # so a refused step makes none and writes nothing.
             for gj, other in enumerate(self.param_groups):
-                if self._stepped_by_torch_when_traced(other):
-                    self._check_torch_group(gj, other)
-                else:
+                if not self._stepped_by_torch_when_traced(other):
                     self._check_traced_group(gj, other)
         mode = self._mode(group)
         names = self._state_names(mode) + self._scalar_state_names
@@ -107,7 +124,8 @@ class TracedStep:
 
     def _check_traced_group(self, gi: int, group) -> None:
         """Raises if a param of ``group`` (group ``gi``) with a gradient
-        cannot take a traced step."""
+        cannot take a traced step, or its lr cannot be read."""
+        check_group_lr(type(self).__name__, gi, group["lr"])
         for pi, param in enumerate(group["params"]):
             if param.grad is not None:
                 self._check_param(param, group, gi, pi)
@@ -124,18 +142,30 @@ class TracedStep:
         return (self._lists_a_param_twice(group)
                 or _torch_path.uses_torch_path(group, self._takes_caution))
 
+    def _check_torch_groups(self) -> None:
+        """Checks, before the traced step writes anything, the groups that
+        torch.optim's code steps after it (_torch_step_eagerly). Eagerly,
+        every step: what the checks read, such as a gradient turned
+        sparse, is not guarded by Dynamo. Called before _traced_step, not
+        in it: a graph break in _traced_step before its _init_group calls
+        fails Dynamo's restart of the frame (the state _init_group made
+        the first time is there the second: torch 2.13)."""
+        if any(self._stepped_by_torch_when_traced(g) for g in self.param_groups):
+            _check_torch_groups_eagerly(self)
+
     def _traced_step(self) -> None:
         """The step as torch.compile traces it: Note [traced step]."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # The groups torch.optim's code steps (_unfused, found here: the
         # traced step makes no plan; Dynamo guards on the param lists).
-        # _check_torch_group checks them all before anything is written
-        # (_init_group, _torch_step_eagerly); a param listed twice is also
-        # refused here, in the traced code, so that the user sees our
-        # ValueError, not Dynamo's wrapper of an error in _init_group.
+        # _check_torch_groups checked them all before; a param listed
+        # twice is also refused here,
+        # in the traced code, so that the user sees our ValueError, not
+        # Dynamo's wrapper of an error in _init_group.
         torch_groups = []
         for gi, group in enumerate(self.param_groups):
+            _guard_on_precision_options(group)
             if self._stepped_by_torch_when_traced(group):
                 if self._lists_a_param_twice(group):
                     self._check_param_listed_twice(gi, group)

@@ -383,3 +383,24 @@ def test_optimizer_state_counts_exactly_the_writes():
     counts.append(state.writes)
     assert counts == [0, 1, 8]
     assert type(state) is OptimizerState
+
+
+@pytest.mark.parametrize("unfused", [False, True], ids=["fused", "fused_false"])
+@pytest.mark.parametrize("name", NAMES)
+def test_lr_tensor_of_several_elements_set_later_writes_nothing(name, unfused):
+    # torch.optim checks a tensor lr's size in the constructor only; one
+    # assigned to a group later reached torch's code for a fused=False
+    # group, which raised after the fused group and its own moments were
+    # written. Refused before anything is written, whichever path.
+    first, second = _two_bucket_groups()
+    opt = _optimizer(name, first, second)
+    if unfused:
+        opt.param_groups[1]["fused"] = False
+    _set_grads(first + second, 0)
+    opt.step()
+    opt.param_groups[1]["lr"] = torch.tensor([0.05, 0.01])
+    _set_grads(first + second, 1)
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(ValueError, match="param group 1 has an lr tensor of 2 elements"):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, "lr tensor of two elements")

@@ -868,6 +868,100 @@ def test_compiled_step_refused_in_a_torch_path_group_writes_nothing(with_fused_g
     _assert_compiled_steps_equal_eager(opts, ours, ref, steps=3)
 
 
+def _master_weights_in_torch_path_group(opt, params):
+    opt.param_groups[1]["master_weights"] = True
+
+
+def _sparse_gradient_in_torch_path_group(opt, params):
+    params[2].grad = params[2].grad.to_sparse()
+
+
+def _lr_of_two_elements(opt, params):
+    opt.param_groups[1]["lr"] = torch.tensor([0.01, 0.02])
+
+
+LATER_CHANGES = {
+    "master_weights": (_master_weights_in_torch_path_group, ValueError, "need\\(s\\) the fused step"),
+    "sparse_gradient": (_sparse_gradient_in_torch_path_group, RuntimeError,
+                        "does not support sparse gradients"),
+    "lr_of_two_elements": (_lr_of_two_elements, ValueError, "Tensor lr must be 1-element"),
+}
+
+
+@pytest.mark.parametrize("change", sorted(LATER_CHANGES))
+def test_compiled_step_checks_a_torch_path_group_every_step(change):
+    # What the torch-path group's checks read is not all guarded by Dynamo
+    # (a gradient's layout, a precision option): checked once, as the step
+    # was traced, a change made later was refused by torch's code after
+    # the fused group was written. Checked at every step, it is refused
+    # first; undone, the compiled step goes on as eager.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True),
+            torch.randn(6, requires_grad=True)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opts = [fused_optim.Adam([{"params": ps[:1]}, {"params": ps[1:], "fused": False}], lr=0.01)
+            for ps in (ours, ref)]
+    _assert_compiled_steps_equal_eager(opts, ours, ref, steps=2)
+    group_before = dict(opts[0].param_groups[1])
+    change_group, error, match = LATER_CHANGES[change]
+    _same_grads(ours, ref, 2)
+    change_group(opts[0], ours)
+    before = snapshot_optimizer(opts[0])
+    with pytest.raises(error, match=match):
+        torch.compile(opts[0].step, backend="eager")()
+    assert_optimizer_unchanged(opts[0], before, f"compiled step refused after {change}")
+    opts[0].param_groups[1].clear()
+    opts[0].param_groups[1].update(group_before)
+    _assert_compiled_steps_equal_eager(opts, ours, ref, steps=2)
+
+
+def test_compiled_step_refuses_an_lr_of_two_elements_in_a_later_group():
+    # The lr tensor is a graph input: its new size retraces the step, and
+    # the checks made as it is traced refuse it before anything runs.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opts = [fused_optim.Adam([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.01)
+            for ps in (ours, ref)]
+    _assert_compiled_steps_equal_eager(opts, ours, ref, steps=2)
+    opts[0].param_groups[1]["lr"] = torch.tensor([0.01, 0.02])
+    _same_grads(ours, ref, 2)
+    before = snapshot_optimizer(opts[0])
+    # (raised in _init_group, which Dynamo wraps as it wraps torch's own)
+    with pytest.raises((ValueError, RuntimeError), match="param group 1 has an lr tensor"):
+        torch.compile(opts[0].step, backend="eager")()
+    assert_optimizer_unchanged(opts[0], before, "compiled step with an lr of two elements")
+
+
+@pytest.mark.parametrize("option, value", [("master_weights", True),
+                                           ("state_dtype", torch.float32),
+                                           ("stochastic_rounding", True)])
+def test_compiled_step_follows_precision_options_changed_later(option, value):
+    # The precision options are read by _init_group, which Dynamo runs
+    # without tracing: a change made after the step was compiled went
+    # unseen (no master copy made, the graph's old storage kept). Read in
+    # the traced code, a change retraces the step, which then applies it
+    # as the eager step does. (One group: with several, stochastic
+    # rounding draws other bits compiled than eager, docs/design.md.)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, dtype=torch.bfloat16, requires_grad=True),
+            torch.randn(33, dtype=torch.bfloat16, requires_grad=True)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opts = [fused_optim.Adam(ps, lr=0.01) for ps in (ours, ref)]
+    _assert_compiled_steps_equal_eager(opts, ours, ref, steps=2)
+    for opt in opts:
+        opt.param_groups[0][option] = value
+    _assert_compiled_steps_equal_eager(opts, ours, ref, steps=3)
+    if option == "master_weights":
+        assert "master_param" in opts[0].state[ours[1]]
+    else:
+        state_dtype = torch.float32 if option == "state_dtype" else torch.bfloat16
+        assert opts[0].state[ours[1]]["exp_avg"].dtype == state_dtype
+
+
 def test_compiled_step_whose_complex_call_fails_makes_no_state(monkeypatch):
     # The complex calls' state is stored before they run (above); a call
     # that raises takes it back: the failed first step leaves no state, and
