@@ -24,10 +24,16 @@ class Journal:
     def state_for(self, param) -> dict:
         """The param's state dict, created if missing; new keys the step
         adds to it are removed again by ``undo``."""
+        self.watch(param)
+        return self._optimizer_state[param]
+
+    def watch(self, param) -> None:
+        """Notes the param's state keys (or that it has no state), without
+        creating its state: ``undo`` removes the keys added since, and the
+        state dict itself if it had none (state that code other than ours
+        makes: torch.optim's, for a fused=False group)."""
         state = self._optimizer_state
-        previous = set(state[param]) if param in state else None
-        self._entries.append(("state", param, previous))
-        return state[param]
+        self._entries.append(("state", param, set(state[param]) if param in state else None))
 
     def set(self, state: dict, key, value) -> None:
         self._entries.append(("key", state, key, state.get(key, _MISSING)))

@@ -201,7 +201,7 @@ class StepProtocol:
             plan, cached = self._build_plan(journal), False
         progress = {"written": False}
         try:
-            self._apply(plan, progress)
+            self._apply(plan, progress, journal)
         except RuntimeError:
             if progress["written"] or not cached:
                 raise
@@ -209,7 +209,7 @@ class StepProtocol:
             # predate a change to a param (its dtype, device or memory)
             # that the plan's signature does not see. Nothing was written:
             # plan afresh and try once more; a real error raises again.
-            self._apply(self._build_plan(journal), progress)
+            self._apply(self._build_plan(journal), progress, journal)
         if journal and self._skipped_by_amp():
             # Note [a step AMP skips makes no state]
             journal.undo()
@@ -241,10 +241,11 @@ class StepProtocol:
     # again. Checking every param's dtype each step would cost about as
     # much as the rest of a small step.
 
-    def _apply(self, plan: Plan, progress: dict) -> None:
+    def _apply(self, plan: Plan, progress: dict, journal: Journal) -> None:
         """Validates every call of ``plan`` (and the groups stepped by
-        torch's code) before the first write, then makes them; sets
-        ``progress["written"]`` before writing."""
+        torch's code) before the first write, then makes them, torch's
+        groups first; sets ``progress["written"]`` before writing.
+        ``journal`` takes the state torch's code makes (_torch_step)."""
         if self._apply_kept_calls(plan, progress):
             return
         torch_groups = [(gi, self.param_groups[gi]) for gi in plan.torch_groups]
@@ -284,6 +285,8 @@ class StepProtocol:
             # op's own checks, Note [validate only]) before any writes.
             prepared = [self._prepare(bucket, grads, group_args, extras, sparse)
                         for (bucket, grads), sparse in zip(calls, has_sparse)]
+        if torch_groups:
+            self._torch_step([group for _, group in torch_groups], grad_norm, progress, journal)
         sparse = []
         try:
             if prepared is None and calls:
@@ -309,10 +312,22 @@ class StepProtocol:
                 if param in self.state:  # (a torch bug: Note [state arena])
                     _arena.unpack(self.state[param])
             self._sparse_step(group, params, grads, is_new)
-        if torch_groups:
-            _torch_path.torch_step(self, [group for _, group in torch_groups], grad_norm)
         if grad_norm is not None:
             self._grad_norm_cell[0] = grad_norm
+
+    def _torch_step(self, groups: list, grad_norm, progress: dict, journal: Journal) -> None:
+        """torch.optim's code for ``groups``, run before the fused calls
+        (validated by then): torch's code checks some things only as it
+        runs (capturable=True on the CPU, a state tensor of the wrong
+        shape), and run after them it raised with the fused groups
+        written. ``journal`` watches the state of params that have none,
+        so a step it refuses leaves none made."""
+        progress["written"] = True  # (no second try after it: Note [stale plans])
+        for group in groups:
+            for param in group["params"]:
+                if param.grad is not None and not self.state.get(param):
+                    journal.watch(param)
+        _torch_path.torch_step(self, groups, grad_norm)
 
     def _clip_norm(self, grads: list, grad_scale) -> torch.Tensor:
         """The global norm of this step's gradients (unscaled), for

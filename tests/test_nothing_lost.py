@@ -404,3 +404,39 @@ def test_lr_tensor_of_several_elements_set_later_writes_nothing(name, unfused):
     with pytest.raises(ValueError, match="param group 1 has an lr tensor of 2 elements"):
         opt.step()
     assert_optimizer_unchanged(opt, snap, "lr tensor of two elements")
+
+
+def _capturable_on_the_cpu(opt, param):
+    opt.param_groups[1]["capturable"] = True
+
+
+def _moment_of_wrong_shape(opt, param):
+    opt.state[param].update(step=torch.tensor(1.0), exp_avg=torch.zeros(3),
+                            exp_avg_sq=torch.zeros_like(param))
+
+
+@pytest.mark.parametrize("refusal, match", [
+    (_capturable_on_the_cpu, "If capturable=True"),
+    (_moment_of_wrong_shape, "must match the size"),
+], ids=["capturable_on_the_cpu", "moment_of_wrong_shape"])
+def test_refusal_inside_torchs_code_leaves_fused_groups_and_new_state_as_they_were(refusal, match):
+    # torch's code for a fused=False group checks some things only as it
+    # runs; it runs before the fused calls, so these are untouched, and the
+    # state it made for a param's first step is taken back. (What it wrote
+    # before raising, such as the step counter it increments before the
+    # moments, stays written, as with torch.optim.)
+    first, second = _two_bucket_groups()
+    opt = fused_optim.Adam([{"params": first}, {"params": second, "fused": False}], lr=0.05)
+    _set_grads(first, 0)
+    opt.step()  # (the fused group has state)
+    refusal(opt, second[0])
+    _set_grads(first + second, 1)
+    fused_before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+                    for p in first]
+    with pytest.raises((RuntimeError, AssertionError), match=match):
+        opt.step()
+    for p, (value, state) in zip(first, fused_before):
+        assert torch.equal(p, value)
+        assert opt.state[p].keys() == state.keys()
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+    assert second[1] not in opt.state
