@@ -839,16 +839,21 @@ def test_compiled_step_refused_in_a_later_group_makes_no_state(name):
     _assert_compiled_steps_equal_eager(opts, ours, ref, steps=3)
 
 
+def _fresh_params_and_copies():
+    """Three params and equal copies, Dynamo's caches cleared."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True),
+            torch.randn(6, requires_grad=True)]
+    return ours, [p.detach().clone().requires_grad_() for p in ours]
+
+
 @pytest.mark.parametrize("with_fused_group", [False, True], ids=["alone", "after-a-fused-group"])
 def test_compiled_step_refused_in_a_torch_path_group_writes_nothing(with_fused_group):
     # A fused=False group is stepped by torch's code, last (torch's Adam
     # makes the state of the params before a sparse gradient, then raises);
     # it is checked first, as an eager step checks it: nothing is written.
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True),
-            torch.randn(6, requires_grad=True)]
-    ref = [p.detach().clone().requires_grad_() for p in ours]
+    ours, ref = _fresh_params_and_copies()
 
     def groups(ps):
         unfused = {"params": ps[1:], "fused": False}
@@ -895,11 +900,7 @@ def test_compiled_step_checks_a_torch_path_group_every_step(change):
     # was traced, a change made later was refused by torch's code after
     # the fused group was written. Checked at every step, it is refused
     # first; undone, the compiled step goes on as eager.
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True),
-            torch.randn(6, requires_grad=True)]
-    ref = [p.detach().clone().requires_grad_() for p in ours]
+    ours, ref = _fresh_params_and_copies()
     opts = [fused_optim.Adam([{"params": ps[:1]}, {"params": ps[1:], "fused": False}], lr=0.01)
             for ps in (ours, ref)]
     _assert_compiled_steps_equal_eager(opts, ours, ref, steps=2)
