@@ -158,17 +158,12 @@ class TracedStep:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # The groups torch.optim's code steps (_unfused, found here: the
-        # traced step makes no plan; Dynamo guards on the param lists).
-        # _check_torch_groups checked them all before; a param listed
-        # twice is also refused here,
-        # in the traced code, so that the user sees our ValueError, not
-        # Dynamo's wrapper of an error in _init_group.
+        # traced step makes no plan; Dynamo guards on the param lists),
+        # checked before (_check_torch_groups).
         torch_groups = []
-        for gi, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             _guard_on_precision_options(group)
             if self._stepped_by_torch_when_traced(group):
-                if self._lists_a_param_twice(group):
-                    self._check_param_listed_twice(gi, group)
                 torch_groups.append(group)
         ours = []
         for group in self.param_groups:
