@@ -167,6 +167,21 @@ for _name in OPTIMIZERS:
     scenario("main")(_against_torch)
 
 
+@scenario("main")
+def fsdp2_adam_with_a_fused_false_group_equals_torch(mesh, tmp):
+    # A fused=False group beside fused ones under FSDP2: torch's code steps
+    # it on the DTensors (before the fused calls), the op the others.
+    runs = []
+    for cls in (torch.optim.Adam, fused_optim.Adam):
+        model = _fsdp(_model(), mesh)
+        groups = _groups(model)
+        groups[1]["fused"] = False
+        opt = cls(groups, **OPTIMIZERS["Adam"])
+        _train(model, opt, STEPS, seed=2)
+        runs.append((model, opt))
+    _assert_same_run(*runs[1], *runs[0])
+
+
 def _even_model():  # tensor parallelism needs even shards
     torch.manual_seed(0)
     return torch.nn.Sequential(
