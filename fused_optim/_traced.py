@@ -11,13 +11,13 @@ from fused_optim._ops import GroupArguments, OpExtras
 from fused_optim._precision import precision_of, real_dtype
 
 @torch._disable_dynamo
-def _check_torch_groups_eagerly(optimizer) -> None:
-    """The checks an eager step makes of the groups torch.optim's code
-    steps (``_check_torch_group``), made eagerly at the start of every
-    compiled step that has such groups (TracedStep._check_torch_groups)."""
-    for gi, group in enumerate(optimizer.param_groups):
-        if optimizer._stepped_by_torch_when_traced(group):
-            optimizer._check_torch_group(gi, group)
+def _check_torch_groups_eagerly(optimizer, indices: list) -> None:
+    """The checks an eager step makes (``_check_torch_group``) of the
+    groups of ``indices``, those torch.optim's code steps, made eagerly at
+    the start of every compiled step that has such groups
+    (TracedStep._check_torch_groups, which found them as it was traced)."""
+    for gi in indices:
+        optimizer._check_torch_group(gi, optimizer.param_groups[gi])
 
 
 @torch._disable_dynamo
@@ -150,8 +150,10 @@ class TracedStep:
         in it: a graph break in _traced_step before its _init_group calls
         fails Dynamo's restart of the frame (the state _init_group made
         the first time is there the second: torch 2.13)."""
-        if any(self._stepped_by_torch_when_traced(g) for g in self.param_groups):
-            _check_torch_groups_eagerly(self)
+        indices = [gi for gi, group in enumerate(self.param_groups)
+                   if self._stepped_by_torch_when_traced(group)]
+        if indices:
+            _check_torch_groups_eagerly(self, indices)
 
     def _traced_step(self) -> None:
         """The step as torch.compile traces it: Note [traced step]."""
@@ -246,12 +248,14 @@ class TracedStep:
             _call_public_eagerly(self, eager_calls, stored_after)
         if torch_groups:
             # torch's own code, run as eager torch runs it (traced, it
-            # would take its capturable branch: other rounding). Last, as
-            # in the eager step: state made for a new param (kept out of
-            # the state until its call, _init_group) that crossed this
-            # graph break before its call reached the call as another
-            # param's (torch 2.13: SGD with momentum, a fused=False group
-            # before a fused one; test_torch_compat).
+            # would take its capturable branch: other rounding). Last,
+            # unlike the eager step, which runs it first: here state made
+            # for a new param (kept out of the state until its call,
+            # _init_group) that crossed this graph break before its call
+            # reached the call as another param's (torch 2.13: SGD with
+            # momentum, a fused=False group before a fused one;
+            # test_torch_compat). So what torch's code refuses as it runs
+            # comes after the traced calls wrote (docs/design.md).
             _torch_step_eagerly(self, torch_groups, grad_norm)
         if grad_norm is not None:
             # (an item of a list: Dynamo replays that side effect after the
