@@ -2,6 +2,8 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "fused_optim/precision.h"
+
 namespace fused_optim {
 
 namespace {
@@ -57,6 +59,11 @@ CommonChecks check_common(at::DeviceType backend, const OpCall& call,
   per_group.push_back({"max_grad_norm", static_cast<int64_t>(call.max_grad_norm.size())});
   const int64_t n = call.params.size();
   check_groups(op, n, call.group_index, per_group);
+  TORCH_CHECK(!call.rounding_ids.has_value() ||
+                  static_cast<int64_t>(call.rounding_ids->size()) == n,
+              op, ": rounding_ids has ",
+              call.rounding_ids.has_value() ? call.rounding_ids->size() : 0,
+              " entries but there are ", n, " tensors");
   check_group_flags(op, "maximize", call.maximize, groups);
   check_group_flags(op, "decoupled_weight_decay", call.decoupled_weight_decay,
                     groups);
@@ -109,6 +116,18 @@ void check_scalar_state(at::DeviceType backend, const OpCall& call,
   check_per_tensor_scalars(call.op, name, call.scalar_state,
                            static_cast<int64_t>(call.params.size()),
                            scalar_device(backend, call.params));
+}
+
+std::vector<uint32_t> rounding_streams(const OpCall& call) {
+  std::vector<uint32_t> out(call.params.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    const uint64_t id =
+        call.rounding_ids.has_value()
+            ? static_cast<uint64_t>((*call.rounding_ids)[i])
+            : (static_cast<uint64_t>(call.group_index[i]) << 32) | i;
+    out[i] = stochastic_rounding_stream(id);
+  }
+  return out;
 }
 
 LrSource lr_source(const OpCall& call, size_t g) {

@@ -60,6 +60,7 @@ struct OpCall {
   bool measure_only = false;
   CallModes modes;  // mode keywords; has_state is filled in by prepare()
   bool stochastic_rounding = false;
+  at::OptionalIntArrayRef rounding_ids;  // (precision.h), or none
 };
 
 template <typename T, size_t>
@@ -106,7 +107,8 @@ struct Kernel<Spec, kLr, Result, kRun, std::index_sequence<S...>,
                    const std::optional<at::Tensor>& found_inf,
                    const std::optional<at::Tensor>& grad_norm,
                    Repeat<const std::optional<at::Tensor>&, T>... tensor_sums,
-                   Repeat<bool, M>... modes, bool stochastic_rounding) {
+                   Repeat<bool, M>... modes, bool stochastic_rounding,
+                   at::OptionalIntArrayRef rounding_ids) {
     OpCall call;
     call.op = op_name();
     call.params = params;
@@ -135,6 +137,7 @@ struct Kernel<Spec, kLr, Result, kRun, std::index_sequence<S...>,
     const bool mode_values[] = {modes..., false};
     for (size_t k = 0; k < sizeof...(M); ++k) call.modes.mode[k] = mode_values[k];
     call.stochastic_rounding = stochastic_rounding;
+    call.rounding_ids = rounding_ids;
     return kRun(call);
   }
 
@@ -195,6 +198,9 @@ struct PreparedCall {
   std::vector<WeightDecay> decay;
   std::vector<int32_t> set_of;
   at::IntArrayRef group_index;
+  // With stochastic rounding, each tensor's random stream
+  // (stochastic_rounding_stream of its rounding id); empty otherwise.
+  std::vector<uint32_t> rounding_streams;
   at::TensorList state_steps;
   at::TensorList scalar_state;  // Note [per-tensor scalar state], or empty
   const std::optional<at::Tensor>* grad_scale = nullptr;
@@ -281,6 +287,10 @@ at::Tensor per_tensor_sums(at::TensorList params, at::TensorList grads);
 // (1-D, 2n entries, float32/float64, contiguous, on the params' device for
 // CUDA and on the CPU for the CPU kernels); `measure` refuses one.
 void check_tensor_sums(at::DeviceType backend, const OpCall& call);
+
+// Each tensor's stochastic-rounding stream (precision.h): of its
+// `rounding_ids` entry, or of (group_index << 32) | its position in the call.
+std::vector<uint32_t> rounding_streams(const OpCall& call);
 
 // Group g's learning rate: its tensor (read by the kernel) or its float.
 LrSource lr_source(const OpCall& call, size_t g);
@@ -382,6 +392,7 @@ std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
   out.precision = checked.precision;
   out.modes = call.modes;
   out.group_index = call.group_index;
+  if (out.precision.stochastic_rounding) out.rounding_streams = rounding_streams(call);
   out.state_steps = call.state_steps;
   out.scalar_state = call.scalar_state;
   out.grad_scale = call.grad_scale;

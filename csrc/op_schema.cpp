@@ -30,7 +30,9 @@
 //   storage_table.h); `master_params` (float32, or empty) are master
 //   weights of fp16/bf16 params: the update reads and writes them and
 //   writes the params rounded; `stochastic_rounding` rounds bf16 param
-//   writes stochastically (precision.h).
+//   writes stochastically (precision.h), tensor i with the random stream
+//   of `rounding_ids[i]` (a 64-bit id, stochastic_rounding_stream; None:
+//   (group_index[i] << 32) | i).
 // - AMP: `grad_scale` and `found_inf` are torch.amp.GradScaler's (or None):
 //   gradients are divided by grad_scale in registers, and a non-zero
 //   found_inf skips the call: nothing is written, no step counter advances.
@@ -105,8 +107,8 @@ std::string schema(LrKind lr, bool measure) {
   for (size_t k = 0; k < ModeCount<Spec>::value; ++k) {
     s += std::string("bool ") + Spec::kModes[k] + ", ";
   }
-  s += measure ? "bool stochastic_rounding) -> Tensor"
-               : "bool stochastic_rounding) -> ()";
+  s += "bool stochastic_rounding, int[]? rounding_ids=None) -> ";
+  s += measure ? "Tensor" : "()";
   return s;
 }
 

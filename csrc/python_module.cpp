@@ -219,6 +219,10 @@ struct PyArg<at::IntArrayRef> {
   using type = std::vector<int64_t>;
 };
 template <>
+struct PyArg<at::OptionalIntArrayRef> {
+  using type = std::optional<std::vector<int64_t>>;
+};
+template <>
 struct PyArg<at::ArrayRef<double>> {
   using type = std::vector<double>;
 };
@@ -239,6 +243,9 @@ decltype(auto) to_schema_arg(const typename PyArg<Arg>::type& value) {
     list.reserve(value.size());
     for (bool b : value) list.push_back(b);
     return list;
+  } else if constexpr (std::is_same_v<Arg, at::OptionalIntArrayRef>) {
+    return value.has_value() ? at::OptionalIntArrayRef(*value)
+                             : at::OptionalIntArrayRef();
   } else {
     return Arg(value);
   }

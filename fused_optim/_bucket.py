@@ -65,12 +65,14 @@ class Bucket:
     # keys of the per-param scalar state (FusedOptimizer._scalar_state_names)
     scalar_state_names: tuple = ()
     group_index: list = field(default_factory=list)
-    # (group, position in group["params"]) of each tensor, for error messages
+    # (group, position in group["params"]) of each tensor, for error
+    # messages and stochastic rounding's random streams (rounding_ids)
     positions: list = field(default_factory=list)
     # indices of tensors whose state was created for the coming step (SGD's
     # momentum buffer starts as the gradient itself on its first step)
     new_state: list = field(default_factory=list)
     precision: Precision | None = None
+    _rounding_ids: list | None = field(default=None, repr=False)
 
     @property
     def is_complex(self) -> bool:
@@ -100,8 +102,16 @@ class Bucket:
         """This bucket's call's arguments besides its tensors and the
         groups': its master copies and this step's scalars on its device."""
         grad_scale, found_inf, grad_norm = scalars.on(self.device)
-        return _ops.OpExtras(self.master_params(), grad_scale, found_inf,
-                             self.precision.stochastic_rounding, grad_norm)
+        rounding = self.precision.stochastic_rounding
+        return _ops.OpExtras(self.master_params(), grad_scale, found_inf, rounding, grad_norm,
+                             self.rounding_ids() if rounding else None)
+
+    def rounding_ids(self) -> list:
+        """Each tensor's stochastic-rounding id (_ops.rounding_ids_of),
+        made once: a planned bucket's positions do not change."""
+        if self._rounding_ids is None:
+            self._rounding_ids = _ops.rounding_ids_of(self.positions)
+        return self._rounding_ids
 
     def per_param_lists(self) -> list:
         """(the op's list name, the state key) of every list of a call read

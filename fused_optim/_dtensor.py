@@ -117,8 +117,10 @@ def _sum_over_shards(sums: torch.Tensor, params: list) -> torch.Tensor:
 
 
 def _argument_values(op, args, kwargs) -> list:
-    """A call's argument values in schema order."""
-    return list(args) + [kwargs[a.name] for a in op._schema.arguments[len(args):]]
+    """A call's argument values in schema order (a keyword left out: its
+    default, as a dispatch mode leaves out a keyword given its default)."""
+    return list(args) + [kwargs[a.name] if a.name in kwargs else a.default_value
+                         for a in op._schema.arguments[len(args):]]
 
 
 def _replicated_local(where: str, name: str, t):

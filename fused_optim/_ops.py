@@ -6,7 +6,7 @@ schema. Every op's schema has one shape (params, grads, the state lists,
 master_params, state_steps, [the per-tensor scalar state list,] group_index,
 lr, the per-group hyperparameters, the per-group flags, max_grad_norm, [the
 new-state list], grad_scale, found_inf, grad_norm, [tensor_sums,] then the
-keyword-only mode flags and stochastic_rounding); ``OpSignature`` reads the
+keyword-only mode flags, stochastic_rounding and rounding_ids); ``OpSignature`` reads the
 names from the schema, checks that shape, and builds a call's positional
 tuple from named values. A state list is named after its state key plus
 "s" (``exp_avg`` -> ``exp_avgs``, ``sum`` -> ``sums``).
@@ -63,7 +63,7 @@ class OpSignature:
         # each tensor's norms, and a caller may give their sums.
         self.reads_tensor_norms = "tensor_sums" in names
         self.keywords = tuple(a.name for a in arguments if a.kwarg_only)
-        self.modes = self.keywords[:-1]
+        self.modes = self.keywords[:-2]
         self.num_positional = len(names) - len(self.keywords)
         expected = (
             ["params", "grads", *self.state_lists, "master_params", "state_steps",
@@ -72,7 +72,7 @@ class OpSignature:
             + ([self.new_state] if self.new_state else [])
             + ["grad_scale", "found_inf", "grad_norm"]
             + (["tensor_sums"] if self.reads_tensor_norms else [])
-            + [*self.modes, "stochastic_rounding"]
+            + [*self.modes, "stochastic_rounding", "rounding_ids"]
         )
         if names != expected:  # (the shape csrc/op_schema.cpp writes)
             raise RuntimeError(f"fused_optim.{name}: unexpected schema {names}")
@@ -80,7 +80,8 @@ class OpSignature:
     def arguments(self, *, params, grads, states: dict, master_params, steps, group_index,
                   lr, hyper: dict, group_flags: dict, new_state, grad_scale, found_inf,
                   modes: dict, stochastic_rounding: bool, scalar_states: dict | None = None,
-                  max_grad_norm=None, grad_norm=None, tensor_sums=None) -> tuple:
+                  max_grad_norm=None, grad_norm=None, tensor_sums=None,
+                  rounding_ids=None) -> tuple:
         """The call's arguments in schema order (keywords last). ``states``
         maps state list names to lists (a name left out: an empty list),
         ``hyper`` and ``group_flags`` map names to per-group lists,
@@ -89,7 +90,8 @@ class OpSignature:
         ``max_grad_norm`` (per group; None: no group clipped) and
         ``grad_norm`` are clipping's; ``tensor_sums`` (ops that read
         per-tensor norms only; None: the op computes them) are Note [norms
-        across shards]'s."""
+        across shards]'s; ``rounding_ids`` (or None) each tensor's
+        stochastic-rounding id, ``rounding_ids_of``."""
         scalar_states = scalar_states or {}
         if tensor_sums is not None and not self.reads_tensor_norms:
             raise ValueError(f"fused_optim.{self.name} reads no per-tensor norms: no tensor_sums")
@@ -114,6 +116,7 @@ class OpSignature:
             *([tensor_sums] if self.reads_tensor_norms else []),
             *[modes[n] for n in self.modes],
             stochastic_rounding,
+            rounding_ids,
         )
 
 
@@ -209,6 +212,16 @@ class OpExtras(NamedTuple):
     found_inf: torch.Tensor | None
     stochastic_rounding: bool
     grad_norm: torch.Tensor | None = None  # clipping (on the call's device)
+    rounding_ids: list | None = None  # with stochastic_rounding: rounding_ids_of
+
+
+def rounding_ids_of(positions) -> list:
+    """The ops' ``rounding_ids`` of tensors at ``positions``, (param group,
+    position in its ``params``) pairs: (group << 32) | position, so that a
+    param's stochastic rounding draws the same random bits however a step
+    splits its params into calls (eager or compiled, some gradients
+    missing; csrc/include/fused_optim/precision.h)."""
+    return [(gi << 32) | pi for gi, pi in positions]
 
 
 class GroupArguments(NamedTuple):

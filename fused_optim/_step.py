@@ -497,6 +497,7 @@ class StepProtocol:
             grad_norm=extras.grad_norm,
             modes=self._op_modes(mode),
             stochastic_rounding=extras.stochastic_rounding,
+            rounding_ids=extras.rounding_ids,
             scalar_states=dict(zip(map(_ops.state_list_name, self._scalar_state_names), scalar_states)),
         )
         return OpCall(self._op_name, group_args.tensor_lr, args)

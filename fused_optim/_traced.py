@@ -56,47 +56,62 @@ class TracedStep:
     # Note [traced step]
     # Under torch.compile the step is traced into the graph, which the plan
     # (Python objects cached across steps) and the pybind call would break.
-    # So a traced step takes torch.optim's shape: per param group, an eager
-    # ``_init_group`` (Dynamo runs a method of that name outside the graph,
-    # as for torch.optim, and guards on the state it made) fills lists of
-    # the tensors that have gradients, and the public op
+    # So a traced step takes torch.optim's shape: an eager ``_init_group``
+    # (Dynamo runs a method of that name outside the graph, as for
+    # torch.optim, and guards on the state it made), one for all groups,
+    # fills lists of the tensors that have gradients, and the public op
     # torch.ops.fused_optim.<op> updates them, one call per (device, dtype)
-    # of the group. Same kernel and same math as eager, so the same bits
-    # (but for stochastic rounding's streams where eager's call holds
-    # several groups: docs/design.md).
+    # of each group. Same kernel and same math as eager, so the same bits
+    # (stochastic rounding's too: a param's random stream is named by its
+    # group and position, not by its call, _ops.rounding_ids_of).
     # Dynamo marks every group ``capturable=True`` in its traced copy of
     # the param groups; the traced code therefore never reads capturable
     # (_init_group sees the real groups). A tensor ``lr`` is read by the
     # kernel (the op's ``tensor_lr`` overload), so a scheduler changing it recompiles
     # nothing, as torch's compiled-optimizer recipe expects.
 
-    def _init_group(self, group, params, grads, states, masters, steps):
-        """The eager half of a traced step for one group: validates, creates
-        missing state, and appends to the (empty) lists the tensors of the
-        params that have gradients, grouped by (device, dtype); ``states``
-        gets each param's state tensors in ``_state_names`` order, then its
-        scalar state (``_scalar_state_names``), flat.
-        Returns one tuple per op call: (start, end, start in ``masters`` or
-        -1 without master weights, stochastic rounding, indices of new
-        state, complex)."""
-        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
-        if all(self._stepped_by_torch_when_traced(g) for g in self.param_groups[:gi]):
-            # The step's first call: every traced group is checked before
-            # any state is made (torch's groups were, _check_torch_groups),
-            # so a refused step makes none and writes nothing.
-            for gj, other in enumerate(self.param_groups):
-                if not self._stepped_by_torch_when_traced(other):
-                    self._check_traced_group(gj, other)
+    def _init_group(self, indices, params, grads, states, masters, steps):
+        """The eager half of a traced step, for the groups of ``indices``
+        (all that the op steps, in order): validates them all, then creates
+        missing state and appends to the (empty) lists the tensors of the
+        params that have gradients, by group and then by (device, dtype);
+        ``states`` gets each param's state tensors in ``_state_names``
+        order, then its scalar state (``_scalar_state_names``), flat.
+        Returns, per group, (its index, one tuple per op call): (start, end
+        in ``params`` and ``grads``, start in ``states``, start in
+        ``steps`` or -1 without counters, start in ``masters`` or -1
+        without master weights, its rounding ids (_ops.rounding_ids_of)
+        with stochastic rounding or None, indices of new state, complex).
+
+        One call for every group, not one per group as torch.optim's: the
+        state made here is stored by the traced code after the op (below),
+        and Dynamo sees ``self.state`` as the first ``_init_group`` call
+        leaves it (torch 2.13): a store after a second call dropped the
+        state that call had made for other params (test_torch_compat:
+        test_compiled_step_keeps_state_made_for_every_group)."""
+        # Every group is checked before any state is made (torch's groups
+        # were, _check_torch_groups), so a refused step makes none and
+        # writes nothing.
+        for gi in indices:
+            self._check_traced_group(gi, self.param_groups[gi])
+        return tuple((gi, self._init_one_group(gi, params, grads, states, masters, steps))
+                     for gi in indices)
+
+    def _init_one_group(self, gi, params, grads, states, masters, steps) -> tuple:
+        """_init_group's work for group ``gi``: its calls' tuples."""
+        group = self.param_groups[gi]
         mode = self._mode(group)
         names = self._state_names(mode) + self._scalar_state_names
         kinds: dict = {}
-        for param in group["params"]:
+        for pi, param in enumerate(group["params"]):
             if param.grad is not None:
-                kinds.setdefault((param.device, param.dtype), []).append(param)
+                kinds.setdefault((param.device, param.dtype), []).append((pi, param))
+        keeps_step = self._keeps_step(group)
         calls = []
-        for kind_params in kinds.values():
-            start, master_start, new_state = len(params), len(masters), []
-            for param in kind_params:
+        for kind in kinds.values():
+            start, state_start, new_state = len(params), len(states), []
+            step_start, master_start = len(steps) if keeps_step else -1, len(masters)
+            for _, param in kind:
                 precision = precision_of(group, real_dtype(param))
                 before = set(self.state.get(param, ()))
                 state, is_new = self._ready_state(param, group, precision, Journal(self.state))
@@ -114,12 +129,15 @@ class TracedStep:
                 states.extend(made[name] if name in made else state[name] for name in names)
                 if precision.master_weights:
                     masters.append(state["master_param"])
-                if self._keeps_step(group):
-                    steps.append(state["step"])
+                if keeps_step:
+                    # (a new counter, SGD's with stochastic rounding, is made)
+                    steps.append(made["step"] if "step" in made else state["step"])
             if not precision.master_weights:
                 master_start = -1
-            calls.append((start, len(params), master_start, precision.stochastic_rounding,
-                          tuple(new_state), kind_params[0].is_complex()))
+            rounding_ids = (_ops.rounding_ids_of((gi, pi) for pi, _ in kind)
+                            if precision.stochastic_rounding else None)
+            calls.append((start, len(params), state_start, step_start, master_start,
+                          rounding_ids, tuple(new_state), kind[0][1].is_complex()))
         return tuple(calls)
 
     def _check_traced_group(self, gi: int, group) -> None:
@@ -147,7 +165,7 @@ class TracedStep:
         torch.optim's code steps after it (_torch_step_eagerly). Eagerly,
         every step: what the checks read, such as a gradient turned
         sparse, is not guarded by Dynamo. Called before _traced_step, not
-        in it: a graph break in _traced_step before its _init_group calls
+        in it: a graph break in _traced_step before its _init_group call
         fails Dynamo's restart of the frame (the state _init_group made
         the first time is there the second: torch 2.13)."""
         indices = [gi for gi, group in enumerate(self.param_groups)
@@ -167,17 +185,14 @@ class TracedStep:
             _guard_on_precision_options(group)
             if self._stepped_by_torch_when_traced(group):
                 torch_groups.append(group)
-        ours = []
-        for group in self.param_groups:
-            if any(group is g for g in torch_groups):
-                continue
-            params, grads, states, masters, steps = [], [], [], [], []
-            calls = self._init_group(group, params, grads, states, masters, steps)
-            ours.append((group, params, grads, states, masters, steps, calls))
+        indices = tuple(gi for gi, group in enumerate(self.param_groups)
+                        if not any(group is g for g in torch_groups))
+        params, grads, states, masters, steps = [], [], [], [], []
+        ours = self._init_group(indices, params, grads, states, masters, steps) if indices else ()
         grad_norm = None
         if any(group.get("max_grad_norm") is not None for group in self.param_groups):
             # The norm spans every group: all gradients, before any update.
-            every_grad = [g for _, _, grads, *_ in ours for g in grads] + [
+            every_grad = grads + [
                 p.grad for group in torch_groups for p in group["params"] if p.grad is not None
             ]
             grad_norm = _clip.traced_global_norm(every_grad, grad_scale)
@@ -189,7 +204,8 @@ class TracedStep:
         # in the frame Dynamo resumes after the break, not traced further:
         # test_torch_compat.test_compiled_step_with_complex_groups_between_others).
         eager_calls, stored_after = [], []
-        for group, params, grads, states, masters, steps, calls in ours:
+        for gi, calls in ours:
+            group = self.param_groups[gi]
             mode = self._mode(group)
             names = self._state_names(mode)
             scalar_names = self._scalar_state_names
@@ -205,30 +221,34 @@ class TracedStep:
                 _clip.group_max_grad_norms([group]),
                 grad_norm is not None,
             )
-            for start, end, master_start, rounding, new_state, is_complex in calls:
+            for (start, end, state_start, step_start, master_start, rounding_ids, new_state,
+                 is_complex) in calls:
+                n = end - start
                 call_params, call_grads = params[start:end], grads[start:end]
-                per_param = [states[start * count + k:end * count:count] for k in range(count)]
+                state_end = state_start + n * count
+                per_param = [states[state_start + k:state_end:count] for k in range(count)]
+                call_steps = [] if step_start < 0 else steps[step_start:step_start + n]
                 call_states, scalar_states = per_param[:len(names)], per_param[len(names):]
                 if is_complex:
                     call_params, call_grads = _bucket.as_real(call_params), _bucket.as_real(call_grads)
                     call_states = [_bucket.as_real(s) for s in call_states]
                 device = call_params[0].device
                 extras = OpExtras(
-                    [] if master_start < 0 else masters[master_start:master_start + end - start],
+                    [] if master_start < 0 else masters[master_start:master_start + n],
                     None if grad_scale is None else grad_scale.to(device),
                     None if found_inf is None else found_inf.to(device),
-                    rounding,
+                    rounding_ids is not None,
                     None if grad_norm is None else grad_norm.to(device),
+                    rounding_ids,
                 )
                 call = self._op_call_of(
                     mode, names, call_params, call_grads, call_states,
-                    steps[start:end] if steps else [], [0] * (end - start),
-                    list(new_state), group_args, extras, scalar_states,
+                    call_steps, [0] * n, list(new_state), group_args, extras, scalar_states,
                 )
                 # (the state made for the call's new params: stored after it)
                 made = [(params[start + i], names,
-                         states[(start + i) * count:(start + i) * count + len(names)],
-                         steps[start + i] if steps else None) for i in new_state]
+                         states[state_start + i * count:state_start + i * count + len(names)],
+                         call_steps[i] if call_steps else None) for i in new_state]
                 if is_complex:
                     eager_calls.append(call)
                     stored_after += made

@@ -194,25 +194,75 @@ def _round_stochastic(x: torch.Tensor, random: np.ndarray) -> torch.Tensor:
 
 
 def test_stochastic_rounding_bits_match_precision_h():
-    """Two SGD steps (no momentum, so the fp32 result is p - lr * g) on bf16
+    """SGD steps (no momentum, so the fp32 result is p - lr * g) on bf16
     params in two groups: every written bit is the documented stochastic
-    rounding."""
+    rounding, each param's random stream named by its group and its
+    position there, also at a step where the first param has no gradient
+    (which moves every other param of its call one place)."""
     params = _params(torch.bfloat16)
     lr = 0.01
     opt = fused_optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=lr,
                           stochastic_rounding=True)
-    for step in (1, 2):
+    positions = [(0, 0), (0, 1)] + [(1, i) for i in range(len(params) - 2)]
+    steps = [0] * len(params)
+    for step, without_grad in ((1, None), (2, 0), (3, None)):
         grads = [_grad(p.shape, step, i).to(torch.bfloat16) for i, p in enumerate(params)]
         before = [p.detach().clone() for p in params]
-        for p, g in zip(params, grads):
-            p.grad = g
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = None if i == without_grad else g
         opt.step()
         for t, (p, p0, g) in enumerate(zip(params, before, grads)):
+            if t == without_grad:
+                assert torch.equal(bits(p.detach()), bits(p0))
+                continue
+            steps[t] += 1
             exact = p0.float() + g.float() * torch.tensor(-lr, dtype=torch.float32)
-            group = 0 if t < 2 else 1
-            expected = _round_stochastic(exact, _rounding_bits(t, group, step, p.numel()))
+            position, group = positions[t][1], positions[t][0]
+            expected = _round_stochastic(exact, _rounding_bits(position, group, steps[t], p.numel()))
             assert torch.equal(bits(p.detach()), bits(expected)), f"step {step} tensor {t}"
-            assert float(opt.state[p]["step"]) == step
+            assert float(opt.state[p]["step"]) == steps[t]
+
+
+def _sgd_call_rounding(params, grads, group_index, rounding_ids, entry):
+    """One stochastically rounding sgd_ call (lr 0.01 in every group) on
+    copies of ``params`` at step 1: the rounded params."""
+    params = [p.detach().clone() for p in params]
+    groups = max(group_index) + 1
+    args = _ops.SIGNATURES["sgd_"].arguments(
+        params=params, grads=list(grads), states={}, master_params=[],
+        steps=[torch.tensor(0.0) for _ in params], group_index=list(group_index),
+        lr=[0.01] * groups,
+        hyper={"momentum": [0.0] * groups, "dampening": [0.0] * groups,
+               "weight_decay": [0.0] * groups},
+        group_flags={"maximize": [False] * groups}, new_state=[], grad_scale=None,
+        found_inf=None, modes={"nesterov": False}, stochastic_rounding=True,
+        rounding_ids=rounding_ids)
+    call = _ops.OpCall("sgd_", False, args)
+    if entry == "public":
+        _ops.call_public(call)
+    else:
+        assert _ops.call_fast(call)
+    return params
+
+
+@pytest.mark.parametrize("entry", ["public", "fast"])
+def test_rounding_ids_name_each_tensors_random_stream(entry):
+    """A tensor's bits follow its rounding id, not its place in the call:
+    alone with the id (1 << 32) | 2 it rounds as at position 2 of group 1
+    in a call without ids, and not as at position 0 of group 0, which is
+    the default id of a tensor alone."""
+    params = [torch.randn(4099, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+              for i in range(3)]
+    grads = [_grad(p.shape, 1, i).to(torch.bfloat16) for i, p in enumerate(params)]
+    together = _sgd_call_rounding(params, grads, [1, 1, 1], None, entry)
+    alone = _sgd_call_rounding(params[2:], grads[2:], [0], [(1 << 32) | 2], entry)
+    assert torch.equal(bits(alone[0]), bits(together[2]))
+    default = _sgd_call_rounding(params[2:], grads[2:], [0], None, entry)
+    assert torch.equal(bits(default[0]), bits(_sgd_call_rounding(
+        params[2:], grads[2:], [0], [0], entry)[0]))
+    # (4099 elements, each rounded up or down by its own bits: two streams
+    # that agree everywhere would be the same stream)
+    assert not torch.equal(bits(default[0]), bits(together[2]))
 
 
 def test_stochastic_rounding_is_unbiased():

@@ -328,7 +328,7 @@ SCHEMAS = {
              "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
              "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
              "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-             "*, bool amsgrad, bool stochastic_rounding) -> ()",
+             "*, bool amsgrad, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "adam_.tensor_lr": "fused_optim::adam_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
                        "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
                        "Tensor(e!)[] max_exp_avg_sqs, "
@@ -337,28 +337,28 @@ SCHEMAS = {
                        "float[] weight_decay, "
                        "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
                        "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-                       "*, bool amsgrad, bool stochastic_rounding) -> ()",
+                       "*, bool amsgrad, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "sgd_": "fused_optim::sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, "
             "Tensor(c!)[] momentum_buffers, "
             "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
             "float[] lr, float[] momentum, float[] dampening, float[] weight_decay, "
             "bool[] maximize, float[] max_grad_norm, int[] new_momentum_buffers, "
             "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-            "*, bool nesterov, bool stochastic_rounding) -> ()",
+            "*, bool nesterov, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "sgd_.tensor_lr": "fused_optim::sgd_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
                       "Tensor(c!)[] momentum_buffers, "
                       "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
                       "Tensor[] lr, float[] momentum, float[] dampening, float[] weight_decay, "
                       "bool[] maximize, float[] max_grad_norm, int[] new_momentum_buffers, "
                       "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-                      "*, bool nesterov, bool stochastic_rounding) -> ()",
+                      "*, bool nesterov, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "adagrad_": "fused_optim::adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, "
                 "Tensor(c!)[] sums, "
                 "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
                 "float[] lr, float[] lr_decay, float[] weight_decay, float[] eps, "
                 "bool[] maximize, float[] max_grad_norm, "
                 "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-                "*, bool stochastic_rounding) -> ()",
+                "*, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "adagrad_.tensor_lr": "fused_optim::adagrad_.tensor_lr(Tensor(a!)[] params, "
                           "Tensor(b!)[] grads, "
                           "Tensor(c!)[] sums, "
@@ -367,7 +367,7 @@ SCHEMAS = {
                           "Tensor[] lr, float[] lr_decay, float[] weight_decay, float[] eps, "
                           "bool[] maximize, float[] max_grad_norm, "
                           "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-                          "*, bool stochastic_rounding) -> ()",
+                          "*, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "rmsprop_": "fused_optim::rmsprop_(Tensor(a!)[] params, Tensor(b!)[] grads, "
                 "Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "
                 "Tensor(e!)[] momentum_buffers, "
@@ -376,7 +376,7 @@ SCHEMAS = {
                 "float[] momentum, "
                 "bool[] maximize, float[] max_grad_norm, "
                 "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-                "*, bool centered, bool stochastic_rounding) -> ()",
+                "*, bool centered, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "rmsprop_.tensor_lr": "fused_optim::rmsprop_.tensor_lr(Tensor(a!)[] params, "
                           "Tensor(b!)[] grads, "
                           "Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "
@@ -387,14 +387,14 @@ SCHEMAS = {
                           "float[] momentum, "
                           "bool[] maximize, float[] max_grad_norm, "
                           "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-                          "*, bool centered, bool stochastic_rounding) -> ()",
+                          "*, bool centered, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "radam_": "fused_optim::radam_(Tensor(a!)[] params, Tensor(b!)[] grads, "
               "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
               "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, int[] group_index, "
               "float[] lr, float[] beta1, float[] beta2, float[] eps, float[] weight_decay, "
               "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
               "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-              "*, bool stochastic_rounding) -> ()",
+              "*, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "radam_.tensor_lr": "fused_optim::radam_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
                         "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
                         "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, int[] group_index, "
@@ -402,7 +402,7 @@ SCHEMAS = {
                         "float[] weight_decay, "
                         "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
                         "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-                        "*, bool stochastic_rounding) -> ()",
+                        "*, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "nadam_": "fused_optim::nadam_(Tensor(a!)[] params, Tensor(b!)[] grads, "
               "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
               "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, Tensor(g!)[] mu_products, "
@@ -411,7 +411,7 @@ SCHEMAS = {
               "float[] momentum_decay, "
               "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
               "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-              "*, bool stochastic_rounding) -> ()",
+              "*, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "nadam_.tensor_lr": "fused_optim::nadam_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
                         "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
                         "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, "
@@ -420,21 +420,21 @@ SCHEMAS = {
                         "float[] weight_decay, float[] momentum_decay, "
                         "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
                         "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-                        "*, bool stochastic_rounding) -> ()",
+                        "*, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "lion_": "fused_optim::lion_(Tensor(a!)[] params, Tensor(b!)[] grads, "
              "Tensor(c!)[] exp_avgs, "
              "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
              "float[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] max_lr, "
              "bool[] maximize, float[] max_grad_norm, "
              "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-             "*, bool stochastic_rounding) -> ()",
+             "*, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "lion_.tensor_lr": "fused_optim::lion_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
                        "Tensor(c!)[] exp_avgs, "
                        "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
                        "Tensor[] lr, float[] beta1, float[] beta2, float[] weight_decay, float[] max_lr, "
                        "bool[] maximize, float[] max_grad_norm, "
                        "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
-                       "*, bool stochastic_rounding) -> ()",
+                       "*, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "lars_": "fused_optim::lars_(Tensor(a!)[] params, Tensor(b!)[] grads, "
              "Tensor(c!)[] momentum_buffers, "
              "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
@@ -442,7 +442,7 @@ SCHEMAS = {
              "float[] trust_coeff, float[] eps, float[] trust_clip, float[] always_adapt, "
              "bool[] maximize, float[] max_grad_norm, int[] new_momentum_buffers, "
              "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, Tensor? tensor_sums, "
-             "*, bool nesterov, bool stochastic_rounding) -> ()",
+             "*, bool nesterov, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "lars_.tensor_lr": "fused_optim::lars_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
                        "Tensor(c!)[] momentum_buffers, "
                        "Tensor(d!)[] master_params, Tensor(e!)[] state_steps, int[] group_index, "
@@ -450,7 +450,7 @@ SCHEMAS = {
                        "float[] trust_coeff, float[] eps, float[] trust_clip, float[] always_adapt, "
                        "bool[] maximize, float[] max_grad_norm, int[] new_momentum_buffers, "
                        "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, Tensor? tensor_sums, "
-                       "*, bool nesterov, bool stochastic_rounding) -> ()",
+                       "*, bool nesterov, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "lamb_": "fused_optim::lamb_(Tensor(a!)[] params, Tensor(b!)[] grads, "
              "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
              "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, int[] group_index, "
@@ -459,7 +459,7 @@ SCHEMAS = {
              "float[] always_adapt, float[] max_lr, "
              "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
              "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, Tensor? tensor_sums, "
-             "*, bool stochastic_rounding) -> ()",
+             "*, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     "lamb_.tensor_lr": "fused_optim::lamb_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
                        "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
                        "Tensor(e!)[] master_params, Tensor(f!)[] state_steps, int[] group_index, "
@@ -469,7 +469,7 @@ SCHEMAS = {
                        "float[] always_adapt, float[] max_lr, "
                        "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
                        "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, Tensor? tensor_sums, "
-                       "*, bool stochastic_rounding) -> ()",
+                       "*, bool stochastic_rounding, int[]? rounding_ids=None) -> ()",
     # The measuring overloads (Note [norms across shards]): the same
     # arguments, none written, the sums returned.
     "lamb_.measure": "fused_optim::lamb_.measure(Tensor[] params, Tensor[] grads, "
@@ -480,7 +480,7 @@ SCHEMAS = {
                      "float[] always_adapt, float[] max_lr, "
                      "bool[] maximize, bool[] decoupled_weight_decay, float[] max_grad_norm, "
                      "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, Tensor? tensor_sums, "
-                     "*, bool stochastic_rounding) -> Tensor",
+                     "*, bool stochastic_rounding, int[]? rounding_ids=None) -> Tensor",
     "lars_.measure_tensor_lr": "fused_optim::lars_.measure_tensor_lr(Tensor[] params, "
                                "Tensor[] grads, Tensor[] momentum_buffers, "
                                "Tensor[] master_params, Tensor[] state_steps, int[] group_index, "
@@ -491,7 +491,8 @@ SCHEMAS = {
                                "int[] new_momentum_buffers, "
                                "Tensor? grad_scale, Tensor? found_inf, Tensor? grad_norm, "
                                "Tensor? tensor_sums, "
-                               "*, bool nesterov, bool stochastic_rounding) -> Tensor",
+                               "*, bool nesterov, bool stochastic_rounding, "
+                               "int[]? rounding_ids=None) -> Tensor",
 }
 
 
@@ -860,6 +861,8 @@ def _bad_variants(op, named):
             group_index=gi[:-1] + [-1])
     variant("group_index_shorter", "group_index has 5 entries but there are 6 tensors",
             group_index=gi[:-1])
+    variant("rounding_ids_shorter", "rounding_ids has 5 entries but there are 6 tensors",
+            rounding_ids=list(range(5)))
     # lr, which counts the groups, has fewer entries than the groups used
     variant("lr_shorter", "has 3 entries but lr has 2", lr=lr[:-1])
     first_hyper = _ops.SIGNATURES[op].hyperparameters[0]
@@ -915,7 +918,7 @@ def _bad_variants(op, named):
 
 
 COMMON_VARIANTS = ["grads_shorter", "group_index_out_of_range", "group_index_negative",
-                   "group_index_shorter", "lr_shorter", "hyper_shorter", "grad_numel",
+                   "group_index_shorter", "rounding_ids_shorter", "lr_shorter", "hyper_shorter", "grad_numel",
                    "maximize_shorter", "maximize_longer"]
 ADAM_VARIANTS = ["decoupled_weight_decay_shorter", "decoupled_weight_decay_longer"]
 SCALAR_STATE_VARIANTS = ["scalar_state_shorter", "scalar_state_not_0d", "scalar_state_float16"]

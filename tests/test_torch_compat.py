@@ -944,8 +944,7 @@ def test_compiled_step_follows_precision_options_changed_later(option, value):
     # without tracing: a change made after the step was compiled went
     # unseen (no master copy made, the graph's old storage kept). Read in
     # the traced code, a change retraces the step, which then applies it
-    # as the eager step does. (One group: with several, stochastic
-    # rounding draws other bits compiled than eager, docs/design.md.)
+    # as the eager step does.
     torch._dynamo.reset()
     torch.manual_seed(0)
     ours = [torch.randn(5, 3, dtype=torch.bfloat16, requires_grad=True),
@@ -961,6 +960,57 @@ def test_compiled_step_follows_precision_options_changed_later(option, value):
     else:
         state_dtype = torch.float32 if option == "state_dtype" else torch.bfloat16
         assert opts[0].state[ours[1]]["exp_avg"].dtype == state_dtype
+
+
+@pytest.mark.parametrize("cls, kwargs", [(fused_optim.AdamW, {}),
+                                         (fused_optim.SGD, dict(momentum=0.9)),
+                                         (fused_optim.Lion, {})], ids=["adamw", "sgd", "lion"])
+def test_compiled_step_rounds_stochastically_as_eager_across_groups(cls, kwargs):
+    # Eager puts the bf16 params of both groups in one call, the compiled
+    # step makes one call per group; a param's random stream is named by
+    # its group and its position there (rounding_ids), so both draw the
+    # same bits, also at steps where a param has no gradient (which moves
+    # the others of its call).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    shapes = [(5, 3), (33,), (4099,), (7,)]
+    ours = [torch.randn(s, dtype=torch.bfloat16, requires_grad=True) for s in shapes]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opts = [cls([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.03}], lr=0.01,
+                stochastic_rounding=True, **kwargs) for ps in (ours, ref)]
+    compiled = torch.compile(opts[0].step, backend="eager")
+    for step, without_grad in enumerate((None, 0, None, 2, None)):
+        _same_grads(ours, ref, step)
+        if without_grad is not None:
+            ours[without_grad].grad = ref[without_grad].grad = None
+        compiled()
+        opts[1].step()
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            assert torch.equal(p, q), f"step {step} param {i}"
+    _assert_equal_runs_params_state(opts[0], opts[1])
+
+
+@pytest.mark.parametrize("last_group", [dict(momentum=0.9, master_weights=True),
+                                        dict(stochastic_rounding=True)],
+                         ids=["master_weights", "counter_only"])
+def test_compiled_step_keeps_state_made_for_every_group(last_group):
+    # The second group's new momentum buffers are stored by the traced
+    # code after its call; Dynamo sees the state as the first _init_group
+    # call left it (the first group, plain SGD, has none), so with one call
+    # per group that store dropped the state the last group's call had
+    # made: the master copy (remade from the bf16 param next step) or the
+    # rounding counter (counted from 0 again).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = [torch.randn(s, dtype=torch.bfloat16, requires_grad=True)
+            for s in [(5, 3), (33,), (4099,), (7,), (9,)]]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opts = [fused_optim.SGD([{"params": ps[:1]}, {"params": ps[1:3], "momentum": 0.9},
+                             {"params": ps[3:], **last_group}], lr=0.01) for ps in (ours, ref)]
+    _assert_compiled_steps_equal_eager(opts, ours, ref, steps=1)
+    for p, q in zip(ours[1:], ref[1:]):
+        assert opts[0].state[p].keys() == opts[1].state[q].keys() != set()
+    _assert_compiled_steps_equal_eager(opts, ours, ref, steps=3)
 
 
 def test_compiled_step_whose_complex_call_fails_makes_no_state(monkeypatch):

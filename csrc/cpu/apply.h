@@ -337,9 +337,7 @@ std::vector<ElementInputs<T>> element_inputs(const PreparedCall<Spec>& call,
   if (call.precision.stochastic_rounding) {
     for (size_t t = 0; t < num_tensors; ++t) {
       out[t].rounding_key = stochastic_rounding_key(
-          stochastic_rounding_stream(static_cast<uint32_t>(t),
-                                     static_cast<uint32_t>(call.group_index[t])),
-          steps.empty() ? 0.0 : steps[t]);
+          call.rounding_streams[t], steps.empty() ? 0.0 : steps[t]);
     }
   }
   return out;

@@ -149,9 +149,9 @@ struct MultiTensorArgs {
   const void* grad_norm = nullptr;
   bool grad_norm_is_double = false;
   bool stochastic_rounding = false;
-  // Per tensor, the stochastic-rounding stream (precision.h's
-  // stochastic_rounding_stream of its position and group); empty: the
-  // tensor's position in the call.
+  // Per tensor, the stochastic-rounding stream (PreparedCall's
+  // rounding_streams, precision.h); empty: the tensor's position in the
+  // call (the front leaves it empty without stochastic rounding).
   std::vector<uint32_t> rounding_streams;
 };
 
@@ -274,7 +274,7 @@ struct TensorListMeta
   const float* found_inf;   // AMP, or null
   const void* grad_norm;    // clipping, or null
   int64_t num_chunks;       // chunks of all tensors of this launch
-  int32_t index[kMaxTensors];  // rounding stream (position in the call, group)
+  int32_t index[kMaxTensors];  // stochastic-rounding stream (rounding_streams)
   int32_t num_tensors;
   uint8_t slot[kMaxTensors];     // index into hyper / decay
   uint8_t aligned[kMaxTensors];  // all operands 16-byte aligned

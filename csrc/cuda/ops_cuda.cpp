@@ -69,13 +69,7 @@ MultiTensorArgs<typename Spec::Hyper> make_args(const PreparedCall<Spec>& call) 
   args.hyper_set = call.set_of;
   args.hypers = call.sets;
   args.decay = call.decay;
-  if (call.precision.stochastic_rounding) {
-    args.rounding_streams.resize(n);
-    for (size_t i = 0; i < n; ++i) {
-      args.rounding_streams[i] = stochastic_rounding_stream(
-          static_cast<uint32_t>(i), static_cast<uint32_t>(call.group_index[i]));
-    }
-  }
+  args.rounding_streams = call.rounding_streams;
   if (!call.state_steps.empty()) {  // (sgd_'s may be empty)
     args.steps.resize(n);
     for (size_t i = 0; i < n; ++i) {

@@ -47,12 +47,16 @@ FO_HOST_DEVICE FO_FORCE_INLINE uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// Which random stream a tensor draws from: its position in its op call and
-// its param group. Groups that differ in a mode flag (amsgrad, ...) go to
-// different calls, where positions start again at 0: the group keeps the
-// bits of their tensors apart.
+// Which random stream a tensor draws from, given its 64-bit rounding id
+// (the ops' `rounding_ids`): the optimizer classes give (param group << 32)
+// | position in the group's params, so a param draws the same bits however
+// the step splits its params into calls (eager, compiled, some gradients
+// missing); a call without ids uses (group_index << 32) | position in the
+// call.
 FO_HOST_DEVICE FO_FORCE_INLINE uint32_t stochastic_rounding_stream(
-    uint32_t position, uint32_t group) {
+    uint64_t rounding_id) {
+  const uint32_t position = static_cast<uint32_t>(rounding_id);
+  const uint32_t group = static_cast<uint32_t>(rounding_id >> 32);
   return position ^ mix32(group + 0x3c6ef372U);
 }
 
