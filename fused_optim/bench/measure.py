@@ -181,6 +181,13 @@ def samples_of(entries: dict[str, list[Callable]], sample_s: float, timer) -> in
     warm = statistics.median(timer(step) for _ in range(5))
     count = max(1, math.ceil(sample_s / max(warm, 1e-9)))
     if count > 1:
+        # A step timed alone carries the timer's cost and colder caches: a
+        # tiny step's estimate was 2x its time back to back, and samples
+        # half as long as asked. So the count is set again from samples of
+        # that many back-to-back steps.
+        burst = statistics.median(timer(_repeated(step, count)) for _ in range(3))
+        count = max(count, math.ceil(count * sample_s / max(burst, 1e-9)))
+    if count > 1:
         for impl, calls in entries.items():
             entries[impl] = [_repeated(call, count) for call in calls]
     return count
