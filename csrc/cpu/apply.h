@@ -120,7 +120,7 @@ void apply_subrange(char* const* operand, float* master_base, int64_t begin,
   const uint32_t key = in.rounding_key;
   const uint32_t element_low = static_cast<uint32_t>(begin);
   const uint32_t element_high = static_cast<uint32_t>(begin >> 32);
-  vectorized_loop(end - begin, [=](int64_t i) {
+  vectorized_loop(end - begin, [=](int64_t i) FO_LOOP_BODY {
     T x[kN];
     const T unscaled_grad = data.load(x, i);
     if constexpr (S::kUnscaleGrads) data.grad[i] = from_compute<param_t>(unscaled_grad);
@@ -187,7 +187,7 @@ std::pair<double, double> measure_block(
   T update_square[kMeasureBlock];
   T* const ps = param_square;
   T* const us = update_square;
-  vectorized_loop(n, [=](int64_t i) {
+  vectorized_loop(n, [=](int64_t i) FO_LOOP_BODY {
     T x[kN];
     data.load(x, i);
     const T u = Op::template direction<kDecay>(x, s);

@@ -36,6 +36,19 @@ namespace fused_optim::cpu {
 // floats too), which would force a reload of every captured value on each
 // iteration; a local copy whose address never escapes is split into
 // registers instead.
+// Note [inlined body]: a loop vectorizes only if its body is inlined into
+// it; a call left in the loop "clobbers memory" and GCC gives up. GCC's
+// inliner weighs the body's size, and Adam's update with the
+// stochastic-rounding hash exceeded it: that loop ran scalar (bf16 Adam
+// with stochastic_rounding=True: ~6x its round-to-nearest step). The
+// element bodies are therefore lambdas marked FO_LOOP_BODY, which forces
+// the inlining.
+#if defined(__GNUC__)
+#define FO_LOOP_BODY __attribute__((always_inline))
+#else
+#define FO_LOOP_BODY
+#endif
+
 #define FO_ELEMENT_LOOP(n, body)                 \
   do {                                           \
     const auto local = (body); /* [local body] */ \
