@@ -978,16 +978,8 @@ def test_compiled_step_rounds_stochastically_as_eager_across_groups(cls, kwargs)
     ref = [p.detach().clone().requires_grad_() for p in ours]
     opts = [cls([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.03}], lr=0.01,
                 stochastic_rounding=True, **kwargs) for ps in (ours, ref)]
-    compiled = torch.compile(opts[0].step, backend="eager")
-    for step, without_grad in enumerate((None, 0, None, 2, None)):
-        _same_grads(ours, ref, step)
-        if without_grad is not None:
-            ours[without_grad].grad = ref[without_grad].grad = None
-        compiled()
-        opts[1].step()
-        for i, (p, q) in enumerate(zip(ours, ref)):
-            assert torch.equal(p, q), f"step {step} param {i}"
-    _assert_equal_runs_params_state(opts[0], opts[1])
+    _assert_compiled_steps_equal_eager(opts, ours, ref, steps=5,
+                                       without_grad=[None, 0, None, 2, None])
 
 
 @pytest.mark.parametrize("last_group", [dict(momentum=0.9, master_weights=True),
@@ -1038,12 +1030,16 @@ def test_compiled_step_whose_complex_call_fails_makes_no_state(monkeypatch):
     _assert_compiled_steps_equal_eager(opts, ours, ref, steps=3)
 
 
-def _assert_compiled_steps_equal_eager(opts, ours, ref, steps):
+def _assert_compiled_steps_equal_eager(opts, ours, ref, steps, without_grad=None):
     """``steps`` steps of ``opts[0]`` compiled and ``opts[1]`` eager, on the
-    same gradients: params equal after each, state at the end."""
+    same gradients: params equal after each, state at the end. With
+    ``without_grad`` (a list, one entry per step): the index of the param
+    left without a gradient at that step, or None."""
     compiled = torch.compile(opts[0].step, backend="eager")
     for step in range(steps):
         _same_grads(ours, ref, step)
+        if without_grad is not None and without_grad[step] is not None:
+            ours[without_grad[step]].grad = ref[without_grad[step]].grad = None
         compiled()
         opts[1].step()
         for p, q in zip(ours, ref):
