@@ -211,11 +211,16 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     # divide it once per listing.
     _groups_listing_a_param_twice: tuple = ()
 
-    def _unfused(self, group) -> bool:
+    def _unfused(self, group, *, traced: bool = False) -> bool:
         """Whether ``group`` is stepped by the unfused implementation
-        (_torch_path.py) rather than the fused op."""
-        return (_torch_path.uses_torch_path(group, self._takes_caution)
-                or any(group is g for g in self._groups_listing_a_param_twice))
+        (_torch_path.py) rather than the fused op. An eager step reads the
+        groups listing a param twice that its plan found; a traced step
+        makes no plan and reads the param list (Dynamo guards on it)."""
+        if _torch_path.uses_torch_path(group, self._takes_caution):
+            return True
+        if traced:
+            return self._lists_a_param_twice(group)
+        return any(group is g for g in self._groups_listing_a_param_twice)
 
     def _find_groups_listing_a_param_twice(self) -> None:
         """Note [a param listed twice]."""

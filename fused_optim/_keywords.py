@@ -68,11 +68,19 @@ def check_torch_path_precision(name: str, group, cautious: bool) -> None:
         )
 
 
+def check_tensor_lr(lr) -> None:
+    """torch.optim's first check, with its message: a tensor lr holds one
+    element. (Each class then compares lr with 0 as its torch.optim
+    counterpart does: SGD's ``lr < 0.0`` lets a NaN through, Adam's
+    ``not 0.0 <= lr`` does not.)"""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+
+
 def check_adam_arguments(lr, betas, eps, weight_decay) -> None:
     """torch.optim's checks shared by Adam, AdamW, RAdam and NAdam, in its
     order, with its messages."""
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
+    check_tensor_lr(lr)
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:

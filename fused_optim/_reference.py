@@ -16,7 +16,7 @@ import torch
 from fused_optim import _corrected_decay
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._dtensor import is_dtensor
-from fused_optim._keywords import check_adam_arguments
+from fused_optim._keywords import check_adam_arguments, check_tensor_lr
 
 
 def _decayed_grad(param, grad, weight_decay, maximize):
@@ -268,8 +268,7 @@ class Lion(PerTensorReference):
                  decoupled_weight_decay=False, *, maximize=False, corrected_weight_decay=False,
                  caution=False, foreach=None):
         # fused_optim.Lion's checks and messages (torch.optim's wording)
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+        check_tensor_lr(lr)
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         for i in (0, 1):
@@ -381,8 +380,7 @@ class Lars(PerTensorReference):
     def __init__(self, params, lr=1.0, momentum=0, dampening=0, weight_decay=0, nesterov=False,
                  trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False,
                  foreach=None, *, maximize=False):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+        check_tensor_lr(lr)
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0:

@@ -154,12 +154,6 @@ class TracedStep:
                     )
                 self._check_grad(gi, pi, param, param.grad)
 
-    def _stepped_by_torch_when_traced(self, group) -> bool:
-        """Whether torch.optim's code steps ``group`` in a traced step (the
-        traced step makes no plan, whose groups _unfused reads)."""
-        return (self._lists_a_param_twice(group)
-                or _torch_path.uses_torch_path(group, self._takes_caution))
-
     def _check_torch_groups(self) -> None:
         """Checks, before the traced step writes anything, the groups that
         torch.optim's code steps after it (_torch_step_eagerly). Eagerly,
@@ -169,7 +163,7 @@ class TracedStep:
         fails Dynamo's restart of the frame (the state _init_group made
         the first time is there the second: torch 2.13)."""
         indices = [gi for gi, group in enumerate(self.param_groups)
-                   if self._stepped_by_torch_when_traced(group)]
+                   if self._unfused(group, traced=True)]
         if indices:
             _check_torch_groups_eagerly(self, indices)
 
@@ -177,13 +171,12 @@ class TracedStep:
         """The step as torch.compile traces it: Note [traced step]."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        # The groups torch.optim's code steps (_unfused, found here: the
-        # traced step makes no plan; Dynamo guards on the param lists),
-        # checked before (_check_torch_groups).
+        # The groups torch.optim's code steps (Dynamo guards on the param
+        # lists _unfused reads), checked before (_check_torch_groups).
         torch_groups = []
         for group in self.param_groups:
             _guard_on_precision_options(group)
-            if self._stepped_by_torch_when_traced(group):
+            if self._unfused(group, traced=True):
                 torch_groups.append(group)
         indices = tuple(gi for gi, group in enumerate(self.param_groups)
                         if not any(group is g for g in torch_groups))

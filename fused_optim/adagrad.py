@@ -8,7 +8,7 @@ from torch.optim.adagrad import adagrad as _torch_adagrad
 from fused_optim import _arena, _docs
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
-from fused_optim._keywords import check_implementation_keywords, to_float
+from fused_optim._keywords import check_implementation_keywords, check_tensor_lr, to_float
 from fused_optim._planning import new_step
 from fused_optim._precision import check_precision_keywords, precision_of
 
@@ -40,8 +40,7 @@ class Adagrad(FusedOptimizer):
         max_grad_norm: float | None = None,
     ) -> None:
         # Same checks, order and messages as torch.optim.Adagrad.
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+        check_tensor_lr(lr)
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= lr_decay:

@@ -8,7 +8,7 @@ from fused_optim import _docs, _reference
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._momentum import MomentumBufferState
-from fused_optim._keywords import check_implementation_keywords
+from fused_optim._keywords import check_implementation_keywords, check_tensor_lr
 from fused_optim._precision import check_precision_keywords
 
 __all__ = ["Lars"]
@@ -44,8 +44,7 @@ class Lars(MomentumBufferState, FusedOptimizer):
     ) -> None:
         # timm's checks, order and messages (torch.optim's wording), after
         # the tensor-lr check every class of ours makes.
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+        check_tensor_lr(lr)
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0:

@@ -9,7 +9,7 @@ import torch
 from fused_optim import _corrected_decay, _docs, _reference
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
-from fused_optim._keywords import check_implementation_keywords, to_float
+from fused_optim._keywords import check_implementation_keywords, check_tensor_lr, to_float
 from fused_optim._planning import new_step
 from fused_optim._precision import check_precision_keywords
 
@@ -50,8 +50,7 @@ class Lion(FusedOptimizer):
     ) -> None:
         # torch.optim's checks and messages (lion-pytorch asserts lr > 0 and
         # 0 <= beta <= 1; a zero lr is legal here, as in torch.optim).
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+        check_tensor_lr(lr)
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= betas[0] <= 1.0:

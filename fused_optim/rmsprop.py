@@ -7,7 +7,7 @@ import torch
 from fused_optim import _docs
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
-from fused_optim._keywords import check_implementation_keywords
+from fused_optim._keywords import check_implementation_keywords, check_tensor_lr
 from fused_optim._precision import check_precision_keywords
 
 __all__ = ["RMSprop"]
@@ -37,8 +37,7 @@ class RMSprop(FusedOptimizer):
         max_grad_norm: float | None = None,
     ) -> None:
         # Same checks, order and messages as torch.optim.RMSprop.
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+        check_tensor_lr(lr)
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:

@@ -9,7 +9,7 @@ from fused_optim import _docs
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._momentum import MomentumBufferState
-from fused_optim._keywords import check_implementation_keywords, to_float
+from fused_optim._keywords import check_implementation_keywords, check_tensor_lr, to_float
 from fused_optim._precision import check_precision_keywords
 
 __all__ = ["SGD"]
@@ -39,8 +39,7 @@ class SGD(MomentumBufferState, FusedOptimizer):
         max_grad_norm: float | None = None,
     ) -> None:
         # Same checks, order and messages as torch.optim.SGD.
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+        check_tensor_lr(lr)
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0:
