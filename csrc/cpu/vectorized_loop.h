@@ -42,7 +42,9 @@ namespace fused_optim::cpu {
 // stochastic-rounding hash exceeded it: that loop ran scalar (bf16 Adam
 // with stochastic_rounding=True: ~6x its round-to-nearest step). The
 // element bodies are therefore lambdas marked FO_LOOP_BODY, which forces
-// the inlining.
+// the inlining. The test suite checks the built loops
+// (scripts/check_cpu_vectorization.py): any loop_avx512 / loop_avx2 left
+// scalar, or with a call in it, fails it.
 #if defined(__GNUC__)
 #define FO_LOOP_BODY __attribute__((always_inline))
 #else
