@@ -230,8 +230,11 @@ print("ok:", torch.cuda.get_device_name(0), "CUDA_HOME", cpp_extension.CUDA_HOME
       tee -a "$OUT/summary.txt"
   fi
 
-  # In place: the tests and the benchmarks import ./fused_optim.
+  # In place: the tests and the benchmarks import ./fused_optim. With debug
+  # info (CFLAGS=-g; setup.py leaves it out otherwise), so that symbolize
+  # gives a crash's file and line.
   stage build 330 env MAX_JOBS="${MAX_JOBS:-$(nproc)}" TORCH_CUDA_ARCH_LIST="$archs" FORCE_CUDA=1 \
+    CFLAGS="${CFLAGS:+$CFLAGS }-g" \
     "$PY" setup.py build_ext --inplace || stop "the build failed or was cut (build.log)"
 
   stage import 60 "$PY" -c '
