@@ -11,7 +11,8 @@ _KEYWORD_DOCS = {
     "foreach": """foreach (bool, optional): with ``fused`` None or True, accepted and
             the step is our fused one, which already updates all tensors in
             one pass (a multi-tensor step, which is what foreach asks for;
-            unlike torch's foreach code it also takes a tensor ``lr``). With
+            the arguments are checked as torch checks them with
+            foreach=True). With
             ``fused=False`` or ``differentiable=True`` it chooses torch's
             implementation, as in torch.optim (default: None).""",
     "fused": """fused (bool, optional): None or True: our fused step. False:

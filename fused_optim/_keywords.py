@@ -30,9 +30,11 @@ def check_implementation_keywords(name: str, *, foreach, fused, differentiable, 
 # - fused=None or True: our fused step (the only thing fused can mean here).
 # - foreach=True with fused=None: also the fused step. foreach asks for a
 #   multi-tensor implementation; ours is one, and a strictly faster one,
-#   with the same math and state. (torch.optim refuses a tensor lr with
-#   foreach=True and capturable=False only because its foreach code cannot
-#   read one; ours can, so we accept it.)
+#   with the same math and state. Its arguments are checked as torch
+#   checks them with foreach=True: Adam and AdamW refuse a tensor lr or
+#   betas with capturable=False, as torch.optim does (its foreach code
+#   cannot read them), although our step could. Accepting them would make
+#   code that torch.optim refuses, and fail torch's own optimizer tests.
 # - fused=False: torch.optim's own unfused step for that group, with
 #   foreach as given (None lets torch choose, as it would): the user asked
 #   for torch's code, so it runs (_torch_path.py). Same for

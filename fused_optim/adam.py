@@ -52,11 +52,13 @@ class Adam(FusedOptimizer):
         for i, beta in enumerate(betas):
             if isinstance(beta, torch.Tensor) and beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
-        if foreach and not capturable and (fused is not None or differentiable):
-            # torch's foreach code, which fused=False and differentiable=True
-            # run, reads no tensor lr or betas (our fused step does, so
-            # foreach=True is accepted with fused=None); fused=True with
-            # foreach=True is refused below, and torch checks this first.
+        if foreach and not capturable:
+            # torch's foreach code reads no tensor lr or betas, so torch
+            # refuses them with foreach=True. So do we, although foreach=True
+            # with fused=None is our fused step, which reads them: code that
+            # passes them is then code torch.optim refuses (Note
+            # [implementation keywords]). torch checks this before refusing
+            # fused=True with foreach=True (below).
             for value, name in ((lr, "lr"), (betas[0], "betas[0]"), (betas[1], "betas[1]")):
                 if isinstance(value, torch.Tensor):
                     raise ValueError(

@@ -539,11 +539,21 @@ def _constructor_errors() -> list[ErrorCase]:
                                dict(differentiable=True, state_dtype=torch.bfloat16), ValueError,
                                "state_dtype need.*differentiable=True", from_torch=False))
     for name in ("Adam", "AdamW"):
-        # fused=False with foreach=True runs torch's foreach code, which
-        # reads no tensor lr: refused as torch does (our fused step takes one).
-        cases.append(ErrorCase(f"{name}-unfused_foreach_tensor_lr", name,
-                               dict(fused=False, foreach=True, lr=torch.tensor(0.01)), ValueError,
-                               _msg("lr as a Tensor is not supported for capturable=False and foreach=True")))
+        # A tensor lr or betas with foreach=True: refused as torch does,
+        # whether torch's foreach code (fused=False) or our fused step
+        # (fused=None) would run (Note [implementation keywords]).
+        for fused in (False, None):
+            cases.append(ErrorCase(f"{name}-foreach_tensor_lr-fused_{fused}", name,
+                                   dict(fused=fused, foreach=True, lr=torch.tensor(0.01)),
+                                   ValueError,
+                                   _msg("lr as a Tensor is not supported for capturable=False "
+                                        "and foreach=True")))
+            cases.append(ErrorCase(f"{name}-foreach_tensor_betas-fused_{fused}", name,
+                                   dict(fused=fused, foreach=True,
+                                        betas=(torch.tensor(0.9), torch.tensor(0.99))),
+                                   ValueError,
+                                   _msg("betas[0] as a Tensor is not supported for "
+                                        "capturable=False and foreach=True")))
     return cases
 
 

@@ -162,12 +162,14 @@ def test_unfused_groups_under_grad_scaler(mixed):
 
 def test_foreach_true_with_fused_none_is_our_fused_step(monkeypatch):
     # foreach=True asks for a multi-tensor step: ours (Note
-    # [implementation keywords]); a tensor lr is fine there.
+    # [implementation keywords]); with capturable=True, a tensor lr as in
+    # torch (which refuses one with foreach=True otherwise: test_errors).
     calls = []
     # (a fast call returns whether it was made: Note [gradients read in C++])
     monkeypatch.setattr(_ops, "fast_function", lambda call: lambda *args: calls.append(call.name) or True)
     model = _model()
-    opt = fused_optim.Adam(model.parameters(), lr=torch.tensor(0.01), foreach=True)
+    opt = fused_optim.Adam(model.parameters(), lr=torch.tensor(0.01), foreach=True,
+                           capturable=True)
     _set_grads([model], 0)
     opt.step()
     assert calls == ["adam_"]
@@ -630,7 +632,6 @@ def test_eager_step_keeps_the_fast_call(monkeypatch):
 OURS_BETTER = (
     (AssertionError, "If capturable=True, params and state_steps must be on supported devices"),
     (AssertionError, "If capturable=True, params, mu_products"),  # (NAdam's wording)
-    (ValueError, "lr as a Tensor is not supported for capturable=False and foreach=True"),
 )
 
 

@@ -49,17 +49,6 @@ def _configs(name, device, dtype, skip=()):
     return [(i.desc, i.kwargs) for i in inputs]
 
 
-def _ours_accepts_more(name, error_input) -> bool:
-    """The one documented difference (README, implementation keywords): a
-    tensor lr or betas with foreach=True and fused=None is our fused step,
-    which takes them; torch's foreach code does not."""
-    kwargs = error_input.optimizer_error_input.kwargs
-    tensors = isinstance(kwargs.get("lr"), torch.Tensor) or any(
-        isinstance(b, torch.Tensor) for b in kwargs.get("betas", ()))
-    return (kwargs.get("foreach") and tensors and kwargs.get("fused") is None
-            and not kwargs.get("differentiable"))
-
-
 @EACH
 def test_error_inputs_raise_what_torch_raises(name):
     """Each error input of torch's database: same exception or warning
@@ -71,18 +60,6 @@ def test_error_inputs_raise_what_torch_raises(name):
         inputs = case.optimizer_error_input
         where = f"{name}: {inputs.desc}"
         construct = lambda: ours(inputs.params, **inputs.kwargs)  # noqa: E731
-        if _ours_accepts_more(name, case):
-            # Steps as torch's for-loop does with the same tensors.
-            params = [torch.nn.Parameter(torch.randn(6)) for _ in range(2)]
-            opts = [ours(params, **inputs.kwargs),
-                    getattr(torch.optim, name)([p.detach().clone().requires_grad_() for p in params],
-                                               **{**inputs.kwargs, "foreach": False})]
-            for opt in opts:
-                for p in opt.param_groups[0]["params"]:
-                    p.grad = torch.linspace(-1, 1, 6)
-                opt.step()
-            torch.testing.assert_close(*(o.param_groups[0]["params"] for o in opts), msg=where)
-            continue
         act = (construct if case.error_on == OptimizerErrorEnum.CONSTRUCTION_ERROR
                else lambda: construct().step())
         if issubclass(case.error_type, Warning):
