@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Runs PyTorch's own optimizer tests with fused_optim's classes in place of
+torch.optim's.
+
+torch's test files are not in its wheel (nor in this repository): point
+this at a PyTorch source checkout of the installed torch's version.
+
+    python scripts/torch_optim_tests.py ~/pytorch/test/test_optim.py \\
+        ~/pytorch/test/optim/test_lrscheduler.py [--baseline] [pytest args]
+
+The test files do `from torch.optim import SGD, Adam, ...` and read torch's
+test database (`torch.testing._internal.common_optimizers.optim_db`), so
+before pytest imports them this swaps, for each class torch.optim shares
+with us (SGD, Adam, AdamW, Adagrad, RMSprop, NAdam, RAdam), torch's class
+for ours in torch.optim, in its module (torch.optim.adamw...) and in
+optim_db. fused_optim is imported first: its classes hold torch's own
+(`_torch_class`, for fused=False and differentiable=True), and so does the
+table of functional optimizers it registers with torch.distributed.
+
+--baseline runs the same files on torch's classes, to tell what fails on
+torch itself (CUDA-only tests, a test file newer than the installed torch).
+Last run: docs/design.md, "torch's own tests".
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# Our classes torch.optim has too, and the torch.optim module defining each.
+SHARED = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw", "Adagrad": "adagrad",
+          "RMSprop": "rmsprop", "NAdam": "nadam", "RAdam": "radam"}
+
+
+def swap_in_fused_optim() -> None:
+    """Puts fused_optim's classes where torch's tests look for torch's."""
+    import fused_optim
+    import torch
+
+    try:  # (fused_optim registers its classes there on this import)
+        import torch.distributed.optim.utils  # noqa: F401
+    except ImportError:
+        pass
+    from torch.testing._internal.common_optimizers import optim_db
+
+    theirs = {name: getattr(torch.optim, name) for name in SHARED}
+    ours = {name: getattr(fused_optim, name) for name in SHARED}
+    swapped = set()
+    for info in optim_db:
+        name = info.optim_cls.__name__
+        if name in SHARED and info.optim_cls is theirs[name]:
+            info.optim_cls = ours[name]
+            swapped.add(name)
+    for name, module in SHARED.items():
+        setattr(torch.optim, name, ours[name])
+        setattr(importlib.import_module(f"torch.optim.{module}"), name, ours[name])
+    missing = set(SHARED) - swapped
+    if missing:
+        sys.exit(f"torch_optim_tests: optim_db has no entry for {sorted(missing)}")
+
+
+class _SwapPlugin:
+    """Swaps before collection imports the test modules."""
+
+    def pytest_configure(self, config) -> None:
+        swap_in_fused_optim()
+
+
+def main(argv: list[str]) -> int:
+    import pytest
+
+    args = [a for a in argv[1:] if a != "--baseline"]
+    if not args:
+        print(__doc__)
+        return 2
+    plugins = [] if "--baseline" in argv else [_SwapPlugin()]
+    return pytest.main(["-p", "no:cacheprovider", *args], plugins=plugins)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
