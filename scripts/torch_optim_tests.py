@@ -27,10 +27,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-# Our classes torch.optim has too, and the torch.optim module defining each.
-SHARED = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw", "Adagrad": "adagrad",
-          "RMSprop": "rmsprop", "NAdam": "nadam", "RAdam": "radam"}
-
 
 def swap_in_fused_optim() -> None:
     """Puts fused_optim's classes where torch's tests look for torch's."""
@@ -43,18 +39,20 @@ def swap_in_fused_optim() -> None:
         pass
     from torch.testing._internal.common_optimizers import optim_db
 
-    theirs = {name: getattr(torch.optim, name) for name in SHARED}
-    ours = {name: getattr(fused_optim, name) for name in SHARED}
+    # Our classes torch.optim has too (fused_optim.__all__ lists ours).
+    theirs = {name: getattr(torch.optim, name) for name in fused_optim.__all__
+              if isinstance(getattr(fused_optim, name), type) and hasattr(torch.optim, name)}
+    ours = {name: getattr(fused_optim, name) for name in theirs}
     swapped = set()
     for info in optim_db:
         name = info.optim_cls.__name__
-        if name in SHARED and info.optim_cls is theirs[name]:
+        if name in theirs and info.optim_cls is theirs[name]:
             info.optim_cls = ours[name]
             swapped.add(name)
-    for name, module in SHARED.items():
+    for name, cls in theirs.items():
         setattr(torch.optim, name, ours[name])
-        setattr(importlib.import_module(f"torch.optim.{module}"), name, ours[name])
-    missing = set(SHARED) - swapped
+        setattr(importlib.import_module(cls.__module__), name, ours[name])
+    missing = set(theirs) - swapped
     if missing:
         sys.exit(f"torch_optim_tests: optim_db has no entry for {sorted(missing)}")
 
