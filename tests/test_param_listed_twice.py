@@ -62,15 +62,18 @@ def _run(lib, name, kwargs, steps=5, repeat_from=0, repeat_until=None, compiled=
     return params, opt
 
 
-def _assert_same(ours, ref, torch_fused=False):
-    """Params and state equal, bit for bit. Against torch's fused=True, the
-    group listing each param once (ours: our kernel; torch: ATen's fused
-    kernel, which orders a few operations differently) is compared to
-    float32 rounding; the group listing a param twice, torch's code in
-    both, still bit for bit."""
+def _assert_same(ours, ref):
+    """Params and state of the group listing a param twice (torch's code on
+    both sides) equal, bit for bit. The group listing each param once is
+    our kernel against torch's for-loop (or ATen's fused kernel, which
+    orders a few operations differently): compared as the parity tests
+    compare them, to assert_close's defaults, not bit for bit, as torch
+    2.13's CPU sqrt is not correctly rounded (README; how often depends on
+    the CPU: on a 2-core AMD EPYC Zen 5 VM, one float32 root in five is
+    one ulp off, enough to fail this comparison bit for bit)."""
     (params, opt), (ref_params, ref_opt) = ours, ref
     for i, (p, q) in enumerate(zip(params, ref_params)):
-        same = torch.testing.assert_close if torch_fused and i >= 2 else _assert_equal
+        same = torch.testing.assert_close if i >= 2 else _assert_equal
         same(p, q)
         assert opt.state[p].keys() == ref_opt.state[q].keys()
         for key, value in ref_opt.state[q].items():
@@ -83,8 +86,7 @@ def _assert_equal(actual, expected, msg=""):
 
 @pytest.mark.parametrize("name, kwargs", CONFIGS, ids=IDS)
 def test_a_param_listed_twice_is_stepped_as_torch_steps_it(name, kwargs):
-    _assert_same(_run(fused_optim, name, kwargs), _run(torch.optim, name, kwargs),
-                 torch_fused=kwargs.get("fused", False))
+    _assert_same(_run(fused_optim, name, kwargs), _run(torch.optim, name, kwargs))
 
 
 @pytest.mark.parametrize("name, kwargs", CONFIGS[:4], ids=IDS[:4])
@@ -116,7 +118,7 @@ def test_under_a_grad_scaler_the_gradient_is_unscaled_once(name):
             scaler.update()
             opt.zero_grad()
         runs.append((params, opt))
-    _assert_same(runs[1], runs[0], torch_fused=True)
+    _assert_same(runs[1], runs[0])
 
 
 @pytest.mark.parametrize("option", [{"master_weights": True}, {"state_dtype": torch.bfloat16},
