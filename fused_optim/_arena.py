@@ -19,11 +19,16 @@ benchmarks/results/flat-state-arena-cpu-2core-epyc-2026-12-05.md).
 What is packed: state tensors the step creates (``_init_state``: moments,
 momentum buffers, Adagrad's sums at construction), when they are plain,
 contiguous CPU tensors of at most ``MAX_PACKED_ELEMENTS``, at least two of
-a name and dtype. Each view starts on a 64-byte boundary. Why small ones
-only: a large tensor is a long run in memory already, and packing copies
-each state tensor once at the step that makes it, so for a moment the
-packed tensors' state exists twice (bounded by the cap times their
-number: for a large model, its biases and norms). Not packed:
+a name and dtype. Each view starts on a 64-byte boundary. The arena makes
+them (``make``): ``_init_state`` asks for each new state tensor
+(``NewTensor``: like which param, which dtype, which initial value), and
+the plan has all of a step's new state made at once, packed as views of a
+buffer made with the initial value, the others as tensors of their own.
+(Made as tensors of their own and then copied into the buffer, as at
+first, the constructor and first step on `many-small` took 20-33% longer:
+benchmarks/results/first-step-cpu-2core-epyc-2026-12-07.md.) Why small
+ones only: a large tensor is a long run in memory already, and the costs
+below grow with it. Not packed:
 - state loaded from a checkpoint or replaced by the user: it stays as
   given (a checkpoint saved from packed state loads as views of one buffer
   again: ``torch.save`` writes a shared storage once and ``torch.load``
@@ -82,31 +87,56 @@ _ALIGN_BYTES = 64
 MAX_PACKED_ELEMENTS = 1 << 16
 
 
-def pack(entries: list) -> None:
-    """Replaces each ``state[name]`` of ``entries`` (state dict, name)
-    pairs, state tensors just created, by a view of one new buffer per
-    (name, dtype) holding the same values, in the order given; tensors the
-    arena does not take (Note [state arena]) are left as they are."""
+class NewTensor:
+    """A new state tensor asked for: like ``param`` (its shape, strides
+    where dense, device), of ``dtype``, every element ``fill``."""
+
+    __slots__ = ("param", "dtype", "fill")
+
+    def __init__(self, param, dtype: torch.dtype, fill) -> None:
+        self.param, self.dtype, self.fill = param, dtype, fill
+
+    def make(self) -> torch.Tensor:
+        """The tensor, in memory of its own (torch.optim's state)."""
+        return torch.full_like(self.param, self.fill, dtype=self.dtype,
+                               memory_format=torch.preserve_format)
+
+
+def make(requests: list) -> None:
+    """Sets ``state[name]`` for each name of each (state dict, names,
+    ``NewTensor``) of ``requests``, in the order given: views of one new
+    buffer per (name, dtype) where the arena takes them (Note [state
+    arena]), else tensors of their own."""
     members: dict = {}
-    for state, name in entries:
-        tensor = state[name]
-        if _packable(tensor):
-            members.setdefault((name, tensor.dtype), []).append(state)
+    alone = []
+    for state, names, request in requests:
+        if _packable(request.param):
+            for name in names:
+                members.setdefault((name, request.dtype), []).append((state, request))
+        else:
+            alone.extend((state, name, request) for name in names)
     for (name, dtype), states in members.items():
         if len(states) < 2:
+            alone.extend((state, name, request) for state, request in states)
             continue
-        align = max(1, _ALIGN_BYTES // states[0][name].element_size())
-        lengths = [-(-state[name].numel() // align) * align for state in states]
-        buffer = torch.empty(sum(lengths), dtype=dtype)
+        align = max(1, _ALIGN_BYTES // dtype.itemsize)
+        lengths = [-(-request.param.numel() // align) * align for _, request in states]
+        fills = {request.fill for _, request in states}
+        one_fill = len(fills) == 1  # (then the buffer is made with it: one pass)
+        buffer = torch.full((sum(lengths),), next(iter(fills)) if one_fill else 0, dtype=dtype)
         offset = 0
-        for state, length in zip(states, lengths):
-            tensor = state[name]
-            # (its own strides, which for a contiguous tensor may differ
-            # from the default ones in size-1 dims: the op compares them)
-            view = buffer.as_strided(tensor.shape, tensor.stride(), offset)
-            view.copy_(tensor)
-            state[name] = view  # (the tensor it replaces is freed as the loop moves on)
+        for (state, request), length in zip(states, lengths):
+            param = request.param
+            # (the param's own strides, which for a contiguous tensor may
+            # differ from the default ones in size-1 dims, as full_like's
+            # preserve_format keeps them: the op compares them)
+            view = buffer.as_strided(param.shape, param.stride(), offset)
+            if not one_fill:
+                view.fill_(request.fill)
+            state[name] = view
             offset += length
+    for state, name, request in alone:
+        state[name] = request.make()
 
 
 def unpack(state: dict) -> None:
@@ -131,12 +161,13 @@ def _in_shared_storage(tensor) -> bool:
     )
 
 
-def _packable(tensor) -> bool:
+def _packable(param) -> bool:
+    # (what full_like makes of it: a plain contiguous CPU tensor of its
+    # shape and strides; a tensor subclass such as a DTensor makes its own)
     return (
-        type(tensor) is torch.Tensor
-        and tensor.device.type == "cpu"
-        and tensor.layout == torch.strided
-        and 0 < tensor.numel() <= MAX_PACKED_ELEMENTS
-        and tensor.is_contiguous()
-        and not tensor.requires_grad
+        type(param) in (torch.Tensor, torch.nn.Parameter)
+        and param.device.type == "cpu"
+        and param.layout == torch.strided
+        and 0 < param.numel() <= MAX_PACKED_ELEMENTS
+        and param.is_contiguous()
     )

@@ -24,7 +24,7 @@ import operator
 import torch
 from torch.optim import Optimizer
 
-from fused_optim import _ops, _reference, _torch_path
+from fused_optim import _arena, _ops, _reference, _torch_path
 from fused_optim._bucket import Plan, Precision
 from fused_optim._checkpoint import Checkpoints
 from fused_optim._keywords import to_float
@@ -155,18 +155,42 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     # torch's code takes the pair (SGD).
     _fused_differentiable_error: str | None = None
 
-    def _init_state(self, param, group, state: dict, dtype: torch.dtype) -> bool:
-        """Fills in a param's missing state: the step counter and a zero
-        tensor of ``dtype`` (the state dtype) per state name (torch.optim's
-        initial state for Adam, AdamW and RMSprop; SGD and Adagrad
-        override). Returns True if the op must treat the state as new (SGD's
-        first momentum step)."""
+    def _init_state(self, param, group, state: dict, dtype: torch.dtype,
+                    new_tensors: list | None = None) -> bool:
+        """Fills in a param's missing state: its scalar state
+        (``_init_scalar_state``), and a tensor like ``param`` of ``dtype``
+        (the state dtype) filled with ``_initial_state_value`` for each
+        missing name of the group's mode. With ``new_tensors``, those
+        tensors are not made here but requested from the state arena, which
+        makes a plan's new state tensors together (``_arena.NewTensor``,
+        Note [state arena]). Returns True if the op must treat the state as
+        new (``_op_writes_new_state``)."""
+        self._init_scalar_state(param, group, state)
+        missing = [name for name in self._state_names(self._mode(group)) if name not in state]
+        if missing:
+            request = _arena.NewTensor(param, dtype, self._initial_state_value(group, param))
+            if new_tensors is None:
+                state.update((name, request.make()) for name in missing)
+            else:
+                new_tensors.append((state, missing, request))
+        return self._op_writes_new_state and bool(missing)
+
+    def _init_scalar_state(self, param, group, state: dict) -> None:
+        """Fills in a param's missing scalar state: the step counter where
+        the group keeps one (torch.optim's 0-d tensor; NAdam and Adagrad
+        override)."""
         if self._keeps_step(group):
             state.setdefault("step", new_step(param.device))
-        for name in self._state_names(self._mode(group)):
-            if name not in state:
-                state[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        return False
+
+    def _initial_state_value(self, group, param):
+        """The value a new state tensor of a param of ``group`` starts at:
+        zero (torch.optim's for every dense state but Adagrad's sum)."""
+        return 0
+
+    # Whether the op writes a param's new state rather than reading it (the
+    # call lists such params as new): SGD's and Lars's momentum buffer
+    # (_momentum.py).
+    _op_writes_new_state: bool = False
 
     def _keeps_step(self, group) -> bool:
         """Whether params of this group have a ``step`` counter."""

@@ -3,10 +3,6 @@ Lars): a mixin of FusedOptimizer, written once."""
 
 from __future__ import annotations
 
-import torch
-
-from fused_optim._planning import new_step
-
 
 class MomentumBufferState:
     """Mode, state names and state creation of an op with an optional
@@ -38,15 +34,8 @@ class MomentumBufferState:
         # change from step to step.
         return bool(group.get("stochastic_rounding"))
 
-    def _init_state(self, param, group, state, dtype) -> bool:
-        if self._keeps_step(group):
-            state.setdefault("step", new_step(param.device))
-        if not self._mode(group)[0] or "momentum_buffer" in state:
-            return False
-        # torch.optim (and timm) create the buffer on the first step as a
-        # copy of the (decayed, scaled) gradient. We allocate it zero-filled
-        # and tell the op it is new, so the kernel writes the gradient into
-        # it in the same pass.
-        state["momentum_buffer"] = torch.zeros_like(param, dtype=dtype,
-                                                    memory_format=torch.preserve_format)
-        return True
+    # torch.optim (and timm) create the buffer on the first step as a copy
+    # of the (decayed, scaled) gradient. We make it zero-filled and tell the
+    # op it is new, so the kernel writes the gradient into it in the same
+    # pass.
+    _op_writes_new_state = True

@@ -54,7 +54,7 @@ class Planning:
         self._find_groups_listing_a_param_twice()
         buckets: dict = {}
         unready = []  # params without the state their group needs, and no gradient
-        fresh = []  # (state dict, name) of each state tensor made now
+        new_tensors = []  # (state dict, names, _arena.NewTensor): the state to make
         for gi, group in enumerate(self.param_groups):
             if self._unfused(group):
                 continue  # stepped by torch.optim's code (_torch_path.py)
@@ -71,7 +71,7 @@ class Planning:
                     self._check_param(param, group, gi, pi)
                 precision = precision_of(group, real_dtype(param))
                 if has_grad:
-                    state, is_new = self._ready_state(param, group, precision, journal, fresh)
+                    state, is_new = self._ready_state(param, group, precision, journal, new_tensors)
                 else:
                     is_new = False
                     self._conform_state(param, group, precision, state, journal)
@@ -97,7 +97,7 @@ class Planning:
                 bucket.state_dicts.append(state)
                 bucket.group_index.append(gi)
                 bucket.positions.append((gi, pi))
-        _arena.pack(fresh)  # (Note [state arena])
+        _arena.make(new_tensors)  # (Note [state arena])
         plan = Plan(
             list(buckets.values()),
             unready,
@@ -137,20 +137,19 @@ class Planning:
             )
 
     def _ready_state(self, param, group, precision: Precision, journal: Journal,
-                     fresh: list | None = None) -> tuple[dict, bool]:
+                     new_tensors: list | None = None) -> tuple[dict, bool]:
         """The state of a param about to be stepped: missing state created
         (``_init_state``) and all of it brought to the group's precision
         options (``_conform_state``), through ``journal``. Returns (its
-        state dict, whether the op must treat the state as new). Appends
-        (state dict, name) of each state tensor created to ``fresh``."""
+        state dict, whether the op must treat the state as new). With
+        ``new_tensors``, its new state tensors are appended there for the
+        arena to make (``_arena.make``) instead of made now."""
         state = self.state[param] if param in self.state else {}
         is_new = False
         if self._needs_state_for(group, state, precision):
             state = journal.state_for(param)
-            missing = [n for n in self._state_names(self._mode(group)) if n not in state]
-            is_new = self._init_state(param, group, state, state_dtype_of(param, precision))
-            if fresh is not None:
-                fresh.extend((state, name) for name in missing if name in state)
+            is_new = self._init_state(param, group, state, state_dtype_of(param, precision),
+                                      new_tensors)
         self._conform_state(param, group, precision, state, journal)
         return state, is_new
 

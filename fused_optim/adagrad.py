@@ -71,11 +71,12 @@ class Adagrad(FusedOptimizer):
         super().__init__(params, defaults)
         # As torch.optim.Adagrad, state exists from construction on (its
         # master copy, if any, is made at the first step).
+        new_tensors = []
         for group in self.param_groups:
             for param in group["params"]:
                 dtype = param.dtype if param.is_complex() else precision_of(group, param.dtype).state_dtype
-                self._init_state(param, group, self.state[param], dtype)
-        _arena.pack([(self.state[p], "sum") for g in self.param_groups for p in g["params"]])
+                self._init_state(param, group, self.state[param], dtype, new_tensors)
+        _arena.make(new_tensors)
 
     _setstate_defaults = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
 
@@ -90,20 +91,17 @@ class Adagrad(FusedOptimizer):
     def _state_names(self, mode) -> tuple:
         return ("sum",)
 
-    def _init_state(self, param, group, state, dtype) -> bool:
+    def _init_scalar_state(self, param, group, state) -> None:
         # Where torch.optim.Adagrad puts it: on the param's device for a
         # fused step, on the CPU for its unfused code (which reads it with
         # .item(): a meta device, for one, refuses that).
-        unfused = self._unfused(group)
-        state.setdefault("step", new_step(None if unfused else param.device))
-        if "sum" not in state:
-            # The group's own value (torch.optim uses the constructor's value
-            # for every group, ignoring a group's override).
-            value = group.get("initial_accumulator_value", self.defaults["initial_accumulator_value"])
-            if param.is_complex():
-                value = complex(value, value)
-            state["sum"] = torch.full_like(param, value, dtype=dtype, memory_format=torch.preserve_format)
-        return False
+        state.setdefault("step", new_step(None if self._unfused(group) else param.device))
+
+    def _initial_state_value(self, group, param):
+        # The group's own value (torch.optim uses the constructor's value for
+        # every group, ignoring a group's override).
+        value = group.get("initial_accumulator_value", self.defaults["initial_accumulator_value"])
+        return complex(value, value) if param.is_complex() else value
 
     def _check_sparse(self, group, param, grad, is_new: bool) -> None:
         if group["weight_decay"] != 0:

@@ -10,7 +10,6 @@ from fused_optim import _corrected_decay, _docs, _reference
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._keywords import check_implementation_keywords, check_tensor_lr, to_float
-from fused_optim._planning import new_step
 from fused_optim._precision import check_precision_keywords
 
 __all__ = ["Lion"]
@@ -97,13 +96,6 @@ class Lion(FusedOptimizer):
         # own state, saved under "step"): the rounding's random bits are
         # drawn by it, so they change from step to step.
         return bool(group.get("stochastic_rounding"))
-
-    def _init_state(self, param, group, state, dtype) -> bool:
-        if self._keeps_step(group):
-            state.setdefault("step", new_step(param.device))
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        return False
 
     def _hyperparameter_lists(self, groups) -> list:
         beta1, beta2 = zip(*map(operator.itemgetter("betas"), groups))

@@ -84,16 +84,12 @@ class NAdam(FusedOptimizer):
     def _state_names(self, mode) -> tuple:
         return ("exp_avg", "exp_avg_sq")
 
-    def _init_state(self, param, group, state, dtype) -> bool:
+    def _init_scalar_state(self, param, group, state) -> None:
         # torch: step 0 and mu_product 1, 0-d, in its scalar dtype (here
-        # where the op reads them: the CPU for CPU params); moments zero.
+        # where the op reads them: the CPU for CPU params).
         state.setdefault("step", new_step(param.device))
         if "mu_product" not in state:
             state["mu_product"] = new_step(param.device).fill_(1.0)
-        for name in self._state_names(()):
-            if name not in state:
-                state[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        return False
 
     def _hyperparameter_lists(self, groups) -> list:
         betas, eps, weight_decay, momentum_decay = zip(*map(_HYPER, groups))

@@ -127,6 +127,28 @@ def test_adagrad_sums_are_packed_at_construction():
         assert torch.equal(t, torch.full_like(t, 0.25))
 
 
+def test_state_starting_at_different_values_shares_one_buffer():
+    # (each group its own initial_accumulator_value: each view filled with
+    # its own, in the buffer of its name and dtype; the state a step makes
+    # for a group added later too)
+    params = _params()[:len(F32_SHAPES)]
+    later = [torch.nn.Parameter(torch.randn(n)) for n in (20, 3)]
+    values = (0.25, 0.0, 4.0, -0.0)
+    opt = fused_optim.Adagrad([{"params": [p], "initial_accumulator_value": v}
+                               for p, v in zip(params, values)], lr=0.1)
+    opt.add_param_group({"params": later[:1], "initial_accumulator_value": 1.5})
+    opt.add_param_group({"params": later[1:], "initial_accumulator_value": 2.5})
+    sums = [opt.state[p]["sum"] for p in params]
+    assert len({t.untyped_storage().data_ptr() for t in sums}) == 1
+    for p, t, v in zip(params, sums, values):
+        assert torch.equal(t, torch.full_like(p, v)) and t.stride() == p.stride()
+    for p in (*params, *later):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for p, v in zip((*params, *later), (*values, 1.5, 2.5)):
+        assert torch.equal(opt.state[p]["sum"], torch.full_like(p, v + 1.0))
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam", "Lamb"])
 def test_a_failed_first_step_leaves_no_state(name):
     (opt, params), (ref, ref_params) = _pair(name)
