@@ -24,8 +24,9 @@ them (``make``): ``_init_state`` asks for each new state tensor
 (``NewTensor``: like which param, which dtype, which initial value), and
 the plan has all of a step's new state made at once, packed as views of a
 buffer made with the initial value, the others as tensors of their own.
-(Made as tensors of their own and then copied into the buffer, as at
-first, the constructor and first step on `many-small` took 20-33% longer:
+(At first they were made as tensors of their own and then copied into
+the buffer; made in place, the constructor and first step on `many-small`
+take 12% less time for SGD, 24% for Adagrad, 38% for Adam:
 benchmarks/results/first-step-cpu-2core-epyc-2026-12-07.md.) Why small
 ones only: a large tensor is a long run in memory already, and the costs
 below grow with it. Not packed:
