@@ -30,6 +30,17 @@ tensors. One fused call still covers all the shards of a bucket.
   make the call, as for any collective; replicated and plain tensors need
   no communication. The ``measure`` overloads themselves, called on
   DTensors, return the sums of the whole tensors.
+- Note [rounding ids of shards]: stochastic rounding draws an element's
+  bits from its tensor's rounding id and its index in the tensor
+  (csrc/include/fused_optim/precision.h), and a shard's indices are
+  local: with its param's id, element i of every shard would draw the
+  same bits, and the rounding errors of a sharded weight would repeat
+  shard after shard. So a sharded param's id gets its shard's index (over
+  the mesh dimensions it is sharded on, in bits 48 and up, which the
+  classes' ids, (group << 32) | position, leave free below 65,536
+  groups): every shard draws its own bits, the first shard the bits of
+  the same elements of the whole tensor, and replicas (Replicate
+  dimensions, as HSDP's) the same bits, so they stay equal.
 - ``sum_of_squares`` (clipping's reduction, which a traced step calls on
   DTensor gradients) returns the sums of the whole tensors too, as a plain
   tensor: the same global sum as the eager step's (_clip.py).
@@ -314,8 +325,36 @@ def _localized(op, values: list, accepted: dict | None = None) -> tuple:
                 value = _replicated_local(where, argument.name, value)
         elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
             value = aligned(argument.name, value)
+        elif argument.name == "rounding_ids" and value is not None:
+            value = _shard_rounding_ids(value, aligned)
         local_values.append(value)
     return local_values, aligned
+
+
+def _shard_rounding_ids(rounding_ids: list, aligned: _LocalTensors) -> list:
+    """Note [rounding ids of shards]: each sharded param's rounding id with
+    its shard's index over the mesh dimensions it is sharded on in bits 48
+    and up (the index 0 shard's id unchanged). Kept with ``aligned``'s
+    accepted specs: the same params, the same ids."""
+    cache = aligned.accepted
+    if cache is not None and cache.get("rounding_ids", (None,))[0] == rounding_ids:
+        return cache["rounding_ids"][1]
+    shard_ids = [rounding_id ^ (_shard_index(spec) << 48) if spec is not None else rounding_id
+                 for rounding_id, spec in zip(rounding_ids, aligned.specs)]
+    if cache is not None:
+        cache["rounding_ids"] = (list(rounding_ids), shard_ids)
+    return shard_ids
+
+
+def _shard_index(spec) -> int:
+    """This rank's shard of a DTensor, numbered over the mesh dimensions it
+    is sharded on (0 where it is sharded on none: a replica)."""
+    coordinate = spec.mesh.get_coordinate()
+    index = 0
+    for dim, placement in enumerate(spec.placements):
+        if placement.is_shard() and coordinate is not None:
+            index = index * spec.mesh.size(dim) + coordinate[dim]
+    return index
 
 
 def _add_sums_across_shards(op, local_values: list, params: list) -> None:

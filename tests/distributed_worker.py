@@ -449,6 +449,42 @@ def fsdp2_master_weights_and_bf16_state_equal_unsharded(mesh, tmp):
             assert isinstance(master, DTensor) and master.dtype == torch.float32
 
 
+@scenario("main")
+def stochastic_rounding_draws_each_shards_own_bits(mesh, tmp):
+    # Note [rounding ids of shards] (fused_optim/_dtensor.py): a bf16 weight
+    # whose two halves are equal, as are their gradients, so the two ranks'
+    # shards and updates are equal; the updates are below half a bf16 ulp,
+    # so only stochastic rounding moves the weight. Sharded, the shards
+    # must round differently, the first as the whole tensor's first half;
+    # replicated, every rank rounds as the whole tensor.
+    # (values in [0.5, 1), where a bf16 ulp is 2^-8: an update of lr=1e-3
+    # rounds up with probability about 1/4, independently per shard)
+    gen = torch.Generator().manual_seed(7)
+    half = torch.rand(4, 64, generator=gen) * 0.5 + 0.5
+    grads = [torch.randn(4, 64, generator=gen) for _ in range(3)]
+
+    def trained(placements):
+        def placed(t):
+            t = torch.cat([t, t]).to(DEVICE, torch.bfloat16)
+            return t if placements is None else distribute_tensor(t, mesh, placements)
+
+        param = torch.nn.Parameter(placed(half))
+        opt = fused_optim.AdamW([param], lr=1e-3, weight_decay=0.0, stochastic_rounding=True)
+        for grad in grads:
+            param.grad = placed(grad)
+            opt.step()
+        return _full(param.detach())
+
+    whole, sharded, replicated = trained(None), trained([Shard(0)]), trained([Replicate()])
+    start = torch.cat([half, half]).to(DEVICE, torch.bfloat16)
+    assert not torch.equal(whole, start)  # (the rounding moved it)
+    assert torch.equal(sharded[:4], whole[:4])
+    differ = (sharded[:4] != sharded[4:]).float().mean().item()
+    # (alike in every element with the same bits; here about 60% differ)
+    assert differ > 0.3, f"the shards rounded alike in {1 - differ:.0%} of their elements"
+    assert torch.equal(replicated, whole)
+
+
 def _adam_public_op(tensor_lr, params, grads, exp_avgs, exp_avg_sqs, steps):
     """torch.ops.fused_optim.adam_ (.default or .tensor_lr) over two groups
     that differ in maximize and decoupled_weight_decay, built by name."""
