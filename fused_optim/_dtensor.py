@@ -38,9 +38,10 @@ tensors. One fused call still covers all the shards of a bucket.
   shard after shard. So a sharded param's id gets its shard's index (over
   the mesh dimensions it is sharded on, in bits 48 and up, which the
   classes' ids, (group << 32) | position, leave free below 65,536
-  groups): every shard draws its own bits, the first shard the bits of
-  the same elements of the whole tensor, and replicas (Replicate
-  dimensions, as HSDP's) the same bits, so they stay equal.
+  groups): every shard draws its own bits (the first shard of a tensor
+  sharded on dim 0, as FSDP2's, those of the same elements of the whole
+  tensor), and replicas (Replicate dimensions, as HSDP's) the same bits,
+  so they stay equal.
 - ``sum_of_squares`` (clipping's reduction, which a traced step calls on
   DTensor gradients) returns the sums of the whole tensors too, as a plain
   tensor: the same global sum as the eager step's (_clip.py).
