@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from fused_optim import _arena
+
 
 def path_keys(cautious: bool) -> tuple:
     """The group options that can send a group to the unfused step (a plan
@@ -111,8 +113,9 @@ def torch_step(optimizer, groups: list, grad_norm=None) -> None:
 def make_missing_mode_state(optimizer, groups: list) -> None:
     """A mode that needs more state, turned on in a group mid-run (Adam's
     amsgrad, RMSprop's centered or momentum): a param that has state but
-    not the mode's gets it as zeros, as the fused groups make it
-    (_planning.py). torch.optim's code raises KeyError there instead, after
+    not the mode's gets it as the fused groups make it (its class's
+    ``_initial_state_value``), in the param's dtype as torch's code keeps
+    it. torch.optim's code raises KeyError there instead, after
     updating the groups before."""
     for group in groups:
         names = [name for name in optimizer._state_names(optimizer._mode(group))
@@ -123,4 +126,5 @@ def make_missing_mode_state(optimizer, groups: list) -> None:
                 continue  # (torch's code makes a param's first state itself)
             for name in names:
                 if name not in state:
-                    state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state[name] = _arena.NewTensor(
+                        param, param.dtype, optimizer._initial_state_value(group, param)).make()

@@ -10,7 +10,7 @@ from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._keywords import check_implementation_keywords, check_tensor_lr, to_float
 from fused_optim._planning import new_step
-from fused_optim._precision import check_precision_keywords, precision_of
+from fused_optim._precision import check_precision_keywords, precision_of, real_dtype, state_dtype_of
 
 __all__ = ["Adagrad"]
 
@@ -74,7 +74,7 @@ class Adagrad(FusedOptimizer):
         new_tensors = []
         for group in self.param_groups:
             for param in group["params"]:
-                dtype = param.dtype if param.is_complex() else precision_of(group, param.dtype).state_dtype
+                dtype = state_dtype_of(param, precision_of(group, real_dtype(param)))
                 self._init_state(param, group, self.state[param], dtype, new_tensors)
         _arena.make(new_tensors)
 
