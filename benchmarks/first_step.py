@@ -32,8 +32,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from interleaved import OPTIMIZERS  # noqa: E402
+from interleaved import OPTIMIZERS
 
 # workload -> (tensors, elements per tensor, samples per process)
 WORKLOADS = {"tiny": (4, 1024, 40), "many-small": (2000, 1000, 5)}
