@@ -111,6 +111,9 @@ def make(requests: list) -> None:
     members: dict = {}
     alone = []
     for state, names, request in requests:
+        # (keys in the order asked, torch.optim's, whatever order the
+        # buffers below are made in)
+        state.update(dict.fromkeys(names))
         if _packable(request.param):
             for name in names:
                 members.setdefault((name, request.dtype), []).append((state, request))

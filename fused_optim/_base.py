@@ -79,6 +79,10 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     _scalar_state_names: tuple = ()
     # Whether sparse gradients are supported (through torch's functional API).
     _supports_sparse = False
+    # Where they are not, the start of the error (torch.optim's message,
+    # timm's for Lamb; where is appended); None: "<class> does not support
+    # sparse gradients", torch's wording for most classes.
+    _sparse_gradient_error: str | None = None
 
     # The op (fused_optim._ops.OP_NAMES) and the torch.optim class whose
     # step runs groups with fused=False or differentiable=True.
@@ -166,7 +170,8 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         Note [state arena]). Returns True if the op must treat the state as
         new (``_op_writes_new_state``)."""
         self._init_scalar_state(param, group, state)
-        missing = [name for name in self._state_names(self._mode(group)) if name not in state]
+        missing = [name for name in self._state_names(self._mode(group))
+                   if state.get(name) is None]
         if missing:
             request = _arena.NewTensor(param, dtype, self._initial_state_value(group, param))
             if new_tensors is None:
@@ -199,10 +204,13 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     def _needs_state_for(self, group, state: dict, precision: Precision) -> bool:
         """Whether a param that has a gradient needs (more) state created:
         some state this group's mode uses is missing, or its master copy
-        (SGD without momentum has no other state)."""
+        (SGD without momentum has no other state). A state tensor saved as
+        None counts as missing, as torch.optim counts it: torch 1.x's SGD
+        saved ``momentum_buffer: None`` for momentum=0, and a run resumed
+        from such a checkpoint with momentum makes the buffer then."""
         names = self._state_names(self._mode(group))
         return (
-            any(name not in state for name in names)
+            any(state.get(name) is None for name in names)
             or (self._keeps_step(group) and "step" not in state)
             or any(name not in state for name in self._scalar_state_names)
             or (precision.master_weights and "master_param" not in state)

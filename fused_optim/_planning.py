@@ -148,6 +148,9 @@ class Planning:
         is_new = False
         if self._needs_state_for(group, state, precision):
             state = journal.state_for(param)
+            for name in self._state_names(self._mode(group)):
+                if name in state and state[name] is None:
+                    journal.pop(state, name)  # (made anew; a failed step restores the None)
             is_new = self._init_state(param, group, state, state_dtype_of(param, precision),
                                       new_tensors)
         self._conform_state(param, group, precision, state, journal)

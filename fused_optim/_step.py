@@ -268,6 +268,12 @@ class StepProtocol:
                 has_sparse.append(not dense)
         grad_norm = None
         if group_args.clipping:
+            if not self._supports_sparse:
+                # (the class's refusal of a sparse gradient, as its reference
+                # raises it, before the norm's)
+                for (bucket, grads), sparse in zip(calls, has_sparse):
+                    if sparse:
+                        self._check_call(bucket, grads)
             grad_norm = self._clip_norm(
                 [g for _, grads in calls for g in grads]
                 + [p.grad for _, group in torch_groups for p in group["params"]
@@ -580,10 +586,9 @@ class StepProtocol:
         name = type(self).__name__
         where = f"param {pi} of param group {gi}"
         if grad.is_sparse and not self._supports_sparse:
-            raise RuntimeError(
-                f"fused_optim.{name} does not support sparse gradients ({where})"
-                + (", please consider SparseAdam instead" if "Adam" in name else "")
-            )
+            # (torch's message first, as code that matches it expects)
+            message = self._sparse_gradient_error or f"{name} does not support sparse gradients"
+            raise RuntimeError(f"{message} (fused_optim.{name}: {where})")
         for mismatch in (
             not grad.is_sparse and grad.layout != torch.strided
             and f"has layout {grad.layout}; only dense gradients are supported",

@@ -113,7 +113,8 @@ class TracedStep:
             step_start, master_start = len(steps) if keeps_step else -1, len(masters)
             for _, param in kind:
                 precision = precision_of(group, real_dtype(param))
-                before = set(self.state.get(param, ()))
+                # (a None, torch 1.x's SGD placeholder, is made anew: not kept)
+                before = {k for k, v in self.state.get(param, {}).items() if v is not None}
                 state, is_new = self._ready_state(param, group, precision, Journal(self.state))
                 _arena.unpack(state)  # (aliased graph inputs: Note [state arena])
                 made = {}

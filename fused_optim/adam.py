@@ -20,6 +20,8 @@ _BETAS_EPS_WD = operator.itemgetter("betas", "eps", "weight_decay")
 class Adam(FusedOptimizer):
     _op_name = "adam_"
     _torch_class = torch.optim.Adam
+    # (AdamW's too: torch.optim.AdamW raises Adam's message)
+    _sparse_gradient_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
     _fused_differentiable_error = "Adam with fused=True does not support differentiable=True"
 
     def __init__(

@@ -19,6 +19,7 @@ class Lamb(FusedOptimizer):
     # torch.optim has no LAMB: the plain implementation of the same rule (the
     # tests' oracle), as Lion's and Lars's.
     _torch_class = _reference.Lamb
+    _sparse_gradient_error = "Lamb does not support sparse gradients, consider SparseAdam instead."
     # timm's name for the op's per-group decoupled_weight_decay list.
     _group_flag_keys = {"decoupled_weight_decay": "decoupled_decay"}
     _takes_caution = True  # (timm's; Note [cautious groups] in _reference.py)

@@ -85,10 +85,11 @@ class RMSprop(FusedOptimizer):
 
     def _state_names(self, mode) -> tuple:
         centered, uses_momentum = mode
+        # (torch.optim's order of the state keys)
         return (
             ("square_avg",)
-            + (("grad_avg",) if centered else ())
             + (("momentum_buffer",) if uses_momentum else ())
+            + (("grad_avg",) if centered else ())
         )
 
 RMSprop.__doc__ = (

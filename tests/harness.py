@@ -290,6 +290,9 @@ def assert_same_state(ours: dict, ref: dict, where: str, *, close=True, step_dev
             else:
                 check_scalar_state(v, r, w, step_device)
             continue
+        if not isinstance(r, torch.Tensor):  # (torch 1.x's None momentum buffer)
+            assert v == r, f"{w}: {v!r} != torch's {r!r}"
+            continue
         assert isinstance(v, torch.Tensor), f"{w}: {type(v)}"
         assert v.dtype == r.dtype, f"{w}: dtype {v.dtype} != torch's {r.dtype}"
         assert v.shape == r.shape, f"{w}: shape {tuple(v.shape)} != torch's {tuple(r.shape)}"

@@ -261,6 +261,33 @@ def test_sparse_grad_rejected_atomically(cfg, steps):
                              steps=steps)
 
 
+def _reference_class(name: str):
+    # The class whose message ours starts with: torch.optim's, timm's for
+    # its Lamb; timm's Lars and lion-pytorch's Lion have no check (None).
+    if hasattr(torch.optim, name):
+        return getattr(torch.optim, name)
+    return timm_optimizer("lamb", "Lamb") if name == "Lamb" else None
+
+
+@pytest.mark.parametrize("name", SPARSE_REJECTED)
+def test_sparse_grad_error_starts_with_the_reference_message(name):
+    """Code that matches torch's message (anchored, or whole up to our
+    addition) still matches ours: the reference's text, then where."""
+    messages = {}
+    for cls in (_reference_class(name), getattr(fused_optim, name)):
+        if cls is None:
+            continue
+        dense = torch.nn.Parameter(torch.randn(3))
+        sparse = torch.nn.Parameter(torch.randn(10, 3))
+        dense.grad = torch.randn(3)
+        sparse.grad = torch.sparse_coo_tensor(torch.tensor([[1, 4]]), torch.randn(2, 3), (10, 3))
+        with pytest.raises(RuntimeError) as raised:
+            cls([dense, sparse], lr=0.1).step()
+        messages[cls.__module__.startswith("fused_optim")] = str(raised.value)
+    reference = messages.get(False, f"{name} does not support sparse gradients")
+    assert messages[True] == f"{reference} (fused_optim.{name}: param 1 of param group 0)"
+
+
 @pytest.mark.parametrize("cfg", [c for c in OPTIM_CONFIGS if c.name in SPARSE_OK], ids=str)
 def test_sparse_grad_with_weight_decay_rejected_atomically(cfg):
     # torch: Adagrad "weight_decay option is not compatible with sparse

@@ -234,6 +234,8 @@ def test_state_layout_matches_torch(cfg, device):
     for i in range(len(ref.params)):
         st = ours.state_of(i)
         assert_same_state(st, ref.state_of(i), f"{cfg} param {i}")
+        # (in torch's order too: code may zip a state dict's values)
+        assert list(st) == list(ref.state_of(i)), f"{cfg} param {i}: key order"
         for k, v in st.items():
             if k != "step":
                 assert v.data_ptr() != ours.params[i].data_ptr()
@@ -382,6 +384,63 @@ def test_old_checkpoint_missing_group_keys(cfg, device):
                 assert gb[k] == cfg.kwargs.get(k, None if k in ("foreach", "fused") else False)
                 continue
             assert gb[k] == ga[k], f"group[{k!r}] defaulted to {gb[k]!r}, torch {ga[k]!r}"
+
+
+def _torch1_sgd_checkpoint(device):
+    """An SGD checkpoint as torch 1.x saved it for momentum=0: a
+    ``momentum_buffer: None`` per stepped param."""
+    groups = [({}, [P((7,)), P((4099,)), P((3, 5))]), ({"maximize": True}, [P((9,))])]
+    run = Run(torch.optim.SGD, groups, {"lr": 0.1, "foreach": False}, device=device)
+    for s in range(2):
+        run.set_grads(s)
+        run.opt.step()
+    sd = copy.deepcopy(run.opt.state_dict())
+    sd["state"] = {i: {"momentum_buffer": None} for i in range(len(run.params))}
+    return groups, run, sd
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_torch1_sgd_checkpoint_with_none_momentum_buffers(momentum, device):
+    """torch counts a state tensor saved as None as missing: resumed with
+    momentum, the first step makes the buffer (from the gradient); without,
+    the None stays, and is saved again."""
+    groups, saved, sd = _torch1_sgd_checkpoint(device)
+    runs = []
+    for cls, kw in ((torch.optim.SGD, {"foreach": False}), (fused_optim.SGD, {})):
+        run = Run(cls, groups, {"lr": 0.1, "momentum": momentum, **kw}, device=device)
+        run.copy_params_from(saved)
+        run.opt.load_state_dict(copy.deepcopy(sd))
+        for g in run.opt.param_groups:
+            g["momentum"] = momentum  # (the checkpoint's groups say 0)
+        runs.append(run)
+    ref, ours = runs
+    for s in range(2, 6):
+        _step((ref, ours), s)
+        assert_runs_close(ours, ref, f"momentum {momentum} step {s}")
+    buffers = [st.get("momentum_buffer", "absent") for st in ours.opt.state_dict()["state"].values()]
+    if momentum:
+        assert all(isinstance(b, torch.Tensor) for b in buffers)
+    else:
+        assert buffers == [None] * len(ours.params)
+
+
+def test_failed_first_step_keeps_a_none_momentum_buffer(device):
+    """A step that raises after the None buffers were to be replaced puts the
+    Nones back (Note [validate before mutating])."""
+    groups, saved, sd = _torch1_sgd_checkpoint(device)
+    ours = Run(fused_optim.SGD, groups, {"lr": 0.1, "momentum": 0.9}, device=device)
+    ours.copy_params_from(saved)
+    ours.opt.load_state_dict(sd)
+    for g in ours.opt.param_groups:
+        g["momentum"] = 0.9
+    last = ours.params[-1]  # (in the second group: the second op call)
+    ours.opt.state[last]["momentum_buffer"] = torch.zeros(3, device=device)
+    ours.set_grads(2)
+    snap = snapshot_optimizer(ours.opt)
+    with pytest.raises(RuntimeError, match="shape"):
+        ours.opt.step()
+    assert_optimizer_unchanged(ours.opt, snap, "failed step")
+    assert ours.opt.state[ours.params[0]]["momentum_buffer"] is None
 
 
 # ---------------------------------------------------------------------------
