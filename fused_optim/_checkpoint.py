@@ -85,6 +85,9 @@ class Checkpoints:
                 group.update(own_clipping)
         self._plan = None
         self._normalize_state(state_dict)
+        # Note [a loaded master copy]
+        self._loaded_masters = {param for param, state in self.state.items()
+                                if isinstance(state, dict) and "master_param" in state}
         for hook in post_hooks.values():
             hook(self)
 

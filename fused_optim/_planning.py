@@ -9,6 +9,7 @@ import torch
 
 from fused_optim import _arena, _bucket
 from fused_optim._build import require_device_supported
+from fused_optim._dtensor import is_dtensor
 from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._group_options import GroupOptions
 from fused_optim._journal import Journal
@@ -17,6 +18,20 @@ from fused_optim._precision import is_legal_storage, precision_of, real_dtype, s
 
 class Planning:
     """Builds and caches the step's plan (see the module docstring)."""
+
+    # Note [a loaded master copy]
+    # A master copy is the truth only while the param is its rounding, as
+    # every step leaves them. A checkpoint can break that: ours, saved with
+    # master weights, then stepped by torch.optim (which keeps the unused
+    # float32 "master_param" as it was, in the param's dtype, and saves it
+    # again), holds a master several steps behind its params; stepping from
+    # it would throw torch's steps away. So the first step after a load
+    # (not the load itself: the model's weights may be loaded after the
+    # optimizer's) compares each loaded master, rounded, with its param,
+    # and where they differ makes the master from the param, as for a
+    # torch.optim checkpoint. Params of a load, until a step has checked
+    # them (a step that fails or that AMP skips checks again next time):
+    _loaded_masters: set | frozenset = frozenset()
 
     def _current_plan(self, journal: Journal) -> tuple[Plan, bool]:
         """(the plan, whether it is the cached one)."""
@@ -172,7 +187,9 @@ class Planning:
             if value.dtype != dtype:
                 journal.set(state, key, value.to(dtype))
         if precision.master_weights:
-            if "master_param" not in state:
+            master = state.get("master_param")
+            if master is None or (param in self._loaded_masters and not _rounds_to(master, param)):
+                # (Note [a loaded master copy])
                 journal.set(state, "master_param", param.detach().to(torch.float32, copy=True))
         else:
             journal.pop(state, "master_param")
@@ -191,6 +208,16 @@ class Planning:
                 # (where the op reads it, in a dtype it takes: a checkpoint
                 # loaded by torch.optim's rules may hold it in the param's)
                 journal.set(state, key, value.to(step_device(param), torch.float32))
+
+
+def _rounds_to(master, param) -> bool:
+    """Whether ``param`` is ``master`` rounded to its dtype (what a step
+    leaves); DTensors compared shard by shard. Not while tracing (a
+    data-dependent branch): true there."""
+    if torch.compiler.is_compiling():
+        return True
+    master, param = (t.to_local() if is_dtensor(t) else t for t in (master, param.detach()))
+    return master.shape == param.shape and torch.equal(master.to(param.dtype), param)
 
 
 def step_device(param) -> torch.device:

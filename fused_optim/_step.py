@@ -214,6 +214,9 @@ class StepProtocol:
             # Note [a step AMP skips makes no state]
             journal.undo()
             self._plan = None
+            return
+        if self._loaded_masters:
+            self._loaded_masters = frozenset()  # (checked: Note [a loaded master copy])
 
     # Note [a step AMP skips makes no state]
     # torch.optim's step is not called at all on a step that GradScaler

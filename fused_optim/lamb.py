@@ -110,7 +110,12 @@ class Lamb(FusedOptimizer):
     # gradient every step. A saved dict carries both: each group's "step" is
     # the largest of its params' counts, so timm's Lamb continues a
     # checkpoint of ours; loading a dict whose params lack "step" (timm's)
-    # takes each param's count from its group's.
+    # takes each param's count from its group's. timm's Lamb keeps the
+    # per-param counts of a checkpoint of ours as they were while its group
+    # count goes on, and saves both: a group "step" other than the largest
+    # of its params' counts says another optimizer stepped since, and every
+    # param of the group takes the group's count (timm's, as timm would go
+    # on).
 
     def _export_state_dict(self, state_dict) -> None:
         state = state_dict["state"]
@@ -131,8 +136,11 @@ class Lamb(FusedOptimizer):
             group = dict(group)
             step = group.pop("step", None)
             if step is not None:
-                for i in group.get("params", ()):
-                    if i in state and "step" not in state[i]:
+                params = [i for i in group.get("params", ()) if i in state]
+                counts = [float(state[i]["step"]) for i in params if "step" in state[i]]
+                stepped_since = bool(counts) and max(counts) != float(step)
+                for i in params:
+                    if stepped_since or "step" not in state[i]:
                         state[i] = {**state[i], "step": torch.tensor(float(step), dtype=step_dtype())}
             groups.append(group)
         state_dict["state"] = state

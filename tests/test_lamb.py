@@ -523,6 +523,46 @@ def test_checkpoints_move_between_timm_and_ours():
     assert [g["step"] for g in theirs_loaded.param_groups] == [6] * len(GROUPS)
 
 
+def test_checkpoint_round_trip_through_timm_takes_timms_count():
+    # ours -> timm -> ours: timm keeps our per-param "step"s as they were
+    # while its group count goes on, and saves both; ours must resume from
+    # the group count (Note [LAMB's step in checkpoints]), as timm would.
+    timm_cls = timm_lamb()
+    dtype = torch.float32
+
+    def run(opt, params, steps):
+        for step in steps:
+            for p, g in zip(params, _grads(step, dtype, params)):
+                p.grad = g.clone()
+            opt.step()
+
+    def clone(params):
+        return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+    first_params = _params(dtype)
+    first = fused_optim.Lamb(_timm_groups(first_params), max_grad_norm=None)
+    run(first, first_params, range(3))
+    timm_params = clone(first_params)
+    timms = timm_cls(_timm_groups(timm_params), max_grad_norm=None)
+    timms.load_state_dict(copy.deepcopy(first.state_dict()))
+    run(timms, timm_params, range(3, 7))
+    saved = copy.deepcopy(timms.state_dict())
+    assert all(float(st["step"]) == 3 for st in saved["state"].values())  # (timm's stale copies)
+    ours_params, theirs_params = clone(timm_params), clone(timm_params)
+    ours = fused_optim.Lamb(_timm_groups(ours_params), max_grad_norm=None)
+    ours.load_state_dict(copy.deepcopy(saved))
+    assert all(float(ours.state[p]["step"]) == 7 for p in ours_params)
+    theirs = timm_cls(_timm_groups(theirs_params), max_grad_norm=None)
+    theirs.load_state_dict(copy.deepcopy(saved))
+    run(ours, ours_params, range(7, 10))
+    run(theirs, theirs_params, range(7, 10))
+    for i, (a, b) in enumerate(zip(ours_params, theirs_params)):
+        assert_close_scaled(a, b, rtol=1.3e-6, atol=1e-5, msg=f"param {i}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close_scaled(ours.state[a][key], theirs.state[b][key], rtol=1.3e-6, atol=1e-5,
+                                msg=f"param {i} {key}")
+
+
 class _LambLeavingTheFirstParam(fused_optim.Lamb):
     """A broken Lamb: its step leaves the first param where it was."""
 

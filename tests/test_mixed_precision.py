@@ -400,6 +400,114 @@ def test_torch_checkpoint_into_master_weights_and_back(cfg):
     assert any(not torch.equal(p, p0) for p, p0 in zip(params, before))
 
 
+def _set_grads(params, step):
+    for i, p in enumerate(params):
+        p.grad = _grad(p.shape, step, i).to(p.dtype)
+
+
+def _clone_params(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def _checkpoint_stepped_on_by_torch(cfg):
+    """Ours with master weights for 3 steps, then torch.optim for 3 more
+    from that checkpoint: (torch's params, torch's checkpoint, which holds
+    our masters of step 3 in bf16, as torch keeps an unknown state key)."""
+    params = _params(torch.bfloat16)
+    ours = cfg.ours_cls(params, **cfg.kwargs, master_weights=True)
+    for step in range(3):
+        _set_grads(params, step)
+        ours.step()
+    torch_params = _clone_params(params)
+    ref = cfg.torch_cls(torch_params, **{**cfg.kwargs, "foreach": False})
+    ref.load_state_dict(_round_trip(ours.state_dict()))
+    for step in range(3, 6):
+        _set_grads(torch_params, step)
+        ref.step()
+    saved = _round_trip(ref.state_dict())
+    assert all("master_param" in st for st in saved["state"].values())
+    return torch_params, saved
+
+
+def _without_masters(saved):
+    saved = copy.deepcopy(saved)
+    for st in saved["state"].values():
+        del st["master_param"]
+    return saved
+
+
+def _assert_same_runs(a, a_params, b, b_params, where):
+    for i, (p, q) in enumerate(zip(a_params, b_params)):
+        assert torch.equal(bits(p.detach()), bits(q.detach())), f"{where}: param {i}"
+        assert set(a.state[p]) == set(b.state[q])
+        for key, value in a.state[p].items():
+            assert torch.equal(bits(value), bits(b.state[q][key])), f"{where}: param {i} {key}"
+
+
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+def test_master_behind_its_params_is_made_from_them(cfg):
+    """Note [a loaded master copy]: a checkpoint whose master copies do not
+    round to the params (torch.optim stepped on from ours) resumes from the
+    params, as a checkpoint without masters does, not from the masters."""
+    torch_params, saved = _checkpoint_stepped_on_by_torch(cfg)
+    runs = []
+    for checkpoint in (saved, _without_masters(saved)):
+        params = _clone_params(torch_params)
+        opt = cfg.ours_cls(params, **cfg.kwargs, master_weights=True)
+        opt.load_state_dict(copy.deepcopy(checkpoint))
+        runs.append((opt, params))
+    for step in range(6, 8):
+        for opt, params in runs:
+            _set_grads(params, step)
+            opt.step()
+        _assert_same_runs(*runs[0], *runs[1], f"step {step}")
+
+
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+def test_failed_first_step_after_a_load_checks_the_masters_again(cfg):
+    torch_params, saved = _checkpoint_stepped_on_by_torch(cfg)
+    runs = []
+    for checkpoint in (saved, _without_masters(saved)):
+        params = _clone_params(torch_params)
+        opt = cfg.ours_cls(params, **cfg.kwargs, master_weights=True)
+        opt.load_state_dict(copy.deepcopy(checkpoint))
+        runs.append((opt, params))
+    opt, params = runs[0]
+    _set_grads(params, 6)
+    params[-1].grad.data = torch.zeros(3, dtype=torch.bfloat16)  # (.data: the setter refuses it)
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(RuntimeError, match="shape"):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, "failed step")
+    for opt, params in runs:
+        _set_grads(params, 6)
+        opt.step()
+    _assert_same_runs(*runs[0], *runs[1], "after the failed step")
+
+
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
+def test_master_loaded_before_the_model_weights_is_kept(cfg):
+    """The optimizer's checkpoint loaded first, the model's after: the
+    masters are checked at the step, where they round to the params, and
+    kept (their low bits too): the run continues bit for bit."""
+    params = _params(torch.bfloat16)
+    opt = cfg.ours_cls(params, **cfg.kwargs, master_weights=True)
+    for step in range(3):
+        _set_grads(params, step)
+        opt.step()
+    twin_params = _params(torch.bfloat16, seed=11)  # (a fresh model)
+    twin = cfg.ours_cls(twin_params, **cfg.kwargs, master_weights=True)
+    twin.load_state_dict(_round_trip(opt.state_dict()))
+    with torch.no_grad():
+        for t, p in zip(twin_params, params):
+            t.copy_(p)  # (the model's weights, loaded after)
+    for step in range(3, 6):
+        for run_params, run in ((params, opt), (twin_params, twin)):
+            _set_grads(run_params, step)
+            run.step()
+        _assert_same_runs(opt, params, twin, twin_params, f"step {step}")
+
+
 def test_changing_state_dtype_converts_the_state():
     params = _params(torch.float32)
     opt = fused_optim.AdamW(params, lr=1e-2)
