@@ -87,12 +87,41 @@ def check_adam_arguments(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
+    check_betas(betas)
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def check_lamb_arguments(lr, betas, eps, weight_decay) -> None:
+    """timm's Lamb's checks, in its order, with its messages; then
+    ``betas`` as torch.optim's Adam checks them (timm's takes any: a beta
+    of 1 divides by zero in the bias correction)."""
+    for name, value in (("learning rate", lr), ("epsilon", eps), ("weight_decay", weight_decay)):
+        check_timm_scalar(name, value)
+    check_betas(betas)
+
+
+def check_betas(betas) -> None:
+    """torch.optim's Adam's check of ``betas``, with its messages."""
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
     if not 0.0 <= betas[1] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def check_timm_scalar(name: str, value) -> None:
+    """timm's check of a scalar option (``_validate_scalar`` in
+    timm/optim/_helpers.py, timm 1.0), with its messages: a tensor holds
+    one element, the value is not negative. A NaN, which timm lets
+    through, is refused too."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar or scalar tensor.")
+        number = float(value.detach().cpu())
+    else:
+        number = float(value)
+    if not number >= 0.0:
+        raise ValueError(f"Invalid {name}: {value}")
 
 
 def check_group_lr(name: str, gi: int, lr) -> None:

@@ -16,7 +16,7 @@ import torch
 from fused_optim import _corrected_decay
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._dtensor import is_dtensor
-from fused_optim._keywords import check_adam_arguments, check_tensor_lr
+from fused_optim._keywords import check_lamb_arguments, check_tensor_lr
 
 
 def _decayed_grad(param, grad, weight_decay, maximize):
@@ -507,8 +507,8 @@ class Lamb(PerTensorReference):
                  weight_decay=0.01, grad_averaging=True, max_grad_norm=1.0, trust_clip=False,
                  always_adapt=False, caution=False, decoupled_decay=False,
                  corrected_weight_decay=False, foreach=None, *, maximize=False):
-        # torch.optim Adam's checks and messages (timm's Lamb checks nothing)
-        check_adam_arguments(lr, betas, eps, weight_decay)
+        # timm's checks and messages, and torch.optim Adam's of betas
+        check_lamb_arguments(lr, betas, eps, weight_decay)
         check_max_grad_norm(max_grad_norm)
         defaults = {"lr": lr, "bias_correction": bias_correction, "betas": betas, "eps": eps,
                     "weight_decay": weight_decay, "grad_averaging": grad_averaging,

@@ -7,7 +7,7 @@ import torch
 from fused_optim import _corrected_decay, _docs, _reference
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
-from fused_optim._keywords import check_adam_arguments, check_implementation_keywords, to_float
+from fused_optim._keywords import check_implementation_keywords, check_lamb_arguments, to_float
 from fused_optim._planning import step_dtype
 from fused_optim._precision import PRECISION_DEFAULTS, check_precision_keywords
 
@@ -49,8 +49,7 @@ class Lamb(FusedOptimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
     ) -> None:
-        # timm's Lamb checks nothing; ours checks as torch.optim's Adam does.
-        check_adam_arguments(lr, betas, eps, weight_decay)
+        check_lamb_arguments(lr, betas, eps, weight_decay)
         precision = check_precision_keywords(master_weights, state_dtype, stochastic_rounding)
         check_implementation_keywords(
             "Lamb", foreach=foreach, fused=None, differentiable=False, precision=precision,

@@ -516,11 +516,18 @@ def _constructor_errors() -> list[ErrorCase]:
          "positive, got 0.0"),
     ]
     specific["Lars"] = specific["SGD"]  # (timm's checks: torch.optim.SGD's)
-    specific["Lamb"] = adam_like[:-1] + [  # (timm's has none: torch.optim.Adam's)
+    specific["Lamb"] = [  # timm's checks and messages; betas: torch.optim.Adam's (timm has none)
+        ("neg_eps", dict(eps=-1e-8), "Invalid epsilon: -1e-08"),
+        *(case for case in adam_like if case[0].startswith("beta") and case[0] != "betas_mixed_types"),
+        ("neg_weight_decay", dict(weight_decay=-0.1), "Invalid weight_decay: -0.1"),
         CORRECTED_ZERO_LR,
     ]
+    # (timm's words for a tensor lr of several elements)
+    lamb_common = [case if case[0] != "lr_tensor_2_elements"
+                   else (case[0], case[1], "learning rate must be a scalar or scalar tensor.")
+                   for case in common]
     for name in OPTIMIZER_NAMES:
-        for cid, kw, text in common + specific[name]:
+        for cid, kw, text in (lamb_common if name == "Lamb" else common) + specific[name]:
             cases.append(ErrorCase(f"{name}-{cid}", name, kw, ValueError, _msg(text)))
         # Implementation keywords: torch's own refusals, same type and text.
         if name in HAS_FUSED:

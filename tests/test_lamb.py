@@ -364,16 +364,34 @@ def test_sparse_gradients_refused(cls, max_grad_norm):
 @pytest.mark.parametrize("cls", [fused_optim.Lamb, _reference.Lamb], ids=["fused", "reference"])
 @pytest.mark.parametrize("kwargs,match", [
     (dict(lr=-1e-3), "Invalid learning rate"),
-    (dict(eps=-1e-6), "Invalid epsilon value"),
+    (dict(eps=-1e-6), "Invalid epsilon"),
+    (dict(lr=float("nan")), "Invalid learning rate"),
+    (dict(lr=torch.tensor([1e-3, 1e-3])), "learning rate must be a scalar or scalar tensor"),
     (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0"),
     (dict(betas=(-0.1, 0.999)), "Invalid beta parameter at index 0"),
     (dict(betas=(0.9, 1.0)), "Invalid beta parameter at index 1"),
-    (dict(weight_decay=-0.01), "Invalid weight_decay value"),
+    (dict(weight_decay=-0.01), "Invalid weight_decay"),
     (dict(max_grad_norm=0.0), "Invalid max_grad_norm value"),
 ], ids=lambda v: str(v) if isinstance(v, str) else None)
 def test_constructor_errors(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls([torch.nn.Parameter(torch.randn(3))], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=-1e-3), dict(eps=-1e-6), dict(weight_decay=-0.01), dict(lr=torch.tensor([1e-3, 1e-3])),
+    dict(lr=torch.tensor(-1e-3)),
+], ids=str)
+def test_constructor_errors_are_timms(kwargs):
+    # Where timm's Lamb refuses an argument, ours raises its exception, with
+    # its message (what timm lets through and we refuse: the cases above).
+    params = [torch.nn.Parameter(torch.randn(3))]
+    messages = []
+    for cls in (timm_lamb(), fused_optim.Lamb, _reference.Lamb):
+        with pytest.raises(ValueError) as raised:
+            cls(params, **kwargs)
+        messages.append(str(raised.value))
+    assert messages[1:] == [messages[0]] * 2
 
 
 def test_signature_is_timms_plus_keywords():
