@@ -166,16 +166,22 @@ def cautious(update, grad):
 def lion(param, grad, state, *, lr, betas, weight_decay, maximize, max_lr=None, caution=False):
     # Chen et al. 2023, Algorithm 2 (decoupled decay), in lion-pytorch's op
     # order; with max_lr, timm's corrected decay; with caution, timm's
-    # cautious mask. No step counter: the rule does not use one.
+    # cautious mask and timm's op order (lerp: in fp16/bf16 the two orders
+    # round differently, and caution is timm's option). No step counter:
+    # the rule does not use one.
     beta1, beta2 = betas
     grad = -grad if maximize else grad
     param.mul_(1 - decay_lr(lr, max_lr) * weight_decay)
     m = state["exp_avg"]
-    update = m.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
     if caution:
-        cautious(update, grad)
+        update = cautious(m.lerp(grad, 1 - beta1).sign_(), grad)
+    else:
+        update = m.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
     param.add_(update, alpha=-lr)
-    m.mul_(beta2).add_(grad, alpha=1 - beta2)
+    if caution:
+        m.lerp_(grad, 1 - beta2)
+    else:
+        m.mul_(beta2).add_(grad, alpha=1 - beta2)
 
 
 class PerTensorReference(torch.optim.Optimizer):
@@ -447,7 +453,10 @@ def lamb(param, grad, state, *, lr, betas, eps, weight_decay, bias_correction, g
     grad = -grad if maximize else grad
     beta3 = 1 - beta1 if grad_averaging else 1.0
     m, v = state["exp_avg"], state["exp_avg_sq"]
-    m.mul_(beta1).add_(grad, alpha=beta3)
+    if grad_averaging:
+        m.lerp_(grad, beta3)  # (timm's op: rounds as timm's in fp16/bf16)
+    else:
+        m.mul_(beta1).add_(grad, alpha=beta3)
     v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     if bias_correction:
         bias_correction1, bias_correction2 = 1 - beta1**t, 1 - beta2**t

@@ -38,10 +38,10 @@ GROUPS = {
     "Lamb": [dict(caution=True), dict(lr=0.01, weight_decay=0.1, decoupled_decay=True,
                                       trust_clip=True)],
 }
-# float32: timm's moments are lerps where ours (and lion-pytorch's) are a
-# multiply and an add, and timm's LAMB norms are float32 sums where ours
-# accumulate in float64: last-bit differences, amplified a little by the
-# trust ratio over 10 steps.
+# float32: timm's moments are lerps where our fused step's are computed in
+# float32 registers (the cautious groups' are timm's lerps), and timm's
+# LAMB norms are float32 sums where ours accumulate in float64: last-bit
+# differences, amplified a little by the trust ratio over 10 steps.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-7, atol=1e-9)}
 
 
@@ -109,6 +109,28 @@ def test_matches_timm(name, dtype, both):
             p.grad = g
         plain.step()
     assert not torch.allclose(plain_params[3], ours_params[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_low_precision_moments_are_timms_bit_for_bit(name, dtype):
+    # Cautious groups step in the param's dtype with timm's ops (lerp), so
+    # in fp16/bf16 their moments round as timm's: the same bits, and Lion's
+    # params too. (LAMB's params are not compared here: its norms, for the
+    # trust ratio, accumulate in float64 where timm's are sums in the
+    # param's dtype, and it is unclipped here, the clipping factor being
+    # torch's clip_grad_norm_'s from a float64 norm: README.)
+    groups = [dict(g, caution=True) for g in GROUPS[name]]
+    unclipped = dict(max_grad_norm=None) if name == "Lamb" else {}
+    ours, ours_params, theirs, theirs_params = _pair(name, dtype, groups, **unclipped)
+    for step in range(STEPS):
+        _step_both(ours, ours_params, theirs, theirs_params, step)
+        for i, (a, b) in enumerate(zip(ours_params, theirs_params)):
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in theirs.state[b]:
+                    assert torch.equal(ours.state[a][key], theirs.state[b][key]), (step, i, key)
+            if name == "Lion":
+                assert torch.equal(a, b), (step, i)
 
 
 @pytest.mark.parametrize("name", NAMES)
