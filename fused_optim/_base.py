@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from fused_optim import _arena, _ops, _reference, _torch_path
 from fused_optim._bucket import Plan, Precision
 from fused_optim._checkpoint import Checkpoints
-from fused_optim._keywords import to_float
+from fused_optim._keywords import check_group_options, to_float
 from fused_optim._planning import Planning, new_step
 from fused_optim._precision import PRECISION_DEFAULTS
 from fused_optim._state import OptimizerState
@@ -340,6 +340,13 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         return self._grad_norm_cell[0]
 
     def add_param_group(self, param_group):
+        """torch.optim's ``add_param_group`` (the constructor's too), after
+        our checks of our options the group will have (its own, else the
+        defaults'), as the constructor checks them: before the group is
+        added, where a step would refuse them later."""
+        if isinstance(param_group, dict):
+            check_group_options(type(self).__name__, {**self.defaults, **param_group},
+                                  self._takes_caution)
         super().add_param_group(param_group)
         self._plan = None
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from fused_optim import _torch_path
-from fused_optim._precision import PRECISION_DEFAULTS
+from fused_optim._clip import check_max_grad_norm
+from fused_optim._precision import PRECISION_DEFAULTS, check_precision_keywords
 
 
 def check_implementation_keywords(name: str, *, foreach, fused, differentiable, precision: dict,
@@ -68,6 +69,27 @@ def check_torch_path_precision(name: str, group, cautious: bool) -> None:
             f"fused_optim.{name}: {', '.join(chosen)} need(s) the fused step, but "
             f"{asked} runs {runs}, which has no such option"
         )
+
+
+def check_group_options(name: str, group, cautious: bool) -> None:
+    """The constructor's checks of our options (the precision options,
+    ``max_grad_norm``), on a group's (``cautious`` as for
+    check_torch_path_precision)."""
+    check_group_precision(name, group, cautious)
+    try:
+        check_max_grad_norm(group.get("max_grad_norm"))
+    except ValueError as error:
+        raise ValueError(f"fused_optim.{name}: {error}") from None
+
+
+def check_group_precision(name: str, group, cautious: bool) -> None:
+    """The constructor's checks of the precision options, on a group's."""
+    try:
+        check_precision_keywords(group.get("master_weights", False), group.get("state_dtype"),
+                                 group.get("stochastic_rounding", False))
+    except ValueError as error:
+        raise ValueError(f"fused_optim.{name}: {error}") from None
+    check_torch_path_precision(name, group, cautious)
 
 
 def check_tensor_lr(lr) -> None:

@@ -13,6 +13,7 @@ from fused_optim._dtensor import is_dtensor
 from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._group_options import GroupOptions
 from fused_optim._journal import Journal
+from fused_optim._keywords import check_group_precision
 from fused_optim._precision import is_legal_storage, precision_of, real_dtype, state_dtype_of
 
 
@@ -71,6 +72,9 @@ class Planning:
         unready = []  # params without the state their group needs, and no gradient
         new_tensors = []  # (state dict, names, _arena.NewTensor): the state to make
         for gi, group in enumerate(self.param_groups):
+            # (a group edited since it was added: the constructor's checks;
+            # a precision option is in the plan's key, so an edit comes here)
+            check_group_precision(type(self).__name__, group, self._takes_caution)
             if self._unfused(group):
                 continue  # stepped by torch.optim's code (_torch_path.py)
             mode = self._mode(group)

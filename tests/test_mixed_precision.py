@@ -541,6 +541,54 @@ def test_constructor_errors(name, kwargs, match):
         getattr(fused_optim, name)([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
+ALL_NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars", "Lamb"]
+# (the defaults, the new group's options, the constructor's message)
+GROUP_ERRORS = {
+    "rounding_and_defaults_master": (dict(master_weights=True), dict(stochastic_rounding=True),
+                                     "exclude each other"),
+    "fp16_state": ({}, dict(state_dtype=torch.float16), "state_dtype must be None"),
+    "negative_max_grad_norm": ({}, dict(max_grad_norm=-1.0), "Invalid max_grad_norm value"),
+    "master_on_torchs_path": ({}, dict(differentiable=True, master_weights=True),
+                              "need\\(s\\) the fused step"),
+}
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize("case", sorted(GROUP_ERRORS))
+def test_add_param_group_checks_our_options_as_the_constructor(name, case):
+    # torch.optim checks no option in add_param_group; ours refuses what the
+    # constructor refuses, before the group is added (a step would refuse
+    # it later), also for a group given to the constructor.
+    defaults, options, match = GROUP_ERRORS[case]
+    if "differentiable" in options and name in ("Lion", "Lars", "Lamb"):
+        options = dict(caution=True, master_weights=True) if name != "Lars" else None
+        if options is None:
+            pytest.skip("Lars has no unfused option")
+    cls = getattr(fused_optim, name)
+    opt = cls([torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)], lr=0.01, **defaults)
+    snap = snapshot_optimizer(opt)  # (Adagrad's state is made by the constructor)
+    added = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match=f"^fused_optim.{name}: .*{match}"):
+        opt.add_param_group({"params": [added], **options})
+    assert_optimizer_unchanged(opt, snap, "refused group")
+    assert added not in opt.state
+    with pytest.raises(ValueError, match=match):
+        cls([{"params": [added], **options}], lr=0.01, **defaults)
+
+
+def test_precision_option_edited_into_a_group_is_refused_at_the_step():
+    params = [torch.randn(4, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    opt = fused_optim.AdamW([{"params": params[:1]}, {"params": params[1:]}], lr=0.01)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.param_groups[1]["state_dtype"] = torch.float16
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(ValueError, match="^fused_optim.AdamW: state_dtype must be None"):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, "refused step")
+
+
 STEP_ERRORS = [
     ("fp64_bf16_state", torch.float64, dict(state_dtype=torch.bfloat16), "state_dtype"),
     ("fp16_stochastic", torch.float16, dict(stochastic_rounding=True), "stochastic_rounding"),
