@@ -112,9 +112,11 @@ class Lamb(FusedOptimizer):
     # takes each param's count from its group's. timm's Lamb keeps the
     # per-param counts of a checkpoint of ours as they were while its group
     # count goes on, and saves both: a group "step" other than the largest
-    # of its params' counts says another optimizer stepped since, and every
-    # param of the group takes the group's count (timm's, as timm would go
-    # on).
+    # of its params' counts says another optimizer stepped since: above
+    # them all, timm's, and every param of the group takes the group's count
+    # (as timm would go on); below, code that counts per param and kept
+    # our group key as it was (torch.optim's load keeps unknown group
+    # keys), and the params keep theirs.
 
     def _export_state_dict(self, state_dict) -> None:
         state = state_dict["state"]
@@ -137,7 +139,9 @@ class Lamb(FusedOptimizer):
             if step is not None:
                 params = [i for i in group.get("params", ()) if i in state]
                 counts = [float(state[i]["step"]) for i in params if "step" in state[i]]
-                stepped_since = bool(counts) and max(counts) != float(step)
+                # (a count above them all: timm's, stepped on; below: a
+                # group key kept by code that counts per param, stale)
+                stepped_since = bool(counts) and float(step) > max(counts)
                 for i in params:
                     if stepped_since or "step" not in state[i]:
                         state[i] = {**state[i], "step": torch.tensor(float(step), dtype=step_dtype())}

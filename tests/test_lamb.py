@@ -581,6 +581,30 @@ def test_checkpoint_round_trip_through_timm_takes_timms_count():
                                 msg=f"param {i} {key}")
 
 
+def test_a_stale_group_count_kept_by_a_per_param_counter_is_not_taken():
+    # ours -> a per-param counter that keeps our group "step" as it was
+    # (torch.optim's load keeps unknown group keys: the reference class)
+    # -> ours: the params' own counts, above the group's, are kept.
+    dtype = torch.float32
+    params = _params(dtype)
+    first = fused_optim.Lamb(_timm_groups(params), max_grad_norm=None)
+    for step in range(2):
+        for p, g in zip(params, _grads(step, dtype, params)):
+            p.grad = g
+        first.step()
+    counter = _reference.Lamb(_timm_groups(params), max_grad_norm=None)
+    counter.load_state_dict(copy.deepcopy(first.state_dict()))
+    for step in range(2, 5):
+        for p, g in zip(params, _grads(step, dtype, params)):
+            p.grad = g
+        counter.step()
+    saved = copy.deepcopy(counter.state_dict())
+    assert all(g["step"] == 2 for g in saved["param_groups"])  # (stale)
+    resumed = fused_optim.Lamb(_timm_groups(params), max_grad_norm=None)
+    resumed.load_state_dict(saved)
+    assert all(float(resumed.state[p]["step"]) == 5 for p in params)
+
+
 class _LambLeavingTheFirstParam(fused_optim.Lamb):
     """A broken Lamb: its step leaves the first param where it was."""
 
