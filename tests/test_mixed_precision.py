@@ -436,6 +436,19 @@ def _without_masters(saved):
     return saved
 
 
+def _resumed_with_and_without_the_masters(cfg):
+    """[(ours, its params)] resumed from _checkpoint_stepped_on_by_torch,
+    as saved and without its masters."""
+    torch_params, saved = _checkpoint_stepped_on_by_torch(cfg)
+    runs = []
+    for checkpoint in (saved, _without_masters(saved)):
+        params = _clone_params(torch_params)
+        opt = cfg.ours_cls(params, **cfg.kwargs, master_weights=True)
+        opt.load_state_dict(copy.deepcopy(checkpoint))
+        runs.append((opt, params))
+    return runs
+
+
 def _assert_same_runs(a, a_params, b, b_params, where):
     for i, (p, q) in enumerate(zip(a_params, b_params)):
         assert torch.equal(bits(p.detach()), bits(q.detach())), f"{where}: param {i}"
@@ -449,13 +462,7 @@ def test_master_behind_its_params_is_made_from_them(cfg):
     """Note [a loaded master copy]: a checkpoint whose master copies do not
     round to the params (torch.optim stepped on from ours) resumes from the
     params, as a checkpoint without masters does, not from the masters."""
-    torch_params, saved = _checkpoint_stepped_on_by_torch(cfg)
-    runs = []
-    for checkpoint in (saved, _without_masters(saved)):
-        params = _clone_params(torch_params)
-        opt = cfg.ours_cls(params, **cfg.kwargs, master_weights=True)
-        opt.load_state_dict(copy.deepcopy(checkpoint))
-        runs.append((opt, params))
+    runs = _resumed_with_and_without_the_masters(cfg)
     for step in range(6, 8):
         for opt, params in runs:
             _set_grads(params, step)
@@ -465,13 +472,7 @@ def test_master_behind_its_params_is_made_from_them(cfg):
 
 @pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
 def test_failed_first_step_after_a_load_checks_the_masters_again(cfg):
-    torch_params, saved = _checkpoint_stepped_on_by_torch(cfg)
-    runs = []
-    for checkpoint in (saved, _without_masters(saved)):
-        params = _clone_params(torch_params)
-        opt = cfg.ours_cls(params, **cfg.kwargs, master_weights=True)
-        opt.load_state_dict(copy.deepcopy(checkpoint))
-        runs.append((opt, params))
+    runs = _resumed_with_and_without_the_masters(cfg)
     opt, params = runs[0]
     _set_grads(params, 6)
     params[-1].grad.data = torch.zeros(3, dtype=torch.bfloat16)  # (.data: the setter refuses it)
