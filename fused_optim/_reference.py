@@ -221,7 +221,9 @@ class PerTensorReference(torch.optim.Optimizer):
                 for p in group["params"]:
                     if p.grad is not None:
                         grad = torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad
-                        sum_sq += float(grad.double().square().sum())
+                        part = grad.double().square().sum()
+                        # (a shard's sum is partial: the whole tensor's is all ranks')
+                        sum_sq += float(part.full_tensor() if is_dtensor(part) else part)
             norm = math.sqrt(sum_sq)
         return [min(1.0, group["max_grad_norm"] / (norm + 1e-6)) if c else None
                 for group, c in zip(self.param_groups, clipped)]

@@ -103,8 +103,8 @@ class Lamb(FusedOptimizer):
         }
 
     # Note [LAMB's step in checkpoints]
-    # timm's Lamb counts steps per param group (group["step"], an int, which
-    # also drives its bias correction); ours per param (state["step"], as
+    # timm's Lamb counts steps per param group (group["step"], a 0-d tensor
+    # in timm 1.0, an int before, which also drives its bias correction); ours per param (state["step"], as
     # torch.optim's Adam), which equals timm's while every param gets a
     # gradient every step. A saved dict carries both: each group's "step" is
     # the largest of its params' counts, so timm's Lamb continues a
@@ -126,7 +126,9 @@ class Lamb(FusedOptimizer):
             steps = [float(state[i]["step"]) for i in group["params"]
                      if i in state and "step" in state[i]]
             if steps:
-                group["step"] = int(max(steps))
+                # (as timm 1.0's: a 0-d tensor, which
+                # torch.distributed.checkpoint saves as a tensor)
+                group["step"] = torch.tensor(max(steps), dtype=step_dtype())
 
     def _import_state_dict(self, state_dict):
         state_dict = dict(state_dict)

@@ -608,3 +608,55 @@ def test_dcp_loads_a_torch_checkpoint_into_ours_with_precision_options(tmp_path,
     assert all(float(ours.state[p]["step"]) == 2.0 for p in model.parameters())
     state_dtype = options.get("state_dtype", torch.bfloat16)
     assert all(ours.state[p]["exp_avg"].dtype == state_dtype for p in model.parameters())
+
+
+def _reference_class(name):
+    # The package each of ours mirrors: lion-pytorch's Lion, timm's Lars and
+    # Lamb (or a skip where it is not installed).
+    if name == "Lion":
+        return pytest.importorskip("lion_pytorch", reason="lion-pytorch is not installed").Lion
+    from harness import timm_optimizer
+    return timm_optimizer(name.lower(), name)
+
+
+@pytest.mark.parametrize("name", ["Lion", "Lars", "Lamb"])
+def test_dcp_loads_a_reference_checkpoint_with_a_partial_load(tmp_path, name):
+    # A DCP checkpoint of the package a class of ours mirrors lacks keys our
+    # template asks for (Lion's and Lars's group options of ours, Lamb's
+    # per-param step): with allow_partial_load it loads (README), and the
+    # run goes on as the package's own (Lamb: from timm's group count).
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    kwargs = {"Lion": dict(lr=3e-3, weight_decay=0.1), "Lars": dict(lr=0.1, momentum=0.9),
+              # (no decay, so no trust ratio, which would hide a wrong count)
+              "Lamb": dict(lr=1e-2, weight_decay=0.0)}[name]
+
+    def train(model, opt, steps):
+        for step in steps:
+            opt.zero_grad()
+            x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+            model(x).square().mean().backward()
+            opt.step()
+
+    model = _model(0)
+    reference = _reference_class(name)(model.parameters(), **kwargs)
+    train(model, reference, range(3))
+    saved = [p.detach().clone() for p in model.parameters()]
+    dcp.save({"optim": get_optimizer_state_dict(model, reference)}, checkpoint_id=str(tmp_path),
+             no_dist=True)
+    train(model, reference, range(3, 6))
+
+    resumed = _model(1)
+    with torch.no_grad():
+        for p, q in zip(resumed.parameters(), saved):
+            p.copy_(q)
+    ours = getattr(fused_optim, name)(resumed.parameters(), **kwargs)
+    into = {"optim": get_optimizer_state_dict(resumed, ours)}
+    dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True,
+             planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(resumed, ours, into["optim"])
+    train(resumed, ours, range(3, 6))
+    for p, q in zip(resumed.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q)

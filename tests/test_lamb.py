@@ -151,7 +151,7 @@ def test_step_is_per_param():
         assert_close(p, r)
         _assert_state_close(ours, ref, p, r, TOL[torch.float64], "per-param step")
     group_step = ours.state_dict()["param_groups"][0]["step"]
-    assert group_step == 6 and isinstance(group_step, int)
+    assert isinstance(group_step, torch.Tensor) and group_step.dim() == 0 and group_step == 6
     assert "step" not in ours.param_groups[0]  # (only in the checkpoint)
 
 
@@ -508,7 +508,11 @@ def test_checkpoints_move_between_timm_and_ours():
     run([(ours, ours_params), (theirs, theirs_params)], range(3))
     ours_sd, theirs_sd = copy.deepcopy(ours.state_dict()), copy.deepcopy(theirs.state_dict())
     assert [g["step"] for g in ours_sd["param_groups"]] == [3] * len(GROUPS)
-    assert all(type(g["step"]) is int for g in ours_sd["param_groups"])
+    for ours_group, timms_group in zip(ours_sd["param_groups"], theirs_sd["param_groups"]):
+        # (timm's kind: a 0-d tensor, so that DCP takes one for the other)
+        step, timms = ours_group["step"], timms_group["step"]
+        assert isinstance(step, torch.Tensor) and isinstance(timms, torch.Tensor)
+        assert (step.shape, step.dtype, step.device) == (timms.shape, timms.dtype, timms.device)
 
     # timm -> ours
     ours_loaded_params = [torch.nn.Parameter(p.detach().clone()) for p in theirs_params]
