@@ -30,8 +30,11 @@ class Planning:
     # (not the load itself: the model's weights may be loaded after the
     # optimizer's) compares each loaded master, rounded, with its param,
     # and where they differ makes the master from the param, as for a
-    # torch.optim checkpoint. Params of a load, until a step has checked
-    # them (a step that fails or that AMP skips checks again next time):
+    # torch.optim checkpoint. A step traced by torch.compile does not check
+    # (a data-dependent branch in the graph): an eager step after such a
+    # load, or deleting the checkpoint's "master_param"s, does it. Params of
+    # a load, until an eager step has checked them (a step that fails or
+    # that AMP skips checks again next time):
     _loaded_masters: set | frozenset = frozenset()
 
     def _current_plan(self, journal: Journal) -> tuple[Plan, bool]:
