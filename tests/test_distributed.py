@@ -660,3 +660,42 @@ def test_dcp_loads_a_reference_checkpoint_with_a_partial_load(tmp_path, name):
     train(resumed, ours, range(3, 6))
     for p, q in zip(resumed.parameters(), model.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_dcp_loads_a_torch_sgd_checkpoint_into_stochastic_rounding_with_a_partial_load(tmp_path):
+    # With stochastic rounding SGD keeps a per-param step (its rounding
+    # streams), which torch.optim's SGD checkpoint lacks: a partial load
+    # takes the rest (README), and the buffers are torch's.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    model = _model(0).to(torch.bfloat16)
+    torch_opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    for step in range(3):
+        for i, p in enumerate(model.parameters()):
+            grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i))
+            p.grad = grad.to(p.dtype)
+        torch_opt.step()
+    dcp.save({"optim": get_optimizer_state_dict(model, torch_opt)}, checkpoint_id=str(tmp_path),
+             no_dist=True)
+    torch_opt.zero_grad()  # (DCP makes a fresh optimizer's state only where no param has one)
+    ours = fused_optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, stochastic_rounding=True)
+    into = {"optim": get_optimizer_state_dict(model, ours)}
+    assert all("step" in state for state in into["optim"]["state"].values())
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with pytest.raises(CheckpointException) as raised:  # (the rank's error in it)
+        dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True)
+    assert "Missing key in checkpoint state_dict: optim.state.0.weight.step" in repr(raised.value)
+    into = {"optim": get_optimizer_state_dict(model, ours)}
+    dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True,
+             planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(model, ours, into["optim"])
+    for p in model.parameters():
+        assert torch.equal(ours.state[p]["momentum_buffer"], torch_opt.state[p]["momentum_buffer"])
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    ours.step()
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
