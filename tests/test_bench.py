@@ -20,6 +20,7 @@ from fused_optim.bench import cli, metadata, progress, report
 from fused_optim.bench.measure import Result
 from fused_optim.bench.specs import IMPLS, OPTIMIZERS, PEERS, PRECISION_SETS, PRECISIONS
 from fused_optim.bench.workloads import WORKLOADS, many_small_sizes
+from fused_optim.sweep.bench import cli as sweep_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,6 +63,34 @@ def test_invalid_values_are_rejected_naming_the_option(option, value, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert re.search(rf"argument [-/\w]*{re.escape(option)}", err), err
+
+
+@pytest.mark.parametrize("make, argv, expected", [
+    (lambda d: d / "folder", lambda d: ["--json", str(d / "folder")], "a folder, not a file"),
+    (lambda d: d / "a_file", lambda d: ["--json", str(d / "a_file" / "r.json")], "is a file"),
+    (None, lambda d: ["--json", str(d / "r.json"), "--markdown", str(d / "r.json")],
+     "name the same file"),
+    (lambda d: d / "a_file", lambda d: ["--markdown", str(d / "a_file" / "r.md")], "is a file"),
+], ids=["json_is_a_folder", "json_under_a_file", "json_and_markdown_one_file", "markdown_under_a_file"])
+@pytest.mark.parametrize("sweep", [False, True], ids=["step", "sweep"])
+def test_output_files_are_checked_before_anything_is_timed(tmp_path, capsys, make, argv, expected,
+                                                           sweep):
+    # (a long run must not be lost at its end for a path)
+    if make is not None:
+        target = make(tmp_path)
+        target.mkdir() if target.name == "folder" else target.write_text("")
+    parse = sweep_cli.parse_args if sweep else cli.parse_args
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv(tmp_path))
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_missing_output_folders_are_made_when_the_options_are_read(tmp_path):
+    for parse, name in ((cli.parse_args, "step"), (sweep_cli.parse_args, "sweep")):
+        deep = tmp_path / name / "a" / "b"
+        parse(["--json", str(deep / "r.json")])
+        assert deep.is_dir()
 
 
 def test_one_step_per_sample_when_asked():

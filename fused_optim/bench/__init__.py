@@ -65,7 +65,7 @@ Method (the protocol):
 
 # The names other modules use (fused_optim.sweep.bench,
 # benchmarks/bf16_training.py), importable from the package as before.
-from fused_optim.bench.cli import main, name_list, parse_args
+from fused_optim.bench.cli import check_output_files, main, name_list, parse_args
 from fused_optim.bench.measure import Result, free_memory, run_all
 from fused_optim.bench.metadata import (
     BUSY_LOAD,
@@ -94,7 +94,7 @@ from fused_optim.bench.workloads import WORKLOADS, Block, Workload
 __all__ = [
     "BUSY_LOAD", "IMPLS", "OPTIMIZERS", "OURS", "PEERS", "PRECISIONS", "PRECISION_SETS",
     "WORKLOADS", "Block", "OptimizerSpec", "Precision", "Result", "Workload",
-    "bytes_per_element", "commit_and_source", "fmt_number", "fmt_ratio", "free_memory",
+    "bytes_per_element", "check_output_files", "commit_and_source", "fmt_number", "fmt_ratio", "free_memory",
     "git_commit", "interleaved_times", "load_average", "log", "machine_info", "main",
     "make_optimizer", "name_list", "optimizer_class", "parse_args", "run_all", "time_call_cpu",
 ]

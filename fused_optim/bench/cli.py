@@ -10,6 +10,7 @@ import re
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,7 +18,7 @@ from fused_optim.bench.measure import Session, plan, run_all
 from fused_optim.bench.metadata import BUSY_LOAD, commit_and_source, load_average, run_metadata
 from fused_optim.bench.peers import load_ours
 from fused_optim.bench.progress import BlockProgress, log
-from fused_optim.bench.report import console_table, fmt_count, summary_markdown, write_outputs
+from fused_optim.bench.report import console_table, fmt_count, plot_stem, summary_markdown, write_outputs
 from fused_optim.bench.specs import (
     ALL_OPTIMIZERS,
     IMPL_DESCRIPTIONS,
@@ -81,6 +82,30 @@ def device_name(text: str) -> str:
     if text != "cpu" and not re.fullmatch(r"cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
     return text
+
+
+def check_output_files(parser: argparse.ArgumentParser, paths: dict) -> None:
+    """Refuses, before anything is timed, output files that could not be
+    written at the end (``paths``: option -> PATH or None): a folder, a
+    place that cannot be written, one file for two options. Missing
+    folders are made."""
+    given = {option: Path(path) for option, path in paths.items() if path}
+    seen: dict = {}
+    for option, path in given.items():
+        if path.resolve() in seen:
+            parser.error(f"{option} and {seen[path.resolve()]} name the same file: {path}")
+        seen[path.resolve()] = option
+        if path.is_dir():
+            parser.error(f"{option} {path}: a folder, not a file")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            probe = path.parent / f".{path.name}.write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+            why = f"{blocker} is a file" if blocker else error.strerror or error
+            parser.error(f"{option} {path}: cannot write there ({why})")
 
 
 def name_list(choices, all_names=None):
@@ -234,6 +259,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device != "cpu" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch has no CUDA device")
+    stem = plot_stem(args)
+    check_output_files(parser, {"--json": args.json, "--markdown": args.markdown,
+                                "the plot (--plot)": stem and stem.with_suffix(".png")})
     if args.device == "cuda":
         args.device = f"cuda:{torch.cuda.current_device()}"  # set_device needs an index
     device_kind = "cpu" if args.device == "cpu" else "cuda"

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from fused_optim.bench import BUSY_LOAD, git_commit, load_average, log, name_list
+from fused_optim.bench import BUSY_LOAD, check_output_files, git_commit, load_average, log, name_list
 from fused_optim.sweep import digits
 from fused_optim.sweep.bench.memory import RSS_STEPS, measure_rss, rss_probe
 from fused_optim.sweep.bench.report import (
@@ -67,6 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    train_size = len(digits.load(seed=args.seed)[0][0])
+    if args.batch_size > train_size:
+        parser.error(f"--batch-size {args.batch_size}: the digits training split holds "
+                     f"{train_size} examples")
+    check_output_files(parser, {"--json": args.json, "--markdown": args.markdown})
     return args
 
 
