@@ -27,6 +27,18 @@ def test_every_implementation_is_timed(clip, capsys):
         assert abs(float(per_tensor_us) - int(median_us) / 3) <= 0.5 / 3 + 0.005, rows
 
 
+@pytest.mark.parametrize("optimizer", sorted(dtensor_step.OPTIMIZERS))
+def test_every_optimizer_runs(optimizer, capsys):
+    # An implementation that cannot step DTensors (torch's fused SGD and
+    # Adagrad: no sharding rule) is reported, not timed; ours always is.
+    dtensor_step.main(["--optimizer", optimizer, "--tensors", "2", "--rounds", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    timed = re.findall(r"^\| (.+?) \| [0-9]+ \|", out, re.MULTILINE)
+    skipped = re.findall(r"^(.+?): not timed, it cannot step DTensors here", out, re.MULTILINE)
+    assert timed[:2] == ["ours", "ours, plain params"]
+    assert sorted(timed + skipped) == sorted(dtensor_step.IMPLEMENTATIONS)
+
+
 @pytest.mark.parametrize("argv", [["--rounds", "0"], ["--warmup", "-1"], ["--tensors", "0"],
                                   ["--tensors", "2001"]])
 def test_refuses_values_out_of_range(argv):
