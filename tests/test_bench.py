@@ -228,6 +228,16 @@ def fake_results() -> list[Result]:
     return results
 
 
+@pytest.mark.parametrize("with_peer", [True, False], ids=["with_a_peer", "ours_alone"])
+def test_summary_table_rows_have_the_delimiters_cells(with_peer):
+    results = fake_results() if with_peer else fake_results()[:1]
+    lines = report.summary_markdown(results)
+    cells = [line.count("|") for line in lines]
+    assert len(lines) == 3 and cells == [cells[1]] * 3, lines
+    assert ("vs torch-fused" in lines[0]) == with_peer
+    assert "| 1,000 |" in lines[2]  # (a thousand elements: not "0.0M")
+
+
 def test_without_matplotlib_the_reports_are_written_with_a_note(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     args = cli.parse_args(["--json", str(tmp_path / "r.json"),

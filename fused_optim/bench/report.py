@@ -63,26 +63,34 @@ def peer_config(optimizer: str, precision_name: str) -> str:
 
 def summary_markdown(results: list) -> list[str]:
     peers = [p for p in PEERS if any(r.impl == p for r in results)]
-    lines = [
-        "| optimizer | workload | precision | params | tensors | groups | B/elem | steps/sample "
-        "| ours ms | GB/s | ref GB/s | % BW | % BW per round | torch peers ran (B/elem) | "
-        + " | ".join(f"vs {p}" for p in peers) + " |",
-        "|" + "---|" * (14 + len(peers)),
-    ]
+    header = ["optimizer", "workload", "precision", "params", "tensors", "groups", "B/elem",
+              "steps/sample", "ours ms", "GB/s", "ref GB/s", "% BW", "% BW per round",
+              "torch peers ran (B/elem)", *(f"vs {p}" for p in peers)]
+    lines = [table_row(header), "|" + "---|" * len(header)]
     for (optimizer, workload, precision), by_impl in results_by_block(results).items():
         ours = by_impl.get(OURS)
         if ours is None:
             continue
         ratios = [fmt_ratio(by_impl[p].peer_over_ours) if p in by_impl else "-" for p in peers]
-        lines.append(
-            f"| {optimizer} | {workload} | {precision} | {ours.numel / 1e6:.1f}M | {ours.tensors} "
-            f"| {ours.groups} | {ours.bytes_per_step / ours.numel:g} | {ours.steps_per_sample} "
-            f"| {ours.median_s * 1e3:.3f} | {ours.gb_per_s:.1f} "
-            f"| {ours.bandwidth_gb_per_s:.1f} | {ours.bandwidth_fraction:.0%} "
-            f"| {ours.bandwidth_fraction_per_round:.0%} "
-            f"| {peer_config(optimizer, precision)} | " + " | ".join(ratios) + " |"
-        )
+        lines.append(table_row([
+            optimizer, workload, precision, fmt_params(ours.numel), ours.tensors, ours.groups,
+            f"{ours.bytes_per_step / ours.numel:g}", ours.steps_per_sample,
+            f"{ours.median_s * 1e3:.3f}", f"{ours.gb_per_s:.1f}", f"{ours.bandwidth_gb_per_s:.1f}",
+            f"{ours.bandwidth_fraction:.0%}", f"{ours.bandwidth_fraction_per_round:.0%}",
+            peer_config(optimizer, precision), *ratios,
+        ]))
     return lines
+
+
+def table_row(cells) -> str:
+    """One row of a Markdown table."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def fmt_params(numel: int) -> str:
+    """An element count: millions with one decimal from 100,000 up, else
+    the count itself (a tiny workload is not "0.0M")."""
+    return f"{numel / 1e6:.1f}M" if numel >= 100_000 else f"{numel:,}"
 
 
 def detail_markdown(results: list) -> list[str]:
@@ -149,7 +157,8 @@ def markdown_report(meta: dict, results: list, plot_link: str | None = None) -> 
         f"- torch {meta['torch']}, {fmt_count(meta['threads'], 'thread')}, device `{meta['device']}`",
         f"- bandwidth reference: {meta['bandwidth_reference']}, timed in every round "
         f"(ref GB/s; median over the run {fmt_number(meta['bandwidth_gb_per_s_median'])} GB/s)",
-        f"- {meta['repeats']} interleaved repeats after {meta['warmup']} warm-up steps, "
+        f"- {fmt_count(meta['repeats'], 'interleaved repeat')} after "
+        f"{fmt_count(meta['warmup'], 'warm-up step')}, "
         f"medians; run took {meta['elapsed_s']:.0f} s; load average before/after "
         f"{fmt_number(meta['load_average_before'])}/{fmt_number(meta['load_average_after'])}",
         "",
