@@ -43,6 +43,18 @@ def test_help_lists_every_name_of_the_tables_and_the_run_time():
     assert "--repeats" in help_text and "--scale" in help_text  # how it scales
 
 
+def test_bench_sh_help_needs_no_set_up(tmp_path):
+    # (a missing virtualenv is not made: --help installs nothing)
+    venv = tmp_path / "no-venv"
+    done = subprocess.run(["bash", str(REPO / "scripts" / "bench.sh"), "--help"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "FUSED_OPTIM_VENV": str(venv)})
+    assert done.returncode == 0, done.stderr
+    assert "Without arguments: the optimizer-step throughput" in done.stdout
+    assert "about 10 minutes" in done.stdout
+    assert not venv.exists()
+
+
 @pytest.mark.parametrize("option, value", [
     ("--repeats", "0"), ("--repeats", "-3"), ("--repeats", "many"), ("--repeats", "2.5"),
     ("--warmup", "-1"), ("--warmup", "x"),
