@@ -261,8 +261,11 @@ def svg_plot(series: dict[str, tuple[list[float], list[float]]], title: str,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help=f"training steps per configuration (default: {DEFAULT_STEPS})")
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"),
+                        help="where the results go (default: benchmarks/results of this "
+                             "checkout, where the project keeps its results)")
     parser.add_argument("--date", default=datetime.date.today().isoformat(),
                         help="goes into the file names (default: today)")
     args = parser.parse_args(argv)
