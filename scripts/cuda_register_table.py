@@ -67,5 +67,11 @@ def table(data: dict) -> str:
 
 
 if __name__ == "__main__":
-    with open(sys.argv[1]) as log:
-        print(table(parse(log)))
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    try:
+        with open(sys.argv[1]) as log:
+            print(table(parse(log)))
+    except OSError as error:
+        sys.exit(f"cuda_register_table: {sys.argv[1]}: {error.strerror}")

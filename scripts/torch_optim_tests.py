@@ -68,9 +68,9 @@ def main(argv: list[str]) -> int:
     import pytest
 
     args = [a for a in argv[1:] if a != "--baseline"]
-    if not args:
+    if not args or args[0] in ("-h", "--help"):
         print(__doc__)
-        return 2
+        return 0 if args else 2
     plugins = [] if "--baseline" in argv else [_SwapPlugin()]
     return pytest.main(["-p", "no:cacheprovider", *args], plugins=plugins)
 
