@@ -94,7 +94,7 @@ from fused_optim.bench.workloads import WORKLOADS, Block, Workload
 __all__ = [
     "BUSY_LOAD", "IMPLS", "OPTIMIZERS", "OURS", "PEERS", "PRECISIONS", "PRECISION_SETS",
     "WORKLOADS", "Block", "OptimizerSpec", "Precision", "Result", "Workload",
-    "bytes_per_element", "check_output_files", "commit_and_source", "fmt_number", "fmt_ratio", "free_memory",
-    "git_commit", "interleaved_times", "load_average", "log", "machine_info", "main",
+    "bytes_per_element", "check_output_files", "commit_and_source", "fmt_number", "fmt_ratio",
+    "free_memory", "git_commit", "interleaved_times", "load_average", "log", "machine_info", "main",
     "make_optimizer", "name_list", "optimizer_class", "parse_args", "run_all", "time_call_cpu",
 ]

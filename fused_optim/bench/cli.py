@@ -18,7 +18,9 @@ from fused_optim.bench.measure import Session, plan, run_all
 from fused_optim.bench.metadata import BUSY_LOAD, commit_and_source, load_average, run_metadata
 from fused_optim.bench.peers import load_ours
 from fused_optim.bench.progress import BlockProgress, log
-from fused_optim.bench.report import console_table, fmt_count, plot_stem, summary_markdown, write_outputs
+from fused_optim.bench.report import (
+    console_table, fmt_count, plot_stem, summary_markdown, write_outputs,
+)
 from fused_optim.bench.specs import (
     ALL_OPTIMIZERS,
     IMPL_DESCRIPTIONS,
@@ -97,15 +99,24 @@ def check_output_files(parser: argparse.ArgumentParser, paths: dict) -> None:
         seen[path.resolve()] = option
         if path.is_dir():
             parser.error(f"{option} {path}: a folder, not a file")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            probe = path.parent / f".{path.name}.write_test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as error:
-            blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-            why = f"{blocker} is a file" if blocker else error.strerror or error
+        why = unwritable(path.parent)
+        if why:
             parser.error(f"{option} {path}: cannot write there ({why})")
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why files cannot be written in ``folder``, which is made with its
+    parents where missing; None where they can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".fused_optim_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        blocker = next((p for p in (folder, *folder.parents)
+                        if p.exists() and not p.is_dir()), None)
+        return f"{blocker} is a file" if blocker else str(error.strerror or error)
+    return None
 
 
 def name_list(choices, all_names=None):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fused_optim.bench.cli import device_name, positive_int
+from fused_optim.bench.cli import device_name, positive_int, unwritable
 from fused_optim.sweep import Halving, digits, lr_range, run
 from fused_optim.sweep.space import OPTIMIZERS, make_configs
 
@@ -31,9 +31,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.configs = space_of(args)
         args.halving_rule = halving_of(args)
-        _writable_folder(Path(args.out))
     except ValueError as error:
         parser.error(str(error))
+    train_size = len(digits.load(seed=args.seed)[0][0])
+    if args.batch_size > train_size:
+        parser.error(f"--batch-size {args.batch_size}: the training split holds {train_size} "
+                     "examples")
+    why = unwritable(Path(args.out))
+    if why:
+        parser.error(f"--out {args.out}: cannot write there ({why})")
     return args
 
 
@@ -120,25 +126,10 @@ def halving_of(args) -> Halving | None:
     return Halving(rungs)
 
 
-def _writable_folder(folder: Path) -> None:
-    """Makes ``folder`` (and its parents) and checks that files can be
-    written in it, before any training (ValueError: why not)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".fused_optim_write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"--out {folder}: cannot write there ({error.strerror or error})") from None
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     train, val = digits.load(seed=args.seed)
-    if args.batch_size > len(train[0]):
-        _parser().error(f"--batch-size {args.batch_size}: the training split holds "
-                        f"{len(train[0])} examples")
     configs = args.configs
     out = Path(args.out)
     print(f"{len(configs)} configurations of the digits {args.model}, {args.steps} steps of batch "

@@ -8,7 +8,9 @@ import time
 
 import torch
 
-from fused_optim.bench import BUSY_LOAD, check_output_files, git_commit, load_average, log, name_list
+from fused_optim.bench import (
+    BUSY_LOAD, check_output_files, git_commit, load_average, log, name_list,
+)
 from fused_optim.sweep import digits
 from fused_optim.sweep.bench.memory import RSS_STEPS, measure_rss, rss_probe
 from fused_optim.sweep.bench.report import (
