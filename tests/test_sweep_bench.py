@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fused_optim import bench
+from fused_optim.bench import progress
 from fused_optim.sweep import bench as sweep_bench
 from fused_optim.sweep.bench import report as sweep_report
 from fused_optim.sweep.space import make_configs
@@ -41,8 +42,10 @@ def test_every_family_has_a_torch_implementation_to_calibrate():
         assert ("torch-fused" in impls) == (config.optimizer != "RMSprop")
 
 
-def test_tiny_run_end_to_end_through_the_main_benchmark(tmp_path):
+def test_tiny_run_end_to_end_through_the_main_benchmark(tmp_path, monkeypatch, capfd):
     json_path, md_path = tmp_path / "sweep.json", tmp_path / "sweep.md"
+    # Every progress update as a line of its own (stderr is not a terminal here).
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
     threads = torch.get_num_threads()
     try:
         bench.main([
@@ -65,6 +68,16 @@ def test_tiny_run_end_to_end_through_the_main_benchmark(tmp_path):
     assert report["threads"] == 1 and report["commit"] is not None
     markdown = md_path.read_text()
     assert "| mlp | 2 |" in markdown and "chosen" in markdown
+    # Progress while each stage runs, not only its result line after it.
+    stderr = capfd.readouterr().err.splitlines()
+    for family, _, _ in sweep_bench.FAMILIES:
+        assert any(line.startswith(f"calibration mlp {family}: warm-up torch-")
+                   for line in stderr), family
+    for stage in ("building both sides", "warm-up lockstep", "warm-up sequential",
+                  "round 1/2"):
+        assert any(line.startswith(f"mlp K=2: {stage}") for line in stderr), stage
+    for side in ("lockstep", "sequential"):
+        assert any(line.startswith(f"rss mlp K=2: {side} probe") for line in stderr), side
 
 
 @pytest.mark.parametrize("main_module, expected", [

@@ -11,6 +11,7 @@ import torch
 from fused_optim.bench import (
     BUSY_LOAD, check_output_files, git_commit, load_average, log, name_list,
 )
+from fused_optim.bench.progress import BlockProgress
 from fused_optim.sweep import digits
 from fused_optim.sweep.bench.memory import RSS_STEPS, measure_rss, rss_probe
 from fused_optim.sweep.bench.report import (
@@ -39,7 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Wall time per training step of K configurations in lockstep vs K "
                     "sequential torch.optim runs (see the module docstring).",
         epilog="With the defaults it takes about 4 minutes on a 2-core CPU (memory probes "
-               "included; --no-rss skips them); the time grows with --rounds and --ks.",
+               "included; --no-rss skips them); the time grows with --rounds and --ks. "
+               "While a calibration, a (model, K) cell or a memory probe runs, a progress "
+               "line on stderr shows its stage and round.",
     )
     parser.add_argument("--models", type=name_list(digits.MODELS), default=["mlp", "cnn"],
                         help="comma-separated, or 'all' (default: mlp,cnn)")
@@ -96,16 +99,18 @@ def main(argv=None) -> None:
         notes.append(f"machine busy at start (load average {load_before:.1f}): noisy results")
         log(f"warning: {notes[-1]}")
     data = Batches(args.batch_size, args.seed)
+    progress = BlockProgress()
     rows, calibrations, chosen = [], [], {}
     for model_name in args.models:
-        model_calibration = calibrate(model_name, data, args)
+        model_calibration = calibrate(model_name, data, args, progress)
         calibrations += model_calibration
         chosen[model_name] = {c.family: c.chosen for c in model_calibration}
         for k in args.ks:
             cell_start = time.perf_counter()
-            row = measure(model_name, k, data, chosen[model_name], args)
+            progress.start(f"{model_name} K={k}")
+            row = measure(model_name, k, data, chosen[model_name], args, progress)
             rows.append(row)
-            log(f"{model_name} K={k} ({time.perf_counter() - cell_start:.1f} s): sequential "
+            progress.finish(f"{model_name} K={k} ({time.perf_counter() - cell_start:.1f} s): sequential "
                 f"{row.sequential_ms:.3f} ms/step, lockstep {row.lockstep_ms:.3f} ms/step, "
                 f"{row.speedup:.2f}x ({row.steps_per_block} steps x {row.rounds} rounds)")
             for side, count in row.non_finite.items():
@@ -114,9 +119,12 @@ def main(argv=None) -> None:
                                  "ended with non-finite weights (trained alike on both sides)")
     if not args.no_rss:
         for row in rows:
-            row.rss_mib = {side: measure_rss(row.model, row.k, side, chosen[row.model], args)
-                           for side in SIDES}
-            log(f"rss {row.model} K={row.k}: sequential {fmt_rss(row, 'sequential')} MiB, "
+            progress.start(f"rss {row.model} K={row.k}")
+            row.rss_mib = {}
+            for side in SIDES:
+                progress.phase(f"{side} probe ({args.rss_steps} steps in a child process)")
+                row.rss_mib[side] = measure_rss(row.model, row.k, side, chosen[row.model], args)
+            progress.finish(f"rss {row.model} K={row.k}: sequential {fmt_rss(row, 'sequential')} MiB, "
                 f"lockstep {fmt_rss(row, 'lockstep')} MiB")
         if rows and not all(r["peak_reset"] for row in rows for r in row.rss_mib.values()):
             notes.append("the peak RSS could not be reset after the imports: "

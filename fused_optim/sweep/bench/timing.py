@@ -10,7 +10,8 @@ import statistics
 
 import torch
 
-from fused_optim.bench import free_memory, interleaved_times, log, time_call_cpu
+from fused_optim.bench import free_memory, interleaved_times, time_call_cpu
+from fused_optim.bench.progress import BlockProgress
 from fused_optim.sweep import digits
 from fused_optim.sweep.bench.configs import FAMILIES, family_of, middle_out, mix, sweep_configs
 from fused_optim.sweep.bench.sides import (
@@ -39,15 +40,18 @@ class Calibration:
     chosen: str
 
 
-def calibrate(model_name: str, data: Batches, args) -> list[Calibration]:
+def calibrate(model_name: str, data: Batches, args,
+              progress: BlockProgress) -> list[Calibration]:
     """For each family, its middle-lr configuration trained with each torch
     implementation, interleaved in blocks; ``optimizer.step()`` timed."""
     results = []
     rounds = max(1, math.ceil(args.calibration_steps / CALIBRATION_BLOCK))
     for family, base, lrs in FAMILIES:
+        progress.start(f"calibration {model_name} {family}")
         (config,) = make_configs([{**base, "lr": lrs[middle_out(len(lrs))[0]]}])
         entries = {}
         for impl in torch_impls(config):
+            progress.phase(f"warm-up {impl}")
             torch.manual_seed(args.seed)
             run = Sequential(digits.MODELS[model_name](), [config], {family: impl})
             stream = data.stream()
@@ -61,11 +65,13 @@ def calibrate(model_name: str, data: Batches, args) -> list[Calibration]:
                 return statistics.median(times)
 
             entries[impl] = [block]
-        times = interleaved_times(entries, rounds, lambda block: block())
+        progress.begin_rounds(rounds)
+        times = interleaved_times(entries, rounds, lambda block: block(),
+                                  after_round=progress.round_done)
         step_us = {impl: statistics.median(t) * 1e6 for impl, t in times.items()}
         chosen = min(step_us, key=step_us.get)
         results.append(Calibration(model_name, family, step_us, chosen))
-        log(f"calibration {model_name} {family}: "
+        progress.finish(f"calibration {model_name} {family}: "
             + ", ".join(f"{impl} {us:.1f} us" for impl, us in step_us.items()) + f" -> {chosen}")
     return results
 
@@ -105,21 +111,29 @@ def impls_summary(configs: list[Config], impls: dict[str, str]) -> str:
     return ", ".join(f"{name} {'/'.join(sorted(kinds))}" for name, kinds in used.items())
 
 
-def measure(model_name: str, k: int, data: Batches, impls: dict[str, str], args) -> Row:
+def measure(model_name: str, k: int, data: Batches, impls: dict[str, str], args,
+            progress: BlockProgress) -> Row:
+    """The (model, K) cell; its caller starts ``progress`` and finishes it
+    with the result line."""
     configs = make_configs(sweep_configs(k))
     free_memory("cpu")
+    progress.phase("building both sides")
     sides = {side: build_side(side, model_name, configs, impls, args.seed) for side in SIDES}
     streams = {side: data.stream() for side in SIDES}
     warm_times = {}
     for side, (step, _) in sides.items():  # the first step untimed, then WARMUP_STEPS timed
+        progress.phase(f"warm-up {side}")
         step(*next(streams[side]))
         warm_times[side] = statistics.median(
             time_call_cpu(block_of(step, streams[side], 1)) for _ in range(WARMUP_STEPS))
     steps = args.steps or max(1, math.ceil(BLOCK_SECONDS / warm_times["sequential"]))
     entries = {side: [block_of(step, streams[side], steps)] for side, (step, _) in sides.items()}
     for side in SIDES:  # one untimed block each
+        progress.phase(f"warm-up block {side} ({steps} steps)")
         entries[side][0]()
-    times = interleaved_times(entries, args.rounds, time_call_cpu)
+    progress.begin_rounds(args.rounds)
+    times = interleaved_times(entries, args.rounds, time_call_cpu,
+                              after_round=progress.round_done)
     seq_ms = statistics.median(times["sequential"]) / steps * 1e3
     lock_ms = statistics.median(times["lockstep"]) / steps * 1e3
     non_finite = {side: sum(not ok for ok in finite()) for side, (_, finite) in sides.items()}
