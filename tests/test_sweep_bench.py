@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fused_optim import bench
+from fused_optim.bench import metadata as bench_metadata
 from fused_optim.bench import progress
 from fused_optim.sweep import bench as sweep_bench
 from fused_optim.sweep.bench import report as sweep_report
@@ -65,9 +66,11 @@ def test_tiny_run_end_to_end_through_the_main_benchmark(tmp_path, monkeypatch, c
         assert row["non_finite"] == {"lockstep": 0, "sequential": 0}
     assert report["results"][0]["target"] is None  # (targets: K = 1, 16, 64)
     assert {c["family"] for c in report["calibration"]} == {n for n, _, _ in sweep_bench.FAMILIES}
-    assert report["threads"] == 1 and report["commit"] is not None
+    assert report["threads"] == 1
+    assert (report["commit"], report["commit_source"]) == bench_metadata.commit_and_source()
     markdown = md_path.read_text()
     assert "| mlp | 2 |" in markdown and "chosen" in markdown
+    assert f"- commit: `{report['commit']}` ({report['commit_source']})" in markdown
     # Progress while each stage runs, not only its result line after it.
     stderr = capfd.readouterr().err.splitlines()
     for family, _, _ in sweep_bench.FAMILIES:

@@ -9,7 +9,7 @@ import time
 import torch
 
 from fused_optim.bench import (
-    BUSY_LOAD, check_output_files, git_commit, load_average, log, name_list,
+    BUSY_LOAD, check_output_files, commit_and_source, load_average, log, name_list,
 )
 from fused_optim.bench.progress import BlockProgress
 from fused_optim.sweep import digits
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
         rss_probe(args)
         return
     started = time.perf_counter()
-    commit = git_commit()  # at the start: the checkout may move during a long run
+    commit = commit_and_source()  # at the start: the checkout may move during a long run
     notes: list[str] = []
     load_before = load_average()
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -92,9 +92,11 @@ def command_line() -> str:
 
 
 def run_metadata(args, commit, started, load_before, notes) -> dict:
+    """`commit`: (commit, where it was found), taken when the run started."""
     return {
         "command": command_line(),
-        "commit": commit,
+        "commit": commit[0],
+        "commit_source": commit[1],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info("cpu"),
         "torch": torch.__version__,
@@ -120,7 +122,7 @@ def markdown_report(meta: dict, rows: list[Row], calibrations: list[Calibration]
         f"# Lockstep sweep benchmark: {machine['cpu']} ({machine['cpu_count']} CPUs)",
         "",
         f"- command: `{meta['command']}`",
-        f"- commit: `{meta['commit']}`",
+        f"- commit: `{meta['commit']}` ({meta['commit_source']})",
         f"- date: {meta['date']}",
         f"- machine: {machine['platform']}; CPU {machine['cpu']}, {machine['cpu_count']} CPUs",
         f"- torch {meta['torch']}, {meta['threads']} threads, Python {meta['python']}",
