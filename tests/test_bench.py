@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fused_optim.bench import cli, metadata, progress, report
+from fused_optim.bench import cli, measure, metadata, progress, report
 from fused_optim.bench.measure import Result
 from fused_optim.bench.specs import IMPLS, OPTIMIZERS, PEERS, PRECISION_SETS, PRECISIONS
 from fused_optim.bench.workloads import WORKLOADS, many_small_sizes
@@ -116,6 +116,33 @@ def test_valid_limits_and_defaults():
     assert args.optimizers == ["adam"]  # duplicates dropped
     assert args.impls == ["fused_optim", "torch-fused"]  # ours always timed
     assert cli.parse_args([]).repeats == cli.DEFAULT_REPEATS["cpu"]
+
+
+def test_pairs_ours_cannot_build_are_left_out_before_timing(capsys, monkeypatch):
+    # timm's cautious variants run unfused, which takes no precision option.
+    args = cli.parse_args(["--optimizers", "clion,lion", "--precisions", "fp32,bf16-sr,bf16-master",
+                           "--workloads", "tiny"])
+    assert set(args.unbuildable) == {("clion", "bf16-sr"), ("clion", "bf16-master")}
+    assert "caution=True runs the plain (unfused)" in args.unbuildable["clion", "bf16-sr"]
+    assert sorted(measure.plan(args)) == sorted(
+        ("tiny", p, o) for o in ("clion", "lion") for p in ("fp32", "bf16-sr", "bf16-master")
+        if o == "lion" or p == "fp32")
+    monkeypatch.setattr(cli, "BandwidthProbe", lambda device: None)  # (512 MiB, seconds)
+    session, _ = cli.start_session(args)
+    assert [n for n in session.notes if "not run" in n] == [
+        f"clion {p}: not run, fused_optim cannot be built for it ({args.unbuildable['clion', p]})"
+        for p in ("bf16-sr", "bf16-master")]
+    # --ours torch-fused (development) has no Lion.
+    args = cli.parse_args(["--ours", "torch-fused", "--optimizers", "lion,sgd"])
+    assert list(args.unbuildable) == [("lion", "fp32")]
+    assert "no attribute 'Lion'" in args.unbuildable["lion", "fp32"]
+    # Nothing left: refused as an invalid command line, naming why.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["--optimizers", "clamb", "--precisions", "bf16-sr"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "nothing to time: clamb bf16-sr: ValueError: fused_optim.Lamb: stochastic_rounding" in err
+    assert cli.parse_args([]).unbuildable == {}
 
 
 def test_sweep_hands_over_to_the_sweep_benchmark(capsys):

@@ -16,7 +16,7 @@ import torch
 
 from fused_optim.bench.measure import Session, plan, run_all
 from fused_optim.bench.metadata import BUSY_LOAD, commit_and_source, load_average, run_metadata
-from fused_optim.bench.peers import load_ours
+from fused_optim.bench.peers import load_ours, why_ours_cannot_run
 from fused_optim.bench.progress import BlockProgress, log
 from fused_optim.bench.report import (
     console_table, fmt_count, plot_stem, summary_markdown, write_outputs,
@@ -280,6 +280,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.repeats = DEFAULT_REPEATS[device_kind]
     if OURS not in args.impls:
         args.impls.insert(0, OURS)  # ratios are relative to it
+    # Pairs ours cannot run (a cautious optimizer with a precision option,
+    # an optimizer --ours torch-fused lacks) are left out before any timing.
+    ours_module = load_ours(args.ours)
+    args.unbuildable = {}
+    for optimizer in args.optimizers:
+        for precision in args.precisions:
+            why = why_ours_cannot_run(OPTIMIZERS[optimizer], PRECISIONS[precision],
+                                      ours_module, args.device)
+            if why is not None:
+                args.unbuildable[optimizer, precision] = why
+    if len(args.unbuildable) == len(args.optimizers) * len(args.precisions):
+        parser.error("nothing to time: " + "; ".join(
+            f"{o} {p}: {why}" for (o, p), why in args.unbuildable.items()))
     return args
 
 
@@ -296,6 +309,9 @@ def start_session(args: argparse.Namespace) -> tuple[Session, float | None]:
         torch.cuda.set_device(args.device)
     ours_module = load_ours(args.ours)
     notes = [] if args.ours == OURS else ["'fused_optim' rows are torch fused (--ours torch-fused)"]
+    for (optimizer, precision), why in args.unbuildable.items():
+        notes.append(f"{optimizer} {precision}: not run, {OURS} cannot be built for it ({why})")
+        log(f"skipped: {notes[-1]}")
     log(f"torch {torch.__version__}, device {args.device}, "
         f"{fmt_count(torch.get_num_threads(), 'thread')}; {fmt_count(len(plan(args)), 'block')} "
         f"of {fmt_count(args.repeats, 'interleaved round')}")

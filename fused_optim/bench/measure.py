@@ -217,13 +217,15 @@ def block_summary_line(position: str, block: Block, results: list[Result], secon
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, str]]:
-    """(workload, precision, optimizer) of every block, in the order they run.
+    """(workload, precision, optimizer) of every block, in the order they run,
+    leaving out the (optimizer, precision) pairs of ``args.unbuildable``.
 
     Precisions with the same param dtype are adjacent, so their blocks share
     one ParamPool (made once per workload and param dtype).
     """
     precisions = sorted(args.precisions, key=lambda n: PRECISIONS[n].param_dtype != torch.float32)
-    return [(w, p, o) for w in args.workloads for p in precisions for o in args.optimizers]
+    return [(w, p, o) for w in args.workloads for p in precisions for o in args.optimizers
+            if (o, p) not in args.unbuildable]
 
 
 def run_all(session: Session) -> list[Result]:

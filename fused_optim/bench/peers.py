@@ -91,9 +91,8 @@ def optimizer_class(impl: str, spec: OptimizerSpec, ours_module) -> tuple[type, 
     return cls, extra
 
 
-def make_optimizer(
-    impl, spec, workload, param_set, ours_module, precision
-) -> torch.optim.Optimizer:
+def implementation_and_kwargs(impl, spec, ours_module, precision) -> tuple[type, dict]:
+    """The class to build for `impl` and every keyword it is built with."""
     cls, impl_kwargs = optimizer_class(impl, spec, ours_module)
     if impl == OURS:
         impl_kwargs = {**impl_kwargs, **precision.ours_kwargs()}
@@ -102,7 +101,27 @@ def make_optimizer(
             # (Note [who unscales under GradScaler]); the other classes get
             # GradScaler's own pass unless master weights are on.
             impl_kwargs["fused"] = True
-    return cls(param_groups(spec, workload, param_set), **spec.kwargs, **impl_kwargs)
+    return cls, {**spec.kwargs, **impl_kwargs}
+
+
+def make_optimizer(
+    impl, spec, workload, param_set, ours_module, precision
+) -> torch.optim.Optimizer:
+    cls, kwargs = implementation_and_kwargs(impl, spec, ours_module, precision)
+    return cls(param_groups(spec, workload, param_set), **kwargs)
+
+
+def why_ours_cannot_run(spec, precision, ours_module, device) -> str | None:
+    """Why ours cannot be built for this optimizer and precision (e.g.
+    timm's cautious variants, unfused, take no precision option), or None:
+    asked of the constructor itself, on a one-element param, before any
+    timing."""
+    try:
+        cls, kwargs = implementation_and_kwargs(OURS, spec, ours_module, precision)
+        cls([torch.zeros(1, dtype=precision.param_dtype, device=device)], **kwargs)
+    except Exception as error:  # (what its constructor refuses, as the run would meet it)
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def amp_step(optimizer, param_set: ParamSet) -> Callable[[], object]:
