@@ -98,12 +98,18 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     # against live ones (torch.optim._stateless) take it. Everything reads
     # them with group.get(key, unset).
     # - The precision options are configuration, like the implementation
-    #   keywords: state_dict() leaves them out, and load_state_dict keeps
-    #   the loader's own (Note [implementation keywords on load]). So
-    #   torch.distributed.checkpoint, whose default planner wants every key
-    #   of ours in the checkpoint, loads a torch.optim checkpoint into an
-    #   optimizer with them set (master_weights aside: its state has
-    #   master_param).
+    #   keywords: load_state_dict keeps the loader's own (Note
+    #   [implementation keywords on load]). state_dict() saves them where
+    #   they are set, as torch.optim saves every key of its groups: torch's
+    #   flattened checkpoints (torch.distributed.checkpoint.state_dict with
+    #   flatten_optimizer_state_dict=True, as torchtitan and OLMo-core save
+    #   the optimizer) are loaded by reading each key of the loader's live
+    #   groups from the checkpoint, a KeyError where one is missing. The
+    #   price: DCP's default planner, which wants every key of the loader's
+    #   state_dict in the checkpoint, loads a torch.optim checkpoint into an
+    #   optimizer with them set only with allow_partial_load=True (as it
+    #   does a checkpoint without our master_param or rounding step), and a
+    #   flattened torch.optim checkpoint not at all (README).
     # - max_grad_norm is an option of training, like a hyperparameter:
     #   saved when set, loaded as torch loads hyperparameters (a group
     #   keeps its own when the checkpoint has none).

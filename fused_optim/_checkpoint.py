@@ -30,16 +30,12 @@ class Checkpoints:
 
     def state_dict(self):
         """torch.optim's ``state_dict``, in torch.optim's layout: the param
-        groups hold the live groups' keys, as torch's do, less our precision
-        options (configuration, kept by the loader): torch.optim's keys
-        unless ``max_grad_norm`` is set (Note [our options in param
+        groups hold the live groups' keys, as torch's do: torch.optim's keys
+        unless an option of ours is set (Note [our options in param
         groups]). Our extra state (``master_param``) stays in ``state``.
         Hooks run as in torch.optim; post-hooks see the final dict."""
         with _hooks_set_aside(self, "_optimizer_state_dict_post_hooks") as (post_hooks,):
             state_dict = super().state_dict()
-        for group in state_dict["param_groups"]:
-            for key in PRECISION_DEFAULTS:
-                group.pop(key, None)
         self._export_state_dict(state_dict)
         for hook in post_hooks.values():
             result = hook(self, state_dict)
@@ -86,7 +82,7 @@ class Checkpoints:
         self._plan = None
         self._normalize_state(state_dict)
         # Note [a loaded master copy]
-        self._loaded_masters = {param for param, state in self.state.items()
+        self._unchecked_masters = {param for param, state in self.state.items()
                                 if isinstance(state, dict) and "master_param" in state}
         for hook in post_hooks.values():
             hook(self)

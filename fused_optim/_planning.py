@@ -30,12 +30,18 @@ class Planning:
     # (not the load itself: the model's weights may be loaded after the
     # optimizer's) compares each loaded master, rounded, with its param,
     # and where they differ makes the master from the param, as for a
-    # torch.optim checkpoint. A step traced by torch.compile does not check
+    # torch.optim checkpoint. The masters Adagrad makes at construction
+    # (with the rest of its state, as torch's Adagrad: so that a fresh
+    # optimizer's state_dict, the template torch.distributed.checkpoint
+    # loads into, lists them) are checked the same way: the params may be
+    # written before the first step (a model's weights loaded after its
+    # optimizer was built). A step traced by torch.compile does not check
     # (a data-dependent branch in the graph): an eager step after such a
-    # load, or deleting the checkpoint's "master_param"s, does it. Params of
-    # a load, until an eager step has checked them (a step that fails or
-    # that AMP skips checks again next time):
-    _loaded_masters: set | frozenset = frozenset()
+    # load, or deleting the checkpoint's "master_param"s, does it. Params
+    # whose master no step has made or checked yet, until an eager step
+    # has checked them (a step that fails or that AMP skips checks again
+    # next time):
+    _unchecked_masters: set | frozenset = frozenset()
 
     def _current_plan(self, journal: Journal) -> tuple[Plan, bool]:
         """(the plan, whether it is the cached one)."""
@@ -195,7 +201,7 @@ class Planning:
                 journal.set(state, key, value.to(dtype))
         if precision.master_weights:
             master = state.get("master_param")
-            if master is None or (param in self._loaded_masters and not _rounds_to(master, param)):
+            if master is None or (param in self._unchecked_masters and not _rounds_to(master, param)):
                 # (Note [a loaded master copy])
                 journal.set(state, "master_param", param.detach().to(torch.float32, copy=True))
         else:

@@ -215,8 +215,8 @@ class StepProtocol:
             journal.undo()
             self._plan = None
             return
-        if self._loaded_masters:
-            self._loaded_masters = frozenset()  # (checked: Note [a loaded master copy])
+        if self._unchecked_masters:
+            self._unchecked_masters = frozenset()  # (checked: Note [a loaded master copy])
 
     # Note [a step AMP skips makes no state]
     # torch.optim's step is not called at all on a step that GradScaler

@@ -69,14 +69,22 @@ class Adagrad(FusedOptimizer):
             "max_grad_norm": check_max_grad_norm(max_grad_norm),
         }
         super().__init__(params, defaults)
-        # As torch.optim.Adagrad, state exists from construction on (its
-        # master copy, if any, is made at the first step).
-        new_tensors = []
+        # As torch.optim.Adagrad, state exists from construction on, master
+        # copies included: a fresh optimizer's state_dict (the template that
+        # torch.distributed.checkpoint loads into) then lists every key a
+        # checkpoint of it has. Checked at the first step, as loaded ones
+        # (Note [a loaded master copy]).
+        new_tensors, masters = [], set()
         for group in self.param_groups:
             for param in group["params"]:
-                dtype = state_dtype_of(param, precision_of(group, real_dtype(param)))
-                self._init_state(param, group, self.state[param], dtype, new_tensors)
+                precision = precision_of(group, real_dtype(param))
+                state = self.state[param]
+                self._init_state(param, group, state, state_dtype_of(param, precision), new_tensors)
+                if precision.master_weights:
+                    state["master_param"] = param.detach().to(torch.float32, copy=True)
+                    masters.add(param)
         _arena.make(new_tensors)
+        self._unchecked_masters = masters
 
     _setstate_defaults = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -653,15 +654,20 @@ def dcp_torch_checkpoint_into_master_weights(mesh, tmp):
     _train(resumed, ours, 2, seed=9, dtype=torch.bfloat16)
 
 
+# key -> (class, options of ours, whether the optimizer is saved flattened:
+# StateDictOptions(flatten_optimizer_state_dict=True), as torchtitan saves it)
 _RESUME_OPTIONS = {
-    "plain": ("Adam", {}),
-    "master_bf16_state": ("AdamW", dict(master_weights=True, state_dtype=torch.bfloat16)),
-    "sgd": ("SGD", {}),
+    "plain": ("Adam", {}, False),
+    "master_bf16_state": ("AdamW", dict(master_weights=True, state_dtype=torch.bfloat16), False),
+    "sgd": ("SGD", {}, False),
+    "flat_bf16_state_rounding": ("AdamW", dict(state_dtype=torch.bfloat16,
+                                               stochastic_rounding=True), True),
+    "flat_adagrad_master": ("Adagrad", dict(master_weights=True), True),
 }
 
 
-def _resume_model(key, mesh):
-    dtype = torch.bfloat16 if key == "master_bf16_state" else torch.float32
+def _resume_model(options, mesh):
+    dtype = torch.bfloat16 if options else torch.float32
     return _fsdp(_model(dtype), mesh), dtype
 
 
@@ -669,11 +675,13 @@ def _resume_model(key, mesh):
 def dcp_resume_save(mesh, tmp):
     # Saves model and optimizer after 5 steps, goes on for 5 more; the
     # "resume" phase loads in new processes and must end where this ends.
-    for key, (name, options) in _RESUME_OPTIONS.items():
-        model, dtype = _resume_model(key, mesh)
+    for key, (name, options, flatten) in _RESUME_OPTIONS.items():
+        model, dtype = _resume_model(options, mesh)
         opt = getattr(fused_optim, name)(_groups(model), **OPTIMIZERS[name], **options)
         _train(model, opt, 5, seed=4, dtype=dtype)
-        dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)},
+        flat = StateDictOptions(flatten_optimizer_state_dict=flatten)
+        dcp.save({"model": model.state_dict(),
+                  "optim": get_optimizer_state_dict(model, opt, options=flat)},
                  checkpoint_id=os.path.join(tmp, f"resume-{key}"))
         _train(model, opt, 5, seed=5, dtype=dtype)
         final = {"params": [_full(p) for p in model.parameters()], "state": _full_state(opt)}
@@ -683,13 +691,15 @@ def dcp_resume_save(mesh, tmp):
 
 @scenario("resume")
 def dcp_resume_equals_uninterrupted(mesh, tmp):
-    for key, (name, options) in _RESUME_OPTIONS.items():
-        model, dtype = _resume_model(key, mesh)
+    for key, (name, options, flatten) in _RESUME_OPTIONS.items():
+        model, dtype = _resume_model(options, mesh)
         opt = getattr(fused_optim, name)(_groups(model), **OPTIMIZERS[name], **options)
-        state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+        flat = StateDictOptions(flatten_optimizer_state_dict=flatten)
+        state = {"model": model.state_dict(),
+                 "optim": get_optimizer_state_dict(model, opt, options=flat)}
         dcp.load(state, checkpoint_id=os.path.join(tmp, f"resume-{key}"))
         model.load_state_dict(state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
+        set_optimizer_state_dict(model, opt, state["optim"], options=flat)
         _train(model, opt, 5, seed=5, dtype=dtype)
         final = torch.load(os.path.join(tmp, f"resume-{key}-final.pt"), map_location=DEVICE)
         for p, q in zip(model.parameters(), final["params"]):

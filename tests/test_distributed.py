@@ -14,7 +14,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 import fused_optim
-from optim_configs import torch_class
+from optim_configs import ONE_PER_OPTIMIZER, torch_class
 
 
 def _free_port():
@@ -577,11 +577,14 @@ def test_dtensor_steps_of_the_general_path_call_the_fast_entry_on_local_tensors(
     {"state_dtype": torch.bfloat16}, {"stochastic_rounding": True}, {"state_dtype": torch.float32},
 ], ids=["bf16_state", "stochastic_rounding", "fp32_state"])
 def test_dcp_loads_a_torch_checkpoint_into_ours_with_precision_options(tmp_path, options):
-    # The precision options are configuration, not saved (Note [our options
-    # in param groups]): DCP's default planner, which wants every key of
-    # ours in the checkpoint, loads torch.optim's into an optimizer with
-    # them set, and the run goes on with them.
+    # Set, the precision options are keys of our saved groups, which torch's
+    # checkpoint lacks: DCP's default planner, which wants every key of ours
+    # in the checkpoint, refuses it; a partial load takes it, the groups keep
+    # the loader's options (configuration: Note [our options in param
+    # groups]), and the run goes on with them.
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model = _model(0).to(torch.bfloat16)
@@ -596,7 +599,12 @@ def test_dcp_loads_a_torch_checkpoint_into_ours_with_precision_options(tmp_path,
     ours = fused_optim.AdamW(model.parameters(), lr=1e-2, **options)
     model_sd, optim_sd = get_state_dict(model, ours)
     into = {"model": model_sd, "optim": optim_sd}
-    dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True)  # (the default planner)
+    with pytest.raises(CheckpointException) as raised:  # (the rank's error in it)
+        dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True)
+    key = next(iter(options))
+    assert f"Missing key in checkpoint state_dict: optim.param_groups.0.{key}" in repr(raised.value)
+    dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True,
+             planner=DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(model, ours, model_state_dict=into["model"], optim_state_dict=into["optim"])
     for key, value in options.items():
         assert ours.param_groups[0][key] == value
@@ -608,6 +616,145 @@ def test_dcp_loads_a_torch_checkpoint_into_ours_with_precision_options(tmp_path,
     assert all(float(ours.state[p]["step"]) == 2.0 for p in model.parameters())
     state_dtype = options.get("state_dtype", torch.bfloat16)
     assert all(ours.state[p]["exp_avg"].dtype == state_dtype for p in model.parameters())
+
+
+# How large-model stacks save the optimizer (torchtitan's OptimizersContainer,
+# OLMo-core, NeMo): get_optimizer_state_dict(flatten_optimizer_state_dict=True),
+# one key per param and group option; the loader reads every key of its own
+# live groups from it.
+_FLAT_PRECISIONS = {
+    "plain": (torch.float32, {}),
+    "bf16_state_rounding": (torch.bfloat16, {"state_dtype": torch.bfloat16,
+                                             "stochastic_rounding": True}),
+    "master_clipped": (torch.bfloat16, {"master_weights": True, "max_grad_norm": 0.5}),
+}
+
+
+def _train_in_two_groups(model, opt, steps):
+    for step in steps:
+        opt.zero_grad()
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step)).to(
+            next(model.parameters()).dtype)
+        model(x).float().square().mean().backward()
+        opt.step()
+
+
+def _two_groups(model, **kwargs):
+    return [{"params": model[0].parameters()}, {"params": model[2].parameters(), **kwargs}]
+
+
+def _flat_save_and_resume(tmp_path, saver, resumer_factory, dtype, steps=(3, 6)):
+    """Trains `saver` 3 steps, saves it flattened through DCP, trains 3 more;
+    builds another model and optimizer from the saved point with
+    `resumer_factory(model)`, loads, trains the same 3 steps. Returns both
+    models."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict,
+    )
+
+    flatten = StateDictOptions(flatten_optimizer_state_dict=True)
+    model, opt = saver
+    _train_in_two_groups(model, opt, range(steps[0]))
+    saved = [p.detach().clone() for p in model.parameters()]
+    dcp.save({"optim": get_optimizer_state_dict(model, opt, options=flatten)},
+             checkpoint_id=str(tmp_path), no_dist=True)
+    _train_in_two_groups(model, opt, range(*steps))
+
+    resumed = _model(1).to(dtype)
+    with torch.no_grad():
+        for p, q in zip(resumed.parameters(), saved):
+            p.copy_(q)
+    other = resumer_factory(resumed)
+    into = {"optim": get_optimizer_state_dict(resumed, other, options=flatten)}
+    dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True)  # (the default planner)
+    set_optimizer_state_dict(resumed, other, into["optim"], options=flatten)
+    _train_in_two_groups(resumed, other, range(*steps))
+    return model, opt, resumed, other
+
+
+@pytest.mark.parametrize("precision", sorted(_FLAT_PRECISIONS))
+@pytest.mark.parametrize("cfg", [c for c in ONE_PER_OPTIMIZER], ids=str)
+def test_dcp_flattened_checkpoint_resumes_ours_exactly(tmp_path, cfg, precision):
+    # Our saved groups have the live groups' keys, our options included when
+    # set: the flattened loader finds each (it raised KeyError for
+    # 'param_groups.0.weight.state_dtype' when state_dict() left the
+    # precision options out), and the resumed run is the uninterrupted one,
+    # bit for bit, params and state.
+    dtype, options = _FLAT_PRECISIONS[precision]
+    if cfg.unfused and options:
+        pytest.skip("the plain step refuses the precision options (test_caution.py)")
+
+    def build(model):
+        return cfg.ours_cls(_two_groups(model, lr=cfg.kwargs.get("lr", 1e-2) / 2),
+                            **{**cfg.kwargs, **options})
+
+    model = _model(0).to(dtype)
+    model, opt, resumed, other = _flat_save_and_resume(tmp_path, (model, build(model)), build,
+                                                       dtype)
+    for key, value in options.items():
+        assert all(g[key] == value for g in other.param_groups)
+    for p, q in zip(resumed.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(resumed.parameters(), model.parameters()):
+        theirs, ours = opt.state[q], other.state[p]
+        assert ours.keys() == theirs.keys()
+        for name in theirs:
+            assert torch.equal(ours[name], theirs[name]), name
+
+
+@pytest.mark.parametrize("name, options", [
+    ("AdamW", {"state_dtype": torch.bfloat16, "stochastic_rounding": True}),
+    ("Adam", {"master_weights": True}),
+    ("SGD", {"stochastic_rounding": True}),
+], ids=["bf16_state_rounding", "master", "sgd_rounding"])
+def test_flattened_torch_checkpoint_into_ours_then_precision_options(tmp_path, name, options):
+    # A flattened torch.optim checkpoint lacks our group keys, and torch's
+    # loader reads every live key: with the options set it cannot load
+    # (README). Built without them, ours loads it; set afterwards, they
+    # take effect at the next step (state converted, master copies made
+    # from the params), which goes on from torch's state.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict,
+    )
+
+    flatten = StateDictOptions(flatten_optimizer_state_dict=True)
+    kwargs = {"lr": 1e-2, **({"momentum": 0.9} if name == "SGD" else {})}
+    model = _model(0).to(torch.bfloat16)
+    theirs = getattr(torch.optim, name)(model.parameters(), **kwargs)
+    _train_in_two_groups(model, theirs, range(2))
+    dcp.save({"optim": get_optimizer_state_dict(model, theirs, options=flatten)},
+             checkpoint_id=str(tmp_path), no_dist=True)
+    model.zero_grad()  # (DCP makes a fresh optimizer's state only where no param has a gradient)
+
+    with_options = getattr(fused_optim, name)(model.parameters(), **kwargs, **options)
+    into = {"optim": get_optimizer_state_dict(model, with_options, options=flatten)}
+    with pytest.raises(CheckpointException, match="Missing key in checkpoint state_dict"):
+        dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True)
+
+    ours = getattr(fused_optim, name)(model.parameters(), **kwargs)
+    into = {"optim": get_optimizer_state_dict(model, ours, options=flatten)}
+    dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True)
+    set_optimizer_state_dict(model, ours, into["optim"], options=flatten)
+    loaded = {p: {k: v.clone() for k, v in ours.state[p].items()} for p in model.parameters()}
+    for group in ours.param_groups:
+        group.update(options)
+    _train_in_two_groups(model, ours, range(2, 3))
+    for p in model.parameters():
+        state = ours.state[p]
+        for key, value in theirs.state[p].items():
+            assert torch.equal(loaded[p][key], value), key  # (torch's state, loaded)
+        if "state_dtype" in options:
+            assert all(state[k].dtype == torch.bfloat16 for k in ("exp_avg", "exp_avg_sq"))
+        if "master_weights" in options:
+            assert state["master_param"].dtype == torch.float32
+            assert torch.equal(state["master_param"].to(p.dtype), p.detach())
+        if name == "SGD":
+            assert float(state["step"]) == 1.0  # (the rounding streams restart)
+        if "step" in theirs.state[p]:
+            assert float(state["step"]) == 3.0
 
 
 def _reference_class(name):

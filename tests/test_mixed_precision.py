@@ -509,6 +509,36 @@ def test_master_loaded_before_the_model_weights_is_kept(cfg):
         _assert_same_runs(opt, params, twin, twin_params, f"step {step}")
 
 
+def test_adagrad_makes_its_masters_at_construction_and_checks_them_at_the_first_step():
+    """As torch.optim.Adagrad, the whole state exists from construction on,
+    the master copies too (a fresh optimizer's state_dict is the template
+    torch.distributed.checkpoint loads into: test_distributed's flattened
+    resume). Params written after construction (a model's weights loaded
+    after its optimizer was built) are the truth at the first step, as for
+    an optimizer built after the write, a param without a gradient at that
+    step too (Note [a loaded master copy])."""
+    kwargs = dict(lr=0.1, lr_decay=0.01, weight_decay=0.05, initial_accumulator_value=0.1,
+                  master_weights=True)
+    params = _params(torch.bfloat16)
+    opt = fused_optim.Adagrad(params, **kwargs)
+    for p in params:
+        assert torch.equal(opt.state[p]["master_param"], p.detach().float())
+    assert all("master_param" in state for state in opt.state_dict()["state"].values())
+    written = _params(torch.bfloat16, seed=11)
+    with torch.no_grad():
+        for p, w in zip(params, written):
+            p.copy_(w)
+    twin_params = _clone_params(written)
+    twin = fused_optim.Adagrad(twin_params, **kwargs)
+    for step in range(3):
+        for run_params, run in ((params, opt), (twin_params, twin)):
+            _set_grads(run_params, step)
+            if step == 0:
+                run_params[-1].grad = None
+            run.step()
+        _assert_same_runs(opt, params, twin, twin_params, f"step {step}")
+
+
 def test_changing_state_dtype_converts_the_state():
     params = _params(torch.float32)
     opt = fused_optim.AdamW(params, lr=1e-2)

@@ -80,9 +80,10 @@ def _assert_layout_like_torch(sd_ours, sd_torch, cfg):
     assert len(sd_ours["param_groups"]) == len(sd_torch["param_groups"])
     for go, gt in zip(sd_ours["param_groups"], sd_torch["param_groups"]):
         assert go["params"] == gt["params"], "param ids of the state_dict differ from torch's"
-        # exactly torch's keys: our precision options are configuration,
-        # not saved (so torch.distributed.checkpoint loads either into the
-        # other with its default planner)
+        # exactly torch's keys with no option of ours set (so
+        # torch.distributed.checkpoint loads either into the other with its
+        # default planner; set, they are saved too: Note [our options in
+        # param groups])
         # (plus, for Lamb, timm's per-group "step": SAVED_GROUP_EXTRAS)
         assert set(go) == set(gt) | SAVED_GROUP_EXTRAS.get(cfg.name, set()), (
             f"param_groups keys: ours {sorted(go)} vs torch {sorted(gt)}"
@@ -273,9 +274,9 @@ def test_param_group_keys_and_defaults_match_torch(cfg):
     {"stochastic_rounding": True, "state_dtype": torch.bfloat16},
 ], ids=["master_clip", "rounding"])
 def test_our_options_are_group_keys_when_set(cfg, options):
-    # Set, they are in the defaults and every group; state_dict() saves
-    # max_grad_norm, not the precision options (configuration, kept by the
-    # loader: Note [our options in param groups]).
+    # Set, they are in the defaults and every group, live and saved (the
+    # saved groups have the live ones' keys, as torch's flattened DCP
+    # loader needs: Note [our options in param groups]).
     if cfg.unfused and set(options) != {"max_grad_norm"}:
         pytest.skip("the plain step refuses the precision options (test_caution.py)")
     t = cfg.torch_cls([torch.zeros(3, requires_grad=True)], **cfg.kwargs)
@@ -286,8 +287,7 @@ def test_our_options_are_group_keys_when_set(cfg, options):
     for name, ours_d, expected in (
         ("defaults", o.defaults, options),
         *((f"param_groups[{i}]", g, options) for i, g in enumerate(o.param_groups)),
-        *((f"state_dict()['param_groups'][{i}]", g,
-           {k: v for k, v in options.items() if k == "max_grad_norm"}) for i, g in enumerate(saved)),
+        *((f"state_dict()['param_groups'][{i}]", g, options) for i, g in enumerate(saved)),
     ):
         params = set() if name == "defaults" else {"params"}
         assert set(ours_d) == torch_keys | params | set(expected), name

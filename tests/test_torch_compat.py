@@ -227,6 +227,30 @@ def test_swap_in_params_and_state_steps_as_torchs(cfg):
             torch.testing.assert_close(o_state["state"][i][key], value, msg=f"state {i} {key}")
 
 
+def test_swap_in_params_and_state_with_precision_options():
+    # Set, the precision options are saved group keys too, so swap-in (which
+    # wants the saved keys to be the live ones) takes such an optimizer: the
+    # swapped-in params step, the live ones and their state stay as they were.
+    from torch.optim._stateless import swap_in_optimizer_params_and_state
+
+    model = _model().to(torch.bfloat16)
+    opt = fused_optim.AdamW(model.parameters(), lr=0.01, state_dtype=torch.bfloat16,
+                            stochastic_rounding=True)
+    _set_grads([model], 0)
+    opt.step()
+    swapped = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    for i, p in enumerate(swapped.values()):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(p.dtype)
+    before = {n: p.detach().clone() for n, p in swapped.items()}
+    live = snapshot_optimizer(opt)
+    live_params = [p.detach().clone() for p in model.parameters()]
+    with swap_in_optimizer_params_and_state(opt, swapped, copy.deepcopy(opt.state_dict())):
+        opt.step()
+    assert_optimizer_unchanged(opt, live, "live optimizer")
+    assert all(map(torch.equal, model.parameters(), live_params))
+    assert not any(torch.equal(swapped[n], before[n]) for n in swapped)  # (they stepped)
+
+
 @pytest.mark.parametrize("cfg", [c for c in ONE_PER_OPTIMIZER if c.name in IN_TORCH], ids=str)
 def test_flattened_dcp_state_dict_moves_between_torch_and_ours(cfg):
     # torch.distributed.checkpoint's state_dict API with
