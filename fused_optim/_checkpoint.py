@@ -6,6 +6,7 @@ after."""
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections import OrderedDict
 
 import torch
@@ -57,8 +58,8 @@ class Checkpoints:
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        self._check_state_dict(state_dict)  # (before a class's import reads it)
         state_dict = self._import_state_dict(state_dict)
-        self._check_state_dict(state_dict)
         # Kept whatever the checkpoint says (an older one of ours has the
         # precision options): the loader's configuration.
         kept = [{k: g[k] for k in (*_IMPLEMENTATION_KEYWORDS, *PRECISION_DEFAULTS) if k in g}
@@ -112,12 +113,16 @@ class Checkpoints:
                 )
         id_to_param = {}
         for group, saved in zip(groups, saved_groups):
-            id_to_param.update(zip(saved["params"], group["params"]))
+            # (the state names of the mode the loaded options select)
+            names = self._state_names(self._mode({**group, **saved}))
+            id_to_param.update((key, (param, names)) for key, param in zip(saved["params"],
+                                                                           group["params"]))
         for key, param_state in state_dict["state"].items():
-            param = id_to_param.get(key)
-            if param is None:
-                continue
+            param, names = id_to_param.get(key, (None, ()))
+            if param is None or not isinstance(param_state, dict):
+                continue  # (kept as loaded, as torch keeps them)
             for name, value in param_state.items():
+                _check_state_value_type(name, value, names, self._scalar_state_names)
                 if name in ("step", *self._scalar_state_names) or not isinstance(value, torch.Tensor):
                     continue
                 if value.shape != param.shape:
@@ -149,6 +154,8 @@ class Checkpoints:
                     loaded = state.get(key)
                     if key == "step" or not isinstance(loaded, torch.Tensor):
                         continue
+                    if not isinstance(value, torch.Tensor):
+                        value = loaded  # (a number, which torch's load made a tensor)
                     if key in self._scalar_state_names:
                         # Per-param scalar state (NAdam's mu_product): as
                         # torch's load, in the param's dtype for float64
@@ -172,6 +179,27 @@ class Checkpoints:
             if step.device != device or step.dtype not in (torch.float32, torch.float64):
                 step = step.detach().to(device, torch.float32)
             state["step"] = step
+
+
+def _check_state_value_type(name: str, value, names: tuple, scalar_names: tuple) -> None:
+    """A counter must be a tensor or a number, and a state tensor of the
+    mode (or the master copy) a tensor, or None (torch 1.x's SGD): torch's
+    load would fail on anything else only after changing the state (DCP's
+    flattened loader, for instance, makes ``{}`` of a param's missing
+    keys). Other keys are kept as loaded, as torch keeps them."""
+    if name in ("step", *scalar_names):
+        if isinstance(value, torch.Tensor) or (
+                isinstance(value, numbers.Real) and not isinstance(value, bool)):
+            return
+        expected = "a tensor or a number"
+    elif name in (*names, "master_param"):
+        if value is None or isinstance(value, torch.Tensor):
+            return
+        expected = "a tensor"
+    else:
+        return
+    raise TypeError(f"loaded state dict has state {name!r} of type {type(value).__name__} "
+                    f"for a param: expected {expected}")
 
 
 @contextlib.contextmanager

@@ -509,6 +509,44 @@ def test_load_state_dict_mismatch(cfg, name):
     assert_runs_close(ours, ref, f"{cfg} step after failed load_state_dict({name})")
 
 
+def _with_bad_values(state_dict, how):
+    """A deep copy of ``state_dict`` whose param 1 has values no step can take."""
+    sd = copy.deepcopy(state_dict)
+    state = sd["state"][1]
+    if how == "all_keys_empty_dicts":
+        # (what DCP's flattened loader makes of a param's missing state)
+        sd["state"][1] = {name: {} for name in state}
+    elif how == "step_a_string":
+        state["step"] = "3"
+    else:  # a state tensor as a list
+        name = next(k for k, v in state.items() if k != "step" and v.dim() > 0)
+        state[name] = state[name].tolist()
+    return sd
+
+
+@ONE_EACH
+@pytest.mark.parametrize("how", ["all_keys_empty_dicts", "step_a_string", "state_a_list"])
+@pytest.mark.parametrize("fresh", [False, True], ids=["stepped", "fresh"])
+def test_load_state_dict_with_values_of_the_wrong_type(cfg, how, fresh):
+    # torch's load raises only after loading (its __setstate__, or a step
+    # later); ours checks the types first and changes nothing, the first
+    # load of a fresh optimizer included.
+    ref, ours = _warm_pair(cfg, steps=2)
+    sd = _with_bad_values(ours.opt.state_dict(), how)
+    if how == "step_a_string" and "step" not in sd["state"][1]:
+        pytest.skip("no step counter in this optimizer's state")
+    target = _warm_pair(cfg, steps=0)[1] if fresh else ours
+    snap = snapshot_optimizer(target.opt)
+    with pytest.raises(TypeError, match="loaded state dict has state '.*' of type"):
+        target.opt.load_state_dict(sd)
+    assert_optimizer_unchanged(target.opt, snap, f"{cfg} load_state_dict({how})")
+    if not fresh:
+        for r in (ref, ours):
+            r.set_grads(2)
+            r.opt.step()
+        assert_runs_close(ours, ref, f"{cfg} step after failed load_state_dict({how})")
+
+
 @pytest.mark.parametrize("name", sorted(HAS_FUSED))
 def test_fused_differentiable_group_refused_before_writing(name):
     """A group with differentiable=True under fused=True defaults: torch's

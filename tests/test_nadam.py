@@ -7,6 +7,8 @@ dtype under a float64 default dtype, and that a refused call leaves it."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -54,6 +56,29 @@ def test_mu_product_written_into_the_state_is_used(dtype):
         _step(p2, ours2, s)
     assert any(not torch.equal(a, c) for a, c in zip(p, p2))
     assert all(not torch.equal(a, c) for a, c in zip(p, before))
+
+
+def test_a_checkpoint_with_numbers_for_mu_product_and_step_loads_as_torchs():
+    # torch's load makes 0-d tensors of numbers (a hand-written or older
+    # checkpoint); ours takes them as torch does, and both go on alike.
+    p, q, ours, ref = _pair()
+    for s in range(3):
+        _step(p, ours, s)
+        _step(q, ref, s)
+    saved = ref.state_dict()
+    for state in saved["state"].values():
+        state["mu_product"], state["step"] = state["mu_product"].item(), state["step"].item()
+    # (copies: a load keeps the tensors it is given, which would be shared)
+    ours.load_state_dict(copy.deepcopy(saved))
+    ref.load_state_dict(copy.deepcopy(saved))
+    for s in range(3, 6):
+        _step(p, ours, s)
+        _step(q, ref, s)
+    for a, b in zip(p, q):
+        torch.testing.assert_close(a, b)
+        for key in ("step", "mu_product"):
+            assert ours.state[a][key].dim() == 0
+            assert ours.state[a][key].item() == pytest.approx(ref.state[b][key].item(), rel=1e-6)
 
 
 def test_float64_default_dtype_keeps_float64_scalars():
