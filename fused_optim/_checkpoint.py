@@ -115,8 +115,8 @@ class Checkpoints:
         for group, saved in zip(groups, saved_groups):
             # (the state names of the mode the loaded options select)
             names = self._state_names(self._mode({**group, **saved}))
-            id_to_param.update((key, (param, names)) for key, param in zip(saved["params"],
-                                                                           group["params"]))
+            id_to_param.update(
+                (key, (param, names)) for key, param in zip(saved["params"], group["params"]))
         for key, param_state in state_dict["state"].items():
             param, names = id_to_param.get(key, (None, ()))
             if param is None or not isinstance(param_state, dict):

@@ -79,7 +79,8 @@ class Adagrad(FusedOptimizer):
             for param in group["params"]:
                 precision = precision_of(group, real_dtype(param))
                 state = self.state[param]
-                self._init_state(param, group, state, state_dtype_of(param, precision), new_tensors)
+                dtype = state_dtype_of(param, precision)
+                self._init_state(param, group, state, dtype, new_tensors)
                 if precision.master_weights:
                     state["master_param"] = param.detach().to(torch.float32, copy=True)
                     masters.add(param)
@@ -89,10 +90,15 @@ class Adagrad(FusedOptimizer):
     _setstate_defaults = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
 
     def share_memory(self) -> None:
-        """Calls tensor.share_memory_() on the state sum tensors."""
+        """Calls tensor.share_memory_() on the state sum tensors (and on the
+        master copies, which the step reads instead of the params: shared
+        params with private masters would each be overwritten)."""
         for group in self.param_groups:
             for param in group["params"]:
-                self.state[param]["sum"].share_memory_()
+                state = self.state[param]
+                state["sum"].share_memory_()
+                if "master_param" in state:
+                    state["master_param"].share_memory_()
 
     _hyperparameters_are_group_options = True
 

@@ -539,6 +539,45 @@ def test_adagrad_makes_its_masters_at_construction_and_checks_them_at_the_first_
         _assert_same_runs(opt, params, twin, twin_params, f"step {step}")
 
 
+def _train_three_steps(model, opt):
+    torch.manual_seed(1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 8, dtype=torch.bfloat16)).float().square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.skipif("fork" not in torch.multiprocessing.get_all_start_methods(),
+                    reason="needs the fork start method")
+def test_adagrad_share_memory_shares_the_master_copies():
+    # Hogwild (torch's Adagrad.share_memory, then processes stepping the
+    # shared model): the master copy is what the step reads, so it is
+    # shared with the sums; a private one would overwrite each process's
+    # params from its own. Here one child process trains and the parent
+    # sees exactly what training in-process gives.
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 8).to(torch.bfloat16)
+        return model, fused_optim.Adagrad(model.parameters(), lr=0.1, master_weights=True)
+
+    model, opt = build()
+    model.share_memory()
+    opt.share_memory()
+    for p in model.parameters():
+        assert all(opt.state[p][k].is_shared() for k in ("sum", "master_param"))
+    child = torch.multiprocessing.get_context("fork").Process(target=_train_three_steps,
+                                                              args=(model, opt))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0
+    twin, twin_opt = build()
+    _train_three_steps(twin, twin_opt)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        for key in ("sum", "master_param"):
+            assert torch.equal(opt.state[p][key], twin_opt.state[q][key]), key
+
+
 def test_changing_state_dtype_converts_the_state():
     params = _params(torch.float32)
     opt = fused_optim.AdamW(params, lr=1e-2)

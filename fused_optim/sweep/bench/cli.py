@@ -110,7 +110,9 @@ def main(argv=None) -> None:
             progress.start(f"{model_name} K={k}")
             row = measure(model_name, k, data, chosen[model_name], args, progress)
             rows.append(row)
-            progress.finish(f"{model_name} K={k} ({time.perf_counter() - cell_start:.1f} s): sequential "
+            seconds = time.perf_counter() - cell_start
+            progress.finish(
+                f"{model_name} K={k} ({seconds:.1f} s): sequential "
                 f"{row.sequential_ms:.3f} ms/step, lockstep {row.lockstep_ms:.3f} ms/step, "
                 f"{row.speedup:.2f}x ({row.steps_per_block} steps x {row.rounds} rounds)")
             for side, count in row.non_finite.items():
@@ -124,8 +126,9 @@ def main(argv=None) -> None:
             for side in SIDES:
                 progress.phase(f"{side} probe ({args.rss_steps} steps in a child process)")
                 row.rss_mib[side] = measure_rss(row.model, row.k, side, chosen[row.model], args)
-            progress.finish(f"rss {row.model} K={row.k}: sequential {fmt_rss(row, 'sequential')} MiB, "
-                f"lockstep {fmt_rss(row, 'lockstep')} MiB")
+            progress.finish(f"rss {row.model} K={row.k}: sequential "
+                            f"{fmt_rss(row, 'sequential')} MiB, lockstep "
+                            f"{fmt_rss(row, 'lockstep')} MiB")
         if rows and not all(r["peak_reset"] for row in rows for r in row.rss_mib.values()):
             notes.append("the peak RSS could not be reset after the imports: "
                          "peaks while importing may hide what training adds")
