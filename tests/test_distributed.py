@@ -643,18 +643,19 @@ def _two_groups(model, **kwargs):
     return [{"params": model[0].parameters()}, {"params": model[2].parameters(), **kwargs}]
 
 
-def _flat_save_and_resume(tmp_path, saver, resumer_factory, dtype, steps=(3, 6)):
-    """Trains `saver` 3 steps, saves it flattened through DCP, trains 3 more;
-    builds another model and optimizer from the saved point with
-    `resumer_factory(model)`, loads, trains the same 3 steps. Returns both
-    models."""
+def _flat_save_and_resume(tmp_path, build, dtype, steps=(3, 6)):
+    """A model of `dtype` and its optimizer `build(model)` train 3 steps, are
+    saved flattened through DCP, and train 3 more; another model at the
+    saved weights, with another `build(model)`, loads and trains the same 3
+    steps. Returns (model, optimizer, resumed model, its optimizer)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict,
     )
 
     flatten = StateDictOptions(flatten_optimizer_state_dict=True)
-    model, opt = saver
+    model = _model(0).to(dtype)
+    opt = build(model)
     _train_in_two_groups(model, opt, range(steps[0]))
     saved = [p.detach().clone() for p in model.parameters()]
     dcp.save({"optim": get_optimizer_state_dict(model, opt, options=flatten)},
@@ -665,7 +666,7 @@ def _flat_save_and_resume(tmp_path, saver, resumer_factory, dtype, steps=(3, 6))
     with torch.no_grad():
         for p, q in zip(resumed.parameters(), saved):
             p.copy_(q)
-    other = resumer_factory(resumed)
+    other = build(resumed)
     into = {"optim": get_optimizer_state_dict(resumed, other, options=flatten)}
     dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True)  # (the default planner)
     set_optimizer_state_dict(resumed, other, into["optim"], options=flatten)
@@ -674,7 +675,7 @@ def _flat_save_and_resume(tmp_path, saver, resumer_factory, dtype, steps=(3, 6))
 
 
 @pytest.mark.parametrize("precision", sorted(_FLAT_PRECISIONS))
-@pytest.mark.parametrize("cfg", [c for c in ONE_PER_OPTIMIZER], ids=str)
+@pytest.mark.parametrize("cfg", ONE_PER_OPTIMIZER, ids=str)
 def test_dcp_flattened_checkpoint_resumes_ours_exactly(tmp_path, cfg, precision):
     # Our saved groups have the live groups' keys, our options included when
     # set: the flattened loader finds each (it raised KeyError for
@@ -689,9 +690,7 @@ def test_dcp_flattened_checkpoint_resumes_ours_exactly(tmp_path, cfg, precision)
         return cfg.ours_cls(_two_groups(model, lr=cfg.kwargs.get("lr", 1e-2) / 2),
                             **{**cfg.kwargs, **options})
 
-    model = _model(0).to(dtype)
-    model, opt, resumed, other = _flat_save_and_resume(tmp_path, (model, build(model)), build,
-                                                       dtype)
+    model, opt, resumed, other = _flat_save_and_resume(tmp_path, build, dtype)
     for key, value in options.items():
         assert all(g[key] == value for g in other.param_groups)
     for p, q in zip(resumed.parameters(), model.parameters()):
