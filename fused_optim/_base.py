@@ -108,8 +108,12 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     #   price: DCP's default planner, which wants every key of the loader's
     #   state_dict in the checkpoint, loads a torch.optim checkpoint into an
     #   optimizer with them set only with allow_partial_load=True (as it
-    #   does a checkpoint without our master_param or rounding step), and a
-    #   flattened torch.optim checkpoint not at all (README).
+    #   does a checkpoint without our master_param or rounding step; the
+    #   template's own keys then stay, which the flattened loader reads). A
+    #   saved state_dtype is its name, "torch.bfloat16": torch's gathering
+    #   and offloading (full_state_dict, cpu_offload) take no dtype object,
+    #   and a name that wrappers copy into a live group (ZeRO's load,
+    #   torch.optim._stateless's swap-in) is read as the dtype.
     # - max_grad_norm is an option of training, like a hyperparameter:
     #   saved when set, loaded as torch loads hyperparameters (a group
     #   keeps its own when the checkpoint has none).
@@ -386,4 +390,8 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_plan", None)
+        if self._unchecked_masters:
+            # (still to be checked in the copy: Note [a loaded master copy];
+            # the pickle's memo maps these params to the copy's)
+            state["_unchecked_masters"] = self._unchecked_masters
         return state

@@ -11,6 +11,7 @@ from collections import OrderedDict
 
 import torch
 
+from fused_optim._clip import check_max_grad_norm
 from fused_optim._planning import step_device, step_dtype
 from fused_optim._precision import PRECISION_DEFAULTS, precision_of
 
@@ -33,10 +34,16 @@ class Checkpoints:
         """torch.optim's ``state_dict``, in torch.optim's layout: the param
         groups hold the live groups' keys, as torch's do: torch.optim's keys
         unless an option of ours is set (Note [our options in param
-        groups]). Our extra state (``master_param``) stays in ``state``.
+        groups]; ``state_dtype`` saved by name, "torch.bfloat16"). Our
+        extra state (``master_param``) stays in ``state``.
         Hooks run as in torch.optim; post-hooks see the final dict."""
         with _hooks_set_aside(self, "_optimizer_state_dict_post_hooks") as (post_hooks,):
             state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            # (by name: torch's state-dict tools, full_state_dict and
+            # cpu_offload, take no dtype object; the loader keeps its own)
+            if isinstance(group.get("state_dtype"), torch.dtype):
+                group["state_dtype"] = str(group["state_dtype"])
         self._export_state_dict(state_dict)
         for hook in post_hooks.values():
             result = hook(self, state_dict)
@@ -111,6 +118,14 @@ class Checkpoints:
                     "loaded state dict contains a parameter group "
                     "that doesn't match the size of optimizer's group"
                 )
+        for saved in saved_groups:
+            # (loaded as a hyperparameter: refused as the constructor
+            # refuses it, not at the next step)
+            if "max_grad_norm" in saved:
+                try:
+                    check_max_grad_norm(saved["max_grad_norm"])
+                except ValueError as error:
+                    raise ValueError(f"loaded state dict: {error}") from None
         id_to_param = {}
         for group, saved in zip(groups, saved_groups):
             # (the state names of the mode the loaded options select)
@@ -123,7 +138,12 @@ class Checkpoints:
                 continue  # (kept as loaded, as torch keeps them)
             for name, value in param_state.items():
                 _check_state_value_type(name, value, names, self._scalar_state_names)
-                if name in ("step", *self._scalar_state_names) or not isinstance(value, torch.Tensor):
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if name in ("step", *self._scalar_state_names):
+                    if value.numel() != 1:
+                        raise ValueError(f"loaded state dict has state {name!r} of "
+                                         f"{value.numel()} elements for a param: expected one")
                     continue
                 if value.shape != param.shape:
                     raise ValueError(

@@ -20,6 +20,9 @@ class Journal:
     def __init__(self, optimizer_state) -> None:
         self._optimizer_state = optimizer_state
         self._entries: list = []
+        # The params whose master copy the step made (checked at the next
+        # step: Note [a loaded master copy] in _planning.py).
+        self.new_masters: list = []
 
     def state_for(self, param) -> dict:
         """The param's state dict, created if missing; new keys the step
@@ -61,6 +64,7 @@ class Journal:
                     for key in [k for k in state if k not in previous]:
                         del state[key]
         self._entries.clear()
+        self.new_masters.clear()
 
     def __bool__(self) -> bool:
         return bool(self._entries)

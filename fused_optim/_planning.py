@@ -14,7 +14,9 @@ from fused_optim._bucket import Bucket, Plan, Precision
 from fused_optim._group_options import GroupOptions
 from fused_optim._journal import Journal
 from fused_optim._keywords import check_group_precision
-from fused_optim._precision import is_legal_storage, precision_of, real_dtype, state_dtype_of
+from fused_optim._precision import (
+    as_state_dtype, is_legal_storage, precision_of, real_dtype, state_dtype_of,
+)
 
 
 class Planning:
@@ -22,26 +24,38 @@ class Planning:
 
     # Note [a loaded master copy]
     # A master copy is the truth only while the param is its rounding, as
-    # every step leaves them. A checkpoint can break that: ours, saved with
-    # master weights, then stepped by torch.optim (which keeps the unused
-    # float32 "master_param" as it was, in the param's dtype, and saves it
-    # again), holds a master several steps behind its params; stepping from
-    # it would throw torch's steps away. So the first step after a load
-    # (not the load itself: the model's weights may be loaded after the
-    # optimizer's) compares each loaded master, rounded, with its param,
-    # and where they differ makes the master from the param, as for a
-    # torch.optim checkpoint. The masters Adagrad makes at construction
-    # (with the rest of its state, as torch's Adagrad: so that a fresh
-    # optimizer's state_dict, the template torch.distributed.checkpoint
-    # loads into, lists them) are checked the same way: the params may be
-    # written before the first step (a model's weights loaded after its
-    # optimizer was built). A step traced by torch.compile does not check
-    # (a data-dependent branch in the graph): an eager step after such a
-    # load, or deleting the checkpoint's "master_param"s, does it. Params
-    # whose master no step has made or checked yet, until an eager step
-    # has checked them (a step that fails or that AMP skips checks again
-    # next time):
+    # every step leaves them. Between steps that can break:
+    # - a checkpoint: ours, saved with master weights, then stepped by
+    #   torch.optim (which keeps the unused float32 "master_param" as it
+    #   was, in the param's dtype, and saves it again), holds a master
+    #   several steps behind its params; stepping from it would throw
+    #   torch's steps away;
+    # - a master made before the model's weights are written: Adagrad's,
+    #   made at construction with the rest of its state (as torch's
+    #   Adagrad, so that a fresh optimizer's state_dict, the template
+    #   torch.distributed.checkpoint loads into, lists them), or one made
+    #   by a step taken to create state (DCP's template step, lr 0 and zero
+    #   gradients, or a user's) before pretrained weights are loaded.
+    # So such masters (loaded, made at construction, made by the last
+    # step) are unchecked until the next eager step, which first compares
+    # each, rounded, with its param, and where they differ makes the master
+    # from the param, as for a torch.optim checkpoint (_check_masters): one
+    # comparison per master, once. A write into the params after that is
+    # undone by the next step, as documented (the master is the truth). A
+    # step traced by torch.compile does not check (a data-dependent branch
+    # in the graph): an eager step after such a load, or deleting the
+    # checkpoint's "master_param"s, does it. A step that fails or that AMP
+    # skips checks again next time. The params whose master is unchecked:
     _unchecked_masters: set | frozenset = frozenset()
+
+    def _check_masters(self, journal: Journal) -> None:
+        """Remakes from its param each unchecked master copy that does not
+        round to it, through ``journal`` (Note [a loaded master copy])."""
+        for param in self._unchecked_masters:
+            state = self.state.get(param) if param in self.state else None
+            master = state.get("master_param") if isinstance(state, dict) else None
+            if master is not None and _is_stale(master, param):
+                journal.set(state, "master_param", param.detach().to(torch.float32, copy=True))
 
     def _current_plan(self, journal: Journal) -> tuple[Plan, bool]:
         """(the plan, whether it is the cached one)."""
@@ -149,7 +163,7 @@ class Planning:
         if param.is_complex() and param.dtype == torch.complex32:
             raise ValueError(f"{where} is complex32, which is not supported")
         require_device_supported(param.device, param.dtype, name)
-        state_dtype = group.get("state_dtype")
+        state_dtype = as_state_dtype(group.get("state_dtype"))
         real = real_dtype(param)
         if state_dtype is not None and state_dtype != real and (
             param.is_complex() or not is_legal_storage(real, precision_of(group, real))
@@ -200,10 +214,9 @@ class Planning:
             if value.dtype != dtype:
                 journal.set(state, key, value.to(dtype))
         if precision.master_weights:
-            master = state.get("master_param")
-            if master is None or (param in self._unchecked_masters and not _rounds_to(master, param)):
-                # (Note [a loaded master copy])
+            if state.get("master_param") is None:
                 journal.set(state, "master_param", param.detach().to(torch.float32, copy=True))
+                journal.new_masters.append(param)  # (Note [a loaded master copy])
         else:
             journal.pop(state, "master_param")
         step = state.get("step")
@@ -223,14 +236,17 @@ class Planning:
                 journal.set(state, key, value.to(step_device(param), torch.float32))
 
 
-def _rounds_to(master, param) -> bool:
-    """Whether ``param`` is ``master`` rounded to its dtype (what a step
-    leaves); DTensors compared shard by shard. Not while tracing (a
-    data-dependent branch): true there."""
+def _is_stale(master, param) -> bool:
+    """Whether ``param`` is not ``master`` rounded to its dtype (what a step
+    leaves); DTensors compared shard by shard. A master of another shape or
+    device is not judged (False): the op's checks refuse it with a clear
+    error. Not while tracing (a data-dependent branch): False there."""
     if torch.compiler.is_compiling():
-        return True
+        return False
     master, param = (t.to_local() if is_dtensor(t) else t for t in (master, param.detach()))
-    return master.shape == param.shape and torch.equal(master.to(param.dtype), param)
+    if master.shape != param.shape or master.device != param.device:
+        return False
+    return not torch.equal(master.to(param.dtype), param)
 
 
 def step_device(param) -> torch.device:

@@ -15,11 +15,27 @@ _STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+# A state_dtype may also be given by name (a config file's "bfloat16"); a
+# saved param group holds it by name (torch's state-dict tools take no dtype
+# object), and wrappers that copy saved groups into live ones (ZeRO's load,
+# torch.optim._stateless's swap-in) put that name in a live group.
+_STATE_DTYPE_NAMES = {name: dtype for dtype in (torch.float32, torch.bfloat16)
+                      for name in (str(dtype), str(dtype).removeprefix("torch."))}
+
+
+def as_state_dtype(value):
+    """A state_dtype option as a dtype (None for None); a value that names
+    none is returned as it is, for the check to refuse."""
+    return _STATE_DTYPE_NAMES.get(value, value) if isinstance(value, str) else value
+
+
 def check_precision_keywords(master_weights, state_dtype, stochastic_rounding) -> dict:
     """Validates the mixed-precision keywords; returns them as group options."""
+    state_dtype = as_state_dtype(state_dtype)
     if state_dtype not in _STATE_DTYPES:
         raise ValueError(
-            f"state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype}"
+            "state_dtype must be None, torch.float32 or torch.bfloat16 (or its name), "
+            f"got {state_dtype!r}"
         )
     if master_weights and stochastic_rounding:
         raise ValueError(
@@ -57,7 +73,7 @@ def precision_of(group, dtype: torch.dtype) -> Precision:
     param dtype. (Complex params are updated as real views of their dtype.)"""
     low = dtype in _LOW_PRECISION
     master = low and bool(group.get("master_weights", False))
-    state_dtype = group.get("state_dtype")
+    state_dtype = as_state_dtype(group.get("state_dtype"))
     if state_dtype is None:
         state_dtype = torch.float32 if master else dtype
     rounding = dtype == torch.bfloat16 and bool(group.get("stochastic_rounding", False))

@@ -196,6 +196,8 @@ class StepProtocol:
         return loss
 
     def _step(self, journal: Journal) -> None:
+        if self._unchecked_masters:
+            self._check_masters(journal)
         plan, cached = self._current_plan(journal)
         if plan.unready and any(p.grad is not None for p in plan.unready):
             plan, cached = self._build_plan(journal), False
@@ -215,8 +217,9 @@ class StepProtocol:
             journal.undo()
             self._plan = None
             return
-        if self._unchecked_masters:
-            self._unchecked_masters = frozenset()  # (checked: Note [a loaded master copy])
+        if self._unchecked_masters or journal.new_masters:
+            # (checked; those this step made, at the next: Note [a loaded master copy])
+            self._unchecked_masters = frozenset(journal.new_masters)
 
     # Note [a step AMP skips makes no state]
     # torch.optim's step is not called at all on a step that GradScaler

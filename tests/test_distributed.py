@@ -702,18 +702,47 @@ def test_dcp_flattened_checkpoint_resumes_ours_exactly(tmp_path, cfg, precision)
             assert torch.equal(ours[name], theirs[name]), name
 
 
+@pytest.mark.parametrize("state_options", [
+    {"full_state_dict": True}, {"full_state_dict": True, "cpu_offload": True},
+    {"cpu_offload": True},
+], ids=["full", "full_offload", "offload"])  # (flattened and full fails for torch.optim too)
+def test_state_dict_options_that_copy_the_dict_take_our_state_dtype(process_group,
+                                                                   state_options):
+    # torch's gathering and offloading walk the dict and take no dtype
+    # object: the saved groups name the state dtype ("torch.bfloat16"), and
+    # the dict loads back (the loader keeps its own dtype).
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(**state_options)
+    model = _model(0).to(torch.bfloat16)
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2, state_dtype=torch.bfloat16)
+    _train_in_two_groups(model, opt, range(2))
+    saved = get_optimizer_state_dict(model, opt, options=options)
+    assert {g["state_dtype"] for g in saved["param_groups"]} == {"torch.bfloat16"}
+    model.zero_grad()  # (DCP makes a fresh optimizer's state only where no param has a gradient)
+    other = fused_optim.AdamW(model.parameters(), lr=1e-2, state_dtype=torch.bfloat16)
+    set_optimizer_state_dict(model, other, saved, options=options)
+    assert other.param_groups[0]["state_dtype"] is torch.bfloat16
+    for p in model.parameters():
+        for key, value in opt.state[p].items():
+            assert torch.equal(other.state[p][key], value), key
+
+
 @pytest.mark.parametrize("name, options", [
     ("AdamW", {"state_dtype": torch.bfloat16, "stochastic_rounding": True}),
     ("Adam", {"master_weights": True}),
     ("SGD", {"stochastic_rounding": True}),
 ], ids=["bf16_state_rounding", "master", "sgd_rounding"])
-def test_flattened_torch_checkpoint_into_ours_then_precision_options(tmp_path, name, options):
-    # A flattened torch.optim checkpoint lacks our group keys, and torch's
-    # loader reads every live key: with the options set it cannot load
-    # (README). Built without them, ours loads it; set afterwards, they
-    # take effect at the next step (state converted, master copies made
-    # from the params), which goes on from torch's state.
+def test_flattened_torch_checkpoint_into_ours_with_precision_options(tmp_path, name, options):
+    # A flattened torch.optim checkpoint lacks our group keys: DCP's default
+    # planner refuses it; a partial load leaves the template's own (the
+    # loader's options), which torch's flattened loader then reads. The
+    # state is torch's, the options the loader's, and the next step brings
+    # the state to them (converted, master copies made from the params).
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict,
@@ -728,30 +757,27 @@ def test_flattened_torch_checkpoint_into_ours_then_precision_options(tmp_path, n
              checkpoint_id=str(tmp_path), no_dist=True)
     model.zero_grad()  # (DCP makes a fresh optimizer's state only where no param has a gradient)
 
-    with_options = getattr(fused_optim, name)(model.parameters(), **kwargs, **options)
-    into = {"optim": get_optimizer_state_dict(model, with_options, options=flatten)}
+    ours = getattr(fused_optim, name)(model.parameters(), **kwargs, **options)
+    into = {"optim": get_optimizer_state_dict(model, ours, options=flatten)}
     with pytest.raises(CheckpointException, match="Missing key in checkpoint state_dict"):
         dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True)
-
-    ours = getattr(fused_optim, name)(model.parameters(), **kwargs)
     into = {"optim": get_optimizer_state_dict(model, ours, options=flatten)}
-    dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True)
+    dcp.load(into, checkpoint_id=str(tmp_path), no_dist=True,
+             planner=DefaultLoadPlanner(allow_partial_load=True))
     set_optimizer_state_dict(model, ours, into["optim"], options=flatten)
-    loaded = {p: {k: v.clone() for k, v in ours.state[p].items()} for p in model.parameters()}
-    for group in ours.param_groups:
-        group.update(options)
+    for key, value in options.items():
+        assert all(g[key] == value for g in ours.param_groups)
+    for p in model.parameters():
+        for key, value in theirs.state[p].items():
+            assert torch.equal(ours.state[p][key].float(), value.float()), key
     _train_in_two_groups(model, ours, range(2, 3))
     for p in model.parameters():
         state = ours.state[p]
-        for key, value in theirs.state[p].items():
-            assert torch.equal(loaded[p][key], value), key  # (torch's state, loaded)
         if "state_dtype" in options:
             assert all(state[k].dtype == torch.bfloat16 for k in ("exp_avg", "exp_avg_sq"))
         if "master_weights" in options:
             assert state["master_param"].dtype == torch.float32
             assert torch.equal(state["master_param"].to(p.dtype), p.detach())
-        if name == "SGD":
-            assert float(state["step"]) == 1.0  # (the rounding streams restart)
         if "step" in theirs.state[p]:
             assert float(state["step"]) == 3.0
 

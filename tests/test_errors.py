@@ -509,15 +509,30 @@ def test_load_state_dict_mismatch(cfg, name):
     assert_runs_close(ours, ref, f"{cfg} step after failed load_state_dict({name})")
 
 
+# how -> (the exception, its message)
+BAD_VALUES = {
+    # (what DCP's flattened loader makes of a param's missing state)
+    "all_keys_empty_dicts": (TypeError, "loaded state dict has state '.*' of type dict"),
+    "step_a_string": (TypeError, "loaded state dict has state 'step' of type str"),
+    "state_a_list": (TypeError, "loaded state dict has state '.*' of type list"),
+    "step_of_two_elements": (ValueError, "state 'step' of 2 elements for a param: expected one"),
+    "max_grad_norm_negative": (ValueError, "loaded state dict: Invalid max_grad_norm value: -1"),
+}
+
+
 def _with_bad_values(state_dict, how):
-    """A deep copy of ``state_dict`` whose param 1 has values no step can take."""
+    """A deep copy of ``state_dict`` with a value no step can take (param
+    1's state, or group 1's max_grad_norm)."""
     sd = copy.deepcopy(state_dict)
     state = sd["state"][1]
     if how == "all_keys_empty_dicts":
-        # (what DCP's flattened loader makes of a param's missing state)
         sd["state"][1] = {name: {} for name in state}
     elif how == "step_a_string":
         state["step"] = "3"
+    elif how == "step_of_two_elements":
+        state["step"] = state["step"].repeat(2)
+    elif how == "max_grad_norm_negative":
+        sd["param_groups"][1]["max_grad_norm"] = -1.0
     else:  # a state tensor as a list
         name = next(k for k, v in state.items() if k != "step" and v.dim() > 0)
         state[name] = state[name].tolist()
@@ -525,19 +540,21 @@ def _with_bad_values(state_dict, how):
 
 
 @ONE_EACH
-@pytest.mark.parametrize("how", ["all_keys_empty_dicts", "step_a_string", "state_a_list"])
+@pytest.mark.parametrize("how", sorted(BAD_VALUES))
 @pytest.mark.parametrize("fresh", [False, True], ids=["stepped", "fresh"])
-def test_load_state_dict_with_values_of_the_wrong_type(cfg, how, fresh):
+def test_load_state_dict_with_values_no_step_takes(cfg, how, fresh):
     # torch's load raises only after loading (its __setstate__, or a step
-    # later); ours checks the types first and changes nothing, the first
-    # load of a fresh optimizer included.
+    # later), or not at all (a negative max_grad_norm, a step of two
+    # elements: the next step refuses them); ours checks first and changes
+    # nothing, the first load of a fresh optimizer included.
     ref, ours = _warm_pair(cfg, steps=2)
-    sd = _with_bad_values(ours.opt.state_dict(), how)
-    if how == "step_a_string" and "step" not in sd["state"][1]:
+    if how.startswith("step") and "step" not in ours.opt.state_dict()["state"][1]:
         pytest.skip("no step counter in this optimizer's state")
+    sd = _with_bad_values(ours.opt.state_dict(), how)
     target = _warm_pair(cfg, steps=0)[1] if fresh else ours
     snap = snapshot_optimizer(target.opt)
-    with pytest.raises(TypeError, match="loaded state dict has state '.*' of type"):
+    exception, message = BAD_VALUES[how]
+    with pytest.raises(exception, match=message):
         target.opt.load_state_dict(sd)
     assert_optimizer_unchanged(target.opt, snap, f"{cfg} load_state_dict({how})")
     if not fresh:

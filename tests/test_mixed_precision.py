@@ -539,6 +539,52 @@ def test_adagrad_makes_its_masters_at_construction_and_checks_them_at_the_first_
         _assert_same_runs(opt, params, twin, twin_params, f"step {step}")
 
 
+@pytest.mark.parametrize("cfg", [c for c in ONE_PER_OPTIMIZER if not c.unfused], ids=str)
+@pytest.mark.parametrize("made_by", ["dcp_template_step", "dcp_template_step_then_copy",
+                                     "copy_after_construction"])
+def test_masters_made_before_the_weights_are_loaded_are_checked(cfg, made_by):
+    """Note [a loaded master copy]: a master made by a step taken to create
+    state (DCP's template step: lr 0, zero gradients) or at construction
+    (Adagrad's) is checked at the next step, also in a copy of the
+    optimizer: weights loaded into the model after it are the truth. The
+    run is its twin's, whose masters are set to the loaded weights."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    pretrained = _params(torch.bfloat16, seed=11)
+
+    def model_of(params):
+        module = torch.nn.Module()
+        for i, p in enumerate(params):
+            module.register_parameter(f"p{i}", torch.nn.Parameter(p.detach().clone()))
+        return module
+
+    runs = []
+    for is_twin in (False, True):
+        model = model_of(_params(torch.bfloat16))
+        opt = cfg.ours_cls(model.parameters(), **cfg.kwargs, master_weights=True)
+        if made_by.startswith("dcp_template_step"):
+            get_optimizer_state_dict(model, opt)
+            assert all("master_param" in opt.state[p] for p in model.parameters())
+        if "copy" in made_by and not is_twin:
+            model, opt = copy.deepcopy((model, opt))
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), pretrained):
+                p.copy_(w)
+        if is_twin:  # (its masters made from the loaded weights)
+            for p in model.parameters():
+                if "master_param" in opt.state[p]:
+                    opt.state[p]["master_param"].copy_(p.detach())
+        runs.append((model, opt))
+    (model, opt), (twin, twin_opt) = runs
+    for step in range(3):
+        for run_model, run in ((model, opt), (twin, twin_opt)):
+            _set_grads(list(run_model.parameters()), step)
+            run.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p, q), f"step {step}"
+            assert torch.equal(opt.state[p]["master_param"], twin_opt.state[q]["master_param"])
+
+
 def _train_three_steps(model, opt):
     torch.manual_seed(1)
     for _ in range(3):
@@ -547,14 +593,13 @@ def _train_three_steps(model, opt):
         opt.step()
 
 
-@pytest.mark.skipif("fork" not in torch.multiprocessing.get_all_start_methods(),
-                    reason="needs the fork start method")
 def test_adagrad_share_memory_shares_the_master_copies():
     # Hogwild (torch's Adagrad.share_memory, then processes stepping the
     # shared model): the master copy is what the step reads, so it is
     # shared with the sums; a private one would overwrite each process's
     # params from its own. Here one child process trains and the parent
-    # sees exactly what training in-process gives.
+    # sees exactly what training in-process gives. (spawn, not fork: a
+    # fork of a process whose thread pools have run can hang.)
     def build():
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 8).to(torch.bfloat16)
@@ -565,10 +610,12 @@ def test_adagrad_share_memory_shares_the_master_copies():
     opt.share_memory()
     for p in model.parameters():
         assert all(opt.state[p][k].is_shared() for k in ("sum", "master_param"))
-    child = torch.multiprocessing.get_context("fork").Process(target=_train_three_steps,
-                                                              args=(model, opt))
+    child = torch.multiprocessing.get_context("spawn").Process(
+        target=_train_three_steps, args=(model, opt), daemon=True)
     child.start()
-    child.join(120)
+    child.join(300)
+    if child.is_alive():
+        child.kill()
     assert child.exitcode == 0
     twin, twin_opt = build()
     _train_three_steps(twin, twin_opt)
@@ -576,6 +623,24 @@ def test_adagrad_share_memory_shares_the_master_copies():
         assert torch.equal(p, q)
         for key in ("sum", "master_param"):
             assert torch.equal(opt.state[p][key], twin_opt.state[q][key]), key
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "torch.bfloat16"])
+def test_state_dtype_by_name(name):
+    # A config file's name, or the name a saved group holds, which wrappers
+    # (ZeRO's load, torch's swap-in) copy into a live group: as the dtype.
+    params = _params(torch.float32)
+    opt = fused_optim.AdamW(params, lr=1e-2, state_dtype=name)
+    assert opt.defaults["state_dtype"] is torch.bfloat16
+    extra = _params(torch.float32, seed=5)
+    opt.add_param_group({"params": extra, "state_dtype": "torch.float32"})
+    opt.param_groups[0]["state_dtype"] = name  # (as a wrapper's copy leaves it)
+    _set_grads(params + extra, 0)
+    opt.step()
+    assert all(opt.state[p]["exp_avg"].dtype == torch.bfloat16 for p in params)
+    assert all(opt.state[p]["exp_avg"].dtype == torch.float32 for p in extra)
+    with pytest.raises(ValueError, match="got 'float16'"):
+        fused_optim.AdamW(params, state_dtype="float16")
 
 
 def test_changing_state_dtype_converts_the_state():
