@@ -52,7 +52,7 @@ class Planning:
         """Remakes from its param each unchecked master copy that does not
         round to it, through ``journal`` (Note [a loaded master copy])."""
         for param in self._unchecked_masters:
-            state = self.state.get(param) if param in self.state else None
+            state = self.state.get(param)
             master = state.get("master_param") if isinstance(state, dict) else None
             if master is not None and _is_stale(master, param):
                 journal.set(state, "master_param", param.detach().to(torch.float32, copy=True))

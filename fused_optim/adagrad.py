@@ -8,6 +8,7 @@ from torch.optim.adagrad import adagrad as _torch_adagrad
 from fused_optim import _arena, _docs
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
+from fused_optim._journal import Journal
 from fused_optim._keywords import check_implementation_keywords, check_tensor_lr, to_float
 from fused_optim._planning import new_step
 from fused_optim._precision import check_precision_keywords, precision_of, real_dtype, state_dtype_of
@@ -74,18 +75,18 @@ class Adagrad(FusedOptimizer):
         # torch.distributed.checkpoint loads into) then lists every key a
         # checkpoint of it has. Checked at the first step, as loaded ones
         # (Note [a loaded master copy]).
-        new_tensors, masters = [], set()
+        new_tensors = []
+        journal = Journal(self.state)  # (nothing to take back: read for its new masters)
         for group in self.param_groups:
             for param in group["params"]:
                 precision = precision_of(group, real_dtype(param))
                 state = self.state[param]
                 dtype = state_dtype_of(param, precision)
                 self._init_state(param, group, state, dtype, new_tensors)
-                if precision.master_weights:
-                    state["master_param"] = param.detach().to(torch.float32, copy=True)
-                    masters.add(param)
+                if not self._unfused(group):  # (torch's code keeps its own layout)
+                    self._conform_state(param, group, precision, state, journal)
         _arena.make(new_tensors)
-        self._unchecked_masters = masters
+        self._unchecked_masters = frozenset(journal.new_masters)
 
     _setstate_defaults = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
 

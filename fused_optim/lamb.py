@@ -104,12 +104,13 @@ class Lamb(FusedOptimizer):
 
     # Note [LAMB's step in checkpoints]
     # timm's Lamb counts steps per param group (group["step"], a 0-d tensor
-    # in timm 1.0, an int before, which also drives its bias correction); ours per param (state["step"], as
-    # torch.optim's Adam), which equals timm's while every param gets a
-    # gradient every step. A saved dict carries both: each group's "step" is
-    # the largest of its params' counts, so timm's Lamb continues a
-    # checkpoint of ours; loading a dict whose params lack "step" (timm's)
-    # takes each param's count from its group's. timm's Lamb keeps the
+    # in timm 1.0, an int before, which also drives its bias correction);
+    # ours per param (state["step"], as torch.optim's Adam), which equals
+    # timm's while every param gets a gradient every step. A saved dict
+    # carries both: each group's "step" is the largest of its params'
+    # counts, so timm's Lamb continues a checkpoint of ours; loading a dict
+    # whose params lack "step" (timm's) takes each param's count from its
+    # group's. timm's Lamb keeps the
     # per-param counts of a checkpoint of ours as they were while its group
     # count goes on, and saves both: a group "step" other than the largest
     # of its params' counts says another optimizer stepped since: above
