@@ -260,7 +260,9 @@ def svg_plot(series: dict[str, tuple[list[float], list[float]]], title: str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Run time with the defaults: a few seconds (one thread).")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help=f"training steps per configuration (default: {DEFAULT_STEPS})")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"),

@@ -87,7 +87,10 @@ def make_step(module, extra: dict, sharded: bool, optimizer: str, sizes, clip: b
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Run time with the defaults: about 1 to 2 minutes on a 2-core CPU machine "
+               "(100 s measured under load).")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     parser.add_argument("--tensors", type=int, default=2000,
                         help="the first N of many-small's tensors (default: all 2,000)")

@@ -76,7 +76,9 @@ def make_train_step(module, extra: dict, in_backward: bool, optimizer: str, laye
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Run time with the defaults: about half a minute on a 2-core CPU machine.")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
     parser.add_argument("--layers", type=int, default=32, help="linear layers (default: 32)")
     parser.add_argument("--width", type=int, default=256, help="their width (default: 256)")

@@ -62,7 +62,9 @@ def params(tensors: int, numel: int) -> list:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Run time with the defaults: about half a minute on a 2-core CPU machine.")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     parser.add_argument("--tensors", type=int, default=4)
     parser.add_argument("--numel", type=int, default=1024)
