@@ -15,7 +15,7 @@ from fused_optim._group_options import GroupOptions
 from fused_optim._journal import Journal
 from fused_optim._keywords import check_group_precision
 from fused_optim._precision import (
-    as_state_dtype, is_legal_storage, precision_of, real_dtype, state_dtype_of,
+    as_state_dtype, dense_state, is_legal_storage, precision_of, real_dtype, state_dtype_of,
 )
 
 
@@ -111,7 +111,7 @@ class Planning:
                 if has_grad:
                     # (torch.optim skips gradless params whatever they are)
                     self._check_param(param, group, gi, pi)
-                precision = precision_of(group, real_dtype(param))
+                precision = precision_of(group, real_dtype(param), dense_state(state, names))
                 if has_grad:
                     state, is_new = self._ready_state(param, group, precision, journal, new_tensors)
                 else:

@@ -66,18 +66,47 @@ def is_legal_storage(param_dtype: torch.dtype, precision: Precision) -> bool:
             precision.stochastic_rounding) in STORAGE_TABLE
 
 
-def precision_of(group, dtype: torch.dtype) -> Precision:
+# Note [state kept wide]
+# A param turned bf16/fp16 after its state was made (`model.bfloat16()`
+# after building the optimizer: Adagrad's sums exist from construction on;
+# a loss whose weights are cast to the autocast dtype at each forward, as
+# pytorch-metric-learning's ArcFaceLoss does, after a resume) keeps its
+# float32 state in torch.optim: its code updates a bf16 param from float32
+# state (its Adam family raises instead: lerp of mixed dtypes). Converting
+# that state to the param's dtype would lose what it holds: a bf16 Adagrad
+# sum stops growing at 256, and 2,000 steps later the update was 2.8x
+# torch's. So without a state_dtype option a bf16/fp16 param whose state
+# holds a float32 tensor is stored as under state_dtype=torch.float32 (a
+# legal storage for both dtypes, with or without stochastic rounding): its
+# state stays float32, and state it lacks is made float32 (one state dtype
+# per param). A state_dtype option still converts (it asks for it), and a
+# load still casts the state to the param's dtype, as torch.optim's
+# load_state_dict does.
+
+
+def precision_of(group, dtype: torch.dtype, state_tensors=()) -> Precision:
     """How a param of `dtype` in `group` is stored: master weights only for
     fp16/bf16 params, stochastic rounding only for bf16 params without them;
-    the state in ``state_dtype``, else float32 with master weights, else the
-    param dtype. (Complex params are updated as real views of their dtype.)"""
+    the state in ``state_dtype``, else float32 with master weights or where
+    the param's existing state tensors (``state_tensors``, its dense state;
+    None for a missing one) hold a float32 one (Note [state kept wide]),
+    else the param dtype. (Complex params are updated as real views of
+    their dtype.)"""
     low = dtype in _LOW_PRECISION
     master = low and bool(group.get("master_weights", False))
     state_dtype = as_state_dtype(group.get("state_dtype"))
     if state_dtype is None:
-        state_dtype = torch.float32 if master else dtype
+        kept_wide = low and any(isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32
+                                for tensor in state_tensors)
+        state_dtype = torch.float32 if master or kept_wide else dtype
     rounding = dtype == torch.bfloat16 and bool(group.get("stochastic_rounding", False))
     return Precision(master, state_dtype, rounding)
+
+
+def dense_state(state: dict | None, names: tuple) -> tuple:
+    """A param's state tensors of ``names`` (None where missing), as
+    precision_of reads them (Note [state kept wide])."""
+    return tuple(state.get(name) for name in names) if state else ()
 
 
 def real_dtype(param) -> torch.dtype:

@@ -8,7 +8,7 @@ from fused_optim import _arena, _bucket, _clip, _ops, _torch_path
 from fused_optim._journal import Journal
 from fused_optim._keywords import check_group_lr, chosen_precision_options
 from fused_optim._ops import GroupArguments, OpExtras
-from fused_optim._precision import precision_of, real_dtype
+from fused_optim._precision import dense_state, precision_of, real_dtype
 
 @torch._disable_dynamo
 def _check_torch_groups_eagerly(optimizer, indices: list) -> None:
@@ -101,18 +101,20 @@ class TracedStep:
         """_init_group's work for group ``gi``: its calls' tuples."""
         group = self.param_groups[gi]
         mode = self._mode(group)
-        names = self._state_names(mode) + self._scalar_state_names
-        kinds: dict = {}
+        dense_names = self._state_names(mode)
+        names = dense_names + self._scalar_state_names
+        kinds: dict = {}  # (device, dtype, precision) -> [(pi, param)]: one call each
         for pi, param in enumerate(group["params"]):
             if param.grad is not None:
-                kinds.setdefault((param.device, param.dtype), []).append((pi, param))
+                precision = precision_of(group, real_dtype(param),
+                                         dense_state(self.state.get(param), dense_names))
+                kinds.setdefault((param.device, param.dtype, precision), []).append((pi, param))
         keeps_step = self._keeps_step(group)
         calls = []
-        for kind in kinds.values():
+        for (_, _, precision), kind in kinds.items():
             start, state_start, new_state = len(params), len(states), []
             step_start, master_start = len(steps) if keeps_step else -1, len(masters)
             for _, param in kind:
-                precision = precision_of(group, real_dtype(param))
                 # (a None, torch 1.x's SGD placeholder, is made anew: not kept)
                 before = {k for k, v in self.state.get(param, {}).items() if v is not None}
                 state, is_new = self._ready_state(param, group, precision, Journal(self.state))
