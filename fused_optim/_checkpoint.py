@@ -10,6 +10,7 @@ import numbers
 from collections import OrderedDict
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from fused_optim._clip import check_max_grad_norm
 from fused_optim._planning import step_device, step_dtype
@@ -145,7 +146,10 @@ class Checkpoints:
                         raise ValueError(f"loaded state dict has state {name!r} of "
                                          f"{value.numel()} elements for a param: expected one")
                     continue
-                if value.shape != param.shape:
+                if not is_lazy(param) and value.shape != param.shape:
+                    # (a lazy module's param before its dry run has no shape
+                    # yet; torch loads into it, and the op checks the shapes
+                    # once it has one)
                     raise ValueError(
                         f"loaded state dict has state {name!r} of shape "
                         f"{tuple(value.shape)} for a param of shape {tuple(param.shape)}"
