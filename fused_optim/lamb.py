@@ -110,14 +110,14 @@ class Lamb(FusedOptimizer):
     # carries both: each group's "step" is the largest of its params'
     # counts, so timm's Lamb continues a checkpoint of ours; loading a dict
     # whose params lack "step" (timm's) takes each param's count from its
-    # group's. timm's Lamb keeps the
-    # per-param counts of a checkpoint of ours as they were while its group
-    # count goes on, and saves both: a group "step" other than the largest
-    # of its params' counts says another optimizer stepped since: above
-    # them all, timm's, and every param of the group takes the group's count
-    # (as timm would go on); below, code that counts per param and kept
-    # our group key as it was (torch.optim's load keeps unknown group
-    # keys), and the params keep theirs.
+    # group's. timm's Lamb keeps the per-param counts of a checkpoint of
+    # ours as they were while its group count goes on, and saves both: a
+    # group "step" other than the largest of its params' counts says
+    # another optimizer stepped since: above them all, timm's, and every
+    # param of the group takes the group's count (as timm would go on);
+    # below, code that counts per param and kept our group key as it was
+    # (torch.optim's load keeps unknown group keys), and the params keep
+    # theirs.
 
     def _export_state_dict(self, state_dict) -> None:
         state = state_dict["state"]
