@@ -77,6 +77,14 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     # like the step counter: float32 (float64 under a float64 default
     # dtype), where the op reads it, never cast to the state dtype.
     _scalar_state_names: tuple = ()
+    # The state keys that _conform_state never casts to the state dtype:
+    # the counters and the float32 master copy (set per class below).
+    _state_kept_as_is: frozenset = frozenset(("step", "master_param"))
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._state_kept_as_is = frozenset(("step", "master_param", *cls._scalar_state_names))
+
     # Whether sparse gradients are supported (through torch's functional API).
     _supports_sparse = False
     # Where they are not, the start of the error (torch.optim's message,
@@ -169,19 +177,18 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
     # torch's code takes the pair (SGD).
     _fused_differentiable_error: str | None = None
 
-    def _init_state(self, param, group, state: dict, dtype: torch.dtype,
+    def _init_state(self, param, group, state: dict, dtype: torch.dtype, names: tuple,
                     new_tensors: list | None = None) -> bool:
         """Fills in a param's missing state: its scalar state
         (``_init_scalar_state``), and a tensor like ``param`` of ``dtype``
         (the state dtype) filled with ``_initial_state_value`` for each
-        missing name of the group's mode. With ``new_tensors``, those
-        tensors are not made here but requested from the state arena, which
-        makes a plan's new state tensors together (``_arena.NewTensor``,
-        Note [state arena]). Returns True if the op must treat the state as
-        new (``_op_writes_new_state``)."""
+        missing name of ``names`` (the group's mode's ``_state_names``).
+        With ``new_tensors``, those tensors are not made here but requested
+        from the state arena, which makes a plan's new state tensors
+        together (``_arena.NewTensor``, Note [state arena]). Returns True if
+        the op must treat the state as new (``_op_writes_new_state``)."""
         self._init_scalar_state(param, group, state)
-        missing = [name for name in self._state_names(self._mode(group))
-                   if state.get(name) is None]
+        missing = [name for name in names if state.get(name) is None]
         if missing:
             request = _arena.NewTensor(param, dtype, self._initial_state_value(group, param))
             if new_tensors is None:
@@ -211,14 +218,14 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         """Whether params of this group have a ``step`` counter."""
         return self._has_step
 
-    def _needs_state_for(self, group, state: dict, precision: Precision) -> bool:
+    def _needs_state_for(self, group, state: dict, precision: Precision, names: tuple) -> bool:
         """Whether a param that has a gradient needs (more) state created:
-        some state this group's mode uses is missing, or its master copy
-        (SGD without momentum has no other state). A state tensor saved as
-        None counts as missing, as torch.optim counts it: torch 1.x's SGD
-        saved ``momentum_buffer: None`` for momentum=0, and a run resumed
-        from such a checkpoint with momentum makes the buffer then."""
-        names = self._state_names(self._mode(group))
+        some state this group's mode uses (``names``: its ``_state_names``)
+        is missing, or its master copy (SGD without momentum has no other
+        state). A state tensor saved as None counts as missing, as
+        torch.optim counts it: torch 1.x's SGD saved ``momentum_buffer:
+        None`` for momentum=0, and a run resumed from such a checkpoint with
+        momentum makes the buffer then."""
         return (
             any(state.get(name) is None for name in names)
             or (self._keeps_step(group) and "step" not in state)

@@ -27,8 +27,16 @@ class Journal:
     def state_for(self, param) -> dict:
         """The param's state dict, created if missing; new keys the step
         adds to it are removed again by ``undo``."""
-        self.watch(param)
-        return self._optimizer_state[param]
+        # (watch, written out: a tensor's hash is Python code, and a first
+        # step calls this once per param)
+        states = self._optimizer_state
+        state = states.get(param)
+        if state is None:
+            self._entries.append(("state", param, None))
+            state = states[param] = {}
+        else:
+            self._entries.append(("state", param, set(state)))
+        return state
 
     def watch(self, param) -> None:
         """Notes the param's state keys (or that it has no state), without

@@ -15,7 +15,8 @@ from fused_optim._group_options import GroupOptions
 from fused_optim._journal import Journal
 from fused_optim._keywords import check_group_precision
 from fused_optim._precision import (
-    as_state_dtype, dense_state, is_legal_storage, precision_of, real_dtype, state_dtype_of,
+    as_state_dtype, dense_state, is_legal_storage, precision_of, precision_reads_state, real_dtype,
+    state_dtype_of,
 )
 
 
@@ -86,6 +87,17 @@ class Planning:
         except KeyError:
             return None
 
+    # Note [a first gradient's short way]
+    # A first step's host time is nearly all per param (measured on 2,000
+    # params: checks, state, buckets, each a few microseconds). What a plan
+    # decides for a param without state (whether the checks pass, its
+    # precision, the state it needs, its bucket) depends only on its group,
+    # dtype and device, so a group decides it once per (dtype, device), and
+    # such a param then costs its state and a few appends. Params with
+    # state take the long way, each judged on its own (its state may be in
+    # another dtype, lack a mode's tensor, hold a master copy, ...); the
+    # verdict of the checks, which reads no state, is shared there too.
+
     def _build_plan(self, journal: Journal) -> Plan:
         """Buckets every param that has state, creating state for params that
         got a gradient. Devices and dtypes are validated here, before the
@@ -94,6 +106,7 @@ class Planning:
         buckets: dict = {}
         unready = []  # params without the state their group needs, and no gradient
         new_tensors = []  # (state dict, names, _arena.NewTensor): the state to make
+        states = self.state
         for gi, group in enumerate(self.param_groups):
             # (a group edited since it was added: the constructor's checks;
             # a precision option is in the plan's key, so an edit comes here)
@@ -102,37 +115,58 @@ class Planning:
                 continue  # stepped by torch.optim's code (_torch_path.py)
             mode = self._mode(group)
             names = self._state_names(mode)
+            kinds: dict = {}  # (dtype, device) -> _Kind (Note above)
             for pi, param in enumerate(group["params"]):
-                state = self.state[param] if param in self.state else None
+                state = states.get(param)
                 has_grad = param.grad is not None
-                if not has_grad and not state:
+                if not (state or has_grad):
                     unready.append(param)
                     continue
-                if has_grad:
-                    # (torch.optim skips gradless params whatever they are)
-                    self._check_param(param, group, gi, pi)
-                precision = precision_of(group, real_dtype(param), dense_state(state, names))
-                if has_grad:
-                    state, is_new = self._ready_state(param, group, precision, journal, new_tensors)
+                kind = kinds.get((param.dtype, param.device))
+                if kind is None:
+                    kind = kinds[param.dtype, param.device] = _Kind(self, param, group, names)
+                if not kind.checked:
+                    if has_grad:
+                        self._check_param(param, group, gi, pi)  # (raises, naming it)
+                        kind.checked = True
+                    elif kind.refused is None:
+                        kind.refused = not self._passes_checks(param, group, gi, pi)
+                        kind.checked = not kind.refused
+                if kind.refused and not has_grad:
+                    # torch.optim skips gradless params whatever they are; a
+                    # param the checks refuse that has state (Adagrad's, made
+                    # when built) waits unready, so that its first gradient
+                    # plans afresh and the checks refuse it then, not a
+                    # cached plan that never checked it
+                    unready.append(param)
+                    continue
+                precision, is_new = kind.precision, False
+                if not state:  # a first gradient's short way
+                    if kind.needs_state:
+                        state = journal.state_for(param)
+                        is_new = self._init_state(param, group, state, kind.state_dtype, names,
+                                                  new_tensors)
+                        if precision.master_weights:
+                            _make_master(param, state, journal)
+                    elif state is None:
+                        state = {}  # (none kept, as torch.optim keeps none: SGD without momentum)
                 else:
-                    is_new = False
-                    self._conform_state(param, group, precision, state, journal)
-                    if self._needs_state_for(group, state, precision):
-                        # (a mode turned on since its last gradient, e.g.
-                        # Adam's amsgrad: its gradient re-plans, as a first one)
-                        unready.append(param)
-                key = (param.device, param.dtype, mode, precision)
-                bucket = buckets.get(key)
+                    if kind.reads_state:  # (Note [state kept wide])
+                        precision = precision_of(group, real_dtype(param),
+                                                 dense_state(state, names))
+                    if has_grad:
+                        state, is_new = self._ready_state(
+                            param, group, precision, journal, new_tensors, names)
+                    else:
+                        self._conform_state(param, group, precision, state, journal)
+                        if self._needs_state_for(group, state, precision, names):
+                            # (a mode turned on since its last gradient, e.g.
+                            # Adam's amsgrad: its gradient re-plans, as a first one)
+                            unready.append(param)
+                bucket = kind.buckets.get(precision)
                 if bucket is None:
-                    bucket = buckets[key] = Bucket(
-                        param.device,
-                        param.dtype,
-                        mode,
-                        state_names=names,
-                        has_step=self._keeps_step(group),
-                        scalar_state_names=self._scalar_state_names,
-                        precision=precision,
-                    )
+                    bucket = kind.buckets[precision] = self._bucket_for(
+                        buckets, param, group, mode, names, precision)
                 if is_new:
                     bucket.new_state.append(len(bucket.params))
                 bucket.params.append(param)
@@ -151,6 +185,51 @@ class Planning:
         )
         self._plan = plan
         return plan
+
+    def _make_all_state(self) -> None:
+        """Makes every param's state now, as a first gradient would, with
+        the master copies unchecked (Note [a loaded master copy]); for a
+        class whose torch.optim twin makes its state at construction
+        (Adagrad). The state of a group stepped by torch.optim's code is
+        as torch's code makes it: tensors of their own (its differentiable
+        updates record history in place, which autograd refuses on the
+        second view of one buffer), no master copy."""
+        new_tensors = []
+        journal = Journal(self.state)  # (nothing to take back: read for its new masters)
+        for group in self.param_groups:
+            names = self._state_names(self._mode(group))
+            fused = not self._unfused(group)
+            kinds: dict = {}  # dtype -> (precision, state dtype)
+            for param in group["params"]:
+                kind = kinds.get(param.dtype)
+                if kind is None:
+                    precision = precision_of(group, real_dtype(param))
+                    kind = kinds[param.dtype] = (precision, state_dtype_of(param, precision))
+                precision, dtype = kind
+                state = self.state[param]
+                self._init_state(param, group, state, dtype, names,
+                                 new_tensors if fused else None)
+                if fused and precision.master_weights and "master_param" not in state:
+                    _make_master(param, state, journal)
+        _arena.make(new_tensors)
+        self._unchecked_masters = frozenset(journal.new_masters)
+
+    def _bucket_for(self, buckets: dict, param, group, mode: tuple, names: tuple,
+                    precision: Precision) -> Bucket:
+        """The bucket of ``buckets`` that takes ``param``, made if new."""
+        key = (param.device, param.dtype, mode, precision)
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = Bucket(
+                param.device,
+                param.dtype,
+                mode,
+                state_names=names,
+                has_step=self._keeps_step(group),
+                scalar_state_names=self._scalar_state_names,
+                precision=precision,
+            )
+        return bucket
 
     def _check_param(self, param, group, gi, pi) -> None:
         name = type(self).__name__
@@ -178,23 +257,37 @@ class Planning:
                 "params (use master_weights=True for float16)"
             )
 
+    def _passes_checks(self, param, group, gi, pi) -> bool:
+        """Whether ``_check_param`` takes ``param`` (it raises otherwise)."""
+        try:
+            self._check_param(param, group, gi, pi)
+        except (ValueError, RuntimeError):
+            return False
+        return True
+
     def _ready_state(self, param, group, precision: Precision, journal: Journal,
-                     new_tensors: list | None = None) -> tuple[dict, bool]:
+                     new_tensors: list | None = None, names: tuple | None = None,
+                     ) -> tuple[dict, bool]:
         """The state of a param about to be stepped: missing state created
         (``_init_state``) and all of it brought to the group's precision
         options (``_conform_state``), through ``journal``. Returns (its
         state dict, whether the op must treat the state as new). With
         ``new_tensors``, its new state tensors are appended there for the
-        arena to make (``_arena.make``) instead of made now."""
-        state = self.state[param] if param in self.state else {}
+        arena to make (``_arena.make``) instead of made now. ``names``: the
+        group's mode's state names, where the caller has them."""
+        if names is None:
+            names = self._state_names(self._mode(group))
+        state = self.state.get(param)
+        if state is None:
+            state = {}
         is_new = False
-        if self._needs_state_for(group, state, precision):
+        if self._needs_state_for(group, state, precision, names):
             state = journal.state_for(param)
-            for name in self._state_names(self._mode(group)):
+            for name in names:
                 if name in state and state[name] is None:
                     journal.pop(state, name)  # (made anew; a failed step restores the None)
             is_new = self._init_state(param, group, state, state_dtype_of(param, precision),
-                                      new_tensors)
+                                      names, new_tensors)
         self._conform_state(param, group, precision, state, journal)
         return state, is_new
 
@@ -207,33 +300,61 @@ class Planning:
         step that then fails takes it all back."""
         dtype = state_dtype_of(param, precision)
         for key, value in list(state.items()):
-            if key in ("step", "master_param", *self._scalar_state_names) or not isinstance(
-                value, torch.Tensor
-            ):
+            if key in self._state_kept_as_is or not isinstance(value, torch.Tensor):
                 continue
             if value.dtype != dtype:
                 journal.set(state, key, value.to(dtype))
         if precision.master_weights:
             if state.get("master_param") is None:
-                journal.set(state, "master_param", param.detach().to(torch.float32, copy=True))
-                journal.new_masters.append(param)  # (Note [a loaded master copy])
-        else:
+                _make_master(param, state, journal)
+        elif "master_param" in state:
             journal.pop(state, "master_param")
+        device = step_device(param)
         step = state.get("step")
         if isinstance(step, torch.Tensor) and (
-            step.device != step_device(param) or not step.is_floating_point()
+            step.device != device or not step.is_floating_point()
         ):
             # (torch accepts an integer counter, e.g. hand-edited: made float32)
-            journal.set(state, "step", step.to(step_device(param), torch.float32))
+            journal.set(state, "step", step.to(device, torch.float32))
         for key in self._scalar_state_names:
             value = state.get(key)
             if isinstance(value, torch.Tensor) and (
-                value.device != step_device(param)
-                or value.dtype not in (torch.float32, torch.float64)
+                value.device != device or value.dtype not in (torch.float32, torch.float64)
             ):
                 # (where the op reads it, in a dtype it takes: a checkpoint
                 # loaded by torch.optim's rules may hold it in the param's)
-                journal.set(state, key, value.to(step_device(param), torch.float32))
+                journal.set(state, key, value.to(device, torch.float32))
+
+
+
+class _Kind:
+    """What a plan decides once for the params of a group of one (dtype,
+    device) (Note [a first gradient's short way]): their precision where
+    they have no state (and, but for fp16/bf16 params, where they have:
+    reads_state), their state dtype, whether a param without state needs
+    some made, their bucket by precision, and what the checks said:
+    ``checked`` once they passed, ``refused`` once they refused a gradless
+    one (None while unknown)."""
+
+    __slots__ = ("precision", "state_dtype", "needs_state", "reads_state", "buckets", "checked",
+                 "refused")
+
+    def __init__(self, optimizer, param, group, names: tuple) -> None:
+        dtype = real_dtype(param)
+        self.precision = precision_of(group, dtype)
+        self.state_dtype = state_dtype_of(param, self.precision)
+        self.needs_state = optimizer._needs_state_for(group, {}, self.precision, names)
+        self.reads_state = precision_reads_state(dtype)
+        self.buckets: dict = {}  # precision -> the plan's bucket
+        self.checked = False
+        self.refused = None
+
+
+def _make_master(param, state: dict, journal: Journal) -> None:
+    """Makes ``state``'s float32 master copy of ``param``, through
+    ``journal`` (checked at the next step: Note [a loaded master copy])."""
+    journal.set(state, "master_param", param.detach().to(torch.float32, copy=True))
+    journal.new_masters.append(param)
 
 
 def _is_stale(master, param) -> bool:
@@ -249,10 +370,13 @@ def _is_stale(master, param) -> bool:
     return not torch.equal(master.to(param.dtype), param)
 
 
+_CPU = torch.device("cpu")
+
+
 def step_device(param) -> torch.device:
     # The CPU kernels read the counters on the host; the CUDA kernels on the
     # device (no sync for AMP's skipped steps; capturable).
-    return torch.device("cpu") if param.device.type == "cpu" else param.device
+    return _CPU if param.is_cpu else param.device
 
 
 def step_dtype() -> torch.dtype:

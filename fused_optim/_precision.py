@@ -103,6 +103,12 @@ def precision_of(group, dtype: torch.dtype, state_tensors=()) -> Precision:
     return Precision(master, state_dtype, rounding)
 
 
+def precision_reads_state(dtype: torch.dtype) -> bool:
+    """Whether precision_of reads the state tensors of a param of ``dtype``
+    (Note [state kept wide]): for fp16/bf16 params only."""
+    return dtype in _LOW_PRECISION
+
+
 def dense_state(state: dict | None, names: tuple) -> tuple:
     """A param's state tensors of ``names`` (None where missing), as
     precision_of reads them (Note [state kept wide])."""

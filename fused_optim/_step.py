@@ -336,9 +336,15 @@ class StepProtocol:
         so a step it refuses leaves none made."""
         progress["written"] = True  # (no second try after it: Note [stale plans])
         for group in groups:
+            differentiable = group.get("differentiable")
             for param in group["params"]:
-                if param.grad is not None and not self.state.get(param):
+                if param.grad is None:
+                    continue
+                state = self.state.get(param)
+                if not state:
                     journal.watch(param)
+                elif differentiable:  # (its updates record history: Note [state arena])
+                    _arena.unpack(state, journal.set)
         _torch_path.torch_step(self, groups, grad_norm)
 
     def _clip_norm(self, grads: list, grad_scale) -> torch.Tensor:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 from torch.optim.adagrad import adagrad as _torch_adagrad
 
-from fused_optim import _arena, _docs
+from fused_optim import _docs
 from fused_optim._base import FusedOptimizer
 from fused_optim._clip import check_max_grad_norm
-from fused_optim._journal import Journal
 from fused_optim._keywords import check_implementation_keywords, check_tensor_lr, to_float
 from fused_optim._planning import new_step
-from fused_optim._precision import check_precision_keywords, precision_of, real_dtype, state_dtype_of
+from fused_optim._precision import check_precision_keywords
 
 __all__ = ["Adagrad"]
 
@@ -75,18 +74,7 @@ class Adagrad(FusedOptimizer):
         # torch.distributed.checkpoint loads into) then lists every key a
         # checkpoint of it has. Checked at the first step, as loaded ones
         # (Note [a loaded master copy]).
-        new_tensors = []
-        journal = Journal(self.state)  # (nothing to take back: read for its new masters)
-        for group in self.param_groups:
-            for param in group["params"]:
-                precision = precision_of(group, real_dtype(param))
-                state = self.state[param]
-                dtype = state_dtype_of(param, precision)
-                self._init_state(param, group, state, dtype, new_tensors)
-                if not self._unfused(group):  # (torch's code keeps its own layout)
-                    self._conform_state(param, group, precision, state, journal)
-        _arena.make(new_tensors)
-        self._unchecked_masters = frozenset(journal.new_masters)
+        self._make_all_state()
 
     _setstate_defaults = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
 
@@ -109,8 +97,13 @@ class Adagrad(FusedOptimizer):
     def _init_scalar_state(self, param, group, state) -> None:
         # Where torch.optim.Adagrad puts it: on the param's device for a
         # fused step, on the CPU for its unfused code (which reads it with
-        # .item(): a meta device, for one, refuses that).
-        state.setdefault("step", new_step(None if self._unfused(group) else param.device))
+        # .item(): a meta device, for one, refuses that). The same for a
+        # CPU param, which is not asked where it is stepped (as Adagrad
+        # makes its state at construction, for every param at once).
+        device = param.device
+        if "step" not in state:
+            state["step"] = new_step(None if device.type != "cpu" and self._unfused(group)
+                                     else device)
 
     def _initial_state_value(self, group, param):
         # The group's own value (torch.optim uses the constructor's value for

@@ -167,6 +167,10 @@ def _bad_param(kind: str, dtype=torch.float32):
         g = torch.sparse_coo_tensor(idx, torch.randn(4, 3, dtype=dtype), (10, 3),
                                     check_invariants=True)
         return p, lambda: setattr(p, "grad", g)
+    if kind in DTYPE_ERRORS:
+        bad_dtype = DTYPE_ERRORS[kind][0]
+        p = torch.zeros(4, 3, dtype=bad_dtype)
+        return p, lambda: setattr(p, "grad", torch.ones(4, 3, dtype=bad_dtype))
     if kind == "meta_param":
         p = torch.randn(4, 3, dtype=dtype, device="meta", requires_grad=True)
         return p, lambda: setattr(p, "grad", torch.randn(4, 3, dtype=dtype, device="meta"))
@@ -187,6 +191,14 @@ def _bad_param(kind: str, dtype=torch.float32):
 
 
 LAYOUT_ERRORS = ["grad_dtype", "grad_shape", "grad_numel", "meta_param"]
+
+# Params of a dtype the fused step refuses (torch's code steps a complex32
+# one, and fails on an integer one with its own message), with a gradient
+# of their own dtype: (dtype, the error).
+DTYPE_ERRORS = {
+    "int64_param": (torch.int64, "has dtype torch.int64; only floating point and complex params"),
+    "complex32_param": (torch.complex32, "is complex32, which is not supported"),
+}
 
 
 class _WithExtra(Run):
@@ -402,6 +414,36 @@ def test_bad_param_first_in_group_1(cfg, kind):
     not be updated either (no partial progress in any order)."""
     _check_raises_atomically(cfg, kind, STEP_ERROR_EXCEPTIONS, None,
                              where=f"{kind} first in group 1", extra_group=0, extra_first=True)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("cfg", [c for c in ONE_PER_OPTIMIZER if not c.unfused], ids=str)
+@pytest.mark.parametrize("steps", [2, 0], ids=["warm", "first_step"])
+@pytest.mark.parametrize("kind", sorted(DTYPE_ERRORS))
+def test_param_of_a_refused_dtype_rejected_atomically(cfg, kind, steps):
+    # (the checks run once per dtype and device in a group: the refused
+    # param is the last of its group, after params of another dtype)
+    _check_raises_atomically(cfg, kind, ValueError,
+                             f"param 2 of param group 1 {re.escape(DTYPE_ERRORS[kind][1])}",
+                             where=f"{kind} in group 2", steps=steps)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_fp16_param_in_a_stochastic_rounding_group_rejected_atomically(name):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=gen).bfloat16().requires_grad_() for n in (7, 33)]
+    params.append(torch.randn(5, generator=gen).half().requires_grad_())
+    opt = getattr(fused_optim, name)(params, lr=0.01, stochastic_rounding=True)
+    for step in range(3):  # (the last: the fp16 param's first gradient)
+        for p in params[:2] if step < 2 else params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        if step < 2:
+            opt.step()
+    snap = snapshot_optimizer(opt)
+    with pytest.raises(ValueError, match="param 2 of param group 0 is float16: "
+                                         "stochastic_rounding is implemented for bfloat16"):
+        opt.step()
+    assert_optimizer_unchanged(opt, snap, f"{name} fp16 param with stochastic rounding")
 
 
 @ONE_EACH

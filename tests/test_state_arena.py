@@ -262,3 +262,68 @@ def test_dcp_writes_each_packed_tensor_alone_and_loads_it_back(tmp_path):
             if value.dim():
                 state[key] = value.clone()
     assert packed_bytes == saved_bytes(model, opt, tmp_path / "b")
+
+
+def test_differentiable_adagrad_steps_through_the_state_made_at_construction():
+    # Adagrad makes its state when built; a group that torch's code steps
+    # (differentiable=True) gets tensors of their own, as torch makes them,
+    # and its in-place updates record history: the gradient reaches the
+    # gradient that went into the step, as torch's. (Views of one buffer
+    # refused the second param's update: "a leaf Variable that requires
+    # grad is being used in an in-place operation".)
+    results = []
+    for cls in (fused_optim.Adagrad, torch.optim.Adagrad):
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+        grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+                 for t in (weight, bias)]
+        params = [weight.clone(), bias.clone()]  # (non-leaf params, as torch's own tests)
+        opt = cls(params, lr=0.1, differentiable=True)
+        for p, g in zip(params, grads):
+            assert opt.state[p]["sum"].untyped_storage().nbytes() == p.numel() * 8
+            p.grad = g * 1.0
+        opt.step()
+        out = sum((p * p).sum() + opt.state[p]["sum"].sum() for p in params)
+        results.append((params, [opt.state[p]["sum"] for p in params],
+                        torch.autograd.grad(out, grads)))
+    (ours, ours_sums, ours_grads), (ref, ref_sums, ref_grads) = results
+    for a, b in zip((*ours, *ours_sums, *ours_grads), (*ref, *ref_sums, *ref_grads)):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+def test_a_differentiable_step_takes_packed_state_out_of_the_arena(name):
+    # State packed by fused steps, then the optimizer turned differentiable
+    # (torch's code steps it, recording history in place on the state):
+    # each param's state leaves the arena first, and the step is torch's,
+    # gradient included.
+    results = []
+    for cls in (getattr(fused_optim, name), getattr(torch.optim, name)):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(n, generator=gen, dtype=torch.float64) for n in (37, 8, 130)]
+        opt = cls(params, lr=0.1, **KWARGS.get(name, {}))
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            opt.step()
+        if cls.__module__.startswith("fused_optim"):
+            first = opt.state[params[0]][_dense_state_names(opt)[0]]
+            assert first.untyped_storage().nbytes() > first.numel() * 8  # (packed)
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+                 for p in params]
+        opt.defaults["differentiable"] = opt.param_groups[0]["differentiable"] = True
+        for p, g in zip(params, grads):
+            p.grad = g * 1.0
+        opt.step()
+        state = [{k: v for k, v in opt.state[p].items() if k != "step"} for p in params]
+        out = sum(p.sum() + sum(v.sum() for v in s.values()) for p, s in zip(params, state))
+        results.append((params, state, torch.autograd.grad(out, grads)))
+    (ours, ours_state, ours_grads), (ref, ref_state, ref_grads) = results
+    for i, (p, q) in enumerate(zip(ours, ref)):
+        assert_close(p, q, msg=f"{name} param {i}")
+        assert ours_state[i].keys() == ref_state[i].keys()
+        for key, value in ref_state[i].items():
+            assert_close(ours_state[i][key], value, msg=f"{name} param {i} {key}")
+    for g, h in zip(ours_grads, ref_grads):
+        assert_close(g, h)
