@@ -27,7 +27,11 @@ buffer made with the initial value, the others as tensors of their own.
 (At first they were made as tensors of their own and then copied into
 the buffer; made in place, the constructor and first step on `many-small`
 take 12% less time for SGD, 24% for Adagrad, 38% for Adam:
-benchmarks/results/first-step-cpu-2core-epyc-2026-12-07.md.) Why small
+benchmarks/results/first-step-cpu-2core-epyc-2026-12-07.md. The views of
+1-d params' state then came from one split of the buffer, ``_flat_views``,
+with the plan's decisions made once per kind of param, Note [a first
+gradient's short way]: 0.6-0.7 of that time again,
+first-step-cpu-2core-epyc-2026-12-07-kinds.md.) Why small
 ones only: a large tensor is a long run in memory already, and the costs
 below grow with it. Not packed:
 - the state Adagrad makes at construction for a group that torch.optim's
