@@ -7,8 +7,9 @@ first gradient, and bring existing state to the group's precision options
 (cast moments to ``state_dtype``, make or drop the master copy, move a step
 counter). Each such change goes through the journal; ``undo`` restores the
 state dicts exactly, in reverse order: the same dict objects, the same
-tensor objects, so a float32 master dropped by a step that then failed is
-the same master afterwards.
+tensor objects, in the same key order (``state_dict()`` lists them so), so
+a float32 master dropped by a step that then failed is the same master, in
+the same place, afterwards.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ class Journal:
     def __init__(self, optimizer_state) -> None:
         self._optimizer_state = optimizer_state
         self._entries: list = []
+        # id -> (a state dict a key was popped from, its keys before): put
+        # back, a key would come last (dicts keep insertion order)
+        self._key_orders: dict = {}
         # The params whose master copy the step made (checked at the next
         # step: Note [a loaded master copy] in _planning.py).
         self.new_masters: list = []
@@ -52,6 +56,7 @@ class Journal:
 
     def pop(self, state: dict, key) -> None:
         if key in state:
+            self._key_orders.setdefault(id(state), (state, list(state)))
             self._entries.append(("key", state, key, state[key]))
             del state[key]
 
@@ -71,6 +76,13 @@ class Journal:
                     state = self._optimizer_state[param]
                     for key in [k for k in state if k not in previous]:
                         del state[key]
+        for state, keys in self._key_orders.values():
+            if list(state) != keys:
+                place = {key: i for i, key in enumerate(keys)}.get
+                items = sorted(state.items(), key=lambda item: place(item[0], len(keys)))
+                state.clear()  # (the same dict object, its keys in their old order)
+                state.update(items)
+        self._key_orders.clear()
         self._entries.clear()
         self.new_masters.clear()
 

@@ -242,11 +242,18 @@ def test_master_weights_survive_a_failed_step_that_switched_them_off():
     opt, good, other = _bf16_master_run()
     master = opt.state[good[0]]["master_param"]
     bits = master.clone()
+    keys = list(opt.state[good[0]])
+    assert keys.index("master_param") < len(keys) - 1  # (not last: its place is checked)
     opt.param_groups[0]["master_weights"] = False
     _set_grads(good, 1)
     _break_grad_dtype(other[0])
+    snap = snapshot_optimizer(opt)
     with pytest.raises(RuntimeError, match="dtype"):
         opt.step()
+    # (the keys in their order too: state_dict() lists them so)
+    assert_optimizer_unchanged(opt, snap, "master weights switched off, failed step")
+    assert list(opt.state[good[0]]) == keys
+    assert list(opt.state_dict()["state"][0]) == keys
     opt.param_groups[0]["master_weights"] = True
     assert opt.state[good[0]]["master_param"] is master
     assert torch.equal(master, bits)
