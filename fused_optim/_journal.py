@@ -31,15 +31,9 @@ class Journal:
     def state_for(self, param) -> dict:
         """The param's state dict, created if missing; new keys the step
         adds to it are removed again by ``undo``."""
-        # (watch, written out: a tensor's hash is Python code, and a first
-        # step calls this once per param)
-        states = self._optimizer_state
-        state = states.get(param)
+        state = self._note(param)
         if state is None:
-            self._entries.append(("state", param, None))
-            state = states[param] = {}
-        else:
-            self._entries.append(("state", param, set(state)))
+            state = self._optimizer_state[param] = {}
         return state
 
     def watch(self, param) -> None:
@@ -47,8 +41,14 @@ class Journal:
         creating its state: ``undo`` removes the keys added since, and the
         state dict itself if it had none (state that code other than ours
         makes: torch.optim's, for a fused=False group)."""
-        state = self._optimizer_state
-        self._entries.append(("state", param, set(state[param]) if param in state else None))
+        self._note(param)
+
+    def _note(self, param) -> dict | None:
+        # (one lookup: a tensor's hash is Python code, and a first step
+        # notes every param)
+        state = self._optimizer_state.get(param)
+        self._entries.append(("state", param, None if state is None else set(state)))
+        return state
 
     def set(self, state: dict, key, value) -> None:
         self._entries.append(("key", state, key, state.get(key, _MISSING)))

@@ -199,17 +199,15 @@ class Planning:
         for group in self.param_groups:
             names = self._state_names(self._mode(group))
             fused = not self._unfused(group)
-            kinds: dict = {}  # dtype -> (precision, state dtype)
+            kinds: dict = {}  # (dtype, device) -> _Kind
             for param in group["params"]:
-                kind = kinds.get(param.dtype)
+                kind = kinds.get((param.dtype, param.device))
                 if kind is None:
-                    precision = precision_of(group, real_dtype(param))
-                    kind = kinds[param.dtype] = (precision, state_dtype_of(param, precision))
-                precision, dtype = kind
+                    kind = kinds[param.dtype, param.device] = _Kind(self, param, group, names)
                 state = self.state[param]
-                self._init_state(param, group, state, dtype, names,
+                self._init_state(param, group, state, kind.state_dtype, names,
                                  new_tensors if fused else None)
-                if fused and precision.master_weights and "master_param" not in state:
+                if fused and kind.precision.master_weights and "master_param" not in state:
                     _make_master(param, state, journal)
         _arena.make(new_tensors)
         self._unchecked_masters = frozenset(journal.new_masters)

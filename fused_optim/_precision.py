@@ -96,8 +96,9 @@ def precision_of(group, dtype: torch.dtype, state_tensors=()) -> Precision:
     master = low and bool(group.get("master_weights", False))
     state_dtype = as_state_dtype(group.get("state_dtype"))
     if state_dtype is None:
-        kept_wide = low and any(isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32
-                                for tensor in state_tensors)
+        kept_wide = precision_reads_state(dtype) and any(
+            isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32
+            for tensor in state_tensors)
         state_dtype = torch.float32 if master or kept_wide else dtype
     rounding = dtype == torch.bfloat16 and bool(group.get("stochastic_rounding", False))
     return Precision(master, state_dtype, rounding)

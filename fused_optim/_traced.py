@@ -117,7 +117,8 @@ class TracedStep:
             for _, param in kind:
                 # (a None, torch 1.x's SGD placeholder, is made anew: not kept)
                 before = {k for k, v in self.state.get(param, {}).items() if v is not None}
-                state, is_new = self._ready_state(param, group, precision, Journal(self.state))
+                state, is_new = self._ready_state(param, group, precision, Journal(self.state),
+                                                  names=dense_names)
                 _arena.unpack(state)  # (aliased graph inputs: Note [state arena])
                 made = {}
                 if is_new:
