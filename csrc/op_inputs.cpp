@@ -277,12 +277,15 @@ void check_per_tensor_scalars(const char* op, const char* name,
               " tensors but params has ", num_tensors);
   for (int64_t i = 0; i < num_tensors; ++i) {
     const at::Tensor& step = state_steps[i];
-    TORCH_CHECK(step.defined() && step.dim() == 0 &&
+    // (one element of any shape: torch.optim reads a counter with
+    // .item(), so a shape-[1] one, as A3C's shared-memory Adam makes, steps
+    // there; the kernels read and write its one element in place)
+    TORCH_CHECK(step.defined() && step.numel() == 1 &&
                     step.device() == device &&
                     (step.scalar_type() == at::kFloat ||
                      step.scalar_type() == at::kDouble),
                 op, ": ", name, "[", i,
-                "] must be a 0-d float32 or float64 tensor on ", device,
+                "] must be a one-element float32 or float64 tensor on ", device,
                 ", got ",
                 step.defined() ? step.toString() : "undefined", " of shape ",
                 step.defined() ? step.sizes() : at::IntArrayRef{}, " on ",

@@ -101,9 +101,9 @@ void check_groups(
     const char* op, int64_t num_tensors, at::IntArrayRef group_index,
     const std::vector<std::pair<const char*, int64_t>>& per_group_lengths);
 
-// Checks that each step counter is a 0-d float32/float64 tensor on
-// `device` (the CPU for the CPU kernels; the params' GPU for the CUDA
-// kernels, which read and increment them there).
+// Checks that each step counter is a one-element (usually 0-d)
+// float32/float64 tensor on `device` (the CPU for the CPU kernels; the
+// params' GPU for the CUDA kernels, which read and increment them there).
 void check_state_steps(const char* op, at::TensorList state_steps,
                        int64_t num_tensors, at::Device device);
 

@@ -14,8 +14,9 @@
 // - `lr` is a float list, or, in the `tensor_lr` overload, a list of
 //   one-element float32/float64 tensors on the params' device (CPU for the
 //   CPU kernels), read by the kernel: capturable CUDA steps.
-// - `state_steps` are the per-tensor 0-d step counters; the op increments
-//   them (after validating everything) and uses the new value for the bias
+// - `state_steps` are the per-tensor step counters (one-element tensors,
+//   usually 0-d); the op increments them (after validating everything) and
+//   uses the new value for the bias
 //   corrections, so the caller needs no per-tensor Python work. sgd_'s may
 //   be empty: torch's SGD keeps no counter; ours exist only with stochastic
 //   rounding, whose random bits must change from step to step
@@ -37,7 +38,7 @@
 //   gradients are divided by grad_scale in registers, and a non-zero
 //   found_inf skips the call: nothing is written, no step counter advances.
 // - Per-tensor scalar state (nadam_'s `mu_products`, after state_steps):
-//   0-d float32/float64 tensors, one per param, checked like state_steps
+//   one-element float32/float64 tensors, one per param, checked like state_steps
 //   and updated by the op (Note [per-tensor scalar state], hyperparams.h).
 // - Clipping by the global gradient norm: `grad_norm` (or None) is the norm
 //   of all the optimizer's (unscaled) gradients, a one-element float32 or

@@ -13,7 +13,7 @@ import torch
 from torch.nn.parameter import is_lazy
 
 from fused_optim._clip import check_max_grad_norm
-from fused_optim._planning import step_device, step_dtype
+from fused_optim._planning import counter_for_op, step_device
 from fused_optim._precision import PRECISION_DEFAULTS, precision_of
 
 # Note [implementation keywords on load]
@@ -159,10 +159,10 @@ class Checkpoints:
         """After loading: torch.optim's load casts every state tensor to its
         param's dtype, which would round a float32 master copy or float32
         moments of bf16 params to bf16. Those are taken again from the
-        loaded dict, at full precision. Step counters become 0-d tensors on
-        the device the op reads them on: the CPU for CPU params, the param's
-        device otherwise (torch keeps them there for its fused and
-        capturable paths only)."""
+        loaded dict, at full precision. Step counters become tensors the op
+        reads (``counter_for_op``), on the device it reads them on: the CPU
+        for CPU params, the param's device otherwise (torch keeps them there
+        for its fused and capturable paths only)."""
         saved = {}
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for param, key in zip(group["params"], saved_group["params"]):
@@ -194,15 +194,8 @@ class Checkpoints:
                     dtype = torch.float32 if key == "master_param" else precision.state_dtype
                     if loaded.dtype != dtype and value.is_floating_point():
                         state[key] = value.to(device=loaded.device, dtype=dtype, copy=True)
-            step = state.get("step")
-            if step is None:
-                continue
-            if not isinstance(step, torch.Tensor):
-                step = torch.tensor(float(step), dtype=step_dtype())
-            device = step_device(param)
-            if step.device != device or step.dtype not in (torch.float32, torch.float64):
-                step = step.detach().to(device, torch.float32)
-            state["step"] = step
+            if state.get("step") is not None:
+                state["step"] = counter_for_op(state["step"], param)
 
 
 def _check_state_value_type(name: str, value, names: tuple, scalar_names: tuple) -> None:

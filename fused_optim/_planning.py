@@ -5,6 +5,8 @@ through the step's journal (_bucket.py says what a plan caches)."""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from fused_optim import _arena, _bucket
@@ -307,21 +309,11 @@ class Planning:
                 _make_master(param, state, journal)
         elif "master_param" in state:
             journal.pop(state, "master_param")
-        device = step_device(param)
-        step = state.get("step")
-        if isinstance(step, torch.Tensor) and (
-            step.device != device or not step.is_floating_point()
-        ):
-            # (torch accepts an integer counter, e.g. hand-edited: made float32)
-            journal.set(state, "step", step.to(device, torch.float32))
-        for key in self._scalar_state_names:
+        for key in ("step", *self._scalar_state_names):
             value = state.get(key)
-            if isinstance(value, torch.Tensor) and (
-                value.device != device or value.dtype not in (torch.float32, torch.float64)
-            ):
-                # (where the op reads it, in a dtype it takes: a checkpoint
-                # loaded by torch.optim's rules may hold it in the param's)
-                journal.set(state, key, value.to(device, torch.float32))
+            readable = counter_for_op(value, param)
+            if readable is not value:
+                journal.set(state, key, readable)
 
 
 
@@ -382,6 +374,29 @@ def step_dtype() -> torch.dtype:
     # default dtype is float64, else float32. Never fp16/bf16: a bf16 counter
     # freezes at 256.
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def counter_for_op(value, param):
+    """A param's step counter (or per-param scalar state, NAdam's
+    mu_product) as the op reads it: a one-element float32 or float64 tensor
+    on ``step_device(param)``. ``value`` itself where it is one (any shape:
+    torch.optim reads counters with ``.item()``, and a shape-[1] counter in
+    shared memory, as A3C's shared Adam makes, must stay the one the other
+    processes see); a float32 copy of a tensor of another dtype or device
+    (torch accepts an integer counter, e.g. hand-edited; a checkpoint loaded
+    by torch.optim's rules may hold mu_product in the param's dtype); a new
+    counter holding a number (torch.optim's step refuses a number, "API has
+    changed"; ours counts on). None, and anything else, as it is: the op's
+    checks refuse what it cannot read."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, numbers.Real):
+        return new_step(step_device(param)).fill_(float(value))
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and (
+        value.device != step_device(param) or value.dtype not in (torch.float32, torch.float64)
+    ):
+        return value.detach().to(step_device(param), torch.float32)
+    return value
 
 
 def new_step(device=None) -> torch.Tensor:

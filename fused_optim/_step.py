@@ -204,11 +204,12 @@ class StepProtocol:
         progress = {"written": False}
         try:
             self._apply(plan, progress, journal)
-        except RuntimeError:
+        except (RuntimeError, TypeError):
             if progress["written"] or not cached:
                 raise
             # Note [stale plans]: a cached plan whose call is refused may
-            # predate a change to a param (its dtype, device or memory)
+            # predate a change to a param (its dtype, device or memory) or
+            # to a value in its state dict (a number as its step counter)
             # that the plan's signature does not see. Nothing was written:
             # plan afresh and try once more; a real error raises again.
             self._apply(self._build_plan(journal), progress, journal)

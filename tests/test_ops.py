@@ -888,9 +888,10 @@ def _bad_variants(op, named):
 
         variant("scalar_state_shorter", f"{name} has 5 tensors but params has 6",
                 scalar_states={**named["scalar_states"], name: values[:-1]})
-        variant("scalar_state_not_0d", rf"{name}\[2\] must be a 0-d float32 or float64 tensor",
-                scalar_states=bad_scalar(2, torch.ones(1)))
-        variant("scalar_state_float16", rf"{name}\[1\] must be a 0-d float32 or float64 tensor",
+        variant("scalar_state_of_two_elements",
+                rf"{name}\[2\] must be a one-element float32 or float64 tensor",
+                scalar_states=bad_scalar(2, torch.ones(2)))
+        variant("scalar_state_float16", rf"{name}\[1\] must be a one-element float32 or float64 tensor",
                 scalar_states=bad_scalar(1, torch.tensor(1.0, dtype=torch.float16)))
     if "nesterov" in named["modes"]:  # (SGD's modes: MomentumModes in op_specs.h)
         variant("nesterov_without_buffers", rf"{op}: nesterov=True needs momentum buffers",
@@ -921,7 +922,8 @@ COMMON_VARIANTS = ["grads_shorter", "group_index_out_of_range", "group_index_neg
                    "group_index_shorter", "rounding_ids_shorter", "lr_shorter", "hyper_shorter", "grad_numel",
                    "maximize_shorter", "maximize_longer"]
 ADAM_VARIANTS = ["decoupled_weight_decay_shorter", "decoupled_weight_decay_longer"]
-SCALAR_STATE_VARIANTS = ["scalar_state_shorter", "scalar_state_not_0d", "scalar_state_float16"]
+SCALAR_STATE_VARIANTS = ["scalar_state_shorter", "scalar_state_of_two_elements",
+                         "scalar_state_float16"]
 LR_TENSOR_VARIANTS = ["lr_tensor_two_elements", "lr_tensor_float16", "lr_tensor_int64",
                       "lr_tensor_empty", "lr_tensor_on_cpu"]
 ERROR_CASES = [

@@ -119,7 +119,7 @@ struct MultiTensorArgs {
   std::vector<void*> master;         // empty, or float32 per tensor
   std::vector<StepCounter> steps;    // per tensor (SGD: or empty)
   // Per tensor, the op's scalar state (Note [per-tensor scalar state] in
-  // hyperparams.h; a 0-d float32/float64 tensor each), or empty.
+  // hyperparams.h; a one-element float32/float64 tensor each), or empty.
   std::vector<StepCounter> scalar_state;
   // Note [per-tensor norms] (hyperparams.h): for an op whose Hyper has
   // kHasTensorNorms, the device address of the call's [2n] sums of squares

@@ -39,7 +39,8 @@ struct LrSource {
   }
 };
 
-// A step counter: a 0-d float32 or float64 tensor on the device.
+// A step counter: a one-element (usually 0-d) float32 or float64 tensor on
+// the device.
 struct StepCounter {
   void* data = nullptr;
   bool is_double = false;
