@@ -5,6 +5,8 @@ gradient that aliases its param is read as torch reads it."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import pytest
 import torch
 
@@ -204,7 +206,6 @@ def test_plan_follows_params_and_state_dicts_replaced_between_steps(name, change
 
 def test_state_replaced_wholesale_is_followed():
     # opt.state = defaultdict(dict) (as some wrappers do) starts over, as in torch.
-    from collections import defaultdict
     runs = []
     for module in (torch.optim, fused_optim):
         torch.manual_seed(0)
@@ -215,6 +216,25 @@ def test_state_replaced_wholesale_is_followed():
             opt.step()
             if step == 1:
                 opt.state = defaultdict(dict)
+        runs.append((params[0].detach().clone(), float(opt.state[params[0]]["step"])))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1] == 2.0
+
+
+def test_state_replaced_by_a_plain_dict_starts_over():
+    # opt.state = {} (torch's next step raises KeyError: its state must be
+    # a defaultdict) is taken as a defaultdict of its entries: the same run
+    # as the reset above.
+    runs = []
+    for reset in (dict, lambda: defaultdict(dict)):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5))]
+        opt = fused_optim.Adam(params, lr=0.1)
+        for step in range(4):
+            _set_grads(params, step)
+            opt.step()
+            if step == 1:
+                opt.state = reset()
+        assert isinstance(opt.state, defaultdict)
         runs.append((params[0].detach().clone(), float(opt.state[params[0]]["step"])))
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1] == 2.0
 
