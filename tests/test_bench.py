@@ -62,7 +62,7 @@ def test_bench_sh_help_needs_no_set_up(tmp_path):
     ("--scale", "big"),
     ("--threads", "0"), ("--threads", "-2"),
     ("--sample-ms", "-1"), ("--sample-ms", "nan"), ("--sample-ms", "soon"),
-    ("--optimizers", "adamx"), ("--optimizers", ","), ("--optimizers", "adam,adamax"),
+    ("--optimizers", "adamx"), ("--optimizers", ","), ("--optimizers", "adam,nosuchoptimizer"),
     ("--workloads", "huge"),
     ("--precisions", "fp16"), ("--precisions", "mixed,fp8"), ("--dtypes", ""),
     ("--impls", "jax"),

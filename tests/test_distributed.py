@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.optim.utils import functional_optim_map
 from torch.nn.parallel import DistributedDataParallel
 
 import fused_optim
@@ -95,10 +96,12 @@ def test_dtensor_rule_registered_whichever_is_imported_first():
     _run_after_each_import_order("torch.distributed.tensor", check)
 
 
-# torch.optim's classes with a functional twin in torch.distributed
-# (_functional.py); torch has none for RAdam, NAdam (nor for Lion, Lars,
-# Lamb, which it lacks).
-FUNCTIONAL_TWINS = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+# Ours whose torch.optim class has a functional twin in torch.distributed
+# (_functional.py registers them; torch has none for RAdam, NAdam, nor for
+# Lion, Lars, Lamb, which it lacks): read from torch's map, so that a new
+# optimizer is covered where torch has its twin.
+FUNCTIONAL_TWINS = [n for n in fused_optim.__all__ if getattr(torch.optim, n, None)
+                    in functional_optim_map]
 
 
 def test_functional_twins_registered_whichever_is_imported_first():

@@ -643,7 +643,7 @@ BAD = [
     ({"optimizer": "Adam", "lr": 1e-3, "momentum": 0.9}, "momentum"),  # unknown key
     ({"optimizer": "SGD", "lr": -1}, "-1"),  # bad value
     ({"optimizer": "Adam", "betas": (1.5, 0.9)}, "1.5"),
-    ({"optimizer": "Adamax", "lr": 1e-3}, "Adamax"),  # unknown optimizer
+    ({"optimizer": "NoSuchOptimizer", "lr": 1e-3}, "NoSuchOptimizer"),  # unknown optimizer
     ({"lr": 1e-3}, "optimizer"),
     ({"optimizer": "SGD", "lr": 0.1, "warmup_steps": -1}, "warmup_steps"),
     ({"optimizer": "SGD", "lr": 0.1, "warmup_steps": 2.5}, "warmup_steps"),
