@@ -204,39 +204,34 @@ def test_plan_follows_params_and_state_dicts_replaced_between_steps(name, change
             torch.testing.assert_close(ours.state[q][key], ref.state[p][key], check_dtype=False)
 
 
+def _run_with_state_reset(module, reset) -> tuple:
+    """Four Adam steps of ``module`` with ``opt.state = reset()`` after the
+    second: (the param, its step counter)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5))]
+    opt = module.Adam(params, lr=0.1)
+    for step in range(4):
+        _set_grads(params, step)
+        opt.step()
+        if step == 1:
+            opt.state = reset()
+    assert isinstance(opt.state, defaultdict)
+    return params[0].detach().clone(), float(opt.state[params[0]]["step"])
+
+
 def test_state_replaced_wholesale_is_followed():
     # opt.state = defaultdict(dict) (as some wrappers do) starts over, as in torch.
-    runs = []
-    for module in (torch.optim, fused_optim):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(5))]
-        opt = module.Adam(params, lr=0.1)
-        for step in range(4):
-            _set_grads(params, step)
-            opt.step()
-            if step == 1:
-                opt.state = defaultdict(dict)
-        runs.append((params[0].detach().clone(), float(opt.state[params[0]]["step"])))
-    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1] == 2.0
+    ref, ours = (_run_with_state_reset(m, lambda: defaultdict(dict))
+                 for m in (torch.optim, fused_optim))
+    assert torch.equal(ref[0], ours[0]) and ref[1] == ours[1] == 2.0
 
 
 def test_state_replaced_by_a_plain_dict_starts_over():
     # opt.state = {} (torch's next step raises KeyError: its state must be
     # a defaultdict) is taken as a defaultdict of its entries: the same run
     # as the reset above.
-    runs = []
-    for reset in (dict, lambda: defaultdict(dict)):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(5))]
-        opt = fused_optim.Adam(params, lr=0.1)
-        for step in range(4):
-            _set_grads(params, step)
-            opt.step()
-            if step == 1:
-                opt.state = reset()
-        assert isinstance(opt.state, defaultdict)
-        runs.append((params[0].detach().clone(), float(opt.state[params[0]]["step"])))
-    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1] == 2.0
+    plain, reset = (_run_with_state_reset(fused_optim, r) for r in (dict, lambda: defaultdict(dict)))
+    assert torch.equal(plain[0], reset[0]) and plain[1] == reset[1] == 2.0
 
 
 # ----- precision changes are taken back with a failed step ------------------------------

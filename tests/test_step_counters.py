@@ -49,6 +49,12 @@ def _step(model, opt, step, step_fn=None):
     (step_fn or opt.step)()
 
 
+def _step_both(runs, steps):
+    for step in steps:
+        for model, opt in runs:
+            _step(model, opt, step)
+
+
 def _pair(cfg):
     """(model, opt) for torch.optim's for-loop step and for ours."""
     runs = []
@@ -78,16 +84,12 @@ def test_counter_set_into_the_state_steps_as_torch(cfg, form):
     # so do we, on the very tensor where the op can read it.
     make, kept = FORMS[form]
     ref, ours = _pair(cfg)
-    for step in range(2):
-        for model, opt in (ref, ours):
-            _step(model, opt, step)
+    _step_both((ref, ours), range(2))
     counters = {}
     for model, opt in (ref, ours):
         for p in model.parameters():
             opt.state[p]["step"] = counters[opt, p] = make(2)
-    for step in range(2, 5):
-        for model, opt in (ref, ours):
-            _step(model, opt, step)
+    _step_both((ref, ours), range(2, 5))
     _assert_same_runs(ours, ref)
     model, opt = ours
     for p in model.parameters():
@@ -104,8 +106,7 @@ def test_counter_set_into_the_state_steps_as_torch(cfg, form):
 def test_counter_loaded_from_a_torch_checkpoint_steps_as_torch(cfg, form):
     make, kept = FORMS[form]
     ref, ours = _pair(cfg)
-    for step in range(2):
-        _step(*ref, step)
+    _step_both((ref,), range(2))
     # (copies: a state_dict holds the live state dicts, and a load keeps
     # tensors that need no cast, so torch's and ours would share them)
     saved = copy.deepcopy(ref[1].state_dict())
@@ -114,9 +115,7 @@ def test_counter_loaded_from_a_torch_checkpoint_steps_as_torch(cfg, form):
     ours[0].load_state_dict(ref[0].state_dict())
     for _, opt in (ref, ours):
         opt.load_state_dict(copy.deepcopy(saved))
-    for step in range(2, 5):
-        for model, opt in (ref, ours):
-            _step(model, opt, step)
+    _step_both((ref, ours), range(2, 5))
     _assert_same_runs(ours, ref)
     for p in ours[0].parameters():
         step = ours[1].state[p]["step"]
@@ -131,14 +130,10 @@ def test_counter_set_as_a_number_is_counted_on(cfg, number):
     # torch.optim's step refuses a number ("API has changed"); ours makes a
     # counter of it (as both loads do) and steps as torch from a tensor.
     ref, ours = _pair(cfg)
-    for step in range(2):
-        for model, opt in (ref, ours):
-            _step(model, opt, step)
+    _step_both((ref, ours), range(2))
     for p in ours[0].parameters():
         ours[1].state[p]["step"] = number
-    for step in range(2, 5):
-        for model, opt in (ref, ours):
-            _step(model, opt, step)
+    _step_both((ref, ours), range(2, 5))
     _assert_same_runs(ours, ref)
     assert all(type(ours[1].state[p]["step"]) is torch.Tensor for p in ours[0].parameters())
 
@@ -148,9 +143,7 @@ def test_compiled_step_updates_a_counter_of_shape_1_in_place():
     # ``.is_cpu``: a number there fails inside torch.compile, as torch's)
     cfg = next(c for c in WITH_COUNTERS if c.name == "Adam")
     ref, ours = _pair(cfg)
-    for step in range(2):
-        for model, opt in (ref, ours):
-            _step(model, opt, step)
+    _step_both((ref, ours), range(2))
     counters = []
     for model, opt in (ref, ours):
         for p in model.parameters():
