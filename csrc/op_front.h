@@ -258,8 +258,8 @@ std::vector<at::Tensor> grads_read_after_decoupled_decay(
     const OpCall& call, size_t weight_decay_index);
 
 // Checks an op's per-tensor scalar state list `name` (Note [per-tensor
-// scalar state]): as state_steps, one one-element float32/float64 tensor per param
-// on the device the kernel reads it on.
+// scalar state]): as state_steps, a one-element float32/float64 tensor per
+// param on the device the kernel reads it on.
 void check_scalar_state(at::DeviceType backend, const OpCall& call,
                         const char* name);
 

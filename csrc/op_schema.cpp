@@ -16,11 +16,10 @@
 //   CPU kernels), read by the kernel: capturable CUDA steps.
 // - `state_steps` are the per-tensor step counters (one-element tensors,
 //   usually 0-d); the op increments them (after validating everything) and
-//   uses the new value for the bias
-//   corrections, so the caller needs no per-tensor Python work. sgd_'s may
-//   be empty: torch's SGD keeps no counter; ours exist only with stochastic
-//   rounding, whose random bits must change from step to step
-//   (precision.h).
+//   uses the new value for the bias corrections, so the caller needs no
+//   per-tensor Python work. sgd_'s may be empty: torch's SGD keeps no
+//   counter; ours exist only with stochastic rounding, whose random bits
+//   must change from step to step (precision.h).
 // - The keyword-only mode flags change the instruction stream (amsgrad,
 //   nesterov, centered); the caller puts groups that differ in them into
 //   different calls.
@@ -38,8 +37,8 @@
 //   gradients are divided by grad_scale in registers, and a non-zero
 //   found_inf skips the call: nothing is written, no step counter advances.
 // - Per-tensor scalar state (nadam_'s `mu_products`, after state_steps):
-//   one-element float32/float64 tensors, one per param, checked like state_steps
-//   and updated by the op (Note [per-tensor scalar state], hyperparams.h).
+//   one-element float32/float64 tensors, one per param, checked like
+//   state_steps and updated by the op (Note [per-tensor scalar state], hyperparams.h).
 // - Clipping by the global gradient norm: `grad_norm` (or None) is the norm
 //   of all the optimizer's (unscaled) gradients, a one-element float32 or
 //   float64 tensor on the params' device, computed before the call
