@@ -138,6 +138,11 @@ class StepProtocol:
         if torch.compiler.is_compiling():
             # (traced past grad_mode_as_torch: the caller set grad mode)
             return self._traced_step_with_closure(closure)
+        return self._eager_step(closure)
+
+    def _eager_step(self, closure=None):
+        """The step when nothing traces it: plans, validates, makes the
+        op calls (the module docstring)."""
         # Grad mode as torch.optim's _use_grad_for_differentiable sets it
         # (the graph breaks it adds matter only to a traced step).
         grad_was_enabled = torch.is_grad_enabled()

@@ -173,6 +173,9 @@ class TracedStep:
 
     def _traced_step(self) -> None:
         """The step as torch.compile traces it: Note [traced step]."""
+        if not torch.compiler.is_compiling():  # Note [a step Dynamo runs eagerly]
+            self._eager_step_without_dynamo()
+            return
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # The groups torch.optim's code steps (Dynamo guards on the param
@@ -278,6 +281,32 @@ class TracedStep:
             # (an item of a list: Dynamo replays that side effect after the
             # graph, where it drops an attribute set on an Optimizer)
             self._grad_norm_cell[0] = grad_norm
+
+    # Note [a step Dynamo runs eagerly]
+    # Dynamo runs a frame eagerly that it will not trace: one past its
+    # recompile limit (each set of params with gradients is a recompile),
+    # one whose trace broke in a loop, and, for every later call of its
+    # code, one whose trace held no op (torch 2.13: "No ops traced", a
+    # step where no param has a gradient, as a warm-up ``step()`` before
+    # the first backward). In the last two it still compiles, one by one,
+    # the functions the frame calls, and such frames of this step's
+    # helpers were wrong: one traced for a param that looks its state up
+    # was replayed for another param, its guards not holding the param's
+    # identity, and gave Adam one param's moments for the next (refused
+    # where the shapes differ, used where not: test_torch_compat.
+    # test_compiled_step_after_a_step_without_gradients).
+    # So the traced step asks ``torch.compiler.is_compiling()``, which
+    # does two things. Traced, the call keeps Dynamo from skipping the
+    # frame for holding no op (it cannot know that eager would do the
+    # same: pytorch#110765), so a step without gradients ends nothing and
+    # the next step is traced. Run eagerly, the step is the eager one
+    # with Dynamo disabled inside: the same kernels and results.
+    # (torch.optim's own steps are skipped after a step without gradients,
+    # and run from then on with their functional code compiled frame by
+    # frame.)
+    @torch._disable_dynamo
+    def _eager_step_without_dynamo(self) -> None:
+        self._eager_step()
 
     def _store_made_state(self, made: list) -> None:
         """Puts the state that _init_group made for a call's new params

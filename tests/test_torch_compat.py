@@ -14,6 +14,8 @@ import torch
 
 import fused_optim
 from fused_optim import _ops
+from fused_optim._step import StepProtocol
+from fused_optim._traced import TracedStep
 from harness import assert_optimizer_unchanged, assert_same_state, snapshot_optimizer
 from optim_configs import HAS_FUSED, NOT_IN_TORCH, ONE_PER_OPTIMIZER, OPTIM_CONFIGS, OPTIMIZER_NAMES
 
@@ -1004,7 +1006,7 @@ def test_compiled_step_rounds_stochastically_as_eager_across_groups(cls, kwargs)
     opts = [cls([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.03}], lr=0.01,
                 stochastic_rounding=True, **kwargs) for ps in (ours, ref)]
     _assert_compiled_steps_equal_eager(opts, ours, ref, steps=5,
-                                       without_grad=[None, 0, None, 2, None])
+                                       with_grads=[None, (1, 2, 3), None, (0, 1, 3), None])
 
 
 @pytest.mark.parametrize("last_group", [dict(momentum=0.9, master_weights=True),
@@ -1055,16 +1057,126 @@ def test_compiled_step_whose_complex_call_fails_makes_no_state(monkeypatch):
     _assert_compiled_steps_equal_eager(opts, ours, ref, steps=3)
 
 
-def _assert_compiled_steps_equal_eager(opts, ours, ref, steps, without_grad=None):
+def _count_eager_fallbacks(monkeypatch) -> list:
+    """A list that gets an entry at each step run by the eager fallback of
+    Note [a step Dynamo runs eagerly] (_traced.py)."""
+    calls, real = [], TracedStep._eager_step_without_dynamo
+    monkeypatch.setattr(TracedStep, "_eager_step_without_dynamo",
+                        lambda self: calls.append(1) or real(self))
+    return calls
+
+
+# (no param with a gradient, then each alone, two of them of one shape)
+GRADS_AFTER_AN_EMPTY_STEP = [(), (0, 1, 2), (0,), (1,), (2,), (1, 0), (2,)]
+
+
+def _params_of_two_shapes(dtype=torch.float32):
+    torch.manual_seed(0)
+    ours = [torch.randn(s, dtype=dtype, requires_grad=True) for s in ((4, 5), (4, 5), (33,))]
+    return ours, [p.detach().clone().requires_grad_() for p in ours]
+
+
+@pytest.mark.parametrize("config", ONE_PER_OPTIMIZER, ids=lambda c: c.name)
+def test_compiled_step_after_a_step_without_gradients(config, monkeypatch):
+    # Note [a step Dynamo runs eagerly] (_traced.py): traced with no
+    # gradient, the step's frame held no op, and Dynamo ran it eagerly
+    # ever after, compiling the functions it calls one by one: a param's
+    # state lookup, replayed for another param, gave Adam the first
+    # param's moments for the next (refused where the shapes differed,
+    # silently used where not). The step must stay traced, and equal eager.
+    torch._dynamo.reset()
+    fallbacks = _count_eager_fallbacks(monkeypatch)
+    ours, ref = _params_of_two_shapes()
+    opts = [config.ours_cls(ps, **config.kwargs) for ps in (ours, ref)]
+    _assert_compiled_steps_equal_eager(opts, ours, ref, steps=len(GRADS_AFTER_AN_EMPTY_STEP),
+                                       with_grads=GRADS_AFTER_AN_EMPTY_STEP)
+    assert not fallbacks
+
+
+@pytest.mark.parametrize("closure", [False, True], ids=["step", "step_with_closure"])
+def test_compiled_step_past_the_recompile_limit(closure, monkeypatch):
+    # Note [a step Dynamo runs eagerly]: past its recompile limit Dynamo
+    # runs a frame eagerly (each set of params with gradients is a
+    # recompile): the step's, or, after a graph break in the closure, the
+    # one resumed after it. Either runs the eager step, equal to it.
+    torch._dynamo.reset()
+    fallbacks = _count_eager_fallbacks(monkeypatch)
+    ours, ref = _params_of_two_shapes(torch.bfloat16)
+    opts = [fused_optim.AdamW(ps, lr=0.01, master_weights=True) for ps in (ours, ref)]
+    compiled = torch.compile(opts[0].step, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        _step_both_with_grads_of(compiled, opts[1].step, ours, ref, closure)
+    _assert_equal_runs_params_state(opts[0], opts[1])
+    assert fallbacks
+
+
+def test_compiled_step_in_frames_dynamo_skips(monkeypatch):
+    # Note [a step Dynamo runs eagerly]: the frames Dynamo skips (as it
+    # does those whose trace broke in a loop) run eagerly, and Dynamo
+    # compiles the functions they call one by one: the step, run eagerly,
+    # compiles none of its helpers.
+    from torch._dynamo.eval_frame import set_code_exec_strategy, skip_code
+    from torch._dynamo.types import FrameAction, FrameExecStrategy
+
+    torch._dynamo.reset()
+    fallbacks = _count_eager_fallbacks(monkeypatch)
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph
+
+    ours, ref = _params_of_two_shapes(torch.bfloat16)
+    opts = [fused_optim.Adam(ps, lr=0.01, master_weights=True) for ps in (ours, ref)]
+    codes = [StepProtocol._traced_step_with_closure.__code__, TracedStep._traced_step.__code__]
+    for code in codes:
+        skip_code(code)
+    try:
+        _step_both_with_grads_of(torch.compile(opts[0].step, backend=backend), opts[1].step,
+                                 ours, ref, closure=False)
+    finally:
+        for code in codes:
+            set_code_exec_strategy(code, FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT))
+        torch._dynamo.reset()
+    _assert_equal_runs_params_state(opts[0], opts[1])
+    assert len(fallbacks) == len(GRADS_AFTER_AN_EMPTY_STEP)
+    assert graphs == []
+
+
+def _step_both_with_grads_of(compiled, eager, ours, ref, closure):
+    """Steps ``compiled`` and ``eager`` with the gradients of
+    GRADS_AFTER_AN_EMPTY_STEP, set by a closure where ``closure`` (a graph
+    break after them): params equal after each step."""
+    for step, with_grads in enumerate(GRADS_AFTER_AN_EMPTY_STEP):
+        def set_grads(params, step=step, with_grads=with_grads):
+            for i, p in enumerate(params):
+                torch.manual_seed(10 * step + i)
+                p.grad = torch.randn_like(p) if i in with_grads else None
+            torch._dynamo.graph_break()
+            return torch.zeros(())
+        if closure:
+            compiled(lambda: set_grads(ours))
+            eager(lambda: set_grads(ref))
+        else:
+            set_grads(ours)
+            set_grads(ref)
+            compiled()
+            eager()
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q), f"step {step}"
+
+
+def _assert_compiled_steps_equal_eager(opts, ours, ref, steps, with_grads=None):
     """``steps`` steps of ``opts[0]`` compiled and ``opts[1]`` eager, on the
     same gradients: params equal after each, state at the end. With
-    ``without_grad`` (a list, one entry per step): the index of the param
-    left without a gradient at that step, or None."""
+    ``with_grads`` (a list, one entry per step): the indices of the params
+    given a gradient at that step, or None for all."""
     compiled = torch.compile(opts[0].step, backend="eager")
     for step in range(steps):
         _same_grads(ours, ref, step)
-        if without_grad is not None and without_grad[step] is not None:
-            ours[without_grad[step]].grad = ref[without_grad[step]].grad = None
+        if with_grads is not None and with_grads[step] is not None:
+            for i in set(range(len(ours))) - set(with_grads[step]):
+                ours[i].grad = ref[i].grad = None
         compiled()
         opts[1].step()
         for p, q in zip(ours, ref):
