@@ -15,7 +15,7 @@ from torch.distributed.optim.utils import functional_optim_map
 from torch.nn.parallel import DistributedDataParallel
 
 import fused_optim
-from optim_configs import ONE_PER_OPTIMIZER, torch_class
+from optim_configs import ONE_PER_OPTIMIZER, OPTIMIZER_NAMES, torch_class
 
 
 def _free_port():
@@ -49,8 +49,7 @@ def _train(model, opt, steps=5):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam",
-                                  "Lion", "Lars", "Lamb"])
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_zero_redundancy_and_ddp_match_torch(process_group, name):
     kwargs = {"lr": 1e-2}
     if name in ("SGD", "Lars"):

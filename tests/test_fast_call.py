@@ -12,6 +12,7 @@ import torch
 
 import fused_optim
 from fused_optim import _C, _clip, _ops
+from optim_configs import OPTIMIZER_NAMES
 
 
 ADAM = _ops.SIGNATURES["adam_"]
@@ -83,8 +84,7 @@ def test_fast_call_bumps_versions_of_written_lists(amp, tensor_lr):
             assert v1 == v0 + (1 if is_written else 0), name
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam",
-                                  "Lion", "Lars", "Lamb"])
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_step_leaves_a_saved_gradient_usable(name):
     # torch.optim never writes a gradient (without GradScaler), so a graph
     # that saved one (e.g. a gradient penalty) still runs backward after a
@@ -99,8 +99,7 @@ def test_step_leaves_a_saved_gradient_usable(name):
     assert w.grad.grad is not None
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam",
-                                  "Lion", "Lars", "Lamb"])
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_step_on_a_saved_param_is_caught_by_autograd(name):
     # As with torch.optim: stepping a param that a graph saved for backward
     # makes that backward fail instead of silently using the new values.

@@ -12,7 +12,7 @@ import torch
 
 import fused_optim
 from harness import assert_optimizer_unchanged, snapshot_optimizer
-from optim_configs import torch_class
+from optim_configs import OPTIMIZER_NAMES, torch_class
 
 
 def _two_bucket_groups(seed=0, dtype=torch.float32):
@@ -37,9 +37,6 @@ def _optimizer(name, first, second, **kwargs):
     return cls([{"params": first}, {"params": second, "maximize": True}], **kwargs)
 
 
-NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars", "Lamb"]
-
-
 def _break_state_shape(opt, p):
     name = next(k for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim() > 0)
     opt.state[p][name] = torch.zeros(3)
@@ -57,7 +54,7 @@ LATE_ERRORS = {
 
 
 @pytest.mark.parametrize("error", sorted(LATE_ERRORS))
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_error_in_a_later_call_writes_nothing(name, error):
     first, second = _two_bucket_groups()
     opt = _optimizer(name, first, second)
@@ -179,7 +176,7 @@ def _pop_then_restore_state(opt):
 
 @pytest.mark.parametrize("change", [_replace_first_param, _replace_first_state_dict,
                                     _pop_then_restore_state])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_plan_follows_params_and_state_dicts_replaced_between_steps(name, change):
     # torch.optim reads group["params"] and opt.state[p] every step; a plan
     # that cached the old param or the old state dict would update those.
@@ -408,7 +405,7 @@ def test_optimizer_state_counts_exactly_the_writes():
 
 
 @pytest.mark.parametrize("unfused", [False, True], ids=["fused", "fused_false"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_lr_tensor_of_several_elements_set_later_writes_nothing(name, unfused):
     # torch.optim checks a tensor lr's size in the constructor only; one
     # assigned to a group later reached torch's code for a fused=False

@@ -25,13 +25,11 @@ from hypothesis import strategies as st  # noqa: E402
 
 import fused_optim  # noqa: E402
 from harness import assert_optimizer_unchanged, bits, snapshot_optimizer  # noqa: E402
-from optim_configs import torch_class  # noqa: E402
+from optim_configs import OPTIMIZER_NAMES, torch_class  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FUSED_OPTIM_HYPOTHESIS_EXAMPLES", "400"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
-
-NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lars", "Lamb"]
 
 
 @st.composite
@@ -102,7 +100,7 @@ def _make_param(shape, layout, dtype, seed):
 
 @st.composite
 def setups(draw):
-    name = draw(st.sampled_from(NAMES))
+    name = draw(st.sampled_from(OPTIMIZER_NAMES))
     base = draw(options(name))
     groups = []
     for gi in range(draw(st.integers(1, 3))):
@@ -289,7 +287,7 @@ PARITY_EXAMPLES = int(os.environ.get("FUSED_OPTIM_HYPOTHESIS_EXAMPLES", "300"))
 
 @st.composite
 def parity_setups(draw):
-    name = draw(st.sampled_from(NAMES))
+    name = draw(st.sampled_from(OPTIMIZER_NAMES))
     kw = {"lr": draw(st.sampled_from([1e-4, 0.01, 0.3, 1.0, 10.0])),
           "weight_decay": draw(st.sampled_from([0.0, 0.1, 1.0])),
           "maximize": draw(st.booleans())}
