@@ -139,8 +139,12 @@ class Lifecycle:
 
     def __init__(self, r: random.Random, compiled: bool = False) -> None:
         self.r = r
-        # ours stepped through torch.compile (a compiled step per optimizer)
-        self.compiled, self._compiled_steps = compiled, {}
+        # ours stepped through torch.compile: (the optimizer, its compiled
+        # step), compiled again for a new optimizer (found by identity, not
+        # id(): a scheduler's step wrapper holds its optimizer by a weak
+        # reference, so an old one could die and a new one at its id get
+        # its compiled step)
+        self.compiled, self._compiled_step = compiled, (None, None)
         # (every tensor value from here, drawn from r: a failing example
         # replays exactly, which hypothesis needs to shrink it)
         self.gen = torch.Generator().manual_seed(r.getrandbits(32))
@@ -391,11 +395,9 @@ class Lifecycle:
         if not self.compiled:
             self.ours.step()
             return
-        step = self._compiled_steps.get(id(self.ours))
-        if step is None:
-            step = self._compiled_steps[id(self.ours)] = torch.compile(self.ours.step,
-                                                                      backend="eager")
-        step()
+        if self._compiled_step[0] is not self.ours:
+            self._compiled_step = (self.ours, torch.compile(self.ours.step, backend="eager"))
+        self._compiled_step[1]()
 
     def _premake_missing_mode_state(self) -> None:
         if self.name not in MODE_STATE_MADE_AS_ZEROS:
