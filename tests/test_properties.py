@@ -280,7 +280,9 @@ def test_a_step_that_raises_changes_nothing(setup):
 # of this seed; FUSED_OPTIM_HYPOTHESIS_EXAMPLES raises the count,
 # FUSED_OPTIM_PARITY_SEED changes the seed). Also run by hand on 2026-12-03,
 # all passing: this seed with 3,000 examples, seeds 1 and 2 with 2,000 each,
-# and 2,000 RMSprop-only examples.
+# and 2,000 RMSprop-only examples; on 2026-12-07 this seed's 3,000 found a
+# bf16 Lion sign flip (the storage model in _parity_runs), then passed, as
+# did seeds 1 and 2 with 2,000 each.
 PARITY_SEED = int(os.environ.get("FUSED_OPTIM_PARITY_SEED", "20261203"))
 PARITY_EXAMPLES = int(os.environ.get("FUSED_OPTIM_HYPOTHESIS_EXAMPLES", "300"))
 
@@ -405,12 +407,17 @@ def test_reference_sqrt_is_not_correctly_rounded():
 
 
 def _parity_runs(name, kw, dtype, sizes, grad_scale, steps):
-    """(ours, torch's for-loop, torch's for-loop in float64): final params
-    and states, from the same dtype-representable start and gradients."""
+    """(ours, torch's for-loop, torch's for-loop in float64, and for fp16 /
+    bf16 the storage model): final params and states, from the same
+    dtype-representable start and gradients. The storage model is torch's
+    for-loop in float64 with the params and their dense state rounded to
+    ``dtype`` after each step: the math exact, the values stored as ours
+    stores them (rounded once per step); None for float32 / float64."""
     low = dtype in (torch.float16, torch.bfloat16)
     out = []
-    for cls, run_dtype in ((getattr(fused_optim, name), dtype), (torch_class(name), dtype),
-                           (torch_class(name), torch.float64)):
+    runs = [(getattr(fused_optim, name), dtype, False), (torch_class(name), dtype, False),
+            (torch_class(name), torch.float64, False)]
+    for cls, run_dtype, stored in runs + ([(torch_class(name), torch.float64, True)] if low else []):
         params = []
         for i, n in enumerate(sizes):
             g = torch.Generator().manual_seed(i)
@@ -427,10 +434,17 @@ def _parity_runs(name, kw, dtype, sizes, grad_scale, steps):
             else:
                 with IEEESqrt():
                     opt.step()
+            if stored:
+                with torch.no_grad():
+                    for p in params:
+                        p.copy_(p.to(dtype))
+                        for v in opt.state[p].values():
+                            if torch.is_tensor(v) and v.is_floating_point() and v.shape == p.shape:
+                                v.copy_(v.to(dtype))
         state = [{k: v.detach().clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
                  for p in params]
         out.append(([p.detach().clone() for p in params], state))
-    return out
+    return out + [None] * (4 - len(out))
 
 
 @settings(max_examples=PARITY_EXAMPLES, deadline=None, database=None,
@@ -444,7 +458,7 @@ def test_parity_with_torch_for_loop(setup):
     # torch's own distance, pooled over the params, or than one half-ulp of
     # the largest value per step.
     name, kw, dtype, sizes, grad_scale, steps = setup
-    (ours, ours_state), (ref, ref_state), (f64, f64_state) = _parity_runs(*setup)
+    (ours, ours_state), (ref, ref_state), (f64, f64_state), stored = _parity_runs(*setup)
     if dtype in (torch.float32, torch.float64):
         for a, b in zip(ours, ref):
             torch.testing.assert_close(a, b, equal_nan=True)
@@ -469,4 +483,12 @@ def test_parity_with_torch_for_loop(setup):
     # `steps` steps that is up to `steps` half-ulps of the largest value,
     # whoever is closer by chance on a handful of elements.
     floor = max(1, steps / 2) * low_precision_floor(dtype, reference)
-    assert err_ours <= max(LOW_PRECISION_RATIO * err_torch, floor), (err_ours, err_torch, floor)
+    if err_ours <= max(LOW_PRECISION_RATIO * err_torch, floor):
+        return
+    # Or ours is the storage model's result, to the same floor. Lion steps
+    # by sign(beta1 * m + (1 - beta1) * g): where that is within a rounding
+    # of m from zero, a stored m can flip the sign, and the param then
+    # differs from the float64 run by 2 * lr, whoever rounded (seen: bf16,
+    # c = -3e-5 in float64, +6e-5 from m rounded to bf16 the step before).
+    err_model = max(err(ours[i], stored[0][i].double()) for i in finite)
+    assert err_model <= floor, (err_ours, err_torch, err_model, floor)
