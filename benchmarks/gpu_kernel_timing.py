@@ -35,6 +35,7 @@ short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -66,9 +67,15 @@ OPTIMIZERS = {
     for name in ALL_OPTIMIZERS
 }
 DEFAULT_OPTIMIZERS = "adam,adamw,sgd,rmsprop,adagrad"
-# torch.optim constructors that take `capturable` / `fused` (torch 2.x).
-TORCH_CAPTURABLE = ("Adam", "AdamW", "RMSprop", "RAdam", "NAdam")
-TORCH_FUSED = ("Adam", "AdamW", "SGD", "Adagrad")
+
+
+def torch_takes(class_name: str, keyword: str) -> bool:
+    """Whether torch.optim's constructor of that name takes ``keyword``
+    (``capturable``, ``fused``); fused_optim's classes take torch's."""
+    cls = getattr(torch.optim, class_name, None)
+    return cls is not None and keyword in inspect.signature(cls).parameters
+
+
 # Tensors per launch of fused_optim's kernel for these fp32 modes
 # (csrc/cuda/README.md, "Tensors per launch").
 TENSORS_PER_LAUNCH = {"adam": 48, "adamw": 48, "sgd": 54, "adagrad": 53, "rmsprop": 54,
@@ -201,15 +208,15 @@ def build(impl: str, name: str, params, fused_optim):
     kwargs = dict(hyper)
     if impl == "fused_optim":
         kwargs["lr"] = torch.tensor(hyper["lr"], device="cuda")
-        if class_name in TORCH_CAPTURABLE:
+        if torch_takes(class_name, "capturable"):
             kwargs["capturable"] = True
         return getattr(fused_optim, class_name)(params, **kwargs), "fused_optim"
     cls = getattr(torch.optim, class_name, None)
     if cls is None:
         raise LookupError(f"torch.optim has no {class_name}: no torch peer")
-    if class_name in TORCH_CAPTURABLE:
+    if torch_takes(class_name, "capturable"):
         kwargs["capturable"] = True
-    if class_name in TORCH_FUSED:
+    if torch_takes(class_name, "fused"):
         try:
             opt = cls(params, fused=True, **kwargs)
             opt.step()  # e.g. torch's fused Adagrad is CPU-only: it fails here

@@ -3,8 +3,11 @@
 Each function applies ONE step to ONE tensor, in the tensor's own dtype (run
 it on float64 copies for an error baseline), with the same semantics as the
 fused kernels (csrc/include/fused_optim/update_rules.h) and torch.optim's
-single-tensor path. ``state`` is the torch.optim state dict of the param;
-``step`` is incremented here. Nothing here is fast, on purpose.
+single-tensor path. ``state`` is the torch.optim state dict of the param:
+empty before its first step, when the rule makes it as torch.optim does
+(but Adagrad's, which torch.optim makes at construction, from
+``initial_accumulator_value``); ``step`` is incremented here. Nothing here
+is fast, on purpose.
 """
 
 from __future__ import annotations
@@ -19,6 +22,17 @@ from fused_optim._dtensor import is_dtensor
 from fused_optim._keywords import check_lamb_arguments, check_tensor_lr
 
 
+def _make_missing(state, param, *names, step=True) -> None:
+    """What torch.optim makes in a param's state before its first step, where
+    ``state`` lacks it: a 0-d step counter (unless ``step=False``) and zeros
+    of the param's shape named ``names``."""
+    if step and "step" not in state:
+        state["step"] = torch.zeros((), dtype=_scalar_dtype())
+    for name in names:
+        if name not in state:
+            state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
 def _decayed_grad(param, grad, weight_decay, maximize):
     grad = -grad if maximize else grad
     return grad + weight_decay * param if weight_decay != 0 else grad
@@ -26,6 +40,7 @@ def _decayed_grad(param, grad, weight_decay, maximize):
 
 def adam(param, grad, state, *, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay):
     beta1, beta2 = betas
+    _make_missing(state, param, "exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ()))
     state["step"] += 1
     t = float(state["step"])
     if decoupled_weight_decay:
@@ -66,6 +81,8 @@ def adagrad(param, grad, state, *, lr, lr_decay, weight_decay, eps, maximize):
 
 
 def rmsprop(param, grad, state, *, lr, alpha, eps, weight_decay, momentum, centered, maximize):
+    _make_missing(state, param, "square_avg", *(("grad_avg",) if centered else ()),
+                  *(("momentum_buffer",) if momentum > 0 else ()))
     state["step"] += 1
     grad = _decayed_grad(param, grad, weight_decay, maximize)
     square_avg = state["square_avg"]
@@ -86,6 +103,7 @@ def rmsprop(param, grad, state, *, lr, alpha, eps, weight_decay, momentum, cente
 
 def radam(param, grad, state, *, lr, betas, eps, weight_decay, maximize, decoupled_weight_decay):
     beta1, beta2 = betas
+    _make_missing(state, param, "exp_avg", "exp_avg_sq")
     state["step"] += 1
     t = float(state["step"])
     if decoupled_weight_decay:
@@ -109,6 +127,8 @@ def radam(param, grad, state, *, lr, betas, eps, weight_decay, maximize, decoupl
 def nadam(param, grad, state, *, lr, betas, eps, weight_decay, momentum_decay, maximize,
           decoupled_weight_decay):
     beta1, beta2 = betas
+    _make_missing(state, param, "exp_avg", "exp_avg_sq")
+    state.setdefault("mu_product", torch.ones((), dtype=_scalar_dtype()))
     state["step"] += 1
     t = float(state["step"])
     if decoupled_weight_decay:
@@ -170,6 +190,7 @@ def lion(param, grad, state, *, lr, betas, weight_decay, maximize, max_lr=None, 
     # round differently, and caution is timm's option). No step counter:
     # the rule does not use one.
     beta1, beta2 = betas
+    _make_missing(state, param, "exp_avg", step=False)
     grad = -grad if maximize else grad
     param.mul_(1 - decay_lr(lr, max_lr) * weight_decay)
     m = state["exp_avg"]
@@ -450,6 +471,7 @@ def lamb(param, grad, state, *, lr, betas, eps, weight_decay, bias_correction, g
     # param has a gradient at every step). The global-norm clipping is done
     # by the caller (the class), on the gradient given here.
     beta1, beta2 = betas
+    _make_missing(state, param, "exp_avg", "exp_avg_sq")
     state["step"] += 1
     t = float(state["step"])
     grad = -grad if maximize else grad
@@ -546,10 +568,8 @@ class Lamb(PerTensorReference):
 
     def _state_of(self, p, group) -> dict:
         state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=_scalar_dtype())
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if "step" not in state:  # (of p: complex where p is)
+            _make_missing(state, p, "exp_avg", "exp_avg_sq")
         return state
 
     def _rule(self, param, grad, state, lr, group) -> None:

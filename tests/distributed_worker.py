@@ -38,27 +38,16 @@ from torch.distributed.tensor.parallel import (
 from torch.nn.parallel import DistributedDataParallel
 
 import fused_optim
-from fused_optim import _ops, _reference
+from fused_optim import _ops
+from optim_configs import NORM_READING, ONE_PER_OPTIMIZER, torch_class
 
 WORLD = 2
 DEVICE = "cpu"  # set by run()
-OPTIMIZERS = {
-    "SGD": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "Adagrad": dict(lr=0.05, lr_decay=0.01, weight_decay=0.01),
-    "RMSprop": dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.01),
-    "Adam": dict(lr=0.01, weight_decay=0.01, amsgrad=True),
-    "AdamW": dict(lr=0.01, weight_decay=0.1),
-    "RAdam": dict(lr=0.01, weight_decay=0.01, decoupled_weight_decay=True),
-    "NAdam": dict(lr=0.01, weight_decay=0.01, momentum_decay=0.01),
-    "Lion": dict(lr=0.003, weight_decay=0.1),
-}
+# Each optimizer's feature-rich config (optim_configs.ONE_PER_OPTIMIZER),
+# but for those whose update reads each tensor's norms (NORM_READING: the
+# scenarios of "LARS and LAMB on shards").
+OPTIMIZERS = {c.name: c.kwargs for c in ONE_PER_OPTIMIZER if c.name not in NORM_READING}
 STEPS = 10
-
-
-def torch_class(name):
-    """torch.optim.<name>, or the reference class of an optimizer torch lacks
-    (optim_configs.torch_class)."""
-    return _reference.REFERENCE_CLASSES.get(name) or getattr(torch.optim, name)
 SCENARIOS: dict = {}
 
 
@@ -285,11 +274,8 @@ def fsdp2_clip_grad_norm_equals_torch(mesh, tmp):
 # the same optimizer on the whole model, on the same batch on both ranks
 # (so the FSDP2 mean gradient is the plain one): a norm taken per shard
 # would differ from the first step. Group 0 is adapted (weight decay);
-# Lamb clips at its default max_grad_norm=1.0, a norm across ranks too.
-NORM_READING = {
-    "Lars": dict(lr=0.5, momentum=0.9, weight_decay=0.01),
-    "Lamb": dict(lr=0.05, weight_decay=0.01),
-}
+# Lamb clips at its default max_grad_norm=1.0, a norm across ranks too
+# (NORM_READING: their options).
 
 
 def _sharded_against_whole(name, make_model, shard, dtype=torch.float32, compiled=False,

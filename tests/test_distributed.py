@@ -15,7 +15,9 @@ from torch.distributed.optim.utils import functional_optim_map
 from torch.nn.parallel import DistributedDataParallel
 
 import fused_optim
-from optim_configs import ONE_PER_OPTIMIZER, OPTIMIZER_NAMES, torch_class
+from fused_optim import _ops
+from optim_configs import (DENSE_STATE_OPTIONS, NORM_READING, ONE_PER_OPTIMIZER, OPTIMIZER_NAMES,
+                           torch_class)
 
 
 def _free_port():
@@ -51,9 +53,7 @@ def _train(model, opt, steps=5):
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_zero_redundancy_and_ddp_match_torch(process_group, name):
-    kwargs = {"lr": 1e-2}
-    if name in ("SGD", "Lars"):
-        kwargs["momentum"] = 0.9
+    kwargs = {"lr": 1e-2, **DENSE_STATE_OPTIONS[name]}
     results = []
     for optimizer_class in (torch_class(name), getattr(fused_optim, name)):
         model = DistributedDataParallel(_model(0))
@@ -177,13 +177,10 @@ def test_classes_without_a_functional_twin_are_refused_as_torchs():
             as_functional_optim(cls, lr=0.1)
 
 
-# The optimizers whose update reads per-tensor norms (_ops.TENSOR_NORM_OPS),
-# with options that adapt their group (weight_decay != 0). Lamb keeps its
-# default clipping (max_grad_norm=1.0), which these gradients exceed.
-NORM_READING = {
-    "Lars": dict(lr=0.5, momentum=0.9, weight_decay=0.01),
-    "Lamb": dict(lr=0.05, weight_decay=0.01),
-}
+def test_norm_reading_names_every_optimizer_whose_op_reads_norms():
+    reads_norms = {n for n in OPTIMIZER_NAMES
+                   if getattr(fused_optim, n)._op_name in _ops.TENSOR_NORM_OPS}
+    assert set(NORM_READING) == reads_norms
 
 
 @pytest.mark.parametrize("name", sorted(NORM_READING))

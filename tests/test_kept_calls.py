@@ -15,7 +15,7 @@ from torch.testing import assert_close
 import fused_optim
 from fused_optim import _group_options
 from harness import assert_optimizer_unchanged, assert_same_state, snapshot_optimizer, torch_clip_
-from optim_configs import GROUP_OVERRIDES, OPTIMIZER_NAMES, torch_class
+from optim_configs import GROUP_OVERRIDES, NOT_IN_TORCH, OPTIMIZER_NAMES, torch_class
 
 # (sizes: a vector body and a tail)
 SIZES = ((37,), (8, 5), (130,))
@@ -35,7 +35,7 @@ def _pair(name):
         groups = [{"params": [params[0]]}] + [
             {"params": [p], **o} for p, o in zip(params[1:], overrides)
         ]
-        if name not in ("Lion", "Lars", "Lamb"):  # (no foreach keyword there)
+        if name not in NOT_IN_TORCH:  # (no foreach keyword there)
             groups = [{**g, **extra} for g in groups]
         runs.append((cls(groups, lr=0.01), params))
     return runs
@@ -355,7 +355,7 @@ def _several_buckets(name, reference=False):
         {"params": [p], **o} for p, o in zip(params[1:], GROUP_OVERRIDES[name])
     ] + [{"params": params[len(GROUP_OVERRIDES[name]) + 1:]}]
     cls = torch_class(name) if reference else getattr(fused_optim, name)
-    extra = {"foreach": False} if reference and name not in ("Lion", "Lars", "Lamb") else {}
+    extra = {"foreach": False} if reference and name not in NOT_IN_TORCH else {}
     return cls(groups, lr=0.01, **extra), params
 
 

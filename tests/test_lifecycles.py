@@ -64,6 +64,8 @@ from optim_configs import (  # noqa: E402
     MODES_TURNED_ON,
     NOT_IN_TORCH,
     OPTIMIZER_NAMES,
+    ROW,
+    SPARSE_OK,
     STATE_OF_MODE,
     torch_class,
 )
@@ -87,6 +89,19 @@ SCHEDULERS = {
 OUR_GROUP_KEYS = {"max_grad_norm", "master_weights", "step"}
 
 
+class _RandomChooser:
+    """A row's Chooser over ``r`` (optim_configs.Chooser)."""
+
+    def __init__(self, r: random.Random) -> None:
+        self.r = r
+
+    def choice(self, values):
+        return self.r.choice(values)
+
+    def chance(self, p: float) -> bool:
+        return self.r.random() < p
+
+
 def random_options(name: str, r: random.Random) -> dict:
     """Some of the optimizer's options, drawn (the rest at defaults)."""
     o = {}
@@ -94,25 +109,9 @@ def random_options(name: str, r: random.Random) -> dict:
         o["lr"] = r.choice([1e-3, 0.01, 0.05])
     if r.random() < 0.4:
         o["weight_decay"] = r.choice([0.0, 0.05])
-    if name not in ("Lars", "Lamb") and r.random() < 0.3:
+    if r.random() < 0.3:
         o["maximize"] = r.random() < 0.5
-    if name in ("SGD", "Lars"):
-        o["momentum"] = r.choice([0.0, 0.9])
-        if o["momentum"] and r.random() < 0.5:
-            o["nesterov"] = True
-        elif r.random() < 0.3:
-            o["dampening"] = 0.3
-    elif name == "Adagrad":
-        o.update(lr_decay=r.choice([0.0, 0.05]), eps=r.choice([1e-10, 1e-5]))
-    elif name == "RMSprop":
-        o.update(alpha=r.choice([0.9, 0.99]), momentum=r.choice([0.0, 0.5]),
-                 centered=r.random() < 0.5)
-    elif name in ("Adam", "AdamW"):
-        o["amsgrad"] = r.random() < 0.4
-    elif name in ("RAdam", "NAdam"):
-        o["decoupled_weight_decay"] = r.random() < 0.5
-    if name in ("Adam", "AdamW", "RAdam", "NAdam", "Lion", "Lamb") and r.random() < 0.4:
-        o["betas"] = (r.choice([0.5, 0.9]), r.choice([0.95, 0.999]))
+    ROW[name].lifecycle_options(_RandomChooser(r), o)
     return o
 
 
@@ -151,7 +150,7 @@ class Lifecycle:
         self.name = r.choice(OPTIMIZER_NAMES)
         mode = r.choice(["plain", "plain", "amp", "clip", "sparse", "master"])
         if (mode == "clip" and self.name == "Lamb") or (
-                mode == "sparse" and self.name not in ("SGD", "Adagrad")) or (
+                mode == "sparse" and self.name not in SPARSE_OK) or (
                 compiled and mode in ("amp", "sparse")):
             # (Lamb clips by its own rule; sparse: SGD, Adagrad, not under
             # torch.compile; GradScaler calls the step it is given)
@@ -254,7 +253,7 @@ class Lifecycle:
                     opt.param_groups[gi]["lr"].fill_(lr)
                 else:
                     opt.param_groups[gi]["lr"] = lr
-        elif what < 0.4 and self.name not in ("Lars", "Lamb"):
+        elif what < 0.4:
             self.log.append(f"group {gi} maximize flipped")
             for opt in self.both():
                 opt.param_groups[gi]["maximize"] = not opt.param_groups[gi]["maximize"]
@@ -263,11 +262,11 @@ class Lifecycle:
             self.log.append(f"group {gi} weight_decay = {wd}")
             for opt in self.both():
                 opt.param_groups[gi]["weight_decay"] = wd
-        elif what < 0.65 and self.name in ("RAdam", "NAdam", "Adam"):
-            self.log.append(f"group {gi} decoupled_weight_decay flipped")
+        elif what < 0.65 and ROW[self.name].decoupled_flag:
+            flag = ROW[self.name].decoupled_flag
+            self.log.append(f"group {gi} {flag} flipped")
             for opt in self.both():
-                group = opt.param_groups[gi]
-                group["decoupled_weight_decay"] = not group["decoupled_weight_decay"]
+                opt.param_groups[gi][flag] = not opt.param_groups[gi][flag]
         elif what < 0.85 and self.name in MODES_TURNED_ON and self.mode != "amp":
             # (under AMP a skipped step takes back the state ours made for
             # it, which torch's pre-made zeros would not mirror)

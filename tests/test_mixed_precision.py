@@ -27,7 +27,7 @@ from torch.testing import assert_close
 import fused_optim
 from fused_optim import _ops
 from harness import SCALAR_STATE_KEYS, assert_optimizer_unchanged, bits, snapshot_optimizer
-from optim_configs import ONE_PER_OPTIMIZER, OPTIMIZER_NAMES
+from optim_configs import NOT_IN_TORCH, ONE_PER_OPTIMIZER, OPTIMIZER_NAMES
 
 # Sizes that hit the vector bodies and the tails of every SIMD width.
 SHAPES = [(1,), (7,), (8,), (9,), (4099,), (33, 65)]
@@ -838,7 +838,7 @@ def test_add_param_group_checks_our_options_as_the_constructor(name, case):
     # constructor refuses, before the group is added (a step would refuse
     # it later), also for a group given to the constructor.
     defaults, options, match = GROUP_ERRORS[case]
-    if "differentiable" in options and name in ("Lion", "Lars", "Lamb"):
+    if "differentiable" in options and name in NOT_IN_TORCH:
         options = dict(caution=True, master_weights=True) if name != "Lars" else None
         if options is None:
             pytest.skip("Lars has no unfused option")

@@ -12,7 +12,7 @@ import torch
 
 import fused_optim
 from harness import assert_optimizer_unchanged, snapshot_optimizer
-from optim_configs import OPTIMIZER_NAMES, torch_class
+from optim_configs import DENSE_STATE_OPTIONS, OPTIMIZER_NAMES, torch_class
 
 
 def _two_bucket_groups(seed=0, dtype=torch.float32):
@@ -31,9 +31,7 @@ def _set_grads(params, step):
 
 def _optimizer(name, first, second, **kwargs):
     cls = getattr(fused_optim, name)
-    kwargs.setdefault("lr", 0.05)
-    if name in ("SGD", "Lars"):
-        kwargs.setdefault("momentum", 0.9)
+    kwargs = {"lr": 0.05, **DENSE_STATE_OPTIONS[name], **kwargs}
     return cls([{"params": first}, {"params": second, "maximize": True}], **kwargs)
 
 
@@ -90,7 +88,7 @@ def test_int_step_counter_is_accepted_as_torch(name):
     for cls in (getattr(torch.optim, name), getattr(fused_optim, name)):
         torch.manual_seed(0)
         p = torch.randn(10, requires_grad=True)
-        opt = cls([p], lr=0.05, **({"momentum": 0.9} if name in ("SGD", "Lars") else {}))
+        opt = cls([p], lr=0.05, **DENSE_STATE_OPTIONS[name])
         _set_grads([p], 0)
         opt.step()
         if "step" in opt.state[p]:

@@ -25,11 +25,24 @@ from hypothesis import strategies as st  # noqa: E402
 
 import fused_optim  # noqa: E402
 from harness import assert_optimizer_unchanged, bits, snapshot_optimizer  # noqa: E402
-from optim_configs import OPTIMIZER_NAMES, torch_class  # noqa: E402
+from optim_configs import OPTIMIZER_NAMES, ROW, SPARSE_OK, torch_class  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FUSED_OPTIM_HYPOTHESIS_EXAMPLES", "400"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
+
+
+class _HypothesisChooser:
+    """A row's Chooser over hypothesis's ``draw`` (optim_configs.Chooser)."""
+
+    def __init__(self, draw) -> None:
+        self.draw = draw
+
+    def choice(self, values):
+        return self.draw(st.sampled_from(values))
+
+    def chance(self, p: float) -> bool:
+        return self.draw(st.booleans())
 
 
 @st.composite
@@ -37,41 +50,7 @@ def options(draw, name):
     o = {"lr": draw(st.sampled_from([1e-3, 0.05, 0.5]))}
     o["weight_decay"] = draw(st.sampled_from([0.0, 0.01]))
     o["maximize"] = draw(st.booleans())
-    if name == "SGD":
-        o["momentum"] = draw(st.sampled_from([0.0, 0.9]))
-        if o["momentum"]:
-            o["nesterov"] = draw(st.booleans())
-            o["dampening"] = 0.0 if o["nesterov"] else draw(st.sampled_from([0.0, 0.3]))
-    elif name == "RMSprop":
-        o["momentum"] = draw(st.sampled_from([0.0, 0.5]))
-        o["centered"] = draw(st.booleans())
-    elif name in ("Adam", "AdamW"):
-        o["amsgrad"] = draw(st.booleans())
-    elif name == "Adagrad":
-        o["lr_decay"] = draw(st.sampled_from([0.0, 0.1]))
-    elif name in ("RAdam", "NAdam"):
-        o["decoupled_weight_decay"] = draw(st.booleans())
-        if name == "NAdam":
-            o["momentum_decay"] = draw(st.sampled_from([0.0, 4e-3, 0.05]))
-    elif name == "Lion":
-        o["betas"] = draw(st.sampled_from([(0.9, 0.99), (0.5, 0.9)]))
-        o["corrected_weight_decay"] = draw(st.booleans())
-    elif name == "Lars":
-        o["momentum"] = draw(st.sampled_from([0.0, 0.9]))
-        if o["momentum"]:
-            o["nesterov"] = draw(st.booleans())
-        o["trust_clip"] = draw(st.booleans())
-        o["always_adapt"] = draw(st.booleans())
-    elif name == "Lamb":
-        o["betas"] = draw(st.sampled_from([(0.9, 0.999), (0.5, 0.9)]))
-        o["eps"] = draw(st.sampled_from([1e-6, 1e-3]))
-        o["bias_correction"] = draw(st.booleans())
-        o["grad_averaging"] = draw(st.booleans())
-        o["trust_clip"] = draw(st.booleans())
-        o["always_adapt"] = draw(st.booleans())
-        o["decoupled_decay"] = draw(st.booleans())
-        o["corrected_weight_decay"] = draw(st.booleans())
-        o["max_grad_norm"] = draw(st.sampled_from([None, 1.0]))  # (1.0: clipped, the default)
+    ROW[name].property_options(_HypothesisChooser(draw), o)
     return o
 
 
@@ -162,7 +141,7 @@ def sparse_grad(opt, target):
     # or our precision options
     p, g = _pick(opt, target)
     name = type(opt).__name__
-    if name in ("SGD", "Adagrad") and g["weight_decay"] == 0 and p.dtype != torch.bfloat16 \
+    if name in SPARSE_OK and g["weight_decay"] == 0 and p.dtype != torch.bfloat16 \
             and g.get("state_dtype") is None:
         g_old = g["weight_decay"]
         g["weight_decay"] = 0.01
@@ -294,70 +273,19 @@ def parity_setups(draw):
           "weight_decay": draw(st.sampled_from([0.0, 0.1, 1.0])),
           "maximize": draw(st.booleans())}
     eps = draw(st.sampled_from([1e-12, 1e-8, 1e-3]))
-    if name == "SGD":
-        kw["momentum"] = draw(st.sampled_from([0.0, 0.5, 0.9, 0.999]))
-        if kw["momentum"]:
-            kw["nesterov"] = draw(st.booleans())
-            kw["dampening"] = 0.0 if kw["nesterov"] else draw(st.sampled_from([0.0, 0.3]))
-    elif name == "RMSprop":
-        kw.update(eps=eps, alpha=draw(st.sampled_from([0.0, 0.9, 0.99, 0.9999])),
-                  momentum=draw(st.sampled_from([0.0, 0.5])), centered=draw(st.booleans()))
-    elif name == "Adagrad":
-        kw.update(eps=eps, lr_decay=draw(st.sampled_from([0.0, 0.5])),
-                  initial_accumulator_value=draw(st.sampled_from([0.0, 0.1])))
-    elif name == "Lars":
-        kw["momentum"] = draw(st.sampled_from([0.0, 0.5, 0.9, 0.999]))
-        if kw["momentum"]:
-            kw["nesterov"] = draw(st.booleans())
-            kw["dampening"] = 0.0 if kw["nesterov"] else draw(st.sampled_from([0.0, 0.3]))
-        kw.update(eps=eps, trust_coeff=draw(st.sampled_from([1e-3, 0.02, 1.0])),
-                  trust_clip=draw(st.booleans()), always_adapt=draw(st.booleans()))
-    elif name == "Lamb":
-        kw.update(eps=eps, betas=(draw(st.sampled_from([0.0, 0.5, 0.9, 0.9999])),
-                                  draw(st.sampled_from([0.9, 0.999, 0.99999]))),
-                  bias_correction=draw(st.booleans()), grad_averaging=draw(st.booleans()),
-                  trust_clip=draw(st.booleans()), always_adapt=draw(st.booleans()),
-                  decoupled_decay=draw(st.booleans()),
-                  # None: not clipped; 1.0 (the default) clips most of these
-                  # gradients, 100.0 those of grad_scale 1e3
-                  max_grad_norm=draw(st.sampled_from([None, 1.0, 100.0])))
-    elif name == "Lion":
-        kw.update(betas=(draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])),
-                         draw(st.sampled_from([0.9, 0.99, 0.999]))))
-    elif name in ("RAdam", "NAdam"):
-        if name == "NAdam":
-            kw["momentum_decay"] = draw(st.sampled_from([0.0, 4e-3, 0.05]))
-        kw.update(eps=eps, decoupled_weight_decay=draw(st.booleans()),
-                  betas=(draw(st.sampled_from([0.0, 0.5, 0.9, 0.9999])),
-                         draw(st.sampled_from([0.9, 0.999, 0.99999]))))
-    else:
-        kw.update(eps=eps, amsgrad=draw(st.booleans()),
-                  betas=(draw(st.sampled_from([0.0, 0.5, 0.9, 0.9999])),
-                         draw(st.sampled_from([0.9, 0.999, 0.99999]))))
+    row = ROW[name]
+    row.parity_options(_HypothesisChooser(draw), kw, eps)
     dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
     sizes = draw(st.lists(st.sampled_from([1, 7, 16, 33, 1031]), min_size=1, max_size=3))
     grad_scale = draw(st.sampled_from([1e-6, 1.0, 1e3]))
     steps = draw(st.integers(1, 10))
-    # Two ill-posed corners are left out, where the result is the rounding
+    # Ill-posed corners are left out, where the result is the rounding
     # noise of one particular operation order, not a property of the math:
     # decoupled decay with lr * weight_decay > 1 multiplies the params by a
-    # negative factor every step (exponential growth, sign flips), and
-    # centered RMSprop with alpha = 0 takes the square root of g*g - g*g,
-    # a rounding residual (NaN for half of the elements, in torch too).
-    hypothesis.assume(not (name in ("AdamW", "Lion") and kw["lr"] * kw["weight_decay"] > 1))
-    hypothesis.assume(not (name in ("RAdam", "NAdam") and kw["decoupled_weight_decay"]
-                           and kw["lr"] * kw["weight_decay"] > 1))
-    hypothesis.assume(not (name == "Lamb" and kw["decoupled_decay"]
-                           and kw["lr"] * kw["weight_decay"] > 1))
-    # LAMB with lr >= 1: an adapted step moves a param by lr times its own
-    # norm, an unadapted one without bias correction by up to
-    # lr / sqrt(1 - beta2) per element. With lr 10 the small elements left
-    # are the rounding residue of much larger terms; with lr 1 a param
-    # parallel to its update (any 1-element param) becomes p - p, exactly
-    # 0 or a residue, whose trust ratio (1 at norm 0) then differs. Ours
-    # and the float32 reference are equally far from float64 there.
-    hypothesis.assume(not (name == "Lamb" and kw["lr"] >= 1))
-    hypothesis.assume(not (name == "RMSprop" and kw.get("centered") and kw["alpha"] == 0.0))
+    # negative factor every step (exponential growth, sign flips), and each
+    # row's own (OptimizerRow.parity_ill_posed).
+    hypothesis.assume(not (row.decoupled(kw) and kw["lr"] * kw["weight_decay"] > 1))
+    hypothesis.assume(not row.parity_ill_posed(kw))
     # fp16 / bf16 are compared with float64 (2x torch's distance), which is
     # meaningful where a step is not ruled by one rounding: with lr near 1
     # an Adam step divides by sqrt(v), turning v's last-ulp luck into an

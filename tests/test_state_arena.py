@@ -13,7 +13,8 @@ from torch.testing import assert_close
 
 import fused_optim
 from harness import assert_optimizer_unchanged, assert_same_state, seeded_grads, snapshot_optimizer
-from optim_configs import NOT_IN_TORCH, OPTIMIZER_NAMES, low_precision_floor, torch_class
+from optim_configs import (DENSE_STATE_OPTIONS, NOT_IN_TORCH, OPTIMIZER_NAMES, low_precision_floor,
+                           torch_class)
 
 # float32 params with vector bodies and tails (one whose size-1 dim has an
 # unusual stride), float64 ones, one channels_last (not packed: not
@@ -52,13 +53,9 @@ def _dense_state_names(opt):
     return opt._state_names(opt._mode(opt.param_groups[0]))
 
 
-# (every optimizer with dense state: SGD and Lars with momentum)
-KWARGS = {"SGD": {"momentum": 0.9}, "Lars": {"momentum": 0.9}}
-
-
 def _pair(name):
     ours_params, ref_params = _params(), _params()
-    kwargs = {"lr": 0.01, **KWARGS.get(name, {})}
+    kwargs = {"lr": 0.01, **DENSE_STATE_OPTIONS[name]}
     ours = getattr(fused_optim, name)(ours_params, **kwargs)
     # (torch's single-tensor loop: the reference of the numerics policy,
     # tests/optim_configs.py; the reference classes have no such keyword)
@@ -187,7 +184,7 @@ def test_packed_state_is_saved_once_and_loads_as_views_again(name):
     assert len(buffer.getvalue()) <= len(own_buffer.getvalue()) + 64 * views
     buffer.seek(0)
     loaded_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    loaded = getattr(fused_optim, name)(loaded_params, lr=0.01, **KWARGS.get(name, {}))
+    loaded = getattr(fused_optim, name)(loaded_params, lr=0.01, **DENSE_STATE_OPTIONS[name])
     loaded.load_state_dict(torch.load(buffer))
     state_name = _dense_state_names(opt)[0]
     f32 = loaded_params[:len(F32_SHAPES)]
@@ -302,7 +299,7 @@ def test_a_differentiable_step_takes_packed_state_out_of_the_arena(name):
     for cls in (getattr(fused_optim, name), getattr(torch.optim, name)):
         gen = torch.Generator().manual_seed(0)
         params = [torch.randn(n, generator=gen, dtype=torch.float64) for n in (37, 8, 130)]
-        opt = cls(params, lr=0.1, **KWARGS.get(name, {}))
+        opt = cls(params, lr=0.1, **DENSE_STATE_OPTIONS[name])
         for _ in range(2):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)

@@ -16,12 +16,12 @@ import torch
 
 import fused_optim
 from harness import assert_optimizer_unchanged, snapshot_optimizer
-from optim_configs import ONE_PER_OPTIMIZER, torch_class
+from optim_configs import NOT_IN_TORCH, ONE_PER_OPTIMIZER, STATE_NAMES, torch_class
 
 # torch.optim's classes that keep a per-param counter (SGD keeps none;
 # Lion, Lars and Lamb have no torch.optim twin to share checkpoints with).
 WITH_COUNTERS = [c for c in ONE_PER_OPTIMIZER
-                 if c.name in ("Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "NAdam")]
+                 if "step" in STATE_NAMES[c.name] and c.name not in NOT_IN_TORCH]
 
 # form -> (the counter holding `count`, whether ours keeps that very tensor)
 FORMS = {

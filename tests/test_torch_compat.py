@@ -17,7 +17,8 @@ from fused_optim import _ops
 from fused_optim._step import StepProtocol
 from fused_optim._traced import TracedStep
 from harness import assert_optimizer_unchanged, assert_same_state, snapshot_optimizer
-from optim_configs import HAS_FUSED, NOT_IN_TORCH, ONE_PER_OPTIMIZER, OPTIM_CONFIGS, OPTIMIZER_NAMES
+from optim_configs import (DENSE_STATE_OPTIONS, HAS_FUSED, NOT_IN_TORCH, ONE_PER_OPTIMIZER,
+                           OPTIM_CONFIGS, OPTIMIZER_NAMES)
 
 # The optimizers that torch.optim has (its implementation keywords,
 # differentiable steps): Lion has neither.
@@ -568,8 +569,8 @@ def test_step_unwrapped_twice_is_the_raw_step_and_compiles_whole(name):
     torch_raw = torch.optim.Adam(_model().parameters()).step.__wrapped__.__wrapped__
     assert not hasattr(torch_raw, "__wrapped__")  # (the idiom, on torch's own)
     models = [_model(), _model()]
-    kwargs = {"momentum": 0.9} if name in ("SGD", "Lars") else {}
-    opts = [getattr(fused_optim, name)(_groups(m), lr=0.01, **kwargs) for m in models]
+    opts = [getattr(fused_optim, name)(_groups(m), lr=0.01, **DENSE_STATE_OPTIONS[name])
+            for m in models]
     raw = opts[0].step.__wrapped__.__wrapped__
     assert not hasattr(raw, "__wrapped__")
     compiled = torch.compile(lambda: raw(opts[0]), fullgraph=True, backend="aot_eager")
