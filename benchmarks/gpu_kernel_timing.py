@@ -76,10 +76,17 @@ def torch_takes(class_name: str, keyword: str) -> bool:
     return cls is not None and keyword in inspect.signature(cls).parameters
 
 
-# Tensors per launch of fused_optim's kernel for these fp32 modes
-# (csrc/cuda/README.md, "Tensors per launch").
-TENSORS_PER_LAUNCH = {"adam": 48, "adamw": 48, "sgd": 54, "adagrad": 53, "rmsprop": 54,
-                      "radam": 48, "nadam": 42, "lion": 54, "lars": 50, "lamb": 44}
+def tensors_per_launch(name: str) -> int:
+    """Tensors per launch of fused_optim's kernel for this optimizer's step
+    (csrc/cuda/README.md, "Tensors per launch"): the op's capacity for the
+    param, the gradient and the state tensors its hyperparameters use."""
+    import fused_optim
+
+    spec = BENCH_OPTIMIZERS[name]
+    op = getattr(fused_optim, spec.class_name)._op_name
+    return next(r["tensors"] for r in fused_optim._C.launch_capacities()
+                if r["op"] == op and r["operands"] == 2 + spec.state_tensors)
+
 
 DEFAULT_LAYOUTS = "200x5000000,1x1000000000,4000x2048"
 COPY_ELEMENTS = 2**28  # fp32: 1 GiB each way
@@ -268,7 +275,7 @@ def describe(r) -> str:
     line = f"{r['optimizer']:8s} {r['layout']:>14s}  {r['kind']:26s} {part('graph')}  {part('eager')}"
     line += f"  host {r['host_ms']:7.3f} ms"
     if r["impl"] == "fused_optim":
-        line += f"  [{math.ceil(r['tensors'] / TENSORS_PER_LAUNCH[r['optimizer']])} launches]"
+        line += f"  [{math.ceil(r['tensors'] / tensors_per_launch(r['optimizer']))} launches]"
     if "graph_error" in r:
         line += f"\n{'':26s}graph capture failed: {r['graph_error'][:300]}"
     return line

@@ -54,6 +54,7 @@
 #include <torch/extension.h>
 
 #include "fused_optim/storage_table.h"
+#include "launch_capacity.h"
 #include "prefetch.h"
 #include "op_front.h"
 #include "op_inputs.h"
@@ -477,4 +478,19 @@ PYBIND11_MODULE(_C, m) {
   m.def("storage_table", &storage_table,
         "Every legal (param dtype, state dtype, master_weights, "
         "stochastic_rounding) of an op call");
+  m.def(
+      "launch_capacities",
+      [] {
+        pybind11::list rows;
+        for (const fused_optim::LaunchCapacity& r : fused_optim::launch_capacities()) {
+          rows.append(pybind11::dict(
+              pybind11::arg("op") = r.op, pybind11::arg("state_lists") = r.state_lists,
+              pybind11::arg("operands") = r.operands,
+              pybind11::arg("hyper_bytes") = r.hyper_bytes, pybind11::arg("slots") = r.slots,
+              pybind11::arg("tensors") = r.tensors, pybind11::arg("meta_bytes") = r.meta_bytes));
+        }
+        return rows;
+      },
+      "What one CUDA launch of each op carries, per set of state lists a call "
+      "gives (csrc/launch_capacity.h): the same numbers in a CPU-only build");
 }
