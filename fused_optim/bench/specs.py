@@ -8,6 +8,7 @@ and ``--help`` are generated from them.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 
@@ -17,7 +18,6 @@ class OptimizerSpec:
     class_name: str  # same name in torch.optim and fused_optim
     kwargs: dict  # hyperparameters given to every implementation
     state_tensors: int  # state tensors per param, each read and written once per step
-    torch_has_fused: bool  # torch.optim.X accepts fused=True
     # "module:Class" of the published implementation timed as the
     # "reference" peer, for an optimizer torch.optim lacks
     reference: str | None = None
@@ -28,6 +28,13 @@ class OptimizerSpec:
     # the GPU check's time boxes measure the fused steps.
     in_all: bool = True
 
+    @property
+    def torch_has_fused(self) -> bool:
+        """Whether torch.optim has the class and its constructor takes
+        ``fused`` (read from the signature)."""
+        cls = getattr(torch.optim, self.class_name, None)
+        return cls is not None and "fused" in inspect.signature(cls).parameters
+
     def describe(self) -> str:
         return f"{self.class_name}({', '.join(f'{k}={v}' for k, v in self.kwargs.items())})"
 
@@ -35,20 +42,20 @@ class OptimizerSpec:
 OPTIMIZERS = {
     # fp32 byte budgets, from bytes_per_element below:
     # SGD with momentum, Adagrad, RMSprop 20; Adam, AdamW, RAdam, NAdam 28.
-    "sgd": OptimizerSpec("SGD", {"lr": 1e-3, "momentum": 0.9}, 1, True),
-    "adagrad": OptimizerSpec("Adagrad", {"lr": 1e-2}, 1, True),
+    "sgd": OptimizerSpec("SGD", {"lr": 1e-3, "momentum": 0.9}, 1),
+    "adagrad": OptimizerSpec("Adagrad", {"lr": 1e-2}, 1),
     # No momentum, not centered: square_avg only (centered adds grad_avg,
     # momentum adds momentum_buffer).
-    "rmsprop": OptimizerSpec("RMSprop", {"lr": 1e-3}, 1, False),
-    "adam": OptimizerSpec("Adam", {"lr": 1e-3}, 2, True),
-    "adamw": OptimizerSpec("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, 2, True),
-    "radam": OptimizerSpec("RAdam", {"lr": 1e-3}, 2, False),
+    "rmsprop": OptimizerSpec("RMSprop", {"lr": 1e-3}, 1),
+    "adam": OptimizerSpec("Adam", {"lr": 1e-3}, 2),
+    "adamw": OptimizerSpec("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, 2),
+    "radam": OptimizerSpec("RAdam", {"lr": 1e-3}, 2),
     # (mu_product is a per-param scalar, not a per-element byte)
-    "nadam": OptimizerSpec("NAdam", {"lr": 2e-3}, 2, False),
+    "nadam": OptimizerSpec("NAdam", {"lr": 2e-3}, 2),
     # torch.optim has no Lion: its peer is the reference implementation,
     # lion-pytorch (installed pinned by scripts/bootstrap.sh), whose default
     # for-loop step is also what its README recommends on the CPU.
-    "lion": OptimizerSpec("Lion", {"lr": 1e-4, "weight_decay": 1e-2}, 1, False,
+    "lion": OptimizerSpec("Lion", {"lr": 1e-4, "weight_decay": 1e-2}, 1,
                           reference="lion_pytorch:Lion"),
     # torch.optim has no LARS: its peer is timm's Lars (timm installed
     # pinned, without dependencies, by scripts/bootstrap.sh; only its
@@ -57,7 +64,7 @@ OPTIMIZERS = {
     # != 0, so every tensor is adapted (two norms per tensor, then SGD).
     # The byte budget is the update's (SGD with momentum, 20 B fp32); the
     # norms' pass reads each param and grad once more (8 B), not counted.
-    "lars": OptimizerSpec("Lars", {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-4}, 1, False,
+    "lars": OptimizerSpec("Lars", {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-4}, 1,
                           reference="timm.optim.lars:Lars"),
     # torch.optim has no LAMB: its peer is timm's Lamb (as Lars: its file
     # timm/optim/lamb.py and its helpers), foreach by default. timm's defaults
@@ -66,15 +73,15 @@ OPTIMIZERS = {
     # budget is the update's (Adam's 28 B fp32); the measuring pass reads
     # param, grad and both moments once more (16 B) and the clipping's norm
     # the grads once more (4 B), not counted.
-    "lamb": OptimizerSpec("Lamb", {"lr": 1e-3}, 2, False, reference="timm.optim.lamb:Lamb"),
+    "lamb": OptimizerSpec("Lamb", {"lr": 1e-3}, 2, reference="timm.optim.lamb:Lamb"),
     # timm's cautious variants (caution=True): not fused, ours stepped by
     # the plain per-tensor code (Note [cautious groups] in
     # fused_optim/_reference.py), against timm's own classes in their
     # default implementation. The byte budgets are the fused updates'.
-    "clion": OptimizerSpec("Lion", {"lr": 1e-4, "weight_decay": 1e-2, "caution": True}, 1, False,
+    "clion": OptimizerSpec("Lion", {"lr": 1e-4, "weight_decay": 1e-2, "caution": True}, 1,
                            reference="timm.optim.lion:Lion", label="Lion (cautious)",
                            in_all=False),
-    "clamb": OptimizerSpec("Lamb", {"lr": 1e-3, "caution": True}, 2, False,
+    "clamb": OptimizerSpec("Lamb", {"lr": 1e-3, "caution": True}, 2,
                            reference="timm.optim.lamb:Lamb", label="Lamb (cautious)",
                            in_all=False),
 }
@@ -152,6 +159,13 @@ class Precision:
         state in the param dtype, no master weights, round-to-nearest."""
         return Precision(f"torch {DTYPE_NAMES[self.param_dtype]}", self.param_dtype, amp=self.amp,
                          clip=self.clip)
+
+    @property
+    def torch_has_fused(self) -> bool:
+        """Whether torch.optim has the class and its constructor takes
+        ``fused`` (read from the signature)."""
+        cls = getattr(torch.optim, self.class_name, None)
+        return cls is not None and "fused" in inspect.signature(cls).parameters
 
     def describe(self) -> str:
         parts = [f"{DTYPE_NAMES[self.param_dtype]} params"]
