@@ -1144,6 +1144,39 @@ def test_compiled_step_in_frames_dynamo_skips(monkeypatch):
     assert graphs == []
 
 
+@pytest.mark.parametrize("closure", [False, True], ids=["no_closure", "closure"])
+def test_compiled_step_whose_closure_frame_dynamo_skips(monkeypatch, closure):
+    # Where Dynamo skips only the frame that runs the closure and the
+    # checks (_traced_step_with_closure), it compiles the functions that
+    # frame calls one by one: the checks of the group torch's code steps
+    # (fused=False) still run eagerly, and _traced_step is traced as a
+    # frame of its own (not the eager fallback): the steps equal eager.
+    from torch._dynamo.eval_frame import set_code_exec_strategy, skip_code
+    from torch._dynamo.types import FrameAction, FrameExecStrategy
+
+    torch._dynamo.reset()
+    fallbacks = _count_eager_fallbacks(monkeypatch)
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph
+
+    ours, ref = _params_of_two_shapes()
+    opts = [fused_optim.Adam([{"params": ps[:2]}, {"params": ps[2:], "fused": False}], lr=0.01)
+            for ps in (ours, ref)]
+    code = StepProtocol._traced_step_with_closure.__code__
+    skip_code(code)
+    try:
+        _step_both_with_grads_of(torch.compile(opts[0].step, backend=backend), opts[1].step,
+                                 ours, ref, closure=closure)
+    finally:
+        set_code_exec_strategy(code, FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT))
+        torch._dynamo.reset()
+    _assert_equal_runs_params_state(opts[0], opts[1])
+    assert fallbacks == [] and graphs
+
+
 def _step_both_with_grads_of(compiled, eager, ours, ref, closure):
     """Steps ``compiled`` and ``eager`` with the gradients of
     GRADS_AFTER_AN_EMPTY_STEP, set by a closure where ``closure`` (a graph
