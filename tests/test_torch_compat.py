@@ -1116,30 +1116,12 @@ def test_compiled_step_in_frames_dynamo_skips(monkeypatch):
     # does those whose trace broke in a loop) run eagerly, and Dynamo
     # compiles the functions they call one by one: the step, run eagerly,
     # compiles none of its helpers.
-    from torch._dynamo.eval_frame import set_code_exec_strategy, skip_code
-    from torch._dynamo.types import FrameAction, FrameExecStrategy
-
-    torch._dynamo.reset()
     fallbacks = _count_eager_fallbacks(monkeypatch)
-    graphs = []
-
-    def backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph
-
     ours, ref = _params_of_two_shapes(torch.bfloat16)
     opts = [fused_optim.Adam(ps, lr=0.01, master_weights=True) for ps in (ours, ref)]
-    codes = [StepProtocol._traced_step_with_closure.__code__, TracedStep._traced_step.__code__]
-    for code in codes:
-        skip_code(code)
-    try:
-        _step_both_with_grads_of(torch.compile(opts[0].step, backend=backend), opts[1].step,
-                                 ours, ref, closure=False)
-    finally:
-        for code in codes:
-            set_code_exec_strategy(code, FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT))
-        torch._dynamo.reset()
-    _assert_equal_runs_params_state(opts[0], opts[1])
+    graphs = _compiled_steps_with_frames_skipped(
+        opts, ours, ref, [StepProtocol._traced_step_with_closure, TracedStep._traced_step],
+        closure=False)
     assert len(fallbacks) == len(GRADS_AFTER_AN_EMPTY_STEP)
     assert graphs == []
 
@@ -1151,30 +1133,42 @@ def test_compiled_step_whose_closure_frame_dynamo_skips(monkeypatch, closure):
     # frame calls one by one: the checks of the group torch's code steps
     # (fused=False) still run eagerly, and _traced_step is traced as a
     # frame of its own (not the eager fallback): the steps equal eager.
+    fallbacks = _count_eager_fallbacks(monkeypatch)
+    ours, ref = _params_of_two_shapes()
+    opts = [fused_optim.Adam([{"params": ps[:2]}, {"params": ps[2:], "fused": False}], lr=0.01)
+            for ps in (ours, ref)]
+    graphs = _compiled_steps_with_frames_skipped(
+        opts, ours, ref, [StepProtocol._traced_step_with_closure], closure=closure)
+    assert fallbacks == [] and graphs
+
+
+def _compiled_steps_with_frames_skipped(opts, ours, ref, functions, closure) -> list:
+    """Steps ``opts[0]`` compiled, with Dynamo told to skip the frames of
+    ``functions`` (as it skips a frame whose trace broke in a loop), and
+    ``opts[1]`` eager (_step_both_with_grads_of); asserts equal params and
+    state; returns the graphs Dynamo made."""
     from torch._dynamo.eval_frame import set_code_exec_strategy, skip_code
     from torch._dynamo.types import FrameAction, FrameExecStrategy
 
-    torch._dynamo.reset()
-    fallbacks = _count_eager_fallbacks(monkeypatch)
     graphs = []
 
     def backend(graph, example_inputs):
         graphs.append(graph)
         return graph
 
-    ours, ref = _params_of_two_shapes()
-    opts = [fused_optim.Adam([{"params": ps[:2]}, {"params": ps[2:], "fused": False}], lr=0.01)
-            for ps in (ours, ref)]
-    code = StepProtocol._traced_step_with_closure.__code__
-    skip_code(code)
+    torch._dynamo.reset()
+    codes = [f.__code__ for f in functions]
+    for code in codes:
+        skip_code(code)
     try:
         _step_both_with_grads_of(torch.compile(opts[0].step, backend=backend), opts[1].step,
                                  ours, ref, closure=closure)
     finally:
-        set_code_exec_strategy(code, FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT))
+        for code in codes:
+            set_code_exec_strategy(code, FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT))
         torch._dynamo.reset()
     _assert_equal_runs_params_state(opts[0], opts[1])
-    assert fallbacks == [] and graphs
+    return graphs
 
 
 def _step_both_with_grads_of(compiled, eager, ours, ref, closure):
