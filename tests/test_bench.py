@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fused_optim
 from fused_optim.bench import cli, measure, metadata, progress, report
 from fused_optim.bench.measure import Result
 from fused_optim.bench.specs import IMPLS, OPTIMIZERS, PEERS, PRECISION_SETS, PRECISIONS
@@ -41,6 +42,20 @@ def test_help_lists_every_name_of_the_tables_and_the_run_time():
     assert missing == []
     assert re.search(r"about [\d to]+ minutes on a\s+2-core CPU", help_text)
     assert "--repeats" in help_text and "--scale" in help_text  # how it scales
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_each_spec_counts_the_state_tensors_its_optimizer_keeps(name):
+    # (the byte budget: each state tensor of a param's size is read and
+    # written once per step)
+    spec = OPTIMIZERS[name]
+    param = torch.nn.Parameter(torch.zeros(8))
+    param.grad = torch.ones(8)
+    optimizer = getattr(fused_optim, spec.class_name)([param], **spec.kwargs)
+    optimizer.step()
+    kept = [key for key, value in optimizer.state[param].items()
+            if torch.is_tensor(value) and value.shape == param.shape]
+    assert spec.state_tensors == len(kept), kept
 
 
 def test_bench_sh_help_needs_no_set_up(tmp_path):

@@ -29,9 +29,9 @@ def test_it_times_the_fused_optimizers_of_the_benchmark_with_their_hyperparamete
         assert hyper == BENCH_OPTIMIZERS[name].kwargs
         assert hasattr(fused_optim, class_name)
     # an ideal fp32 pass: param rw 8, grad r 4, each state tensor rw 8
-    budgets = {n: b for n, (_, _, b) in gpu_kernel_timing.OPTIMIZERS.items()}
-    assert budgets == {"sgd": 20, "adagrad": 20, "rmsprop": 20, "lion": 20, "lars": 20,
-                       "adam": 28, "adamw": 28, "radam": 28, "nadam": 28, "lamb": 28}
+    # (test_bench checks the spec's count against the class's state)
+    for name, (_, _, budget) in gpu_kernel_timing.OPTIMIZERS.items():
+        assert budget == 8 + 4 + 8 * BENCH_OPTIMIZERS[name].state_tensors, name
 
 
 def test_every_optimizer_has_its_tensors_per_launch():

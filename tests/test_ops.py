@@ -6,12 +6,16 @@ functional API with several param groups (whose per-group flags, maximize
 and Adam's decoupled_weight_decay, differ within one call), and their
 argument checks, which raise before anything is written.
 
-The calls are built by argument name (``_ops.SIGNATURES[op].arguments``),
-as the optimizer classes build them."""
+What the tests need of each op is its `OpTable` in `OPS`: how to build
+its call, the samples it is tried with, and its per-tensor reference. The
+calls are built by argument name (``_ops.SIGNATURES[op].arguments``), as
+the optimizer classes build them."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from typing import Callable
 
 import pytest
 import torch
@@ -72,6 +76,65 @@ def _named(*, params, grads, states, steps, lr, hyper, flags, modes, new_state=N
                 stochastic_rounding=False, scalar_states=scalar_states or {})
 
 
+# ---------------------------------------------------------------------------
+# One table per op: how to build its call, the samples it is tried with, and
+# its reference (torch.optim's single-tensor functional code, or the
+# reference rule of fused_optim._reference where torch.optim has none)
+# ---------------------------------------------------------------------------
+
+
+class _OneTensor:
+    """Tensor ``i`` of a call given by name, with its group's lr,
+    hyperparameters and flags, by schema name (which are the keywords of
+    torch's functional code): what a reference updates in place."""
+
+    def __init__(self, named, i):
+        k = named["group_index"][i]
+        self._lists = {**named["states"], **named["scalar_states"]}
+        self._i = i
+        self.param, self.grad = named["params"][i], named["grads"][i]
+        self.step = named["steps"][i] if named["steps"] else None
+        self.lr = float(named["lr"][k])  # (an lr tensor's value, rounded as the op reads it)
+        self.hyper = {name: values[k] for name, values in named["hyper"].items()}
+        self.flags = {name: values[k] for name, values in named["group_flags"].items()}
+        self.modes = named["modes"]
+        # a state tensor the op creates: its given tensor holds nothing yet
+        self.is_new = i in (named["new_state"] or ())
+
+    def state(self, name):
+        """This tensor's entry of state list ``name``; None if the call has no such list."""
+        return self._lists[name][self._i] if name in self._lists else None
+
+    def states(self, name):
+        """As ``state``, as a list of at most one tensor (torch's functional code's argument)."""
+        return [self._lists[name][self._i]] if name in self._lists else []
+
+    def set_state(self, name, tensor):
+        self._lists[name][self._i] = tensor
+
+
+def _grid(where=lambda sample: True, **axes):
+    """Every combination of the axes' values (the last axis varies
+    fastest), as keyword dicts, those ``where`` accepts."""
+    samples = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    return [sample for sample in samples if where(sample)]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTable:
+    """What the tests of this file need of one op."""
+
+    inputs: Callable[..., dict]  # inputs(dtype, device, **sample): the call by name
+    samples: list  # the keyword dicts `inputs` is tried with
+    full: dict  # the sample with every state list and per-group flags that differ
+    reference: Callable[[_OneTensor], None]  # one tensor's update, in place
+
+
+B = [False, True]
+P = list(PATTERNS)
+_NESTEROV_NEEDS_MOMENTUM = dict(where=lambda s: s["momentum_on"] or not s["nesterov"])
+
+
 def adam_inputs(dtype, device, amsgrad, maximize, decoupled):
     exp_avg_sqs = _tensors(3, dtype, device, positive=True)
     states = {"exp_avgs": _tensors(4, dtype, device), "exp_avg_sqs": exp_avg_sqs}
@@ -85,6 +148,12 @@ def adam_inputs(dtype, device, amsgrad, maximize, decoupled):
                "eps": [1e-8, 1e-6, 1e-5], "weight_decay": [0.0, 0.1, 0.01]},
         flags={"maximize": PATTERNS[maximize], "decoupled_weight_decay": DECOUPLED_PATTERNS[decoupled]},
         modes={"amsgrad": amsgrad})
+
+
+def adam_reference(t):
+    adam_fn([t.param], [t.grad], t.states("exp_avgs"), t.states("exp_avg_sqs"),
+            t.states("max_exp_avg_sqs"), [t.step], foreach=False, amsgrad=t.modes["amsgrad"],
+            lr=t.lr, **t.hyper, **t.flags)
 
 
 def sgd_inputs(dtype, device, momentum_on, nesterov, maximize):
@@ -101,6 +170,14 @@ def sgd_inputs(dtype, device, momentum_on, nesterov, maximize):
         modes={"nesterov": nesterov})
 
 
+def sgd_reference(t):
+    buffers = [None if t.is_new else t.state("momentum_buffers")]  # (torch makes a new one)
+    sgd_fn([t.param], [t.grad], buffers, foreach=False, lr=t.lr, nesterov=t.modes["nesterov"],
+           **t.hyper, **t.flags)
+    if t.is_new:
+        t.set_state("momentum_buffers", buffers[0])
+
+
 def adagrad_inputs(dtype, device, maximize):
     return _named(
         params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
@@ -110,6 +187,11 @@ def adagrad_inputs(dtype, device, maximize):
                "eps": [1e-10, 1e-6, 1e-5]},
         flags={"maximize": PATTERNS[maximize]},
         modes={})
+
+
+def adagrad_reference(t):
+    adagrad_fn([t.param], [t.grad], t.states("sums"), [t.step], foreach=False, lr=t.lr,
+               **t.hyper, **t.flags)
 
 
 def rmsprop_inputs(dtype, device, centered, momentum_on, maximize):
@@ -131,6 +213,12 @@ def rmsprop_inputs(dtype, device, centered, momentum_on, maximize):
         modes={"centered": centered})
 
 
+def rmsprop_reference(t):
+    rmsprop_fn([t.param], [t.grad], t.states("square_avgs"), t.states("grad_avgs"),
+               t.states("momentum_buffers"), [t.step], foreach=False, lr=t.lr,
+               centered=t.modes["centered"], **t.hyper, **t.flags)
+
+
 def radam_inputs(dtype, device, maximize, decoupled):
     # Steps after the call: 1, 10, 2, 31, 3, 1: both sides of RAdam's
     # rectification threshold (rho_t > 5 from step 6 on).
@@ -144,6 +232,11 @@ def radam_inputs(dtype, device, maximize, decoupled):
                "eps": [1e-8, 1e-6, 1e-5], "weight_decay": [0.0, 0.1, 0.01]},
         flags={"maximize": PATTERNS[maximize], "decoupled_weight_decay": DECOUPLED_PATTERNS[decoupled]},
         modes={})
+
+
+def radam_reference(t):
+    radam_fn([t.param], [t.grad], t.states("exp_avgs"), t.states("exp_avg_sqs"), [t.step],
+             foreach=False, lr=t.lr, **t.hyper, **t.flags)
 
 
 def nadam_inputs(dtype, device, maximize, decoupled):
@@ -163,6 +256,11 @@ def nadam_inputs(dtype, device, maximize, decoupled):
         modes={}, scalar_states={"mu_products": mu})
 
 
+def nadam_reference(t):
+    nadam_fn([t.param], [t.grad], t.states("exp_avgs"), t.states("exp_avg_sqs"),
+             t.states("mu_products"), [t.step], foreach=False, lr=t.lr, **t.hyper, **t.flags)
+
+
 def lion_inputs(dtype, device, maximize):
     return _named(
         params=_tensors(1, dtype, device), grads=_tensors(2, dtype, device),
@@ -174,6 +272,13 @@ def lion_inputs(dtype, device, maximize):
                "max_lr": [0.0, 0.0, 4e-2]},  # (group 2: timm's corrected decay)
         flags={"maximize": PATTERNS[maximize]},
         modes={})
+
+
+def lion_reference(t):
+    h = t.hyper
+    reference_rules.lion(t.param, t.grad, {"exp_avg": t.state("exp_avgs")}, lr=t.lr,
+                         betas=(h["beta1"], h["beta2"]), weight_decay=h["weight_decay"],
+                         max_lr=h["max_lr"] or None, **t.flags)
 
 
 def lars_inputs(dtype, device, momentum_on, nesterov, maximize):
@@ -195,6 +300,18 @@ def lars_inputs(dtype, device, momentum_on, nesterov, maximize):
         flags={"maximize": PATTERNS[maximize]},
         new_state=[0, 3] if momentum_on else [],  # tensors whose buffer is new
         modes={"nesterov": nesterov})
+
+
+def lars_reference(t):
+    buffer = t.state("momentum_buffers")
+    state = {} if t.is_new or buffer is None else {"momentum_buffer": buffer}
+    # (the op's 0/1 hyperparameters are the rule's bools)
+    hyper = {**t.hyper, "trust_clip": bool(t.hyper["trust_clip"]),
+             "always_adapt": bool(t.hyper["always_adapt"])}
+    reference_rules.lars(t.param, t.grad, state, lr=t.lr, nesterov=t.modes["nesterov"],
+                         **hyper, **t.flags)
+    if t.is_new:
+        t.set_state("momentum_buffers", state["momentum_buffer"])
 
 
 def lamb_inputs(dtype, device, maximize, decoupled):
@@ -220,44 +337,49 @@ def lamb_inputs(dtype, device, maximize, decoupled):
         modes={})
 
 
-B = [False, True]
-P = list(PATTERNS)
-SAMPLES = {
-    "adam_": [(adam_inputs, dict(amsgrad=a, maximize=m, decoupled=d))
-              for a, m, d in itertools.product(B, P, P)],
-    "sgd_": [(sgd_inputs, dict(momentum_on=mo, nesterov=n, maximize=m))
-             for mo, n, m in itertools.product(B, B, P) if mo or not n],
-    "adagrad_": [(adagrad_inputs, dict(maximize=m)) for m in P],
-    "rmsprop_": [(rmsprop_inputs, dict(centered=c, momentum_on=mo, maximize=m))
-                 for c, mo, m in itertools.product(B, B, P)],
-    "radam_": [(radam_inputs, dict(maximize=m, decoupled=d)) for m, d in itertools.product(P, P)],
-    "lion_": [(lion_inputs, dict(maximize=m)) for m in P],
-    "nadam_": [(nadam_inputs, dict(maximize=m, decoupled=d)) for m, d in itertools.product(P, P)],
-    "lars_": [(lars_inputs, dict(momentum_on=mo, nesterov=n, maximize=m))
-              for mo, n, m in itertools.product(B, B, P) if mo or not n],
-    "lamb_": [(lamb_inputs, dict(maximize=m, decoupled=d)) for m, d in itertools.product(P, P)],
-}
-CASES = [(op, i) for op in SAMPLES for i in range(len(SAMPLES[op]))]
+def lamb_reference(t):
+    # (the rule counts the step in the state's tensor, as the op does)
+    h = t.hyper
+    state = {"step": t.step, "exp_avg": t.state("exp_avgs"), "exp_avg_sq": t.state("exp_avg_sqs")}
+    reference_rules.lamb(t.param, t.grad, state, lr=t.lr, betas=(h["beta1"], h["beta2"]),
+                         eps=h["eps"], weight_decay=h["weight_decay"],
+                         bias_correction=bool(h["bias_correction"]),
+                         grad_averaging=bool(h["grad_averaging"]),
+                         trust_clip=bool(h["trust_clip"]), always_adapt=bool(h["always_adapt"]),
+                         decoupled_decay=t.flags["decoupled_weight_decay"],
+                         maximize=t.flags["maximize"], max_lr=h["max_lr"] or None)
 
-# The sample of each op with every state list present and its per-group
-# flags differing between groups.
-FULL_SAMPLE = {
-    "adam_": dict(amsgrad=True, maximize="mixed", decoupled="mixed"),
-    "sgd_": dict(momentum_on=True, nesterov=True, maximize="mixed"),
-    "adagrad_": dict(maximize="mixed"),
-    "rmsprop_": dict(centered=True, momentum_on=True, maximize="mixed"),
-    "radam_": dict(maximize="mixed", decoupled="mixed"),
-    "lion_": dict(maximize="mixed"),
-    "nadam_": dict(maximize="mixed", decoupled="mixed"),
-    "lars_": dict(momentum_on=True, nesterov=True, maximize="mixed"),
-    "lamb_": dict(maximize="mixed", decoupled="mixed"),
+
+OPS = {
+    "adam_": OpTable(adam_inputs, _grid(amsgrad=B, maximize=P, decoupled=P),
+                     dict(amsgrad=True, maximize="mixed", decoupled="mixed"), adam_reference),
+    "sgd_": OpTable(sgd_inputs, _grid(momentum_on=B, nesterov=B, maximize=P, **_NESTEROV_NEEDS_MOMENTUM),
+                    dict(momentum_on=True, nesterov=True, maximize="mixed"), sgd_reference),
+    "adagrad_": OpTable(adagrad_inputs, _grid(maximize=P), dict(maximize="mixed"), adagrad_reference),
+    "rmsprop_": OpTable(rmsprop_inputs, _grid(centered=B, momentum_on=B, maximize=P),
+                        dict(centered=True, momentum_on=True, maximize="mixed"), rmsprop_reference),
+    "radam_": OpTable(radam_inputs, _grid(maximize=P, decoupled=P),
+                      dict(maximize="mixed", decoupled="mixed"), radam_reference),
+    "lion_": OpTable(lion_inputs, _grid(maximize=P), dict(maximize="mixed"), lion_reference),
+    "nadam_": OpTable(nadam_inputs, _grid(maximize=P, decoupled=P),
+                      dict(maximize="mixed", decoupled="mixed"), nadam_reference),
+    "lars_": OpTable(lars_inputs, _grid(momentum_on=B, nesterov=B, maximize=P, **_NESTEROV_NEEDS_MOMENTUM),
+                     dict(momentum_on=True, nesterov=True, maximize="mixed"), lars_reference),
+    "lamb_": OpTable(lamb_inputs, _grid(maximize=P, decoupled=P),
+                     dict(maximize="mixed", decoupled="mixed"), lamb_reference),
 }
+CASES = [(op, i) for op, table in OPS.items() for i in range(len(table.samples))]
+
+
+def _full_case(op):
+    """The index of the op's fullest sample (``OpTable.full``)."""
+    return OPS[op].samples.index(OPS[op].full)
 
 
 def _case_id(case):
     op, i = case
-    _, flags = SAMPLES[op][i]
-    words = [k if v is True else f"{k}={v}" for k, v in flags.items() if v not in (False, "none")]
+    words = [k if v is True else f"{k}={v}" for k, v in OPS[op].samples[i].items()
+             if v not in (False, "none")]
     return "-".join([op] + words)
 
 
@@ -270,8 +392,7 @@ def _lr_tensors(lr, device):
 
 
 def _inputs(op, i, dtype, device, tensor_lr=False):
-    fn, flags = SAMPLES[op][i]
-    named = fn(dtype, device, **flags)
+    named = OPS[op].inputs(dtype, device, **OPS[op].samples[i])
     if tensor_lr:
         named["lr"] = _lr_tensors(named["lr"], device)
     return named
@@ -541,91 +662,12 @@ def _written(op, named):
 
 
 def _reference(op, named):
-    """The same update with torch.optim's single-tensor functional code, one
+    """The same update by the op's reference (``OpTable.reference``), one
     tensor at a time with its group's hyperparameters and flags; returns
     the lists `_written` names."""
     named = _clone(named)
-    p, g, st, s = named["params"], named["grads"], named["steps"], named["states"]
-    h, flags, modes = named["hyper"], named["group_flags"], named["modes"]
-    lr = [float(x) for x in named["lr"]]  # (an lr tensor's value, rounded as the op reads it)
-    for i, k in enumerate(named["group_index"]):
-        if op == "adam_":
-            amsgrad = modes["amsgrad"]
-            adam_fn([p[i]], [g[i]], [s["exp_avgs"][i]], [s["exp_avg_sqs"][i]],
-                    [s["max_exp_avg_sqs"][i]] if amsgrad else [], [st[i]], foreach=False,
-                    decoupled_weight_decay=flags["decoupled_weight_decay"][k], amsgrad=amsgrad,
-                    beta1=h["beta1"][k], beta2=h["beta2"][k], lr=lr[k],
-                    weight_decay=h["weight_decay"][k], eps=h["eps"][k],
-                    maximize=flags["maximize"][k])
-        elif op == "sgd_":
-            bufs = s.get("momentum_buffers")
-            new = i in named["new_state"]
-            blist = [None if new else bufs[i]] if bufs else [None]
-            sgd_fn([p[i]], [g[i]], blist, foreach=False, weight_decay=h["weight_decay"][k],
-                   momentum=h["momentum"][k] if bufs else 0.0, lr=lr[k],
-                   dampening=h["dampening"][k], nesterov=modes["nesterov"],
-                   maximize=flags["maximize"][k])
-            if bufs and new:
-                bufs[i] = blist[0]
-        elif op == "adagrad_":
-            adagrad_fn([p[i]], [g[i]], [s["sums"][i]], [st[i]], foreach=False, lr=lr[k],
-                       weight_decay=h["weight_decay"][k], lr_decay=h["lr_decay"][k],
-                       eps=h["eps"][k], maximize=flags["maximize"][k])
-        elif op == "rmsprop_":
-            ga, mb = s.get("grad_avgs"), s.get("momentum_buffers")
-            rmsprop_fn([p[i]], [g[i]], [s["square_avgs"][i]], [ga[i]] if ga else [],
-                       [mb[i]] if mb else [], [st[i]], foreach=False,
-                       maximize=flags["maximize"][k], lr=lr[k], alpha=h["alpha"][k],
-                       eps=h["eps"][k], weight_decay=h["weight_decay"][k],
-                       momentum=h["momentum"][k] if mb else 0.0, centered=modes["centered"])
-        elif op == "radam_":
-            radam_fn([p[i]], [g[i]], [s["exp_avgs"][i]], [s["exp_avg_sqs"][i]], [st[i]],
-                     foreach=False, decoupled_weight_decay=flags["decoupled_weight_decay"][k],
-                     beta1=h["beta1"][k], beta2=h["beta2"][k], lr=lr[k],
-                     weight_decay=h["weight_decay"][k], eps=h["eps"][k],
-                     maximize=flags["maximize"][k])
-        elif op == "nadam_":
-            nadam_fn([p[i]], [g[i]], [s["exp_avgs"][i]], [s["exp_avg_sqs"][i]],
-                     [named["scalar_states"]["mu_products"][i]], [st[i]], foreach=False,
-                     decoupled_weight_decay=flags["decoupled_weight_decay"][k],
-                     beta1=h["beta1"][k], beta2=h["beta2"][k], lr=lr[k],
-                     weight_decay=h["weight_decay"][k], momentum_decay=h["momentum_decay"][k],
-                     eps=h["eps"][k], maximize=flags["maximize"][k])
-        elif op == "lion_":
-            # (torch.optim has no Lion: the reference rule, fused_optim._reference)
-            reference_rules.lion(p[i], g[i], {"exp_avg": s["exp_avgs"][i]}, lr=lr[k],
-                            betas=(h["beta1"][k], h["beta2"][k]),
-                            weight_decay=h["weight_decay"][k], maximize=flags["maximize"][k],
-                            max_lr=h["max_lr"][k] or None)
-        elif op == "lars_":
-            # (torch.optim has no LARS: the reference rule, fused_optim._reference)
-            bufs = s.get("momentum_buffers")
-            new = i in named["new_state"]
-            state = {} if (new or not bufs) else {"momentum_buffer": bufs[i]}
-            reference_rules.lars(p[i], g[i], state, lr=lr[k],
-                                 momentum=h["momentum"][k] if bufs else 0.0,
-                                 dampening=h["dampening"][k], weight_decay=h["weight_decay"][k],
-                                 nesterov=modes["nesterov"], trust_coeff=h["trust_coeff"][k],
-                                 eps=h["eps"][k], trust_clip=bool(h["trust_clip"][k]),
-                                 always_adapt=bool(h["always_adapt"][k]),
-                                 maximize=flags["maximize"][k])
-            if bufs and new:
-                bufs[i] = state["momentum_buffer"]
-        elif op == "lamb_":
-            # (torch.optim has no LAMB: the reference rule, fused_optim._reference;
-            # it counts the step in the state's tensor, as the op does)
-            state = {"step": st[i], "exp_avg": s["exp_avgs"][i], "exp_avg_sq": s["exp_avg_sqs"][i]}
-            reference_rules.lamb(p[i], g[i], state, lr=lr[k],
-                                 betas=(h["beta1"][k], h["beta2"][k]), eps=h["eps"][k],
-                                 weight_decay=h["weight_decay"][k],
-                                 bias_correction=bool(h["bias_correction"][k]),
-                                 grad_averaging=bool(h["grad_averaging"][k]),
-                                 trust_clip=bool(h["trust_clip"][k]),
-                                 always_adapt=bool(h["always_adapt"][k]),
-                                 decoupled_decay=flags["decoupled_weight_decay"][k],
-                                 maximize=flags["maximize"][k], max_lr=h["max_lr"][k] or None)
-        else:
-            raise ValueError(op)
+    for i in range(len(named["params"])):
+        OPS[op].reference(_OneTensor(named, i))
     return _written(op, named)
 
 
@@ -652,11 +694,11 @@ def test_op_values_match_torch_functional(case, dtype, tensor_lr, device):
             assert torch.equal(t, t0), "lr tensors are read, not written"
 
 
-@pytest.mark.parametrize("op", list(SAMPLES))
+@pytest.mark.parametrize("op", list(OPS))
 def test_groups_differing_in_maximize_equal_separate_calls(op, device):
     # One call whose groups differ in maximize (and, for Adam, in
     # decoupled_weight_decay) is the same as one call per group.
-    i = next(j for j, (_, flags) in enumerate(SAMPLES[op]) if flags == FULL_SAMPLE[op])
+    i = _full_case(op)
     one_call = _inputs(op, i, torch.float32, device)
     separate = _clone(one_call)
     _call_public(op, one_call)
@@ -766,7 +808,7 @@ def test_the_update_reads_the_given_sums(op, device):
     # Param sums times 4: twice the param norm, so twice the trust ratio and
     # the step of the adapted group; the other group's step is unchanged.
     flags, adapted, not_adapted = GIVEN_SUMS[op]
-    i = next(j for j, (_, f) in enumerate(SAMPLES[op]) if f == flags)
+    i = OPS[op].samples.index(flags)
     named = _inputs(op, i, torch.float64, device)
     n = len(SHAPES)
     args, kwargs = _split(op, _clone(named))
@@ -811,7 +853,7 @@ def _bad_tensor_sums(n, device):
 def test_bad_tensor_sums_are_refused_before_writing(op, variant, device):
     if variant == "on_cpu" and torch.device(device).type == "cpu":
         pytest.skip("sums on another device than the params need a GPU")
-    i = next(j for j, (_, flags) in enumerate(SAMPLES[op]) if flags == FULL_SAMPLE[op])
+    i = _full_case(op)
     named = _inputs(op, i, torch.float32, device)
     before = _clone(named)
     if variant == "measure":  # the measuring call computes the sums: it takes none
@@ -917,23 +959,35 @@ def _bad_variants(op, named):
     return out
 
 
-COMMON_VARIANTS = ["grads_shorter", "group_index_out_of_range", "group_index_negative",
-                   "group_index_shorter", "rounding_ids_shorter", "lr_shorter", "hyper_shorter", "grad_numel",
-                   "maximize_shorter", "maximize_longer"]
-ADAM_VARIANTS = ["decoupled_weight_decay_shorter", "decoupled_weight_decay_longer"]
-SCALAR_STATE_VARIANTS = ["scalar_state_shorter", "scalar_state_of_two_elements",
-                         "scalar_state_float16"]
-LR_TENSOR_VARIANTS = ["lr_tensor_two_elements", "lr_tensor_float16", "lr_tensor_int64",
-                      "lr_tensor_empty", "lr_tensor_on_cpu"]
-ERROR_CASES = [
-    (op, tensor_lr, variant)
-    for op in SAMPLES for tensor_lr in OVERLOADS
-    for variant in COMMON_VARIANTS
-    + (ADAM_VARIANTS if op in ("adam_", "radam_", "nadam_", "lamb_") else [])
-    + (SCALAR_STATE_VARIANTS if op == "nadam_" else [])
-    + (["nesterov_without_buffers"] if op in ("sgd_", "lars_") else [])
-    + (LR_TENSOR_VARIANTS if tensor_lr else [])
-]
+def _variant_names(op, tensor_lr):
+    """The names of the variants `_bad_variants` makes of the op's calls,
+    read from its schema (its per-group flags, scalar state and modes)."""
+    signature = _ops.SIGNATURES[op]
+    names = ["grads_shorter", "group_index_out_of_range", "group_index_negative",
+             "group_index_shorter", "rounding_ids_shorter", "lr_shorter", "hyper_shorter",
+             "grad_numel"]
+    names += [f"{flag}_{end}" for flag in signature.group_flags for end in ("shorter", "longer")]
+    if signature.scalar_state:
+        names += ["scalar_state_shorter", "scalar_state_of_two_elements", "scalar_state_float16"]
+    if "nesterov" in signature.modes:
+        names.append("nesterov_without_buffers")
+    if tensor_lr:
+        names += ["lr_tensor_two_elements", "lr_tensor_float16", "lr_tensor_int64",
+                  "lr_tensor_empty", "lr_tensor_on_cpu"]
+    return names
+
+
+ERROR_CASES = [(op, tensor_lr, variant) for op in OPS for tensor_lr in OVERLOADS
+               for variant in _variant_names(op, tensor_lr)]
+
+
+@pytest.mark.parametrize("tensor_lr", OVERLOADS, ids=_overload_id)
+@pytest.mark.parametrize("op", list(OPS))
+def test_every_bad_variant_is_a_case(op, tensor_lr):
+    # (on the CPU, where an lr tensor cannot be on another device)
+    named = _inputs(op, _full_case(op), torch.float32, "cpu", tensor_lr)
+    names = set(_variant_names(op, tensor_lr)) - {"lr_tensor_on_cpu"}
+    assert set(_bad_variants(op, named)) == names
 
 
 @pytest.mark.parametrize("case", ERROR_CASES,
@@ -942,7 +996,7 @@ def test_op_rejects_bad_arguments_before_writing(case, device):
     op, tensor_lr, variant = case
     if variant == "lr_tensor_on_cpu" and device == "cpu":
         pytest.skip("an lr tensor on another device than the params needs a GPU")
-    i = next(j for j, (_, flags) in enumerate(SAMPLES[op]) if flags == FULL_SAMPLE[op])
+    i = _full_case(op)
     named = _inputs(op, i, torch.float32, device, tensor_lr)
     bad, match = _bad_variants(op, named)[variant]
     written = [named["grads"], *_written(op, named).values()]
