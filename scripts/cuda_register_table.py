@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 import sys
 
-# (row label, kernel name as check_cuda_kernels.sh prints it); ops without
-# state (SGD without momentum) have only the pairs with state dtype = param dtype.
-ROWS = [
+# Readable labels of the kernels, in the table's order (row label, kernel
+# name as check_cuda_kernels.sh prints it). A kernel of the log missing here
+# (a new op's) gets a row of its own under its kernel name, after these.
+LABELS = [
     ("adam", "AdamOp<false>"), ("adam amsgrad", "AdamOp<true>"),
     ("sgd", "SgdOp<false,false>"), ("sgd momentum", "SgdOp<true,false>"),
     ("sgd nesterov", "SgdOp<true,true>"), ("adagrad", "AdagradOp"),
@@ -25,7 +26,6 @@ ROWS = [
     ("lars", "LarsOp<false,false>"), ("lars momentum", "LarsOp<true,false>"),
     ("lars nesterov", "LarsOp<true,true>"), ("lamb", "LambOp"),
 ]
-STATELESS = {"SgdOp<false,false>", "LarsOp<false,false>"}
 PAIRS = [("fp32", "fp32"), ("fp32", "bf16"), ("fp64", "fp64"), ("fp16", "fp16"),
          ("fp16", "fp32"), ("fp16", "bf16"), ("bf16", "bf16"), ("bf16", "fp32")]
 ARCHS = ("80", "90")
@@ -46,15 +46,24 @@ def parse(lines) -> dict:
     return data
 
 
+def rows(data: dict) -> list[tuple[str, str]]:
+    """(label, kernel) of every element-op kernel of the log: LABELS' first,
+    then the others in the log's order, each under its kernel name."""
+    labelled = {kernel for _, kernel in LABELS}
+    found = list(dict.fromkeys(kernel for kernel, *_ in data))
+    return ([(label, kernel) for label, kernel in LABELS if kernel in found]
+            + [(kernel, kernel) for kernel in found if kernel not in labelled])
+
+
 def table(data: dict) -> str:
     out = ["| kernel | " + " | ".join(f"{p}/{s}" for p, s in PAIRS) + " |",
            "|---|" + "---|" * len(PAIRS)]
     spills = []
-    for label, kernel in ROWS:
+    for label, kernel in rows(data):
         cells = []
         for param, state in PAIRS:
             found = [data.get((kernel, param, state, arch)) for arch in ARCHS]
-            if kernel in STATELESS and state != param or None in found:
+            if None in found:  # (an op without state has only state = param)
                 cells.append("-")
                 continue
             spilled = any(f[1] for f in found)
