@@ -322,8 +322,9 @@ std::optional<at::Tensor> sums_from_front(
 
 template <typename Spec>
 std::vector<const char*> hyper_names() {
-  return std::vector<const char*>(std::begin(Spec::kHyper),
-                                  std::end(Spec::kHyper));
+  std::vector<const char*> names;
+  for (const auto& field : Spec::kHyper) names.push_back(field.name);
+  return names;
 }
 
 constexpr bool same_name(const char* a, const char* b) {
@@ -336,7 +337,7 @@ template <typename Spec>
 constexpr size_t weight_decay_index() {
   constexpr size_t kCount = count_of(Spec::kHyper);
   size_t k = 0;
-  while (k < kCount && !same_name(Spec::kHyper[k], "weight_decay")) ++k;
+  while (k < kCount && !same_name(Spec::kHyper[k].name, "weight_decay")) ++k;
   return k;
 }
 
@@ -432,7 +433,7 @@ std::optional<PreparedCall<Spec>> prepare(at::DeviceType backend,
   for (size_t g = 0; g < groups; ++g) {
     double values[kNumHyper];
     for (size_t k = 0; k < kNumHyper; ++k) values[k] = call.hyper[k][g];
-    group_hypers[g] = Spec::hyper(lr_source(call, g), values);
+    group_hypers[g] = make_hyper<Spec>(lr_source(call, g), values);
     group_hypers[g].maximize = call.maximize->get(g);
     group_hypers[g].max_grad_norm = call.max_grad_norm[g];
     group_decay[g] = weight_decay_mode(

@@ -96,7 +96,7 @@ std::string schema(LrKind lr, bool measure) {
   }
   s += "int[] group_index, ";
   s += tensor_lr ? "Tensor[] lr, " : "float[] lr, ";
-  for (const char* name : Spec::kHyper) s += std::string("float[] ") + name + ", ";
+  for (const auto& field : Spec::kHyper) s += std::string("float[] ") + field.name + ", ";
   s += "bool[] maximize, ";
   if (Spec::kDecoupledDecay) s += "bool[] decoupled_weight_decay, ";
   s += "float[] max_grad_norm, ";

@@ -67,33 +67,78 @@ constexpr size_t count_of(const T (&)[N]) {
   return N;
 }
 
+// One per-group hyperparameter of an op: its schema name (a `float[]`
+// argument, one value per group) and the field of the op's Hyper it fills.
+// A bool field (LARS's trust_clip, ...) is filled from 0 or 1: the schema's
+// only per-group bool lists are the flags (maximize, decoupled decay).
+template <typename Hyper>
+struct HyperField {
+  const char* name;
+  double Hyper::*number = nullptr;
+  bool Hyper::*flag = nullptr;
+
+  constexpr HyperField(const char* n, double Hyper::*field)
+      : name(n), number(field) {}
+  constexpr HyperField(const char* n, bool Hyper::*field)
+      : name(n), flag(field) {}
+
+  void set(Hyper& hyper, double value) const {
+    if (number != nullptr) {
+      hyper.*number = value;
+    } else {
+      hyper.*flag = value != 0.0;
+    }
+  }
+};
+
+// One group's Hyper: its lr and its values of the op's float[] lists
+// (`values[k]` is `kHyper[k]`'s). The front sets maximize and
+// max_grad_norm.
+template <typename Spec>
+typename Spec::Hyper make_hyper(LrSource lr, const double* values) {
+  typename Spec::Hyper out;
+  out.lr = lr;
+  for (size_t k = 0; k < count_of(Spec::kHyper); ++k) {
+    Spec::kHyper[k].set(out, values[k]);
+  }
+  return out;
+}
+
+// A spec whose every combination of modes is valid: mode_error() gives the
+// reason a call's modes are refused, or nullptr (MomentumModes refuses one).
+struct ModesAlwaysValid {
+  static const char* mode_error(const CallModes&) { return nullptr; }
+};
+
+// What a spec whose op has no mode keyword says of its modes: none (a C++
+// array cannot be empty, hence kNumModes), and one element op.
+template <typename Op>
+struct WithoutModes : ModesAlwaysValid {
+  static constexpr const char* kModes[1] = {};  // (none; see kNumModes)
+  static constexpr size_t kNumModes = 0;
+
+  template <typename Fn>
+  static auto with_element_op(const CallModes&, const Fn& fn) {
+    return fn(Op{});
+  }
+};
+
 // ---------------------------------------------------------------------------
 // Adam and AdamW
 // ---------------------------------------------------------------------------
-struct AdamSpec {
+struct AdamSpec : ModesAlwaysValid {
   static constexpr const char* kName = "adam_";
   using Hyper = AdamHyper;
   static constexpr StateList kState[] = {
       {"exp_avgs", StateList::kAlways},
       {"exp_avg_sqs", StateList::kAlways},
       {"max_exp_avg_sqs", 0}};  // amsgrad
-  static constexpr const char* kHyper[] = {"beta1", "beta2", "eps",
-                                           "weight_decay"};
+  static constexpr HyperField<Hyper> kHyper[] = {
+      {"beta1", &Hyper::beta1}, {"beta2", &Hyper::beta2}, {"eps", &Hyper::eps},
+      {"weight_decay", &Hyper::weight_decay}};
   static constexpr const char* kModes[] = {"amsgrad"};
   static constexpr bool kDecoupledDecay = true;
   static constexpr const char* kNewState = nullptr;
-
-  static Hyper hyper(LrSource lr, const double* h) {
-    Hyper out;
-    out.lr = lr;
-    out.beta1 = h[0];
-    out.beta2 = h[1];
-    out.eps = h[2];
-    out.weight_decay = h[3];
-    return out;
-  }
-
-  static const char* mode_error(const CallModes&) { return nullptr; }
 
   template <typename Fn>
   static auto with_element_op(const CallModes& m, const Fn& fn) {
@@ -142,8 +187,9 @@ struct SgdSpec : MomentumModes<SgdSpec, SgdOp> {
   using Hyper = SgdHyper;
   static constexpr StateList kState[] = {
       {"momentum_buffers", StateList::kIfGiven}};
-  static constexpr const char* kHyper[] = {"momentum", "dampening",
-                                           "weight_decay"};
+  static constexpr HyperField<Hyper> kHyper[] = {
+      {"momentum", &Hyper::momentum}, {"dampening", &Hyper::dampening},
+      {"weight_decay", &Hyper::weight_decay}};
   static constexpr const char* kModes[] = {"nesterov"};
   static constexpr bool kDecoupledDecay = false;
   // Indices of the tensors whose momentum buffer is new this step: torch's
@@ -151,74 +197,38 @@ struct SgdSpec : MomentumModes<SgdSpec, SgdOp> {
   // list always refers to the op's first state list (kState[0]): it must be
   // empty when that list is.
   static constexpr const char* kNewState = "new_momentum_buffers";
-
-  static Hyper hyper(LrSource lr, const double* h) {
-    Hyper out;
-    out.lr = lr;
-    out.momentum = h[0];
-    out.dampening = h[1];
-    out.weight_decay = h[2];
-    return out;
-  }
 };
 
 // ---------------------------------------------------------------------------
 // Adagrad
 // ---------------------------------------------------------------------------
-struct AdagradSpec {
+struct AdagradSpec : WithoutModes<AdagradOp> {
   static constexpr const char* kName = "adagrad_";
   using Hyper = AdagradHyper;
   static constexpr StateList kState[] = {{"sums", StateList::kAlways}};
-  static constexpr const char* kHyper[] = {"lr_decay", "weight_decay", "eps"};
-  static constexpr const char* kModes[1] = {};  // (none; see kNumModes)
-  static constexpr size_t kNumModes = 0;
+  static constexpr HyperField<Hyper> kHyper[] = {
+      {"lr_decay", &Hyper::lr_decay}, {"weight_decay", &Hyper::weight_decay},
+      {"eps", &Hyper::eps}};
   static constexpr bool kDecoupledDecay = false;
   static constexpr const char* kNewState = nullptr;
-
-  static Hyper hyper(LrSource lr, const double* h) {
-    Hyper out;
-    out.lr = lr;
-    out.lr_decay = h[0];
-    out.weight_decay = h[1];
-    out.eps = h[2];
-    return out;
-  }
-
-  static const char* mode_error(const CallModes&) { return nullptr; }
-
-  template <typename Fn>
-  static auto with_element_op(const CallModes&, const Fn& fn) {
-    return fn(AdagradOp{});
-  }
 };
 
 // ---------------------------------------------------------------------------
 // RMSprop (centered, momentum)
 // ---------------------------------------------------------------------------
-struct RmspropSpec {
+struct RmspropSpec : ModesAlwaysValid {
   static constexpr const char* kName = "rmsprop_";
   using Hyper = RmspropHyper;
   static constexpr StateList kState[] = {
       {"square_avgs", StateList::kAlways},
       {"grad_avgs", 0},  // centered
       {"momentum_buffers", StateList::kIfGiven}};
-  static constexpr const char* kHyper[] = {"alpha", "eps", "weight_decay",
-                                           "momentum"};
+  static constexpr HyperField<Hyper> kHyper[] = {
+      {"alpha", &Hyper::alpha}, {"eps", &Hyper::eps},
+      {"weight_decay", &Hyper::weight_decay}, {"momentum", &Hyper::momentum}};
   static constexpr const char* kModes[] = {"centered"};
   static constexpr bool kDecoupledDecay = false;
   static constexpr const char* kNewState = nullptr;
-
-  static Hyper hyper(LrSource lr, const double* h) {
-    Hyper out;
-    out.lr = lr;
-    out.alpha = h[0];
-    out.eps = h[1];
-    out.weight_decay = h[2];
-    out.momentum = h[3];
-    return out;
-  }
-
-  static const char* mode_error(const CallModes&) { return nullptr; }
 
   template <typename Fn>
   static auto with_element_op(const CallModes& m, const Fn& fn) {
@@ -233,105 +243,52 @@ struct RmspropSpec {
 // ---------------------------------------------------------------------------
 // RAdam (decoupled weight decay optional)
 // ---------------------------------------------------------------------------
-struct RadamSpec {
+struct RadamSpec : WithoutModes<RadamOp> {
   static constexpr const char* kName = "radam_";
   using Hyper = RadamHyper;
   static constexpr StateList kState[] = {{"exp_avgs", StateList::kAlways},
                                          {"exp_avg_sqs", StateList::kAlways}};
-  static constexpr const char* kHyper[] = {"beta1", "beta2", "eps",
-                                           "weight_decay"};
-  static constexpr const char* kModes[1] = {};  // (none; see kNumModes)
-  static constexpr size_t kNumModes = 0;
+  static constexpr HyperField<Hyper> kHyper[] = {
+      {"beta1", &Hyper::beta1}, {"beta2", &Hyper::beta2}, {"eps", &Hyper::eps},
+      {"weight_decay", &Hyper::weight_decay}};
   static constexpr bool kDecoupledDecay = true;
   static constexpr const char* kNewState = nullptr;
-
-  static Hyper hyper(LrSource lr, const double* h) {
-    Hyper out;
-    out.lr = lr;
-    out.beta1 = h[0];
-    out.beta2 = h[1];
-    out.eps = h[2];
-    out.weight_decay = h[3];
-    return out;
-  }
-
-  static const char* mode_error(const CallModes&) { return nullptr; }
-
-  template <typename Fn>
-  static auto with_element_op(const CallModes&, const Fn& fn) {
-    return fn(RadamOp{});
-  }
 };
 
 // ---------------------------------------------------------------------------
 // Lion (weight decay always decoupled)
 // ---------------------------------------------------------------------------
-struct LionSpec {
+struct LionSpec : WithoutModes<LionOp> {
   static constexpr const char* kName = "lion_";
   using Hyper = LionHyper;
   static constexpr StateList kState[] = {{"exp_avgs", StateList::kAlways}};
-  static constexpr const char* kHyper[] = {"beta1", "beta2", "weight_decay", "max_lr"};
-  static constexpr const char* kModes[1] = {};  // (none; see kNumModes)
-  static constexpr size_t kNumModes = 0;
+  static constexpr HyperField<Hyper> kHyper[] = {
+      {"beta1", &Hyper::beta1}, {"beta2", &Hyper::beta2},
+      {"weight_decay", &Hyper::weight_decay}, {"max_lr", &Hyper::max_lr}};
   // No per-group decoupled_weight_decay list: every group's decay is
   // decoupled (AlwaysDecoupled below), as in the paper.
   static constexpr bool kDecoupledDecay = false;
   static constexpr bool kAlwaysDecoupled = true;
   static constexpr const char* kNewState = nullptr;
-
-  static Hyper hyper(LrSource lr, const double* h) {
-    Hyper out;
-    out.lr = lr;
-    out.beta1 = h[0];
-    out.beta2 = h[1];
-    out.weight_decay = h[2];
-    out.max_lr = h[3];
-    return out;
-  }
-
-  static const char* mode_error(const CallModes&) { return nullptr; }
-
-  template <typename Fn>
-  static auto with_element_op(const CallModes&, const Fn& fn) {
-    return fn(LionOp{});
-  }
 };
 
 // ---------------------------------------------------------------------------
 // NAdam (decoupled weight decay optional; per-tensor scalar state)
 // ---------------------------------------------------------------------------
-struct NadamSpec {
+struct NadamSpec : WithoutModes<NadamOp> {
   static constexpr const char* kName = "nadam_";
   using Hyper = NadamHyper;
   static constexpr StateList kState[] = {{"exp_avgs", StateList::kAlways},
                                          {"exp_avg_sqs", StateList::kAlways}};
-  static constexpr const char* kHyper[] = {"beta1", "beta2", "eps",
-                                           "weight_decay", "momentum_decay"};
-  static constexpr const char* kModes[1] = {};  // (none; see kNumModes)
-  static constexpr size_t kNumModes = 0;
+  static constexpr HyperField<Hyper> kHyper[] = {
+      {"beta1", &Hyper::beta1}, {"beta2", &Hyper::beta2}, {"eps", &Hyper::eps},
+      {"weight_decay", &Hyper::weight_decay},
+      {"momentum_decay", &Hyper::momentum_decay}};
   static constexpr bool kDecoupledDecay = true;
   static constexpr const char* kNewState = nullptr;
   // The per-tensor scalar state list (Note [per-tensor scalar state] in
   // hyperparams.h): torch's state key "mu_product" plus "s".
   static constexpr const char* kScalarState = "mu_products";
-
-  static Hyper hyper(LrSource lr, const double* h) {
-    Hyper out;
-    out.lr = lr;
-    out.beta1 = h[0];
-    out.beta2 = h[1];
-    out.eps = h[2];
-    out.weight_decay = h[3];
-    out.momentum_decay = h[4];
-    return out;
-  }
-
-  static const char* mode_error(const CallModes&) { return nullptr; }
-
-  template <typename Fn>
-  static auto with_element_op(const CallModes&, const Fn& fn) {
-    return fn(NadamOp{});
-  }
 };
 
 // The number of mode keywords of a spec (Adagrad has none; a C++ array
@@ -355,67 +312,35 @@ struct LarsSpec : MomentumModes<LarsSpec, LarsOp> {
   using Hyper = LarsHyper;
   static constexpr StateList kState[] = {
       {"momentum_buffers", StateList::kIfGiven}};
-  static constexpr const char* kHyper[] = {"momentum",    "dampening",
-                                           "weight_decay", "trust_coeff",
-                                           "eps",          "trust_clip",
-                                           "always_adapt"};
+  static constexpr HyperField<Hyper> kHyper[] = {
+      {"momentum", &Hyper::momentum}, {"dampening", &Hyper::dampening},
+      {"weight_decay", &Hyper::weight_decay},
+      {"trust_coeff", &Hyper::trust_coeff}, {"eps", &Hyper::eps},
+      {"trust_clip", &Hyper::trust_clip},
+      {"always_adapt", &Hyper::always_adapt}};
   static constexpr const char* kModes[] = {"nesterov"};
   static constexpr bool kDecoupledDecay = false;
   static constexpr const char* kNewState = "new_momentum_buffers";
-
-  static Hyper hyper(LrSource lr, const double* h) {
-    Hyper out;
-    out.lr = lr;
-    out.momentum = h[0];
-    out.dampening = h[1];
-    out.weight_decay = h[2];
-    out.trust_coeff = h[3];
-    out.eps = h[4];
-    out.trust_clip = h[5] != 0.0;
-    out.always_adapt = h[6] != 0.0;
-    return out;
-  }
 };
 
 // ---------------------------------------------------------------------------
 // LAMB (timm's Lamb; per-tensor norms of the param and of the update)
 // ---------------------------------------------------------------------------
-struct LambSpec {
+struct LambSpec : WithoutModes<LambOp> {
   static constexpr const char* kName = "lamb_";
   using Hyper = LambHyper;
   static constexpr StateList kState[] = {{"exp_avgs", StateList::kAlways},
                                          {"exp_avg_sqs", StateList::kAlways}};
-  static constexpr const char* kHyper[] = {
-      "beta1",           "beta2",          "eps",        "weight_decay",
-      "bias_correction", "grad_averaging", "trust_clip", "always_adapt",
-      "max_lr"};
-  static constexpr const char* kModes[1] = {};  // (none; see kNumModes)
-  static constexpr size_t kNumModes = 0;
+  static constexpr HyperField<Hyper> kHyper[] = {
+      {"beta1", &Hyper::beta1}, {"beta2", &Hyper::beta2}, {"eps", &Hyper::eps},
+      {"weight_decay", &Hyper::weight_decay},
+      {"bias_correction", &Hyper::bias_correction},
+      {"grad_averaging", &Hyper::grad_averaging},
+      {"trust_clip", &Hyper::trust_clip},
+      {"always_adapt", &Hyper::always_adapt}, {"max_lr", &Hyper::max_lr}};
   // decoupled_weight_decay per group: timm's decoupled_decay.
   static constexpr bool kDecoupledDecay = true;
   static constexpr const char* kNewState = nullptr;
-
-  static Hyper hyper(LrSource lr, const double* h) {
-    Hyper out;
-    out.lr = lr;
-    out.beta1 = h[0];
-    out.beta2 = h[1];
-    out.eps = h[2];
-    out.weight_decay = h[3];
-    out.bias_correction = h[4] != 0.0;
-    out.grad_averaging = h[5] != 0.0;
-    out.trust_clip = h[6] != 0.0;
-    out.always_adapt = h[7] != 0.0;
-    out.max_lr = h[8];
-    return out;
-  }
-
-  static const char* mode_error(const CallModes&) { return nullptr; }
-
-  template <typename Fn>
-  static auto with_element_op(const CallModes&, const Fn& fn) {
-    return fn(LambOp{});
-  }
 };
 
 // Whether every group's weight decay is decoupled, without a per-group
