@@ -96,7 +96,9 @@ std::string schema(LrKind lr, bool measure) {
   }
   s += "int[] group_index, ";
   s += tensor_lr ? "Tensor[] lr, " : "float[] lr, ";
-  for (const auto& field : Spec::kHyper) s += std::string("float[] ") + field.name + ", ";
+  for (const auto& field : Spec::kHyper) {
+    s += std::string("float[] ") + field.name + ", ";
+  }
   s += "bool[] maximize, ";
   if (Spec::kDecoupledDecay) s += "bool[] decoupled_weight_decay, ";
   s += "float[] max_grad_norm, ";
