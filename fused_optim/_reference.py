@@ -17,7 +17,7 @@ import math
 import torch
 
 from fused_optim import _corrected_decay
-from fused_optim._clip import check_max_grad_norm
+from fused_optim._clip import check_max_grad_norm, clip_coefficient
 from fused_optim._dtensor import is_dtensor
 from fused_optim._keywords import check_lamb_arguments, check_tensor_lr
 
@@ -213,8 +213,8 @@ class PerTensorReference(torch.optim.Optimizer):
     A subclass gives ``_state_of(p, group)`` (the state dict the rule reads
     and extends, created as the package it mirrors creates it) and
     ``_rule(param, grad, state, lr, group)``; optionally ``_check_group``
-    and ``_grad_coefficients`` (each group's gradient factor, None: as it
-    is)."""
+    and ``_grad_coefficients`` (each group's gradient factor for a
+    gradient dtype, None: as it is)."""
 
     # The step's global gradient norm (a 0-d tensor) when a caller computed
     # it over more groups than these: fused_optim's step, which hands its
@@ -226,27 +226,45 @@ class PerTensorReference(torch.optim.Optimizer):
 
     def _grad_coefficients(self) -> list:
         """Each group's clipping factor for this step (None: not clipped),
-        from the global L2 norm of every gradient of every group (the
-        caller's, else measured here in float64): torch's clip_grad_norm_
-        coefficient ``min(1, max_grad_norm / (norm + 1e-6))``, for the
-        groups with a finite ``max_grad_norm``."""
+        for the groups with a finite ``max_grad_norm``: a function of the
+        gradient's dtype giving torch's clip_grad_norm_ coefficient
+        ``min(1, max_grad_norm / (norm + 1e-6))``, computed as the fused
+        step computes it (update_rules.h's clip_coefficient): the global L2
+        norm of every gradient of every group (the caller's, else summed
+        here in float64 and rounded as the fused step's, to a float32
+        tensor, float64 if a gradient is, before the square root), then the
+        factor in the element loops' compute dtype (float64 for float64
+        gradients, else float32). A factor rounded otherwise (in float64,
+        say) is as good, but differs from the kernel's by an ulp, which a
+        moment that cancels (``beta1 * m + g``) magnifies."""
         clipped = [g.get("max_grad_norm") is not None and math.isfinite(g["max_grad_norm"])
                    for g in self.param_groups]
         if not any(clipped):
             return [None] * len(self.param_groups)
-        if self.global_grad_norm is not None:
-            norm = float(self.global_grad_norm)
-        else:
-            sum_sq = 0.0
+        norm = self.global_grad_norm
+        if norm is None:
+            sum_sq, wide = 0.0, False
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
                         grad = torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad
+                        wide = wide or grad.dtype == torch.float64
                         part = grad.double().square().sum()
                         # (a shard's sum is partial: the whole tensor's is all ranks')
                         sum_sq += float(part.full_tensor() if is_dtensor(part) else part)
-            norm = math.sqrt(sum_sq)
-        return [min(1.0, group["max_grad_norm"] / (norm + 1e-6)) if c else None
+            norm = torch.tensor(sum_sq, dtype=torch.float64 if wide else torch.float32).sqrt()
+        coefficients = {}  # compute dtype -> the norm in it
+
+        def factor(max_norm: float):
+            def of(grad_dtype):
+                wide = grad_dtype in (torch.float64, torch.complex128)
+                dtype = torch.float64 if wide else torch.float32
+                if dtype not in coefficients:
+                    coefficients[dtype] = norm.to(dtype)
+                return clip_coefficient(coefficients[dtype], max_norm)
+            return of
+
+        return [factor(group["max_grad_norm"]) if c else None
                 for group, c in zip(self.param_groups, clipped)]
 
     @torch.no_grad()
@@ -268,7 +286,7 @@ class PerTensorReference(torch.optim.Optimizer):
                     continue
                 state = self._state_of(p, group)
                 # (a copy when clipped: p.grad is not written)
-                grad = p.grad if coefficient is None else p.grad * coefficient
+                grad = p.grad if coefficient is None else p.grad * coefficient(p.grad.dtype)
                 param, view = p, dict(state)
                 if torch.is_complex(p):
                     param, grad = torch.view_as_real(p), torch.view_as_real(grad)

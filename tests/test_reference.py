@@ -105,3 +105,40 @@ def test_lamb_reference_matches_timm_in_float64(max_grad_norm):
             assert torch.equal(p.grad, g), f"{where}: the reference wrote the gradient"
     moved = [not torch.equal(p.detach(), t) for p, t in zip(ref_params, start)]
     assert all(moved)
+
+
+def test_reference_clips_by_the_kernels_factor():
+    # Clipping by max_grad_norm: the reference (the oracle of the tests, and
+    # the step of cautious groups) multiplies each gradient by the factor
+    # the fused step's element loops use, rounded as theirs (the norm a
+    # float32 tensor, float64 with a float64 gradient; the factor in the
+    # compute dtype). Then the moments, which only add the clipped gradient
+    # to themselves (without grad_averaging: m * beta1 + g, v * beta2 +
+    # (1 - beta2) * g * g, the same operations on both sides), are equal
+    # bit for bit, over steps where every gradient is clipped. A factor
+    # rounded otherwise (in float64, then to float32) is off by an ulp on
+    # some steps, and a moment that cancels (m * beta1 + g near 0) makes
+    # that ulp a relative error beyond assert_close's float32 tolerance.
+    # (float32: the reference sums the squares in its own order, which
+    # rounding the norm to float32 hides; a float64 norm differs in its
+    # last bits, as any two summation orders do.)
+    gen = torch.Generator().manual_seed(0)
+    sizes = (1, 7, 4099, 33)
+    start = [torch.randn(n, generator=gen) for n in sizes]
+    ours_params = [torch.nn.Parameter(t.clone()) for t in start]
+    ref_params = [torch.nn.Parameter(t.clone()) for t in start]
+    kwargs = dict(lr=1e-3, betas=(0.9, 0.99), grad_averaging=False, max_grad_norm=0.5)
+    ours = fused_optim.Lamb(ours_params, **kwargs)
+    ref = _reference.Lamb(ref_params, **kwargs)
+    for step in range(8):
+        for p, q in zip(ours_params, ref_params):
+            g = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 30
+            p.grad, q.grad = g, g.clone()
+        ours.step()
+        ref.step()
+        for i, (p, q) in enumerate(zip(ours_params, ref_params)):
+            for key in ("exp_avg", "exp_avg_sq"):
+                mine, theirs = ours.state[p][key], ref.state[q][key]
+                assert torch.equal(mine, theirs), (
+                    f"step {step} param {i} {key}: {int((mine != theirs).sum())} of "
+                    f"{mine.numel()} elements differ")
