@@ -20,14 +20,18 @@ file:
 from __future__ import annotations
 
 import operator
+import os
+import sys
+import warnings
 
 import torch
 from torch.optim import Optimizer
 
-from fused_optim import _arena, _ops, _reference, _torch_path
+from fused_optim import _C, _arena, _ops, _reference, _torch_path
+from fused_optim._build import has_kernels, unsupported_device_warning
 from fused_optim._bucket import Plan, Precision
 from fused_optim._checkpoint import Checkpoints
-from fused_optim._keywords import check_group_options, to_float
+from fused_optim._keywords import check_group_options, chosen_precision_options, to_float
 from fused_optim._planning import Planning, new_step
 from fused_optim._precision import PRECISION_DEFAULTS
 from fused_optim._state import OptimizerState
@@ -37,6 +41,17 @@ from fused_optim._traced import TracedStep
 
 # Per class: the reader of a group's raw key (FusedOptimizer._raw_group_key).
 _RAW_KEY_GETTERS: dict = {}
+_PACKAGE_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, _arena))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning raised here that names the line of
+    the caller's code: the first frame outside fused_optim and torch
+    (whose hooks and decorators wrap step())."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # Note [who unscales under GradScaler]
@@ -267,9 +282,49 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
         makes no plan and reads the param list (Dynamo guards on it)."""
         if _torch_path.uses_torch_path(group, self._takes_caution):
             return True
+        if self._on_a_device_without_kernels(group, traced=traced):
+            return True
         if traced:
             return self._lists_a_param_twice(group)
         return any(group is g for g in self._groups_listing_a_param_twice)
+
+    # Note [params on a device without kernels]
+    # torch.optim with fused=None steps params on any device (its foreach or
+    # for-loop code); our fused step has kernels for CPU and, in a CUDA
+    # build, CUDA. A group with a param elsewhere (meta, where a model's
+    # shapes are planned and DCP's _init_optim_state steps it; mps; xpu; CUDA
+    # in a CPU-only build) is therefore stepped by torch.optim's code, as
+    # under fused=False: torch's result, on our state layout, with a
+    # warning once per optimizer and device type that says so (none for
+    # meta, where no numbers are computed). Not where the fused step is
+    # asked for, which raises torch's error for a fused step there (before
+    # anything is written): fused=True (torch's fused step refuses such
+    # params too), our precision options or max_grad_norm (only the kernels
+    # have them), a class torch.optim lacks (Lion, Lars, Lamb: no torch code
+    # to run). Decided per group from its params' devices whenever asked
+    # (one C++ pass over the list when all are on one device); a cached plan
+    # sees a param moved onto such a device when its call is refused (Note
+    # [stale plans]), and one moved off it at the next re-plan.
+    def _on_a_device_without_kernels(self, group, *, traced: bool = False) -> bool:
+        params = group["params"]
+        if not params or (not traced and _C.on_one_device(params)
+                          and has_kernels(params[0].device)):
+            return False  # (the usual case)
+        missing = sorted({p.device.type for p in params if not has_kernels(p.device)})
+        if not missing or (
+            group.get("fused") or group.get("max_grad_norm") is not None
+            or chosen_precision_options(group)
+            or issubclass(self._torch_class, _reference.PerTensorReference)
+        ):
+            return False
+        if not traced:  # (a traced step: warned by the eager steps, if any)
+            warned = self.__dict__.setdefault("_warned_device_types", set())
+            for device_type in missing:
+                if device_type not in warned and device_type != "meta":
+                    warned.add(device_type)
+                    warnings.warn(unsupported_device_warning(type(self).__name__, device_type),
+                                  stacklevel=_user_stacklevel())
+        return True
 
     def _find_groups_listing_a_param_twice(self) -> None:
         """Note [a param listed twice]."""

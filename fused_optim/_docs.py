@@ -15,7 +15,12 @@ _KEYWORD_DOCS = {
             foreach=True). With
             ``fused=False`` or ``differentiable=True`` it chooses torch's
             implementation, as in torch.optim (default: None).""",
-    "fused": """fused (bool, optional): None or True: our fused step. False:
+    "fused": """fused (bool, optional): None or True: our fused step (with
+            None, a group holding a param on a device this build has no
+            kernels for, such as meta or mps, is stepped as torch.optim's
+            default steps it, by torch's code, with a warning except on
+            meta; with True, or our precision options, such a step raises
+            torch's error for a fused step there). False:
             the group is stepped by torch.optim's own unfused implementation
             (single-tensor or foreach, chosen by ``foreach`` as torch
             chooses), with the same state, so results are torch's
@@ -87,7 +92,8 @@ FUSED_NOTE = """
     params are rounded once per step, not after every sub-operation as in
     torch.optim. The state and ``state_dict`` layout is torch.optim's, so
     checkpoints move between the two in both directions (our extra state,
-    ``master_param``, under its own key).
+    ``master_param``, under its own key). Kernels exist for CPU params and,
+    in a CUDA build, CUDA params (``fused_optim.cuda_built()``).
 
     AMP: who unscales under ``torch.amp.GradScaler`` follows torch.optim's
     rule (``_step_supports_amp_scaling``). Built with ``fused=True`` where

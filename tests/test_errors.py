@@ -192,6 +192,14 @@ def _bad_param(kind: str, dtype=torch.float32):
 
 LAYOUT_ERRORS = ["grad_dtype", "grad_shape", "grad_numel", "meta_param"]
 
+# A group option that makes a group's step the fused one whatever its
+# params' devices (Note [params on a device without kernels] in _base.py)
+# and changes nothing for float32 params: fused=True, or, for a class
+# without that keyword, state_dtype=float32.
+_ASKING_FOR_THE_FUSED_STEP = {
+    name: {"fused": True} if name in HAS_FUSED else {"state_dtype": torch.float32}
+    for name in OPTIMIZER_NAMES}
+
 # Params of a dtype the fused step refuses (torch's code steps a complex32
 # one, and fails on an integer one with its own message), with a gradient
 # of their own dtype: (dtype, the error).
@@ -244,13 +252,16 @@ def _check_raises_atomically(cfg, kind, exc, match, *, where, group2_overrides=N
     bad, install = _bad_param(kind)
     # A meta param joins its group after the warm-up steps: a gradless param
     # on an unsupported device is a separate case
-    # (test_gradless_param_on_unsupported_device_is_skipped).
+    # (test_gradless_param_on_unsupported_device_is_skipped). Its group asks
+    # for the fused step, which has no meta kernels (without asking, the
+    # group is stepped by torch.optim's code: test_device_fallback.py).
     late = kind == "meta_param"
     ref, ours = _warm_pair(cfg, group2_overrides, steps, extra=None if late else bad,
                            extra_group=extra_group, extra_first=extra_first)
     if late:
-        group_params = ours.opt.param_groups[extra_group]["params"]
-        group_params.insert(0 if extra_first else len(group_params), bad)
+        group = ours.opt.param_groups[extra_group]
+        group["params"].insert(0 if extra_first else len(group["params"]), bad)
+        group.update(_ASKING_FOR_THE_FUSED_STEP[cfg.name])
     ours.set_grads(steps)
     install()
     snap = snapshot_optimizer(ours.opt)
@@ -459,16 +470,28 @@ def test_gradless_param_on_unsupported_device_is_skipped(cfg):
         assert_runs_close(ours, ref, f"{cfg} step {s}")
 
 
-@pytest.mark.parametrize("fused", [None, True], ids=["fused_None", "fused_True"])
-@pytest.mark.parametrize("name", sorted(HAS_FUSED))
-def test_unsupported_device_error_reads_as_torchs(name, fused):
-    """A step on a device without kernels raises torch's own sentence for a
-    fused step there (code written for torch.optim matches it: torch's
-    test_fused_error_on_params_on_meta does), naming the way out, and
-    `fused=False` steps such params with torch.optim's code instead."""
+# What asks for the fused step on a meta model (Note [params on a device
+# without kernels]): name -> the keywords of each case.
+_FUSED_ASKED = {
+    **{f"{n}-fused_True": (n, {"fused": True}) for n in HAS_FUSED},
+    **{f"{n}-{k}": (n, kw) for n in ("Adam", "RMSprop")
+       for k, kw in (("master_weights", {"master_weights": True}),
+                     ("state_dtype", {"state_dtype": torch.bfloat16}),
+                     ("max_grad_norm", {"max_grad_norm": 1.0}))},
+    **{f"{n}-default": (n, {}) for n in NOT_IN_TORCH},
+}
+
+
+@pytest.mark.parametrize("case", sorted(_FUSED_ASKED))
+def test_unsupported_device_error_reads_as_torchs(case):
+    """Where the fused step is asked for, a step on a device without kernels
+    raises torch's own sentence for a fused step there (code written for
+    torch.optim matches it: torch's test_fused_error_on_params_on_meta
+    does), naming what asked and the way out, and writes nothing."""
+    name, kwargs = _FUSED_ASKED[case]
     with torch.device("meta"):
         model = torch.nn.Linear(3, 2)
-    opt = getattr(fused_optim, name)(model.parameters(), fused=fused)
+    opt = getattr(fused_optim, name)(model.parameters(), **kwargs)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     before = snapshot_optimizer(opt)
@@ -477,21 +500,9 @@ def test_unsupported_device_error_reads_as_torchs(name, fused):
     message = str(raised.value)
     assert message.startswith(f"fused_optim.{name}: `fused=True` requires all the params to "
                               "be floating point Tensors of supported devices: ['cpu'"), message
-    assert "but torch.float32 and meta" in message and "fused=False" in message, message
-    assert_optimizer_unchanged(opt, before, f"{name} on meta")
-    # fused=False: torch's code, on meta tensors as far as it goes there
-    # (torch's Adagrad reads its step with .item(), which meta refuses).
-    torch_path = getattr(fused_optim, name)(model.parameters(), fused=False)
-    reference = torch_class(name)(model.parameters(), fused=False)
-    try:
-        reference.step()
-    except RuntimeError as error:
-        with pytest.raises(RuntimeError, match=re.escape(str(error))):
-            torch_path.step()
-    else:
-        torch_path.step()
-        assert {k: v.shape for k, v in torch_path.state[model.weight].items()} == \
-            {k: v.shape for k, v in reference.state[model.weight].items()}
+    assert "but torch.float32 and meta" in message, message
+    assert "fused=True, our precision options or max_grad_norm" in message, message
+    assert_optimizer_unchanged(opt, before, f"{case} on meta")
 
 
 # ---------------------------------------------------------------------------
