@@ -219,6 +219,12 @@ Lamb.__doc__ = (
       ``fused`` or ``differentiable`` keyword (no torch.optim implementation
       to select).
 
+    The moments are updated with timm 1.0.31's operations
+    (``exp_avg.lerp_(grad, 1 - beta1)`` with grad averaging, else
+    ``mul_(beta1).add_(grad)``; ``exp_avg_sq.mul_(beta2).addcmul_``), so in
+    float32 and float64 they are timm's bit for bit, step after step,
+    unless clipped (the factor above).
+
     The norms of every param (its float32 master copy with
     ``master_weights``) and of every update direction are computed in one
     measuring pass over all tensors of the step before the update pass (the

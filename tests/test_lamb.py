@@ -483,6 +483,34 @@ def test_matches_timm(dtype, variant):
                                     msg=f"{where} {key}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_moments_are_timms_bit_for_bit(dtype):
+    # The moments read only the gradients (timm's L2 decay goes into the
+    # update, not the gradient), so they can be compared bit for bit over
+    # steps whose params drift apart by rounding (the norms), over groups
+    # with and without grad averaging (exp_avg.lerp_(grad, 1 - beta1), else
+    # mul_(beta1).add_(grad)) and a lerp weight on either side of torch's
+    # 0.5 (betas 0.9 and 0.5: lerp anchors at the other end).
+    timm_cls = timm_lamb()
+    ours_params, theirs_params = _params(dtype), _params(dtype)
+    ours = fused_optim.Lamb(_timm_groups(ours_params), max_grad_norm=None)
+    theirs = timm_cls(_timm_groups(theirs_params), max_grad_norm=None)
+    assert {g["grad_averaging"] for g in ours.param_groups} == {True, False}
+    assert {g["betas"][0] for g in ours.param_groups} >= {0.9, 0.5}
+    for step in range(STEPS):
+        grads = _grads(step, dtype, ours_params)
+        for a, b, g in zip(ours_params, theirs_params, grads):
+            a.grad, b.grad = g, g.clone()
+        ours.step()
+        theirs.step()
+        for i, (a, b) in enumerate(zip(ours_params, theirs_params)):
+            for key in ("exp_avg", "exp_avg_sq"):
+                mine, timms = ours.state[a][key], theirs.state[b][key]
+                assert torch.equal(mine, timms), (
+                    f"step {step} param {i} {key}: {int((mine != timms).sum())} of "
+                    f"{mine.numel()} elements differ")
+
+
 def test_checkpoints_move_between_timm_and_ours():
     # ours -> timm: our checkpoint's groups carry timm's "step" (the
     # group's largest count), so timm continues with the right bias

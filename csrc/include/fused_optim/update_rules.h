@@ -354,7 +354,10 @@ template <typename T>
 struct LambScalars {
   T grad_sign;
   T beta1;
-  T grad_weight;  // beta3: 1 - beta1 with grad_averaging, else 1
+  // timm's moment: exp_avg.lerp_(grad, 1 - beta1) with grad_averaging
+  // (averaging all ones), else exp_avg.mul_(beta1).add_(grad).
+  typename BitsOf<T>::type averaging;
+  LerpWeight<T> exp_avg_weight;  // 1 - beta1
   T beta2;
   T one_minus_beta2;
   T bias_correction1;       // 1 - beta1^t, or 1 without bias correction
@@ -374,7 +377,9 @@ struct LambScalars {
                              bool maximize, double step, double trust_ratio_)
       : grad_sign(maximize ? T(-1) : T(1)),
         beta1(T(beta1_)),
-        grad_weight(T(grad_averaging ? 1.0 - beta1_ : 1.0)),
+        averaging(grad_averaging ? ~typename BitsOf<T>::type(0)
+                                 : typename BitsOf<T>::type(0)),
+        exp_avg_weight(1.0 - beta1_),
         beta2(T(beta2_)),
         one_minus_beta2(T(1.0 - beta2_)),
         bias_correction1(T(bias_correction ? 1.0 - std::pow(beta1_, step) : 1.0)),
@@ -397,7 +402,10 @@ FO_HOST_DEVICE FO_FORCE_INLINE T lamb_direction(T& param, T grad, T& exp_avg,
                                                 T& exp_avg_sq,
                                                 const LambScalars<T>& s) {
   grad = grad * s.grad_sign;
-  exp_avg = fmadd(grad, s.grad_weight, exp_avg * s.beta1);
+  // (both computed, one kept: a select, not a branch, keeps the CPU loop
+  // vectorized)
+  exp_avg = select_by_mask(s.averaging, lerp(exp_avg, grad, s.exp_avg_weight),
+                           exp_avg * s.beta1 + grad);
   exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, exp_avg_sq * s.beta2);
   const T denom = std::sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps;
   T update = exp_avg / s.bias_correction1 / denom;
