@@ -13,7 +13,7 @@ import torch
 from torch.nn.parameter import is_lazy
 
 from fused_optim._clip import check_max_grad_norm
-from fused_optim._planning import counter_for_op, step_device
+from fused_optim._planning import _CPU, counter_for_op, step_device
 from fused_optim._precision import PRECISION_DEFAULTS, precision_of
 
 # Note [implementation keywords on load]
@@ -162,7 +162,8 @@ class Checkpoints:
         loaded dict, at full precision. Step counters become tensors the op
         reads (``counter_for_op``), on the device it reads them on: the CPU
         for CPU params, the param's device otherwise (torch keeps them there
-        for its fused and capturable paths only)."""
+        for its fused and capturable paths only); in a group that
+        torch.optim's code steps, where torch's load puts them."""
         saved = {}
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for param, key in zip(group["params"], saved_group["params"]):
@@ -194,8 +195,20 @@ class Checkpoints:
                     dtype = torch.float32 if key == "master_param" else precision.state_dtype
                     if loaded.dtype != dtype and value.is_floating_point():
                         state[key] = value.to(device=loaded.device, dtype=dtype, copy=True)
-            if state.get("step") is not None:
-                state["step"] = counter_for_op(state["step"], param)
+            step = state.get("step")
+            if step is None:
+                continue
+            if group is not None and self._unfused(group):
+                # torch.optim's code steps the group: its counters stay
+                # where torch's load puts them, on the CPU unless capturable
+                # (that code reads them with .item(): no sync with a GPU,
+                # and meta refuses it), a number made a counter there as
+                # torch's __setstate__ makes it
+                if not isinstance(step, torch.Tensor):
+                    state["step"] = counter_for_op(
+                        step, param.device if group.get("capturable") else _CPU)
+            else:
+                state["step"] = counter_for_op(step, step_device(param))
 
 
 def _check_state_value_type(name: str, value, names: tuple, scalar_names: tuple) -> None:

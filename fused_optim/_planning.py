@@ -311,7 +311,7 @@ class Planning:
             journal.pop(state, "master_param")
         for key in ("step", *self._scalar_state_names):
             value = state.get(key)
-            readable = counter_for_op(value, param)
+            readable = counter_for_op(value, step_device(param))
             if readable is not value:
                 journal.set(state, key, readable)
 
@@ -376,10 +376,10 @@ def step_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def counter_for_op(value, param):
+def counter_for_op(value, device: torch.device):
     """A param's step counter (or per-param scalar state, NAdam's
     mu_product) as the op reads it: a one-element float32 or float64 tensor
-    on ``step_device(param)``. ``value`` itself where it is one (any shape:
+    on ``device`` (``step_device(param)``). ``value`` itself where it is one (any shape:
     torch.optim reads counters with ``.item()``, and a shape-[1] counter in
     shared memory, as A3C's shared Adam makes, must stay the one the other
     processes see); a float32 copy of a tensor of another dtype or device
@@ -391,11 +391,11 @@ def counter_for_op(value, param):
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, numbers.Real):
-        return new_step(step_device(param)).fill_(float(value))
+        return new_step(device).fill_(float(value))
     if isinstance(value, torch.Tensor) and value.numel() == 1 and (
-        value.device != step_device(param) or value.dtype not in (torch.float32, torch.float64)
+        value.device != device or value.dtype not in (torch.float32, torch.float64)
     ):
-        return value.detach().to(step_device(param), torch.float32)
+        return value.detach().to(device, torch.float32)
     return value
 
 
