@@ -41,7 +41,7 @@ from fused_optim._traced import TracedStep
 
 # Per class: the reader of a group's raw key (FusedOptimizer._raw_group_key).
 _RAW_KEY_GETTERS: dict = {}
-_PACKAGE_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, _arena))
+_PACKAGE_DIRS = tuple(os.path.dirname(path) + os.sep for path in (torch.__file__, __file__))
 
 
 def _user_stacklevel() -> int:

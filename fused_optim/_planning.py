@@ -379,15 +379,16 @@ def step_dtype() -> torch.dtype:
 def counter_for_op(value, device: torch.device):
     """A param's step counter (or per-param scalar state, NAdam's
     mu_product) as the op reads it: a one-element float32 or float64 tensor
-    on ``device`` (``step_device(param)``). ``value`` itself where it is one (any shape:
-    torch.optim reads counters with ``.item()``, and a shape-[1] counter in
-    shared memory, as A3C's shared Adam makes, must stay the one the other
-    processes see); a float32 copy of a tensor of another dtype or device
-    (torch accepts an integer counter, e.g. hand-edited; a checkpoint loaded
-    by torch.optim's rules may hold mu_product in the param's dtype); a new
-    counter holding a number (torch.optim's step refuses a number, "API has
-    changed"; ours counts on). None, and anything else, as it is: the op's
-    checks refuse what it cannot read."""
+    on ``device`` (the op's: ``step_device(param)``). ``value`` itself where
+    it is one (any shape: torch.optim reads counters with ``.item()``, and
+    a shape-[1] counter in shared memory, as A3C's shared Adam makes, must
+    stay the one the other processes see); a float32 copy of a tensor of
+    another dtype or device (torch accepts an integer counter, e.g.
+    hand-edited; a checkpoint loaded by torch.optim's rules may hold
+    mu_product in the param's dtype); a new counter holding a number
+    (torch.optim's step refuses a number, "API has changed"; ours counts
+    on). None, and anything else, as it is: the op's checks refuse what it
+    cannot read."""
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, numbers.Real):
