@@ -301,6 +301,17 @@ def assert_same_state(ours: dict, ref: dict, where: str, *, close=True, step_dev
             assert_close(_dense(v), _dense(r), msg=lambda m: f"{w}: {m}")
 
 
+def assert_states_equal(ours, ours_params, theirs, theirs_params, keys, where: str):
+    """The state tensors ``keys`` of each pair of params of two optimizers
+    are equal bit for bit (the message counts the elements that differ)."""
+    for i, (p, q) in enumerate(zip(ours_params, theirs_params)):
+        for key in keys:
+            mine, other = ours.state[p][key], theirs.state[q][key]
+            assert torch.equal(mine, other), (
+                f"{where} param {i} {key}: {int((mine != other).sum())} of "
+                f"{mine.numel()} elements differ")
+
+
 def assert_runs_close(ours: Run, ref: Run, where: str):
     for i, (po, pr) in enumerate(zip(ours.params, ref.params)):
         w = f"{where} param {i} {ours.specs[i]}"

@@ -24,8 +24,8 @@ from torch.testing import assert_close
 import fused_optim
 from fused_optim import _reference
 
-from harness import (P, run_low_precision, seeded_grads, timm_optimizer, trust_ratio_params,
-                     unscaling_in_step)
+from harness import (P, assert_states_equal, run_low_precision, seeded_grads, timm_optimizer,
+                     trust_ratio_params, unscaling_in_step)
 from optim_configs import CONFIGS_BY_ID, OptimConfig
 
 SIZES = [1, 7, 33, 4099, 5]
@@ -503,12 +503,8 @@ def test_moments_are_timms_bit_for_bit(dtype):
             a.grad, b.grad = g, g.clone()
         ours.step()
         theirs.step()
-        for i, (a, b) in enumerate(zip(ours_params, theirs_params)):
-            for key in ("exp_avg", "exp_avg_sq"):
-                mine, timms = ours.state[a][key], theirs.state[b][key]
-                assert torch.equal(mine, timms), (
-                    f"step {step} param {i} {key}: {int((mine != timms).sum())} of "
-                    f"{mine.numel()} elements differ")
+        assert_states_equal(ours, ours_params, theirs, theirs_params,
+                            ("exp_avg", "exp_avg_sq"), f"step {step}")
 
 
 def test_checkpoints_move_between_timm_and_ours():

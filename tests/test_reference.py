@@ -9,6 +9,7 @@ import torch
 
 import fused_optim
 from fused_optim import _reference
+from harness import assert_states_equal
 from optim_configs import ROWS
 
 CASES = [(row.name, hyper) for row in ROWS for hyper in row.reference_cases]
@@ -136,9 +137,5 @@ def test_reference_clips_by_the_kernels_factor():
             p.grad, q.grad = g, g.clone()
         ours.step()
         ref.step()
-        for i, (p, q) in enumerate(zip(ours_params, ref_params)):
-            for key in ("exp_avg", "exp_avg_sq"):
-                mine, theirs = ours.state[p][key], ref.state[q][key]
-                assert torch.equal(mine, theirs), (
-                    f"step {step} param {i} {key}: {int((mine != theirs).sum())} of "
-                    f"{mine.numel()} elements differ")
+        assert_states_equal(ours, ours_params, ref, ref_params, ("exp_avg", "exp_avg_sq"),
+                            f"step {step}")
