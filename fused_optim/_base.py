@@ -322,8 +322,10 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
             for device_type in missing:
                 if device_type not in warned and device_type != "meta":
                     warned.add(device_type)
-                    warnings.warn(unsupported_device_warning(type(self).__name__, device_type),
-                                  stacklevel=_user_stacklevel())
+                    warnings.warn(
+                        unsupported_device_warning(type(self).__name__, device_type,
+                                                   "fused" in self.defaults),
+                        stacklevel=_user_stacklevel())
         return True
 
     def _find_groups_listing_a_param_twice(self) -> None:

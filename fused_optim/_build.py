@@ -61,13 +61,17 @@ _WHAT_ASKS = ("fused=True, our precision options or max_grad_norm, or a class "
               "torch.optim lacks (Lion, Lars, Lamb)")
 
 
-def unsupported_device_warning(name: str, device_type: str) -> str:
+def unsupported_device_warning(name: str, device_type: str, takes_fused: bool) -> str:
     """The warning for a group that torch.optim's code steps because its
-    params are on ``device_type``, without kernels here."""
+    params are on ``device_type``, without kernels here; ``takes_fused``:
+    the class has a ``fused`` keyword, whose False says the same."""
     message = (
         f"fused_optim.{name}: this build has no fused kernels for {device_type} "
         f"params (it has {', '.join(kernel_devices())}): their param groups are "
-        "stepped by torch.optim's own implementation, as with fused=False (pass "
-        "fused=False to choose that and silence this warning)."
+        "stepped by torch.optim's own implementation"
     )
+    if takes_fused:
+        message += (", as with fused=False (pass fused=False to choose that and "
+                    "silence this warning)")
+    message += "."
     return message + (" " + _REINSTALL_WITH_CUDA if device_type == "cuda" else "")

@@ -187,6 +187,9 @@ def test_group_on_a_device_without_kernels_is_torchs_step(name, cpu_without_kern
     message = str(ours_warnings[0].message)
     assert message.startswith(f"fused_optim.{name}: this build has no fused kernels for "
                               "cpu params"), message
+    # (the way out where the class has one: RMSprop, RAdam and NAdam, as
+    # torch's, take no fused keyword)
+    assert ("pass fused=False" in message) == (name in HAS_FUSED), message
     assert ours_warnings[0].filename == __file__  # (the user's line)
 
 
