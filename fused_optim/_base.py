@@ -31,7 +31,7 @@ from fused_optim import _C, _arena, _ops, _reference, _torch_path
 from fused_optim._build import has_kernels, unsupported_device_warning
 from fused_optim._bucket import Plan, Precision
 from fused_optim._checkpoint import Checkpoints
-from fused_optim._keywords import check_group_options, chosen_precision_options, to_float
+from fused_optim._keywords import check_group_options, chosen_fused_only_options, to_float
 from fused_optim._planning import Planning, new_step
 from fused_optim._precision import PRECISION_DEFAULTS
 from fused_optim._state import OptimizerState
@@ -312,8 +312,7 @@ class FusedOptimizer(StepProtocol, Planning, Checkpoints, TracedStep, Optimizer)
             return False  # (the usual case)
         missing = sorted({p.device.type for p in params if not has_kernels(p.device)})
         if not missing or (
-            group.get("fused") or group.get("max_grad_norm") is not None
-            or chosen_precision_options(group)
+            group.get("fused") or chosen_fused_only_options(group)
             or issubclass(self._torch_class, _reference.PerTensorReference)
         ):
             return False

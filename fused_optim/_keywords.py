@@ -55,6 +55,16 @@ def chosen_precision_options(group) -> list:
     return [k for k, v in PRECISION_DEFAULTS.items() if group.get(k, v) not in (v, None, False)]
 
 
+def chosen_fused_only_options(group) -> list:
+    """The names of the options ``group`` sets that only the fused step has:
+    its precision options, and ``max_grad_norm`` (torch.optim's code has
+    neither, so a group that asks for one needs the fused step)."""
+    chosen = chosen_precision_options(group)
+    if group.get("max_grad_norm") is not None:
+        chosen.append("max_grad_norm")
+    return chosen
+
+
 def check_torch_path_precision(name: str, group, cautious: bool) -> None:
     """Our precision options live in our kernels only: a group stepped by
     the unfused implementation (torch.optim's, or our plain one for

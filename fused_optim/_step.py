@@ -32,7 +32,7 @@ from fused_optim._journal import Journal
 from fused_optim._keywords import (
     check_group_lr,
     check_torch_path_precision,
-    chosen_precision_options,
+    chosen_fused_only_options,
     to_float,
 )
 from fused_optim._kept_calls import KeptCalls
@@ -426,9 +426,7 @@ class StepProtocol:
     def _check_param_listed_twice(self, gi: int, group) -> None:
         """Note [a param listed twice] (_base.py): torch.optim's code steps
         the group, so it cannot have what only the fused step has."""
-        ours = chosen_precision_options(group)
-        if group.get("max_grad_norm") is not None:
-            ours.append("max_grad_norm")
+        ours = chosen_fused_only_options(group)
         if ours:
             raise ValueError(
                 f"fused_optim.{type(self).__name__}: param group {gi} lists a param more than "
