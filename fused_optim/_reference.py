@@ -253,15 +253,15 @@ class PerTensorReference(torch.optim.Optimizer):
                         # (a shard's sum is partial: the whole tensor's is all ranks')
                         sum_sq += float(part.full_tensor() if is_dtensor(part) else part)
             norm = torch.tensor(sum_sq, dtype=torch.float64 if wide else torch.float32).sqrt()
-        coefficients = {}  # compute dtype -> the norm in it
-
         def factor(max_norm: float):
+            by_dtype = {}  # compute dtype -> this group's factor (made once a step)
+
             def of(grad_dtype):
                 wide = grad_dtype in (torch.float64, torch.complex128)
                 dtype = torch.float64 if wide else torch.float32
-                if dtype not in coefficients:
-                    coefficients[dtype] = norm.to(dtype)
-                return clip_coefficient(coefficients[dtype], max_norm)
+                if dtype not in by_dtype:
+                    by_dtype[dtype] = clip_coefficient(norm.to(dtype), max_norm)
+                return by_dtype[dtype]
             return of
 
         return [factor(group["max_grad_norm"]) if c else None
